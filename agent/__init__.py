@@ -1,0 +1,1 @@
+"""gradwatch agent: in-process statistics and the background sender."""

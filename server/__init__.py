@@ -1,0 +1,1 @@
+"""gradwatch server: ingest, detectors, alerts and metrics. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Detectors: one module each, all listed in gradwatch.server.detectors.REGISTRY."""

@@ -1,0 +1,41 @@
+"""gradwatch: training-health monitoring for PyTorch.
+
+    monitor = gradwatch.attach(model, optimizer, run="my-run", server="localhost:50051")
+    for batch in data:
+        loss = ...
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        monitor.step(loss)
+    monitor.close()
+
+Importing this package does not import torch: the agent is loaded on first use
+of `attach` or `Monitor`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gradwatch._version import __version__
+
+if TYPE_CHECKING:
+    from gradwatch.agent.monitor import Monitor
+
+__all__ = ["Monitor", "__version__", "attach"]
+
+
+def attach(model: Any, optimizer: Any = None, **options: Any) -> Monitor:
+    """Hook `model` (and `optimizer`) and start streaming statistics.
+
+    See gradwatch.agent.monitor.attach for every option.
+    """
+    from gradwatch.agent.monitor import attach as _attach
+
+    return _attach(model, optimizer, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Monitor":
+        from gradwatch.agent.monitor import Monitor
+
+        return Monitor
+    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
