@@ -1,1 +1,20 @@
-"""gradwatch agent: in-process statistics and the background sender."""
+"""gradwatch agent: in-process statistics and the background sender.
+
+Importing this package imports nothing heavy; `gradwatch.attach` loads `gradwatch.agent.monitor` on first use,
+and grpc is imported only when an enabled Monitor starts.
+
+Module map (each module's docstring states its contract):
+    monitor.py   attach(), Monitor, NoopMonitor: the public API and the optimizer hooks (training thread)
+    config.py    AgentConfig, RetryPolicy: every option, its GRADWATCH_* variable and default
+    schema.py    the layer schema and the (device, dtype) parameter groups
+    stats.py     on-device statistics with foreach kernels, no host sync
+    vector.py    where each value sits in the one tensor a report moves to the host
+    snapshot.py  the only device→host transfer (pinned copy + event; waited on by the sender)
+    items.py     plain data handed from the training thread to the sender
+    sender.py    the sender thread: stream, acks, replay buffer, reconnect, close/flush
+    replay.py    the bounded replay buffer with the pinned first non-finite frame
+    wire.py      items → gradwatch.v1 protobuf frames
+    counters.py  sent/acked/dropped counters behind Monitor.counters()
+    errors.py    the one choke point for internal errors (strict mode for tests)
+    process.py   fork safety (inert children) and the atexit flush
+"""

@@ -1,1 +1,46 @@
-"""Detectors: one module each, all listed in gradwatch.server.detectors.REGISTRY."""
+"""Detectors: one module each, all listed in gradwatch.server.detectors.REGISTRY.
+
+Adding a detector: write a module with a `*Config` (DetectorConfig subclass with
+documented defaults), the detector class and a `SPEC`, then add the SPEC here. Its
+settings appear under `detectors.<name>` in the server's YAML file, its alerts carry
+`runbook` = docs/runbooks/<name>.md, and /metrics exports it in
+gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
+"""
+
+from __future__ import annotations
+
+from gradwatch.server.detectors import exploding_gradient, non_finite
+from gradwatch.server.detectors.base import (
+    Clear,
+    Detector,
+    DetectorConfig,
+    DetectorSpec,
+    Fire,
+    Verdict,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Clear",
+    "Detector",
+    "DetectorConfig",
+    "DetectorSpec",
+    "Fire",
+    "Verdict",
+    "spec_by_name",
+]
+
+#: Every detector the server runs, in evaluation order. Names are stable API
+#: (metric label values, alert identity, runbook file names).
+REGISTRY: tuple[DetectorSpec, ...] = (
+    non_finite.SPEC,
+    exploding_gradient.SPEC,
+)
+
+
+def spec_by_name(name: str) -> DetectorSpec:
+    """The registered spec called `name`; KeyError naming the known ones otherwise."""
+    for spec in REGISTRY:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no detector {name!r} (known: {', '.join(s.name for s in REGISTRY)})")

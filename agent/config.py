@@ -1,0 +1,348 @@
+"""Every agent setting, its environment variable, default and accepted values: the one place they live.
+
+Precedence, highest first: a keyword given to `attach()`, its `GRADWATCH_*` environment variable, the
+default below. The kill switch is the exception: `GRADWATCH_DISABLED=1` wins over everything (an operator
+can always turn the agent off without touching code), and while it is on nothing else is read or checked.
+
+| option                 | environment variable              | default                               |
+|------------------------|-----------------------------------|---------------------------------------|
+| server                 | GRADWATCH_SERVER                  | "localhost:50051" (host:port)         |
+| run                    | GRADWATCH_RUN                     | TORCHELASTIC_RUN_ID, else "<hostname>-<pid>" |
+| job_name               | GRADWATCH_JOB_NAME                | ""                                    |
+| full_stats_interval    | GRADWATCH_FULL_STATS_INTERVAL     | 10 (steps)                            |
+| enabled                | GRADWATCH_DISABLED (inverted)     | True                                  |
+| replay_buffer_size     | GRADWATCH_REPLAY_BUFFER_SIZE      | 1024 (frames)                         |
+| queue_size             | GRADWATCH_QUEUE_SIZE              | 1024 (reports waiting for the sender) |
+| heartbeat_interval_s   | GRADWATCH_HEARTBEAT_INTERVAL_S    | 5.0                                   |
+| welcome_timeout_s      | GRADWATCH_WELCOME_TIMEOUT_S       | 10.0                                  |
+| exit_flush_timeout_s   | GRADWATCH_EXIT_FLUSH_TIMEOUT_S    | 2.0 (atexit flush deadline)           |
+| retry (RetryPolicy)    | GRADWATCH_RETRY_INITIAL_BACKOFF_S | 0.5 s, ×1.6 per attempt, ±20 % jitter |
+|                        | GRADWATCH_RETRY_MAX_BACKOFF_S     | 30.0 s                                |
+| rank                   | RANK                              | torch.distributed, else env, else 0   |
+| world_size             | WORLD_SIZE                        | torch.distributed, else env, else 1   |
+| local_rank             | LOCAL_RANK                        | 0                                     |
+
+The run id must be the same on every rank of a job. torchrun sets TORCHELASTIC_RUN_ID for all ranks; the
+"<hostname>-<pid>" fallback only makes sense for a single process, so set GRADWATCH_RUN (or `run=`) for
+multi-process jobs launched any other way.
+
+This module imports neither torch nor grpc at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ENV_DISABLED",
+    "OPTION_NAMES",
+    "AgentConfig",
+    "RetryPolicy",
+    "kill_switch_on",
+    "resolve_config",
+]
+
+ENV_SERVER = "GRADWATCH_SERVER"
+ENV_RUN = "GRADWATCH_RUN"
+ENV_JOB_NAME = "GRADWATCH_JOB_NAME"
+ENV_FULL_STATS_INTERVAL = "GRADWATCH_FULL_STATS_INTERVAL"
+ENV_DISABLED = "GRADWATCH_DISABLED"
+ENV_REPLAY_BUFFER_SIZE = "GRADWATCH_REPLAY_BUFFER_SIZE"
+ENV_QUEUE_SIZE = "GRADWATCH_QUEUE_SIZE"
+ENV_HEARTBEAT_INTERVAL_S = "GRADWATCH_HEARTBEAT_INTERVAL_S"
+ENV_WELCOME_TIMEOUT_S = "GRADWATCH_WELCOME_TIMEOUT_S"
+ENV_EXIT_FLUSH_TIMEOUT_S = "GRADWATCH_EXIT_FLUSH_TIMEOUT_S"
+ENV_RETRY_INITIAL_BACKOFF_S = "GRADWATCH_RETRY_INITIAL_BACKOFF_S"
+ENV_RETRY_MAX_BACKOFF_S = "GRADWATCH_RETRY_MAX_BACKOFF_S"
+# Set by launchers, not by us: read as fallbacks only.
+ENV_TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"
+ENV_RANK, ENV_WORLD_SIZE, ENV_LOCAL_RANK = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+
+DEFAULT_SERVER = "localhost:50051"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the sender waits between stream attempts (data, so tests and users can tune it).
+
+    Attempt n (0-based) waits min(initial_backoff_s * multiplier**n, max_backoff_s), scaled by a uniform
+    factor in [1 - jitter, 1 + jitter] so that many ranks do not reconnect in lockstep. A stream the server
+    *rejects* (a status in `rejected_codes`: retrying soon would fail the same way) waits
+    `rejected_backoff_s` instead, with the same jitter. Every other failure is retried. The waits are Event
+    waits: close() interrupts them.
+    """
+
+    initial_backoff_s: float = 0.5
+    multiplier: float = 1.6
+    max_backoff_s: float = 30.0
+    jitter: float = 0.2
+    rejected_backoff_s: float = 30.0
+    rejected_codes: frozenset[str] = field(
+        default=frozenset(
+            {"FAILED_PRECONDITION", "INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED"}
+        )
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("initial_backoff_s", "max_backoff_s", "rejected_backoff_s"):
+            _check_positive_float(f"retry.{name}", getattr(self, name))
+        if not _is_real(self.multiplier) or self.multiplier < 1.0:
+            raise ValueError(f"gradwatch: retry.multiplier must be a number >= 1.0, got {self.multiplier!r}")
+        if not _is_real(self.jitter) or not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"gradwatch: retry.jitter must be a number in [0, 1), got {self.jitter!r}")
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(
+                f"gradwatch: retry.max_backoff_s ({self.max_backoff_s}) must be >= retry.initial_backoff_s "
+                f"({self.initial_backoff_s})"
+            )
+
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number `attempt` (0-based) after a retryable failure."""
+        base = min(self.initial_backoff_s * self.multiplier ** min(attempt, 64), self.max_backoff_s)
+        return base * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+    def rejected_delay_s(self, rng: random.Random) -> float:
+        """Seconds to wait after the server rejected the stream."""
+        return self.rejected_backoff_s * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The resolved settings of one Monitor (see the module docstring for sources and defaults)."""
+
+    server: str = DEFAULT_SERVER
+    run_id: str = ""
+    job_name: str = ""
+    full_stats_interval: int = 10
+    enabled: bool = True
+    replay_buffer_size: int = 1024
+    queue_size: int = 1024
+    heartbeat_interval_s: float = 5.0
+    welcome_timeout_s: float = 10.0
+    exit_flush_timeout_s: float = 2.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def kill_switch_on(env: Mapping[str, str] | None = None) -> bool:
+    """True when GRADWATCH_DISABLED asks for the agent to be off. Garbage values raise ValueError."""
+    env = os.environ if env is None else env
+    text = env.get(ENV_DISABLED, "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(
+        f"gradwatch: {ENV_DISABLED}={env[ENV_DISABLED]!r} is invalid: expected 1/true/yes/on (agent off) "
+        "or 0/false/no/off/empty (agent on)"
+    )
+
+
+# ------------------------------------------------------------------ validation helpers
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _check_positive_float(label: str, value: object) -> float:
+    if not _is_real(value) or value <= 0 or value == float("inf"):  # type: ignore[operator]
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a finite number of seconds > 0")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _check_positive_int(label: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected an integer > 0")
+    return value
+
+
+def _check_non_negative_int(label: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected an integer >= 0")
+    return value
+
+
+def _check_bool(label: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected True or False")
+    return value
+
+
+def _check_name(label: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 256:
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a non-empty string (<= 256 chars)")
+    return value.strip()
+
+
+def _check_job_name(label: str, value: object) -> str:
+    if not isinstance(value, str) or len(value) > 256:
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a string (<= 256 chars)")
+    return value.strip()
+
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.\-]+)):(?P<port>[0-9]{1,5})$")
+
+
+def _check_server(label: str, value: object) -> str:
+    match = _HOST_PORT.match(value) if isinstance(value, str) else None
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise ValueError(
+            f"gradwatch: {label}={value!r} is invalid: expected 'host:port' (e.g. 'localhost:50051', "
+            "'10.0.0.5:50051', '[::1]:50051') with a port in 1..65535"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _check_retry(label: str, value: object) -> RetryPolicy:
+    if not isinstance(value, RetryPolicy):
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a gradwatch RetryPolicy")
+    return value
+
+
+def _env_number(kind: type) -> Callable[[str, str], object]:
+    """Parse an environment string as `kind`; the keyword check then validates the range."""
+
+    def parse(label: str, text: str) -> object:
+        try:
+            return kind(text.strip())
+        except ValueError:
+            raise ValueError(
+                f"gradwatch: {label}={text!r} is invalid: expected {'an integer' if kind is int else 'a number'}"
+            ) from None
+
+    return parse
+
+
+def _env_text(label: str, text: str) -> object:
+    return text
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One keyword option: its environment variable and its check (which also normalises)."""
+
+    env: str | None
+    check: Callable[[str, object], object]
+    parse_env: Callable[[str, str], object] = _env_text
+
+
+_OPTIONS: dict[str, _Option] = {
+    "server": _Option(ENV_SERVER, _check_server),
+    "run": _Option(ENV_RUN, _check_name),
+    "job_name": _Option(ENV_JOB_NAME, _check_job_name),
+    "full_stats_interval": _Option(ENV_FULL_STATS_INTERVAL, _check_positive_int, _env_number(int)),
+    "enabled": _Option(None, _check_bool),  # its environment side is the kill switch
+    "replay_buffer_size": _Option(ENV_REPLAY_BUFFER_SIZE, _check_positive_int, _env_number(int)),
+    "queue_size": _Option(ENV_QUEUE_SIZE, _check_positive_int, _env_number(int)),
+    "heartbeat_interval_s": _Option(ENV_HEARTBEAT_INTERVAL_S, _check_positive_float, _env_number(float)),
+    "welcome_timeout_s": _Option(ENV_WELCOME_TIMEOUT_S, _check_positive_float, _env_number(float)),
+    "exit_flush_timeout_s": _Option(ENV_EXIT_FLUSH_TIMEOUT_S, _check_positive_float, _env_number(float)),
+    "retry": _Option(None, _check_retry),
+    "rank": _Option(ENV_RANK, _check_non_negative_int, _env_number(int)),
+    "world_size": _Option(ENV_WORLD_SIZE, _check_positive_int, _env_number(int)),
+    "local_rank": _Option(ENV_LOCAL_RANK, _check_non_negative_int, _env_number(int)),
+}
+OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTIONS))
+
+
+def _lookup(name: str, options: Mapping[str, object], env: Mapping[str, str]) -> Any:
+    """The checked value of option `name` from the keyword, else its env var; None when neither is set."""
+    spec = _OPTIONS[name]
+    if options.get(name) is not None:
+        return spec.check(f"option {name}", options[name])
+    if spec.env is not None and env.get(spec.env, "").strip():
+        return spec.check(spec.env, spec.parse_env(spec.env, env[spec.env]))
+    return None
+
+
+def _distributed_identity() -> tuple[int, int] | None:
+    """(rank, world_size) from torch.distributed when a process group is initialised."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # a torch build without distributed support
+        return None
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Check `options` (attach keywords) and the environment; return the settings or raise ValueError.
+
+    Unknown option names, wrong types, out-of-range values and malformed addresses all raise a ValueError
+    that names the option (or variable) and the accepted values.
+    """
+    env = os.environ if env is None else env
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"gradwatch: unknown option(s) {', '.join(unknown)}; accepted options: {', '.join(OPTION_NAMES)}"
+        )
+    values = {name: _lookup(name, options, env) for name in _OPTIONS}
+
+    retry = values["retry"] or RetryPolicy()
+    if values["retry"] is None and (env.get(ENV_RETRY_INITIAL_BACKOFF_S) or env.get(ENV_RETRY_MAX_BACKOFF_S)):
+        initial = _check_positive_float(
+            ENV_RETRY_INITIAL_BACKOFF_S,
+            _env_number(float)(ENV_RETRY_INITIAL_BACKOFF_S, env.get(ENV_RETRY_INITIAL_BACKOFF_S) or "0.5"),
+        )
+        maximum = _check_positive_float(
+            ENV_RETRY_MAX_BACKOFF_S,
+            _env_number(float)(ENV_RETRY_MAX_BACKOFF_S, env.get(ENV_RETRY_MAX_BACKOFF_S) or "30"),
+        )
+        retry = RetryPolicy(initial_backoff_s=initial, max_backoff_s=maximum)
+
+    # Keywords beat torch.distributed, which beats the launcher's environment variables.
+    group = _distributed_identity()
+    rank = _pick(options.get("rank"), group and group[0], values["rank"], 0)
+    world_size = _pick(options.get("world_size"), group and group[1], values["world_size"], 1)
+    local_rank = values["local_rank"] if values["local_rank"] is not None else 0
+    if rank >= world_size:
+        raise ValueError(
+            f"gradwatch: rank={rank} is invalid for world_size={world_size}: expected 0 <= rank < world_size"
+        )
+
+    run_id = values["run"] or _fallback_run_id(env)
+    return AgentConfig(
+        server=values["server"] or DEFAULT_SERVER,
+        run_id=run_id,
+        job_name=values["job_name"] or "",
+        full_stats_interval=values["full_stats_interval"] or 10,
+        enabled=values["enabled"] if values["enabled"] is not None else True,
+        replay_buffer_size=values["replay_buffer_size"] or 1024,
+        queue_size=values["queue_size"] or 1024,
+        heartbeat_interval_s=values["heartbeat_interval_s"] or 5.0,
+        welcome_timeout_s=values["welcome_timeout_s"] or 10.0,
+        exit_flush_timeout_s=values["exit_flush_timeout_s"] or 2.0,
+        retry=retry,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+    )
+
+
+def _pick(keyword: object, from_group: int | None, from_env: int | None, default: int) -> int:
+    for candidate in (keyword, from_group, from_env):
+        if candidate is not None:
+            return int(candidate)  # type: ignore[call-overload]
+    return default
+
+
+def _fallback_run_id(env: Mapping[str, str]) -> str:
+    """TORCHELASTIC_RUN_ID (shared by all ranks under torchrun), else "<hostname>-<pid>" (one process)."""
+    elastic = env.get(ENV_TORCHELASTIC_RUN_ID, "").strip()
+    # torchrun's default run id "none" is not unique across jobs: fall through.
+    if elastic and elastic.lower() != "none":
+        return elastic
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -1,0 +1,73 @@
+"""Fold per-parameter statistics into per-layer columns, on the host (sender thread).
+
+Contract: `LayerFold.fold(values, layout)` takes a report vector that has reached the host (a numpy float32
+array laid out as vector.py says) and returns the per-layer columns in schema order, float64:
+
+    grad_sum_squares          sum over *unique* parameters of norm², so a tied weight counts once
+    {grad,weight}_norm        sqrt of the layer's sum of squares
+    and on full steps, for both sources:
+    _max_abs                  max over the layer's parameters (NaN if any is NaN)
+    _mean                     sum / element count
+    _non_finite               NaN/Inf count
+    _zero_fraction            (elements − non-zero elements) / element count
+
+NaN and Inf propagate through every sum and max, so a layer is non-finite exactly when one of its
+parameters is. A tied parameter belongs to every layer that owns it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.agent.schema import ModelLayout
+from gradwatch.agent.vector import VectorLayout
+
+__all__ = ["LayerFold"]
+
+
+@dataclass(frozen=True, eq=False)
+class LayerFold:
+    """Parameter → layer membership of one ModelLayout, as numpy index arrays."""
+
+    num_layers: int
+    member_params: np.ndarray  # K (layer, parameter) pairs: parameter index ...
+    member_layers: np.ndarray  # ... and layer index
+    numel_L: np.ndarray  # elements per layer (local shard), at least 1 to keep 0/0 away
+
+    @classmethod
+    def of(cls, layout: ModelLayout) -> LayerFold:
+        member_params = np.asarray(layout.member_params, dtype=np.intp)
+        member_layers = np.asarray(layout.member_layers, dtype=np.intp)
+        local = np.asarray(layout.local_numels, dtype=np.float64)
+        numel = np.bincount(member_layers, weights=local[member_params], minlength=layout.num_layers)
+        return cls(layout.num_layers, member_params, member_layers, np.maximum(numel, 1.0))
+
+    def fold(self, values: np.ndarray, layout: VectorLayout) -> dict[str, np.ndarray | float]:
+        """Per-layer columns of one report (see the module docstring)."""
+        out: dict[str, np.ndarray | float] = {}
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are data here, not accidents
+            for source in ("grad", "weight"):
+                norm = values[layout.column(source, "norm")].astype(np.float64)
+                squares = norm * norm
+                if source == "grad":
+                    out["grad_sum_squares"] = float(squares.sum())
+                out[f"{source}_norm"] = np.sqrt(self._sum(squares))
+                if not layout.full:
+                    continue
+                column = {name: values[layout.column(source, name)].astype(np.float64) for name in
+                          ("max_abs", "sum", "non_finite", "nonzero")}  # fmt: skip
+                out[f"{source}_max_abs"] = self._max(column["max_abs"])
+                out[f"{source}_mean"] = self._sum(column["sum"]) / self.numel_L
+                out[f"{source}_non_finite"] = self._sum(column["non_finite"])
+                out[f"{source}_zero_fraction"] = (self.numel_L - self._sum(column["nonzero"])) / self.numel_L
+        return out
+
+    def _sum(self, per_param: np.ndarray) -> np.ndarray:
+        return np.bincount(self.member_layers, weights=per_param[self.member_params], minlength=self.num_layers)
+
+    def _max(self, per_param: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.num_layers)  # every value here is >= 0
+        np.maximum.at(out, self.member_layers, per_param[self.member_params])
+        return out

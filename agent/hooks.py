@@ -1,0 +1,112 @@
+"""The optimizer tap: step pre/post hooks that capture what the next report needs.
+
+Contract
+- The pre-hook runs inside `optimizer.step()` before the update, where gradients are final (after the DDP
+  all-reduce or the FSDP2 reduce-scatter) and still there even if the user calls zero_grad() before
+  monitor.step(): it queues the gradient statistics and reads the learning rates actually used.
+- The post-hook runs after the update and queues the weight statistics.
+- Both only queue device kernels and keep the 0-d result tensors; they never read `.grad` values on the host,
+  never mutate what they observe, and send failures to errors.report. `remove()` takes both hooks off.
+- Several optimizer steps between two reports (or none) are fine: the latest capture wins, and monitor.step()
+  computes whatever is missing itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gradwatch.agent import errors
+from gradwatch.agent.stats import StatsEngine
+
+__all__ = ["LearningRates", "OptimizerTap", "learning_rates"]
+
+# (one rate per param group, NaN where the rate is a tensor; those groups' indexes; the 0-d tensor rates)
+LearningRates = tuple[list[float], tuple[int, ...], list[torch.Tensor]]
+
+
+def learning_rates(optimizer: torch.optim.Optimizer | None, device: torch.device) -> LearningRates:
+    """Read param_groups' rates: floats as they are; a tensor rate (capturable/fused optimizers) is not read on
+    the host but copied to `device` to travel in the report vector, so reading it never syncs."""
+    if optimizer is None:
+        return [], (), []
+    rates: list[float] = []
+    slots: list[int] = []
+    tensors: list[torch.Tensor] = []
+    for index, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            rates.append(math.nan)
+            slots.append(index)
+            tensors.append(lr.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True))
+        else:
+            rates.append(float(lr) if isinstance(lr, int | float) else math.nan)
+    return rates, tuple(slots), tensors
+
+
+class OptimizerTap:
+    """Hooks on one optimizer that capture gradient statistics, weight statistics and learning rates."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        engine: StatsEngine,
+        begin_step: Callable[[], bool],
+        add_agent_time: Callable[[float], None],
+    ) -> None:
+        """`begin_step()` says whether the step being captured is a full-statistics step; the time spent in
+        the hooks is handed to `add_agent_time` (it counts as the agent's time on the training thread)."""
+        self._optimizer = optimizer
+        self._engine = engine
+        self._begin_step = begin_step
+        self._add_agent_time = add_agent_time
+        self._active = True
+        self.steps = 0  # optimizer steps seen
+        self._grads: list[torch.Tensor] | None = None
+        self._weights: list[torch.Tensor] | None = None
+        self._rates: LearningRates | None = None
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    def take(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, LearningRates | None]:
+        """The captures since the last call (None where the optimizer did not step), then forget them."""
+        captured = self._grads, self._weights, self._rates
+        self._grads = self._weights = self._rates = None
+        return captured
+
+    def remove(self) -> None:
+        """Take both hooks off (idempotent); a hook already running finishes as a no-op."""
+        self._active = False
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        started = time.perf_counter()
+        try:
+            self._grads = self._engine.compute("grad", self._begin_step())
+            self._rates = learning_rates(self._optimizer, self._engine.layout.device)
+        except Exception as exc:
+            errors.report(exc, "optimizer_pre_hook")
+        finally:
+            self._add_agent_time(time.perf_counter() - started)
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        started = time.perf_counter()
+        try:
+            self.steps += 1
+            self._weights = self._engine.compute("weight", self._begin_step())
+        except Exception as exc:
+            errors.report(exc, "optimizer_post_hook")
+        finally:
+            self._add_agent_time(time.perf_counter() - started)

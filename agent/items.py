@@ -1,0 +1,69 @@
+"""What the training thread hands to the sender thread, and who this agent is.
+
+Plain data, no protobuf: the training thread only builds these (cheap), the sender thread turns them into
+wire frames (wire.py) after the device values have reached the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gradwatch.agent.fold import LayerFold
+from gradwatch.agent.schema import LayerSchema
+from gradwatch.agent.snapshot import HostCopy
+from gradwatch.agent.vector import VectorLayout
+
+__all__ = ["AgentIdentity", "EventItem", "ReportItem"]
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    """Everything Hello says about this agent (fixed for the Monitor's lifetime)."""
+
+    run_id: str
+    job_name: str
+    rank: int
+    world_size: int
+    local_rank: int
+    host: str
+    pid: int
+    session_id: str
+    agent_version: str
+    torch_version: str
+    device_kind: str
+    full_stats_interval: int
+    schema: LayerSchema
+
+
+@dataclass(slots=True)
+class ReportItem:
+    """One monitor.step(): host-side fields plus the device vector on its way to the host.
+
+    `loss` is the loss when it was a plain number (the vector's loss slot is then unused); `learning_rates`
+    holds NaN at `tensor_lr_slots`, filled from the vector's tail by the sender.
+    """
+
+    step: int
+    wall_time: float
+    step_duration_s: float
+    has_loss: bool
+    loss_in_vector: bool
+    loss: float
+    learning_rates: list[float]
+    tensor_lr_slots: tuple[int, ...]
+    optimizer_step: int
+    agent_time_s: float
+    layout: VectorLayout
+    fold: LayerFold
+    values: HostCopy
+
+
+@dataclass(slots=True)
+class EventItem:
+    """An agent event (e.g. "cadence_changed") for the server's timeline."""
+
+    kind: str
+    step: int
+    wall_time: float
+    message: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)

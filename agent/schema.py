@@ -1,0 +1,165 @@
+"""Which tensors the agent watches, and in what order: the layer schema sent in Hello.
+
+A *layer* is a module that owns parameters directly (`parameters(recurse=False)`), in `named_modules()`
+order; every per-layer column on the wire is indexed by that order. A parameter shared by two modules
+(tied embeddings) belongs to both layers but is counted once in model-wide sums.
+
+The unique parameters are kept grouped by (device, dtype) so the statistics can run one foreach kernel per
+group; `ParamGroup` slices index into `ModelLayout.params`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ROOT_LAYER_NAME",
+    "LayerSchema",
+    "ModelLayout",
+    "ParamGroup",
+    "build_layout",
+    "is_stale",
+    "local_tensor",
+    "regroup",
+]
+
+# The root module's name in named_modules() is "": give it a visible one on the wire.
+ROOT_LAYER_NAME = "<root>"
+
+
+@dataclass(frozen=True)
+class LayerSchema:
+    """Names, module types and parameter counts of the layers, in wire order (mirrors the proto)."""
+
+    names: tuple[str, ...]
+    module_types: tuple[str, ...]
+    param_counts: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """A run of `ModelLayout.params` sharing one device and dtype: [start, stop)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The static structure the statistics are computed over.
+
+    `member_params[k]` belongs to layer `member_layers[k]` (one entry per (layer, parameter) pair, so a tied
+    parameter appears once per owning layer). `local_numels[i]` is the element count of params[i] as this
+    rank holds it (the local shard for a DTensor).
+    """
+
+    schema: LayerSchema
+    params: tuple[nn.Parameter, ...]
+    groups: tuple[ParamGroup, ...]
+    member_params: tuple[int, ...]
+    member_layers: tuple[int, ...]
+    local_numels: tuple[int, ...]
+    has_dtensor: bool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.schema)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the per-report tensor is assembled: the first group's device."""
+        return self.groups[0].device
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: the local shard of a DTensor (no collective), else `t` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def build_layout(model: nn.Module) -> ModelLayout:
+    """Discover the layers of `model`. Raises ValueError if it has no (initialised) parameters."""
+    names: list[str] = []
+    types: list[str] = []
+    counts: list[int] = []
+    layer_params: list[list[nn.Parameter]] = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        for p in own:
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"gradwatch: layer {name or ROOT_LAYER_NAME!r} has uninitialised (lazy) parameters: "
+                    "run one forward pass before attach()"
+                )
+        names.append(name or ROOT_LAYER_NAME)
+        types.append(type(module).__name__)
+        counts.append(sum(p.numel() for p in own))
+        layer_params.append(own)
+    if not names:
+        raise ValueError("gradwatch: the model has no parameters to monitor")
+
+    return _arrange(LayerSchema(tuple(names), tuple(types), tuple(counts)), layer_params)
+
+
+def regroup(layout: ModelLayout) -> ModelLayout:
+    """The same layers and parameters, regrouped by their *current* (device, dtype).
+
+    For a model moved (`.to()`) or cast after attach: the Parameter objects stay, their placement changes.
+    """
+    layer_params: list[list[nn.Parameter]] = [[] for _ in range(layout.num_layers)]
+    for param_index, layer in zip(layout.member_params, layout.member_layers, strict=True):
+        layer_params[layer].append(layout.params[param_index])
+    return _arrange(layout.schema, layer_params)
+
+
+def is_stale(layout: ModelLayout) -> bool:
+    """True when some group's parameters no longer sit on the group's device/dtype."""
+    for group in layout.groups:
+        first = layout.params[group.start]
+        if first.device != group.device or first.dtype != group.dtype:
+            return True
+    return False
+
+
+def _arrange(schema: LayerSchema, layer_params: list[list[nn.Parameter]]) -> ModelLayout:
+    # Unique parameters in first-seen order, then stably grouped by (device, dtype).
+    first_seen: dict[int, nn.Parameter] = {}
+    for own in layer_params:
+        for p in own:
+            first_seen.setdefault(id(p), p)
+    keyed: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+    for p in first_seen.values():
+        keyed.setdefault((p.device, p.dtype), []).append(p)
+    params: list[nn.Parameter] = []
+    groups: list[ParamGroup] = []
+    for (device, dtype), members in keyed.items():
+        groups.append(ParamGroup(device, dtype, len(params), len(params) + len(members)))
+        params.extend(members)
+
+    position = {id(p): i for i, p in enumerate(params)}
+    member_params: list[int] = []
+    member_layers: list[int] = []
+    for layer, own in enumerate(layer_params):
+        for p in own:
+            member_params.append(position[id(p)])
+            member_layers.append(layer)
+
+    return ModelLayout(
+        schema=schema,
+        params=tuple(params),
+        groups=tuple(groups),
+        member_params=tuple(member_params),
+        member_layers=tuple(member_layers),
+        local_numels=tuple(local_tensor(p).numel() for p in params),
+        has_dtensor=any(hasattr(p, "to_local") for p in params),
+    )

@@ -1,0 +1,60 @@
+"""Where each value sits in the one float32 vector a report moves from device to host.
+
+The training thread assembles the vector (stats.py, monitor.py); the sender thread reads it (fold.py,
+wire.py). Both sides use this layout so they cannot disagree. With P = unique parameters (in the layout's
+order) and C = 1 column on ordinary steps or 5 on full-statistics steps:
+
+    [0]                      loss (0 when the loss is not a tensor)
+    grad part:   C × P       per-parameter gradient columns, column after column (PARAM_COLUMNS order)
+    weight part: C × P       per-parameter weight columns, same order
+    tail                     one value per tensor learning rate
+
+The device reduces every element of every tensor (the O(elements) work); folding the P per-parameter values
+into per-layer columns is O(P) bookkeeping the sender thread does on the host (fold.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["PARAM_COLUMNS", "VectorLayout"]
+
+# Per-parameter columns, in order. "norm" is present on every step, the others on full steps only.
+#   norm: L2 norm; max_abs: max |x|; sum: sum of elements; non_finite: NaN/Inf count; nonzero: count of x != 0.
+PARAM_COLUMNS: tuple[str, ...] = ("norm", "max_abs", "sum", "non_finite", "nonzero")
+
+
+@dataclass(frozen=True)
+class VectorLayout:
+    """Offsets into the report vector for `num_params` parameters."""
+
+    num_params: int
+    full: bool
+    num_tensor_lrs: int = 0
+
+    LOSS = 0
+
+    @property
+    def num_columns(self) -> int:
+        return len(PARAM_COLUMNS) if self.full else 1
+
+    @property
+    def part_length(self) -> int:
+        return self.num_columns * self.num_params
+
+    @property
+    def length(self) -> int:
+        return 1 + 2 * self.part_length + self.num_tensor_lrs
+
+    def column(self, source: str, name: str) -> slice:
+        """The P values of column `name` for `source` ("grad" or "weight")."""
+        index = PARAM_COLUMNS.index(name)
+        if index >= self.num_columns:
+            raise KeyError(f"column {name!r} exists on full-statistics reports only")
+        start = 1 + (0 if source == "grad" else self.part_length) + index * self.num_params
+        return slice(start, start + self.num_params)
+
+    @property
+    def tensor_lrs(self) -> slice:
+        start = 1 + 2 * self.part_length
+        return slice(start, start + self.num_tensor_lrs)

@@ -1,0 +1,125 @@
+"""Turn agent items into gradwatch.v1 frames (sender thread only).
+
+Contract: pure functions from plain data to protobuf messages; they decide nothing about when to send. The
+non-finite flags and `first_non_finite_layer` are derived here, on the host, from the per-layer norms the
+device computed every step: a layer's gradient is non-finite when its norm is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
+from gradwatch.v1 import gradwatch_pb2 as pb
+
+__all__ = [
+    "event_frame",
+    "goodbye_frame",
+    "heartbeat_frame",
+    "hello",
+    "hello_frame",
+    "report_frame",
+]
+
+_LE_F32 = np.dtype("<f4")
+# LayerStats fields, as fold.LayerFold names its columns.
+LAYER_COLUMNS = tuple(
+    f"{source}_{name}"
+    for source in ("grad", "weight")
+    for name in ("norm", "max_abs", "mean", "non_finite", "zero_fraction")
+)
+
+
+def hello(identity: AgentIdentity) -> pb.Hello:
+    """The Hello for a stream (or a Flush) of this agent, schema included."""
+    schema = identity.schema
+    return pb.Hello(
+        protocol_version=pb.PROTOCOL_VERSION_CURRENT,
+        run_id=identity.run_id,
+        job_name=identity.job_name,
+        rank=identity.rank,
+        world_size=identity.world_size,
+        local_rank=identity.local_rank,
+        host=identity.host,
+        pid=identity.pid,
+        session_id=identity.session_id,
+        agent_version=identity.agent_version,
+        torch_version=identity.torch_version,
+        device_kind=identity.device_kind,
+        full_stats_interval=identity.full_stats_interval,
+        schema=pb.LayerSchema(names=schema.names, module_types=schema.module_types, param_counts=schema.param_counts),
+    )
+
+
+def hello_frame(identity: AgentIdentity) -> pb.AgentFrame:
+    return pb.AgentFrame(seq=0, hello=hello(identity))
+
+
+def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.AgentFrame, int]:
+    """The frame for one report given its host values; also returns its NonFiniteFlag bits."""
+    layout = item.layout
+    columns = item.fold.fold(values, layout)
+    grad_norm = columns["grad_norm"]
+    assert isinstance(grad_norm, np.ndarray)
+
+    flags = 0
+    loss = float(values[layout.LOSS]) if item.loss_in_vector else item.loss
+    if item.has_loss and not math.isfinite(loss):
+        flags |= pb.NON_FINITE_FLAG_LOSS
+        loss = math.nan  # the wire carries NaN for any non-finite loss
+    bad_grad = ~np.isfinite(grad_norm)
+    first_bad_layer = int(np.argmax(bad_grad)) if bad_grad.any() else None
+    if first_bad_layer is not None:
+        flags |= pb.NON_FINITE_FLAG_GRADIENT
+    if not np.isfinite(columns["weight_norm"]).all():
+        flags |= pb.NON_FINITE_FLAG_WEIGHT
+
+    learning_rates = list(item.learning_rates)
+    for slot, value in zip(item.tensor_lr_slots, values[layout.tensor_lrs], strict=True):
+        learning_rates[slot] = float(value)
+
+    report = pb.StepReport(
+        step=item.step,
+        wall_time=item.wall_time,
+        step_duration_s=item.step_duration_s,
+        loss=loss if item.has_loss else 0.0,
+        has_loss=item.has_loss,
+        learning_rates=learning_rates,
+        grad_sum_squares=columns["grad_sum_squares"],
+        non_finite=flags,
+        optimizer_step=item.optimizer_step,
+        agent_time_s=item.agent_time_s,
+    )
+    if first_bad_layer is not None:
+        report.first_non_finite_layer = first_bad_layer
+    if layout.full:
+        report.layers.CopyFrom(pb.LayerStats(**{name: _column_bytes(columns[name]) for name in LAYER_COLUMNS}))
+    return pb.AgentFrame(seq=seq, report=report), flags
+
+
+def event_frame(seq: int, item: EventItem) -> pb.AgentFrame:
+    return pb.AgentFrame(
+        seq=seq,
+        event=pb.Event(
+            kind=item.kind,
+            step=item.step,
+            wall_time=item.wall_time,
+            message=item.message,
+            attributes=item.attributes,
+        ),
+    )
+
+
+def heartbeat_frame(wall_time: float, step: int, dropped: Mapping[str, int]) -> pb.AgentFrame:
+    return pb.AgentFrame(seq=0, heartbeat=pb.Heartbeat(wall_time=wall_time, step=step, dropped=dict(dropped)))
+
+
+def goodbye_frame(final_step: int, reason: str) -> pb.AgentFrame:
+    return pb.AgentFrame(seq=0, goodbye=pb.Goodbye(final_step=final_step, reason=reason))
+
+
+def _column_bytes(column: np.ndarray | float) -> bytes:
+    return np.asarray(column).astype(_LE_F32).tobytes()

@@ -1,0 +1,193 @@
+"""Alerts: one per (run, detector), merged across ranks, with a bounded history.
+
+Contract
+--------
+* Identity is (run, detector): `id` is a stable fingerprint of the pair, so a
+  re-fire after resolution has the same id with a new `started_at` (as Alertmanager
+  groups by labels). At most one alert per identity is firing.
+* `fire(run, spec, rank, Fire)`: the first firing rank opens the alert; its `step`,
+  `layer` and `summary` say where it started (provenance) and never change. Later
+  ranks join `ranks`; every Fire updates `last_step` (latest firing step) and `value`.
+* `clear(run, detector, rank)`: the rank leaves the active set; when none is left,
+  the alert resolves (`resolved_at` set) and moves to the bounded history.
+* `resolve_run(run, why)`: resolves everything of a finished or evicted run.
+* Listeners get a JSON-safe dict on every fire and resolve transition (not on
+  updates), called outside the book's lock; a failing listener is logged once
+  and never breaks ingestion.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradwatch.server.detectors.base import DetectorSpec, Fire
+
+__all__ = ["STATE_FIRING", "STATE_RESOLVED", "AlertBook", "AlertListener", "alert_id"]
+
+log = logging.getLogger(__name__)
+
+STATE_FIRING = "firing"
+STATE_RESOLVED = "resolved"
+STATES = (STATE_FIRING, STATE_RESOLVED)
+
+AlertListener = Callable[[dict[str, Any]], None]
+
+
+def alert_id(run: str, detector: str) -> str:
+    """Stable 16-hex-digit fingerprint of (run, detector)."""
+    return hashlib.sha256(f"{run}\x00{detector}".encode()).hexdigest()[:16]
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+@dataclass
+class _Alert:
+    id: str
+    run: str
+    detector: str
+    severity: str
+    runbook: str
+    step: int
+    last_step: int
+    layer: str | None
+    value: float | None
+    summary: str
+    started_at: float
+    ranks: set[int] = field(default_factory=set)
+    active: set[int] = field(default_factory=set)
+    resolved_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "run": self.run,
+            "ranks": sorted(self.ranks),
+            "detector": self.detector,
+            "severity": self.severity,
+            "state": STATE_FIRING if self.resolved_at is None else STATE_RESOLVED,
+            "step": self.step,
+            "last_step": self.last_step,
+            "layer": self.layer,
+            "value": _finite_or_none(self.value),
+            "summary": self.summary,
+            "started_at": self.started_at,
+            "resolved_at": self.resolved_at,
+            "runbook": self.runbook,
+        }
+
+
+class AlertBook:
+    """Firing alerts by (run, detector) plus a bounded history of resolved ones."""
+
+    def __init__(self, *, clock: Callable[[], float], history: int = 1000) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._firing: dict[tuple[str, str], _Alert] = {}
+        self._history: collections.deque[_Alert] = collections.deque(maxlen=history)
+        self._listeners: list[AlertListener] = []
+        self._broken_listeners: set[int] = set()
+
+    def add_listener(self, listener: AlertListener) -> None:
+        """Call `listener(alert_dict)` on every fire and resolve transition."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def fire(self, run: str, spec: DetectorSpec, rank: int, verdict: Fire) -> bool:
+        """Record a Fire; returns True when `rank` newly joined the firing set (a trigger)."""
+        with self._lock:
+            key = (run, spec.name)
+            alert = self._firing.get(key)
+            opened = alert is None
+            if alert is None:
+                alert = _Alert(
+                    id=alert_id(run, spec.name),
+                    run=run,
+                    detector=spec.name,
+                    severity=spec.severity,
+                    runbook=spec.runbook,
+                    step=verdict.step,
+                    last_step=verdict.step,
+                    layer=verdict.layer,
+                    value=verdict.value,
+                    summary=verdict.summary,
+                    started_at=self._clock(),
+                )
+                self._firing[key] = alert
+            triggered = rank not in alert.active
+            alert.ranks.add(rank)
+            alert.active.add(rank)
+            alert.last_step = max(alert.last_step, verdict.step)
+            alert.value = verdict.value
+            if alert.layer is None:
+                alert.layer = verdict.layer
+            snapshot = alert.as_dict() if opened else None
+        if snapshot is not None:
+            self._notify(snapshot)
+        return triggered
+
+    def clear(self, run: str, detector: str, rank: int) -> None:
+        """The rank recovered; resolve the alert when no rank is left firing."""
+        with self._lock:
+            alert = self._firing.get((run, detector))
+            if alert is None:
+                return
+            alert.active.discard(rank)
+            snapshot = self._resolve_locked(alert) if not alert.active else None
+        if snapshot is not None:
+            self._notify(snapshot)
+
+    def resolve_run(self, run: str, why: str) -> None:
+        """Resolve every firing alert of `run` (finished or evicted), noting `why` in the summary."""
+        with self._lock:
+            snapshots = []
+            for key in [k for k in self._firing if k[0] == run]:
+                alert = self._firing[key]
+                alert.summary = f"{alert.summary} (resolved: {why})"
+                snapshots.append(self._resolve_locked(alert))
+        for snapshot in snapshots:
+            self._notify(snapshot)
+
+    def list(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        """Alert dicts, firing first (oldest first), then resolved (newest first)."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        with self._lock:
+            alerts: list[_Alert] = []
+            if state in (None, STATE_FIRING):
+                alerts.extend(sorted(self._firing.values(), key=lambda a: a.started_at))
+            if state in (None, STATE_RESOLVED):
+                alerts.extend(reversed(self._history))
+            return [a.as_dict() for a in alerts if run is None or a.run == run]
+
+    def firing_detectors(self) -> set[tuple[str, str]]:
+        """(run, detector) pairs currently firing."""
+        with self._lock:
+            return set(self._firing)
+
+    def _resolve_locked(self, alert: _Alert) -> dict[str, Any]:
+        alert.active.clear()
+        alert.resolved_at = self._clock()
+        del self._firing[(alert.run, alert.detector)]
+        self._history.append(alert)
+        return alert.as_dict()
+
+    def _notify(self, snapshot: dict[str, Any]) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(dict(snapshot))
+            except Exception:
+                # A broken listener (e.g. a closed terminal) must not stop ingestion; say so once.
+                if id(listener) not in self._broken_listeners:
+                    self._broken_listeners.add(id(listener))
+                    log.exception("alert listener %r failed; further failures are not logged", listener)

@@ -1,0 +1,244 @@
+"""Composition root: wires store, detectors, alerts, metrics, gRPC and HTTP; `serve()` runs it.
+
+    app = ServerApp(ServerConfig(grpc=GrpcConfig(port=0), http=HttpConfig(port=0))).start()
+    channel = grpc.insecure_channel(app.grpc_target)   # "127.0.0.1:PORT"
+    urllib.request.urlopen(app.http_url + "/metrics")
+    app.stop()
+
+Threads: the grpc.aio server runs on its own asyncio loop in the "gradwatch-grpc"
+thread (all ingestion happens there); the HTTP server answers from its own threads
+and only reads shared state under the store's lock. Alert listeners are called on
+the gRPC thread: they must be quick and must not block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import grpc
+from gradwatch.server.alerts import AlertBook, AlertListener
+from gradwatch.server.config import ServerConfig
+from gradwatch.server.detectors import REGISTRY, DetectorSpec
+from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
+from gradwatch.server.http_api import HttpApi
+from gradwatch.server.ingest import Ingestor
+from gradwatch.server.metrics import GradwatchCollector
+from gradwatch.server.stats import IngestStats
+from gradwatch.server.store import RunStore
+from gradwatch.server.views import run_view
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
+
+from gradwatch._version import __version__
+
+__all__ = ["ServerApp", "serve"]
+
+START_TIMEOUT_S = 30.0
+#: How often finished runs are checked for expiry (finished_run_retention_s).
+SWEEP_INTERVAL_S = 1.0
+
+
+class ServerApp:
+    """The gradwatch server: construct, `start()`, query, `stop()`. Usable as a context manager.
+
+    Nothing binds or starts before `start()`; ports 0 pick free ports, readable from
+    `grpc_port` / `http_port` afterwards.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        detectors: tuple[DetectorSpec, ...] = REGISTRY,
+    ) -> None:
+        self.config = config if config is not None else ServerConfig()
+        limits = self.config.limits
+        names = tuple(spec.name for spec in detectors)
+        self.store = RunStore(limits, detector_names=names, clock=clock)
+        self.alert_book = AlertBook(clock=clock, history=limits.alert_history)
+        self.stats = IngestStats()
+        self.ingestor = Ingestor(self.config, self.store, self.alert_book, self.stats, clock=clock, detectors=detectors)
+        #: The app's own Prometheus registry (never the global default).
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(
+            GradwatchCollector(self.store, self.alert_book, self.stats, detector_names=names, version=__version__)
+        )
+        self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._grpc_server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self._http: HttpApi | None = None
+        self._grpc_port: int | None = None
+        self._sweeper: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> ServerApp:
+        """Bind and start gRPC and HTTP; returns once both listen. OSError if a port cannot be bound."""
+        if self._thread is not None:
+            raise RuntimeError("ServerApp already started")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="gradwatch-grpc", daemon=True)
+        self._thread.start()
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop)
+            self._grpc_port = future.result(timeout=START_TIMEOUT_S)
+            http = self.config.http
+            self._http = HttpApi(http.host, http.port, registry=self.registry, runs=self.runs, alerts=self.alerts)
+            self._http.start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop accepting, give open streams `grace` seconds to finish, then stop everything. Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            if self._grpc_server is not None:
+                future = asyncio.run_coroutine_threadsafe(self._stop_grpc(grace), loop)
+                future.result(timeout=grace + 10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
+        self._grpc_server = None
+
+    def __enter__(self) -> ServerApp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def grpc_port(self) -> int:
+        if self._grpc_port is None:
+            raise RuntimeError("ServerApp not started")
+        return self._grpc_port
+
+    @property
+    def http_port(self) -> int:
+        if self._http is None:
+            raise RuntimeError("ServerApp not started")
+        return self._http.port
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    # ------------------------------------------------------------------ views
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every tracked run (least recently active first) as a JSON-safe dict."""
+        firing: dict[str, list[str]] = {}
+        for run_id, detector in self.alert_book.firing_detectors():
+            firing.setdefault(run_id, []).append(detector)
+        with self.store.lock:
+            return [run_view(run, firing.get(run.run_id, [])) for run in self.store.runs()]
+
+    def alerts(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        """Alert dicts, optionally for one run and/or state ("firing" | "resolved")."""
+        return self.alert_book.list(run=run, state=state)
+
+    def sweep(self) -> list[str]:
+        """Expire runs finished longer than the retention now (also done every SWEEP_INTERVAL_S)."""
+        return self.ingestor.sweep()
+
+    def add_alert_listener(self, callback: AlertListener) -> None:
+        """Call `callback(alert_dict)` whenever an alert fires or resolves (on the gRPC thread)."""
+        self.alert_book.add_listener(callback)
+
+    # ------------------------------------------------------------------ loop thread
+
+    def _run_loop(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.close()
+
+    async def _start_grpc(self) -> int:
+        server, health = build_grpc_server(self._servicer, self.config.limits)
+        address = f"{self.config.grpc.host}:{self.config.grpc.port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC to {address}: {exc}") from None
+        await server.start()
+        await health.set(INGEST_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._grpc_server, self._health = server, health
+        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        return port
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.ingestor.sweep()
+
+    async def _stop_grpc(self, grace: float) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace)
+
+
+def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) -> int:
+    """Run the server in the foreground until SIGTERM or SIGINT; returns the exit status.
+
+    Must be called from the main thread (it installs signal handlers, restored on
+    return). Prints one line with the bound addresses to stderr. On a signal:
+    health turns NOT_SERVING, no new streams are accepted, open streams get
+    `config.shutdown_grace_s` seconds, then everything stops and 0 is returned.
+    Returns 1 when a port cannot be bound.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        app = ServerApp(config)
+        if alert_listener is not None:
+            app.add_alert_listener(alert_listener)
+        try:
+            app.start()
+        except OSError as exc:
+            print(f"gradwatch server: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"gradwatch server {__version__}: gRPC on {config.grpc.host}:{app.grpc_port}, "
+            f"HTTP on http://{config.http.host}:{app.http_port} (/metrics, /api/v1)",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+        app.stop(grace=config.shutdown_grace_s)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,166 @@
+"""exploding_gradient: a rank's gradient norm far above its own recent, robust baseline.
+
+Rationale
+---------
+Exploding gradients precede loss spikes and NaNs by a few steps; clipping hides the
+symptom in the update but not in the pre-clip norm the agent reports. A fixed
+threshold cannot work across models (healthy norms range from 1e-3 to 1e3), so each
+rank is compared with a robust baseline of its own recent finite norms: the median
+and the MAD (scaled by 1.4826 to estimate a standard deviation) over the last
+`window` reports. Median and MAD ignore isolated spikes, and only reports taken
+while the rank is not firing (and not over threshold) enter the baseline, so an
+explosion cannot absorb itself into "normal".
+
+Fires when the norm exceeds max(factor × median, median + mad_k × 1.4826 × MAD) for
+`consecutive` reports in a row (one spike is noise; two is a trend), or on sustained
+growth: over the last `growth_window` reports the norm rose on ≥ growth_rise_fraction
+of them and its log-linear trend grew ≥ growth_factor× across the window (a steady
+climb that a lagging baseline might follow; the trend, not last/first, so one final
+spike after a slightly rising stretch is not "growth"). The first `min_reports` reports only build the baseline: early
+training often starts with large gradients. A non-finite norm is left to the
+non_finite detector. Resolves after `resolve_after` consecutive normal reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.report import RankReport
+from gradwatch.server.ring import FloatRing
+from gradwatch.server.settings import SettingError, setting
+
+__all__ = ["SPEC", "ExplodingGradientConfig", "ExplodingGradientDetector"]
+
+#: MAD × this estimates the standard deviation of a normal distribution.
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class ExplodingGradientConfig(DetectorConfig):
+    window: int = setting(100, doc="Recent finite, non-firing norms forming the baseline.", ge=5)
+    min_reports: int = setting(20, doc="Reports that only build the baseline (warm-up).", ge=3)
+    factor: float = setting(10.0, doc="Fire above factor × baseline median ...", gt=1.0)
+    mad_k: float = setting(20.0, doc="... and above median + mad_k × 1.4826 × MAD.", ge=0.0)
+    consecutive: int = setting(2, doc="Reports in a row over the threshold before firing.", ge=1)
+    growth_window: int = setting(16, doc="Reports examined by the sustained-growth rule.", ge=3)
+    growth_rise_fraction: float = setting(
+        0.8, doc="Fraction of reports in growth_window that must rise.", gt=0.0, le=1.0
+    )
+    growth_factor: float = setting(100.0, doc="Growth across growth_window that fires.", gt=1.0)
+    resolve_after: int = setting(20, doc="Consecutive normal reports before a rank clears.", ge=1)
+
+    def _check(self) -> None:
+        if self.min_reports > self.window:
+            raise SettingError("min_reports", f"must be ≤ window ({self.window}), got {self.min_reports}")
+
+
+@dataclass
+class _RankState:
+    baseline: FloatRing
+    recent: FloatRing
+    over_streak: int = 0
+    normal_streak: int = 0
+    firing: bool = False
+
+
+class ExplodingGradientDetector:
+    """Per-rank robust-baseline and sustained-growth checks on the gradient norm."""
+
+    def __init__(self, config: ExplodingGradientConfig) -> None:
+        self._config = config
+        self._ranks: dict[int, _RankState] = {}
+
+    def observe(self, report: RankReport) -> Verdict | None:
+        norm = report.grad_norm
+        if not math.isfinite(norm):
+            return None  # non_finite owns this report
+        cfg = self._config
+        state = self._ranks.get(report.rank)
+        if state is None:
+            state = self._ranks[report.rank] = _RankState(FloatRing(cfg.window), FloatRing(cfg.growth_window))
+        state.recent.append(norm)
+        if state.baseline.count < cfg.min_reports:
+            state.baseline.append(norm)
+            return None
+
+        held = state.baseline.unordered()
+        median = float(np.median(held))
+        mad = float(np.median(np.abs(held - median)))
+        if median <= 0.0:
+            # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
+            state.baseline.append(norm)
+            return None
+        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad)
+        over = norm > threshold
+        state.over_streak = state.over_streak + 1 if over else 0
+        growth = self._growth(state.recent)
+
+        if state.firing:
+            if over or growth is not None:
+                state.normal_streak = 0
+                return self._fire(report, norm, median, mad, threshold, growth)
+            state.normal_streak += 1
+            if state.normal_streak >= cfg.resolve_after:
+                state.firing = False
+                state.normal_streak = 0
+                state.over_streak = 0
+                return Clear(step=report.step)
+            return None
+
+        if state.over_streak >= cfg.consecutive or growth is not None:
+            state.firing = True
+            state.normal_streak = 0
+            return self._fire(report, norm, median, mad, threshold, growth)
+        if not over:
+            state.baseline.append(norm)  # a lone spike stays out of the baseline
+        return None
+
+    def _growth(self, recent: FloatRing) -> float | None:
+        """Trend growth across the window when the sustained-growth rule holds, else None."""
+        cfg = self._config
+        if not recent.full:
+            return None
+        values = recent.values()
+        rises = float(np.count_nonzero(np.diff(values) > 0)) / (values.size - 1)
+        if rises < cfg.growth_rise_fraction or values.min() <= 0.0:
+            return None
+        # Least-squares slope of log(norm) over the window: growth = exp(slope × span).
+        logs = np.log(values)
+        x = np.arange(values.size, dtype=np.float64) - (values.size - 1) / 2.0
+        slope = float(np.dot(x, logs - logs.mean()) / np.dot(x, x))
+        ratio = math.exp(min(slope * (values.size - 1), 700.0))
+        return ratio if ratio >= cfg.growth_factor else None
+
+    def _fire(
+        self,
+        report: RankReport,
+        norm: float,
+        median: float,
+        mad: float,
+        threshold: float,
+        growth: float | None,
+    ) -> Fire:
+        baseline = f"baseline median {median:.3g}, MAD {mad:.3g}, threshold {threshold:.3g}"
+        if norm > threshold:
+            summary = (
+                f"gradient norm {norm:.3g} on rank {report.rank} at step {report.step} is "
+                f"{norm / median:.0f}× the baseline median ({baseline})"
+            )
+        else:
+            summary = (
+                f"gradient norm on rank {report.rank} grew {growth:.0f}× over the last "
+                f"{self._config.growth_window} reports to {norm:.3g} at step {report.step} ({baseline})"
+            )
+        return Fire(step=report.step, value=norm, summary=summary)
+
+
+SPEC = DetectorSpec(
+    name="exploding_gradient",
+    severity="critical",
+    description="Gradient norm far above the rank's robust recent baseline, or growing steadily.",
+    config_type=ExplodingGradientConfig,
+    factory=lambda config: ExplodingGradientDetector(config),  # type: ignore[arg-type]
+)

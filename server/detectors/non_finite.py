@@ -1,0 +1,90 @@
+"""non_finite: a NaN or Inf in the loss, a gradient or a weight.
+
+Rationale
+---------
+One NaN gradient poisons the weights at the next optimizer step and everything
+after it; the loss may stay finite for a few steps (or be NaN-skipped by a scaler),
+and Prometheus cannot alert on a NaN-valued gauge. So this detector needs no
+threshold and no history: any report whose flags, loss, gradient norm or per-layer
+columns show a non-finite value fires at once, for that rank and step, naming the
+first layer when the agent or the columns know it (NaN provenance). It evaluates
+every report, so nothing is sampled away. Mixed-precision loss scalers skip steps
+with Inf gradients on purpose; a run that recovers stops being reported and the
+alert resolves after `resolve_after` consecutive finite reports from that rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.report import RankReport
+from gradwatch.server.settings import setting
+
+__all__ = ["SPEC", "NonFiniteConfig", "NonFiniteDetector"]
+
+
+@dataclass(frozen=True)
+class NonFiniteConfig(DetectorConfig):
+    resolve_after: int = setting(
+        20, doc="Consecutive finite reports from a rank before its part of the alert resolves.", ge=1
+    )
+
+
+@dataclass
+class _RankState:
+    firing: bool = False
+    finite_streak: int = 0
+
+
+class NonFiniteDetector:
+    """Fires on any non-finite report; clears after a streak of finite ones (per rank)."""
+
+    def __init__(self, config: NonFiniteConfig) -> None:
+        self._config = config
+        self._ranks: dict[int, _RankState] = {}
+
+    def observe(self, report: RankReport) -> Verdict | None:
+        state = self._ranks.get(report.rank)
+        if state is None:
+            state = self._ranks[report.rank] = _RankState()
+        if report.non_finite_kinds:
+            state.firing = True
+            state.finite_streak = 0
+            return Fire(step=report.step, value=_bad_count(report), summary=_summary(report), layer=report.layer_name)
+        if not state.firing:
+            return None
+        state.finite_streak += 1
+        if state.finite_streak >= self._config.resolve_after:
+            state.firing = False
+            state.finite_streak = 0
+            return Clear(step=report.step)
+        return None
+
+
+def _bad_count(report: RankReport) -> float | None:
+    """Non-finite elements in the implicated layer, when the columns carry counts."""
+    if report.non_finite_layer is None:
+        return None
+    for column in ("grad_non_finite", "weight_non_finite"):
+        counts = report.columns.get(column)
+        if counts is not None and report.non_finite_layer < counts.size:
+            value = float(counts[report.non_finite_layer])
+            if value > 0:
+                return value
+    return None
+
+
+def _summary(report: RankReport) -> str:
+    what = " and ".join(report.non_finite_kinds)
+    where = f" first in layer {report.layer_name!r}" if report.layer_name is not None else ""
+    return f"non-finite {what} on rank {report.rank} at step {report.step}{where}"
+
+
+SPEC = DetectorSpec(
+    name="non_finite",
+    severity="critical",
+    description="NaN or Inf in the loss, a gradient or a weight.",
+    config_type=NonFiniteConfig,
+    factory=lambda config: NonFiniteDetector(config),  # type: ignore[arg-type]
+)

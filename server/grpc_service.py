@@ -1,0 +1,202 @@
+"""The gradwatch.v1.Ingest service on grpc.aio, plus health and reflection.
+
+Ingest handlers are registered by hand with raw-bytes deserialisation, so an
+unparseable or oversized frame reaches gradwatch.server.validate and ends the
+stream with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and our own reason, instead of
+grpc's generic INTERNAL. Every rejection is counted by reason and also sent as
+trailing metadata `gradwatch-reason`; other streams are unaffected.
+
+Stream protocol (server side): read the Hello, reply Welcome(acked_seq); then apply
+frames in order and send one cumulative Ack after each burst of frames that were
+already waiting (at most MAX_BURST_FRAMES), so every applied frame is acknowledged
+within one burst's processing time; Commands follow the Ack that covers their cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from gradwatch.server.config import LimitsConfig
+from gradwatch.server.ingest import Ingestor, Session
+from gradwatch.server.stats import IngestStats
+from gradwatch.server.validate import (
+    FrameRejected,
+    StreamValidator,
+    parse_agent_frame,
+    parse_flush_request,
+)
+from gradwatch.v1 import gradwatch_pb2 as pb
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+__all__ = ["INGEST_SERVICE", "REASON_METADATA_KEY", "IngestServicer", "build_grpc_server"]
+
+log = logging.getLogger(__name__)
+
+INGEST_SERVICE = pb.DESCRIPTOR.services_by_name["Ingest"].full_name  # "gradwatch.v1.Ingest"
+REASON_METADATA_KEY = "gradwatch-reason"
+#: Frames applied before an Ack is forced out during a long burst (bounds ack latency).
+MAX_BURST_FRAMES = 256
+#: Frames read ahead of processing per stream (backpressure beyond this).
+READ_AHEAD_FRAMES = 512
+
+
+class _ReadFailed:
+    """Sentinel: the client side of the stream broke (cancelled, reset)."""
+
+
+class IngestServicer:
+    """Async handlers of gradwatch.v1.Ingest over raw bytes."""
+
+    def __init__(self, ingestor: Ingestor, stats: IngestStats, limits: LimitsConfig, server_version: str) -> None:
+        self._ingestor = ingestor
+        self._stats = stats
+        self._limits = limits
+        self._version = server_version
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler for INGEST_SERVICE (requests stay bytes; responses are serialised)."""
+        return grpc.method_handlers_generic_handler(INGEST_SERVICE, self.method_handlers())
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Stream": grpc.stream_stream_rpc_method_handler(
+                self.stream, request_deserializer=None, response_serializer=pb.ServerFrame.SerializeToString
+            ),
+            "Flush": grpc.unary_unary_rpc_method_handler(
+                self.flush, request_deserializer=None, response_serializer=pb.FlushResponse.SerializeToString
+            ),
+        }
+
+    async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        del request_iterator  # frames are read with context.read() by the reader task
+        self._stats.stream_opened()
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=READ_AHEAD_FRAMES)
+        reader = asyncio.ensure_future(_read_all(context, queue))
+        session: Session | None = None
+        try:
+            validator = StreamValidator(self._limits)
+            first = await queue.get()
+            if first is grpc.aio.EOF or isinstance(first, _ReadFailed):
+                return
+            try:
+                frame = parse_agent_frame(first, self._limits)
+                validator.check(frame)
+                session = self._ingestor.open(frame.hello)
+            except FrameRejected as exc:
+                await self._reject(context, exc)
+                return
+            await context.write(
+                pb.ServerFrame(
+                    welcome=pb.Welcome(
+                        # The session speaks the agent's version (already checked to be in our range).
+                        protocol_version=frame.hello.protocol_version,
+                        server_version=self._version,
+                        acked_seq=session.acked_seq,
+                    )
+                )
+            )
+            await self._serve_frames(context, queue, validator, session)
+        finally:
+            reader.cancel()
+            if session is not None:
+                self._ingestor.close(session)
+            self._stats.stream_closed()
+
+    async def _serve_frames(
+        self,
+        context: grpc.aio.ServicerContext,
+        queue: asyncio.Queue[Any],
+        validator: StreamValidator,
+        session: Session,
+    ) -> None:
+        sent_ack = session.acked_seq
+        done = False
+        while not done:
+            burst = [await queue.get()]
+            while len(burst) < MAX_BURST_FRAMES and not queue.empty():
+                burst.append(queue.get_nowait())
+            commands: list[pb.Command] = []
+            rejected: FrameRejected | None = None
+            for raw in burst:
+                if raw is grpc.aio.EOF or isinstance(raw, _ReadFailed):
+                    done = True
+                    break
+                try:
+                    frame = parse_agent_frame(raw, self._limits)
+                    kind = validator.check(frame)
+                    commands.extend(self._ingestor.apply(session, frame, kind))
+                except FrameRejected as exc:
+                    rejected = exc
+                    break
+            if session.acked_seq > sent_ack:
+                # Acknowledge what was applied, even just before a rejection: the agent drops it.
+                sent_ack = session.acked_seq
+                await context.write(pb.ServerFrame(ack=pb.Ack(seq=sent_ack)))
+            for command in commands:
+                await context.write(pb.ServerFrame(command=command))
+            if rejected is not None:
+                await self._reject(context, rejected)
+
+    async def flush(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.FlushResponse:
+        try:
+            request = parse_flush_request(raw, self._limits)
+            validator = StreamValidator(self._limits)
+            validator.accept_hello(request.hello)
+            session = self._ingestor.open(request.hello, streaming=False)
+            for frame in request.frames:
+                kind = validator.check(frame)
+                self._ingestor.apply(session, frame, kind)
+        except FrameRejected as exc:
+            await self._reject(context, exc)
+            raise AssertionError("unreachable: abort raises") from None
+        return pb.FlushResponse(acked_seq=session.acked_seq)
+
+    async def _reject(self, context: grpc.aio.ServicerContext, exc: FrameRejected) -> None:
+        """Count the rejection and end the RPC with its status (raises grpc's AbortError)."""
+        self._stats.rejected(exc.reason)
+        log.debug("rejected %s: %s", exc.reason, exc.message)
+        await context.abort(exc.code, exc.message, trailing_metadata=((REASON_METADATA_KEY, exc.reason),))
+
+
+async def _read_all(context: grpc.aio.ServicerContext, queue: asyncio.Queue[Any]) -> None:
+    """Move raw frames from the RPC into `queue`, ending with EOF or a _ReadFailed."""
+    try:
+        while True:
+            raw = await context.read()
+            await queue.put(raw)
+            if raw is grpc.aio.EOF:
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the peer went away mid-read; the handler ends the stream
+        await queue.put(_ReadFailed())
+
+
+def build_grpc_server(
+    servicer: IngestServicer, limits: LimitsConfig
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with Ingest, health (SERVING) and reflection. Call from the server's loop."""
+    options = [
+        ("grpc.max_receive_message_length", limits.grpc_receive_bytes),
+        ("grpc.max_send_message_length", limits.grpc_receive_bytes),
+        # Without this, Linux lets a second server bind the same port and share its traffic.
+        ("grpc.so_reuseport", 0),
+        # Agents may keep their stream alive with pings every 30 s or more.
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((servicer.handler(),))
+    # Registered methods take grpc's faster dispatch path, as generated code does.
+    server.add_registered_method_handlers(INGEST_SERVICE, servicer.method_handlers())
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INGEST_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return server, health_servicer

@@ -1,0 +1,193 @@
+"""The ingest pipeline, transport-free: apply validated frames to the store, detectors and alerts.
+
+Both the Stream and the Flush RPC go through one `Ingestor`, so a frame means the
+same thing however it arrived. Contract:
+
+* `open(hello)` registers the session and returns it with `acked_seq`, the highest
+  seq already applied for (run, rank, session_id): the Welcome tells the agent to
+  drop those from its replay buffer.
+* `apply(session, frame, kind)` applies a frame already checked by a
+  StreamValidator. A report or event whose seq is ≤ the session's applied seq is
+  a duplicate: counted and dropped, never re-applied. After `apply` returns,
+  `session.acked_seq` covers the frame. Returns Commands for the agent.
+* Every report is evaluated by every enabled detector of its run (nothing is
+  sampled), in arrival order, under one lock, so detectors need no locking.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gradwatch.server.alerts import AlertBook
+from gradwatch.server.config import ServerConfig
+from gradwatch.server.detectors import REGISTRY, Clear, Detector, DetectorSpec, Fire
+from gradwatch.server.report import build_report
+from gradwatch.server.stats import IngestStats
+from gradwatch.server.store import RankState, RunState, RunStore, SchemaEntry
+from gradwatch.v1 import gradwatch_pb2 as pb
+
+__all__ = ["Ingestor", "Session"]
+
+log = logging.getLogger(__name__)
+
+_SEQUENCED = frozenset({"report", "event"})
+
+
+@dataclass
+class Session:
+    """One agent session as seen by one stream or Flush call."""
+
+    hello: pb.Hello
+    run: RunState
+    schema: SchemaEntry
+    acked_seq: int
+    streaming: bool
+
+
+class Ingestor:
+    """Applies frames to the store, runs detectors and updates alerts (see module docstring)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: RunStore,
+        alerts: AlertBook,
+        stats: IngestStats,
+        *,
+        clock: Callable[[], float],
+        detectors: tuple[DetectorSpec, ...] = REGISTRY,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._alerts = alerts
+        self._stats = stats
+        self._clock = clock
+        self._specs = tuple(s for s in detectors if config.detector(s.name).enabled)
+        self._detectors: dict[str, list[tuple[DetectorSpec, Detector]]] = {}
+        self._broken: set[str] = set()
+        self._lock = threading.Lock()
+
+    def open(self, hello: pb.Hello, *, streaming: bool = True) -> Session:
+        """Register a validated Hello; `streaming` counts the rank's open streams."""
+        with self._lock:
+            run, rank, evicted = self._store.join(hello)
+            self._drop_evicted(evicted)
+            with self._store.lock:
+                if streaming:
+                    rank.open_streams += 1
+                acked = rank.sessions.get(hello.session_id, 0)
+            self._stats.frame("hello")
+            return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming)
+
+    def close(self, session: Session) -> None:
+        """The session's stream ended (for any reason)."""
+        if not session.streaming:
+            return
+        with self._lock, self._store.lock:
+            rank = session.run.ranks.get(session.hello.rank)
+            if rank is not None and rank.open_streams > 0:
+                rank.open_streams -= 1
+
+    def apply(self, session: Session, frame: pb.AgentFrame, kind: str) -> list[pb.Command]:
+        """Apply one validated frame; see the module docstring."""
+        started = time.perf_counter()
+        commands: list[pb.Command] = []
+        with self._lock:
+            run, rank, evicted = self._store.locate(session.hello)
+            self._drop_evicted(evicted)
+            if run is not session.run:  # evicted and re-registered: remap the schema to the new run
+                with self._store.lock:
+                    session.run, session.schema = run, run.intern_schema(tuple(session.hello.schema.names))
+            sequenced = kind in _SEQUENCED
+            if sequenced and frame.seq <= rank.sessions.get(session.hello.session_id, 0):
+                self._stats.duplicate()
+                session.acked_seq = max(session.acked_seq, rank.sessions[session.hello.session_id])
+                return commands
+            if kind == "report":
+                commands = self._apply_report(session, run, rank, frame.report)
+            elif kind == "event":
+                self._store.record_event(run, rank.rank, frame.event)
+            elif kind == "heartbeat":
+                with self._store.lock:
+                    rank.dropped = dict(frame.heartbeat.dropped)
+                    rank.last_heartbeat_at = self._clock()
+            elif kind == "goodbye":
+                with self._store.lock:
+                    rank.said_goodbye = True
+                    if run.finished and run.finished_at is None:
+                        run.finished_at = self._clock()
+                self._sweep_locked()  # a zero retention expires the run at once
+            if sequenced:
+                with self._store.lock:
+                    rank.sessions[session.hello.session_id] = frame.seq
+                session.acked_seq = frame.seq
+            self._stats.frame(kind)
+        self._stats.observe_latency(time.perf_counter() - started)
+        return commands
+
+    def sweep(self) -> list[str]:
+        """Expire runs finished longer than `finished_run_retention_s` ago: they leave /metrics and
+        their alerts resolve. Called periodically by the app; returns the expired run ids."""
+        with self._lock:
+            return self._sweep_locked()
+
+    # ------------------------------------------------------------------ internals
+
+    def _sweep_locked(self) -> list[str]:
+        now = self._clock()
+        retention = self._config.finished_run_retention_s
+        with self._store.lock:
+            expired = [
+                run
+                for run in self._store.runs()
+                if run.finished_at is not None and not run.expired and now - run.finished_at >= retention
+            ]
+            for run in expired:
+                run.expired = True
+        for run in expired:
+            self._alerts.resolve_run(run.run_id, "run finished")
+        return [run.run_id for run in expired]
+
+    def _apply_report(self, session: Session, run: RunState, rank: RankState, msg: pb.StepReport) -> list[pb.Command]:
+        report = build_report(run.run_id, rank.rank, msg, session.schema.names, self._clock())
+        self._store.record_report(run, rank, report, session.schema)
+        commands: list[pb.Command] = []
+        for spec, detector in self._detectors_for(run.run_id):
+            try:
+                verdict = detector.observe(report)
+            except Exception:
+                # A detector bug must not take ingestion (or the other detectors) down.
+                if spec.name not in self._broken:
+                    self._broken.add(spec.name)
+                    log.exception("detector %s failed; further failures are not logged", spec.name)
+                continue
+            if isinstance(verdict, Fire):
+                if self._alerts.fire(run.run_id, spec, rank.rank, verdict):
+                    self._store.count_trigger(run, spec.name)
+                    commands.extend(self._full_stats_command(rank, spec))
+            elif isinstance(verdict, Clear):
+                self._alerts.clear(run.run_id, spec.name, rank.rank)
+        return commands
+
+    def _full_stats_command(self, rank: RankState, spec: DetectorSpec) -> list[pb.Command]:
+        """Ask a newly firing rank for per-layer statistics on every step, to locate the fault."""
+        steps = self._config.full_stats_on_alert_steps
+        if steps == 0 or rank.full_stats_interval == 1:
+            return []
+        return [pb.Command(kind=pb.COMMAND_KIND_FULL_STATS, steps=steps, reason=f"{spec.name} fired")]
+
+    def _detectors_for(self, run_id: str) -> list[tuple[DetectorSpec, Detector]]:
+        detectors = self._detectors.get(run_id)
+        if detectors is None:
+            detectors = [(s, s.create(self._config.detector(s.name))) for s in self._specs]
+            self._detectors[run_id] = detectors
+        return detectors
+
+    def _drop_evicted(self, evicted: list[str]) -> None:
+        for run_id in evicted:
+            self._detectors.pop(run_id, None)
+            self._alerts.resolve_run(run_id, "run evicted: limits.max_runs reached")

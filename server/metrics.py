@@ -1,0 +1,230 @@
+"""Prometheus exposition: one Collector that builds every family at scrape time.
+
+Nothing is registered per run or per layer: families are rebuilt from the store,
+the alert book and the ingest counters on each scrape, so expired and evicted runs
+simply stop appearing. The collector goes into a registry owned by the app (never
+the process-global default), and no `_created` series are produced because no
+family is given a creation time.
+
+Conventions (see REFERENCE §4): names `gradwatch_<what>_<unit>`, `_total` only on
+counters, labels `run`, `job_name`, `rank`, `layer`, `detector`, `kind`, `reason`,
+`agg` (never `job`/`instance`). Per-run counters exist at 0 from the run's Hello.
+A NaN gauge cannot page, so non-finite values are counted in
+gradwatch_non_finite_events_total and flagged by gradwatch_alert_firing; run-level
+gauges (loss, grad norm) show the latest finite value; per-layer gauges show NaN
+only when every reporting rank has NaN for that layer, so the series never vanishes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+from gradwatch.server.alerts import AlertBook
+from gradwatch.server.report import NON_FINITE_KINDS
+from gradwatch.server.stats import LATENCY_BUCKETS_S, IngestStats
+from gradwatch.server.store import RunState, RunStore
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
+
+#: Agent-supplied drop reasons exported per run (label values from the wire are capped).
+MAX_AGENT_DROP_REASONS = 16
+
+# (column in LayerStats, metric name, help): per-layer gauges, ranks aggregated by max.
+_LAYER_FAMILIES = (
+    ("grad_norm", "gradwatch_layer_grad_norm", "L2 norm of the layer's gradient, max over ranks."),
+    ("weight_norm", "gradwatch_layer_weight_norm", "L2 norm of the layer's weights, max over ranks."),
+)
+
+
+class GradwatchCollector(Collector):
+    """Builds gradwatch_* families from the live state on every scrape."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        alerts: AlertBook,
+        stats: IngestStats,
+        *,
+        detector_names: tuple[str, ...],
+        version: str,
+    ) -> None:
+        self._store = store
+        self._alerts = alerts
+        self._stats = stats
+        self._detector_names = detector_names
+        self._version = version
+
+    def describe(self) -> Iterable[Metric]:
+        # Registration must not trigger a scrape; names are not needed for collision checks here.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._self_metrics()
+        yield from self._run_metrics()
+
+    # ------------------------------------------------------------------ server
+
+    def _self_metrics(self) -> Iterator[Metric]:
+        snap = self._stats.snapshot()
+        info = GaugeMetricFamily("gradwatch_server_info", "The gradwatch server's version.", labels=["version"])
+        info.add_metric([self._version], 1)
+        yield info
+        frames = CounterMetricFamily("gradwatch_ingest_frames_total", "Agent frames applied, by kind.", labels=["kind"])
+        for kind, n in snap.frames.items():
+            frames.add_metric([kind], n)
+        yield frames
+        errors = CounterMetricFamily(
+            "gradwatch_ingest_errors_total", "Frames or streams rejected, by reason.", labels=["reason"]
+        )
+        for reason, n in snap.errors.items():
+            errors.add_metric([reason], n)
+        yield errors
+        yield CounterMetricFamily(
+            "gradwatch_ingest_duplicate_frames_total",
+            "Frames dropped because their seq was already applied.",
+            value=snap.duplicates,
+        )
+        yield GaugeMetricFamily("gradwatch_ingest_active_streams", "Open agent streams.", value=snap.active_streams)
+        with self._store.lock:
+            tracked, evicted = len(self._store), self._store.evicted_total
+        yield GaugeMetricFamily("gradwatch_runs_tracked", "Runs held in memory.", value=tracked)
+        yield CounterMetricFamily(
+            "gradwatch_runs_evicted_total", "Runs evicted to respect limits.max_runs.", value=evicted
+        )
+        cumulative = np.cumsum(snap.latency_buckets)
+        bounds = [*(repr(b) for b in LATENCY_BUCKETS_S), "+Inf"]
+        yield HistogramMetricFamily(
+            "gradwatch_ingest_latency_seconds",
+            "Time to validate and apply one agent frame.",
+            buckets=list(zip(bounds, (int(c) for c in cumulative), strict=True)),
+            sum_value=snap.latency_sum_s,
+        )
+
+    # ------------------------------------------------------------------ runs
+
+    def _run_metrics(self) -> Iterator[Metric]:
+        firing = self._alerts.firing_detectors()
+        fams = _RunFamilies.empty()
+        layer_fams = [
+            (column, GaugeMetricFamily(name, doc, labels=["run", "layer"])) for column, name, doc in _LAYER_FAMILIES
+        ]
+        with self._store.lock:
+            for run in self._store.runs():
+                if run.exported:
+                    fams.add_run(run, firing, self._detector_names)
+                    for column, family in layer_fams:
+                        _add_layers(run, column, family)
+        yield from fams.all()
+        for _, family in layer_fams:
+            yield family
+
+
+@dataclass
+class _RunFamilies:
+    """The per-run families of one scrape."""
+
+    info: GaugeMetricFamily
+    step: GaugeMetricFamily
+    loss: GaugeMetricFamily
+    grad_norm: GaugeMetricFamily
+    connected: GaugeMetricFamily
+    last_report: GaugeMetricFamily
+    non_finite: CounterMetricFamily
+    firing: GaugeMetricFamily
+    triggers: CounterMetricFamily
+    dropped_layers: CounterMetricFamily
+    agent_dropped: CounterMetricFamily
+
+    @classmethod
+    def empty(cls) -> _RunFamilies:
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        return cls(
+            info=gauge(
+                "gradwatch_run_info",
+                "A tracked run (value 1); finished runs stay for finished_run_retention_s.",
+                labels=["run", "job_name", "world_size"],
+            ),
+            step=gauge("gradwatch_run_step", "Latest step, max over ranks.", labels=["run"]),
+            loss=gauge("gradwatch_run_loss", "Mean of the ranks' latest finite loss.", labels=["run"]),
+            grad_norm=gauge(
+                "gradwatch_run_grad_norm",
+                "Latest finite gradient norm of a rank, max or min over ranks.",
+                labels=["run", "agg"],
+            ),
+            connected=gauge("gradwatch_run_ranks_connected", "Ranks with an open stream.", labels=["run"]),
+            last_report=gauge(
+                "gradwatch_rank_last_report_timestamp_seconds",
+                "Server time of the rank's latest report.",
+                labels=["run", "rank"],
+            ),
+            non_finite=counter(
+                "gradwatch_non_finite_events_total", "Reports with a non-finite value, by kind.", labels=["run", "kind"]
+            ),
+            firing=gauge(
+                "gradwatch_alert_firing",
+                "1 while the detector's alert for the run is firing.",
+                labels=["run", "detector"],
+            ),
+            triggers=counter(
+                "gradwatch_detector_triggers_total",
+                "Times a rank started firing the detector.",
+                labels=["run", "detector"],
+            ),
+            dropped_layers=counter(
+                "gradwatch_layer_series_dropped_total",
+                "Layers left out of the per-layer series (limits.max_layer_series_per_run).",
+                labels=["run"],
+            ),
+            agent_dropped=counter(
+                "gradwatch_agent_dropped_total",
+                "Items the agents dropped, by reason (from heartbeats).",
+                labels=["run", "reason"],
+            ),
+        )
+
+    def all(self) -> list[Metric]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def add_run(self, run: RunState, firing: set[tuple[str, str]], detector_names: tuple[str, ...]) -> None:
+        rid = run.run_id
+        self.info.add_metric([rid, run.job_name, str(run.world_size)], 1)
+        ranks = list(run.ranks.values())
+        steps = [r.last_step for r in ranks if r.last_step is not None]
+        if steps:
+            self.step.add_metric([rid], max(steps))
+        losses = [r.last_loss for r in ranks if r.last_loss is not None]
+        if losses:
+            self.loss.add_metric([rid], math.fsum(losses) / len(losses))
+        norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
+        if norms:
+            self.grad_norm.add_metric([rid, "max"], max(norms))
+            self.grad_norm.add_metric([rid, "min"], min(norms))
+        self.connected.add_metric([rid], sum(1 for r in ranks if r.open_streams > 0))
+        for r in ranks:
+            if r.last_report_at is not None:
+                self.last_report.add_metric([rid, str(r.rank)], r.last_report_at)
+        for kind in NON_FINITE_KINDS:
+            self.non_finite.add_metric([rid, kind], run.non_finite_counts.get(kind, 0))
+        for name in detector_names:
+            self.firing.add_metric([rid, name], 1 if (rid, name) in firing else 0)
+            self.triggers.add_metric([rid, name], run.detector_triggers.get(name, 0))
+        self.dropped_layers.add_metric([rid], len(run.dropped_layers))
+        dropped: dict[str, int] = {}
+        for r in ranks:
+            for reason, n in r.dropped.items():
+                # Reasons come from the wire: cap their number so a buggy agent cannot explode cardinality.
+                if reason in dropped or len(dropped) < MAX_AGENT_DROP_REASONS:
+                    dropped[reason] = dropped.get(reason, 0) + n
+        for reason, n in sorted(dropped.items()):
+            self.agent_dropped.add_metric([rid, reason], n)
+
+
+def _add_layers(run: RunState, column: str, family: GaugeMetricFamily) -> None:
+    values, seen = run.aggregate_layers(column)
+    for i in np.flatnonzero(seen):
+        family.add_metric([run.run_id, run.layer_names[i]], float(values[i]))

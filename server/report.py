@@ -1,0 +1,141 @@
+"""One rank's step report as the server sees it: decoded once, shared by store and detectors.
+
+`build_report` turns a validated StepReport into a `RankReport`: the gradient norm
+is sqrt(grad_sum_squares), per-layer columns become read-only float32 numpy views
+on the frame's bytes (no copy), and what was non-finite (loss, gradient, weight)
+and where (the first layer) is decided here, once, with vectorised checks, so
+metrics and every detector agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from gradwatch.v1 import gradwatch_pb2 as pb
+
+__all__ = [
+    "COLUMN_NAMES",
+    "KIND_GRADIENT",
+    "KIND_LOSS",
+    "KIND_WEIGHT",
+    "NON_FINITE_KINDS",
+    "RankReport",
+    "build_report",
+]
+
+#: LayerStats columns in proto order; each holds len(schema) little-endian float32.
+COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in pb.LayerStats.DESCRIPTOR.fields)
+LAYER_DTYPE = np.dtype("<f4")
+
+KIND_LOSS = "loss"
+KIND_GRADIENT = "gradient"
+KIND_WEIGHT = "weight"
+#: Label values of gradwatch_non_finite_events_total{kind}.
+NON_FINITE_KINDS: tuple[str, ...] = (KIND_LOSS, KIND_GRADIENT, KIND_WEIGHT)
+
+_EMPTY_COLUMNS: Mapping[str, np.ndarray] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class RankReport:
+    """A decoded StepReport of one rank.
+
+    `loss` is None when the agent passed no loss; it may be NaN/Inf otherwise.
+    `columns` maps LayerStats field name -> float32 array of len(layer_names),
+    present only on full-statistics steps. `non_finite_kinds` is the subset of
+    NON_FINITE_KINDS observed; `non_finite_layer` the schema index of the first
+    layer with a non-finite gradient (else weight), when known.
+    """
+
+    run: str
+    rank: int
+    step: int
+    wall_time: float
+    step_duration_s: float
+    loss: float | None
+    grad_norm: float
+    non_finite_flags: int
+    columns: Mapping[str, np.ndarray]
+    layer_names: tuple[str, ...]
+    non_finite_kinds: tuple[str, ...]
+    non_finite_layer: int | None
+    received_at: float
+
+    @property
+    def layer_name(self) -> str | None:
+        """Schema name of `non_finite_layer`, when known."""
+        if self.non_finite_layer is None or self.non_finite_layer >= len(self.layer_names):
+            return None
+        return self.layer_names[self.non_finite_layer]
+
+
+def build_report(
+    run: str, rank: int, msg: pb.StepReport, layer_names: tuple[str, ...], received_at: float
+) -> RankReport:
+    """Decode a StepReport already checked by gradwatch.server.validate."""
+    columns = _decode_columns(msg) if msg.HasField("layers") else _EMPTY_COLUMNS
+    loss = msg.loss if msg.has_loss else None
+    grad_norm = math.sqrt(msg.grad_sum_squares) if msg.grad_sum_squares >= 0 else math.nan
+    flags = msg.non_finite
+    first = msg.first_non_finite_layer if msg.HasField("first_non_finite_layer") else None
+
+    grad_layer = _first_bad_layer(columns, "grad_non_finite", "grad_norm")
+    weight_layer = _first_bad_layer(columns, "weight_non_finite", "weight_norm")
+    kinds = []
+    if flags & pb.NON_FINITE_FLAG_LOSS or (loss is not None and not math.isfinite(loss)):
+        kinds.append(KIND_LOSS)
+    if (
+        flags & pb.NON_FINITE_FLAG_GRADIENT
+        or not math.isfinite(msg.grad_sum_squares)
+        or first is not None
+        or grad_layer is not None
+    ):
+        kinds.append(KIND_GRADIENT)
+    if flags & pb.NON_FINITE_FLAG_WEIGHT or weight_layer is not None:
+        kinds.append(KIND_WEIGHT)
+    # The agent's own provenance wins; the columns are the fallback, gradients first
+    # because a bad gradient is what poisons the weights on the next optimizer step.
+    layer = first if first is not None else grad_layer if grad_layer is not None else weight_layer
+    return RankReport(
+        run=run,
+        rank=rank,
+        step=msg.step,
+        wall_time=msg.wall_time,
+        step_duration_s=msg.step_duration_s,
+        loss=loss,
+        grad_norm=grad_norm,
+        non_finite_flags=flags,
+        columns=columns,
+        layer_names=layer_names,
+        non_finite_kinds=tuple(kinds),
+        non_finite_layer=layer,
+        received_at=received_at,
+    )
+
+
+def _decode_columns(msg: pb.StepReport) -> dict[str, np.ndarray]:
+    layers = msg.layers
+    out: dict[str, np.ndarray] = {}
+    for name in COLUMN_NAMES:
+        raw = getattr(layers, name)
+        if raw:
+            out[name] = np.frombuffer(raw, dtype=LAYER_DTYPE)
+    return out
+
+
+def _first_bad_layer(columns: Mapping[str, np.ndarray], count_col: str, norm_col: str) -> int | None:
+    """First layer index with a positive non-finite count or a non-finite norm, else None."""
+    bad: np.ndarray | None = None
+    counts = columns.get(count_col)
+    if counts is not None:
+        bad = counts != 0  # NaN != 0 too: a NaN count is itself a sign of trouble
+    norms = columns.get(norm_col)
+    if norms is not None:
+        bad = ~np.isfinite(norms) if bad is None else bad | ~np.isfinite(norms)
+    if bad is None:
+        return None
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if hits.size else None

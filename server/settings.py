@@ -1,0 +1,139 @@
+"""Typed, range-checked settings dataclasses and their loader from plain mappings.
+
+Every tunable of the server (limits, endpoints, detector thresholds) is a field of a
+frozen dataclass declared with `setting(...)`: the default, a one-line doc and the
+allowed range live together, so the schema documents itself and a bad value fails
+at construction time, whether it came from YAML or from Python.
+
+`load_settings(cls, mapping, key="limits")` turns a parsed YAML mapping into an
+instance; every problem is a `SettingError` (a ValueError) naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+__all__ = ["SettingError", "Settings", "load_settings", "setting"]
+
+T = TypeVar("T", bound="Settings")
+
+
+class SettingError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range.
+
+    `key` is the dotted path of the offending setting (e.g. "limits.max_runs").
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config key {key!r}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def setting(
+    default: Any,
+    *,
+    doc: str,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field with a default, a doc line and an optional numeric range."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+class Settings:
+    """Mixin for frozen settings dataclasses: checks declared ranges after init.
+
+    Subclasses may override `_check()` for cross-field rules; raise SettingError
+    with the field name as key.
+    """
+
+    def __post_init__(self) -> None:
+        assert dataclasses.is_dataclass(self)
+        for f in dataclasses.fields(self):
+            _check_range(f, getattr(self, f.name))
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field rules; the default has none."""
+
+    @classmethod
+    def describe(cls) -> dict[str, tuple[Any, str]]:
+        """Field name -> (default, doc) for documentation and error messages."""
+        out: dict[str, tuple[Any, str]] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out[f.name] = (default, f.metadata.get("doc", ""))
+        return out
+
+
+def _check_range(f: dataclasses.Field[Any], value: Any) -> None:
+    meta = f.metadata
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingError(f.name, f"must be a finite number, got {value!r}")
+    bounds = (
+        ("ge", lambda b: value >= b, "≥"),
+        ("gt", lambda b: value > b, ">"),
+        ("le", lambda b: value <= b, "≤"),
+        ("lt", lambda b: value < b, "<"),
+    )
+    for name, ok, symbol in bounds:
+        bound = meta.get(name)
+        if bound is not None and not ok(bound):
+            raise SettingError(f.name, f"must be {symbol} {bound}, got {value!r}")
+
+
+def load_settings(cls: type[T], data: Any, key: str) -> T:
+    """Build `cls` from a mapping, rejecting unknown keys and mistyped values.
+
+    Nested Settings dataclasses are loaded recursively. Errors name the full
+    dotted key, prefixed with `key`.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise SettingError(key, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        dotted = f"{key}.{name}" if key else str(name)
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise SettingError(dotted, f"unknown setting (known: {known})")
+        kwargs[name] = _convert(hints[name], value, dotted)
+    try:
+        return cls(**kwargs)
+    except SettingError as exc:
+        dotted = f"{key}.{exc.key}" if key else exc.key
+        raise SettingError(dotted, exc.problem) from None
+
+
+def _convert(hint: Any, value: Any, dotted: str) -> Any:
+    if isinstance(hint, type) and issubclass(hint, Settings):
+        return load_settings(hint, value, dotted)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SettingError(dotted, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingError(dotted, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SettingError(dotted, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SettingError(dotted, f"must be a string, got {value!r}")
+        return value
+    raise SettingError(dotted, f"has an unsupported type {hint!r}")  # a bug in the schema, not the file

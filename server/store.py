@@ -1,0 +1,336 @@
+"""In-memory state of every run and rank: bounded, vectorised, thread-safe.
+
+Contract
+--------
+* Bounded: at most `limits.max_runs` runs (the least recently active one is evicted
+  and counted), a fixed-size numpy ring of report rows per rank, a bounded number of
+  remembered agent sessions per rank, a bounded event log per run, and per-layer
+  metric series capped to the first `max_layer_series_per_run` layers in schema order.
+* Vectorised: per-layer columns are kept as the float32 arrays decoded from the
+  frame; aggregation across ranks is numpy fancy indexing, never a loop per layer.
+* Thread-safe: one re-entrant lock (`RunStore.lock`) guards everything; the ingest
+  path writes from the gRPC loop thread, /metrics and /api read from HTTP threads.
+  Readers that touch several objects hold `store.lock` for the whole read.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from gradwatch.server.config import LimitsConfig
+from gradwatch.server.report import NON_FINITE_KINDS, RankReport
+from gradwatch.server.ring import RecordRing
+from gradwatch.v1 import gradwatch_pb2 as pb
+
+__all__ = ["RING_DTYPE", "RankState", "RunState", "RunStore", "SchemaEntry"]
+
+#: One row per report in each rank's ring. loss is NaN when no loss was passed.
+RING_DTYPE = np.dtype(
+    [
+        ("step", "<i8"),
+        ("wall_time", "<f8"),
+        ("received_at", "<f8"),
+        ("loss", "<f8"),
+        ("grad_norm", "<f8"),
+        ("step_duration", "<f8"),
+        ("flags", "<u4"),
+    ]
+)
+#: Bounds on what a misbehaving agent can make the server remember per run.
+EVENTS_PER_RUN = 100
+EVENT_MESSAGE_CHARS = 1024
+EVENT_ATTRIBUTES = 32
+EVENT_ATTRIBUTE_CHARS = 256
+SCHEMAS_PER_RUN = 64  # distinct schemas interned; more are mapped but not cached
+DROPPED_LAYERS_TRACKED = 1 << 17  # distinct dropped layer names counted (a floor beyond this)
+_NO_COLUMNS: Mapping[str, np.ndarray] = {}
+
+
+@dataclass(frozen=True)
+class SchemaEntry:
+    """A layer schema as sent in a Hello, interned per run, with its map into the run's exported layers.
+
+    `src` are schema positions that are exported, `dst` their index in RunState.layer_names.
+    """
+
+    names: tuple[str, ...]
+    src: np.ndarray
+    dst: np.ndarray
+
+
+@dataclass
+class RankState:
+    """One rank of a run: identity from its latest Hello, history ring and latest columns."""
+
+    rank: int
+    ring: RecordRing
+    schema: SchemaEntry
+    session_id: str = ""
+    host: str = ""
+    pid: int = 0
+    local_rank: int = 0
+    agent_version: str = ""
+    torch_version: str = ""
+    device_kind: str = ""
+    full_stats_interval: int = 0
+    #: Agent session id -> highest seq applied; oldest sessions forgotten first.
+    sessions: collections.OrderedDict[str, int] = field(default_factory=collections.OrderedDict)
+    last_step: int | None = None
+    last_report_at: float | None = None
+    last_loss: float | None = None  # latest finite loss
+    last_grad_norm: float | None = None  # latest finite gradient norm
+    columns: Mapping[str, np.ndarray] = field(default_factory=lambda: _NO_COLUMNS)
+    columns_schema: SchemaEntry | None = None
+    columns_step: int | None = None
+    said_goodbye: bool = False
+    last_heartbeat_at: float | None = None
+    open_streams: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """One run: metadata, ranks, the exported layer set and run-scoped counters."""
+
+    run_id: str
+    job_name: str
+    world_size: int
+    first_seen: float
+    last_seen: float
+    protocol_version: int
+    layer_cap: int
+    ranks: dict[int, RankState] = field(default_factory=dict)
+    #: Exported layers (≤ layer_cap), first seen in schema order, and their index.
+    layer_names: list[str] = field(default_factory=list)
+    layer_index: dict[str, int] = field(default_factory=dict)
+    dropped_layers: set[str] = field(default_factory=set)
+    schemas: dict[tuple[str, ...], SchemaEntry] = field(default_factory=dict)
+    non_finite_counts: dict[str, int] = field(default_factory=dict)
+    detector_triggers: dict[str, int] = field(default_factory=dict)
+    events: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=EVENTS_PER_RUN))
+    #: Server time when the run became finished (every rank said Goodbye), else None.
+    finished_at: float | None = None
+    #: Finished longer than the retention: out of /metrics, alerts resolved (set by Ingestor.sweep).
+    expired: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """Every rank 0..world_size-1 has said Goodbye on its latest session."""
+        return all(r in self.ranks and self.ranks[r].said_goodbye for r in range(self.world_size))
+
+    @property
+    def exported(self) -> bool:
+        """Whether /metrics shows the run: unfinished, or finished within the retention period."""
+        return not self.expired
+
+    def intern_schema(self, names: tuple[str, ...]) -> SchemaEntry:
+        """The shared SchemaEntry for `names`, extending the exported layer set if room is left."""
+        entry = self.schemas.get(names)
+        if entry is not None:
+            return entry
+        if not self.layer_names:
+            # Common case (every rank has the same layers): no per-name Python work.
+            kept = names[: self.layer_cap]
+            self.layer_names.extend(kept)
+            self.layer_index.update(zip(kept, range(len(kept)), strict=True))
+            self._note_dropped(names[self.layer_cap :])
+            src = np.arange(len(kept), dtype=np.int64)
+            entry = SchemaEntry(names, src, src.copy())
+        else:
+            index = np.fromiter((self._index_of(n) for n in names), dtype=np.int64, count=len(names))
+            src = np.flatnonzero(index >= 0)
+            entry = SchemaEntry(names, src, index[src])
+        if len(self.schemas) < SCHEMAS_PER_RUN:
+            self.schemas[names] = entry
+        return entry
+
+    def _note_dropped(self, names: tuple[str, ...]) -> None:
+        room = DROPPED_LAYERS_TRACKED - len(self.dropped_layers)
+        if room > 0:
+            self.dropped_layers.update(names[:room])
+
+    def _index_of(self, name: str) -> int:
+        i = self.layer_index.get(name)
+        if i is not None:
+            return i
+        if len(self.layer_names) < self.layer_cap:
+            self.layer_index[name] = len(self.layer_names)
+            self.layer_names.append(name)
+            return self.layer_index[name]
+        self._note_dropped((name,))
+        return -1
+
+    def aggregate_layers(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """Max over ranks of the latest `column` for each exported layer, and which layers reported it.
+
+        NaN is ignored unless every reporting rank has NaN (then the value is NaN): the
+        series keeps existing, and non-finite values are counted (and alerted on) elsewhere.
+        """
+        out = np.full(len(self.layer_names), np.nan, dtype=np.float32)
+        seen = np.zeros(len(self.layer_names), dtype=bool)
+        for state in self.ranks.values():
+            values = state.columns.get(column)
+            entry = state.columns_schema
+            if values is None or entry is None or entry.src.size == 0:
+                continue
+            out[entry.dst] = np.fmax(out[entry.dst], values[entry.src])
+            seen[entry.dst] = True
+        return out, seen
+
+
+class RunStore:
+    """All runs, bounded by `limits`; see the module docstring for the contract."""
+
+    def __init__(self, limits: LimitsConfig, *, detector_names: tuple[str, ...], clock: Callable[[], float]) -> None:
+        self.lock = threading.RLock()
+        self._limits = limits
+        self._detector_names = detector_names
+        self._clock = clock
+        self._runs: collections.OrderedDict[str, RunState] = collections.OrderedDict()
+        self.evicted_total = 0
+
+    # ------------------------------------------------------------------ writers
+
+    def join(self, hello: pb.Hello) -> tuple[RunState, RankState, list[str]]:
+        """Register (or refresh) the run and rank of a validated Hello.
+
+        Returns the run, the rank and the ids of runs evicted to make room.
+        """
+        with self.lock:
+            now = self._clock()
+            run, evicted = self._run_for(hello, now)
+            run.job_name = hello.job_name or run.job_name
+            run.world_size = hello.world_size
+            run.protocol_version = hello.protocol_version
+            state = self._rank_for(run, hello)
+            state.session_id = hello.session_id
+            state.host, state.pid, state.local_rank = hello.host, hello.pid, hello.local_rank
+            state.agent_version, state.torch_version = hello.agent_version, hello.torch_version
+            state.device_kind, state.full_stats_interval = hello.device_kind, hello.full_stats_interval
+            state.schema = run.intern_schema(tuple(hello.schema.names))
+            state.said_goodbye = False
+            run.finished_at, run.expired = None, False  # a rank came back: the run lives again
+            if hello.session_id not in state.sessions:
+                state.sessions[hello.session_id] = 0
+                while len(state.sessions) > self._limits.max_sessions_per_rank:
+                    state.sessions.popitem(last=False)
+            return run, state, evicted
+
+    def locate(self, hello: pb.Hello) -> tuple[RunState, RankState, list[str]]:
+        """The run and rank of an open session, re-registering them if they were evicted meanwhile."""
+        with self.lock:
+            run = self._runs.get(hello.run_id)
+            state = run.ranks.get(hello.rank) if run is not None else None
+            if run is None or state is None or hello.session_id not in state.sessions:
+                return self.join(hello)
+            run.last_seen = self._clock()
+            self._runs.move_to_end(hello.run_id)
+            return run, state, []
+
+    def record_report(self, run: RunState, state: RankState, report: RankReport, schema: SchemaEntry) -> None:
+        """Append a report to the rank's ring and update its latest values and run counters.
+
+        `schema` is the sending session's schema (the one the columns are indexed by).
+        """
+        with self.lock:
+            loss = math.nan if report.loss is None else report.loss
+            state.ring.append(
+                (
+                    report.step,
+                    report.wall_time,
+                    report.received_at,
+                    loss,
+                    report.grad_norm,
+                    report.step_duration_s,
+                    report.non_finite_flags,
+                )
+            )
+            state.last_step = report.step
+            state.last_report_at = report.received_at
+            if report.loss is not None and math.isfinite(report.loss):
+                state.last_loss = report.loss
+            if math.isfinite(report.grad_norm):
+                state.last_grad_norm = report.grad_norm
+            if report.columns:
+                state.columns, state.columns_schema, state.columns_step = report.columns, schema, report.step
+            for kind in report.non_finite_kinds:
+                run.non_finite_counts[kind] += 1
+
+    def record_event(self, run: RunState, rank: int, event: pb.Event) -> None:
+        """Keep the event in the run's bounded log, truncated (events are for humans, not bulk data)."""
+        cut = EVENT_ATTRIBUTE_CHARS
+        attributes = dict(itertools.islice(((k[:cut], v[:cut]) for k, v in event.attributes.items()), EVENT_ATTRIBUTES))
+        with self.lock:
+            run.events.append(
+                {
+                    "rank": rank,
+                    "kind": event.kind[:cut],
+                    "step": event.step,
+                    "wall_time": event.wall_time,
+                    "message": event.message[:EVENT_MESSAGE_CHARS],
+                    "attributes": attributes,
+                }
+            )
+
+    def count_trigger(self, run: RunState, detector: str) -> None:
+        with self.lock:
+            run.detector_triggers[detector] = run.detector_triggers.get(detector, 0) + 1
+
+    # ------------------------------------------------------------------ readers
+
+    def get(self, run_id: str) -> RunState | None:
+        with self.lock:
+            return self._runs.get(run_id)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self._runs)
+
+    def runs(self) -> Iterator[RunState]:
+        """Runs, least recently active first. Hold `self.lock` while iterating."""
+        return iter(list(self._runs.values()))
+
+    # ------------------------------------------------------------------ internals
+
+    def _run_for(self, hello: pb.Hello, now: float) -> tuple[RunState, list[str]]:
+        run = self._runs.get(hello.run_id)
+        if run is not None:
+            run.last_seen = now
+            self._runs.move_to_end(hello.run_id)
+            return run, []
+        evicted: list[str] = []
+        while len(self._runs) >= self._limits.max_runs:
+            old_id, _ = self._runs.popitem(last=False)
+            evicted.append(old_id)
+            self.evicted_total += 1
+        run = RunState(
+            run_id=hello.run_id,
+            job_name=hello.job_name,
+            world_size=hello.world_size,
+            first_seen=now,
+            last_seen=now,
+            protocol_version=hello.protocol_version,
+            layer_cap=self._limits.max_layer_series_per_run,
+            non_finite_counts=dict.fromkeys(NON_FINITE_KINDS, 0),
+            detector_triggers=dict.fromkeys(self._detector_names, 0),
+        )
+        self._runs[hello.run_id] = run
+        return run, evicted
+
+    def _rank_for(self, run: RunState, hello: pb.Hello) -> RankState:
+        state = run.ranks.get(hello.rank)
+        if state is None:
+            state = RankState(
+                rank=hello.rank,
+                ring=RecordRing(RING_DTYPE, self._limits.ring_length),
+                schema=run.intern_schema(tuple(hello.schema.names)),
+            )
+            run.ranks[hello.rank] = state
+        return state

@@ -1,0 +1,245 @@
+"""Frame validation: every way a frame can be rejected, its status code and its reason label.
+
+Nothing reaches the store unchecked. A rejection is a `FrameRejected` carrying the
+gRPC status code, a stable `reason` (label value of gradwatch_ingest_errors_total,
+also sent to the agent as trailing metadata `gradwatch-reason`) and a message for
+humans. `REASONS` lists every reason so the counters can exist at 0.
+
+Stream-level rules live in `StreamValidator` (one per stream or Flush call): the
+first frame is a Hello, there is exactly one, seq numbers rise within the stream,
+steps do not go backwards, and layer columns match the Hello's schema.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+from google.protobuf.message import DecodeError
+from gradwatch.server.config import LimitsConfig
+from gradwatch.server.report import COLUMN_NAMES
+from gradwatch.v1 import gradwatch_pb2 as pb
+
+__all__ = [
+    "ACCEPTED_PROTOCOL_VERSIONS",
+    "REASONS",
+    "FrameRejected",
+    "StreamValidator",
+    "check_hello",
+    "parse_agent_frame",
+    "parse_flush_request",
+]
+
+#: Inclusive range of Hello.protocol_version this server speaks.
+ACCEPTED_PROTOCOL_VERSIONS: tuple[int, int] = (pb.PROTOCOL_VERSION_CURRENT, pb.PROTOCOL_VERSION_CURRENT)
+
+MALFORMED = "malformed_frame"
+TOO_LARGE = "frame_too_large"
+UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+MISSING_HELLO = "missing_hello"
+DUPLICATE_HELLO = "duplicate_hello"
+EMPTY_FRAME = "empty_frame"
+INVALID_RUN_ID = "invalid_run_id"
+INVALID_RANK = "invalid_rank"
+INVALID_SESSION = "invalid_session_id"
+LIMIT_EXCEEDED = "limit_exceeded"
+INVALID_SCHEMA = "invalid_schema"
+INVALID_LAYER_STATS = "invalid_layer_stats"
+INVALID_SEQ = "invalid_seq"
+NON_MONOTONIC = "non_monotonic"
+INVALID_REPORT = "invalid_report"
+
+#: Every rejection reason, for pre-created counters.
+REASONS: tuple[str, ...] = (
+    MALFORMED,
+    TOO_LARGE,
+    UNSUPPORTED_PROTOCOL,
+    MISSING_HELLO,
+    DUPLICATE_HELLO,
+    EMPTY_FRAME,
+    INVALID_RUN_ID,
+    INVALID_RANK,
+    INVALID_SESSION,
+    LIMIT_EXCEEDED,
+    INVALID_SCHEMA,
+    INVALID_LAYER_STATS,
+    INVALID_SEQ,
+    NON_MONOTONIC,
+    INVALID_REPORT,
+)
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# Frames that carry a sequence number (acknowledged, deduplicated) and those that must not.
+_SEQUENCED = frozenset({"report", "event"})
+
+
+class FrameRejected(Exception):
+    """A frame the server refuses; the stream ends with `code` and `message`."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+def _reject(reason: str, message: str, code: grpc.StatusCode = _INVALID) -> FrameRejected:
+    return FrameRejected(code, reason, message)
+
+
+def _check_size(raw: bytes, what: str, limits: LimitsConfig) -> None:
+    if len(raw) > limits.max_message_bytes:
+        raise _reject(
+            TOO_LARGE,
+            f"{what} of {len(raw)} bytes exceeds this server's limit of {limits.max_message_bytes} bytes",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+
+
+def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
+    """Decode one AgentFrame from the wire, enforcing the size limit first."""
+    _check_size(raw, "frame", limits)
+    frame = pb.AgentFrame()
+    try:
+        frame.ParseFromString(raw)
+    except DecodeError as exc:
+        raise _reject(MALFORMED, f"malformed AgentFrame: {exc}") from None
+    return frame
+
+
+def parse_flush_request(raw: bytes, limits: LimitsConfig) -> pb.FlushRequest:
+    """Decode a FlushRequest, enforcing the size limit first."""
+    _check_size(raw, "Flush request", limits)
+    request = pb.FlushRequest()
+    try:
+        request.ParseFromString(raw)
+    except DecodeError as exc:
+        raise _reject(MALFORMED, f"malformed FlushRequest: {exc}") from None
+    if not request.HasField("hello"):
+        raise _reject(MISSING_HELLO, "FlushRequest carries no Hello")
+    return request
+
+
+def check_hello(hello: pb.Hello, limits: LimitsConfig) -> None:
+    """Reject a Hello this server cannot accept (version, identity, sizes, schema)."""
+    low, high = ACCEPTED_PROTOCOL_VERSIONS
+    if not low <= hello.protocol_version <= high:
+        raise _reject(
+            UNSUPPORTED_PROTOCOL,
+            f"agent speaks protocol {hello.protocol_version}; this server accepts {low}–{high}",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+    if not hello.run_id:
+        raise _reject(INVALID_RUN_ID, "Hello.run_id is empty")
+    if len(hello.run_id) > limits.max_run_id_chars:
+        raise _reject(
+            INVALID_RUN_ID, f"Hello.run_id has {len(hello.run_id)} characters; the limit is {limits.max_run_id_chars}"
+        )
+    if not hello.session_id:
+        raise _reject(INVALID_SESSION, "Hello.session_id is empty; it keys deduplication of replayed frames")
+    if hello.world_size == 0:
+        raise _reject(INVALID_RANK, "Hello.world_size is 0")
+    if hello.rank >= hello.world_size:
+        raise _reject(INVALID_RANK, f"Hello.rank {hello.rank} is not below world_size {hello.world_size}")
+    if hello.world_size > limits.max_ranks_per_run:
+        raise _reject(
+            LIMIT_EXCEEDED,
+            f"world_size {hello.world_size} exceeds this server's limit of {limits.max_ranks_per_run} ranks",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    _check_schema(hello.schema, limits)
+
+
+def _check_schema(schema: pb.LayerSchema, limits: LimitsConfig) -> None:
+    n = len(schema.names)
+    if n > limits.max_layers_per_schema:
+        raise _reject(
+            LIMIT_EXCEEDED,
+            f"schema has {n} layers; this server's limit is {limits.max_layers_per_schema}",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    # module_types and param_counts are optional detail: absent, or one per layer.
+    for field_name in ("module_types", "param_counts"):
+        m = len(getattr(schema, field_name))
+        if m not in (0, n):
+            raise _reject(INVALID_SCHEMA, f"schema has {n} names but {m} {field_name}")
+    if len(set(schema.names)) != n:
+        raise _reject(INVALID_SCHEMA, "schema names are not unique")
+    if any(not name for name in schema.names):
+        raise _reject(INVALID_SCHEMA, "schema contains an empty layer name")
+
+
+class StreamValidator:
+    """Protocol state of one stream (or one Flush call): checks each frame in order."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        self._limits = limits
+        self._hello: pb.Hello | None = None
+        self._last_seq = 0
+        self._last_step = -1
+
+    @property
+    def hello(self) -> pb.Hello | None:
+        return self._hello
+
+    def check(self, frame: pb.AgentFrame) -> str:
+        """Validate `frame` given the frames before it; returns its kind (the oneof name)."""
+        kind = frame.WhichOneof("body")
+        if kind is None:
+            raise _reject(EMPTY_FRAME, f"frame seq={frame.seq} has no body")
+        if self._hello is None and kind != "hello":
+            raise _reject(MISSING_HELLO, f"first frame must be a Hello, got {kind}")
+        if kind == "hello":
+            if self._hello is not None:
+                raise _reject(DUPLICATE_HELLO, "a second Hello on the same stream")
+            check_hello(frame.hello, self._limits)
+        self._check_seq(frame, kind)
+        if kind == "hello":
+            self._hello = frame.hello
+        elif kind == "report":
+            self._check_report(frame.report)
+        return kind
+
+    def accept_hello(self, hello: pb.Hello) -> None:
+        """Record a Hello received outside the frame list (FlushRequest.hello)."""
+        check_hello(hello, self._limits)
+        self._hello = hello
+
+    def _check_seq(self, frame: pb.AgentFrame, kind: str) -> None:
+        if kind not in _SEQUENCED:
+            if frame.seq != 0:
+                raise _reject(INVALID_SEQ, f"{kind} frames carry seq 0, got {frame.seq}")
+            return
+        if frame.seq == 0:
+            raise _reject(INVALID_SEQ, f"{kind} frame without a sequence number (seq 0)")
+        if frame.seq <= self._last_seq:
+            raise _reject(
+                NON_MONOTONIC, f"seq {frame.seq} after seq {self._last_seq} on the same stream; seq must rise"
+            )
+        self._last_seq = frame.seq
+
+    def _check_report(self, report: pb.StepReport) -> None:
+        if report.step < self._last_step:
+            raise _reject(NON_MONOTONIC, f"report step {report.step} after step {self._last_step}")
+        self._last_step = report.step
+        if report.grad_sum_squares < 0:
+            raise _reject(INVALID_REPORT, f"grad_sum_squares is negative ({report.grad_sum_squares})")
+        if report.step_duration_s < 0 or report.agent_time_s < 0:
+            raise _reject(INVALID_REPORT, "step_duration_s and agent_time_s must not be negative")
+        if not math.isfinite(report.wall_time):
+            raise _reject(INVALID_REPORT, f"wall_time is {report.wall_time}")
+        assert self._hello is not None
+        n = len(self._hello.schema.names)
+        if report.HasField("first_non_finite_layer") and report.first_non_finite_layer >= n:
+            raise _reject(
+                INVALID_REPORT, f"first_non_finite_layer {report.first_non_finite_layer} but the schema has {n} layers"
+            )
+        if report.HasField("layers"):
+            expected = 4 * n
+            for name in COLUMN_NAMES:
+                size = len(getattr(report.layers, name))
+                if size and size != expected:
+                    raise _reject(
+                        INVALID_LAYER_STATS,
+                        f"LayerStats.{name} has {size} bytes; the schema's {n} layers need {expected}",
+                    )

@@ -1,0 +1,75 @@
+"""JSON-safe views of the store for /api/v1/runs and ServerApp.runs().
+
+Every float is finite or None, so `json.dumps(..., allow_nan=False)` never fails.
+Schemas are summarised (layer counts), not listed: a schema may hold 65 536 names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradwatch.server.store import RankState, RunState
+
+__all__ = ["EVENTS_IN_VIEW", "run_view"]
+
+#: Most recent agent events included per run.
+EVENTS_IN_VIEW = 10
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
+    """One run as a dict; call with the store lock held. `firing`: its firing detectors."""
+    ranks = [run.ranks[r] for r in sorted(run.ranks)]
+    losses = [r.last_loss for r in ranks if r.last_loss is not None]
+    norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
+    steps = [r.last_step for r in ranks if r.last_step is not None]
+    events = list(run.events)[-EVENTS_IN_VIEW:]
+    return {
+        "run": run.run_id,
+        "job_name": run.job_name,
+        "world_size": run.world_size,
+        "state": "finished" if run.finished else "active",
+        "finished_at": run.finished_at,
+        "first_seen": run.first_seen,
+        "last_seen": run.last_seen,
+        "protocol_version": run.protocol_version,
+        "step": max(steps) if steps else None,
+        "loss": math.fsum(losses) / len(losses) if losses else None,
+        "grad_norm_max": max(norms) if norms else None,
+        "grad_norm_min": min(norms) if norms else None,
+        "layers_exported": len(run.layer_names),
+        "layers_dropped": len(run.dropped_layers),
+        "non_finite_events": dict(run.non_finite_counts),
+        "detector_triggers": dict(run.detector_triggers),
+        "firing": sorted(firing),
+        "ranks": [_rank_view(r) for r in ranks],
+        "recent_events": [{**e, "wall_time": finite_or_none(e["wall_time"])} for e in events],
+    }
+
+
+def _rank_view(rank: RankState) -> dict[str, Any]:
+    return {
+        "rank": rank.rank,
+        "host": rank.host,
+        "pid": rank.pid,
+        "local_rank": rank.local_rank,
+        "session_id": rank.session_id,
+        "agent_version": rank.agent_version,
+        "torch_version": rank.torch_version,
+        "device_kind": rank.device_kind,
+        "full_stats_interval": rank.full_stats_interval,
+        "layers": len(rank.schema.names),
+        "step": rank.last_step,
+        "last_report_at": rank.last_report_at,
+        "last_heartbeat_at": rank.last_heartbeat_at,
+        "loss": rank.last_loss,
+        "grad_norm": rank.last_grad_norm,
+        "reports": rank.ring.count,
+        "connected": rank.open_streams > 0,
+        "said_goodbye": rank.said_goodbye,
+        "agent_dropped": dict(rank.dropped),
+    }

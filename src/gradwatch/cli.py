@@ -1,0 +1,90 @@
+"""The `gradwatch` command line: `serve`, `demo`, `version`.
+
+Importing this module does not import torch or the server; each subcommand
+loads what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gradwatch._version import __version__
+
+FAULTS = ("none", "nan", "explode")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradwatch", description="Training-health monitoring for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gradwatch server (gRPC ingest, /metrics, JSON API)")
+    serve.add_argument("--grpc-port", type=_port, default=None, help="gRPC ingest port (default 50051)")
+    serve.add_argument("--http-port", type=_port, default=None, help="HTTP port: /metrics, API (default 9400)")
+    serve.add_argument("--host", default=None, help="address to bind both ports to (default 0.0.0.0)")
+    serve.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
+
+    demo = sub.add_parser("demo", help="train a small model with an injected fault and print the alerts raised")
+    demo.add_argument("--fault", choices=FAULTS, default="nan", help="fault to inject (default: nan)")
+    demo.add_argument("--steps", type=_positive, default=400, help="training steps (default 400)")
+    demo.add_argument(
+        "--fault-step", type=_positive, default=None, help="step at which to inject the fault (default: steps/2)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(__version__)
+        return 0
+    if args.command == "serve":
+        from gradwatch.server.app import serve
+        from gradwatch.server.config import config_from_args
+
+        try:
+            config = config_from_args(
+                grpc_port=args.grpc_port, http_port=args.http_port, host=args.host, config_file=args.config
+            )
+        except ValueError as exc:
+            print(f"gradwatch serve: {exc}", file=sys.stderr)
+            return 2
+        return serve(config)
+    if args.command == "demo":
+        from gradwatch.demo import run_demo
+
+        fault_step = args.fault_step if args.fault_step is not None else max(1, args.steps // 2)
+        if fault_step > args.steps:
+            print(f"gradwatch demo: --fault-step {fault_step} is beyond --steps {args.steps}", file=sys.stderr)
+            return 2
+        return run_demo(fault=args.fault, steps=args.steps, fault_step=fault_step, seed=args.seed)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""On CUDA the training thread never synchronises with the device (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from agent_support import ScriptableServer, batch, make_mlp  # noqa: E402
+from gradwatch.agent.monitor import attach  # noqa: E402
+from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptableServer]:
+    with ScriptableServer() as s:
+        yield s
+
+
+def test_agent_gpu_hundred_steps_without_a_sync_under_sync_debug_error(server: ScriptableServer) -> None:
+    device = torch.device("cuda")
+    model = make_mlp(seed=0).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, foreach=True)
+    batches = [tuple(t.to(device) for t in batch(step)) for step in range(1, 101)]
+    batches[59][0][0, 0] = math.nan  # step 60 goes non-finite
+    monitor = attach(model, opt, server=server.address, run="cuda", full_stats_interval=7)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call on the device now raises
+    try:
+        for x, y in batches:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert monitor.close(timeout=10)
+    reports = server.servicer.reports()
+    assert [r.step for r in reports] == list(range(1, 101))
+    assert server.servicer.of_kind("hello")[0].hello.device_kind == "cuda"
+    assert [r.step for r in reports if r.HasField("layers")] == list(range(7, 101, 7))
+    assert all(r.non_finite == 0 for r in reports[:59])
+    assert reports[59].non_finite & pb.NON_FINITE_FLAG_GRADIENT and reports[59].first_non_finite_layer == 0
+    norms = np.frombuffer(reports[6].layers.grad_norm, dtype="<f4")
+    assert norms.shape == (3,) and np.isfinite(norms).all() and (norms > 0).all()

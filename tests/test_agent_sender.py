@@ -1,0 +1,279 @@
+"""The sender against a scriptable peer: acks, reconnects, replay, commands, rejections and closing."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from agent_support import ScriptableServer, free_port_address, make_mlp, train, wait_until  # noqa: E402
+from gradwatch.agent.config import RetryPolicy, resolve_config  # noqa: E402
+from gradwatch.agent.monitor import Monitor, attach  # noqa: E402
+from gradwatch.agent.replay import ReplayBuffer  # noqa: E402
+from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
+
+FAST_RETRY = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, rejected_backoff_s=0.3)
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptableServer]:
+    with ScriptableServer() as s:
+        yield s
+
+
+def _model_and_optimizer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = make_mlp(seed=seed)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def _timed_steps(monitor: Monitor, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    """Train `steps` steps; return how long each monitor.step() took."""
+    durations = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(torch.randn(16, 8)), torch.zeros(16, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        started = time.perf_counter()
+        monitor.step(loss)
+        durations.append(time.perf_counter() - started)
+    return durations
+
+
+def _seqs(server: ScriptableServer) -> list[int]:
+    return [f.seq for f in server.servicer.frames()]
+
+
+# ---------------------------------------------------------------------- units
+
+
+def test_replay_buffer_evicts_oldest_but_keeps_the_pinned_frame() -> None:
+    buffer: ReplayBuffer[str] = ReplayBuffer(3)
+    assert buffer.append(1, "a") == 0
+    assert buffer.append(2, "nan", pin=True) == 0
+    assert buffer.append(3, "c") == 0
+    assert buffer.append(4, "d") == 1  # evicts 1
+    assert buffer.append(5, "e") == 1  # evicts 3, not the pinned 2
+    assert [seq for seq, _ in buffer] == [2, 4, 5]
+    assert buffer.ack(4) == 2  # cumulative: an ack releases the pinned frame too
+    assert [seq for seq, _ in buffer] == [5]
+    assert buffer.pinned() == frozenset()
+    with pytest.raises(ValueError, match="increase"):
+        buffer.append(5, "again")
+
+
+def test_retry_policy_delays_grow_with_jitter_and_stay_bounded() -> None:
+    policy = RetryPolicy()
+    rng = random.Random(7)
+    delays = [policy.delay_s(n, rng) for n in range(30)]
+    assert 0.4 <= delays[0] <= 0.6
+    assert 0.64 <= delays[1] <= 0.96
+    assert all(24.0 <= d <= 36.0 for d in delays[15:])
+    assert 24.0 <= policy.rejected_delay_s(rng) <= 36.0
+
+
+# ---------------------------------------------------------------------- against a peer
+
+
+def test_agent_delivers_every_report_in_order_and_says_goodbye(server: ScriptableServer) -> None:
+    model, opt = _model_and_optimizer()
+    with attach(model, opt, server=server.address, run="happy", job_name="unit", rank=0, world_size=1) as monitor:
+        train(model, opt, monitor, 6)
+        monitor.event("checkpoint_saved", "epoch 1", path="/tmp/ckpt")
+        train(model, opt, monitor, 6)
+        assert monitor.close(timeout=5)
+    assert _seqs(server) == list(range(1, 14))  # reports and the event share one sequence
+    assert [r.step for r in server.servicer.reports()] == list(range(1, 13))
+    (event,) = [f for f in server.servicer.frames() if f.WhichOneof("body") == "event"]
+    assert event.seq == 7 and event.event.kind == "checkpoint_saved" and event.event.step == 6
+    assert dict(event.event.attributes) == {"path": "/tmp/ckpt"} and event.event.message == "epoch 1"
+    hello = server.servicer.of_kind("hello")[0].hello
+    assert (hello.run_id, hello.job_name, hello.rank, hello.world_size) == ("happy", "unit", 0, 1)
+    assert hello.protocol_version == pb.PROTOCOL_VERSION_CURRENT
+    assert hello.session_id == monitor.session_id and hello.device_kind == "cpu"
+    (goodbye,) = server.servicer.of_kind("goodbye")
+    assert goodbye.seq == 0 and goodbye.goodbye.final_step == 12
+    counters = monitor.counters()
+    assert counters["acked"] == 13 and counters["stream_state"] == "closed"
+    assert sum(counters["dropped"].values()) == 0
+
+
+def test_agent_without_server_keeps_training_and_closes_in_time() -> None:
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=free_port_address(), run="alone", replay_buffer_size=16, retry=FAST_RETRY)
+    durations = _timed_steps(monitor, model, opt, 60)
+    assert monitor.step_count == 60
+    started = time.perf_counter()
+    assert monitor.close(timeout=0.5) is False
+    assert time.perf_counter() - started < 0.8
+    counters = monitor.counters()
+    assert counters["acked"] == 0
+    assert counters["dropped"]["replay_overflow"] == 60 - 16
+    assert counters["stream_failures"] >= 1
+    assert max(durations) < 0.05, max(durations)  # no step waited on the network
+
+
+def test_agent_reconnects_and_resends_without_gaps_after_peer_restart(server: ScriptableServer) -> None:
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=server.address, run="phoenix", retry=FAST_RETRY)
+    train(model, opt, monitor, 10)
+    assert wait_until(lambda: monitor.counters()["acked"] == 10)
+    server.stop()
+    train(model, opt, monitor, 10)  # buffered while the peer is away
+    assert wait_until(lambda: monitor.counters()["buffered"] == 10)
+    server.start()  # same port, same state: Welcome says 10 are held
+    assert wait_until(lambda: monitor.counters()["reconnects"] == 1)
+    train(model, opt, monitor, 5)
+    assert monitor.close(timeout=5)
+    assert _seqs(server) == list(range(1, 26))  # no gap
+    assert [r.step for r in server.servicer.reports()] == list(range(1, 26))
+    counters = monitor.counters()
+    assert counters["sent"] - counters["resent"] == 25  # every frame went out once, plus resends
+    # Welcome said 1..10 were held: none of those was sent again.
+    assert all(f.seq > 10 for f in server.servicer.stream_frames[12:] if f.seq) or counters["resent"] <= 10
+
+
+def test_agent_resends_everything_unacknowledged_to_a_peer_that_lost_its_state() -> None:
+    first = ScriptableServer().start()
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=first.address, run="amnesia", retry=FAST_RETRY)
+    try:
+        first.servicer.acking = False  # received, never acknowledged
+        train(model, opt, monitor, 6)
+        assert first.servicer.wait_for(lambda: len(first.servicer.frames()) == 6)
+        first.stop()
+        second = ScriptableServer(port=first.port).start()  # a fresh peer: Welcome.acked_seq == 0
+        try:
+            assert wait_until(lambda: monitor.counters()["reconnects"] == 1)
+            train(model, opt, monitor, 4)
+            assert monitor.close(timeout=5)
+            assert _seqs(second) == list(range(1, 11))
+            assert monitor.counters()["resent"] >= 6
+        finally:
+            second.stop()
+    finally:
+        monitor.close(timeout=1)
+        first.stop()
+
+
+def test_agent_first_non_finite_frame_survives_replay_overflow(server: ScriptableServer) -> None:
+    server.stop()  # the peer is away while the run goes bad
+    model, opt = _model_and_optimizer(seed=2)
+    monitor = attach(model, opt, server=server.address, run="pinned", replay_buffer_size=4, retry=FAST_RETRY)
+    train(model, opt, monitor, 20, nan_at=3)  # step 3 and every later step are non-finite
+    assert wait_until(lambda: monitor.counters()["buffered"] == 4)
+    server.start()
+    assert monitor.close(timeout=5) is False  # frames were dropped, so not everything was acknowledged
+    steps = [r.step for r in server.servicer.reports()]
+    assert steps == [3, 18, 19, 20]
+    assert server.servicer.reports()[0].non_finite & pb.NON_FINITE_FLAG_GRADIENT
+    assert monitor.counters()["dropped"]["replay_overflow"] == 16
+
+
+def test_agent_full_stats_command_makes_the_next_steps_full(server: ScriptableServer) -> None:
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=server.address, run="command", full_stats_interval=1000)
+    train(model, opt, monitor, 3)
+    assert wait_until(lambda: monitor.counters()["stream_state"] == "ready")
+    server.servicer.send_command(steps=4, reason="investigate")
+    assert wait_until(lambda: monitor.counters()["commands"] == 1)
+    train(model, opt, monitor, 6)
+    assert monitor.close(timeout=5)
+    assert [r.step for r in server.servicer.reports() if r.HasField("layers")] == [4, 5, 6, 7]
+    (event,) = [f.event for f in server.servicer.frames() if f.WhichOneof("body") == "event"]
+    assert event.kind == "cadence_changed" and event.step == 3
+    assert event.attributes["full_stats_steps"] == "4" and event.attributes["reason"] == "investigate"
+
+
+def test_agent_rejected_stream_is_logged_once_backs_off_and_recovers(
+    server: ScriptableServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.servicer.reject_streams_with = grpc.StatusCode.FAILED_PRECONDITION
+    model, opt = _model_and_optimizer()
+    with caplog.at_level(logging.DEBUG, logger="gradwatch.agent"):
+        monitor = attach(model, opt, server=server.address, run="rejected", retry=FAST_RETRY)
+        train(model, opt, monitor, 5)
+        assert wait_until(lambda: monitor.counters()["rejections"] >= 2, timeout=5)
+        server.servicer.reject_streams_with = None
+        assert wait_until(lambda: monitor.counters()["acked"] == 5, timeout=5)
+        assert monitor.close(timeout=5)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "rejected" in r.getMessage()]
+    assert len(warnings) == 1 and "FAILED_PRECONDITION" in warnings[0].getMessage()
+    assert [r.step for r in server.servicer.reports()] == [1, 2, 3, 4, 5]
+
+
+def test_agent_close_uses_unary_flush_when_the_stream_is_down(server: ScriptableServer) -> None:
+    server.servicer.reject_streams_with = grpc.StatusCode.UNAVAILABLE  # streams fail, Flush works
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=server.address, run="flushed", retry=FAST_RETRY)
+    train(model, opt, monitor, 7)
+    assert wait_until(lambda: monitor.counters()["stream_failures"] >= 1)
+    assert monitor.close(timeout=3)
+    (request,) = server.servicer.flush_requests
+    assert request.hello.run_id == "flushed" and len(request.hello.schema.names) == 3
+    assert [f.seq for f in request.frames] == list(range(1, 8))
+    assert monitor.counters()["flushes"] == 1
+
+
+def test_agent_close_with_withheld_acks_returns_false_at_the_deadline(server: ScriptableServer) -> None:
+    server.servicer.acking = False
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=server.address, run="unacked")
+    train(model, opt, monitor, 5)
+    started = time.perf_counter()
+    assert monitor.close(timeout=0.5) is False
+    assert 0.3 < time.perf_counter() - started < 0.9
+    assert len(server.servicer.frames()) == 5  # delivered, just never acknowledged
+
+
+def test_agent_close_never_waits_past_its_timeout_for_a_silent_server(server: ScriptableServer) -> None:
+    server.servicer.welcome_gate.clear()  # accepts the stream, never says Welcome
+    server.servicer.reject_flush_with = grpc.StatusCode.UNAVAILABLE
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=server.address, run="silent")
+    durations = _timed_steps(monitor, model, opt, 20)
+    started = time.perf_counter()
+    assert monitor.close(timeout=0.6) is False
+    assert time.perf_counter() - started < 0.9
+    assert max(durations) < 0.05
+    server.servicer.welcome_gate.set()
+
+
+def test_agent_heartbeats_carry_cumulative_drop_counts(server: ScriptableServer) -> None:
+    model, opt = _model_and_optimizer()
+    monitor = attach(model, opt, server=server.address, run="heartbeat", heartbeat_interval_s=0.05)
+    train(model, opt, monitor, 3)
+    assert server.servicer.wait_for(lambda: len(server.servicer.of_kind("heartbeat")) >= 2)
+    assert monitor.close(timeout=5)
+    beat = server.servicer.of_kind("heartbeat")[-1]
+    assert beat.seq == 0
+    assert beat.heartbeat.step == 3
+    assert dict(beat.heartbeat.dropped) == {"queue_full": 0, "replay_overflow": 0, "error": 0}
+
+
+def test_agent_queue_full_drops_newest_while_the_sender_is_stuck(server: ScriptableServer) -> None:
+    release = threading.Event()
+
+    def stuck_then_real(target: str) -> grpc.Channel:
+        release.wait(10)  # the sender thread is stuck here; the training thread must not notice
+        return grpc.insecure_channel(target)
+
+    model, opt = _model_and_optimizer()
+    config = resolve_config({"server": server.address, "run": "stuck", "queue_size": 5})
+    monitor = Monitor(model, opt, config, channel_factory=stuck_then_real)
+    durations = _timed_steps(monitor, model, opt, 30)
+    counters = monitor.counters()
+    assert counters["queued"] <= 5
+    assert counters["dropped"]["queue_full"] >= 30 - 5 - 1  # at most one report got through before the jam
+    assert max(durations) < 0.05
+    release.set()
+    assert monitor.close(timeout=5) is False  # delivered what it kept, but drops were counted
+    delivered = [r.step for r in server.servicer.reports()]
+    assert delivered == sorted(delivered) and len(delivered) == 30 - counters["dropped"]["queue_full"]

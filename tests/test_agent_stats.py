@@ -1,0 +1,303 @@
+"""The agent's statistics: what reaches the wire matches a plain torch computation, without host syncs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import gradwatch.agent  # noqa: E402
+from agent_support import ScriptableServer, batch, make_mlp, train  # noqa: E402
+from gradwatch.agent.fold import LayerFold  # noqa: E402
+from gradwatch.agent.monitor import attach  # noqa: E402
+from gradwatch.agent.schema import build_layout  # noqa: E402
+from gradwatch.agent.stats import StatsEngine  # noqa: E402
+from gradwatch.agent.vector import VectorLayout  # noqa: E402
+from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
+
+AGENT_DIR = str(Path(gradwatch.agent.__file__).resolve().parent)
+FULL_COLUMNS = ("norm", "max_abs", "mean", "non_finite", "zero_fraction")  # LayerStats, per source
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptableServer]:
+    with ScriptableServer() as s:
+        yield s
+
+
+def _column(stats: pb.LayerStats, name: str) -> np.ndarray:
+    return np.frombuffer(getattr(stats, name), dtype="<f4")
+
+
+def _reference(tensors_by_layer: list[list[torch.Tensor | None]]) -> dict[str, list[float]]:
+    """Per-layer statistics the slow, obvious way (float64, one layer at a time; None = all-zero)."""
+    out: dict[str, list[float]] = {name: [] for name in FULL_COLUMNS}
+    for tensors in tensors_by_layer:
+        present = [t.detach().reshape(-1).double() for t in tensors if t is not None]
+        if not present:  # a layer without gradients: all statistics of zeros
+            for name, value in zip(FULL_COLUMNS, (0.0, 0.0, 0.0, 0.0, 1.0), strict=True):
+                out[name].append(value)
+            continue
+        flat = torch.cat(present)
+        out["norm"].append(float(torch.linalg.vector_norm(flat)))
+        out["max_abs"].append(float(flat.abs().max()))
+        out["mean"].append(float(flat.mean()))
+        out["non_finite"].append(float((~torch.isfinite(flat)).sum()))
+        out["zero_fraction"].append(float((flat == 0).double().mean()))
+    return out
+
+
+class TiedModel(nn.Module):
+    """Tied embedding/projection weights, a frozen layer (no grads) and an all-zero bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.proj = nn.Linear(8, 10)
+        self.proj.weight = self.embed.weight
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.frozen(self.embed(idx))))
+
+
+def test_stats_engine_and_fold_match_reference_with_tied_frozen_and_zero_params() -> None:
+    model = TiedModel()
+    idx = torch.tensor([[1, 2, 3], [4, 4, 0]])
+    loss = nn.functional.cross_entropy(model(idx).reshape(-1, 10), torch.tensor([1, 2, 3, 4, 5, 6]))
+    loss.backward()
+    engine = StatsEngine(build_layout(model))
+    schema = engine.layout.schema
+    assert schema.names == ("embed", "frozen", "proj")
+    assert schema.param_counts == (80, 72, 90)  # proj owns the tied weight (80) and its bias (10)
+
+    grads, weights = engine.compute("grad", full=True), engine.compute("weight", full=True)
+    vector = torch.stack([loss.detach(), *grads, *weights]).numpy()
+    layout = VectorLayout(num_params=len(engine.layout.params), full=True)
+    assert vector.shape == (layout.length,) and len(engine.layout.params) == 4  # the tied weight once
+    columns = LayerFold.of(engine.layout).fold(vector, layout)
+
+    layers = [list(m.parameters(recurse=False)) for m in (model.embed, model.frozen, model.proj)]
+    for source, tensors in (("grad", [[p.grad for p in ps] for ps in layers]), ("weight", layers)):
+        ref = _reference(tensors)
+        for name in FULL_COLUMNS:
+            np.testing.assert_allclose(columns[f"{source}_{name}"], ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    # The tied weight counts once in the model-wide sum of squares; the frozen layer counts as zero.
+    unique_grads = [model.embed.weight.grad, model.proj.bias.grad]
+    expected_sum_sq = sum(float(g.double().pow(2).sum()) for g in unique_grads)
+    assert columns["grad_sum_squares"] == pytest.approx(expected_sum_sq, rel=1e-5)
+    assert columns["grad_norm"][1] == 0.0 and columns["grad_zero_fraction"][1] == 1.0  # absent grads are zeros
+
+
+def test_agent_stats_on_the_wire_match_reference_every_step(server: ScriptableServer) -> None:
+    model = make_mlp(seed=3)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    expected: list[dict[str, dict[str, list[float]]]] = []
+    losses: list[float] = []
+    monitor = attach(model, None, server=server.address, run="ref", full_stats_interval=1)
+    for step in range(1, 6):
+        x, y = batch(step)
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        with torch.no_grad():  # a hand-written SGD step: no optimizer, so the agent reads .grad in step()
+            for p in model.parameters():
+                p -= 0.05 * p.grad
+        expected.append(
+            {
+                "grad": _reference([[p.grad for p in m.parameters()] for m in linears]),
+                "weight": _reference([list(m.parameters()) for m in linears]),
+            }
+        )
+        losses.append(float(loss.detach()))
+        monitor.step(loss)
+    assert monitor.close(timeout=5)
+    reports = server.servicer.reports()
+    assert [r.step for r in reports] == [1, 2, 3, 4, 5]
+    for report, ref, loss in zip(reports, expected, losses, strict=True):
+        assert report.has_loss and report.loss == pytest.approx(loss, rel=1e-6)
+        assert report.non_finite == 0 and not report.HasField("first_non_finite_layer")
+        assert report.grad_sum_squares == pytest.approx(sum(n * n for n in ref["grad"]["norm"]), rel=1e-5)
+        for source in ("grad", "weight"):
+            for name in FULL_COLUMNS:
+                got = _column(report.layers, f"{source}_{name}")
+                np.testing.assert_allclose(got, ref[source][name], rtol=1e-5, atol=1e-7, err_msg=f"{source} {name}")
+
+
+def test_agent_nan_input_at_step_k_flags_step_k_and_first_layer(server: ScriptableServer) -> None:
+    model = make_mlp(seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = attach(model, opt, server=server.address, run="nan")
+    train(model, opt, monitor, 8, nan_at=5)
+    assert monitor.close(timeout=5)
+    reports = {r.step: r for r in server.servicer.reports()}
+    for step in range(1, 5):
+        assert reports[step].non_finite == 0, step
+        assert not reports[step].HasField("first_non_finite_layer")
+    bad = reports[5]
+    assert bad.non_finite & pb.NON_FINITE_FLAG_LOSS
+    assert bad.non_finite & pb.NON_FINITE_FLAG_GRADIENT
+    assert bad.non_finite & pb.NON_FINITE_FLAG_WEIGHT  # weights are read after the (poisoned) update
+    assert math.isnan(bad.loss) and bad.has_loss
+    assert bad.HasField("first_non_finite_layer") and bad.first_non_finite_layer == 0
+    assert math.isnan(bad.grad_sum_squares)
+
+
+def test_agent_first_non_finite_layer_names_the_first_bad_layer_in_schema_order(server: ScriptableServer) -> None:
+    model = make_mlp(seed=2)
+    monitor = attach(model, None, server=server.address, run="provenance")
+    for step in (1, 2):
+        x, y = batch(step)
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if step == 2:
+            model[4].weight.grad[0, 0] = math.inf  # the last Linear only (layer index 2)
+            model[2].bias.grad[1] = math.nan  # and the middle one (layer index 1): it comes first
+        monitor.step(loss)
+    assert monitor.close(timeout=5)
+    first, second = server.servicer.reports()
+    assert first.non_finite == 0
+    assert second.non_finite == pb.NON_FINITE_FLAG_GRADIENT  # finite loss, finite weights
+    assert second.first_non_finite_layer == 1
+
+
+def test_agent_full_stats_every_n_steps_only(server: ScriptableServer) -> None:
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = attach(model, opt, server=server.address, run="cadence", full_stats_interval=3)
+    train(model, opt, monitor, 10)
+    assert monitor.close(timeout=5)
+    full = [r.step for r in server.servicer.reports() if r.HasField("layers")]
+    assert full == [3, 6, 9]
+    hello = server.servicer.of_kind("hello")[0].hello
+    assert hello.full_stats_interval == 3
+    assert list(hello.schema.names) == ["0", "2", "4"]
+    assert list(hello.schema.module_types) == ["Linear", "Linear", "Linear"]
+    assert list(hello.schema.param_counts) == [8 * 16 + 16, 16 * 16 + 16, 16 + 1]
+
+
+def test_agent_grads_are_captured_before_zero_grad_with_an_optimizer(server: ScriptableServer) -> None:
+    model = make_mlp(seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = attach(model, opt, server=server.address, run="capture")
+    train(model, opt, monitor, 3, set_grads_to_none_before_monitor_step=True)
+    assert monitor.close(timeout=5)
+    reports = server.servicer.reports()
+    assert all(r.grad_sum_squares > 0 for r in reports)
+    assert [r.optimizer_step for r in reports] == [1, 2, 3]
+    assert [list(r.learning_rates) for r in reports] == [[0.05]] * 3
+
+
+def test_agent_tensor_learning_rate_travels_with_the_batch(server: ScriptableServer) -> None:
+    model = make_mlp(seed=5)
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": params[:2], "lr": torch.tensor(0.01)}, {"params": params[2:], "lr": 0.5}])
+    monitor = attach(model, opt, server=server.address, run="tensor-lr")
+    train(model, opt, monitor, 2)
+    assert monitor.close(timeout=5)
+    for report in server.servicer.reports():
+        assert list(report.learning_rates) == [pytest.approx(0.01), 0.5]
+
+
+# ---------------------------------------------------------------------- no host sync on the training thread
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Records every op that reads a tensor value into Python (.item(), bool(), float(), ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _host_transfer_guard() -> Iterator[list[str]]:
+    """Flag Tensor.item/cpu/tolist/numpy/__bool__/__float__/__int__ called from agent code on this thread."""
+    training_thread = threading.get_ident()
+    violations: list[str] = []
+    names = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def guarded(name: str):  # type: ignore[no-untyped-def]
+        original = originals[name]
+
+        def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if threading.get_ident() == training_thread:
+                frame = sys._getframe(1)
+                while frame is not None:
+                    if frame.f_code.co_filename.startswith(AGENT_DIR):
+                        violations.append(f"{name} from {frame.f_code.co_filename}:{frame.f_lineno}")
+                        break
+                    frame = frame.f_back
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in names:
+        setattr(torch.Tensor, name, guarded(name))
+    try:
+        yield violations
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_agent_training_thread_never_reads_tensor_values(server: ScriptableServer) -> None:
+    model = make_mlp(seed=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    monitor = attach(model, opt, server=server.address, run="no-sync", full_stats_interval=2)
+    with _host_transfer_guard() as violations, _ScalarReads() as reads:
+        for step in range(1, 9):  # full and non-full steps, a NaN step included
+            x, y = batch(step)
+            if step == 7:
+                x[0, 0] = math.nan
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+    assert violations == []
+    assert reads.reads == []  # SGD and mse_loss do not sync either: any read would be the agent's
+    assert monitor.close(timeout=5)
+    assert len(server.servicer.reports()) == 8
+
+
+def test_agent_follows_a_model_cast_after_attach(server: ScriptableServer) -> None:
+    model = make_mlp(seed=7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = attach(model, opt, server=server.address, run="cast", full_stats_interval=2)
+    train(model, opt, monitor, 2)
+    model.double()  # same Parameter objects, new dtype: the agent regroups instead of failing
+    for step in (3, 4):
+        x, y = batch(step)
+        loss = nn.functional.mse_loss(model(x.double()), y.double())
+        opt.zero_grad()
+        loss.backward()
+        expected = [float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in m.parameters()])))
+                    for m in model if isinstance(m, nn.Linear)]  # fmt: skip
+        opt.step()
+        monitor.step(loss)
+    assert monitor.close(timeout=5)
+    reports = server.servicer.reports()
+    assert [r.step for r in reports] == [1, 2, 3, 4]
+    np.testing.assert_allclose(_column(reports[3].layers, "grad_norm"), expected, rtol=1e-5)

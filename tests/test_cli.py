@@ -1,0 +1,96 @@
+"""The `gradwatch` command line, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def _gradwatch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gradwatch", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_cli_version_prints_the_package_version() -> None:
+    import gradwatch
+
+    result = _gradwatch("version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == gradwatch.__version__
+
+
+@pytest.mark.parametrize(
+    ("fault", "detector"), [("nan", "non_finite"), ("explode", "exploding_gradient")]
+)
+def test_cli_demo_reports_the_injected_fault(fault: str, detector: str) -> None:
+    pytest.importorskip("torch")
+    result = _gradwatch("demo", "--fault", fault, "--steps", "160", "--fault-step", "100")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert f"] {detector} — rank 0, step " in out
+    assert "fault injected at step 100; detected at step" in out
+
+
+def test_cli_demo_healthy_run_prints_no_alert() -> None:
+    pytest.importorskip("torch")
+    result = _gradwatch("demo", "--fault", "none", "--steps", "200")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "alerts raised: 0" in result.stdout
+    assert "healthy run: no alerts" in result.stdout
+
+
+def test_cli_demo_rejects_fault_step_beyond_steps() -> None:
+    result = _gradwatch("demo", "--steps", "10", "--fault-step", "11")
+    assert result.returncode == 2
+    assert "beyond --steps" in result.stderr
+
+
+def test_cli_serve_rejects_bad_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("detectors:\n  no_such_detector: {}\n")
+    result = _gradwatch("serve", "--config", str(config), "--grpc-port", "0", "--http-port", "0", timeout=30)
+    assert result.returncode == 2
+    assert "no_such_detector" in result.stderr
+
+
+def test_cli_serve_answers_then_stops_cleanly_on_sigterm() -> None:
+    http_port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+         "--http-port", str(http_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/runs", timeout=1).read()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.1)
+        assert json.loads(body) is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

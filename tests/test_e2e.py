@@ -1,0 +1,224 @@
+"""End to end: the real agent in real training runs, streaming to a real server on port 0."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gradwatch.server.app import ServerApp  # noqa: E402
+from gradwatch.server.config import ServerConfig  # noqa: E402
+from netfault import FaultyRelay  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import gradwatch  # noqa: E402
+from gradwatch.demo import DemoTraining  # noqa: E402
+
+
+class AlertLog:
+    """Collects the alerts a server announces and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, alert: dict[str, Any]) -> None:
+        with self._cond:
+            self.events.append(dict(alert))
+            self._cond.notify_all()
+
+    def wait_for(self, detector: str, timeout: float = 10.0) -> dict[str, Any]:
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: any(e["detector"] == detector and e["state"] == "firing" for e in self.events), timeout
+            )
+            assert ok, f"no {detector} alert within {timeout}s; saw {self.events}"
+            return next(e for e in self.events if e["detector"] == detector and e["state"] == "firing")
+
+
+def _start(port: int = 0) -> tuple[ServerApp, AlertLog]:
+    app = ServerApp(ServerConfig.local(grpc_port=port))
+    log = AlertLog()
+    app.add_alert_listener(log)
+    app.start()
+    return app, log
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[ServerApp, AlertLog]]:
+    app, log = _start()
+    yield app, log
+    app.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(app: ServerApp) -> str:
+    return urllib.request.urlopen(f"{app.http_url}/metrics", timeout=5).read().decode()
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    found = False
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+                found = True
+    assert found, f"{name}{labels} not exported"
+    return total
+
+
+def _train(monitor: Any, training: DemoTraining, steps: range, faults: dict[int, str] | None = None,
+           on_step: Callable[[int], None] | None = None) -> list[float]:
+    """Run steps; return the wall time each monitor.step() took."""
+    faults = faults or {}
+    durations = []
+    for step in steps:
+        loss = training.step(faults.get(step, "none"))
+        start = time.perf_counter()
+        monitor.step(loss)
+        durations.append(time.perf_counter() - start)
+        if on_step is not None:
+            on_step(step)
+    return durations
+
+
+def test_e2e_nan_at_step_k_raises_non_finite_for_step_k(server: tuple[ServerApp, AlertLog]) -> None:
+    app, log = server
+    training = DemoTraining(seed=1)
+    with gradwatch.attach(training.model, training.optimizer, run="nan-run", server=app.grpc_target) as m:
+        _train(m, training, range(1, 61), {37: "nan"})
+    alert = log.wait_for("non_finite")
+    assert alert["run"] == "nan-run"
+    assert alert["step"] == 37
+    assert alert["ranks"] == [0]
+    assert alert["severity"] == "critical"
+    assert alert["layer"] == "0"  # the first Linear: the NaN input poisons its gradient first
+    assert [a["detector"] for a in app.alerts(run="nan-run", state="firing")] == ["non_finite"]
+
+
+def test_e2e_explosion_raises_exploding_gradient_before_non_finite(server: tuple[ServerApp, AlertLog]) -> None:
+    app, log = server
+    training = DemoTraining(seed=2)
+    with gradwatch.attach(training.model, training.optimizer, run="boom", server=app.grpc_target) as m:
+        _train(m, training, range(1, 161), {100: "explode"})
+    exploding = log.wait_for("exploding_gradient")
+    assert exploding["run"] == "boom"
+    assert 100 < exploding["step"] <= 106, exploding
+    non_finite = log.wait_for("non_finite")
+    assert non_finite["step"] > exploding["step"]
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_e2e_healthy_run_raises_no_alert(server: tuple[ServerApp, AlertLog], seed: int) -> None:
+    app, log = server
+    training = DemoTraining(seed=seed)
+    with gradwatch.attach(training.model, training.optimizer, run=f"healthy-{seed}", server=app.grpc_target) as m:
+        _train(m, training, range(1, 401))
+        assert m.close(timeout=10)
+    assert log.events == []
+    assert app.alerts() == []
+    (run,) = app.runs()
+    assert run["run"] == f"healthy-{seed}"
+    text = _scrape(app)
+    assert _sample(text, "gradwatch_run_step", run=f"healthy-{seed}") == 400
+    assert _sample(text, "gradwatch_ingest_frames_total", kind="report") == 400
+
+
+def test_e2e_agent_keeps_training_without_a_server() -> None:
+    training = DemoTraining(seed=5)
+    port = _free_port()  # nothing listens here
+    monitor = gradwatch.attach(training.model, training.optimizer, run="orphan", server=f"127.0.0.1:{port}")
+    durations = _train(monitor, training, range(1, 301))
+    start = time.perf_counter()
+    flushed = monitor.close(timeout=1.0)
+    closing = time.perf_counter() - start
+    assert not flushed
+    assert closing < 2.0
+    # No step waited on the network: the slowest step() stays far below a connect timeout.
+    assert max(durations) < 0.25, max(durations)
+
+
+def test_e2e_server_killed_and_restarted_resumes_without_gaps_or_duplicates() -> None:
+    port = _free_port()
+    first, _ = _start(port)
+    training = DemoTraining(seed=6)
+    monitor = gradwatch.attach(training.model, training.optimizer, run="phoenix", server=f"127.0.0.1:{port}")
+    try:
+        _train(monitor, training, range(1, 51))
+        deadline = time.monotonic() + 10
+        while monitor.counters()["acked"] < 50 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert monitor.counters()["acked"] == 50
+        first.stop(grace=0)
+        outage = _train(monitor, training, range(51, 101))
+        assert max(outage) < 0.25, max(outage)
+        second, _ = _start(port)
+        try:
+            _train(monitor, training, range(101, 151))
+            assert monitor.close(timeout=15)
+            text = _scrape(second)
+            # The new server never saw steps 1..50 (acknowledged by the first); it got 51..150 exactly once.
+            assert _sample(text, "gradwatch_ingest_frames_total", kind="report") == 100
+            assert _sample(text, "gradwatch_run_step", run="phoenix") == 150
+        finally:
+            second.stop()
+    finally:
+        monitor.close(timeout=1)
+
+
+def test_e2e_lost_acks_are_resent_and_deduplicated(server: tuple[ServerApp, AlertLog]) -> None:
+    app, _ = server
+    relay = FaultyRelay(("127.0.0.1", app.grpc_port))
+    training = DemoTraining(seed=7)
+    monitor = gradwatch.attach(training.model, training.optimizer, run="lossy", server=relay.address)
+    try:
+        _train(monitor, training, range(1, 31))
+        deadline = time.monotonic() + 10
+        while monitor.counters()["acked"] < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        relay.hold_replies()  # the server keeps applying frames; its acks never arrive
+        _train(monitor, training, range(31, 61))
+        deadline = time.monotonic() + 10
+        while _sample(_scrape(app), "gradwatch_ingest_frames_total", kind="report") < 60:
+            assert time.monotonic() < deadline, "frames did not reach the server"
+            time.sleep(0.02)
+        relay.cut()  # the agent reconnects and resends what it never saw acknowledged
+        _train(monitor, training, range(61, 81))
+        assert monitor.close(timeout=15)
+    finally:
+        relay.close()
+    text = _scrape(app)
+    assert _sample(text, "gradwatch_ingest_frames_total", kind="report") == 80
+    assert _sample(text, "gradwatch_ingest_duplicate_frames_total") >= 30
+    assert _sample(text, "gradwatch_run_step", run="lossy") == 80
+
+
+def test_e2e_metrics_after_real_run_pass_promtool(server: tuple[ServerApp, AlertLog]) -> None:
+    app, _ = server
+    training = DemoTraining(seed=8)
+    with gradwatch.attach(training.model, training.optimizer, run="scraped", server=app.grpc_target) as m:
+        _train(m, training, range(1, 41), {30: "nan"})
+        assert m.close(timeout=10)
+    text = _scrape(app)
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _sample(text, "gradwatch_alert_firing", run="scraped", detector="non_finite") == 1
+    assert _sample(text, "gradwatch_alert_firing", run="scraped", detector="exploding_gradient") == 0
+    assert _sample(text, "gradwatch_non_finite_events_total", run="scraped", kind="gradient") >= 1
+    for layer in ("0", "2", "4"):  # the three Linear layers; the Tanh modules own no parameters
+        _sample(text, "gradwatch_layer_grad_norm", run="scraped", layer=layer)

@@ -1,0 +1,95 @@
+"""AlertBook: identity, rank merging, listeners, bounded history, run-level resolution."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from gradwatch.server.alerts import AlertBook, alert_id
+from gradwatch.server.detectors import Fire, spec_by_name
+
+NON_FINITE = spec_by_name("non_finite")
+EXPLODING = spec_by_name("exploding_gradient")
+
+
+def make_book(history: int = 10) -> AlertBook:
+    ticks = itertools.count(1000)
+    return AlertBook(clock=lambda: float(next(ticks)), history=history)
+
+
+def test_alert_book_same_run_and_detector_is_one_alert_across_ranks() -> None:
+    book = make_book()
+    assert book.fire("r", NON_FINITE, 3, Fire(step=10, value=None, summary="first", layer="fc1")) is True
+    assert book.fire("r", NON_FINITE, 1, Fire(step=12, value=2.0, summary="second", layer="fc2")) is True
+    assert book.fire("r", NON_FINITE, 1, Fire(step=13, value=4.0, summary="again")) is False  # already firing
+    [alert] = book.list()
+    assert alert["ranks"] == [1, 3] and alert["step"] == 10 and alert["last_step"] == 13
+    assert alert["layer"] == "fc1" and alert["summary"] == "first" and alert["value"] == 4.0
+    assert alert["id"] == alert_id("r", "non_finite")
+
+
+def test_alert_book_other_detector_or_run_is_another_alert() -> None:
+    book = make_book()
+    book.fire("r", NON_FINITE, 0, Fire(step=1, value=None, summary="a"))
+    book.fire("r", EXPLODING, 0, Fire(step=1, value=9.0, summary="b"))
+    book.fire("s", NON_FINITE, 0, Fire(step=1, value=None, summary="c"))
+    assert len(book.list(state="firing")) == 3
+    assert book.firing_detectors() == {("r", "non_finite"), ("r", "exploding_gradient"), ("s", "non_finite")}
+
+
+def test_alert_book_resolves_only_when_every_rank_cleared() -> None:
+    book = make_book()
+    events: list[dict[str, object]] = []
+    book.add_listener(events.append)
+    book.fire("r", NON_FINITE, 0, Fire(step=1, value=None, summary="x"))
+    book.fire("r", NON_FINITE, 1, Fire(step=2, value=None, summary="x"))
+    book.clear("r", "non_finite", 0)
+    assert book.list()[0]["state"] == "firing"
+    book.clear("r", "non_finite", 1)
+    [alert] = book.list()
+    assert alert["state"] == "resolved" and alert["resolved_at"] > alert["started_at"]
+    assert [e["state"] for e in events] == ["firing", "resolved"]
+
+
+def test_alert_book_nan_value_is_json_safe() -> None:
+    book = make_book()
+    book.fire("r", EXPLODING, 0, Fire(step=1, value=float("nan"), summary="x"))
+    assert book.list()[0]["value"] is None
+
+
+def test_alert_book_history_is_bounded() -> None:
+    book = make_book(history=3)
+    for i in range(5):
+        book.fire(f"run{i}", NON_FINITE, 0, Fire(step=1, value=None, summary="x"))
+        book.clear(f"run{i}", "non_finite", 0)
+    assert [a["run"] for a in book.list(state="resolved")] == ["run4", "run3", "run2"]
+
+
+def test_alert_book_resolve_run_resolves_all_of_that_run() -> None:
+    book = make_book()
+    book.fire("r", NON_FINITE, 0, Fire(step=1, value=None, summary="nan"))
+    book.fire("r", EXPLODING, 0, Fire(step=1, value=5.0, summary="big"))
+    book.fire("keep", NON_FINITE, 0, Fire(step=1, value=None, summary="nan"))
+    book.resolve_run("r", "run finished")
+    assert {a["run"] for a in book.list(state="firing")} == {"keep"}
+    assert all("run finished" in a["summary"] for a in book.list(run="r"))
+
+
+def test_alert_book_failing_listener_does_not_break_firing(caplog: pytest.LogCaptureFixture) -> None:
+    book = make_book()
+    calls: list[str] = []
+
+    def broken(alert: dict[str, object]) -> None:
+        raise RuntimeError("terminal closed")
+
+    book.add_listener(broken)
+    book.add_listener(lambda alert: calls.append(str(alert["state"])))
+    book.fire("r", NON_FINITE, 0, Fire(step=1, value=None, summary="x"))
+    book.clear("r", "non_finite", 0)
+    assert calls == ["firing", "resolved"]
+    assert sum("alert listener" in r.message for r in caplog.records) == 1  # logged once
+
+
+def test_alert_book_rejects_unknown_state() -> None:
+    with pytest.raises(ValueError, match="state"):
+        make_book().list(state="open")
