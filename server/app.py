@@ -23,6 +23,10 @@ from types import FrameType
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
+
+from gradwatch._version import __version__
 from gradwatch.server.alerts import AlertBook, AlertListener
 from gradwatch.server.config import ServerConfig
 from gradwatch.server.detectors import REGISTRY, DetectorSpec
@@ -33,10 +37,6 @@ from gradwatch.server.metrics import GradwatchCollector
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunStore
 from gradwatch.server.views import run_view
-from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry
-
-from gradwatch._version import __version__
 
 __all__ = ["ServerApp", "serve"]
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from gradwatch.server.detectors import REGISTRY, DetectorConfig
 from gradwatch.server.settings import SettingError, Settings, load_settings, setting
 

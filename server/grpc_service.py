@@ -19,6 +19,9 @@ import logging
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.stats import IngestStats
@@ -29,8 +32,6 @@ from gradwatch.server.validate import (
     parse_flush_request,
 )
 from gradwatch.v1 import gradwatch_pb2 as pb
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 __all__ = ["INGEST_SERVICE", "REASON_METADATA_KEY", "IngestServicer", "build_grpc_server"]
 

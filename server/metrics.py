@@ -22,12 +22,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from gradwatch.server.alerts import AlertBook
 from gradwatch.server.report import NON_FINITE_KINDS
 from gradwatch.server.stats import LATENCY_BUCKETS_S, IngestStats
 from gradwatch.server.store import RunState, RunStore
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 __all__ = ["MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
 

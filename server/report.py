@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 __all__ = [

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.report import NON_FINITE_KINDS, RankReport
 from gradwatch.server.ring import RecordRing

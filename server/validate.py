@@ -16,6 +16,7 @@ import math
 
 import grpc
 from google.protobuf.message import DecodeError
+
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.report import COLUMN_NAMES
 from gradwatch.v1 import gradwatch_pb2 as pb

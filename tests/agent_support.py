@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from torch import nn
+
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pb_grpc
-from torch import nn
 
 SessionKey = tuple[str, int, str]  # run_id, rank, session_id
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import GrpcConfig, HttpConfig, LimitsConfig, ServerConfig
 from gradwatch.v1 import gradwatch_pb2 as pb

@@ -14,13 +14,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gradwatch.server.app import ServerApp  # noqa: E402
-from gradwatch.server.config import ServerConfig  # noqa: E402
-from netfault import FaultyRelay  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.demo import DemoTraining  # noqa: E402
+from gradwatch.server.app import ServerApp  # noqa: E402
+from gradwatch.server.config import ServerConfig  # noqa: E402
+from netfault import FaultyRelay  # noqa: E402
 
 
 class AlertLog:

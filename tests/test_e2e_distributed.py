@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 

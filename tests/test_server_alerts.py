@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from gradwatch.server.alerts import AlertBook, alert_id
 from gradwatch.server.detectors import Fire, spec_by_name
 

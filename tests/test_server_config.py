@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
 from gradwatch.server.config import (
     ENV_CONFIG,
     ENV_GRPC_PORT,

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from gradwatch.server.app import ServerApp
 from gradwatch.server.detectors import REGISTRY, Clear, Fire, Verdict
 from gradwatch.server.detectors.exploding_gradient import ExplodingGradientConfig, ExplodingGradientDetector

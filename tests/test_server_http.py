@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 
 import pytest
+
 from gradwatch.server.app import ServerApp
 from server_support import get_json, hello_frame, http_get, report_frame, run_stream, start_app
 

@@ -6,11 +6,12 @@ import math
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY as GLOBAL_REGISTRY
+
 from gradwatch.server.app import ServerApp
 from gradwatch.server.detectors import REGISTRY
 from gradwatch.server.stats import FRAME_KINDS
 from gradwatch.v1 import gradwatch_pb2 as pb
-from prometheus_client import REGISTRY as GLOBAL_REGISTRY
 from server_support import (
     columns,
     get_json,

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from gradwatch.server.app import ServerApp
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pbg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_support import (
     AgentStream,
     acks,

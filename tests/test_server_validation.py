@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+
 from gradwatch.server.app import ServerApp
 from gradwatch.server.grpc_service import REASON_METADATA_KEY
 from gradwatch.server.validate import REASONS

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
