@@ -6,6 +6,12 @@ in a hook or the sender fails the test that triggered it.
 
 from __future__ import annotations
 
+import os
+
+# What attach() sets for applications (see agent/process.py): grpcio's fork handlers can abort forked
+# children that never use gRPC. grpc reads the variable at import, so set it before any test imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import importlib.util
 from collections.abc import Iterator
 
@@ -40,3 +46,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print measurements tests record with `record_property("report:<name>", value)`, even without -s."""
+    lines = []
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.getreports(outcome):
+            for name, value in report.user_properties:
+                if name.startswith("report:") and report.when == "call":
+                    lines.append(f"{report.nodeid}: {name.removeprefix('report:')} = {value}")
+    if lines:
+        terminalreporter.write_sep("-", "measurements")
+        for line in lines:
+            terminalreporter.write_line(line)
