@@ -19,6 +19,9 @@ from gradwatch.agent.monitor import Monitor, attach  # noqa: E402
 from gradwatch.agent.replay import ReplayBuffer  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
 
+# A step that waited on the network would take a connect or Welcome timeout (seconds); the bound leaves room
+# for a loaded 2-core machine descheduling the training thread, which is not what these tests are about.
+STEP_NEVER_WAITS_S = 0.25
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, rejected_backoff_s=0.3)
 
 
@@ -117,7 +120,7 @@ def test_agent_without_server_keeps_training_and_closes_in_time() -> None:
     assert counters["acked"] == 0
     assert counters["dropped"]["replay_overflow"] == 60 - 16
     assert counters["stream_failures"] >= 1
-    assert max(durations) < 0.05, max(durations)  # no step waited on the network
+    assert max(durations) < STEP_NEVER_WAITS_S, max(durations)  # no step waited on the network
 
 
 def test_agent_reconnects_and_resends_without_gaps_after_peer_restart(server: ScriptableServer) -> None:
@@ -242,7 +245,7 @@ def test_agent_close_never_waits_past_its_timeout_for_a_silent_server(server: Sc
     started = time.perf_counter()
     assert monitor.close(timeout=0.6) is False
     assert time.perf_counter() - started < 0.9
-    assert max(durations) < 0.05
+    assert max(durations) < STEP_NEVER_WAITS_S, max(durations)
     server.servicer.welcome_gate.set()
 
 
@@ -275,7 +278,7 @@ def test_agent_queue_full_drops_newest_while_the_sender_is_stuck(server: Scripta
     counters = monitor.counters()
     assert counters["queued"] <= 5
     assert counters["dropped"]["queue_full"] >= 30 - 5 - 1  # at most one report got through before the jam
-    assert max(durations) < 0.05
+    assert max(durations) < STEP_NEVER_WAITS_S, max(durations)
     release.set()
     assert monitor.close(timeout=5) is False  # delivered what it kept, but drops were counted
     delivered = [r.step for r in server.servicer.reports()]
