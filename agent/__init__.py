@@ -4,7 +4,15 @@ Importing this package imports nothing heavy; `gradwatch.attach` loads `gradwatc
 and grpc is imported only when an enabled Monitor starts.
 
 Module map (each module's docstring states its contract):
-    monitor.py   attach(), Monitor, NoopMonitor: the public API and the optimizer hooks (training thread)
+    monitor.py   attach(), Monitor, NoopMonitor: the public API and the step (training thread)
+    hooks.py     optimizer step hooks: gradients, weights, updates, learning rates
+    activations.py  forward hooks: activation, input and label statistics, NaN provenance
+    amp.py       the GradScaler tap: skipped steps and the loss scale
+    loss.py      the loss of a report, folded over gradient-accumulation micro steps
+    budget.py    the overhead budget: stretches the full-statistics cadence
+    actions.py   opt-in reactions to critical alerts (flag, callback, TrainingAlert)
+    histogram.py log2-magnitude histograms on the device
+    fold.py      per-parameter values folded into per-layer columns (sender thread)
     config.py    AgentConfig, RetryPolicy: every option, its GRADWATCH_* variable and default
     schema.py    the layer schema and the (device, dtype) parameter groups
     stats.py     on-device statistics with foreach kernels, no host sync

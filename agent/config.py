@@ -16,6 +16,10 @@ can always turn the agent off without touching code), and while it is on nothing
 | heartbeat_interval_s   | GRADWATCH_HEARTBEAT_INTERVAL_S    | 5.0                                   |
 | welcome_timeout_s      | GRADWATCH_WELCOME_TIMEOUT_S       | 10.0                                  |
 | exit_flush_timeout_s   | GRADWATCH_EXIT_FLUSH_TIMEOUT_S    | 2.0 (atexit flush deadline)           |
+| grad_accumulation      | GRADWATCH_GRAD_ACCUMULATION       | False (True: report once per optimizer step) |
+| forward_hooks          | GRADWATCH_FORWARD_HOOKS           | True (activations, inputs, NaN provenance) |
+| overhead_budget        | GRADWATCH_OVERHEAD_BUDGET         | 0.01 (share of step time; 0: off)     |
+| on_alert               | GRADWATCH_ON_ALERT                | "observe" (or "flag", "raise")         |
 | retry (RetryPolicy)    | GRADWATCH_RETRY_INITIAL_BACKOFF_S | 0.5 s, ×1.6 per attempt, ±20 % jitter |
 |                        | GRADWATCH_RETRY_MAX_BACKOFF_S     | 30.0 s                                |
 | rank                   | RANK                              | torch.distributed, else env, else 0   |
@@ -58,6 +62,10 @@ ENV_QUEUE_SIZE = "GRADWATCH_QUEUE_SIZE"
 ENV_HEARTBEAT_INTERVAL_S = "GRADWATCH_HEARTBEAT_INTERVAL_S"
 ENV_WELCOME_TIMEOUT_S = "GRADWATCH_WELCOME_TIMEOUT_S"
 ENV_EXIT_FLUSH_TIMEOUT_S = "GRADWATCH_EXIT_FLUSH_TIMEOUT_S"
+ENV_GRAD_ACCUMULATION = "GRADWATCH_GRAD_ACCUMULATION"
+ENV_FORWARD_HOOKS = "GRADWATCH_FORWARD_HOOKS"
+ENV_OVERHEAD_BUDGET = "GRADWATCH_OVERHEAD_BUDGET"
+ENV_ON_ALERT = "GRADWATCH_ON_ALERT"
 ENV_RETRY_INITIAL_BACKOFF_S = "GRADWATCH_RETRY_INITIAL_BACKOFF_S"
 ENV_RETRY_MAX_BACKOFF_S = "GRADWATCH_RETRY_MAX_BACKOFF_S"
 # Set by launchers, not by us: read as fallbacks only.
@@ -128,6 +136,10 @@ class AgentConfig:
     heartbeat_interval_s: float = 5.0
     welcome_timeout_s: float = 10.0
     exit_flush_timeout_s: float = 2.0
+    grad_accumulation: bool = False
+    forward_hooks: bool = True
+    overhead_budget: float = 0.01
+    on_alert: str = "observe"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     rank: int = 0
     world_size: int = 1
@@ -171,6 +183,20 @@ def _check_non_negative_int(label: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected an integer >= 0")
     return value
+
+
+def _check_fraction(label: str, value: object) -> float:
+    if not _is_real(value) or not 0.0 <= value < 1.0:  # type: ignore[operator]
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a number in [0, 1) (0.01 = 1 %)")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _check_on_alert(label: str, value: object) -> str:
+    choices = ("observe", "flag", "raise")  # agent/actions.py: ON_ALERT_CHOICES
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text not in choices:
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected one of {', '.join(choices)}")
+    return text  # type: ignore[return-value]
 
 
 def _check_bool(label: str, value: object) -> bool:
@@ -228,6 +254,15 @@ def _env_text(label: str, text: str) -> object:
     return text
 
 
+def _env_bool(label: str, text: str) -> object:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"gradwatch: {label}={text!r} is invalid: expected 1/true/yes/on or 0/false/no/off")
+
+
 @dataclass(frozen=True)
 class _Option:
     """One keyword option: its environment variable and its check (which also normalises)."""
@@ -248,6 +283,10 @@ _OPTIONS: dict[str, _Option] = {
     "heartbeat_interval_s": _Option(ENV_HEARTBEAT_INTERVAL_S, _check_positive_float, _env_number(float)),
     "welcome_timeout_s": _Option(ENV_WELCOME_TIMEOUT_S, _check_positive_float, _env_number(float)),
     "exit_flush_timeout_s": _Option(ENV_EXIT_FLUSH_TIMEOUT_S, _check_positive_float, _env_number(float)),
+    "grad_accumulation": _Option(ENV_GRAD_ACCUMULATION, _check_bool, _env_bool),
+    "forward_hooks": _Option(ENV_FORWARD_HOOKS, _check_bool, _env_bool),
+    "overhead_budget": _Option(ENV_OVERHEAD_BUDGET, _check_fraction, _env_number(float)),
+    "on_alert": _Option(ENV_ON_ALERT, _check_on_alert),
     "retry": _Option(None, _check_retry),
     "rank": _Option(ENV_RANK, _check_non_negative_int, _env_number(int)),
     "world_size": _Option(ENV_WORLD_SIZE, _check_positive_int, _env_number(int)),
@@ -325,6 +364,10 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
         heartbeat_interval_s=values["heartbeat_interval_s"] or 5.0,
         welcome_timeout_s=values["welcome_timeout_s"] or 10.0,
         exit_flush_timeout_s=values["exit_flush_timeout_s"] or 2.0,
+        grad_accumulation=bool(values["grad_accumulation"]),
+        forward_hooks=values["forward_hooks"] is not False,
+        overhead_budget=0.01 if values["overhead_budget"] is None else values["overhead_budget"],
+        on_alert=values["on_alert"] or "observe",
         retry=retry,
         rank=rank,
         world_size=world_size,

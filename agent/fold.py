@@ -4,12 +4,17 @@ Contract: `LayerFold.fold(values, layout)` takes a report vector that has reache
 array laid out as vector.py says) and returns the per-layer columns in schema order, float64:
 
     grad_sum_squares          sum over *unique* parameters of norm², so a tied weight counts once
+    grad_global_share         the same sum with each parameter weighted by 1 / its replication (schema.py):
+                              summed over the ranks of a step, exactly the global sum of squares
     {grad,weight}_norm        sqrt of the layer's sum of squares
     and on full steps, for both sources:
     _max_abs                  max over the layer's parameters (NaN if any is NaN)
     _mean                     sum / element count
     _non_finite               NaN/Inf count
     _zero_fraction            (elements − non-zero elements) / element count
+    _min, _max                smallest and largest element of the layer's parameters
+    update_ratio              |Δw| / |w| of the optimizer step (full steps with an optimizer; see stats.py)
+    grad_log2_histogram       (layers × LOG2_BINS) gradient log2-magnitude counts (histogram.py)
 
 NaN and Inf propagate through every sum and max, so a layer is non-finite exactly when one of its
 parameters is. A tied parameter belongs to every layer that owns it.
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradwatch.agent.histogram import LOG2_BINS
 from gradwatch.agent.schema import ModelLayout
 from gradwatch.agent.vector import VectorLayout
 
@@ -35,6 +41,7 @@ class LayerFold:
     member_params: np.ndarray  # K (layer, parameter) pairs: parameter index ...
     member_layers: np.ndarray  # ... and layer index
     numel_L: np.ndarray  # elements per layer (local shard), at least 1 to keep 0/0 away
+    share_P: np.ndarray  # 1 / replication per unique parameter
 
     @classmethod
     def of(cls, layout: ModelLayout) -> LayerFold:
@@ -42,7 +49,8 @@ class LayerFold:
         member_layers = np.asarray(layout.member_layers, dtype=np.intp)
         local = np.asarray(layout.local_numels, dtype=np.float64)
         numel = np.bincount(member_layers, weights=local[member_params], minlength=layout.num_layers)
-        return cls(layout.num_layers, member_params, member_layers, np.maximum(numel, 1.0))
+        replication = np.asarray(layout.replication or (1,) * len(layout.params), dtype=np.float64)
+        return cls(layout.num_layers, member_params, member_layers, np.maximum(numel, 1.0), 1.0 / replication)
 
     def fold(self, values: np.ndarray, layout: VectorLayout) -> dict[str, np.ndarray | float]:
         """Per-layer columns of one report (see the module docstring)."""
@@ -53,15 +61,33 @@ class LayerFold:
                 squares = norm * norm
                 if source == "grad":
                     out["grad_sum_squares"] = float(squares.sum())
+                    out["grad_global_share"] = float((squares * self.share_P).sum())
                 out[f"{source}_norm"] = np.sqrt(self._sum(squares))
                 if not layout.full:
                     continue
                 column = {name: values[layout.column(source, name)].astype(np.float64) for name in
-                          ("max_abs", "sum", "non_finite", "nonzero")}  # fmt: skip
+                          ("max_abs", "sum", "non_finite", "nonzero", "min", "max")}  # fmt: skip
+                out[f"{source}_min"] = self._extreme(column["min"], np.minimum, np.inf)
+                out[f"{source}_max"] = self._extreme(column["max"], np.maximum, -np.inf)
                 out[f"{source}_max_abs"] = self._max(column["max_abs"])
                 out[f"{source}_mean"] = self._sum(column["sum"]) / self.numel_L
                 out[f"{source}_non_finite"] = self._sum(column["non_finite"])
                 out[f"{source}_zero_fraction"] = (self.numel_L - self._sum(column["nonzero"])) / self.numel_L
+            if layout.histograms:
+                per_param = values[layout.grad_histograms].astype(np.float64).reshape(-1, LOG2_BINS)
+                histogram = np.zeros((self.num_layers, LOG2_BINS))
+                np.add.at(histogram, self.member_layers, per_param[self.member_params])
+                out["grad_log2_histogram"] = histogram
+            if layout.updates:
+                update = self._sum(values[layout.update_column("update_squares")].astype(np.float64))
+                weight = self._sum(values[layout.update_column("weight_squares")].astype(np.float64))
+                with np.errstate(divide="ignore"):
+                    out["update_ratio"] = np.sqrt(update) / np.sqrt(weight)
+        return out
+
+    def _extreme(self, per_param: np.ndarray, op: np.ufunc, start: float) -> np.ndarray:
+        out = np.full(self.num_layers, start)
+        op.at(out, self.member_layers, per_param[self.member_params])
         return out
 
     def _sum(self, per_param: np.ndarray) -> np.ndarray:

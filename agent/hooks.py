@@ -4,7 +4,9 @@ Contract
 - The pre-hook runs inside `optimizer.step()` before the update, where gradients are final (after the DDP
   all-reduce or the FSDP2 reduce-scatter) and still there even if the user calls zero_grad() before
   monitor.step(): it queues the gradient statistics and reads the learning rates actually used.
-- The post-hook runs after the update and queues the weight statistics.
+- The post-hook runs after the update and queues the weight statistics. On full-statistics steps the
+  pre-hook also copies a fixed sample of every parameter (stats.StatsEngine.weight_sample) and the post-hook
+  measures the update against it (|Δw|, for the update ratio |Δw|/|w|).
 - Both only queue device kernels and keep the 0-d result tensors; they never read `.grad` values on the host,
   never mutate what they observe, and send failures to errors.report. `remove()` takes both hooks off.
 - Several optimizer steps between two reports (or none) are fine: the latest capture wins, and monitor.step()
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +26,7 @@ import torch
 from gradwatch.agent import errors
 from gradwatch.agent.stats import StatsEngine
 
-__all__ = ["LearningRates", "OptimizerTap", "learning_rates"]
+__all__ = ["Capture", "LearningRates", "OptimizerTap", "learning_rates"]
 
 # (one rate per param group, NaN where the rate is a tensor; those groups' indexes; the 0-d tensor rates)
 LearningRates = tuple[list[float], tuple[int, ...], list[torch.Tensor]]
@@ -48,6 +51,17 @@ def learning_rates(optimizer: torch.optim.Optimizer | None, device: torch.device
     return rates, tuple(slots), tensors
 
 
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """What the optimizer hooks captured for one report (None: not captured)."""
+
+    grads: list[torch.Tensor] | None = None
+    weights: list[torch.Tensor] | None = None
+    rates: LearningRates | None = None
+    updates: list[torch.Tensor] | None = None
+    histograms: torch.Tensor | None = None
+
+
 class OptimizerTap:
     """Hooks on one optimizer that capture gradient statistics, weight statistics and learning rates."""
 
@@ -69,15 +83,20 @@ class OptimizerTap:
         self._grads: list[torch.Tensor] | None = None
         self._weights: list[torch.Tensor] | None = None
         self._rates: LearningRates | None = None
+        self._before: list[torch.Tensor | None] | None = None
+        self._updates: list[torch.Tensor] | None = None
+        self._histograms: torch.Tensor | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
 
-    def take(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, LearningRates | None]:
-        """The captures since the last call (None where the optimizer did not step), then forget them."""
-        captured = self._grads, self._weights, self._rates
-        self._grads = self._weights = self._rates = None
+    def take(self) -> Capture:
+        """The captures since the last call (None where the optimizer did not step): gradient statistics,
+        weight statistics, learning rates, update columns and gradient histograms (the last two on full
+        steps only); then forget them."""
+        captured = Capture(self._grads, self._weights, self._rates, self._updates, self._histograms)
+        self._grads = self._weights = self._rates = self._updates = self._histograms = None
         return captured
 
     def remove(self) -> None:
@@ -92,7 +111,10 @@ class OptimizerTap:
             return
         started = time.perf_counter()
         try:
-            self._grads = self._engine.compute("grad", self._begin_step())
+            full = self._begin_step()
+            self._grads = self._engine.compute("grad", full)
+            self._before = self._engine.weight_sample() if full else None
+            self._histograms = self._engine.grad_histograms() if full else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
         except Exception as exc:
             errors.report(exc, "optimizer_pre_hook")
@@ -105,7 +127,11 @@ class OptimizerTap:
         started = time.perf_counter()
         try:
             self.steps += 1
-            self._weights = self._engine.compute("weight", self._begin_step())
+            full = self._begin_step()
+            self._weights = self._engine.compute("weight", full)
+            before, self._before = self._before, None
+            if full and before is not None:
+                self._updates = self._engine.update_stats(before)
         except Exception as exc:
             errors.report(exc, "optimizer_post_hook")
         finally:

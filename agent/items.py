@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gradwatch.agent.activations import ActivationItem
 from gradwatch.agent.fold import LayerFold
 from gradwatch.agent.schema import LayerSchema
 from gradwatch.agent.snapshot import HostCopy
@@ -33,6 +34,8 @@ class AgentIdentity:
     device_kind: str
     full_stats_interval: int
     schema: LayerSchema
+    activation_names: tuple[str, ...] = ()
+    activation_types: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -56,6 +59,10 @@ class ReportItem:
     layout: VectorLayout
     fold: LayerFold
     values: HostCopy
+    micro_steps: int = 1
+    activations: ActivationItem | None = None
+    full_stats_interval: int = 0
+    over_budget: bool = False
 
 
 @dataclass(slots=True)

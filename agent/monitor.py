@@ -20,6 +20,12 @@ Contract
   command from the server is in force.
 - Attach after the model is built, moved to its device and wrapped or sharded (DDP, FSDP2): the layer
   schema is fixed at attach.
+- Gradient accumulation (`grad_accumulation=True`): a `step()` after which the optimizer has not stepped
+  (nor the watched GradScaler) is a micro step: its loss joins the next report, which carries the mean loss
+  and `micro_steps`; statistics go out once per optimizer step.
+- Mixed precision: pass `grad_scaler=` (a torch.amp.GradScaler) and a step the scaler skips because of
+  Inf/NaN scaled gradients is reported with `skipped_step` and the scale (amp.py), so the server does not
+  mistake it for a NaN or an explosion.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -39,12 +46,18 @@ except ImportError as exc:  # the agent uses the training environment's torch; i
 
 from gradwatch import _version
 from gradwatch.agent import errors, process
+from gradwatch.agent.actions import AlertActions, AlertNotice
+from gradwatch.agent.activations import ActivationTap, assemble, label_histogram
+from gradwatch.agent.amp import ScalerTap, check_grad_scaler
+from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
 from gradwatch.agent.fold import LayerFold
-from gradwatch.agent.hooks import OptimizerTap, learning_rates
+from gradwatch.agent.histogram import LOG2_BINS
+from gradwatch.agent.hooks import Capture, OptimizerTap, learning_rates
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
-from gradwatch.agent.schema import LayerSchema, build_layout
+from gradwatch.agent.loss import LossAccumulator
+from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, data_parallel_size
 from gradwatch.agent.snapshot import start_copy
 from gradwatch.agent.stats import StatsEngine
 from gradwatch.agent.vector import VectorLayout
@@ -62,13 +75,17 @@ def attach(
     *,
     run: str | None = None,
     server: str | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    alert_callback: Callable[[AlertNotice], object] | None = None,
     **options: Any,
 ) -> Monitor:
     """Start monitoring `model` (and `optimizer`); returns a Monitor, or a NoopMonitor when disabled.
 
     Options (keywords; each also from its GRADWATCH_* environment variable, see config.py): server, run,
     job_name, full_stats_interval, enabled, replay_buffer_size, queue_size, heartbeat_interval_s,
-    welcome_timeout_s, exit_flush_timeout_s, retry (a RetryPolicy), rank, world_size, local_rank.
+    welcome_timeout_s, exit_flush_timeout_s, grad_accumulation, retry (a RetryPolicy), rank, world_size,
+    local_rank, overhead_budget, on_alert. `grad_scaler`: the torch.amp.GradScaler that steps `optimizer`, if
+    any. `alert_callback(notice)`: called at the next step() after a critical alert for the run (actions.py).
     GRADWATCH_DISABLED=1 returns a NoopMonitor before anything else is read (and grpc is never imported).
     Raises ValueError on a bad model, optimizer, option or environment value.
     """
@@ -80,6 +97,10 @@ def attach(
         raise ValueError(
             f"gradwatch: optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
         )
+    if grad_scaler is not None:
+        check_grad_scaler(grad_scaler, optimizer)
+    if alert_callback is not None and not callable(alert_callback):
+        raise ValueError(f"gradwatch: alert_callback must be callable, got {type(alert_callback).__name__}")
     config = resolve_config({"run": run, "server": server, **options})
     if not config.enabled:
         return NoopMonitor(config)
@@ -89,7 +110,7 @@ def attach(
             "fork-safe); attach in a spawned process instead"
         )
         return NoopMonitor(config)
-    return Monitor(model, optimizer, config)
+    return Monitor(model, optimizer, config, grad_scaler=grad_scaler, alert_callback=alert_callback)
 
 
 class Monitor:
@@ -102,6 +123,8 @@ class Monitor:
         config: AgentConfig,
         *,
         channel_factory: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        alert_callback: Callable[[AlertNotice], object] | None = None,
     ) -> None:
         """Hook the optimizer and start the sender thread. `channel_factory(target) -> grpc.Channel` is a
         seam for tests and custom credentials; the default is a plaintext channel."""
@@ -109,7 +132,7 @@ class Monitor:
         from gradwatch.agent.sender import Sender  # grpc is imported only for an enabled monitor
 
         self._config = config
-        self._engine = StatsEngine(build_layout(model))
+        self._engine = StatsEngine(build_layout(model, data_parallel_size(model, config.world_size)))
         self._schema = self._engine.layout.schema
         self._optimizer = optimizer
         self._counters = Counters()
@@ -117,8 +140,12 @@ class Monitor:
         self._step_count = 0
         self._last_step_at: float | None = None
         self._agent_time_s = 0.0
+        self._loss = LossAccumulator()
+        self._budget = BudgetController(config.overhead_budget, config.full_stats_interval)
+        self._actions = AlertActions(config.on_alert, alert_callback)
+        self._reported_optimizer_steps = 0
         self._fold = LayerFold.of(self._engine.layout)
-        self._vector_layouts: dict[tuple[bool, int], VectorLayout] = {}
+        self._vector_layouts: dict[tuple[bool, int, bool, bool], VectorLayout] = {}
         self._full_until = 0
         self._command: tuple[int, int, str] = (0, 0, "")  # written by the sender thread only
         self._command_seen = 0
@@ -132,6 +159,10 @@ class Monitor:
                 "every rank, or launch with torchrun",
                 config.world_size,
             )
+        self._activations: ActivationTap | None = None
+        if config.forward_hooks:  # before the sender starts: Hello carries the activation schema
+            layer_names = {"" if name == ROOT_LAYER_NAME else name for name in self._schema.names}
+            self._activations = ActivationTap(model, layer_names, self._begin_step, self._spent)
         identity = AgentIdentity(
             run_id=config.run_id,
             job_name=config.job_name,
@@ -146,11 +177,19 @@ class Monitor:
             device_kind=self._engine.layout.device.type,
             full_stats_interval=config.full_stats_interval,
             schema=self._schema,
+            activation_names=() if self._activations is None else self._activations.names,
+            activation_types=() if self._activations is None else self._activations.module_types,
         )
-        kwargs = {} if channel_factory is None else {"channel_factory": channel_factory}
+        kwargs: dict[str, Any] = {"on_alert": self._on_alert}
+        if channel_factory is not None:
+            kwargs["channel_factory"] = channel_factory
         self._sender = Sender(config, identity, self._counters, self._on_command, **kwargs)
         self._sender.start()  # first: if the thread cannot start, attach() raises with nothing hooked
         self._tap = None if optimizer is None else OptimizerTap(optimizer, self._engine, self._begin_step, self._spent)
+        self._labels: torch.Tensor | None = None
+        self._scaler_tap = None
+        if grad_scaler is not None and optimizer is not None:
+            self._scaler_tap = ScalerTap(grad_scaler, optimizer, lambda: self._engine.layout.device, self._spent)
         process.track(self)
 
     # ------------------------------------------------------------------ identity
@@ -177,7 +216,7 @@ class Monitor:
 
     @property
     def step_count(self) -> int:
-        """Number of `step()` calls so far (the step number of the last report)."""
+        """Reports so far: `step()` calls (optimizer steps with grad_accumulation); the last report's step."""
         return self._step_count
 
     @property
@@ -195,21 +234,41 @@ class Monitor:
 
     # ------------------------------------------------------------------ training-thread API
 
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
+    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> None:
         """Report one training step (call once per iteration, after optimizer.step()).
 
         `loss` may be a tensor (detached here; never read on this thread), a number, or None. Never raises,
-        blocks or syncs with the device.
+        blocks or syncs with the device. With `grad_accumulation`, a call after which the optimizer did not
+        step only adds its loss to the next report. `labels` (integer class labels of the batch) feed the
+        class histogram of full-statistics reports.
         """
         if self._inert or self._closed:
             return
         started = time.perf_counter()
         try:
-            self._report(loss, started)
+            self._loss.add(loss, self._engine.layout.device)
+            if labels is not None and self._begin_step():
+                counts = label_histogram(labels, self._engine.layout.device)
+                if counts is not None:
+                    self._labels = counts if self._labels is None else self._labels + counts
+            if not self._is_micro_step():
+                self._report(started)
         except Exception as exc:
             errors.report(exc, "step")
         finally:
             self._agent_time_s += time.perf_counter() - started
+        self._actions.poll()  # may raise TrainingAlert, when attached with on_alert="raise"
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a critical alert arrived for this run, when attached with on_alert="flag" or "raise":
+        poll it to checkpoint and stop. Set by the sender thread as soon as the server's command arrives."""
+        return self._actions.stop_requested
+
+    @property
+    def last_alert(self) -> AlertNotice | None:
+        """The latest critical alert the server sent for this run (any on_alert mode), else None."""
+        return self._actions.last_alert
 
     def event(self, kind: str, message: str = "", **attributes: str) -> None:
         """Record an agent event (e.g. "checkpoint_saved") on the server's timeline. Never raises."""
@@ -236,6 +295,10 @@ class Monitor:
         try:
             if self._tap is not None:
                 self._tap.remove()
+            if self._scaler_tap is not None:
+                self._scaler_tap.remove()
+            if self._activations is not None:
+                self._activations.remove()
             self._close_result = self._sender.close(timeout, self._step_count, reason)
         except Exception as exc:
             errors.report(exc, "close")
@@ -256,14 +319,29 @@ class Monitor:
 
     # ------------------------------------------------------------------ internals
 
-    def _report(self, loss: torch.Tensor | float | None, started: float) -> None:
+    def _is_micro_step(self) -> bool:
+        if not self._config.grad_accumulation or self._tap is None:
+            return False
+        scaler_stepped = self._scaler_tap is not None and self._scaler_tap.pending
+        return self._tap.steps == self._reported_optimizer_steps and not scaler_stepped
+
+    def _report(self, started: float) -> None:
         full = self._begin_step()
         self._upcoming_full = None
         self._step_count += 1
         step = self._step_count
         duration = 0.0 if self._last_step_at is None else started - self._last_step_at
         self._last_step_at = started
-        grads, weights, rates = self._tap.take() if self._tap is not None else (None, None, None)
+        captured = self._tap.take() if self._tap is not None else Capture()
+        grads, weights, rates, updates, histograms = (
+            captured.grads, captured.weights, captured.rates, captured.updates, captured.histograms
+        )
+        num_params = len(self._engine.layout.params)
+        if not full or updates is None or len(updates) != 2 * num_params:
+            updates = None
+        if full and (histograms is None or grads is None):  # gradients read here, not in the optimizer hook
+            histograms = self._engine.grad_histograms()
+        histograms = histograms if full and histograms.numel() == LOG2_BINS * num_params else None
         if grads is None:  # no optimizer, or it did not step since the last report
             grads = self._engine.compute("grad", full)
         if weights is None:
@@ -271,40 +349,60 @@ class Monitor:
         if rates is None:
             rates = learning_rates(self._optimizer, self._engine.layout.device)
         lr_values, lr_slots, lr_tensors = rates
+        scaler = self._scaler_tap.take() if self._scaler_tap is not None else None
+        if scaler is None and self._scaler_tap is not None:  # the scaler did not step: nothing was skipped
+            scaler = (self._engine.zero(), self._engine.zero())
+        if self._tap is not None:
+            self._reported_optimizer_steps = self._tap.steps
 
-        loss_value = math.nan
-        if isinstance(loss, torch.Tensor):
-            loss_t = loss.detach()
-            if loss_t.numel() != 1:  # per-sample losses: report their mean
-                loss_t = loss_t.float().mean()
-            device = self._engine.layout.device
-            loss_0d = loss_t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
-        else:
-            if loss is not None:
-                loss_value = float(loss)
-            loss_0d = self._engine.zero()
-
+        loss = self._loss.take()
+        loss_0d = loss.tensor if loss.tensor is not None else self._engine.zero()
         # The one stack of this report: every value above is a 0-d tensor on the same device.
-        vector = torch.stack([loss_0d, *grads, *weights, *lr_tensors])
+        vector = torch.stack([loss_0d, *grads, *weights, *lr_tensors, *(scaler or ()), *(updates or ())])
+        if histograms is not None:
+            vector = torch.cat([vector, histograms])
+        capture = self._activations.take() if self._activations is not None else None
+        labels, self._labels = self._labels, None
+        num_modules = 0 if self._activations is None else len(self._activations.names)
+        parts, activations = assemble(capture, num_modules, labels, vector.numel(), self._engine.zero())
+        if parts:
+            vector = torch.cat([vector, *parts])
         item = ReportItem(
             step=step,
             wall_time=time.time(),
             step_duration_s=duration,
-            has_loss=loss is not None,
-            loss_in_vector=isinstance(loss, torch.Tensor),
-            loss=loss_value,
+            has_loss=loss.has_loss,
+            loss_in_vector=loss.tensor is not None,
+            loss=loss.value if loss.has_loss else math.nan,
             learning_rates=lr_values,
             tensor_lr_slots=lr_slots,
             optimizer_step=0 if self._tap is None else self._tap.steps,
             agent_time_s=self._agent_time_s + (time.perf_counter() - started),
-            layout=self._vector_layout(full, len(lr_tensors)),
+            layout=self._vector_layout(full, len(lr_tensors), updates is not None, histograms is not None),
             fold=self._fold,
             values=start_copy(vector),
+            micro_steps=loss.micro_steps,
+            activations=activations,
+            full_stats_interval=self._budget.interval,
+            over_budget=self._budget.over_budget,
         )
+        self._observe_cost(full, item.agent_time_s, duration)
         # What remains of this call is counted in the next report (step() adds the full call time).
         self._agent_time_s = -(time.perf_counter() - started)
         self._counters.reports += 1
         self._sender.submit(item)
+
+    def _observe_cost(self, full: bool, agent_s: float, step_s: float) -> None:
+        """Feed the overhead budget. Every report says the interval in force (StepReport.full_stats_interval,
+        over_budget); a change is logged here too, rarely (hysteresis), never as an extra frame."""
+        interval = self._budget.observe(full, agent_s, step_s)
+        if interval is not None:
+            logger.info(
+                "gradwatch: full statistics every %d steps to stay within the %.2g overhead budget%s",
+                interval,
+                self._config.overhead_budget,
+                " (the every-step signals alone exceed it)" if self._budget.over_budget else "",
+            )
 
     def _begin_step(self) -> bool:
         """Fix, for step `step_count + 1`, whether it is a full-statistics step and which parameter layout it
@@ -317,11 +415,13 @@ class Monitor:
             self._upcoming_full = self._is_full_step(self._step_count + 1)
         return self._upcoming_full
 
-    def _vector_layout(self, full: bool, num_tensor_lrs: int) -> VectorLayout:
-        key = (full, num_tensor_lrs)
+    def _vector_layout(self, full: bool, num_tensor_lrs: int, updates: bool, histograms: bool) -> VectorLayout:
+        key = (full, num_tensor_lrs, updates, histograms)
         layout = self._vector_layouts.get(key)
         if layout is None:
-            layout = self._vector_layouts[key] = VectorLayout(len(self._engine.layout.params), full, num_tensor_lrs)
+            num_params, scaler = len(self._engine.layout.params), self._scaler_tap is not None
+            layout = VectorLayout(num_params, full, num_tensor_lrs, scaler, updates, histograms)
+            self._vector_layouts[key] = layout
         return layout
 
     def _is_full_step(self, step: int) -> bool:
@@ -334,7 +434,7 @@ class Monitor:
                 f"full statistics for {steps} steps",
                 {"full_stats_steps": str(steps), "reason": reason},
             )
-        return step % self._config.full_stats_interval == 0 or step <= self._full_until
+        return step % self._budget.interval == 0 or step <= self._full_until
 
     def _spent(self, seconds: float) -> None:
         """Hook time counts as the agent's time on the training thread."""
@@ -351,6 +451,11 @@ class Monitor:
         self._counters.events += 1
         self._sender.submit(item)
 
+    def _on_alert(self, command: Any) -> None:
+        """Sender thread: a COMMAND_KIND_ALERT for this run."""
+        notice = AlertNotice(command.detector, command.severity, int(command.step), int(command.rank), command.reason)
+        self._actions.deliver(notice)
+
     def _on_command(self, steps: int, reason: str) -> None:
         """Sender thread: a FULL_STATS command. Swap the whole tuple; the training thread picks it up."""
         self._command = (self._command[0] + 1, steps, reason)
@@ -360,6 +465,10 @@ class Monitor:
         self._sender.mark_forked()
         if self._tap is not None:
             self._tap.remove()
+        if self._scaler_tap is not None:
+            self._scaler_tap.remove()
+        if self._activations is not None:
+            self._activations.remove()
 
     def _close_at_exit(self, deadline: float) -> None:
         self._close(max(0.0, deadline - time.monotonic()), "exit")
@@ -378,10 +487,18 @@ class NoopMonitor(Monitor):
         return ""
 
     @property
+    def stop_requested(self) -> bool:
+        return False
+
+    @property
+    def last_alert(self) -> AlertNotice | None:
+        return None
+
+    @property
     def schema(self) -> LayerSchema:
         return LayerSchema((), (), ())
 
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
+    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> None:
         self._step_count += 1
 
     def event(self, kind: str, message: str = "", **attributes: str) -> None:

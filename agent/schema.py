@@ -6,6 +6,13 @@ order; every per-layer column on the wire is indexed by that order. A parameter 
 
 The unique parameters are kept grouped by (device, dtype) so the statistics can run one foreach kernel per
 group; `ParamGroup` slices index into `ModelLayout.params`.
+
+Replication (for the exact global gradient norm across ranks): `ModelLayout.replication[i]` is the number of
+ranks holding the same values of params[i]'s gradient. A DTensor (FSDP2, HSDP, tensor parallel) says so
+through its placements: the product of the mesh sizes along its `Replicate` dimensions (1 for a pure shard).
+A plain tensor is assumed replicated across the data-parallel group: `plain_replication` (the DDP group's
+size, else the world size). A model that keeps distinct plain parameters on each rank (pipeline stages
+without DDP) breaks that assumption; its global norm is then overcounted, never its per-rank statistics.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ __all__ = [
     "ModelLayout",
     "ParamGroup",
     "build_layout",
+    "data_parallel_size",
     "is_stale",
     "local_tensor",
     "regroup",
+    "replication_of",
 ]
 
 # The root module's name in named_modules() is "": give it a visible one on the wire.
@@ -68,6 +77,8 @@ class ModelLayout:
     member_layers: tuple[int, ...]
     local_numels: tuple[int, ...]
     has_dtensor: bool
+    replication: tuple[int, ...] = ()
+    plain_replication: int = 1
 
     @property
     def num_layers(self) -> int:
@@ -85,8 +96,33 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
-def build_layout(model: nn.Module) -> ModelLayout:
-    """Discover the layers of `model`. Raises ValueError if it has no (initialised) parameters."""
+def replication_of(p: torch.Tensor, plain_replication: int) -> int:
+    """Ranks holding the same values as this rank's part of `p` (see the module docstring)."""
+    placements = getattr(p, "placements", None)
+    mesh = getattr(p, "device_mesh", None)
+    if placements is None or mesh is None:
+        return plain_replication
+    count = 1
+    for dim, placement in enumerate(placements):
+        if placement.is_replicate():
+            count *= mesh.size(dim)
+    return count
+
+
+def data_parallel_size(model: nn.Module, world_size: int) -> int:
+    """Ranks that hold the same plain (non-DTensor) parameters: the DDP group's size, else the world's."""
+    group = getattr(model, "process_group", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and group is not None:
+        import torch.distributed as dist
+
+        return int(dist.get_world_size(group))
+    return world_size
+
+
+def build_layout(model: nn.Module, plain_replication: int = 1) -> ModelLayout:
+    """Discover the layers of `model`. Raises ValueError if it has no (initialised) parameters.
+
+    `plain_replication`: ranks sharing each plain (non-DTensor) parameter, see the module docstring."""
     names: list[str] = []
     types: list[str] = []
     counts: list[int] = []
@@ -108,7 +144,7 @@ def build_layout(model: nn.Module) -> ModelLayout:
     if not names:
         raise ValueError("gradwatch: the model has no parameters to monitor")
 
-    return _arrange(LayerSchema(tuple(names), tuple(types), tuple(counts)), layer_params)
+    return _arrange(LayerSchema(tuple(names), tuple(types), tuple(counts)), layer_params, plain_replication)
 
 
 def regroup(layout: ModelLayout) -> ModelLayout:
@@ -119,7 +155,7 @@ def regroup(layout: ModelLayout) -> ModelLayout:
     layer_params: list[list[nn.Parameter]] = [[] for _ in range(layout.num_layers)]
     for param_index, layer in zip(layout.member_params, layout.member_layers, strict=True):
         layer_params[layer].append(layout.params[param_index])
-    return _arrange(layout.schema, layer_params)
+    return _arrange(layout.schema, layer_params, layout.plain_replication)
 
 
 def is_stale(layout: ModelLayout) -> bool:
@@ -131,7 +167,7 @@ def is_stale(layout: ModelLayout) -> bool:
     return False
 
 
-def _arrange(schema: LayerSchema, layer_params: list[list[nn.Parameter]]) -> ModelLayout:
+def _arrange(schema: LayerSchema, layer_params: list[list[nn.Parameter]], plain_replication: int) -> ModelLayout:
     # Unique parameters in first-seen order, then stably grouped by (device, dtype).
     first_seen: dict[int, nn.Parameter] = {}
     for own in layer_params:
@@ -162,4 +198,6 @@ def _arrange(schema: LayerSchema, layer_params: list[list[nn.Parameter]]) -> Mod
         member_layers=tuple(member_layers),
         local_numels=tuple(local_tensor(p).numel() for p in params),
         has_dtensor=any(hasattr(p, "to_local") for p in params),
+        replication=tuple(replication_of(p, plain_replication) for p in params),
+        plain_replication=plain_replication,
     )

@@ -80,11 +80,13 @@ class Sender:
         channel_factory: ChannelFactory = insecure_channel,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        on_alert: Callable[[pb.Command], None] | None = None,
     ) -> None:
         self._config = config
         self._identity = identity
         self._counters = counters
         self._on_command = on_command
+        self._on_alert = on_alert
         self._channel_factory = channel_factory
         self._clock = clock
         self._rng = rng or random.Random()
@@ -289,6 +291,9 @@ class Sender:
             if frame.command.kind == pb.COMMAND_KIND_FULL_STATS:
                 self._counters.commands += 1
                 self._on_command(int(frame.command.steps), frame.command.reason)
+            elif frame.command.kind == pb.COMMAND_KIND_ALERT and self._on_alert is not None:
+                self._counters.commands += 1
+                self._on_alert(frame.command)
             else:
                 self._log_once(f"command-{frame.command.kind}", "ignoring unknown server command %s", frame.command)
 

@@ -8,6 +8,9 @@ order) and C = 1 column on ordinary steps or 5 on full-statistics steps:
     grad part:   C × P       per-parameter gradient columns, column after column (PARAM_COLUMNS order)
     weight part: C × P       per-parameter weight columns, same order
     tail                     one value per tensor learning rate
+    scaler (when watched)    found-inf sum (> 0: the loss scaler skipped the step), the scale used
+    updates (full steps)     UPDATE_COLUMNS × P, when the optimizer stepped with a weight sample taken
+    histograms (full steps)  P × LOG2_BINS gradient log2-magnitude counts (histogram.py)
 
 The device reduces every element of every tensor (the O(elements) work); folding the P per-parameter values
 into per-layer columns is O(P) bookkeeping the sender thread does on the host (fold.py).
@@ -17,11 +20,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PARAM_COLUMNS", "VectorLayout"]
+from gradwatch.agent.histogram import LOG2_BINS
+
+__all__ = ["PARAM_COLUMNS", "UPDATE_COLUMNS", "VectorLayout"]
 
 # Per-parameter columns, in order. "norm" is present on every step, the others on full steps only.
-#   norm: L2 norm; max_abs: max |x|; sum: sum of elements; non_finite: NaN/Inf count; nonzero: count of x != 0.
-PARAM_COLUMNS: tuple[str, ...] = ("norm", "max_abs", "sum", "non_finite", "nonzero")
+#   norm: L2 norm; max_abs: max |x|; sum: sum of elements; non_finite: NaN/Inf count; nonzero: count of x != 0;
+#   min, max: smallest and largest element.
+PARAM_COLUMNS: tuple[str, ...] = ("norm", "max_abs", "sum", "non_finite", "nonzero", "min", "max")
+# Per-parameter update columns (full steps with an optimizer): |Δw|² and |w|² over the parameter's sample,
+# each times the sampling stride (schema-independent extrapolation to the whole tensor; see stats.py).
+UPDATE_COLUMNS: tuple[str, ...] = ("update_squares", "weight_squares")
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,9 @@ class VectorLayout:
     num_params: int
     full: bool
     num_tensor_lrs: int = 0
+    scaler: bool = False
+    updates: bool = False
+    histograms: bool = False
 
     LOSS = 0
 
@@ -44,7 +56,25 @@ class VectorLayout:
 
     @property
     def length(self) -> int:
-        return 1 + 2 * self.part_length + self.num_tensor_lrs
+        return self.histogram_start + (LOG2_BINS * self.num_params if self.histograms else 0)
+
+    @property
+    def histogram_start(self) -> int:
+        return self.update_start + (len(UPDATE_COLUMNS) * self.num_params if self.updates else 0)
+
+    @property
+    def grad_histograms(self) -> slice:
+        """P × LOG2_BINS gradient histogram counts, parameter-major (only when `histograms`)."""
+        return slice(self.histogram_start, self.histogram_start + LOG2_BINS * self.num_params)
+
+    @property
+    def update_start(self) -> int:
+        return 1 + 2 * self.part_length + self.num_tensor_lrs + (2 if self.scaler else 0)
+
+    def update_column(self, name: str) -> slice:
+        """The P values of update column `name` (only when `updates`)."""
+        start = self.update_start + UPDATE_COLUMNS.index(name) * self.num_params
+        return slice(start, start + self.num_params)
 
     def column(self, source: str, name: str) -> slice:
         """The P values of column `name` for `source` ("grad" or "weight")."""
@@ -58,3 +88,13 @@ class VectorLayout:
     def tensor_lrs(self) -> slice:
         start = 1 + 2 * self.part_length
         return slice(start, start + self.num_tensor_lrs)
+
+    @property
+    def scaler_skipped(self) -> int:
+        """Index of the found-inf sum (only when `scaler`)."""
+        return 1 + 2 * self.part_length + self.num_tensor_lrs
+
+    @property
+    def scaler_scale(self) -> int:
+        """Index of the loss scale (only when `scaler`)."""
+        return self.scaler_skipped + 1

@@ -2,7 +2,8 @@
 
 Contract: pure functions from plain data to protobuf messages; they decide nothing about when to send. The
 non-finite flags and `first_non_finite_layer` are derived here, on the host, from the per-layer norms the
-device computed every step: a layer's gradient is non-finite when its norm is.
+device computed every step: a layer's gradient is non-finite when its norm is. A step the loss scaler
+skipped keeps its (scaled, non-finite) gradient flags and says `skipped_step`: the server decides.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from gradwatch.agent.activations import STATS_PER_MODULE, VALUES_PER_MODULE, ActivationItem
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -29,8 +31,12 @@ _LE_F32 = np.dtype("<f4")
 LAYER_COLUMNS = tuple(
     f"{source}_{name}"
     for source in ("grad", "weight")
-    for name in ("norm", "max_abs", "mean", "non_finite", "zero_fraction")
+    for name in ("norm", "max_abs", "mean", "non_finite", "zero_fraction", "min", "max")
 )
+
+
+# ActivationStats fields, in the order of activations.STATS_PER_MODULE values.
+ACTIVATION_COLUMNS = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction")
 
 
 def hello(identity: AgentIdentity) -> pb.Hello:
@@ -51,6 +57,7 @@ def hello(identity: AgentIdentity) -> pb.Hello:
         device_kind=identity.device_kind,
         full_stats_interval=identity.full_stats_interval,
         schema=pb.LayerSchema(names=schema.names, module_types=schema.module_types, param_counts=schema.param_counts),
+        activation_schema=pb.LayerSchema(names=identity.activation_names, module_types=identity.activation_types),
     )
 
 
@@ -92,12 +99,63 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         non_finite=flags,
         optimizer_step=item.optimizer_step,
         agent_time_s=item.agent_time_s,
+        micro_steps=item.micro_steps,
+        full_stats_interval=item.full_stats_interval,
+        over_budget=item.over_budget,
+        grad_global_share=columns["grad_global_share"],
     )
+    if layout.scaler:
+        report.skipped_step = bool(values[layout.scaler_skipped] > 0)
+        report.loss_scale = float(values[layout.scaler_scale])
     if first_bad_layer is not None:
         report.first_non_finite_layer = first_bad_layer
+    if item.activations is not None:
+        report.non_finite |= _activation_fields(report, item.activations, values)
+        flags = report.non_finite
     if layout.full:
         report.layers.CopyFrom(pb.LayerStats(**{name: _column_bytes(columns[name]) for name in LAYER_COLUMNS}))
+        for name in ("update_ratio", "grad_log2_histogram"):
+            if name in columns:
+                setattr(report.layers, name, _column_bytes(columns[name]))
     return pb.AgentFrame(seq=seq, report=report), flags
+
+
+def _activation_fields(report: pb.StepReport, item: ActivationItem, values: np.ndarray) -> int:
+    """Fill the report's activation fields from the vector; returns the non-finite flags they add."""
+    m, at = item.num_modules, item.offset
+    flags = 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = values[at : at + m]
+        bad = [i for i in item.order if not math.isfinite(float(sums[i]))]
+        if bad:
+            report.first_non_finite_module = bad[0]  # first in forward order
+            flags |= pb.NON_FINITE_FLAG_ACTIVATION
+        if item.has_input and not math.isfinite(float(values[at + m])):
+            flags |= pb.NON_FINITE_FLAG_INPUT
+        if not item.full:
+            return flags
+        at += m + 1
+        stats = values[at : at + m * VALUES_PER_MODULE].reshape(m, VALUES_PER_MODULE)
+        at += m * VALUES_PER_MODULE
+        report.activations.CopyFrom(
+            pb.ActivationStats(
+                **{name: _column_bytes(stats[:, k]) for k, name in enumerate(ACTIVATION_COLUMNS)},
+                log2_histogram=_column_bytes(stats[:, STATS_PER_MODULE:]),
+            )
+        )
+        if item.has_output_spread:
+            report.output_spread = float(values[at])
+        at += 1
+        f = item.input_features
+        if f:
+            report.input_mean = _column_bytes(values[at : at + f])
+            report.input_std = _column_bytes(values[at + f : at + 2 * f])
+        at += 2 * f
+        if item.label_bins:
+            counts = values[at : at + item.label_bins]
+            used = np.flatnonzero(counts)
+            report.label_histogram = _column_bytes(counts[: used[-1] + 1] if used.size else counts[:0])
+    return flags
 
 
 def event_frame(seq: int, item: EventItem) -> pb.AgentFrame:

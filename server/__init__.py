@@ -3,8 +3,13 @@
 Module map (dependencies point down the list):
   app           composition root: ServerApp (gRPC + HTTP threads), serve() for `gradwatch serve`
   grpc_service  gradwatch.v1.Ingest on grpc.aio (raw-bytes handlers), health, reflection
-  http_api      /metrics, /healthz, /api/v1/runs, /api/v1/alerts (stdlib ThreadingHTTPServer)
+  http_api      /metrics, /healthz, /api/v1/{runs,alerts,notifications,silences} (stdlib ThreadingHTTPServer)
   metrics       the Prometheus Collector, built from the state at scrape time
+  notify        Notifier: alert transitions -> notifications (resend, resolve, inhibition, silences)
+  render        labels, annotations and links of an alert as a pager shows them
+  silences      SilenceBook: per-run (optionally per-detector) silences from the JSON API
+  sinks/        AlertSink implementations (Alertmanager, webhook, log, in-memory) and SinkWorker
+  rules         Prometheus/Grafana rules as data (rendered into deploy/ by scripts/gen_deploy.py)
   views         JSON-safe dicts of runs for the API
   ingest        Ingestor: applies validated frames to store, detectors, alerts (transport-free)
   alerts        AlertBook: one alert per (run, detector), ranks merged, bounded history, listeners

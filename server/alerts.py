@@ -168,6 +168,12 @@ class AlertBook:
                 alerts.extend(reversed(self._history))
             return [a.as_dict() for a in alerts if run is None or a.run == run]
 
+    def firing_alert(self, run: str, detector: str) -> dict[str, Any] | None:
+        """The current dict of the firing alert (run, detector), or None if it is not firing."""
+        with self._lock:
+            alert = self._firing.get((run, detector))
+            return alert.as_dict() if alert is not None else None
+
     def firing_detectors(self) -> set[tuple[str, str]]:
         """(run, detector) pairs currently firing."""
         with self._lock:

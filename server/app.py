@@ -8,17 +8,20 @@
 Threads: the grpc.aio server runs on its own asyncio loop in the "gradwatch-grpc"
 thread (all ingestion happens there); the HTTP server answers from its own threads
 and only reads shared state under the store's lock. Alert listeners are called on
-the gRPC thread: they must be quick and must not block.
+the gRPC thread: they must be quick and must not block. The notifier is such a
+listener: it hands notifications to one delivery thread per sink
+("gradwatch-sink-<name>") and resends from its "gradwatch-notify" ticker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -28,12 +31,16 @@ from prometheus_client import CollectorRegistry
 
 from gradwatch._version import __version__
 from gradwatch.server.alerts import AlertBook, AlertListener
-from gradwatch.server.config import ServerConfig
-from gradwatch.server.detectors import REGISTRY, DetectorSpec
+from gradwatch.server.config import AlertingConfig, ServerConfig
+from gradwatch.server.detectors import REGISTRY, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi
 from gradwatch.server.ingest import Ingestor
 from gradwatch.server.metrics import GradwatchCollector
+from gradwatch.server.notify import Notifier, NotifierCollector
+from gradwatch.server.render import AlertRenderer
+from gradwatch.server.silences import SilenceBook
+from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunStore
 from gradwatch.server.views import run_view
@@ -49,7 +56,8 @@ class ServerApp:
     """The gradwatch server: construct, `start()`, query, `stop()`. Usable as a context manager.
 
     Nothing binds or starts before `start()`; ports 0 pick free ports, readable from
-    `grpc_port` / `http_port` afterwards.
+    `grpc_port` / `http_port` afterwards. Notifications go to the sinks named in
+    `config.alerting`, plus `extra_sinks` (e.g. an InMemorySink in tests).
     """
 
     def __init__(
@@ -58,6 +66,7 @@ class ServerApp:
         *,
         clock: Callable[[], float] = time.time,
         detectors: tuple[DetectorSpec, ...] = REGISTRY,
+        extra_sinks: Sequence[AlertSink] = (),
     ) -> None:
         self.config = config if config is not None else ServerConfig()
         limits = self.config.limits
@@ -71,6 +80,22 @@ class ServerApp:
         self.registry.register(
             GradwatchCollector(self.store, self.alert_book, self.stats, detector_names=names, version=__version__)
         )
+        alerting = self.config.alerting
+        self.silences = SilenceBook(clock=clock, detectors=names)
+        self.renderer = AlertRenderer(
+            runbook_base_url=alerting.runbook_base_url, job_name_of=self._job_name_of, specs=detectors
+        )
+        self.notifier = Notifier(
+            self.alert_book,
+            self.silences,
+            self.renderer,
+            [SinkWorker(sink, _policy(alerting)) for sink in (*_configured_sinks(alerting), *extra_sinks)],
+            resend_interval_s=alerting.resend_interval_s,
+            inhibitions=inhibitions(detectors),
+            clock=clock,
+        )
+        self.alert_book.add_listener(self.notifier.on_alert)
+        self.registry.register(NotifierCollector(self.notifier, self.silences))
         self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -93,8 +118,18 @@ class ServerApp:
             future = asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop)
             self._grpc_port = future.result(timeout=START_TIMEOUT_S)
             http = self.config.http
-            self._http = HttpApi(http.host, http.port, registry=self.registry, runs=self.runs, alerts=self.alerts)
+            self._http = HttpApi(
+                http.host,
+                http.port,
+                registry=self.registry,
+                runs=self.runs,
+                alerts=self.alerts,
+                notifications=self.notifier.view,
+                silences=self.silences,
+            )
             self._http.start()
+            self.renderer.server_url = self.config.alerting.external_url.rstrip("/") or self._default_url()
+            self.notifier.start()
         except BaseException:
             self.stop(grace=0)
             raise
@@ -112,6 +147,7 @@ class ServerApp:
         if self._http is not None:
             self._http.stop()
             self._http = None
+        self.notifier.stop(timeout_s=grace)
         self._grpc_server = None
 
     def __enter__(self) -> ServerApp:
@@ -164,6 +200,17 @@ class ServerApp:
         """Call `callback(alert_dict)` whenever an alert fires or resolves (on the gRPC thread)."""
         self.alert_book.add_listener(callback)
 
+    def _job_name_of(self, run_id: str) -> str:
+        with self.store.lock:
+            run = self.store.get(run_id)
+            return run.job_name if run is not None else ""
+
+    def _default_url(self) -> str:
+        host = self.config.http.host
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"http://{host}:{self.http_port}"
+
     # ------------------------------------------------------------------ loop thread
 
     def _run_loop(self) -> None:
@@ -205,6 +252,20 @@ class ServerApp:
             await self._grpc_server.stop(grace)
 
 
+def _configured_sinks(alerting: AlertingConfig) -> list[AlertSink]:
+    sinks: list[AlertSink] = [AlertmanagerSink(url) for url in alerting.alertmanager_urls]
+    sinks += [WebhookSink(url) for url in alerting.webhook_urls]
+    if alerting.log:
+        sinks.append(LogSink())
+    return sinks
+
+
+def _policy(alerting: AlertingConfig) -> DeliveryPolicy:
+    return DeliveryPolicy(
+        timeout_s=alerting.timeout_s, deadline_s=alerting.retry_deadline_s, max_pending=alerting.max_pending
+    )
+
+
 def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns the exit status.
 
@@ -229,9 +290,10 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
         except OSError as exc:
             print(f"gradwatch server: {exc}", file=sys.stderr)
             return 1
+        sinks = ", ".join(worker.name for worker in app.notifier.workers) or "none"
         print(
             f"gradwatch server {__version__}: gRPC on {config.grpc.host}:{app.grpc_port}, "
-            f"HTTP on http://{config.http.host}:{app.http_port} (/metrics, /api/v1)",
+            f"HTTP on http://{config.http.host}:{app.http_port} (/metrics, /api/v1); alerts to: {sinks}",
             file=sys.stderr,
             flush=True,
         )

@@ -22,6 +22,16 @@ YAML shape (every key optional; these are the defaults)::
       max_sessions_per_rank: 4        # agent sessions remembered for deduplication
       max_run_id_chars: 256
       alert_history: 1000             # resolved alerts kept for /api/v1/alerts
+    alerting:
+      alertmanager_urls: []           # POST /api/v2/alerts to each (Alertmanager replicas)
+      webhook_urls: []                # generic JSON webhooks
+      log: true                       # log every notification (logger gradwatch.alerts)
+      external_url: ""                # this server as users reach it; "" = http://<hostname>:<http port>
+      runbook_base_url: https://github.com/gradwatch/gradwatch/blob/main/docs/runbooks/
+      resend_interval_s: 60.0
+      timeout_s: 5.0
+      retry_deadline_s: 60.0
+      max_pending: 10000
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -34,10 +44,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -45,11 +56,16 @@ from gradwatch.server.detectors import REGISTRY, DetectorConfig
 from gradwatch.server.settings import SettingError, Settings, load_settings, setting
 
 __all__ = [
+    "DEFAULT_RUNBOOK_BASE_URL",
+    "ENV_ALERTMANAGER_URLS",
     "ENV_CONFIG",
+    "ENV_EXTERNAL_URL",
     "ENV_GRPC_HOST",
     "ENV_GRPC_PORT",
     "ENV_HTTP_HOST",
     "ENV_HTTP_PORT",
+    "ENV_WEBHOOK_URLS",
+    "AlertingConfig",
     "GrpcConfig",
     "HttpConfig",
     "LimitsConfig",
@@ -64,6 +80,14 @@ ENV_GRPC_HOST = "GRADWATCH_GRPC_HOST"
 ENV_GRPC_PORT = "GRADWATCH_GRPC_PORT"
 ENV_HTTP_HOST = "GRADWATCH_HTTP_HOST"
 ENV_HTTP_PORT = "GRADWATCH_HTTP_PORT"
+ENV_ALERTMANAGER_URLS = "GRADWATCH_ALERTMANAGER_URLS"  # comma-separated
+ENV_WEBHOOK_URLS = "GRADWATCH_WEBHOOK_URLS"  # comma-separated
+ENV_EXTERNAL_URL = "GRADWATCH_EXTERNAL_URL"
+
+#: Where alerts' runbook_url points by default (+ "<detector>.md"): the runbooks in this repository.
+#: Teams that host their own copy set alerting.runbook_base_url (and regenerate deploy/ with
+#: scripts/gen_deploy.py --runbook-base-url).
+DEFAULT_RUNBOOK_BASE_URL = "https://github.com/gradwatch/gradwatch/blob/main/docs/runbooks/"
 
 MiB = 1 << 20
 
@@ -102,6 +126,47 @@ class LimitsConfig(Settings):
         return 2 * self.max_message_bytes + MiB
 
 
+@dataclass(frozen=True)
+class AlertingConfig(Settings):
+    """Where alert notifications go and how they are delivered (see docs/alerting.md)."""
+
+    alertmanager_urls: tuple[str, ...] = setting(
+        (), doc="Alertmanager base URLs; alerts are POSTed to <url>/api/v2/alerts on every one."
+    )
+    webhook_urls: tuple[str, ...] = setting((), doc="Generic JSON webhooks that get every notification.")
+    log: bool = setting(True, doc="Log every notification on the 'gradwatch.alerts' logger.")
+    external_url: str = setting(
+        "", doc="This server's URL as users reach it (alert links); empty: http://<hostname>:<http port>."
+    )
+    runbook_base_url: str = setting(
+        DEFAULT_RUNBOOK_BASE_URL, doc="Alerts' runbook_url is this + '<detector>.md'."
+    )
+    resend_interval_s: float = setting(
+        60.0, doc="Firing alerts are re-sent this often; endsAt is 4 × this ahead.", gt=0.0
+    )
+    timeout_s: float = setting(5.0, doc="Timeout of one delivery request.", gt=0.0)
+    retry_deadline_s: float = setting(
+        60.0, doc="Seconds a failing delivery is retried (with backoff) before it counts as failed.", ge=0.0
+    )
+    max_pending: int = setting(10000, doc="Notifications waiting per sink; beyond, new ones are dropped.", ge=1)
+
+    def _check(self) -> None:
+        for key in ("alertmanager_urls", "webhook_urls"):
+            urls: tuple[str, ...] = getattr(self, key)
+            for url in urls:
+                _check_url(key, url)
+            if len(set(urls)) != len(urls):
+                raise SettingError(key, f"lists a URL twice: {list(urls)!r}")
+        if self.external_url:
+            _check_url("external_url", self.external_url)
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError(key, f"must be an http(s) URL with a host, got {url!r}")
+
+
 def _default_detectors() -> Mapping[str, DetectorConfig]:
     return types.MappingProxyType({spec.name: spec.config_type() for spec in REGISTRY})
 
@@ -113,6 +178,7 @@ class ServerConfig(Settings):
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    alerting: AlertingConfig = field(default_factory=AlertingConfig)
     shutdown_grace_s: float = setting(5.0, doc="On SIGTERM, seconds open streams get to finish.", ge=0.0)
     finished_run_retention_s: float = setting(
         300.0,
@@ -135,8 +201,13 @@ class ServerConfig(Settings):
 
     @classmethod
     def local(cls, *, grpc_port: int = 0, http_port: int = 0) -> ServerConfig:
-        """Loopback only; port 0 picks a free one at start. For embedded servers (demo, tests)."""
-        return cls(grpc=GrpcConfig(host="127.0.0.1", port=grpc_port), http=HttpConfig(host="127.0.0.1", port=http_port))
+        """Loopback only; port 0 picks a free one at start. For embedded servers (demo, tests), which
+        watch alerts through listeners, so the log sink is off."""
+        return cls(
+            grpc=GrpcConfig(host="127.0.0.1", port=grpc_port),
+            http=HttpConfig(host="127.0.0.1", port=http_port),
+            alerting=AlertingConfig(log=False),
+        )
 
     def detector(self, name: str) -> DetectorConfig:
         """The settings of the registered detector `name`."""
@@ -196,12 +267,16 @@ def config_from_args(
     host: str | None = None,
     grpc_host: str | None = None,
     http_host: str | None = None,
+    alertmanager_urls: Sequence[str] | None = None,
+    webhook_urls: Sequence[str] | None = None,
+    external_url: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ServerConfig:
     """The ServerConfig for `gradwatch serve`: defaults < YAML file < env vars < arguments.
 
     `config_file` defaults to $GRADWATCH_CONFIG; `environ` to os.environ (injectable for tests).
-    `host` binds both servers; `grpc_host` / `http_host` override it for one of them.
+    `host` binds both servers; `grpc_host` / `http_host` override it for one of them. URL lists
+    given as arguments (or env vars, comma-separated) replace the file's lists; they do not extend them.
     """
     env = os.environ if environ is None else environ
     path = config_file if config_file is not None else env.get(ENV_CONFIG) or None
@@ -218,7 +293,25 @@ def config_from_args(
     grpc_cfg = _override(grpc_cfg, "port", grpc_port, "grpc_port")
     http_cfg = _override(http_cfg, "host", http_host, "http_host")
     http_cfg = _override(http_cfg, "port", http_port, "http_port")
-    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg)
+    alerting = config.alerting
+    alerting = _override(alerting, "alertmanager_urls", _env_list(env, ENV_ALERTMANAGER_URLS), ENV_ALERTMANAGER_URLS)
+    alerting = _override(alerting, "webhook_urls", _env_list(env, ENV_WEBHOOK_URLS), ENV_WEBHOOK_URLS)
+    alerting = _override(alerting, "external_url", env.get(ENV_EXTERNAL_URL), ENV_EXTERNAL_URL)
+    alerting = _override(alerting, "alertmanager_urls", _tuple(alertmanager_urls), "alertmanager_url")
+    alerting = _override(alerting, "webhook_urls", _tuple(webhook_urls), "webhook_url")
+    alerting = _override(alerting, "external_url", external_url, "external_url")
+    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting)
+
+
+def _tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    return None if not values else tuple(values)
+
+
+def _env_list(env: Mapping[str, str], var: str) -> tuple[str, ...] | None:
+    raw = env.get(var)
+    if not raw:
+        return None
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 def _override(section: Any, name: str, value: Any, source: str) -> Any:

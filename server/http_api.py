@@ -1,10 +1,15 @@
 """The HTTP side: /metrics, /healthz and the JSON API, on a stdlib ThreadingHTTPServer.
 
-Routes (GET only; anything else is 404, other methods 405):
-  /metrics          Prometheus text format from the app's own registry
-  /healthz          200 "ok"
-  /api/v1/runs      {"runs": [run, ...]}
-  /api/v1/alerts    {"alerts": [alert, ...]}; query `run=ID`, `state=firing|resolved` (else 400)
+Routes (an unknown GET path is 404; a method not listed for a path is 405):
+  GET    /metrics                 Prometheus text format from the app's own registry
+  GET    /healthz                 200 "ok"
+  GET    /api/v1/runs             {"runs": [run, ...]}
+  GET    /api/v1/alerts           {"alerts": [alert, ...]}; query `run=ID`, `state=firing|resolved` (else 400)
+  GET    /api/v1/notifications    {"notifications": [...]}: per firing alert, notified or muted and why
+  GET    /api/v1/silences         {"silences": [silence, ...]}
+  POST   /api/v1/silences         body {"run", "detector"?, "duration_s", "comment"?, "created_by"?}
+                                  -> 201 {"silence": ...}; 400 {"error"} on a bad body
+  DELETE /api/v1/silences/<id>    -> 200 {"silence": ...} (expired now); 404 if not active
 JSON is strict (no NaN): the app's views are JSON-safe by contract.
 """
 
@@ -20,24 +25,45 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gradwatch.server.silences import SilenceBook
+
 __all__ = ["HttpApi"]
 
 log = logging.getLogger(__name__)
 
 RunsView = Callable[[], list[dict[str, Any]]]
 AlertsView = Callable[[str | None, str | None], list[dict[str, Any]]]
+NotificationsView = Callable[[], list[dict[str, Any]]]
+
+SILENCES = "/api/v1/silences"
+#: Largest request body accepted (silences are a few hundred bytes).
+MAX_BODY_BYTES = 64 * 1024
 
 
 class HttpApi:
     """Serves the routes above from a background thread; `start()` returns once listening."""
 
     def __init__(
-        self, host: str, port: int, *, registry: CollectorRegistry, runs: RunsView, alerts: AlertsView
+        self,
+        host: str,
+        port: int,
+        *,
+        registry: CollectorRegistry,
+        runs: RunsView,
+        alerts: AlertsView,
+        notifications: NotificationsView,
+        silences: SilenceBook,
     ) -> None:
         handler = type(
             "GradwatchHandler",
             (_Handler,),
-            {"registry": registry, "runs": staticmethod(runs), "alerts": staticmethod(alerts)},
+            {
+                "registry": registry,
+                "runs": staticmethod(runs),
+                "alerts": staticmethod(alerts),
+                "notifications": staticmethod(notifications),
+                "silences": silences,
+            },
         )
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
@@ -64,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
     registry: CollectorRegistry
     runs: RunsView
     alerts: AlertsView
+    notifications: NotificationsView
+    silences: SilenceBook
     server_version = "gradwatch"
 
     def do_GET(self) -> None:
@@ -82,6 +110,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self._json(400, {"error": f"state must be 'firing' or 'resolved', got {state!r}"})
                     return
                 self._json(200, {"alerts": self.alerts(_one(query, "run"), state)})
+            elif url.path == "/api/v1/notifications":
+                self._json(200, {"notifications": self.notifications()})
+            elif url.path == SILENCES:
+                self._json(200, {"silences": self.silences.view()})
             else:
                 self._json(404, {"error": f"no such path: {url.path}"})
         except Exception:  # a bug in a view must not kill the server thread; report 500
@@ -89,9 +121,58 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": "internal error"})
 
     def do_POST(self) -> None:
-        self._json(405, {"error": "only GET is supported"})
+        if urlsplit(self.path).path != SILENCES:
+            self._not_allowed()
+            return
+        try:
+            body = self._read_json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            unknown = set(body) - {"run", "detector", "duration_s", "comment", "created_by"}
+            if unknown:
+                raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
+            silence = self.silences.add(
+                body.get("run"),  # type: ignore[arg-type]  # checked by add()
+                body.get("detector"),
+                body.get("duration_s"),  # type: ignore[arg-type]
+                body.get("comment", ""),
+                body.get("created_by", ""),
+            )
+        except ValueError as exc:
+            self._json(400, {"error": str(exc)})
+            return
+        self._json(201, {"silence": silence})
 
-    do_PUT = do_DELETE = do_PATCH = do_POST
+    def do_DELETE(self) -> None:
+        path = urlsplit(self.path).path
+        if not path.startswith(SILENCES + "/"):
+            self._not_allowed()
+            return
+        silence = self.silences.expire(path[len(SILENCES) + 1 :])
+        if silence is None:
+            self._json(404, {"error": "no such active silence"})
+        else:
+            self._json(200, {"silence": silence})
+
+    def do_PUT(self) -> None:
+        self._not_allowed()
+
+    do_PATCH = do_PUT
+
+    def _not_allowed(self) -> None:
+        self._json(405, {"error": "method not allowed"})
+
+    def _read_json(self) -> Any:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise ValueError("bad Content-Length") from None
+        if not 0 < length <= MAX_BODY_BYTES:
+            raise ValueError(f"body must be 1..{MAX_BODY_BYTES} bytes of JSON")
+        try:
+            return json.loads(self.rfile.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"body is not JSON: {exc}") from None
 
     def _json(self, status: int, body: Any) -> None:
         self._send(status, json.dumps(body, allow_nan=False).encode(), "application/json")

@@ -12,6 +12,9 @@ same thing however it arrived. Contract:
   `session.acked_seq` covers the frame. Returns Commands for the agent.
 * Every report is evaluated by every enabled detector of its run (nothing is
   sampled), in arrival order, under one lock, so detectors need no locking.
+* When a critical detector starts firing on a rank, every rank of the run gets a
+  COMMAND_KIND_ALERT with its next streamed frame (agents opted in to react stop
+  or call back; the others ignore it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from gradwatch.server.report import build_report
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RankState, RunState, RunStore, SchemaEntry
 from gradwatch.v1 import gradwatch_pb2 as pb
+
+#: ALERT commands kept per rank until its next frame; more are dropped (the first ones matter).
+MAX_PENDING_ALERTS = 8
 
 __all__ = ["Ingestor", "Session"]
 
@@ -69,6 +75,8 @@ class Ingestor:
         self._specs = tuple(s for s in detectors if config.detector(s.name).enabled)
         self._detectors: dict[str, list[tuple[DetectorSpec, Detector]]] = {}
         self._broken: set[str] = set()
+        #: (run, rank) -> ALERT commands waiting for that rank's next frame (bounded per rank).
+        self._pending: dict[tuple[str, int], list[pb.Command]] = {}
         self._lock = threading.Lock()
 
     def open(self, hello: pb.Hello, *, streaming: bool = True) -> Session:
@@ -125,6 +133,8 @@ class Ingestor:
                 with self._store.lock:
                     rank.sessions[session.hello.session_id] = frame.seq
                 session.acked_seq = frame.seq
+            if session.streaming:  # a Flush call has no reply stream to carry commands
+                commands.extend(self._pending.pop((run.run_id, rank.rank), ()))
             self._stats.frame(kind)
         self._stats.observe_latency(time.perf_counter() - started)
         return commands
@@ -149,11 +159,14 @@ class Ingestor:
             for run in expired:
                 run.expired = True
         for run in expired:
+            self._forget_pending(run.run_id)
             self._alerts.resolve_run(run.run_id, "run finished")
         return [run.run_id for run in expired]
 
     def _apply_report(self, session: Session, run: RunState, rank: RankState, msg: pb.StepReport) -> list[pb.Command]:
-        report = build_report(run.run_id, rank.rank, msg, session.schema.names, self._clock())
+        report = build_report(
+            run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.hello.activation_schema
+        )
         self._store.record_report(run, rank, report, session.schema)
         commands: list[pb.Command] = []
         for spec, detector in self._detectors_for(run.run_id):
@@ -169,6 +182,8 @@ class Ingestor:
                 if self._alerts.fire(run.run_id, spec, rank.rank, verdict):
                     self._store.count_trigger(run, spec.name)
                     commands.extend(self._full_stats_command(rank, spec))
+                    if spec.severity == "critical":
+                        self._broadcast_alert(run, rank.rank, spec, verdict)
             elif isinstance(verdict, Clear):
                 self._alerts.clear(run.run_id, spec.name, rank.rank)
         return commands
@@ -180,6 +195,16 @@ class Ingestor:
             return []
         return [pb.Command(kind=pb.COMMAND_KIND_FULL_STATS, steps=steps, reason=f"{spec.name} fired")]
 
+    def _broadcast_alert(self, run: RunState, rank: int, spec: DetectorSpec, verdict: Fire) -> None:
+        """Queue an ALERT command for every rank of the run (each gets it with its next frame): agents that
+        opted in stop or call back; all ranks must hear it, or the others would hang in their collectives."""
+        command = pb.Command(kind=pb.COMMAND_KIND_ALERT, reason=verdict.summary, detector=spec.name,
+                             severity=spec.severity, step=verdict.step, rank=rank)  # fmt: skip
+        for other in list(run.ranks):
+            queued = self._pending.setdefault((run.run_id, other), [])
+            if len(queued) < MAX_PENDING_ALERTS:
+                queued.append(command)
+
     def _detectors_for(self, run_id: str) -> list[tuple[DetectorSpec, Detector]]:
         detectors = self._detectors.get(run_id)
         if detectors is None:
@@ -190,4 +215,9 @@ class Ingestor:
     def _drop_evicted(self, evicted: list[str]) -> None:
         for run_id in evicted:
             self._detectors.pop(run_id, None)
+            self._forget_pending(run_id)
             self._alerts.resolve_run(run_id, "run evicted: limits.max_runs reached")
+
+    def _forget_pending(self, run_id: str) -> None:
+        for key in [k for k in self._pending if k[0] == run_id]:
+            del self._pending[key]

@@ -35,10 +35,27 @@ __all__ = ["MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
 #: Agent-supplied drop reasons exported per run (label values from the wire are capped).
 MAX_AGENT_DROP_REASONS = 16
 
-# (column in LayerStats, metric name, help): per-layer gauges, ranks aggregated by max.
+# (column in LayerStats, metric name, help): per-layer gauges, ranks aggregated by max. Data, so a
+# new column on the wire is one line here (and one in the layer dashboard).
 _LAYER_FAMILIES = (
     ("grad_norm", "gradwatch_layer_grad_norm", "L2 norm of the layer's gradient, max over ranks."),
     ("weight_norm", "gradwatch_layer_weight_norm", "L2 norm of the layer's weights, max over ranks."),
+    ("grad_max_abs", "gradwatch_layer_grad_max_abs", "Largest |gradient element| of the layer, max over ranks."),
+    (
+        "grad_zero_fraction",
+        "gradwatch_layer_grad_zero_ratio",
+        "Fraction (0-1) of the layer's gradient elements that are exactly zero (dead units), max over ranks.",
+    ),
+    (
+        "weight_zero_fraction",
+        "gradwatch_layer_weight_zero_ratio",
+        "Fraction (0-1) of the layer's weights that are exactly zero, max over ranks.",
+    ),
+    (
+        "update_ratio",
+        "gradwatch_layer_update_ratio",
+        "|Δw|/|w| of the layer's latest full-statistics optimizer step, max over ranks.",
+    ),
 )
 
 
@@ -134,12 +151,15 @@ class _RunFamilies:
     loss: GaugeMetricFamily
     grad_norm: GaugeMetricFamily
     connected: GaugeMetricFamily
+    finished: GaugeMetricFamily
     last_report: GaugeMetricFamily
+    step_duration: GaugeMetricFamily
     non_finite: CounterMetricFamily
     firing: GaugeMetricFamily
     triggers: CounterMetricFamily
     dropped_layers: CounterMetricFamily
     agent_dropped: CounterMetricFamily
+    skipped_steps: CounterMetricFamily
 
     @classmethod
     def empty(cls) -> _RunFamilies:
@@ -154,13 +174,22 @@ class _RunFamilies:
             loss=gauge("gradwatch_run_loss", "Mean of the ranks' latest finite loss.", labels=["run"]),
             grad_norm=gauge(
                 "gradwatch_run_grad_norm",
-                "Latest finite gradient norm of a rank, max or min over ranks.",
+                "Latest finite gradient norm: of a rank, max or min over ranks; agg=global: the whole model's "
+                "norm combined exactly from every rank's share, at the latest step all ranks reported.",
                 labels=["run", "agg"],
             ),
             connected=gauge("gradwatch_run_ranks_connected", "Ranks with an open stream.", labels=["run"]),
+            finished=gauge(
+                "gradwatch_run_finished", "1 once every rank said Goodbye (the run ended cleanly).", labels=["run"]
+            ),
             last_report=gauge(
                 "gradwatch_rank_last_report_timestamp_seconds",
                 "Server time of the rank's latest report.",
+                labels=["run", "rank"],
+            ),
+            step_duration=gauge(
+                "gradwatch_rank_step_duration_seconds",
+                "Duration of the rank's latest reported training step.",
                 labels=["run", "rank"],
             ),
             non_finite=counter(
@@ -186,6 +215,11 @@ class _RunFamilies:
                 "Items the agents dropped, by reason (from heartbeats).",
                 labels=["run", "reason"],
             ),
+            skipped_steps=counter(
+                "gradwatch_skipped_steps_total",
+                "Rank reports of optimizer steps a loss scaler skipped (Inf/NaN in scaled gradients).",
+                labels=["run"],
+            ),
         )
 
     def all(self) -> list[Metric]:
@@ -205,10 +239,16 @@ class _RunFamilies:
         if norms:
             self.grad_norm.add_metric([rid, "max"], max(norms))
             self.grad_norm.add_metric([rid, "min"], min(norms))
+        if run.global_grad_norm is not None:
+            self.grad_norm.add_metric([rid, "global"], run.global_grad_norm)
+        self.skipped_steps.add_metric([rid], run.skipped_steps)
         self.connected.add_metric([rid], sum(1 for r in ranks if r.open_streams > 0))
+        self.finished.add_metric([rid], 1 if run.finished else 0)
         for r in ranks:
             if r.last_report_at is not None:
                 self.last_report.add_metric([rid, str(r.rank)], r.last_report_at)
+            if r.last_step_duration is not None:
+                self.step_duration.add_metric([rid, str(r.rank)], r.last_step_duration)
         for kind in NON_FINITE_KINDS:
             self.non_finite.add_metric([rid, kind], run.non_finite_counts.get(kind, 0))
         for name in detector_names:

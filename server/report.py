@@ -5,6 +5,11 @@ is sqrt(grad_sum_squares), per-layer columns become read-only float32 numpy view
 on the frame's bytes (no copy), and what was non-finite (loss, gradient, weight)
 and where (the first layer) is decided here, once, with vectorised checks, so
 metrics and every detector agree.
+
+A step a loss scaler skipped (`skipped_step`) carries statistics of the *scaled*
+gradients: they say nothing about training health, so its gradient norm is NaN
+(no detector judges it, no gauge shows it), its gradient columns are dropped and
+only a non-finite loss or weight counts as non-finite. The skip itself is counted.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ __all__ = [
 
 #: LayerStats columns in proto order; each holds len(schema) little-endian float32.
 COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in pb.LayerStats.DESCRIPTOR.fields)
+#: float32 values per layer (or module) of the columns that hold more than one; 1 for every other column.
+HISTOGRAM_BINS = 32
+COLUMN_WIDTHS: dict[str, int] = {"grad_log2_histogram": HISTOGRAM_BINS, "log2_histogram": HISTOGRAM_BINS}
+#: ActivationStats columns in proto order; each holds len(activation_schema) little-endian float32.
+ACTIVATION_COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in pb.ActivationStats.DESCRIPTOR.fields)
 LAYER_DTYPE = np.dtype("<f4")
 
 KIND_LOSS = "loss"
@@ -64,6 +74,14 @@ class RankReport:
     non_finite_kinds: tuple[str, ...]
     non_finite_layer: int | None
     received_at: float
+    skipped: bool = False
+    grad_global_share: float | None = None
+    #: NaN provenance from forward hooks: "input batch", or the first module (forward order) with a
+    #: non-finite output, e.g. "module 'net.2' (Linear)"; None when unknown or nothing was non-finite.
+    origin: str | None = None
+    #: The agent's full-statistics interval in force (0: not said) and whether it is over its overhead budget.
+    full_stats_interval: int = 0
+    over_budget: bool = False
 
     @property
     def layer_name(self) -> str | None:
@@ -74,21 +92,32 @@ class RankReport:
 
 
 def build_report(
-    run: str, rank: int, msg: pb.StepReport, layer_names: tuple[str, ...], received_at: float
+    run: str,
+    rank: int,
+    msg: pb.StepReport,
+    layer_names: tuple[str, ...],
+    received_at: float,
+    modules: pb.LayerSchema | None = None,
 ) -> RankReport:
-    """Decode a StepReport already checked by gradwatch.server.validate."""
+    """Decode a StepReport already checked by gradwatch.server.validate; `modules`: Hello.activation_schema."""
     columns = _decode_columns(msg) if msg.HasField("layers") else _EMPTY_COLUMNS
     loss = msg.loss if msg.has_loss else None
     grad_norm = math.sqrt(msg.grad_sum_squares) if msg.grad_sum_squares >= 0 else math.nan
     flags = msg.non_finite
     first = msg.first_non_finite_layer if msg.HasField("first_non_finite_layer") else None
+    share = msg.grad_global_share if msg.HasField("grad_global_share") else None
+    skipped = msg.skipped_step
+    if skipped:  # scaled gradients: not evidence of anything (module docstring)
+        grad_norm, share, first = math.nan, None, None
+        flags &= ~pb.NON_FINITE_FLAG_GRADIENT
+        columns = {name: values for name, values in columns.items() if not name.startswith("grad_")}
 
     grad_layer = _first_bad_layer(columns, "grad_non_finite", "grad_norm")
     weight_layer = _first_bad_layer(columns, "weight_non_finite", "weight_norm")
     kinds = []
     if flags & pb.NON_FINITE_FLAG_LOSS or (loss is not None and not math.isfinite(loss)):
         kinds.append(KIND_LOSS)
-    if (
+    if not skipped and (
         flags & pb.NON_FINITE_FLAG_GRADIENT
         or not math.isfinite(msg.grad_sum_squares)
         or first is not None
@@ -114,7 +143,25 @@ def build_report(
         non_finite_kinds=tuple(kinds),
         non_finite_layer=layer,
         received_at=received_at,
+        skipped=skipped,
+        grad_global_share=share,
+        origin=_origin(msg, modules),
+        full_stats_interval=msg.full_stats_interval,
+        over_budget=msg.over_budget,
     )
+
+
+def _origin(msg: pb.StepReport, modules: pb.LayerSchema | None) -> str | None:
+    """Where the non-finite values of this step came from first, per the agent's forward hooks."""
+    if msg.non_finite & pb.NON_FINITE_FLAG_INPUT:
+        return "input batch"
+    if not msg.HasField("first_non_finite_module") or modules is None:
+        return None
+    index = msg.first_non_finite_module
+    if index >= len(modules.names):
+        return None
+    kind = f" ({modules.module_types[index]})" if index < len(modules.module_types) else ""
+    return f"module {modules.names[index]!r}{kind}"
 
 
 def _decode_columns(msg: pb.StepReport) -> dict[str, np.ndarray]:
@@ -123,7 +170,9 @@ def _decode_columns(msg: pb.StepReport) -> dict[str, np.ndarray]:
     for name in COLUMN_NAMES:
         raw = getattr(layers, name)
         if raw:
-            out[name] = np.frombuffer(raw, dtype=LAYER_DTYPE)
+            values = np.frombuffer(raw, dtype=LAYER_DTYPE)
+            width = COLUMN_WIDTHS.get(name, 1)
+            out[name] = values if width == 1 else values.reshape(-1, width)
     return out
 
 

@@ -7,6 +7,8 @@ at construction time, whether it came from YAML or from Python.
 
 `load_settings(cls, mapping, key="limits")` turns a parsed YAML mapping into an
 instance; every problem is a `SettingError` (a ValueError) naming the dotted key.
+Supported field types: bool, int, float, str, `tuple[str, ...]` (a YAML list of
+strings) and nested Settings.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def load_settings(cls: type[T], data: Any, key: str) -> T:
 
 
 def _convert(hint: Any, value: Any, dotted: str) -> Any:
+    if typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, Ellipsis):
+        # A list of strings in YAML (e.g. URLs); stored as a tuple so the settings stay frozen.
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise SettingError(dotted, f"must be a list of strings, got {value!r}")
+        return tuple(value)
     if isinstance(hint, type) and issubclass(hint, Settings):
         return load_settings(hint, value, dotted)
     if hint is bool:

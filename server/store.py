@@ -8,6 +8,11 @@ Contract
   metric series capped to the first `max_layer_series_per_run` layers in schema order.
 * Vectorised: per-layer columns are kept as the float32 arrays decoded from the
   frame; aggregation across ranks is numpy fancy indexing, never a loop per layer.
+* Exact across ranks: each report may carry the rank's share of the global gradient
+  sum of squares (StepReport.grad_global_share); once every rank of the run has
+  reported a step, the shares are summed into the run's global gradient norm for
+  that step (exact for DDP, FSDP2 and hybrid layouts). Incomplete steps wait in a
+  bounded table (GLOBAL_PENDING_STEPS, oldest dropped).
 * Thread-safe: one re-entrant lock (`RunStore.lock`) guards everything; the ingest
   path writes from the gRPC loop thread, /metrics and /api read from HTTP threads.
   Readers that touch several objects hold `store.lock` for the whole read.
@@ -51,6 +56,8 @@ EVENT_ATTRIBUTES = 32
 EVENT_ATTRIBUTE_CHARS = 256
 SCHEMAS_PER_RUN = 64  # distinct schemas interned; more are mapped but not cached
 DROPPED_LAYERS_TRACKED = 1 << 17  # distinct dropped layer names counted (a floor beyond this)
+GLOBAL_PENDING_STEPS = 256  # steps waiting for the other ranks' gradient shares
+GLOBAL_HISTORY = 1024  # (step, global gradient norm) kept per run
 _NO_COLUMNS: Mapping[str, np.ndarray] = {}
 
 
@@ -81,12 +88,16 @@ class RankState:
     torch_version: str = ""
     device_kind: str = ""
     full_stats_interval: int = 0
+    #: From the latest report: the interval in force (the agent's overhead budget may stretch it).
+    full_stats_interval_in_force: int = 0
+    over_budget: bool = False
     #: Agent session id -> highest seq applied; oldest sessions forgotten first.
     sessions: collections.OrderedDict[str, int] = field(default_factory=collections.OrderedDict)
     last_step: int | None = None
     last_report_at: float | None = None
     last_loss: float | None = None  # latest finite loss
     last_grad_norm: float | None = None  # latest finite gradient norm
+    last_step_duration: float | None = None  # seconds the latest reported step took (finite, ≥ 0)
     columns: Mapping[str, np.ndarray] = field(default_factory=lambda: _NO_COLUMNS)
     columns_schema: SchemaEntry | None = None
     columns_step: int | None = None
@@ -120,6 +131,16 @@ class RunState:
     finished_at: float | None = None
     #: Finished longer than the retention: out of /metrics, alerts resolved (set by Ingestor.sweep).
     expired: bool = False
+    #: Reports of steps a loss scaler skipped (StepReport.skipped_step), all ranks.
+    skipped_steps: int = 0
+    #: Global gradient norm of the latest step every rank reported a share for, and its step.
+    global_grad_norm: float | None = None
+    global_grad_norm_step: int | None = None
+    global_grad_norms: collections.deque[tuple[int, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=GLOBAL_HISTORY)
+    )
+    #: step -> {rank: share} for steps not yet reported by every rank.
+    pending_shares: collections.OrderedDict[int, dict[int, float]] = field(default_factory=collections.OrderedDict)
 
     @property
     def finished(self) -> bool:
@@ -130,6 +151,22 @@ class RunState:
     def exported(self) -> bool:
         """Whether /metrics shows the run: unfinished, or finished within the retention period."""
         return not self.expired
+
+    def add_grad_share(self, step: int, rank: int, share: float) -> None:
+        """Record a rank's share of step `step`; complete steps become the run's global gradient norm."""
+        shares = self.pending_shares.get(step)
+        if shares is None:
+            shares = self.pending_shares[step] = {}
+            while len(self.pending_shares) > GLOBAL_PENDING_STEPS:
+                self.pending_shares.popitem(last=False)
+        shares[rank] = share  # a resent step overwrites: never counted twice
+        if len(shares) < self.world_size:
+            return
+        del self.pending_shares[step]
+        norm = math.sqrt(math.fsum(shares.values()))
+        self.global_grad_norms.append((step, norm))
+        if math.isfinite(norm) and (self.global_grad_norm_step is None or step >= self.global_grad_norm_step):
+            self.global_grad_norm, self.global_grad_norm_step = norm, step
 
     def intern_schema(self, names: tuple[str, ...]) -> SchemaEntry:
         """The shared SchemaEntry for `names`, extending the exported layer set if room is left."""
@@ -259,10 +296,19 @@ class RunStore:
                 state.last_loss = report.loss
             if math.isfinite(report.grad_norm):
                 state.last_grad_norm = report.grad_norm
+            if math.isfinite(report.step_duration_s) and report.step_duration_s >= 0:
+                state.last_step_duration = report.step_duration_s
             if report.columns:
                 state.columns, state.columns_schema, state.columns_step = report.columns, schema, report.step
             for kind in report.non_finite_kinds:
                 run.non_finite_counts[kind] += 1
+            if report.skipped:
+                run.skipped_steps += 1
+            if report.full_stats_interval:
+                state.full_stats_interval_in_force = report.full_stats_interval
+            state.over_budget = report.over_budget
+            if report.grad_global_share is not None and report.rank < run.world_size:
+                run.add_grad_share(report.step, report.rank, report.grad_global_share)
 
     def record_event(self, run: RunState, rank: int, event: pb.Event) -> None:
         """Keep the event in the run's bounded log, truncated (events are for humans, not bulk data)."""

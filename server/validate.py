@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gradwatch.server.config import LimitsConfig
-from gradwatch.server.report import COLUMN_NAMES
+from gradwatch.server.report import ACTIVATION_COLUMN_NAMES, COLUMN_NAMES, COLUMN_WIDTHS
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 __all__ = [
@@ -227,6 +227,10 @@ class StreamValidator:
             raise _reject(INVALID_REPORT, f"grad_sum_squares is negative ({report.grad_sum_squares})")
         if report.step_duration_s < 0 or report.agent_time_s < 0:
             raise _reject(INVALID_REPORT, "step_duration_s and agent_time_s must not be negative")
+        if report.HasField("grad_global_share") and report.grad_global_share < 0:
+            raise _reject(INVALID_REPORT, f"grad_global_share is negative ({report.grad_global_share})")
+        if report.HasField("loss_scale") and not report.loss_scale >= 0:
+            raise _reject(INVALID_REPORT, f"loss_scale must be >= 0, got {report.loss_scale}")
         if not math.isfinite(report.wall_time):
             raise _reject(INVALID_REPORT, f"wall_time is {report.wall_time}")
         assert self._hello is not None
@@ -235,12 +239,34 @@ class StreamValidator:
             raise _reject(
                 INVALID_REPORT, f"first_non_finite_layer {report.first_non_finite_layer} but the schema has {n} layers"
             )
+        self._check_activations(report)
         if report.HasField("layers"):
-            expected = 4 * n
             for name in COLUMN_NAMES:
+                expected = 4 * n * COLUMN_WIDTHS.get(name, 1)
                 size = len(getattr(report.layers, name))
                 if size and size != expected:
                     raise _reject(
                         INVALID_LAYER_STATS,
                         f"LayerStats.{name} has {size} bytes; the schema's {n} layers need {expected}",
                     )
+
+    def _check_activations(self, report: pb.StepReport) -> None:
+        """Activation columns and NaN provenance against Hello.activation_schema; input columns paired."""
+        assert self._hello is not None
+        m = len(self._hello.activation_schema.names)
+        if report.HasField("first_non_finite_module") and report.first_non_finite_module >= m:
+            raise _reject(
+                INVALID_REPORT, f"first_non_finite_module {report.first_non_finite_module} but {m} observed modules"
+            )
+        if report.HasField("activations"):
+            for name in ACTIVATION_COLUMN_NAMES:
+                size, expected = len(getattr(report.activations, name)), 4 * m * COLUMN_WIDTHS.get(name, 1)
+                if size and size != expected:
+                    raise _reject(
+                        INVALID_LAYER_STATS,
+                        f"ActivationStats.{name} has {size} bytes; the {m} observed modules need {expected}",
+                    )
+        if len(report.input_mean) != len(report.input_std) or len(report.input_mean) % 4:
+            raise _reject(INVALID_REPORT, "input_mean and input_std must be float32 columns of equal length")
+        if len(report.label_histogram) % 4:
+            raise _reject(INVALID_REPORT, "label_histogram must be a float32 column")

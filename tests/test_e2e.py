@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import threading
@@ -107,6 +108,7 @@ def test_e2e_nan_at_step_k_raises_non_finite_for_step_k(server: tuple[ServerApp,
     assert alert["ranks"] == [0]
     assert alert["severity"] == "critical"
     assert alert["layer"] == "0"  # the first Linear: the NaN input poisons its gradient first
+    assert "started in the input batch" in alert["summary"]  # NaN provenance from the forward hooks
     assert [a["detector"] for a in app.alerts(run="nan-run", state="firing")] == ["non_finite"]
 
 
@@ -222,3 +224,72 @@ def test_e2e_metrics_after_real_run_pass_promtool(server: tuple[ServerApp, Alert
     assert _sample(text, "gradwatch_non_finite_events_total", run="scraped", kind="gradient") >= 1
     for layer in ("0", "2", "4"):  # the three Linear layers; the Tanh modules own no parameters
         _sample(text, "gradwatch_layer_grad_norm", run="scraped", layer=layer)
+
+
+def test_e2e_grad_scaler_skipped_steps_are_counted_not_alerted(server: tuple[ServerApp, AlertLog]) -> None:
+    from torch import nn
+
+    app, log = server
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    skip_at = {25, 26, 33}  # after the detectors' warm-up: scaled gradients overflow (Inf), the scaler skips
+    with gradwatch.attach(model, opt, run="amp", server=app.grpc_target, grad_scaler=scaler) as monitor:
+        for step in range(1, 41):
+            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.mse_loss(model(x).float(), x.sum(dim=1, keepdim=True).sin())
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            if step in skip_at:
+                model[0].weight.grad[0, 0] = math.inf
+            scaler.step(opt)
+            scaler.update()
+            monitor.step(loss)
+        assert monitor.close(timeout=5)
+    (run,) = app.runs()
+    assert run["skipped_steps"] == 3 and run["step"] == 40
+    assert run["non_finite_events"] == {"loss": 0, "gradient": 0, "weight": 0}
+    assert app.alerts(run="amp") == [] and log.events == []
+    text = _scrape(app)
+    assert _sample(text, "gradwatch_skipped_steps_total", run="amp") == 3
+    assert 0 < _sample(text, "gradwatch_layer_update_ratio", run="amp", layer="0") < 1  # step 40's update
+
+
+def test_e2e_critical_alert_reaches_every_rank_as_a_flag_a_callback_and_an_exception(
+    server: tuple[ServerApp, AlertLog],
+) -> None:
+    from gradwatch.agent.actions import AlertNotice, TrainingAlert
+
+    app, log = server
+    notices: list[AlertNotice] = []
+    trainings = [DemoTraining(seed=10), DemoTraining(seed=11)]
+    common = {"run": "act", "server": app.grpc_target, "world_size": 2}
+    stopper = gradwatch.attach(trainings[0].model, trainings[0].optimizer, rank=0, on_alert="flag", **common)
+    other = gradwatch.attach(trainings[0].model, None, rank=0, on_alert="flag", run="act-other",
+                             server=app.grpc_target)  # another run: never told  # fmt: skip
+    raising = gradwatch.attach(trainings[1].model, trainings[1].optimizer, rank=1, on_alert="raise",
+                               alert_callback=notices.append, **common)  # fmt: skip
+    raised: list[TrainingAlert] = []
+    deadline = time.monotonic() + 15
+    step = 0
+    while not raised or not stopper.stop_requested:
+        assert time.monotonic() < deadline, "no alert action within 15 s"
+        step += 1
+        stopper.step(trainings[0].step())
+        other.step(1.0)
+        try:
+            raising.step(trainings[1].step("nan" if step == 3 else "none"))
+        except TrainingAlert as exc:
+            raised.append(exc)
+        time.sleep(0.01)  # let acks and commands flow between steps
+    raising.step(trainings[1].step())  # once per alert: no second exception
+    for monitor in (stopper, other, raising):
+        monitor.close(timeout=5)
+    (alert,) = [e for e in log.events if e["state"] == "firing"]
+    assert alert["detector"] == "non_finite" and alert["step"] == 3
+    assert [(n.detector, n.severity, n.step, n.rank) for n in notices] == [("non_finite", "critical", 3, 1)]
+    assert raised[0].notice == notices[0] and "non_finite" in str(raised[0])
+    assert raising.stop_requested and stopper.last_alert == notices[0]
+    assert other.last_alert is None and not other.stop_requested

@@ -70,3 +70,95 @@ def test_e2e_distributed_nan_on_one_rank_names_that_rank() -> None:
         assert alerts[0]["step"] == NAN_STEP
     finally:
         app.stop()
+
+
+# ---------------------------------------------------------------------- exact global gradient norm across ranks
+
+GLOBAL_STEPS = 4
+
+
+def _global_worker(rank: int, world_size: int, master_port: int, target: str, out_dir: str) -> None:
+    import json
+
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import gradwatch
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(master_port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)  # the same initial weights on every rank
+        return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def true_sum_squares(net: nn.Module) -> float:
+        total = 0.0
+        for p in net.parameters():
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # a collective: test only
+            total += float(grad.double().pow(2).sum())
+        return total
+
+    try:
+        ddp = DistributedDataParallel(model())
+        fsdp = model()
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in list(fsdp)[::2]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(fsdp, mesh=mesh)
+        truth: dict[str, list[float]] = {}
+        for name, net in (("ddp", ddp), ("fsdp", fsdp)):
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            truth[name] = []
+            with gradwatch.attach(net, opt, run=f"global-{name}", server=target) as monitor:
+                for step in range(1, GLOBAL_STEPS + 1):
+                    generator = torch.Generator().manual_seed(100 * step + rank)  # different data per rank
+                    x = torch.randn(16, 8, generator=generator)
+                    loss = nn.functional.mse_loss(net(x), x.sum(dim=1, keepdim=True).sin())
+                    opt.zero_grad()
+                    loss.backward()
+                    truth[name].append(true_sum_squares(net))
+                    opt.step()
+                    monitor.step(loss)
+                assert monitor.close(timeout=10)
+        if rank == 0:
+            with open(os.path.join(out_dir, "truth.json"), "w") as f:
+                json.dump(truth, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_e2e_distributed_ddp_and_fsdp2_global_grad_norm_is_exact(tmp_path: Any) -> None:
+    import json
+    import math
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = ServerApp(ServerConfig.local()).start()
+    try:
+        mp.spawn(_global_worker, args=(2, _free_port(), app.grpc_target, str(tmp_path)), nprocs=2, join=True)
+        truth = json.loads((tmp_path / "truth.json").read_text())
+        text = urllib.request.urlopen(f"{app.http_url}/metrics", timeout=5).read().decode()
+        exported = {
+            s.labels["run"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "gradwatch_run_grad_norm" and s.labels.get("agg") == "global"
+        }
+        for name in ("ddp", "fsdp"):
+            run = app.store.get(f"global-{name}")
+            assert run is not None
+            expected = [math.sqrt(v) for v in truth[name]]
+            steps, norms = zip(*run.global_grad_norms, strict=True)
+            assert list(steps) == list(range(1, GLOBAL_STEPS + 1))
+            assert list(norms) == pytest.approx(expected, rel=1e-5), name
+            assert exported[f"global-{name}"] == pytest.approx(expected[-1], rel=1e-5)
+            if name == "fsdp":  # sharded: a rank's own norm is not the model's
+                assert all(r.last_grad_norm < expected[-1] for r in run.ranks.values())
+    finally:
+        app.stop()

@@ -17,6 +17,7 @@ from gradwatch.server.detectors.base import (
     DetectorSpec,
     Fire,
     Verdict,
+    alert_name_for,
 )
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "DetectorSpec",
     "Fire",
     "Verdict",
+    "alert_name_for",
+    "inhibitions",
     "spec_by_name",
 ]
 
@@ -44,3 +47,9 @@ def spec_by_name(name: str) -> DetectorSpec:
         if spec.name == name:
             return spec
     raise KeyError(f"no detector {name!r} (known: {', '.join(s.name for s in REGISTRY)})")
+
+
+def inhibitions(specs: tuple[DetectorSpec, ...] = REGISTRY) -> dict[str, frozenset[str]]:
+    """Source detector -> detectors it inhibits for the same run (the data behind every inhibition
+    rule: the server's notifier and deploy/alertmanager/alertmanager.yml)."""
+    return {spec.name: frozenset(spec.inhibits) for spec in specs if spec.inhibits}

@@ -14,6 +14,7 @@ Contract
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,10 +22,33 @@ from typing import Protocol
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import Settings, setting
 
-__all__ = ["SEVERITIES", "Clear", "Detector", "DetectorConfig", "DetectorSpec", "Fire", "Verdict"]
+__all__ = [
+    "SEVERITIES",
+    "Clear",
+    "Detector",
+    "DetectorConfig",
+    "DetectorSpec",
+    "Fire",
+    "Verdict",
+    "alert_name_for",
+]
 
 #: Alertmanager's usual severities, most urgent first.
 SEVERITIES = ("critical", "warning", "info")
+#: Detector names are label values, file names and the source of CamelCase alert names.
+_NAME = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
+
+
+def alert_name_for(detector: str) -> str:
+    """The CamelCase `alertname` of a detector's alerts: "non_finite" -> "GradwatchNonFinite".
+
+    Used by the Alertmanager push and the Prometheus/Grafana rules alike, so a page has
+    one name whichever path delivered it. Defined for any well-formed name, including
+    detectors that do not exist yet (inhibition rules may name them).
+    """
+    if not _NAME.fullmatch(detector):
+        raise ValueError(f"detector name must be snake_case ([a-z][a-z0-9_]*), got {detector!r}")
+    return "Gradwatch" + "".join(part.capitalize() for part in detector.split("_"))
 
 
 @dataclass(frozen=True)
@@ -69,7 +93,10 @@ class DetectorSpec:
     """A registered detector: stable identity and how to build it.
 
     `name` is the stable label value and alert identity; `runbook` a repository path
-    to the page an on-call engineer reads first.
+    to the page an on-call engineer reads first. `inhibits` names the detectors whose
+    alerts this one suppresses for the same run while it fires (a NaN explains an
+    exploding gradient and a diverging loss; one page is enough). Names of detectors
+    that are not registered are allowed and simply never match.
     """
 
     name: str
@@ -77,10 +104,20 @@ class DetectorSpec:
     description: str
     config_type: type[DetectorConfig]
     factory: Callable[[DetectorConfig], Detector]
+    inhibits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
             raise ValueError(f"detector {self.name!r}: severity must be one of {SEVERITIES}")
+        for name in (self.name, *self.inhibits):
+            alert_name_for(name)  # raises on a malformed name
+        if self.name in self.inhibits:
+            raise ValueError(f"detector {self.name!r} cannot inhibit itself")
+
+    @property
+    def alert_name(self) -> str:
+        """CamelCase alertname shared by every delivery path (see alert_name_for)."""
+        return alert_name_for(self.name)
 
     @property
     def runbook(self) -> str:

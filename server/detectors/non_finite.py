@@ -78,7 +78,8 @@ def _bad_count(report: RankReport) -> float | None:
 def _summary(report: RankReport) -> str:
     what = " and ".join(report.non_finite_kinds)
     where = f" first in layer {report.layer_name!r}" if report.layer_name is not None else ""
-    return f"non-finite {what} on rank {report.rank} at step {report.step}{where}"
+    origin = f"; it started in the {report.origin}" if report.origin is not None else ""
+    return f"non-finite {what} on rank {report.rank} at step {report.step}{where}{origin}"
 
 
 SPEC = DetectorSpec(
@@ -87,4 +88,6 @@ SPEC = DetectorSpec(
     description="NaN or Inf in the loss, a gradient or a weight.",
     config_type=NonFiniteConfig,
     factory=lambda config: NonFiniteDetector(config),  # type: ignore[arg-type]
+    # A NaN makes gradients "explode" and the loss "diverge" too: page once, for the cause.
+    inhibits=("exploding_gradient", "loss_divergence"),
 )

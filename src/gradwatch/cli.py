@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=_port, default=None, help="HTTP port: /metrics, API (default 9400)")
     serve.add_argument("--host", default=None, help="address to bind both ports to (default 0.0.0.0)")
     serve.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
+    serve.add_argument(
+        "--alertmanager-url",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="push alerts to this Alertmanager (API v2); repeat for every replica",
+    )
+    serve.add_argument(
+        "--webhook-url", action="append", default=None, metavar="URL", help="POST alerts as JSON here; repeatable"
+    )
+    serve.add_argument(
+        "--external-url", default=None, metavar="URL", help="this server's URL as users reach it (alert links)"
+    )
 
     demo = sub.add_parser("demo", help="train a small model with an injected fault and print the alerts raised")
     demo.add_argument("--fault", choices=FAULTS, default="nan", help="fault to inject (default: nan)")
@@ -69,7 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             config = config_from_args(
-                grpc_port=args.grpc_port, http_port=args.http_port, host=args.host, config_file=args.config
+                grpc_port=args.grpc_port,
+                http_port=args.http_port,
+                host=args.host,
+                config_file=args.config,
+                alertmanager_urls=args.alertmanager_url,
+                webhook_urls=args.webhook_url,
+                external_url=args.external_url,
             )
         except ValueError as exc:
             print(f"gradwatch serve: {exc}", file=sys.stderr)

@@ -18,19 +18,25 @@ class NonFiniteFlag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NON_FINITE_FLAG_LOSS: _ClassVar[NonFiniteFlag]
     NON_FINITE_FLAG_GRADIENT: _ClassVar[NonFiniteFlag]
     NON_FINITE_FLAG_WEIGHT: _ClassVar[NonFiniteFlag]
+    NON_FINITE_FLAG_INPUT: _ClassVar[NonFiniteFlag]
+    NON_FINITE_FLAG_ACTIVATION: _ClassVar[NonFiniteFlag]
 
 class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMMAND_KIND_UNSPECIFIED: _ClassVar[CommandKind]
     COMMAND_KIND_FULL_STATS: _ClassVar[CommandKind]
+    COMMAND_KIND_ALERT: _ClassVar[CommandKind]
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_CURRENT: ProtocolVersion
 NON_FINITE_FLAG_UNSPECIFIED: NonFiniteFlag
 NON_FINITE_FLAG_LOSS: NonFiniteFlag
 NON_FINITE_FLAG_GRADIENT: NonFiniteFlag
 NON_FINITE_FLAG_WEIGHT: NonFiniteFlag
+NON_FINITE_FLAG_INPUT: NonFiniteFlag
+NON_FINITE_FLAG_ACTIVATION: NonFiniteFlag
 COMMAND_KIND_UNSPECIFIED: CommandKind
 COMMAND_KIND_FULL_STATS: CommandKind
+COMMAND_KIND_ALERT: CommandKind
 
 class AgentFrame(_message.Message):
     __slots__ = ("seq", "hello", "report", "event", "heartbeat", "goodbye")
@@ -49,7 +55,7 @@ class AgentFrame(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., event: _Optional[_Union[Event, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "job_name", "rank", "world_size", "local_rank", "host", "pid", "session_id", "agent_version", "torch_version", "device_kind", "full_stats_interval", "schema")
+    __slots__ = ("protocol_version", "run_id", "job_name", "rank", "world_size", "local_rank", "host", "pid", "session_id", "agent_version", "torch_version", "device_kind", "full_stats_interval", "schema", "activation_schema")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +70,7 @@ class Hello(_message.Message):
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     FULL_STATS_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: str
     job_name: str
@@ -78,7 +85,8 @@ class Hello(_message.Message):
     device_kind: str
     full_stats_interval: int
     schema: LayerSchema
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., job_name: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., session_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device_kind: _Optional[str] = ..., full_stats_interval: _Optional[int] = ..., schema: _Optional[_Union[LayerSchema, _Mapping]] = ...) -> None: ...
+    activation_schema: LayerSchema
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., job_name: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., session_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device_kind: _Optional[str] = ..., full_stats_interval: _Optional[int] = ..., schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., activation_schema: _Optional[_Union[LayerSchema, _Mapping]] = ...) -> None: ...
 
 class LayerSchema(_message.Message):
     __slots__ = ("names", "module_types", "param_counts")
@@ -91,7 +99,7 @@ class LayerSchema(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers")
+    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +112,18 @@ class StepReport(_message.Message):
     OPTIMIZER_STEP_FIELD_NUMBER: _ClassVar[int]
     AGENT_TIME_S_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_GLOBAL_SHARE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_NON_FINITE_MODULE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    INPUT_STD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    FULL_STATS_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
     step: int
     wall_time: float
     step_duration_s: float
@@ -116,10 +136,42 @@ class StepReport(_message.Message):
     optimizer_step: int
     agent_time_s: float
     layers: LayerStats
-    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ...) -> None: ...
+    skipped_step: bool
+    loss_scale: float
+    micro_steps: int
+    grad_global_share: float
+    first_non_finite_module: int
+    activations: ActivationStats
+    output_spread: float
+    input_mean: bytes
+    input_std: bytes
+    label_histogram: bytes
+    full_stats_interval: int
+    over_budget: bool
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ...) -> None: ...
+
+class ActivationStats(_message.Message):
+    __slots__ = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "log2_histogram")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    ZERO_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    LOG2_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    mean: bytes
+    std: bytes
+    max_abs: bytes
+    non_finite: bytes
+    zero_fraction: bytes
+    dead_fraction: bytes
+    saturated_fraction: bytes
+    log2_histogram: bytes
+    def __init__(self, mean: _Optional[bytes] = ..., std: _Optional[bytes] = ..., max_abs: _Optional[bytes] = ..., non_finite: _Optional[bytes] = ..., zero_fraction: _Optional[bytes] = ..., dead_fraction: _Optional[bytes] = ..., saturated_fraction: _Optional[bytes] = ..., log2_histogram: _Optional[bytes] = ...) -> None: ...
 
 class LayerStats(_message.Message):
-    __slots__ = ("grad_norm", "grad_max_abs", "grad_mean", "grad_non_finite", "grad_zero_fraction", "weight_norm", "weight_max_abs", "weight_mean", "weight_non_finite", "weight_zero_fraction")
+    __slots__ = ("grad_norm", "grad_max_abs", "grad_mean", "grad_non_finite", "grad_zero_fraction", "weight_norm", "weight_max_abs", "weight_mean", "weight_non_finite", "weight_zero_fraction", "grad_min", "grad_max", "weight_min", "weight_max", "update_ratio", "grad_log2_histogram")
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     GRAD_MAX_ABS_FIELD_NUMBER: _ClassVar[int]
     GRAD_MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +182,12 @@ class LayerStats(_message.Message):
     WEIGHT_MEAN_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_ZERO_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MIN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MAX_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_MIN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_MAX_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LOG2_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     grad_norm: bytes
     grad_max_abs: bytes
     grad_mean: bytes
@@ -140,7 +198,13 @@ class LayerStats(_message.Message):
     weight_mean: bytes
     weight_non_finite: bytes
     weight_zero_fraction: bytes
-    def __init__(self, grad_norm: _Optional[bytes] = ..., grad_max_abs: _Optional[bytes] = ..., grad_mean: _Optional[bytes] = ..., grad_non_finite: _Optional[bytes] = ..., grad_zero_fraction: _Optional[bytes] = ..., weight_norm: _Optional[bytes] = ..., weight_max_abs: _Optional[bytes] = ..., weight_mean: _Optional[bytes] = ..., weight_non_finite: _Optional[bytes] = ..., weight_zero_fraction: _Optional[bytes] = ...) -> None: ...
+    grad_min: bytes
+    grad_max: bytes
+    weight_min: bytes
+    weight_max: bytes
+    update_ratio: bytes
+    grad_log2_histogram: bytes
+    def __init__(self, grad_norm: _Optional[bytes] = ..., grad_max_abs: _Optional[bytes] = ..., grad_mean: _Optional[bytes] = ..., grad_non_finite: _Optional[bytes] = ..., grad_zero_fraction: _Optional[bytes] = ..., weight_norm: _Optional[bytes] = ..., weight_max_abs: _Optional[bytes] = ..., weight_mean: _Optional[bytes] = ..., weight_non_finite: _Optional[bytes] = ..., weight_zero_fraction: _Optional[bytes] = ..., grad_min: _Optional[bytes] = ..., grad_max: _Optional[bytes] = ..., weight_min: _Optional[bytes] = ..., weight_max: _Optional[bytes] = ..., update_ratio: _Optional[bytes] = ..., grad_log2_histogram: _Optional[bytes] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("kind", "step", "wall_time", "message", "attributes")
@@ -215,14 +279,22 @@ class Ack(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("kind", "steps", "reason")
+    __slots__ = ("kind", "steps", "reason", "detector", "severity", "step", "rank")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     kind: CommandKind
     steps: int
     reason: str
-    def __init__(self, kind: _Optional[_Union[CommandKind, str]] = ..., steps: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    detector: str
+    severity: str
+    step: int
+    rank: int
+    def __init__(self, kind: _Optional[_Union[CommandKind, str]] = ..., steps: _Optional[int] = ..., reason: _Optional[str] = ..., detector: _Optional[str] = ..., severity: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ("hello", "frames")

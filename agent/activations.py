@@ -1,0 +1,328 @@
+"""Forward hooks: activation statistics, input statistics and NaN provenance, computed on the device.
+
+Which modules: the layers of the schema (modules that own parameters) and activation modules (ReLU, GELU,
+Sigmoid, Tanh, ...: `ACTIVATION_TYPES`), in `named_modules()` order: the *activation schema* sent in Hello.
+The root module's forward pre-hook sees the model's input, its forward hook the model's output. Forwards run
+with gradients disabled (evaluation) are not observed. Hooks only queue device kernels: nothing here reads
+a tensor value. Inside a region torch.compile traces, the hooks step aside (their per-step Python state
+would make dynamo recompile every step): a compiled model reports gradients, weights and the loss as usual,
+without activation statistics or NaN provenance.
+
+Every observed step (cheap, one kernel per module call): the float32 sum of each module's output, and of
+the input. A sum is non-finite exactly when some element is NaN/Inf (or the sum overflows float32, i.e.
+|values| ~ 1e38: an explosion anyway), so the sender can name, on the step itself, the first module *in
+forward order* whose output went non-finite, or the input batch. Forward order is recorded on the host as
+the order of first calls.
+
+Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
+(channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros,
+fraction of dead units (never positive across the batch), fraction of saturated units (for bounded
+activations: every output of the unit within 1 % of the range's ends; NaN for unbounded modules), and
+`STATS_PER_MODULE` = 7 values in that order, then a log2-magnitude histogram of the output
+(histogram.py). Plus: the spread of the model's output across the batch (mean
+over units of the batch std), the per-feature mean and std of the input (first `MAX_INPUT_FEATURES`
+features) and, when labels are given, a class histogram of `LABEL_BINS` bins (labels clamped into range).
+
+Contract: `take()` returns the capture since the last call, or None when no training forward ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch.agent import errors
+from gradwatch.agent.histogram import LOG2_BINS, log2_histogram
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "LABEL_BINS",
+    "MAX_INPUT_FEATURES",
+    "STATS_PER_MODULE",
+    "VALUES_PER_MODULE",
+    "ActivationCapture",
+    "ActivationItem",
+    "ActivationTap",
+    "assemble",
+    "label_histogram",
+]
+
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.LogSigmoid,
+)  # fmt: skip
+STATS_PER_MODULE = 7  # mean, std, max_abs, non_finite, zero_fraction, dead_fraction, saturated_fraction
+VALUES_PER_MODULE = STATS_PER_MODULE + LOG2_BINS  # the statistics, then the log2-magnitude histogram
+MAX_INPUT_FEATURES = 1024
+LABEL_BINS = 1024
+_SATURATION_MARGIN = 0.01
+_F32 = torch.float32
+
+
+def _bounds(module: nn.Module) -> tuple[float, float] | None:
+    """The output range of a bounded activation, else None."""
+    if isinstance(module, nn.Sigmoid | nn.Hardsigmoid):
+        return 0.0, 1.0
+    if isinstance(module, nn.Tanh | nn.Softsign):
+        return -1.0, 1.0
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return float(module.min_val), float(module.max_val)
+    return None
+
+
+@dataclass
+class ActivationCapture:
+    """What the hooks queued for one report. Tensors are on the device; the rest is host bookkeeping."""
+
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # module index -> output sum (all calls)
+    order: list[int] = field(default_factory=list)  # module indexes in order of first call
+    input_sum: torch.Tensor | None = None
+    full: bool = False
+    stats: dict[int, torch.Tensor] = field(default_factory=dict)  # module index -> STATS_PER_MODULE values
+    output_spread: torch.Tensor | None = None
+    input_mean: torch.Tensor | None = None  # per feature, at most MAX_INPUT_FEATURES
+    input_std: torch.Tensor | None = None
+
+
+class ActivationTap:
+    """Forward hooks on the watched modules of one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_names: set[str],
+        is_full: Callable[[], bool],
+        add_agent_time: Callable[[float], None],
+    ) -> None:
+        """`layer_names`: the schema's module names ("" for the root); `is_full()` says whether the report
+        being prepared is a full-statistics one; hook time is handed to `add_agent_time`."""
+        self._is_full = is_full
+        self._add_agent_time = add_agent_time
+        self._capture: ActivationCapture | None = None
+        self._handles: list[Any] = []
+        names: list[str] = []
+        types: list[str] = []
+        for name, module in model.named_modules():
+            if name not in layer_names and not isinstance(module, ACTIVATION_TYPES):
+                continue
+            index = len(names)
+            names.append(name or "<root>")
+            types.append(type(module).__name__)
+            self._handles.append(module.register_forward_hook(self._output_hook(index, _bounds(module))))
+        self.names, self.module_types = tuple(names), tuple(types)
+        self._handles.append(model.register_forward_pre_hook(self._input_hook))
+        self._handles.append(model.register_forward_hook(self._model_output_hook))
+
+    def take(self) -> ActivationCapture | None:
+        capture, self._capture = self._capture, None
+        return capture
+
+    def remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    # ------------------------------------------------------------------ hooks (training thread)
+
+    def _current(self) -> ActivationCapture:
+        if self._capture is None:
+            self._capture = ActivationCapture(full=self._is_full())
+        return self._capture
+
+    def _input_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():
+            return
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or not torch.is_grad_enabled() or not x.is_floating_point():
+            return
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                capture = self._current()
+                s = x.detach().sum(dtype=_F32)
+                capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
+                if capture.full and capture.input_mean is None and x.dim() >= 2:
+                    units = _units_last(x.detach().to(_F32))
+                    capture.input_std, capture.input_mean = torch.std_mean(units[:MAX_INPUT_FEATURES], dim=1,
+                                                                           correction=0)  # fmt: skip
+        except Exception as exc:
+            errors.report(exc, "input_hook")
+        finally:
+            self._add_agent_time(time.perf_counter() - started)
+
+    def _model_output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        out = _first_tensor(output)
+        if out is None or not torch.is_grad_enabled():
+            return
+        started = time.perf_counter()
+        try:
+            capture = self._current()
+            if capture.full and capture.output_spread is None and out.dim() >= 2:
+                with torch.no_grad():
+                    o = out.detach().to(_F32).reshape(out.shape[0], -1)
+                    capture.output_spread = o.std(dim=0, correction=0).mean()
+        except Exception as exc:
+            errors.report(exc, "output_hook")
+        finally:
+            self._add_agent_time(time.perf_counter() - started)
+
+    def _output_hook(self, index: int, bounds: tuple[float, float] | None) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if torch.compiler.is_compiling():
+                return
+            out = _first_tensor(output)
+            if out is None or not torch.is_grad_enabled():
+                return
+            started = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    capture = self._current()
+                    a = out.detach()
+                    s = a.sum(dtype=_F32)
+                    previous = capture.sums.get(index)
+                    if previous is None:
+                        capture.order.append(index)
+                        capture.sums[index] = s
+                        if capture.full:
+                            capture.stats[index] = _module_stats(a.to(_F32), bounds)
+                    else:
+                        capture.sums[index] = previous + s
+            except Exception as exc:
+                errors.report(exc, "forward_hook")
+            finally:
+                self._add_agent_time(time.perf_counter() - started)
+
+        return hook
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() and output.numel() else None
+    if isinstance(output, tuple | list) and output:
+        return _first_tensor(output[0])
+    return None
+
+
+def _units_last(a: torch.Tensor) -> torch.Tensor:
+    """`a` as (units, samples): units are dim 1 for 4+-D tensors (channels), else the last dim."""
+    if a.dim() == 1:
+        return a.reshape(-1, 1)
+    unit_dim = 1 if a.dim() >= 4 else a.dim() - 1
+    return a.movedim(unit_dim, 0).reshape(a.shape[unit_dim], -1)
+
+
+def _reduce_dims(a: torch.Tensor) -> tuple[int, ...]:
+    """Every dimension but the units' (dim 1 for 4+-D tensors, else the last): reduced in place, no copy."""
+    if a.dim() <= 1:
+        return ()
+    unit_dim = 1 if a.dim() >= 4 else a.dim() - 1
+    return tuple(d for d in range(a.dim()) if d != unit_dim)
+
+
+def _module_stats(a: torch.Tensor, bounds: tuple[float, float] | None) -> torch.Tensor:
+    """STATS_PER_MODULE values for one float32 output, then its log2 histogram (see the module docstring).
+
+    Few passes over the output: std_mean, aminmax (max |a| from the extremes; NaN propagates), the units'
+    maxima along the reduced dimensions (no transposed copy), and on a CPU counts from count_nonzero, where
+    isfinite() and vector_norm(inf) are slow scalar loops."""
+    n = a.numel()
+    std, mean = torch.std_mean(a, correction=0)
+    low, high = torch.aminmax(a)
+    max_abs = torch.maximum(low.neg(), high)
+    if a.device.type == "cpu":
+        non_finite = torch.count_nonzero(a - a).to(_F32)  # x - x is NaN exactly for NaN and ±Inf
+    else:
+        non_finite = torch.isfinite(a).logical_not_().sum(dtype=_F32)
+    zero = (n - torch.count_nonzero(a)).to(_F32) / n
+    reduce = _reduce_dims(a)
+    per_unit_max = a.amax(dim=reduce) if reduce else a
+    dead = (per_unit_max <= 0).to(_F32).mean()
+    if bounds is None:
+        saturated = torch.full((), float("nan"), device=a.device)
+    else:
+        lo, hi = bounds
+        margin = _SATURATION_MARGIN * (hi - lo)
+        at_edge = (a <= lo + margin).logical_or_(a >= hi - margin)
+        saturated = (at_edge.all(dim=reduce) if reduce else at_edge).to(_F32).mean()
+    stats = torch.stack([mean, std, max_abs, non_finite, zero, dead, saturated])
+    return torch.cat([stats, log2_histogram(a, a.device)])
+
+
+def label_histogram(labels: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """LABEL_BINS class counts of integer `labels` (clamped into range) on `device`; None for float labels."""
+    if labels.is_floating_point() or labels.is_complex() or labels.numel() == 0:
+        return None
+    with torch.no_grad():
+        flat = labels.detach().reshape(-1).to(device=device, dtype=torch.long, non_blocking=True)
+        counts = torch.zeros(LABEL_BINS, dtype=_F32, device=device)
+        return counts.index_add_(0, flat.clamp(0, LABEL_BINS - 1), torch.ones_like(flat, dtype=_F32))
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationItem:
+    """Where one report's activation values sit in its vector (from `offset`), for the sender thread:
+
+    M output sums (forward `order` gives which were observed), the input sum, then on full steps M ×
+    VALUES_PER_MODULE values (module-major: the statistics, then the log2 histogram), the output spread,
+    `input_features` means and as many stds, and `label_bins` label counts.
+    """
+
+    offset: int
+    num_modules: int
+    order: tuple[int, ...]
+    has_input: bool
+    full: bool
+    has_output_spread: bool = False
+    input_features: int = 0
+    label_bins: int = 0
+
+    @property
+    def length(self) -> int:
+        n = self.num_modules + 1
+        if self.full:
+            n += self.num_modules * VALUES_PER_MODULE + 1 + 2 * self.input_features + self.label_bins
+        return n
+
+
+def assemble(
+    capture: ActivationCapture | None,
+    num_modules: int,
+    labels: torch.Tensor | None,
+    offset: int,
+    zero: torch.Tensor,
+) -> tuple[list[torch.Tensor], ActivationItem | None]:
+    """The 1-D device tensors to append to a report vector at `offset`, and their description.
+
+    Nothing when no training forward ran and no labels came; placeholders are NaN (statistics of a module
+    not called at this step) or zero (its output sum).
+    """
+    if capture is None and labels is None:
+        return [], None
+    capture = capture or ActivationCapture(full=True)
+    sums = [capture.sums.get(i, zero) for i in range(num_modules)]
+    parts = [torch.stack([*sums, zero if capture.input_sum is None else capture.input_sum])]
+    item = ActivationItem(offset, num_modules, tuple(capture.order), capture.input_sum is not None, capture.full)
+    if not capture.full:
+        return parts, item
+    missing = torch.full((VALUES_PER_MODULE,), float("nan"), device=zero.device)
+    stats = [capture.stats.get(i, missing) for i in range(num_modules)]
+    if stats:
+        parts.append(torch.cat(stats))
+    spread = capture.output_spread
+    parts.append((zero if spread is None else spread).reshape(1))
+    features = 0
+    if capture.input_mean is not None and capture.input_std is not None:
+        features = capture.input_mean.numel()
+        parts += [capture.input_mean, capture.input_std]
+    if labels is not None:
+        parts.append(labels)
+    item = ActivationItem(offset, num_modules, item.order, item.has_input, True, spread is not None, features,
+                          0 if labels is None else labels.numel())  # fmt: skip
+    return parts, item

@@ -1,0 +1,92 @@
+"""The overhead budget: keep the agent's share of step time under a fraction by stretching its cadence.
+
+The agent measures, per report, its own time on the training thread (hooks and `step()`; on CPU that
+includes its kernels, on an accelerator only their launches) and the step's duration. Exponential moving
+averages of the time of an ordinary step, of a full-statistics step and of the step duration give the
+full-statistics interval N that keeps
+
+    (ordinary + (full − ordinary) / N) / step  ≤  budget
+
+N never goes below the configured `full_stats_interval` nor above MAX_INTERVAL. When even the ordinary
+step alone exceeds the budget (tiny models: the per-step signals cost a few tens of microseconds), N goes to
+MAX_INTERVAL and `over_budget` says so: the cheap every-step signals (loss, norms, non-finite flags, NaN
+provenance) are never dropped. Decisions start after WARMUP_REPORTS reports and change N only when it moves
+by more than a quarter (no flapping). A server FULL_STATS command still wins for its steps.
+
+Contract: pure arithmetic on floats, no clock of its own: the monitor feeds `observe()` (training thread).
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["MAX_INTERVAL", "WARMUP_REPORTS", "BudgetController"]
+
+MAX_INTERVAL = 10_000
+WARMUP_REPORTS = 50
+_ALPHA = 0.1  # weight of the newest observation in the moving averages
+_HYSTERESIS = 0.25
+
+
+class BudgetController:
+    """Chooses the full-statistics interval for an overhead budget (see the module docstring)."""
+
+    def __init__(self, budget: float, base_interval: int) -> None:
+        """`budget`: the agent's allowed share of step time (0.01 = 1 %); 0 turns the controller off."""
+        self._budget = budget
+        self._base = base_interval
+        self._interval = base_interval
+        self._over = False
+        self._reports = 0
+        self._ordinary_s: float | None = None
+        self._full_s: float | None = None
+        self._step_s: float | None = None
+
+    @property
+    def interval(self) -> int:
+        """The full-statistics interval in force."""
+        return self._interval
+
+    @property
+    def over_budget(self) -> bool:
+        """True when the ordinary per-step cost alone exceeds the budget (the interval is then maximal)."""
+        return self._over
+
+    @property
+    def estimate(self) -> float | None:
+        """The agent's estimated share of step time at the interval in force, once measured."""
+        if self._ordinary_s is None or self._step_s is None or self._step_s <= 0:
+            return None
+        extra = max(0.0, (self._full_s or self._ordinary_s) - self._ordinary_s)
+        return (self._ordinary_s + extra / self._interval) / self._step_s
+
+    def observe(self, full: bool, agent_s: float, step_s: float) -> int | None:
+        """Feed one report's measurements; returns the new interval when it changes, else None."""
+        if self._budget <= 0 or agent_s < 0 or step_s <= 0:
+            return None
+        self._reports += 1
+        if full:
+            self._full_s = _ewma(self._full_s, agent_s)
+        else:
+            self._ordinary_s = _ewma(self._ordinary_s, agent_s)
+        self._step_s = _ewma(self._step_s, step_s)
+        if self._reports < WARMUP_REPORTS or self._ordinary_s is None or self._full_s is None:
+            return None
+        wanted = self._wanted()
+        if abs(wanted - self._interval) <= _HYSTERESIS * self._interval:
+            return None
+        self._interval = wanted
+        return wanted
+
+    def _wanted(self) -> int:
+        assert self._ordinary_s is not None and self._full_s is not None and self._step_s is not None
+        room = self._budget * self._step_s - self._ordinary_s
+        self._over = room <= 0
+        if self._over:
+            return MAX_INTERVAL
+        extra = max(0.0, self._full_s - self._ordinary_s)
+        return max(self._base, min(MAX_INTERVAL, math.ceil(extra / room)))
+
+
+def _ewma(current: float | None, value: float) -> float:
+    return value if current is None else current + _ALPHA * (value - current)

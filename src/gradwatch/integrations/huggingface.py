@@ -1,0 +1,78 @@
+"""Hugging Face Transformers: a TrainerCallback that monitors the model a `Trainer` trains.
+
+    trainer = Trainer(model, args, train_dataset=..., callbacks=[GradwatchCallback(server="gradwatch:50051")])
+
+Contract
+- At `on_train_begin` it attaches to the model and the (unwrapped) optimizer, with rank, world size and
+  local rank from the TrainingArguments; the run id defaults to `args.run_name` (else GRADWATCH_RUN, else
+  attach's default).
+- The loss: the Trainer does not hand it to callbacks, so a forward hook on the model keeps the `loss` of
+  each training forward's output (a model called with labels returns one); `on_step_end`, once per optimizer
+  step, reports their mean (gradient-accumulation micro-batches included) and the step. A model whose loss
+  is computed outside its forward is reported without a loss; everything else is unaffected.
+- `on_train_end` closes the monitor within `close_timeout_s`. With `on_alert="flag"` or `"raise"`, a
+  critical alert sets `control.should_training_stop`.
+- Any other keyword is a `gradwatch.attach` option, checked at `on_train_begin` (attach's ValueError).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from gradwatch.agent.monitor import Monitor, attach
+
+__all__ = ["GradwatchCallback"]
+
+
+class GradwatchCallback(TrainerCallback):  # type: ignore[misc]
+    """Streams the trained model's health to a gradwatch server (see the module docstring)."""
+
+    def __init__(self, *, close_timeout_s: float = 5.0, **options: Any) -> None:
+        self._options = options
+        self._close_timeout_s = close_timeout_s
+        self._losses: list[torch.Tensor] = []
+        self._hook: Any = None
+        self.monitor: Monitor | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:  # fmt: skip
+        if model is None:
+            return
+        options = dict(self._options)
+        options.setdefault("rank", args.process_index)
+        options.setdefault("world_size", args.world_size)
+        options.setdefault("local_rank", max(0, args.local_process_index))
+        if options.get("run") is None and getattr(args, "run_name", None):
+            options["run"] = args.run_name
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        self.monitor = attach(model, inner if isinstance(inner, torch.optim.Optimizer) else None, **options)
+        self._hook = model.register_forward_hook(self._keep_loss)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.monitor is None:
+            return
+        losses, self._losses = self._losses, []
+        loss = None
+        if losses:
+            loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        self.monitor.step(loss)
+        if self.monitor.stop_requested:
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook.remove()
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close(timeout=self._close_timeout_s)
+
+    def _keep_loss(self, module: Any, args: Any, output: Any) -> None:
+        if not module.training or not torch.is_grad_enabled():
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._losses.append(loss.detach().float().reshape(()))

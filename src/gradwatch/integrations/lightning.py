@@ -1,0 +1,74 @@
+"""PyTorch Lightning: a callback that monitors the LightningModule being fitted.
+
+    trainer = pl.Trainer(callbacks=[GradwatchCallback(server="gradwatch:50051", run="my-run")])
+
+Contract
+- At `on_fit_start` it attaches to the LightningModule and the trainer's first optimizer, with rank, world
+  size and local rank from the trainer, `grad_accumulation=True` when `accumulate_grad_batches` > 1, and the
+  precision plugin's GradScaler when there is one (16-bit mixed precision), so skipped steps are reported.
+- Every training batch ends with `monitor.step(loss)` (the loss from the step's output, un-normalised
+  when Lightning divided it by `accumulate_grad_batches`); at the end of fit (or on an exception) it closes
+  the monitor within `close_timeout_s`.
+- With `on_alert="flag"` or `"raise"`, a critical alert sets `trainer.should_stop`: Lightning stops at the
+  end of the step, checkpoint callbacks included.
+- Any other keyword is a `gradwatch.attach` option, checked at `on_fit_start` (attach's ValueError).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from gradwatch.agent.monitor import Monitor, attach
+
+__all__ = ["GradwatchCallback"]
+
+
+class GradwatchCallback(pl.Callback):
+    """Streams the fitted module's training health to a gradwatch server (see the module docstring)."""
+
+    def __init__(self, *, close_timeout_s: float = 5.0, **options: Any) -> None:
+        super().__init__()
+        self._options = options
+        self._close_timeout_s = close_timeout_s
+        self.monitor: Monitor | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        options = dict(self._options)
+        options.setdefault("rank", trainer.global_rank)
+        options.setdefault("world_size", trainer.world_size)
+        options.setdefault("local_rank", trainer.local_rank)
+        if trainer.accumulate_grad_batches > 1:
+            options.setdefault("grad_accumulation", True)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if isinstance(scaler, torch.amp.GradScaler):
+            options.setdefault("grad_scaler", scaler)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.monitor = attach(pl_module, optimizer, **options)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.monitor is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            loss = None
+        elif trainer.accumulate_grad_batches > 1:  # Lightning hands over loss / accumulate_grad_batches
+            loss = loss.detach() * trainer.accumulate_grad_batches
+        self.monitor.step(loss)
+        if self.monitor.stop_requested:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close(timeout=self._close_timeout_s)

@@ -1,0 +1,174 @@
+"""Forward-hook statistics (activations, inputs, labels) and NaN provenance, against plain host references."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from agent_support import ScriptableServer, batch  # noqa: E402
+from gradwatch.agent.monitor import attach  # noqa: E402
+from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
+
+COLUMNS = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction")
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptableServer]:
+    with ScriptableServer() as s:
+        yield s
+
+
+def _f32(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype="<f4")
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4), nn.Sigmoid())
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # four dead ReLU units
+        model[2].weight *= 40.0  # a saturating tanh
+    return model
+
+
+def _reference(out: torch.Tensor, bounds: tuple[float, float] | None) -> list[float]:
+    a = out.detach().double()
+    units = a.reshape(-1, a.shape[-1]).T  # (units, samples): units are the last dimension
+    if bounds is None:
+        saturated = math.nan
+    else:
+        lo, hi = bounds
+        margin = 0.01 * (hi - lo)
+        saturated = float(((units <= lo + margin) | (units >= hi - margin)).all(dim=1).double().mean())
+    return [
+        float(a.mean()),
+        float(a.std(correction=0)),
+        float(a.abs().max()),
+        float((~torch.isfinite(a)).sum()),
+        float((a == 0).double().mean()),
+        float((units.max(dim=1).values <= 0).double().mean()),
+        saturated,
+    ]
+
+
+def test_agent_activation_input_output_and_label_stats_match_host_reference(server: ScriptableServer) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = attach(model, opt, server=server.address, run="activations", full_stats_interval=2)
+    outputs: dict[int, torch.Tensor] = {}
+    for i, module in enumerate(model):  # the test's own hooks, after the agent's: a plain copy of each output
+        module.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out.detach().clone()))
+    bounds = {3: (-1.0, 1.0), 5: (0.0, 1.0)}
+    expected = []
+    for step in range(1, 5):
+        x, _ = batch(step)
+        y = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(step))
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss, labels=y)
+        expected.append({
+            "modules": np.array([_reference(outputs[i], bounds.get(i)) for i in range(6)]),
+            "input_mean": x.double().mean(dim=0).numpy(),
+            "input_std": x.double().std(dim=0, correction=0).numpy(),
+            "spread": float(out.detach().double().std(dim=0, correction=0).mean()),
+            "labels": np.bincount(y.numpy(), minlength=int(y.max()) + 1),
+        })  # fmt: skip
+    assert monitor.close(timeout=5)
+    hello = server.servicer.of_kind("hello")[0].hello
+    assert list(hello.activation_schema.names) == ["0", "1", "2", "3", "4", "5"]
+    assert list(hello.activation_schema.module_types) == ["Linear", "ReLU", "Linear", "Tanh", "Linear", "Sigmoid"]
+    reports = server.servicer.reports()
+    assert [r.HasField("activations") for r in reports] == [False, True, False, True]
+    for report, ref in zip(reports, expected, strict=True):
+        assert report.non_finite == 0 and not report.HasField("first_non_finite_module")
+        if not report.HasField("activations"):
+            assert not report.input_mean and not report.label_histogram and not report.HasField("output_spread")
+            continue
+        for k, name in enumerate(COLUMNS):
+            np.testing.assert_allclose(_f32(getattr(report.activations, name)), ref["modules"][:, k],
+                                       rtol=1e-4, atol=1e-6, err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(_f32(report.input_mean), ref["input_mean"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(_f32(report.input_std), ref["input_std"], rtol=1e-4, atol=1e-6)
+        assert report.output_spread == pytest.approx(ref["spread"], rel=1e-4)
+        np.testing.assert_array_equal(_f32(report.label_histogram), ref["labels"])
+    dead = _f32(reports[1].activations.dead_fraction)
+    assert dead[1] >= 0.25  # the four units biased to -100 never fire
+    assert _f32(reports[1].activations.saturated_fraction)[3] > 0  # the scaled-up tanh saturates
+
+
+class _Branches(nn.Module):
+    """`late` is registered first but runs second: forward order differs from registration order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(22)
+        self.late = nn.Linear(16, 1)
+        self.early = nn.Linear(8, 16)
+        self.act = nn.ReLU()
+        self.poison_at: int | None = None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.early(x)
+        if self.calls == self.poison_at:
+            h = h * torch.where(torch.arange(16) == 3, math.nan, 1.0)  # NaN born after `early`, before `act`
+        return self.late(self.act(h))
+
+
+def test_agent_nan_provenance_names_the_first_module_in_forward_order(server: ScriptableServer) -> None:
+    model = _Branches()
+    model.poison_at = 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = attach(model, opt, server=server.address, run="provenance", full_stats_interval=100)
+    for step in range(1, 5):
+        x, y = batch(step)
+        if step == 4:
+            x[2, 1] = math.inf  # and a bad input batch later
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+    assert monitor.close(timeout=5)
+    names = list(server.servicer.of_kind("hello")[0].hello.activation_schema.names)
+    assert names == ["late", "early", "act"]
+    reports = server.servicer.reports()
+    assert [r.non_finite & pb.NON_FINITE_FLAG_ACTIVATION != 0 for r in reports] == [False, False, True, True]
+    third = reports[2]
+    assert names[third.first_non_finite_module] == "act"  # not `late` (first registered), not `early` (clean)
+    assert not third.non_finite & pb.NON_FINITE_FLAG_INPUT
+    fourth = reports[3]
+    assert fourth.non_finite & pb.NON_FINITE_FLAG_INPUT
+    assert names[fourth.first_non_finite_module] == "early"
+
+
+def test_agent_forward_hooks_can_be_switched_off(server: ScriptableServer) -> None:
+    model = _model()
+    monitor = attach(model, None, server=server.address, run="no-hooks", forward_hooks=False, full_stats_interval=1)
+    x, _ = batch(1)
+    model(x).sum().backward()
+    monitor.step()
+    assert not model[1]._forward_hooks and not model._forward_pre_hooks
+    assert monitor.close(timeout=5)
+    (report,) = server.servicer.reports()
+    assert not report.HasField("activations")
+    assert len(server.servicer.of_kind("hello")[0].hello.activation_schema.names) == 0
+
+
+def test_agent_close_removes_forward_hooks(server: ScriptableServer) -> None:
+    model = _model()
+    monitor = attach(model, None, server=server.address, run="hooks-removed")
+    assert model[0]._forward_hooks and model._forward_pre_hooks
+    assert monitor.close(timeout=5)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
