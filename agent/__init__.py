@@ -5,6 +5,7 @@ and grpc is imported only when an enabled Monitor starts.
 
 Module map (each module's docstring states its contract):
     monitor.py   attach(), Monitor, NoopMonitor: the public API and the step (training thread)
+    assembly.py  one report's device vector from everything the hooks captured
     hooks.py     optimizer step hooks: gradients, weights, updates, learning rates
     activations.py  forward hooks: activation, input and label statistics, NaN provenance
     amp.py       the GradScaler tap: skipped steps and the loss scale

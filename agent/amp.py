@@ -85,7 +85,8 @@ class ScalerTap:
             self.steps += 1
             device = self._device()
             scaler = self._scaler
-            state = scaler._per_optimizer_states.get(id(self._optimizer), {})
+            # A disabled scaler never creates its per-optimizer state: nothing was skipped.
+            state = getattr(scaler, "_per_optimizer_states", {}).get(id(self._optimizer), {})
             found = [t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
                      for t in state.get("found_inf_per_device", {}).values()]  # fmt: skip
             skipped = torch.stack(found).sum() if found else torch.zeros((), device=device)

@@ -6,9 +6,12 @@ wire frames (wire.py) after the device values have reached the host.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 
-from gradwatch.agent.activations import ActivationItem
+from gradwatch.agent.activations import ActivationItem, ActivationTap
+from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.fold import LayerFold
 from gradwatch.agent.schema import LayerSchema
 from gradwatch.agent.snapshot import HostCopy
@@ -36,6 +39,37 @@ class AgentIdentity:
     schema: LayerSchema
     activation_names: tuple[str, ...] = ()
     activation_types: tuple[str, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        config: AgentConfig,
+        *,
+        session_id: str,
+        agent_version: str,
+        torch_version: str,
+        device_kind: str,
+        schema: LayerSchema,
+        activations: ActivationTap | None,
+    ) -> AgentIdentity:
+        """This process's identity for `config` (host and pid read here)."""
+        return cls(
+            run_id=config.run_id,
+            job_name=config.job_name,
+            rank=config.rank,
+            world_size=config.world_size,
+            local_rank=config.local_rank,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            session_id=session_id,
+            agent_version=agent_version,
+            torch_version=torch_version,
+            device_kind=device_kind,
+            full_stats_interval=config.full_stats_interval,
+            schema=schema,
+            activation_names=() if activations is None else activations.names,
+            activation_types=() if activations is None else activations.module_types,
+        )
 
 
 @dataclass(slots=True)

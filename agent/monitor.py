@@ -10,14 +10,17 @@
 Contract
 - `attach()` is loud: a bad argument, option or environment value raises ValueError naming it and the
   accepted values (see config.py for every option and its GRADWATCH_* variable).
-- After that the monitor is silent: `step()` and the optimizer hooks never raise into the training loop
-  (internal errors go to errors.report), never wait for the device or the network, and use bounded memory.
+- After that the monitor is silent: `step()` and the hooks never raise into the training loop (internal
+  errors go to errors.report), never wait for the device or the network, and use bounded memory. The one
+  exception is opt-in: with `on_alert="raise"`, `step()` raises TrainingAlert once after a critical alert
+  for the run (actions.py).
 - Gradients are read in an optimizer step pre-hook when an optimizer is given (final there: after the DDP
   all-reduce, and still present if zero_grad() runs before step()), else in `step()`; weights after the
   optimizer step (post-hook), else in `step()`. Learning rates come from optimizer.param_groups.
 - `step()` stacks everything for one report into one device tensor and hands it to the sender thread;
-  full per-layer statistics go out every `full_stats_interval` steps, and on every step while a FULL_STATS
-  command from the server is in force.
+  full per-layer statistics go out every `full_stats_interval` steps (stretched by the overhead budget,
+  budget.py), and on every step while a FULL_STATS command from the server is in force. Forward hooks
+  (activations.py) add activation, input and label statistics and NaN provenance.
 - Attach after the model is built, moved to its device and wrapped or sharded (DDP, FSDP2): the layer
   schema is fixed at attach.
 - Gradient accumulation (`grad_accumulation=True`): a `step()` after which the optimizer has not stepped
@@ -31,7 +34,6 @@ Contract
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import time
@@ -47,20 +49,15 @@ except ImportError as exc:  # the agent uses the training environment's torch; i
 from gradwatch import _version
 from gradwatch.agent import errors, process
 from gradwatch.agent.actions import AlertActions, AlertNotice
-from gradwatch.agent.activations import ActivationTap, assemble, label_histogram
-from gradwatch.agent.amp import ScalerTap, check_grad_scaler
+from gradwatch.agent.activations import ActivationTap
+from gradwatch.agent.amp import check_grad_scaler
+from gradwatch.agent.assembly import ReportAssembler
 from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
-from gradwatch.agent.fold import LayerFold
-from gradwatch.agent.histogram import LOG2_BINS
-from gradwatch.agent.hooks import Capture, OptimizerTap, learning_rates
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
-from gradwatch.agent.loss import LossAccumulator
 from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, data_parallel_size
-from gradwatch.agent.snapshot import start_copy
 from gradwatch.agent.stats import StatsEngine
-from gradwatch.agent.vector import VectorLayout
 
 __all__ = ["Monitor", "NoopMonitor", "attach"]
 
@@ -134,18 +131,13 @@ class Monitor:
         self._config = config
         self._engine = StatsEngine(build_layout(model, data_parallel_size(model, config.world_size)))
         self._schema = self._engine.layout.schema
-        self._optimizer = optimizer
         self._counters = Counters()
         self._session_id = uuid.uuid4().hex
         self._step_count = 0
         self._last_step_at: float | None = None
         self._agent_time_s = 0.0
-        self._loss = LossAccumulator()
         self._budget = BudgetController(config.overhead_budget, config.full_stats_interval)
         self._actions = AlertActions(config.on_alert, alert_callback)
-        self._reported_optimizer_steps = 0
-        self._fold = LayerFold.of(self._engine.layout)
-        self._vector_layouts: dict[tuple[bool, int, bool, bool], VectorLayout] = {}
         self._full_until = 0
         self._command: tuple[int, int, str] = (0, 0, "")  # written by the sender thread only
         self._command_seen = 0
@@ -159,37 +151,28 @@ class Monitor:
                 "every rank, or launch with torchrun",
                 config.world_size,
             )
-        self._activations: ActivationTap | None = None
-        if config.forward_hooks:  # before the sender starts: Hello carries the activation schema
+        activations: ActivationTap | None = None
+        if config.forward_hooks:  # named before the sender starts (Hello carries them), hooked after
             layer_names = {"" if name == ROOT_LAYER_NAME else name for name in self._schema.names}
-            self._activations = ActivationTap(model, layer_names, self._begin_step, self._spent)
-        identity = AgentIdentity(
-            run_id=config.run_id,
-            job_name=config.job_name,
-            rank=config.rank,
-            world_size=config.world_size,
-            local_rank=config.local_rank,
-            host=socket.gethostname(),
-            pid=os.getpid(),
+            activations = ActivationTap(model, layer_names, self._begin_step, self._spent)
+        identity = AgentIdentity.of(
+            config,
             session_id=self._session_id,
             agent_version=_version.__version__,
             torch_version=str(torch.__version__),
             device_kind=self._engine.layout.device.type,
-            full_stats_interval=config.full_stats_interval,
             schema=self._schema,
-            activation_names=() if self._activations is None else self._activations.names,
-            activation_types=() if self._activations is None else self._activations.module_types,
+            activations=activations,
         )
         kwargs: dict[str, Any] = {"on_alert": self._on_alert}
         if channel_factory is not None:
             kwargs["channel_factory"] = channel_factory
         self._sender = Sender(config, identity, self._counters, self._on_command, **kwargs)
         self._sender.start()  # first: if the thread cannot start, attach() raises with nothing hooked
-        self._tap = None if optimizer is None else OptimizerTap(optimizer, self._engine, self._begin_step, self._spent)
-        self._labels: torch.Tensor | None = None
-        self._scaler_tap = None
-        if grad_scaler is not None and optimizer is not None:
-            self._scaler_tap = ScalerTap(grad_scaler, optimizer, lambda: self._engine.layout.device, self._spent)
+        self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
+                                          self._spent)  # fmt: skip
+        if activations is not None:
+            activations.install()
         process.track(self)
 
     # ------------------------------------------------------------------ identity
@@ -246,12 +229,8 @@ class Monitor:
             return
         started = time.perf_counter()
         try:
-            self._loss.add(loss, self._engine.layout.device)
-            if labels is not None and self._begin_step():
-                counts = label_histogram(labels, self._engine.layout.device)
-                if counts is not None:
-                    self._labels = counts if self._labels is None else self._labels + counts
-            if not self._is_micro_step():
+            self._assembler.add(loss, labels)
+            if not self._assembler.is_micro_step(self._config.grad_accumulation):
                 self._report(started)
         except Exception as exc:
             errors.report(exc, "step")
@@ -293,12 +272,7 @@ class Monitor:
             return self._close_result
         self._closed = True
         try:
-            if self._tap is not None:
-                self._tap.remove()
-            if self._scaler_tap is not None:
-                self._scaler_tap.remove()
-            if self._activations is not None:
-                self._activations.remove()
+            self._assembler.remove()
             self._close_result = self._sender.close(timeout, self._step_count, reason)
         except Exception as exc:
             errors.report(exc, "close")
@@ -319,70 +293,29 @@ class Monitor:
 
     # ------------------------------------------------------------------ internals
 
-    def _is_micro_step(self) -> bool:
-        if not self._config.grad_accumulation or self._tap is None:
-            return False
-        scaler_stepped = self._scaler_tap is not None and self._scaler_tap.pending
-        return self._tap.steps == self._reported_optimizer_steps and not scaler_stepped
-
     def _report(self, started: float) -> None:
         full = self._begin_step()
         self._upcoming_full = None
         self._step_count += 1
-        step = self._step_count
         duration = 0.0 if self._last_step_at is None else started - self._last_step_at
         self._last_step_at = started
-        captured = self._tap.take() if self._tap is not None else Capture()
-        grads, weights, rates, updates, histograms = (
-            captured.grads, captured.weights, captured.rates, captured.updates, captured.histograms
-        )
-        num_params = len(self._engine.layout.params)
-        if not full or updates is None or len(updates) != 2 * num_params:
-            updates = None
-        if full and (histograms is None or grads is None):  # gradients read here, not in the optimizer hook
-            histograms = self._engine.grad_histograms()
-        histograms = histograms if full and histograms.numel() == LOG2_BINS * num_params else None
-        if grads is None:  # no optimizer, or it did not step since the last report
-            grads = self._engine.compute("grad", full)
-        if weights is None:
-            weights = self._engine.compute("weight", full)
-        if rates is None:
-            rates = learning_rates(self._optimizer, self._engine.layout.device)
-        lr_values, lr_slots, lr_tensors = rates
-        scaler = self._scaler_tap.take() if self._scaler_tap is not None else None
-        if scaler is None and self._scaler_tap is not None:  # the scaler did not step: nothing was skipped
-            scaler = (self._engine.zero(), self._engine.zero())
-        if self._tap is not None:
-            self._reported_optimizer_steps = self._tap.steps
-
-        loss = self._loss.take()
-        loss_0d = loss.tensor if loss.tensor is not None else self._engine.zero()
-        # The one stack of this report: every value above is a 0-d tensor on the same device.
-        vector = torch.stack([loss_0d, *grads, *weights, *lr_tensors, *(scaler or ()), *(updates or ())])
-        if histograms is not None:
-            vector = torch.cat([vector, histograms])
-        capture = self._activations.take() if self._activations is not None else None
-        labels, self._labels = self._labels, None
-        num_modules = 0 if self._activations is None else len(self._activations.names)
-        parts, activations = assemble(capture, num_modules, labels, vector.numel(), self._engine.zero())
-        if parts:
-            vector = torch.cat([vector, *parts])
+        part = self._assembler.assemble(full)
         item = ReportItem(
-            step=step,
+            step=self._step_count,
             wall_time=time.time(),
             step_duration_s=duration,
-            has_loss=loss.has_loss,
-            loss_in_vector=loss.tensor is not None,
-            loss=loss.value if loss.has_loss else math.nan,
-            learning_rates=lr_values,
-            tensor_lr_slots=lr_slots,
-            optimizer_step=0 if self._tap is None else self._tap.steps,
+            has_loss=part.has_loss,
+            loss_in_vector=part.loss_in_vector,
+            loss=part.loss,
+            learning_rates=part.learning_rates,
+            tensor_lr_slots=part.tensor_lr_slots,
+            optimizer_step=part.optimizer_step,
             agent_time_s=self._agent_time_s + (time.perf_counter() - started),
-            layout=self._vector_layout(full, len(lr_tensors), updates is not None, histograms is not None),
-            fold=self._fold,
-            values=start_copy(vector),
-            micro_steps=loss.micro_steps,
-            activations=activations,
+            layout=part.layout,
+            fold=part.fold,
+            values=part.values,
+            micro_steps=part.micro_steps,
+            activations=part.activations,
             full_stats_interval=self._budget.interval,
             over_budget=self._budget.over_budget,
         )
@@ -410,19 +343,9 @@ class Monitor:
         if self._upcoming_full is None:
             layout = self._engine.layout
             if self._engine.refresh() is not layout:
-                self._fold = LayerFold.of(self._engine.layout)
-                self._vector_layouts.clear()
+                self._assembler.layout_changed()
             self._upcoming_full = self._is_full_step(self._step_count + 1)
         return self._upcoming_full
-
-    def _vector_layout(self, full: bool, num_tensor_lrs: int, updates: bool, histograms: bool) -> VectorLayout:
-        key = (full, num_tensor_lrs, updates, histograms)
-        layout = self._vector_layouts.get(key)
-        if layout is None:
-            num_params, scaler = len(self._engine.layout.params), self._scaler_tap is not None
-            layout = VectorLayout(num_params, full, num_tensor_lrs, scaler, updates, histograms)
-            self._vector_layouts[key] = layout
-        return layout
 
     def _is_full_step(self, step: int) -> bool:
         token, steps, reason = self._command  # one read of a tuple the sender swaps whole: no lock needed
@@ -463,12 +386,7 @@ class Monitor:
     def _become_inert_after_fork(self) -> None:
         self._inert = True
         self._sender.mark_forked()
-        if self._tap is not None:
-            self._tap.remove()
-        if self._scaler_tap is not None:
-            self._scaler_tap.remove()
-        if self._activations is not None:
-            self._activations.remove()
+        self._assembler.remove()
 
     def _close_at_exit(self, deadline: float) -> None:
         self._close(max(0.0, deadline - time.monotonic()), "exit")

@@ -13,6 +13,8 @@ Contract
 - The thread waits in two places only, a timed get on its inbox (which receives the training thread's items,
   the stream's responses and the close request) and a short batching wait on an Event that close() sets:
   close() interrupts any backoff at once.
+- Server commands go to the Monitor's callbacks on this thread: FULL_STATS to `on_command`, ALERT to
+  `on_alert`; unknown kinds are logged once and ignored.
 - close(): Goodbye after the last frame, wait for the acks until the deadline; if the stream is down, one
   unary Flush with what is left; then the channel is closed. True only if everything was acknowledged and
   nothing was dropped.

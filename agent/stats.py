@@ -177,12 +177,6 @@ def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch
     return t if t.numel() else None
 
 
-def _max_abs(t: torch.Tensor) -> torch.Tensor:
-    """max |x| in one pass without an abs() copy; NaN when any element is NaN (aminmax propagates it)."""
-    low, high = torch.aminmax(t)
-    return torch.maximum(low.neg(), high)
-
-
 def _stride(numel: int) -> int:
     return max(1, -(-numel // UPDATE_SAMPLE_ELEMENTS))
 

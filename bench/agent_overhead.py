@@ -8,6 +8,7 @@ Prints, per model, the median step time of each arm, their ratio and the added
 microseconds per step.
 
     python bench/agent_overhead.py [--blocks 15] [--steps 60] [--full-stats-interval N] [--no-forward-hooks]
+                                   [--warm-steps 60]
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def _block(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: tor
     return (time.perf_counter() - start) / steps
 
 
-def measure(name: str, server: str, blocks: int, steps: int, **options: object) -> dict[str, float]:
+def measure(
+    name: str, server: str, blocks: int, steps: int, warm_steps: int = 5, **options: object
+) -> dict[str, float]:
     make_model, make_input = MODELS[name]
     torch.manual_seed(0)
     model = make_model()
@@ -111,7 +114,7 @@ def measure(name: str, server: str, blocks: int, steps: int, **options: object) 
         for with_agent in order:
             if with_agent:
                 monitor = gradwatch.attach(model, opt, run=f"bench-{os.getpid()}", server=server, **options)
-                _block(model, opt, x, y, 5, monitor)  # let the sender connect
+                _block(model, opt, x, y, warm_steps, monitor)  # let the sender connect (and the budget settle)
                 agent.append(_block(model, opt, x, y, steps, monitor))
                 monitor.close(timeout=5)
             else:
@@ -126,19 +129,24 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="steps per block (default 60)")
     parser.add_argument("--full-stats-interval", type=int, default=None, help="agent option (default: its own)")
     parser.add_argument("--no-forward-hooks", action="store_true", help="attach with forward_hooks=False")
+    parser.add_argument("--overhead-budget", type=float, default=None, help="agent option (0: no controller)")
+    parser.add_argument("--warm-steps", type=int, default=5,
+                        help="untimed agent steps per block first (>= 60 lets the overhead budget settle)")
     args = parser.parse_args()
     options: dict[str, object] = {}
     if args.full_stats_interval is not None:
         options["full_stats_interval"] = args.full_stats_interval
     if args.no_forward_hooks:
         options["forward_hooks"] = False
+    if args.overhead_budget is not None:
+        options["overhead_budget"] = args.overhead_budget
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, gradwatch {gradwatch.__version__}, 1 CPU thread, "
           f"{args.blocks} blocks x {args.steps} steps per arm, medians of block means, agent options {options}")
     print(f"{'model':<40} {'no agent ms':>12} {'agent ms':>10} {'ratio':>7} {'added us':>9}")
     with _server() as server:
         for name in MODELS:
-            r = measure(name, server, args.blocks, args.steps, **options)
+            r = measure(name, server, args.blocks, args.steps, args.warm_steps, **options)
             print(f"{name:<40} {r['bare_ms']:>12.3f} {r['agent_ms']:>10.3f} {r['ratio']:>7.3f} "
                   f"{r['added_us']:>9.1f}")
     return 0

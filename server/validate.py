@@ -149,6 +149,16 @@ def check_hello(hello: pb.Hello, limits: LimitsConfig) -> None:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
     _check_schema(hello.schema, limits)
+    modules = hello.activation_schema
+    if len(modules.names) > limits.max_layers_per_schema:
+        raise _reject(
+            LIMIT_EXCEEDED,
+            f"activation schema has {len(modules.names)} modules; this server's limit is "
+            f"{limits.max_layers_per_schema}",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    if len(modules.module_types) not in (0, len(modules.names)):
+        raise _reject(INVALID_SCHEMA, "activation schema has as many module_types as names, or none")
 
 
 def _check_schema(schema: pb.LayerSchema, limits: LimitsConfig) -> None:

@@ -177,3 +177,26 @@ def test_kill_switch_wins_and_never_imports_grpc_in_a_fresh_interpreter() -> Non
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["NoopMonitor", "False", "False"]
+
+
+def test_config_issue3_options_from_environment_keywords_and_defaults() -> None:
+    defaults = resolve_config({}, env={})
+    assert (defaults.grad_accumulation, defaults.forward_hooks, defaults.overhead_budget, defaults.on_alert) == (
+        False, True, 0.01, "observe",
+    )  # fmt: skip
+    env = {
+        "GRADWATCH_GRAD_ACCUMULATION": "yes",
+        "GRADWATCH_FORWARD_HOOKS": "off",
+        "GRADWATCH_OVERHEAD_BUDGET": "0.05",
+        "GRADWATCH_ON_ALERT": "Raise",
+    }
+    config = resolve_config({}, env=env)
+    assert (config.grad_accumulation, config.forward_hooks, config.overhead_budget, config.on_alert) == (
+        True, False, 0.05, "raise",
+    )  # fmt: skip
+    config = resolve_config({"forward_hooks": True, "overhead_budget": 0.0, "on_alert": "flag"}, env=env)
+    assert (config.forward_hooks, config.overhead_budget, config.on_alert) == (True, 0.0, "flag")
+    for name, value in (("GRADWATCH_GRAD_ACCUMULATION", "maybe"), ("GRADWATCH_OVERHEAD_BUDGET", "2"),
+                        ("GRADWATCH_ON_ALERT", "panic")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            resolve_config({}, env={name: value})

@@ -32,7 +32,8 @@ def test_agent_gpu_hundred_steps_without_a_sync_under_sync_debug_error(server: S
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, foreach=True)
     batches = [tuple(t.to(device) for t in batch(step)) for step in range(1, 101)]
     batches[59][0][0, 0] = math.nan  # step 60 goes non-finite
-    monitor = attach(model, opt, server=server.address, run="cuda", full_stats_interval=7)
+    # overhead_budget=0: the cadence asserted below must not be stretched by the budget controller.
+    monitor = attach(model, opt, server=server.address, run="cuda", full_stats_interval=7, overhead_budget=0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call on the device now raises
     try:
@@ -41,7 +42,7 @@ def test_agent_gpu_hundred_steps_without_a_sync_under_sync_debug_error(server: S
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            monitor.step(loss)
+            monitor.step(loss, labels=(y > 0).long().reshape(-1))  # the label histogram is sync-free too
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert monitor.close(timeout=10)
@@ -53,3 +54,6 @@ def test_agent_gpu_hundred_steps_without_a_sync_under_sync_debug_error(server: S
     assert reports[59].non_finite & pb.NON_FINITE_FLAG_GRADIENT and reports[59].first_non_finite_layer == 0
     norms = np.frombuffer(reports[6].layers.grad_norm, dtype="<f4")
     assert norms.shape == (3,) and np.isfinite(norms).all() and (norms > 0).all()
+    # Forward-hook statistics (activations, labels) and NaN provenance came through without a sync as well.
+    assert reports[6].HasField("activations") and sum(np.frombuffer(reports[6].label_histogram, "<f4")) == 32
+    assert reports[59].non_finite & pb.NON_FINITE_FLAG_INPUT

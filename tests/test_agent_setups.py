@@ -266,3 +266,14 @@ def test_attach_rejects_bad_alert_options() -> None:
         attach(make_mlp(), None, on_alert="stop")
     with pytest.raises(ValueError, match="alert_callback must be callable"):
         attach(make_mlp(), None, alert_callback="print")  # type: ignore[arg-type]
+
+
+def test_agent_with_a_disabled_grad_scaler_reports_scale_one_and_no_skips(server: ScriptableServer) -> None:
+    model = make_mlp(seed=17)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # a common switch: AMP off, same training loop
+    monitor = attach(model, opt, server=server.address, run="amp-off", grad_scaler=scaler)
+    _amp_steps(monitor, model, opt, scaler, 3, inf_at=set())
+    assert monitor.close(timeout=5)
+    reports = server.servicer.reports()
+    assert [(r.skipped_step, r.loss_scale, r.optimizer_step) for r in reports] == [(False, 1.0, i) for i in (1, 2, 3)]

@@ -144,3 +144,20 @@ def test_run_view_shows_the_cadence_in_force_and_the_overhead_budget() -> None:
     store.record_report(run, state, build_report("g", 0, msg, (), 0.0), state.schema)
     (rank,) = run_view(run, [])["ranks"]
     assert (rank["full_stats_interval_in_force"], rank["over_budget"]) == (10000, True)
+
+
+def test_validation_bounds_the_activation_schema() -> None:
+    from gradwatch.server.validate import INVALID_SCHEMA, LIMIT_EXCEEDED, check_hello
+
+    limits = LimitsConfig(max_layers_per_schema=2)
+    too_many = hello()
+    too_many.activation_schema.names.extend(["a", "b", "c"])
+    with pytest.raises(FrameRejected) as info:
+        check_hello(too_many, limits)
+    assert info.value.reason == LIMIT_EXCEEDED and info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    mismatched = hello()
+    mismatched.activation_schema.names.extend(["a", "b"])
+    mismatched.activation_schema.module_types.append("ReLU")
+    with pytest.raises(FrameRejected) as info:
+        check_hello(mismatched, limits)
+    assert info.value.reason == INVALID_SCHEMA
