@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import gradwatch  # noqa: E402
+from gradwatch.agent.config import RetryPolicy  # noqa: E402
 from gradwatch.demo import DemoTraining  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
@@ -182,11 +183,19 @@ def test_e2e_server_killed_and_restarted_resumes_without_gaps_or_duplicates() ->
         monitor.close(timeout=1)
 
 
-def test_e2e_lost_acks_are_resent_and_deduplicated(server: tuple[ServerApp, AlertLog]) -> None:
+@pytest.mark.parametrize("path", ["flush", "reconnect"])
+def test_e2e_lost_acks_are_resent_and_deduplicated(server: tuple[ServerApp, AlertLog], path: str) -> None:
+    """Acks for steps 31..60 are lost, then the connection drops. Either way every step is applied once:
+    - "flush": the agent cannot reconnect before close(), so its final unary Flush resends 31..80 and the
+      server drops the 30 it already holds as duplicates;
+    - "reconnect": the agent reconnects first; Welcome tells it the server holds 1..60, so it resends nothing.
+    """
     app, _ = server
     relay = FaultyRelay(("127.0.0.1", app.grpc_port))
     training = DemoTraining(seed=7)
-    monitor = gradwatch.attach(training.model, training.optimizer, run="lossy", server=relay.address)
+    backoff_s = 60.0 if path == "flush" else 0.05
+    retry = RetryPolicy(initial_backoff_s=backoff_s, max_backoff_s=backoff_s)
+    monitor = gradwatch.attach(training.model, training.optimizer, run="lossy", server=relay.address, retry=retry)
     try:
         _train(monitor, training, range(1, 31))
         deadline = time.monotonic() + 10
@@ -198,15 +207,26 @@ def test_e2e_lost_acks_are_resent_and_deduplicated(server: tuple[ServerApp, Aler
         while _sample(_scrape(app), "gradwatch_ingest_frames_total", kind="report") < 60:
             assert time.monotonic() < deadline, "frames did not reach the server"
             time.sleep(0.02)
-        relay.cut()  # the agent reconnects and resends what it never saw acknowledged
+        relay.cut()  # the agent never saw 31..60 acknowledged
+        if path == "reconnect":
+            deadline = time.monotonic() + 10
+            while monitor.counters()["reconnects"] < 1:
+                assert time.monotonic() < deadline, "the agent did not reconnect"
+                time.sleep(0.02)
         _train(monitor, training, range(61, 81))
         assert monitor.close(timeout=15)
     finally:
         relay.close()
+    counters = monitor.counters()
     text = _scrape(app)
     assert _sample(text, "gradwatch_ingest_frames_total", kind="report") == 80
-    assert _sample(text, "gradwatch_ingest_duplicate_frames_total") >= 30
     assert _sample(text, "gradwatch_run_step", run="lossy") == 80
+    if path == "flush":
+        assert (counters["flushes"], counters["reconnects"]) == (1, 0)
+        assert _sample(text, "gradwatch_ingest_duplicate_frames_total") == 30
+    else:
+        assert counters["reconnects"] == 1
+        assert _sample(text, "gradwatch_ingest_duplicate_frames_total") == 0
 
 
 def test_e2e_metrics_after_real_run_pass_promtool(server: tuple[ServerApp, AlertLog]) -> None:
