@@ -4,7 +4,8 @@ Contract
 - The pre-hook runs inside `optimizer.step()` before the update, where gradients are final (after the DDP
   all-reduce or the FSDP2 reduce-scatter) and still there even if the user calls zero_grad() before
   monitor.step(): it queues the gradient statistics and reads the learning rates actually used.
-- The post-hook runs after the update and queues the weight statistics. On full-statistics steps the
+- The post-hook runs after the update and queues the weight statistics (full-statistics steps only; see
+  StatsEngine.compute). On full-statistics steps the
   pre-hook also copies a fixed sample of every parameter (stats.StatsEngine.weight_sample) and the post-hook
   measures the update against it (|Δw|, for the update ratio |Δw|/|w|).
 - Both only queue device kernels and keep the 0-d result tensors; they never read `.grad` values on the host,

@@ -62,8 +62,15 @@ class StatsEngine:
         return self._layout
 
     def compute(self, source: Source, full: bool) -> list[torch.Tensor]:
-        """Per-parameter statistics of `source`; see the module docstring for the order."""
+        """Per-parameter statistics of `source`; see the module docstring for the order.
+
+        Weights are read on full-statistics steps only; on other steps their norm column is the cached zero
+        (no kernel). Why: reading every weight costs as much as reading every gradient, and weights only turn
+        non-finite through a non-finite gradient or update, which the every-step gradient norms already flag.
+        """
         layout = self._layout
+        if source == "weight" and not full:
+            return [self.zero()] * len(layout.params)
         columns: list[list[torch.Tensor]] = [[] for _ in range(_NUM_FULL if full else 1)]
         with torch.no_grad():
             for group in layout.groups:

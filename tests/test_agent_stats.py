@@ -141,7 +141,8 @@ def test_agent_stats_on_the_wire_match_reference_every_step(server: ScriptableSe
 def test_agent_nan_input_at_step_k_flags_step_k_and_first_layer(server: ScriptableServer) -> None:
     model = make_mlp(seed=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = attach(model, opt, server=server.address, run="nan")
+    # Step 5 is a full-statistics step: weights are read on those only (StatsEngine.compute).
+    monitor = attach(model, opt, server=server.address, run="nan", full_stats_interval=5)
     train(model, opt, monitor, 8, nan_at=5)
     assert monitor.close(timeout=5)
     reports = {r.step: r for r in server.servicer.reports()}
@@ -155,6 +156,9 @@ def test_agent_nan_input_at_step_k_flags_step_k_and_first_layer(server: Scriptab
     assert math.isnan(bad.loss) and bad.has_loss
     assert bad.HasField("first_non_finite_layer") and bad.first_non_finite_layer == 0
     assert math.isnan(bad.grad_sum_squares)
+    after = reports[6]  # not a full step: the poisoned weights show through the loss and gradients
+    assert after.non_finite & pb.NON_FINITE_FLAG_LOSS and after.non_finite & pb.NON_FINITE_FLAG_GRADIENT
+    assert not after.non_finite & pb.NON_FINITE_FLAG_WEIGHT
 
 
 def test_agent_first_non_finite_layer_names_the_first_bad_layer_in_schema_order(server: ScriptableServer) -> None:

@@ -76,7 +76,8 @@ def _bad_count(report: RankReport) -> float | None:
 
 
 def _summary(report: RankReport) -> str:
-    what = " and ".join(report.non_finite_kinds)
+    kinds = list(report.non_finite_kinds)
+    what = kinds[0] if len(kinds) < 2 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
     where = f" first in layer {report.layer_name!r}" if report.layer_name is not None else ""
     origin = f"; it started in the {report.origin}" if report.origin is not None else ""
     return f"non-finite {what} on rank {report.rank} at step {report.step}{where}{origin}"
