@@ -12,38 +12,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from gradwatch.agent.activations import ActivationItem, ActivationTap, assemble, label_histogram
+from gradwatch.agent.activations import ActivationTap, assemble, label_histogram
 from gradwatch.agent.amp import ScalerTap
 from gradwatch.agent.fold import LayerFold
 from gradwatch.agent.histogram import LOG2_BINS
 from gradwatch.agent.hooks import Capture, OptimizerTap, learning_rates
+from gradwatch.agent.items import Assembled
 from gradwatch.agent.loss import LossAccumulator
-from gradwatch.agent.snapshot import HostCopy, start_copy
+from gradwatch.agent.snapshot import start_copy
 from gradwatch.agent.stats import StatsEngine
 from gradwatch.agent.vector import VectorLayout
 
-__all__ = ["Assembled", "ReportAssembler"]
-
-
-@dataclass(frozen=True, slots=True)
-class Assembled:
-    """The device part of one report, plus the host-side values that describe it."""
-
-    values: HostCopy
-    layout: VectorLayout
-    fold: LayerFold
-    has_loss: bool
-    loss_in_vector: bool
-    loss: float
-    learning_rates: list[float]
-    tensor_lr_slots: tuple[int, ...]
-    optimizer_step: int
-    micro_steps: int
-    activations: ActivationItem | None
+__all__ = ["ReportAssembler"]
 
 
 class ReportAssembler:

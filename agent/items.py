@@ -72,29 +72,36 @@ class AgentIdentity:
         )
 
 
-@dataclass(slots=True)
-class ReportItem:
-    """One monitor.step(): host-side fields plus the device vector on its way to the host.
+@dataclass(frozen=True, slots=True)
+class Assembled:
+    """The device part of one report, plus the host-side values that describe it (assembly.py builds it).
 
     `loss` is the loss when it was a plain number (the vector's loss slot is then unused); `learning_rates`
     holds NaN at `tensor_lr_slots`, filled from the vector's tail by the sender.
     """
 
-    step: int
-    wall_time: float
-    step_duration_s: float
+    values: HostCopy
+    layout: VectorLayout
+    fold: LayerFold
     has_loss: bool
     loss_in_vector: bool
     loss: float
     learning_rates: list[float]
     tensor_lr_slots: tuple[int, ...]
     optimizer_step: int
+    micro_steps: int
+    activations: ActivationItem | None
+
+
+@dataclass(slots=True)
+class ReportItem:
+    """One monitor.step(): its timing and cadence, plus the assembled device vector on its way to the host."""
+
+    step: int
+    wall_time: float
+    step_duration_s: float
     agent_time_s: float
-    layout: VectorLayout
-    fold: LayerFold
-    values: HostCopy
-    micro_steps: int = 1
-    activations: ActivationItem | None = None
+    payload: Assembled
     full_stats_interval: int = 0
     over_budget: bool = False
 

@@ -244,7 +244,7 @@ class Sender:
 
     def _on_report(self, item: ReportItem) -> None:
         try:
-            values = item.values.to_numpy()
+            values = item.payload.values.to_numpy()
             frame, flags = wire.report_frame(self._next_seq, item, values)
         except Exception as exc:
             self._counters.dropped["error"] += 1

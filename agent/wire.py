@@ -67,14 +67,14 @@ def hello_frame(identity: AgentIdentity) -> pb.AgentFrame:
 
 def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.AgentFrame, int]:
     """The frame for one report given its host values; also returns its NonFiniteFlag bits."""
-    layout = item.layout
-    columns = item.fold.fold(values, layout)
+    layout = item.payload.layout
+    columns = item.payload.fold.fold(values, layout)
     grad_norm = columns["grad_norm"]
     assert isinstance(grad_norm, np.ndarray)
 
     flags = 0
-    loss = float(values[layout.LOSS]) if item.loss_in_vector else item.loss
-    if item.has_loss and not math.isfinite(loss):
+    loss = float(values[layout.LOSS]) if item.payload.loss_in_vector else item.payload.loss
+    if item.payload.has_loss and not math.isfinite(loss):
         flags |= pb.NON_FINITE_FLAG_LOSS
         loss = math.nan  # the wire carries NaN for any non-finite loss
     bad_grad = ~np.isfinite(grad_norm)
@@ -84,22 +84,22 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
     if not np.isfinite(columns["weight_norm"]).all():
         flags |= pb.NON_FINITE_FLAG_WEIGHT
 
-    learning_rates = list(item.learning_rates)
-    for slot, value in zip(item.tensor_lr_slots, values[layout.tensor_lrs], strict=True):
+    learning_rates = list(item.payload.learning_rates)
+    for slot, value in zip(item.payload.tensor_lr_slots, values[layout.tensor_lrs], strict=True):
         learning_rates[slot] = float(value)
 
     report = pb.StepReport(
         step=item.step,
         wall_time=item.wall_time,
         step_duration_s=item.step_duration_s,
-        loss=loss if item.has_loss else 0.0,
-        has_loss=item.has_loss,
+        loss=loss if item.payload.has_loss else 0.0,
+        has_loss=item.payload.has_loss,
         learning_rates=learning_rates,
         grad_sum_squares=columns["grad_sum_squares"],
         non_finite=flags,
-        optimizer_step=item.optimizer_step,
+        optimizer_step=item.payload.optimizer_step,
         agent_time_s=item.agent_time_s,
-        micro_steps=item.micro_steps,
+        micro_steps=item.payload.micro_steps,
         full_stats_interval=item.full_stats_interval,
         over_budget=item.over_budget,
         grad_global_share=columns["grad_global_share"],
@@ -109,8 +109,8 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         report.loss_scale = float(values[layout.scaler_scale])
     if first_bad_layer is not None:
         report.first_non_finite_layer = first_bad_layer
-    if item.activations is not None:
-        report.non_finite |= _activation_fields(report, item.activations, values)
+    if item.payload.activations is not None:
+        report.non_finite |= _activation_fields(report, item.payload.activations, values)
         flags = report.non_finite
     if layout.full:
         report.layers.CopyFrom(pb.LayerStats(**{name: _column_bytes(columns[name]) for name in LAYER_COLUMNS}))
