@@ -14,51 +14,21 @@ microseconds per step.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import socket
+import pathlib
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import gradwatch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _server() -> Iterator[str]:
-    grpc_port, http_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1",
-         "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("gradwatch serve did not come up") from None
-                time.sleep(0.1)
-        yield f"127.0.0.1:{grpc_port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
+from paging_support import gradwatch_serve
 
 
 def _mlp(width: int, depth: int) -> nn.Module:
@@ -144,7 +114,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, gradwatch {gradwatch.__version__}, 1 CPU thread, "
           f"{args.blocks} blocks x {args.steps} steps per arm, medians of block means, agent options {options}")
     print(f"{'model':<40} {'no agent ms':>12} {'agent ms':>10} {'ratio':>7} {'added us':>9}")
-    with _server() as server:
+    with tempfile.TemporaryDirectory() as tmp, gradwatch_serve(pathlib.Path(tmp)) as server:
         for name in MODELS:
             r = measure(name, server, args.blocks, args.steps, args.warm_steps, **options)
             print(f"{name:<40} {r['bare_ms']:>12.3f} {r['agent_ms']:>10.3f} {r['ratio']:>7.3f} "

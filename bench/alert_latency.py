@@ -15,17 +15,12 @@ Prints every sample, the median, p90, p99 and max. Target: p99 ≤ 1 s.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -34,34 +29,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 
 import gradwatch
 from gradwatch.demo import DemoTraining
-from paging_support import WebhookReceiver, alertmanager, free_port, routing_config
+from paging_support import WebhookReceiver, alertmanager, gradwatch_serve, routing_config
 
 PAGE_TIMEOUT_S = 15.0
-
-
-@contextlib.contextmanager
-def gradwatch_server(alertmanager_url: str) -> Iterator[str]:
-    """`gradwatch serve` in a subprocess, pushing to `alertmanager_url`; yields its gRPC target."""
-    grpc_port, http_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-         "--http-port", str(http_port), "--alertmanager-url", alertmanager_url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "GRADWATCH_CONFIG": ""},
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("gradwatch serve did not start") from None
-                time.sleep(0.05)
-        yield f"127.0.0.1:{grpc_port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def trial(target: str, receiver: WebhookReceiver, seed: int, warmup_steps: int) -> float:
@@ -92,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, WebhookReceiver() as receiver, \
             alertmanager(routing_config(receiver.url), pathlib.Path(tmp)) as am_url, \
-            gradwatch_server(am_url) as target:
+            gradwatch_serve(pathlib.Path(tmp), "--alertmanager-url", am_url) as target:
         for seed in range(args.trials):
             samples.append(trial(target, receiver, seed, args.warmup_steps))
     ms = np.array(samples) * 1000

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -153,10 +155,12 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], name: str, log: pathlib
 
 
 @contextlib.contextmanager
-def _process(args: list[str], ready_url: str, workdir: pathlib.Path, name: str) -> Iterator[None]:
+def _process(
+    args: list[str], ready_url: str, workdir: pathlib.Path, name: str, env: dict[str, str] | None = None
+) -> Iterator[None]:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     try:
         _wait_ready(ready_url, proc, name, log)
         yield
@@ -167,6 +171,18 @@ def _process(args: list[str], ready_url: str, workdir: pathlib.Path, name: str) 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def gradwatch_serve(workdir: pathlib.Path, *args: str) -> Iterator[str]:
+    """`gradwatch serve` on free loopback ports in a subprocess (extra CLI `args`, no config file from the
+    environment); yields its gRPC target once /healthz answers. Its output goes to workdir/gradwatch.log."""
+    grpc_port, http_port = free_port(), free_port()
+    command = [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1",
+               "--grpc-port", str(grpc_port), "--http-port", str(http_port), *args]  # fmt: skip
+    env = {**os.environ, "GRADWATCH_CONFIG": ""}
+    with _process(command, f"http://127.0.0.1:{http_port}/healthz", workdir, "gradwatch", env):
+        yield f"127.0.0.1:{grpc_port}"
 
 
 @contextlib.contextmanager

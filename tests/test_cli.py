@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from paging_support import free_port
+
 
 def _gradwatch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gradwatch", *args], capture_output=True, text=True, timeout=timeout, check=False
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_cli_version_prints_the_package_version() -> None:
@@ -70,7 +65,7 @@ def test_cli_serve_rejects_bad_config_file(tmp_path: Path) -> None:
 
 
 def test_cli_serve_answers_then_stops_cleanly_on_sigterm() -> None:
-    http_port = _free_port()
+    http_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
          "--http-port", str(http_port)],

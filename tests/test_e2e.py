@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from gradwatch.demo import DemoTraining  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from netfault import FaultyRelay  # noqa: E402
+from paging_support import free_port  # noqa: E402
 
 
 class AlertLog:
@@ -59,12 +59,6 @@ def server() -> Iterator[tuple[ServerApp, AlertLog]]:
     app, log = _start()
     yield app, log
     app.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(app: ServerApp) -> str:
@@ -143,7 +137,7 @@ def test_e2e_healthy_run_raises_no_alert(server: tuple[ServerApp, AlertLog], see
 
 def test_e2e_agent_keeps_training_without_a_server() -> None:
     training = DemoTraining(seed=5)
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     monitor = gradwatch.attach(training.model, training.optimizer, run="orphan", server=f"127.0.0.1:{port}")
     durations = _train(monitor, training, range(1, 301))
     start = time.perf_counter()
@@ -156,7 +150,7 @@ def test_e2e_agent_keeps_training_without_a_server() -> None:
 
 
 def test_e2e_server_killed_and_restarted_resumes_without_gaps_or_duplicates() -> None:
-    port = _free_port()
+    port = free_port()
     first, _ = _start(port)
     training = DemoTraining(seed=6)
     monitor = gradwatch.attach(training.model, training.optimizer, run="phoenix", server=f"127.0.0.1:{port}")

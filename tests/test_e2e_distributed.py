@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from typing import Any
 
@@ -15,15 +14,10 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
+from paging_support import free_port  # noqa: E402
 
 NAN_STEP = 25
 STEPS = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, world_size: int, master_port: int, target: str, bad_rank: int) -> None:
@@ -60,7 +54,7 @@ def test_e2e_distributed_nan_on_one_rank_names_that_rank() -> None:
     app.add_alert_listener(listen)
     app.start()
     try:
-        mp.spawn(_worker, args=(2, _free_port(), app.grpc_target, 1), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), app.grpc_target, 1), nprocs=2, join=True)
         (run,) = app.runs()
         assert run["run"] == "ddp-job"
         assert run["world_size"] == 2
@@ -141,7 +135,7 @@ def test_e2e_distributed_ddp_and_fsdp2_global_grad_norm_is_exact(tmp_path: Any) 
 
     app = ServerApp(ServerConfig.local()).start()
     try:
-        mp.spawn(_global_worker, args=(2, _free_port(), app.grpc_target, str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_global_worker, args=(2, free_port(), app.grpc_target, str(tmp_path)), nprocs=2, join=True)
         truth = json.loads((tmp_path / "truth.json").read_text())
         text = urllib.request.urlopen(f"{app.http_url}/metrics", timeout=5).read().decode()
         exported = {
