@@ -229,11 +229,15 @@ def train(
     *,
     nan_at: int | None = None,
     set_grads_to_none_before_monitor_step: bool = False,
+    before_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Plain training loop; `nan_at` (1-based step) poisons that step's input. Returns host-side losses
-    (read after monitor.step(), outside the agent, so the agent's own hot path stays sync-free)."""
+    """Plain training loop; `nan_at` (1-based step) poisons that step's input; `before_step(step)` runs
+    before each forward (to inject a fault). Returns host-side losses (read after monitor.step(), outside
+    the agent, so the agent's own hot path stays sync-free)."""
     losses: list[torch.Tensor] = []
     for step in range(1, steps + 1):
+        if before_step is not None:
+            before_step(step)
         x, y = batch(step)
         if step == nan_at:
             x[0, 0] = float("nan")

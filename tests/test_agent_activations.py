@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from agent_support import ScriptableServer, batch  # noqa: E402
+from agent_support import ScriptableServer, batch, train  # noqa: E402
 from gradwatch.agent.monitor import attach  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
 
@@ -151,6 +151,74 @@ def test_agent_nan_provenance_names_the_first_module_in_forward_order(server: Sc
     fourth = reports[3]
     assert fourth.non_finite & pb.NON_FINITE_FLAG_INPUT
     assert names[fourth.first_non_finite_module] == "early"
+
+
+class _Poisoned(nn.Module):
+    """Linear -> ReLU -> Linear -> Tanh, where a NaN can be born in functional code before the Tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(23)
+        self.fc1, self.act1, self.fc2, self.act2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), nn.Tanh()
+        self.poison = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.act1(self.fc1(x)))
+        if self.poison:
+            h = h.log()  # NaN for negative values: born between fc2 and act2
+        return self.act2(h)
+
+
+def test_agent_provenance_skips_only_sums_it_can_infer() -> None:
+    """A contracting activation fed directly by the module before it is not summed; anything else is."""
+    from gradwatch.agent.activations import ActivationTap
+
+    model = _Poisoned()
+    tap = ActivationTap(model, {"fc1", "fc2"}, is_full=lambda: False, add_agent_time=lambda s: None)
+    tap.install()
+    assert tap.names == ("fc1", "act1", "fc2", "act2")
+    x, _ = batch(1)
+    model(x).sum().backward()
+    capture = tap.take()
+    assert capture is not None
+    assert capture.order == [0, 1, 2, 3]
+    assert sorted(capture.sums) == [0, 2]  # each activation sees its predecessor's very output: implied
+    model.poison = True
+    model(x).sum().backward()
+    capture = tap.take()
+    assert capture is not None and sorted(capture.sums) == [0, 2, 3]  # act2 now sees log()'s output: summed
+    model.poison = False
+    tap.remove()
+    model.act2 = nn.SELU()  # expanding (scale > 1): summed even when fed directly
+    tap = ActivationTap(model, {"fc1", "fc2"}, is_full=lambda: False, add_agent_time=lambda s: None)
+    tap.install()
+    model(x).sum().backward()
+    capture = tap.take()
+    assert capture is not None and sorted(capture.sums) == [0, 2, 3]
+    tap.remove()
+
+
+@pytest.mark.parametrize("where", ["linear overflow", "before tanh"])
+def test_agent_provenance_stays_exact_with_skipped_sums(server: ScriptableServer, where: str) -> None:
+    model = _Poisoned()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = attach(model, opt, server=server.address, run=f"skip-{where}", full_stats_interval=100)
+
+    def poison(step: int) -> None:
+        if step != 3:
+            return
+        if where == "linear overflow":
+            with torch.no_grad():
+                model.fc1.weight.fill_(3e38)  # finite weights, an infinite output: fc1 is first, not act1
+        else:
+            model.poison = True
+
+    train(model, opt, monitor, 3, before_step=poison)
+    assert monitor.close(timeout=5)
+    names = list(server.servicer.of_kind("hello")[0].hello.activation_schema.names)
+    reports = server.servicer.reports()
+    assert [r.non_finite & pb.NON_FINITE_FLAG_ACTIVATION != 0 for r in reports] == [False, False, True]
+    assert names[reports[2].first_non_finite_module] == ("fc1" if where == "linear overflow" else "act2")
 
 
 def test_agent_forward_hooks_can_be_switched_off(server: ScriptableServer) -> None:
