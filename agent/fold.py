@@ -11,7 +11,8 @@ array laid out as vector.py says) and returns the per-layer columns in schema or
     _max_abs                  max over the layer's parameters (NaN if any is NaN)
     _mean                     sum / element count
     _non_finite               NaN/Inf count
-    _zero_fraction            (elements − non-zero elements) / element count
+    _zero_fraction            (elements − non-zero elements) / element count (sampled on the CPU for large
+                              tensors, see stats.ZERO_SAMPLE_ELEMENTS)
     _min, _max                smallest and largest element of the layer's parameters
     update_ratio              |Δw| / |w| of the optimizer step (full steps with an optimizer; see stats.py)
     grad_log2_histogram       (layers × LOG2_BINS) gradient log2-magnitude counts (histogram.py)
@@ -72,7 +73,8 @@ class LayerFold:
                 out[f"{source}_max_abs"] = self._max(column["max_abs"])
                 out[f"{source}_mean"] = self._sum(column["sum"]) / self.numel_L
                 out[f"{source}_non_finite"] = self._sum(column["non_finite"])
-                out[f"{source}_zero_fraction"] = (self.numel_L - self._sum(column["nonzero"])) / self.numel_L
+                zeros = (self.numel_L - self._sum(column["nonzero"])) / self.numel_L
+                out[f"{source}_zero_fraction"] = np.clip(zeros, 0.0, 1.0)  # sampled counts (stats.py) may overshoot
             if layout.histograms:
                 per_param = values[layout.grad_histograms].astype(np.float64).reshape(-1, LOG2_BINS)
                 histogram = np.zeros((self.num_layers, LOG2_BINS))

@@ -103,6 +103,26 @@ def test_stats_engine_and_fold_match_reference_with_tied_frozen_and_zero_params(
     assert columns["grad_norm"][1] == 0.0 and columns["grad_zero_fraction"][1] == 1.0  # absent grads are zeros
 
 
+def test_zero_fraction_of_a_large_tensor_is_sampled_within_a_percent_and_stays_exact_for_small_ones() -> None:
+    from gradwatch.agent.stats import ZERO_SAMPLE_ELEMENTS
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(1000, 300), nn.Linear(300, 8))  # 300 000 and 2 400 weights
+    assert model[0].weight.numel() > 4 * ZERO_SAMPLE_ELEMENTS
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(torch.rand_like(layer.weight) > 0.37)  # about 37 % zeros, scattered
+            layer.bias.zero_()
+    engine = StatsEngine(build_layout(model))
+    grads, weights = engine.compute("grad", full=True), engine.compute("weight", full=True)
+    layout = VectorLayout(num_params=len(engine.layout.params), full=True)
+    columns = LayerFold.of(engine.layout).fold(torch.stack([torch.zeros(()), *grads, *weights]).numpy(), layout)
+    truth = [float((torch.cat([layer.weight.reshape(-1), layer.bias]) == 0).double().mean()) for layer in model]
+    assert abs(columns["weight_zero_fraction"][0] - truth[0]) < 0.01  # sampled
+    assert columns["weight_zero_fraction"][1] == pytest.approx(truth[1], abs=1e-6)  # exact
+    assert 0.0 <= columns["weight_zero_fraction"][0] <= 1.0
+
+
 def test_agent_stats_on_the_wire_match_reference_every_step(server: ScriptableServer) -> None:
     model = make_mlp(seed=3)
     linears = [m for m in model if isinstance(m, nn.Linear)]
