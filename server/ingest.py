@@ -91,6 +91,12 @@ class Ingestor:
             self._stats.frame("hello")
             return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming)
 
+    def bound_job(self, run_id: str) -> str | None:
+        """The job name the server holds run `run_id` under; None for a run it does not hold."""
+        with self._store.lock:
+            run = self._store.get(run_id)
+            return None if run is None else run.job_name
+
     def close(self, session: Session) -> None:
         """The session's stream ended (for any reason)."""
         if not session.streaming:
