@@ -210,3 +210,10 @@ def test_agent_attach_rejects_contradictions_without_echoing_the_token(tmp_path:
     message = _attach_error(token="has space")
     assert "has space" not in message and "token" in message
     assert "token_file (GRADWATCH_TOKEN_FILE)" in _attach_error(token_file=str(tmp_path / "absent"))
+
+
+def test_agent_config_repr_hides_the_token() -> None:
+    from gradwatch.agent.config import resolve_config
+
+    config = resolve_config({"run": "r", "token": TOKEN}, env={})
+    assert config.token == TOKEN and TOKEN not in repr(config)

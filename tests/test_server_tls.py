@@ -179,3 +179,21 @@ def test_serve_exits_2_with_the_key_named_for_a_bad_cert_path(tmp_path: Path) ->
     )
     assert result.returncode == 2, result.stderr
     assert "tls.cert_file: cannot read" in result.stderr
+
+
+def test_tls_and_auth_keys_load_from_yaml(pki: Pki, tmp_path: Path) -> None:
+    from gradwatch.server.config import load_config
+
+    data = {
+        "tls": {"cert_file": str(pki.server.cert), "key_file": str(pki.server.key), "client_ca_file": str(pki.ca_file)},
+        "auth": {"tokens_file": str(tmp_path / "tokens.yaml"), "protect_metrics": True},
+    }
+    config = load_config(data)
+    assert config.tls == pki.tls_config(mutual=True)
+    assert config.auth.tokens_file.endswith("tokens.yaml") and config.auth.protect_api and config.auth.protect_metrics
+    with pytest.raises(ValueError, match=r"'tls\.certfile': unknown setting"):
+        load_config({"tls": {"certfile": "x"}})
+    with pytest.raises(ValueError, match=r"'tls\.key_file': cert_file and key_file are set together"):
+        load_config({"tls": {"cert_file": "x"}})
+    config = config_from_args(environ={"GRADWATCH_AUTH_TOKENS_FILE": "/etc/gradwatch/tokens.yaml"})
+    assert config.auth.tokens_file == "/etc/gradwatch/tokens.yaml"
