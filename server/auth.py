@@ -204,7 +204,7 @@ class TokenSource:
         self._path = path
         self._clock = clock
         self._lock = threading.Lock()
-        self._signature = self._stat()
+        self._signature: tuple[int, int, int] | None = self._stat()
         self._book = self._read()  # loud at start-up
         self._checked_at = clock()
         self.generation = 1
@@ -243,18 +243,28 @@ class TokenSource:
 
     def _maybe_reload(self) -> None:
         try:
-            signature = self._stat()
+            signature: tuple[int, int, int] | None = self._stat()
+        except ValueError as exc:
+            if self._signature is None:
+                return  # still missing: counted when it went
+            signature, problem = None, exc
+        else:
             if signature == self._signature:
                 return
-            book = self._read()
-        except ValueError as exc:
-            self.reloads["error"] += 1
-            log.error("keeping the previous tokens: %s", exc)
-            return
-        self._signature, self._book = signature, book
-        self.generation += 1
-        self.reloads["ok"] += 1
-        log.info("tokens file %s reloaded: %d grants", self._path, len(book.grants))
+            try:
+                book = self._read()
+            except ValueError as exc:
+                problem = exc
+            else:
+                self._signature, self._book = signature, book
+                self.generation += 1
+                self.reloads["ok"] += 1
+                log.info("tokens file %s reloaded: %d grants", self._path, len(book.grants))
+                return
+        # Remembered, so one broken version is counted and logged once, not at every check.
+        self._signature = signature
+        self.reloads["error"] += 1
+        log.error("keeping the previous tokens: %s", problem)
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Grant:
         """The grant of the call's bearer token; FrameRejected UNAUTHENTICATED without a valid one."""

@@ -149,11 +149,13 @@ class IngestServicer:
                 burst.append(queue.get_nowait())
             commands: list[pb.Command] = []
             rejected: FrameRejected | None = None
-            if grant is not None and self._tokens is not None and grant.generation != self._tokens.generation:
-                try:  # the tokens file changed: the stream goes on only if its token still may write the run
-                    grant = self._recheck(grant, context, session.hello)
-                except FrameRejected as exc:
-                    await self._reject(context, exc)
+            if grant is not None and self._tokens is not None:
+                self._tokens.book()  # notices a changed file (one stat per RELOAD_CHECK_INTERVAL_S at most)
+                if grant.generation != self._tokens.generation:
+                    try:  # the grants changed: the stream goes on only if its token still may write the run
+                        grant = self._recheck(context, session.hello)
+                    except FrameRejected as exc:
+                        await self._reject(context, exc)
             for raw in burst:
                 if raw is grpc.aio.EOF or isinstance(raw, _ReadFailed):
                     done = True
@@ -202,7 +204,8 @@ class IngestServicer:
         if checked is not None:
             authorize(checked.grant, hello.job_name, hello.run_id, self._ingestor.bound_job(hello.run_id))
 
-    def _recheck(self, checked: _Checked, context: grpc.aio.ServicerContext, hello: pb.Hello) -> _Checked:
+    def _recheck(self, context: grpc.aio.ServicerContext, hello: pb.Hello) -> _Checked:
+        """The stream's grant under new grants (its run is bound to its job already)."""
         fresh = self._authenticate(context)
         assert fresh is not None
         authorize(fresh.grant, hello.job_name, hello.run_id, None)

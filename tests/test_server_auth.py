@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from gradwatch.server.app import ServerApp
-from gradwatch.server.auth import AUTH_REASONS, RELOAD_CHECK_INTERVAL_S, load_token_book
+from gradwatch.server.auth import AUTH_REASONS, RELOAD_CHECK_INTERVAL_S, TokenSource, load_token_book
 from gradwatch.server.grpc_service import REASON_METADATA_KEY
 from gradwatch.v1 import gradwatch_pb2 as pb
 from security_support import flush_once, https_get, secure_config, stream_once, write_tokens
@@ -143,15 +143,6 @@ def _replace(path: Path, grants: list[dict]) -> None:
     os.replace(aside, path)
 
 
-def _wait_reloaded(app: ServerApp, generation: int) -> None:
-    assert app.tokens is not None
-    deadline = time.monotonic() + 10
-    while app.tokens.generation == generation and time.monotonic() < deadline:
-        time.sleep(RELOAD_CHECK_INTERVAL_S / 4)
-        app.tokens.book()
-    assert app.tokens.generation > generation
-
-
 def test_auth_reloads_the_file_and_ends_streams_of_a_revoked_token(tmp_path: Path) -> None:
     path = write_tokens(tmp_path / "tokens.json", GRANTS)
     app = start_app(secure_config(tokens_file=path))
@@ -166,13 +157,17 @@ def test_auth_reloads_the_file_and_ends_streams_of_a_revoked_token(tmp_path: Pat
         generation = app.tokens.generation
         new_token = "llama-rotated-0123456789abcdef"
         _replace(path, [{**GRANTS[0], "token": new_token}, *GRANTS[1:]])
-        _wait_reloaded(app, generation)
-
-        stream.send(report_frame(2))
-        ended = stream.recv()
-        while isinstance(ended, pb.ServerFrame):  # an Ack for frames applied before the check, if any
+        # The live stream notices by itself: it keeps reporting until the server ends it.
+        ended: object = None
+        deadline = time.monotonic() + 10
+        for seq in range(2, 10_000):
+            stream.send(report_frame(seq))
             ended = stream.recv()
-        assert isinstance(ended, grpc.RpcError) and ended.code() == UNAUTHENTICATED
+            if not isinstance(ended, pb.ServerFrame) or time.monotonic() > deadline:
+                break
+            time.sleep(RELOAD_CHECK_INTERVAL_S / 4)
+        assert isinstance(ended, grpc.RpcError) and ended.code() == UNAUTHENTICATED, ended
+        assert app.tokens.generation == generation + 1
         stream.close()
         assert acks(stream_once(_channel(app), _frames("llama-live2", "llama-7b"), new_token))[-1] == 2
 
@@ -252,3 +247,27 @@ def test_auth_http_metrics_can_be_protected(tmp_path: Path) -> None:
         assert https_get(app.http_url + "/healthz", None)[0] == 200
     finally:
         app.stop(grace=0)
+
+
+def test_auth_a_broken_or_missing_file_is_counted_once_per_change(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "tokens.json", GRANTS)
+    now = [0.0]
+    source = TokenSource(str(path), clock=lambda: now[0])
+
+    def tick() -> None:
+        now[0] += RELOAD_CHECK_INTERVAL_S
+        source.book()
+
+    path.write_text("tokens: [{name: x}]")
+    for _ in range(3):
+        tick()
+    assert source.reloads == {"ok": 0, "error": 1} and source.generation == 1
+    path.unlink()
+    for _ in range(3):
+        tick()
+    assert source.reloads == {"ok": 0, "error": 2}
+    assert source.book().find(LLAMA) is not None  # the grants in force are kept throughout
+    _replace(path, GRANTS[:1])
+    tick()
+    assert source.reloads == {"ok": 1, "error": 2} and source.generation == 2
+    assert source.book().find(MISTRAL) is None
