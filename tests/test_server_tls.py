@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import os
+import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import TlsConfig, config_from_args
-from security_support import Pki, https_get, secure_channel, secure_config, stream_once
+from security_support import Pki, https_get, secure_channel, secure_config, stream_once, write_tokens
 from server_support import WAIT_S, acks, hello_frame, metric, report_frame, server_config, start_app
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -197,3 +199,39 @@ def test_tls_and_auth_keys_load_from_yaml(pki: Pki, tmp_path: Path) -> None:
         load_config({"tls": {"cert_file": "x"}})
     config = config_from_args(environ={"GRADWATCH_AUTH_TOKENS_FILE": "/etc/gradwatch/tokens.yaml"})
     assert config.auth.tokens_file == "/etc/gradwatch/tokens.yaml"
+
+
+def test_serve_with_tls_mtls_and_tokens_from_the_environment(pki: Pki, tmp_path: Path) -> None:
+    """The variables a deployment sets, end to end through `gradwatch serve` in a subprocess."""
+    token = "deploy-token-0123456789abcdef"
+    tokens_file = write_tokens(tmp_path / "t.json", [{"name": "deploy", "token": token, "jobs": ["*"]}])
+    env = {
+        **os.environ,
+        "GRADWATCH_CONFIG": "",
+        "GRADWATCH_TLS_CERT_FILE": str(pki.server.cert),
+        "GRADWATCH_TLS_KEY_FILE": str(pki.server.key),
+        "GRADWATCH_TLS_CLIENT_CA_FILE": str(pki.ca_file),
+        "GRADWATCH_AUTH_TOKENS_FILE": str(tokens_file),
+    }
+    command = [sys.executable, "-m", "gradwatch.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+               "--http-port", "0"]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.search(r"gRPC on 127\.0\.0\.1:(\d+), HTTP on https://127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        assert "TLS: mutual" in line and "tokens: " + env["GRADWATCH_AUTH_TOKENS_FILE"] in line
+        target, https = f"127.0.0.1:{match[1]}", f"https://127.0.0.1:{match[2]}"
+        channel = secure_channel(target, pki.ca_file, pki.client)
+        assert acks(stream_once(channel, _frames("via-env"), token=token))[-1] == 2
+        with pytest.raises(grpc.RpcError) as info:
+            stream_once(secure_channel(target, pki.ca_file, pki.client), _frames("no-token"))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert https_get(https + "/healthz", pki.ca_file)[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
