@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunStore
-from gradwatch.server.tls import load_server_tls
+from gradwatch.server.tls import TlsCollector, load_server_tls
 from gradwatch.server.views import run_view
 
 __all__ = ["ServerApp", "serve"]
@@ -107,6 +108,8 @@ class ServerApp:
         self.registry.register(NotifierCollector(self.notifier, self.silences))
         if self.tokens is not None and self._guard is not None:
             self.registry.register(AuthCollector(self.tokens, self._guard))
+        if self._tls is not None:
+            self.registry.register(TlsCollector(self._tls))
         self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__, tokens=self.tokens)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -137,7 +140,7 @@ class ServerApp:
                 alerts=self.alerts,
                 notifications=self.notifier.view,
                 silences=self.silences,
-                ssl_context=self._tls.http_context if self._tls is not None else None,
+                tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
             )
             self._http.start()
@@ -217,6 +220,10 @@ class ServerApp:
     def add_alert_listener(self, callback: AlertListener) -> None:
         """Call `callback(alert_dict)` whenever an alert fires or resolves (on the gRPC thread)."""
         self.alert_book.add_listener(callback)
+
+    def _http_tls_context(self) -> ssl.SSLContext:
+        assert self._tls is not None
+        return self._tls.http_context
 
     def _job_name_of(self, run_id: str) -> str:
         with self.store.lock:

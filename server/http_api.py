@@ -12,7 +12,8 @@ Routes (an unknown GET path is 404; a method not listed for a path is 405):
   DELETE /api/v1/silences/<id>    -> 200 {"silence": ...} (expired now); 404 if not active
 JSON is strict (no NaN): the app's views are JSON-safe by contract.
 
-With an ssl context the port speaks only TLS (the handshake runs on the request's own thread, with a
+With a TLS context source the port speaks only TLS (the context is asked for at every connection, so
+rotated certificates apply to new connections) (the handshake runs on the request's own thread, with a
 timeout, so a slow client cannot stall the others). With a guard (server/auth.py), requests without the
 bearer token a path needs get 401 (with `WWW-Authenticate: Bearer`) or 403 before any route runs.
 """
@@ -53,12 +54,12 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0
 class _TlsHttpServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer that wraps each accepted connection in TLS on the request's thread."""
 
-    ssl_context: ssl.SSLContext
+    tls_context: Callable[[], ssl.SSLContext]
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
+            tls = self.tls_context().wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:  # plaintext or a client that gave up: not our problem
             log.debug("http: TLS handshake with %s failed: %s", client_address, exc)
             return
@@ -84,7 +85,7 @@ class HttpApi:
         alerts: AlertsView,
         notifications: NotificationsView,
         silences: SilenceBook,
-        ssl_context: ssl.SSLContext | None = None,
+        tls_context: Callable[[], ssl.SSLContext] | None = None,
         guard: HttpGuard | None = None,
     ) -> None:
         handler = type(
@@ -99,11 +100,11 @@ class HttpApi:
                 "guard": guard,
             },
         )
-        if ssl_context is None:
+        if tls_context is None:
             self._server = ThreadingHTTPServer((host, port), handler)
         else:
             self._server = _TlsHttpServer((host, port), handler)
-            self._server.ssl_context = ssl_context
+            self._server.tls_context = tls_context
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 

@@ -11,9 +11,10 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -235,3 +236,72 @@ def test_serve_with_tls_mtls_and_tokens_from_the_environment(pki: Pki, tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------- rotation
+
+
+def _swap(source: Path, target: Path) -> None:
+    """Replace `target` atomically with a copy of `source` (as a Secret update or cert-manager does)."""
+    aside = target.with_suffix(".new")
+    aside.write_bytes(source.read_bytes())
+    os.replace(aside, target)
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.25)
+    return check()
+
+
+def _connects(app: ServerApp, ca: Path, run: str) -> bool:
+    try:
+        return acks(stream_once(secure_channel(app.grpc_target, ca), _frames(run), timeout=5))[-1] == 2
+    except grpc.RpcError:
+        return False
+
+
+def test_tls_rotated_certificate_files_apply_to_new_connections(tmp_path: Path) -> None:
+    old, new = Pki(tmp_path / "old"), Pki(tmp_path / "new")
+    live = CertFilesCopy(tmp_path / "live", old)
+    tls = TlsConfig(cert_file=str(live.cert), key_file=str(live.key))
+    app = start_app(dataclasses.replace(server_config(), tls=tls))
+    try:
+        assert _connects(app, old.ca_file, "before")
+        assert https_get(app.http_url + "/healthz", old.ca_file)[0] == 200
+
+        # Half a rotation (the new certificate, still the old key) is refused and counted; the old pair stays.
+        _swap(new.server.cert, live.cert)
+
+        def errors() -> float:
+            return metric(_scrape_tls(app, old.ca_file), "gradwatch_tls_reloads_total", result="error")
+
+        assert _eventually(lambda: errors() == 1)
+        assert _connects(app, old.ca_file, "during")
+
+        _swap(new.server.key, live.key)
+        assert _eventually(lambda: _connects(app, new.ca_file, "after"))
+        assert not _connects(app, old.ca_file, "old-ca")
+        assert _eventually(lambda: https_get(app.http_url + "/healthz", new.ca_file)[0] == 200)
+        assert metric(_scrape_tls(app, new.ca_file), "gradwatch_tls_reloads_total", result="ok") == 1
+    finally:
+        app.stop(grace=0)
+
+
+class CertFilesCopy:
+    """The files a server is configured with, first copied from `pki`'s server certificate."""
+
+    def __init__(self, folder: Path, pki: Pki) -> None:
+        folder.mkdir(parents=True)
+        self.cert, self.key = folder / "tls.crt", folder / "tls.key"
+        self.cert.write_bytes(pki.server.cert.read_bytes())
+        self.key.write_bytes(pki.server.key.read_bytes())
+
+
+def _scrape_tls(app: ServerApp, ca: Path) -> str:
+    status, _, body = https_get(app.http_url + "/metrics", ca)
+    assert status == 200
+    return body.decode()
