@@ -7,6 +7,13 @@ can always turn the agent off without touching code), and while it is on nothing
 | option                 | environment variable              | default                               |
 |------------------------|-----------------------------------|---------------------------------------|
 | server                 | GRADWATCH_SERVER                  | "localhost:50051" (host:port)         |
+| servers                | GRADWATCH_SERVERS                 | none: "h:p,h:p" or "dns:///name:port" |
+| token                  | GRADWATCH_TOKEN                   | none: bearer token sent on every call  |
+| token_file             | GRADWATCH_TOKEN_FILE              | none: file holding the token, re-read per connection |
+| tls                    | GRADWATCH_TLS                     | False; on with any tls_* file (system CAs otherwise) |
+| tls_ca_file            | GRADWATCH_TLS_CA_FILE             | none: PEM CAs that sign the server's certificate |
+| tls_client_cert_file   | GRADWATCH_TLS_CLIENT_CERT_FILE    | none: PEM client certificate (mutual TLS) |
+| tls_client_key_file    | GRADWATCH_TLS_CLIENT_KEY_FILE     | none: its private key                 |
 | run                    | GRADWATCH_RUN                     | TORCHELASTIC_RUN_ID, else "<hostname>-<pid>" |
 | job_name               | GRADWATCH_JOB_NAME                | ""                                    |
 | full_stats_interval    | GRADWATCH_FULL_STATS_INTERVAL     | 10 (steps)                            |
@@ -53,6 +60,13 @@ __all__ = [
 ]
 
 ENV_SERVER = "GRADWATCH_SERVER"
+ENV_SERVERS = "GRADWATCH_SERVERS"
+ENV_TOKEN = "GRADWATCH_TOKEN"
+ENV_TOKEN_FILE = "GRADWATCH_TOKEN_FILE"
+ENV_TLS = "GRADWATCH_TLS"
+ENV_TLS_CA_FILE = "GRADWATCH_TLS_CA_FILE"
+ENV_TLS_CLIENT_CERT_FILE = "GRADWATCH_TLS_CLIENT_CERT_FILE"
+ENV_TLS_CLIENT_KEY_FILE = "GRADWATCH_TLS_CLIENT_KEY_FILE"
 ENV_RUN = "GRADWATCH_RUN"
 ENV_JOB_NAME = "GRADWATCH_JOB_NAME"
 ENV_FULL_STATS_INTERVAL = "GRADWATCH_FULL_STATS_INTERVAL"
@@ -127,6 +141,15 @@ class AgentConfig:
     """The resolved settings of one Monitor (see the module docstring for sources and defaults)."""
 
     server: str = DEFAULT_SERVER
+    #: Server replicas; when set, each run goes to one of them by rendezvous hashing (routing.py).
+    servers: tuple[str, ...] = ()
+    #: Bearer token (never in repr or logs); token_file is re-read for every new connection.
+    token: str = field(default="", repr=False)
+    token_file: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
     run_id: str = ""
     job_name: str = ""
     full_stats_interval: int = 10
@@ -230,6 +253,37 @@ def _check_server(label: str, value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+_DNS_PREFIX = "dns:///"
+
+
+def _check_servers(label: str, value: object) -> tuple[str, ...]:
+    """A list of 'host:port' replicas (or a comma-separated string); 'dns:///host:port' expands at connect."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items or not all(isinstance(v, str) and v for v in items):
+        raise ValueError(
+            f"gradwatch: {label}={value!r} is invalid: expected 'host:port' replicas (a list, or comma-separated), "
+            "or 'dns:///host:port' for every address a DNS name resolves to"
+        )
+    for item in items:
+        _check_server(label, item.removeprefix(_DNS_PREFIX))
+    if len(set(items)) != len(items):
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: a replica is listed twice")
+    return tuple(items)
+
+
+def _check_token(label: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        # The value itself is a secret: never echo it.
+        raise ValueError(f"gradwatch: {label} is invalid: expected a non-empty token without whitespace")
+    return value.strip()
+
+
+def _check_path(label: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a file path")
+    return value.strip()
+
+
 def _check_retry(label: str, value: object) -> RetryPolicy:
     if not isinstance(value, RetryPolicy):
         raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a gradwatch RetryPolicy")
@@ -274,6 +328,13 @@ class _Option:
 
 _OPTIONS: dict[str, _Option] = {
     "server": _Option(ENV_SERVER, _check_server),
+    "servers": _Option(ENV_SERVERS, _check_servers),
+    "token": _Option(ENV_TOKEN, _check_token),
+    "token_file": _Option(ENV_TOKEN_FILE, _check_path),
+    "tls": _Option(ENV_TLS, _check_bool, _env_bool),
+    "tls_ca_file": _Option(ENV_TLS_CA_FILE, _check_path),
+    "tls_client_cert_file": _Option(ENV_TLS_CLIENT_CERT_FILE, _check_path),
+    "tls_client_key_file": _Option(ENV_TLS_CLIENT_KEY_FILE, _check_path),
     "run": _Option(ENV_RUN, _check_name),
     "job_name": _Option(ENV_JOB_NAME, _check_job_name),
     "full_stats_interval": _Option(ENV_FULL_STATS_INTERVAL, _check_positive_int, _env_number(int)),
@@ -352,9 +413,32 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
             f"gradwatch: rank={rank} is invalid for world_size={world_size}: expected 0 <= rank < world_size"
         )
 
+    if values["server"] is not None and values["servers"] is not None:
+        raise ValueError(
+            f"gradwatch: set server ({ENV_SERVER}) or servers ({ENV_SERVERS}), not both: servers lists every replica"
+        )
+    if values["token"] is not None and values["token_file"] is not None:
+        raise ValueError(f"gradwatch: set token ({ENV_TOKEN}) or token_file ({ENV_TOKEN_FILE}), not both")
+    if (values["tls_client_cert_file"] is None) != (values["tls_client_key_file"] is None):
+        raise ValueError(
+            "gradwatch: tls_client_cert_file and tls_client_key_file are set together "
+            f"({ENV_TLS_CLIENT_CERT_FILE}, {ENV_TLS_CLIENT_KEY_FILE})"
+        )
+    tls_files = (values["tls_ca_file"], values["tls_client_cert_file"])
+    if values["tls"] is False and any(f is not None for f in tls_files):
+        raise ValueError("gradwatch: tls=False contradicts the tls_* files given; drop one")
+    tls = bool(values["tls"]) or any(f is not None for f in tls_files)
+
     run_id = values["run"] or _fallback_run_id(env)
     return AgentConfig(
         server=values["server"] or DEFAULT_SERVER,
+        servers=values["servers"] or (),
+        token=values["token"] or "",
+        token_file=values["token_file"] or "",
+        tls=tls,
+        tls_ca_file=values["tls_ca_file"] or "",
+        tls_client_cert_file=values["tls_client_cert_file"] or "",
+        tls_client_key_file=values["tls_client_key_file"] or "",
         run_id=run_id,
         job_name=values["job_name"] or "",
         full_stats_interval=values["full_stats_interval"] or 10,

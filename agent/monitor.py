@@ -78,11 +78,12 @@ def attach(
 ) -> Monitor:
     """Start monitoring `model` (and `optimizer`); returns a Monitor, or a NoopMonitor when disabled.
 
-    Options (keywords; each also from its GRADWATCH_* environment variable, see config.py): server, run,
-    job_name, full_stats_interval, enabled, replay_buffer_size, queue_size, heartbeat_interval_s,
-    welcome_timeout_s, exit_flush_timeout_s, grad_accumulation, retry (a RetryPolicy), rank, world_size,
-    local_rank, overhead_budget, on_alert. `grad_scaler`: the torch.amp.GradScaler that steps `optimizer`, if
-    any. `alert_callback(notice)`: called at the next step() after a critical alert for the run (actions.py).
+    Options (keywords; each also from its GRADWATCH_* environment variable, see config.py): server, servers,
+    token, token_file, tls, tls_ca_file, tls_client_cert_file, tls_client_key_file, run, job_name,
+    full_stats_interval, enabled, replay_buffer_size, queue_size, heartbeat_interval_s, welcome_timeout_s,
+    exit_flush_timeout_s, grad_accumulation, retry (a RetryPolicy), rank, world_size, local_rank,
+    overhead_budget, on_alert. `grad_scaler`: the torch.amp.GradScaler that steps `optimizer`, if any.
+    `alert_callback(notice)`: called at the next step() after a critical alert for the run (actions.py).
     GRADWATCH_DISABLED=1 returns a NoopMonitor before anything else is read (and grpc is never imported).
     Raises ValueError on a bad model, optimizer, option or environment value.
     """
@@ -124,10 +125,13 @@ class Monitor:
         alert_callback: Callable[[AlertNotice], object] | None = None,
     ) -> None:
         """Hook the optimizer and start the sender thread. `channel_factory(target) -> grpc.Channel` is a
-        seam for tests and custom credentials; the default is a plaintext channel."""
+        seam for tests and custom credentials; the default follows the config (transport.py): plaintext, or
+        TLS when `tls` or a `tls_*` file is set."""
         process.prefer_no_grpc_fork_handlers()  # must come before grpc's first import
         from gradwatch.agent.sender import Sender  # grpc is imported only for an enabled monitor
+        from gradwatch.agent.transport import Transport
 
+        transport = Transport(config)  # reads the TLS and token files: a bad one raises here, loudly
         self._config = config
         self._engine = StatsEngine(build_layout(model, data_parallel_size(model, config.world_size)))
         self._schema = self._engine.layout.schema
@@ -164,9 +168,12 @@ class Monitor:
             schema=self._schema,
             activations=activations,
         )
-        kwargs: dict[str, Any] = {"on_alert": self._on_alert}
-        if channel_factory is not None:
-            kwargs["channel_factory"] = channel_factory
+        kwargs: dict[str, Any] = {
+            "on_alert": self._on_alert,
+            "channel_factory": channel_factory if channel_factory is not None else transport.channel,
+            "target": transport.target,
+            "metadata": transport.metadata,
+        }
         self._sender = Sender(config, identity, self._counters, self._on_command, **kwargs)
         self._sender.start()  # first: if the thread cannot start, attach() raises with nothing hooked
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,

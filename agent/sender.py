@@ -30,7 +30,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -83,13 +83,20 @@ class Sender:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         on_alert: Callable[[pb.Command], None] | None = None,
+        target: Callable[[], str] | None = None,
+        metadata: Callable[[], Sequence[tuple[str, str]]] | None = None,
     ) -> None:
+        """`target()` names the server of each new connection (default: config.server; transport.py picks a
+        replica); `metadata()` gives each call's metadata (the bearer token)."""
         self._config = config
         self._identity = identity
         self._counters = counters
         self._on_command = on_command
         self._on_alert = on_alert
         self._channel_factory = channel_factory
+        self._pick_target: Callable[[], str] = target or (lambda: config.server)
+        self._metadata: Callable[[], Sequence[tuple[str, str]]] = metadata or (lambda: ())
+        self._target = config.server  # the server of the current (or latest) connection
         self._clock = clock
         self._rng = rng or random.Random()
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -336,7 +343,7 @@ class Sender:
             self._log_once(
                 f"rejected-{name}",
                 "gradwatch server %s rejected the stream (%s: %s); retrying rarely",
-                self._config.server,
+                self._target,
                 name,
                 error.details() if isinstance(error, grpc.Call) else error,  # type: ignore[union-attr]
             )
@@ -347,7 +354,7 @@ class Sender:
             self._log_once(
                 "unreachable",
                 "gradwatch server %s unavailable (%s); training continues, reports are buffered",
-                self._config.server,
+                self._target,
                 name or "stream ended",
             )
             delay = self._config.retry.delay_s(self._attempt, self._rng)
@@ -370,7 +377,10 @@ class Sender:
     def _open_stream(self, now: float) -> None:
         self._gen += 1
         try:
-            stream = OpenStream.open(self._channel_factory, self._config.server, self._hello, self._inbox, self._gen)
+            self._target = self._pick_target()
+            stream = OpenStream.open(
+                self._channel_factory, self._target, self._hello, self._inbox, self._gen, self._metadata()
+            )
         except Exception as exc:
             errors.report(exc, "sender.connect")
             self._next_attempt = now + self._config.retry.delay_s(self._attempt, self._rng)
@@ -434,10 +444,11 @@ class Sender:
             return
         frames = (frame for _, frame in self._replay)
         try:
-            acked = flush(self._channel_factory, self._config.server, wire.hello(self._identity), frames, timeout)
+            hello = wire.hello(self._identity)
+            acked = flush(self._channel_factory, self._target, hello, frames, timeout, self._metadata())
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
-            self._log_once("flush", "gradwatch final flush to %s failed (%s)", self._config.server, code)
+            self._log_once("flush", "gradwatch final flush to %s failed (%s)", self._target, code)
             return
         self._apply_ack(acked)
         self._counters.flushes += 1

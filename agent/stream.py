@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,14 +79,21 @@ class OpenStream:
 
     @classmethod
     def open(
-        cls, factory: ChannelFactory, target: str, hello: pb.AgentFrame, inbox: queue.SimpleQueue[object], gen: int
+        cls,
+        factory: ChannelFactory,
+        target: str,
+        hello: pb.AgentFrame,
+        inbox: queue.SimpleQueue[object],
+        gen: int,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> OpenStream:
-        """Open a fresh channel and stream with `hello` queued first; returns at once (no network wait)."""
+        """Open a fresh channel and stream with `hello` queued first; returns at once (no network wait).
+        `metadata` goes with the call (the bearer token)."""
         channel = factory(target)
         try:
             outbound: queue.SimpleQueue[pb.AgentFrame | None] = queue.SimpleQueue()
             outbound.put(hello)
-            call = pb_grpc.IngestStub(channel).Stream(_requests(outbound))
+            call = pb_grpc.IngestStub(channel).Stream(_requests(outbound), metadata=tuple(metadata) or None)
             reader = threading.Thread(target=_relay, args=(call, inbox, gen), name="gradwatch-reader", daemon=True)
             stream = cls(gen, channel, call, outbound, reader)
             reader.start()
@@ -114,7 +121,12 @@ class OpenStream:
 
 
 def flush(
-    factory: ChannelFactory, target: str, hello: pb.Hello, frames: Iterable[pb.AgentFrame], timeout_s: float
+    factory: ChannelFactory,
+    target: str,
+    hello: pb.Hello,
+    frames: Iterable[pb.AgentFrame],
+    timeout_s: float,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> int:
     """One unary `Ingest.Flush` of `frames` (oldest first, as many as fit FLUSH_MAX_BYTES); returns the
     server's acked_seq. Raises grpc.RpcError on failure, after at most `timeout_s` seconds."""
@@ -127,6 +139,7 @@ def flush(
         request.frames.append(frame)
     channel = factory(target)
     try:
-        return int(pb_grpc.IngestStub(channel).Flush(request, timeout=timeout_s).acked_seq)
+        stub = pb_grpc.IngestStub(channel)
+        return int(stub.Flush(request, timeout=timeout_s, metadata=tuple(metadata) or None).acked_seq)
     finally:
         channel.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from gradwatch._version import __version__
 from gradwatch.server.alerts import AlertBook, AlertListener
+from gradwatch.server.auth import AuthCollector, HttpGuard, TokenSource
 from gradwatch.server.config import AlertingConfig, ServerConfig
 from gradwatch.server.detectors import REGISTRY, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
@@ -43,6 +45,7 @@ from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunStore
+from gradwatch.server.tls import TlsCollector, load_server_tls
 from gradwatch.server.views import run_view
 
 __all__ = ["ServerApp", "serve"]
@@ -70,6 +73,13 @@ class ServerApp:
     ) -> None:
         self.config = config if config is not None else ServerConfig()
         limits = self.config.limits
+        # TLS files and tokens are read here, so a bad path fails before anything binds (ValueError).
+        self._tls = load_server_tls(self.config.tls)
+        auth = self.config.auth
+        self.tokens = TokenSource(auth.tokens_file) if auth.tokens_file else None
+        self._guard = None
+        if self.tokens is not None:
+            self._guard = HttpGuard(self.tokens, protect_api=auth.protect_api, protect_metrics=auth.protect_metrics)
         names = tuple(spec.name for spec in detectors)
         self.store = RunStore(limits, detector_names=names, clock=clock)
         self.alert_book = AlertBook(clock=clock, history=limits.alert_history)
@@ -96,7 +106,11 @@ class ServerApp:
         )
         self.alert_book.add_listener(self.notifier.on_alert)
         self.registry.register(NotifierCollector(self.notifier, self.silences))
-        self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__)
+        if self.tokens is not None and self._guard is not None:
+            self.registry.register(AuthCollector(self.tokens, self._guard))
+        if self._tls is not None:
+            self.registry.register(TlsCollector(self._tls))
+        self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__, tokens=self.tokens)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -126,6 +140,8 @@ class ServerApp:
                 alerts=self.alerts,
                 notifications=self.notifier.view,
                 silences=self.silences,
+                tls_context=self._http_tls_context if self._tls is not None else None,
+                guard=self._guard,
             )
             self._http.start()
             self.renderer.server_url = self.config.alerting.external_url.rstrip("/") or self._default_url()
@@ -176,7 +192,12 @@ class ServerApp:
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.http_scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def http_scheme(self) -> str:
+        """"https" when the HTTP port speaks TLS (tls.cert_file set), else "http"."""
+        return "https" if self._tls is not None else "http"
 
     # ------------------------------------------------------------------ views
 
@@ -200,6 +221,10 @@ class ServerApp:
         """Call `callback(alert_dict)` whenever an alert fires or resolves (on the gRPC thread)."""
         self.alert_book.add_listener(callback)
 
+    def _http_tls_context(self) -> ssl.SSLContext:
+        assert self._tls is not None
+        return self._tls.http_context
+
     def _job_name_of(self, run_id: str) -> str:
         with self.store.lock:
             run = self.store.get(run_id)
@@ -209,7 +234,7 @@ class ServerApp:
         host = self.config.http.host
         if host in ("", "0.0.0.0", "::"):
             host = socket.gethostname()
-        return f"http://{host}:{self.http_port}"
+        return f"{self.http_scheme}://{host}:{self.http_port}"
 
     # ------------------------------------------------------------------ loop thread
 
@@ -229,7 +254,10 @@ class ServerApp:
         server, health = build_grpc_server(self._servicer, self.config.limits)
         address = f"{self.config.grpc.host}:{self.config.grpc.port}"
         try:
-            port = server.add_insecure_port(address)
+            if self._tls is not None:
+                port = server.add_secure_port(address, self._tls.grpc_credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC to {address}: {exc}") from None
         await server.start()
@@ -250,6 +278,12 @@ class ServerApp:
             await self._health.enter_graceful_shutdown()
         if self._grpc_server is not None:
             await self._grpc_server.stop(grace)
+
+
+def _tls_summary(config: ServerConfig) -> str:
+    if not config.tls.enabled:
+        return "off"
+    return "mutual (client certificates required on gRPC)" if config.tls.client_ca_file else "on"
 
 
 def _configured_sinks(alerting: AlertingConfig) -> list[AlertSink]:
@@ -273,7 +307,7 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
     return). Prints one line with the bound addresses to stderr. On a signal:
     health turns NOT_SERVING, no new streams are accepted, open streams get
     `config.shutdown_grace_s` seconds, then everything stops and 0 is returned.
-    Returns 1 when a port cannot be bound.
+    Returns 1 when a port cannot be bound, 2 when a TLS or tokens file is unusable.
     """
     stop = threading.Event()
 
@@ -282,7 +316,11 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        app = ServerApp(config)
+        try:
+            app = ServerApp(config)
+        except ValueError as exc:  # TLS files or the tokens file
+            print(f"gradwatch server: {exc}", file=sys.stderr)
+            return 2
         if alert_listener is not None:
             app.add_alert_listener(alert_listener)
         try:
@@ -293,7 +331,8 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
         sinks = ", ".join(worker.name for worker in app.notifier.workers) or "none"
         print(
             f"gradwatch server {__version__}: gRPC on {config.grpc.host}:{app.grpc_port}, "
-            f"HTTP on http://{config.http.host}:{app.http_port} (/metrics, /api/v1); alerts to: {sinks}",
+            f"HTTP on {app.http_scheme}://{config.http.host}:{app.http_port} (/metrics, /api/v1); "
+            f"alerts to: {sinks}; TLS: {_tls_summary(config)}; tokens: {config.auth.tokens_file or 'off'}",
             file=sys.stderr,
             flush=True,
         )

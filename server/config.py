@@ -22,6 +22,16 @@ YAML shape (every key optional; these are the defaults)::
       max_sessions_per_rank: 4        # agent sessions remembered for deduplication
       max_run_id_chars: 256
       alert_history: 1000             # resolved alerts kept for /api/v1/alerts
+      max_job_name_chars: 256
+      max_layer_name_chars: 1024      # per layer or module name in a Hello's schemas
+    tls:                              # docs/security.md
+      cert_file: ""                   # PEM certificate chain; with key_file: TLS on the gRPC and HTTP ports
+      key_file: ""
+      client_ca_file: ""              # PEM CA bundle: gRPC clients must present a certificate it signed (mTLS)
+    auth:                             # docs/security.md
+      tokens_file: ""                 # YAML/JSON bearer tokens; empty: no token checks
+      protect_api: true               # with a tokens file: /api/v1/* needs a token with `api: true`
+      protect_metrics: false          # with a tokens file: /metrics needs one too
     alerting:
       alertmanager_urls: []           # POST /api/v2/alerts to each (Alertmanager replicas)
       webhook_urls: []                # generic JSON webhooks
@@ -58,18 +68,24 @@ from gradwatch.server.settings import SettingError, Settings, load_settings, set
 __all__ = [
     "DEFAULT_RUNBOOK_BASE_URL",
     "ENV_ALERTMANAGER_URLS",
+    "ENV_AUTH_TOKENS_FILE",
     "ENV_CONFIG",
     "ENV_EXTERNAL_URL",
     "ENV_GRPC_HOST",
     "ENV_GRPC_PORT",
     "ENV_HTTP_HOST",
     "ENV_HTTP_PORT",
+    "ENV_TLS_CERT_FILE",
+    "ENV_TLS_CLIENT_CA_FILE",
+    "ENV_TLS_KEY_FILE",
     "ENV_WEBHOOK_URLS",
     "AlertingConfig",
+    "AuthConfig",
     "GrpcConfig",
     "HttpConfig",
     "LimitsConfig",
     "ServerConfig",
+    "TlsConfig",
     "config_from_args",
     "load_config",
 ]
@@ -83,6 +99,10 @@ ENV_HTTP_PORT = "GRADWATCH_HTTP_PORT"
 ENV_ALERTMANAGER_URLS = "GRADWATCH_ALERTMANAGER_URLS"  # comma-separated
 ENV_WEBHOOK_URLS = "GRADWATCH_WEBHOOK_URLS"  # comma-separated
 ENV_EXTERNAL_URL = "GRADWATCH_EXTERNAL_URL"
+ENV_TLS_CERT_FILE = "GRADWATCH_TLS_CERT_FILE"
+ENV_TLS_KEY_FILE = "GRADWATCH_TLS_KEY_FILE"
+ENV_TLS_CLIENT_CA_FILE = "GRADWATCH_TLS_CLIENT_CA_FILE"
+ENV_AUTH_TOKENS_FILE = "GRADWATCH_AUTH_TOKENS_FILE"
 
 #: Where alerts' runbook_url points by default (+ "<detector>.md"): the runbooks in this repository.
 #: Teams that host their own copy set alerting.runbook_base_url (and regenerate deploy/ with
@@ -119,6 +139,8 @@ class LimitsConfig(Settings):
     max_sessions_per_rank: int = setting(4, doc="Agent sessions per rank remembered for dedup.", ge=1)
     max_run_id_chars: int = setting(256, doc="Longest run id accepted.", ge=1)
     alert_history: int = setting(1000, doc="Resolved alerts kept for the API.", ge=0)
+    max_job_name_chars: int = setting(256, doc="Longest job name accepted.", ge=1)
+    max_layer_name_chars: int = setting(1024, doc="Longest layer or module name accepted in a schema.", ge=1)
 
     @property
     def grpc_receive_bytes(self) -> int:
@@ -161,6 +183,39 @@ class AlertingConfig(Settings):
             _check_url("external_url", self.external_url)
 
 
+@dataclass(frozen=True)
+class TlsConfig(Settings):
+    """TLS on the gRPC and HTTP ports (see docs/security.md); the files are read at start-up."""
+
+    cert_file: str = setting("", doc="PEM certificate chain of this server; with key_file, both ports speak TLS.")
+    key_file: str = setting("", doc="PEM private key of cert_file.")
+    client_ca_file: str = setting(
+        "", doc="PEM CA bundle; gRPC clients must present a certificate signed by it (mutual TLS)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def _check(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            missing = "key_file" if self.cert_file else "cert_file"
+            raise SettingError(missing, "cert_file and key_file are set together")
+        if self.client_ca_file and not self.cert_file:
+            raise SettingError("client_ca_file", "mutual TLS needs cert_file and key_file too")
+
+
+@dataclass(frozen=True)
+class AuthConfig(Settings):
+    """Bearer tokens for agents and the HTTP API (see docs/security.md for the file format)."""
+
+    tokens_file: str = setting(
+        "", doc="YAML or JSON file of bearer tokens, re-read when it changes; empty: no token checks."
+    )
+    protect_api: bool = setting(True, doc="With a tokens file: /api/v1/* needs a token with `api: true`.")
+    protect_metrics: bool = setting(False, doc="With a tokens file: /metrics needs a token with `api: true`.")
+
+
 def _check_url(key: str, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -179,6 +234,8 @@ class ServerConfig(Settings):
     http: HttpConfig = field(default_factory=HttpConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     shutdown_grace_s: float = setting(5.0, doc="On SIGTERM, seconds open streams get to finish.", ge=0.0)
     finished_run_retention_s: float = setting(
         300.0,
@@ -300,7 +357,17 @@ def config_from_args(
     alerting = _override(alerting, "alertmanager_urls", _tuple(alertmanager_urls), "alertmanager_url")
     alerting = _override(alerting, "webhook_urls", _tuple(webhook_urls), "webhook_url")
     alerting = _override(alerting, "external_url", external_url, "external_url")
-    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting)
+    # The TLS files are overridden together: a cert from the environment needs its key from there too.
+    tls_env = {name: env[var] for name, var in _TLS_ENV.items() if env.get(var)}
+    try:
+        tls = dataclasses.replace(config.tls, **tls_env)
+    except SettingError as exc:
+        raise ValueError(f"tls.{exc.key}: {exc.problem}") from None
+    auth = _override(config.auth, "tokens_file", env.get(ENV_AUTH_TOKENS_FILE), ENV_AUTH_TOKENS_FILE)
+    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, tls=tls, auth=auth)
+
+
+_TLS_ENV = {"cert_file": ENV_TLS_CERT_FILE, "key_file": ENV_TLS_KEY_FILE, "client_ca_file": ENV_TLS_CLIENT_CA_FILE}
 
 
 def _tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:

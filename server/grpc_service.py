@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradwatch.server.auth import Grant, TokenSource, authorize
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.stats import IngestStats
@@ -45,6 +47,14 @@ MAX_BURST_FRAMES = 256
 READ_AHEAD_FRAMES = 512
 
 
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A stream's grant and the tokens-file generation it was checked against."""
+
+    grant: Grant
+    generation: int
+
+
 class _ReadFailed:
     """Sentinel: the client side of the stream broke (cancelled, reset)."""
 
@@ -52,11 +62,21 @@ class _ReadFailed:
 class IngestServicer:
     """Async handlers of gradwatch.v1.Ingest over raw bytes."""
 
-    def __init__(self, ingestor: Ingestor, stats: IngestStats, limits: LimitsConfig, server_version: str) -> None:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        stats: IngestStats,
+        limits: LimitsConfig,
+        server_version: str,
+        *,
+        tokens: TokenSource | None = None,
+    ) -> None:
         self._ingestor = ingestor
         self._stats = stats
         self._limits = limits
         self._version = server_version
+        #: Bearer-token grants (server/auth.py); None: every caller may write every run.
+        self._tokens = tokens
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler for INGEST_SERVICE (requests stay bytes; responses are serialised)."""
@@ -80,12 +100,18 @@ class IngestServicer:
         session: Session | None = None
         try:
             validator = StreamValidator(self._limits)
+            try:
+                grant = self._authenticate(context)
+            except FrameRejected as exc:
+                await self._reject(context, exc)
+                return
             first = await queue.get()
             if first is grpc.aio.EOF or isinstance(first, _ReadFailed):
                 return
             try:
                 frame = parse_agent_frame(first, self._limits)
                 validator.check(frame)
+                self._authorize(grant, frame.hello)
                 session = self._ingestor.open(frame.hello)
             except FrameRejected as exc:
                 await self._reject(context, exc)
@@ -100,7 +126,7 @@ class IngestServicer:
                     )
                 )
             )
-            await self._serve_frames(context, queue, validator, session)
+            await self._serve_frames(context, queue, validator, session, grant)
         finally:
             reader.cancel()
             if session is not None:
@@ -113,6 +139,7 @@ class IngestServicer:
         queue: asyncio.Queue[Any],
         validator: StreamValidator,
         session: Session,
+        grant: _Checked | None,
     ) -> None:
         sent_ack = session.acked_seq
         done = False
@@ -122,6 +149,13 @@ class IngestServicer:
                 burst.append(queue.get_nowait())
             commands: list[pb.Command] = []
             rejected: FrameRejected | None = None
+            if grant is not None and self._tokens is not None:
+                self._tokens.book()  # notices a changed file (one stat per RELOAD_CHECK_INTERVAL_S at most)
+                if grant.generation != self._tokens.generation:
+                    try:  # the grants changed: the stream goes on only if its token still may write the run
+                        grant = self._recheck(context, session.hello)
+                    except FrameRejected as exc:
+                        await self._reject(context, exc)
             for raw in burst:
                 if raw is grpc.aio.EOF or isinstance(raw, _ReadFailed):
                     done = True
@@ -144,9 +178,11 @@ class IngestServicer:
 
     async def flush(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.FlushResponse:
         try:
+            grant = self._authenticate(context)
             request = parse_flush_request(raw, self._limits)
             validator = StreamValidator(self._limits)
             validator.accept_hello(request.hello)
+            self._authorize(grant, request.hello)
             session = self._ingestor.open(request.hello, streaming=False)
             for frame in request.frames:
                 kind = validator.check(frame)
@@ -155,6 +191,25 @@ class IngestServicer:
             await self._reject(context, exc)
             raise AssertionError("unreachable: abort raises") from None
         return pb.FlushResponse(acked_seq=session.acked_seq)
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> _Checked | None:
+        """The call's grant when tokens are configured (FrameRejected UNAUTHENTICATED without one)."""
+        if self._tokens is None:
+            return None
+        grant = self._tokens.authenticate(context.invocation_metadata())
+        return _Checked(grant, self._tokens.generation)
+
+    def _authorize(self, checked: _Checked | None, hello: pb.Hello) -> None:
+        """FrameRejected PERMISSION_DENIED unless the grant may write the Hello's run (see server/auth.py)."""
+        if checked is not None:
+            authorize(checked.grant, hello.job_name, hello.run_id, self._ingestor.bound_job(hello.run_id))
+
+    def _recheck(self, context: grpc.aio.ServicerContext, hello: pb.Hello) -> _Checked:
+        """The stream's grant under new grants (its run is bound to its job already)."""
+        fresh = self._authenticate(context)
+        assert fresh is not None
+        authorize(fresh.grant, hello.job_name, hello.run_id, None)
+        return fresh
 
     async def _reject(self, context: grpc.aio.ServicerContext, exc: FrameRejected) -> None:
         """Count the rejection and end the RPC with its status (raises grpc's AbortError)."""

@@ -11,12 +11,20 @@ Routes (an unknown GET path is 404; a method not listed for a path is 405):
                                   -> 201 {"silence": ...}; 400 {"error"} on a bad body
   DELETE /api/v1/silences/<id>    -> 200 {"silence": ...} (expired now); 404 if not active
 JSON is strict (no NaN): the app's views are JSON-safe by contract.
+
+With a TLS context source the port speaks only TLS (the context is asked for at every connection, so
+rotated certificates apply to new connections) (the handshake runs on the request's own thread, with a
+timeout, so a slow client cannot stall the others). With a guard (server/auth.py), requests without the
+bearer token a path needs get 401 (with `WWW-Authenticate: Bearer`) or 403 before any route runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gradwatch.server.auth import HttpGuard
 from gradwatch.server.silences import SilenceBook
 
 __all__ = ["HttpApi"]
@@ -38,6 +47,29 @@ NotificationsView = Callable[[], list[dict[str, Any]]]
 SILENCES = "/api/v1/silences"
 #: Largest request body accepted (silences are a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
+#: Seconds a client gets to complete the TLS handshake.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _TlsHttpServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that wraps each accepted connection in TLS on the request's thread."""
+
+    tls_context: Callable[[], ssl.SSLContext]
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        try:
+            tls = self.tls_context().wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:  # plaintext or a client that gave up: not our problem
+            log.debug("http: TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            tls.settimeout(None)
+            super().finish_request(tls, client_address)
+        finally:
+            with contextlib.suppress(OSError):
+                tls.shutdown(socket.SHUT_RDWR)
+            tls.close()
 
 
 class HttpApi:
@@ -53,6 +85,8 @@ class HttpApi:
         alerts: AlertsView,
         notifications: NotificationsView,
         silences: SilenceBook,
+        tls_context: Callable[[], ssl.SSLContext] | None = None,
+        guard: HttpGuard | None = None,
     ) -> None:
         handler = type(
             "GradwatchHandler",
@@ -63,9 +97,14 @@ class HttpApi:
                 "alerts": staticmethod(alerts),
                 "notifications": staticmethod(notifications),
                 "silences": silences,
+                "guard": guard,
             },
         )
-        self._server = ThreadingHTTPServer((host, port), handler)
+        if tls_context is None:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        else:
+            self._server = _TlsHttpServer((host, port), handler)
+            self._server.tls_context = tls_context
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -92,9 +131,30 @@ class _Handler(BaseHTTPRequestHandler):
     alerts: AlertsView
     notifications: NotificationsView
     silences: SilenceBook
+    guard: HttpGuard | None
     server_version = "gradwatch"
 
+    def _allowed(self) -> bool:
+        """Apply the guard; False when a 401/403 has been sent."""
+        if self.guard is None:
+            return True
+        refusal = self.guard.check(urlsplit(self.path).path, self.headers.get("Authorization"))
+        if refusal is None:
+            return True
+        status, message = refusal
+        body = json.dumps({"error": message}).encode()
+        self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="gradwatch"')
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return False
+
     def do_GET(self) -> None:
+        if not self._allowed():
+            return
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         try:
@@ -121,6 +181,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": "internal error"})
 
     def do_POST(self) -> None:
+        if not self._allowed():
+            return
         if urlsplit(self.path).path != SILENCES:
             self._not_allowed()
             return
@@ -144,6 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(201, {"silence": silence})
 
     def do_DELETE(self) -> None:
+        if not self._allowed():
+            return
         path = urlsplit(self.path).path
         if not path.startswith(SILENCES + "/"):
             self._not_allowed()

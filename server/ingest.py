@@ -20,9 +20,10 @@ same thing however it arrived. Contract:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gradwatch.server.alerts import AlertBook
@@ -36,7 +37,13 @@ from gradwatch.v1 import gradwatch_pb2 as pb
 #: ALERT commands kept per rank until its next frame; more are dropped (the first ones matter).
 MAX_PENDING_ALERTS = 8
 
-__all__ = ["Ingestor", "Session"]
+__all__ = ["MAX_DROP_REASONS", "Ingestor", "Session", "bounded_drop_reasons"]
+
+#: Drop reasons an agent's heartbeat may name (label values of gradwatch_agent_dropped_total); the counts
+#: of any others, and of names that are not short snake_case words, are summed under OTHER_DROP_REASON.
+MAX_DROP_REASONS = 15
+OTHER_DROP_REASON = "other"
+_DROP_REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,20 @@ class Session:
     schema: SchemaEntry
     acked_seq: int
     streaming: bool
+
+
+def bounded_drop_reasons(dropped: Mapping[str, int]) -> dict[str, int]:
+    """At most MAX_DROP_REASONS well-formed reasons (by name order) plus "other" for the rest."""
+    kept: dict[str, int] = {}
+    other = 0
+    for reason in sorted(dropped):
+        if len(kept) < MAX_DROP_REASONS and reason != OTHER_DROP_REASON and _DROP_REASON.fullmatch(reason):
+            kept[reason] = dropped[reason]
+        else:
+            other += dropped[reason]
+    if other:
+        kept[OTHER_DROP_REASON] = other
+    return kept
 
 
 class Ingestor:
@@ -91,6 +112,12 @@ class Ingestor:
             self._stats.frame("hello")
             return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming)
 
+    def bound_job(self, run_id: str) -> str | None:
+        """The job name the server holds run `run_id` under; None for a run it does not hold."""
+        with self._store.lock:
+            run = self._store.get(run_id)
+            return None if run is None else run.job_name
+
     def close(self, session: Session) -> None:
         """The session's stream ended (for any reason)."""
         if not session.streaming:
@@ -121,7 +148,7 @@ class Ingestor:
                 self._store.record_event(run, rank.rank, frame.event)
             elif kind == "heartbeat":
                 with self._store.lock:
-                    rank.dropped = dict(frame.heartbeat.dropped)
+                    rank.dropped = bounded_drop_reasons(frame.heartbeat.dropped)
                     rank.last_heartbeat_at = self._clock()
             elif kind == "goodbye":
                 with self._store.lock:

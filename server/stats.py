@@ -11,6 +11,7 @@ import bisect
 import threading
 from dataclasses import dataclass
 
+from gradwatch.server.auth import AUTH_REASONS
 from gradwatch.server.validate import REASONS
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -59,7 +60,7 @@ class IngestStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._frames = dict.fromkeys(FRAME_KINDS, 0)
-        self._errors = dict.fromkeys(REASONS, 0)
+        self._errors = dict.fromkeys((*REASONS, *AUTH_REASONS), 0)
         self._duplicates = 0
         self._active_streams = 0
         self._buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)

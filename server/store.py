@@ -58,6 +58,7 @@ SCHEMAS_PER_RUN = 64  # distinct schemas interned; more are mapped but not cache
 DROPPED_LAYERS_TRACKED = 1 << 17  # distinct dropped layer names counted (a floor beyond this)
 GLOBAL_PENDING_STEPS = 256  # steps waiting for the other ranks' gradient shares
 GLOBAL_HISTORY = 1024  # (step, global gradient norm) kept per run
+IDENTITY_CHARS = 256  # host, versions, device kind from a Hello: shown in the API, never labels; truncated
 _NO_COLUMNS: Mapping[str, np.ndarray] = {}
 
 
@@ -249,9 +250,10 @@ class RunStore:
             run.protocol_version = hello.protocol_version
             state = self._rank_for(run, hello)
             state.session_id = hello.session_id
-            state.host, state.pid, state.local_rank = hello.host, hello.pid, hello.local_rank
-            state.agent_version, state.torch_version = hello.agent_version, hello.torch_version
-            state.device_kind, state.full_stats_interval = hello.device_kind, hello.full_stats_interval
+            cut = IDENTITY_CHARS
+            state.host, state.pid, state.local_rank = hello.host[:cut], hello.pid, hello.local_rank
+            state.agent_version, state.torch_version = hello.agent_version[:cut], hello.torch_version[:cut]
+            state.device_kind, state.full_stats_interval = hello.device_kind[:cut], hello.full_stats_interval
             state.schema = run.intern_schema(tuple(hello.schema.names))
             state.said_goodbye = False
             run.finished_at, run.expired = None, False  # a rank came back: the run lives again

@@ -8,6 +8,11 @@ humans. `REASONS` lists every reason so the counters can exist at 0.
 Stream-level rules live in `StreamValidator` (one per stream or Flush call): the
 first frame is a Hello, there is exactly one, seq numbers rise within the stream,
 steps do not go backwards, and layer columns match the Hello's schema.
+
+Label values: everything from an agent that becomes a Prometheus label value (run id, job name, layer and
+module names) is bounded in length (limits.max_run_id_chars, max_job_name_chars, max_layer_name_chars)
+and must be printable (no control characters or line breaks), so no agent can make a series unreadable or
+a scrape huge; how many such values exist is bounded elsewhere (max_runs, max_layer_series_per_run).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ INVALID_LAYER_STATS = "invalid_layer_stats"
 INVALID_SEQ = "invalid_seq"
 NON_MONOTONIC = "non_monotonic"
 INVALID_REPORT = "invalid_report"
+INVALID_JOB_NAME = "invalid_job_name"
 
 #: Every rejection reason, for pre-created counters.
 REASONS: tuple[str, ...] = (
@@ -67,6 +73,7 @@ REASONS: tuple[str, ...] = (
     INVALID_SEQ,
     NON_MONOTONIC,
     INVALID_REPORT,
+    INVALID_JOB_NAME,
 )
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -136,6 +143,15 @@ def check_hello(hello: pb.Hello, limits: LimitsConfig) -> None:
         raise _reject(
             INVALID_RUN_ID, f"Hello.run_id has {len(hello.run_id)} characters; the limit is {limits.max_run_id_chars}"
         )
+    if not hello.run_id.isprintable():
+        raise _reject(INVALID_RUN_ID, f"Hello.run_id {hello.run_id!r} has control or non-printable characters")
+    if len(hello.job_name) > limits.max_job_name_chars:
+        raise _reject(
+            INVALID_JOB_NAME,
+            f"Hello.job_name has {len(hello.job_name)} characters; the limit is {limits.max_job_name_chars}",
+        )
+    if not hello.job_name.isprintable():
+        raise _reject(INVALID_JOB_NAME, f"Hello.job_name {hello.job_name!r} has control or non-printable characters")
     if not hello.session_id:
         raise _reject(INVALID_SESSION, "Hello.session_id is empty; it keys deduplication of replayed frames")
     if hello.world_size == 0:
@@ -159,6 +175,20 @@ def check_hello(hello: pb.Hello, limits: LimitsConfig) -> None:
         )
     if len(modules.module_types) not in (0, len(modules.names)):
         raise _reject(INVALID_SCHEMA, "activation schema has as many module_types as names, or none")
+    _check_names("activation schema", modules, limits)
+
+
+def _check_names(what: str, schema: pb.LayerSchema, limits: LimitsConfig) -> None:
+    """Layer and module names become label values: bounded and printable (module types are shown too)."""
+    cap = limits.max_layer_name_chars
+    for field_name in ("names", "module_types"):
+        values = getattr(schema, field_name)
+        if any(len(v) > cap for v in values):
+            longest = max(len(v) for v in values)
+            raise _reject(INVALID_SCHEMA, f"{what} has a {field_name[:-1]} of {longest} characters; the limit is {cap}")
+        if not all(v.isprintable() for v in values):
+            bad = next(v for v in values if not v.isprintable())
+            raise _reject(INVALID_SCHEMA, f"{what} {field_name[:-1]} {bad[:80]!r} has control characters")
 
 
 def _check_schema(schema: pb.LayerSchema, limits: LimitsConfig) -> None:
@@ -178,6 +208,7 @@ def _check_schema(schema: pb.LayerSchema, limits: LimitsConfig) -> None:
         raise _reject(INVALID_SCHEMA, "schema names are not unique")
     if any(not name for name in schema.names):
         raise _reject(INVALID_SCHEMA, "schema contains an empty layer name")
+    _check_names("schema", schema, limits)
 
 
 class StreamValidator:

@@ -121,11 +121,11 @@ class AgentStream:
 
     _END = object()
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
         self._channel = grpc.insecure_channel(target)
         self._requests: queue.Queue[Any] = queue.Queue()
         self._responses: queue.Queue[Any] = queue.Queue()
-        call = pbg.IngestStub(self._channel).Stream(iter(self._requests.get, self._END))
+        call = pbg.IngestStub(self._channel).Stream(iter(self._requests.get, self._END), metadata=metadata)
         self._call = call
         self._thread = threading.Thread(target=self._pump, args=(call,), daemon=True)
         self._thread.start()
