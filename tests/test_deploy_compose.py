@@ -1,0 +1,139 @@
+"""deploy/compose: the local stack parses, wires its services to each other by name and port, mounts files
+that exist where the configs expect them, and its Prometheus and Alertmanager configs pass promtool/amtool.
+No container engine runs here: this is the static half of `docker compose up`."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COMPOSE_DIR = ROOT / "deploy" / "compose"
+COMPOSE = COMPOSE_DIR / "compose.yaml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def _binds(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of each bind mount (short syntax, relative to the compose file)."""
+    out = []
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("."):
+            out.append((source, target))
+    return out
+
+
+def _ports(service: dict[str, Any]) -> dict[int, int]:
+    return {int(p.split(":")[1]): int(p.split(":")[0]) for p in service.get("ports", [])}
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which(args[0]) is None:
+        pytest.fail(f"{args[0]} is missing: run scripts/install-dev.sh (Debian prometheus, prometheus-alertmanager)")
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_compose_has_the_four_services_with_their_ports(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"gradwatch", "prometheus", "alertmanager", "grafana"}
+    assert _ports(services["gradwatch"]) == {50051: 50051, 9400: 9400}
+    assert _ports(services["prometheus"]) == {9090: 9090}
+    assert _ports(services["alertmanager"]) == {9093: 9093}
+    assert _ports(services["grafana"]) == {3000: 3000}
+    for name in ("prometheus", "alertmanager", "grafana"):
+        image = services[name]["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image version, got {image}"
+
+
+def test_compose_builds_the_server_image_from_the_checkout(compose: dict[str, Any]) -> None:
+    build = compose["services"]["gradwatch"]["build"]
+    context = (COMPOSE_DIR / build["context"]).resolve()
+    assert context == ROOT
+    assert (context / build["dockerfile"]).is_file()
+    command = compose["services"]["gradwatch"]["command"]
+    assert command[0] == "serve"
+    assert "--alertmanager-url=http://alertmanager:9093" in command
+
+
+def test_compose_mounts_point_to_files_that_exist(compose: dict[str, Any]) -> None:
+    named = set(compose.get("volumes", {}))
+    count = 0
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE_DIR / source).exists(), f"{name}: {source} does not exist"
+                count += 1
+            else:
+                assert source in named, f"{name}: named volume {source} is not declared"
+    assert count >= 6
+
+
+def _materialise(service: dict[str, Any], root: pathlib.Path) -> None:
+    """Copy a service's bind mounts under `root` at their container paths."""
+    for source, target in _binds(service):
+        path = COMPOSE_DIR / source
+        destination = root / target.lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, destination)
+        else:
+            shutil.copy(path, destination)
+
+
+def test_compose_prometheus_config_loads_the_gradwatch_rules_and_scrapes_the_server(
+    compose: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
+    prometheus = compose["services"]["prometheus"]
+    _materialise(prometheus, tmp_path)
+    config_path = tmp_path / "etc" / "prometheus" / "prometheus.yml"
+    assert f"--config.file=/{config_path.relative_to(tmp_path)}" in prometheus["command"]
+    result = _tool("promtool", "check", "config", str(config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
+    assert (tmp_path / "etc/prometheus/rules/gradwatch.yml").read_bytes() == (
+        ROOT / "deploy/prometheus/rules.yml"
+    ).read_bytes()
+    config = yaml.safe_load(config_path.read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert targets["gradwatch"] == ["gradwatch:9400"]
+    [am] = config["alerting"]["alertmanagers"]
+    assert am["static_configs"][0]["targets"] == ["alertmanager:9093"]
+
+
+def test_compose_alertmanager_config_is_valid_and_inhibits_like_the_example(compose: dict[str, Any]) -> None:
+    [(source, target)] = _binds(compose["services"]["alertmanager"])
+    assert f"--config.file={target}" in compose["services"]["alertmanager"]["command"]
+    path = COMPOSE_DIR / source
+    result = _tool("amtool", "check-config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    example = yaml.safe_load((ROOT / "deploy/alertmanager/alertmanager.yml").read_text())
+    assert yaml.safe_load(path.read_text())["inhibit_rules"] == example["inhibit_rules"]
+
+
+def test_compose_grafana_provisions_the_dashboards_where_the_provider_looks(compose: dict[str, Any]) -> None:
+    binds = dict((target, source) for source, target in _binds(compose["services"]["grafana"]))
+    provider_dir = COMPOSE_DIR / binds["/etc/grafana/provisioning/dashboards"]
+    [provider] = yaml.safe_load((provider_dir / "gradwatch.yaml").read_text())["providers"]
+    dashboards = COMPOSE_DIR / binds[provider["options"]["path"]]
+    assert sorted(p.name for p in dashboards.glob("*.json")) == sorted(
+        p.name for p in (ROOT / "deploy/grafana/dashboards").glob("*.json")
+    )
+    assert len(list(dashboards.glob("*.json"))) >= 3
+    datasources_dir = COMPOSE_DIR / binds["/etc/grafana/provisioning/datasources"]
+    [datasource] = yaml.safe_load((datasources_dir / "gradwatch-prometheus.yaml").read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert pathlib.PurePosixPath(home).parent == pathlib.PurePosixPath(provider["options"]["path"])
+    assert (dashboards / pathlib.PurePosixPath(home).name).is_file()
