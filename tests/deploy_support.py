@@ -94,14 +94,18 @@ def port_number(container: Mapping[str, Any], port: int | str) -> int:
     return number
 
 
-def check_server_container(container: Mapping[str, Any], *, grpc_port: int = 50051, tls: bool = False) -> None:
-    """What every gradwatch server container carries: the serve command, both ports, health probes on the
-    gRPC health service (TCP when the port speaks TLS, which kubelet's gRPC probes cannot), a locked-down
-    security context, resource requests."""
-    check_serve_args(container)
+def check_server_container(container: Mapping[str, Any], *, tls: bool = False) -> argparse.Namespace:
+    """What every gradwatch server container carries: the serve command, a gRPC and an HTTP port, health
+    probes on the gRPC port's health service (TCP when the port speaks TLS, which kubelet's gRPC probes
+    cannot), a locked-down security context, resource requests. Returns the parsed command line."""
+    parsed = check_serve_args(container)
     check_env_names(container)
-    names = {p["name"] for p in container["ports"]}
-    assert len(names) == 2 and {p["containerPort"] for p in container["ports"]} == {grpc_port, 9400}, names
+    ports = {p["name"].removeprefix("gw-"): p["containerPort"] for p in container["ports"]}
+    assert set(ports) == {"grpc", "http"}, ports
+    grpc_port = ports["grpc"]
+    env = env_of(container)
+    for var, port in (("GRADWATCH_GRPC_PORT", ports["grpc"]), ("GRADWATCH_HTTP_PORT", ports["http"])):
+        assert env.get(var, str(port)) == str(port), f"{var} differs from the declared port {port}"
     for probe_name in ("startupProbe", "livenessProbe"):
         probe = container[probe_name]
         if tls:
@@ -115,6 +119,7 @@ def check_server_container(container: Mapping[str, Any], *, grpc_port: int = 500
     assert context.get("readOnlyRootFilesystem") is True
     assert context.get("capabilities", {}).get("drop") == ["ALL"]
     assert "requests" in container["resources"] and "memory" in container["resources"].get("limits", {})
+    return parsed
 
 
 def check_native_sidecar(pod: Mapping[str, Any], name: str = "gradwatch") -> dict[str, Any]:
