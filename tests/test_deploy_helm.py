@@ -26,8 +26,11 @@ from deploy_support import (
 from gradwatch import __version__
 from gradwatch.server.config import load_config
 
-helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the dev extra has it)")
-from helm_python import _native  # noqa: E402
+try:
+    import helm_python as helm
+    from helm_python import _native
+except ImportError:  # fail, never skip: the dev extra installs it
+    pytest.fail("helm-python-sdk is missing: pip install -e '.[dev]' (scripts/install-dev.sh)", pytrace=False)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "gradwatch"
