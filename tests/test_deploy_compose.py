@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from deploy_support import check_env_names, check_serve_args
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "deploy" / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
@@ -61,9 +63,12 @@ def test_compose_builds_the_server_image_from_the_checkout(compose: dict[str, An
     context = (COMPOSE_DIR / build["context"]).resolve()
     assert context == ROOT
     assert (context / build["dockerfile"]).is_file()
-    command = compose["services"]["gradwatch"]["command"]
-    assert command[0] == "serve"
-    assert "--alertmanager-url=http://alertmanager:9093" in command
+    service = compose["services"]["gradwatch"]
+    container = {"name": "gradwatch", "args": service["command"],
+                 "env": [{"name": k, "value": v} for k, v in service["environment"].items()]}  # fmt: skip
+    parsed = check_serve_args(container)  # the image's ENTRYPOINT is `gradwatch`
+    check_env_names(container)
+    assert parsed.alertmanager_url == ["http://alertmanager:9093"]  # the compose service of that name and port
 
 
 def test_compose_mounts_point_to_files_that_exist(compose: dict[str, Any]) -> None:
