@@ -1,18 +1,26 @@
 """deploy/compose: the local stack parses, wires its services to each other by name and port, mounts files
-that exist where the configs expect them, and its Prometheus and Alertmanager configs pass promtool/amtool.
-No container engine runs here: this is the static half of `docker compose up`."""
+that exist where the configs expect them, its Prometheus and Alertmanager configs pass promtool/amtool, and
+the same configs run with Debian's Prometheus and Alertmanager against a real server. No container engine runs
+here: the images themselves are never pulled."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import yaml
 
 from deploy_support import check_env_names, check_serve_args
+from gradwatch.server.config import ServerConfig
+from paging_support import alertmanager, prometheus, query
+from server_support import start_app
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -142,3 +150,46 @@ def test_compose_grafana_provisions_the_dashboards_where_the_provider_looks(comp
     home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert pathlib.PurePosixPath(home).parent == pathlib.PurePosixPath(provider["options"]["path"])
     assert (dashboards / pathlib.PurePosixPath(home).name).is_file()
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.25)
+
+
+@pytest.mark.slow
+def test_compose_stack_wiring_runs_with_the_real_binaries(compose: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    """The stack without containers: a real server, Debian's Alertmanager with the compose alertmanager.yml and
+    Debian's Prometheus with the compose prometheus.yml, service names swapped for loopback ports and the
+    intervals shortened to 1 s. Prometheus scrapes the server, loads the rules and finds Alertmanager."""
+    app = start_app(ServerConfig.local())
+    try:
+        am_config = yaml.safe_load((COMPOSE_DIR / "alertmanager.yml").read_text())
+        with alertmanager(am_config, tmp_path / "am") as am_url:
+            text = (COMPOSE_DIR / "prometheus.yml").read_text()
+            text = text.replace("gradwatch:9400", f"127.0.0.1:{app.http_port}")
+            text = text.replace("alertmanager:9093", am_url.removeprefix("http://"))
+            config = yaml.safe_load(text)
+            assert f"127.0.0.1:{app.http_port}" in json.dumps(config)  # the substitution hit
+            config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+            rules = yaml.safe_load((ROOT / "deploy/prometheus/rules.yml").read_text())
+            with prometheus(config, rules, tmp_path / "prom") as prom_url:
+                _wait(lambda: any(s["value"][1] == "1" for s in query(prom_url, 'up{job="gradwatch"}')),
+                      "Prometheus scrapes the gradwatch server")  # fmt: skip
+                assert query(prom_url, "gradwatch_server_info"), "the server's own metrics arrive"
+                _wait(lambda: bool(_get(f"{prom_url}/api/v1/alertmanagers")["activeAlertmanagers"]),
+                      "Prometheus finds Alertmanager")  # fmt: skip
+                groups = _get(f"{prom_url}/api/v1/rules")["groups"]
+                loaded = {r["name"] for g in groups for r in g["rules"] if r["type"] == "alerting"}
+                assert {"GradwatchNonFinite", "GradwatchServerAbsent"} <= loaded
+    finally:
+        app.stop()
