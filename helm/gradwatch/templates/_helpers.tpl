@@ -53,10 +53,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Health probes. Kubelet's gRPC probes speak plaintext only, so a TLS port gets TCP probes. */}}
 {{- define "gradwatch.probe" -}}
-{{- if .tls }}
+{{- if .tls -}}
 tcpSocket:
   port: grpc
-{{- else }}
+{{- else -}}
 grpc:
   port: {{ .port }}
   {{- with .service }}
