@@ -10,12 +10,18 @@ import io
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import kubernetes_validate
+
 from gradwatch.agent import config as agent_config
 from gradwatch.cli import build_parser
 from gradwatch.server import config as server_config
 from gradwatch.server.grpc_service import INGEST_SERVICE
 
 RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance")
+#: Native sidecars need 1.29; validating against the oldest supported release catches newer-only fields.
+KUBERNETES_VERSION = "1.29.0"
+#: Custom resources: no schema in kubernetes-validate. Their pod templates are validated as PodTemplates.
+CUSTOM_KINDS = frozenset({"PyTorchJob", "RayJob", "ServiceMonitor", "PodMonitor", "PrometheusRule"})
 #: Variables the manifests set that other work in progress adds to the server (issue 6: the data directory;
 #: issue 8's security half: TLS files, bearer tokens, the agents' replica list). Delete each name here once its
 #: branch is merged: the test then proves the server or agent declares it.
@@ -57,6 +63,18 @@ def pod_specs(doc: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any], dic
         yield f"{kind}.head", head.get("metadata", {}), head["spec"]
         for group in cluster.get("workerGroupSpecs", []):
             yield f"{kind}.{group['groupName']}", group["template"].get("metadata", {}), group["template"]["spec"]
+
+
+def validate_kubernetes(doc: Mapping[str, Any]) -> None:
+    """Validate against Kubernetes' own OpenAPI schemas (strict: unknown fields fail), offline, with the
+    kubernetes-validate package. Custom resources get their embedded pod templates validated."""
+    if doc["kind"] not in CUSTOM_KINDS:
+        kubernetes_validate.validate(dict(doc), KUBERNETES_VERSION, strict=True)
+        return
+    for where, meta, pod in pod_specs(doc):
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": where.lower().replace(".", "-")},
+                    "template": {"metadata": meta, "spec": pod}}  # fmt: skip
+        kubernetes_validate.validate(template, KUBERNETES_VERSION, strict=True)
 
 
 def env_of(container: Mapping[str, Any]) -> dict[str, Any]:

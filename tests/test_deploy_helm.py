@@ -1,5 +1,6 @@
 """helm/gradwatch, loaded, linted and rendered by Helm's own library (the PyPI package helm-python-sdk, no helm
-binary, no cluster) with several value sets; each rendering parses and carries the essentials: probes, ports,
+binary, no cluster) with several value sets; each rendering parses, validates against Kubernetes' own schemas
+(kubernetes-validate, strict, 1.29) and carries the essentials: probes, ports,
 labels, volumes, the scale-out StatefulSet and headless Service, monitoring objects only when the API exists or
 is forced, the same rules and dashboards as deploy/, the native sidecar, and a strict values schema."""
 
@@ -22,6 +23,7 @@ from deploy_support import (
     env_of,
     pod_specs,
     port_number,
+    validate_kubernetes,
 )
 from gradwatch import __version__
 from gradwatch.server.config import load_config
@@ -52,6 +54,7 @@ class Rendering:
             for doc in yaml.safe_load_all(text):
                 if doc is not None:
                     assert {"apiVersion", "kind", "metadata"} <= set(doc), path
+                    validate_kubernetes(doc)  # every rendering, against Kubernetes' own schemas
                     self.objects.append(doc)
 
     def kinds(self) -> list[str]:

@@ -3,7 +3,8 @@ Deployment's probes, ports, labels, volumes and configuration; the native gradwa
 PyTorchJob and a KubeRay RayJob, with every training container pointed at a server by environment.
 
 No cluster here, and `kubectl apply --dry-run=client` needs one for API discovery, so these are static
-checks: PyYAML, gradwatch's own CLI parser and config loader, and the rules in deploy_support."""
+checks: Kubernetes' own OpenAPI schemas (kubernetes-validate, strict, 1.29), gradwatch's own CLI parser and
+config loader, and the rules in deploy_support."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from deploy_support import (
     env_of,
     pod_specs,
     port_number,
+    validate_kubernetes,
 )
 from gradwatch.server.config import load_config
 
@@ -35,6 +37,12 @@ def _docs(name: str) -> list[dict[str, Any]]:
         assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{name}: {doc.get('kind')}"
         assert doc["metadata"]["name"], name
     return docs
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in K8S.glob("*.yaml")))
+def test_manifest_validates_against_the_kubernetes_schemas(name: str) -> None:
+    for doc in _docs(name):
+        validate_kubernetes(doc)
 
 
 def _by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
