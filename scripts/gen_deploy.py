@@ -9,6 +9,8 @@ Writes, from gradwatch.server.rules (alerting and recording rules) and deploy_da
   deploy/prometheus/rules.yml                                 Prometheus rule file
   deploy/grafana/provisioning/alerting/gradwatch-rules.yaml   the same alerts as Grafana-managed rules
   deploy/grafana/dashboards/*.json                            fleet, run and layer dashboards
+  helm/gradwatch/files/prometheus/rules.yml                   the chart's PrometheusRule content (same file)
+  helm/gradwatch/files/dashboards/*.json                      the chart's dashboard ConfigMaps (same files)
 tests/test_deploy_rules.py fails when a committed file differs from a fresh rendering.
 """
 
@@ -33,6 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RULES_FILE = pathlib.Path("deploy/prometheus/rules.yml")
 GRAFANA_RULES_FILE = pathlib.Path("deploy/grafana/provisioning/alerting/gradwatch-rules.yaml")
 DASHBOARD_DIR = pathlib.Path("deploy/grafana/dashboards")
+#: The Helm chart reads its copies with .Files (a chart cannot reach files outside its directory).
+CHART_FILES = pathlib.Path("helm/gradwatch/files")
 #: uid of the Prometheus data source in deploy/grafana/provisioning/datasources/.
 GRAFANA_DATASOURCE_UID = "gradwatch-prometheus"
 GRAFANA_FOLDER = "gradwatch"
@@ -111,6 +115,9 @@ def render(runbook_base_url: str = DEFAULT_RUNBOOK_BASE_URL) -> dict[pathlib.Pat
     }
     for name, build in DASHBOARDS.items():
         files[DASHBOARD_DIR / name] = json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+    files[CHART_FILES / "prometheus" / "rules.yml"] = files[RULES_FILE]
+    for name in DASHBOARDS:
+        files[CHART_FILES / "dashboards" / name] = files[DASHBOARD_DIR / name]
     return files
 
 

@@ -28,6 +28,10 @@ GENERATED = [
     "deploy/grafana/dashboards/gradwatch-fleet.json",
     "deploy/grafana/dashboards/gradwatch-run.json",
     "deploy/grafana/dashboards/gradwatch-layers.json",
+    "helm/gradwatch/files/prometheus/rules.yml",
+    "helm/gradwatch/files/dashboards/gradwatch-fleet.json",
+    "helm/gradwatch/files/dashboards/gradwatch-run.json",
+    "helm/gradwatch/files/dashboards/gradwatch-layers.json",
 ]
 
 
