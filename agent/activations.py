@@ -172,7 +172,7 @@ class ActivationTap:
         started = time.perf_counter()
         try:
             capture = self._current()
-            if capture.full and capture.output_spread is None and out.dim() >= 2:
+            if capture.full and capture.output_spread is None and out.dim() >= 2 and out.shape[0] > 1:
                 with torch.no_grad():
                     o = out.detach().to(_F32).reshape(out.shape[0], -1)
                     capture.output_spread = o.std(dim=0, correction=0).mean()
