@@ -9,7 +9,16 @@ gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
 
 from __future__ import annotations
 
-from gradwatch.server.detectors import exploding_gradient, non_finite
+from gradwatch.server.detectors import (
+    exploding_gradient,
+    frozen_parameters,
+    loss_divergence,
+    loss_not_decreasing,
+    loss_spike,
+    non_finite,
+    update_ratio,
+    vanishing_gradient,
+)
 from gradwatch.server.detectors.base import (
     Clear,
     Detector,
@@ -38,6 +47,12 @@ __all__ = [
 REGISTRY: tuple[DetectorSpec, ...] = (
     non_finite.SPEC,
     exploding_gradient.SPEC,
+    loss_divergence.SPEC,
+    loss_spike.SPEC,
+    loss_not_decreasing.SPEC,
+    vanishing_gradient.SPEC,
+    update_ratio.SPEC,
+    frozen_parameters.SPEC,
 )
 
 

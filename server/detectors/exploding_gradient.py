@@ -164,4 +164,6 @@ SPEC = DetectorSpec(
     description="Gradient norm far above the rank's robust recent baseline, or growing steadily.",
     config_type=ExplodingGradientConfig,
     factory=lambda config: ExplodingGradientDetector(config),  # type: ignore[arg-type]
+    # Exploding gradients make the loss jump or diverge and the updates too large: one page, for the cause.
+    inhibits=("loss_spike", "loss_divergence", "update_ratio"),
 )
