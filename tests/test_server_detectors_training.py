@@ -12,6 +12,7 @@ import pytest
 
 from gradwatch.server.config import load_config
 from gradwatch.server.detectors import Clear, Fire, Verdict, inhibitions
+from gradwatch.server.detectors.exploding_gradient import ExplodingGradientConfig, ExplodingGradientDetector
 from gradwatch.server.detectors.frozen_parameters import FrozenParametersConfig, FrozenParametersDetector
 from gradwatch.server.detectors.loss_divergence import LossDivergenceConfig, LossDivergenceDetector
 from gradwatch.server.detectors.loss_not_decreasing import LossNotDecreasingConfig, LossNotDecreasingDetector
@@ -24,9 +25,10 @@ from server_support import columns, report_frame
 LAYERS = tuple(f"net.{i}" for i in range(8))
 
 
-def report(step: int, *, rank: int = 0, loss: float | None = 0.5, **cols: Any) -> RankReport:
+def report(step: int, *, rank: int = 0, loss: float | None = 0.5, norm: float = 1.0, **cols: Any) -> RankReport:
     layers = columns(len(LAYERS), **cols) if cols else None
-    return build_report("run", rank, report_frame(step, loss=loss, layers=layers).report, LAYERS, received_at=0.0)
+    frame = report_frame(step, loss=loss, grad_norm=norm, layers=layers)
+    return build_report("run", rank, frame.report, LAYERS, received_at=0.0)
 
 
 def feed_losses(detector: Any, losses: Iterable[float], start: int = 1, rank: int = 0) -> list[tuple[int, Verdict]]:
@@ -323,3 +325,18 @@ def test_frozen_parameters_quiet_when_everything_moves() -> None:
     det = FrozenParametersDetector(FrozenParametersConfig(reports=1))
     assert det.observe(report(10, grad_norm=0.5, update_ratio=1e-3)) is None
     assert det.observe(report(11)) is None  # a report without layer columns says nothing
+
+
+# ------------------------------------------------------------------ exploding_gradient: numerically zero norms
+
+
+def test_exploding_gradient_ignores_float_noise_of_a_dead_network() -> None:
+    det = ExplodingGradientDetector(ExplodingGradientConfig())
+    rng = np.random.default_rng(0)
+    dead = 1e-16 * rng.lognormal(0, 0.5, 60)
+    noise = np.full(20, 4e-13)  # thousands of times the baseline, still zero for any model
+    series = np.concatenate([dead, noise])
+    assert [det.observe(report(s, norm=float(n))) for s, n in enumerate(series, 1)] == [None] * 80
+    # A real explosion out of that state still fires.
+    assert isinstance(det.observe(report(81, norm=1.0)), type(None))
+    assert isinstance(det.observe(report(82, norm=1.0)), Fire)

@@ -18,7 +18,9 @@ of them and its log-linear trend grew ≥ growth_factor× across the window (a s
 climb that a lagging baseline might follow; the trend, not last/first, so one final
 spike after a slightly rising stretch is not "growth"). The first `min_reports` reports only build the baseline: early
 training often starts with large gradients. A non-finite norm is left to the
-non_finite detector. Resolves after `resolve_after` consecutive normal reports.
+non_finite detector. A norm at or below `min_norm` never fires: a run whose units all died has gradients
+of 1e-16 whose float noise is "thousands of times" its baseline without meaning anything.
+Resolves after `resolve_after` consecutive normal reports.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class ExplodingGradientConfig(DetectorConfig):
     )
     growth_factor: float = setting(100.0, doc="Growth across growth_window that fires.", gt=1.0)
     resolve_after: int = setting(20, doc="Consecutive normal reports before a rank clears.", ge=1)
+    min_norm: float = setting(
+        1e-6, doc="Norms at or below this are numerically zero: never an explosion, whatever the baseline.", ge=0.0
+    )
 
     def _check(self) -> None:
         if self.min_reports > self.window:
@@ -94,7 +99,7 @@ class ExplodingGradientDetector:
             # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
             state.baseline.append(norm)
             return None
-        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad)
+        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, cfg.min_norm)
         over = norm > threshold
         state.over_streak = state.over_streak + 1 if over else 0
         growth = self._growth(state.recent)
@@ -125,6 +130,8 @@ class ExplodingGradientDetector:
         if not recent.full:
             return None
         values = recent.values()
+        if values[-1] <= cfg.min_norm:
+            return None
         rises = float(np.count_nonzero(np.diff(values) > 0)) / (values.size - 1)
         if rises < cfg.growth_rise_fraction or values.min() <= 0.0:
             return None
