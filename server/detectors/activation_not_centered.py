@@ -10,8 +10,10 @@ normalisation, ELU/SELU) avoid it. SageMaker Debugger has no such rule.
 
 Per hidden activation module (the agent's activation types; the model's output module
 is left out) and full-statistics step, the score is |mean| / std of the module's
-output. A standard ReLU of a centred input scores about 0.68, GELU about 0.5, tanh
-about 0; a sigmoid of unit-scale inputs about 2.4. A module over `max_mean_to_std` on
+output. A standard ReLU of a centred input scores about 0.68 (1.25 when its input's mean
+equals its std), GELU about 0.5, tanh about 0; a sigmoid of unit-scale inputs about 2.4,
+and sigmoid layers stay between 1.5 and 2 as they train (measured on the
+`sigmoid_hidden` scenario, deeper layers higher). A module over `max_mean_to_std` on
 `consecutive` full reports in a row after `min_reports` warm-up reports fires; the
 rank clears after `resolve_after` reports with every module at or under
 `clear_mean_to_std`. Modules that are mostly saturated or dead (over half their units)
@@ -38,8 +40,8 @@ _OTHER_DETECTOR_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class ActivationNotCenteredConfig(DetectorConfig):
-    max_mean_to_std: float = setting(2.0, doc="Fire when |mean| / std of a hidden activation exceeds this.", gt=0.0)
-    clear_mean_to_std: float = setting(1.5, doc="Clear once every module is at or under this (hysteresis).", gt=0.0)
+    max_mean_to_std: float = setting(1.5, doc="Fire when |mean| / std of a hidden activation exceeds this.", gt=0.0)
+    clear_mean_to_std: float = setting(1.2, doc="Clear once every module is at or under this (hysteresis).", gt=0.0)
     consecutive: int = setting(5, doc="Full reports in a row over max_mean_to_std before firing.", ge=1)
     min_reports: int = setting(3, doc="Full reports that only warm up.", ge=0)
     resolve_after: int = setting(5, doc="Full reports in a row under clear_mean_to_std before clearing.", ge=1)

@@ -6,12 +6,12 @@ Names are unique and stable (they are the demo's `--fault` values and the bench'
 
 from __future__ import annotations
 
-from gradwatch.scenarios import healthy, training_faults
+from gradwatch.scenarios import activation_faults, healthy, training_faults
 from gradwatch.scenarios.base import Scenario
 
 __all__ = ["SCENARIOS", "faults", "healthy_runs", "scenario"]
 
-_MODULES = (training_faults, healthy)
+_MODULES = (training_faults, activation_faults, healthy)
 
 SCENARIOS: tuple[Scenario, ...] = tuple(s for module in _MODULES for s in module.SCENARIOS)
 
