@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from activation_support import LAYERS, MODULES, activation_report, schema
 
 from gradwatch.server.config import load_config
@@ -363,3 +367,16 @@ def test_class_imbalance_counts_a_missing_class_and_clears_when_balanced() -> No
     assert fires(verdicts) == [1, 2] and clears(verdicts) == [3]
     fire = verdicts[0][1]
     assert isinstance(fire, Fire) and fire.value == 0.0 and "class 1 has 0" in fire.summary
+
+
+def test_documented_defaults_match_the_code() -> None:
+    """docs/configuration.md lists every setting of these detectors with its default value."""
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)]
+    documented = next(b["detectors"] for b in blocks if isinstance(b, dict) and "detectors" in b)
+    specs = {spec.name: spec for spec in REGISTRY}
+    for name in MINE:
+        defaults = dataclasses.asdict(specs[name].config_type())
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+        assert documented[name] == values, name
+    load_config({"detectors": {name: documented[name] for name in MINE}})  # and the server accepts them as written
