@@ -18,8 +18,10 @@ of them and its log-linear trend grew ≥ growth_factor× across the window (a s
 climb that a lagging baseline might follow; the trend, not last/first, so one final
 spike after a slightly rising stretch is not "growth"). The first `min_reports` reports only build the baseline: early
 training often starts with large gradients. A non-finite norm is left to the
-non_finite detector. A norm at or below `min_norm` never fires: a run whose units all died has gradients
-of 1e-16 whose float noise is "thousands of times" its baseline without meaning anything.
+non_finite detector. Two floors keep converged or dead runs quiet: a norm must exceed `start_fraction` of
+the run's starting norm (the median of its first `min_reports`: a classifier near zero loss has gradients
+of 1e-4 that jump tenfold on one hard example without anything exploding) and `min_norm` (a run whose
+units all died has gradients of 1e-16 whose float noise is "thousands of times" its baseline).
 Resolves after `resolve_after` consecutive normal reports.
 """
 
@@ -57,6 +59,11 @@ class ExplodingGradientConfig(DetectorConfig):
     min_norm: float = setting(
         1e-6, doc="Norms at or below this are numerically zero: never an explosion, whatever the baseline.", ge=0.0
     )
+    start_fraction: float = setting(
+        0.1,
+        doc="Fire only above this fraction of the run's starting norm (median of its first min_reports).",
+        ge=0.0,
+    )
 
     def _check(self) -> None:
         if self.min_reports > self.window:
@@ -70,6 +77,7 @@ class _RankState:
     over_streak: int = 0
     normal_streak: int = 0
     firing: bool = False
+    start: float = 0.0
 
 
 class ExplodingGradientDetector:
@@ -90,6 +98,8 @@ class ExplodingGradientDetector:
         state.recent.append(norm)
         if state.baseline.count < cfg.min_reports:
             state.baseline.append(norm)
+            if state.baseline.count == cfg.min_reports:
+                state.start = float(np.median(state.baseline.values()))
             return None
 
         held = state.baseline.unordered()
@@ -99,10 +109,11 @@ class ExplodingGradientDetector:
             # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
             state.baseline.append(norm)
             return None
-        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, cfg.min_norm)
+        floor = max(cfg.min_norm, cfg.start_fraction * state.start)
+        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
         over = norm > threshold
         state.over_streak = state.over_streak + 1 if over else 0
-        growth = self._growth(state.recent)
+        growth = self._growth(state.recent) if norm > floor else None
 
         if state.firing:
             if over or growth is not None:
@@ -130,8 +141,6 @@ class ExplodingGradientDetector:
         if not recent.full:
             return None
         values = recent.values()
-        if values[-1] <= cfg.min_norm:
-            return None
         rises = float(np.count_nonzero(np.diff(values) > 0)) / (values.size - 1)
         if rises < cfg.growth_rise_fraction or values.min() <= 0.0:
             return None

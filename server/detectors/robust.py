@@ -14,7 +14,7 @@ import numpy as np
 
 from gradwatch.server.ring import FloatRing
 
-__all__ = ["MAD_TO_SIGMA", "LossBaseline", "median_sigma"]
+__all__ = ["MAD_TO_SIGMA", "LossBaseline", "LossStart", "median_sigma"]
 
 #: MAD × this estimates the standard deviation of a normal distribution.
 MAD_TO_SIGMA = 1.4826
@@ -60,3 +60,35 @@ class LossBaseline:
         scale = abs(self.initial) if self.initial is not None else 0.0
         margin = max((factor - 1.0) * abs(median), mad_k * sigma, min_rise * scale)
         return median, median + margin if math.isfinite(margin) else math.inf
+
+
+class LossStart:
+    """A rank's starting loss level (median of its first `count` finite losses) and whether a loss has
+    "solved" the task: fallen below a fraction of it. Gradient and update detectors stand down then, since
+    a classifier near zero loss has vanishing gradients and updates by success, not by fault."""
+
+    __slots__ = ("_count", "_first", "level")
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._first: list[float] = []
+        #: None until `count` finite losses were seen.
+        self.level: float | None = None
+
+    def feed(self, loss: float | None) -> None:
+        if self.level is not None or loss is None or not math.isfinite(loss):
+            return
+        self._first.append(loss)
+        if len(self._first) >= self._count:
+            self.level = float(np.median(self._first))
+            self._first = []
+
+    def solved(self, loss: float | None, fraction: float) -> bool:
+        """True when `loss` is below `fraction` × a positive starting level."""
+        return (
+            self.level is not None
+            and self.level > 0.0
+            and loss is not None
+            and math.isfinite(loss)
+            and abs(loss) < fraction * self.level
+        )

@@ -12,7 +12,9 @@ and transformers with SGD or Adam measure 1e-4 to 6e-2 as a per-layer median, si
 
 Judged on full-statistics reports, per layer, vectorised: the median of each layer's last `window`
 ratios (one report never decides). A layer fires when that median is above `high` or positive and below
-`low`; exactly zero (a layer that does not change) belongs to frozen_parameters. Layers with a
+`low`; exactly zero (a layer that does not change) belongs to frozen_parameters. The low rule stands down
+once the loss is below `solved_fraction` × its starting level (median of the first `start_losses`
+losses): a solved task has tiny gradients and so tiny updates. Layers with a
 non-finite ratio (zero weights) are left out. The first `min_reports` full reports only fill the window
 (Adam's first steps move every weight by about the learning rate). Resolves after `resolve_after` full
 reports in a row with every layer in range.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.robust import LossStart
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
 
@@ -38,6 +41,10 @@ class UpdateRatioConfig(DetectorConfig):
     window: int = setting(5, doc="Full-statistics reports whose per-layer median is judged.", ge=1)
     min_reports: int = setting(5, doc="Full reports that only fill the window (warm-up).", ge=0)
     resolve_after: int = setting(3, doc="Full reports in a row with all layers in range before a rank clears.", ge=1)
+    solved_fraction: float = setting(
+        0.05, doc="The low rule stands down while the loss is below this fraction of its start.", ge=0.0, lt=1.0
+    )
+    start_losses: int = setting(10, doc="First losses whose median is the starting level.", ge=1)
 
     def _check(self) -> None:
         if self.low >= self.high:
@@ -49,6 +56,7 @@ class UpdateRatioConfig(DetectorConfig):
 @dataclass
 class _RankState:
     ratios: np.ndarray  # (window, layers), NaN where unknown
+    start: LossStart
     seen: int = 0
     good_streak: int = 0
     firing: bool = False
@@ -62,13 +70,18 @@ class UpdateRatioDetector:
         self._ranks: dict[int, _RankState] = {}
 
     def observe(self, report: RankReport) -> Verdict | None:
+        cfg = self._config
+        state = self._ranks.get(report.rank)
+        if state is None:
+            state = _RankState(np.full((cfg.window, 0), np.nan), LossStart(cfg.start_losses))
+            self._ranks[report.rank] = state
+        state.start.feed(report.loss)
         ratio = report.columns.get("update_ratio")
         if ratio is None or report.skipped:
             return None
-        cfg = self._config
-        state = self._ranks.get(report.rank)
-        if state is None or state.ratios.shape[1] != ratio.size:
-            state = self._ranks[report.rank] = _RankState(np.full((cfg.window, ratio.size), np.nan))
+        if state.ratios.shape[1] != ratio.size:
+            state.ratios = np.full((cfg.window, ratio.size), np.nan)
+            state.seen = 0
         state.ratios[state.seen % cfg.window] = ratio
         state.seen += 1
         if state.seen <= cfg.min_reports:
@@ -80,6 +93,8 @@ class UpdateRatioDetector:
             median[known] = np.nanmedian(held[:, known], axis=0)
             too_high = known & (median > cfg.high)
             too_low = known & (median > 0.0) & (median < cfg.low)
+        if state.start.solved(report.loss, cfg.solved_fraction):
+            too_low[:] = False
         if not (too_high.any() or too_low.any()):
             state.good_streak += 1
             if state.firing and state.good_streak >= cfg.resolve_after:

@@ -16,7 +16,10 @@ reports (per-layer columns), vectorised over layers:
   `min_relative_grad` (SageMaker Debugger's VanishingGradient uses mean |g| < 1e-7; a relative norm
   does not depend on layer sizes). Exactly zero gradients are frozen_parameters' and poor_weight_init's.
 
-Layers whose weight norm is zero or non-finite are left out. Fires after `consecutive` full reports in
+Both rules stand down once the loss has fallen below `solved_fraction` × its starting level (median of the
+rank's first `start_losses` losses): a classifier that has separated its data drives its loss, and with it
+every gradient, to almost zero, which is success and not a fault. Layers whose weight norm is zero or
+non-finite are left out. Fires after `consecutive` full reports in
 a row satisfy a rule (the first `min_reports` full reports are skipped: the first steps of a run are
 not representative); resolves after `resolve_after` full reports in a row satisfy neither.
 """
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.robust import LossStart
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
 
@@ -47,10 +51,15 @@ class VanishingGradientConfig(DetectorConfig):
     min_reports: int = setting(1, doc="Full-statistics reports skipped at the start of a run.", ge=0)
     consecutive: int = setting(3, doc="Full reports in a row that must show the fault before firing.", ge=1)
     resolve_after: int = setting(3, doc="Full reports in a row without it before a rank clears.", ge=1)
+    solved_fraction: float = setting(
+        0.05, doc="No judgement while the loss is below this fraction of its starting level.", ge=0.0, lt=1.0
+    )
+    start_losses: int = setting(10, doc="First losses whose median is the starting level.", ge=1)
 
 
 @dataclass
 class _RankState:
+    start: LossStart
     seen: int = 0
     bad_streak: int = 0
     good_streak: int = 0
@@ -65,16 +74,21 @@ class VanishingGradientDetector:
         self._ranks: dict[int, _RankState] = {}
 
     def observe(self, report: RankReport) -> Verdict | None:
+        cfg = self._config
+        state = self._ranks.get(report.rank)
+        if state is None:
+            state = self._ranks[report.rank] = _RankState(LossStart(cfg.start_losses))
+        state.start.feed(report.loss)
         grads = report.columns.get("grad_norm")
         weights = report.columns.get("weight_norm")
         if grads is None or weights is None or grads.size != weights.size or report.skipped:
             return None
-        cfg = self._config
-        state = self._ranks.setdefault(report.rank, _RankState())
         state.seen += 1
         if state.seen <= cfg.min_reports:
             return None
-        finding = self._judge(np.asarray(grads, dtype=np.float64), np.asarray(weights, dtype=np.float64), report)
+        finding = None
+        if not state.start.solved(report.loss, cfg.solved_fraction):
+            finding = self._judge(np.asarray(grads, dtype=np.float64), np.asarray(weights, dtype=np.float64), report)
         if finding is None:
             state.bad_streak = 0
             state.good_streak += 1
