@@ -90,5 +90,5 @@ SPEC = DetectorSpec(
     config_type=NonFiniteConfig,
     factory=lambda config: NonFiniteDetector(config),  # type: ignore[arg-type]
     # A NaN makes gradients "explode", the loss jump and the updates blow up too: page once, for the cause.
-    inhibits=("exploding_gradient", "loss_divergence", "loss_spike", "update_ratio"),
+    inhibits=("exploding_gradient", "loss_divergence", "loss_spike", "update_ratio", "input_not_normalized"),
 )
