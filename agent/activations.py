@@ -23,17 +23,20 @@ the convolution's before it).
 Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
 (channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros,
 fraction of dead units (never positive across the batch), fraction of saturated units (for bounded
-activations: every output of the unit within 1 % of the range's ends; NaN for unbounded modules), and
-`STATS_PER_MODULE` = 7 values in that order, then a log2-magnitude histogram of the output
-(histogram.py). Plus: the spread of the model's output across the batch (mean
-over units of the batch std), the per-feature mean and std of the input (first `MAX_INPUT_FEATURES`
-features) and, when labels are given, a class histogram of `LABEL_BINS` bins (labels clamped into range).
+activations: every output of the unit within 1 % of the range's ends; NaN for unbounded modules), the spread
+across units (mean over samples and positions of the std across units; near 0 when every unit computes the
+same value, i.e. symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order,
+then a log2-magnitude histogram of the output (histogram.py). Plus: the spread of the model's output across
+the batch (mean over units of the batch std) and its root mean square, the per-feature mean and std of the
+input (first `MAX_INPUT_FEATURES` features) and, when labels are given, a class histogram of `LABEL_BINS` bins
+(labels above the range count in the last bin; negative labels, e.g. an ignore_index of -100, are not counted).
 
 Contract: `take()` returns the capture since the last call, or None when no training forward ran.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -71,7 +74,8 @@ CONTRACTING_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softsign,
 )  # fmt: skip
-STATS_PER_MODULE = 7  # mean, std, max_abs, non_finite, zero_fraction, dead_fraction, saturated_fraction
+STATS_PER_MODULE = 8  # mean, std, max_abs, non_finite, zero_fraction, dead_fraction, saturated_fraction,
+#                        unit_spread
 VALUES_PER_MODULE = STATS_PER_MODULE + LOG2_BINS  # the statistics, then the log2-magnitude histogram
 MAX_INPUT_FEATURES = 1024
 LABEL_BINS = 1024
@@ -112,6 +116,7 @@ class ActivationCapture:
     full: bool = False
     stats: dict[int, torch.Tensor] = field(default_factory=dict)  # module index -> STATS_PER_MODULE values
     output_spread: torch.Tensor | None = None
+    output_rms: torch.Tensor | None = None
     input_mean: torch.Tensor | None = None  # per feature, at most MAX_INPUT_FEATURES
     input_std: torch.Tensor | None = None
     last_output: weakref.ref[torch.Tensor] | None = None  # what the previously observed module returned
@@ -196,10 +201,11 @@ class ActivationTap:
         started = time.perf_counter()
         try:
             capture = self._current()
-            if capture.full and capture.output_spread is None and out.dim() >= 2:
+            if capture.full and capture.output_spread is None and out.dim() >= 2 and out.shape[0] > 1:
                 with torch.no_grad():
                     o = out.detach().to(_F32).reshape(out.shape[0], -1)
                     capture.output_spread = o.std(dim=0, correction=0).mean()
+                    capture.output_rms = torch.linalg.vector_norm(o) / math.sqrt(o.numel())
         except Exception as exc:
             errors.report(exc, "output_hook")
         finally:
@@ -256,12 +262,17 @@ def _units_last(a: torch.Tensor) -> torch.Tensor:
     return a.movedim(unit_dim, 0).reshape(a.shape[unit_dim], -1)
 
 
+def _unit_dim(a: torch.Tensor) -> int | None:
+    """The units' dimension: 1 (channels) for 4+-D tensors, else the last; None for 0-D and 1-D tensors."""
+    if a.dim() <= 1:
+        return None
+    return 1 if a.dim() >= 4 else a.dim() - 1
+
+
 def _reduce_dims(a: torch.Tensor) -> tuple[int, ...]:
     """Every dimension but the units' (dim 1 for 4+-D tensors, else the last): reduced in place, no copy."""
-    if a.dim() <= 1:
-        return ()
-    unit_dim = 1 if a.dim() >= 4 else a.dim() - 1
-    return tuple(d for d in range(a.dim()) if d != unit_dim)
+    unit_dim = _unit_dim(a)
+    return () if unit_dim is None else tuple(d for d in range(a.dim()) if d != unit_dim)
 
 
 def _module_stats(a: torch.Tensor, bounds: tuple[float, float] | None) -> torch.Tensor:
@@ -294,18 +305,24 @@ def _module_stats(a: torch.Tensor, bounds: tuple[float, float] | None) -> torch.
         margin = _SATURATION_MARGIN * (hi - lo)
         at_edge = (a <= lo + margin).logical_or_(a >= hi - margin)
         saturated = (at_edge.all(dim=reduce) if reduce else at_edge).to(_F32).mean()
-    stats = torch.stack([mean.to(_F32), std.to(_F32), max_abs, non_finite, zero, dead, saturated])
+    unit_dim = _unit_dim(a)
+    if unit_dim is None or a.shape[unit_dim] < 2:
+        unit_spread = torch.full((), float("nan"), device=a.device)
+    else:
+        unit_spread = a.std(dim=unit_dim, correction=0).mean()
+    stats = torch.stack([mean.to(_F32), std.to(_F32), max_abs, non_finite, zero, dead, saturated, unit_spread])
     return torch.cat([stats, log2_histogram(a, a.device)])
 
 
 def label_histogram(labels: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """LABEL_BINS class counts of integer `labels` (clamped into range) on `device`; None for float labels."""
+    """LABEL_BINS class counts of integer `labels` on `device`; None for float labels. Labels above the range
+    count in the last bin; negative ones (an ignore_index such as -100) count nowhere."""
     if labels.is_floating_point() or labels.is_complex() or labels.numel() == 0:
         return None
     with torch.no_grad():
         flat = labels.detach().reshape(-1).to(device=device, dtype=torch.long, non_blocking=True)
         counts = torch.zeros(LABEL_BINS, dtype=_F32, device=device)
-        return counts.index_add_(0, flat.clamp(0, LABEL_BINS - 1), torch.ones_like(flat, dtype=_F32))
+        return counts.index_add_(0, flat.clamp(0, LABEL_BINS - 1), (flat >= 0).to(_F32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,8 +330,8 @@ class ActivationItem:
     """Where one report's activation values sit in its vector (from `offset`), for the sender thread:
 
     M output sums (forward `order` gives which were observed), the input sum, then on full steps M ×
-    VALUES_PER_MODULE values (module-major: the statistics, then the log2 histogram), the output spread,
-    `input_features` means and as many stds, and `label_bins` label counts.
+    VALUES_PER_MODULE values (module-major: the statistics, then the log2 histogram), the output spread and
+    RMS, `input_features` means and as many stds, and `label_bins` label counts.
     """
 
     offset: int
@@ -330,7 +347,7 @@ class ActivationItem:
     def length(self) -> int:
         n = self.num_modules + 1
         if self.full:
-            n += self.num_modules * VALUES_PER_MODULE + 1 + 2 * self.input_features + self.label_bins
+            n += self.num_modules * VALUES_PER_MODULE + 2 + 2 * self.input_features + self.label_bins
         return n
 
 
@@ -358,8 +375,8 @@ def assemble(
     stats = [capture.stats.get(i, missing) for i in range(num_modules)]
     if stats:
         parts.append(torch.cat(stats))
-    spread = capture.output_spread
-    parts.append((zero if spread is None else spread).reshape(1))
+    spread, rms = capture.output_spread, capture.output_rms
+    parts.append(torch.stack([zero if spread is None else spread, zero if rms is None else rms]))
     features = 0
     if capture.input_mean is not None and capture.input_std is not None:
         features = capture.input_mean.numel()

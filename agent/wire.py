@@ -36,7 +36,9 @@ LAYER_COLUMNS = tuple(
 
 
 # ActivationStats fields, in the order of activations.STATS_PER_MODULE values.
-ACTIVATION_COLUMNS = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction")
+ACTIVATION_COLUMNS = (
+    "mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "unit_spread",
+)  # fmt: skip
 
 
 def hello(identity: AgentIdentity) -> pb.Hello:
@@ -145,7 +147,8 @@ def _activation_fields(report: pb.StepReport, item: ActivationItem, values: np.n
         )
         if item.has_output_spread:
             report.output_spread = float(values[at])
-        at += 1
+            report.output_rms = float(values[at + 1])
+        at += 2
         f = item.input_features
         if f:
             report.input_mean = _column_bytes(values[at : at + f])

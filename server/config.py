@@ -47,6 +47,21 @@ YAML shape (every key optional; these are the defaults)::
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
                            mad_k: 20.0, consecutive: 2, growth_window: 16,
                            growth_rise_fraction: 0.8, growth_factor: 100.0, resolve_after: 20}
+      dead_relu: {enabled: true, dead_fraction: 0.5, min_rise: 0.3, all_dead_fraction: 0.9, window: 10,
+                  clear_fraction: 0.4, consecutive: 3, min_reports: 3, resolve_after: 5,
+                  module_types: [ReLU, ReLU6]}
+      saturated_activation: {enabled: true, saturated_fraction: 0.5, clear_fraction: 0.4, consecutive: 3,
+                             min_reports: 1, resolve_after: 5}
+      activation_not_centered: {enabled: true, max_mean_to_std: 1.5, clear_mean_to_std: 1.2, consecutive: 5,
+                                min_reports: 3, resolve_after: 5}
+      input_not_normalized: {enabled: true, max_abs_mean: 0.5, max_mean_to_std: 1.0, max_rms: 10.0,
+                             min_rms: 0.001, clear_factor: 0.8, consecutive: 3, resolve_after: 5}
+      poor_weight_init: {enabled: true, start_reports: 5, consecutive: 2, max_std_ratio: 100.0,
+                         max_symmetry: 0.001, resolve_after: 5}
+      output_collapse: {enabled: true, min_relative_spread: 0.01, clear_relative_spread: 0.02,
+                        consecutive: 3, min_reports: 1, resolve_after: 5}
+      class_imbalance: {enabled: true, min_ratio: 0.1, clear_ratio: 0.15, min_samples: 500,
+                        min_per_class: 20.0, max_classes: 1024}
 """
 
 from __future__ import annotations

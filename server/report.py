@@ -10,19 +10,28 @@ A step a loss scaler skipped (`skipped_step`) carries statistics of the *scaled*
 gradients: they say nothing about training health, so its gradient norm is NaN
 (no detector judges it, no gauge shows it), its gradient columns are dropped and
 only a non-finite loss or weight counts as non-finite. The skip itself is counted.
+
+Full-statistics steps with forward hooks also carry what the model saw and produced:
+`activations` (ActivationStats column -> float32 view indexed by the observed modules,
+`modules` / `module_types`; the log2 histogram as a (modules, 32) view), the output's
+spread across the batch and RMS, the per-feature input mean and std, and the label
+class histogram. All are zero-copy numpy views on the frame's bytes, decoded without a
+Python loop per module.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 __all__ = [
+    "ACTIVATION_COLUMN_NAMES",
     "COLUMN_NAMES",
     "KIND_GRADIENT",
     "KIND_LOSS",
@@ -48,6 +57,7 @@ KIND_WEIGHT = "weight"
 NON_FINITE_KINDS: tuple[str, ...] = (KIND_LOSS, KIND_GRADIENT, KIND_WEIGHT)
 
 _EMPTY_COLUMNS: Mapping[str, np.ndarray] = {}
+_NO_NAMES: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,25 @@ class RankReport:
     #: The agent's full-statistics interval in force (0: not said) and whether it is over its overhead budget.
     full_stats_interval: int = 0
     over_budget: bool = False
+    #: ActivationStats field name -> float32 view of len(modules) values (log2_histogram: (modules, 32)),
+    #: present only on full-statistics steps with forward hooks; `modules` / `module_types` index them
+    #: (Hello.activation_schema; empty when the report carries no activation columns).
+    activations: Mapping[str, np.ndarray] = field(default_factory=dict)
+    modules: tuple[str, ...] = _NO_NAMES
+    module_types: tuple[str, ...] = _NO_NAMES
+    #: Mean over output units of the batch std of the model's output, and the output's RMS (full steps).
+    output_spread: float | None = None
+    output_rms: float | None = None
+    #: Per-feature (channel for images) mean and std of the input batch (full steps), equal lengths.
+    input_mean: np.ndarray | None = None
+    input_std: np.ndarray | None = None
+    #: Label counts for classes 0..n-1 of the labels passed since the previous full report.
+    label_histogram: np.ndarray | None = None
+
+    @property
+    def input_non_finite(self) -> bool:
+        """The agent saw NaN/Inf in the model's input batch at this step (every step, not only full ones)."""
+        return bool(self.non_finite_flags & pb.NON_FINITE_FLAG_INPUT)
 
     @property
     def layer_name(self) -> str | None:
@@ -148,7 +177,37 @@ def build_report(
         origin=_origin(msg, modules),
         full_stats_interval=msg.full_stats_interval,
         over_budget=msg.over_budget,
+        **_decode_model_io(msg, modules),
     )
+
+
+def _decode_model_io(msg: pb.StepReport, modules: pb.LayerSchema | None) -> dict[str, Any]:
+    """RankReport's activation, output, input and label fields (only those the report carries)."""
+    out: dict[str, Any] = {}
+    if msg.HasField("activations") and modules is not None:
+        m = len(modules.names)
+        columns: dict[str, np.ndarray] = {}
+        for name in ACTIVATION_COLUMN_NAMES:
+            raw = getattr(msg.activations, name)
+            width = COLUMN_WIDTHS.get(name, 1)
+            if raw and len(raw) == 4 * m * width:  # the validator checked this; a hand-built report may not be
+                values = np.frombuffer(raw, dtype=LAYER_DTYPE)
+                columns[name] = values if width == 1 else values.reshape(m, width)
+        if columns:
+            out["activations"] = columns
+            out["modules"] = tuple(modules.names)
+            types = tuple(modules.module_types)
+            out["module_types"] = types if len(types) == m else ("",) * m
+    if msg.HasField("output_spread"):
+        out["output_spread"] = msg.output_spread
+    if msg.HasField("output_rms"):
+        out["output_rms"] = msg.output_rms
+    if msg.input_mean and len(msg.input_mean) == len(msg.input_std):
+        out["input_mean"] = np.frombuffer(msg.input_mean, dtype=LAYER_DTYPE)
+        out["input_std"] = np.frombuffer(msg.input_std, dtype=LAYER_DTYPE)
+    if msg.label_histogram:
+        out["label_histogram"] = np.frombuffer(msg.label_histogram, dtype=LAYER_DTYPE)
+    return out
 
 
 def _origin(msg: pb.StepReport, modules: pb.LayerSchema | None) -> str | None:

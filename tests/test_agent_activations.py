@@ -16,7 +16,9 @@ from agent_support import ScriptableServer, batch, train  # noqa: E402
 from gradwatch.agent.monitor import attach  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
 
-COLUMNS = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction")
+COLUMNS = (
+    "mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "unit_spread",
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -55,6 +57,7 @@ def _reference(out: torch.Tensor, bounds: tuple[float, float] | None) -> list[fl
         float((a == 0).double().mean()),
         float((units.max(dim=1).values <= 0).double().mean()),
         saturated,
+        float(units.std(dim=0, correction=0).mean()),  # across units, per sample, averaged over samples
     ]
 
 
@@ -81,6 +84,7 @@ def test_agent_activation_input_output_and_label_stats_match_host_reference(serv
             "input_mean": x.double().mean(dim=0).numpy(),
             "input_std": x.double().std(dim=0, correction=0).numpy(),
             "spread": float(out.detach().double().std(dim=0, correction=0).mean()),
+            "rms": float(out.detach().double().square().mean().sqrt()),
             "labels": np.bincount(y.numpy(), minlength=int(y.max()) + 1),
         })  # fmt: skip
     assert monitor.close(timeout=5)
@@ -100,6 +104,7 @@ def test_agent_activation_input_output_and_label_stats_match_host_reference(serv
         np.testing.assert_allclose(_f32(report.input_mean), ref["input_mean"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(_f32(report.input_std), ref["input_std"], rtol=1e-4, atol=1e-6)
         assert report.output_spread == pytest.approx(ref["spread"], rel=1e-4)
+        assert report.output_rms == pytest.approx(ref["rms"], rel=1e-4)
         np.testing.assert_array_equal(_f32(report.label_histogram), ref["labels"])
     dead = _f32(reports[1].activations.dead_fraction)
     assert dead[1] >= 0.25  # the four units biased to -100 never fire
@@ -240,3 +245,34 @@ def test_agent_close_removes_forward_hooks(server: ScriptableServer) -> None:
     assert model[0]._forward_hooks and model._forward_pre_hooks
     assert monitor.close(timeout=5)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_agent_unit_spread_sees_symmetric_neurons_and_conv_channels(server: ScriptableServer) -> None:
+    torch.manual_seed(23)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.Tanh(),
+                         nn.Linear(8, 1))  # fmt: skip
+    with torch.no_grad():
+        conv[2].weight.fill_(0.01)  # identical rows: every unit of conv[2] (and the Tanh) computes the same value
+        conv[2].bias.fill_(0.1)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.01)
+    monitor = attach(conv, opt, server=server.address, run="symmetric", full_stats_interval=1)
+    outputs: dict[int, torch.Tensor] = {}
+    for i, module in enumerate(conv):
+        module.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out.detach().clone()))
+    x = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([2, -100, 0, 2, -100])  # -100: an ignore_index, not a class
+    out = conv(x)
+    out.sum().backward()
+    opt.step()
+    monitor.step(out.sum(), labels=y)
+    assert monitor.close(timeout=5)
+    hello = server.servicer.of_kind("hello")[0].hello
+    assert list(hello.activation_schema.names) == ["0", "2", "3", "4"]  # Flatten is not watched
+    (report,) = server.servicer.reports()
+    spread = _f32(report.activations.unit_spread)
+    conv_out = outputs[0].double()
+    assert spread[0] == pytest.approx(float(conv_out.std(dim=1, correction=0).mean()), rel=1e-4)  # across channels
+    assert spread[1] == pytest.approx(0.0, abs=1e-6) and spread[2] == pytest.approx(0.0, abs=1e-6)
+    assert _f32(report.activations.std)[1] > 1e-3  # yet the outputs vary across samples
+    assert math.isnan(spread[3])  # one output unit: no spread across units
+    np.testing.assert_array_equal(_f32(report.label_histogram), [1, 0, 2])

@@ -9,7 +9,23 @@ gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
 
 from __future__ import annotations
 
-from gradwatch.server.detectors import exploding_gradient, non_finite
+from gradwatch.server.detectors import (
+    activation_not_centered,
+    class_imbalance,
+    dead_relu,
+    exploding_gradient,
+    frozen_parameters,
+    input_not_normalized,
+    loss_divergence,
+    loss_not_decreasing,
+    loss_spike,
+    non_finite,
+    output_collapse,
+    poor_weight_init,
+    saturated_activation,
+    update_ratio,
+    vanishing_gradient,
+)
 from gradwatch.server.detectors.base import (
     Clear,
     Detector,
@@ -38,6 +54,19 @@ __all__ = [
 REGISTRY: tuple[DetectorSpec, ...] = (
     non_finite.SPEC,
     exploding_gradient.SPEC,
+    loss_divergence.SPEC,
+    loss_spike.SPEC,
+    loss_not_decreasing.SPEC,
+    vanishing_gradient.SPEC,
+    dead_relu.SPEC,
+    saturated_activation.SPEC,
+    activation_not_centered.SPEC,
+    input_not_normalized.SPEC,
+    poor_weight_init.SPEC,
+    update_ratio.SPEC,
+    output_collapse.SPEC,
+    class_imbalance.SPEC,
+    frozen_parameters.SPEC,
 )
 
 

@@ -18,7 +18,11 @@ of them and its log-linear trend grew ≥ growth_factor× across the window (a s
 climb that a lagging baseline might follow; the trend, not last/first, so one final
 spike after a slightly rising stretch is not "growth"). The first `min_reports` reports only build the baseline: early
 training often starts with large gradients. A non-finite norm is left to the
-non_finite detector. Resolves after `resolve_after` consecutive normal reports.
+non_finite detector. Two floors keep converged or dead runs quiet: a norm must exceed `start_fraction` of
+the run's starting norm (the median of its first `min_reports`: a classifier near zero loss has gradients
+of 1e-4 that jump tenfold on one hard example without anything exploding) and `min_norm` (a run whose
+units all died has gradients of 1e-16 whose float noise is "thousands of times" its baseline).
+Resolves after `resolve_after` consecutive normal reports.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class ExplodingGradientConfig(DetectorConfig):
     )
     growth_factor: float = setting(100.0, doc="Growth across growth_window that fires.", gt=1.0)
     resolve_after: int = setting(20, doc="Consecutive normal reports before a rank clears.", ge=1)
+    min_norm: float = setting(
+        1e-6, doc="Norms at or below this are numerically zero: never an explosion, whatever the baseline.", ge=0.0
+    )
+    start_fraction: float = setting(
+        0.1,
+        doc="Fire only above this fraction of the run's starting norm (median of its first min_reports).",
+        ge=0.0,
+    )
 
     def _check(self) -> None:
         if self.min_reports > self.window:
@@ -65,6 +77,7 @@ class _RankState:
     over_streak: int = 0
     normal_streak: int = 0
     firing: bool = False
+    start: float = 0.0
 
 
 class ExplodingGradientDetector:
@@ -85,6 +98,8 @@ class ExplodingGradientDetector:
         state.recent.append(norm)
         if state.baseline.count < cfg.min_reports:
             state.baseline.append(norm)
+            if state.baseline.count == cfg.min_reports:
+                state.start = float(np.median(state.baseline.values()))
             return None
 
         held = state.baseline.unordered()
@@ -94,10 +109,11 @@ class ExplodingGradientDetector:
             # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
             state.baseline.append(norm)
             return None
-        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad)
+        floor = max(cfg.min_norm, cfg.start_fraction * state.start)
+        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
         over = norm > threshold
         state.over_streak = state.over_streak + 1 if over else 0
-        growth = self._growth(state.recent)
+        growth = self._growth(state.recent) if norm > floor else None
 
         if state.firing:
             if over or growth is not None:
@@ -164,4 +180,6 @@ SPEC = DetectorSpec(
     description="Gradient norm far above the rank's robust recent baseline, or growing steadily.",
     config_type=ExplodingGradientConfig,
     factory=lambda config: ExplodingGradientDetector(config),  # type: ignore[arg-type]
+    # Exploding gradients make the loss jump or diverge and the updates too large: one page, for the cause.
+    inhibits=("loss_spike", "loss_divergence", "update_ratio"),
 )

@@ -99,7 +99,7 @@ class LayerSchema(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget")
+    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class StepReport(_message.Message):
     LABEL_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     FULL_STATS_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_RMS_FIELD_NUMBER: _ClassVar[int]
     step: int
     wall_time: float
     step_duration_s: float
@@ -148,10 +149,11 @@ class StepReport(_message.Message):
     label_histogram: bytes
     full_stats_interval: int
     over_budget: bool
-    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ...) -> None: ...
+    output_rms: float
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ...) -> None: ...
 
 class ActivationStats(_message.Message):
-    __slots__ = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "log2_histogram")
+    __slots__ = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "log2_histogram", "unit_spread")
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     MAX_ABS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +162,7 @@ class ActivationStats(_message.Message):
     DEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SATURATED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     LOG2_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    UNIT_SPREAD_FIELD_NUMBER: _ClassVar[int]
     mean: bytes
     std: bytes
     max_abs: bytes
@@ -168,7 +171,8 @@ class ActivationStats(_message.Message):
     dead_fraction: bytes
     saturated_fraction: bytes
     log2_histogram: bytes
-    def __init__(self, mean: _Optional[bytes] = ..., std: _Optional[bytes] = ..., max_abs: _Optional[bytes] = ..., non_finite: _Optional[bytes] = ..., zero_fraction: _Optional[bytes] = ..., dead_fraction: _Optional[bytes] = ..., saturated_fraction: _Optional[bytes] = ..., log2_histogram: _Optional[bytes] = ...) -> None: ...
+    unit_spread: bytes
+    def __init__(self, mean: _Optional[bytes] = ..., std: _Optional[bytes] = ..., max_abs: _Optional[bytes] = ..., non_finite: _Optional[bytes] = ..., zero_fraction: _Optional[bytes] = ..., dead_fraction: _Optional[bytes] = ..., saturated_fraction: _Optional[bytes] = ..., log2_histogram: _Optional[bytes] = ..., unit_spread: _Optional[bytes] = ...) -> None: ...
 
 class LayerStats(_message.Message):
     __slots__ = ("grad_norm", "grad_max_abs", "grad_mean", "grad_non_finite", "grad_zero_fraction", "weight_norm", "weight_max_abs", "weight_mean", "weight_non_finite", "weight_zero_fraction", "grad_min", "grad_max", "weight_min", "weight_max", "update_ratio", "grad_log2_histogram")

@@ -1,0 +1,134 @@
+"""What the activation, input and output detectors share: which modules to judge, and per-rank hysteresis.
+
+`Hysteresis` keeps, per rank, a streak counter per module (a numpy array, updated without a Python loop per
+module). A detector hands it, for each report it can judge, three arrays indexed like the report's modules:
+`over` (the fire threshold is crossed), `still` (the looser clear threshold is still crossed) and `score`
+(how bad; the worst module is the one an alert names). The rule:
+
+* the first `min_reports` judged reports of a rank only warm up (no streaks);
+* a module crossing the fire threshold on `consecutive` judged reports in a row starts the alert;
+* while firing, every report where some module is still past the clear threshold fires again (the alert
+  follows the worst module), and `resolve_after` judged reports in a row with none past it clear the rank.
+
+Two thresholds and a minimum duration mean one noisy batch neither pages nor ends a page.
+
+`ACTIVATION_TYPES` names the module types the agent watches as activation functions (the agent's own list,
+kept here as data because the server never imports torch); `output_module_mask` marks the module whose
+output is most likely the model's (the last one in the schema): a classifier's final Sigmoid is meant to
+saturate and need not be centred, so detectors of hidden activations leave it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "ACTIVATION_TYPES",
+    "BOUNDED_TYPES",
+    "CLEAR",
+    "FIRE",
+    "RELU_TYPES",
+    "Hysteresis",
+    "Outcome",
+    "hidden_activation_mask",
+    "output_module_mask",
+    "type_mask",
+]
+
+#: Module types the agent's forward hooks watch as activations (gradwatch.agent.activations.ACTIVATION_TYPES).
+ACTIVATION_TYPES: tuple[str, ...] = (
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
+    "Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Hardswish", "Softplus", "Softsign", "LogSigmoid",
+)  # fmt: skip
+#: Activations whose units can die: zero output and zero gradient for every negative input.
+RELU_TYPES: tuple[str, ...] = ("ReLU", "ReLU6")
+#: Activations with a bounded range, for which the agent reports a saturated fraction.
+BOUNDED_TYPES: tuple[str, ...] = ("Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "ReLU6")
+
+FIRE = "fire"
+CLEAR = "clear"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What `Hysteresis.judge` decided: FIRE naming module `index`, or CLEAR (index -1)."""
+
+    kind: str
+    index: int = -1
+
+
+def type_mask(module_types: tuple[str, ...], types: tuple[str, ...]) -> np.ndarray:
+    """Boolean mask of the modules whose type is one of `types`."""
+    return np.isin(np.asarray(module_types, dtype=object), types)
+
+
+def output_module_mask(count: int) -> np.ndarray:
+    """True for the last module of the schema (taken as the model's output), False elsewhere."""
+    mask = np.zeros(count, dtype=bool)
+    if count:
+        mask[-1] = True
+    return mask
+
+
+def hidden_activation_mask(module_types: tuple[str, ...], types: tuple[str, ...] = ACTIVATION_TYPES) -> np.ndarray:
+    """Activation modules of `types`, except the model's output module."""
+    return type_mask(module_types, types) & ~output_module_mask(len(module_types))
+
+
+@dataclass
+class _RankState:
+    streak: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    judged: int = 0
+    firing: bool = False
+    calm: int = 0
+
+
+class Hysteresis:
+    """Per-rank, per-module fire/clear state machine (see the module docstring)."""
+
+    def __init__(self, *, consecutive: int, resolve_after: int, min_reports: int = 0) -> None:
+        self._consecutive = consecutive
+        self._resolve_after = resolve_after
+        self._min_reports = min_reports
+        self._ranks: dict[int, _RankState] = {}
+
+    def firing(self, rank: int) -> bool:
+        state = self._ranks.get(rank)
+        return state is not None and state.firing
+
+    def judged(self, rank: int) -> int:
+        """Reports of `rank` judged so far."""
+        state = self._ranks.get(rank)
+        return 0 if state is None else state.judged
+
+    def judge(self, rank: int, over: np.ndarray, still: np.ndarray, score: np.ndarray) -> Outcome | None:
+        """One judged report of `rank`; the arrays are indexed by module (all of one length)."""
+        state = self._ranks.get(rank)
+        if state is None:
+            state = self._ranks[rank] = _RankState()
+        if state.streak.shape != over.shape:  # a new schema (a restarted agent): streaks start again
+            state.streak = np.zeros(over.shape, dtype=np.int64)
+        state.judged += 1
+        if state.judged <= self._min_reports and not state.firing:
+            return None
+        state.streak = np.where(over, state.streak + 1, 0)
+        worst = np.where(np.isfinite(score), score, np.inf)
+        if state.firing:
+            if still.any():
+                state.calm = 0
+                return Outcome(FIRE, int(np.argmax(np.where(still, worst, -np.inf))))
+            state.calm += 1
+            if state.calm >= self._resolve_after:
+                state.firing = False
+                state.calm = 0
+                state.streak[:] = 0
+                return Outcome(CLEAR)
+            return None
+        ready = state.streak >= self._consecutive
+        if ready.any():
+            state.firing = True
+            state.calm = 0
+            return Outcome(FIRE, int(np.argmax(np.where(ready, worst, -np.inf))))
+        return None

@@ -1,0 +1,150 @@
+"""loss_divergence: the loss has climbed far above the run's own baseline and stays there, or keeps rising.
+
+Rationale
+---------
+A diverging run (learning rate too high, a bad batch that wrecked the weights, an optimizer state blown
+up) burns accelerator time until someone looks at a chart; it pages, because waiting rarely fixes it.
+What separates divergence from a loss spike is persistence, so this detector never judges one report:
+
+* **level**: the median of the last `duration` losses exceeds the baseline median by the largest of
+  (factor − 1) × |median|, mad_k × 1.4826 × MAD and min_rise × the starting loss level. The baseline is
+  the rank's recent losses (`window`), admitting only those that were not abnormal, so an excursion
+  never becomes "normal"; the starting level (median of the first `min_reports` losses) keeps a converged
+  run, whose loss is tiny and whose relative noise is large, from paging on harmless wiggles.
+* **trend**: over the last `trend_window` losses, the medians of four consecutive blocks rise block
+  after block and the last is at least `trend_factor` × the first, and above the baseline threshold's
+  min_rise margin: a steady climb, caught before it reaches the level rule.
+
+The first `min_reports` losses only build the baseline. Non-finite losses belong to non_finite (which
+inhibits this detector). Resolves after `resolve_after` consecutive reports with neither rule holding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.robust import LossBaseline
+from gradwatch.server.report import RankReport
+from gradwatch.server.ring import FloatRing
+from gradwatch.server.settings import SettingError, setting
+
+__all__ = ["SPEC", "LossDivergenceConfig", "LossDivergenceDetector"]
+
+
+@dataclass(frozen=True)
+class LossDivergenceConfig(DetectorConfig):
+    window: int = setting(200, doc="Recent admitted losses forming the baseline.", ge=10)
+    min_reports: int = setting(
+        30, doc="Losses that only build the baseline (warm-up); their median is the starting level.", ge=5
+    )
+    factor: float = setting(3.0, doc="Level rule: recent median above factor × baseline median ...", gt=1.0)
+    mad_k: float = setting(10.0, doc="... and above median + mad_k × 1.4826 × MAD ...", ge=0.0)
+    min_rise: float = setting(0.2, doc="... and at least min_rise × the starting loss level above the median.", ge=0.0)
+    duration: int = setting(10, doc="Recent losses whose median the level rule judges (persistence).", ge=1)
+    trend_window: int = setting(80, doc="Losses the trend rule examines (four blocks).", ge=8)
+    trend_factor: float = setting(2.0, doc="Trend rule: last block median ≥ this × the first block median.", gt=1.0)
+    resolve_after: int = setting(20, doc="Consecutive normal reports before a rank clears.", ge=1)
+
+    def _check(self) -> None:
+        if self.min_reports > self.window:
+            raise SettingError("min_reports", f"must be ≤ window ({self.window}), got {self.min_reports}")
+        if self.duration > self.trend_window:
+            raise SettingError("duration", f"must be ≤ trend_window ({self.trend_window}), got {self.duration}")
+
+
+@dataclass
+class _RankState:
+    baseline: LossBaseline
+    recent: FloatRing
+    firing: bool = False
+    normal_streak: int = 0
+
+
+class LossDivergenceDetector:
+    """Per-rank level and trend rules on the loss (module docstring)."""
+
+    def __init__(self, config: LossDivergenceConfig) -> None:
+        self._config = config
+        self._ranks: dict[int, _RankState] = {}
+
+    def observe(self, report: RankReport) -> Verdict | None:
+        loss = report.loss
+        if loss is None or not math.isfinite(loss):
+            return None  # no loss, or non_finite's
+        cfg = self._config
+        state = self._ranks.get(report.rank)
+        if state is None:
+            state = self._ranks[report.rank] = _RankState(
+                LossBaseline(cfg.window, cfg.min_reports), FloatRing(cfg.trend_window)
+            )
+        state.recent.append(loss)
+        if not state.baseline.ready:
+            state.baseline.warm(loss)
+            return None
+        median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
+        recent = state.recent.values()
+        level = float(np.median(recent[-cfg.duration :])) if recent.size >= cfg.duration else -math.inf
+        growth = self._trend(recent, median, state.baseline.initial or 0.0)
+        abnormal = level > threshold or growth is not None
+
+        if state.firing:
+            if abnormal:
+                state.normal_streak = 0
+                return self._fire(report, level, median, threshold, growth)
+            state.normal_streak += 1
+            if state.normal_streak >= cfg.resolve_after:
+                state.firing = False
+                state.normal_streak = 0
+                return Clear(step=report.step)
+            return None
+        if abnormal:
+            state.firing = True
+            state.normal_streak = 0
+            return self._fire(report, level, median, threshold, growth)
+        if loss <= threshold:
+            state.baseline.window.append(loss)
+        return None
+
+    def _trend(self, recent: np.ndarray, median: float, initial: float) -> float | None:
+        """Growth first → last block when the four block medians rise steadily, else None."""
+        cfg = self._config
+        if recent.size < cfg.trend_window:
+            return None
+        blocks = np.median(recent[: recent.size // 4 * 4].reshape(4, -1), axis=1)
+        if not np.all(np.diff(blocks) > 0) or blocks[0] <= 0.0:
+            return None
+        growth = float(blocks[-1] / blocks[0])
+        if growth < cfg.trend_factor or blocks[-1] - median < cfg.min_rise * abs(initial):
+            return None
+        return growth
+
+    def _fire(self, report: RankReport, level: float, median: float, threshold: float, growth: float | None) -> Fire:
+        where = f"on rank {report.rank} at step {report.step}"
+        if level > threshold:
+            summary = (
+                f"loss diverged {where}: the median of the last {self._config.duration} losses is {level:.4g}, "
+                f"{level / median:.1f}× the baseline median {median:.4g} (threshold {threshold:.4g})"
+                if median > 0
+                else f"loss diverged {where}: recent median {level:.4g} above threshold {threshold:.4g}"
+            )
+            return Fire(step=report.step, value=level, summary=summary)
+        summary = (
+            f"loss rising steadily {where}: it grew {growth:.1f}× over the last {self._config.trend_window} "
+            f"reports (baseline median {median:.4g})"
+        )
+        return Fire(step=report.step, value=report.loss, summary=summary)
+
+
+SPEC = DetectorSpec(
+    name="loss_divergence",
+    severity="critical",
+    description="Loss far above the rank's robust baseline for a sustained stretch, or rising steadily.",
+    config_type=LossDivergenceConfig,
+    factory=lambda config: LossDivergenceDetector(config),  # type: ignore[arg-type]
+    # A diverging loss also jumps: one page, for the divergence.
+    inhibits=("loss_spike",),
+)

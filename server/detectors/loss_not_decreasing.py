@@ -1,0 +1,127 @@
+"""loss_not_decreasing: the loss made no progress over a window, while it is still far from where it started.
+
+Rationale
+---------
+SageMaker Debugger's LossNotDecreasing asks for a 0.1 % drop every 10 steps; on small noisy batches
+that fires all the time, and on a converged run it is always true. This detector compares robust
+levels instead: the median of the last `smooth` losses against the median of the `smooth` losses at
+the start of a sliding `window` (by default its two halves, 100 losses each, so the noise of small
+batches averages out). Progress is missing when that relative improvement is below `min_improvement`, and present again
+only above twice that (hysteresis: in between, nothing changes). A run whose loss has already fallen
+below `settled` × its starting level (median of its first `start_reports` losses) is converging and
+left alone: a plateau there is the usual noise floor, and
+paging on it would teach people to mute the detector. So it catches a plateau from the start (a
+learning rate of zero, a detached loss, frozen weights, labels that cannot be learned) and learning
+that stalled early, before the loss had fallen by 30 %. (At 0.5, a healthy ReLU MLP on batches of four
+with noisy targets reached its noise floor at 49 % progress in one seed of ten.)
+
+Fires when the condition has held for `consecutive` reports in a row (noise makes single judgements
+flicker); resolves after `resolve_after` consecutive reports without it. Non-finite losses are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.report import RankReport
+from gradwatch.server.ring import FloatRing
+from gradwatch.server.settings import SettingError, setting
+
+__all__ = ["SPEC", "LossNotDecreasingConfig", "LossNotDecreasingDetector"]
+
+#: Smallest loss scale a relative change is measured against (a loss of exactly 0 has no scale).
+_TINY = 1e-12
+
+
+@dataclass(frozen=True)
+class LossNotDecreasingConfig(DetectorConfig):
+    window: int = setting(200, doc="Losses between the two levels compared (the patience).", ge=4)
+    smooth: int = setting(100, doc="Losses whose median is one level (start of window, end of window).", ge=1)
+    start_reports: int = setting(10, doc="First losses whose median is the starting level.", ge=1)
+    min_improvement: float = setting(
+        0.05, doc="Relative drop of the level across the window below which there is no progress.", ge=0.0
+    )
+    settled: float = setting(
+        0.7,
+        doc="A run whose level is below settled × its starting level is converging: never judged.",
+        gt=0.0,
+        le=1.0,
+    )
+    consecutive: int = setting(10, doc="Reports in a row without progress before firing.", ge=1)
+    resolve_after: int = setting(10, doc="Consecutive reports with progress before a rank clears.", ge=1)
+
+    def _check(self) -> None:
+        if 2 * self.smooth > self.window:
+            raise SettingError("smooth", f"must be ≤ window / 2 ({self.window // 2}), got {self.smooth}")
+        if self.start_reports > self.window:
+            raise SettingError("start_reports", f"must be ≤ window ({self.window}), got {self.start_reports}")
+
+
+@dataclass
+class _RankState:
+    recent: FloatRing
+    initial: float | None = None
+    stalled_streak: int = 0
+    progress_streak: int = 0
+    firing: bool = False
+
+
+class LossNotDecreasingDetector:
+    """Per-rank comparison of robust loss levels across a sliding window (module docstring)."""
+
+    def __init__(self, config: LossNotDecreasingConfig) -> None:
+        self._config = config
+        self._ranks: dict[int, _RankState] = {}
+
+    def observe(self, report: RankReport) -> Verdict | None:
+        loss = report.loss
+        if loss is None or not math.isfinite(loss):
+            return None
+        cfg = self._config
+        state = self._ranks.get(report.rank)
+        if state is None:
+            state = self._ranks[report.rank] = _RankState(FloatRing(cfg.window))
+        state.recent.append(loss)
+        if state.initial is None and state.recent.count == cfg.start_reports:
+            state.initial = float(np.median(state.recent.values()))
+        if not state.recent.full or state.initial is None:
+            return None
+        values = state.recent.values()
+        start = float(np.median(values[: cfg.smooth]))
+        level = float(np.median(values[-cfg.smooth :]))
+        improvement = (start - level) / max(abs(start), _TINY)
+        progress = (state.initial - level) / max(abs(state.initial), _TINY)
+        settled = progress >= 1.0 - cfg.settled
+        stalled = improvement < cfg.min_improvement and not settled
+        if stalled:
+            state.stalled_streak += 1
+            state.progress_streak = 0
+        elif settled or improvement >= 2.0 * cfg.min_improvement:
+            state.stalled_streak = 0
+            state.progress_streak += 1
+        if not state.firing and state.stalled_streak >= cfg.consecutive:
+            state.firing = True
+        if state.firing and stalled:
+            summary = (
+                f"loss not decreasing on rank {report.rank} at step {report.step}: its median over the last "
+                f"{cfg.smooth} reports is {level:.4g}, {improvement:+.1%} better than {cfg.window} reports earlier "
+                f"and {progress:+.1%} better than at the start ({state.initial:.4g})"
+            )
+            return Fire(step=report.step, value=level, summary=summary)
+        if state.firing and state.progress_streak >= cfg.resolve_after:
+            state.firing = False
+            return Clear(step=report.step)
+        return None
+
+
+SPEC = DetectorSpec(
+    name="loss_not_decreasing",
+    severity="warning",
+    description="No progress of the loss over a window while it is still far from where it started.",
+    config_type=LossNotDecreasingConfig,
+    factory=lambda config: LossNotDecreasingDetector(config),  # type: ignore[arg-type]
+)

@@ -1,0 +1,367 @@
+"""The training-dynamics detectors on hand-built reports: loss_divergence, loss_spike, loss_not_decreasing,
+vanishing_gradient, update_ratio, frozen_parameters (fire, stay quiet, warm up, resolve, configuration)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradwatch.server.config import load_config
+from gradwatch.server.detectors import Clear, Fire, Verdict, inhibitions
+from gradwatch.server.detectors.exploding_gradient import ExplodingGradientConfig, ExplodingGradientDetector
+from gradwatch.server.detectors.frozen_parameters import FrozenParametersConfig, FrozenParametersDetector
+from gradwatch.server.detectors.loss_divergence import LossDivergenceConfig, LossDivergenceDetector
+from gradwatch.server.detectors.loss_not_decreasing import LossNotDecreasingConfig, LossNotDecreasingDetector
+from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
+from gradwatch.server.detectors.update_ratio import UpdateRatioConfig, UpdateRatioDetector
+from gradwatch.server.detectors.vanishing_gradient import VanishingGradientConfig, VanishingGradientDetector
+from gradwatch.server.report import RankReport, build_report
+from server_support import columns, report_frame
+
+LAYERS = tuple(f"net.{i}" for i in range(8))
+
+
+def report(step: int, *, rank: int = 0, loss: float | None = 0.5, norm: float = 1.0, **cols: Any) -> RankReport:
+    layers = columns(len(LAYERS), **cols) if cols else None
+    frame = report_frame(step, loss=loss, grad_norm=norm, layers=layers)
+    return build_report("run", rank, frame.report, LAYERS, received_at=0.0)
+
+
+def feed_losses(detector: Any, losses: Iterable[float], start: int = 1, rank: int = 0) -> list[tuple[int, Verdict]]:
+    out = []
+    for step, loss in enumerate(losses, start=start):
+        verdict = detector.observe(report(step, rank=rank, loss=float(loss)))
+        if verdict is not None:
+            out.append((step, verdict))
+    return out
+
+
+def fires(verdicts: list[tuple[int, Verdict]]) -> list[int]:
+    return [step for step, v in verdicts if isinstance(v, Fire)]
+
+
+def clears(verdicts: list[tuple[int, Verdict]]) -> list[int]:
+    return [step for step, v in verdicts if isinstance(v, Clear)]
+
+
+def training_curve(n: int, seed: int, *, noise: float = 0.1, floor: float = 0.05) -> np.ndarray:
+    """A decaying loss with multiplicative lognormal batch noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return (floor + 1.5 * np.exp(-t / 80.0)) * rng.lognormal(0.0, noise, n)
+
+
+def chi2_batches(n: int, seed: int, batch: int = 4) -> np.ndarray:
+    """MSE of tiny batches around a converged model: heavy-tailed per-step losses."""
+    rng = np.random.default_rng(seed)
+    return 0.1 + 0.3 * rng.chisquare(batch, n) / batch
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def test_every_new_detector_loads_from_yaml_and_rejects_bad_keys() -> None:
+    config = load_config({"detectors": {"loss_spike": {"factor": 6.0}, "frozen_parameters": {"ignore": ["enc."]}}})
+    assert config.detector("loss_spike").factor == 6.0  # type: ignore[attr-defined]
+    assert config.detector("frozen_parameters").ignore == ("enc.",)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"detectors\.update_ratio\.low"):
+        load_config({"detectors": {"update_ratio": {"low": 1.0, "high": 0.5}}})
+    with pytest.raises(ValueError, match=r"detectors\.loss_divergence\.min_reports"):
+        load_config({"detectors": {"loss_divergence": {"min_reports": 500}}})
+    with pytest.raises(ValueError, match=r"detectors\.loss_not_decreasing\.smooth"):
+        load_config({"detectors": {"loss_not_decreasing": {"smooth": 60, "window": 100}}})
+    with pytest.raises(ValueError, match=r"detectors\.vanishing_gradient\.depth_ratio"):
+        load_config({"detectors": {"vanishing_gradient": {"depth_ratio": 2.0}}})
+
+
+def test_inhibitions_page_once_for_the_cause() -> None:
+    rules = inhibitions()
+    assert {"exploding_gradient", "loss_divergence", "loss_spike"} <= rules["non_finite"]
+    assert {"loss_spike", "loss_divergence"} <= rules["exploding_gradient"]
+    assert rules["loss_divergence"] == frozenset({"loss_spike"})
+
+
+# ------------------------------------------------------------------ loss_divergence
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_loss_divergence_quiet_on_healthy_curves(seed: int) -> None:
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    assert feed_losses(det, training_curve(1500, seed, noise=0.3)) == []
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    assert feed_losses(det, chi2_batches(1500, seed)) == []
+
+
+def test_loss_divergence_fires_on_a_jump_that_stays_and_resolves_when_it_returns() -> None:
+    det = LossDivergenceDetector(LossDivergenceConfig(resolve_after=5))
+    base = training_curve(300, 0)
+    verdicts = feed_losses(det, np.concatenate([base, np.full(40, 5.0), np.full(30, base[-1])]))
+    fired = fires(verdicts)
+    # The median of the last 10 losses (the mean of the middle two) crosses once 5 of them are high.
+    assert fired[0] == 305, fired
+    first = next(v for s, v in verdicts if isinstance(v, Fire))
+    assert isinstance(first, Fire) and "diverged" in first.summary and first.value is not None
+    assert first.value > 1.0  # the recent median, far above a baseline of ~0.15
+    assert clears(verdicts) and clears(verdicts)[0] > 340
+
+
+def test_loss_divergence_ignores_a_transient_spike() -> None:
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    base = training_curve(400, 1)
+    spiked = base.copy()
+    spiked[300:304] = 50.0
+    assert feed_losses(det, spiked) == []
+
+
+def test_loss_divergence_trend_rule_catches_a_steady_climb() -> None:
+    # Levels so loose only the trend can fire.
+    det = LossDivergenceDetector(LossDivergenceConfig(factor=1000.0, mad_k=1000.0))
+    rng = np.random.default_rng(3)
+    base = 0.3 * rng.lognormal(0, 0.1, 200)
+    climb = 0.3 * np.exp(np.linspace(0, 2.0, 120)) * rng.lognormal(0, 0.1, 120)
+    verdicts = feed_losses(det, np.concatenate([base, climb]))
+    assert fires(verdicts), verdicts
+    first = next(v for _, v in verdicts if isinstance(v, Fire))
+    assert isinstance(first, Fire) and "rising steadily" in first.summary
+
+
+def test_loss_divergence_warm_up_and_non_finite_losses_are_not_judged() -> None:
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    assert feed_losses(det, [1.0] * 5 + [100.0] * 20 + [1.0] * 5) == []
+    assert feed_losses(det, [math.nan, math.inf] * 20, start=31) == []
+
+
+def test_loss_divergence_handles_negative_losses() -> None:
+    # Negative log-likelihoods: the relative margin uses |median|.
+    rng = np.random.default_rng(0)
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    base = -2.0 + 0.05 * rng.standard_normal(200)
+    assert feed_losses(det, base) == []
+    assert fires(feed_losses(det, np.full(20, 3.0), start=201))
+
+
+# ------------------------------------------------------------------ loss_spike
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_loss_spike_quiet_on_noisy_healthy_curves(seed: int) -> None:
+    assert feed_losses(LossSpikeDetector(LossSpikeConfig()), training_curve(1500, seed, noise=0.3)) == []
+    assert feed_losses(LossSpikeDetector(LossSpikeConfig()), chi2_batches(1500, seed)) == []
+
+
+def test_loss_spike_fires_at_the_jump_and_resolves_after_recovery() -> None:
+    det = LossSpikeDetector(LossSpikeConfig(resolve_after=5))
+    base = training_curve(300, 2)
+    verdicts = feed_losses(det, np.concatenate([base, [8.0, 9.0], base[-30:]]))
+    assert fires(verdicts) == [301, 302]
+    assert clears(verdicts) == [307]
+    first = verdicts[0][1]
+    assert isinstance(first, Fire) and "spiked to 8" in first.summary and first.value == 8.0
+
+
+def test_loss_spike_needs_a_rise_that_matters_at_the_runs_scale() -> None:
+    # Converged far below the start: doubling a tiny loss is not a spike.
+    det = LossSpikeDetector(LossSpikeConfig())
+    curve = np.concatenate([np.linspace(2.0, 0.01, 100), np.full(200, 0.01)])
+    assert feed_losses(det, np.concatenate([curve, [0.05]])) == []
+    assert fires(feed_losses(det, [1.5], start=302)) == [302]
+
+
+def test_loss_spike_ranks_have_separate_baselines() -> None:
+    det = LossSpikeDetector(LossSpikeConfig())
+    feed_losses(det, np.full(100, 0.1), rank=0)
+    feed_losses(det, np.full(100, 10.0), rank=1)
+    assert feed_losses(det, [10.0], start=101, rank=1) == []
+    assert fires(feed_losses(det, [10.0], start=101, rank=0)) == [101]
+
+
+# ------------------------------------------------------------------ loss_not_decreasing
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_loss_not_decreasing_quiet_while_learning_and_after_convergence(seed: int) -> None:
+    det = LossNotDecreasingDetector(LossNotDecreasingConfig())
+    assert feed_losses(det, training_curve(1500, seed, noise=0.3)) == []
+
+
+def test_loss_not_decreasing_fires_on_a_plateau_from_the_start() -> None:
+    cfg = LossNotDecreasingConfig()
+    det = LossNotDecreasingDetector(cfg)
+    rng = np.random.default_rng(0)
+    verdicts = feed_losses(det, 1.4 * rng.lognormal(0, 0.1, 300))
+    fired = fires(verdicts)
+    assert fired and fired[0] == cfg.window + cfg.consecutive - 1, fired
+    first = verdicts[0][1]
+    assert isinstance(first, Fire) and "not decreasing" in first.summary
+
+
+def test_loss_not_decreasing_fires_when_learning_stalls_early_and_resolves_when_it_resumes() -> None:
+    det = LossNotDecreasingDetector(LossNotDecreasingConfig())
+    learning = np.linspace(1.0, 0.8, 60)  # 20 % progress, then stuck
+    stalled = np.full(200, 0.8)
+    resumed = np.linspace(0.8, 0.2, 200)
+    verdicts = feed_losses(det, np.concatenate([learning, stalled, resumed]))
+    # Stuck from step 60: the 200-report window is full at step 200, its halves then differ by < 5 %; 10 more.
+    assert fires(verdicts) and 200 <= fires(verdicts)[0] <= 230, fires(verdicts)
+    assert clears(verdicts) and clears(verdicts)[0] > 260
+
+
+def test_loss_not_decreasing_leaves_a_settled_plateau_alone() -> None:
+    det = LossNotDecreasingDetector(LossNotDecreasingConfig())
+    assert feed_losses(det, np.concatenate([np.linspace(2.0, 0.4, 100), np.full(500, 0.4)])) == []
+
+
+# ------------------------------------------------------------------ vanishing_gradient
+
+
+def deep_net_report(step: int, early: float, *, rank: int = 0) -> RankReport:
+    grads = np.geomspace(early, 1.0, len(LAYERS))  # input side first
+    return report(step, rank=rank, grad_norm=grads, weight_norm=np.full(len(LAYERS), 4.0))
+
+
+def test_vanishing_gradient_fires_on_depth_ratio_after_consecutive_reports_and_resolves() -> None:
+    cfg = VanishingGradientConfig()
+    det = VanishingGradientDetector(cfg)
+    verdicts = [det.observe(deep_net_report(10 * i, 1e-6)) for i in range(1, 6)]
+    # First full report skipped (min_reports=1), then 3 in a row.
+    assert [type(v).__name__ for v in verdicts] == ["NoneType", "NoneType", "NoneType", "Fire", "Fire"]
+    fire = verdicts[3]
+    assert isinstance(fire, Fire) and fire.layer == "net.0" and "vanish with depth" in fire.summary
+    assert fire.value is not None and fire.value < cfg.depth_ratio
+    healed = [det.observe(deep_net_report(10 * i, 0.3)) for i in range(6, 9)]
+    assert healed[:2] == [None, None] and isinstance(healed[2], Clear)
+
+
+def test_vanishing_gradient_quiet_on_healthy_layer_spread() -> None:
+    det = VanishingGradientDetector(VanishingGradientConfig())
+    assert [det.observe(deep_net_report(10 * i, 0.02)) for i in range(1, 20)] == [None] * 19
+
+
+def test_vanishing_gradient_tiny_rule_and_zero_gradients() -> None:
+    det = VanishingGradientDetector(VanishingGradientConfig(consecutive=1, min_reports=0))
+    tiny = report(10, grad_norm=1e-9, weight_norm=3.0)
+    verdict = det.observe(tiny)
+    assert isinstance(verdict, Fire) and "vanished" in verdict.summary
+    det = VanishingGradientDetector(VanishingGradientConfig(consecutive=1, min_reports=0))
+    assert det.observe(report(10, grad_norm=0.0, weight_norm=3.0)) is None  # frozen, not vanishing
+
+
+def test_vanishing_gradient_skips_reports_without_layer_columns() -> None:
+    det = VanishingGradientDetector(VanishingGradientConfig(consecutive=1, min_reports=0))
+    assert det.observe(report(1)) is None
+
+
+# ------------------------------------------------------------------ update_ratio
+
+
+def ratio_report(step: int, ratios: Iterable[float] | float) -> RankReport:
+    return report(step, update_ratio=ratios, grad_norm=1.0, weight_norm=1.0)
+
+
+def test_update_ratio_fires_on_the_worst_layer_and_resolves() -> None:
+    cfg = UpdateRatioConfig(resolve_after=2)
+    det = UpdateRatioDetector(cfg)
+    healthy = np.full(len(LAYERS), 1e-3)
+    hot = healthy.copy()
+    hot[5] = 0.8
+    out = [det.observe(ratio_report(10 * i, healthy)) for i in range(1, 6)]
+    assert out == [None] * 5
+    out = [det.observe(ratio_report(10 * i, hot)) for i in range(6, 10)]
+    # The median of the last 5 reports turns once 3 of them are hot.
+    assert out[:2] == [None, None] and isinstance(out[2], Fire)
+    assert out[2].layer == "net.5" and "too high" in out[2].summary and out[2].value == pytest.approx(0.8)
+    out = [det.observe(ratio_report(10 * i, healthy)) for i in range(10, 16)]
+    assert any(isinstance(v, Clear) for v in out)
+
+
+def test_update_ratio_low_but_not_zero_and_warm_up() -> None:
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    lows = [det.observe(ratio_report(10 * i, 1e-11)) for i in range(1, 8)]
+    assert lows[:5] == [None] * 5 and isinstance(lows[5], Fire) and "too low" in lows[5].summary
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    assert [det.observe(ratio_report(10 * i, 0.0)) for i in range(1, 10)] == [None] * 9  # frozen: not ours
+
+
+def test_update_ratio_one_hot_report_is_not_persistent_and_nan_layers_are_skipped() -> None:
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    series = [1e-3] * 8 + [5.0] + [1e-3] * 8
+    assert [det.observe(ratio_report(10 * i, r)) for i, r in enumerate(series, 1)] == [None] * len(series)
+    with_nan = np.full(len(LAYERS), 1e-3)
+    with_nan[0] = np.nan
+    assert [det.observe(ratio_report(10 * i, with_nan)) for i in range(20, 30)] == [None] * 10
+
+
+# ------------------------------------------------------------------ frozen_parameters
+
+
+def test_frozen_parameters_names_layers_without_gradient_or_update() -> None:
+    det = FrozenParametersDetector(FrozenParametersConfig())
+    grads = np.ones(len(LAYERS))
+    grads[2] = 0.0
+    ratios = np.full(len(LAYERS), 1e-3)
+    ratios[2] = 0.0
+    ratios[6] = 0.0  # has a gradient but the optimizer never moves it
+    out = [det.observe(report(10 * i, grad_norm=grads, update_ratio=ratios)) for i in range(1, 7)]
+    assert out[:4] == [None] * 4
+    fire = out[4]
+    assert isinstance(fire, Fire) and fire.layer == "net.2" and fire.value == 2.0
+    assert "1 without any gradient, 1 never updated" in fire.summary and "'net.6'" in fire.summary
+    moving = [det.observe(report(70, grad_norm=1.0, update_ratio=1e-3))]
+    assert moving == [Clear(step=70)]
+
+
+def test_frozen_parameters_ignores_prefixes_frozen_on_purpose() -> None:
+    det = FrozenParametersDetector(FrozenParametersConfig(ignore=("net.0", "net.1")))
+    grads = np.ones(len(LAYERS))
+    grads[:2] = 0.0
+    assert [det.observe(report(10 * i, grad_norm=grads)) for i in range(1, 10)] == [None] * 9
+
+
+def test_frozen_parameters_quiet_when_everything_moves() -> None:
+    det = FrozenParametersDetector(FrozenParametersConfig(reports=1))
+    assert det.observe(report(10, grad_norm=0.5, update_ratio=1e-3)) is None
+    assert det.observe(report(11)) is None  # a report without layer columns says nothing
+
+
+# ------------------------------------------------------------------ exploding_gradient: numerically zero norms
+
+
+def test_exploding_gradient_ignores_float_noise_of_a_dead_network() -> None:
+    det = ExplodingGradientDetector(ExplodingGradientConfig())
+    rng = np.random.default_rng(0)
+    dead = 1e-16 * rng.lognormal(0, 0.5, 60)
+    noise = np.full(20, 4e-13)  # thousands of times the baseline, still zero for any model
+    series = np.concatenate([dead, noise])
+    assert [det.observe(report(s, norm=float(n))) for s, n in enumerate(series, 1)] == [None] * 80
+    # A real explosion out of that state still fires.
+    assert isinstance(det.observe(report(81, norm=1.0)), type(None))
+    assert isinstance(det.observe(report(82, norm=1.0)), Fire)
+
+
+def test_exploding_gradient_stays_quiet_when_a_converged_run_jumps_from_almost_nothing() -> None:
+    det = ExplodingGradientDetector(ExplodingGradientConfig())
+    rng = np.random.default_rng(1)
+    start = 0.25 * rng.lognormal(0, 0.2, 20)  # the run's starting level
+    converged = 2e-4 * rng.lognormal(0, 0.5, 200)
+    jump = [6e-3, 6e-3, 6e-3]  # 30× the recent median, still 40× below the start
+    assert [det.observe(report(s, norm=float(n))) for s, n in enumerate([*start, *converged, *jump], 1)] == [None] * 223
+    assert isinstance(det.observe(report(224, norm=0.5)), type(None))  # above start_fraction × start: counts
+    assert isinstance(det.observe(report(225, norm=0.5)), Fire)
+
+
+def test_small_gradients_and_updates_of_a_solved_task_are_success() -> None:
+    vanishing = VanishingGradientDetector(VanishingGradientConfig(consecutive=1, min_reports=0))
+    updates = UpdateRatioDetector(UpdateRatioConfig(window=1, min_reports=0))
+    for step in range(1, 11):  # the starting loss level: 1.0
+        vanishing.observe(report(step, loss=1.0))
+        updates.observe(report(step, loss=1.0))
+    solved = {"loss": 1e-4, "grad_norm": 1e-9, "weight_norm": 3.0, "update_ratio": 1e-10}
+    assert vanishing.observe(report(20, **solved)) is None
+    assert updates.observe(report(20, **solved)) is None
+    stuck = {**solved, "loss": 0.9}  # the same numbers while the loss is still high: a fault
+    assert isinstance(vanishing.observe(report(30, **stuck)), Fire)
+    assert isinstance(updates.observe(report(30, **stuck)), Fire)
