@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from activation_support import LAYERS, MODULES, activation_report, schema
 
+from activation_support import LAYERS, MODULES, activation_report, schema
 from gradwatch.server.config import load_config
 from gradwatch.server.detectors import REGISTRY, Clear, Fire, Verdict
 from gradwatch.server.detectors.activation_not_centered import (

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from activation_support import MODULE_TYPES, MODULES, activation_report, f32, schema
 
+from activation_support import MODULE_TYPES, MODULES, activation_report, f32, schema
 from gradwatch.server.report import ACTIVATION_COLUMN_NAMES, build_report
 from gradwatch.v1 import gradwatch_pb2 as pb
 
