@@ -7,9 +7,10 @@ report them). Tensors of more than SAMPLE_ELEMENTS elements are histogrammed on 
 about that many elements, counts multiplied by the stride, so the cost per tensor is bounded.
 
 How: the exponent is read from the float32 bit pattern (integer shifts, no transcendental function: about
-10× cheaper than frexp or log2 on a CPU), then counted with a fixed-size bincount on the CPU and a
-scatter-add elsewhere (CUDA's bincount reads the maximum on the host: a sync). Other dtypes are converted to
-float32 first (float64 magnitudes beyond float32's range then count as Inf, i.e. not at all). Cost: a few
+10× cheaper than frexp or log2 on a CPU), mapped to its bin by a 256-entry table (NaN/Inf to a discard bin),
+then counted with a fixed-size bincount on the CPU and a scatter-add elsewhere (CUDA's bincount reads the
+maximum on the host: a sync); zeros, which share bin 0's exponent field with subnormals, are subtracted.
+Other dtypes are converted to float32 first (float64 magnitudes beyond float32's range then count as Inf, i.e. not at all). Cost: a few
 integer passes over the tensor on full-statistics steps only; transient memory about 2.5× the tensor in
 float32 (exponents as int64 on the CPU path).
 """
@@ -36,14 +37,26 @@ def log2_histogram(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         if flat.dtype != torch.float32:
             flat = flat.to(torch.float32)
         field = flat.view(torch.int32).bitwise_right_shift(23).bitwise_and_(0xFF)  # biased exponent
-        counted = (field != 0xFF).logical_and_(flat != 0)  # not NaN/Inf, not zero (subnormals count, in bin 0)
-        bins = field.sub_(_F32_EXPONENT_BIAS - LOG2_OFFSET).clamp_(0, LOG2_BINS - 1)
+        bins = _bin_of_field(flat.device)[field.to(torch.long)]  # NaN/Inf -> LOG2_BINS (dropped below)
         if flat.device.type == "cpu":
-            bins = bins.masked_fill_(counted.logical_not_(), LOG2_BINS).to(torch.long)
             counts = torch.bincount(bins, minlength=LOG2_BINS + 1)[:LOG2_BINS].to(torch.float32)
-            counts = counts if stride == 1 else counts.mul_(stride)
-        else:
-            counts = torch.zeros(LOG2_BINS, dtype=torch.float32, device=flat.device)
-            counts.index_add_(0, bins.to(torch.long), counted.to(torch.float32))
-            counts = counts if stride == 1 else counts.mul_(stride)
+        else:  # CUDA's bincount reads the maximum on the host: a sync
+            counts = torch.zeros(LOG2_BINS + 1, dtype=torch.float32, device=flat.device)
+            counts = counts.index_add_(0, bins, torch.ones_like(flat))[:LOG2_BINS]
+        counts[0] -= (flat == 0).sum()  # zeros share the exponent field of subnormals (bin 0): not counted
+        counts = counts if stride == 1 else counts.mul_(stride)
         return counts if counts.device == device else counts.to(device, non_blocking=True)
+
+
+_BIN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bin_of_field(device: torch.device) -> torch.Tensor:
+    """The bin of each biased float32 exponent field (0..255): 255 (NaN/Inf) maps to LOG2_BINS, not a bin."""
+    table = _BIN_TABLES.get(device)
+    if table is None:
+        fields = torch.arange(256, device=device)
+        table = (fields - (_F32_EXPONENT_BIAS - LOG2_OFFSET)).clamp_(0, LOG2_BINS - 1)
+        table[255] = LOG2_BINS
+        _BIN_TABLES[device] = table
+    return table

@@ -111,6 +111,47 @@ def test_agent_activation_input_output_and_label_stats_match_host_reference(serv
     assert _f32(reports[1].activations.saturated_fraction)[3] > 0  # the scaled-up tanh saturates
 
 
+@pytest.mark.parametrize("shape", [(1024, 256), (16, 32, 24, 24)])
+def test_large_outputs_use_a_fixed_sample_for_moments_but_exact_extremes_dead_and_saturated_units(
+    shape: tuple[int, ...],
+) -> None:
+    """Outputs above SAMPLE_ELEMENTS: sampled moments within a small tolerance of the truth, exact maxima,
+    dead and saturated units, and a single NaN never reported as zero non-finite values."""
+    from gradwatch.agent.activations import _module_stats, sample_positions
+    from gradwatch.agent.histogram import SAMPLE_ELEMENTS
+
+    torch.manual_seed(31)
+    a = torch.relu(torch.randn(shape) + 0.3)
+    units = a.shape[1] if a.dim() == 4 else a.shape[-1]
+    unit_dim = 1 if a.dim() == 4 else a.dim() - 1
+    dead_units = torch.arange(units) % 5 == 0
+    a.index_fill_(unit_dim, dead_units.nonzero().reshape(-1), 0.0)  # every fifth unit never fires
+    assert a.numel() > 2 * SAMPLE_ELEMENTS
+    positions = sample_positions(a.numel(), a.device)
+    assert positions is not None and positions.numel() == SAMPLE_ELEMENTS
+    assert torch.equal(positions, sample_positions(a.numel(), a.device))  # fixed: the same every step
+    got = _module_stats(a, None, a.sum(), positions)[:8].double().numpy()
+    ref = _reference(a if a.dim() < 4 else a.movedim(1, -1), None)
+    np.testing.assert_allclose(got[[0, 1]], ref[:2], rtol=0.02)  # mean, std from the sample
+    assert got[2] == pytest.approx(ref[2], rel=1e-6)  # max |a|: exact
+    assert got[3] == 0.0
+    assert got[4] == pytest.approx(ref[4], abs=0.01)  # zero fraction from the sample
+    assert got[5] == pytest.approx(float(dead_units.double().mean()), abs=1e-6)  # dead units: exact
+    assert math.isnan(got[6])
+    assert got[7] == pytest.approx(ref[7], rel=0.05)  # spread across units, from a subset of positions
+    histogram = _module_stats(a, None, a.sum(), positions)[8:].double()
+    assert float(histogram.sum()) == pytest.approx(float((a != 0).sum()), rel=0.02)
+
+    squashed = torch.sigmoid(a * 40.0 - 20.0)  # units that never fire sit at the lower end: saturated
+    got = _module_stats(squashed, (0.0, 1.0), squashed.sum(), positions)[:8].double().numpy()
+    ref = _reference(squashed if a.dim() < 4 else squashed.movedim(1, -1), (0.0, 1.0))
+    assert got[6] == pytest.approx(ref[6], abs=1e-6)  # saturated units: exact
+
+    a.reshape(-1)[int(positions[0]) + 1 if int(positions[1]) != int(positions[0]) + 1 else 3] = math.nan
+    got = _module_stats(a, None, a.sum(), positions)[:8].double().numpy()
+    assert got[3] >= 1.0  # one NaN off the sample still counts
+
+
 class _Branches(nn.Module):
     """`late` is registered first but runs second: forward order differs from registration order."""
 

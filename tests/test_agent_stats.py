@@ -407,11 +407,11 @@ def _host_log2_histogram(values: np.ndarray) -> np.ndarray:
 def test_log2_histogram_bins_match_a_host_reference_at_the_edges() -> None:
     from gradwatch.agent.histogram import log2_histogram
 
-    values = torch.tensor([0.0, 1e-30, 2.0**-25, 2.0**-24, 0.75, -0.75, 1.0, 3.0, 63.0, 64.0, 1e10,
-                           math.nan, math.inf, -math.inf])  # fmt: skip
+    values = torch.tensor([0.0, -0.0, 1e-40, 1e-30, 2.0**-25, 2.0**-24, 0.75, -0.75, 1.0, 3.0, 63.0, 64.0, 1e10,
+                           math.nan, math.inf, -math.inf])  # fmt: skip  (1e-40: a subnormal float32)
     got = log2_histogram(values, torch.device("cpu")).numpy()
     np.testing.assert_array_equal(got, _host_log2_histogram(values.numpy()))
-    assert got.sum() == 10 and got[0] == 2 and got[31] == 2  # under- and overflow bins; no zero, NaN or Inf
+    assert got.sum() == 11 and got[0] == 3 and got[31] == 2  # under- and overflow bins; no zero, NaN or Inf
 
 
 def test_agent_gradient_and_activation_histograms_match_reference(server: ScriptableServer) -> None:
