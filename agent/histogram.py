@@ -10,9 +10,9 @@ How: the exponent is read from the float32 bit pattern (integer shifts, no trans
 10× cheaper than frexp or log2 on a CPU), mapped to its bin by a 256-entry table (NaN/Inf to a discard bin),
 then counted with a fixed-size bincount on the CPU and a scatter-add elsewhere (CUDA's bincount reads the
 maximum on the host: a sync); zeros, which share bin 0's exponent field with subnormals, are subtracted.
-Other dtypes are converted to float32 first (float64 magnitudes beyond float32's range then count as Inf, i.e. not at all). Cost: a few
-integer passes over the tensor on full-statistics steps only; transient memory about 2.5× the tensor in
-float32 (exponents as int64 on the CPU path).
+Other dtypes are converted to float32 first (float64 magnitudes beyond float32's range then count as Inf,
+i.e. not at all). Cost: a few integer passes over at most SAMPLE_ELEMENTS values, on full-statistics steps
+only.
 """
 
 from __future__ import annotations
