@@ -163,9 +163,11 @@ def render_model(key: str, spec: ModelSpec, labels: Mapping[str, str], summary: 
         if not blocks or blocks[-1].get("interval") is None:
             continue
         last = blocks[-1]
+        measured = summary[variant]["cpu"].ratio
         if last["budget"]:
-            view = (f"over budget: {'yes' if last['over_budget'] else 'no'}, estimated share "
-                    f"{_num(last.get('estimate'), '.2%')} of step time (budget {last['budget']:.0%})")  # fmt: skip
+            view = (f"over budget: {'yes' if last['over_budget'] else 'no'}, its estimated share "
+                    f"{_num(last.get('estimate'), '.2%')} of step time (budget {last['budget']:.0%}; measured here "
+                    f"from CPU time: {_num(None if measured is None else measured - 1, '.2%')})")  # fmt: skip
         else:
             view = "budget controller off"
         lines.append(
