@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {FULL['rounds']})")
     parser.add_argument("--steps", type=int, help=f"timed steps per block (default {FULL['steps']})")
     parser.add_argument("--warm-steps", type=int,
-                        help=f"untimed gradwatch steps after each attach; >= 60 lets the overhead budget settle "
-                             f"(default {FULL['warm_steps']})")  # fmt: skip
+                        help=f"untimed steps after each gradwatch attach with the overhead budget on; >= 60 lets "
+                             f"it settle (default {FULL['warm_steps']}; budget off: at most N)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--json", type=pathlib.Path, help="also write machine-readable results to this file")
     parser.add_argument("--quick", action="store_true",
@@ -104,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         "gradwatch": gradwatch.__version__,
         "threads": args.threads,
         "cadence": CADENCE,
+        "cpus": os.cpu_count(),
         **plan,
     }
     print(f"torch {meta['torch']}, gradwatch {meta['gradwatch']}, {meta['cpu']}, {args.threads} training thread(s), "
           f"{plan['rounds']} rounds x {plan['steps']} steps per variant (+{plan['warm_steps']} untimed after "
-          f"each gradwatch attach), cadence N={CADENCE}; medians over rounds")  # fmt: skip
+          f"each gradwatch attach, budget on), cadence N={CADENCE}; medians over rounds")  # fmt: skip
     skipped: dict[str, str] = {}
     for variant in list(variants):
         reason = variant.available()
@@ -123,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for key in models:
                 spec = MODELS[key]
+                load_before = os.getloadavg()[0]
                 results = run_model(key, spec, variants, ctx, rounds=plan["rounds"], steps=plan["steps"],
                                     warm_steps=plan["warm_steps"], progress=_progress)  # fmt: skip
                 summary = summarise(results)
                 states = {k: b.states for k, b in results.items()}
                 found = targets(spec, summary, states)
+                load = (load_before, os.getloadavg()[0])
                 print(render_model(key, spec, labels, summary, states, found), flush=True)
-                document["models"][key] = model_json(spec, results, summary, found)
+                print(f"  machine load average (1 min) before / after this model: {load[0]:.1f} / {load[1]:.1f} "
+                      f"on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+                document["models"][key] = {**model_json(spec, results, summary, found), "load_average": load}
         finally:
             for variant in variants:
                 variant.shutdown(ctx)

@@ -37,6 +37,7 @@ def test_bench_overhead_quick_tiny_model_reports_tables_targets_and_json(tmp_pat
             assert summary["q1_ms"] <= summary["median_ms"] <= summary["q3_ms"]
             assert summary["median_ms"] > 0
             assert isinstance(summary["ratio"], float) and isinstance(summary["added_ms"], float)
+            assert len(summary["ratio_iqr"]) == 2 and len(summary["added_iqr_ms"]) == 2
             assert (summary["wandb_factor"] is None) == (key == "none" or "wandb" not in model["variants"])
     assert model["variants"]["none"]["wall"]["ratio"] == 1.0
     # The agent's own view of its cost, read from each gradwatch block, and every report delivered.
@@ -48,3 +49,5 @@ def test_bench_overhead_quick_tiny_model_reports_tables_targets_and_json(tmp_pat
     budget_targets = [t for t in model["targets"] if t["name"].startswith("added share of step time")]
     assert [t["clock"] for t in budget_targets] == ["wall", "cpu"]
     assert all(t["verdict"] in ("PASS", "MISS") and t["limit"] == 0.015 for t in budget_targets)
+    assert all(isinstance(t["within_noise"], bool) for t in budget_targets)
+    assert len(model["load_average"]) == 2

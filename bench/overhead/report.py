@@ -25,32 +25,41 @@ CLOCKS = ("wall", "cpu")
 DEFAULT_LIMIT = 1.01  # issue 3: at default settings, for steps >= 10 ms
 FULL_LIMIT = 1.05  # issue 3: with full statistics every step
 WANDB_FACTOR = 10.0  # issue 3: at least 10x less added time than wandb.watch at the same cadence
+WAIT_WARNING = 1.1  # wall / CPU time of the bare step above this: the training thread waited for a core
 BUDGET_TOLERANCE = 1.5  # tiny model: measured added CPU share within 1.5x the agent's budget counts as held
+
+
+Band = tuple[float, float]  # the interquartile range over rounds (q1, q3)
 
 
 @dataclass(frozen=True)
 class Summary:
-    """One variant on one clock, in seconds per step (ratio and factor are plain numbers)."""
+    """One variant on one clock, in seconds per step (ratios and factors are plain numbers)."""
 
     median: float
     q1: float
     q3: float
     ratio: float | None  # vs. no agent, paired per round
+    ratio_iqr: Band | None
     added: float | None  # seconds per step vs. no agent, paired per round
+    added_iqr: Band | None
     wandb_factor: float | None  # wandb.watch's added time / this variant's added time
 
-    def as_json(self) -> dict[str, float | None]:
+    def as_json(self) -> dict[str, Any]:
+        ms = None if self.added_iqr is None else [self.added_iqr[0] * 1e3, self.added_iqr[1] * 1e3]
         return {
             "median_ms": self.median * 1e3,
             "q1_ms": self.q1 * 1e3,
             "q3_ms": self.q3 * 1e3,
             "ratio": self.ratio,
+            "ratio_iqr": None if self.ratio_iqr is None else list(self.ratio_iqr),
             "added_ms": None if self.added is None else self.added * 1e3,
+            "added_iqr_ms": ms,
             "wandb_factor": None if self.wandb_factor is None or math.isinf(self.wandb_factor) else self.wandb_factor,
         }
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
+def _quartiles(values: list[float]) -> Band:
     if len(values) < 2:
         return values[0], values[0]
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
@@ -63,34 +72,43 @@ def summarise(results: Mapping[str, Blocks]) -> dict[str, dict[str, Summary]]:
     out: dict[str, dict[str, Summary]] = {}
     for clock in CLOCKS:
         base = series[BASELINE][clock] if BASELINE in series else None
-        added: dict[str, float | None] = {}
-        ratios: dict[str, float | None] = {}
+        added: dict[str, list[float]] = {}
+        ratios: dict[str, list[float]] = {}
+        if base is not None:
+            for key, clocks in series.items():
+                added[key] = [v - b for v, b in zip(clocks[clock], base, strict=True)]
+                ratios[key] = [v / b for v, b in zip(clocks[clock], base, strict=True)]
+        wandb_added = statistics.median(added["wandb"]) if "wandb" in added else None
         for key, clocks in series.items():
             values = clocks[clock]
-            if base is None:
-                added[key] = ratios[key] = None
-                continue
-            added[key] = statistics.median(v - b for v, b in zip(values, base, strict=True))
-            ratios[key] = statistics.median(v / b for v, b in zip(values, base, strict=True))
-        for key, clocks in series.items():
-            values = clocks[clock]
-            q1, q3 = _quartiles(values)
+            own = statistics.median(added[key]) if key in added else None
             factor = None
-            wandb_added, own = added.get("wandb"), added[key]
             if key.startswith("gradwatch") and wandb_added is not None and own is not None:
                 factor = wandb_added / own if own > 0 else math.inf
-            summary = Summary(statistics.median(values), q1, q3, ratios[key], added[key], factor)
-            out.setdefault(key, {})[clock] = summary
+            out.setdefault(key, {})[clock] = Summary(
+                statistics.median(values),
+                *_quartiles(values),
+                ratio=statistics.median(ratios[key]) if key in ratios else None,
+                ratio_iqr=_quartiles(ratios[key]) if key in ratios else None,
+                added=own,
+                added_iqr=_quartiles(added[key]) if key in added else None,
+                wandb_factor=factor,
+            )
     return out
 
 
 @dataclass(frozen=True)
 class Target:
+    """One of the issue's targets on one clock. `within_noise`: the rounds' interquartile range of the measured
+    quantity reaches across the limit (for the wandb factor: one of the two added times' range contains 0), so
+    the verdict could flip on another run."""
+
     name: str
     clock: str
     value: float | None
     limit: float
     at_most: bool  # True: value <= limit passes; False: value >= limit passes
+    within_noise: bool = False
 
     @property
     def verdict(self) -> str:
@@ -102,7 +120,16 @@ class Target:
     def as_json(self) -> dict[str, Any]:
         value = None if self.value is None or math.isinf(self.value) else self.value
         return {"name": self.name, "clock": self.clock, "value": value, "infinite": self.value == math.inf,
-                "limit": self.limit, "at_most": self.at_most, "verdict": self.verdict}  # fmt: skip
+                "limit": self.limit, "at_most": self.at_most, "verdict": self.verdict,
+                "within_noise": self.within_noise}  # fmt: skip
+
+
+def _spans(band: Band | None, limit: float) -> bool:
+    return band is not None and band[0] <= limit <= band[1]
+
+
+def _ratio_target(name: str, clock: str, s: Summary, limit: float) -> Target:
+    return Target(name, clock, s.ratio, limit, True, _spans(s.ratio_iqr, limit))
 
 
 def targets(spec: ModelSpec, summary: Mapping[str, Mapping[str, Summary]],
@@ -112,21 +139,25 @@ def targets(spec: ModelSpec, summary: Mapping[str, Mapping[str, Summary]],
     for clock in CLOCKS:
         if spec.large:
             if "gradwatch" in summary:
-                out.append(Target("ratio, defaults", clock, summary["gradwatch"][clock].ratio, DEFAULT_LIMIT, True))
+                out.append(_ratio_target("ratio, defaults", clock, summary["gradwatch"][clock], DEFAULT_LIMIT))
             if "gradwatch-full" in summary:
-                out.append(Target("ratio, full stats every step", clock, summary["gradwatch-full"][clock].ratio,
-                                  FULL_LIMIT, True))  # fmt: skip
+                out.append(_ratio_target("ratio, full stats every step", clock, summary["gradwatch-full"][clock],
+                                         FULL_LIMIT))  # fmt: skip
             for key in ("gradwatch", "gradwatch-fixed"):
                 if key in summary and "wandb" in summary:
-                    out.append(Target(f"wandb.watch added / {key} added", clock, summary[key][clock].wandb_factor,
-                                      WANDB_FACTOR, False))  # fmt: skip
+                    own, wandb = summary[key][clock], summary["wandb"][clock]
+                    noisy = _spans(own.added_iqr, 0.0) or _spans(wandb.added_iqr, 0.0)
+                    out.append(Target(f"wandb.watch added / {key} added", clock, own.wandb_factor, WANDB_FACTOR,
+                                      False, noisy))  # fmt: skip
         elif "gradwatch" in summary and BASELINE in summary:
-            added = summary["gradwatch"][clock].added
-            share = None if added is None else added / summary[BASELINE][clock].median
-            budget = next((s["budget"] for s in states.get("gradwatch", []) if s.get("budget")), None)
-            if budget:
+            s = summary["gradwatch"][clock]
+            base = summary[BASELINE][clock].median
+            budget = next((st["budget"] for st in states.get("gradwatch", []) if st.get("budget")), None)
+            if budget and s.added is not None:
+                limit = BUDGET_TOLERANCE * budget
+                band = None if s.added_iqr is None else (s.added_iqr[0] / base, s.added_iqr[1] / base)
                 out.append(Target(f"added share of step time <= {BUDGET_TOLERANCE}x budget {budget:.0%}", clock,
-                                  share, BUDGET_TOLERANCE * budget, True))  # fmt: skip
+                                  s.added / base, limit, True, _spans(band, limit)))  # fmt: skip
     return out
 
 
@@ -175,11 +206,19 @@ def render_model(key: str, spec: ModelSpec, labels: Mapping[str, str], summary: 
             f"{view}; all reports acknowledged in {sum(bool(b.get('acknowledged')) for b in blocks)}/{len(blocks)} "
             f"blocks, {sum(b.get('dropped', 0) for b in blocks)} dropped"
         )
+    if BASELINE in summary:
+        waited = summary[BASELINE]["wall"].median / summary[BASELINE]["cpu"].median
+        if waited > WAIT_WARNING:
+            lines.append(
+                f"  note: without agent, wall time is {waited:.2f}x the training thread's CPU time: it waited for a "
+                "core (shared machine); the CPU-time columns are the reliable ones here"
+            )
     if spec.large and BASELINE in summary and summary[BASELINE]["cpu"].median < 0.010:
         lines.append("  note: the step without agent took < 10 ms of CPU here; the issue's targets assume >= 10 ms")
     for t in found:
         op = "<=" if t.at_most else ">="
-        lines.append(f"  target {t.name} ({t.clock}): {_num(t.value, '.3f')} {op} {t.limit:g}: {t.verdict}")
+        noise = " (within noise: the rounds' IQR reaches across it; another run may flip it)" if t.within_noise else ""
+        lines.append(f"  target {t.name} ({t.clock}): {_num(t.value, '.3f')} {op} {t.limit:g}: {t.verdict}{noise}")
     if not found:
         lines.append("  (no target applies to the variants that ran)")
     return "\n".join(lines)

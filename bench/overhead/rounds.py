@@ -77,8 +77,7 @@ def run_model(
         for variant in variants if r % 2 == 0 else reversed(variants):
             session = variant.open(trainer.model, trainer.optimizer, ctx)
             try:
-                if variant.warm:
-                    trainer.run(warm_steps, session)
+                trainer.run(variant.warm_steps(warm_steps), session)
                 gc.collect()
                 wall, cpu = time.perf_counter(), time.thread_time()
                 trainer.run(steps, session)

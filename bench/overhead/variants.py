@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import os
 import pathlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +60,11 @@ class Session:
 class Variant:
     key: str
     label: str
-    warm: bool = False  # needs the untimed warm-up steps after opening (gradwatch: connect, settle the budget)
+    warm: bool = False  # untimed warm-up steps after opening (gradwatch: connect, settle the budget controller)
+
+    def warm_steps(self, requested: int) -> int:
+        """How many of the requested warm-up steps this variant runs after each open."""
+        return requested if self.warm else 0
 
     def available(self) -> str | None:
         """None when the variant can run, else why not (shown as a skip line)."""
@@ -111,6 +114,13 @@ def agent_state(monitor: gradwatch.Monitor) -> dict[str, Any]:
 class GradwatchVariant(Variant):
     options: tuple[tuple[str, object], ...] = ()
     warm: bool = True
+
+    def warm_steps(self, requested: int) -> int:
+        """All of them with the budget controller on (it decides after its first 50 reports); with it off, one
+        full-statistics period is enough to connect and run the first full step."""
+        if dict(self.options).get("overhead_budget", 1.0) == 0:
+            return min(requested, CADENCE)
+        return requested
 
     def open(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: BenchContext) -> Session:
         run = f"bench-{os.getpid()}-{ctx.model_key}-{self.key}"
@@ -216,13 +226,8 @@ class TensorBoardVariant(Variant):
 
 
 class _AnomalySession(Session):
-    @contextlib.contextmanager
-    def _anomaly(self) -> Iterator[None]:
-        with torch.autograd.detect_anomaly():
-            yield
-
     def around(self) -> contextlib.AbstractContextManager[object]:
-        return self._anomaly()
+        return torch.autograd.detect_anomaly()  # its default check_nan=True: every backward output is checked
 
 
 @dataclass(frozen=True)
