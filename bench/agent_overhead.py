@@ -1,124 +1,146 @@
 #!/usr/bin/env python3
-"""Agent overhead: training step time with the agent at default settings vs. without.
+"""Agent overhead: training step time with gradwatch and with other tools vs. without any, side by side.
 
-Measured side by side in one process on one CPU thread: blocks of steps without
-the agent and with it alternate, so drift in the machine's load hits both
-alike. The agent streams to a real `gradwatch serve` in a separate process.
-Prints, per model, the median step time of each arm, their ratio and the added
-microseconds per step.
+One process, one training thread (torch.set_num_threads, default 1, CPU). For each model, every variant runs
+one block of timed steps per round, in alternating order (bench/overhead/rounds.py), so the machine's noise
+hits them alike; tables give medians over rounds of wall and training-thread CPU time per step, the ratio and
+added time vs. no agent, and wandb.watch's added time over gradwatch's. gradwatch streams to a real
+`gradwatch serve` in its own process; wandb runs offline into a temporary folder; the comparators come from
+the `bench` extra and are skipped, with a line saying so, when missing.
 
-    python bench/agent_overhead.py [--blocks 15] [--steps 60] [--full-stats-interval N] [--no-forward-hooks]
-                                   [--warm-steps 60]
+Variants: none, gradwatch (defaults), gradwatch-full (full statistics every step, budget off),
+gradwatch-nohooks (forward_hooks=False), gradwatch-fixed (full statistics every N steps, budget off),
+wandb (wandb.watch(log="all", log_freq=N)), tensorboard (add_histogram of every parameter and gradient every N
+steps), anomaly (torch.autograd.detect_anomaly around forward and backward); N = gradwatch's default
+full-statistics interval. Models: tiny, mlp, cnn, transformer (bench/overhead/models.py).
+
+    python bench/agent_overhead.py [--models mlp,cnn] [--variants none,gradwatch,wandb] [--rounds 7]
+                                   [--steps 30] [--warm-steps 60] [--threads 1] [--json out.json] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import pathlib
-import statistics
+import platform
 import sys
 import tempfile
-import time
-from collections.abc import Callable
+import warnings
+from typing import Any
 
 import torch
-from torch import nn
 
 import gradwatch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
+from overhead.models import MODELS
+from overhead.report import model_json, render_model, summarise, targets
+from overhead.rounds import run_model
+from overhead.variants import CADENCE, VARIANTS, BenchContext
+
 from paging_support import gradwatch_serve
 
-
-def _mlp(width: int, depth: int) -> nn.Module:
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+QUICK = {"rounds": 2, "steps": CADENCE, "warm_steps": CADENCE}
+FULL = {"rounds": 7, "steps": 30, "warm_steps": 60}
 
 
-def _cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
+def _keys(text: str, known: dict[str, Any], what: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+    return keys
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
-    "tiny MLP (2x64, batch 32)": (lambda: _mlp(64, 2), lambda: torch.randn(32, 64)),
-    "MLP (4x1024, batch 256)": (lambda: _mlp(1024, 4), lambda: torch.randn(256, 1024)),
-    "CNN (2 conv + 2 fc, 32x32, batch 64)": (_cnn, lambda: torch.randn(64, 3, 32, 32)),
-}
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
-def _block(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-           steps: int, monitor: object | None) -> float:
-    """Mean seconds per step over `steps` steps."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if monitor is not None:
-            monitor.step(loss)  # type: ignore[attr-defined]
-    return (time.perf_counter() - start) / steps
+def _progress(line: str) -> None:
+    print(line, flush=True)
 
 
-def measure(
-    name: str, server: str, blocks: int, steps: int, warm_steps: int = 5, **options: object
-) -> dict[str, float]:
-    make_model, make_input = MODELS[name]
-    torch.manual_seed(0)
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = make_input()
-    y = torch.randint(0, 10, (x.shape[0],))
-    _block(model, opt, x, y, steps, None)  # warm-up
-    bare: list[float] = []
-    agent: list[float] = []
-    for i in range(blocks):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for with_agent in order:
-            if with_agent:
-                monitor = gradwatch.attach(model, opt, run=f"bench-{os.getpid()}", server=server, **options)
-                _block(model, opt, x, y, warm_steps, monitor)  # let the sender connect (and the budget settle)
-                agent.append(_block(model, opt, x, y, steps, monitor))
-                monitor.close(timeout=5)
-            else:
-                bare.append(_block(model, opt, x, y, steps, None))
-    b, a = statistics.median(bare), statistics.median(agent)
-    return {"bare_ms": b * 1e3, "agent_ms": a * 1e3, "ratio": a / b, "added_us": (a - b) * 1e6}
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {FULL['rounds']})")
+    parser.add_argument("--steps", type=int, help=f"timed steps per block (default {FULL['steps']})")
+    parser.add_argument("--warm-steps", type=int,
+                        help=f"untimed steps after each gradwatch attach with the overhead budget on; >= 60 lets "
+                             f"it settle (default {FULL['warm_steps']}; budget off: at most N)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write machine-readable results to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"short blocks for a smoke run: {QUICK} unless given (budget not settled)")  # fmt: skip
+    args = parser.parse_args(argv)
+    plan = {**(QUICK if args.quick else FULL)}
+    for name in plan:
+        if getattr(args, name) is not None:
+            plan[name] = getattr(args, name)
+    if min(plan.values()) < 0 or plan["rounds"] < 1 or plan["steps"] < 1 or args.threads < 1:
+        raise SystemExit("--rounds, --steps and --threads must be >= 1, --warm-steps >= 0")
+    if plan["steps"] % CADENCE:
+        print(f"note: --steps {plan['steps']} is not a multiple of N={CADENCE}: the comparators act "
+              f"{plan['steps'] // CADENCE} times per block, not steps/N")  # fmt: skip
+    models = _keys(args.models, MODELS, "model(s)")
+    variants = [VARIANTS[k] for k in _keys(args.variants, VARIANTS, "variant(s)")]
 
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=15, help="alternating blocks per arm (default 15)")
-    parser.add_argument("--steps", type=int, default=60, help="steps per block (default 60)")
-    parser.add_argument("--full-stats-interval", type=int, default=None, help="agent option (default: its own)")
-    parser.add_argument("--no-forward-hooks", action="store_true", help="attach with forward_hooks=False")
-    parser.add_argument("--overhead-budget", type=float, default=None, help="agent option (0: no controller)")
-    parser.add_argument("--warm-steps", type=int, default=5,
-                        help="untimed agent steps per block first (>= 60 lets the overhead budget settle)")
-    args = parser.parse_args()
-    options: dict[str, object] = {}
-    if args.full_stats_interval is not None:
-        options["full_stats_interval"] = args.full_stats_interval
-    if args.no_forward_hooks:
-        options["forward_hooks"] = False
-    if args.overhead_budget is not None:
-        options["overhead_budget"] = args.overhead_budget
-    torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, gradwatch {gradwatch.__version__}, 1 CPU thread, "
-          f"{args.blocks} blocks x {args.steps} steps per arm, medians of block means, agent options {options}")
-    print(f"{'model':<40} {'no agent ms':>12} {'agent ms':>10} {'ratio':>7} {'added us':>9}")
-    with tempfile.TemporaryDirectory() as tmp, gradwatch_serve(pathlib.Path(tmp)) as server:
-        for name in MODELS:
-            r = measure(name, server, args.blocks, args.steps, args.warm_steps, **options)
-            print(f"{name:<40} {r['bare_ms']:>12.3f} {r['agent_ms']:>10.3f} {r['ratio']:>7.3f} "
-                  f"{r['added_us']:>9.1f}")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+    meta = {
+        "command": " ".join(["python", "bench/agent_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "torch": str(torch.__version__),
+        "gradwatch": gradwatch.__version__,
+        "threads": args.threads,
+        "cadence": CADENCE,
+        "cpus": os.cpu_count(),
+        **plan,
+    }
+    print(f"torch {meta['torch']}, gradwatch {meta['gradwatch']}, {meta['cpu']}, {args.threads} training thread(s), "
+          f"{plan['rounds']} rounds x {plan['steps']} steps per variant (+{plan['warm_steps']} untimed after "
+          f"each gradwatch attach, budget on), cadence N={CADENCE}; medians over rounds")  # fmt: skip
+    skipped: dict[str, str] = {}
+    for variant in list(variants):
+        reason = variant.available()
+        if reason is not None:
+            skipped[variant.key] = reason
+            variants.remove(variant)
+            print(f"skipping {variant.key}: {reason}")
+    labels = {v.key: v.label for v in variants}
+    document: dict[str, Any] = {"meta": meta, "skipped": skipped, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp, gradwatch_serve(pathlib.Path(tmp)) as server:
+        ctx = BenchContext(server=server, workdir=pathlib.Path(tmp))
+        try:
+            for key in models:
+                spec = MODELS[key]
+                load_before = os.getloadavg()[0]
+                results = run_model(key, spec, variants, ctx, rounds=plan["rounds"], steps=plan["steps"],
+                                    warm_steps=plan["warm_steps"], progress=_progress)  # fmt: skip
+                summary = summarise(results)
+                states = {k: b.states for k, b in results.items()}
+                found = targets(spec, summary, states)
+                load = (load_before, os.getloadavg()[0])
+                print(render_model(key, spec, labels, summary, states, found), flush=True)
+                print(f"  machine load average (1 min) before / after this model: {load[0]:.1f} / {load[1]:.1f} "
+                      f"on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+                document["models"][key] = {**model_json(spec, results, summary, found), "load_average": load}
+        finally:
+            for variant in variants:
+                variant.shutdown(ctx)
+    if args.json is not None:
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
     return 0
 
 

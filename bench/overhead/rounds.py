@@ -1,0 +1,92 @@
+"""Interleaved timing rounds: every variant runs one block of steps per round, in alternating order.
+
+Round r runs the variants in the given order when r is even and in reverse when r is odd (ABBA...), so a
+drift in the machine's load, or a neighbour's burst, hits every variant alike. Each block records the mean
+wall time (time.perf_counter) and the mean CPU time of the training thread (time.thread_time) per step.
+CPU time leaves out time the thread waits for a core (the machine is shared) and the work of other threads
+and processes (gradwatch's sender thread, its server, wandb's service process, TensorBoard's writer thread):
+it is the cost paid on the training thread. Wall time includes everything.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import ModelSpec
+from .variants import BenchContext, Session, Variant
+
+__all__ = ["Blocks", "run_model"]
+
+BASE_WARM_STEPS = 5  # once per model, before the first round: allocator and kernel caches
+
+
+@dataclass
+class Blocks:
+    """One variant's measurements on one model: per round, the mean seconds per step and what it said."""
+
+    wall_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Trainer:
+    """One model, its optimizer and its fixed batch."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        torch.manual_seed(0)
+        self.model = spec.build()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.x = spec.batch()
+        self.y = torch.randint(0, 10, (self.x.shape[0],))
+
+    def run(self, steps: int, session: Session) -> None:
+        model, optimizer, x, y = self.model, self.optimizer, self.x, self.y
+        for _ in range(steps):
+            with session.around():
+                loss = nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            session.after(loss)
+
+
+def run_model(
+    key: str,
+    spec: ModelSpec,
+    variants: Sequence[Variant],
+    ctx: BenchContext,
+    *,
+    rounds: int,
+    steps: int,
+    warm_steps: int,
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict[str, Blocks]:
+    """Time `variants` on model `spec` over `rounds` interleaved rounds of `steps` timed steps each."""
+    ctx.model_key = key
+    trainer = _Trainer(spec)
+    trainer.run(BASE_WARM_STEPS, Session())
+    results = {v.key: Blocks() for v in variants}
+    for r in range(rounds):
+        for variant in variants if r % 2 == 0 else reversed(variants):
+            session = variant.open(trainer.model, trainer.optimizer, ctx)
+            try:
+                trainer.run(variant.warm_steps(warm_steps), session)
+                gc.collect()
+                wall, cpu = time.perf_counter(), time.thread_time()
+                trainer.run(steps, session)
+                wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            finally:
+                state = session.close()
+            blocks = results[variant.key]
+            blocks.wall_s.append(wall / steps)
+            blocks.cpu_s.append(cpu / steps)
+            blocks.states.append(state)
+        progress(f"  {key}: round {r + 1}/{rounds} done")
+    return results

@@ -1,0 +1,53 @@
+"""bench/agent_overhead.py --quick runs end to end and writes its tables and JSON (structure, never speed)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "agent_overhead.py"
+
+
+def test_bench_overhead_quick_tiny_model_reports_tables_targets_and_json(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "overhead.json"
+    command = [sys.executable, str(BENCH), "--quick", "--models", "tiny", "--variants", "none,gradwatch"]
+    done = subprocess.run([*command, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = done.stdout
+    assert "tiny MLP 2x64, batch 32 (tiny)" in text
+    assert "wall time per step" in text and "training-thread CPU time per step" in text
+    assert "no agent" in text and "gradwatch, defaults" in text
+    assert "target added share of step time" in text
+
+    document = json.loads(out.read_text())
+    assert document["meta"]["rounds"] == 2 and document["meta"]["threads"] == 1
+    assert document["meta"]["command"].startswith("python bench/agent_overhead.py --quick")
+    assert document["skipped"] == {}
+    assert list(document["models"]) == ["tiny"]
+    model = document["models"]["tiny"]
+    assert model["large"] is False and model["cadence"] >= 1
+    assert list(model["variants"]) == ["none", "gradwatch"]
+    for key, variant in model["variants"].items():
+        assert len(variant["wall_ms_per_round"]) == 2 and len(variant["cpu_ms_per_round"]) == 2
+        for clock in ("wall", "cpu"):
+            summary = variant[clock]
+            assert summary["q1_ms"] <= summary["median_ms"] <= summary["q3_ms"]
+            assert summary["median_ms"] > 0
+            assert isinstance(summary["ratio"], float) and isinstance(summary["added_ms"], float)
+            assert len(summary["ratio_iqr"]) == 2 and len(summary["added_iqr_ms"]) == 2
+            assert (summary["wandb_factor"] is None) == (key == "none" or "wandb" not in model["variants"])
+    assert model["variants"]["none"]["wall"]["ratio"] == 1.0
+    # The agent's own view of its cost, read from each gradwatch block, and every report delivered.
+    states = model["variants"]["gradwatch"]["agent"]
+    assert len(states) == 2
+    for state in states:
+        assert state["budget"] == 0.01 and state["interval"] >= 1 and isinstance(state["over_budget"], bool)
+        assert state["acknowledged"] is True and state["dropped"] == 0 and state["reports"] > 0
+    budget_targets = [t for t in model["targets"] if t["name"].startswith("added share of step time")]
+    assert [t["clock"] for t in budget_targets] == ["wall", "cpu"]
+    assert all(t["verdict"] in ("PASS", "MISS") and t["limit"] == 0.015 for t in budget_targets)
+    assert all(isinstance(t["within_noise"], bool) for t in budget_targets)
+    assert len(model["load_average"]) == 2
