@@ -32,6 +32,20 @@ YAML shape (every key optional; these are the defaults)::
       timeout_s: 5.0
       retry_deadline_s: 60.0
       max_pending: 10000
+    storage:
+      data_dir: ""                    # SQLite in <data_dir>/gradwatch.db; "" = in memory (`serve`: ./gradwatch-data)
+      incident_retention_s: 2592000.0 # 30 days
+      max_incidents: 1000
+      max_incident_bytes: 1073741824  # 1 GiB of stored incident windows
+      run_retention_s: 2592000.0      # runs not seen for this long leave the registry
+      max_runs: 10000                 # runs kept in the registry
+    recorder:
+      enabled: true
+      window_reports: 64              # reports kept per rank before an incident
+      after_reports: 16               # reports recorded after the alert fired
+      after_timeout_s: 120.0          # close the incident then even if fewer arrived
+      max_ranks: 16                   # ranks recorded per incident (the firing rank first)
+      max_layers: 256                 # layers recorded per rank
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -59,6 +73,7 @@ __all__ = [
     "DEFAULT_RUNBOOK_BASE_URL",
     "ENV_ALERTMANAGER_URLS",
     "ENV_CONFIG",
+    "ENV_DATA_DIR",
     "ENV_EXTERNAL_URL",
     "ENV_GRPC_HOST",
     "ENV_GRPC_PORT",
@@ -69,7 +84,9 @@ __all__ = [
     "GrpcConfig",
     "HttpConfig",
     "LimitsConfig",
+    "RecorderConfig",
     "ServerConfig",
+    "StorageConfig",
     "config_from_args",
     "load_config",
 ]
@@ -83,6 +100,9 @@ ENV_HTTP_PORT = "GRADWATCH_HTTP_PORT"
 ENV_ALERTMANAGER_URLS = "GRADWATCH_ALERTMANAGER_URLS"  # comma-separated
 ENV_WEBHOOK_URLS = "GRADWATCH_WEBHOOK_URLS"  # comma-separated
 ENV_EXTERNAL_URL = "GRADWATCH_EXTERNAL_URL"
+ENV_DATA_DIR = "GRADWATCH_DATA_DIR"
+#: Where `gradwatch serve` keeps its database when neither the file, the environment nor --data-dir says.
+DEFAULT_DATA_DIR = "gradwatch-data"
 
 #: Where alerts' runbook_url points by default (+ "<detector>.md"): the runbooks in this repository.
 #: Teams that host their own copy set alerting.runbook_base_url (and regenerate deploy/ with
@@ -161,6 +181,40 @@ class AlertingConfig(Settings):
             _check_url("external_url", self.external_url)
 
 
+@dataclass(frozen=True)
+class StorageConfig(Settings):
+    """The embedded database: run registry, firing alerts and incidents survive a restart (docs/incidents.md)."""
+
+    data_dir: str = setting(
+        "",
+        doc="Directory of the SQLite database (gradwatch.db); empty: in memory, nothing survives a restart. "
+        "`gradwatch serve` defaults it to ./gradwatch-data.",
+    )
+    incident_retention_s: float = setting(30 * 86400.0, doc="Incidents older than this are pruned.", gt=0.0)
+    max_incidents: int = setting(1000, doc="Incidents kept; the oldest are pruned beyond.", ge=1)
+    max_incident_bytes: int = setting(
+        1 << 30, doc="Bytes of stored incident windows kept; the oldest incidents are pruned beyond.", ge=MiB
+    )
+    run_retention_s: float = setting(
+        30 * 86400.0, doc="Runs not seen for this long leave the registry (with their resolved alerts).", gt=0.0
+    )
+    max_runs: int = setting(10000, doc="Runs kept in the registry; the least recently seen are pruned beyond.", ge=1)
+
+
+@dataclass(frozen=True)
+class RecorderConfig(Settings):
+    """The flight recorder: a bounded window of recent reports per rank, frozen into an incident on an alert."""
+
+    enabled: bool = setting(True, doc="Record incidents when a warning or critical alert fires.")
+    window_reports: int = setting(64, doc="Reports kept per rank (the window before an incident).", ge=1, le=4096)
+    after_reports: int = setting(16, doc="Reports recorded after the alert fired.", ge=0, le=4096)
+    after_timeout_s: float = setting(
+        120.0, doc="Seconds after which an incident closes even if fewer reports arrived.", gt=0.0
+    )
+    max_ranks: int = setting(16, doc="Ranks recorded per incident: the firing rank first, then the lowest.", ge=1)
+    max_layers: int = setting(256, doc="Layers (and modules) recorded per rank, first in schema order.", ge=1)
+
+
 def _check_url(key: str, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -179,6 +233,8 @@ class ServerConfig(Settings):
     http: HttpConfig = field(default_factory=HttpConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    recorder: RecorderConfig = field(default_factory=RecorderConfig)
     shutdown_grace_s: float = setting(5.0, doc="On SIGTERM, seconds open streams get to finish.", ge=0.0)
     finished_run_retention_s: float = setting(
         300.0,
@@ -270,6 +326,7 @@ def config_from_args(
     alertmanager_urls: Sequence[str] | None = None,
     webhook_urls: Sequence[str] | None = None,
     external_url: str | None = None,
+    data_dir: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ServerConfig:
     """The ServerConfig for `gradwatch serve`: defaults < YAML file < env vars < arguments.
@@ -300,7 +357,12 @@ def config_from_args(
     alerting = _override(alerting, "alertmanager_urls", _tuple(alertmanager_urls), "alertmanager_url")
     alerting = _override(alerting, "webhook_urls", _tuple(webhook_urls), "webhook_url")
     alerting = _override(alerting, "external_url", external_url, "external_url")
-    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting)
+    storage = config.storage
+    if not storage.data_dir:
+        storage = _override(storage, "data_dir", DEFAULT_DATA_DIR, "data_dir")
+    storage = _override(storage, "data_dir", env.get(ENV_DATA_DIR), ENV_DATA_DIR)
+    storage = _override(storage, "data_dir", data_dir, "data_dir")
+    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, storage=storage)
 
 
 def _tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:

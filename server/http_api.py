@@ -10,6 +10,8 @@ Routes (an unknown GET path is 404; a method not listed for a path is 405):
   POST   /api/v1/silences         body {"run", "detector"?, "duration_s", "comment"?, "created_by"?}
                                   -> 201 {"silence": ...}; 400 {"error"} on a bad body
   DELETE /api/v1/silences/<id>    -> 200 {"silence": ...} (expired now); 404 if not active
+  GET    /api/v1/runs/..., /api/v1/incidents...: the query API (gradwatch.server.query_api), which also
+                                  paginates and filters /api/v1/runs and /api/v1/alerts
 JSON is strict (no NaN): the app's views are JSON-safe by contract.
 """
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 RunsView = Callable[[], list[dict[str, Any]]]
 AlertsView = Callable[[str | None, str | None], list[dict[str, Any]]]
 NotificationsView = Callable[[], list[dict[str, Any]]]
+#: (path, query) -> (status, content type, body), or None when the path is not one of its routes.
+Routes = Callable[[str, dict[str, list[str]]], tuple[int, str, bytes] | None]
 
 SILENCES = "/api/v1/silences"
 #: Largest request body accepted (silences are a few hundred bytes).
@@ -53,6 +57,7 @@ class HttpApi:
         alerts: AlertsView,
         notifications: NotificationsView,
         silences: SilenceBook,
+        routes: Routes | None = None,
     ) -> None:
         handler = type(
             "GradwatchHandler",
@@ -63,6 +68,7 @@ class HttpApi:
                 "alerts": staticmethod(alerts),
                 "notifications": staticmethod(notifications),
                 "silences": silences,
+                "routes": staticmethod(routes) if routes is not None else None,
             },
         )
         self._server = ThreadingHTTPServer((host, port), handler)
@@ -92,13 +98,18 @@ class _Handler(BaseHTTPRequestHandler):
     alerts: AlertsView
     notifications: NotificationsView
     silences: SilenceBook
+    routes: Routes | None
     server_version = "gradwatch"
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         try:
-            if url.path == "/metrics":
+            routed = self.routes(url.path, query) if self.routes is not None else None
+            if routed is not None:
+                status, content_type, body = routed
+                self._send(status, body, content_type)
+            elif url.path == "/metrics":
                 self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
             elif url.path == "/healthz":
                 self._send(200, b"ok\n", "text/plain; charset=utf-8")
