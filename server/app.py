@@ -108,7 +108,7 @@ class ServerApp:
             clock=clock,
             detectors=detectors,
             on_join=self.keeper.on_join,
-            on_report=self.recorder.observe,
+            on_report=self.recorder.observe if self.config.recorder.enabled else None,
         )
         #: The app's own Prometheus registry (never the global default).
         self.registry = CollectorRegistry(auto_describe=False)

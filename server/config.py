@@ -46,6 +46,7 @@ YAML shape (every key optional; these are the defaults)::
       after_timeout_s: 120.0          # close the incident then even if fewer arrived
       max_ranks: 16                   # ranks recorded per incident (the firing rank first)
       max_layers: 256                 # layers recorded per rank
+      histogram_reports: 4            # reports before the alert whose gradient histograms are kept
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -213,6 +214,9 @@ class RecorderConfig(Settings):
     )
     max_ranks: int = setting(16, doc="Ranks recorded per incident: the firing rank first, then the lowest.", ge=1)
     max_layers: int = setting(256, doc="Layers (and modules) recorded per rank, first in schema order.", ge=1)
+    histogram_reports: int = setting(
+        4, doc="Full-statistics reports before the alert whose gradient histograms are kept (all after it).", ge=0
+    )
 
 
 def _check_url(key: str, url: str) -> None:

@@ -31,6 +31,7 @@ import hashlib
 import io
 import logging
 import math
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -65,15 +66,7 @@ RECORDED_SEVERITIES = ("warning", "critical")
 #: LayerStats columns kept in the window (the ones the report plots and the provenance chain use).
 LAYER_COLUMNS = ("grad_norm", "grad_max_abs", "grad_non_finite", "weight_norm", "update_ratio", "grad_log2_histogram")
 #: ActivationStats columns kept in the window.
-ACTIVATION_COLUMNS = (
-    "mean",
-    "std",
-    "non_finite",
-    "zero_fraction",
-    "dead_fraction",
-    "saturated_fraction",
-    "log2_histogram",
-)
+ACTIVATION_COLUMNS = ("mean", "std", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction")
 #: One scalar row per report; `index` numbers a rank's reports since the server started.
 ROW_DTYPE = np.dtype(
     [
@@ -88,10 +81,13 @@ ROW_DTYPE = np.dtype(
     ]
 )
 #: Arrays of a window archive, per recorded rank R: `rR_rows` (ROW_DTYPE), `rR_steps` (int64 steps of the
-#: full-statistics reports), `rR_g_<column>` (float32, reports × layers [× bins]), `rR_a_<column>` (modules).
-WINDOW_ARRAYS = ("rows", "steps", "g_<column>", "a_<column>")
+#: full-statistics reports), `rR_g_<column>` (float32, reports × layers), `rR_a_<column>` (reports × modules);
+#: histogram columns (`rR_g_grad_log2_histogram`, reports × layers × 32) are indexed by `rR_hist_steps`.
+WINDOW_ARRAYS = ("rows", "steps", "hist_steps", "g_<column>", "a_<column>")
 #: Incidents recording at once; opening another closes the oldest first.
 MAX_RECORDING = 32
+#: Incident writes waiting for the writer thread; beyond, new ones are dropped (counted).
+MAX_PENDING_WRITES = 64
 #: A rank's gradient norm this many times its median before the alert is an anomaly in the provenance chain.
 ANOMALY_FACTOR = 10.0
 
@@ -159,7 +155,10 @@ class FlightRecorder:
         #: Incidents opened and closed since start, and ones not recorded by reason.
         self.opened = 0
         self.closed = 0
-        self.dropped: dict[str, int] = {"write_failed": 0, "no_window": 0}
+        self.dropped: dict[str, int] = {"write_failed": 0, "write_queue_full": 0, "no_window": 0}
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=MAX_PENDING_WRITES)
+        self._writer = threading.Thread(target=self._write_forever, name="gradwatch-recorder", daemon=True)
+        self._writer.start()
 
     # ------------------------------------------------------------------ ingest side
 
@@ -243,11 +242,12 @@ class FlightRecorder:
             for run_id in [r for r in self._windows if r not in live]:
                 del self._windows[run_id]
 
-    def close_all(self) -> None:
-        """Close every incident still recording (shutdown)."""
+    def close_all(self, timeout_s: float = 30.0) -> None:
+        """Close every incident still recording and wait for the writes (shutdown)."""
         with self._lock:
             for recording in list(self._recording.values()):
                 self._close(recording)
+        self.flush(timeout_s)
 
     def recording(self) -> int:
         with self._lock:
@@ -261,21 +261,49 @@ class FlightRecorder:
         self.closed += 1
 
     def _write(self, recording: _Recording, status: str) -> None:
+        """Snapshot the window here (references and a copy of the scalar rows); pack and store it on the
+        writer thread, so a large window never holds up ingestion."""
         try:
-            window, body = self._freeze(recording)
-            body["status"] = status
-            body["closed_at"] = self._clock() if status == "complete" else None
-            self._db.put_incident(body, window)
+            parts, body = self._snapshot(recording)
         except Exception:
-            # A full disk must not stop ingestion: count, say it once per incident.
             self.dropped["write_failed"] += 1
-            self._db.write_errors += 1
-            log.exception("could not store incident %s", recording.id)
+            log.exception("could not snapshot incident %s", recording.id)
+            return
+        body["status"] = status
+        body["closed_at"] = self._clock() if status == "complete" else None
+        try:
+            self._queue.put_nowait((parts, body))
+        except queue.Full:
+            self.dropped["write_queue_full"] += 1
 
-    def _freeze(self, recording: _Recording) -> tuple[bytes, dict[str, Any]]:
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued incident write is stored; False on timeout."""
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout_s)
+        except queue.Full:
+            return False
+        return done.wait(timeout_s)
+
+    def _write_forever(self) -> None:
+        while True:
+            job = self._queue.get()
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            parts, body = job
+            try:
+                self._db.put_incident(body, _pack(parts, self._config.histogram_reports))
+            except Exception:
+                # A full disk must not stop the server: count, log.
+                self.dropped["write_failed"] += 1
+                self._db.write_errors += 1
+                log.exception("could not store incident %s", body["id"])
+
+    def _snapshot(self, recording: _Recording) -> tuple[list[_RankPart], dict[str, Any]]:
         cfg, alert = self._config, recording.alert
         windows = self._windows.get(alert["run"], {})
-        arrays: dict[str, np.ndarray] = {}
+        parts: list[_RankPart] = []
         ranks_meta: list[dict[str, Any]] = []
         all_rows: list[tuple[int, np.ndarray]] = []
         for rank in recording.ranks:
@@ -286,23 +314,11 @@ class FlightRecorder:
             lo, hi = start - cfg.window_reports, start + min(window.count - start, cfg.after_reports)
             rows = window.rows.rows()
             rows = rows[(rows["index"] >= lo) & (rows["index"] < hi)]
-            entries = [e for e in window.columns if lo <= e[0] < hi]
-            arrays[f"r{rank}_rows"] = rows
-            arrays[f"r{rank}_steps"] = np.array([e[1] for e in entries], dtype=np.int64)
-            for prefix, part in (("g", 2), ("a", 3)):
-                names = {name for e in entries for name in e[part]}
-                for name in sorted(names):
-                    stacked = _stack([e[part].get(name) for e in entries])
-                    if stacked is not None:
-                        arrays[f"r{rank}_{prefix}_{name}"] = stacked
+            parts.append(_RankPart(rank, rows, [e for e in window.columns if lo <= e[0] < hi], start))
             all_rows.append((rank, rows))
-            ranks_meta.append(
-                self._rank_meta(alert["run"], rank, window, int((rows["index"] < start).sum()), len(rows))
-            )
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        body = self._body(recording, ranks_meta, all_rows)
-        return buffer.getvalue(), body
+            before = int((rows["index"] < start).sum())
+            ranks_meta.append(self._rank_meta(alert["run"], rank, window, before, len(rows)))
+        return parts, self._body(recording, ranks_meta, all_rows)
 
     def _rank_meta(self, run_id: str, rank: int, window: _RankWindow, before: int, total: int) -> dict[str, Any]:
         with self._store.lock:
@@ -405,6 +421,40 @@ class FlightRecorder:
                 )
         chain.sort(key=lambda e: (e["step"], e["kind"] != "non_finite"))
         return chain
+
+
+@dataclass(frozen=True, slots=True)
+class _RankPart:
+    """One rank's share of an incident window: scalar rows (a copy) and column entries (immutable views)."""
+
+    rank: int
+    rows: np.ndarray
+    entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
+    start: int
+
+
+def _pack(parts: list[_RankPart], histogram_reports: int) -> bytes:
+    """The window archive (WINDOW_ARRAYS). Histogram columns (32 bins per layer, most of the bytes) are kept for
+    the last `histogram_reports` full-statistics reports before the alert and every one after it."""
+    arrays: dict[str, np.ndarray] = {}
+    for part in parts:
+        r, entries = part.rank, part.entries
+        arrays[f"r{r}_rows"] = part.rows
+        arrays[f"r{r}_steps"] = np.array([e[1] for e in entries], dtype=np.int64)
+        before = [i for i, e in enumerate(entries) if e[0] < part.start]
+        keep = set(before[len(before) - histogram_reports :] if histogram_reports else [])
+        keep.update(i for i, e in enumerate(entries) if e[0] >= part.start)
+        hist_entries = [e for i, e in enumerate(entries) if i in keep]
+        arrays[f"r{r}_hist_steps"] = np.array([e[1] for e in hist_entries], dtype=np.int64)
+        for prefix, index in (("g", 2), ("a", 3)):
+            for name in sorted({name for e in entries for name in e[index]}):
+                chosen = hist_entries if name in COLUMN_WIDTHS else entries
+                stacked = _stack([e[index].get(name) for e in chosen])
+                if stacked is not None:
+                    arrays[f"r{r}_{prefix}_{name}"] = stacked
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _activations(msg: pb.StepReport, max_modules: int) -> dict[str, np.ndarray]:

@@ -102,7 +102,10 @@ def test_recorder_incident_for_injected_nan_holds_the_window_before_and_after_it
         grad = arrays["r0_g_grad_norm"]
         assert grad.shape == (len(steps), 3) and grad.dtype == np.float32
         assert np.isfinite(grad[steps < 80]).all() and not np.isfinite(grad[steps >= 80]).any()
-        assert arrays["r0_g_grad_log2_histogram"].shape == (len(steps), 3, 32)
+        # Histograms (32 bins a layer) only for the last 4 full-statistics reports before the alert, and after it.
+        hist_steps = arrays["r0_hist_steps"]
+        assert hist_steps[hist_steps < 80].tolist() == [50, 60, 70] and hist_steps.max() == steps.max()
+        assert arrays["r0_g_grad_log2_histogram"].shape == (len(hist_steps), 3, 32)
         text = scrape(app)
         assert metric(text, "gradwatch_incidents_recorded_total") == 1
         assert metric(text, "gradwatch_storage_incident_bytes") > 0

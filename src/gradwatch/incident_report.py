@@ -124,7 +124,7 @@ def render_report(incident: dict[str, Any], window: bytes) -> str:
     else:
         parts.append(section.format(fired, '<p class="muted">No per-layer statistics in the window.</p>'))
     parts.append(_activation_section(incident, arrays, fired, meta, step, svgplot, np))
-    parts.append(_histogram_section(incident, arrays, fired, layers, steps, step, svgplot, np))
+    parts.append(_histogram_section(incident, arrays, fired, layers, step, svgplot, np))
     parts.append(_ranks_table(incident))
     parts.append('<p class="muted">Made by <code>gradwatch report</code> from the server\'s flight recorder.</p>')
     parts.append("</main></body></html>")
@@ -222,12 +222,12 @@ def _histogram_section(
     arrays: dict[str, Any],
     fired: int,
     layers: list[str],
-    steps: Any,
-    step: int,
+        step: int,
     svgplot: Any,
     np: Any,
 ) -> str:
     hist = arrays.get(f"r{fired}_g_grad_log2_histogram")
+    steps = arrays.get(f"r{fired}_hist_steps")
     head = f'<section class="card" id="histograms"><h2>Gradient histograms before and after (rank {fired})</h2>'
     if hist is None or steps is None or not len(steps) or not layers:
         return head + '<p class="muted">No gradient histograms in the window.</p></section>'

@@ -193,7 +193,7 @@ def heatmap(
         out.append(f'<rect x="{label_w + k * 8}" y="{base + 24}" width="8" height="10" fill="{colour}"/>')
     out.append(
         f'<text x="{label_w + 200}" y="{base + 33}" font-size="10">{_fmt(10**lo)} … {_fmt(10**hi)} '
-        f'(log scale); <tspan fill="{BAD}">■</tspan> NaN/Inf; columns: steps with full statistics</text>'
+        f'(log scale); <tspan fill="{BAD}">■</tspan> NaN/Inf; black: 0; columns: steps with full statistics</text>'
     )
     return "".join(out) + "</svg>"
 
