@@ -46,6 +46,7 @@ YAML shape (every key optional; these are the defaults)::
       after_timeout_s: 120.0          # close the incident then even if fewer arrived
       max_ranks: 16                   # ranks recorded per incident (the firing rank first)
       max_layers: 256                 # layers recorded per rank
+      max_bytes: 536870912            # recorded per-layer columns, all runs together
       histogram_reports: 4            # reports before the alert whose gradient histograms are kept
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
@@ -214,6 +215,12 @@ class RecorderConfig(Settings):
     )
     max_ranks: int = setting(16, doc="Ranks recorded per incident: the firing rank first, then the lowest.", ge=1)
     max_layers: int = setting(256, doc="Layers (and modules) recorded per rank, first in schema order.", ge=1)
+    max_bytes: int = setting(
+        512 * MiB,
+        doc="Memory for recorded per-layer columns, all runs together; with many ranks each keeps fewer "
+        "full-statistics reports (at least its latest).",
+        ge=MiB,
+    )
     histogram_reports: int = setting(
         4, doc="Full-statistics reports before the alert whose gradient histograms are kept (all after it).", ge=0
     )

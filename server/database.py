@@ -103,10 +103,11 @@ class Database:
     def put_run(self, run: dict[str, Any]) -> None:
         """Insert or update a run: keys run_id, job_name, world_size, first_seen, last_seen, finished_at,
         protocol_version, and `summary` (a JSON-safe dict: latest step, ranks...)."""
-        self._write(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
-            "job_name=excluded.job_name, world_size=excluded.world_size, last_seen=excluded.last_seen, "
-            "finished_at=excluded.finished_at, protocol_version=excluded.protocol_version, summary=excluded.summary",
+        self.put_runs([run])
+
+    def put_runs(self, runs: list[dict[str, Any]]) -> None:
+        """`put_run` for many runs in one transaction (the checkpoint)."""
+        rows = [
             (
                 run["run_id"],
                 run["job_name"],
@@ -116,8 +117,17 @@ class Database:
                 run["finished_at"],
                 run["protocol_version"],
                 _dumps(run["summary"]),
-            ),
-        )
+            )
+            for run in runs
+        ]
+        with self._lock, self._transaction():
+            self._conn.executemany(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "job_name=excluded.job_name, world_size=excluded.world_size, last_seen=excluded.last_seen, "
+                "finished_at=excluded.finished_at, protocol_version=excluded.protocol_version, "
+                "summary=excluded.summary",
+                rows,
+            )
 
     def runs(self, limit: int) -> list[dict[str, Any]]:
         """The `limit` most recently seen runs, least recent first."""

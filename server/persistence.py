@@ -57,21 +57,18 @@ class StateKeeper:
 
     def checkpoint(self) -> None:
         with self._store.lock:
-            moved = [
-                (run, _progress(run)) for run in self._store.runs() if self._saved.get(run.run_id) != _progress(run)
-            ]
-            records = [(_record(run), progress) for run, progress in moved]
-        for record, progress in records:
-            if self._guard(self._db.put_run, record):
+            moved = [(run, _progress(run)) for run in self._store.runs()]
+            live = {run.run_id for run, _ in moved}
+            records = [(_record(run), progress) for run, progress in moved if self._saved.get(run.run_id) != progress]
+        if records and self._guard(self._db.put_runs, [record for record, _ in records]):
+            for record, progress in records:
                 self._saved[record["run_id"]] = progress
+        for run_id in [r for r in self._saved if r not in live]:  # evicted runs stay in the database
+            del self._saved[run_id]
         for alert in self._alerts.export_firing():
             self._guard(self._db.put_alert, alert)
 
-    def forget(self, run_ids: set[str]) -> None:
-        for run_id in [r for r in self._saved if r not in run_ids]:
-            del self._saved[run_id]
-
-    def _guard(self, write: Any, value: dict[str, Any]) -> bool:
+    def _guard(self, write: Any, value: Any) -> bool:
         try:
             write(value)
         except Exception:

@@ -7,8 +7,9 @@ Contract
   rank keeps the last `window_reports + after_reports` reports: scalar rows in a
   fixed numpy ring, and, for full-statistics steps, the per-layer and per-module
   columns as the float32 arrays decoded from the frame (views on its bytes, capped to
-  `max_layers`), never per-layer Python objects. Memory per rank is bounded by the
-  window length × the recorded columns × `max_layers`.
+  `max_layers`), never per-layer Python objects. The column entries of all ranks share
+  `max_bytes`: with many ranks each keeps fewer full-statistics reports (at least its
+  latest); the scalar rows are always kept for the whole window.
 * `on_alert()` (an AlertBook listener) opens an incident when an alert fires at
   warning or critical severity: the window of up to `max_ranks` ranks (the firing
   rank first) is written at once (status "recording"), so a crash right after the
@@ -151,6 +152,7 @@ class FlightRecorder:
         self._clock = clock
         self._lock = threading.RLock()
         self._windows: dict[str, dict[int, _RankWindow]] = {}
+        self._ranks_total = 0  # ranks with a window, all runs
         self._recording: collections.OrderedDict[str, _Recording] = collections.OrderedDict()
         #: Incidents opened and closed since start, and ones not recorded by reason.
         self.opened = 0
@@ -170,6 +172,7 @@ class FlightRecorder:
             window = windows.get(rank.rank)
             if window is None:
                 length = cfg.window_reports + cfg.after_reports
+                self._ranks_total += 1
                 window = windows[rank.rank] = _RankWindow(
                     RecordRing(ROW_DTYPE, length), collections.deque(maxlen=length)
                 )
@@ -194,6 +197,12 @@ class FlightRecorder:
             modules = _activations(msg, cfg.max_layers) if msg.HasField("activations") else _EMPTY
             if layers or modules:
                 window.columns.append((window.count, report.step, layers, modules))
+                # Shared memory budget: the more ranks are recorded, the fewer full-statistics reports each
+                # keeps (at least its latest, whose bytes the store holds anyway).
+                size = sum(a.nbytes for a in layers.values()) + sum(a.nbytes for a in modules.values())
+                keep = max(1, cfg.max_bytes // max(1, self._ranks_total * size))
+                while len(window.columns) > keep:
+                    window.columns.popleft()
             window.count += 1
             for recording in [r for r in self._recording.values() if r.alert["run"] == run.run_id]:
                 if rank.rank == recording.fired_rank and window.count - recording.start[rank.rank] >= cfg.after_reports:
@@ -240,7 +249,7 @@ class FlightRecorder:
                 if now >= recording.deadline or recording.alert["run"] not in live:
                     self._close(recording)
             for run_id in [r for r in self._windows if r not in live]:
-                del self._windows[run_id]
+                self._ranks_total -= len(self._windows.pop(run_id))
 
     def close_all(self, timeout_s: float = 30.0) -> None:
         """Close every incident still recording and wait for the writes (shutdown)."""

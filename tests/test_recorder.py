@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -244,3 +245,25 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             assert resumed[0]["reports"] == 20  # 61..80: queued during the outage, then live
     finally:
         monitor.close(timeout=1)
+
+
+def test_recorder_memory_budget_shrinks_each_ranks_column_window_as_ranks_join() -> None:
+    from gradwatch.server.config import RecorderConfig
+    from server_support import columns, hello, report_frame, server_config
+
+    layers, budget = 1024, 1 << 20
+    config = dataclasses.replace(server_config(), recorder=RecorderConfig(max_bytes=budget))
+    app = ServerApp(config)
+    stats = columns(layers, grad_norm=1.0, grad_max_abs=1.0, weight_norm=1.0, update_ratio=0.1)
+    for rank in range(8):
+        session = app.ingestor.open(hello(rank=rank, world_size=8, layers=layers))
+        for seq in range(1, 81):
+            app.ingestor.apply(session, report_frame(seq, layers=stats), "report")
+    windows = app.recorder._windows["run-a"]
+    kept = [len(w.columns) for w in windows.values()]
+    entry = 4 * 256 * 4  # what each entry holds: 4 columns × max_layers (256) float32, never all 1024 layers
+    assert kept[0] == 80  # alone, rank 0 had room (budget // entry = 256) for the whole window
+    assert kept[-1] == budget // (8 * entry) == 32  # the last rank shared the budget with 8
+    # Ranks here report one after the other; interleaved (as in training) each trims to the shared share.
+    assert sum(kept) * entry <= 2 * budget
+    assert all(len(w.rows) == 80 for w in windows.values())  # scalar rows: the whole window, always
