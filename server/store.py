@@ -142,7 +142,7 @@ class RunState:
     #: step -> {rank: share} for steps not yet reported by every rank.
     pending_shares: collections.OrderedDict[int, dict[int, float]] = field(default_factory=collections.OrderedDict)
     #: Set when the run was loaded from the database at start-up: its last saved summary (step, loss, ranks),
-    #: shown until its agents reconnect.
+    #: shown until the first agent reconnects (then None).
     restored_summary: dict[str, Any] | None = None
 
     @property
@@ -258,6 +258,7 @@ class RunStore:
             state.schema = run.intern_schema(tuple(hello.schema.names))
             state.said_goodbye = False
             run.finished_at, run.expired = None, False  # a rank came back: the run lives again
+            run.restored_summary = None  # an agent is back: live values from now on
             if hello.session_id not in state.sessions:
                 state.sessions[hello.session_id] = 0
                 while len(state.sessions) > self._limits.max_sessions_per_rank:

@@ -28,7 +28,7 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
     norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
     steps = [r.last_step for r in ranks if r.last_step is not None]
     events = list(run.events)[-EVENTS_IN_VIEW:]
-    saved = run.restored_summary if not ranks else None  # restored from the database, no agent back yet
+    saved = run.restored_summary  # restored from the database, no agent back yet
     if saved:
         steps = [saved["step"]] if saved.get("step") is not None else []
         losses = [saved["loss"]] if saved.get("loss") is not None else []

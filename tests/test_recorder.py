@@ -243,6 +243,8 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
                 lambda: [r for r in get_json(f"{url}/api/v1/runs/phoenix-rec/ranks")["ranks"] if r["step"] == 80],
             )
             assert resumed[0]["reports"] == 20  # 61..80: queued during the outage, then live
+            live = get_json(f"{url}/api/v1/runs/phoenix-rec")["run"]
+            assert not live["restored"] and live["step"] == 80 and live["first_seen"] == run["first_seen"]
     finally:
         monitor.close(timeout=1)
 
