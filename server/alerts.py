@@ -18,12 +18,13 @@ Contract
 
 from __future__ import annotations
 
+import builtins
 import collections
 import hashlib
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,12 +180,12 @@ class AlertBook:
         with self._lock:
             return set(self._firing)
 
-    def export_firing(self) -> list[dict[str, Any]]:
+    def export_firing(self) -> builtins.list[dict[str, Any]]:
         """Firing alerts as dicts with their still-active ranks (`active`), for persistence."""
         with self._lock:
             return [{**a.as_dict(), "active": sorted(a.active)} for a in self._firing.values()]
 
-    def restore(self, alerts: list[dict[str, Any]]) -> int:
+    def restore(self, alerts: Iterable[dict[str, Any]]) -> int:
         """Re-open alerts that were firing before a restart (dicts as from `export_firing`), keeping their id,
         start, provenance and ranks. Listeners hear each as a fire transition marked `"restored": True`.
         Alerts already firing are left alone. Returns how many were restored."""

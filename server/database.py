@@ -193,7 +193,8 @@ class Database:
         offset: int = 0,
     ) -> tuple[list[dict[str, Any]], int]:
         """Incident summaries, newest first, filtered; and the total count matching the filters."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, value in (("run_id", run), ("detector", detector), ("severity", severity)):
             if value is not None:
                 where.append(f"{column} = ?")

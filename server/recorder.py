@@ -455,14 +455,17 @@ def _pack(parts: list[_RankPart], histogram_reports: int) -> bytes:
         keep.update(i for i, e in enumerate(entries) if e[0] >= part.start)
         hist_entries = [e for i, e in enumerate(entries) if i in keep]
         arrays[f"r{r}_hist_steps"] = np.array([e[1] for e in hist_entries], dtype=np.int64)
-        for prefix, index in (("g", 2), ("a", 3)):
-            for name in sorted({name for e in entries for name in e[index]}):
-                chosen = hist_entries if name in COLUMN_WIDTHS else entries
-                stacked = _stack([e[index].get(name) for e in chosen])
+        for prefix, layers, hist_layers in (
+            ("g", [e[2] for e in entries], [e[2] for e in hist_entries]),
+            ("a", [e[3] for e in entries], [e[3] for e in hist_entries]),
+        ):
+            for name in sorted({name for columns in layers for name in columns}):
+                chosen = hist_layers if name in COLUMN_WIDTHS else layers
+                stacked = _stack([columns.get(name) for columns in chosen])
                 if stacked is not None:
                     arrays[f"r{r}_{prefix}_{name}"] = stacked
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     return buffer.getvalue()
 
 
