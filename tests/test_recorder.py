@@ -132,12 +132,19 @@ def test_recorder_healthy_run_records_no_incident() -> None:
 
 def test_database_prune_counts_what_retention_deleted(tmp_path: pathlib.Path) -> None:
     now = [1_000_000.0]
-    db = Database(
-        StorageConfig(data_dir=str(tmp_path), max_incidents=2, incident_retention_s=100.0),
-        alert_history=10,
-        clock=lambda: now[0],
+    storage = StorageConfig(
+        data_dir=str(tmp_path),
+        max_incidents=3,
+        incident_retention_s=100.0,
+        max_incident_bytes=1 << 20,
+        run_retention_s=100.0,
+        max_runs=2,
     )
-    for i, opened in enumerate((now[0] - 500, now[0] - 30, now[0] - 20, now[0] - 10)):
+    db = Database(storage, alert_history=10, clock=lambda: now[0])
+    sizes = (10, 10, 600_000, 600_000, 10)  # the two big windows do not fit 1 MiB together
+    for i, (opened, size) in enumerate(
+        zip((now[0] - 500, now[0] - 40, now[0] - 30, now[0] - 20, now[0] - 10), sizes, strict=True)
+    ):
         db.put_incident(
             {
                 "id": f"inc{i}",
@@ -149,12 +156,31 @@ def test_database_prune_counts_what_retention_deleted(tmp_path: pathlib.Path) ->
                 "opened_at": opened,
                 "status": "complete",
             },
-            b"x" * 10,
+            b"x" * size,
         )
-    deleted = db.prune()
-    assert deleted == {("incidents", "age"): 1, ("incidents", "count"): 1}
-    assert [i["id"] for i in db.incidents()[0]] == ["inc3", "inc2"]
-    assert db.pruned == deleted
+    for i, seen in enumerate((now[0] - 500, now[0] - 30, now[0] - 20, now[0] - 10)):
+        db.put_run(
+            {
+                "run_id": f"run{i}",
+                "job_name": "",
+                "world_size": 1,
+                "first_seen": seen,
+                "last_seen": seen,
+                "finished_at": None,
+                "protocol_version": 1,
+                "summary": {},
+            }
+        )
+    deleted = db.prune(keep_runs=frozenset({"run0"}))  # run0 is still tracked: never pruned
+    assert deleted == {
+        ("incidents", "age"): 1,
+        ("incidents", "count"): 1,
+        ("incidents", "size"): 1,
+        ("runs", "count"): 1,
+    }
+    assert [i["id"] for i in db.incidents()[0]] == ["inc4", "inc3"]
+    assert [r["run_id"] for r in db.runs(10)] == ["run0", "run2", "run3"]
+    assert db.pruned == deleted and db.prune() == {("runs", "age"): 1}  # untracked now: run0 is too old
 
 
 # ---------------------------------------------------------------------- SIGKILL and restart

@@ -119,9 +119,9 @@ def render_frame(
         body.append(paint(head, BOLD))
         if run["firing"]:
             body.append(paint("  FIRING: " + ", ".join(run["firing"]), RED))
-        body.append(paint("  " + "".join(c.title.ljust(c.width) for c in columns), DIM))
+        body.append(paint(("  " + "".join(c.title.ljust(c.width) for c in columns)).rstrip(), DIM))
         for rank in run["ranks"]:
-            row = "  " + "".join(_cell(rank, c.key, now)[: c.width - 1].ljust(c.width) for c in columns)
+            row = ("  " + "".join(_cell(rank, c.key, now)[: c.width - 1].ljust(c.width) for c in columns)).rstrip()
             body.append(paint(row, "" if rank.get("connected") else DIM))
         body.append("")
     if not runs and error is None:
