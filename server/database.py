@@ -182,6 +182,17 @@ class Database:
             ),
         )
 
+    def interrupt_recording(self) -> int:
+        """Mark incidents still `recording` (the server stopped before their reports after the alert arrived)
+        as `interrupted`; called at start-up. Returns how many."""
+        with self._lock:
+            return int(
+                self._conn.execute(
+                    "UPDATE incidents SET status = 'interrupted', body = json_set(body, '$.status', 'interrupted') "
+                    "WHERE status = 'recording'"
+                ).rowcount
+            )
+
     def incidents(
         self,
         *,

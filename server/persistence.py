@@ -3,7 +3,8 @@
 * `on_join(run)`: a Hello registered (or refreshed) a run: written at once.
 * `on_alert(alert)`: an AlertBook listener; every fire and resolve transition is written at once.
 * `checkpoint()`: every sweep, runs whose state moved and every firing alert (ranks that joined it).
-* `restore()`: at start-up, before the server listens: the most recently seen runs (up to
+* `restore()`: at start-up, before the server listens: incidents left `recording` become `interrupted`
+  (they keep the window before their alert); the most recently seen runs (up to
   limits.max_runs) re-enter the store without ranks (their agents reconnect and resume), and the
   alerts that were firing re-open in the AlertBook with their original start time and provenance.
   A restored alert resolves like any other when its run finishes or expires, or when its detector
@@ -42,6 +43,7 @@ class StateKeeper:
         for row in runs:
             self._store.restore(row)
             self._saved[row["run_id"]] = ()
+        self._db.interrupt_recording()
         alerts = self._db.alerts("firing")
         restored = self._alerts.restore(alerts)
         return len(runs), restored

@@ -188,9 +188,10 @@ def test_database_prune_counts_what_retention_deleted(tmp_path: pathlib.Path) ->
 
 @contextlib.contextmanager
 def serve_process(
-    data_dir: pathlib.Path, grpc_port: int, http_port: int, log: pathlib.Path
+    data_dir: pathlib.Path, grpc_port: int, http_port: int, log: pathlib.Path, *args: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`gradwatch serve` on fixed ports and a data dir; yields the process once /healthz answers."""
+    """`gradwatch serve` on fixed ports and a data dir (and extra CLI `args`); yields the process once /healthz
+    answers. Fixed ports, unlike paging_support.gradwatch_serve: a restarted server must be found again."""
     command = [
         sys.executable,
         "-m",
@@ -204,6 +205,7 @@ def serve_process(
         str(http_port),
         "--data-dir",
         str(data_dir),
+        *args,
     ]
     env = {**os.environ, "GRADWATCH_CONFIG": ""}
     with log.open("ab") as out:
@@ -241,10 +243,14 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
     monitor = gradwatch.attach(
         training.model, training.optimizer, run="phoenix-rec", server=f"127.0.0.1:{grpc_port}", retry=retry
     )
+    # The incident waits for 1000 reports after its alert: the server is killed while it is still recording.
+    config = tmp_path / "gradwatch.yaml"
+    config.write_text("recorder: {after_reports: 1000}\n")
     try:
-        with serve_process(tmp_path / "data", grpc_port, http_port, log) as first:
+        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)) as first:
             train(monitor, training, range(1, 61), {40: "nan"})
-            (incident,) = wait_until("a complete incident", lambda: complete(url))
+            (incident,) = wait_until("a stored incident", lambda: incidents(url))
+            assert incident["status"] == "recording" and incident["steps"][0] == 1
             (alert,) = get_json(f"{url}/api/v1/alerts?state=firing")["alerts"]
             runs_at_60 = lambda: [r for r in get_json(f"{url}/api/v1/runs")["runs"] if r["step"] == 60]  # noqa: E731
             (run,) = wait_until("step 60", runs_at_60)
@@ -252,10 +258,12 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
         train(monitor, training, range(61, 71), {})  # the agent keeps training while the server is down
-        with serve_process(tmp_path / "data", grpc_port, http_port, log):
+        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)):
             assert [i["id"] for i in incidents(url)] == [incident["id"]]
             body = get_json(f"{url}/api/v1/incidents/{incident['id']}")["incident"]
-            assert body["status"] == "complete" and body["step"] == 40
+            assert body["status"] == "interrupted" and body["step"] == 40
+            rows = window(url, incident["id"])["r0_rows"]
+            assert rows["step"][0] == 1 and 40 in rows["step"]  # the window before the alert survived
             (restored,) = get_json(f"{url}/api/v1/alerts?state=firing")["alerts"]
             for key in ("id", "run", "detector", "step", "started_at", "layer", "summary"):
                 assert restored[key] == alert[key], key
