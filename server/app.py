@@ -359,7 +359,8 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
         sinks = ", ".join(worker.name for worker in app.notifier.workers) or "none"
         print(
             f"gradwatch server {__version__}: gRPC on {config.grpc.host}:{app.grpc_port}, "
-            f"HTTP on http://{config.http.host}:{app.http_port} (/metrics, /api/v1); alerts to: {sinks}",
+            f"HTTP on http://{config.http.host}:{app.http_port} (/metrics, /api/v1); alerts to: {sinks}; "
+            f"state in {app.database.path}",
             file=sys.stderr,
             flush=True,
         )

@@ -157,7 +157,7 @@ class FlightRecorder:
         #: Incidents opened and closed since start, and ones not recorded by reason.
         self.opened = 0
         self.closed = 0
-        self.dropped: dict[str, int] = {"write_failed": 0, "write_queue_full": 0, "no_window": 0}
+        self.dropped: dict[str, int] = {"write_failed": 0, "write_queue_full": 0, "no_window": 0, "observe_failed": 0}
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=MAX_PENDING_WRITES)
         self._writer = threading.Thread(target=self._write_forever, name="gradwatch-recorder", daemon=True)
         self._writer.start()
@@ -165,7 +165,16 @@ class FlightRecorder:
     # ------------------------------------------------------------------ ingest side
 
     def observe(self, run: RunState, rank: RankState, report: RankReport, msg: pb.StepReport, hello: pb.Hello) -> None:
-        """Append one applied report to its rank's window (see the module docstring)."""
+        """Append one applied report to its rank's window (see the module docstring). Never raises: a recorder
+        bug must not stop ingestion (counted in dropped["observe_failed"], logged once)."""
+        try:
+            self._observe(run, rank, report, msg, hello)
+        except Exception:
+            self.dropped["observe_failed"] += 1
+            if self.dropped["observe_failed"] == 1:
+                log.exception("flight recorder failed on a report; further failures are counted")
+
+    def _observe(self, run: RunState, rank: RankState, report: RankReport, msg: pb.StepReport, hello: pb.Hello) -> None:
         cfg = self._config
         with self._lock:
             windows = self._windows.setdefault(run.run_id, {})
