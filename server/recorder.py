@@ -324,6 +324,7 @@ class FlightRecorder:
         parts: list[_RankPart] = []
         ranks_meta: list[dict[str, Any]] = []
         all_rows: list[tuple[int, np.ndarray]] = []
+        onsets: list[dict[str, Any]] = []
         for rank in recording.ranks:
             window = windows.get(rank)
             if window is None:
@@ -336,7 +337,10 @@ class FlightRecorder:
             all_rows.append((rank, rows))
             before = int((rows["index"] < start).sum())
             ranks_meta.append(self._rank_meta(alert["run"], rank, window, before, len(rows)))
-        return parts, self._body(recording, ranks_meta, all_rows)
+            onset = _layer_onset(rank, parts[-1].entries, window.layer_names, alert["step"])
+            if onset is not None:
+                onsets.append(onset)
+        return parts, self._body(recording, ranks_meta, all_rows, onsets)
 
     def _rank_meta(self, run_id: str, rank: int, window: _RankWindow, before: int, total: int) -> dict[str, Any]:
         with self._store.lock:
@@ -359,7 +363,11 @@ class FlightRecorder:
         }
 
     def _body(
-        self, recording: _Recording, ranks: list[dict[str, Any]], rows: list[tuple[int, np.ndarray]]
+        self,
+        recording: _Recording,
+        ranks: list[dict[str, Any]],
+        rows: list[tuple[int, np.ndarray]],
+        onsets: list[dict[str, Any]],
     ) -> dict[str, Any]:
         alert = recording.alert
         with self._store.lock:
@@ -384,7 +392,7 @@ class FlightRecorder:
             "opened_at": recording.opened_at,
             "description": spec.description if spec is not None else "",
             "runbook_url": self._runbook_url(alert["detector"]),
-            "provenance": self._provenance(alert, rows),
+            "provenance": self._provenance(alert, rows, onsets),
             "ranks": ranks,
             "window": {
                 "before": self._config.window_reports,
@@ -393,9 +401,12 @@ class FlightRecorder:
             },
         }
 
-    def _provenance(self, alert: dict[str, Any], rows: list[tuple[int, np.ndarray]]) -> list[dict[str, Any]]:
-        """What went wrong first, in step order: non-finite values, gradient-norm anomalies, alerts of the run."""
-        chain: list[dict[str, Any]] = []
+    def _provenance(
+        self, alert: dict[str, Any], rows: list[tuple[int, np.ndarray]], onsets: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """What went wrong first, in step order: non-finite values, gradient-norm anomalies of ranks and of
+        layers (`onsets`), alerts of the run."""
+        chain: list[dict[str, Any]] = list(onsets)
         for rank, r in rows:
             bad = np.flatnonzero(r["flags"] != 0)
             if bad.size:
@@ -476,6 +487,44 @@ def _pack(parts: list[_RankPart], histogram_reports: int) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     return buffer.getvalue()
+
+
+def _layer_onset(
+    rank: int,
+    entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    layer_names: tuple[str, ...],
+    alert_step: int,
+) -> dict[str, Any] | None:
+    """The first full-statistics step where a layer's gradient norm went non-finite or above ANOMALY_FACTOR × its
+    median before the alert, and which layer (non-finite first, then the largest ratio); vectorised over layers."""
+    columns = [(e[1], e[2]["grad_norm"]) for e in entries if "grad_norm" in e[2]]
+    if not columns:
+        return None
+    width = columns[-1][1].shape
+    columns = [(step, values) for step, values in columns if values.shape == width]
+    steps = np.array([step for step, _ in columns], dtype=np.int64)
+    norms_NL = np.stack([values for _, values in columns]).astype(np.float64)  # N = reports, L = layers
+    before = norms_NL[steps < alert_step]
+    if len(before) < 3 or norms_NL.shape[1] == 0:
+        return None
+    with np.errstate(all="ignore"):
+        median_L = np.nanmedian(np.where(np.isfinite(before), before, np.nan), axis=0)
+        ratio_NL = norms_NL / median_L
+    bad_NL = ~np.isfinite(norms_NL) | (np.nan_to_num(ratio_NL, nan=0.0) > ANOMALY_FACTOR)
+    hits = np.flatnonzero(bad_NL.any(axis=1))
+    if not hits.size:
+        return None
+    i = int(hits[0])
+    score_L = np.where(~np.isfinite(norms_NL[i]), np.inf, np.nan_to_num(ratio_NL[i], nan=0.0, posinf=np.inf))
+    layer = int(np.argmax(score_L))
+    name = layer_names[layer] if layer < len(layer_names) else str(layer)
+    value = norms_NL[i, layer]
+    what = (
+        f"layer {name} first abnormal: gradient norm {value:.3g}, {ratio_NL[i, layer]:.0f}× its median"
+        if np.isfinite(value)
+        else f"layer {name} first abnormal: non-finite gradient norm"
+    )
+    return {"step": int(steps[i]), "rank": rank, "kind": "layer", "layer": name, "what": what}
 
 
 def _activations(msg: pb.StepReport, max_modules: int) -> dict[str, np.ndarray]:

@@ -100,6 +100,11 @@ def test_cli_lists_and_shows_runs_alerts_incidents(exploded: tuple[ServerApp, di
     assert incident["id"] in listed and "exploding_gradient" in listed
     text = gradwatch_cli("incidents", "show", incident["id"], env=env)
     assert "provenance (first sign first):" in text and "exploding_gradient fired" in text
+    # Where it started: the first layer whose gradient norm left its own baseline, at or after the fault.
+    body = json.loads(gradwatch_cli("incidents", "show", incident["id"], "--json", env=env))
+    (onset,) = [e for e in body["provenance"] if e["kind"] == "layer"]
+    assert onset["layer"] in ("0", "2", "4") and 100 <= onset["step"] <= incident["step"] + 16, onset
+    assert f"layer {onset['layer']} first abnormal" in text
     assert json.loads(gradwatch_cli("incidents", "show", incident["id"], "--json", env=env))["step"] == incident["step"]
 
 
