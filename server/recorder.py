@@ -433,7 +433,7 @@ class FlightRecorder:
                             "rank": rank,
                             "kind": "grad_norm",
                             "what": f"gradient norm {r['grad_norm'][i]:.3g}, "
-                            f"{r['grad_norm'][i] / median:.0f}× its median {median:.3g}",
+                            f"{_times(r['grad_norm'][i] / median)} its median {median:.3g}",
                         }
                     )
         for other in self._alerts.list(run=alert["run"]):
@@ -520,11 +520,15 @@ def _layer_onset(
     name = layer_names[layer] if layer < len(layer_names) else str(layer)
     value = norms_NL[i, layer]
     what = (
-        f"layer {name} first abnormal: gradient norm {value:.3g}, {ratio_NL[i, layer]:.0f}× its median"
+        f"layer {name} first abnormal: gradient norm {value:.3g}, {_times(ratio_NL[i, layer])} its median"
         if np.isfinite(value)
         else f"layer {name} first abnormal: non-finite gradient norm"
     )
     return {"step": int(steps[i]), "rank": rank, "kind": "layer", "layer": name, "what": what}
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.0f}×" if ratio < 1e4 else f"{ratio:.2g}×"
 
 
 def _activations(msg: pb.StepReport, max_modules: int) -> dict[str, np.ndarray]:
