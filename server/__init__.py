@@ -11,6 +11,10 @@ Module map (dependencies point down the list):
   sinks/        AlertSink implementations (Alertmanager, webhook, log, in-memory) and SinkWorker
   rules         Prometheus/Grafana rules as data (rendered into deploy/ by scripts/gen_deploy.py)
   views         JSON-safe dicts of runs for the API
+  query_api     /api/v1 runs, ranks, series, alerts, incidents with pagination and filters
+  persistence   StateKeeper: run registry and alerts to the database, restored at start-up
+  recorder      FlightRecorder: bounded per-rank windows frozen into incidents when an alert fires
+  database      Database: SQLite (runs, alerts, incidents), retention with counters
   ingest        Ingestor: applies validated frames to store, detectors, alerts (transport-free)
   alerts        AlertBook: one alert per (run, detector), ranks merged, bounded history, listeners
   store         RunStore: bounded runs and ranks, numpy rings, latest per-layer columns

@@ -18,12 +18,13 @@ Contract
 
 from __future__ import annotations
 
+import builtins
 import collections
 import hashlib
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,33 @@ class AlertBook:
         """(run, detector) pairs currently firing."""
         with self._lock:
             return set(self._firing)
+
+    def export_firing(self) -> builtins.list[dict[str, Any]]:
+        """Firing alerts as dicts with their still-active ranks (`active`), for persistence."""
+        with self._lock:
+            return [{**a.as_dict(), "active": sorted(a.active)} for a in self._firing.values()]
+
+    def restore(self, alerts: Iterable[dict[str, Any]]) -> int:
+        """Re-open alerts that were firing before a restart (dicts as from `export_firing`), keeping their id,
+        start, provenance and ranks. Listeners hear each as a fire transition marked `"restored": True`.
+        Alerts already firing are left alone. Returns how many were restored."""
+        opened = []
+        with self._lock:
+            for saved in alerts:
+                key = (saved["run"], saved["detector"])
+                if key in self._firing:
+                    continue
+                alert = _Alert(
+                    id=saved["id"], run=saved["run"], detector=saved["detector"], severity=saved["severity"],
+                    runbook=saved["runbook"], step=saved["step"], last_step=saved["last_step"], layer=saved["layer"],
+                    value=saved["value"], summary=saved["summary"], started_at=saved["started_at"],
+                    ranks=set(saved["ranks"]), active=set(saved.get("active", saved["ranks"])),
+                )  # fmt: skip
+                self._firing[key] = alert
+                opened.append({**alert.as_dict(), "restored": True})
+        for snapshot in opened:
+            self._notify(snapshot)
+        return len(opened)
 
     def _resolve_locked(self, alert: _Alert) -> dict[str, Any]:
         alert.active.clear()

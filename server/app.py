@@ -16,6 +16,8 @@ listener: it hands notifications to one delivery thread per sink
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import signal
 import socket
 import ssl
@@ -34,12 +36,16 @@ from gradwatch._version import __version__
 from gradwatch.server.alerts import AlertBook, AlertListener
 from gradwatch.server.auth import AuthCollector, HttpGuard, TokenSource
 from gradwatch.server.config import AlertingConfig, ServerConfig
+from gradwatch.server.database import Database
 from gradwatch.server.detectors import REGISTRY, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi
 from gradwatch.server.ingest import Ingestor
 from gradwatch.server.metrics import GradwatchCollector
 from gradwatch.server.notify import Notifier, NotifierCollector
+from gradwatch.server.persistence import StateKeeper
+from gradwatch.server.query_api import QueryApi
+from gradwatch.server.recorder import FlightRecorder, RecorderCollector
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
@@ -50,9 +56,13 @@ from gradwatch.server.views import run_view
 
 __all__ = ["ServerApp", "serve"]
 
+log = logging.getLogger(__name__)
+
 START_TIMEOUT_S = 30.0
 #: How often finished runs are checked for expiry (finished_run_retention_s).
 SWEEP_INTERVAL_S = 1.0
+#: How often the database's retention limits are applied (also once at start).
+PRUNE_INTERVAL_S = 60.0
 
 
 class ServerApp:
@@ -84,17 +94,38 @@ class ServerApp:
         self.store = RunStore(limits, detector_names=names, clock=clock)
         self.alert_book = AlertBook(clock=clock, history=limits.alert_history)
         self.stats = IngestStats()
-        self.ingestor = Ingestor(self.config, self.store, self.alert_book, self.stats, clock=clock, detectors=detectors)
+        #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
+        self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
+        self.keeper = StateKeeper(self.database, self.store, self.alert_book)
+        alerting = self.config.alerting
+        self.renderer = AlertRenderer(
+            runbook_base_url=alerting.runbook_base_url, job_name_of=self._job_name_of, specs=detectors
+        )
+        self.recorder = FlightRecorder(
+            self.config.recorder,
+            self.database,
+            self.store,
+            self.alert_book,
+            specs=detectors,
+            runbook_url=self.renderer.runbook_url,
+            clock=clock,
+        )
+        self.ingestor = Ingestor(
+            self.config,
+            self.store,
+            self.alert_book,
+            self.stats,
+            clock=clock,
+            detectors=detectors,
+            on_join=self.keeper.on_join,
+            on_report=self.recorder.observe if self.config.recorder.enabled else None,
+        )
         #: The app's own Prometheus registry (never the global default).
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             GradwatchCollector(self.store, self.alert_book, self.stats, detector_names=names, version=__version__)
         )
-        alerting = self.config.alerting
         self.silences = SilenceBook(clock=clock, detectors=names)
-        self.renderer = AlertRenderer(
-            runbook_base_url=alerting.runbook_base_url, job_name_of=self._job_name_of, specs=detectors
-        )
         self.notifier = Notifier(
             self.alert_book,
             self.silences,
@@ -110,6 +141,10 @@ class ServerApp:
             self.registry.register(AuthCollector(self.tokens, self._guard))
         if self._tls is not None:
             self.registry.register(TlsCollector(self._tls))
+        self.alert_book.add_listener(self.keeper.on_alert)
+        self.alert_book.add_listener(self.recorder.on_alert)
+        self.registry.register(RecorderCollector(self.recorder, self.database))
+        self._last_prune = -math.inf
         self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__, tokens=self.tokens)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -125,6 +160,8 @@ class ServerApp:
         """Bind and start gRPC and HTTP; returns once both listen. OSError if a port cannot be bound."""
         if self._thread is not None:
             raise RuntimeError("ServerApp already started")
+        self.keeper.restore(self.config.limits.max_runs)
+        self._prune()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="gradwatch-grpc", daemon=True)
         self._thread.start()
@@ -142,6 +179,7 @@ class ServerApp:
                 silences=self.silences,
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
+                routes=QueryApi(self).route,
             )
             self._http.start()
             self.renderer.server_url = self.config.alerting.external_url.rstrip("/") or self._default_url()
@@ -164,6 +202,9 @@ class ServerApp:
             self._http.stop()
             self._http = None
         self.notifier.stop(timeout_s=grace)
+        if self._grpc_server is not None:  # started: close open incidents and save progress
+            self.recorder.close_all()
+            self.keeper.checkpoint()
         self._grpc_server = None
 
     def __enter__(self) -> ServerApp:
@@ -216,6 +257,23 @@ class ServerApp:
     def sweep(self) -> list[str]:
         """Expire runs finished longer than the retention now (also done every SWEEP_INTERVAL_S)."""
         return self.ingestor.sweep()
+
+    def persist(self) -> None:
+        """Close incidents that are due, checkpoint runs and alerts, and apply retention when due (every sweep)."""
+        self.recorder.sweep()
+        self.keeper.checkpoint()
+        if time.monotonic() - self._last_prune >= PRUNE_INTERVAL_S:
+            self._prune()
+
+    def _prune(self) -> None:
+        self._last_prune = time.monotonic()
+        with self.store.lock:
+            live = frozenset(run.run_id for run in self.store.runs())
+        try:
+            self.database.prune(keep_runs=live)
+        except Exception:
+            self.database.write_errors += 1
+            log.exception("pruning the database failed")
 
     def add_alert_listener(self, callback: AlertListener) -> None:
         """Call `callback(alert_dict)` whenever an alert fires or resolves (on the gRPC thread)."""
@@ -270,6 +328,10 @@ class ServerApp:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.ingestor.sweep()
+            try:
+                self.persist()
+            except Exception:  # the loop must keep sweeping; each part counts its own failures
+                log.exception("persisting server state failed")
 
     async def _stop_grpc(self, grace: float) -> None:
         if self._sweeper is not None:
@@ -318,7 +380,7 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
     try:
         try:
             app = ServerApp(config)
-        except ValueError as exc:  # TLS files or the tokens file
+        except ValueError as exc:  # TLS files, the tokens file or an unusable storage.data_dir
             print(f"gradwatch server: {exc}", file=sys.stderr)
             return 2
         if alert_listener is not None:
@@ -332,7 +394,8 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
         print(
             f"gradwatch server {__version__}: gRPC on {config.grpc.host}:{app.grpc_port}, "
             f"HTTP on {app.http_scheme}://{config.http.host}:{app.http_port} (/metrics, /api/v1); "
-            f"alerts to: {sinks}; TLS: {_tls_summary(config)}; tokens: {config.auth.tokens_file or 'off'}",
+            f"alerts to: {sinks}; TLS: {_tls_summary(config)}; tokens: {config.auth.tokens_file or 'off'}; "
+            f"state in {app.database.path}",
             file=sys.stderr,
             flush=True,
         )

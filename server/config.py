@@ -42,6 +42,22 @@ YAML shape (every key optional; these are the defaults)::
       timeout_s: 5.0
       retry_deadline_s: 60.0
       max_pending: 10000
+    storage:
+      data_dir: ""                    # SQLite in <data_dir>/gradwatch.db; "" = in memory (`serve`: ./gradwatch-data)
+      incident_retention_s: 2592000.0 # 30 days
+      max_incidents: 1000
+      max_incident_bytes: 1073741824  # 1 GiB of stored incident windows
+      run_retention_s: 2592000.0      # runs not seen for this long leave the registry
+      max_runs: 10000                 # runs kept in the registry
+    recorder:
+      enabled: true
+      window_reports: 64              # reports kept per rank before an incident
+      after_reports: 16               # reports recorded after the alert fired
+      after_timeout_s: 120.0          # close the incident then even if fewer arrived
+      max_ranks: 16                   # ranks recorded per incident (the firing rank first)
+      max_layers: 256                 # layers recorded per rank
+      max_bytes: 536870912            # recorded per-layer columns, all runs together
+      histogram_reports: 4            # reports before the alert whose gradient histograms are kept
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -85,6 +101,7 @@ __all__ = [
     "ENV_ALERTMANAGER_URLS",
     "ENV_AUTH_TOKENS_FILE",
     "ENV_CONFIG",
+    "ENV_DATA_DIR",
     "ENV_EXTERNAL_URL",
     "ENV_GRPC_HOST",
     "ENV_GRPC_PORT",
@@ -99,7 +116,9 @@ __all__ = [
     "GrpcConfig",
     "HttpConfig",
     "LimitsConfig",
+    "RecorderConfig",
     "ServerConfig",
+    "StorageConfig",
     "TlsConfig",
     "config_from_args",
     "load_config",
@@ -118,6 +137,9 @@ ENV_TLS_CERT_FILE = "GRADWATCH_TLS_CERT_FILE"
 ENV_TLS_KEY_FILE = "GRADWATCH_TLS_KEY_FILE"
 ENV_TLS_CLIENT_CA_FILE = "GRADWATCH_TLS_CLIENT_CA_FILE"
 ENV_AUTH_TOKENS_FILE = "GRADWATCH_AUTH_TOKENS_FILE"
+ENV_DATA_DIR = "GRADWATCH_DATA_DIR"
+#: Where `gradwatch serve` keeps its database when neither the file, the environment nor --data-dir says.
+DEFAULT_DATA_DIR = "gradwatch-data"
 
 #: Where alerts' runbook_url points by default (+ "<detector>.md"): the runbooks in this repository.
 #: Teams that host their own copy set alerting.runbook_base_url (and regenerate deploy/ with
@@ -229,6 +251,46 @@ class AuthConfig(Settings):
     )
     protect_api: bool = setting(True, doc="With a tokens file: /api/v1/* needs a token with `api: true`.")
     protect_metrics: bool = setting(False, doc="With a tokens file: /metrics needs a token with `api: true`.")
+class StorageConfig(Settings):
+    """The embedded database: run registry, firing alerts and incidents survive a restart (docs/incidents.md)."""
+
+    data_dir: str = setting(
+        "",
+        doc="Directory of the SQLite database (gradwatch.db); empty: in memory, nothing survives a restart. "
+        "`gradwatch serve` defaults it to ./gradwatch-data.",
+    )
+    incident_retention_s: float = setting(30 * 86400.0, doc="Incidents older than this are pruned.", gt=0.0)
+    max_incidents: int = setting(1000, doc="Incidents kept; the oldest are pruned beyond.", ge=1)
+    max_incident_bytes: int = setting(
+        1 << 30, doc="Bytes of stored incident windows kept; the oldest incidents are pruned beyond.", ge=MiB
+    )
+    run_retention_s: float = setting(
+        30 * 86400.0, doc="Runs not seen for this long leave the registry (with their resolved alerts).", gt=0.0
+    )
+    max_runs: int = setting(10000, doc="Runs kept in the registry; the least recently seen are pruned beyond.", ge=1)
+
+
+@dataclass(frozen=True)
+class RecorderConfig(Settings):
+    """The flight recorder: a bounded window of recent reports per rank, frozen into an incident on an alert."""
+
+    enabled: bool = setting(True, doc="Record incidents when a warning or critical alert fires.")
+    window_reports: int = setting(64, doc="Reports kept per rank (the window before an incident).", ge=1, le=4096)
+    after_reports: int = setting(16, doc="Reports recorded after the alert fired.", ge=0, le=4096)
+    after_timeout_s: float = setting(
+        120.0, doc="Seconds after which an incident closes even if fewer reports arrived.", gt=0.0
+    )
+    max_ranks: int = setting(16, doc="Ranks recorded per incident: the firing rank first, then the lowest.", ge=1)
+    max_layers: int = setting(256, doc="Layers (and modules) recorded per rank, first in schema order.", ge=1)
+    max_bytes: int = setting(
+        512 * MiB,
+        doc="Memory for recorded per-layer columns, all runs together; with many ranks each keeps fewer "
+        "full-statistics reports (at least its latest).",
+        ge=MiB,
+    )
+    histogram_reports: int = setting(
+        4, doc="Full-statistics reports before the alert whose gradient histograms are kept (all after it).", ge=0
+    )
 
 
 def _check_url(key: str, url: str) -> None:
@@ -251,6 +313,8 @@ class ServerConfig(Settings):
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    recorder: RecorderConfig = field(default_factory=RecorderConfig)
     shutdown_grace_s: float = setting(5.0, doc="On SIGTERM, seconds open streams get to finish.", ge=0.0)
     finished_run_retention_s: float = setting(
         300.0,
@@ -342,6 +406,7 @@ def config_from_args(
     alertmanager_urls: Sequence[str] | None = None,
     webhook_urls: Sequence[str] | None = None,
     external_url: str | None = None,
+    data_dir: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ServerConfig:
     """The ServerConfig for `gradwatch serve`: defaults < YAML file < env vars < arguments.
@@ -379,7 +444,14 @@ def config_from_args(
     except SettingError as exc:
         raise ValueError(f"tls.{exc.key}: {exc.problem}") from None
     auth = _override(config.auth, "tokens_file", env.get(ENV_AUTH_TOKENS_FILE), ENV_AUTH_TOKENS_FILE)
-    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, tls=tls, auth=auth)
+    storage = config.storage
+    if not storage.data_dir:
+        storage = _override(storage, "data_dir", DEFAULT_DATA_DIR, "data_dir")
+    storage = _override(storage, "data_dir", env.get(ENV_DATA_DIR), ENV_DATA_DIR)
+    storage = _override(storage, "data_dir", data_dir, "data_dir")
+    return dataclasses.replace(
+        config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, tls=tls, auth=auth, storage=storage
+    )
 
 
 _TLS_ENV = {"cert_file": ENV_TLS_CERT_FILE, "key_file": ENV_TLS_KEY_FILE, "client_ca_file": ENV_TLS_CLIENT_CA_FILE}

@@ -10,6 +10,8 @@ Routes (an unknown GET path is 404; a method not listed for a path is 405):
   POST   /api/v1/silences         body {"run", "detector"?, "duration_s", "comment"?, "created_by"?}
                                   -> 201 {"silence": ...}; 400 {"error"} on a bad body
   DELETE /api/v1/silences/<id>    -> 200 {"silence": ...} (expired now); 404 if not active
+  GET    /api/v1/runs/..., /api/v1/incidents...: the query API (gradwatch.server.query_api), which also
+                                  paginates and filters /api/v1/runs and /api/v1/alerts
 JSON is strict (no NaN): the app's views are JSON-safe by contract.
 
 With a TLS context source the port speaks only TLS (the context is asked for at every connection, so
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 RunsView = Callable[[], list[dict[str, Any]]]
 AlertsView = Callable[[str | None, str | None], list[dict[str, Any]]]
 NotificationsView = Callable[[], list[dict[str, Any]]]
+#: (path, query) -> (status, content type, body), or None when the path is not one of its routes.
+Routes = Callable[[str, dict[str, list[str]]], tuple[int, str, bytes] | None]
 
 SILENCES = "/api/v1/silences"
 #: Largest request body accepted (silences are a few hundred bytes).
@@ -87,6 +91,7 @@ class HttpApi:
         silences: SilenceBook,
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         guard: HttpGuard | None = None,
+        routes: Routes | None = None,
     ) -> None:
         handler = type(
             "GradwatchHandler",
@@ -98,6 +103,7 @@ class HttpApi:
                 "notifications": staticmethod(notifications),
                 "silences": silences,
                 "guard": guard,
+                "routes": staticmethod(routes) if routes is not None else None,
             },
         )
         if tls_context is None:
@@ -132,6 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
     notifications: NotificationsView
     silences: SilenceBook
     guard: HttpGuard | None
+    routes: Routes | None
     server_version = "gradwatch"
 
     def _allowed(self) -> bool:
@@ -158,7 +165,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         try:
-            if url.path == "/metrics":
+            routed = self.routes(url.path, query) if self.routes is not None else None
+            if routed is not None:
+                status, content_type, body = routed
+                self._send(status, body, content_type)
+            elif url.path == "/metrics":
                 self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
             elif url.path == "/healthz":
                 self._send(200, b"ok\n", "text/plain; charset=utf-8")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from gradwatch.server.alerts import AlertBook
 from gradwatch.server.config import ServerConfig
 from gradwatch.server.detectors import REGISTRY, Clear, Detector, DetectorSpec, Fire
-from gradwatch.server.report import build_report
+from gradwatch.server.report import RankReport, build_report
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RankState, RunState, RunStore, SchemaEntry
 from gradwatch.v1 import gradwatch_pb2 as pb
@@ -87,7 +87,13 @@ class Ingestor:
         *,
         clock: Callable[[], float],
         detectors: tuple[DetectorSpec, ...] = REGISTRY,
+        on_join: Callable[[RunState], None] | None = None,
+        on_report: Callable[[RunState, RankState, RankReport, pb.StepReport, pb.Hello], None] | None = None,
     ) -> None:
+        """`on_join(run)` is called after a Hello registered its run; `on_report(run, rank, report, msg, hello)`
+        after a report was stored and before the detectors judge it (both on the ingest thread, under its lock)."""
+        self._on_join = on_join
+        self._on_report = on_report
         self._config = config
         self._store = store
         self._alerts = alerts
@@ -109,6 +115,8 @@ class Ingestor:
                 if streaming:
                     rank.open_streams += 1
                 acked = rank.sessions.get(hello.session_id, 0)
+            if self._on_join is not None:
+                self._on_join(run)
             self._stats.frame("hello")
             return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming)
 
@@ -195,6 +203,8 @@ class Ingestor:
             run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.hello.activation_schema
         )
         self._store.record_report(run, rank, report, session.schema)
+        if self._on_report is not None:
+            self._on_report(run, rank, report, msg, session.hello)
         commands: list[pb.Command] = []
         for spec, detector in self._detectors_for(run.run_id):
             try:

@@ -142,6 +142,9 @@ class RunState:
     )
     #: step -> {rank: share} for steps not yet reported by every rank.
     pending_shares: collections.OrderedDict[int, dict[int, float]] = field(default_factory=collections.OrderedDict)
+    #: Set when the run was loaded from the database at start-up: its last saved summary (step, loss, ranks),
+    #: shown until the first agent reconnects (then None).
+    restored_summary: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -257,6 +260,7 @@ class RunStore:
             state.schema = run.intern_schema(tuple(hello.schema.names))
             state.said_goodbye = False
             run.finished_at, run.expired = None, False  # a rank came back: the run lives again
+            run.restored_summary = None  # an agent is back: live values from now on
             if hello.session_id not in state.sessions:
                 state.sessions[hello.session_id] = 0
                 while len(state.sessions) > self._limits.max_sessions_per_rank:
@@ -331,6 +335,31 @@ class RunStore:
     def count_trigger(self, run: RunState, detector: str) -> None:
         with self.lock:
             run.detector_triggers[detector] = run.detector_triggers.get(detector, 0) + 1
+
+    def restore(self, record: Mapping[str, Any]) -> RunState:
+        """Re-register a run saved before a restart (gradwatch.server.persistence), without ranks."""
+        with self.lock:
+            run = self._runs.get(record["run_id"])
+            if run is not None:
+                return run
+            while len(self._runs) >= self._limits.max_runs:
+                self._runs.popitem(last=False)
+                self.evicted_total += 1
+            run = RunState(
+                run_id=record["run_id"],
+                job_name=record["job_name"],
+                world_size=record["world_size"],
+                first_seen=record["first_seen"],
+                last_seen=record["last_seen"],
+                protocol_version=record["protocol_version"],
+                layer_cap=self._limits.max_layer_series_per_run,
+                non_finite_counts=dict.fromkeys(NON_FINITE_KINDS, 0),
+                detector_triggers=dict.fromkeys(self._detector_names, 0),
+                finished_at=record["finished_at"],
+                restored_summary=dict(record["summary"]),
+            )
+            self._runs[run.run_id] = run
+            return run
 
     # ------------------------------------------------------------------ readers
 

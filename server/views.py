@@ -11,7 +11,7 @@ from typing import Any
 
 from gradwatch.server.store import RankState, RunState
 
-__all__ = ["EVENTS_IN_VIEW", "run_view"]
+__all__ = ["EVENTS_IN_VIEW", "finite_or_none", "rank_view", "run_view"]
 
 #: Most recent agent events included per run.
 EVENTS_IN_VIEW = 10
@@ -28,6 +28,10 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
     norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
     steps = [r.last_step for r in ranks if r.last_step is not None]
     events = list(run.events)[-EVENTS_IN_VIEW:]
+    saved = run.restored_summary  # restored from the database, no agent back yet
+    if saved:
+        steps = [saved["step"]] if saved.get("step") is not None else []
+        losses = [saved["loss"]] if saved.get("loss") is not None else []
     return {
         "run": run.run_id,
         "job_name": run.job_name,
@@ -49,12 +53,13 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
         "non_finite_events": dict(run.non_finite_counts),
         "detector_triggers": dict(run.detector_triggers),
         "firing": sorted(firing),
-        "ranks": [_rank_view(r) for r in ranks],
+        "ranks": [rank_view(r) for r in ranks],
+        "restored": run.restored_summary is not None,
         "recent_events": [{**e, "wall_time": finite_or_none(e["wall_time"])} for e in events],
     }
 
 
-def _rank_view(rank: RankState) -> dict[str, Any]:
+def rank_view(rank: RankState) -> dict[str, Any]:
     return {
         "rank": rank.rank,
         "host": rank.host,
@@ -73,6 +78,7 @@ def _rank_view(rank: RankState) -> dict[str, Any]:
         "last_heartbeat_at": rank.last_heartbeat_at,
         "loss": rank.last_loss,
         "grad_norm": rank.last_grad_norm,
+        "step_duration": rank.last_step_duration,
         "reports": rank.ring.count,
         "connected": rank.open_streams > 0,
         "said_goodbye": rank.said_goodbye,

@@ -32,6 +32,13 @@ def _strict_agent_errors() -> Iterator[None]:
         errors.set_strict(False)
 
 
+@pytest.fixture(autouse=True)
+def _own_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `gradwatch serve` a test starts keeps its database in a directory of its own (unless the test
+    passes --data-dir), never in ./gradwatch-data of the checkout, so no test restores another's alerts."""
+    monkeypatch.setenv("GRADWATCH_DATA_DIR", str(tmp_path_factory.mktemp("gradwatch-data")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` tests on machines without CUDA, saying why."""
     try:

@@ -22,18 +22,9 @@ RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance")
 KUBERNETES_VERSION = "1.29.0"
 #: Custom resources: no schema in kubernetes-validate. Their pod templates are validated as PodTemplates.
 CUSTOM_KINDS = frozenset({"PyTorchJob", "RayJob", "ServiceMonitor", "PodMonitor", "PrometheusRule"})
-#: Variables the manifests set that other work in progress adds to the server (issue 6: the data directory;
-#: issue 8's security half: TLS files, bearer tokens, the agents' replica list). Delete each name here once its
-#: branch is merged: the test then proves the server or agent declares it.
-PENDING_ENV = frozenset({
-    "GRADWATCH_DATA_DIR",
-    "GRADWATCH_TLS_CERT_FILE",
-    "GRADWATCH_TLS_KEY_FILE",
-    "GRADWATCH_TLS_CLIENT_CA_FILE",
-    "GRADWATCH_AUTH_TOKENS_FILE",
-    "GRADWATCH_TOKEN_FILE",
-    "GRADWATCH_SERVERS",
-})
+#: Variables the manifests may set before the server or agent declares them (none now): every other name must
+#: be one gradwatch declares, so a misspelt or renamed variable fails the test.
+PENDING_ENV: frozenset[str] = frozenset()
 
 
 def declared_env() -> set[str]:

@@ -64,12 +64,12 @@ def test_cli_serve_rejects_bad_config_file(tmp_path: Path) -> None:
     assert "no_such_detector" in result.stderr
 
 
-def test_cli_serve_answers_then_stops_cleanly_on_sigterm() -> None:
+def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     http_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
          "--http-port", str(http_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,  # its ./gradwatch-data
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_server_modules_never_import_torch() -> None:
     assert loaded == "False", "a server module imported torch"
 
 
-def test_serve_exits_zero_promptly_on_sigterm() -> None:
+def test_serve_exits_zero_promptly_on_sigterm(tmp_path: pathlib.Path) -> None:
     code = textwrap.dedent(
         """
         import sys
@@ -40,7 +41,7 @@ def test_serve_exits_zero_promptly_on_sigterm() -> None:
                                         http_host="127.0.0.1", environ={})))
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()  # the one start-up line: the server is listening

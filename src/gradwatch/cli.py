@@ -1,4 +1,5 @@
-"""The `gradwatch` command line: `serve`, `demo`, `version`.
+"""The `gradwatch` command line: `serve`, `demo`, `version`, and the client commands in `commands.py`
+(`runs`, `alerts`, `incidents`, `report`, `top`).
 
 Importing this module does not import torch or the server; each subcommand
 loads what it needs when it runs.
@@ -10,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gradwatch import commands
 from gradwatch._version import __version__
 
 FAULTS = ("none", "nan", "explode")
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--external-url", default=None, metavar="URL", help="this server's URL as users reach it (alert links)"
     )
+    serve.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="where runs, alerts and incidents are kept (./gradwatch-data)"
+    )
 
     demo = sub.add_parser("demo", help="train a small model with an injected fault and print the alerts raised")
     demo.add_argument("--fault", choices=FAULTS, default="nan", help="fault to inject (default: nan)")
@@ -68,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     sub.add_parser("version", help="print the version")
+    commands.add_parsers(sub)
     return parser
 
 
@@ -89,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 alertmanager_urls=args.alertmanager_url,
                 webhook_urls=args.webhook_url,
                 external_url=args.external_url,
+                data_dir=args.data_dir,
             )
         except ValueError as exc:
             print(f"gradwatch serve: {exc}", file=sys.stderr)
@@ -102,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gradwatch demo: --fault-step {fault_step} is beyond --steps {args.steps}", file=sys.stderr)
             return 2
         return run_demo(fault=args.fault, steps=args.steps, fault_step=fault_step, seed=args.seed)
+    if args.command in commands.COMMANDS:
+        return commands.run(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

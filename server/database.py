@@ -1,0 +1,379 @@
+"""The embedded SQLite database: run registry, alerts and incidents that survive a restart.
+
+Contract
+--------
+* One file, `<data_dir>/gradwatch.db` (WAL journal, synchronous=NORMAL: a committed
+  write survives the process being killed; only a power loss can take the last ones).
+  An empty `data_dir` keeps the database in memory (embedded servers, tests).
+* Writes happen when state changes, before the frame that caused them is acknowledged:
+  a run's Hello, an alert's fire and resolve transitions, an incident opening and
+  closing. Progress (a run's latest step, the ranks of a firing alert) is checkpointed
+  by the app every sweep.
+* Incident windows are stored as one compressed numpy archive (`.npz` bytes) per
+  incident, never as per-layer rows. JSON bodies are strict (no NaN).
+* Retention: `prune()` deletes incidents older than `incident_retention_s`, then the
+  oldest beyond `max_incidents` or `max_incident_bytes`, runs unseen for
+  `run_retention_s` or beyond `max_runs`, and resolved alerts beyond `alert_history`;
+  what it deleted is counted in `pruned` by (table, reason).
+* Thread-safe: one connection guarded by one lock (reads are short).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gradwatch.server.config import StorageConfig
+
+__all__ = ["DB_FILE", "SCHEMA_VERSION", "Database"]
+
+DB_FILE = "gradwatch.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, job_name TEXT NOT NULL, world_size INTEGER NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, finished_at REAL,
+    protocol_version INTEGER NOT NULL, summary TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS runs_last_seen ON runs (last_seen);
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT NOT NULL, started_at REAL NOT NULL, run_id TEXT NOT NULL, detector TEXT NOT NULL,
+    state TEXT NOT NULL, resolved_at REAL, body TEXT NOT NULL, PRIMARY KEY (id, started_at));
+CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, started_at);
+CREATE TABLE IF NOT EXISTS incidents (
+    id TEXT PRIMARY KEY, run_id TEXT NOT NULL, detector TEXT NOT NULL, severity TEXT NOT NULL,
+    alert_id TEXT NOT NULL, step INTEGER NOT NULL, opened_at REAL NOT NULL, status TEXT NOT NULL,
+    body TEXT NOT NULL, window BLOB NOT NULL, window_bytes INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS incidents_opened ON incidents (opened_at);
+"""
+
+_RUN_KEYS = ("run_id", "job_name", "world_size", "first_seen", "last_seen", "finished_at", "protocol_version")
+_RUN_COLUMNS = ", ".join((*_RUN_KEYS, "summary"))
+#: Columns of an incident summary (list views); the body holds everything else.
+_SUMMARY = "id, run_id, detector, severity, alert_id, step, opened_at, status, window_bytes, body"
+
+
+class Database:
+    """See the module docstring."""
+
+    def __init__(self, config: StorageConfig, *, alert_history: int, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._alert_history = alert_history
+        self._clock = clock
+        if config.data_dir:
+            directory = Path(config.data_dir)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"storage.data_dir: cannot create {str(directory)!r}: {exc.strerror or exc}") from None
+            self.path: str = str(directory / DB_FILE)
+        else:
+            self.path = ":memory:"
+        try:
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ValueError(f"storage.data_dir: cannot open database {self.path!r}: {exc}") from None
+        self._lock = threading.Lock()
+        self._check_version()
+        #: (table, reason) -> rows deleted by prune() since start.
+        self.pruned: dict[tuple[str, str], int] = {}
+        #: Failed writes since start (a full disk must not stop ingestion; counted and logged by the caller).
+        self.write_errors = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @property
+    def persistent(self) -> bool:
+        return self.path != ":memory:"
+
+    # ------------------------------------------------------------------ runs
+
+    def put_run(self, run: dict[str, Any]) -> None:
+        """Insert or update a run: keys run_id, job_name, world_size, first_seen, last_seen, finished_at,
+        protocol_version, and `summary` (a JSON-safe dict: latest step, ranks...)."""
+        self.put_runs([run])
+
+    def put_runs(self, runs: list[dict[str, Any]]) -> None:
+        """`put_run` for many runs in one transaction (the checkpoint)."""
+        rows = [
+            (
+                run["run_id"],
+                run["job_name"],
+                run["world_size"],
+                run["first_seen"],
+                run["last_seen"],
+                run["finished_at"],
+                run["protocol_version"],
+                _dumps(run["summary"]),
+            )
+            for run in runs
+        ]
+        with self._lock, self._transaction():
+            self._conn.executemany(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "job_name=excluded.job_name, world_size=excluded.world_size, last_seen=excluded.last_seen, "
+                "finished_at=excluded.finished_at, protocol_version=excluded.protocol_version, "
+                "summary=excluded.summary",
+                rows,
+            )
+
+    def runs(self, limit: int) -> list[dict[str, Any]]:
+        """The `limit` most recently seen runs, least recent first."""
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY last_seen DESC LIMIT ?", (limit,))
+        return [_run(row) for row in reversed(rows)]
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        return _run(rows[0]) if rows else None
+
+    # ------------------------------------------------------------------ alerts
+
+    def put_alert(self, alert: dict[str, Any]) -> None:
+        """Insert or update one alert occurrence (identity: id and started_at)."""
+        self._write(
+            "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, started_at) DO UPDATE SET "
+            "state=excluded.state, resolved_at=excluded.resolved_at, body=excluded.body",
+            (
+                alert["id"],
+                alert["started_at"],
+                alert["run"],
+                alert["detector"],
+                alert["state"],
+                alert["resolved_at"],
+                _dumps(alert),
+            ),
+        )
+
+    def alerts(self, state: str) -> list[dict[str, Any]]:
+        """Alert dicts in `state`, oldest first."""
+        rows = self._read("SELECT body FROM alerts WHERE state = ? ORDER BY started_at", (state,))
+        return [json.loads(row[0]) for row in rows]
+
+    # ------------------------------------------------------------------ incidents
+
+    def put_incident(self, incident: dict[str, Any], window: bytes) -> None:
+        """Insert or replace an incident (its JSON body) and its window archive."""
+        self._write(
+            "INSERT OR REPLACE INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                incident["id"],
+                incident["run"],
+                incident["detector"],
+                incident["severity"],
+                incident["alert_id"],
+                incident["step"],
+                incident["opened_at"],
+                incident["status"],
+                _dumps(incident),
+                window,
+                len(window),
+            ),
+        )
+
+    def interrupt_recording(self) -> int:
+        """Mark incidents still `recording` (the server stopped before their reports after the alert arrived)
+        as `interrupted`; called at start-up. Returns how many."""
+        with self._lock:
+            return int(
+                self._conn.execute(
+                    "UPDATE incidents SET status = 'interrupted', body = json_set(body, '$.status', 'interrupted') "
+                    "WHERE status = 'recording'"
+                ).rowcount
+            )
+
+    def incidents(
+        self,
+        *,
+        run: str | None = None,
+        detector: str | None = None,
+        severity: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Incident summaries, newest first, filtered; and the total count matching the filters."""
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("run_id", run), ("detector", detector), ("severity", severity)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("opened_at >= ?")
+            args.append(since)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        total = self._read(f"SELECT COUNT(*) FROM incidents{clause}", tuple(args))[0][0]
+        rows = self._read(
+            f"SELECT {_SUMMARY} FROM incidents{clause} ORDER BY opened_at DESC, id LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
+        return [_summary(row) for row in rows], int(total)
+
+    def incident(self, incident_id: str) -> dict[str, Any] | None:
+        """The full incident body, by id or by an unambiguous id prefix (≥ 4 characters)."""
+        row = self._incident_row(incident_id, "body")
+        return None if row is None else json.loads(row[0])
+
+    def incident_window(self, incident_id: str) -> bytes | None:
+        row = self._incident_row(incident_id, "window")
+        return None if row is None else bytes(row[0])
+
+    def _incident_row(self, incident_id: str, column: str) -> tuple[Any, ...] | None:
+        rows = self._read(f"SELECT {column} FROM incidents WHERE id = ?", (incident_id,))
+        if not rows and len(incident_id) >= 4:
+            pattern = incident_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            rows = self._read(f"SELECT {column} FROM incidents WHERE id LIKE ? ESCAPE '\\' LIMIT 2", (pattern,))
+            if len(rows) != 1:
+                return None
+        return rows[0] if rows else None
+
+    # ------------------------------------------------------------------ retention
+
+    def prune(self, *, keep_runs: frozenset[str] = frozenset()) -> dict[tuple[str, str], int]:
+        """Apply the retention limits now; returns what this call deleted by (table, reason).
+
+        `keep_runs` (runs the server still tracks) are never pruned from the registry.
+        """
+        cfg, now = self._config, self._clock()
+        deleted: dict[tuple[str, str], int] = {}
+
+        def note(table: str, reason: str, count: int) -> None:
+            if count > 0:
+                deleted[(table, reason)] = deleted.get((table, reason), 0) + count
+                self.pruned[(table, reason)] = self.pruned.get((table, reason), 0) + count
+
+        with self._lock, self._transaction():
+            c = self._conn
+            note(
+                "incidents",
+                "age",
+                c.execute("DELETE FROM incidents WHERE opened_at < ?", (now - cfg.incident_retention_s,)).rowcount,
+            )
+            note(
+                "incidents",
+                "count",
+                c.execute(
+                    "DELETE FROM incidents WHERE id IN "
+                    "(SELECT id FROM incidents ORDER BY opened_at DESC LIMIT -1 OFFSET ?)",
+                    (cfg.max_incidents,),
+                ).rowcount,
+            )
+            # Oldest first until the stored windows fit: the running sum from the newest down.
+            note(
+                "incidents",
+                "size",
+                c.execute(
+                    "DELETE FROM incidents WHERE id IN (SELECT id FROM (SELECT id, SUM(window_bytes) OVER "
+                    "(ORDER BY opened_at DESC, id ROWS UNBOUNDED PRECEDING) AS total FROM incidents) WHERE total > ?)",
+                    (cfg.max_incident_bytes,),
+                ).rowcount,
+            )
+            keep = tuple(keep_runs)
+            marks = ",".join("?" * len(keep))
+            spare = f" AND run_id NOT IN ({marks})" if keep else ""
+            note(
+                "runs",
+                "age",
+                c.execute(f"DELETE FROM runs WHERE last_seen < ?{spare}", (now - cfg.run_retention_s, *keep)).rowcount,
+            )
+            note(
+                "runs",
+                "count",
+                c.execute(
+                    f"DELETE FROM runs WHERE run_id IN (SELECT run_id FROM runs ORDER BY last_seen DESC "
+                    f"LIMIT -1 OFFSET ?){spare}",
+                    (cfg.max_runs, *keep),
+                ).rowcount,
+            )
+            note(
+                "alerts",
+                "run_pruned",
+                c.execute(
+                    "DELETE FROM alerts WHERE state = 'resolved' AND run_id NOT IN (SELECT run_id FROM runs)"
+                ).rowcount,
+            )
+            note(
+                "alerts",
+                "count",
+                c.execute(
+                    "DELETE FROM alerts WHERE rowid IN (SELECT rowid FROM alerts WHERE state = 'resolved' "
+                    "ORDER BY resolved_at DESC LIMIT -1 OFFSET ?)",
+                    (self._alert_history,),
+                ).rowcount,
+            )
+        return deleted
+
+    def stored_bytes(self) -> int:
+        return int(self._read("SELECT COALESCE(SUM(window_bytes), 0) FROM incidents", ())[0][0])
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table."""
+        return {t: int(self._read(f"SELECT COUNT(*) FROM {t}", ())[0][0]) for t in ("runs", "alerts", "incidents")}
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_version(self) -> None:
+        rows = self._read("SELECT value FROM meta WHERE key = 'schema_version'", ())
+        if not rows:
+            self._write("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(rows[0][0]) != SCHEMA_VERSION:
+            raise ValueError(
+                f"storage.data_dir: {self.path} has schema version {rows[0][0]}, this server reads {SCHEMA_VERSION}"
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._conn.execute(sql, args)
+
+    def _read(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _run(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {**dict(zip(_RUN_KEYS, row[:7], strict=True)), "summary": json.loads(row[7])}
+
+
+def _summary(row: tuple[Any, ...]) -> dict[str, Any]:
+    body = json.loads(row[9])
+    return {
+        "id": row[0],
+        "run": row[1],
+        "detector": row[2],
+        "severity": row[3],
+        "alert_id": row[4],
+        "step": row[5],
+        "opened_at": row[6],
+        "status": row[7],
+        "window_bytes": row[8],
+        "layer": body.get("layer"),
+        "summary": body.get("summary", ""),
+        "ranks": body.get("ranks_firing", []),
+        "steps": body.get("window", {}).get("steps"),
+    }

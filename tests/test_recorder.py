@@ -1,0 +1,305 @@
+"""Flight recorder and persistence: incidents from real training runs, a server killed with SIGKILL and restarted."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gradwatch  # noqa: E402
+from gradwatch.agent.config import RetryPolicy  # noqa: E402
+from gradwatch.demo import DemoTraining  # noqa: E402
+from gradwatch.server.app import ServerApp  # noqa: E402
+from gradwatch.server.config import ServerConfig, StorageConfig  # noqa: E402
+from gradwatch.server.database import DB_FILE, Database  # noqa: E402
+from paging_support import free_port  # noqa: E402
+from server_support import get_json, http_get, metric, scrape  # noqa: E402
+
+WAIT_S = 30.0
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    """Poll `probe` until it returns something truthy (conditions, not sleeps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def train(monitor: Any, training: DemoTraining, steps: range, faults: dict[int, str]) -> None:
+    for step in steps:
+        monitor.step(training.step(faults.get(step, "none")))
+
+
+def incidents(url: str, **query: str) -> list[dict[str, Any]]:
+    return list(get_json(f"{url}/api/v1/incidents?{urllib.parse.urlencode(query)}")["incidents"])
+
+
+def complete(url: str) -> list[dict[str, Any]]:
+    return [i for i in incidents(url) if i["status"] == "complete"]
+
+
+def window(url: str, incident: str) -> dict[str, np.ndarray]:
+    status, content_type, body = http_get(f"{url}/api/v1/incidents/{incident}/window")
+    assert status == 200 and content_type == "application/octet-stream"
+    with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def test_recorder_incident_for_injected_nan_holds_the_window_before_and_after_it(tmp_path: pathlib.Path) -> None:
+    config = ServerConfig.local()
+    config = config.__class__(**{**config.__dict__, "storage": StorageConfig(data_dir=str(tmp_path))})
+    app = ServerApp(config).start()
+    try:
+        training = DemoTraining(seed=1)
+        with gradwatch.attach(
+            training.model, training.optimizer, run="rec-nan", server=app.grpc_target, overhead_budget=0
+        ) as m:
+            train(m, training, range(1, 101), {80: "nan"})
+            assert m.close(timeout=10)
+        (summary,) = wait_until("a complete incident", lambda: complete(app.http_url))
+        assert (summary["run"], summary["detector"], summary["severity"], summary["step"]) == (
+            "rec-nan",
+            "non_finite",
+            "critical",
+            80,
+        )
+        # 64 reports before (steps 17..80, the firing one last) and the 16 after it: steps 17..96.
+        assert summary["steps"] == [17, 96]
+        incident = get_json(f"{app.http_url}/api/v1/incidents/{summary['id'][:6]}")["incident"]
+        assert incident["id"] == summary["id"] and incident["alert"]["step"] == 80
+        assert incident["ranks"][0]["rank"] == 0 and incident["ranks"][0]["layers"] == ["0", "2", "4"]
+        assert (incident["ranks"][0]["reports_before"], incident["ranks"][0]["reports_after"]) == (64, 16)
+        assert incident["runbook_url"].endswith("non_finite.md") and incident["description"]
+        first = incident["provenance"][0]
+        assert (first["step"], first["kind"], first["rank"]) == (80, "non_finite", 0), incident["provenance"]
+        arrays = window(app.http_url, summary["id"])
+        rows = arrays["r0_rows"]
+        assert rows["step"].tolist() == list(range(17, 97))
+        assert np.isfinite(rows["loss"][rows["step"] < 80]).all() and rows["flags"][rows["step"] == 80][0] != 0
+        # Per-layer columns of the full-statistics steps before the fault (every 10th), and of steps after it
+        # (the server asks a firing rank for full statistics; when the command arrives depends on timing).
+        steps = arrays["r0_steps"]
+        assert {20, 30, 40, 50, 60, 70, 80}.issubset(set(steps.tolist())) and steps.max() > 80
+        grad = arrays["r0_g_grad_norm"]
+        assert grad.shape == (len(steps), 3) and grad.dtype == np.float32
+        assert np.isfinite(grad[steps < 80]).all() and not np.isfinite(grad[steps >= 80]).any()
+        # Histograms (32 bins a layer) only for the last 4 full-statistics reports before the alert, and after it.
+        hist_steps = arrays["r0_hist_steps"]
+        assert hist_steps[hist_steps < 80].tolist() == [50, 60, 70] and hist_steps.max() == steps.max()
+        assert arrays["r0_g_grad_log2_histogram"].shape == (len(hist_steps), 3, 32)
+        text = scrape(app)
+        assert metric(text, "gradwatch_incidents_recorded_total") == 1
+        assert metric(text, "gradwatch_storage_incident_bytes") > 0
+    finally:
+        app.stop()
+    # The incident is on disk: a second server on the same data_dir serves it.
+    db = Database(StorageConfig(data_dir=str(tmp_path)), alert_history=10)
+    (stored,), total = db.incidents(run="rec-nan")
+    assert total == 1 and stored["status"] == "complete"
+
+
+def test_recorder_healthy_run_records_no_incident() -> None:
+    app = ServerApp(ServerConfig.local()).start()
+    try:
+        training = DemoTraining(seed=3)
+        with gradwatch.attach(training.model, training.optimizer, run="rec-ok", server=app.grpc_target) as m:
+            train(m, training, range(1, 121), {})
+            assert m.close(timeout=10)
+        assert incidents(app.http_url) == [] and app.recorder.opened == 0
+    finally:
+        app.stop()
+
+
+def test_database_prune_counts_what_retention_deleted(tmp_path: pathlib.Path) -> None:
+    now = [1_000_000.0]
+    storage = StorageConfig(
+        data_dir=str(tmp_path),
+        max_incidents=3,
+        incident_retention_s=100.0,
+        max_incident_bytes=1 << 20,
+        run_retention_s=100.0,
+        max_runs=2,
+    )
+    db = Database(storage, alert_history=10, clock=lambda: now[0])
+    sizes = (10, 10, 600_000, 600_000, 10)  # the two big windows do not fit 1 MiB together
+    for i, (opened, size) in enumerate(
+        zip((now[0] - 500, now[0] - 40, now[0] - 30, now[0] - 20, now[0] - 10), sizes, strict=True)
+    ):
+        db.put_incident(
+            {
+                "id": f"inc{i}",
+                "run": "r",
+                "detector": "non_finite",
+                "severity": "critical",
+                "alert_id": "a",
+                "step": i,
+                "opened_at": opened,
+                "status": "complete",
+            },
+            b"x" * size,
+        )
+    for i, seen in enumerate((now[0] - 500, now[0] - 30, now[0] - 20, now[0] - 10)):
+        db.put_run(
+            {
+                "run_id": f"run{i}",
+                "job_name": "",
+                "world_size": 1,
+                "first_seen": seen,
+                "last_seen": seen,
+                "finished_at": None,
+                "protocol_version": 1,
+                "summary": {},
+            }
+        )
+    deleted = db.prune(keep_runs=frozenset({"run0"}))  # run0 is still tracked: never pruned
+    assert deleted == {
+        ("incidents", "age"): 1,
+        ("incidents", "count"): 1,
+        ("incidents", "size"): 1,
+        ("runs", "count"): 1,
+    }
+    assert [i["id"] for i in db.incidents()[0]] == ["inc4", "inc3"]
+    assert [r["run_id"] for r in db.runs(10)] == ["run0", "run2", "run3"]
+    assert db.pruned == deleted and db.prune() == {("runs", "age"): 1}  # untracked now: run0 is too old
+
+
+# ---------------------------------------------------------------------- SIGKILL and restart
+
+
+@contextlib.contextmanager
+def serve_process(
+    data_dir: pathlib.Path, grpc_port: int, http_port: int, log: pathlib.Path, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`gradwatch serve` on fixed ports and a data dir (and extra CLI `args`); yields the process once /healthz
+    answers. Fixed ports, unlike paging_support.gradwatch_serve: a restarted server must be found again."""
+    command = [
+        sys.executable,
+        "-m",
+        "gradwatch",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--data-dir",
+        str(data_dir),
+        *args,
+    ]
+    env = {**os.environ, "GRADWATCH_CONFIG": ""}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until("gradwatch serve", lambda: proc.poll() is not None or _healthy(http_port))
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def saved_step(data_dir: pathlib.Path, run: str) -> int | None:
+    """The step the server last saved for `run` in its database (read-only, beside the running server)."""
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / DB_FILE}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT summary FROM runs WHERE run_id = ?", (run,)).fetchall()
+    return json.loads(rows[0][0]).get("step") if rows else None
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    except OSError:
+        return False
+
+
+def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_resume(tmp_path: pathlib.Path) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    log = tmp_path / "serve.log"
+    training = DemoTraining(seed=1)
+    retry = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.5)
+    monitor = gradwatch.attach(
+        training.model, training.optimizer, run="phoenix-rec", server=f"127.0.0.1:{grpc_port}", retry=retry
+    )
+    # The incident waits for 1000 reports after its alert: the server is killed while it is still recording.
+    config = tmp_path / "gradwatch.yaml"
+    config.write_text("recorder: {after_reports: 1000}\n")
+    try:
+        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)) as first:
+            train(monitor, training, range(1, 61), {40: "nan"})
+            (incident,) = wait_until("a stored incident", lambda: incidents(url))
+            assert incident["status"] == "recording" and incident["steps"][0] == 1
+            (alert,) = get_json(f"{url}/api/v1/alerts?state=firing")["alerts"]
+            runs_at_60 = lambda: [r for r in get_json(f"{url}/api/v1/runs")["runs"] if r["step"] == 60]  # noqa: E731
+            (run,) = wait_until("step 60", runs_at_60)
+            wait_until("step 60 checkpointed", lambda: saved_step(tmp_path / "data", "phoenix-rec") == 60)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        train(monitor, training, range(61, 71), {})  # the agent keeps training while the server is down
+        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)):
+            assert [i["id"] for i in incidents(url)] == [incident["id"]]
+            body = get_json(f"{url}/api/v1/incidents/{incident['id']}")["incident"]
+            assert body["status"] == "interrupted" and body["step"] == 40
+            rows = window(url, incident["id"])["r0_rows"]
+            assert rows["step"][0] == 1 and 40 in rows["step"]  # the window before the alert survived
+            (restored,) = get_json(f"{url}/api/v1/alerts?state=firing")["alerts"]
+            for key in ("id", "run", "detector", "step", "started_at", "layer", "summary"):
+                assert restored[key] == alert[key], key
+            (again,) = get_json(f"{url}/api/v1/runs")["runs"]
+            assert again["run"] == "phoenix-rec" and again["first_seen"] == run["first_seen"]
+            assert again["restored"] and again["step"] == 60 and again["firing"] == ["non_finite"]
+            train(monitor, training, range(71, 81), {})
+            assert monitor.close(timeout=20)
+            resumed = wait_until(
+                "the agent's resumed stream",
+                lambda: [r for r in get_json(f"{url}/api/v1/runs/phoenix-rec/ranks")["ranks"] if r["step"] == 80],
+            )
+            assert resumed[0]["reports"] == 20  # 61..80: queued during the outage, then live
+            live = get_json(f"{url}/api/v1/runs/phoenix-rec")["run"]
+            assert not live["restored"] and live["step"] == 80 and live["first_seen"] == run["first_seen"]
+    finally:
+        monitor.close(timeout=1)
+
+
+def test_recorder_memory_budget_shrinks_each_ranks_column_window_as_ranks_join() -> None:
+    from gradwatch.server.config import RecorderConfig
+    from server_support import columns, hello, report_frame, server_config
+
+    layers, budget = 1024, 1 << 20
+    config = dataclasses.replace(server_config(), recorder=RecorderConfig(max_bytes=budget))
+    app = ServerApp(config)
+    stats = columns(layers, grad_norm=1.0, grad_max_abs=1.0, weight_norm=1.0, update_ratio=0.1)
+    for rank in range(8):
+        session = app.ingestor.open(hello(rank=rank, world_size=8, layers=layers))
+        for seq in range(1, 81):
+            app.ingestor.apply(session, report_frame(seq, layers=stats), "report")
+    windows = app.recorder._windows["run-a"]
+    kept = [len(w.columns) for w in windows.values()]
+    entry = 4 * 256 * 4  # what each entry holds: 4 columns × max_layers (256) float32, never all 1024 layers
+    assert kept[0] == 80  # alone, rank 0 had room (budget // entry = 256) for the whole window
+    assert kept[-1] == budget // (8 * entry) == 32  # the last rank shared the budget with 8
+    # Ranks here report one after the other; interleaved (as in training) each trims to the shared share.
+    assert sum(kept) * entry <= 2 * budget
+    assert all(len(w.rows) == 80 for w in windows.values())  # scalar rows: the whole window, always
