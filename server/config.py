@@ -251,6 +251,9 @@ class AuthConfig(Settings):
     )
     protect_api: bool = setting(True, doc="With a tokens file: /api/v1/* needs a token with `api: true`.")
     protect_metrics: bool = setting(False, doc="With a tokens file: /metrics needs a token with `api: true`.")
+
+
+@dataclass(frozen=True)
 class StorageConfig(Settings):
     """The embedded database: run registry, firing alerts and incidents survive a restart (docs/incidents.md)."""
 

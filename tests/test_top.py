@@ -103,7 +103,9 @@ def test_top_shows_a_live_run_refreshing_in_place(app: ServerApp) -> None:
         rank_row = next(line for line in terminal.screen.display if line.split()[:2] == ["0", "60"])
         assert " yes " in rank_row and " ms " in rank_row
         monitor.step(training.step("nan"))
-        terminal.wait_for("the firing alert", lambda s: "FIRING: non_finite" in s)
+        terminal.wait_for(
+            "the firing alert", lambda s: any("FIRING:" in line and "non_finite" in line for line in s.splitlines())
+        )
         assert terminal.quit() == 0
     finally:
         terminal.kill()
