@@ -365,3 +365,33 @@ def test_small_gradients_and_updates_of_a_solved_task_are_success() -> None:
     stuck = {**solved, "loss": 0.9}  # the same numbers while the loss is still high: a fault
     assert isinstance(vanishing.observe(report(30, **stuck)), Fire)
     assert isinstance(updates.observe(report(30, **stuck)), Fire)
+
+
+MINE = (
+    "exploding_gradient",
+    "loss_divergence",
+    "loss_spike",
+    "loss_not_decreasing",
+    "vanishing_gradient",
+    "update_ratio",
+    "frozen_parameters",
+)
+
+
+def test_documented_defaults_of_the_training_detectors_match_the_code() -> None:
+    """docs/configuration.md lists every setting of these detectors with its default value."""
+    import dataclasses
+    import pathlib
+    import re
+
+    import yaml
+
+    from gradwatch.server.detectors import spec_by_name
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)]
+    documented = next(b["detectors"] for b in blocks if isinstance(b, dict) and "detectors" in b)
+    for name in MINE:
+        defaults = dataclasses.asdict(spec_by_name(name).config_type())
+        assert documented[name] == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, name
+    load_config({"detectors": {name: documented[name] for name in MINE}})
