@@ -37,7 +37,7 @@ YAML shape (every key optional; these are the defaults)::
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
                            mad_k: 20.0, consecutive: 2, growth_window: 16,
                            growth_rise_fraction: 0.8, growth_factor: 100.0, resolve_after: 20,
-                           min_norm: 1.0e-6, log_k: 5.0, start_fraction: 0.1}
+                           min_norm: 1.0e-6, log_k: 3.0, start_fraction: 0.1}
       loss_divergence: {enabled: true, window: 200, min_reports: 30, factor: 3.0, mad_k: 10.0, min_rise: 0.2,
                         duration: 10, trend_window: 80, trend_factor: 2.0, resolve_after: 20}
       loss_spike: {enabled: true, window: 200, min_reports: 30, factor: 4.0, mad_k: 12.0, min_rise: 0.25,

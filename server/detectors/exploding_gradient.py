@@ -21,8 +21,9 @@ training often starts with large gradients. A non-finite norm is left to the
 non_finite detector. Three floors keep noisy, converged or dead runs quiet. Small batches near zero loss
 have gradient norms spread over orders of magnitude (a CNN on batches of 8 measured 0.005 to 2.9, a
 log-space spread of 1.75), so the norm must also exceed exp(median + log_k × 1.4826 × MAD) of the
-baseline's log norms: multiplicative noise is judged on the multiplicative scale (a real explosion
-measured 7 to 12 robust log-deviations in its first two reports). And a norm must exceed `start_fraction` of
+baseline's log norms: multiplicative noise is judged on the multiplicative scale (that healthy CNN's
+largest jumps measured 2 robust log-deviations, a real explosion 7 to 12 in its first two reports; on runs
+with tight norms the bound is below factor × median and changes nothing). And a norm must exceed `start_fraction` of
 the run's starting norm (the median of its first `min_reports`: a classifier near zero loss has gradients
 of 1e-4 that jump tenfold on one hard example without anything exploding) and `min_norm` (a run whose
 units all died has gradients of 1e-16 whose float noise is "thousands of times" its baseline).
@@ -64,7 +65,7 @@ class ExplodingGradientConfig(DetectorConfig):
         1e-6, doc="Norms at or below this are numerically zero: never an explosion, whatever the baseline.", ge=0.0
     )
     log_k: float = setting(
-        5.0, doc="... and above exp(median + log_k × 1.4826 × MAD) of the log norms (heavy-tailed runs).", ge=0.0
+        3.0, doc="... and above exp(median + log_k × 1.4826 × MAD) of the log norms (heavy-tailed runs).", ge=0.0
     )
     start_fraction: float = setting(
         0.1,
