@@ -57,7 +57,7 @@ def _reference(out: torch.Tensor, bounds: tuple[float, float] | None) -> list[fl
         float((a == 0).double().mean()),
         float((units.max(dim=1).values <= 0).double().mean()),
         saturated,
-        float(units.std(dim=0, correction=0).mean()),  # across units, per sample, averaged over samples
+        float(a.reshape(-1, a.shape[-1]).std(dim=1, correction=0).mean()),  # across units, per sample, averaged
     ]
 
 

@@ -50,6 +50,51 @@ def test_cli_demo_healthy_run_prints_no_alert() -> None:
     assert "healthy run: no alerts" in result.stdout
 
 
+def test_cli_demo_lists_every_fault_scenario() -> None:
+    pytest.importorskip("torch")
+    from gradwatch.scenarios.catalogue import faults
+
+    result = _gradwatch("demo", "--list")
+    assert result.returncode == 0, result.stderr
+    for sc in faults():
+        assert f"{sc.name} " in result.stdout and f"→ {sc.expect}:" in result.stdout
+    assert result.stdout.startswith("none ")
+
+
+def test_cli_demo_runs_a_catalogue_fault_with_its_own_defaults() -> None:
+    pytest.importorskip("torch")
+    result = _gradwatch("demo", "--fault", "spike")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "] loss_spike — rank 0, step 100" in result.stdout
+    assert "fault injected at step 100; detected at step 100 (0 steps" in result.stdout
+
+
+def test_cli_demo_rejects_unknown_faults_and_steps_for_built_in_ones() -> None:
+    pytest.importorskip("torch")
+    result = _gradwatch("demo", "--fault", "gremlins")
+    assert result.returncode == 2
+    assert "unknown fault 'gremlins'" in result.stderr and "lr_zero" in result.stderr
+    result = _gradwatch("demo", "--fault", "deep_sigmoid", "--fault-step", "20")
+    assert result.returncode == 2 and "built into the set-up" in result.stderr
+
+
+def test_demo_catches_every_catalogue_fault() -> None:
+    """Every fault scenario with a CPU recipe runs under the demo and raises its detector (exit code 0)."""
+    pytest.importorskip("torch")
+    import io
+
+    from gradwatch.demo import run_demo
+    from gradwatch.scenarios.catalogue import faults
+
+    failures = {}
+    for sc in faults():
+        out, err = io.StringIO(), io.StringIO()
+        code = run_demo(fault=sc.name, out=out, err=err)
+        if code != 0 or f"] {sc.expect} — rank 0" not in out.getvalue():
+            failures[sc.name] = out.getvalue()[-600:] + err.getvalue()
+    assert not failures, failures
+
+
 def test_cli_demo_rejects_fault_step_beyond_steps() -> None:
     result = _gradwatch("demo", "--steps", "10", "--fault-step", "11")
     assert result.returncode == 2

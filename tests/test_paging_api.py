@@ -87,7 +87,7 @@ def test_api_silence_create_list_expire(app_and_sink: tuple[ServerApp, InMemoryS
         ({"run": "r", "duration_s": 0}, "duration_s"),
         ({"run": "r", "duration_s": 8 * 24 * 3600}, "duration_s"),
         ({"run": "r", "duration_s": "1h"}, "duration_s"),
-        ({"run": "r", "duration_s": 60, "detector": "loss_divergence"}, "unknown detector"),
+        ({"run": "r", "duration_s": 60, "detector": "no_such_detector"}, "unknown detector"),
         ({"run": "r", "duration_s": 60, "matchers": []}, "unknown fields"),
         ([1, 2], "JSON object"),
         (b"{not json", "not JSON"),

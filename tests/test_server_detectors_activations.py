@@ -380,3 +380,25 @@ def test_documented_defaults_match_the_code() -> None:
         values = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
         assert documented[name] == values, name
     load_config({"detectors": {name: documented[name] for name in MINE}})  # and the server accepts them as written
+
+
+def test_input_not_normalized_clears_once_inputs_are_standardised_and_flags_all_zero_inputs() -> None:
+    det = InputNotNormalizedDetector(InputNotNormalizedConfig())
+    raw = [input_report(s, [120.0, 110.0], [60.0, 55.0]) for s in range(1, 4)]
+    fixed = [input_report(s, [0.05, -0.1], [1.0, 0.9]) for s in range(4, 9)]
+    verdicts = run(det, raw + fixed)
+    assert fires(verdicts) == [3] and clears(verdicts) == [8]
+    zeros = InputNotNormalizedDetector(InputNotNormalizedConfig())
+    verdicts = run(zeros, [input_report(s, [0.0, 0.0], [0.0, 0.0]) for s in range(1, 4)])
+    assert fires(verdicts) == [3]
+    fire = verdicts[0][1]
+    assert isinstance(fire, Fire) and "RMS 0" in fire.summary
+
+
+def test_poor_weight_init_names_the_deepest_module_when_activations_explode() -> None:
+    types = ("Linear", "ReLU", "Linear", "ReLU", "Linear")
+    acts = {"std": [1.0, 0.8, 40.0, 300.0, 1.0], "unit_spread": [0.8, 0.6, 30.0, 200.0, NAN]}
+    det = PoorWeightInitDetector(PoorWeightInitConfig())
+    verdicts = run(det, [activation_report(s, modules=schema(MODULES, types), acts=acts) for s in (1, 2)])
+    fire = verdicts[0][1]
+    assert isinstance(fire, Fire) and fire.layer == "net.3" and "explodes with depth" in fire.summary

@@ -365,3 +365,46 @@ def test_small_gradients_and_updates_of_a_solved_task_are_success() -> None:
     stuck = {**solved, "loss": 0.9}  # the same numbers while the loss is still high: a fault
     assert isinstance(vanishing.observe(report(30, **stuck)), Fire)
     assert isinstance(updates.observe(report(30, **stuck)), Fire)
+
+
+MINE = (
+    "exploding_gradient",
+    "loss_divergence",
+    "loss_spike",
+    "loss_not_decreasing",
+    "vanishing_gradient",
+    "update_ratio",
+    "frozen_parameters",
+)
+
+
+def test_documented_defaults_of_the_training_detectors_match_the_code() -> None:
+    """docs/configuration.md lists every setting of these detectors with its default value."""
+    import dataclasses
+    import pathlib
+    import re
+
+    import yaml
+
+    from gradwatch.server.detectors import spec_by_name
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)]
+    documented = next(b["detectors"] for b in blocks if isinstance(b, dict) and "detectors" in b)
+    for name in MINE:
+        defaults = dataclasses.asdict(spec_by_name(name).config_type())
+        assert documented[name] == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, name
+    load_config({"detectors": {name: documented[name] for name in MINE}})
+
+
+def test_exploding_gradient_judges_heavy_tailed_norms_on_the_log_scale() -> None:
+    rng = np.random.default_rng(5)
+    heavy = 0.06 * rng.lognormal(0.0, 1.75, 400)  # small batches near zero loss: norms span 1e-3..10
+    heavy[:20] = 0.4  # the run's start
+    quiet = ExplodingGradientDetector(ExplodingGradientConfig())
+    assert [quiet.observe(report(s, norm=float(n))) for s, n in enumerate(heavy, 1)] == [None] * 400
+    explosion = [quiet.observe(report(s, norm=5e3)) for s in (401, 402)]
+    assert explosion[0] is None and isinstance(explosion[1], Fire)
+    # Without the log-scale bound the same healthy series pages.
+    linear = ExplodingGradientDetector(ExplodingGradientConfig(log_k=0.0))
+    assert any(isinstance(linear.observe(report(s, norm=float(n))), Fire) for s, n in enumerate(heavy, 1))

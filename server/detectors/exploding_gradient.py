@@ -18,7 +18,12 @@ of them and its log-linear trend grew ≥ growth_factor× across the window (a s
 climb that a lagging baseline might follow; the trend, not last/first, so one final
 spike after a slightly rising stretch is not "growth"). The first `min_reports` reports only build the baseline: early
 training often starts with large gradients. A non-finite norm is left to the
-non_finite detector. Two floors keep converged or dead runs quiet: a norm must exceed `start_fraction` of
+non_finite detector. Three floors keep noisy, converged or dead runs quiet. Small batches near zero loss
+have gradient norms spread over orders of magnitude (a CNN on batches of 8 measured 0.005 to 2.9, a
+log-space spread of 1.75), so the norm must also exceed exp(median + log_k × 1.4826 × MAD) of the
+baseline's log norms: multiplicative noise is judged on the multiplicative scale (that healthy CNN's
+largest jumps measured 2 robust log-deviations, a real explosion 7 to 12 in its first two reports; on runs
+with tight norms the bound is below factor × median and changes nothing). And a norm must exceed `start_fraction` of
 the run's starting norm (the median of its first `min_reports`: a classifier near zero loss has gradients
 of 1e-4 that jump tenfold on one hard example without anything exploding) and `min_norm` (a run whose
 units all died has gradients of 1e-16 whose float noise is "thousands of times" its baseline).
@@ -58,6 +63,9 @@ class ExplodingGradientConfig(DetectorConfig):
     resolve_after: int = setting(20, doc="Consecutive normal reports before a rank clears.", ge=1)
     min_norm: float = setting(
         1e-6, doc="Norms at or below this are numerically zero: never an explosion, whatever the baseline.", ge=0.0
+    )
+    log_k: float = setting(
+        3.0, doc="... and above exp(median + log_k × 1.4826 × MAD) of the log norms (heavy-tailed runs).", ge=0.0
     )
     start_fraction: float = setting(
         0.1,
@@ -109,7 +117,7 @@ class ExplodingGradientDetector:
             # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
             state.baseline.append(norm)
             return None
-        floor = max(cfg.min_norm, cfg.start_fraction * state.start)
+        floor = max(cfg.min_norm, cfg.start_fraction * state.start, _log_bound(held, cfg.log_k))
         threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
         over = norm > threshold
         state.over_streak = state.over_streak + 1 if over else 0
@@ -172,6 +180,17 @@ class ExplodingGradientDetector:
                 f"{self._config.growth_window} reports to {norm:.3g} at step {report.step} ({baseline})"
             )
         return Fire(step=report.step, value=norm, summary=summary)
+
+
+def _log_bound(held: np.ndarray, log_k: float) -> float:
+    """exp(median + log_k × 1.4826 × MAD) of the log of the positive baseline norms (0 when there are none)."""
+    positive = held[held > 0.0]
+    if positive.size == 0:
+        return 0.0
+    logs = np.log(positive)
+    centre = float(np.median(logs))
+    spread = MAD_TO_SIGMA * float(np.median(np.abs(logs - centre)))
+    return math.exp(min(centre + log_k * spread, 700.0))
 
 
 SPEC = DetectorSpec(

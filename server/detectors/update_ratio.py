@@ -42,7 +42,7 @@ class UpdateRatioConfig(DetectorConfig):
     min_reports: int = setting(5, doc="Full reports that only fill the window (warm-up).", ge=0)
     resolve_after: int = setting(3, doc="Full reports in a row with all layers in range before a rank clears.", ge=1)
     solved_fraction: float = setting(
-        0.05, doc="The low rule stands down while the loss is below this fraction of its start.", ge=0.0, lt=1.0
+        0.01, doc="The low rule stands down while the loss is below this fraction of its start.", ge=0.0, lt=1.0
     )
     start_losses: int = setting(10, doc="First losses whose median is the starting level.", ge=1)
 

@@ -52,7 +52,7 @@ class VanishingGradientConfig(DetectorConfig):
     consecutive: int = setting(3, doc="Full reports in a row that must show the fault before firing.", ge=1)
     resolve_after: int = setting(3, doc="Full reports in a row without it before a rank clears.", ge=1)
     solved_fraction: float = setting(
-        0.05, doc="No judgement while the loss is below this fraction of its starting level.", ge=0.0, lt=1.0
+        0.01, doc="No judgement while the loss is below this fraction of its starting level.", ge=0.0, lt=1.0
     )
     start_losses: int = setting(10, doc="First losses whose median is the starting level.", ge=1)
 

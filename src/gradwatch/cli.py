@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from gradwatch import commands
 from gradwatch._version import __version__
 
-FAULTS = ("none", "nan", "explode")
-
 
 def _port(text: str) -> int:
     try:
@@ -65,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="train a small model with an injected fault and print the alerts raised")
-    demo.add_argument("--fault", choices=FAULTS, default="nan", help="fault to inject (default: nan)")
-    demo.add_argument("--steps", type=_positive, default=400, help="training steps (default 400)")
     demo.add_argument(
-        "--fault-step", type=_positive, default=None, help="step at which to inject the fault (default: steps/2)"
+        "--fault",
+        default="nan",
+        metavar="NAME",
+        help="fault scenario to inject, or 'none' for a healthy run (default: nan; --list shows them all)",
+    )
+    demo.add_argument("--list", action="store_true", help="list the fault scenarios and the detector each raises")
+    demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the scenario's)")
+    demo.add_argument(
+        "--fault-step", type=_positive, default=None, help="step at which to inject the fault (default: the scenario's)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
@@ -102,13 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return serve(config)
     if args.command == "demo":
-        from gradwatch.demo import run_demo
-
-        fault_step = args.fault_step if args.fault_step is not None else max(1, args.steps // 2)
-        if fault_step > args.steps:
-            print(f"gradwatch demo: --fault-step {fault_step} is beyond --steps {args.steps}", file=sys.stderr)
+        if args.steps is not None and args.fault_step is not None and args.fault_step > args.steps:
+            print(f"gradwatch demo: --fault-step {args.fault_step} is beyond --steps {args.steps}", file=sys.stderr)
             return 2
-        return run_demo(fault=args.fault, steps=args.steps, fault_step=fault_step, seed=args.seed)
+        from gradwatch.demo import list_faults, run_demo
+
+        if args.list:
+            return list_faults()
+        return run_demo(fault=args.fault, steps=args.steps, fault_step=args.fault_step, seed=args.seed)
     if args.command in commands.COMMANDS:
         return commands.run(args)
     raise AssertionError(f"unhandled command {args.command}")

@@ -1,19 +1,19 @@
-"""`gradwatch demo`: an embedded server, a small training run, an injected fault.
+"""`gradwatch demo`: an embedded server, a small training run on the CPU, an injected fault.
 
-The run is a tanh MLP regressing a smooth target on synthetic data, on the CPU.
-At `fault_step` one of two faults is injected:
+`--fault NAME` takes any fault scenario of `gradwatch.scenarios.catalogue` (the same runs the detector tests
+and bench/detection_quality.py use; `gradwatch demo --list` prints them with the detector each must raise),
+or ``none`` for a healthy run. The scenario's model, data and fault are trained for `steps` steps with the
+agent attached (fault injected at `fault_step`, both defaulting to the scenario's own), and the demo prints
+every alert the server raised, with the step of injection and the step and seconds at which it was
+detected. It exits 1 when the injected fault went undetected or a healthy run raised a warning or a
+critical alert, 2 on a bad fault name or step.
 
-* ``nan``: one input value of the batch becomes NaN (a corrupt sample);
-* ``explode``: the learning rate is multiplied by 30 (a bad schedule), so
-  gradients grow geometrically until they overflow.
-
-The demo prints every alert the server raised, with the step of injection and
-the step and seconds at which the server detected it. It exits 1 when an
-injected fault went undetected or a healthy run raised an alert.
+`DemoTraining` is the small tanh MLP regression the end-to-end tests and the latency bench drive by hand.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -22,7 +22,9 @@ from typing import Any, TextIO
 
 EXPLODE_LR_FACTOR = 30.0
 ALERT_WAIT_S = 5.0
-EXPECTED = {"nan": "non_finite", "explode": "exploding_gradient"}
+HEALTHY = "none"
+#: The healthy scenario `--fault none` trains.
+HEALTHY_SCENARIO = "healthy_mlp_sgd"
 
 
 class DemoTraining:
@@ -66,6 +68,23 @@ class DemoTraining:
         return loss
 
 
+def fault_names() -> tuple[str, ...]:
+    """Every --fault value: "none" and the catalogue's fault scenarios (imports torch)."""
+    from gradwatch.scenarios.catalogue import faults
+
+    return (HEALTHY, *(s.name for s in faults()))
+
+
+def list_faults(out: TextIO = sys.stdout) -> int:
+    """Print every --fault value with the detector it must raise; returns the exit code."""
+    from gradwatch.scenarios.catalogue import faults
+
+    out.write(f"{HEALTHY:<24} a healthy run: no warning or critical alert\n")
+    for s in faults():
+        out.write(f"{s.name:<24} → {s.expect}: {s.description}\n")
+    return 0
+
+
 @dataclass
 class _Seen:
     alert: dict[str, Any]
@@ -96,75 +115,100 @@ class _ProgressBar:
             self._out.write(f"  step {done}/{self._total} {note}\n")
 
 
-def run_demo(*, fault: str, steps: int, fault_step: int, seed: int = 0, out: TextIO = sys.stdout) -> int:
-    """Run the demo and return the process exit code."""
-    import torch
+def run_demo(
+    *,
+    fault: str,
+    steps: int | None = None,
+    fault_step: int | None = None,
+    seed: int = 0,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Run the demo and return the process exit code (module docstring)."""
+    from gradwatch.scenarios.base import run_scenario
+    from gradwatch.scenarios.catalogue import scenario
 
-    import gradwatch
-    from gradwatch.server.app import ServerApp
-    from gradwatch.server.config import ServerConfig
+    names = fault_names()
+    if fault not in names:
+        err.write(f"gradwatch demo: unknown fault {fault!r}; known: {', '.join(names)}\n")
+        return 2
+    sc = scenario(HEALTHY_SCENARIO if fault == HEALTHY else fault)
+    steps = steps if steps is not None else sc.steps
+    if sc.healthy:
+        fault_step = None
+    elif sc.fault_step == 1:
+        if fault_step not in (None, 1):
+            err.write(f"gradwatch demo: fault {fault!r} is built into the set-up from step 1; omit --fault-step\n")
+            return 2
+        fault_step = 1
+    else:
+        fault_step = fault_step if fault_step is not None else sc.fault_step
+    if fault_step is not None and fault_step > steps:
+        err.write(f"gradwatch demo: --fault-step {fault_step} is beyond --steps {steps}\n")
+        return 2
+    sc = dataclasses.replace(sc, steps=steps, fault_step=fault_step)
 
-    torch.set_num_threads(1)
     seen: list[_Seen] = []
     arrived = threading.Condition()
+    bar = _ProgressBar(steps, out)
+    injected_at: list[float] = []
 
     def on_alert(alert: dict[str, Any]) -> None:
         with arrived:
             seen.append(_Seen(dict(alert), time.time()))
             arrived.notify_all()
 
-    app = ServerApp(ServerConfig.local())
-    app.add_alert_listener(on_alert)
-    app.start()
-    run_id = f"demo-{fault}-{int(time.time())}"
-    out.write(f"gradwatch demo: server on grpc {app.grpc_target}, metrics at {app.http_url}/metrics\n")
-    out.write(f"training {steps} steps, fault '{fault}'" + (f" at step {fault_step}\n" if fault != "none" else "\n"))
-    injected_at: float | None = None
-    try:
-        training = DemoTraining(seed=seed)
-        bar = _ProgressBar(steps, out)
-        with gradwatch.attach(
-            training.model, training.optimizer, run=run_id, server=app.grpc_target, job_name="demo"
-        ) as monitor:
-            for step in range(1, steps + 1):
-                if fault != "none" and step == fault_step:
-                    injected_at = time.time()
-                loss = training.step(fault if step == fault_step else "none")
-                monitor.step(loss)
-                bar.update(step, f"alerts: {len(seen)}")
-        expected = EXPECTED.get(fault)
-        if expected is not None:
-            with arrived:
-                arrived.wait_for(lambda: any(s.alert["detector"] == expected for s in seen), ALERT_WAIT_S)
-        return _print_summary(out, seen, fault, fault_step, injected_at)
-    finally:
-        app.stop()
+    def on_step(step: int) -> None:
+        if step == fault_step:
+            injected_at.append(time.time())
+        if step > 1:
+            bar.update(step - 1, f"alerts: {len(seen)}")
+
+    out.write(f"gradwatch demo: {sc.name}: {sc.description}\n")
+    out.write(
+        f"training {steps} steps on the CPU with an embedded server"
+        + (f", fault injected at step {fault_step}\n" if fault_step is not None else "\n")
+    )
+    result = run_scenario(sc, seed, on_step=on_step, on_alert=on_alert)
+    bar.update(steps, f"alerts: {len(seen)}")
+    if sc.expect is not None:
+        with arrived:
+            arrived.wait_for(lambda: any(s.alert["detector"] == sc.expect for s in seen), ALERT_WAIT_S)
+    return _print_summary(out, seen, sc.expect, fault_step, injected_at[0] if injected_at else None, result.losses)
 
 
 def _print_summary(
-    out: TextIO, seen: list[_Seen], fault: str, fault_step: int, injected_at: float | None
+    out: TextIO,
+    seen: list[_Seen],
+    expected: str | None,
+    fault_step: int | None,
+    injected_at: float | None,
+    losses: list[float],
 ) -> int:
     fired = [s for s in seen if s.alert["state"] == "firing"]
-    out.write(f"\nalerts raised: {len(fired)}\n")
+    if losses:
+        out.write(f"\nloss: first {losses[0]:.4g}, last {losses[-1]:.4g}\n")
+    out.write(f"alerts raised: {len(fired)}\n")
     for s in fired:
         a = s.alert
         layer = f", layer {a['layer']}" if a.get("layer") else ""
         ranks = ",".join(str(r) for r in a["ranks"])
         out.write(f"  [{a['severity'].upper()}] {a['detector']} — rank {ranks}, step {a['step']}{layer}\n")
         out.write(f"      {a['summary']}\n")
-        if injected_at is not None:
+        if injected_at is not None and fault_step is not None:
             delay = max(0.0, s.received_at - injected_at)
             out.write(
                 f"      fault injected at step {fault_step}; detected at step {a['step']} "
                 f"({a['step'] - fault_step} steps, {delay:.2f} s later)\n"
             )
-    if fault == "none":
-        if fired:
+    if expected is None:
+        loud = [s for s in fired if s.alert["severity"] in ("warning", "critical")]
+        if loud:
             out.write("a healthy run raised alerts: that is a false page\n")
             return 1
         out.write("healthy run: no alerts, as expected\n")
         return 0
-    if not any(s.alert["detector"] == EXPECTED[fault] for s in fired):
-        out.write(f"the injected fault was not detected: no {EXPECTED[fault]} alert\n")
+    if not any(s.alert["detector"] == expected for s in fired):
+        out.write(f"the injected fault was not detected: no {expected} alert\n")
         return 1
     return 0

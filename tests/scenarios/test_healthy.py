@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 pytest.importorskip("torch")
 
-from harness import assert_quiet, healthy_runs, run_scenario
+from harness import Scenario, assert_quiet, healthy_runs, run_scenario
 
 HEALTHY = healthy_runs()
 
@@ -16,7 +18,8 @@ def test_the_catalogue_has_at_least_eight_healthy_runs() -> None:
 
 
 @pytest.mark.parametrize("sc", HEALTHY, ids=[s.name for s in HEALTHY])
-def test_healthy_run_raises_nothing(sc) -> None:  # type: ignore[no-untyped-def]
+def test_healthy_run_raises_nothing(sc: Scenario) -> None:
     result = run_scenario(sc)
     assert_quiet(result)
-    assert result.losses[-1] < result.losses[0], "the healthy run did not learn"
+    # It really trained: the median of its last ten losses is well below that of its first ten.
+    assert statistics.median(result.losses[-10:]) < 0.8 * statistics.median(result.losses[:10]), result.losses[::25]

@@ -1,7 +1,11 @@
 """Faults seen in what the model computes and is fed: dead and saturated units, off-centre activations,
 unnormalised inputs, poor initialisations, a collapsed output, imbalanced labels. One `Scenario` each, named
 after the fault (the demo's --fault). A fault built into the setup (the architecture, the initialisation, the
-data) is present from step 1: its `fault_step` is 1 and its setup needs no fault function."""
+data) is present from step 1: its `fault_step` is 1 and its setup needs no fault function.
+
+Three healthy runs (`expect` None) probe these detectors' traps: a binary classifier whose output sigmoid
+saturates as it gets confident (not a hidden layer), a 6-layer tanh net with Xavier initialisation (depth
+without a vanishing signal), and a plain CNN without normalisation on small batches (sparse ReLU channels)."""
 
 from __future__ import annotations
 
@@ -124,6 +128,38 @@ def _class_imbalance(seed: int) -> Setup:
     return setup
 
 
+def _binary_sigmoid_head(seed: int) -> Setup:
+    model = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed + 7000)
+    centre = torch.randn(FEATURES, generator=gen)
+
+    def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 2, (64, 1), generator=gen).float()
+        return (2.0 * y - 1.0) * centre + 0.5 * torch.randn(64, FEATURES, generator=gen), y
+
+    return Setup(model, optimizer, data, nn.functional.binary_cross_entropy)
+
+
+def _deep_tanh_xavier(seed: int) -> Setup:
+    model = mlp(32, 64, 1, depth=6, act=nn.Tanh)
+    for module in model:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_normal_(module.weight)
+            nn.init.zeros_(module.bias)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return Setup(model, optimizer, regression_data(32, 64, seed), nn.functional.mse_loss)
+
+
+def _plain_cnn(seed: int) -> Setup:
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 4),
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return Setup(model, optimizer, image_data(4, 8, seed), nn.functional.cross_entropy, labels=True)
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="dead_relu",
@@ -196,4 +232,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         fault_step=1,
         expect="class_imbalance",
     ),
+    Scenario(
+        "healthy_binary_sigmoid_head", "ReLU classifier, sigmoid output, BCE, Adam", _binary_sigmoid_head, steps=240
+    ),
+    Scenario("healthy_deep_tanh_xavier", "6-layer tanh MLP, Xavier init, SGD momentum", _deep_tanh_xavier, steps=240),
+    Scenario("healthy_plain_cnn", "CNN without normalisation on batches of 8, SGD momentum", _plain_cnn, steps=240),
 )

@@ -70,8 +70,9 @@ class Scenario:
         return self.expect is None
 
 
-def run_scenario(scenario: Scenario, seed: int = 0) -> RunResult:
-    """Build and train `scenario` (one CPU thread) under the harness."""
+def run_scenario(scenario: Scenario, seed: int = 0, **hooks: Any) -> RunResult:
+    """Build and train `scenario` (one CPU thread) under the harness; `hooks`: run_training's on_step and
+    on_alert."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     setup = scenario.build(seed)
@@ -90,6 +91,7 @@ def run_scenario(scenario: Scenario, seed: int = 0) -> RunResult:
         run=f"{scenario.name}-{seed}",
         attach_options=scenario.attach_options,
         detectors=scenario.detectors,
+        **hooks,
     )
 
 

@@ -162,12 +162,15 @@ def run_training(
     run: str = "scenario",
     attach_options: Mapping[str, Any] | None = None,
     detectors: Mapping[str, Mapping[str, Any]] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_alert: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train `steps` steps with gradwatch attached to a fresh embedded server; see the module docstring.
 
     `scheduler`: anything with `.step()`, stepped after each optimizer step. `labels`: pass `y` to
     `monitor.step` as class labels. `attach_options`: extra `gradwatch.attach` keywords. `detectors`:
-    per-detector setting overrides ({"loss_spike": {"factor": 4.0}}).
+    per-detector setting overrides ({"loss_spike": {"factor": 4.0}}). `on_step(step)`: called before each
+    step (progress, timing); `on_alert(alert)`: the server's alert dicts as they fire and resolve.
     """
     import gradwatch
     from gradwatch.server.app import ServerApp
@@ -188,8 +191,12 @@ def run_training(
     result = RunResult(run=run, onset=fault_step, steps=steps, inhibitions=inhibitions())
     lock = threading.Lock()
 
-    def on_alert(alert: dict[str, Any]) -> None:
-        if alert["state"] != "firing" or alert["run"] != run:
+    def record(alert: dict[str, Any]) -> None:
+        if alert["run"] != run:
+            return
+        if on_alert is not None:
+            on_alert(alert)
+        if alert["state"] != "firing":
             return
         seen = SeenAlert(
             detector=alert["detector"],
@@ -206,13 +213,15 @@ def run_training(
     ingest_log = logging.getLogger("gradwatch.server.ingest")
     ingest_log.addHandler(errors)
     app = ServerApp(config)
-    app.add_alert_listener(on_alert)
+    app.add_alert_listener(record)
     app.start()
     try:
         options = {"overhead_budget": 0.0, **(attach_options or {})}
         monitor = gradwatch.attach(model, optimizer, run=run, server=app.grpc_target, **options)
         try:
             for step in range(1, steps + 1):
+                if on_step is not None:
+                    on_step(step)
                 x, y = data(step)
                 ctx = StepContext(step, fault_step, model, optimizer, x, y)
                 if fault is not None and fault_step is not None and step >= fault_step:
