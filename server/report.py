@@ -82,6 +82,10 @@ class RankReport:
     #: The agent's full-statistics interval in force (0: not said) and whether it is over its overhead budget.
     full_stats_interval: int = 0
     over_budget: bool = False
+    #: Exact checksum of the rank's parameters after this step (full-statistics steps), as an unsigned 64-bit int.
+    param_checksum: int | None = None
+    #: Seconds from the previous step to this step's first forward pass, when the agent saw one.
+    pre_forward_s: float | None = None
 
     @property
     def layer_name(self) -> str | None:
@@ -148,6 +152,8 @@ def build_report(
         origin=_origin(msg, modules),
         full_stats_interval=msg.full_stats_interval,
         over_budget=msg.over_budget,
+        param_checksum=msg.param_checksum if msg.HasField("param_checksum") else None,
+        pre_forward_s=msg.pre_forward_s if msg.HasField("pre_forward_s") else None,
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.server.config import LimitsConfig
+from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import NON_FINITE_KINDS, RankReport
 from gradwatch.server.ring import RecordRing
 from gradwatch.v1 import gradwatch_pb2 as pb
@@ -141,6 +142,8 @@ class RunState:
     )
     #: step -> {rank: share} for steps not yet reported by every rank.
     pending_shares: collections.OrderedDict[int, dict[int, float]] = field(default_factory=collections.OrderedDict)
+    #: Every rank's latest state as numpy columns, for the cross-rank detectors (server/ranktable.py).
+    table: RankTable = field(default_factory=lambda: RankTable(0))
 
     @property
     def finished(self) -> bool:
@@ -254,6 +257,7 @@ class RunStore:
             state.device_kind, state.full_stats_interval = hello.device_kind, hello.full_stats_interval
             state.schema = run.intern_schema(tuple(hello.schema.names))
             state.said_goodbye = False
+            run.table.join(hello.rank, hello.world_size, hello.host, hello.replica_group, hello.replica_group_size, now)
             run.finished_at, run.expired = None, False  # a rank came back: the run lives again
             if hello.session_id not in state.sessions:
                 state.sessions[hello.session_id] = 0
@@ -292,6 +296,8 @@ class RunStore:
             )
             state.last_step = report.step
             state.last_report_at = report.received_at
+            run.table.report(report.rank, report.step, report.step_duration_s, report.pre_forward_s,
+                             report.received_at)  # fmt: skip
             if report.loss is not None and math.isfinite(report.loss):
                 state.last_loss = report.loss
             if math.isfinite(report.grad_norm):

@@ -1,7 +1,9 @@
 """Detectors: one module each, all listed in gradwatch.server.detectors.REGISTRY.
 
 Adding a detector: write a module with a `*Config` (DetectorConfig subclass with
-documented defaults), the detector class and a `SPEC`, then add the SPEC here. Its
+documented defaults), the detector class and a `SPEC`, then add the SPEC here.
+Cross-rank detectors (scope "run": rank_divergence, replica_mismatch, straggler,
+stalled, throughput_drop) follow the RunDetector contract in base.py. Its
 settings appear under `detectors.<name>` in the server's YAML file, its alerts carry
 `runbook` = docs/runbooks/<name>.md, and /metrics exports it in
 gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
@@ -9,24 +11,38 @@ gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
 
 from __future__ import annotations
 
-from gradwatch.server.detectors import exploding_gradient, non_finite
+from gradwatch.server.detectors import (
+    exploding_gradient,
+    non_finite,
+    rank_divergence,
+    replica_mismatch,
+    stalled,
+    straggler,
+    throughput_drop,
+)
 from gradwatch.server.detectors.base import (
+    TICK_INTERVAL_S,
     Clear,
     Detector,
     DetectorConfig,
     DetectorSpec,
+    Finding,
     Fire,
+    RunDetector,
     Verdict,
     alert_name_for,
 )
 
 __all__ = [
     "REGISTRY",
+    "TICK_INTERVAL_S",
     "Clear",
     "Detector",
     "DetectorConfig",
     "DetectorSpec",
+    "Finding",
     "Fire",
+    "RunDetector",
     "Verdict",
     "alert_name_for",
     "inhibitions",
@@ -38,6 +54,11 @@ __all__ = [
 REGISTRY: tuple[DetectorSpec, ...] = (
     non_finite.SPEC,
     exploding_gradient.SPEC,
+    rank_divergence.SPEC,
+    replica_mismatch.SPEC,
+    straggler.SPEC,
+    stalled.SPEC,
+    throughput_drop.SPEC,
 )
 
 
