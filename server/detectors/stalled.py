@@ -22,7 +22,10 @@ never finished and wait for it in the next collective), else the ranks whose fra
 stopped altogether for `silent_after_s` (process frozen, dead or cut off); with no
 such clue it names every rank ("the whole run stalled"). When only some ranks stall
 while others advance, it names those. Ranks that said goodbye, and ranks that have not
-reported yet (still starting), are not judged. The Prometheus rule GradwatchRunStale
+reported yet (still starting), are not judged. Ranks ahead of the slowest one are
+judged from the later of their own last progress and the moment the slowest rank last
+moved, so the ranks that waited for a hung peer do not page once it recovers (they
+need a moment to get going again). The Prometheus rule GradwatchRunStale
 (docs/runbooks/run_stale.md) stays as a coarse, server-independent backstop.
 """
 
@@ -58,6 +61,8 @@ class StalledDetector:
     def __init__(self, config: StalledConfig) -> None:
         self._config = config
         self._firing = np.zeros(0, dtype=bool)
+        self._lowest_step: int | None = None  # the lowest step of the live ranks, and when a tick saw it move
+        self._lowest_step_at = float("-inf")
 
     def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
         """Nothing to do per report: the table already holds the progress; the next tick judges (and clears)."""
@@ -68,7 +73,13 @@ class StalledDetector:
         if self._firing.size < ranks.size:
             self._firing = np.concatenate([self._firing, np.zeros(ranks.size - self._firing.size, dtype=bool)])
         live = ranks.live()
-        gap = now - ranks.progress_at
+        lowest = int(ranks.last_step[live].min()) if live.any() else -1
+        if lowest != self._lowest_step:
+            if self._lowest_step is not None:  # a move, not the first look
+                self._lowest_step_at = now
+            self._lowest_step = lowest
+        # A rank waiting in a collective for the slowest one starts its clock again when that one moves.
+        gap = now - np.fmax(ranks.progress_at, self._lowest_step_at)
         with np.errstate(invalid="ignore"):
             threshold = np.fmax(cfg.floor_s, cfg.factor * ranks.step_time())  # fmax: NaN step time → floor
             stalled = live & (gap > threshold)
