@@ -145,12 +145,13 @@ class Ingestor:
         return commands
 
     def tick(self) -> None:
-        """Let every cross-rank detector of every unfinished run judge it now, reports or not (a hang shows as
-        silence). Called by the app every TICK_INTERVAL_S."""
+        """Let every cross-rank detector of every run judge it now, reports or not (a hang shows as silence).
+        Finished runs still tick until they expire, so their ranks' goodbyes clear what they fired. Called by the
+        app every TICK_INTERVAL_S."""
         with self._lock:
             now = self._clock()
             with self._store.lock:
-                runs = [run for run in self._store.runs() if run.finished_at is None and not run.expired]
+                runs = [run for run in self._store.runs() if not run.expired]
             for run in runs:
                 for spec, detector in self._detectors.get(run.run_id, ()):
                     if spec.scope == "run":

@@ -23,8 +23,9 @@ arrives (a hang). Such a detector implements `RunDetector` instead:
   state it needs (bounded) and judges all ranks at once, vectorised over ranks, when
   it has what it needs (e.g. every rank reported a step).
 * `tick(ranks, now)` is called by the server's timer (every `TICK_INTERVAL_S`, on the
-  ingest thread, for every run not yet finished) whether or not anything arrived: the
-  only way to notice that nothing arrives.
+  ingest thread, for every run not yet expired) whether or not anything arrived: the
+  only way to notice that nothing arrives. Ranks that said goodbye are marked
+  `finished` in the table; a detector clears what it fired for them.
 * Both return `Finding`s: a `Fire` or `Clear` for a named rank, any rank of the run
   (the straggler, the hung rank, the corrupted replica), with the same semantics as
   above; the alert book merges them the same way. Neither may raise on odd data.

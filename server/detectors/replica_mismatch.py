@@ -20,7 +20,10 @@ along the mesh's Replicate dimensions that hold the same shard); only members of
 group are compared, at the same step, once every member has sent it. A pure FSDP shard
 has no replica and is never compared. Ranks whose checksum differs from the group's
 majority fire at once (an exact comparison has no noise); with no majority (two
-replicas) every member differing from another is named. A rank clears when a later
+replicas) every member differing from another is named. Checksums are compared at
+the full-statistics cadence: a flip in the lowest bits of a weight that the next
+updates round away before the next comparison leaves identical replicas, and is not
+(and need not be) reported. A rank clears when a later
 comparison of its group agrees `resolve_after` times in a row (after a resync).
 """
 
