@@ -7,11 +7,9 @@ The jobs are short and wait on conditions, never on precise timing: the detector
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,27 +20,12 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from cluster_support import cluster_config  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
-from gradwatch.server.config import ServerConfig  # noqa: E402
-from gradwatch.server.detectors.rank_divergence import RankDivergenceConfig  # noqa: E402
-from gradwatch.server.detectors.stalled import StalledConfig  # noqa: E402
-from gradwatch.server.detectors.straggler import StragglerConfig  # noqa: E402
-from gradwatch.server.detectors.throughput_drop import ThroughputDropConfig  # noqa: E402
 from paging_support import free_port  # noqa: E402
 
 HANG_LIMIT_S = 120.0  # the hung rank waits for the test's release at most this long
 BASE_SLEEP_S = 0.05  # every step's "data loading": steady step times that jitter cannot double
-
-
-def cluster_config() -> ServerConfig:
-    """Loopback server whose cross-rank detectors decide within seconds-long jobs."""
-    base = ServerConfig.local()
-    detectors = dict(base.detectors)
-    detectors["rank_divergence"] = RankDivergenceConfig(consecutive=3)
-    detectors["straggler"] = StragglerConfig(consecutive=3, min_reports=6)
-    detectors["stalled"] = StalledConfig(floor_s=5.0, factor=20.0)
-    detectors["throughput_drop"] = ThroughputDropConfig(ratio=0.4, min_steps=8, recent=3, consecutive=4)
-    return dataclasses.replace(base, detectors=types.MappingProxyType(detectors))
 
 
 def _worker(rank: int, world_size: int, master_port: int, target: str, scenario: str, steps: int,
