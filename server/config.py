@@ -37,6 +37,13 @@ YAML shape (every key optional; these are the defaults)::
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
                            mad_k: 20.0, consecutive: 2, growth_window: 16,
                            growth_rise_fraction: 0.8, growth_factor: 100.0, resolve_after: 20}
+      rank_divergence: {enabled: true, z_threshold: 6.0, rel_floor: 0.1, abs_floor: 1.0e-6,
+                        consecutive: 5, resolve_after: 20, min_ranks: 3}
+      replica_mismatch: {enabled: true, resolve_after: 1}
+      straggler: {enabled: true, threshold: 0.75, min_reports: 8, consecutive: 10, resolve_after: 10}
+      stalled: {enabled: true, floor_s: 300.0, factor: 20.0, silent_after_s: 30.0}
+      throughput_drop: {enabled: true, ratio: 0.5, window: 200, min_steps: 30, recent: 5,
+                        consecutive: 10, resolve_after: 10}
 """
 
 from __future__ import annotations
