@@ -40,7 +40,6 @@ _NUM_FULL = len(PARAM_COLUMNS)
 UPDATE_SAMPLE_ELEMENTS = 65536
 #: Integer dtype of each element size, to read a tensor's bit patterns (Tensor.view(dtype) reinterprets, no copy).
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_SHIFTS = tuple(16 * piece for piece in range(CHECKSUM_PIECES))
 
 
 class StatsEngine:
@@ -105,8 +104,8 @@ class StatsEngine:
                 sums.append(bits.sum(dtype=torch.int64).to(target, non_blocking=True))
             total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.int64, device=target)
             shifts = self._shifts.get(target)
-            if shifts is None:  # made once per device: a host-to-device copy is no hot-path work
-                shifts = self._shifts[target] = torch.tensor(_SHIFTS, dtype=torch.int64).to(target)
+            if shifts is None:  # made on the device (a kernel, not a host copy), once per device
+                shifts = self._shifts[target] = torch.arange(CHECKSUM_PIECES, dtype=torch.int64, device=target) * 16
             pieces = torch.bitwise_and(torch.bitwise_right_shift(total, shifts), 0xFFFF).to(_F32)
         return list(pieces.unbind())
 
