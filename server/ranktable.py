@@ -48,9 +48,13 @@ class RankTable:
     # ------------------------------------------------------------------ writers
 
     def join(self, rank: int, world_size: int, host: str, replica_group: int, replica_group_size: int,
-             now: float) -> None:  # fmt: skip
-        """A Hello from `rank` (a restarted rank keeps its timing history, loses its finished mark)."""
+             now: float, *, new_session: bool = True) -> None:  # fmt: skip
+        """A Hello from `rank`. A new agent session (a restarted worker) counts its steps from 1 again: its step
+        and progress start over (now); timing history stays. A reconnect of the same session changes neither."""
         self._grow(max(world_size, rank + 1))
+        if new_session:
+            self.last_step[rank] = -1
+            self.progress_at[rank] = now
         self.hosts[rank] = host
         self.joined[rank] = True
         self.finished[rank] = False

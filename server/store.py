@@ -257,7 +257,8 @@ class RunStore:
             state.device_kind, state.full_stats_interval = hello.device_kind, hello.full_stats_interval
             state.schema = run.intern_schema(tuple(hello.schema.names))
             state.said_goodbye = False
-            run.table.join(hello.rank, hello.world_size, hello.host, hello.replica_group, hello.replica_group_size, now)
+            run.table.join(hello.rank, hello.world_size, hello.host, hello.replica_group, hello.replica_group_size, now,
+                           new_session=hello.session_id not in state.sessions)  # fmt: skip
             run.finished_at, run.expired = None, False  # a rank came back: the run lives again
             if hello.session_id not in state.sessions:
                 state.sessions[hello.session_id] = 0

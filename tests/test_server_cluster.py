@@ -312,3 +312,15 @@ def test_validation_rejects_a_replica_group_that_does_not_hold_the_rank() -> Non
         assert info.value.reason == INVALID_RANK and "replica_group" in info.value.message
     check_hello(hello(rank=3, world_size=4, replica_group=1, replica_group_size=2), LimitsConfig())
     assert pb.Hello(replica_group_size=0).replica_group_size == 0  # older agents: no replica group
+
+
+def test_rank_table_restarted_session_starts_its_steps_over_and_a_reconnect_does_not() -> None:
+    ranks = table(2)
+    for step in range(1, 101):
+        ranks.report(0, step, 0.1, None, float(step))
+    ranks.join(0, 2, "host-0", 0, 1, now=500.0, new_session=False)  # the same session reconnects
+    assert (ranks.last_step[0], ranks.progress_at[0]) == (100, 100.0)
+    ranks.join(0, 2, "host-0", 0, 1, now=600.0)  # a restarted worker: steps count from 1 again
+    ranks.report(0, 1, 0.1, None, 601.0)
+    assert (ranks.last_step[0], ranks.progress_at[0]) == (1, 601.0)
+    assert ranks.step_time()[0] == pytest.approx(0.1)  # its pace is still known

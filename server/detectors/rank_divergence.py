@@ -68,23 +68,27 @@ class RankDivergenceDetector:
 
     def __init__(self, config: RankDivergenceConfig) -> None:
         self._config = config
-        self._pending: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        #: step -> (loss per rank, NaN until reported; [ranks reported so far])
+        self._pending: collections.OrderedDict[int, tuple[np.ndarray, list[int]]] = collections.OrderedDict()
         self._far_streak = np.zeros(0, dtype=np.int64)
         self._near_streak = np.zeros(0, dtype=np.int64)
         self._firing = np.zeros(0, dtype=bool)
 
     def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
         size = ranks.size
-        losses = self._pending.get(report.step)
-        if losses is None or losses.size != size:
-            losses = self._pending[report.step] = np.full(size, np.nan)
+        pending = self._pending.get(report.step)
+        if pending is None or pending[0].size != size:
+            pending = self._pending[report.step] = (np.full(size, np.nan), [0])
             while len(self._pending) > PENDING_STEPS:
                 self._pending.popitem(last=False)
+        losses, reported = pending
+        if report.rank >= size or not np.isnan(losses[report.rank]):
+            return ()  # a resent report of a step already counted
         # An absent loss counts as reported (it just is not judged): NaN marks "not yet", -inf "no loss".
-        loss = report.loss if report.loss is not None and math.isfinite(report.loss) else -math.inf
-        losses[report.rank] = loss
-        if np.isnan(losses).any():
-            return ()
+        losses[report.rank] = report.loss if report.loss is not None and math.isfinite(report.loss) else -math.inf
+        reported[0] += 1
+        if reported[0] < size:
+            return ()  # O(1) per report; the O(ranks) judgement runs once per complete step
         del self._pending[report.step]
         return self._judge(losses, report.step, ranks)
 
