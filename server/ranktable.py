@@ -72,7 +72,8 @@ class RankTable:
             self.progress_at[rank] = now
         slot = self.reports[rank] % TIMING_WINDOW
         self.reports[rank] += 1
-        self._durations[rank, slot] = duration_s if math.isfinite(duration_s) and duration_s >= 0 else np.nan
+        # 0 is the agent's "unknown" (its first step): no step takes no time.
+        self._durations[rank, slot] = duration_s if math.isfinite(duration_s) and duration_s > 0 else np.nan
         ok = pre_forward_s is not None and math.isfinite(pre_forward_s) and pre_forward_s >= 0
         self._pre_forward[rank, slot] = pre_forward_s if ok else np.nan
 

@@ -324,3 +324,20 @@ def test_rank_table_restarted_session_starts_its_steps_over_and_a_reconnect_does
     ranks.report(0, 1, 0.1, None, 601.0)
     assert (ranks.last_step[0], ranks.progress_at[0]) == (1, 601.0)
     assert ranks.step_time()[0] == pytest.approx(0.1)  # its pace is still known
+
+
+def test_run_view_shows_each_rank_replica_group_and_recent_pace() -> None:
+    from gradwatch.server.config import LimitsConfig
+    from gradwatch.server.report import build_report
+    from gradwatch.server.store import RunStore
+    from gradwatch.server.views import run_view
+    from server_support import hello
+
+    store = RunStore(LimitsConfig(), detector_names=(), clock=lambda: 0.0)
+    run, state, _ = store.join(hello(run="v", rank=1, world_size=2, replica_group=0, replica_group_size=2))
+    for step in range(1, 4):
+        msg = report_frame(step, pre_forward_s=0.02).report
+        store.record_report(run, state, build_report("v", 1, msg, (), 0.0), state.schema)
+    (view,) = run_view(run, [])["ranks"]
+    assert (view["rank"], view["replica_group"], view["replica_group_size"]) == (1, 0, 2)
+    assert view["step_time_s"] == pytest.approx(0.1) and view["pre_forward_s"] == pytest.approx(0.02)
