@@ -17,8 +17,8 @@ def cluster_config() -> ServerConfig:
     from what a loaded machine's jitter reaches (jobs sleep ≥ 50 ms per step, so step times stay steady)."""
     base = ServerConfig.local()
     detectors = dict(base.detectors)
-    detectors["rank_divergence"] = RankDivergenceConfig(consecutive=3)
+    detectors["rank_divergence"] = RankDivergenceConfig(consecutive=4)
     detectors["straggler"] = StragglerConfig(consecutive=3, min_reports=6)
-    detectors["stalled"] = StalledConfig(floor_s=5.0, factor=20.0)
-    detectors["throughput_drop"] = ThroughputDropConfig(ratio=0.4, min_steps=8, recent=3, consecutive=4)
+    detectors["stalled"] = StalledConfig(floor_s=8.0, factor=20.0)
+    detectors["throughput_drop"] = ThroughputDropConfig(ratio=0.4, min_steps=8, recent=5, consecutive=6)
     return dataclasses.replace(base, detectors=types.MappingProxyType(detectors))
