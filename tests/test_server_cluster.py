@@ -341,3 +341,14 @@ def test_run_view_shows_each_rank_replica_group_and_recent_pace() -> None:
     (view,) = run_view(run, [])["ranks"]
     assert (view["rank"], view["replica_group"], view["replica_group_size"]) == (1, 0, 2)
     assert view["step_time_s"] == pytest.approx(0.1) and view["pre_forward_s"] == pytest.approx(0.02)
+
+
+def test_stalled_hung_rank_is_named_as_behind_even_when_its_threshold_passes_first() -> None:
+    # Rank 1 stopped one step before rank 0, which then blocked: the first tick past rank 1's threshold, before
+    # rank 0's, must already call it what it is (the whole run stuck on rank 1), not "rank 0 advances".
+    ranks, detector = table(2), StalledDetector(StalledConfig(floor_s=8.0))
+    _progress(ranks, {1: 5}, at=100.0, duration=0.05)
+    _progress(ranks, {0: 6}, at=100.05, duration=0.05)
+    findings = detector.tick(ranks, 108.02)
+    assert list(fired(findings)) == [1]
+    assert "rank 1 (host-1) stuck at step 5" in fired(findings)[1][0].summary

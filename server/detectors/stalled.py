@@ -21,12 +21,13 @@ suspects: the ranks behind the others (the rest already reported the step the su
 never finished and wait for it in the next collective), else the ranks whose frames
 stopped altogether for `silent_after_s` (process frozen, dead or cut off); with no
 such clue it names every rank ("the whole run stalled"). When only some ranks stall
-while others advance, it names those. Ranks that said goodbye, and ranks that have not
-reported yet (still starting), are not judged. Ranks ahead of the slowest one are
-judged from the later of their own last progress and the moment the slowest rank last
-moved, so the ranks that waited for a hung peer do not page once it recovers (they
-need a moment to get going again). The Prometheus rule GradwatchRunStale
-(docs/runbooks/run_stale.md) stays as a coarse, server-independent backstop.
+while others still advance (progressed within half their threshold), it names those.
+Ranks that said goodbye, and ranks that have not reported yet (still starting), are
+not judged. Ranks ahead of the slowest one are judged from the later of their own last
+progress and the moment the slowest rank last moved, so the ranks that waited for a
+hung peer do not page once it recovers (they need a moment to get going again). The
+Prometheus rule GradwatchRunStale (docs/runbooks/run_stale.md) stays as a coarse
+backstop that needs no detector state.
 """
 
 from __future__ import annotations
@@ -102,27 +103,28 @@ class StalledDetector:
         steps = ranks.last_step[live]
         worst = int(np.argmax(np.where(stalled, gap, -np.inf)))
         pace = f"no progress for {gap[worst]:.0f} s, threshold {threshold[worst]:.0f} s"
-        if not stalled[live].all():
-            others = live & ~stalled
+        with np.errstate(invalid="ignore"):
+            moving = live & ~(gap > threshold / 2)  # progressed within half their threshold: still training
+        if moving.any():
             summary = (f"{ranks.describe(np.flatnonzero(stalled))} stalled at step {ranks.last_step[worst]} "
-                       f"({pace}) while {int(others.sum())} other rank(s) advance, now at step "
-                       f"{int(ranks.last_step[others].max())}")  # fmt: skip
+                       f"({pace}) while {int(moving.sum())} other rank(s) advance, now at step "
+                       f"{int(ranks.last_step[moving].max())}")  # fmt: skip
             return stalled, summary
+        # Nobody moves: the whole run is stuck (ranks not yet over their threshold soon will be).
         behind = stalled & (ranks.last_step == steps.min()) if steps.min() < steps.max() else np.zeros_like(stalled)
         if behind.any():
             summary = (f"the whole run stalled ({pace}): {ranks.describe(np.flatnonzero(behind))} stuck at step "
                        f"{int(steps.min())} while the other ranks finished step {int(steps.max())} and wait for "
                        "it, probably in a collective")  # fmt: skip
             return behind, summary
-        if silent.any() and not silent[live].all():
+        frozen = stalled & silent
+        if frozen.any() and not silent[live].all():
             summary = (f"the whole run stalled at step {int(steps.max())} ({pace}); "
-                       f"{ranks.describe(np.flatnonzero(silent))} also stopped sending heartbeats (process "
+                       f"{ranks.describe(np.flatnonzero(frozen))} also stopped sending heartbeats (process "
                        "frozen, dead or cut off): probably the cause")  # fmt: skip
-            return silent, summary
-        summary = (
-            f"the whole run stalled at step {int(steps.max())} ({pace}); all {int(live.sum())} ranks "
-            f"({ranks.describe(np.flatnonzero(live), limit=4)}) are at the same step, none is behind"
-        )
+            return frozen, summary
+        summary = (f"the whole run stalled at step {int(steps.max())} ({pace}); its {int(live.sum())} ranks "
+                   f"({ranks.describe(np.flatnonzero(live), limit=4)}) are at the same step, none is behind")
         return stalled, summary
 
 
