@@ -43,7 +43,7 @@ YAML shape (every key optional; these are the defaults)::
       straggler: {enabled: true, threshold: 0.75, min_reports: 8, consecutive: 10, resolve_after: 10}
       stalled: {enabled: true, floor_s: 300.0, factor: 20.0, silent_after_s: 30.0}
       throughput_drop: {enabled: true, ratio: 0.5, window: 200, min_steps: 30, recent: 5,
-                        consecutive: 10, resolve_after: 10}
+                        consecutive: 10, sustain_s: 60.0, resolve_after: 10}
 """
 
 from __future__ import annotations

@@ -20,5 +20,5 @@ def cluster_config() -> ServerConfig:
     detectors["rank_divergence"] = RankDivergenceConfig(consecutive=4)
     detectors["straggler"] = StragglerConfig(consecutive=3, min_reports=6)
     detectors["stalled"] = StalledConfig(floor_s=8.0, factor=20.0)
-    detectors["throughput_drop"] = ThroughputDropConfig(ratio=0.4, min_steps=8, recent=5, consecutive=6)
+    detectors["throughput_drop"] = ThroughputDropConfig(ratio=0.4, min_steps=8, recent=5, consecutive=6, sustain_s=2.0)
     return dataclasses.replace(base, detectors=types.MappingProxyType(detectors))

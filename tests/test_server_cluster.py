@@ -219,7 +219,7 @@ def test_stalled_whole_run_at_one_step_names_silent_ranks_else_everyone() -> Non
 
 
 def test_throughput_drop_fires_for_every_rank_after_a_sustained_slowdown_and_resolves() -> None:
-    cfg = ThroughputDropConfig(min_steps=10, consecutive=4, resolve_after=3, recent=3)
+    cfg = ThroughputDropConfig(min_steps=10, consecutive=4, resolve_after=3, recent=3, sustain_s=0.0)
     ranks, detector = table(2), ThroughputDropDetector(cfg)
 
     def steps(first: int, last: int, duration: float) -> list[Finding]:
@@ -236,7 +236,7 @@ def test_throughput_drop_fires_for_every_rank_after_a_sustained_slowdown_and_res
 
 
 def test_throughput_drop_ignores_a_few_slow_steps_and_incomplete_steps() -> None:
-    cfg = ThroughputDropConfig(min_steps=10, consecutive=4, recent=3)
+    cfg = ThroughputDropConfig(min_steps=10, consecutive=4, recent=3, sustain_s=0.0)
     ranks, detector = table(2), ThroughputDropDetector(cfg)
     reports = [report(r, s, step_duration_s=0.1) for s in range(1, 31) for r in range(2)]
     reports += [report(r, s, step_duration_s=1.0) for s in (31, 32) for r in range(2)]  # a checkpoint
@@ -352,3 +352,14 @@ def test_stalled_hung_rank_is_named_as_behind_even_when_its_threshold_passes_fir
     findings = detector.tick(ranks, 108.02)
     assert list(fired(findings)) == [1]
     assert "rank 1 (host-1) stuck at step 5" in fired(findings)[1][0].summary
+
+
+def test_throughput_drop_needs_the_slowdown_to_last_sustain_s_seconds() -> None:
+    # Millisecond steps on a busy host: many slow steps in a row, but over less than sustain_s of server time.
+    cfg = ThroughputDropConfig(min_steps=10, consecutive=4, recent=3, sustain_s=5.0)
+    ranks, detector = table(1), ThroughputDropDetector(cfg)
+    fast = [report(0, s, step_duration_s=0.001, received_at=s * 0.001) for s in range(1, 31)]
+    slow = [report(0, s, step_duration_s=0.004, received_at=0.03 + (s - 30) * 0.004) for s in range(31, 300)]
+    assert feed(detector, ranks, fast + slow) == []  # 269 slow steps, about 1.1 s
+    later = [report(0, s, step_duration_s=0.004, received_at=10.0 + s * 0.004) for s in range(300, 304)]
+    assert list(fired(feed(detector, ranks, later))) == [0]  # still slow, now for over 5 s

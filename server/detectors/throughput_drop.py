@@ -11,7 +11,9 @@ one slow rank is the straggler detector's business). The current pace is the med
 of the last `recent` step times; the baseline the median of the last `window` step
 times taken while the run was healthy (slow steps never enter it, so a drop cannot
 absorb itself into "normal"). It fires when current / baseline steps per second falls
-below `ratio` for `consecutive` steps in a row, after `min_steps` steps of warm-up,
+below `ratio` for `consecutive` steps in a row lasting at least `sustain_s` seconds
+(a slowdown of a few seconds costs little, and fast-stepping jobs on a busy host
+jitter by several times over a handful of steps), after `min_steps` steps of warm-up,
 and resolves after `resolve_after` steps back above it. A run that stops altogether
 completes no steps: that is the `stalled` detector's case.
 
@@ -45,7 +47,10 @@ class ThroughputDropConfig(DetectorConfig):
     window: int = setting(200, doc="Healthy step times in the baseline median.", ge=5)
     min_steps: int = setting(30, doc="Steps that only build the baseline (warm-up).", ge=3)
     recent: int = setting(5, doc="Latest step times whose median is the current pace.", ge=1)
-    consecutive: int = setting(10, doc="Steps in a row below the ratio before firing.", ge=1)
+    consecutive: int = setting(10, doc="Steps in a row below the ratio before firing ...", ge=1)
+    sustain_s: float = setting(
+        60.0, doc="... and seconds since the first of them (a slowdown of seconds is noise, not lost compute).", ge=0.0
+    )
     resolve_after: int = setting(10, doc="Steps in a row at or above the ratio before it resolves.", ge=1)
 
     def _check(self) -> None:
@@ -62,6 +67,7 @@ class ThroughputDropDetector:
         self._baseline = FloatRing(config.window)
         self._recent = FloatRing(config.recent)
         self._slow_streak = 0
+        self._slow_since = 0.0  # server time of the first step of the current slow streak
         self._ok_streak = 0
         self._fired: np.ndarray = np.zeros(0, dtype=np.int64)
 
@@ -78,12 +84,13 @@ class ThroughputDropDetector:
         if len(durations) < ranks.size:
             return ()
         del self._pending[report.step]
-        return self._judge(float(np.median(np.fromiter(durations.values(), dtype=np.float64))), report.step, ranks)
+        step_time = float(np.median(np.fromiter(durations.values(), dtype=np.float64)))
+        return self._judge(step_time, report.step, report.received_at, ranks)
 
     def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
         return ()  # judged per completed step; a run completing no steps at all is the stalled detector's
 
-    def _judge(self, step_time: float, step: int, ranks: RankTable) -> Sequence[Finding]:
+    def _judge(self, step_time: float, step: int, now: float, ranks: RankTable) -> Sequence[Finding]:
         cfg = self._config
         self._recent.append(step_time)
         if self._baseline.count < cfg.min_steps:
@@ -93,6 +100,8 @@ class ThroughputDropDetector:
         current = float(np.median(self._recent.unordered()))
         ratio = baseline / current if current > 0 else math.inf
         slow = ratio < cfg.ratio
+        if slow and self._slow_streak == 0:
+            self._slow_since = now
         self._slow_streak = self._slow_streak + 1 if slow else 0
         self._ok_streak = 0 if slow else self._ok_streak + 1
         if self._fired.size:
@@ -105,7 +114,7 @@ class ThroughputDropDetector:
         if not slow:
             self._baseline.append(step_time)
             return ()
-        if self._slow_streak < cfg.consecutive:
+        if self._slow_streak < cfg.consecutive or now - self._slow_since < cfg.sustain_s:
             return ()
         self._fired = np.flatnonzero(ranks.reports > 0)
         summary = (
