@@ -53,7 +53,7 @@ class ReportAssembler:
         self._labels: torch.Tensor | None = None
         self._reported_optimizer_steps = 0
         self._fold = LayerFold.of(engine.layout)
-        self._layouts: dict[tuple[bool, int, bool, bool], VectorLayout] = {}
+        self._layouts: dict[tuple[bool, int, bool, bool, bool], VectorLayout] = {}
 
     def layout_changed(self) -> None:
         """The engine regrouped its parameters: folds and vector layouts are rebuilt."""
@@ -90,6 +90,9 @@ class ReportAssembler:
             histograms = captured.histograms if captured.grads is not None else None
             histograms = histograms if histograms is not None else engine.grad_histograms()
             histograms = histograms if histograms.numel() == LOG2_BINS * num_params else None
+        checksum = None
+        if full:  # with the weights it was taken with: in the post-hook, or here when the optimizer did not step
+            checksum = captured.checksum if captured.weights is not None else engine.checksum()
         lr_values, lr_slots, lr_tensors = rates
         scaler = self._scaler_tap.take() if self._scaler_tap is not None else None
         if scaler is None and self._scaler_tap is not None:  # the scaler did not step: nothing was skipped
@@ -100,7 +103,9 @@ class ReportAssembler:
         loss_0d = loss.tensor if loss.tensor is not None else engine.zero()
 
         # The one stack of this report: every value above is a 0-d tensor on the same device.
-        vector = torch.stack([loss_0d, *grads, *weights, *lr_tensors, *(scaler or ()), *(updates or ())])
+        vector = torch.stack(
+            [loss_0d, *grads, *weights, *lr_tensors, *(scaler or ()), *(updates or ()), *(checksum or ())]
+        )
         parts = [] if histograms is None else [histograms]
         capture = self._activations.take() if self._activations is not None else None
         labels, self._labels = self._labels, None
@@ -112,7 +117,9 @@ class ReportAssembler:
             vector = torch.cat([vector, *parts])
         return Assembled(
             values=start_copy(vector),
-            layout=self._layout(full, len(lr_tensors), updates is not None, histograms is not None),
+            layout=self._layout(
+                full, len(lr_tensors), updates is not None, histograms is not None, checksum is not None
+            ),
             fold=self._fold,
             has_loss=loss.has_loss,
             loss_in_vector=loss.tensor is not None,
@@ -130,10 +137,12 @@ class ReportAssembler:
             if tap is not None:
                 tap.remove()
 
-    def _layout(self, full: bool, num_tensor_lrs: int, updates: bool, histograms: bool) -> VectorLayout:
-        key = (full, num_tensor_lrs, updates, histograms)
+    def _layout(self, full: bool, num_tensor_lrs: int, updates: bool, histograms: bool, checksum: bool) -> VectorLayout:
+        key = (full, num_tensor_lrs, updates, histograms, checksum)
         layout = self._layouts.get(key)
         if layout is None:
             num_params, scaler = len(self._engine.layout.params), self._scaler_tap is not None
-            layout = self._layouts[key] = VectorLayout(num_params, full, num_tensor_lrs, scaler, updates, histograms)
+            layout = self._layouts[key] = VectorLayout(
+                num_params, full, num_tensor_lrs, scaler, updates, histograms, checksum
+            )
         return layout

@@ -7,7 +7,8 @@ Contract
 - The post-hook runs after the update and queues the weight statistics (full-statistics steps only; see
   StatsEngine.compute). On full-statistics steps the
   pre-hook also copies a fixed sample of every parameter (stats.StatsEngine.weight_sample) and the post-hook
-  measures the update against it (|Δw|, for the update ratio |Δw|/|w|).
+  measures the update against it (|Δw|, for the update ratio |Δw|/|w|) and takes the parameter checksum
+  (StatsEngine.checksum, compared across replicas by the server).
 - Both only queue device kernels and keep the 0-d result tensors; they never read `.grad` values on the host,
   never mutate what they observe, and send failures to errors.report. `remove()` takes both hooks off.
 - Several optimizer steps between two reports (or none) are fine: the latest capture wins, and monitor.step()
@@ -61,6 +62,7 @@ class Capture:
     rates: LearningRates | None = None
     updates: list[torch.Tensor] | None = None
     histograms: torch.Tensor | None = None
+    checksum: list[torch.Tensor] | None = None
 
 
 class OptimizerTap:
@@ -87,6 +89,7 @@ class OptimizerTap:
         self._before: list[torch.Tensor | None] | None = None
         self._updates: list[torch.Tensor] | None = None
         self._histograms: torch.Tensor | None = None
+        self._checksum: list[torch.Tensor] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -96,8 +99,8 @@ class OptimizerTap:
         """The captures since the last call (None where the optimizer did not step): gradient statistics,
         weight statistics, learning rates, update columns and gradient histograms (the last two on full
         steps only); then forget them."""
-        captured = Capture(self._grads, self._weights, self._rates, self._updates, self._histograms)
-        self._grads = self._weights = self._rates = self._updates = self._histograms = None
+        captured = Capture(self._grads, self._weights, self._rates, self._updates, self._histograms, self._checksum)
+        self._grads = self._weights = self._rates = self._updates = self._histograms = self._checksum = None
         return captured
 
     def remove(self) -> None:
@@ -130,6 +133,7 @@ class OptimizerTap:
             self.steps += 1
             full = self._begin_step()
             self._weights = self._engine.compute("weight", full)
+            self._checksum = self._engine.checksum() if full else None
             before, self._before = self._before, None
             if full and before is not None:
                 self._updates = self._engine.update_stats(before)

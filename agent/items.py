@@ -39,6 +39,9 @@ class AgentIdentity:
     schema: LayerSchema
     activation_names: tuple[str, ...] = ()
     activation_types: tuple[str, ...] = ()
+    #: Lowest rank and size of the ranks holding the same parameter values (replica.py); size 1: none known.
+    replica_group: int = 0
+    replica_group_size: int = 1
 
     @classmethod
     def of(
@@ -51,6 +54,7 @@ class AgentIdentity:
         device_kind: str,
         schema: LayerSchema,
         activations: ActivationTap | None,
+        replica_group: tuple[int, int] | None = None,
     ) -> AgentIdentity:
         """This process's identity for `config` (host and pid read here)."""
         return cls(
@@ -69,6 +73,8 @@ class AgentIdentity:
             schema=schema,
             activation_names=() if activations is None else activations.names,
             activation_types=() if activations is None else activations.module_types,
+            replica_group=replica_group[0] if replica_group else config.rank,
+            replica_group_size=replica_group[1] if replica_group else 1,
         )
 
 
@@ -104,6 +110,8 @@ class ReportItem:
     payload: Assembled
     full_stats_interval: int = 0
     over_budget: bool = False
+    #: Seconds from the previous step to this step's first forward pass (timing.py), when one was seen.
+    pre_forward_s: float | None = None
 
 
 @dataclass(slots=True)

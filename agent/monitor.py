@@ -22,7 +22,9 @@ Contract
   budget.py), and on every step while a FULL_STATS command from the server is in force. Forward hooks
   (activations.py) add activation, input and label statistics and NaN provenance.
 - Attach after the model is built, moved to its device and wrapped or sharded (DDP, FSDP2): the layer
-  schema is fixed at attach.
+  schema and the replica group (replica.py: which ranks must hold identical weights) are fixed at attach.
+- Cross-rank signals: full-statistics reports carry an exact checksum of the parameters (stats.py), compared
+  across replicas by the server; every report carries the time to the step's first forward pass (timing.py).
 - Gradient accumulation (`grad_accumulation=True`): a `step()` after which the optimizer has not stepped
   (nor the watched GradScaler) is a micro step: its loss joins the next report, which carries the mean loss
   and `micro_steps`; statistics go out once per optimizer step.
@@ -56,8 +58,10 @@ from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
+from gradwatch.agent.replica import replica_group
 from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, data_parallel_size
 from gradwatch.agent.stats import StatsEngine
+from gradwatch.agent.timing import ForwardClock
 
 __all__ = ["Monitor", "NoopMonitor", "attach"]
 
@@ -167,6 +171,7 @@ class Monitor:
             device_kind=self._engine.layout.device.type,
             schema=self._schema,
             activations=activations,
+            replica_group=replica_group(model, self._engine.layout, config.rank, config.world_size),
         )
         kwargs: dict[str, Any] = {
             "on_alert": self._on_alert,
@@ -178,6 +183,8 @@ class Monitor:
         self._sender.start()  # first: if the thread cannot start, attach() raises with nothing hooked
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
                                           self._spent)  # fmt: skip
+        # forward_hooks=False promises no hooks on the model: then no pre-forward time either.
+        self._forward_clock = ForwardClock(model) if config.forward_hooks else None
         if activations is not None:
             activations.install()
         process.track(self)
@@ -280,6 +287,8 @@ class Monitor:
         self._closed = True
         try:
             self._assembler.remove()
+            if self._forward_clock is not None:
+                self._forward_clock.remove()
             self._close_result = self._sender.close(timeout, self._step_count, reason)
         except Exception as exc:
             errors.report(exc, "close")
@@ -305,6 +314,7 @@ class Monitor:
         self._upcoming_full = None
         self._step_count += 1
         duration = 0.0 if self._last_step_at is None else started - self._last_step_at
+        pre_forward = None if self._forward_clock is None else self._forward_clock.take(self._last_step_at)
         self._last_step_at = started
         part = self._assembler.assemble(full)
         item = ReportItem(
@@ -315,6 +325,7 @@ class Monitor:
             payload=part,
             full_stats_interval=self._budget.interval,
             over_budget=self._budget.over_budget,
+            pre_forward_s=pre_forward,
         )
         self._observe_cost(full, item.agent_time_s, duration)
         # What remains of this call is counted in the next report (step() adds the full call time).
@@ -384,6 +395,8 @@ class Monitor:
         self._inert = True
         self._sender.mark_forked()
         self._assembler.remove()
+        if self._forward_clock is not None:
+            self._forward_clock.remove()
 
     def _close_at_exit(self, deadline: float) -> None:
         self._close(max(0.0, deadline - time.monotonic()), "exit")

@@ -28,7 +28,7 @@ import torch
 
 from gradwatch.agent.histogram import LOG2_BINS, log2_histogram
 from gradwatch.agent.schema import ModelLayout, ParamGroup, is_stale, local_tensor, regroup
-from gradwatch.agent.vector import PARAM_COLUMNS
+from gradwatch.agent.vector import CHECKSUM_PIECES, PARAM_COLUMNS
 
 __all__ = ["Source", "StatsEngine"]
 
@@ -43,6 +43,8 @@ UPDATE_SAMPLE_ELEMENTS = 65536
 #: on one thread, torch 2.13), and the zero fraction is a proportion for which 65536 samples are plenty.
 #: Accelerators count every element (one foreach launch).
 ZERO_SAMPLE_ELEMENTS = 65536
+#: Integer dtype of each element size, to read a tensor's bit patterns (Tensor.view(dtype) reinterprets, no copy).
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class StatsEngine:
@@ -51,6 +53,7 @@ class StatsEngine:
     def __init__(self, layout: ModelLayout) -> None:
         self._layout = layout
         self._zeros: dict[torch.device, torch.Tensor] = {}
+        self._shifts: dict[torch.device, torch.Tensor] = {}
 
     @property
     def layout(self) -> ModelLayout:
@@ -82,6 +85,34 @@ class StatsEngine:
                 for column, values in zip(columns, self._group_stats(group, source, full), strict=True):
                     column.extend(values)
         return [value for column in columns for value in column]
+
+    def checksum(self) -> list[torch.Tensor]:
+        """An exact checksum of this rank's parameter values: the sum, in wrapping int64 arithmetic, of the bit
+        pattern of every element (local shards for DTensors), as CHECKSUM_PIECES 0-d float32 tensors holding 16
+        bits each, least significant first (exact in float32; wire.py reassembles them). Integer addition is
+        exact and order-independent, so replicas holding the same values agree to the bit whatever the kernel's
+        reduction order, and one flipped bit anywhere changes the sum. One integer sum kernel per parameter
+        (full-statistics steps only); nothing is read on the host."""
+        layout = self._layout
+        target = layout.device
+        sums: list[torch.Tensor] = []
+        with torch.no_grad():
+            for p in layout.params:
+                t = local_tensor(p.detach()) if layout.has_dtensor else p.detach()
+                if t.numel() == 0 or t.is_sparse:
+                    continue
+                if t.is_complex():
+                    t = torch.view_as_real(t)
+                elif t.dtype == torch.bool:
+                    t = t.to(torch.uint8)
+                bits = t if not t.is_floating_point() else t.view(_BITS[t.element_size()])
+                sums.append(bits.sum(dtype=torch.int64).to(target, non_blocking=True))
+            total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.int64, device=target)
+            shifts = self._shifts.get(target)
+            if shifts is None:  # made on the device (a kernel, not a host copy), once per device
+                shifts = self._shifts[target] = torch.arange(CHECKSUM_PIECES, dtype=torch.int64, device=target) * 16
+            pieces = torch.bitwise_and(torch.bitwise_right_shift(total, shifts), 0xFFFF).to(_F32)
+        return list(pieces.unbind())
 
     def grad_histograms(self) -> torch.Tensor:
         """Per-parameter log2-magnitude histograms of the gradients, (P × LOG2_BINS) flattened, float32

@@ -10,6 +10,7 @@ order) and C = 1 column on ordinary steps or 5 on full-statistics steps:
     tail                     one value per tensor learning rate
     scaler (when watched)    found-inf sum (> 0: the loss scaler skipped the step), the scale used
     updates (full steps)     UPDATE_COLUMNS × P, when the optimizer stepped with a weight sample taken
+    checksum (full steps)    CHECKSUM_PIECES 16-bit pieces (exact in float32) of the int64 parameter checksum
     histograms (full steps)  P × LOG2_BINS gradient log2-magnitude counts (histogram.py)
 
 The device reduces every element of every tensor (the O(elements) work); folding the P per-parameter values
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from gradwatch.agent.histogram import LOG2_BINS
 
-__all__ = ["PARAM_COLUMNS", "UPDATE_COLUMNS", "VectorLayout"]
+__all__ = ["CHECKSUM_PIECES", "PARAM_COLUMNS", "UPDATE_COLUMNS", "VectorLayout"]
 
 # Per-parameter columns, in order. "norm" is present on every step, the others on full steps only.
 #   norm: L2 norm; max_abs: max |x|; sum: sum of elements; non_finite: NaN/Inf count; nonzero: count of x != 0;
@@ -31,6 +32,8 @@ PARAM_COLUMNS: tuple[str, ...] = ("norm", "max_abs", "sum", "non_finite", "nonze
 # Per-parameter update columns (full steps with an optimizer): |Δw|² and |w|² over the parameter's sample,
 # each times the sampling stride (schema-independent extrapolation to the whole tensor; see stats.py).
 UPDATE_COLUMNS: tuple[str, ...] = ("update_squares", "weight_squares")
+# The 64-bit parameter checksum travels as this many 16-bit pieces, least significant first (stats.py).
+CHECKSUM_PIECES = 4
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class VectorLayout:
     scaler: bool = False
     updates: bool = False
     histograms: bool = False
+    checksum: bool = False
 
     LOSS = 0
 
@@ -59,8 +63,17 @@ class VectorLayout:
         return self.histogram_start + (LOG2_BINS * self.num_params if self.histograms else 0)
 
     @property
-    def histogram_start(self) -> int:
+    def checksum_start(self) -> int:
         return self.update_start + (len(UPDATE_COLUMNS) * self.num_params if self.updates else 0)
+
+    @property
+    def checksum_pieces(self) -> slice:
+        """The CHECKSUM_PIECES pieces of the parameter checksum (only when `checksum`)."""
+        return slice(self.checksum_start, self.checksum_start + CHECKSUM_PIECES)
+
+    @property
+    def histogram_start(self) -> int:
+        return self.checksum_start + (CHECKSUM_PIECES if self.checksum else 0)
 
     @property
     def grad_histograms(self) -> slice:

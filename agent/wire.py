@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 _LE_F32 = np.dtype("<f4")
+_U64 = (1 << 64) - 1
 # LayerStats fields, as fold.LayerFold names its columns.
 LAYER_COLUMNS = tuple(
     f"{source}_{name}"
@@ -58,6 +59,8 @@ def hello(identity: AgentIdentity) -> pb.Hello:
         torch_version=identity.torch_version,
         device_kind=identity.device_kind,
         full_stats_interval=identity.full_stats_interval,
+        replica_group=identity.replica_group,
+        replica_group_size=identity.replica_group_size,
         schema=pb.LayerSchema(names=schema.names, module_types=schema.module_types, param_counts=schema.param_counts),
         activation_schema=pb.LayerSchema(names=identity.activation_names, module_types=identity.activation_types),
     )
@@ -106,6 +109,11 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         over_budget=item.over_budget,
         grad_global_share=columns["grad_global_share"],
     )
+    if layout.checksum:
+        pieces = values[layout.checksum_pieces]
+        report.param_checksum = sum(int(piece) << (16 * i) for i, piece in enumerate(pieces)) & _U64
+    if item.pre_forward_s is not None:
+        report.pre_forward_s = item.pre_forward_s
     if layout.scaler:
         report.skipped_step = bool(values[layout.scaler_skipped] > 0)
         report.loss_scale = float(values[layout.scaler_scale])

@@ -37,7 +37,7 @@ from gradwatch.server.alerts import AlertBook, AlertListener
 from gradwatch.server.auth import AuthCollector, HttpGuard, TokenSource
 from gradwatch.server.config import AlertingConfig, ServerConfig
 from gradwatch.server.database import Database
-from gradwatch.server.detectors import REGISTRY, DetectorSpec, inhibitions
+from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi
 from gradwatch.server.ingest import Ingestor
@@ -153,6 +153,7 @@ class ServerApp:
         self._http: HttpApi | None = None
         self._grpc_port: int | None = None
         self._sweeper: asyncio.Future[None] | None = None
+        self._ticker: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -322,6 +323,7 @@ class ServerApp:
         await health.set(INGEST_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._grpc_server, self._health = server, health
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        self._ticker = asyncio.ensure_future(self._tick_forever())
         return port
 
     async def _sweep_forever(self) -> None:
@@ -333,7 +335,15 @@ class ServerApp:
             except Exception:  # the loop must keep sweeping; each part counts its own failures
                 log.exception("persisting server state failed")
 
+    async def _tick_forever(self) -> None:
+        """Cross-rank detectors judge every run each TICK_INTERVAL_S, so a hang is seen while nothing arrives."""
+        while True:
+            await asyncio.sleep(TICK_INTERVAL_S)
+            self.ingestor.tick()
+
     async def _stop_grpc(self, grace: float) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._health is not None:

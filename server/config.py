@@ -91,6 +91,13 @@ YAML shape (every key optional; these are the defaults)::
                         consecutive: 3, min_reports: 1, resolve_after: 5}
       class_imbalance: {enabled: true, min_ratio: 0.1, clear_ratio: 0.15, min_samples: 500,
                         min_per_class: 20.0, max_classes: 1024}
+      rank_divergence: {enabled: true, z_threshold: 6.0, rel_floor: 0.1, abs_floor: 1.0e-6,
+                        consecutive: 5, resolve_after: 20, min_ranks: 3}
+      replica_mismatch: {enabled: true, resolve_after: 1}
+      straggler: {enabled: true, threshold: 0.75, min_reports: 8, consecutive: 10, resolve_after: 10}
+      stalled: {enabled: true, floor_s: 300.0, factor: 20.0, silent_after_s: 30.0}
+      throughput_drop: {enabled: true, ratio: 0.5, window: 200, min_steps: 30, recent: 5,
+                        consecutive: 10, sustain_s: 60.0, resolve_after: 10}
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ same thing however it arrived. Contract:
   `session.acked_seq` covers the frame. Returns Commands for the agent.
 * Every report is evaluated by every enabled detector of its run (nothing is
   sampled), in arrival order, under one lock, so detectors need no locking.
+  Cross-rank detectors (scope "run") also see the run's RankTable, and `tick()`
+  (called by the app every TICK_INTERVAL_S) lets them judge runs from which
+  nothing arrives; their findings may name any rank of the run.
 * When a critical detector starts firing on a rank, every rank of the run gets a
   COMMAND_KIND_ALERT with its next streamed frame (agents opted in to react stop
   or call back; the others ignore it).
@@ -23,12 +26,12 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gradwatch.server.alerts import AlertBook
 from gradwatch.server.config import ServerConfig
-from gradwatch.server.detectors import REGISTRY, Clear, Detector, DetectorSpec, Fire
+from gradwatch.server.detectors import REGISTRY, Clear, Detector, DetectorSpec, Finding, Fire, RunDetector, Verdict
 from gradwatch.server.report import RankReport, build_report
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RankState, RunState, RunStore, SchemaEntry
@@ -100,7 +103,7 @@ class Ingestor:
         self._stats = stats
         self._clock = clock
         self._specs = tuple(s for s in detectors if config.detector(s.name).enabled)
-        self._detectors: dict[str, list[tuple[DetectorSpec, Detector]]] = {}
+        self._detectors: dict[str, list[tuple[DetectorSpec, Detector | RunDetector]]] = {}
         self._broken: set[str] = set()
         #: (run, rank) -> ALERT commands waiting for that rank's next frame (bounded per rank).
         self._pending: dict[tuple[str, int], list[pb.Command]] = {}
@@ -158,9 +161,11 @@ class Ingestor:
                 with self._store.lock:
                     rank.dropped = bounded_drop_reasons(frame.heartbeat.dropped)
                     rank.last_heartbeat_at = self._clock()
+                    run.table.heard(rank.rank, frame.heartbeat.step, rank.last_heartbeat_at)
             elif kind == "goodbye":
                 with self._store.lock:
                     rank.said_goodbye = True
+                    run.table.goodbye(rank.rank)
                     if run.finished and run.finished_at is None:
                         run.finished_at = self._clock()
                 self._sweep_locked()  # a zero retention expires the run at once
@@ -173,6 +178,20 @@ class Ingestor:
             self._stats.frame(kind)
         self._stats.observe_latency(time.perf_counter() - started)
         return commands
+
+    def tick(self) -> None:
+        """Let every cross-rank detector of every run judge it now, reports or not (a hang shows as silence).
+        Finished runs still tick until they expire, so their ranks' goodbyes clear what they fired. Called by the
+        app every TICK_INTERVAL_S."""
+        with self._lock:
+            now = self._clock()
+            with self._store.lock:
+                runs = [run for run in self._store.runs() if not run.expired]
+            for run in runs:
+                for spec, detector in self._detectors.get(run.run_id, ()):
+                    if spec.scope == "run":
+                        for finding in self._run_findings(spec, detector, run, None, now):
+                            self._verdict(run, None, spec, finding.rank, finding.verdict)
 
     def sweep(self) -> list[str]:
         """Expire runs finished longer than `finished_run_retention_s` ago: they leave /metrics and
@@ -207,22 +226,49 @@ class Ingestor:
             self._on_report(run, rank, report, msg, session.hello)
         commands: list[pb.Command] = []
         for spec, detector in self._detectors_for(run.run_id):
-            try:
-                verdict = detector.observe(report)
-            except Exception:
-                # A detector bug must not take ingestion (or the other detectors) down.
-                if spec.name not in self._broken:
-                    self._broken.add(spec.name)
-                    log.exception("detector %s failed; further failures are not logged", spec.name)
+            if spec.scope == "run":
+                for finding in self._run_findings(spec, detector, run, report, 0.0):
+                    commands.extend(self._verdict(run, rank, spec, finding.rank, finding.verdict))
                 continue
-            if isinstance(verdict, Fire):
-                if self._alerts.fire(run.run_id, spec, rank.rank, verdict):
-                    self._store.count_trigger(run, spec.name)
-                    commands.extend(self._full_stats_command(rank, spec))
-                    if spec.severity == "critical":
-                        self._broadcast_alert(run, rank.rank, spec, verdict)
-            elif isinstance(verdict, Clear):
-                self._alerts.clear(run.run_id, spec.name, rank.rank)
+            try:
+                verdict = detector.observe(report)  # type: ignore[call-arg]
+            except Exception:
+                self._detector_failed(spec)
+                continue
+            commands.extend(self._verdict(run, rank, spec, rank.rank, verdict))
+        return commands
+
+    def _run_findings(self, spec: DetectorSpec, detector: Detector | RunDetector, run: RunState,
+                      report: RankReport | None, now: float) -> Sequence[Finding]:  # fmt: skip
+        """A cross-rank detector's findings for `report` (or for a tick at `now` when None); () if it raised."""
+        try:
+            with self._store.lock:
+                if report is None:
+                    return detector.tick(run.table, now)  # type: ignore[union-attr]
+                return detector.observe(report, run.table)  # type: ignore[call-arg]
+        except Exception:
+            self._detector_failed(spec)
+            return ()
+
+    def _detector_failed(self, spec: DetectorSpec) -> None:
+        """A detector bug must not take ingestion (or the other detectors) down; log it once."""
+        if spec.name not in self._broken:
+            self._broken.add(spec.name)
+            log.exception("detector %s failed; further failures are not logged", spec.name)
+
+    def _verdict(self, run: RunState, sender: RankState | None, spec: DetectorSpec, rank: int,
+                 verdict: Verdict | None) -> list[pb.Command]:  # fmt: skip
+        """Apply one verdict about `rank`; commands for `sender`, the rank whose stream is being served."""
+        commands: list[pb.Command] = []
+        if isinstance(verdict, Fire):
+            if self._alerts.fire(run.run_id, spec, rank, verdict):
+                self._store.count_trigger(run, spec.name)
+                if sender is not None and sender.rank == rank:
+                    commands.extend(self._full_stats_command(sender, spec))
+                if spec.severity == "critical":
+                    self._broadcast_alert(run, rank, spec, verdict)
+        elif isinstance(verdict, Clear):
+            self._alerts.clear(run.run_id, spec.name, rank)
         return commands
 
     def _full_stats_command(self, rank: RankState, spec: DetectorSpec) -> list[pb.Command]:
@@ -242,7 +288,7 @@ class Ingestor:
             if len(queued) < MAX_PENDING_ALERTS:
                 queued.append(command)
 
-    def _detectors_for(self, run_id: str) -> list[tuple[DetectorSpec, Detector]]:
+    def _detectors_for(self, run_id: str) -> list[tuple[DetectorSpec, Detector | RunDetector]]:
         detectors = self._detectors.get(run_id)
         if detectors is None:
             detectors = [(s, s.create(self._config.detector(s.name))) for s in self._specs]

@@ -111,6 +111,10 @@ class RankReport:
     def input_non_finite(self) -> bool:
         """The agent saw NaN/Inf in the model's input batch at this step (every step, not only full ones)."""
         return bool(self.non_finite_flags & pb.NON_FINITE_FLAG_INPUT)
+    #: Exact checksum of the rank's parameters after this step (full-statistics steps), as an unsigned 64-bit int.
+    param_checksum: int | None = None
+    #: Seconds from the previous step to this step's first forward pass, when the agent saw one.
+    pre_forward_s: float | None = None
 
     @property
     def layer_name(self) -> str | None:
@@ -178,6 +182,8 @@ def build_report(
         full_stats_interval=msg.full_stats_interval,
         over_budget=msg.over_budget,
         **_decode_model_io(msg, modules),
+        param_checksum=msg.param_checksum if msg.HasField("param_checksum") else None,
+        pre_forward_s=msg.pre_forward_s if msg.HasField("pre_forward_s") else None,
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.server.config import LimitsConfig
+from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import NON_FINITE_KINDS, RankReport
 from gradwatch.server.ring import RecordRing
 from gradwatch.v1 import gradwatch_pb2 as pb
@@ -145,6 +146,8 @@ class RunState:
     #: Set when the run was loaded from the database at start-up: its last saved summary (step, loss, ranks),
     #: shown until the first agent reconnects (then None).
     restored_summary: dict[str, Any] | None = None
+    #: Every rank's latest state as numpy columns, for the cross-rank detectors (server/ranktable.py).
+    table: RankTable = field(default_factory=lambda: RankTable(0))
 
     @property
     def finished(self) -> bool:
@@ -259,6 +262,8 @@ class RunStore:
             state.device_kind, state.full_stats_interval = hello.device_kind[:cut], hello.full_stats_interval
             state.schema = run.intern_schema(tuple(hello.schema.names))
             state.said_goodbye = False
+            run.table.join(hello.rank, hello.world_size, hello.host, hello.replica_group, hello.replica_group_size, now,
+                           new_session=hello.session_id not in state.sessions)  # fmt: skip
             run.finished_at, run.expired = None, False  # a rank came back: the run lives again
             run.restored_summary = None  # an agent is back: live values from now on
             if hello.session_id not in state.sessions:
@@ -298,6 +303,8 @@ class RunStore:
             )
             state.last_step = report.step
             state.last_report_at = report.received_at
+            run.table.report(report.rank, report.step, report.step_duration_s, report.pre_forward_s,
+                             report.received_at)  # fmt: skip
             if report.loss is not None and math.isfinite(report.loss):
                 state.last_loss = report.loss
             if math.isfinite(report.grad_norm):

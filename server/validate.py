@@ -164,6 +164,14 @@ def check_hello(hello: pb.Hello, limits: LimitsConfig) -> None:
             f"world_size {hello.world_size} exceeds this server's limit of {limits.max_ranks_per_run} ranks",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
+    if hello.replica_group_size > hello.world_size or (
+        hello.replica_group_size > 1 and hello.replica_group > hello.rank
+    ):
+        raise _reject(
+            INVALID_RANK,
+            f"Hello.replica_group {hello.replica_group} (size {hello.replica_group_size}) must be the lowest rank of "
+            f"a group of at most world_size {hello.world_size} ranks that holds rank {hello.rank}",
+        )
     _check_schema(hello.schema, limits)
     modules = hello.activation_schema
     if len(modules.names) > limits.max_layers_per_schema:

@@ -53,7 +53,7 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
         "non_finite_events": dict(run.non_finite_counts),
         "detector_triggers": dict(run.detector_triggers),
         "firing": sorted(firing),
-        "ranks": [rank_view(r) for r in ranks],
+        "ranks": [rank_view(r) | _rank_timing(run, r.rank) for r in ranks],
         "restored": run.restored_summary is not None,
         "recent_events": [{**e, "wall_time": finite_or_none(e["wall_time"])} for e in events],
     }
@@ -83,4 +83,17 @@ def rank_view(rank: RankState) -> dict[str, Any]:
         "connected": rank.open_streams > 0,
         "said_goodbye": rank.said_goodbye,
         "agent_dropped": dict(rank.dropped),
+    }
+
+
+def _rank_timing(run: RunState, rank: int) -> dict[str, Any]:
+    """What the cross-rank detectors see of a rank: its replica group and recent pace (server/ranktable.py)."""
+    table = run.table
+    if rank >= table.size:
+        return {}
+    return {
+        "replica_group": int(table.replica_group[rank]),
+        "replica_group_size": int(table.replica_group_size[rank]),
+        "step_time_s": finite_or_none(float(table.step_time()[rank])),
+        "pre_forward_s": finite_or_none(float(table.pre_forward_time()[rank])),
     }

@@ -57,3 +57,19 @@ def test_agent_gpu_hundred_steps_without_a_sync_under_sync_debug_error(server: S
     # Forward-hook statistics (activations, labels) and NaN provenance came through without a sync as well.
     assert reports[6].HasField("activations") and sum(np.frombuffer(reports[6].label_histogram, "<f4")) == 32
     assert reports[59].non_finite & pb.NON_FINITE_FLAG_INPUT
+    # The parameter checksum of full steps (integer sums on the device) did not sync either.
+    assert all(r.HasField("param_checksum") == r.HasField("layers") for r in reports)
+
+
+def test_agent_gpu_checksum_matches_the_same_weights_on_the_cpu() -> None:
+    from gradwatch.agent.schema import build_layout
+    from gradwatch.agent.stats import StatsEngine
+
+    def checksum(model: torch.nn.Module) -> int:
+        pieces = StatsEngine(build_layout(model)).checksum()
+        return sum(int(piece) << (16 * i) for i, piece in enumerate(pieces))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_mlp(seed=3).to(dtype)
+        on_cpu = checksum(model)
+        assert checksum(model.to("cuda")) == on_cpu, dtype  # Module.to moves in place

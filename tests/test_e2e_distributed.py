@@ -105,11 +105,15 @@ def _global_worker(rank: int, world_size: int, master_port: int, target: str, ou
         for layer in list(fsdp)[::2]:
             fully_shard(layer, mesh=mesh)
         fully_shard(fsdp, mesh=mesh)
+        # HSDP: shards along "shard" (size 1 here), replicas along "replicate": every rank holds the same values.
+        hsdp = model()
+        fully_shard(hsdp, mesh=init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("replicate", "shard")))
         truth: dict[str, list[float]] = {}
-        for name, net in (("ddp", ddp), ("fsdp", fsdp)):
+        for name, net in (("ddp", ddp), ("fsdp", fsdp), ("hsdp", hsdp)):
             opt = torch.optim.SGD(net.parameters(), lr=0.1)
             truth[name] = []
-            with gradwatch.attach(net, opt, run=f"global-{name}", server=target) as monitor:
+            # Full statistics every other step: parameter checksums at steps 2 and 4, compared across replicas.
+            with gradwatch.attach(net, opt, run=f"global-{name}", server=target, full_stats_interval=2) as monitor:
                 for step in range(1, GLOBAL_STEPS + 1):
                     generator = torch.Generator().manual_seed(100 * step + rank)  # different data per rank
                     x = torch.randn(16, 8, generator=generator)
@@ -145,7 +149,12 @@ def test_e2e_distributed_ddp_and_fsdp2_global_grad_norm_is_exact(tmp_path: Any) 
             for s in family.samples
             if s.name == "gradwatch_run_grad_norm" and s.labels.get("agg") == "global"
         }
-        for name in ("ddp", "fsdp"):
+        # Replica groups: DDP and HSDP replicate across both ranks (their checksums agreed: no alert), FSDP shards.
+        groups = {name: app.store.get(f"global-{name}").table.replica_group_size.tolist()  # type: ignore[union-attr]
+                  for name in ("ddp", "fsdp", "hsdp")}  # fmt: skip
+        assert groups == {"ddp": [2, 2], "fsdp": [1, 1], "hsdp": [2, 2]}
+        assert app.alerts() == []
+        for name in ("ddp", "fsdp", "hsdp"):
             run = app.store.get(f"global-{name}")
             assert run is not None
             expected = [math.sqrt(v) for v in truth[name]]

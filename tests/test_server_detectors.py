@@ -65,6 +65,12 @@ CATALOGUE_SEVERITIES = {
     "output_collapse": "warning",
     "class_imbalance": "warning",
     "frozen_parameters": "info",
+    # issue 7: the cross-rank detectors
+    "rank_divergence": "warning",
+    "replica_mismatch": "critical",
+    "straggler": "warning",
+    "stalled": "critical",
+    "throughput_drop": "warning",
 }
 
 
@@ -72,6 +78,7 @@ def test_registry_names_severities_runbooks_are_stable() -> None:
     names = [s.name for s in REGISTRY]
     assert names[:2] == ["non_finite", "exploding_gradient"]
     assert len(set(names)) == len(names)
+    assert set(names) == set(CATALOGUE_SEVERITIES)  # every catalogued detector is registered, nothing else
     for spec in REGISTRY:
         assert spec.severity == CATALOGUE_SEVERITIES[spec.name], spec.name
         assert spec.runbook == f"docs/runbooks/{spec.name}.md"

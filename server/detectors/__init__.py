@@ -1,7 +1,9 @@
 """Detectors: one module each, all listed in gradwatch.server.detectors.REGISTRY.
 
 Adding a detector: write a module with a `*Config` (DetectorConfig subclass with
-documented defaults), the detector class and a `SPEC`, then add the SPEC here. Its
+documented defaults), the detector class and a `SPEC`, then add the SPEC here.
+Cross-rank detectors (scope "run": rank_divergence, replica_mismatch, straggler,
+stalled, throughput_drop) follow the RunDetector contract in base.py. Its
 settings appear under `detectors.<name>` in the server's YAML file, its alerts carry
 `runbook` = docs/runbooks/<name>.md, and /metrics exports it in
 gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
@@ -22,27 +24,38 @@ from gradwatch.server.detectors import (
     non_finite,
     output_collapse,
     poor_weight_init,
+    rank_divergence,
+    replica_mismatch,
     saturated_activation,
+    stalled,
+    straggler,
+    throughput_drop,
     update_ratio,
     vanishing_gradient,
 )
 from gradwatch.server.detectors.base import (
+    TICK_INTERVAL_S,
     Clear,
     Detector,
     DetectorConfig,
     DetectorSpec,
+    Finding,
     Fire,
+    RunDetector,
     Verdict,
     alert_name_for,
 )
 
 __all__ = [
     "REGISTRY",
+    "TICK_INTERVAL_S",
     "Clear",
     "Detector",
     "DetectorConfig",
     "DetectorSpec",
+    "Finding",
     "Fire",
+    "RunDetector",
     "Verdict",
     "alert_name_for",
     "inhibitions",
@@ -67,6 +80,11 @@ REGISTRY: tuple[DetectorSpec, ...] = (
     output_collapse.SPEC,
     class_imbalance.SPEC,
     frozen_parameters.SPEC,
+    rank_divergence.SPEC,
+    replica_mismatch.SPEC,
+    straggler.SPEC,
+    stalled.SPEC,
+    throughput_drop.SPEC,
 )
 
 

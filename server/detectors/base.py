@@ -10,31 +10,59 @@ Contract
 * It returns `Fire` while the rank is abnormal (every abnormal report, so the alert
   tracks the latest step and value), `Clear` once when the rank has recovered, and
   None otherwise. The alert book merges ranks into one alert per (run, detector).
+
+Cross-rank detectors (`DetectorSpec.scope == "run"`)
+----------------------------------------------------
+Some faults show only when ranks are compared (one rank's loss far from the others',
+replicas whose weights differ, a rank slower than its peers) or only while nothing
+arrives (a hang). Such a detector implements `RunDetector` instead:
+
+* `observe(report, ranks)` is called for every report like `Detector.observe`, with
+  the run's `RankTable` (server/ranktable.py: each rank's latest state as numpy arrays
+  indexed by rank, already updated with this report). It keeps whatever per-step
+  state it needs (bounded) and judges all ranks at once, vectorised over ranks, when
+  it has what it needs (e.g. every rank reported a step).
+* `tick(ranks, now)` is called by the server's timer (every `TICK_INTERVAL_S`, on the
+  ingest thread, for every run not yet expired) whether or not anything arrived: the
+  only way to notice that nothing arrives. Ranks that said goodbye are marked
+  `finished` in the table; a detector clears what it fired for them.
+* Both return `Finding`s: a `Fire` or `Clear` for a named rank, any rank of the run
+  (the straggler, the hung rank, the corrupted replica), with the same semantics as
+  above; the alert book merges them the same way. Neither may raise on odd data.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import Settings, setting
 
 __all__ = [
+    "SCOPES",
     "SEVERITIES",
+    "TICK_INTERVAL_S",
     "Clear",
     "Detector",
     "DetectorConfig",
     "DetectorSpec",
+    "Finding",
     "Fire",
+    "RunDetector",
     "Verdict",
     "alert_name_for",
 ]
 
 #: Alertmanager's usual severities, most urgent first.
 SEVERITIES = ("critical", "warning", "info")
+#: "rank": a `Detector` judging each report on its own; "run": a `RunDetector` comparing ranks.
+SCOPES = ("rank", "run")
+#: Seconds between two `RunDetector.tick` calls.
+TICK_INTERVAL_S = 1.0
 #: Detector names are label values, file names and the source of CamelCase alert names.
 _NAME = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 
@@ -88,6 +116,22 @@ class Detector(Protocol):
     def observe(self, report: RankReport) -> Verdict | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A cross-rank detector's verdict about one rank of the run."""
+
+    rank: int
+    verdict: Verdict
+
+
+class RunDetector(Protocol):
+    """A per-run cross-rank detector (see "Cross-rank detectors" in the module docstring)."""
+
+    def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]: ...
+
+    def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]: ...
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """A registered detector: stable identity and how to build it.
@@ -96,19 +140,23 @@ class DetectorSpec:
     to the page an on-call engineer reads first. `inhibits` names the detectors whose
     alerts this one suppresses for the same run while it fires (a NaN explains an
     exploding gradient and a diverging loss; one page is enough). Names of detectors
-    that are not registered are allowed and simply never match.
+    that are not registered are allowed and simply never match. `scope` is "rank" for
+    a per-report `Detector`, "run" for a cross-rank `RunDetector`.
     """
 
     name: str
     severity: str
     description: str
     config_type: type[DetectorConfig]
-    factory: Callable[[DetectorConfig], Detector]
+    factory: Callable[[DetectorConfig], Detector | RunDetector]
     inhibits: tuple[str, ...] = ()
+    scope: str = "rank"
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
             raise ValueError(f"detector {self.name!r}: severity must be one of {SEVERITIES}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"detector {self.name!r}: scope must be one of {SCOPES}")
         for name in (self.name, *self.inhibits):
             alert_name_for(name)  # raises on a malformed name
         if self.name in self.inhibits:
@@ -123,7 +171,7 @@ class DetectorSpec:
     def runbook(self) -> str:
         return f"docs/runbooks/{self.name}.md"
 
-    def create(self, config: DetectorConfig) -> Detector:
+    def create(self, config: DetectorConfig) -> Detector | RunDetector:
         if not isinstance(config, self.config_type):
             raise TypeError(f"detector {self.name!r} needs a {self.config_type.__name__}")
         return self.factory(config)

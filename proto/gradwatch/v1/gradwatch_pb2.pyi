@@ -55,7 +55,7 @@ class AgentFrame(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., event: _Optional[_Union[Event, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "job_name", "rank", "world_size", "local_rank", "host", "pid", "session_id", "agent_version", "torch_version", "device_kind", "full_stats_interval", "schema", "activation_schema")
+    __slots__ = ("protocol_version", "run_id", "job_name", "rank", "world_size", "local_rank", "host", "pid", "session_id", "agent_version", "torch_version", "device_kind", "full_stats_interval", "schema", "activation_schema", "replica_group", "replica_group_size")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,8 @@ class Hello(_message.Message):
     FULL_STATS_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_GROUP_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: str
     job_name: str
@@ -86,7 +88,9 @@ class Hello(_message.Message):
     full_stats_interval: int
     schema: LayerSchema
     activation_schema: LayerSchema
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., job_name: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., session_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device_kind: _Optional[str] = ..., full_stats_interval: _Optional[int] = ..., schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., activation_schema: _Optional[_Union[LayerSchema, _Mapping]] = ...) -> None: ...
+    replica_group: int
+    replica_group_size: int
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., job_name: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., session_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device_kind: _Optional[str] = ..., full_stats_interval: _Optional[int] = ..., schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., activation_schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., replica_group: _Optional[int] = ..., replica_group_size: _Optional[int] = ...) -> None: ...
 
 class LayerSchema(_message.Message):
     __slots__ = ("names", "module_types", "param_counts")
@@ -99,7 +103,7 @@ class LayerSchema(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms")
+    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +129,8 @@ class StepReport(_message.Message):
     FULL_STATS_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     OVER_BUDGET_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_RMS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    PRE_FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     wall_time: float
     step_duration_s: float
@@ -150,7 +156,9 @@ class StepReport(_message.Message):
     full_stats_interval: int
     over_budget: bool
     output_rms: float
-    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ...) -> None: ...
+    param_checksum: int
+    pre_forward_s: float
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ..., param_checksum: _Optional[int] = ..., pre_forward_s: _Optional[float] = ...) -> None: ...
 
 class ActivationStats(_message.Message):
     __slots__ = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "log2_histogram", "unit_spread")

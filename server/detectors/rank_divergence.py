@@ -1,0 +1,137 @@
+"""rank_divergence: one rank's loss far from the other ranks' at the same step, sustained.
+
+Rationale
+---------
+Data-parallel ranks train one model on different slices of the same data, so their
+losses at a step scatter around a common value. A rank whose loss sits far outside
+that scatter step after step is seeing different data (a corrupted shard, a broken
+augmentation, wrong labels, a preprocessing bug on one host) or computing differently
+(a faulty device); averaged into the global gradient it degrades the model quietly,
+and rank 0's logs never show it. Once every rank has reported a step, each rank's
+loss gets a robust z-score across ranks:
+
+    z = (loss − median) / max(1.4826 × MAD, rel_floor × |median|, abs_floor)
+
+Median and MAD are not moved by the outlier itself; the floors stop ranks whose losses
+happen to agree closely (MAD ≈ 0) from making ordinary noise look extreme. A rank
+fires after `consecutive` complete steps in a row with |z| > z_threshold and clears
+after `resolve_after` steps back inside. At least `min_ranks` ranks (3: with two,
+neither is "the odd one out") with a finite loss are needed.
+
+What is compared: the loss only. The gradient statistics a rank reports are taken
+after the data-parallel all-reduce (identical on every DDP rank) or of its own shard
+(FSDP: different by design), so across ranks they carry no divergence signal; a
+non-finite loss is the non_finite detector's.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.ranktable import RankTable
+from gradwatch.server.report import RankReport
+from gradwatch.server.settings import setting
+
+__all__ = ["MAD_TO_SIGMA", "PENDING_STEPS", "SPEC", "RankDivergenceConfig", "RankDivergenceDetector", "robust_z"]
+
+MAD_TO_SIGMA = 1.4826
+#: Steps waiting for the other ranks' losses; older ones are dropped (a rank that stopped reporting).
+PENDING_STEPS = 16
+
+
+@dataclass(frozen=True)
+class RankDivergenceConfig(DetectorConfig):
+    z_threshold: float = setting(6.0, doc="A rank's |robust z-score| across ranks above this is divergent.", gt=0.0)
+    rel_floor: float = setting(0.1, doc="The z-score's scale is at least this fraction of |median loss| ...", ge=0.0)
+    abs_floor: float = setting(1e-6, doc="... and at least this (absolute loss units).", gt=0.0)
+    consecutive: int = setting(5, doc="Complete steps in a row beyond the threshold before firing.", ge=1)
+    resolve_after: int = setting(20, doc="Complete steps in a row inside before a rank clears.", ge=1)
+    min_ranks: int = setting(3, doc="Ranks with a finite loss needed to judge a step.", ge=3)
+
+
+def robust_z(values: np.ndarray, rel_floor: float, abs_floor: float) -> tuple[np.ndarray, float, float]:
+    """Robust z-scores of `values` (finite) across their median; also the median and the MAD."""
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    scale = max(MAD_TO_SIGMA * mad, rel_floor * abs(median), abs_floor)
+    return (values - median) / scale, median, mad
+
+
+class RankDivergenceDetector:
+    """Robust z-score of every rank's loss across ranks, per complete step (see module docstring)."""
+
+    def __init__(self, config: RankDivergenceConfig) -> None:
+        self._config = config
+        #: step -> (loss per rank, NaN until reported; [ranks reported so far])
+        self._pending: collections.OrderedDict[int, tuple[np.ndarray, list[int]]] = collections.OrderedDict()
+        self._far_streak = np.zeros(0, dtype=np.int64)
+        self._near_streak = np.zeros(0, dtype=np.int64)
+        self._firing = np.zeros(0, dtype=bool)
+
+    def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
+        size = ranks.size
+        pending = self._pending.get(report.step)
+        if pending is None or pending[0].size != size:
+            pending = self._pending[report.step] = (np.full(size, np.nan), [0])
+            while len(self._pending) > PENDING_STEPS:
+                self._pending.popitem(last=False)
+        losses, reported = pending
+        if report.rank >= size or not np.isnan(losses[report.rank]):
+            return ()  # a resent report of a step already counted
+        # An absent loss counts as reported (it just is not judged): NaN marks "not yet", -inf "no loss".
+        losses[report.rank] = report.loss if report.loss is not None and math.isfinite(report.loss) else -math.inf
+        reported[0] += 1
+        if reported[0] < size:
+            return ()  # O(1) per report; the O(ranks) judgement runs once per complete step
+        del self._pending[report.step]
+        return self._judge(losses, report.step, ranks)
+
+    def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
+        return ()  # judged per complete step
+
+    def _judge(self, losses: np.ndarray, step: int, ranks: RankTable) -> Sequence[Finding]:
+        cfg = self._config
+        self._fit(losses.size)
+        judged = np.isfinite(losses)
+        if judged.sum() < cfg.min_ranks:
+            return ()
+        z = np.zeros(losses.size)
+        z[judged], median, mad = robust_z(losses[judged], cfg.rel_floor, cfg.abs_floor)
+        far = judged & (np.abs(z) > cfg.z_threshold)
+        self._far_streak = np.where(far, self._far_streak + 1, 0)
+        self._near_streak = np.where(far | ~judged, 0, self._near_streak + 1)
+        starting = ~self._firing & (self._far_streak >= cfg.consecutive)
+        ending = self._firing & (self._near_streak >= cfg.resolve_after)
+        self._firing = (self._firing | starting) & ~ending
+        findings = [Finding(int(r), Clear(step=step)) for r in np.flatnonzero(ending)]
+        for rank in np.flatnonzero(self._firing & far):
+            summary = (
+                f"loss on {ranks.describe(np.array([rank]))} is {z[rank]:+.1f} robust z-scores from the other ranks "
+                f"at step {step}: {losses[rank]:.4g} vs median {median:.4g} (MAD {mad:.3g}) over {int(judged.sum())} "
+                f"ranks, for {int(self._far_streak[rank])} steps in a row"
+            )
+            findings.append(Finding(int(rank), Fire(step=step, value=float(z[rank]), summary=summary)))
+        return findings
+
+    def _fit(self, size: int) -> None:
+        extra = size - self._firing.size
+        if extra > 0:
+            self._far_streak = np.concatenate([self._far_streak, np.zeros(extra, dtype=np.int64)])
+            self._near_streak = np.concatenate([self._near_streak, np.zeros(extra, dtype=np.int64)])
+            self._firing = np.concatenate([self._firing, np.zeros(extra, dtype=bool)])
+
+
+SPEC = DetectorSpec(
+    name="rank_divergence",
+    severity="warning",
+    description="One rank's loss far from the other ranks' at the same steps (bad data or a faulty device).",
+    config_type=RankDivergenceConfig,
+    factory=lambda config: RankDivergenceDetector(config),  # type: ignore[arg-type]
+    scope="run",
+)

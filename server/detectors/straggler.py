@@ -1,0 +1,139 @@
+"""straggler: a rank persistently slower than its peers.
+
+Rationale
+---------
+In synchronous data-parallel training the slowest rank sets everyone's pace: a 5 %
+slow host costs 5 % of the whole job, and nobody sees it, because every rank's step
+*duration* is the same (the fast ranks wait for the slow one in the all-reduce). What
+differs is where the time goes: the straggler spends it working, the others waiting.
+The agent reports, per step, `pre_forward_s`: the time from the previous step to this
+step's first forward pass (data loading and host work, before the step's first
+collective). The fast ranks reach that point early and then wait about
+max(pre_forward) − own pre_forward in the collective, so each rank's busy time is
+
+    busy = median step time − (max over ranks of median pre_forward − own median pre_forward)
+
+(clipped to [0, step time]; both medians over the rank's last 16 reports; without
+pre-forward times, e.g. a model never called through its forward, busy is the step
+time, which is right for unsynchronised ranks). The straggler score, as in NVIDIA's
+resiliency extension, is the peers' median busy time over the rank's own: 1 for a
+rank in step with the others, below `threshold` (0.75) for a straggler. It must hold
+for `consecutive` evaluations (one per server tick, about a second) in a row; a rank
+clears after `resolve_after` evaluations at or above the threshold. Slowness inside the
+backward pass on the device (after the first collective) is hidden behind the
+all-reduce and not seen here; a rank slow at everything shows in its pre-forward time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.ranktable import TIMING_WINDOW, RankTable
+from gradwatch.server.report import RankReport
+from gradwatch.server.settings import setting
+
+__all__ = ["SPEC", "StragglerConfig", "StragglerDetector", "peer_medians"]
+
+
+@dataclass(frozen=True)
+class StragglerConfig(DetectorConfig):
+    threshold: float = setting(
+        0.75, doc="A rank whose score (peers' median busy time / own) is below this is straggling.", gt=0.0, lt=1.0
+    )
+    min_reports: int = setting(
+        8, doc="Reports a rank must have sent before it is judged (or counts as a peer).", ge=1, le=TIMING_WINDOW
+    )
+    consecutive: int = setting(10, doc="Evaluations (one per server tick) in a row below the threshold.", ge=1)
+    resolve_after: int = setting(10, doc="Evaluations in a row at or above the threshold before a rank clears.", ge=1)
+
+
+def peer_medians(values: np.ndarray) -> np.ndarray:
+    """For each element, the median of all the *other* elements (vectorised; len(values) ≥ 2).
+
+    With the values sorted, removing the element at sorted position p shifts every later
+    element down by one, so the others' k-th smallest is sorted[k] for k < p, else sorted[k + 1].
+    """
+    n = values.size
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    m = n - 1
+
+    def kth(k: int) -> np.ndarray:
+        return np.where(k < position, ranked[k], ranked[min(k + 1, n - 1)])
+
+    if m % 2:
+        return kth(m // 2)
+    return (kth(m // 2 - 1) + kth(m // 2)) / 2.0
+
+
+class StragglerDetector:
+    """Scores every rank's busy time against its peers' on each tick (see module docstring)."""
+
+    def __init__(self, config: StragglerConfig) -> None:
+        self._config = config
+        self._slow_streak = np.zeros(0, dtype=np.int64)
+        self._ok_streak = np.zeros(0, dtype=np.int64)
+        self._firing = np.zeros(0, dtype=bool)
+
+    def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
+        return ()  # judged on ticks: timings are medians over many reports, evaluating per report adds nothing
+
+    def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
+        cfg = self._config
+        self._fit(ranks.size)
+        live = ranks.live(cfg.min_reports)
+        step_time = ranks.step_time()
+        live &= np.isfinite(step_time) & (step_time > 0)
+        score = np.full(ranks.size, np.inf)
+        busy = np.full(ranks.size, np.nan)
+        if live.sum() >= 2:
+            ready = np.nan_to_num(ranks.pre_forward_time(), nan=0.0)
+            wait = np.clip(ready[live].max() - ready[live], 0.0, step_time[live])
+            busy[live] = step_time[live] - wait
+            peers = peer_medians(busy[live])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                score[live] = np.where(busy[live] > 0, peers / busy[live], np.inf)
+        slow = live & (score < cfg.threshold)
+        self._slow_streak = np.where(slow, self._slow_streak + 1, 0)
+        self._ok_streak = np.where(slow, 0, self._ok_streak + 1)
+        starting = ~self._firing & (self._slow_streak >= cfg.consecutive)
+        ending = self._firing & ~slow & ((self._ok_streak >= cfg.resolve_after) | ~live)
+        self._firing = (self._firing | starting) & ~ending
+        findings = [Finding(int(r), Clear(step=int(ranks.last_step[r]))) for r in np.flatnonzero(ending)]
+        for rank in np.flatnonzero(self._firing & slow):
+            others = live.copy()
+            others[rank] = False
+            summary = (
+                f"{ranks.describe(np.array([rank]))} is a straggler: score {score[rank]:.2f} (< {cfg.threshold:g}) "
+                f"for {int(self._slow_streak[rank])} evaluations; it is busy {busy[rank]:.3g} s per step while its "
+                f"{int(others.sum())} peers' median is {float(np.median(busy[others])):.3g} s (step time "
+                f"{step_time[rank]:.3g} s; the peers wait for it)"
+            )
+            findings.append(Finding(int(rank), Fire(step=int(ranks.last_step[rank]), value=float(score[rank]),
+                                                    summary=summary)))  # fmt: skip
+        return findings
+
+    def _fit(self, size: int) -> None:
+        extra = size - self._firing.size
+        if extra > 0:
+            self._slow_streak = np.concatenate([self._slow_streak, np.zeros(extra, dtype=np.int64)])
+            self._ok_streak = np.concatenate([self._ok_streak, np.zeros(extra, dtype=np.int64)])
+            self._firing = np.concatenate([self._firing, np.zeros(extra, dtype=bool)])
+
+
+SPEC = DetectorSpec(
+    name="straggler",
+    severity="warning",
+    description="A rank persistently slower than its peers (it holds the whole job back).",
+    config_type=StragglerConfig,
+    factory=lambda config: StragglerDetector(config),  # type: ignore[arg-type]
+    # A straggler slows the whole run: its alert explains the throughput drop.
+    inhibits=("throughput_drop",),
+    scope="run",
+)
