@@ -17,6 +17,7 @@ without DDP) breaks that assumption; its global norm is then overcounted, never 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ class LayerSchema:
     names: tuple[str, ...]
     module_types: tuple[str, ...]
     param_counts: tuple[int, ...]
+    #: Elements of each layer this rank holds (the local shard of DTensors); filled by the layout.
+    local_param_counts: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -190,13 +193,17 @@ def _arrange(schema: LayerSchema, layer_params: list[list[nn.Parameter]], plain_
             member_params.append(position[id(p)])
             member_layers.append(layer)
 
+    local_numels = tuple(local_tensor(p).numel() for p in params)
+    local_counts = [0] * len(schema.names)
+    for param, layer in zip(member_params, member_layers, strict=True):
+        local_counts[layer] += local_numels[param]
     return ModelLayout(
-        schema=schema,
+        schema=dataclasses.replace(schema, local_param_counts=tuple(local_counts)),
         params=tuple(params),
         groups=tuple(groups),
         member_params=tuple(member_params),
         member_layers=tuple(member_layers),
-        local_numels=tuple(local_tensor(p).numel() for p in params),
+        local_numels=local_numels,
         has_dtensor=any(hasattr(p, "to_local") for p in params),
         replication=tuple(replication_of(p, plain_replication) for p in params),
         plain_replication=plain_replication,

@@ -61,7 +61,12 @@ def hello(identity: AgentIdentity) -> pb.Hello:
         full_stats_interval=identity.full_stats_interval,
         replica_group=identity.replica_group,
         replica_group_size=identity.replica_group_size,
-        schema=pb.LayerSchema(names=schema.names, module_types=schema.module_types, param_counts=schema.param_counts),
+        schema=pb.LayerSchema(
+            names=schema.names,
+            module_types=schema.module_types,
+            param_counts=schema.param_counts,
+            local_param_counts=schema.local_param_counts,
+        ),
         activation_schema=pb.LayerSchema(names=identity.activation_names, module_types=identity.activation_types),
     )
 

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from gradwatch.server.alerts import AlertBook
 from gradwatch.server.config import ServerConfig
 from gradwatch.server.detectors import REGISTRY, Clear, Detector, DetectorSpec, Finding, Fire, RunDetector, Verdict
@@ -62,6 +64,8 @@ class Session:
     schema: SchemaEntry
     acked_seq: int
     streaming: bool
+    #: Hello.schema.local_param_counts as an array, when the agent said (one per layer).
+    local_param_counts: np.ndarray | None = None
 
 
 def bounded_drop_reasons(dropped: Mapping[str, int]) -> dict[str, int]:
@@ -121,7 +125,10 @@ class Ingestor:
             if self._on_join is not None:
                 self._on_join(run)
             self._stats.frame("hello")
-            return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming)
+            local = hello.schema.local_param_counts
+            counts = np.asarray(local, dtype=np.int64) if len(local) == len(hello.schema.names) > 0 else None
+            return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming,
+                           local_param_counts=counts)  # fmt: skip
 
     def bound_job(self, run_id: str) -> str | None:
         """The job name the server holds run `run_id` under; None for a run it does not hold."""
@@ -219,7 +226,8 @@ class Ingestor:
 
     def _apply_report(self, session: Session, run: RunState, rank: RankState, msg: pb.StepReport) -> list[pb.Command]:
         report = build_report(
-            run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.hello.activation_schema
+            run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.hello.activation_schema,
+            session.local_param_counts,
         )
         self._store.record_report(run, rank, report, session.schema)
         if self._on_report is not None:

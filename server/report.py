@@ -111,6 +111,9 @@ class RankReport:
     def input_non_finite(self) -> bool:
         """The agent saw NaN/Inf in the model's input batch at this step (every step, not only full ones)."""
         return bool(self.non_finite_flags & pb.NON_FINITE_FLAG_INPUT)
+    #: Elements of each layer this rank holds (Hello.schema.local_param_counts; None when not said). 0: the rank
+    #: holds nothing of the layer (an FSDP2 shard can be empty), so its all-zero columns say nothing.
+    local_param_counts: np.ndarray | None = None
     #: Exact checksum of the rank's parameters after this step (full-statistics steps), as an unsigned 64-bit int.
     param_checksum: int | None = None
     #: Seconds from the previous step to this step's first forward pass, when the agent saw one.
@@ -131,8 +134,10 @@ def build_report(
     layer_names: tuple[str, ...],
     received_at: float,
     modules: pb.LayerSchema | None = None,
+    local_param_counts: np.ndarray | None = None,
 ) -> RankReport:
-    """Decode a StepReport already checked by gradwatch.server.validate; `modules`: Hello.activation_schema."""
+    """Decode a StepReport already checked by gradwatch.server.validate; `modules`: Hello.activation_schema;
+    `local_param_counts`: Hello.schema.local_param_counts as an array (decoded once per stream)."""
     columns = _decode_columns(msg) if msg.HasField("layers") else _EMPTY_COLUMNS
     loss = msg.loss if msg.has_loss else None
     grad_norm = math.sqrt(msg.grad_sum_squares) if msg.grad_sum_squares >= 0 else math.nan
@@ -182,6 +187,7 @@ def build_report(
         full_stats_interval=msg.full_stats_interval,
         over_budget=msg.over_budget,
         **_decode_model_io(msg, modules),
+        local_param_counts=local_param_counts,
         param_checksum=msg.param_checksum if msg.HasField("param_checksum") else None,
         pre_forward_s=msg.pre_forward_s if msg.HasField("pre_forward_s") else None,
     )

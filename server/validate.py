@@ -207,8 +207,8 @@ def _check_schema(schema: pb.LayerSchema, limits: LimitsConfig) -> None:
             f"schema has {n} layers; this server's limit is {limits.max_layers_per_schema}",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
-    # module_types and param_counts are optional detail: absent, or one per layer.
-    for field_name in ("module_types", "param_counts"):
+    # module_types, param_counts and local_param_counts are optional detail: absent, or one per layer.
+    for field_name in ("module_types", "param_counts", "local_param_counts"):
         m = len(getattr(schema, field_name))
         if m not in (0, n):
             raise _reject(INVALID_SCHEMA, f"schema has {n} names but {m} {field_name}")

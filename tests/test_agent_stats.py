@@ -213,6 +213,7 @@ def test_agent_full_stats_every_n_steps_only(server: ScriptableServer) -> None:
     assert list(hello.schema.names) == ["0", "2", "4"]
     assert list(hello.schema.module_types) == ["Linear", "Linear", "Linear"]
     assert list(hello.schema.param_counts) == [8 * 16 + 16, 16 * 16 + 16, 16 + 1]
+    assert list(hello.schema.local_param_counts) == list(hello.schema.param_counts)  # plain tensors: all held here
 
 
 def test_agent_grads_are_captured_before_zero_grad_with_an_optimizer(server: ScriptableServer) -> None:

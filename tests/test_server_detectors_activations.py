@@ -308,6 +308,19 @@ def test_poor_weight_init_fires_on_zero_layers_and_only_at_the_start() -> None:
     assert run(late, reports) == []  # the start window (5 full reports) is over
 
 
+def test_poor_weight_init_ignores_layers_this_rank_holds_nothing_of() -> None:
+    """An FSDP2 rank's empty shard reads as all-zero weights and gradients: not a zero initialisation."""
+    stds = [0.5, 0.4, 0.3, 0.3, 0.2]
+    zero = {"grad_norm": [0.0, 0.3, 0.1], "weight_norm": [0.0, 2.0, 1.0]}
+    empty_here = np.array([0, 96, 17])
+    det = PoorWeightInitDetector(PoorWeightInitConfig())
+    reports = [dataclasses.replace(init_report(s, stds, layers=zero), local_param_counts=empty_here) for s in (1, 2)]
+    assert run(det, reports) == []
+    det = PoorWeightInitDetector(PoorWeightInitConfig())  # the same rank holding its share: a real zero layer
+    held = [dataclasses.replace(r, local_param_counts=np.array([4, 96, 17])) for r in reports]
+    assert fires(run(det, held)) == [2]
+
+
 def test_poor_weight_init_quiet_on_a_healthy_start_and_clears_when_fixed() -> None:
     det = PoorWeightInitDetector(PoorWeightInitConfig())
     assert run(det, [init_report(s, [1.0, 0.6, 0.5, 0.4, 0.3]) for s in range(1, 30)]) == []

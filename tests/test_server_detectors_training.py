@@ -3,6 +3,7 @@ vanishing_gradient, update_ratio, frozen_parameters (fire, stay quiet, warm up, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -319,6 +320,20 @@ def test_frozen_parameters_ignores_prefixes_frozen_on_purpose() -> None:
     grads = np.ones(len(LAYERS))
     grads[:2] = 0.0
     assert [det.observe(report(10 * i, grad_norm=grads)) for i in range(1, 10)] == [None] * 9
+
+
+def test_frozen_parameters_ignores_layers_this_rank_holds_nothing_of() -> None:
+    """An FSDP2 rank whose shard of a layer is empty sees no gradient there, every step: nothing is frozen."""
+    det = FrozenParametersDetector(FrozenParametersConfig())
+    grads = np.ones(len(LAYERS))
+    grads[2] = 0.0
+    local = np.full(len(LAYERS), 10)
+    local[2] = 0
+    reports = [dataclasses.replace(report(10 * i, grad_norm=grads), local_param_counts=local) for i in range(1, 9)]
+    assert [det.observe(r) for r in reports] == [None] * 8
+    held = FrozenParametersDetector(FrozenParametersConfig())  # held here, still no gradient: frozen
+    local[2] = 10
+    assert isinstance([held.observe(r) for r in reports][4], Fire)
 
 
 def test_frozen_parameters_quiet_when_everything_moves() -> None:

@@ -93,14 +93,16 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., job_name: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., session_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device_kind: _Optional[str] = ..., full_stats_interval: _Optional[int] = ..., schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., activation_schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., replica_group: _Optional[int] = ..., replica_group_size: _Optional[int] = ...) -> None: ...
 
 class LayerSchema(_message.Message):
-    __slots__ = ("names", "module_types", "param_counts")
+    __slots__ = ("names", "module_types", "param_counts", "local_param_counts")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     MODULE_TYPES_FIELD_NUMBER: _ClassVar[int]
     PARAM_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PARAM_COUNTS_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     module_types: _containers.RepeatedScalarFieldContainer[str]
     param_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    local_param_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ..., local_param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s")
