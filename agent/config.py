@@ -42,6 +42,8 @@ This module imports neither torch nor grpc at import time.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -80,6 +82,7 @@ ENV_GRAD_ACCUMULATION = "GRADWATCH_GRAD_ACCUMULATION"
 ENV_FORWARD_HOOKS = "GRADWATCH_FORWARD_HOOKS"
 ENV_OVERHEAD_BUDGET = "GRADWATCH_OVERHEAD_BUDGET"
 ENV_ON_ALERT = "GRADWATCH_ON_ALERT"
+ENV_DETECTORS = "GRADWATCH_DETECTORS"  # JSON: {"detector": {"setting": value}}
 ENV_RETRY_INITIAL_BACKOFF_S = "GRADWATCH_RETRY_INITIAL_BACKOFF_S"
 ENV_RETRY_MAX_BACKOFF_S = "GRADWATCH_RETRY_MAX_BACKOFF_S"
 # Set by launchers, not by us: read as fallbacks only.
@@ -163,6 +166,8 @@ class AgentConfig:
     forward_hooks: bool = True
     overhead_budget: float = 0.01
     on_alert: str = "observe"
+    #: Per-run detector settings for the server, as ("detector.setting", JSON value) pairs (see `_check_detectors`).
+    detector_settings: tuple[tuple[str, str], ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     rank: int = 0
     world_size: int = 1
@@ -284,6 +289,47 @@ def _check_path(label: str, value: object) -> str:
     return value.strip()
 
 
+_SNAKE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+#: Per-run detector settings an agent may send (the server enforces its own, equal limit).
+MAX_DETECTOR_SETTINGS = 64
+
+
+def _check_detectors(label: str, value: object) -> tuple[tuple[str, str], ...]:
+    """{"detector": {"setting": value}} -> sorted ("detector.setting", JSON) pairs. Only the shape is checked
+    here (snake_case names, JSON scalars or lists): the server, which knows its detectors, checks names and
+    ranges when the run's first stream opens, and refuses the stream with a reason naming the bad key."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"gradwatch: {label} must map detector names to {{setting: value}} mappings, got {value!r}")
+    pairs: list[tuple[str, str]] = []
+    for detector, settings in value.items():
+        if not isinstance(detector, str) or not _SNAKE.fullmatch(detector):
+            raise ValueError(f"gradwatch: {label}: detector name {detector!r} is not a snake_case name")
+        if not isinstance(settings, Mapping):
+            raise ValueError(f"gradwatch: {label}.{detector} must be a mapping of settings, got {settings!r}")
+        for name, setting_value in settings.items():
+            key = f"{detector}.{name}"
+            if not isinstance(name, str) or not _SNAKE.fullmatch(name):
+                raise ValueError(f"gradwatch: {label}: setting name {key!r} is not a snake_case name")
+            scalar = (bool, int, float, str)
+            if not isinstance(setting_value, scalar) and not (
+                isinstance(setting_value, list | tuple) and all(isinstance(v, scalar) for v in setting_value)
+            ):
+                raise ValueError(f"gradwatch: {label}.{key} must be a number, a string, a bool or a list of them")
+            if isinstance(setting_value, float) and not math.isfinite(setting_value):
+                raise ValueError(f"gradwatch: {label}.{key} must be finite, got {setting_value!r}")
+            pairs.append((key, json.dumps(list(setting_value) if isinstance(setting_value, tuple) else setting_value)))
+    if len(pairs) > MAX_DETECTOR_SETTINGS:
+        raise ValueError(f"gradwatch: {label} sets {len(pairs)} detector settings; at most {MAX_DETECTOR_SETTINGS}")
+    return tuple(sorted(pairs))
+
+
+def _env_json(label: str, text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"gradwatch: {label} is not valid JSON: {exc}") from None
+
+
 def _check_retry(label: str, value: object) -> RetryPolicy:
     if not isinstance(value, RetryPolicy):
         raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a gradwatch RetryPolicy")
@@ -348,6 +394,7 @@ _OPTIONS: dict[str, _Option] = {
     "forward_hooks": _Option(ENV_FORWARD_HOOKS, _check_bool, _env_bool),
     "overhead_budget": _Option(ENV_OVERHEAD_BUDGET, _check_fraction, _env_number(float)),
     "on_alert": _Option(ENV_ON_ALERT, _check_on_alert),
+    "detectors": _Option(ENV_DETECTORS, _check_detectors, _env_json),
     "retry": _Option(None, _check_retry),
     "rank": _Option(ENV_RANK, _check_non_negative_int, _env_number(int)),
     "world_size": _Option(ENV_WORLD_SIZE, _check_positive_int, _env_number(int)),
@@ -452,6 +499,7 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
         forward_hooks=values["forward_hooks"] is not False,
         overhead_budget=0.01 if values["overhead_budget"] is None else values["overhead_budget"],
         on_alert=values["on_alert"] or "observe",
+        detector_settings=values["detectors"] or (),
         retry=retry,
         rank=rank,
         world_size=world_size,

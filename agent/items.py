@@ -42,6 +42,8 @@ class AgentIdentity:
     #: Lowest rank and size of the ranks holding the same parameter values (replica.py); size 1: none known.
     replica_group: int = 0
     replica_group_size: int = 1
+    #: ("detector.setting", JSON value) pairs: this run's detector settings (AgentConfig.detector_settings).
+    detector_settings: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(
@@ -75,6 +77,7 @@ class AgentIdentity:
             activation_types=() if activations is None else activations.module_types,
             replica_group=replica_group[0] if replica_group else config.rank,
             replica_group_size=replica_group[1] if replica_group else 1,
+            detector_settings=config.detector_settings,
         )
 
 

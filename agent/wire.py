@@ -68,6 +68,7 @@ def hello(identity: AgentIdentity) -> pb.Hello:
             local_param_counts=schema.local_param_counts,
         ),
         activation_schema=pb.LayerSchema(names=identity.activation_names, module_types=identity.activation_types),
+        detector_settings=dict(identity.detector_settings),
     )
 
 

@@ -103,6 +103,7 @@ YAML shape (every key optional; these are the defaults)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 from collections.abc import Mapping, Sequence
@@ -142,6 +143,7 @@ __all__ = [
     "TlsConfig",
     "config_from_args",
     "load_config",
+    "run_detector_configs",
 ]
 
 # The server's environment variables, all of them (the agent declares its own).
@@ -403,6 +405,32 @@ def _load_detectors(data: Any) -> Mapping[str, DetectorConfig]:
     return types.MappingProxyType(
         {name: load_settings(spec.config_type, data.get(name), f"detectors.{name}") for name, spec in known.items()}
     )
+
+
+def run_detector_configs(config: ServerConfig, settings: Mapping[str, str]) -> Mapping[str, DetectorConfig]:
+    """Every detector's settings for one run: `config`'s, with an agent's per-run `settings` on top
+    ("detector.setting" -> JSON value, Hello.detector_settings). Checked like the YAML file: SettingError names
+    the dotted key (detectors.<name>.<setting>) of the first unknown detector or setting or bad value."""
+    per_detector: dict[str, dict[str, Any]] = {}
+    for key, text in sorted(settings.items()):
+        detector, _, name = key.partition(".")
+        if not detector or not name:
+            raise SettingError(f"detectors.{key}", "expected a key of the form detector.setting")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise SettingError(f"detectors.{key}", f"value {text!r} is not JSON") from None
+        per_detector.setdefault(detector, {})[name] = value
+    known = {spec.name: spec for spec in REGISTRY}
+    merged = dict(config.detectors)
+    for detector, values in per_detector.items():
+        spec = known.get(detector)
+        if spec is None:
+            raise SettingError(f"detectors.{detector}", f"unknown detector (known: {', '.join(known)})")
+        base = config.detectors[detector]
+        current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        merged[detector] = load_settings(spec.config_type, {**current, **values}, f"detectors.{detector}")
+    return types.MappingProxyType(merged)
 
 
 def load_config_file(path: str | os.PathLike[str]) -> ServerConfig:

@@ -29,14 +29,27 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from gradwatch.server.alerts import AlertBook
-from gradwatch.server.config import ServerConfig
-from gradwatch.server.detectors import REGISTRY, Clear, Detector, DetectorSpec, Finding, Fire, RunDetector, Verdict
+from gradwatch.server.config import ServerConfig, run_detector_configs
+from gradwatch.server.detectors import (
+    REGISTRY,
+    Clear,
+    Detector,
+    DetectorConfig,
+    DetectorSpec,
+    Finding,
+    Fire,
+    RunDetector,
+    Verdict,
+)
 from gradwatch.server.report import RankReport, build_report
+from gradwatch.server.settings import SettingError
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RankState, RunState, RunStore, SchemaEntry
+from gradwatch.server.validate import INVALID_DETECTOR_SETTINGS, FrameRejected
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 #: ALERT commands kept per rank until its next frame; more are dropped (the first ones matter).
@@ -106,7 +119,10 @@ class Ingestor:
         self._alerts = alerts
         self._stats = stats
         self._clock = clock
+        self._all_specs = detectors
         self._specs = tuple(s for s in detectors if config.detector(s.name).enabled)
+        #: run -> its detector settings, for runs whose agents sent per-run settings (Hello.detector_settings).
+        self._run_configs: dict[str, Mapping[str, DetectorConfig]] = {}
         self._detectors: dict[str, list[tuple[DetectorSpec, Detector | RunDetector]]] = {}
         self._broken: set[str] = set()
         #: (run, rank) -> ALERT commands waiting for that rank's next frame (bounded per rank).
@@ -115,9 +131,14 @@ class Ingestor:
 
     def open(self, hello: pb.Hello, *, streaming: bool = True) -> Session:
         """Register a validated Hello; `streaming` counts the rank's open streams."""
+        configs = self._per_run_configs(hello)
         with self._lock:
             run, rank, evicted = self._store.join(hello)
             self._drop_evicted(evicted)
+            if configs is not None and run.run_id not in self._run_configs:
+                # The run's first stream with settings sets them (later ones cannot change a running judgement).
+                self._run_configs[run.run_id] = configs
+                self._detectors.pop(run.run_id, None)
             with self._store.lock:
                 if streaming:
                     rank.open_streams += 1
@@ -129,6 +150,17 @@ class Ingestor:
             counts = np.asarray(local, dtype=np.int64) if len(local) == len(hello.schema.names) > 0 else None
             return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming,
                            local_param_counts=counts)  # fmt: skip
+
+    def _per_run_configs(self, hello: pb.Hello) -> Mapping[str, DetectorConfig] | None:
+        """The run's detector settings when its agent sent any; FrameRejected naming the bad key otherwise."""
+        if not hello.detector_settings:
+            return None
+        try:
+            return run_detector_configs(self._config, hello.detector_settings)
+        except SettingError as exc:
+            raise FrameRejected(
+                grpc.StatusCode.INVALID_ARGUMENT, INVALID_DETECTOR_SETTINGS, f"Hello.detector_settings: {exc}"
+            ) from None
 
     def bound_job(self, run_id: str) -> str | None:
         """The job name the server holds run `run_id` under; None for a run it does not hold."""
@@ -299,13 +331,18 @@ class Ingestor:
     def _detectors_for(self, run_id: str) -> list[tuple[DetectorSpec, Detector | RunDetector]]:
         detectors = self._detectors.get(run_id)
         if detectors is None:
-            detectors = [(s, s.create(self._config.detector(s.name))) for s in self._specs]
+            configs = self._run_configs.get(run_id)
+            if configs is None:
+                detectors = [(s, s.create(self._config.detector(s.name))) for s in self._specs]
+            else:
+                detectors = [(s, s.create(configs[s.name])) for s in self._all_specs if configs[s.name].enabled]
             self._detectors[run_id] = detectors
         return detectors
 
     def _drop_evicted(self, evicted: list[str]) -> None:
         for run_id in evicted:
             self._detectors.pop(run_id, None)
+            self._run_configs.pop(run_id, None)
             self._forget_pending(run_id)
             self._alerts.resolve_run(run_id, "run evicted: limits.max_runs reached")
 

@@ -55,6 +55,10 @@ INVALID_SEQ = "invalid_seq"
 NON_MONOTONIC = "non_monotonic"
 INVALID_REPORT = "invalid_report"
 INVALID_JOB_NAME = "invalid_job_name"
+INVALID_DETECTOR_SETTINGS = "invalid_detector_settings"
+#: Per-run detector settings a Hello may carry, and the size of each key and value.
+MAX_DETECTOR_SETTINGS = 64
+MAX_DETECTOR_SETTING_CHARS = 1024
 
 #: Every rejection reason, for pre-created counters.
 REASONS: tuple[str, ...] = (
@@ -74,6 +78,7 @@ REASONS: tuple[str, ...] = (
     NON_MONOTONIC,
     INVALID_REPORT,
     INVALID_JOB_NAME,
+    INVALID_DETECTOR_SETTINGS,
 )
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -152,6 +157,18 @@ def check_hello(hello: pb.Hello, limits: LimitsConfig) -> None:
         )
     if not hello.job_name.isprintable():
         raise _reject(INVALID_JOB_NAME, f"Hello.job_name {hello.job_name!r} has control or non-printable characters")
+    settings = hello.detector_settings
+    if len(settings) > MAX_DETECTOR_SETTINGS:
+        raise _reject(
+            INVALID_DETECTOR_SETTINGS,
+            f"Hello.detector_settings has {len(settings)} entries; the limit is {MAX_DETECTOR_SETTINGS}",
+        )
+    for key, value in settings.items():
+        if len(key) > MAX_DETECTOR_SETTING_CHARS or len(value) > MAX_DETECTOR_SETTING_CHARS:
+            raise _reject(
+                INVALID_DETECTOR_SETTINGS,
+                f"Hello.detector_settings entry {key[:80]!r} is longer than {MAX_DETECTOR_SETTING_CHARS} characters",
+            )
     if not hello.session_id:
         raise _reject(INVALID_SESSION, "Hello.session_id is empty; it keys deduplication of replayed frames")
     if hello.world_size == 0:

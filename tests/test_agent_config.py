@@ -200,3 +200,32 @@ def test_config_issue3_options_from_environment_keywords_and_defaults() -> None:
                         ("GRADWATCH_ON_ALERT", "panic")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             resolve_config({}, env={name: value})
+
+
+def test_detector_settings_from_keyword_or_json_environment_become_sorted_json_pairs() -> None:
+    settings = {"exploding_gradient": {"factor": 20, "mad_k": 5.5}, "frozen_parameters": {"ignore": ("enc.",)}}
+    expected = (("exploding_gradient.factor", "20"), ("exploding_gradient.mad_k", "5.5"),
+                ("frozen_parameters.ignore", '["enc."]'))  # fmt: skip
+    assert resolve_config({"detectors": settings}, env={}).detector_settings == expected
+    env = {"GRADWATCH_DETECTORS": '{"exploding_gradient": {"factor": 20, "mad_k": 5.5}, '
+                                  '"frozen_parameters": {"ignore": ["enc."]}}'}  # fmt: skip
+    assert resolve_config({}, env=env).detector_settings == expected
+    assert resolve_config({}, env={}).detector_settings == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([1], "must map detector names"),
+        ({"Exploding": {"factor": 2}}, "not a snake_case name"),
+        ({"exploding_gradient": 3}, "must be a mapping of settings"),
+        ({"exploding_gradient": {"factor": float("nan")}}, "must be finite"),
+        ({"exploding_gradient": {"factor": None}}, "must be a number, a string, a bool or a list"),
+        ({"non_finite": {f"k{i}": 1 for i in range(65)}}, "at most 64"),
+    ],
+)
+def test_detector_settings_of_the_wrong_shape_fail_at_attach(value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_config({"detectors": value}, env={})
+    with pytest.raises(ValueError, match="GRADWATCH_DETECTORS is not valid JSON"):
+        resolve_config({}, env={"GRADWATCH_DETECTORS": "{oops"})

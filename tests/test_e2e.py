@@ -311,3 +311,36 @@ def test_e2e_critical_alert_reaches_every_rank_as_a_flag_a_callback_and_an_excep
     assert raised[0].notice == notices[0] and "non_finite" in str(raised[0])
     assert raising.stop_requested and stopper.last_alert == notices[0]
     assert other.last_alert is None and not other.stop_requested
+
+
+def test_e2e_detector_settings_from_attach_apply_to_that_run_only(server: tuple[ServerApp, AlertLog]) -> None:
+    """Per-run thresholds from the agent's attach options override the server's, for that run alone."""
+    app, log = server
+    quiet = {"non_finite": {"enabled": False}, "input_not_normalized": {"enabled": False}}
+    for run, detectors in (("tuned", quiet), ("plain", None)):
+        training = DemoTraining(seed=1)
+        with gradwatch.attach(
+            training.model, training.optimizer, run=run, server=app.grpc_target, detectors=detectors
+        ) as m:
+            _train(m, training, range(1, 41), {37: "nan"})
+    alert = log.wait_for("non_finite")
+    assert alert["run"] == "plain" and alert["step"] == 37
+    assert {a["detector"] for a in app.alerts(run="tuned")} & {"non_finite", "input_not_normalized"} == set()
+
+
+def test_e2e_bad_detector_setting_fails_at_attach_or_is_refused_with_its_key(
+    server: tuple[ServerApp, AlertLog], caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _ = server
+    training = DemoTraining(seed=1)
+    with pytest.raises(ValueError, match=r"detectors\.exploding_gradient\.factor must be a number"):
+        gradwatch.attach(training.model, training.optimizer, run="bad", server=app.grpc_target,
+                         detectors={"exploding_gradient": {"factor": {"x": 1}}})  # fmt: skip
+    # A well-formed setting the server does not know: the stream is refused with the key, training goes on.
+    with caplog.at_level("WARNING", logger="gradwatch"):
+        m = gradwatch.attach(training.model, training.optimizer, run="typo", server=app.grpc_target,
+                             detectors={"exploding_gradient": {"fctor": 20}})  # fmt: skip
+        _train(m, training, range(1, 4))
+        m.close(timeout=2)
+    assert "detectors.exploding_gradient.fctor" in caplog.text
+    assert app.store.get("typo") is None

@@ -132,6 +132,30 @@ CASES = {
         "invalid_report",
         "grad_sum_squares is negative",
     ),
+    "detector_settings_unknown_setting": (
+        [hello_frame(run="ds1", detector_settings={"exploding_gradient.fctor": "20"})],
+        INVALID,
+        "invalid_detector_settings",
+        "detectors.exploding_gradient.fctor': unknown setting",
+    ),
+    "detector_settings_out_of_range": (
+        [hello_frame(run="ds2", detector_settings={"exploding_gradient.factor": "0.5"})],
+        INVALID,
+        "invalid_detector_settings",
+        "detectors.exploding_gradient.factor': must be > 1.0",
+    ),
+    "detector_settings_unknown_detector": (
+        [hello_frame(run="ds3", detector_settings={"no_such.enabled": "false"})],
+        INVALID,
+        "invalid_detector_settings",
+        "detectors.no_such': unknown detector",
+    ),
+    "detector_settings_too_many": (
+        [hello_frame(run="ds4", detector_settings={f"non_finite.k{i}": "1" for i in range(65)})],
+        INVALID,
+        "invalid_detector_settings",
+        "65 entries; the limit is 64",
+    ),
     "first_non_finite_layer_out_of_range": (
         [hello_frame(run="fnl", layers=2), report_frame(1, first_non_finite_layer=2)],
         INVALID,

@@ -55,7 +55,14 @@ class AgentFrame(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., event: _Optional[_Union[Event, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "job_name", "rank", "world_size", "local_rank", "host", "pid", "session_id", "agent_version", "torch_version", "device_kind", "full_stats_interval", "schema", "activation_schema", "replica_group", "replica_group_size")
+    __slots__ = ("protocol_version", "run_id", "job_name", "rank", "world_size", "local_rank", "host", "pid", "session_id", "agent_version", "torch_version", "device_kind", "full_stats_interval", "schema", "activation_schema", "replica_group", "replica_group_size", "detector_settings")
+    class DetectorSettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +80,7 @@ class Hello(_message.Message):
     ACTIVATION_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     REPLICA_GROUP_FIELD_NUMBER: _ClassVar[int]
     REPLICA_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: str
     job_name: str
@@ -90,7 +98,8 @@ class Hello(_message.Message):
     activation_schema: LayerSchema
     replica_group: int
     replica_group_size: int
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., job_name: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., session_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device_kind: _Optional[str] = ..., full_stats_interval: _Optional[int] = ..., schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., activation_schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., replica_group: _Optional[int] = ..., replica_group_size: _Optional[int] = ...) -> None: ...
+    detector_settings: _containers.ScalarMap[str, str]
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., job_name: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., session_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device_kind: _Optional[str] = ..., full_stats_interval: _Optional[int] = ..., schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., activation_schema: _Optional[_Union[LayerSchema, _Mapping]] = ..., replica_group: _Optional[int] = ..., replica_group_size: _Optional[int] = ..., detector_settings: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class LayerSchema(_message.Message):
     __slots__ = ("names", "module_types", "param_counts", "local_param_counts")
