@@ -36,6 +36,7 @@ import torch
 import gradwatch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/overhead/, also under runpy
 from overhead.models import MODELS
 from overhead.report import model_json, render_model, summarise, targets
 from overhead.rounds import run_model
