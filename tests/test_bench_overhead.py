@@ -24,6 +24,7 @@ def test_bench_overhead_quick_tiny_model_reports_tables_targets_and_json(tmp_pat
 
     document = json.loads(out.read_text())
     assert document["meta"]["rounds"] == 2 and document["meta"]["threads"] == 1
+    assert "malloc" in document["meta"]["allocator"]
     assert document["meta"]["command"].startswith("python bench/agent_overhead.py --quick")
     assert document["skipped"] == {}
     assert list(document["models"]) == ["tiny"]
