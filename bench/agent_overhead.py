@@ -16,6 +16,7 @@ full-statistics interval. Models: tiny, mlp, cnn, transformer (bench/overhead/mo
 
     python bench/agent_overhead.py [--models mlp,cnn] [--variants none,gradwatch,wandb] [--rounds 7]
                                    [--steps 30] [--warm-steps 60] [--threads 1] [--json out.json] [--quick]
+                                   [--system-malloc]
 """
 
 from __future__ import annotations
