@@ -16,11 +16,13 @@ full-statistics interval. Models: tiny, mlp, cnn, transformer (bench/overhead/mo
 
     python bench/agent_overhead.py [--models mlp,cnn] [--variants none,gradwatch,wandb] [--rounds 7]
                                    [--steps 30] [--warm-steps 60] [--threads 1] [--json out.json] [--quick]
+                                   [--system-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -36,6 +38,7 @@ import torch
 import gradwatch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/overhead/, also under runpy
 from overhead.models import MODELS
 from overhead.report import model_json, render_model, summarise, targets
 from overhead.rounds import run_model
@@ -65,6 +68,22 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit
+
+
+def _pin_malloc() -> str:
+    """Keep freed buffers in the heap (glibc): without this, a step's large activation buffers can be unmapped and
+    faulted in again on the next step, 1-4 ms of system time per CNN step that varies with the allocator's history
+    and drowns 1 % differences. Applies to every variant alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except OSError:
+        ok = False
+    return "glibc malloc pinned (mmap threshold 32 MiB, no trim)" if ok else "system malloc (mallopt unavailable)"
+
+
 def _progress(line: str) -> None:
     print(line, flush=True)
 
@@ -80,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"it settle (default {FULL['warm_steps']}; budget off: at most N)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--json", type=pathlib.Path, help="also write machine-readable results to this file")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds alone (default: pin them, see _pin_malloc)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help=f"short blocks for a smoke run: {QUICK} unless given (budget not settled)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -96,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [VARIANTS[k] for k in _keys(args.variants, VARIANTS, "variant(s)")]
 
     torch.set_num_threads(args.threads)
+    allocator = "system malloc (--system-malloc)" if args.system_malloc else _pin_malloc()
     warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
     meta = {
         "command": " ".join(["python", "bench/agent_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -106,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "cadence": CADENCE,
         "cpus": os.cpu_count(),
+        "allocator": allocator,
         **plan,
     }
     print(f"torch {meta['torch']}, gradwatch {meta['gradwatch']}, {meta['cpu']}, {args.threads} training thread(s), "
           f"{plan['rounds']} rounds x {plan['steps']} steps per variant (+{plan['warm_steps']} untimed after "
-          f"each gradwatch attach, budget on), cadence N={CADENCE}; medians over rounds")  # fmt: skip
+          f"each gradwatch attach, budget on), cadence N={CADENCE}; medians over rounds; {allocator}")  # fmt: skip
     skipped: dict[str, str] = {}
     for variant in list(variants):
         reason = variant.available()

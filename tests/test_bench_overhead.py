@@ -24,6 +24,7 @@ def test_bench_overhead_quick_tiny_model_reports_tables_targets_and_json(tmp_pat
 
     document = json.loads(out.read_text())
     assert document["meta"]["rounds"] == 2 and document["meta"]["threads"] == 1
+    assert "malloc" in document["meta"]["allocator"]
     assert document["meta"]["command"].startswith("python bench/agent_overhead.py --quick")
     assert document["skipped"] == {}
     assert list(document["models"]) == ["tiny"]
@@ -51,3 +52,20 @@ def test_bench_overhead_quick_tiny_model_reports_tables_targets_and_json(tmp_pat
     assert all(t["verdict"] in ("PASS", "MISS") and t["limit"] == 0.015 for t in budget_targets)
     assert all(isinstance(t["within_noise"], bool) for t in budget_targets)
     assert len(model["load_average"]) == 2
+
+
+def test_bench_overhead_skips_a_comparator_that_is_not_installed(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "overhead.json"
+    # sys.modules[name] = None makes the package look absent to importlib (as on a machine without the extra).
+    code = (
+        "import runpy, sys; sys.modules['wandb'] = None; sys.modules['tensorboard'] = None; "
+        f"sys.argv = ['agent_overhead.py', '--quick', '--models', 'tiny', '--variants', 'none,wandb,tensorboard', "
+        f"'--rounds', '1', '--json', {str(out)!r}]; runpy.run_path({str(BENCH)!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipping wandb: wandb is not installed (pip install 'gradwatch[bench]')" in done.stdout
+    assert "skipping tensorboard: tensorboard is not installed (pip install 'gradwatch[bench]')" in done.stdout
+    document = json.loads(out.read_text())
+    assert set(document["skipped"]) == {"wandb", "tensorboard"}
+    assert list(document["models"]["tiny"]["variants"]) == ["none"]

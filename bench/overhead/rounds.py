@@ -75,10 +75,12 @@ def run_model(
     results = {v.key: Blocks() for v in variants}
     for r in range(rounds):
         for variant in variants if r % 2 == 0 else reversed(variants):
+            # Collect before attaching, not between warm-up and timed steps: gradwatch's budget controller would
+            # take that pause for one long step and loosen its cadence during the timed block.
+            gc.collect()
             session = variant.open(trainer.model, trainer.optimizer, ctx)
             try:
                 trainer.run(variant.warm_steps(warm_steps), session)
-                gc.collect()
                 wall, cpu = time.perf_counter(), time.thread_time()
                 trainer.run(steps, session)
                 wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
