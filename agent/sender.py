@@ -448,7 +448,8 @@ class Sender:
             acked = flush(self._channel_factory, self._target, hello, frames, timeout, self._metadata())
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
-            self._log_once("flush", "gradwatch final flush to %s failed (%s)", self._target, code)
+            details = exc.details() if isinstance(exc, grpc.Call) else None
+            self._log_once("flush", "gradwatch final flush to %s failed (%s: %s)", self._target, code, details or "")
             return
         self._apply_ack(acked)
         self._counters.flushes += 1
