@@ -213,6 +213,22 @@ def test_budget_controller_stretches_the_interval_to_fit_the_budget() -> None:
     assert cheap.interval == off.interval == 10
 
 
+def test_budget_controller_takes_a_pause_for_a_pause_not_for_slower_steps() -> None:
+    from gradwatch.agent.budget import MAX_INTERVAL, PAUSES_BEFORE_NEW_NORMAL, WARMUP_REPORTS, BudgetController
+
+    budget = BudgetController(0.01, base_interval=10)
+    for report in range(1, 2 * WARMUP_REPORTS):
+        budget.observe(report % budget.interval == 0, 200e-6, 10e-3)  # 2 % every step: over budget
+    assert budget.interval == MAX_INTERVAL
+    assert budget.observe(False, 200e-6, 3.0) is None  # a 3 s checkpoint pause
+    for _ in range(20):
+        budget.observe(False, 200e-6, 10e-3)
+        assert budget.interval == MAX_INTERVAL  # the pause did not make room for full statistics
+    for _ in range(PAUSES_BEFORE_NEW_NORMAL + 30):
+        budget.observe(False, 200e-6, 1.0)  # steps really got 100x slower: the agent's 0.02 % now fits
+    assert budget.interval < MAX_INTERVAL and not budget.over_budget
+
+
 def test_agent_over_budget_lowers_its_cadence_and_says_so_in_reports(server: ScriptableServer) -> None:
     from gradwatch.agent.budget import MAX_INTERVAL, WARMUP_REPORTS
 
@@ -220,7 +236,7 @@ def test_agent_over_budget_lowers_its_cadence_and_says_so_in_reports(server: Scr
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     # A budget of one part per million: whatever the machine's load, the every-step signals exceed it.
     monitor = attach(model, opt, server=server.address, run="budget", full_stats_interval=5, overhead_budget=1e-6)
-    for step in range(1, WARMUP_REPORTS + 21):
+    for step in range(1, WARMUP_REPORTS + 41):
         x, y = batch(step)
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
@@ -229,8 +245,12 @@ def test_agent_over_budget_lowers_its_cadence_and_says_so_in_reports(server: Scr
         monitor.step(loss)
     assert monitor.close(timeout=5)
     reports = server.servicer.reports()
-    # The first report has no duration to measure; the controller decides at its WARMUP_REPORTS-th observation.
-    before, after = reports[:WARMUP_REPORTS], reports[WARMUP_REPORTS + 1 :]
+    # The first report has no duration to measure; the controller decides at its WARMUP_REPORTS-th observation
+    # (later by as many steps as the machine paused for: those are not step times, see budget.PAUSE_FACTOR).
+    intervals = [r.full_stats_interval for r in reports]
+    switch = intervals.index(MAX_INTERVAL)
+    assert switch >= WARMUP_REPORTS + 1 and len(reports) - switch >= 10
+    before, after = reports[:switch], reports[switch:]
     assert {r.full_stats_interval for r in before} == {5} and not any(r.over_budget for r in before)
     assert {r.full_stats_interval for r in after} == {MAX_INTERVAL} and all(r.over_budget for r in after)
     assert not any(r.HasField("layers") for r in after)  # full statistics wait; every-step signals do not
