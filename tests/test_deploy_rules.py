@@ -32,6 +32,8 @@ GENERATED = [
     "helm/gradwatch/files/dashboards/gradwatch-fleet.json",
     "helm/gradwatch/files/dashboards/gradwatch-run.json",
     "helm/gradwatch/files/dashboards/gradwatch-layers.json",
+    "deploy/alertmanager/alertmanager.yml",
+    "deploy/compose/alertmanager.yml",
 ]
 
 
