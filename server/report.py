@@ -119,6 +119,12 @@ class RankReport:
     #: Seconds from the previous step to this step's first forward pass, when the agent saw one.
     pre_forward_s: float | None = None
 
+    def held_layers(self, n: int) -> np.ndarray:
+        """Boolean mask of the `n` layers this rank holds elements of (all True when the agent did not say): an
+        FSDP2 rank's empty shard of a layer reads as all-zero statistics, which say nothing about the layer."""
+        local = self.local_param_counts
+        return np.ones(n, dtype=bool) if local is None or local.size != n else local > 0
+
     @property
     def layer_name(self) -> str | None:
         """Schema name of `non_finite_layer`, when known."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pb_grpc
+from paging_support import wait_until  # noqa: F401  (re-exported: agent tests import it from here)
 
 SessionKey = tuple[str, int, str]  # run_id, rank, session_id
 
@@ -254,13 +254,3 @@ def train(
         monitor.step(loss)  # type: ignore[attr-defined]
         losses.append(loss.detach())
     return [float(loss) for loss in losses]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
-    """Poll a condition that has no event to wait on (thread lists, process state)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from gradwatch.server.detectors.throughput_drop import ThroughputDropConfig, Thr
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.v1 import gradwatch_pb2 as pb
+from paging_support import wait_until
 from server_support import WAIT_S, AgentStream, hello_frame, report_frame, server_config, start_app
 
 
@@ -286,19 +286,11 @@ def test_server_tick_fires_stalled_while_nothing_arrives_and_alert_names_rank_an
         streams[1].recv_ack(6)
         streams[1].send(report_frame(7))
         streams[1].recv_ack(7)
-        assert _wait(lambda: not app.alerts(run="hang", state="firing")), app.alerts(run="hang")
+        assert wait_until(lambda: not app.alerts(run="hang", state="firing")), app.alerts(run="hang")
     finally:
         for stream in streams:
             stream.close()
         app.stop()
-
-
-def _wait(predicate: Any, timeout: float = WAIT_S) -> bool:
-    """Poll a condition that has no event to wait on (the next tick resolves the alert)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not predicate():
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_validation_rejects_a_replica_group_that_does_not_hold_the_rank() -> None:

@@ -67,9 +67,7 @@ class FrozenParametersDetector:
         if updates is not None and updates.size == n:
             state.still = np.where(updates == 0.0, state.still + 1, 0)
         frozen = ((state.no_grad >= cfg.reports) | (state.still >= cfg.reports)) & ~state.ignored
-        local = report.local_param_counts
-        if local is not None and local.size == n:
-            frozen &= local > 0  # an FSDP2 rank's empty shard has no gradient to receive
+        frozen &= report.held_layers(n)  # an FSDP2 rank's empty shard has no gradient to receive
         if not frozen.any():
             if state.firing:
                 state.firing = False

@@ -76,7 +76,7 @@ class PoorWeightInitDetector:
         depth, depth_detail = self._depth(report)
         symmetric, spread = self._symmetric(report)
         zero = (
-            (grad_norm == 0) & (weight_norm == 0) & _held(report, grad_norm.size)
+            (grad_norm == 0) & (weight_norm == 0) & report.held_layers(grad_norm.size)
             if grad_norm is not None and weight_norm is not None and grad_norm.size == weight_norm.size
             else np.zeros(0, dtype=bool)
         )
@@ -138,12 +138,6 @@ class PoorWeightInitDetector:
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(judged, unit_spread / np.where(judged, std, 1.0), np.inf)
         return judged & (relative < self._config.max_symmetry), relative
-
-
-def _held(report: RankReport, n: int) -> np.ndarray:
-    """Layers this rank holds elements of: an FSDP2 rank's empty shard reads as all zeros, and means nothing."""
-    local = report.local_param_counts
-    return np.ones(n, dtype=bool) if local is None or local.size != n else local > 0
 
 
 SPEC = DetectorSpec(
