@@ -259,7 +259,9 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
         train(monitor, training, range(61, 71), {})  # the agent keeps training while the server is down
-        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)):
+        # Restarted first on a gRPC port the agent does not know, so that what was restored is seen before the
+        # agent is back (it retries every 0.5 s at most); then on its own port, where the agent resumes.
+        with serve_process(tmp_path / "data", free_port(), http_port, log, "--config", str(config)):
             assert [i["id"] for i in incidents(url, detector="non_finite")] == [incident["id"]]
             body = get_json(f"{url}/api/v1/incidents/{incident['id']}")["incident"]
             assert body["status"] == "interrupted" and body["step"] == 40
@@ -271,6 +273,7 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             (again,) = get_json(f"{url}/api/v1/runs")["runs"]
             assert again["run"] == "phoenix-rec" and again["first_seen"] == run["first_seen"]
             assert again["restored"] and again["step"] == 60 and "non_finite" in again["firing"]
+        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)):
             train(monitor, training, range(71, 81), {})
             assert monitor.close(timeout=20)
             resumed = wait_until(
