@@ -202,9 +202,7 @@ class ActivationTap:
                 s = x.detach().sum(dtype=_F32)
                 capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
                 if capture.full and capture.input_mean is None and x.dim() >= 2:
-                    units = _units_last(x.detach().to(_F32))
-                    capture.input_std, capture.input_mean = torch.std_mean(units[:MAX_INPUT_FEATURES], dim=1,
-                                                                           correction=0)  # fmt: skip
+                    capture.input_mean, capture.input_std = _feature_moments(x.detach())
         except Exception as exc:
             errors.report(exc, "input_hook")
         finally:
@@ -229,9 +227,7 @@ class ActivationTap:
         finally:
             self._add_agent_time(time.perf_counter() - started)
 
-    def _output_hook(
-        self, index: int, bounds: tuple[float, float] | None, contracting: bool
-    ) -> Callable[..., None]:
+    def _output_hook(self, index: int, bounds: tuple[float, float] | None, contracting: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if torch.compiler.is_compiling():
                 return
@@ -273,12 +269,21 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def _units_last(a: torch.Tensor) -> torch.Tensor:
-    """`a` as (units, samples): units are dim 1 for 4+-D tensors (channels), else the last dim."""
-    if a.dim() == 1:
-        return a.reshape(-1, 1)
-    unit_dim = 1 if a.dim() >= 4 else a.dim() - 1
-    return a.movedim(unit_dim, 0).reshape(a.shape[unit_dim], -1)
+def _feature_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (population) of each of the first MAX_INPUT_FEATURES units of `x` (2+-D), reduced in
+    place over the other dimensions. Moments of the differences from the first sample's values: as well
+    conditioned as a two-pass std for features far from zero, and one-tenth of a CPU's std_mean (a slow loop)."""
+    unit_dim = _unit_dim(x)
+    assert unit_dim is not None
+    x = x.narrow(unit_dim, 0, min(MAX_INPUT_FEATURES, x.shape[unit_dim])).to(_F32)
+    reduce = _reduce_dims(x)
+    first = x
+    for d in reduce:
+        first = first.narrow(d, 0, 1)
+    shifted = x - first
+    mean = shifted.mean(dim=reduce)
+    variance = shifted.square().mean(dim=reduce) - mean.square()
+    return mean + first.reshape(-1), variance.clamp_(min=0.0).sqrt_()
 
 
 def _unit_dim(a: torch.Tensor) -> int | None:
@@ -335,7 +340,7 @@ def _module_stats(
     max_abs = torch.maximum(a.amin().neg(), per_unit_max.amax())  # two reductions beat aminmax on a CPU
     sampled_bad = torch.count_nonzero(sample - sample).to(_F32) * scale  # x - x is NaN exactly for NaN and ±Inf
     non_finite = torch.where(torch.isfinite(total), sampled_bad, sampled_bad.clamp(min=1.0))
-    zero = (sample == 0).sum(dtype=_F32) / m
+    zero = (m - torch.count_nonzero(sample)).to(_F32) / m  # count_nonzero beats a bool sum on a CPU
     dead = (per_unit_max <= 0).to(_F32).mean()
     if bounds is None:
         saturated = torch.full((), float("nan"), device=a.device)

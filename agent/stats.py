@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from gradwatch.agent.histogram import LOG2_BINS, log2_histogram
+from gradwatch.agent.sampling import block_sample
 from gradwatch.agent.schema import ModelLayout, ParamGroup, is_stale, local_tensor, regroup
 from gradwatch.agent.vector import CHECKSUM_PIECES, PARAM_COLUMNS
 
@@ -35,13 +36,13 @@ __all__ = ["Source", "StatsEngine"]
 Source = Literal["grad", "weight"]
 _F32 = torch.float32
 _NUM_FULL = len(PARAM_COLUMNS)
-#: Elements per parameter whose update |Δw| is measured exactly; larger tensors use a fixed strided sample
-#: of about this many elements (the same elements every step), extrapolated by the stride.
+#: Elements per parameter whose update |Δw| is measured exactly; larger tensors use a fixed block sample
+#: of about this many elements (the same elements every step; sampling.py), extrapolated by numel / sample.
 UPDATE_SAMPLE_ELEMENTS = 65536
-#: On the CPU, non-zero elements of larger tensors are counted on a fixed strided sample of about this many
-#: elements, extrapolated by the stride: count_nonzero is a scalar loop there (about 4 ms per million floats
-#: on one thread, torch 2.13), and the zero fraction is a proportion for which 65536 samples are plenty.
-#: Accelerators count every element (one foreach launch).
+#: On the CPU, non-zero and non-finite elements of larger tensors are counted on a fixed block sample of about
+#: this many elements (sampling.py), extrapolated by numel / sample: a pass over the whole tensor costs as much
+#: as its norm or more (count_nonzero, and the x - x copy the non-finite count needs), and a proportion is
+#: estimated to within about ±0.4 % from 65536 samples. Accelerators count every element (foreach launches).
 ZERO_SAMPLE_ELEMENTS = 65536
 #: Integer dtype of each element size, to read a tensor's bit patterns (Tensor.view(dtype) reinterprets, no copy).
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -88,11 +89,12 @@ class StatsEngine:
 
     def checksum(self) -> list[torch.Tensor]:
         """An exact checksum of this rank's parameter values: the sum, in wrapping int64 arithmetic, of the bit
-        pattern of every element (local shards for DTensors), as CHECKSUM_PIECES 0-d float32 tensors holding 16
+        patterns of every element (local shards for DTensors), as CHECKSUM_PIECES 0-d float32 tensors holding 16
         bits each, least significant first (exact in float32; wire.py reassembles them). Integer addition is
         exact and order-independent, so replicas holding the same values agree to the bit whatever the kernel's
-        reduction order, and one flipped bit anywhere changes the sum. One integer sum kernel per parameter
-        (full-statistics steps only); nothing is read on the host."""
+        reduction order, and one flipped bit anywhere changes the sum. The bits are summed as 64-bit words where
+        the tensor's bytes allow (a view, no widening copy), else element by element widened to int64. One
+        integer sum kernel per parameter (full-statistics steps only); nothing is read on the host."""
         layout = self._layout
         target = layout.device
         sums: list[torch.Tensor] = []
@@ -105,8 +107,7 @@ class StatsEngine:
                     t = torch.view_as_real(t)
                 elif t.dtype == torch.bool:
                     t = t.to(torch.uint8)
-                bits = t if not t.is_floating_point() else t.view(_BITS[t.element_size()])
-                sums.append(bits.sum(dtype=torch.int64).to(target, non_blocking=True))
+                sums.append(_bit_sum(t).to(target, non_blocking=True))
             total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.int64, device=target)
             shifts = self._shifts.get(target)
             if shifts is None:  # made on the device (a kernel, not a host copy), once per device
@@ -126,13 +127,16 @@ class StatsEngine:
         return torch.cat(rows)
 
     def weight_sample(self) -> list[torch.Tensor | None]:
-        """Copies of each parameter's update sample (before an optimizer step; full steps only)."""
+        """Copies of each parameter's update sample (before an optimizer step; full steps only). A sample of a
+        large tensor is already a copy (sampling.py); a small tensor is cloned whole."""
         with torch.no_grad():
-            return [None if s is None else s.clone() for s in map(self._sample, self._layout.params)]
+            samples = [(p, self._sample(p)) for p in self._layout.params]
+            return [None if s is None else s.clone() if _shares_memory(s, p) else s for p, s in samples]
 
     def update_stats(self, before: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """After the step: per parameter stride·|Δw|² over the sample, then stride·|w|², as 0-d float32
-        tensors (UPDATE_COLUMNS order). Exact for tensors up to UPDATE_SAMPLE_ELEMENTS elements."""
+        """After the step: per parameter scale·|Δw|² over the sample, then scale·|w|², as 0-d float32
+        tensors (UPDATE_COLUMNS order), scale = elements / sampled elements. Exact for tensors up to
+        UPDATE_SAMPLE_ELEMENTS elements."""
         zero = self.zero()
         target = self._layout.device
         updates: list[torch.Tensor] = []
@@ -144,7 +148,7 @@ class StatsEngine:
                     updates.append(zero)
                     weights.append(zero)
                     continue
-                stride = float(_stride(local_tensor(p).numel()))
+                stride = local_tensor(p).numel() / new.numel()
                 diff = new.to(_F32) - old.to(_F32)
                 updates.append((diff.square().sum() * stride).to(target, non_blocking=True))
                 weights.append((new.to(_F32).square().sum() * stride).to(target, non_blocking=True))
@@ -154,7 +158,7 @@ class StatsEngine:
         t = local_tensor(p.detach()) if self._layout.has_dtensor else p.detach()
         if not t.is_floating_point() or t.numel() == 0 or t.is_sparse:
             return None
-        return t.reshape(-1)[:: _stride(t.numel())]
+        return block_sample(t, UPDATE_SAMPLE_ELEMENTS)[0]
 
     def _group_stats(self, group: ParamGroup, source: Source, full: bool) -> list[list[torch.Tensor]]:
         """Each column for one (device, dtype) group, one 0-d tensor per parameter, in group order."""
@@ -175,19 +179,19 @@ class StatsEngine:
             stats[0] = list(torch._foreach_norm(present, 2.0, dtype=accumulate))
             if full:
                 stats[2] = [t.sum(dtype=accumulate) for t in present]
-                extremes = [torch.aminmax(t) for t in present]  # one pass per tensor for min and max
-                stats[5] = [e.min for e in extremes]
-                stats[6] = [e.max for e in extremes]
                 if group.device.type == "cpu":
                     # On CPU, vector_norm(inf) and isfinite() are slow scalar loops: 18x and 5x slower than
-                    # aminmax and a subtraction (measured on 1M floats, torch 2.13, one thread). max |x| comes
-                    # from the extremes already computed (NaN propagates through aminmax).
-                    stats[1] = [torch.maximum(e.min.neg(), e.max) for e in extremes]
-                    # x - x is 0 for a finite x and NaN otherwise, and count_nonzero counts NaN. The temporary is
-                    # one float copy of the largest tensor, at the full-statistics cadence only.
-                    stats[3] = [torch.count_nonzero(t - t) for t in present]
+                    # amax/amin and a subtraction (measured on 1M floats, torch 2.13, one thread); amax and amin
+                    # are also cheaper than one aminmax. max |x| comes from the extremes (NaN propagates).
+                    lows, highs = [t.amin() for t in present], [t.amax() for t in present]
+                    stats[5], stats[6] = lows, highs
+                    stats[1] = [torch.maximum(lo.neg(), hi) for lo, hi in zip(lows, highs, strict=True)]
+                    stats[3] = [_non_finite_count(t, norm) for t, norm in zip(present, stats[0], strict=True)]
                     stats[4] = [_nonzero_count(t) for t in present]
                 else:
+                    extremes = [torch.aminmax(t) for t in present]  # one pass per tensor for min and max
+                    stats[5] = [e.min for e in extremes]
+                    stats[6] = [e.max for e in extremes]
                     stats[1] = list(torch._foreach_norm(present, math.inf, dtype=accumulate))
                     # One bool mask at a time: the peak extra memory is 1 byte per element of the largest tensor.
                     stats[3] = [torch.isfinite(t).logical_not_().sum(dtype=_F32) for t in present]
@@ -220,17 +224,44 @@ def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch
     return t if t.numel() else None
 
 
-def _stride(numel: int, sample: int = UPDATE_SAMPLE_ELEMENTS) -> int:
-    return max(1, -(-numel // sample))
+def _shares_memory(sample: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether `sample` is a view of the parameter (a small tensor read whole) rather than a copy."""
+    return sample.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+
+
+def _bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """The wrapping int64 sum of `t`'s bit patterns: as 64-bit words when its bytes form whole words (a view,
+    no copy), else each element's bits widened to int64."""
+    flat = t.reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.view(_BITS[flat.element_size()])
+    size = flat.element_size()
+    if size == 8 or flat.numel() * size % 8:  # the choice depends on shape and dtype only: replicas agree
+        return flat.sum(dtype=torch.int64)
+    if flat.storage_offset() * size % 8:  # a view of int64 needs 8-byte alignment; a copy has it
+        flat = flat.clone()
+    return flat.view(torch.int64).sum()
+
+
+def _non_finite_count(t: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """NaN/Inf elements of `t` (CPU): exact up to ZERO_SAMPLE_ELEMENTS elements, else counted on a block sample
+    and extrapolated, and at least 1 when the exact `norm` is not finite, so one NaN is never reported as
+    none (and a finite norm, i.e. finite elements, gives exactly 0). x - x is 0 for a finite x and NaN
+    otherwise, and count_nonzero counts NaN: a pass over the whole of a large tensor would cost 3 of its norm."""
+    sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
+    counted = torch.count_nonzero(sample - sample)
+    if scale == 1.0:
+        return counted
+    counted = counted.to(_F32) * scale
+    return torch.where(norm.isfinite(), counted, counted.clamp(min=1.0))
 
 
 def _nonzero_count(t: torch.Tensor) -> torch.Tensor:
     """Non-zero elements of `t` (NaN counts as non-zero): exact up to ZERO_SAMPLE_ELEMENTS elements, else
-    a strided sample's count × the stride (the fold clamps the zero fraction into [0, 1])."""
-    stride = _stride(t.numel(), ZERO_SAMPLE_ELEMENTS)
-    if stride == 1:
-        return torch.count_nonzero(t)
-    return torch.count_nonzero(t.reshape(-1)[::stride].contiguous()) * stride
+    a block sample's count × numel / sample (the fold clamps the zero fraction into [0, 1])."""
+    sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
+    counted = torch.count_nonzero(sample)
+    return counted if scale == 1.0 else counted * scale
 
 
 def _fill(values: list[torch.Tensor], tensors: list[torch.Tensor | None], zero: torch.Tensor) -> list[torch.Tensor]:

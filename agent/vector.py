@@ -30,7 +30,7 @@ __all__ = ["CHECKSUM_PIECES", "PARAM_COLUMNS", "UPDATE_COLUMNS", "VectorLayout"]
 #   min, max: smallest and largest element.
 PARAM_COLUMNS: tuple[str, ...] = ("norm", "max_abs", "sum", "non_finite", "nonzero", "min", "max")
 # Per-parameter update columns (full steps with an optimizer): |Δw|² and |w|² over the parameter's sample,
-# each times the sampling stride (schema-independent extrapolation to the whole tensor; see stats.py).
+# each times elements / sampled elements (schema-independent extrapolation to the whole tensor; see stats.py).
 UPDATE_COLUMNS: tuple[str, ...] = ("update_squares", "weight_squares")
 # The 64-bit parameter checksum travels as this many 16-bit pieces, least significant first (stats.py).
 CHECKSUM_PIECES = 4

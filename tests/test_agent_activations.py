@@ -317,3 +317,19 @@ def test_agent_unit_spread_sees_symmetric_neurons_and_conv_channels(server: Scri
     assert _f32(report.activations.std)[1] > 1e-3  # yet the outputs vary across samples
     assert math.isnan(spread[3])  # one output unit: no spread across units
     np.testing.assert_array_equal(_f32(report.label_histogram), [1, 0, 2])
+
+
+def test_input_moments_per_channel_stay_accurate_far_from_zero() -> None:
+    from gradwatch.agent.activations import _feature_moments
+
+    torch.manual_seed(4)
+    images = torch.randn(16, 3, 8, 8) * torch.tensor([0.5, 2.0, 0.01]).reshape(1, 3, 1, 1) + 300.0  # raw-pixel scale
+    mean, std = _feature_moments(images)
+    wide = images.double()
+    np.testing.assert_allclose(mean.numpy(), wide.mean(dim=(0, 2, 3)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(std.numpy(), wide.std(dim=(0, 2, 3), correction=0).numpy(), rtol=1e-3)
+    sequences = torch.randn(4, 5, 2000)  # (batch, positions, features): the first 1024 features only
+    mean, std = _feature_moments(sequences)
+    assert mean.shape == std.shape == (1024,)
+    np.testing.assert_allclose(std.numpy(), sequences[..., :1024].double().std(dim=(0, 1), correction=0).numpy(),
+                               rtol=1e-4)  # fmt: skip

@@ -28,11 +28,13 @@ def server() -> Iterator[ScriptableServer]:
 
 
 def reference_checksum(model: nn.Module) -> int:
-    """The bit patterns of every parameter element, summed as wrapping 64-bit integers (numpy, on the host)."""
+    """Each parameter's bytes as little-endian 64-bit words (element by element when they are not whole
+    words), summed as wrapping 64-bit integers (numpy, on the host)."""
     total = np.uint64(0)
     for p in model.parameters():
         raw = p.detach().cpu().contiguous().view(-1)
-        ints = raw.view(getattr(torch, f"int{8 * raw.element_size()}")).numpy().astype(np.int64)
+        raw = raw.view(getattr(torch, f"int{8 * raw.element_size()}")).numpy()
+        ints = raw.view("<i8") if raw.nbytes % 8 == 0 else raw.astype(np.int64)
         with np.errstate(over="ignore"):
             total = total + ints.sum(dtype=np.int64).astype(np.uint64)
     return int(total)
@@ -44,9 +46,10 @@ def checksum_of(model: nn.Module) -> int:
 
 
 def test_checksum_is_the_exact_wrapping_sum_of_bit_patterns_for_every_dtype() -> None:
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        model = make_mlp(seed=3).to(dtype)
-        assert checksum_of(model) == reference_checksum(model), dtype
+    for width in (16, 15):  # whole 64-bit words (summed as words) and not (summed element by element)
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            model = make_mlp(seed=3, width=width).to(dtype)
+            assert checksum_of(model) == reference_checksum(model), (width, dtype)
 
 
 def test_checksum_changes_when_one_bit_of_one_weight_flips() -> None:

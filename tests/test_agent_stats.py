@@ -123,6 +123,43 @@ def test_zero_fraction_of_a_large_tensor_is_sampled_within_a_percent_and_stays_e
     assert 0.0 <= columns["weight_zero_fraction"][0] <= 1.0
 
 
+def _weight_columns(model: nn.Module) -> dict[str, np.ndarray]:
+    engine = StatsEngine(build_layout(model))
+    grads, weights = engine.compute("grad", full=True), engine.compute("weight", full=True)
+    layout = VectorLayout(num_params=len(engine.layout.params), full=True)
+    return LayerFold.of(engine.layout).fold(torch.stack([torch.zeros(()), *grads, *weights]).numpy(), layout)
+
+
+def test_zero_fraction_sample_sees_every_column_of_a_matrix_whose_half_is_zero() -> None:
+    # Zero columns (the inputs of a dead unit upstream) in rows of 1024: a sample that aliased with the row
+    # length would see only some columns and report 0 or 1.
+    model = nn.Sequential(nn.Linear(1024, 256))
+    with torch.no_grad():
+        model[0].weight[:, 512:] = 0.0
+        model[0].bias.fill_(1.0)
+    columns = _weight_columns(model)
+    assert abs(columns["weight_zero_fraction"][0] - 0.5 * 262144 / 262400) < 0.01
+
+
+def test_non_finite_count_of_a_large_tensor_is_sampled_but_one_bad_element_is_never_reported_as_none() -> None:
+    from gradwatch.agent.stats import ZERO_SAMPLE_ELEMENTS
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(1000, 300), nn.Linear(300, 8), nn.Linear(8, 8))
+    assert model[0].weight.numel() > 4 * ZERO_SAMPLE_ELEMENTS
+    with torch.no_grad():
+        model[0].weight[7, 11] = math.nan  # one NaN in 300 000 values: most samples miss it
+        model[1].weight[3, 5] = math.inf  # small tensors are counted exactly
+        model[1].weight[4, 5] = -math.inf
+    columns = _weight_columns(model)
+    assert columns["weight_non_finite"][0] >= 1.0
+    assert columns["weight_non_finite"][1] == 2.0 and columns["weight_non_finite"][2] == 0.0
+    with torch.no_grad():
+        model[0].weight.masked_fill_(torch.rand_like(model[0].weight) < 0.1, math.nan)  # about 10 % NaN
+    truth = float(torch.isnan(model[0].weight).sum())
+    assert abs(_weight_columns(model)["weight_non_finite"][0] - truth) < 0.01 * model[0].weight.numel()
+
+
 def test_agent_stats_on_the_wire_match_reference_every_step(server: ScriptableServer) -> None:
     model = make_mlp(seed=3)
     linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -408,8 +445,26 @@ def _host_log2_histogram(values: np.ndarray) -> np.ndarray:
 def test_log2_histogram_bins_match_a_host_reference_at_the_edges() -> None:
     from gradwatch.agent.histogram import log2_histogram
 
-    values = torch.tensor([0.0, -0.0, 1e-40, 1e-30, 2.0**-25, 2.0**-24, 0.75, -0.75, 1.0, 3.0, 63.0, 64.0, 1e10,
-                           math.nan, math.inf, -math.inf])  # fmt: skip  (1e-40: a subnormal float32)
+    values = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1e-40,
+            1e-30,
+            2.0**-25,
+            2.0**-24,
+            0.75,
+            -0.75,
+            1.0,
+            3.0,
+            63.0,
+            64.0,
+            1e10,
+            math.nan,
+            math.inf,
+            -math.inf,
+        ]
+    )  # fmt: skip  (1e-40: a subnormal float32)
     got = log2_histogram(values, torch.device("cpu")).numpy()
     np.testing.assert_array_equal(got, _host_log2_histogram(values.numpy()))
     assert got.sum() == 11 and got[0] == 3 and got[31] == 2  # under- and overflow bins; no zero, NaN or Inf
