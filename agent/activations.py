@@ -51,6 +51,7 @@ from torch import nn
 
 from gradwatch.agent import errors
 from gradwatch.agent.histogram import LOG2_BINS, SAMPLE_ELEMENTS, log2_histogram
+from gradwatch.agent.snapshot import Segment
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -228,35 +229,39 @@ class ActivationTap:
             self._add_agent_time(time.perf_counter() - started)
 
     def _output_hook(self, index: int, bounds: tuple[float, float] | None, contracting: bool) -> Callable[..., None]:
+        # Runs on every training forward of every watched module: kept lean (no grad-mode context: every value
+        # derives from a detached tensor, so autograd records nothing).
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if torch.compiler.is_compiling():
+            if is_compiling() or not is_grad_enabled():
                 return
-            out = _first_tensor(output)
-            if out is None or not torch.is_grad_enabled():
+            out = output if type(output) is torch.Tensor else _first_tensor(output)
+            if out is None or not out.is_floating_point():
                 return
-            started = time.perf_counter()
+            started = perf_counter()
             try:
-                with torch.no_grad():
-                    capture = self._current()
-                    a = out.detach()
-                    last = capture.last_output
-                    capture.last_output = weakref.ref(out)
-                    first_call = index not in capture.seen
-                    stats = first_call and capture.full
-                    implied = contracting and last is not None and bool(args) and args[0] is last()
-                    if stats or not implied:  # see the module docstring: a finite input implies a finite output
-                        s = a.sum(dtype=_F32)
-                        previous = capture.sums.get(index)
-                        capture.sums[index] = s if previous is None else previous + s
-                    if first_call:
-                        capture.seen.add(index)
-                        capture.order.append(index)
-                        if stats:
-                            capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
+                capture = self._capture or self._current()
+                a = out.detach()
+                last = capture.last_output
+                capture.last_output = weakref.ref(out)
+                first_call = index not in capture.seen
+                stats = first_call and capture.full
+                implied = contracting and last is not None and bool(args) and args[0] is last()
+                if stats or not implied:  # see the module docstring: a finite input implies a finite output
+                    s = a.sum(dtype=_F32)
+                    previous = capture.sums.get(index)
+                    capture.sums[index] = s if previous is None else previous + s
+                if first_call:
+                    capture.seen.add(index)
+                    capture.order.append(index)
+                    if stats and a.numel():
+                        capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
             except Exception as exc:
                 errors.report(exc, "forward_hook")
             finally:
-                self._add_agent_time(time.perf_counter() - started)
+                add_time(perf_counter() - started)
+
+        is_compiling, is_grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
+        perf_counter, add_time = time.perf_counter, self._add_agent_time
 
         return hook
 
@@ -424,8 +429,8 @@ def assemble(
     labels: torch.Tensor | None,
     offset: int,
     zero: torch.Tensor,
-) -> tuple[list[torch.Tensor], ActivationItem | None]:
-    """The 1-D device tensors to append to a report vector at `offset`, and their description.
+) -> tuple[list[Segment], ActivationItem | None]:
+    """The segments (snapshot.py) to append to a report vector at `offset`, and their description.
 
     Nothing when no training forward ran and no labels came; placeholders are NaN (statistics of a module
     not called at this step) or zero (its output sum).
@@ -434,7 +439,7 @@ def assemble(
         return [], None
     capture = capture or ActivationCapture(full=True)
     sums = [capture.sums.get(i, zero) for i in range(num_modules)]
-    parts = [torch.stack([*sums, zero if capture.input_sum is None else capture.input_sum])]
+    parts: list[Segment] = [[*sums, zero if capture.input_sum is None else capture.input_sum]]
     item = ActivationItem(offset, num_modules, tuple(capture.order), capture.input_sum is not None, capture.full)
     if not capture.full:
         return parts, item

@@ -3,8 +3,9 @@
 `ReportAssembler` owns the taps that feed a report (optimizer, GradScaler, forward hooks), the loss and
 label accumulators, and the vector layouts. Contract: `add(loss, labels)` on every `monitor.step()`;
 `is_micro_step()` says whether that call only accumulates (gradient accumulation); `assemble(full)` completes
-whatever the hooks did not capture (gradients read in `step()` when the optimizer did not step), stacks
-everything into ONE device tensor laid out as vector.py and activations.py say, and starts its host copy.
+whatever the hooks did not capture (gradients read in `step()` when the optimizer did not step), lays
+everything out as vector.py and activations.py say for ONE device vector, and starts its host copy
+(snapshot.py: joined on the device for accelerators, on the sender thread for the CPU).
 Nothing here reads a tensor value. `remove()` takes every hook off.
 """
 
@@ -22,7 +23,7 @@ from gradwatch.agent.histogram import LOG2_BINS
 from gradwatch.agent.hooks import Capture, OptimizerTap, learning_rates
 from gradwatch.agent.items import Assembled
 from gradwatch.agent.loss import LossAccumulator
-from gradwatch.agent.snapshot import start_copy
+from gradwatch.agent.snapshot import Segment, start_copy
 from gradwatch.agent.stats import StatsEngine
 from gradwatch.agent.vector import VectorLayout
 
@@ -102,21 +103,17 @@ class ReportAssembler:
         loss = self._loss.take()
         loss_0d = loss.tensor if loss.tensor is not None else engine.zero()
 
-        # The one stack of this report: every value above is a 0-d tensor on the same device.
-        vector = torch.stack(
-            [loss_0d, *grads, *weights, *lr_tensors, *(scaler or ()), *(updates or ()), *(checksum or ())]
-        )
-        parts = [] if histograms is None else [histograms]
+        # Every value above is a 0-d tensor on the same device: one stack (on CPU, on the sender thread).
+        scalars = [loss_0d, *grads, *weights, *lr_tensors, *(scaler or ()), *(updates or ()), *(checksum or ())]
+        segments: list[Segment] = [scalars] if histograms is None else [scalars, histograms]
         capture = self._activations.take() if self._activations is not None else None
         labels, self._labels = self._labels, None
         num_modules = 0 if self._activations is None else len(self._activations.names)
-        offset = vector.numel() + (0 if histograms is None else histograms.numel())
+        offset = len(scalars) + (0 if histograms is None else histograms.numel())
         activation_parts, activations = assemble(capture, num_modules, labels, offset, engine.zero())
-        parts += activation_parts
-        if parts:
-            vector = torch.cat([vector, *parts])
+        segments += activation_parts
         return Assembled(
-            values=start_copy(vector),
+            values=start_copy(segments),
             layout=self._layout(
                 full, len(lr_tensors), updates is not None, histograms is not None, checksum is not None
             ),

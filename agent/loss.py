@@ -49,7 +49,9 @@ class LossAccumulator:
             t = loss.detach()
             if t.numel() != 1:  # per-sample losses: their mean
                 t = t.float().mean()
-            t = t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+            # On the CPU the report vector is joined later, on the sender thread (snapshot.py): a copy keeps the
+            # value of this step if the caller later changes its loss tensor in place (`total = loss; total += x`).
+            t = t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True, copy=device.type == "cpu")
             self._tensor = t if self._tensor is None else self._tensor + t
         else:
             self._host += float(loss)

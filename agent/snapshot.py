@@ -1,10 +1,13 @@
 """The only place the agent moves data from the device to the host.
 
-Contract: `start_copy(vector)` is called on the training thread and never waits for the device: on CUDA it
-queues a `non_blocking` copy into pinned host memory and records an event behind it; on other accelerators
-it does the same with the generic `torch.Event` when available; on CPU the values are already in host
-memory, so it only detaches. `HostCopy.to_numpy()` is called on the sender thread: it waits for the event
-(if any) and returns the values as a float32 numpy array. Nothing else in the agent may call `.item()`,
+Contract: `start_copy(segments)` is called on the training thread with a report's values as segments (a 1-D
+tensor, or a list of 0-d tensors), all on one device, and never waits for the device: on CUDA it joins them
+into one vector (a stack per list, one cat), queues a `non_blocking` copy into pinned host memory and records
+an event behind it; on other accelerators it does the same with the generic `torch.Event` when available; on
+CPU the values are already in host memory, so the join itself is left to the sender thread (it is Python and
+a few small kernels the training thread need not wait for; the tensors are fresh results nobody modifies).
+`HostCopy.to_numpy()` is called on the sender thread: it waits for the event (if any), joins deferred
+segments, and returns the values as a float32 numpy array. Nothing else in the agent may call `.item()`,
 `.cpu()`, `.tolist()`, `.numpy()` or `bool()` on a tensor.
 """
 
@@ -15,34 +18,59 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["HostCopy", "start_copy"]
+__all__ = ["HostCopy", "Segment", "join", "start_copy"]
+
+
+Segment = torch.Tensor | list[torch.Tensor]  # a 1-D tensor, or 0-d tensors to stack
+
+
+def join(segments: list[Segment]) -> torch.Tensor:
+    """The segments as one 1-D tensor, in order (adjacent lists of 0-d tensors share one stack)."""
+    tensors: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    for segment in segments:
+        if isinstance(segment, list):
+            pending += segment
+            continue
+        if pending:
+            tensors.append(torch.stack(pending))
+            pending = []
+        tensors.append(segment)
+    if pending:
+        tensors.append(torch.stack(pending))
+    return (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).detach()
 
 
 class HostCopy:
     """A report vector on its way to host memory. Create with `start_copy`; read once on another thread."""
 
-    __slots__ = ("_event", "_host")
+    __slots__ = ("_event", "_host", "_segments")
 
-    def __init__(self, host: torch.Tensor, event: Any | None) -> None:
+    def __init__(self, host: torch.Tensor | None, event: Any | None, segments: list[Segment] | None = None) -> None:
         self._host = host
         self._event = event
+        self._segments = segments
 
     def to_numpy(self) -> np.ndarray:
         """Wait until the copy has landed (sender thread only), then return the float32 values."""
+        if self._segments is not None:  # CPU: joined here, off the training thread
+            self._host, self._segments = join(self._segments), None
         # By the time the sender gets here the copy has usually landed: query() answers without blocking,
         # and synchronize() (which blocks this thread only) is the fallback.
         if self._event is not None and not self._event.query():
             self._event.synchronize()
+        assert self._host is not None
         return self._host.numpy()
 
 
-def start_copy(vector: torch.Tensor) -> HostCopy:
-    """Queue the device→host copy of a freshly computed 1-D float32 `vector` (training thread; no sync)."""
-    vector = vector.detach()
-    device = vector.device
+def start_copy(segments: list[Segment]) -> HostCopy:
+    """Queue the device→host copy of a report's freshly computed values (training thread; no sync)."""
+    first = segments[0]
+    device = (first[0] if isinstance(first, list) else first).device
     if device.type == "cpu":
-        # CPU kernels have already run and `vector` is a fresh result nobody else holds: no copy needed.
-        return HostCopy(vector, None)
+        # CPU kernels have already run and the tensors are fresh results nobody else holds: no copy needed.
+        return HostCopy(None, None, segments)
+    vector = join(segments)
     if device.type == "cuda":
         # Pinned memory makes the copy truly asynchronous; the caching host allocator recycles the buffer
         # once the event behind its last use has completed, so per-report allocation is cheap.

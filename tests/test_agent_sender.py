@@ -283,3 +283,26 @@ def test_agent_queue_full_drops_newest_while_the_sender_is_stuck(server: Scripta
     assert monitor.close(timeout=5) is False  # delivered what it kept, but drops were counted
     delivered = [r.step for r in server.servicer.reports()]
     assert delivered == sorted(delivered) and len(delivered) == 30 - counters["dropped"]["queue_full"]
+
+
+def test_agent_reports_the_loss_of_its_step_even_if_the_caller_changes_the_tensor_afterwards(
+    server: ScriptableServer,
+) -> None:
+    # On the CPU the report vector is joined on the sender thread, after step() returned: the loss it carries
+    # must be the value at step(), not what an in-place update (`total = loss; total += x`) made of it later.
+    model, opt = _model_and_optimizer()
+    expected = []
+    with attach(model, opt, server=server.address, run="inplace-loss") as monitor:
+        for step in range(1, 6):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            expected.append(float(loss.detach()))
+            monitor.step(loss)
+            with torch.no_grad():
+                loss.add_(1000.0)
+        assert monitor.close(timeout=5)
+    got = [r.loss for r in server.servicer.reports()]
+    assert got == pytest.approx(expected, rel=1e-6)
