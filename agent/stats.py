@@ -130,8 +130,8 @@ class StatsEngine:
         """Copies of each parameter's update sample (before an optimizer step; full steps only). A sample of a
         large tensor is already a copy (sampling.py); a small tensor is cloned whole."""
         with torch.no_grad():
-            samples = [(p, self._sample(p)) for p in self._layout.params]
-            return [None if s is None else s.clone() if _shares_memory(s, p) else s for p, s in samples]
+            samples = [self._sample(p) for p in self._layout.params]
+            return [None if s is None else s[0].clone() if s[1] == 1.0 else s[0] for s in samples]
 
     def update_stats(self, before: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """After the step: per parameter scale·|Δw|² over the sample, then scale·|w|², as 0-d float32
@@ -143,22 +143,23 @@ class StatsEngine:
         weights: list[torch.Tensor] = []
         with torch.no_grad():
             for p, old in zip(self._layout.params, before, strict=True):
-                new = self._sample(p)
-                if old is None or new is None or new.shape != old.shape:
+                sampled = self._sample(p)
+                if old is None or sampled is None or sampled[0].shape != old.shape:
                     updates.append(zero)
                     weights.append(zero)
                     continue
-                stride = local_tensor(p).numel() / new.numel()
+                new, stride = sampled
                 diff = new.to(_F32) - old.to(_F32)
                 updates.append((diff.square().sum() * stride).to(target, non_blocking=True))
                 weights.append((new.to(_F32).square().sum() * stride).to(target, non_blocking=True))
         return updates + weights
 
-    def _sample(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+    def _sample(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, float] | None:
+        """The parameter's update sample and elements / sampled elements (1.0: the tensor itself, a view)."""
         t = local_tensor(p.detach()) if self._layout.has_dtensor else p.detach()
         if not t.is_floating_point() or t.numel() == 0 or t.is_sparse:
             return None
-        return block_sample(t, UPDATE_SAMPLE_ELEMENTS)[0]
+        return block_sample(t, UPDATE_SAMPLE_ELEMENTS)
 
     def _group_stats(self, group: ParamGroup, source: Source, full: bool) -> list[list[torch.Tensor]]:
         """Each column for one (device, dtype) group, one 0-d tensor per parameter, in group order."""
@@ -222,11 +223,6 @@ def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch
         t = t._values()
     # Empty tensors (an FSDP rank's empty shard) have no max; they are all-zero for every column.
     return t if t.numel() else None
-
-
-def _shares_memory(sample: torch.Tensor, p: torch.Tensor) -> bool:
-    """Whether `sample` is a view of the parameter (a small tensor read whole) rather than a copy."""
-    return sample.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
 
 
 def _bit_sum(t: torch.Tensor) -> torch.Tensor:
