@@ -235,7 +235,7 @@ class ActivationTap:
             if is_compiling() or not is_grad_enabled():
                 return
             out = output if type(output) is torch.Tensor else _first_tensor(output)
-            if out is None or not out.is_floating_point():
+            if out is None or not out.is_floating_point() or not out.numel():
                 return
             started = perf_counter()
             try:
@@ -253,7 +253,7 @@ class ActivationTap:
                 if first_call:
                     capture.seen.add(index)
                     capture.order.append(index)
-                    if stats and a.numel():
+                    if stats:
                         capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
             except Exception as exc:
                 errors.report(exc, "forward_hook")
@@ -276,11 +276,15 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 def _feature_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (population) of each of the first MAX_INPUT_FEATURES units of `x` (2+-D), reduced in
-    place over the other dimensions. Moments of the differences from the first sample's values: as well
-    conditioned as a two-pass std for features far from zero, and one-tenth of a CPU's std_mean (a slow loop)."""
+    place over the other dimensions (NaN for an empty batch). Moments of the differences from the first
+    sample's values: close to a two-pass std when that sample is typical (within a few standard deviations of
+    the mean), e.g. for features far from zero, at one-tenth of a CPU's std_mean (a slow loop)."""
     unit_dim = _unit_dim(x)
     assert unit_dim is not None
     x = x.narrow(unit_dim, 0, min(MAX_INPUT_FEATURES, x.shape[unit_dim])).to(_F32)
+    if x.numel() == 0:
+        missing = torch.full((x.shape[unit_dim],), float("nan"), device=x.device)
+        return missing, missing
     reduce = _reduce_dims(x)
     first = x
     for d in reduce:

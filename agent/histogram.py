@@ -8,8 +8,8 @@ that many elements (sampling.py), counts multiplied by numel / sample size, so t
 
 How: the exponent field is read from the float32 bit pattern (integer shifts, no transcendental function:
 about 10× cheaper than frexp or log2 on a CPU) and counted into its 256 possible values (a bincount of int32
-on the CPU, a scatter-add elsewhere: CUDA's bincount reads the maximum on the host, a sync); one small matrix
-product then folds the 256 counts into the LOG2_BINS bins (the field of NaN/Inf, 255, into none); zeros, which
+on the CPU, a scatter-add elsewhere: CUDA's bincount reads the maximum on the host, a sync); two sums and a
+slice then fold the 256 counts into the LOG2_BINS bins (the field of NaN/Inf, 255, into none); zeros, which
 share bin 0's exponent field with subnormals, are subtracted. Other dtypes are converted to float32 first
 (float64 magnitudes beyond float32's range then count as Inf, i.e. not at all). Cost: a few integer passes
 over at most SAMPLE_ELEMENTS values, on full-statistics steps only.
@@ -41,23 +41,15 @@ def log2_histogram(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         else:  # CUDA's bincount reads the maximum on the host: a sync
             fields = torch.zeros(_FIELDS, dtype=torch.float32, device=flat.device)
             fields = fields.index_add_(0, field, torch.ones_like(flat))
-        counts = fields.unsqueeze(0).mm(_fold(flat.device)).squeeze(0)
+        # Fields up to _LOW fall in bin 0 and from _HIGH in the last bin; 255 (NaN/Inf) in none. Slices and sums,
+        # not a matrix product: autocast would run that in half precision (counts above 65504 overflow).
+        counts = torch.cat([fields[: _LOW + 1].sum(0, keepdim=True), fields[_LOW + 1 : _HIGH],
+                            fields[_HIGH : _FIELDS - 1].sum(0, keepdim=True)])  # fmt: skip
         counts[0] -= flat.numel() - torch.count_nonzero(flat)  # zeros share the exponent field of subnormals
         counts = counts if scale == 1.0 else counts.mul_(scale)
         return counts if counts.device == device else counts.to(device, non_blocking=True)
 
 
 _FIELDS = 256
-_FOLDS: dict[torch.device, torch.Tensor] = {}
-
-
-def _fold(device: torch.device) -> torch.Tensor:
-    """(256 × LOG2_BINS) 0/1 matrix: biased float32 exponent field -> bin; field 255 (NaN/Inf) maps to no bin."""
-    fold = _FOLDS.get(device)
-    if fold is None:  # made on the device (kernels, not a host copy), once per device
-        fields = torch.arange(_FIELDS, device=device)
-        bins = (fields - (_F32_EXPONENT_BIAS - LOG2_OFFSET)).clamp_(0, LOG2_BINS - 1)
-        fold = (bins.unsqueeze(1) == torch.arange(LOG2_BINS, device=device)).to(torch.float32)
-        fold[_FIELDS - 1] = 0.0
-        _FOLDS[device] = fold
-    return fold
+_LOW = _F32_EXPONENT_BIAS - LOG2_OFFSET  # the largest exponent field of bin 0
+_HIGH = _LOW + LOG2_BINS - 1  # the smallest exponent field of the last bin

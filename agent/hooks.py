@@ -47,7 +47,10 @@ def learning_rates(optimizer: torch.optim.Optimizer | None, device: torch.device
         if isinstance(lr, torch.Tensor):
             rates.append(math.nan)
             slots.append(index)
-            tensors.append(lr.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True))
+            # A scheduler changes a tensor rate in place: on the CPU, where the report vector is joined later on
+            # the sender thread (snapshot.py), a copy keeps the rate this step used.
+            copy = device.type == "cpu"
+            tensors.append(lr.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True, copy=copy))
         else:
             rates.append(float(lr) if isinstance(lr, int | float) else math.nan)
     return rates, tuple(slots), tensors

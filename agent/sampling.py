@@ -27,15 +27,26 @@ _BLOCKS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 def block_sample(t: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
-    """About `size` elements of `t` (1-D; `t` itself flattened when small enough) and numel / their count."""
-    flat = t.reshape(-1)
+    """About `size` elements of `t` (1-D; `t` itself flattened when small enough) and numel / their count. A
+    tensor dense in memory in another order than contiguous (channels_last) is read in memory order."""
+    flat = _flat(t)
     n = flat.numel()
-    if n <= size:
+    if n <= size or n < BLOCK_ELEMENTS:
         return flat, 1.0
     blocks = n // BLOCK_ELEMENTS
     ids = _block_ids(blocks, max(1, size // BLOCK_ELEMENTS), flat.device)
     sample = flat.narrow(0, 0, blocks * BLOCK_ELEMENTS).view(blocks, BLOCK_ELEMENTS).index_select(0, ids)
     return sample.reshape(-1), n / (ids.numel() * BLOCK_ELEMENTS)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """`t` as 1-D without a copy where its elements are dense in memory in some order (e.g. channels_last):
+    flattened in memory order, the same order for every tensor of that shape and strides. Else a copy."""
+    if t.is_contiguous() or t.dim() < 2:
+        return t.reshape(-1)
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    permuted = t.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else t.reshape(-1)
 
 
 def _block_ids(blocks: int, wanted: int, device: torch.device) -> torch.Tensor:

@@ -187,7 +187,7 @@ class StatsEngine:
                     lows, highs = [t.amin() for t in present], [t.amax() for t in present]
                     stats[5], stats[6] = lows, highs
                     stats[1] = [torch.maximum(lo.neg(), hi) for lo, hi in zip(lows, highs, strict=True)]
-                    stats[3] = [_non_finite_count(t, norm) for t, norm in zip(present, stats[0], strict=True)]
+                    stats[3] = [_non_finite_count(t, peak) for t, peak in zip(present, stats[1], strict=True)]
                     stats[4] = [_nonzero_count(t) for t in present]
                 else:
                     extremes = [torch.aminmax(t) for t in present]  # one pass per tensor for min and max
@@ -234,22 +234,23 @@ def _bit_sum(t: torch.Tensor) -> torch.Tensor:
     size = flat.element_size()
     if size == 8 or flat.numel() * size % 8:  # the choice depends on shape and dtype only: replicas agree
         return flat.sum(dtype=torch.int64)
-    if flat.storage_offset() * size % 8:  # a view of int64 needs 8-byte alignment; a copy has it
-        flat = flat.clone()
+    if flat.stride(0) != 1 or flat.storage_offset() * size % 8:  # an int64 view needs dense, 8-byte-aligned bytes
+        flat = flat.contiguous() if flat.stride(0) != 1 else flat.clone()
     return flat.view(torch.int64).sum()
 
 
-def _non_finite_count(t: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+def _non_finite_count(t: torch.Tensor, max_abs: torch.Tensor) -> torch.Tensor:
     """NaN/Inf elements of `t` (CPU): exact up to ZERO_SAMPLE_ELEMENTS elements, else counted on a block sample
-    and extrapolated, and at least 1 when the exact `norm` is not finite, so one NaN is never reported as
-    none (and a finite norm, i.e. finite elements, gives exactly 0). x - x is 0 for a finite x and NaN
-    otherwise, and count_nonzero counts NaN: a pass over the whole of a large tensor would cost 3 of its norm."""
+    and extrapolated, and at least 1 when the exact `max_abs` (from amin/amax: non-finite exactly when some
+    element is NaN or ±Inf) is not finite, so one NaN is never reported as none, and finite elements give
+    exactly 0. x - x is 0 for a finite x and NaN otherwise, and count_nonzero counts NaN: a pass over the
+    whole of a large tensor would cost 3 of its norm."""
     sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
     counted = torch.count_nonzero(sample - sample)
     if scale == 1.0:
         return counted
     counted = counted.to(_F32) * scale
-    return torch.where(norm.isfinite(), counted, counted.clamp(min=1.0))
+    return torch.where(max_abs.isfinite(), counted, counted.clamp(min=1.0))
 
 
 def _nonzero_count(t: torch.Tensor) -> torch.Tensor:

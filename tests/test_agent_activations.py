@@ -333,3 +333,16 @@ def test_input_moments_per_channel_stay_accurate_far_from_zero() -> None:
     assert mean.shape == std.shape == (1024,)
     np.testing.assert_allclose(std.numpy(), sequences[..., :1024].double().std(dim=(0, 1), correction=0).numpy(),
                                rtol=1e-4)  # fmt: skip
+    empty_mean, empty_std = _feature_moments(torch.empty(0, 3, 4, 4))  # an empty batch: NaN, not an error
+    assert empty_mean.shape == (3,) and bool(torch.isnan(empty_mean).all() and torch.isnan(empty_std).all())
+
+
+def test_histograms_are_exact_under_autocast() -> None:
+    from gradwatch.agent.histogram import log2_histogram
+
+    values = torch.randn(200_000, generator=torch.Generator().manual_seed(1)) * 3  # counts above fp16's 65504
+    plain = log2_histogram(values, torch.device("cpu"))
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert torch.equal(log2_histogram(values, torch.device("cpu")), plain), dtype
+

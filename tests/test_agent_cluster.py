@@ -52,6 +52,14 @@ def test_checksum_is_the_exact_wrapping_sum_of_bit_patterns_for_every_dtype() ->
             assert checksum_of(model) == reference_checksum(model), (width, dtype)
 
 
+def test_checksum_of_a_strided_parameter_sums_its_elements_not_its_storage() -> None:
+    base = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    model = nn.Module()
+    model.strided = nn.Parameter(base[:, ::2])  # a view with stride 2: no 64-bit word view of it exists
+    assert not model.strided.is_contiguous()
+    assert checksum_of(model) == reference_checksum(model)
+
+
 def test_checksum_changes_when_one_bit_of_one_weight_flips() -> None:
     model, twin = make_mlp(seed=1), make_mlp(seed=1)
     assert checksum_of(model) == checksum_of(twin)

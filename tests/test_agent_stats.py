@@ -160,6 +160,31 @@ def test_non_finite_count_of_a_large_tensor_is_sampled_but_one_bad_element_is_ne
     assert abs(_weight_columns(model)["weight_non_finite"][0] - truth) < 0.01 * model[0].weight.numel()
 
 
+def test_huge_finite_values_are_not_counted_as_non_finite() -> None:
+    # The float32 norm of 1e20s overflows to inf; the elements are finite all the same.
+    model = nn.Sequential(nn.Linear(1000, 300))
+    with torch.no_grad():
+        model[0].weight.fill_(1e20)
+    columns = _weight_columns(model)
+    assert not np.isfinite(columns["weight_norm"][0]) and columns["weight_non_finite"][0] == 0.0
+
+
+def test_zero_fraction_of_a_channels_last_weight_is_read_in_memory_order_without_a_copy() -> None:
+    from gradwatch.agent.sampling import _flat, block_sample
+
+    conv = nn.Conv2d(64, 128, 3).to(memory_format=torch.channels_last)  # 73 728 weights
+    with torch.no_grad():
+        conv.weight[:, :32] = 0.0  # half the input channels
+    weight = conv.weight.detach()
+    assert not weight.is_contiguous()
+    assert _flat(weight).untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()  # a view, no copy
+    sample, scale = block_sample(weight, 65536)
+    assert scale > 1.0 and sample.numel() < weight.numel()
+    columns = _weight_columns(nn.Sequential(conv))
+    truth = float((torch.cat([conv.weight.reshape(-1), conv.bias]) == 0).double().mean())
+    assert abs(columns["weight_zero_fraction"][0] - truth) < 0.01
+
+
 def test_agent_stats_on_the_wire_match_reference_every_step(server: ScriptableServer) -> None:
     model = make_mlp(seed=3)
     linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -274,6 +299,22 @@ def test_agent_tensor_learning_rate_travels_with_the_batch(server: ScriptableSer
     assert monitor.close(timeout=5)
     for report in server.servicer.reports():
         assert list(report.learning_rates) == [pytest.approx(0.01), 0.5]
+
+
+def test_agent_reports_the_tensor_learning_rate_each_step_used_while_a_scheduler_changes_it_in_place(
+    server: ScriptableServer,
+) -> None:
+    # Schedulers fill_() a tensor rate in place after the step; the report must carry the rate of its step.
+    model = make_mlp(seed=5)
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with attach(model, opt, server=server.address, run="scheduled-tensor-lr") as monitor:
+        for _ in range(5):
+            train(model, opt, monitor, 1)
+            scheduler.step()
+        assert monitor.close(timeout=5)
+    got = [r.learning_rates[0] for r in server.servicer.reports()]
+    assert got == pytest.approx([0.1 * 0.5**k for k in range(5)])
 
 
 # ---------------------------------------------------------------------- no host sync on the training thread
