@@ -5,7 +5,9 @@ tensor, or a list of 0-d tensors), all on one device, and never waits for the de
 into one vector (a stack per list, one cat), queues a `non_blocking` copy into pinned host memory and records
 an event behind it; on other accelerators it does the same with the generic `torch.Event` when available; on
 CPU the values are already in host memory, so the join itself is left to the sender thread (it is Python and
-a few small kernels the training thread need not wait for; the tensors are fresh results nobody modifies).
+a few small kernels the training thread need not wait for). Every tensor handed over must be a fresh result
+nobody changes later: values that alias the caller's tensors (the loss, tensor learning rates, the GradScaler's
+scale) are copied when they are taken (loss.py and hooks.py on the CPU, amp.py always).
 `HostCopy.to_numpy()` is called on the sender thread: it waits for the event (if any), joins deferred
 segments, and returns the values as a float32 numpy array. Nothing else in the agent may call `.item()`,
 `.cpu()`, `.tolist()`, `.numpy()` or `bool()` on a tensor.
@@ -68,7 +70,7 @@ def start_copy(segments: list[Segment]) -> HostCopy:
     first = segments[0]
     device = (first[0] if isinstance(first, list) else first).device
     if device.type == "cpu":
-        # CPU kernels have already run and the tensors are fresh results nobody else holds: no copy needed.
+        # CPU kernels have already run and the tensors are fresh results (see the module docstring): no copy.
         return HostCopy(None, None, segments)
     vector = join(segments)
     if device.type == "cuda":
