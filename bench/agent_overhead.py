@@ -8,6 +8,10 @@ added time vs. no agent, and wandb.watch's added time over gradwatch's. gradwatc
 `gradwatch serve` in its own process; wandb runs offline into a temporary folder; the comparators come from
 the `bench` extra and are skipped, with a line saying so, when missing.
 
+On CUDA (`--device cuda`, optionally `--bf16`), wall time waits for the device's queued work before and after
+each block, and the training thread's CPU time is what launching and Python cost; `gpt2s` (GPT-2-small-sized)
+joins the default models there.
+
 Variants: none, gradwatch (defaults), gradwatch-full (full statistics every step, budget off),
 gradwatch-nohooks (forward_hooks=False), gradwatch-fixed (full statistics every N steps, budget off),
 wandb (wandb.watch(log="all", log_freq=N)), tensorboard (add_histogram of every parameter and gradient every N
@@ -16,7 +20,7 @@ full-statistics interval. Models: tiny, mlp, cnn, transformer (bench/overhead/mo
 
     python bench/agent_overhead.py [--models mlp,cnn] [--variants none,gradwatch,wandb] [--rounds 7]
                                    [--steps 30] [--warm-steps 60] [--threads 1] [--json out.json] [--quick]
-                                   [--system-malloc]
+                                   [--system-malloc] [--device cpu|cuda] [--bf16]
 """
 
 from __future__ import annotations
@@ -90,7 +94,10 @@ def _progress(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default: all but the "
+                        "accelerator-only ones on a CPU, all on CUDA)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models train")
+    parser.add_argument("--bf16", action="store_true", help="forward and loss under bfloat16 autocast")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {FULL['rounds']})")
     parser.add_argument("--steps", type=int, help=f"timed steps per block (default {FULL['steps']})")
@@ -113,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if plan["steps"] % CADENCE:
         print(f"note: --steps {plan['steps']} is not a multiple of N={CADENCE}: the comparators act "
               f"{plan['steps'] // CADENCE} times per block, not steps/N")  # fmt: skip
-    models = _keys(args.models, MODELS, "model(s)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch here")
+    device = torch.device(args.device)
+    default_models = [k for k, m in MODELS.items() if device.type != "cpu" or not m.accelerator_only]
+    models = _keys(args.models or ",".join(default_models), MODELS, "model(s)")
     variants = [VARIANTS[k] for k in _keys(args.variants, VARIANTS, "variant(s)")]
 
     torch.set_num_threads(args.threads)
@@ -123,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "bench/agent_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_model(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": "bfloat16 autocast" if args.bf16 else "float32",
         "torch": str(torch.__version__),
         "gradwatch": gradwatch.__version__,
         "threads": args.threads,
@@ -131,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "allocator": allocator,
         **plan,
     }
-    print(f"torch {meta['torch']}, gradwatch {meta['gradwatch']}, {meta['cpu']}, {args.threads} training thread(s), "
+    print(f"torch {meta['torch']}, gradwatch {meta['gradwatch']}, {meta['cpu']}, device {meta['device']} "
+          f"({meta['dtype']}), {args.threads} training thread(s), "
           f"{plan['rounds']} rounds x {plan['steps']} steps per variant (+{plan['warm_steps']} untimed after "
           f"each gradwatch attach, budget on), cadence N={CADENCE}; medians over rounds; {allocator}")  # fmt: skip
     skipped: dict[str, str] = {}
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = {v.key: v.label for v in variants}
     document: dict[str, Any] = {"meta": meta, "skipped": skipped, "models": {}}
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp, gradwatch_serve(pathlib.Path(tmp)) as server:
-        ctx = BenchContext(server=server, workdir=pathlib.Path(tmp))
+        ctx = BenchContext(server=server, workdir=pathlib.Path(tmp), device=device, bf16=args.bf16)
         try:
             for key in models:
                 spec = MODELS[key]

@@ -69,3 +69,31 @@ def test_bench_overhead_skips_a_comparator_that_is_not_installed(tmp_path: pathl
     document = json.loads(out.read_text())
     assert set(document["skipped"]) == {"wandb", "tensorboard"}
     assert list(document["models"]["tiny"]["variants"]) == ["none"]
+
+
+def test_bench_gpt2_small_model_has_gpt2_small_size_and_stays_out_of_the_cpu_defaults() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import torch
+        from overhead.models import MODELS
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    spec = MODELS["gpt2s"]
+    with torch.device("meta"):  # shapes only: no 124 M parameters allocated here
+        model = spec.build()
+    count = sum(p.numel() for p in model.parameters())
+    assert 120e6 < count < 130e6, count  # GPT-2 small: 124 M
+    assert spec.large and spec.accelerator_only
+    assert not any(m.accelerator_only for k, m in MODELS.items() if k != "gpt2s")
+
+
+def test_bench_asks_for_a_cuda_device_it_cannot_see_with_a_clear_error() -> None:
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: scripts/gpu_check.sh runs the bench on it")
+    done = subprocess.run([sys.executable, str(BENCH), "--device", "cuda", "--bf16", "--models", "gpt2s"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "no CUDA device is visible" in done.stderr
+

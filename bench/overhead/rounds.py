@@ -2,7 +2,8 @@
 
 Round r runs the variants in the given order when r is even and in reverse when r is odd (ABBA...), so a
 drift in the machine's load, or a neighbour's burst, hits every variant alike. Each block records the mean
-wall time (time.perf_counter) and the mean CPU time of the training thread (time.thread_time) per step.
+wall time (time.perf_counter, after waiting for the device's queued work on CUDA) and the mean CPU time of the
+training thread (time.thread_time; on CUDA: launching and Python, not the kernels) per step.
 CPU time leaves out time the thread waits for a core (the machine is shared) and the work of other threads
 and processes (gradwatch's sender thread, its server, wandb's service process, TensorBoard's writer thread):
 it is the cost paid on the training thread. Wall time includes everything.
@@ -37,24 +38,32 @@ class Blocks:
 
 
 class _Trainer:
-    """One model, its optimizer and its fixed batch."""
+    """One model, its optimizer and its fixed batch, on `device`; forward and loss under bfloat16 autocast
+    when `bf16`."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, device: torch.device, bf16: bool) -> None:
         torch.manual_seed(0)
-        self.model = spec.build()
+        self.model = spec.build().to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
-        self.x = spec.batch()
-        self.y = torch.randint(0, 10, (self.x.shape[0],))
+        self.x = spec.batch().to(device)
+        self.y = torch.randint(0, 10, (self.x.shape[0],)).to(device)
+        self.device, self.bf16 = device, bf16
 
     def run(self, steps: int, session: Session) -> None:
         model, optimizer, x, y = self.model, self.optimizer, self.x, self.y
         for _ in range(steps):
             with session.around():
-                loss = nn.functional.cross_entropy(model(x), y)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = nn.functional.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
             session.after(loss)
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (CUDA), so that wall time covers it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def run_model(
@@ -70,7 +79,7 @@ def run_model(
 ) -> dict[str, Blocks]:
     """Time `variants` on model `spec` over `rounds` interleaved rounds of `steps` timed steps each."""
     ctx.model_key = key
-    trainer = _Trainer(spec)
+    trainer = _Trainer(spec, ctx.device, ctx.bf16)
     trainer.run(BASE_WARM_STEPS, Session())
     results = {v.key: Blocks() for v in variants}
     for r in range(rounds):
@@ -81,8 +90,10 @@ def run_model(
             session = variant.open(trainer.model, trainer.optimizer, ctx)
             try:
                 trainer.run(variant.warm_steps(warm_steps), session)
+                trainer.synchronize()
                 wall, cpu = time.perf_counter(), time.thread_time()
                 trainer.run(steps, session)
+                trainer.synchronize()
                 wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
             finally:
                 state = session.close()

@@ -34,10 +34,13 @@ CLOSE_TIMEOUT_S = 10.0
 
 @dataclass
 class BenchContext:
-    """What sessions share in one bench process: the gradwatch server, a scratch folder, the model's key."""
+    """What sessions share in one bench process: the gradwatch server, a scratch folder, the device and
+    precision the models train in, the model's key."""
 
     server: str
     workdir: pathlib.Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    bf16: bool = False
     model_key: str = ""
     shared: dict[str, Any] = field(default_factory=dict)  # per-process comparator state (wandb run, writer)
 
