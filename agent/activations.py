@@ -51,6 +51,7 @@ from torch import nn
 
 from gradwatch.agent import errors
 from gradwatch.agent.histogram import LOG2_BINS, SAMPLE_ELEMENTS, log2_histogram
+from gradwatch.agent.sampling import sampled_non_finite
 from gradwatch.agent.snapshot import Segment
 
 __all__ = [
@@ -229,17 +230,16 @@ class ActivationTap:
             self._add_agent_time(time.perf_counter() - started)
 
     def _output_hook(self, index: int, bounds: tuple[float, float] | None, contracting: bool) -> Callable[..., None]:
-        # Runs on every training forward of every watched module: kept lean (no grad-mode context: every value
-        # derives from a detached tensor, so autograd records nothing).
+        # No grad-mode context: every value derives from a detached tensor, so autograd records nothing.
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if is_compiling() or not is_grad_enabled():
+            if torch.compiler.is_compiling():
                 return
-            out = output if type(output) is torch.Tensor else _first_tensor(output)
-            if out is None or not out.is_floating_point() or not out.numel():
+            out = _first_tensor(output)
+            if out is None or not torch.is_grad_enabled():
                 return
-            started = perf_counter()
+            started = time.perf_counter()
             try:
-                capture = self._capture or self._current()
+                capture = self._current()
                 a = out.detach()
                 last = capture.last_output
                 capture.last_output = weakref.ref(out)
@@ -258,10 +258,7 @@ class ActivationTap:
             except Exception as exc:
                 errors.report(exc, "forward_hook")
             finally:
-                add_time(perf_counter() - started)
-
-        is_compiling, is_grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
-        perf_counter, add_time = time.perf_counter, self._add_agent_time
+                self._add_agent_time(time.perf_counter() - started)
 
         return hook
 
@@ -347,8 +344,7 @@ def _module_stats(
     reduce = _reduce_dims(a)
     per_unit_max = a.amax(dim=reduce) if reduce else a
     max_abs = torch.maximum(a.amin().neg(), per_unit_max.amax())  # two reductions beat aminmax on a CPU
-    sampled_bad = torch.count_nonzero(sample - sample).to(_F32) * scale  # x - x is NaN exactly for NaN and ±Inf
-    non_finite = torch.where(torch.isfinite(total), sampled_bad, sampled_bad.clamp(min=1.0))
+    non_finite = sampled_non_finite(sample, scale, torch.isfinite(total))
     zero = (m - torch.count_nonzero(sample)).to(_F32) / m  # count_nonzero beats a bool sum on a CPU
     dead = (per_unit_max <= 0).to(_F32).mean()
     if bounds is None:

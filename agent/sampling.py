@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BLOCK_ELEMENTS", "block_sample"]
+__all__ = ["BLOCK_ELEMENTS", "block_sample", "sampled_non_finite"]
 
 BLOCK_ELEMENTS = 256
 _GOLDEN = (5**0.5 - 1) / 2
@@ -37,6 +37,15 @@ def block_sample(t: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
     ids = _block_ids(blocks, max(1, size // BLOCK_ELEMENTS), flat.device)
     sample = flat.narrow(0, 0, blocks * BLOCK_ELEMENTS).view(blocks, BLOCK_ELEMENTS).index_select(0, ids)
     return sample.reshape(-1), n / (ids.numel() * BLOCK_ELEMENTS)
+
+
+def sampled_non_finite(sample: torch.Tensor, scale: float, finite: torch.Tensor) -> torch.Tensor:
+    """The NaN/Inf count of a tensor from its `sample` (float32), extrapolated by `scale`, and at least 1 where
+    the exact 0-d flag `finite` (from a reduction over every element) says the tensor holds one: one NaN off
+    the sample is never reported as none, and a finite tensor gives exactly 0. x - x is 0 for a finite x and
+    NaN otherwise, and count_nonzero counts NaN."""
+    counted = torch.count_nonzero(sample - sample).to(torch.float32) * scale
+    return torch.where(finite, counted, counted.clamp(min=1.0))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from gradwatch.agent.histogram import LOG2_BINS, log2_histogram
-from gradwatch.agent.sampling import block_sample
+from gradwatch.agent.sampling import block_sample, sampled_non_finite
 from gradwatch.agent.schema import ModelLayout, ParamGroup, is_stale, local_tensor, regroup
 from gradwatch.agent.vector import CHECKSUM_PIECES, PARAM_COLUMNS
 
@@ -187,8 +187,11 @@ class StatsEngine:
                     lows, highs = [t.amin() for t in present], [t.amax() for t in present]
                     stats[5], stats[6] = lows, highs
                     stats[1] = [torch.maximum(lo.neg(), hi) for lo, hi in zip(lows, highs, strict=True)]
-                    stats[3] = [_non_finite_count(t, peak) for t, peak in zip(present, stats[1], strict=True)]
-                    stats[4] = [_nonzero_count(t) for t in present]
+                    # One block sample per tensor for both counts (sampling.py); max |x| is exact.
+                    samples = [block_sample(t, ZERO_SAMPLE_ELEMENTS) for t in present]
+                    stats[3] = [sampled_non_finite(sample, scale, peak.isfinite())
+                                for (sample, scale), peak in zip(samples, stats[1], strict=True)]  # fmt: skip
+                    stats[4] = [torch.count_nonzero(sample) * scale for sample, scale in samples]
                 else:
                     extremes = [torch.aminmax(t) for t in present]  # one pass per tensor for min and max
                     stats[5] = [e.min for e in extremes]
@@ -237,28 +240,6 @@ def _bit_sum(t: torch.Tensor) -> torch.Tensor:
     if flat.stride(0) != 1 or flat.storage_offset() * size % 8:  # an int64 view needs dense, 8-byte-aligned bytes
         flat = flat.contiguous() if flat.stride(0) != 1 else flat.clone()
     return flat.view(torch.int64).sum()
-
-
-def _non_finite_count(t: torch.Tensor, max_abs: torch.Tensor) -> torch.Tensor:
-    """NaN/Inf elements of `t` (CPU): exact up to ZERO_SAMPLE_ELEMENTS elements, else counted on a block sample
-    and extrapolated, and at least 1 when the exact `max_abs` (from amin/amax: non-finite exactly when some
-    element is NaN or ±Inf) is not finite, so one NaN is never reported as none, and finite elements give
-    exactly 0. x - x is 0 for a finite x and NaN otherwise, and count_nonzero counts NaN: a pass over the
-    whole of a large tensor would cost 3 of its norm."""
-    sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
-    counted = torch.count_nonzero(sample - sample)
-    if scale == 1.0:
-        return counted
-    counted = counted.to(_F32) * scale
-    return torch.where(max_abs.isfinite(), counted, counted.clamp(min=1.0))
-
-
-def _nonzero_count(t: torch.Tensor) -> torch.Tensor:
-    """Non-zero elements of `t` (NaN counts as non-zero): exact up to ZERO_SAMPLE_ELEMENTS elements, else
-    a block sample's count × numel / sample (the fold clamps the zero fraction into [0, 1])."""
-    sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
-    counted = torch.count_nonzero(sample)
-    return counted if scale == 1.0 else counted * scale
 
 
 def _fill(values: list[torch.Tensor], tensors: list[torch.Tensor | None], zero: torch.Tensor) -> list[torch.Tensor]:
