@@ -148,10 +148,10 @@ class StatsEngine:
                     updates.append(zero)
                     weights.append(zero)
                     continue
-                new, stride = sampled
+                new, scale = sampled
                 diff = new.to(_F32) - old.to(_F32)
-                updates.append((diff.square().sum() * stride).to(target, non_blocking=True))
-                weights.append((new.to(_F32).square().sum() * stride).to(target, non_blocking=True))
+                updates.append((diff.square().sum() * scale).to(target, non_blocking=True))
+                weights.append((new.to(_F32).square().sum() * scale).to(target, non_blocking=True))
         return updates + weights
 
     def _sample(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, float] | None:
