@@ -33,11 +33,13 @@ Resolves after `resolve_after` consecutive normal reports.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
@@ -82,9 +84,6 @@ class ExplodingGradientConfig(DetectorConfig):
 class _RankState:
     baseline: FloatRing
     recent: FloatRing
-    over_streak: int = 0
-    normal_streak: int = 0
-    firing: bool = False
     start: float = 0.0
 
 
@@ -93,16 +92,17 @@ class ExplodingGradientDetector:
 
     def __init__(self, config: ExplodingGradientConfig) -> None:
         self._config = config
-        self._ranks: dict[int, _RankState] = {}
+        self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
+        self._ranks: defaultdict[int, _RankState] = defaultdict(
+            lambda: _RankState(FloatRing(config.window), FloatRing(config.growth_window))
+        )
 
     def observe(self, report: RankReport) -> Verdict | None:
         norm = report.grad_norm
         if not math.isfinite(norm):
             return None  # non_finite owns this report
         cfg = self._config
-        state = self._ranks.get(report.rank)
-        if state is None:
-            state = self._ranks[report.rank] = _RankState(FloatRing(cfg.window), FloatRing(cfg.growth_window))
+        state = self._ranks[report.rank]
         state.recent.append(norm)
         if state.baseline.count < cfg.min_reports:
             state.baseline.append(norm)
@@ -120,26 +120,13 @@ class ExplodingGradientDetector:
         floor = max(cfg.min_norm, cfg.start_fraction * state.start, _log_bound(held, cfg.log_k))
         threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
         over = norm > threshold
-        state.over_streak = state.over_streak + 1 if over else 0
         growth = self._growth(state.recent) if norm > floor else None
-
-        if state.firing:
-            if over or growth is not None:
-                state.normal_streak = 0
-                return self._fire(report, norm, median, mad, threshold, growth)
-            state.normal_streak += 1
-            if state.normal_streak >= cfg.resolve_after:
-                state.firing = False
-                state.normal_streak = 0
-                state.over_streak = 0
-                return Clear(step=report.step)
-            return None
-
-        if state.over_streak >= cfg.consecutive or growth is not None:
-            state.firing = True
-            state.normal_streak = 0
+        kind = self._latch.judge(report.rank, over, still=over or growth is not None, now=growth is not None)
+        if kind == FIRE:
             return self._fire(report, norm, median, mad, threshold, growth)
-        if not over:
+        if kind == CLEAR:
+            return Clear(step=report.step)
+        if not self._latch.firing(report.rank) and not over:
             state.baseline.append(norm)  # a lone spike stays out of the baseline
         return None
 

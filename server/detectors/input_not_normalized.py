@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
-from gradwatch.server.detectors.layerwise import CLEAR, Hysteresis
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Hysteresis, Latch
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
 
@@ -59,37 +59,25 @@ class InputNotNormalizedConfig(DetectorConfig):
             raise SettingError("min_rms", f"must be < max_rms ({self.max_rms})")
 
 
-@dataclass
-class _NonFinite:
-    firing: bool = False
-    finite_streak: int = 0
-
-
 class InputNotNormalizedDetector:
     """Per-rank input centring and scale (hysteresis), and non-finite inputs (at once)."""
 
     def __init__(self, config: InputNotNormalizedConfig) -> None:
         self._config = config
         self._state = Hysteresis(consecutive=config.consecutive, resolve_after=config.resolve_after)
-        self._non_finite: dict[int, _NonFinite] = {}
+        self._non_finite = Latch(resolve_after=config.resolve_after)
 
     def observe(self, report: RankReport) -> Verdict | None:
-        bad = self._non_finite.get(report.rank)
-        if bad is None:
-            bad = self._non_finite[report.rank] = _NonFinite()
         mean, std = report.input_mean, report.input_std
         stats_bad = mean is not None and std is not None and not (np.isfinite(mean).all() and np.isfinite(std).all())
-        if report.input_non_finite or stats_bad:
-            bad.firing, bad.finite_streak = True, 0
+        non_finite = self._non_finite.judge(report.rank, report.input_non_finite or stats_bad)
+        if non_finite == FIRE:
             summary = f"the input batch holds NaN or Inf values on rank {report.rank} at step {report.step}"
             return Fire(step=report.step, value=None, summary=summary, layer="input")
-        if bad.firing:
-            bad.finite_streak += 1
-            if bad.finite_streak < self._config.resolve_after:
-                return None
-            bad.firing = False
-            if not self._state.firing(report.rank):
-                return Clear(step=report.step)
+        if self._non_finite.firing(report.rank):
+            return None
+        if non_finite == CLEAR and not self._state.firing(report.rank):
+            return Clear(step=report.step)
         if mean is None or std is None or mean.size == 0:
             return None
         return self._judge_distribution(report, mean, std)

@@ -12,6 +12,10 @@ module). A detector hands it, for each report it can judge, three arrays indexed
 
 Two thresholds and a minimum duration mean one noisy batch neither pages nor ends a page.
 
+`Latch` is the same rule, per rank, for detectors that make one yes/no judgement per report (loss, gradient,
+update and non-finite detectors): `consecutive` abnormal reports in a row fire, every report still abnormal
+fires again, `resolve_after` normal reports in a row clear. `Hysteresis` keeps its firing state in one.
+
 `ACTIVATION_TYPES` names the module types the agent watches as activation functions (the agent's own list,
 kept here as data because the server never imports torch); `output_module_mask` marks the module whose
 output is most likely the model's (the last one in the schema): a classifier's final Sigmoid is meant to
@@ -31,6 +35,7 @@ __all__ = [
     "FIRE",
     "RELU_TYPES",
     "Hysteresis",
+    "Latch",
     "Outcome",
     "hidden_activation_mask",
     "output_module_mask",
@@ -77,12 +82,60 @@ def hidden_activation_mask(module_types: tuple[str, ...], types: tuple[str, ...]
     return type_mask(module_types, types) & ~output_module_mask(len(module_types))
 
 
+@dataclass(slots=True)
+class _Streaks:
+    over: int = 0
+    calm: int = 0
+    firing: bool = False
+
+
+class Latch:
+    """Per-rank fire/clear state machine for one yes/no judgement per report (see the module docstring)."""
+
+    def __init__(self, *, resolve_after: int, consecutive: int = 1) -> None:
+        self._consecutive = consecutive
+        self._resolve_after = resolve_after
+        self._ranks: dict[int, _Streaks] = {}
+
+    def firing(self, rank: int) -> bool:
+        state = self._ranks.get(rank)
+        return state is not None and state.firing
+
+    def judge(self, rank: int, over: bool | None, *, still: bool | None = None, now: bool = False) -> str | None:
+        """One report of `rank`: FIRE, CLEAR or None.
+
+        `over`: the fire condition holds (None: the report lies between the fire and clear conditions and
+        changes nothing); `still`: the rank is still abnormal, judged while firing (default: `over`); `now`:
+        fire at once, whatever the streak of `over`.
+        """
+        if over is None:
+            return None
+        state = self._ranks.get(rank)
+        if state is None:
+            state = self._ranks[rank] = _Streaks()
+        state.over = state.over + 1 if over else 0
+        if state.firing:
+            if over if still is None else still:
+                state.calm = 0
+                return FIRE
+            state.calm += 1
+            if state.calm >= self._resolve_after:
+                state.firing = False
+                state.calm = 0
+                state.over = 0
+                return CLEAR
+            return None
+        if now or state.over >= self._consecutive:
+            state.firing = True
+            state.calm = 0
+            return FIRE
+        return None
+
+
 @dataclass
 class _RankState:
     streak: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     judged: int = 0
-    firing: bool = False
-    calm: int = 0
 
 
 class Hysteresis:
@@ -90,13 +143,12 @@ class Hysteresis:
 
     def __init__(self, *, consecutive: int, resolve_after: int, min_reports: int = 0) -> None:
         self._consecutive = consecutive
-        self._resolve_after = resolve_after
         self._min_reports = min_reports
+        self._latch = Latch(resolve_after=resolve_after)
         self._ranks: dict[int, _RankState] = {}
 
     def firing(self, rank: int) -> bool:
-        state = self._ranks.get(rank)
-        return state is not None and state.firing
+        return self._latch.firing(rank)
 
     def judged(self, rank: int) -> int:
         """Reports of `rank` judged so far."""
@@ -111,24 +163,16 @@ class Hysteresis:
         if state.streak.shape != over.shape:  # a new schema (a restarted agent): streaks start again
             state.streak = np.zeros(over.shape, dtype=np.int64)
         state.judged += 1
-        if state.judged <= self._min_reports and not state.firing:
+        firing = self._latch.firing(rank)
+        if state.judged <= self._min_reports and not firing:
             return None
         state.streak = np.where(over, state.streak + 1, 0)
-        worst = np.where(np.isfinite(score), score, np.inf)
-        if state.firing:
-            if still.any():
-                state.calm = 0
-                return Outcome(FIRE, int(np.argmax(np.where(still, worst, -np.inf))))
-            state.calm += 1
-            if state.calm >= self._resolve_after:
-                state.firing = False
-                state.calm = 0
-                state.streak[:] = 0
-                return Outcome(CLEAR)
-            return None
         ready = state.streak >= self._consecutive
-        if ready.any():
-            state.firing = True
-            state.calm = 0
-            return Outcome(FIRE, int(np.argmax(np.where(ready, worst, -np.inf))))
+        kind = self._latch.judge(rank, bool(ready.any()), still=bool(still.any()))
+        if kind == CLEAR:
+            state.streak[:] = 0
+            return Outcome(CLEAR)
+        if kind == FIRE:  # the worst module still past the clear threshold, or ready to fire
+            worst = np.where(np.isfinite(score), score, np.inf)
+            return Outcome(FIRE, int(np.argmax(np.where(still if firing else ready, worst, -np.inf))))
         return None

@@ -22,11 +22,13 @@ inhibits this detector). Resolves after `resolve_after` consecutive reports with
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossBaseline
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
@@ -60,8 +62,6 @@ class LossDivergenceConfig(DetectorConfig):
 class _RankState:
     baseline: LossBaseline
     recent: FloatRing
-    firing: bool = False
-    normal_streak: int = 0
 
 
 class LossDivergenceDetector:
@@ -69,18 +69,17 @@ class LossDivergenceDetector:
 
     def __init__(self, config: LossDivergenceConfig) -> None:
         self._config = config
-        self._ranks: dict[int, _RankState] = {}
+        self._latch = Latch(resolve_after=config.resolve_after)
+        self._ranks: defaultdict[int, _RankState] = defaultdict(
+            lambda: _RankState(LossBaseline(config.window, config.min_reports), FloatRing(config.trend_window))
+        )
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss
         if loss is None or not math.isfinite(loss):
             return None  # no loss, or non_finite's
         cfg = self._config
-        state = self._ranks.get(report.rank)
-        if state is None:
-            state = self._ranks[report.rank] = _RankState(
-                LossBaseline(cfg.window, cfg.min_reports), FloatRing(cfg.trend_window)
-            )
+        state = self._ranks[report.rank]
         state.recent.append(loss)
         if not state.baseline.ready:
             state.baseline.warm(loss)
@@ -89,23 +88,12 @@ class LossDivergenceDetector:
         recent = state.recent.values()
         level = float(np.median(recent[-cfg.duration :])) if recent.size >= cfg.duration else -math.inf
         growth = self._trend(recent, median, state.baseline.initial or 0.0)
-        abnormal = level > threshold or growth is not None
-
-        if state.firing:
-            if abnormal:
-                state.normal_streak = 0
-                return self._fire(report, level, median, threshold, growth)
-            state.normal_streak += 1
-            if state.normal_streak >= cfg.resolve_after:
-                state.firing = False
-                state.normal_streak = 0
-                return Clear(step=report.step)
-            return None
-        if abnormal:
-            state.firing = True
-            state.normal_streak = 0
+        kind = self._latch.judge(report.rank, level > threshold or growth is not None)
+        if kind == FIRE:
             return self._fire(report, level, median, threshold, growth)
-        if loss <= threshold:
+        if kind == CLEAR:
+            return Clear(step=report.step)
+        if not self._latch.firing(report.rank) and loss <= threshold:
             state.baseline.window.append(loss)
         return None
 

@@ -22,11 +22,13 @@ flicker); resolves after `resolve_after` consecutive reports without it. Non-fin
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
@@ -65,9 +67,6 @@ class LossNotDecreasingConfig(DetectorConfig):
 class _RankState:
     recent: FloatRing
     initial: float | None = None
-    stalled_streak: int = 0
-    progress_streak: int = 0
-    firing: bool = False
 
 
 class LossNotDecreasingDetector:
@@ -75,16 +74,15 @@ class LossNotDecreasingDetector:
 
     def __init__(self, config: LossNotDecreasingConfig) -> None:
         self._config = config
-        self._ranks: dict[int, _RankState] = {}
+        self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
+        self._ranks: defaultdict[int, _RankState] = defaultdict(lambda: _RankState(FloatRing(config.window)))
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss
         if loss is None or not math.isfinite(loss):
             return None
         cfg = self._config
-        state = self._ranks.get(report.rank)
-        if state is None:
-            state = self._ranks[report.rank] = _RankState(FloatRing(cfg.window))
+        state = self._ranks[report.rank]
         state.recent.append(loss)
         if state.initial is None and state.recent.count == cfg.start_reports:
             state.initial = float(np.median(state.recent.values()))
@@ -97,25 +95,20 @@ class LossNotDecreasingDetector:
         progress = (state.initial - level) / max(abs(state.initial), _TINY)
         settled = progress >= 1.0 - cfg.settled
         stalled = improvement < cfg.min_improvement and not settled
+        over: bool | None = None  # between no progress and clear progress: the streaks stay as they are
         if stalled:
-            state.stalled_streak += 1
-            state.progress_streak = 0
+            over = True
         elif settled or improvement >= 2.0 * cfg.min_improvement:
-            state.stalled_streak = 0
-            state.progress_streak += 1
-        if not state.firing and state.stalled_streak >= cfg.consecutive:
-            state.firing = True
-        if state.firing and stalled:
+            over = False
+        kind = self._latch.judge(report.rank, over)
+        if kind == FIRE:
             summary = (
                 f"loss not decreasing on rank {report.rank} at step {report.step}: its median over the last "
                 f"{cfg.smooth} reports is {level:.4g}, {improvement:+.1%} better than {cfg.window} reports earlier "
                 f"and {progress:+.1%} better than at the start ({state.initial:.4g})"
             )
             return Fire(step=report.step, value=level, summary=summary)
-        if state.firing and state.progress_streak >= cfg.resolve_after:
-            state.firing = False
-            return Clear(step=report.step)
-        return None
+        return Clear(step=report.step) if kind == CLEAR else None
 
 
 SPEC = DetectorSpec(

@@ -18,9 +18,11 @@ losses only build the baseline. Non-finite losses belong to non_finite.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossBaseline
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
@@ -42,50 +44,36 @@ class LossSpikeConfig(DetectorConfig):
             raise SettingError("min_reports", f"must be ≤ window ({self.window}), got {self.min_reports}")
 
 
-@dataclass
-class _RankState:
-    baseline: LossBaseline
-    firing: bool = False
-    normal_streak: int = 0
-
-
 class LossSpikeDetector:
     """Per-rank single-report jump test against a robust loss baseline (module docstring)."""
 
     def __init__(self, config: LossSpikeConfig) -> None:
         self._config = config
-        self._ranks: dict[int, _RankState] = {}
+        self._latch = Latch(resolve_after=config.resolve_after)
+        self._baselines: defaultdict[int, LossBaseline] = defaultdict(
+            lambda: LossBaseline(config.window, config.min_reports)
+        )
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss
         if loss is None or not math.isfinite(loss):
             return None
         cfg = self._config
-        state = self._ranks.get(report.rank)
-        if state is None:
-            state = self._ranks[report.rank] = _RankState(LossBaseline(cfg.window, cfg.min_reports))
-        if not state.baseline.ready:
-            state.baseline.warm(loss)
+        baseline = self._baselines[report.rank]
+        if not baseline.ready:
+            baseline.warm(loss)
             return None
-        median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
-        if loss > threshold:
-            state.normal_streak = 0
-            state.firing = True
+        median, threshold = baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
+        kind = self._latch.judge(report.rank, loss > threshold)
+        if kind == FIRE:
             ratio = f", {loss / median:.1f}× the baseline median" if median > 0 else ""
             summary = (
                 f"loss spiked to {loss:.4g} on rank {report.rank} at step {report.step}{ratio} "
                 f"{median:.4g} (threshold {threshold:.4g})"
             )
             return Fire(step=report.step, value=loss, summary=summary)
-        state.baseline.window.append(loss)
-        if not state.firing:
-            return None
-        state.normal_streak += 1
-        if state.normal_streak >= cfg.resolve_after:
-            state.firing = False
-            state.normal_streak = 0
-            return Clear(step=report.step)
-        return None
+        baseline.window.append(loss)
+        return Clear(step=report.step) if kind == CLEAR else None
 
 
 SPEC = DetectorSpec(

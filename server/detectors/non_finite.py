@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
 
@@ -31,35 +32,18 @@ class NonFiniteConfig(DetectorConfig):
     )
 
 
-@dataclass
-class _RankState:
-    firing: bool = False
-    finite_streak: int = 0
-
-
 class NonFiniteDetector:
     """Fires on any non-finite report; clears after a streak of finite ones (per rank)."""
 
     def __init__(self, config: NonFiniteConfig) -> None:
         self._config = config
-        self._ranks: dict[int, _RankState] = {}
+        self._latch = Latch(resolve_after=config.resolve_after)
 
     def observe(self, report: RankReport) -> Verdict | None:
-        state = self._ranks.get(report.rank)
-        if state is None:
-            state = self._ranks[report.rank] = _RankState()
-        if report.non_finite_kinds:
-            state.firing = True
-            state.finite_streak = 0
+        kind = self._latch.judge(report.rank, bool(report.non_finite_kinds))
+        if kind == FIRE:
             return Fire(step=report.step, value=_bad_count(report), summary=_summary(report), layer=report.layer_name)
-        if not state.firing:
-            return None
-        state.finite_streak += 1
-        if state.finite_streak >= self._config.resolve_after:
-            state.firing = False
-            state.finite_streak = 0
-            return Clear(step=report.step)
-        return None
+        return Clear(step=report.step) if kind == CLEAR else None
 
 
 def _bad_count(report: RankReport) -> float | None:

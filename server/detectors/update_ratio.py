@@ -22,11 +22,13 @@ reports in a row with every layer in range.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossStart
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
@@ -58,8 +60,6 @@ class _RankState:
     ratios: np.ndarray  # (window, layers), NaN where unknown
     start: LossStart
     seen: int = 0
-    good_streak: int = 0
-    firing: bool = False
 
 
 class UpdateRatioDetector:
@@ -67,14 +67,14 @@ class UpdateRatioDetector:
 
     def __init__(self, config: UpdateRatioConfig) -> None:
         self._config = config
-        self._ranks: dict[int, _RankState] = {}
+        self._latch = Latch(resolve_after=config.resolve_after)
+        self._ranks: defaultdict[int, _RankState] = defaultdict(
+            lambda: _RankState(np.full((config.window, 0), np.nan), LossStart(config.start_losses))
+        )
 
     def observe(self, report: RankReport) -> Verdict | None:
         cfg = self._config
-        state = self._ranks.get(report.rank)
-        if state is None:
-            state = _RankState(np.full((cfg.window, 0), np.nan), LossStart(cfg.start_losses))
-            self._ranks[report.rank] = state
+        state = self._ranks[report.rank]
         state.start.feed(report.loss)
         ratio = report.columns.get("update_ratio")
         if ratio is None or report.skipped:
@@ -95,15 +95,10 @@ class UpdateRatioDetector:
             too_low = known & (median > 0.0) & (median < cfg.low)
         if state.start.solved(report.loss, cfg.solved_fraction):
             too_low[:] = False
-        if not (too_high.any() or too_low.any()):
-            state.good_streak += 1
-            if state.firing and state.good_streak >= cfg.resolve_after:
-                state.firing = False
-                return Clear(step=report.step)
-            return None
-        state.good_streak = 0
-        state.firing = True
-        return self._fire(report, median, too_high, too_low)
+        kind = self._latch.judge(report.rank, bool(too_high.any() or too_low.any()))
+        if kind == FIRE:
+            return self._fire(report, median, too_high, too_low)
+        return Clear(step=report.step) if kind == CLEAR else None
 
     def _fire(self, report: RankReport, median: np.ndarray, too_high: np.ndarray, too_low: np.ndarray) -> Fire:
         cfg = self._config

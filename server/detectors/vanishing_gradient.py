@@ -27,11 +27,13 @@ not representative); resolves after `resolve_after` full reports in a row satisf
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossStart
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
@@ -61,9 +63,6 @@ class VanishingGradientConfig(DetectorConfig):
 class _RankState:
     start: LossStart
     seen: int = 0
-    bad_streak: int = 0
-    good_streak: int = 0
-    firing: bool = False
 
 
 class VanishingGradientDetector:
@@ -71,13 +70,12 @@ class VanishingGradientDetector:
 
     def __init__(self, config: VanishingGradientConfig) -> None:
         self._config = config
-        self._ranks: dict[int, _RankState] = {}
+        self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
+        self._ranks: defaultdict[int, _RankState] = defaultdict(lambda: _RankState(LossStart(config.start_losses)))
 
     def observe(self, report: RankReport) -> Verdict | None:
         cfg = self._config
-        state = self._ranks.get(report.rank)
-        if state is None:
-            state = self._ranks[report.rank] = _RankState(LossStart(cfg.start_losses))
+        state = self._ranks[report.rank]
         state.start.feed(report.loss)
         grads = report.columns.get("grad_norm")
         weights = report.columns.get("weight_norm")
@@ -89,19 +87,10 @@ class VanishingGradientDetector:
         finding = None
         if not state.start.solved(report.loss, cfg.solved_fraction):
             finding = self._judge(np.asarray(grads, dtype=np.float64), np.asarray(weights, dtype=np.float64), report)
-        if finding is None:
-            state.bad_streak = 0
-            state.good_streak += 1
-            if state.firing and state.good_streak >= cfg.resolve_after:
-                state.firing = False
-                return Clear(step=report.step)
-            return None
-        state.bad_streak += 1
-        state.good_streak = 0
-        if state.firing or state.bad_streak >= cfg.consecutive:
-            state.firing = True
+        kind = self._latch.judge(report.rank, finding is not None)
+        if kind == FIRE:
             return finding
-        return None
+        return Clear(step=report.step) if kind == CLEAR else None
 
     def _judge(self, grads: np.ndarray, weights: np.ndarray, report: RankReport) -> Fire | None:
         cfg = self._config
