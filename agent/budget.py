@@ -11,8 +11,10 @@ N never goes below the configured `full_stats_interval` nor above MAX_INTERVAL. 
 step alone exceeds the budget (tiny models: the per-step signals cost a few tens of microseconds), N goes to
 MAX_INTERVAL and `over_budget` says so: the cheap every-step signals (loss, norms, non-finite flags, NaN
 provenance) are never dropped. Decisions start after WARMUP_REPORTS reports and change N only when it moves
-by more than a quarter (no flapping); a step far longer than usual (a pause for evaluation or a checkpoint,
-PAUSE_FACTOR) is not taken as the new step time. A server FULL_STATS command still wins for its steps.
+by more than a quarter (no flapping); a step far longer than usual steps of its kind (a pause for evaluation
+or a checkpoint, PAUSE_FACTOR) is not taken as the new step time. Full-statistics steps are judged against
+full-statistics steps: on a small model one takes many times an ordinary step, which is their cost, not a
+pause. A server FULL_STATS command still wins for its steps.
 
 Contract: pure arithmetic on floats, no clock of its own: the monitor feeds `observe()` (training thread).
 """
@@ -27,8 +29,9 @@ MAX_INTERVAL = 10_000
 WARMUP_REPORTS = 50
 _ALPHA = 0.1  # weight of the newest observation in the moving averages
 _HYSTERESIS = 0.25
-#: A step this many times longer than the moving average is a pause (evaluation, checkpoint, a debugger), not
-#: a step time: it is left out, unless PAUSES_BEFORE_NEW_NORMAL of them come in a row (steps got slower).
+#: A step this many times longer than the moving average of its kind (ordinary or full-statistics) is a pause
+#: (evaluation, checkpoint, a debugger), not a step time: it is left out, unless PAUSES_BEFORE_NEW_NORMAL steps
+#: of that kind in a row are (steps got slower).
 PAUSE_FACTOR = 5.0
 PAUSES_BEFORE_NEW_NORMAL = 3
 
@@ -46,7 +49,9 @@ class BudgetController:
         self._ordinary_s: float | None = None
         self._full_s: float | None = None
         self._step_s: float | None = None
-        self._pauses = 0
+        # Per kind (index: full or not): moving average of the step durations, pauses in a row.
+        self._kind_step_s: list[float | None] = [None, None]
+        self._pauses = [0, 0]
 
     @property
     def interval(self) -> int:
@@ -70,11 +75,14 @@ class BudgetController:
         """Feed one report's measurements; returns the new interval when it changes, else None."""
         if self._budget <= 0 or agent_s < 0 or step_s <= 0:
             return None
-        if self._step_s is not None and step_s > PAUSE_FACTOR * self._step_s:
-            self._pauses += 1
-            if self._pauses < PAUSES_BEFORE_NEW_NORMAL:
+        kind = int(full)
+        usual = self._kind_step_s[kind]
+        if usual is not None and step_s > PAUSE_FACTOR * usual:
+            self._pauses[kind] += 1
+            if self._pauses[kind] < PAUSES_BEFORE_NEW_NORMAL:
                 return None  # a pause, not a step time (see PAUSE_FACTOR)
-        self._pauses = 0
+        self._pauses[kind] = 0
+        self._kind_step_s[kind] = _ewma(usual, step_s)
         self._reports += 1
         if full:
             self._full_s = _ewma(self._full_s, agent_s)

@@ -229,6 +229,18 @@ def test_budget_controller_takes_a_pause_for_a_pause_not_for_slower_steps() -> N
     assert budget.interval < MAX_INTERVAL and not budget.over_budget
 
 
+def test_budget_controller_does_not_take_full_statistics_steps_for_pauses() -> None:
+    from gradwatch.agent.budget import MAX_INTERVAL, WARMUP_REPORTS, BudgetController
+
+    # A small model: an ordinary step takes 0.25 ms, a full-statistics one 2.5 ms (10x, over PAUSE_FACTOR).
+    budget = BudgetController(0.01, base_interval=5)
+    for report in range(1, WARMUP_REPORTS + 5):
+        full = report % budget.interval == 0
+        budget.observe(full, 2.3e-3 if full else 50e-6, 2.5e-3 if full else 0.25e-3)
+    assert budget.interval == MAX_INTERVAL and budget.over_budget  # 50 µs of 0.25 ms is over 1 % by itself
+    assert budget.estimate is not None and budget.estimate > 0.01
+
+
 def test_agent_over_budget_lowers_its_cadence_and_says_so_in_reports(server: ScriptableServer) -> None:
     from gradwatch.agent.budget import MAX_INTERVAL, WARMUP_REPORTS
 
