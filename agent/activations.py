@@ -2,11 +2,12 @@
 
 Which modules: the layers of the schema (modules that own parameters) and activation modules (ReLU, GELU,
 Sigmoid, Tanh, ...: `ACTIVATION_TYPES`), in `named_modules()` order: the *activation schema* sent in Hello.
-The root module's forward pre-hook sees the model's input, its forward hook the model's output. Forwards run
-with gradients disabled (evaluation) are not observed. Hooks only queue device kernels: nothing here reads
-a tensor value. Inside a region torch.compile traces, the hooks step aside (their per-step Python state
-would make dynamo recompile every step): a compiled model reports gradients, weights and the loss as usual,
-without activation statistics or NaN provenance.
+The root module's forward pre-hook sees the model's input; a forward hook on the root, present only while a
+full-statistics report is being prepared, sees the model's output. Forwards run with gradients disabled
+(evaluation) are not observed. Hooks only queue device kernels: nothing here reads a tensor value. Inside a
+region torch.compile traces, the hooks step aside (their per-step Python state would make dynamo recompile
+every step): a compiled model reports gradients, weights and the loss as usual, without activation statistics
+or NaN provenance.
 
 Every observed step (cheap, one kernel per module call): the float32 sum of each module's output, and of
 the input. A sum is non-finite exactly when some element is NaN/Inf (or the sum overflows float32, i.e.
@@ -91,6 +92,7 @@ _GOLDEN = (5**0.5 - 1) / 2
 #: Values the spread across units is measured on (positions × units), per module and full-statistics step.
 SPREAD_ELEMENTS = 8192
 _F32 = torch.float32
+_is_compiling = torch.compiler.is_compiling
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -150,6 +152,7 @@ class ActivationTap:
         self._add_agent_time = add_agent_time
         self._capture: ActivationCapture | None = None
         self._handles: list[Any] = []
+        self._output_handle: Any = None  # the model-output hook, present during full-statistics reports only
         self._samples: dict[tuple[int, torch.device], torch.Tensor | None] = {}
         self._watched = [(name, module) for name, module in model.named_modules()
                          if name in layer_names or isinstance(module, ACTIVATION_TYPES)]  # fmt: skip
@@ -163,24 +166,37 @@ class ActivationTap:
         for index, (_, module) in enumerate(self._watched):
             hook = self._output_hook(index, _bounds(module), _contracting(module))
             self._handles.append(module.register_forward_hook(hook))
+        # Appended: the input as the model's other pre-hooks leave it (FSDP2's moves it to the device).
         self._handles.append(self._model.register_forward_pre_hook(self._input_hook))
-        self._handles.append(self._model.register_forward_hook(self._model_output_hook))
 
     def take(self) -> ActivationCapture | None:
         capture, self._capture = self._capture, None
+        self._drop_output_hook()
         return capture
 
     def remove(self) -> None:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+        self._drop_output_hook()
+
+    def _drop_output_hook(self) -> None:
+        handle, self._output_handle = self._output_handle, None
+        if handle is not None:
+            handle.remove()
 
     # ------------------------------------------------------------------ hooks (training thread)
 
     def _current(self) -> ActivationCapture:
-        if self._capture is None:
-            self._capture = ActivationCapture(full=self._is_full())
-        return self._capture
+        capture = self._capture
+        if capture is None:
+            capture = self._capture = ActivationCapture(full=self._is_full())
+            if capture.full and self._handles and self._output_handle is None:
+                # Only full-statistics reports use the model's output: on other steps the hook is not there at
+                # all. Registered during the forward, it still runs at its end (torch reads forward hooks after
+                # forward()); take() removes it.
+                self._output_handle = self._model.register_forward_hook(self._model_output_hook)
+        return capture
 
     def _positions(self, a: torch.Tensor) -> torch.Tensor | None:
         """The cached sample positions for outputs the size of `a` (see `sample_positions`)."""
@@ -192,26 +208,26 @@ class ActivationTap:
         return self._samples[key]
 
     def _input_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return
-        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor_arg(args)
         if x is None or not torch.is_grad_enabled() or not x.is_floating_point():
             return
         started = time.perf_counter()
-        try:
-            with torch.no_grad():
-                capture = self._current()
-                s = x.detach().sum(dtype=_F32)
-                capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
-                if capture.full and capture.input_mean is None and x.dim() >= 2:
-                    capture.input_mean, capture.input_std = _feature_moments(x.detach())
+        try:  # no grad-mode context: everything here derives from the detached input
+            capture = self._capture if self._capture is not None else self._current()
+            a = x.detach()
+            s = a.sum(dtype=_F32)
+            capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
+            if capture.full and capture.input_mean is None and x.dim() >= 2:
+                capture.input_mean, capture.input_std = _feature_moments(a)
         except Exception as exc:
             errors.report(exc, "input_hook")
         finally:
             self._add_agent_time(time.perf_counter() - started)
 
     def _model_output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return
         out = _first_tensor(output)
         if out is None or not torch.is_grad_enabled():
@@ -230,37 +246,47 @@ class ActivationTap:
             self._add_agent_time(time.perf_counter() - started)
 
     def _output_hook(self, index: int, bounds: tuple[float, float] | None, contracting: bool) -> Callable[..., None]:
-        # No grad-mode context: every value derives from a detached tensor, so autograd records nothing.
+        # Runs for every watched module on every training step: kept to a few attribute reads and, where the
+        # output must be summed, two kernels (detach, sum). No grad-mode context: every value derives from a
+        # detached tensor, so autograd records nothing.
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if torch.compiler.is_compiling():
+            if _is_compiling() or not torch.is_grad_enabled():
                 return
             out = _first_tensor(output)
-            if out is None or not torch.is_grad_enabled():
+            if out is None:
                 return
             started = time.perf_counter()
             try:
-                capture = self._current()
-                a = out.detach()
+                capture = self._capture if self._capture is not None else self._current()
                 last = capture.last_output
                 capture.last_output = weakref.ref(out)
-                first_call = index not in capture.seen
-                stats = first_call and capture.full
+                # See the module docstring: a contracting activation applied to the previous module's output
+                # is finite whenever that output is.
                 implied = contracting and last is not None and bool(args) and args[0] is last()
-                if stats or not implied:  # see the module docstring: a finite input implies a finite output
-                    s = a.sum(dtype=_F32)
-                    previous = capture.sums.get(index)
-                    capture.sums[index] = s if previous is None else previous + s
-                if first_call:
-                    capture.seen.add(index)
-                    capture.order.append(index)
-                    if stats:
-                        capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
+                if index in capture.seen:  # a further call in this report (a reused module)
+                    if not implied:
+                        s = out.detach().sum(dtype=_F32)
+                        previous = capture.sums.get(index)
+                        capture.sums[index] = s if previous is None else previous + s
+                    return
+                capture.seen.add(index)
+                capture.order.append(index)
+                if capture.full:
+                    a = out.detach()
+                    s = capture.sums[index] = a.sum(dtype=_F32)
+                    capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
+                elif not implied:
+                    capture.sums[index] = out.detach().sum(dtype=_F32)
             except Exception as exc:
                 errors.report(exc, "forward_hook")
             finally:
                 self._add_agent_time(time.perf_counter() - started)
 
         return hook
+
+
+def _first_tensor_arg(args: tuple[Any, ...]) -> torch.Tensor | None:
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -397,7 +423,7 @@ def label_histogram(labels: torch.Tensor, device: torch.device) -> torch.Tensor 
         return counts.index_add_(0, flat.clamp(0, LABEL_BINS - 1), (flat >= 0).to(_F32))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every step, and a frozen __init__ costs 5x
 class ActivationItem:
     """Where one report's activation values sit in its vector (from `offset`), for the sender thread:
 

@@ -56,7 +56,7 @@ def learning_rates(optimizer: torch.optim.Optimizer | None, device: torch.device
     return rates, tuple(slots), tensors
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every step, and a frozen __init__ costs 5x
 class Capture:
     """What the optimizer hooks captured for one report (None: not captured)."""
 

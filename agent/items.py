@@ -81,7 +81,7 @@ class AgentIdentity:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every step, and a frozen __init__ costs 5x
 class Assembled:
     """The device part of one report, plus the host-side values that describe it (assembly.py builds it).
 

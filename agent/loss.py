@@ -16,7 +16,7 @@ import torch
 __all__ = ["LossAccumulator", "LossTake"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every step, and a frozen __init__ costs 5x
 class LossTake:
     """One report's loss: a 0-d device tensor (`tensor`), else a host number (`value`), else none."""
 
@@ -47,11 +47,15 @@ class LossAccumulator:
         self._count += 1
         if isinstance(loss, torch.Tensor):
             t = loss.detach()
-            if t.numel() != 1:  # per-sample losses: their mean
-                t = t.float().mean()
             # On the CPU the report vector is joined later, on the sender thread (snapshot.py): a copy keeps the
             # value of this step if the caller later changes its loss tensor in place (`total = loss; total += x`).
-            t = t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True, copy=device.type == "cpu")
+            cpu = device.type == "cpu"
+            if t.dim() == 0 and t.dtype == torch.float32 and t.device == device:  # the usual case: one kernel
+                t = t.clone() if cpu else t
+            else:
+                if t.numel() != 1:  # per-sample losses: their mean
+                    t = t.float().mean()
+                t = t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True, copy=cpu)
             self._tensor = t if self._tensor is None else self._tensor + t
         else:
             self._host += float(loss)

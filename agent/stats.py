@@ -78,9 +78,15 @@ class StatsEngine:
         non-finite through a non-finite gradient or update, which the every-step gradient norms already flag.
         """
         layout = self._layout
-        if source == "weight" and not full:
-            return [self.zero()] * len(layout.params)
-        columns: list[list[torch.Tensor]] = [[] for _ in range(_NUM_FULL if full else 1)]
+        if not full:
+            if source == "weight":
+                return [self.zero()] * len(layout.params)
+            # Every step: the gradient norms alone, without a grad-mode context (_group_stats detaches the rare
+            # gradient that requires grad itself).
+            if len(layout.groups) == 1:
+                return self._group_stats(layout.groups[0], source, False)[0]
+            return [value for group in layout.groups for value in self._group_stats(group, source, False)[0]]
+        columns: list[list[torch.Tensor]] = [[] for _ in range(_NUM_FULL)]
         with torch.no_grad():
             for group in layout.groups:
                 for column, values in zip(columns, self._group_stats(group, source, full), strict=True):
@@ -177,6 +183,8 @@ class StatsEngine:
             # foreach kernels: one launch (or a few) per group instead of one per tensor. ord=inf gives max|x|
             # without materialising abs() copies of every tensor (what _foreach_max(_foreach_abs()) would do);
             # ord=0 counts non-zero elements (NaN counts as non-zero, which is what the zero fraction needs).
+            if not full and any(t.requires_grad for t in present):  # a create_graph backward's gradients
+                present = [t.detach() for t in present]
             stats[0] = list(torch._foreach_norm(present, 2.0, dtype=accumulate))
             if full:
                 stats[2] = [t.sum(dtype=accumulate) for t in present]

@@ -280,6 +280,27 @@ def test_agent_forward_hooks_can_be_switched_off(server: ScriptableServer) -> No
     assert len(server.servicer.of_kind("hello")[0].hello.activation_schema.names) == 0
 
 
+def test_agent_model_output_hook_is_there_only_while_a_full_statistics_report_is_prepared(
+    server: ScriptableServer,
+) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = attach(model, opt, server=server.address, run="output-hook", full_stats_interval=3, overhead_budget=0)
+    seen: list[int] = []  # the root's forward hooks while its last module runs (the agent's output hook or none)
+    model[5].register_forward_hook(lambda m, args, out: seen.append(len(model._forward_hooks)))
+    for step in range(1, 7):
+        x, _ = batch(step)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+        assert not model._forward_hooks  # removed when the report is taken
+    assert seen == [0, 0, 1, 0, 0, 1]
+    assert monitor.close(timeout=5)
+    assert [r.HasField("output_spread") for r in server.servicer.reports()] == [False, False, True] * 2
+
+
 def test_agent_close_removes_forward_hooks(server: ScriptableServer) -> None:
     model = _model()
     monitor = attach(model, None, server=server.address, run="hooks-removed")
@@ -345,4 +366,3 @@ def test_histograms_are_exact_under_autocast() -> None:
     for dtype in (torch.float16, torch.bfloat16):
         with torch.autocast("cpu", dtype=dtype):
             assert torch.equal(log2_histogram(values, torch.device("cpu")), plain), dtype
-

@@ -103,6 +103,19 @@ def test_stats_engine_and_fold_match_reference_with_tied_frozen_and_zero_params(
     assert columns["grad_norm"][1] == 0.0 and columns["grad_zero_fraction"][1] == 1.0  # absent grads are zeros
 
 
+def test_every_step_norms_of_differentiable_gradients_record_no_graph() -> None:
+    # backward(create_graph=True) leaves gradients that require grad themselves: the every-step norms (computed
+    # without a grad-mode context) must still be plain values, not nodes that would keep those gradients alive.
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    model(torch.randn(5, 4)).square().sum().backward(create_graph=True)
+    assert all(p.grad is not None and p.grad.requires_grad for p in model.parameters())
+    engine = StatsEngine(build_layout(model))
+    norms = engine.compute("grad", full=False)
+    assert not any(n.requires_grad or n.grad_fn is not None for n in norms)
+    expected = [float(p.grad.detach().double().norm()) for p in engine.layout.params]
+    np.testing.assert_allclose([float(n) for n in norms], expected, rtol=1e-6)
+
+
 def test_zero_fraction_of_a_large_tensor_is_sampled_within_a_percent_and_stays_exact_for_small_ones() -> None:
     from gradwatch.agent.stats import ZERO_SAMPLE_ELEMENTS
 
