@@ -15,7 +15,8 @@ joins the default models there.
 Variants: none, gradwatch (defaults), gradwatch-full (full statistics every step, budget off),
 gradwatch-nohooks (forward_hooks=False), gradwatch-fixed (full statistics every N steps, budget off),
 wandb (wandb.watch(log="all", log_freq=N)), tensorboard (add_histogram of every parameter and gradient every N
-steps), anomaly (torch.autograd.detect_anomaly around forward and backward); N = gradwatch's default
+steps), anomaly (torch.autograd.detect_anomaly around forward and backward), floor (no agent: only the device
+work gradwatch's defaults must do every step, bench/overhead/variants.py); N = gradwatch's default
 full-statistics interval. Models: tiny, mlp, cnn, transformer (bench/overhead/models.py).
 
     python bench/agent_overhead.py [--models mlp,cnn] [--variants none,gradwatch,wandb] [--rounds 7]

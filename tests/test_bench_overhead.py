@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "agent_overhead.py"
 
@@ -97,3 +99,30 @@ def test_bench_asks_for_a_cuda_device_it_cannot_see_with_a_clear_error() -> None
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "no CUDA device is visible" in done.stderr
 
+
+def test_bench_floor_variant_queues_exactly_the_every_step_kernels_and_removes_its_hooks() -> None:
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from overhead.variants import VARIANTS, BenchContext
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = VARIANTS["floor"].open(model, optimizer, BenchContext(server="", workdir=ROOT))
+    x = torch.randn(4, 6)
+    with torch.no_grad():  # not observed: the floor, like the agent, watches training forwards only
+        expected = [float(x.sum()), float(model[0](x).sum()), float(model(x).sum())]
+    loss = model(x).square().mean()
+    loss.backward()
+    expected += [float(p.grad.norm()) for p in model.parameters()]
+    optimizer.step()
+    session.after(loss)
+    kept_loss, values = session._kept  # type: ignore[attr-defined]
+    assert kept_loss is not loss and float(kept_loss) == float(loss)
+    # The input's sum, each Linear's output sum (not the ReLU's) in forward order, then the 4 gradient norms.
+    assert len(values) == 7
+    assert [float(v) for v in values] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    session.close()
+    assert not model._forward_pre_hooks and not model[0]._forward_hooks and not optimizer._optimizer_step_pre_hooks

@@ -130,6 +130,55 @@ class GradwatchVariant(Variant):
         return _GradwatchSession(gradwatch.attach(model, optimizer, run=run, server=ctx.server, **dict(self.options)))
 
 
+# ---------------------------------------------------------------------- the every-step kernels alone
+
+
+class _FloorSession(Session):
+    """The device work gradwatch's defaults must do on every step, with none of its Python: the gradient norms
+    (one foreach launch in an optimizer step pre-hook), the float32 sum of the model's input and of the output
+    of every module that owns parameters (the provenance sums; activation modules are left out, as gradwatch
+    skips those applied directly to the previous module's output), and a copy of the loss. The results are
+    kept until the next step, as the agent keeps them until its sender thread reads them. No thread, no
+    server, no bookkeeping: the floor any implementation of the exact every-step signals pays."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._kept: list[object] = []
+        self._pending: list[torch.Tensor] = []
+        self._handles = [optimizer.register_step_pre_hook(self._norms), model.register_forward_pre_hook(self._input)]
+        for module in model.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                self._handles.append(module.register_forward_hook(self._output))
+
+    def _norms(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for p in self._params if p.grad is not None]
+        self._pending += torch._foreach_norm(grads, 2.0) if grads else []
+
+    def _input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.is_floating_point() and torch.is_grad_enabled():
+            self._pending.append(x.detach().sum(dtype=torch.float32))
+
+    def _output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and torch.is_grad_enabled():
+            self._pending.append(output.detach().sum(dtype=torch.float32))
+
+    def after(self, loss: torch.Tensor) -> None:
+        self._kept = [loss.detach().clone(), self._pending]
+        self._pending = []
+
+    def close(self) -> dict[str, Any]:
+        for handle in self._handles:
+            handle.remove()
+        return {}
+
+
+@dataclass(frozen=True)
+class FloorVariant(Variant):
+    def open(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: BenchContext) -> Session:
+        return _FloorSession(model, optimizer)
+
+
 # ---------------------------------------------------------------------- wandb.watch (offline)
 
 
@@ -258,5 +307,6 @@ VARIANTS: dict[str, Variant] = {
         WandbVariant("wandb", f"wandb.watch all, log_freq {CADENCE}"),
         TensorBoardVariant("tensorboard", f"TensorBoard histograms /{CADENCE}"),
         AnomalyVariant("anomaly", "torch detect_anomaly"),
+        FloorVariant("floor", "every-step kernels only (no agent)"),
     )
 }
