@@ -60,6 +60,13 @@ MAX_BATCH = 1024
 # wakes about 1/BATCH_INTERVAL_S times a second instead of once per step, which matters because every wake-up
 # competes with the training thread for the GIL. Reports still reach the server within a few tens of ms.
 BATCH_INTERVAL_S = 0.02
+# Ordinary report frames are written to the stream together, at most PUSH_INTERVAL_S after the oldest of them
+# was made (or once PUSH_BATCH_FRAMES wait): every write costs a wake-up and system calls in this process and
+# the server's, and one acknowledgement back, so writing one frame per step slowed a 16 ms training step by
+# about 1 % on a 2-CPU machine. A report with a non-finite value, an event, a reconnection and closing write
+# at once: the alerts that must page fast are not delayed.
+PUSH_INTERVAL_S = 0.25
+PUSH_BATCH_FRAMES = 64
 
 
 @dataclass(slots=True)
@@ -120,6 +127,7 @@ class Sender:
         self._attempt = 0
         self._had_welcome = False
         self._congested = False
+        self._push_due: float | None = None  # when frames made but not yet written must be written
         self._next_attempt = 0.0
         self._welcome_deadline = 0.0
         self._next_heartbeat = 0.0
@@ -225,7 +233,7 @@ class Sender:
         elif self._state == "connecting":
             wake = self._welcome_deadline
         else:
-            wake = self._next_heartbeat
+            wake = self._next_heartbeat if self._push_due is None else min(self._next_heartbeat, self._push_due)
         wait = min(max(0.0, wake - now), MAX_WAIT_S)
         return min(wait, CONGESTED_POLL_S) if self._congested else wait
 
@@ -239,7 +247,7 @@ class Sender:
                 self._counters.dropped["error"] += 1
                 errors.report(exc, "sender.event")
                 return
-            self._add(frame, pin=False)
+            self._add(frame, pin=False, urgent=True)
         elif isinstance(message, Response):
             if message.gen == self._gen and self._stream is not None:
                 self._on_response(message.frame)
@@ -261,23 +269,28 @@ class Sender:
         # The first non-finite report explains the incident: it must survive any buffer overflow.
         pin = bool(flags) and not self._pinned_non_finite
         self._pinned_non_finite |= pin
-        self._add(frame, pin=pin)
+        self._add(frame, pin=pin, urgent=bool(flags))
 
-    def _add(self, frame: pb.AgentFrame, *, pin: bool) -> None:
+    def _add(self, frame: pb.AgentFrame, *, pin: bool, urgent: bool) -> None:
         seq = self._next_seq
         self._next_seq += 1
         evicted = self._replay.append(seq, frame, pin=pin)
         if evicted:
             self._counters.dropped["replay_overflow"] += evicted
         self._counters.buffered = len(self._replay)
-        if self._state == "ready":
+        if self._state != "ready":
+            return
+        if urgent or seq - self._last_pushed >= PUSH_BATCH_FRAMES:
             self._push()
+        elif self._push_due is None:  # written with the next urgent frame, or when due (see PUSH_INTERVAL_S)
+            self._push_due = self._clock() + PUSH_INTERVAL_S
 
     def _push(self) -> None:
         """Write unsent frames to the stream, oldest first, unless the stream is backed up."""
         stream = self._stream
         assert stream is not None
         self._congested = False
+        self._push_due = None
         for seq, frame in self._replay.after(self._last_pushed):
             if stream.backlog() >= self._config.replay_buffer_size:
                 # The server reads slower than we produce: frames wait in the (bounded) replay buffer.
@@ -368,7 +381,7 @@ class Sender:
         elif self._state == "connecting" and now >= self._welcome_deadline:
             self._on_stream_ended(None)  # no Welcome in time: retry like any failure
         elif self._state == "ready" and self._stream is not None:
-            if self._congested:
+            if self._congested or (self._push_due is not None and now >= self._push_due):
                 self._push()
             if now >= self._next_heartbeat:
                 self._stream.send(wire.heartbeat_frame(time.time(), self._last_step, self._counters.dropped))

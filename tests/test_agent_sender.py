@@ -180,6 +180,35 @@ def test_agent_first_non_finite_frame_survives_replay_overflow(server: Scriptabl
     assert monitor.counters()["dropped"]["replay_overflow"] == 16
 
 
+def test_agent_writes_ordinary_reports_together_but_a_non_finite_one_and_events_at_once(
+    server: ScriptableServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradwatch.agent.sender as sender
+
+    monkeypatch.setattr(sender, "PUSH_INTERVAL_S", 600.0)  # ordinary reports wait for something urgent
+    model, opt = _model_and_optimizer(seed=4)
+    monitor = attach(model, opt, server=server.address, run="coalesced")
+    assert wait_until(lambda: monitor.counters()["stream_state"] == "ready")
+    train(model, opt, monitor, 5)
+    assert wait_until(lambda: monitor.counters()["buffered"] == 5)
+    time.sleep(0.3)  # several sender rounds: the five are made but not written
+    assert server.servicer.reports() == []
+    monitor.event("checkpoint_saved")  # an event goes at once, and the reports before it with it
+    assert server.servicer.wait_for(lambda: len(server.servicer.stream_frames) >= 7, timeout=10)
+    assert _seqs(server) == list(range(1, 7))
+    batch = sender.PUSH_BATCH_FRAMES  # once that many frames wait, they are written without waiting longer
+    train(model, opt, monitor, batch + 2)
+    assert server.servicer.wait_for(lambda: len(server.servicer.reports()) == 5 + batch, timeout=10)
+    time.sleep(0.3)
+    assert len(server.servicer.reports()) == 5 + batch  # the last two wait
+    train(model, opt, monitor, 1, nan_at=1)  # a non-finite report: written at once, with the two before it
+    assert server.servicer.wait_for(lambda: len(server.servicer.reports()) == 8 + batch, timeout=10)
+    reports = server.servicer.reports()
+    assert [r.step for r in reports] == list(range(1, 9 + batch)) and reports[-1].non_finite != 0
+    assert reports[-2].non_finite == 0
+    assert monitor.close(timeout=5)
+
+
 def test_agent_full_stats_command_makes_the_next_steps_full(server: ScriptableServer) -> None:
     model, opt = _model_and_optimizer()
     monitor = attach(model, opt, server=server.address, run="command", full_stats_interval=1000)

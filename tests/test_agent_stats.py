@@ -103,6 +103,7 @@ def test_stats_engine_and_fold_match_reference_with_tied_frozen_and_zero_params(
     assert columns["grad_norm"][1] == 0.0 and columns["grad_zero_fraction"][1] == 1.0  # absent grads are zeros
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_every_step_norms_of_differentiable_gradients_record_no_graph() -> None:
     # backward(create_graph=True) leaves gradients that require grad themselves: the every-step norms (computed
     # without a grad-mode context) must still be plain values, not nodes that would keep those gradients alive.
