@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Server ingest throughput: step reports per second and server CPU per report, by number of streams.
+
+For each stream count S a fresh `gradwatch serve` runs in its own process (default detectors, persistence in a
+temporary folder, nothing else). S client streams, each a run of its own with an L-layer schema, send R step
+reports as fast as the server acknowledges them (every Nth with full per-layer columns, as an agent at the
+default cadence does) and wait for the acknowledgement of the last one. Prints reports/s over the wall time
+from the first report to the last acknowledgement, the server process's CPU time per report, and its CPU
+utilisation (near 100 % of one CPU: the server is the bound; well under: the clients, one Python process with
+S threads, may be). Speed, not correctness: the tests check what the server does with these frames.
+
+    python bench/ingest_throughput.py [--streams 1,4,16] [--reports 2000] [--layers 32] [--full-every 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
+
+from gradwatch.v1 import gradwatch_pb2 as pb
+from paging_support import gradwatch_serve
+from server_support import AgentStream, columns, hello_frame, report_frame
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _server_pid(grpc_port: str) -> int:
+    """The `gradwatch serve` process listening on `grpc_port` (found by its command line)."""
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and grpc_port.encode() in argv:
+            return int(entry.name)
+    raise RuntimeError(f"no gradwatch serve process on port {grpc_port}")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+
+
+def _client(target: str, index: int, reports: int, layers: int, full_every: int, errors: list[str]) -> None:
+    stream = AgentStream(target)
+    try:
+        stream.send(hello_frame(run=f"bench-{index}", session=f"s-{index}", layers=layers))
+        welcome = stream.recv()
+        if not isinstance(welcome, pb.ServerFrame) or welcome.WhichOneof("body") != "welcome":
+            errors.append(f"stream {index}: no Welcome ({welcome!r})")
+            return
+        full = columns(layers, grad_norm=1.0, grad_max_abs=0.5, weight_norm=2.0, grad_non_finite=0.0)
+        for seq in range(1, reports + 1):
+            step_layers = full if seq % full_every == 0 else None
+            stream.send(report_frame(seq, grad_norm=1.0 + 0.01 * (seq % 7), loss=1.0 / seq, layers=step_layers))
+        stream.recv_ack(reports, timeout=600)
+    except Exception as exc:  # reported by the caller, not raised from a thread
+        errors.append(f"stream {index}: {exc!r}")
+    finally:
+        stream.close()
+
+
+def measure(streams: int, reports: int, layers: int, full_every: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp, gradwatch_serve(pathlib.Path(tmp)) as target:
+        pid = _server_pid(target.rsplit(":", 1)[1])
+        errors: list[str] = []
+        threads = [
+            threading.Thread(target=_client, args=(target, i, reports, layers, full_every, errors), daemon=True)
+            for i in range(streams)
+        ]
+        cpu_before, started = _cpu_s(pid), time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall, cpu = time.perf_counter() - started, _cpu_s(pid) - cpu_before
+        if errors:
+            raise SystemExit("\n".join(errors))
+    total = streams * reports
+    return {
+        "reports": total,
+        "wall_s": wall,
+        "reports_per_s": total / wall,
+        "server_cpu_us_per_report": cpu / total * 1e6,
+        "server_cpu_share": cpu / wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--streams", default="1,4,16", help="comma list of concurrent streams (runs)")
+    parser.add_argument("--reports", type=int, default=2000, help="step reports per stream")
+    parser.add_argument("--layers", type=int, default=32, help="layers in each run's schema")
+    parser.add_argument("--full-every", type=int, default=10, help="every Nth report carries per-layer columns")
+    args = parser.parse_args(argv)
+    counts = [int(s) for s in args.streams.split(",") if s.strip()]
+    if not counts or min(counts) < 1 or args.reports < 1 or args.layers < 1 or args.full_every < 1:
+        raise SystemExit("--streams, --reports, --layers and --full-every must be >= 1")
+    print(f"{args.reports} reports per stream, {args.layers} layers, full columns every {args.full_every}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'streams':>7} {'reports':>8} {'wall s':>7} {'reports/s':>10} {'server CPU us/report':>21} "
+          f"{'server CPU':>10}")  # fmt: skip
+    for count in counts:
+        r = measure(count, args.reports, args.layers, args.full_every)
+        print(f"{count:>7} {r['reports']:>8} {r['wall_s']:>7.2f} {r['reports_per_s']:>10.0f} "
+              f"{r['server_cpu_us_per_report']:>21.0f} {r['server_cpu_share']:>9.0%}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
