@@ -210,12 +210,12 @@ class ActivationTap:
     def _input_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if _is_compiling():
             return
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor_arg(args)
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if x is None or not torch.is_grad_enabled() or not x.is_floating_point():
             return
         started = time.perf_counter()
         try:  # no grad-mode context: everything here derives from the detached input
-            capture = self._capture if self._capture is not None else self._current()
+            capture = self._current()
             a = x.detach()
             s = a.sum(dtype=_F32)
             capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
@@ -257,7 +257,7 @@ class ActivationTap:
                 return
             started = time.perf_counter()
             try:
-                capture = self._capture if self._capture is not None else self._current()
+                capture = self._current()
                 last = capture.last_output
                 capture.last_output = weakref.ref(out)
                 # See the module docstring: a contracting activation applied to the previous module's output
@@ -283,10 +283,6 @@ class ActivationTap:
                 self._add_agent_time(time.perf_counter() - started)
 
         return hook
-
-
-def _first_tensor_arg(args: tuple[Any, ...]) -> torch.Tensor | None:
-    return next((a for a in args if isinstance(a, torch.Tensor)), None)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:

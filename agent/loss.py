@@ -49,13 +49,11 @@ class LossAccumulator:
             t = loss.detach()
             # On the CPU the report vector is joined later, on the sender thread (snapshot.py): a copy keeps the
             # value of this step if the caller later changes its loss tensor in place (`total = loss; total += x`).
-            cpu = device.type == "cpu"
-            if t.dim() == 0 and t.dtype == torch.float32 and t.device == device:  # the usual case: one kernel
-                t = t.clone() if cpu else t
-            else:
-                if t.numel() != 1:  # per-sample losses: their mean
-                    t = t.float().mean()
-                t = t.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True, copy=cpu)
+            if t.numel() != 1:  # per-sample losses: their mean
+                t = t.float().mean()
+            elif t.dim():
+                t = t.reshape(())
+            t = t.to(device=device, dtype=torch.float32, non_blocking=True, copy=device.type == "cpu")
             self._tensor = t if self._tensor is None else self._tensor + t
         else:
             self._host += float(loss)

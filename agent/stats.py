@@ -21,6 +21,7 @@ Semantics, per parameter:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -78,16 +79,12 @@ class StatsEngine:
         non-finite through a non-finite gradient or update, which the every-step gradient norms already flag.
         """
         layout = self._layout
-        if not full:
-            if source == "weight":
-                return [self.zero()] * len(layout.params)
-            # Every step: the gradient norms alone, without a grad-mode context (_group_stats detaches the rare
-            # gradient that requires grad itself).
-            if len(layout.groups) == 1:
-                return self._group_stats(layout.groups[0], source, False)[0]
-            return [value for group in layout.groups for value in self._group_stats(group, source, False)[0]]
-        columns: list[list[torch.Tensor]] = [[] for _ in range(_NUM_FULL)]
-        with torch.no_grad():
+        if source == "weight" and not full:
+            return [self.zero()] * len(layout.params)
+        columns: list[list[torch.Tensor]] = [[] for _ in range(_NUM_FULL if full else 1)]
+        # Ordinary steps read gradients alone and need no grad-mode context (_group_stats detaches the rare
+        # gradient that requires grad itself); full steps also read the weights, which require grad.
+        with torch.no_grad() if full else contextlib.nullcontext():
             for group in layout.groups:
                 for column, values in zip(columns, self._group_stats(group, source, full), strict=True):
                     column.extend(values)

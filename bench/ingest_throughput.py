@@ -25,24 +25,10 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
 
 from gradwatch.v1 import gradwatch_pb2 as pb
-from paging_support import gradwatch_serve
+from paging_support import gradwatch_server
 from server_support import AgentStream, columns, hello_frame, report_frame
 
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _server_pid(grpc_port: str) -> int:
-    """The `gradwatch serve` process listening on `grpc_port` (found by its command line)."""
-    for entry in pathlib.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"serve" in argv and grpc_port.encode() in argv:
-            return int(entry.name)
-    raise RuntimeError(f"no gradwatch serve process on port {grpc_port}")
 
 
 def _cpu_s(pid: int) -> float:
@@ -70,8 +56,7 @@ def _client(target: str, index: int, reports: int, layers: int, full_every: int,
 
 
 def measure(streams: int, reports: int, layers: int, full_every: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp, gradwatch_serve(pathlib.Path(tmp)) as target:
-        pid = _server_pid(target.rsplit(":", 1)[1])
+    with tempfile.TemporaryDirectory() as tmp, gradwatch_server(pathlib.Path(tmp)) as (target, pid):
         errors: list[str] = []
         threads = [
             threading.Thread(target=_client, args=(target, i, reports, layers, full_every, errors), daemon=True)

@@ -157,13 +157,13 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], name: str, log: pathlib
 @contextlib.contextmanager
 def _process(
     args: list[str], ready_url: str, workdir: pathlib.Path, name: str, env: dict[str, str] | None = None
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     try:
         _wait_ready(ready_url, proc, name, log)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -177,12 +177,19 @@ def _process(
 def gradwatch_serve(workdir: pathlib.Path, *args: str) -> Iterator[str]:
     """`gradwatch serve` on free loopback ports in a subprocess (extra CLI `args`, no config file from the
     environment); yields its gRPC target once /healthz answers. Its output goes to workdir/gradwatch.log."""
+    with gradwatch_server(workdir, *args) as (target, _):
+        yield target
+
+
+@contextlib.contextmanager
+def gradwatch_server(workdir: pathlib.Path, *args: str) -> Iterator[tuple[str, int]]:
+    """gradwatch_serve, also yielding the server's process id (to read its CPU time)."""
     grpc_port, http_port = free_port(), free_port()
     command = [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1",
                "--grpc-port", str(grpc_port), "--http-port", str(http_port), *args]  # fmt: skip
     env = {**os.environ, "GRADWATCH_CONFIG": ""}
-    with _process(command, f"http://127.0.0.1:{http_port}/healthz", workdir, "gradwatch", env):
-        yield f"127.0.0.1:{grpc_port}"
+    with _process(command, f"http://127.0.0.1:{http_port}/healthz", workdir, "gradwatch", env) as proc:
+        yield f"127.0.0.1:{grpc_port}", proc.pid
 
 
 @contextlib.contextmanager
