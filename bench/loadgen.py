@@ -229,7 +229,7 @@ class Load:
                 next_at += period
             await call.done_writing()
             await asyncio.wait_for(reader, timeout=args.drain_s)
-        except Exception as exc:  # noqa: BLE001 - reported per rank, the load goes on
+        except Exception as exc:  # reported per rank; the load goes on
             rank.error = repr(exc)
         finally:
             if reader is not None:
