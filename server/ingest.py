@@ -275,7 +275,8 @@ class Ingestor:
             except Exception:
                 self._detector_failed(spec)
                 continue
-            commands.extend(self._verdict(run, rank, spec, rank.rank, verdict))
+            if verdict is not None:  # the common case: nothing to apply
+                commands.extend(self._verdict(run, rank, spec, rank.rank, verdict))
         return commands
 
     def _run_findings(self, spec: DetectorSpec, detector: Detector | RunDetector, run: RunState,
