@@ -6,7 +6,8 @@ step reports shaped like the agent's: scalar fields every step and, every `--ful
 column of LayerStats and every ActivationStats column for an activation schema as long as the layer schema.
 Frames are encoded once (a small pool of templates with healthy, slightly varying values); per frame only
 seq, step, wall time and loss are spliced in as bytes. With `--group N` a rank writes N reports at once, as the
-agent's sender does when steps are faster than its push interval.
+agent's sender does when steps are faster than its push interval: as one AgentFrame.batch when the server's
+Welcome says it takes batches (unless `--no-batch`), else as N messages.
 
 The server runs in its own process (`gradwatch serve --alertmanager-url`), pushing to Debian's real
 prometheus-alertmanager routed with deploy/alertmanager/alertmanager.yml to a webhook receiver in this process.
@@ -33,6 +34,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import struct
 import sys
 import tempfile
@@ -154,6 +156,12 @@ class FrameFactory:
         return b"\x08" + _varint(seq) + b"\x1a" + _varint(len(body)) + body
 
 
+def batch_bytes(frames: list[bytes]) -> bytes:
+    """Encoded frames as one AgentFrame.batch (field 50, FrameBatch.frames = field 1)."""
+    body = b"".join(b"\x0a" + _varint(len(f)) + f for f in frames)
+    return b"\x92\x03" + _varint(len(body)) + body
+
+
 # ---------------------------------------------------------------------- simulated ranks
 
 
@@ -208,6 +216,7 @@ class Load:
             if welcome is grpc.aio.EOF or welcome.WhichOneof("body") != "welcome":
                 rank.error = f"no Welcome: {welcome!r}"
                 return
+            batches = not args.no_batch and welcome.welcome.max_batch_frames >= args.group
             reader = asyncio.ensure_future(self._acks(call, rank))
             period = args.group / args.steps_per_s
             next_at = started + period * (index / len(self.ranks))  # ranks spread evenly over one period
@@ -221,9 +230,13 @@ class Load:
                     rank.sent += 1
                     frames.append(self.factory.report(rank.sent, step, nan=nan and not frames))
                 now = time.time()
-                for offset, frame in enumerate(frames):
+                for offset in range(len(frames)):
                     rank.sent_at[rank.sent - len(frames) + 1 + offset] = now
-                    await call.write(frame)
+                if batches and len(frames) > 1:  # one message, as the agent sends a push group to such a server
+                    await call.write(batch_bytes(frames))
+                else:
+                    for frame in frames:
+                        await call.write(frame)
                 if nan:
                     self.nan_sent[rank.run] = now
                 next_at += period
@@ -347,6 +360,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         firing = json.loads(_get(server.http_url + "/api/v1/alerts?state=firing"))["alerts"]
         other = sorted({a["detector"] for a in firing if a["detector"] != "non_finite"})
         applied = _applied_reports(server.http_url)
+        metrics = _get(server.http_url + "/metrics").decode()
+        found = re.search(r'^gradwatch_ingest_frames_total\{kind="batch"\} (\S+)$', metrics, re.MULTILINE)
+        batches = int(float(found.group(1))) if found else 0
     sent = sum(r.sent for r in load.ranks)
     acked = sum(r.acked for r in load.ranks)
     lost = sum(max(0, r.acked - applied.get((r.run, r.rank), 0)) for r in load.ranks)
@@ -357,7 +373,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "serve_arg"},
         "ranks": len(load.ranks), "offered_reports_per_s": offered,
-        "sent": sent, "acked": acked, "unacked_at_end": sent - acked, "acked_but_lost": lost,
+        "sent": sent, "batches": batches, "acked": acked, "unacked_at_end": sent - acked, "acked_but_lost": lost,
         "errors": sorted({r.error for r in load.ranks if r.error})[:5],
         "acked_reports_per_s": window_reports / window_s,
         "sustained": window_reports / window_s >= 0.97 * offered and acked == sent,
@@ -384,6 +400,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full-every", type=int, default=10, help="full-statistics cadence (agent default 10)")
     parser.add_argument("--steps-per-s", type=float, default=2.0, help="steps per second of every rank")
     parser.add_argument("--group", type=int, default=1, help="reports a rank writes at once (sender push group)")
+    parser.add_argument("--no-batch", action="store_true", help="write a group's reports as separate messages")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of sending")
     parser.add_argument("--warmup-s", type=float, default=5.0, help="seconds excluded from the CPU window")
     parser.add_argument("--nan-at", type=float, default=8.0, help="first NaN injection (s; negative: none)")

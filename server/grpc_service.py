@@ -6,9 +6,10 @@ stream with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and our own reason, instead of
 grpc's generic INTERNAL. Every rejection is counted by reason and also sent as
 trailing metadata `gradwatch-reason`; other streams are unaffected.
 
-Stream protocol (server side): read the Hello, reply Welcome(acked_seq); then apply
-frames in order, in bursts of the frames already waiting (at most MAX_BURST_FRAMES),
-and acknowledge cumulatively: one Ack at most ACK_DELAY_S after the first frame it
+Stream protocol (server side): read the Hello, reply Welcome(acked_seq, and the batch
+limits: an AgentFrame.batch is unpacked into its reports and events, each checked and
+applied as if sent alone); then apply frames in order, in bursts of the frames already
+waiting (at most MAX_BURST_FRAMES), and acknowledge cumulatively: one Ack at most ACK_DELAY_S after the first frame it
 covers was applied (a timer per stream), at once when Commands go out (they follow the
 Ack that covers their cause), before a rejection and at the end of the stream. A
 stream sending a report every few milliseconds thus costs one Ack write per
@@ -31,10 +32,12 @@ from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
+    MAX_BATCH_FRAMES,
     FrameRejected,
     StreamValidator,
     parse_agent_frame,
     parse_flush_request,
+    unbatch,
 )
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -131,6 +134,8 @@ class IngestServicer:
                         protocol_version=frame.hello.protocol_version,
                         server_version=self._version,
                         acked_seq=session.acked_seq,
+                        max_batch_frames=MAX_BATCH_FRAMES,
+                        max_frame_bytes=self._limits.max_message_bytes,
                     )
                 )
             )
@@ -173,9 +178,12 @@ class IngestServicer:
                     done = True
                     break
                 try:
-                    frame = parse_agent_frame(raw, self._limits)
-                    kind = validator.check(frame)
-                    commands.extend(self._ingestor.apply(session, frame, kind))
+                    message = parse_agent_frame(raw, self._limits)
+                    if message.WhichOneof("body") == "batch":
+                        self._stats.frame("batch")  # its frames are counted by kind as they are applied
+                    for frame in unbatch(message):
+                        kind = validator.check(frame)
+                        commands.extend(self._ingestor.apply(session, frame, kind))
                 except FrameRejected as exc:
                     rejected = exc
                     break
@@ -202,7 +210,7 @@ class IngestServicer:
             validator.accept_hello(request.hello)
             self._authorize(grant, request.hello)
             session = self._ingestor.open(request.hello, streaming=False)
-            for frame in request.frames:
+            for frame in (inner for outer in request.frames for inner in unbatch(outer)):
                 kind = validator.check(frame)
                 self._ingestor.apply(session, frame, kind)
         except FrameRejected as exc:

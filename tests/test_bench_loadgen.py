@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -34,7 +36,9 @@ def test_loadgen_acks_every_report_and_pages_every_nan() -> None:
     assert all(result["reads_s"][path]["n"] > 0 for path in ("/metrics", "/api/v1/runs"))
 
 
-def test_loadgen_groups_reports_per_write() -> None:
-    result = _loadgen("--group", "4")
+@pytest.mark.parametrize("batch", [True, False], ids=["one-batch-per-group", "one-message-per-report"])
+def test_loadgen_groups_reports_per_write(batch: bool) -> None:
+    result = _loadgen("--group", "4", *(() if batch else ("--no-batch",)))
     assert result["sent"] == 12 * 4 * 5 and result["acked"] == result["sent"] and result["acked_but_lost"] == 0
+    assert result["batches"] == (result["sent"] // 4 if batch else 0)
     assert result["nan_paged"] == result["nan_injected"] == 3
