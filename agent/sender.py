@@ -67,6 +67,11 @@ BATCH_INTERVAL_S = 0.02
 # at once: the alerts that must page fast are not delayed.
 PUSH_INTERVAL_S = 0.25
 PUSH_BATCH_FRAMES = 64
+# A server whose Welcome says it takes batches (Welcome.max_batch_frames) gets each push group as one message
+# (AgentFrame.batch) of at most MAX_BATCH_BYTES, and the server's max_frame_bytes: one read, parse and wake-up
+# on each side per group instead of per frame. Older servers get frames one by one.
+MAX_BATCH_BYTES = 1 << 20
+BATCH_ENTRY_OVERHEAD = 16  # field tags and lengths around each frame in a batch (bytes, generous)
 
 
 @dataclass(slots=True)
@@ -128,6 +133,9 @@ class Sender:
         self._had_welcome = False
         self._congested = False
         self._push_due: float | None = None  # when frames made but not yet written must be written
+        #: From the server's Welcome: frames per AgentFrame.batch and bytes per message (0: no batches).
+        self._batch_frames = 0
+        self._batch_bytes = 0
         self._next_attempt = 0.0
         self._welcome_deadline = 0.0
         self._next_heartbeat = 0.0
@@ -291,12 +299,33 @@ class Sender:
         assert stream is not None
         self._congested = False
         self._push_due = None
+        group: list[tuple[int, pb.AgentFrame]] = []
+        size = 0
         for seq, frame in self._replay.after(self._last_pushed):
             if stream.backlog() >= self._config.replay_buffer_size:
                 # The server reads slower than we produce: frames wait in the (bounded) replay buffer.
                 self._congested = True
-                return
-            stream.send(frame)
+                break
+            if self._batch_frames <= 1:
+                self._write(stream, [(seq, frame)])
+                continue
+            # A server that takes batches gets the push group in as few messages as its limits allow.
+            length = frame.ByteSize() + BATCH_ENTRY_OVERHEAD
+            if group and (len(group) >= self._batch_frames or size + length > self._batch_bytes):
+                self._write(stream, group)
+                group, size = [], 0
+            group.append((seq, frame))
+            size += length
+        if group:
+            self._write(stream, group)
+
+    def _write(self, stream: OpenStream, frames: list[tuple[int, pb.AgentFrame]]) -> None:
+        """One message on the stream: the frame, or a batch of them."""
+        if len(frames) == 1:
+            stream.send(frames[0][1])
+        else:
+            stream.send(pb.AgentFrame(batch=pb.FrameBatch(frames=[frame for _, frame in frames])))
+        for seq, _ in frames:
             self._last_pushed = seq
             self._counters.sent += 1
             if seq <= self._highest_sent:
@@ -331,6 +360,8 @@ class Sender:
             self._counters.reconnects += 1
         self._had_welcome = True
         self._attempt = 0
+        self._batch_frames = welcome.max_batch_frames
+        self._batch_bytes = min(welcome.max_frame_bytes, MAX_BATCH_BYTES) - BATCH_ENTRY_OVERHEAD
         self._apply_ack(welcome.acked_seq)
         self._last_pushed = 0  # resend everything the server does not hold yet
         self._next_heartbeat = self._clock() + self._config.heartbeat_interval_s

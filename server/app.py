@@ -248,8 +248,7 @@ class ServerApp:
         firing: dict[str, list[str]] = {}
         for run_id, detector in self.alert_book.firing_detectors():
             firing.setdefault(run_id, []).append(detector)
-        with self.store.lock:
-            return [run_view(run, firing.get(run.run_id, [])) for run in self.store.runs()]
+        return [run_view(run, firing.get(run.run_id, [])) for run in self.store.snapshot()]
 
     def alerts(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         """Alert dicts, optionally for one run and/or state ("firing" | "resolved")."""

@@ -6,10 +6,14 @@ stream with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and our own reason, instead of
 grpc's generic INTERNAL. Every rejection is counted by reason and also sent as
 trailing metadata `gradwatch-reason`; other streams are unaffected.
 
-Stream protocol (server side): read the Hello, reply Welcome(acked_seq); then apply
-frames in order and send one cumulative Ack after each burst of frames that were
-already waiting (at most MAX_BURST_FRAMES), so every applied frame is acknowledged
-within one burst's processing time; Commands follow the Ack that covers their cause.
+Stream protocol (server side): read the Hello, reply Welcome(acked_seq, and the batch
+limits: an AgentFrame.batch is unpacked into its reports and events, each checked and
+applied as if sent alone); then apply frames in order, in bursts of the frames already
+waiting (at most MAX_BURST_FRAMES), and acknowledge cumulatively: one Ack at most ACK_DELAY_S after the first frame it
+covers was applied (a timer per stream), at once when Commands go out (they follow the
+Ack that covers their cause), before a rejection and at the end of the stream. A
+stream sending a report every few milliseconds thus costs one Ack write per
+ACK_DELAY_S, not one per frame (the write was a fifth of the ingest CPU per report).
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
+    MAX_BATCH_FRAMES,
     FrameRejected,
     StreamValidator,
     parse_agent_frame,
     parse_flush_request,
+    unbatch,
 )
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -45,6 +51,8 @@ REASON_METADATA_KEY = "gradwatch-reason"
 MAX_BURST_FRAMES = 256
 #: Frames read ahead of processing per stream (backpressure beyond this).
 READ_AHEAD_FRAMES = 512
+#: Longest wait between applying a frame and acknowledging it (acks are coalesced over this window).
+ACK_DELAY_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,9 @@ class _Checked:
 
 class _ReadFailed:
     """Sentinel: the client side of the stream broke (cancelled, reset)."""
+
+
+_ACK_DUE = object()  # queued by a stream's ack timer: its pending Ack is due
 
 
 class IngestServicer:
@@ -123,6 +134,8 @@ class IngestServicer:
                         protocol_version=frame.hello.protocol_version,
                         server_version=self._version,
                         acked_seq=session.acked_seq,
+                        max_batch_frames=MAX_BATCH_FRAMES,
+                        max_frame_bytes=self._limits.max_message_bytes,
                     )
                 )
             )
@@ -141,7 +154,9 @@ class IngestServicer:
         session: Session,
         grant: _Checked | None,
     ) -> None:
+        loop = asyncio.get_running_loop()
         sent_ack = session.acked_seq
+        ack_due: float | None = None  # loop time by which the applied, unacknowledged frames must be acked
         done = False
         while not done:
             burst = [await queue.get()]
@@ -157,20 +172,31 @@ class IngestServicer:
                     except FrameRejected as exc:
                         await self._reject(context, exc)
             for raw in burst:
+                if raw is _ACK_DUE:
+                    continue
                 if raw is grpc.aio.EOF or isinstance(raw, _ReadFailed):
                     done = True
                     break
                 try:
-                    frame = parse_agent_frame(raw, self._limits)
-                    kind = validator.check(frame)
-                    commands.extend(self._ingestor.apply(session, frame, kind))
+                    message = parse_agent_frame(raw, self._limits)
+                    if message.WhichOneof("body") == "batch":
+                        self._stats.frame("batch")  # its frames are counted by kind as they are applied
+                    for frame in unbatch(message):
+                        kind = validator.check(frame)
+                        commands.extend(self._ingestor.apply(session, frame, kind))
                 except FrameRejected as exc:
                     rejected = exc
                     break
             if session.acked_seq > sent_ack:
-                # Acknowledge what was applied, even just before a rejection: the agent drops it.
-                sent_ack = session.acked_seq
-                await context.write(pb.ServerFrame(ack=pb.Ack(seq=sent_ack)))
+                now = loop.time()
+                if ack_due is None:  # the first frame this Ack covers: it goes out by ACK_DELAY_S from now
+                    ack_due = now + ACK_DELAY_S
+                    loop.call_at(ack_due, _nudge, queue)
+                # (asyncio may run a timer up to its clock resolution early: a due Ack must not wait for a frame)
+                if commands or rejected is not None or done or now >= ack_due - 0.001:
+                    # Acknowledge what was applied, even just before a rejection: the agent drops it.
+                    sent_ack, ack_due = session.acked_seq, None
+                    await context.write(pb.ServerFrame(ack=pb.Ack(seq=sent_ack)))
             for command in commands:
                 await context.write(pb.ServerFrame(command=command))
             if rejected is not None:
@@ -184,7 +210,7 @@ class IngestServicer:
             validator.accept_hello(request.hello)
             self._authorize(grant, request.hello)
             session = self._ingestor.open(request.hello, streaming=False)
-            for frame in request.frames:
+            for frame in (inner for outer in request.frames for inner in unbatch(outer)):
                 kind = validator.check(frame)
                 self._ingestor.apply(session, frame, kind)
         except FrameRejected as exc:
@@ -216,6 +242,12 @@ class IngestServicer:
         self._stats.rejected(exc.reason)
         log.debug("rejected %s: %s", exc.reason, exc.message)
         await context.abort(exc.code, exc.message, trailing_metadata=((REASON_METADATA_KEY, exc.reason),))
+
+
+def _nudge(queue: asyncio.Queue[Any]) -> None:
+    """Wake the stream's handler for a due Ack (a full queue wakes it anyway)."""
+    if not queue.full():
+        queue.put_nowait(_ACK_DUE)
 
 
 async def _read_all(context: grpc.aio.ServicerContext, queue: asyncio.Queue[Any]) -> None:

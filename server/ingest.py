@@ -45,7 +45,7 @@ from gradwatch.server.detectors import (
     RunDetector,
     Verdict,
 )
-from gradwatch.server.report import RankReport, build_report
+from gradwatch.server.report import ModuleSchema, RankReport, build_report
 from gradwatch.server.settings import SettingError
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RankState, RunState, RunStore, SchemaEntry
@@ -79,6 +79,8 @@ class Session:
     streaming: bool
     #: Hello.schema.local_param_counts as an array, when the agent said (one per layer).
     local_param_counts: np.ndarray | None = None
+    #: Hello.activation_schema, decoded once for every report of the session.
+    modules: ModuleSchema | None = None
 
 
 def bounded_drop_reasons(dropped: Mapping[str, int]) -> dict[str, int]:
@@ -149,7 +151,7 @@ class Ingestor:
             local = hello.schema.local_param_counts
             counts = np.asarray(local, dtype=np.int64) if len(local) == len(hello.schema.names) > 0 else None
             return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming,
-                           local_param_counts=counts)  # fmt: skip
+                           local_param_counts=counts, modules=ModuleSchema.of(hello.activation_schema))  # fmt: skip
 
     def _per_run_configs(self, hello: pb.Hello) -> Mapping[str, DetectorConfig] | None:
         """The run's detector settings when its agent sent any; FrameRejected naming the bad key otherwise."""
@@ -257,10 +259,8 @@ class Ingestor:
         return [run.run_id for run in expired]
 
     def _apply_report(self, session: Session, run: RunState, rank: RankState, msg: pb.StepReport) -> list[pb.Command]:
-        report = build_report(
-            run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.hello.activation_schema,
-            session.local_param_counts,
-        )
+        report = build_report(run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.modules,
+                              session.local_param_counts)  # fmt: skip
         self._store.record_report(run, rank, report, session.schema)
         if self._on_report is not None:
             self._on_report(run, rank, report, msg, session.hello)
@@ -275,7 +275,8 @@ class Ingestor:
             except Exception:
                 self._detector_failed(spec)
                 continue
-            commands.extend(self._verdict(run, rank, spec, rank.rank, verdict))
+            if verdict is not None:  # the common case: nothing to apply
+                commands.extend(self._verdict(run, rank, spec, rank.rank, verdict))
         return commands
 
     def _run_findings(self, spec: DetectorSpec, detector: Detector | RunDetector, run: RunState,

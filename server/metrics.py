@@ -131,12 +131,11 @@ class GradwatchCollector(Collector):
         layer_fams = [
             (column, GaugeMetricFamily(name, doc, labels=["run", "layer"])) for column, name, doc in _LAYER_FAMILIES
         ]
-        with self._store.lock:
-            for run in self._store.runs():
-                if run.exported:
-                    fams.add_run(run, firing, self._detector_names)
-                    for column, family in layer_fams:
-                        _add_layers(run, column, family)
+        for run in self._store.snapshot():  # reader copies: the families are built without the store's lock
+            if run.exported:
+                fams.add_run(run, firing, self._detector_names)
+                for column, family in layer_fams:
+                    _add_layers(run, column, family)
         yield from fams.all()
         for _, family in layer_fams:
             yield family

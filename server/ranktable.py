@@ -92,6 +92,13 @@ class RankTable:
 
     # ------------------------------------------------------------------ readers
 
+    def copy(self) -> RankTable:
+        """An independent copy (arrays copied): what HTTP readers work on outside the store's lock."""
+        clone = object.__new__(RankTable)
+        for name, value in vars(self).items():
+            setattr(clone, name, value.copy() if isinstance(value, (np.ndarray, list)) else value)
+        return clone
+
     def step_time(self) -> np.ndarray:
         """Median recent step duration per rank (seconds; NaN without reports)."""
         return _row_medians(self._durations)

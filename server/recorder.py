@@ -5,11 +5,14 @@ Contract
 * `observe()` is called for every applied report, before the detectors judge it, so the
   report that fires an alert is the last one of the incident's "before" window. Each
   rank keeps the last `window_reports + after_reports` reports: scalar rows in a
-  fixed numpy ring, and, for full-statistics steps, the per-layer and per-module
-  columns as the float32 arrays decoded from the frame (views on its bytes, capped to
-  `max_layers`), never per-layer Python objects. The column entries of all ranks share
-  `max_bytes`: with many ranks each keeps fewer full-statistics reports (at least its
-  latest); the scalar rows are always kept for the whole window.
+  fixed numpy ring, and, for full-statistics steps within that window, copies of the
+  per-layer and per-module columns incidents use (LAYER_COLUMNS, ACTIVATION_COLUMNS),
+  capped to `max_layers`: copies, so a kept slice never pins the frame's whole column.
+  Gradient histograms (32 bins per layer, most of the bytes) stay only on the latest
+  `histogram_reports` full reports and on those after an alert, as the archive uses
+  them. The bytes kept (`kept_bytes`, exact: every array owns its memory) share
+  `max_bytes` over all ranks: each rank keeps at most its share (at least its latest
+  full report); the scalar rows are always kept for the whole window.
 * `on_alert()` (an AlertBook listener) opens an incident when an alert fires at
   warning or critical severity: the window of up to `max_ranks` ranks (the firing
   rank first) is written at once (status "recording"), so a crash right after the
@@ -115,6 +118,8 @@ class _RankWindow:
     layer_names: tuple[str, ...] = ()
     session_id: str = ""
     module_names: tuple[str, ...] = ()
+    #: Bytes of the arrays in `columns` (each owns its memory).
+    bytes: int = 0
 
 
 @dataclass
@@ -153,6 +158,7 @@ class FlightRecorder:
         self._lock = threading.RLock()
         self._windows: dict[str, dict[int, _RankWindow]] = {}
         self._ranks_total = 0  # ranks with a window, all runs
+        self._bytes = 0  # column bytes kept, all windows (see kept_bytes)
         self._recording: collections.OrderedDict[str, _Recording] = collections.OrderedDict()
         #: Incidents opened and closed since start, and ones not recorded by reason.
         self.opened = 0
@@ -202,20 +208,53 @@ class FlightRecorder:
                     report.non_finite_flags,
                 )
             )
-            layers = {n: report.columns[n][: cfg.max_layers] for n in LAYER_COLUMNS if n in report.columns}
+            # Copies: a slice would keep the frame's whole column (up to 65,536 layers) alive.
+            layers = {n: report.columns[n][: cfg.max_layers].copy() for n in LAYER_COLUMNS if n in report.columns}
             modules = _activations(msg, cfg.max_layers) if msg.HasField("activations") else _EMPTY
             if layers or modules:
                 window.columns.append((window.count, report.step, layers, modules))
-                # Shared memory budget: the more ranks are recorded, the fewer full-statistics reports each
-                # keeps (at least its latest, whose bytes the store holds anyway).
-                size = sum(a.nbytes for a in layers.values()) + sum(a.nbytes for a in modules.values())
-                keep = max(1, cfg.max_bytes // max(1, self._ranks_total * size))
-                while len(window.columns) > keep:
-                    window.columns.popleft()
+                window.bytes += _entry_bytes(layers, modules)
+                self._bytes += _entry_bytes(layers, modules)
+                self._trim(run.run_id, rank.rank, window)
             window.count += 1
             for recording in [r for r in self._recording.values() if r.alert["run"] == run.run_id]:
                 if rank.rank == recording.fired_rank and window.count - recording.start[rank.rank] >= cfg.after_reports:
                     self._close(recording)
+
+    def _trim(self, run_id: str, rank: int, window: _RankWindow) -> None:
+        """Keep what incidents use, within the rank's share of `max_bytes` (see the module docstring)."""
+        cfg = self._config
+        oldest = window.count - (cfg.window_reports + cfg.after_reports)  # entries at or before it are unusable
+        share = cfg.max_bytes // self._ranks_total
+        while window.columns and (window.columns[0][0] <= oldest or (len(window.columns) > 1 and window.bytes > share)):
+            self._drop(window, window.columns.popleft())
+        after = min((r.start[rank] for r in self._recording.values() if r.alert["run"] == run_id and rank in r.start),
+                    default=window.count + 1)  # fmt: skip
+        older = len(window.columns) - cfg.histogram_reports
+        for i in range(older - 1, -1, -1):  # histograms of older full reports before any alert: never archived
+            entry = window.columns[i]
+            hist = entry[2].get("grad_log2_histogram")
+            if hist is None or entry[0] >= after:
+                continue
+            del entry[2]["grad_log2_histogram"]
+            window.bytes -= hist.nbytes
+            self._bytes -= hist.nbytes
+        if self._bytes > cfg.max_bytes:  # ranks joined since the others last trimmed: bring every rank to its share
+            for windows in self._windows.values():
+                for other in windows.values():
+                    while len(other.columns) > 1 and other.bytes > share:
+                        self._drop(other, other.columns.popleft())
+
+    def _drop(self, window: _RankWindow, entry: tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
+              ) -> None:  # fmt: skip
+        size = _entry_bytes(entry[2], entry[3])
+        window.bytes -= size
+        self._bytes -= size
+
+    def kept_bytes(self) -> int:
+        """Bytes of per-layer and per-module columns the recorder keeps alive (all of them: no views)."""
+        with self._lock:
+            return self._bytes
 
     def on_alert(self, alert: dict[str, Any]) -> None:
         """AlertBook listener: open an incident for a warning or critical alert that starts firing."""
@@ -258,7 +297,9 @@ class FlightRecorder:
                 if now >= recording.deadline or recording.alert["run"] not in live:
                     self._close(recording)
             for run_id in [r for r in self._windows if r not in live]:
-                self._ranks_total -= len(self._windows.pop(run_id))
+                gone = self._windows.pop(run_id)
+                self._ranks_total -= len(gone)
+                self._bytes -= sum(window.bytes for window in gone.values())
 
     def close_all(self, timeout_s: float = 30.0) -> None:
         """Close every incident still recording and wait for the writes (shutdown)."""
@@ -333,7 +374,9 @@ class FlightRecorder:
             lo, hi = start - cfg.window_reports, start + min(window.count - start, cfg.after_reports)
             rows = window.rows.rows()
             rows = rows[(rows["index"] >= lo) & (rows["index"] < hi)]
-            parts.append(_RankPart(rank, rows, [e for e in window.columns if lo <= e[0] < hi], start))
+            # The entries' dicts are copied: the ingest thread strips histograms from them while the writer packs.
+            entries = [(e[0], e[1], dict(e[2]), dict(e[3])) for e in window.columns if lo <= e[0] < hi]
+            parts.append(_RankPart(rank, rows, entries, start))
             all_rows.append((rank, rows))
             before = int((rows["index"] < start).sum())
             ranks_meta.append(self._rank_meta(alert["run"], rank, window, before, len(rows)))
@@ -538,8 +581,12 @@ def _activations(msg: pb.StepReport, max_modules: int) -> dict[str, np.ndarray]:
         if raw:
             values = np.frombuffer(raw, dtype="<f4")
             width = COLUMN_WIDTHS.get(name, 1)
-            out[name] = (values if width == 1 else values.reshape(-1, width))[:max_modules]
+            out[name] = (values if width == 1 else values.reshape(-1, width))[:max_modules].copy()
     return out
+
+
+def _entry_bytes(layers: Mapping[str, np.ndarray], modules: Mapping[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in layers.values()) + sum(a.nbytes for a in modules.values())
 
 
 def _stack(values: list[np.ndarray | None]) -> np.ndarray | None:

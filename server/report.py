@@ -37,6 +37,7 @@ __all__ = [
     "KIND_LOSS",
     "KIND_WEIGHT",
     "NON_FINITE_KINDS",
+    "ModuleSchema",
     "RankReport",
     "build_report",
 ]
@@ -58,6 +59,22 @@ NON_FINITE_KINDS: tuple[str, ...] = (KIND_LOSS, KIND_GRADIENT, KIND_WEIGHT)
 
 _EMPTY_COLUMNS: Mapping[str, np.ndarray] = {}
 _NO_NAMES: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleSchema:
+    """Hello.activation_schema decoded once per stream: module names and types (types padded to the names).
+
+    Every report of the stream shares these tuples, so per-schema caches (the detectors' type masks) hit by
+    identity instead of comparing hundreds of strings per report."""
+
+    names: tuple[str, ...]
+    types: tuple[str, ...]
+
+    @classmethod
+    def of(cls, schema: pb.LayerSchema) -> ModuleSchema:
+        names, types = tuple(schema.names), tuple(schema.module_types)
+        return cls(names, types if len(types) == len(names) else ("",) * len(names))
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +156,14 @@ def build_report(
     msg: pb.StepReport,
     layer_names: tuple[str, ...],
     received_at: float,
-    modules: pb.LayerSchema | None = None,
+    modules: ModuleSchema | pb.LayerSchema | None = None,
     local_param_counts: np.ndarray | None = None,
 ) -> RankReport:
-    """Decode a StepReport already checked by gradwatch.server.validate; `modules`: Hello.activation_schema;
-    `local_param_counts`: Hello.schema.local_param_counts as an array (decoded once per stream)."""
+    """Decode a StepReport already checked by gradwatch.server.validate; `modules`: Hello.activation_schema
+    (decoded once per stream by the ingest path); `local_param_counts`: Hello.schema.local_param_counts as an
+    array (decoded once per stream)."""
+    if isinstance(modules, pb.LayerSchema):
+        modules = ModuleSchema.of(modules)
     columns = _decode_columns(msg) if msg.HasField("layers") else _EMPTY_COLUMNS
     loss = msg.loss if msg.has_loss else None
     grad_norm = math.sqrt(msg.grad_sum_squares) if msg.grad_sum_squares >= 0 else math.nan
@@ -199,7 +219,7 @@ def build_report(
     )
 
 
-def _decode_model_io(msg: pb.StepReport, modules: pb.LayerSchema | None) -> dict[str, Any]:
+def _decode_model_io(msg: pb.StepReport, modules: ModuleSchema | None) -> dict[str, Any]:
     """RankReport's activation, output, input and label fields (only those the report carries)."""
     out: dict[str, Any] = {}
     if msg.HasField("activations") and modules is not None:
@@ -213,9 +233,8 @@ def _decode_model_io(msg: pb.StepReport, modules: pb.LayerSchema | None) -> dict
                 columns[name] = values if width == 1 else values.reshape(m, width)
         if columns:
             out["activations"] = columns
-            out["modules"] = tuple(modules.names)
-            types = tuple(modules.module_types)
-            out["module_types"] = types if len(types) == m else ("",) * m
+            out["modules"] = modules.names
+            out["module_types"] = modules.types
     if msg.HasField("output_spread"):
         out["output_spread"] = msg.output_spread
     if msg.HasField("output_rms"):
@@ -228,7 +247,7 @@ def _decode_model_io(msg: pb.StepReport, modules: pb.LayerSchema | None) -> dict
     return out
 
 
-def _origin(msg: pb.StepReport, modules: pb.LayerSchema | None) -> str | None:
+def _origin(msg: pb.StepReport, modules: ModuleSchema | None) -> str | None:
     """Where the non-finite values of this step came from first, per the agent's forward hooks."""
     if msg.non_finite & pb.NON_FINITE_FLAG_INPUT:
         return "input batch"
@@ -237,7 +256,7 @@ def _origin(msg: pb.StepReport, modules: pb.LayerSchema | None) -> str | None:
     index = msg.first_non_finite_module
     if index >= len(modules.names):
         return None
-    kind = f" ({modules.module_types[index]})" if index < len(modules.module_types) else ""
+    kind = f" ({modules.types[index]})" if modules.types[index] else ""
     return f"module {modules.names[index]!r}{kind}"
 
 

@@ -14,8 +14,9 @@ Contract
   that step (exact for DDP, FSDP2 and hybrid layouts). Incomplete steps wait in a
   bounded table (GLOBAL_PENDING_STEPS, oldest dropped).
 * Thread-safe: one re-entrant lock (`RunStore.lock`) guards everything; the ingest
-  path writes from the gRPC loop thread, /metrics and /api read from HTTP threads.
-  Readers that touch several objects hold `store.lock` for the whole read.
+  path writes from the gRPC loop thread. HTTP readers (/metrics, /api/v1/runs) take
+  `snapshot()` under the lock, O(ranks) cheap copies, and build their answer from it
+  after releasing the lock, so a large read never holds ingestion up.
 """
 
 from __future__ import annotations
@@ -212,6 +213,23 @@ class RunState:
         self._note_dropped((name,))
         return -1
 
+    def reader_copy(self) -> RunState:
+        """A copy that stays consistent after the store's lock is released (call with it held): its own ranks,
+        counters, events and rank table. Shared with the live run, because the ingest path replaces rather
+        than mutates them: the per-layer column arrays, each rank's `dropped` dict and its schema. Still live:
+        each rank's `ring` and the run's `dropped_layers` set (readers take only their sizes) and `schemas`."""
+        clone = object.__new__(RunState)
+        clone.__dict__.update(self.__dict__)
+        clone.ranks = {number: _copied(state) for number, state in self.ranks.items()}
+        clone.layer_names = list(self.layer_names)
+        clone.non_finite_counts = dict(self.non_finite_counts)
+        clone.detector_triggers = dict(self.detector_triggers)
+        clone.events = collections.deque(self.events, maxlen=EVENTS_PER_RUN)
+        clone.global_grad_norms = collections.deque(self.global_grad_norms, maxlen=GLOBAL_HISTORY)
+        clone.pending_shares = collections.OrderedDict()
+        clone.table = self.table.copy()
+        return clone
+
     def aggregate_layers(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """Max over ranks of the latest `column` for each exported layer, and which layers reported it.
 
@@ -382,6 +400,12 @@ class RunStore:
         """Runs, least recently active first. Hold `self.lock` while iterating."""
         return iter(list(self._runs.values()))
 
+    def snapshot(self) -> list[RunState]:
+        """Reader copies of every run (RunState.reader_copy), least recently active first; takes the lock only
+        while copying (a few microseconds per rank), so readers build their answers without it."""
+        with self.lock:
+            return [run.reader_copy() for run in self._runs.values()]
+
     # ------------------------------------------------------------------ internals
 
     def _run_for(self, hello: pb.Hello, now: float) -> tuple[RunState, list[str]]:
@@ -419,3 +443,10 @@ class RunStore:
             )
             run.ranks[hello.rank] = state
         return state
+
+
+def _copied(state: RankState) -> RankState:
+    """A shallow copy of a rank (see RunState.reader_copy for what stays shared)."""
+    clone = object.__new__(RankState)
+    clone.__dict__.update(state.__dict__)
+    return clone

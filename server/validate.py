@@ -18,6 +18,7 @@ a scrape huge; how many such values exist is bounded elsewhere (max_runs, max_la
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,6 +35,7 @@ __all__ = [
     "check_hello",
     "parse_agent_frame",
     "parse_flush_request",
+    "unbatch",
 ]
 
 #: Inclusive range of Hello.protocol_version this server speaks.
@@ -56,6 +58,9 @@ NON_MONOTONIC = "non_monotonic"
 INVALID_REPORT = "invalid_report"
 INVALID_JOB_NAME = "invalid_job_name"
 INVALID_DETECTOR_SETTINGS = "invalid_detector_settings"
+INVALID_BATCH = "invalid_batch"
+#: Frames one AgentFrame.batch may hold (Welcome.max_batch_frames): the agent groups at most 64.
+MAX_BATCH_FRAMES = 256
 #: Per-run detector settings a Hello may carry, and the size of each key and value.
 MAX_DETECTOR_SETTINGS = 64
 MAX_DETECTOR_SETTING_CHARS = 1024
@@ -79,6 +84,7 @@ REASONS: tuple[str, ...] = (
     INVALID_REPORT,
     INVALID_JOB_NAME,
     INVALID_DETECTOR_SETTINGS,
+    INVALID_BATCH,
 )
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -118,6 +124,21 @@ def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
     except DecodeError as exc:
         raise _reject(MALFORMED, f"malformed AgentFrame: {exc}") from None
     return frame
+
+
+def unbatch(frame: pb.AgentFrame) -> Sequence[pb.AgentFrame]:
+    """The frames a wire frame carries: itself, or a batch's reports and events (each then checked like a frame
+    sent alone). A batch that is empty, too long, or holds anything else is rejected whole (INVALID_BATCH)."""
+    if frame.WhichOneof("body") != "batch":
+        return (frame,)
+    frames = frame.batch.frames
+    if not 0 < len(frames) <= MAX_BATCH_FRAMES:
+        raise _reject(INVALID_BATCH, f"a batch holds 1..{MAX_BATCH_FRAMES} frames, got {len(frames)}")
+    for inner in frames:
+        kind = inner.WhichOneof("body")
+        if kind not in _SEQUENCED:
+            raise _reject(INVALID_BATCH, f"a batch holds reports and events only, got {kind or 'an empty frame'}")
+    return frames
 
 
 def parse_flush_request(raw: bytes, limits: LimitsConfig) -> pb.FlushRequest:
@@ -254,6 +275,8 @@ class StreamValidator:
         kind = frame.WhichOneof("body")
         if kind is None:
             raise _reject(EMPTY_FRAME, f"frame seq={frame.seq} has no body")
+        if kind == "batch":
+            raise _reject(INVALID_BATCH, "a batch inside a batch or a Flush request")
         if self._hello is None and kind != "hello":
             raise _reject(MISSING_HELLO, f"first frame must be a Hello, got {kind}")
         if kind == "hello":

@@ -7,6 +7,7 @@ Schemas are summarised (layer counts), not listed: a schema may hold 65 536 name
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from gradwatch.server.store import RankState, RunState
@@ -22,13 +23,15 @@ def finite_or_none(value: float | None) -> float | None:
 
 
 def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
-    """One run as a dict; call with the store lock held. `firing`: its firing detectors."""
+    """One run as a dict, from a reader copy (RunStore.snapshot) or under the store lock. `firing`: its firing
+    detectors. O(ranks): the rank table's per-rank medians are taken once for all ranks."""
     ranks = [run.ranks[r] for r in sorted(run.ranks)]
     losses = [r.last_loss for r in ranks if r.last_loss is not None]
     norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
     steps = [r.last_step for r in ranks if r.last_step is not None]
     events = list(run.events)[-EVENTS_IN_VIEW:]
     saved = run.restored_summary  # restored from the database, no agent back yet
+    timing = _rank_timing(run)
     if saved:
         steps = [saved["step"]] if saved.get("step") is not None else []
         losses = [saved["loss"]] if saved.get("loss") is not None else []
@@ -53,7 +56,7 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
         "non_finite_events": dict(run.non_finite_counts),
         "detector_triggers": dict(run.detector_triggers),
         "firing": sorted(firing),
-        "ranks": [rank_view(r) | _rank_timing(run, r.rank) for r in ranks],
+        "ranks": [rank_view(r) | timing(r.rank) for r in ranks],
         "restored": run.restored_summary is not None,
         "recent_events": [{**e, "wall_time": finite_or_none(e["wall_time"])} for e in events],
     }
@@ -86,14 +89,20 @@ def rank_view(rank: RankState) -> dict[str, Any]:
     }
 
 
-def _rank_timing(run: RunState, rank: int) -> dict[str, Any]:
-    """What the cross-rank detectors see of a rank: its replica group and recent pace (server/ranktable.py)."""
+def _rank_timing(run: RunState) -> Callable[[int], dict[str, Any]]:
+    """rank -> what the cross-rank detectors see of it: its replica group and recent pace (server/ranktable.py)."""
     table = run.table
-    if rank >= table.size:
-        return {}
-    return {
-        "replica_group": int(table.replica_group[rank]),
-        "replica_group_size": int(table.replica_group_size[rank]),
-        "step_time_s": finite_or_none(float(table.step_time()[rank])),
-        "pre_forward_s": finite_or_none(float(table.pre_forward_time()[rank])),
-    }
+    groups, sizes = table.replica_group.tolist(), table.replica_group_size.tolist()
+    step_time, pre_forward = table.step_time().tolist(), table.pre_forward_time().tolist()
+
+    def timing(rank: int) -> dict[str, Any]:
+        if rank >= table.size:
+            return {}
+        return {
+            "replica_group": groups[rank],
+            "replica_group_size": sizes[rank],
+            "step_time_s": finite_or_none(step_time[rank]),
+            "pre_forward_s": finite_or_none(pre_forward[rank]),
+        }
+
+    return timing

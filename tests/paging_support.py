@@ -184,12 +184,29 @@ def gradwatch_serve(workdir: pathlib.Path, *args: str) -> Iterator[str]:
 @contextlib.contextmanager
 def gradwatch_server(workdir: pathlib.Path, *args: str) -> Iterator[tuple[str, int]]:
     """gradwatch_serve, also yielding the server's process id (to read its CPU time)."""
+    with gradwatch_process(workdir, *args) as server:
+        yield server.target, server.pid
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    """A running `gradwatch serve`: its gRPC target, HTTP base URL and process id."""
+
+    target: str
+    http_url: str
+    pid: int
+
+
+@contextlib.contextmanager
+def gradwatch_process(workdir: pathlib.Path, *args: str) -> Iterator[ServerProcess]:
+    """gradwatch_serve, yielding its ServerProcess."""
     grpc_port, http_port = free_port(), free_port()
     command = [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1",
                "--grpc-port", str(grpc_port), "--http-port", str(http_port), *args]  # fmt: skip
     env = {**os.environ, "GRADWATCH_CONFIG": ""}
-    with _process(command, f"http://127.0.0.1:{http_port}/healthz", workdir, "gradwatch", env) as proc:
-        yield f"127.0.0.1:{grpc_port}", proc.pid
+    http_url = f"http://127.0.0.1:{http_port}"
+    with _process(command, f"{http_url}/healthz", workdir, "gradwatch", env) as proc:
+        yield ServerProcess(f"127.0.0.1:{grpc_port}", http_url, proc.pid)
 
 
 @contextlib.contextmanager

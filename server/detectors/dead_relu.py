@@ -34,6 +34,7 @@ import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, RELU_TYPES, Hysteresis, hidden_activation_mask
+from gradwatch.server.detectors.robust import nanmedian_columns
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
 
@@ -84,7 +85,7 @@ class _Baselines:
         held = np.isfinite(rows).any(axis=0)
         out = np.full(modules, np.nan)
         if held.any():
-            out[held] = np.nanmedian(rows[:, held], axis=0)
+            out[held] = nanmedian_columns(rows[:, held])
         return out
 
     def add(self, rank: int, values: np.ndarray, keep: np.ndarray) -> None:

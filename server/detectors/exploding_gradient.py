@@ -40,6 +40,8 @@ import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
+from gradwatch.server.detectors.robust import median as median_of
+from gradwatch.server.detectors.robust import median_sigma
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
@@ -107,12 +109,12 @@ class ExplodingGradientDetector:
         if state.baseline.count < cfg.min_reports:
             state.baseline.append(norm)
             if state.baseline.count == cfg.min_reports:
-                state.start = float(np.median(state.baseline.values()))
+                state.start = median_of(state.baseline.values())
             return None
 
         held = state.baseline.unordered()
-        median = float(np.median(held))
-        mad = float(np.median(np.abs(held - median)))
+        median = median_of(held)
+        mad = median_of(np.abs(held - median))
         if median <= 0.0:
             # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
             state.baseline.append(norm)
@@ -175,8 +177,7 @@ def _log_bound(held: np.ndarray, log_k: float) -> float:
     if positive.size == 0:
         return 0.0
     logs = np.log(positive)
-    centre = float(np.median(logs))
-    spread = MAD_TO_SIGMA * float(np.median(np.abs(logs - centre)))
+    centre, spread = median_sigma(logs)
     return math.exp(min(centre + log_k * spread, 700.0))
 
 

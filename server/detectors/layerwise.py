@@ -24,6 +24,7 @@ saturate and need not be centred, so detectors of hidden activations leave it ou
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +53,9 @@ RELU_TYPES: tuple[str, ...] = ("ReLU", "ReLU6")
 #: Activations with a bounded range, for which the agent reports a saturated fraction.
 BOUNDED_TYPES: tuple[str, ...] = ("Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "ReLU6")
 
+#: Distinct (schema, types) masks kept (a run has one schema or a few; each mask is one bool per module).
+MASKS_CACHED = 256
+
 FIRE = "fire"
 CLEAR = "clear"
 
@@ -64,9 +68,14 @@ class Outcome:
     index: int = -1
 
 
+@functools.lru_cache(maxsize=MASKS_CACHED)
 def type_mask(module_types: tuple[str, ...], types: tuple[str, ...]) -> np.ndarray:
-    """Boolean mask of the modules whose type is one of `types`."""
-    return np.isin(np.asarray(module_types, dtype=object), types)
+    """Boolean mask of the modules whose type is one of `types` (read-only; cached per schema: every report of
+    a stream shares its module_types tuple, so this is a dictionary lookup instead of a string comparison per
+    module and report)."""
+    mask = np.isin(np.asarray(module_types, dtype=object), types)
+    mask.flags.writeable = False
+    return mask
 
 
 def output_module_mask(count: int) -> np.ndarray:
@@ -77,9 +86,12 @@ def output_module_mask(count: int) -> np.ndarray:
     return mask
 
 
+@functools.lru_cache(maxsize=MASKS_CACHED)
 def hidden_activation_mask(module_types: tuple[str, ...], types: tuple[str, ...] = ACTIVATION_TYPES) -> np.ndarray:
-    """Activation modules of `types`, except the model's output module."""
-    return type_mask(module_types, types) & ~output_module_mask(len(module_types))
+    """Activation modules of `types`, except the model's output module (read-only, cached like type_mask)."""
+    mask = type_mask(module_types, types) & ~output_module_mask(len(module_types))
+    mask.flags.writeable = False
+    return mask
 
 
 @dataclass(slots=True)

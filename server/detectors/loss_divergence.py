@@ -29,7 +29,8 @@ import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
-from gradwatch.server.detectors.robust import LossBaseline
+from gradwatch.server.detectors.robust import LossBaseline, median_rows
+from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
@@ -86,7 +87,7 @@ class LossDivergenceDetector:
             return None
         median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
         recent = state.recent.values()
-        level = float(np.median(recent[-cfg.duration :])) if recent.size >= cfg.duration else -math.inf
+        level = median_of(recent[-cfg.duration :]) if recent.size >= cfg.duration else -math.inf
         growth = self._trend(recent, median, state.baseline.initial or 0.0)
         kind = self._latch.judge(report.rank, level > threshold or growth is not None)
         if kind == FIRE:
@@ -102,7 +103,7 @@ class LossDivergenceDetector:
         cfg = self._config
         if recent.size < cfg.trend_window:
             return None
-        blocks = np.median(recent[: recent.size // 4 * 4].reshape(4, -1), axis=1)
+        blocks = median_rows(recent[: recent.size // 4 * 4].reshape(4, -1))
         if not np.all(np.diff(blocks) > 0) or blocks[0] <= 0.0:
             return None
         growth = float(blocks[-1] / blocks[0])

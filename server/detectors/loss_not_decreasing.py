@@ -25,10 +25,9 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
-
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
+from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
@@ -85,12 +84,12 @@ class LossNotDecreasingDetector:
         state = self._ranks[report.rank]
         state.recent.append(loss)
         if state.initial is None and state.recent.count == cfg.start_reports:
-            state.initial = float(np.median(state.recent.values()))
+            state.initial = median_of(state.recent.values())
         if not state.recent.full or state.initial is None:
             return None
         values = state.recent.values()
-        start = float(np.median(values[: cfg.smooth]))
-        level = float(np.median(values[-cfg.smooth :]))
+        start = median_of(values[: cfg.smooth])
+        level = median_of(values[-cfg.smooth :])
         improvement = (start - level) / max(abs(start), _TINY)
         progress = (state.initial - level) / max(abs(state.initial), _TINY)
         settled = progress >= 1.0 - cfg.settled

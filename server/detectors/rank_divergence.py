@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
@@ -57,8 +58,8 @@ class RankDivergenceConfig(DetectorConfig):
 
 def robust_z(values: np.ndarray, rel_floor: float, abs_floor: float) -> tuple[np.ndarray, float, float]:
     """Robust z-scores of `values` (finite) across their median; also the median and the MAD."""
-    median = float(np.median(values))
-    mad = float(np.median(np.abs(values - median)))
+    median = median_of(values)
+    mad = median_of(np.abs(values - median))
     scale = max(MAD_TO_SIGMA * mad, rel_floor * abs(median), abs_floor)
     return (values - median) / scale, median, mad
 

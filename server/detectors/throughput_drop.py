@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
@@ -84,7 +85,7 @@ class ThroughputDropDetector:
         if len(durations) < ranks.size:
             return ()
         del self._pending[report.step]
-        step_time = float(np.median(np.fromiter(durations.values(), dtype=np.float64)))
+        step_time = median_of(np.fromiter(durations.values(), dtype=np.float64))
         return self._judge(step_time, report.step, report.received_at, ranks)
 
     def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
@@ -96,8 +97,8 @@ class ThroughputDropDetector:
         if self._baseline.count < cfg.min_steps:
             self._baseline.append(step_time)
             return ()
-        baseline = float(np.median(self._baseline.unordered()))
-        current = float(np.median(self._recent.unordered()))
+        baseline = median_of(self._baseline.unordered())
+        current = median_of(self._recent.unordered())
         ratio = baseline / current if current > 0 else math.inf
         slow = ratio < cfg.ratio
         if slow and self._slow_streak == 0:

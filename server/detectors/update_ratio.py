@@ -29,7 +29,7 @@ import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
-from gradwatch.server.detectors.robust import LossStart
+from gradwatch.server.detectors.robust import LossStart, nanmedian_columns
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
 
@@ -90,7 +90,7 @@ class UpdateRatioDetector:
             held = np.where(np.isfinite(state.ratios), state.ratios, np.nan)
             known = np.sum(np.isfinite(held), axis=0) > 0
             median = np.full(ratio.size, np.nan)
-            median[known] = np.nanmedian(held[:, known], axis=0)
+            median[known] = nanmedian_columns(held[:, known])
             too_high = known & (median > cfg.high)
             too_low = known & (median > 0.0) & (median < cfg.low)
         if state.start.solved(report.loss, cfg.solved_fraction):

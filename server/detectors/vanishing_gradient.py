@@ -35,6 +35,7 @@ import numpy as np
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossStart
+from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
 
@@ -111,8 +112,8 @@ class VanishingGradientDetector:
         if index.size < cfg.min_layers:
             return None
         quarter = math.ceil(index.size / 4)
-        early = float(np.median(relative[:quarter]))
-        late = float(np.median(relative[-quarter:]))
+        early = median_of(relative[:quarter])
+        late = median_of(relative[-quarter:])
         if late <= 0.0 or early / late >= cfg.depth_ratio:
             return None
         ratio = early / late

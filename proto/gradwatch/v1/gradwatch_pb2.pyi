@@ -39,20 +39,28 @@ COMMAND_KIND_FULL_STATS: CommandKind
 COMMAND_KIND_ALERT: CommandKind
 
 class AgentFrame(_message.Message):
-    __slots__ = ("seq", "hello", "report", "event", "heartbeat", "goodbye")
+    __slots__ = ("seq", "hello", "report", "event", "heartbeat", "goodbye", "batch")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     hello: Hello
     report: StepReport
     event: Event
     heartbeat: Heartbeat
     goodbye: Goodbye
-    def __init__(self, seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., event: _Optional[_Union[Event, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+    batch: FrameBatch
+    def __init__(self, seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., event: _Optional[_Union[Event, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., batch: _Optional[_Union[FrameBatch, _Mapping]] = ...) -> None: ...
+
+class FrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[AgentFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[AgentFrame, _Mapping]]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "run_id", "job_name", "rank", "world_size", "local_rank", "host", "pid", "session_id", "agent_version", "torch_version", "device_kind", "full_stats_interval", "schema", "activation_schema", "replica_group", "replica_group_size", "detector_settings")
@@ -286,14 +294,18 @@ class ServerFrame(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "server_version", "acked_seq")
+    __slots__ = ("protocol_version", "server_version", "acked_seq", "max_batch_frames", "max_frame_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     server_version: str
     acked_seq: int
-    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., acked_seq: _Optional[int] = ...) -> None: ...
+    max_batch_frames: int
+    max_frame_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., acked_seq: _Optional[int] = ..., max_batch_frames: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq",)

@@ -1,0 +1,38 @@
+"""The detectors' fast medians equal numpy's bit for bit, for any window (property-based)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradwatch.server.detectors.robust import median, median_rows, median_sigma, nanmedian_columns
+
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=64)
+_DTYPES = st.sampled_from([np.float64, np.float32])
+
+
+@settings(max_examples=400, deadline=None)
+@given(hnp.arrays(_DTYPES, st.integers(1, 300), elements=_FLOATS.filter(lambda v: abs(v) < 1e30 or v != v)))
+def test_median_equals_numpy(values: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = float(np.median(values))
+    got = median(values)
+    assert (np.isnan(expected) and np.isnan(got)) or got == expected
+    values_before = values.copy()
+    median_sigma(values)
+    np.testing.assert_array_equal(values, values_before)  # the window is not reordered
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, max_side=40), elements=_FLOATS))
+def test_median_rows_and_nanmedian_columns_equal_numpy(matrix: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rows, columns = np.median(matrix, axis=1), np.nanmedian(matrix, axis=0)
+    np.testing.assert_array_equal(median_rows(matrix), rows)
+    np.testing.assert_array_equal(nanmedian_columns(matrix), columns)
