@@ -40,6 +40,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,23 @@ __all__ = ["Monitor", "NoopMonitor", "attach"]
 logger = logging.getLogger("gradwatch.agent")
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+
+#: id(model) -> (the model, its open Monitor), both weak: attach() on a model that already has an open monitor
+#: (a notebook cell run again) closes the old one first, so a model never carries two sets of hooks.
+_attached: dict[int, tuple[weakref.ref[torch.nn.Module], weakref.ref[Monitor]]] = {}
+
+
+def _replace_previous(model: torch.nn.Module) -> None:
+    entry = _attached.pop(id(model), None)
+    previous = entry[1]() if entry is not None and entry[0]() is model else None
+    if previous is not None and not previous._closed and not previous._inert:
+        logger.warning(
+            "gradwatch: attach() on a model that is already attached (run %r, session %s): closing the earlier "
+            "monitor first, so the model is watched once; call monitor.close() before attaching again",
+            previous.run_id,
+            previous.session_id,
+        )
+        previous._close(DEFAULT_CLOSE_TIMEOUT_S, "replaced")
 
 
 def attach(
@@ -131,6 +149,7 @@ class Monitor:
         """Hook the optimizer and start the sender thread. `channel_factory(target) -> grpc.Channel` is a
         seam for tests and custom credentials; the default follows the config (transport.py): plaintext, or
         TLS when `tls` or a `tls_*` file is set."""
+        _replace_previous(model)
         process.prefer_no_grpc_fork_handlers()  # must come before grpc's first import
         from gradwatch.agent.sender import Sender  # grpc is imported only for an enabled monitor
         from gradwatch.agent.transport import Transport
@@ -188,6 +207,9 @@ class Monitor:
         if activations is not None:
             activations.install()
         process.track(self)
+        _attached[id(model)] = (weakref.ref(model), weakref.ref(self))
+        for key in [key for key, (ref, _) in _attached.items() if ref() is None]:
+            del _attached[key]
 
     # ------------------------------------------------------------------ identity
 
