@@ -158,6 +158,8 @@ class Monitor:
         self._config = config
         self._engine = StatsEngine(build_layout(model, data_parallel_size(model, config.world_size)))
         self._schema = self._engine.layout.schema
+        self._model_ref = weakref.ref(model)
+        self._param_ids: set[int] | None = {id(p) for p in model.parameters()}
         self._counters = Counters()
         self._session_id = uuid.uuid4().hex
         self._step_count = 0
@@ -334,6 +336,8 @@ class Monitor:
     def _report(self, started: float) -> None:
         full = self._begin_step()
         self._upcoming_full = None
+        if full and self._param_ids is not None:
+            self._check_parameters()
         self._step_count += 1
         duration = 0.0 if self._last_step_at is None else started - self._last_step_at
         pre_forward = None if self._forward_clock is None else self._forward_clock.take(self._last_step_at)
@@ -354,6 +358,19 @@ class Monitor:
         self._agent_time_s = -(time.perf_counter() - started)
         self._counters.reports += 1
         self._sender.submit(item)
+
+    def _check_parameters(self) -> None:
+        """Full steps: warn once when the model's parameters are no longer those of attach() (a parametrization
+        such as weight_norm, a replaced layer): the statistics keep covering the parameters of attach()."""
+        model = self._model_ref()
+        if model is None or {id(p) for p in model.parameters()} == self._param_ids:
+            return
+        self._param_ids = None  # once
+        logger.warning(
+            "gradwatch: the model's parameters changed after attach() (a parametrization such as weight_norm, or "
+            "a replaced layer); statistics cover the parameters it had at attach(). Attach after changing the "
+            "model to watch the new ones."
+        )
 
     def _observe_cost(self, full: bool, agent_s: float, step_s: float) -> None:
         """Feed the overhead budget. Every report says the interval in force (StepReport.full_stats_interval,

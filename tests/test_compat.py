@@ -573,3 +573,19 @@ def test_activation_checkpointing_counts_each_module_once() -> None:
         assert capture is not None and capture.order == [0, 1, 2, 3, 4]
         for index, out in outputs.items():
             torch.testing.assert_close(capture.sums[index], out.sum())  # once, not twice
+
+
+def test_a_parametrization_after_attach_is_named_once_and_training_goes_on(
+    server: ScriptableServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = attach(model, opt, server=server.address, run="compat-weight-norm", full_stats_interval=1)
+    train_step(model, opt, 1, monitor)
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        for step in range(2, 6):
+            train_step(model, opt, step, monitor)
+    assert len([r for r in caplog.records if "parameters changed after attach" in r.message]) == 1
+    assert monitor.step_count == 5
+    assert monitor.close(timeout=5)
