@@ -2,12 +2,14 @@
 
 Which modules: the layers of the schema (modules that own parameters) and activation modules (ReLU, GELU,
 Sigmoid, Tanh, ...: `ACTIVATION_TYPES`), in `named_modules()` order: the *activation schema* sent in Hello.
-The root module's forward pre-hook sees the model's input; a forward hook on the root, present only while a
-full-statistics report is being prepared, sees the model's output. Forwards run with gradients disabled
-(evaluation) are not observed. Hooks only queue device kernels: nothing here reads a tensor value. Inside a
-region torch.compile traces, the hooks step aside (their per-step Python state would make dynamo recompile
-every step): a compiled model reports gradients, weights and the loss as usual, without activation statistics
-or NaN provenance.
+The root module's forward pre-hook sees the model's input; a forward hook on the root sees the model's output
+(used on full-statistics steps only). The hooks are process-wide ones filtered to these modules (dispatch.py):
+nothing is stored on the model, so copies and pickles of it carry no agent. Forwards run with gradients
+disabled (evaluation) are not observed. Hooks only queue device kernels: nothing here reads a tensor value.
+While torch.compile, torch.export, torch.jit.trace, torch.fx or a functorch transform traces, and for forwards
+re-run inside a backward pass (activation checkpointing), the hooks step aside (dispatch.stepping_aside): a
+compiled region reports gradients, weights and the loss as usual, without activation statistics or NaN
+provenance, and a checkpointed module is counted once per step.
 
 Every observed step (cheap, one kernel per module call): the float32 sum of each module's output, and of
 the input. A sum is non-finite exactly when some element is NaN/Inf (or the sum overflows float32, i.e.
@@ -50,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch.agent import errors
+from gradwatch.agent import dispatch, errors
 from gradwatch.agent.histogram import LOG2_BINS, SAMPLE_ELEMENTS, log2_histogram
 from gradwatch.agent.sampling import sampled_non_finite
 from gradwatch.agent.snapshot import Segment
@@ -92,7 +94,6 @@ _GOLDEN = (5**0.5 - 1) / 2
 #: Values the spread across units is measured on (positions × units), per module and full-statistics step.
 SPREAD_ELEMENTS = 8192
 _F32 = torch.float32
-_is_compiling = torch.compiler.is_compiling
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -147,43 +148,39 @@ class ActivationTap:
         """`layer_names`: the schema's module names ("" for the root); `is_full()` says whether the report
         being prepared is a full-statistics one; hook time is handed to `add_agent_time`. Nothing is hooked
         until `install()`."""
-        self._model = model
+        self._model = weakref.ref(model)
         self._is_full = is_full
         self._add_agent_time = add_agent_time
         self._capture: ActivationCapture | None = None
-        self._handles: list[Any] = []
-        self._output_handle: Any = None  # the model-output hook, present during full-statistics reports only
+        self._watches: list[dispatch.Watch] = []
         self._samples: dict[tuple[int, torch.device], torch.Tensor | None] = {}
-        self._watched = [(name, module) for name, module in model.named_modules()
+        # Weak references: a closed tap must not keep a deleted model alive.
+        self._watched = [(name, weakref.ref(module)) for name, module in model.named_modules()
                          if name in layer_names or isinstance(module, ACTIVATION_TYPES)]  # fmt: skip
         self.names = tuple(name or "<root>" for name, _ in self._watched)
-        self.module_types = tuple(type(module).__name__ for _, module in self._watched)
+        self.module_types = tuple(type(ref()).__name__ for _, ref in self._watched)
 
     def install(self) -> None:
         """Register the hooks (once)."""
-        if self._handles:
+        if self._watches:
             return
-        for index, (_, module) in enumerate(self._watched):
-            hook = self._output_hook(index, _bounds(module), _contracting(module))
-            self._handles.append(module.register_forward_hook(hook))
-        # Appended: the input as the model's other pre-hooks leave it (FSDP2's moves it to the device).
-        self._handles.append(self._model.register_forward_pre_hook(self._input_hook))
+        for index, (_, ref) in enumerate(self._watched):
+            module = ref()
+            if module is not None:
+                hook = self._output_hook(index, _bounds(module), _contracting(module))
+                self._watches.append(dispatch.watch_module(module, post=hook))
+        model = self._model()
+        if model is not None:
+            self._watches.append(dispatch.watch_module(model, pre=self._input_hook, post=self._model_output_hook))
 
     def take(self) -> ActivationCapture | None:
         capture, self._capture = self._capture, None
-        self._drop_output_hook()
         return capture
 
     def remove(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
-        self._drop_output_hook()
-
-    def _drop_output_hook(self) -> None:
-        handle, self._output_handle = self._output_handle, None
-        if handle is not None:
-            handle.remove()
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.remove()
 
     # ------------------------------------------------------------------ hooks (training thread)
 
@@ -191,11 +188,6 @@ class ActivationTap:
         capture = self._capture
         if capture is None:
             capture = self._capture = ActivationCapture(full=self._is_full())
-            if capture.full and self._handles and self._output_handle is None:
-                # Only full-statistics reports use the model's output: on other steps the hook is not there at
-                # all. Registered during the forward, it still runs at its end (torch reads forward hooks after
-                # forward()); take() removes it.
-                self._output_handle = self._model.register_forward_hook(self._model_output_hook)
         return capture
 
     def _positions(self, a: torch.Tensor) -> torch.Tensor | None:
@@ -208,8 +200,6 @@ class ActivationTap:
         return self._samples[key]
 
     def _input_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if _is_compiling():
-            return
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if x is None or not torch.is_grad_enabled() or not x.is_floating_point():
             return
@@ -227,8 +217,6 @@ class ActivationTap:
             self._add_agent_time(time.perf_counter() - started)
 
     def _model_output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if _is_compiling():
-            return
         out = _first_tensor(output)
         if out is None or not torch.is_grad_enabled():
             return
@@ -250,7 +238,7 @@ class ActivationTap:
         # output must be summed, two kernels (detach, sum). No grad-mode context: every value derives from a
         # detached tensor, so autograd records nothing.
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if _is_compiling() or not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():
                 return
             out = _first_tensor(output)
             if out is None:
@@ -445,6 +433,15 @@ class ActivationItem:
         return n
 
 
+def _to_device(capture: ActivationCapture, device: torch.device) -> None:
+    """Move the input's statistics to the report's device: the process-wide pre-hook sees the input before the
+    model's own pre-hooks, which may move it (FSDP2's does)."""
+    for name in ("input_sum", "input_mean", "input_std"):
+        value = getattr(capture, name)
+        if value is not None and value.device != device:
+            setattr(capture, name, value.to(device, non_blocking=True))
+
+
 def assemble(
     capture: ActivationCapture | None,
     num_modules: int,
@@ -460,6 +457,7 @@ def assemble(
     if capture is None and labels is None:
         return [], None
     capture = capture or ActivationCapture(full=True)
+    _to_device(capture, zero.device)
     sums = [capture.sums.get(i, zero) for i in range(num_modules)]
     parts: list[Segment] = [[*sums, zero if capture.input_sum is None else capture.input_sum]]
     item = ActivationItem(offset, num_modules, tuple(capture.order), capture.input_sum is not None, capture.full)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from gradwatch.agent import errors
+from gradwatch.agent import dispatch, errors
 from gradwatch.agent.stats import StatsEngine
 
 __all__ = ["Capture", "LearningRates", "OptimizerTap", "learning_rates"]
@@ -93,10 +93,11 @@ class OptimizerTap:
         self._updates: list[torch.Tensor] | None = None
         self._histograms: torch.Tensor | None = None
         self._checksum: list[torch.Tensor] | None = None
-        self._handles = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
+        # Process-wide hooks filtered to this optimizer (dispatch.py): nothing is stored on the optimizer, so
+        # its state_dict(), deepcopy and pickling never meet the agent.
+        self._watch: dispatch.Watch | None = dispatch.watch_optimizer(
+            optimizer, pre=self._before_step, post=self._after_step
+        )
 
     def take(self) -> Capture:
         """The captures since the last call (None where the optimizer did not step): gradient statistics,
@@ -109,9 +110,9 @@ class OptimizerTap:
     def remove(self) -> None:
         """Take both hooks off (idempotent); a hook already running finishes as a no-op."""
         self._active = False
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.remove()
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._active:

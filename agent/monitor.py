@@ -40,6 +40,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,23 @@ __all__ = ["Monitor", "NoopMonitor", "attach"]
 logger = logging.getLogger("gradwatch.agent")
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+
+#: id(model) -> (the model, its open Monitor), both weak: attach() on a model that already has an open monitor
+#: (a notebook cell run again) closes the old one first, so a model never carries two sets of hooks.
+_attached: dict[int, tuple[weakref.ref[torch.nn.Module], weakref.ref[Monitor]]] = {}
+
+
+def _replace_previous(model: torch.nn.Module) -> None:
+    entry = _attached.pop(id(model), None)
+    previous = entry[1]() if entry is not None and entry[0]() is model else None
+    if previous is not None and not previous._closed and not previous._inert:
+        logger.warning(
+            "gradwatch: attach() on a model that is already attached (run %r, session %s): closing the earlier "
+            "monitor first, so the model is watched once; call monitor.close() before attaching again",
+            previous.run_id,
+            previous.session_id,
+        )
+        previous._close(DEFAULT_CLOSE_TIMEOUT_S, "replaced")
 
 
 def attach(
@@ -131,6 +149,7 @@ class Monitor:
         """Hook the optimizer and start the sender thread. `channel_factory(target) -> grpc.Channel` is a
         seam for tests and custom credentials; the default follows the config (transport.py): plaintext, or
         TLS when `tls` or a `tls_*` file is set."""
+        _replace_previous(model)
         process.prefer_no_grpc_fork_handlers()  # must come before grpc's first import
         from gradwatch.agent.sender import Sender  # grpc is imported only for an enabled monitor
         from gradwatch.agent.transport import Transport
@@ -139,6 +158,8 @@ class Monitor:
         self._config = config
         self._engine = StatsEngine(build_layout(model, data_parallel_size(model, config.world_size)))
         self._schema = self._engine.layout.schema
+        self._model_ref = weakref.ref(model)
+        self._param_ids: set[int] | None = {id(p) for p in model.parameters()}
         self._counters = Counters()
         self._session_id = uuid.uuid4().hex
         self._step_count = 0
@@ -188,6 +209,9 @@ class Monitor:
         if activations is not None:
             activations.install()
         process.track(self)
+        _attached[id(model)] = (weakref.ref(model), weakref.ref(self))
+        for key in [key for key, (ref, _) in _attached.items() if ref() is None]:
+            del _attached[key]
 
     # ------------------------------------------------------------------ identity
 
@@ -312,6 +336,8 @@ class Monitor:
     def _report(self, started: float) -> None:
         full = self._begin_step()
         self._upcoming_full = None
+        if full and self._param_ids is not None:
+            self._check_parameters()
         self._step_count += 1
         duration = 0.0 if self._last_step_at is None else started - self._last_step_at
         pre_forward = None if self._forward_clock is None else self._forward_clock.take(self._last_step_at)
@@ -332,6 +358,19 @@ class Monitor:
         self._agent_time_s = -(time.perf_counter() - started)
         self._counters.reports += 1
         self._sender.submit(item)
+
+    def _check_parameters(self) -> None:
+        """Full steps: warn once when the model's parameters are no longer those of attach() (a parametrization
+        such as weight_norm, a replaced layer): the statistics keep covering the parameters of attach()."""
+        model = self._model_ref()
+        if model is None or {id(p) for p in model.parameters()} == self._param_ids:
+            return
+        self._param_ids = None  # once
+        logger.warning(
+            "gradwatch: the model's parameters changed after attach() (a parametrization such as weight_norm, or "
+            "a replaced layer); statistics cover the parameters it had at attach(). Attach after changing the "
+            "model to watch the new ones."
+        )
 
     def _observe_cost(self, full: bool, agent_s: float, step_s: float) -> None:
         """Feed the overhead budget. Every report says the interval in force (StepReport.full_stats_interval,

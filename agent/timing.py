@@ -4,11 +4,13 @@ In synchronous data-parallel training every rank's step takes as long as the slo
 the all-reduce), so step durations cannot tell a straggler from the ranks it holds up. What differs is when each
 rank is ready: the time from its previous `monitor.step()` to the start of its next forward pass (data loading,
 host-side preprocessing) is spent working, and the waiting happens after it. `ForwardClock` records that
-moment with a forward pre-hook on the attached model, prepended so that it runs before the pre-hooks of
-wrappers that start collectives (FSDP2's all-gather), and reports it as StepReport.pre_forward_s; the server's
+moment with a forward pre-hook on the attached model (dispatch.py: a process-wide hook, which torch runs before
+the module's own pre-hooks, i.e. before those of wrappers that start collectives such as FSDP2's all-gather;
+registered `first` among ours), and reports it as StepReport.pre_forward_s; the server's
 straggler detector compares it across ranks.
 
-Cost: one `time.perf_counter()` per forward call; only the first forward after each report counts.
+Cost: one `time.perf_counter()` per forward call; only the first forward after each report counts. Not
+recorded where the model's whole call is compiled (`model.compile()`): the hooks step aside there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from gradwatch.agent import dispatch
+
 __all__ = ["ForwardClock"]
 
 
@@ -26,7 +30,7 @@ class ForwardClock:
 
     def __init__(self, model: nn.Module) -> None:
         self._first: float | None = None
-        self._handle = model.register_forward_pre_hook(self._on_forward, prepend=True)
+        self._watch = dispatch.watch_module(model, pre=self._on_forward, first=True)
 
     def _on_forward(self, module: Any, args: Any) -> None:
         if self._first is None:
@@ -40,4 +44,4 @@ class ForwardClock:
         return first - previous_step_at
 
     def remove(self) -> None:
-        self._handle.remove()
+        self._watch.remove()

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from agent_support import make_mlp  # noqa: E402
+from gradwatch.agent import dispatch  # noqa: E402
 from gradwatch.agent.config import AgentConfig, RetryPolicy, resolve_config  # noqa: E402
 from gradwatch.agent.monitor import Monitor, NoopMonitor, attach  # noqa: E402
 
@@ -158,7 +159,7 @@ def test_enabled_false_returns_a_noop_monitor_with_the_same_api() -> None:
     assert monitor.close() is True
     assert monitor.run_id == "off" and monitor.step_count == 1
     assert monitor.counters()["stream_state"] == "disabled"
-    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not dispatch.is_watched(opt) and not dispatch.is_watched(model)
 
 
 def test_kill_switch_wins_and_never_imports_grpc_in_a_fresh_interpreter() -> None:

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from agent_support import ScriptableServer, agent_side_threads, make_mlp, train, wait_until  # noqa: E402
-from gradwatch.agent import errors  # noqa: E402
+from gradwatch.agent import dispatch, errors  # noqa: E402
 from gradwatch.agent.monitor import attach  # noqa: E402
 from gradwatch.agent.stats import StatsEngine  # noqa: E402
 
@@ -33,6 +33,7 @@ _FORKING_SCRIPT = """
 import json, os, sys, threading, time
 import torch
 import gradwatch
+from gradwatch.agent import dispatch
 from gradwatch.agent.monitor import NoopMonitor
 
 def wait(pid, timeout=20.0):
@@ -75,7 +76,7 @@ for round_ in range(8):  # raw forks, each right after a few steps, while frames
             again = gradwatch.attach(model, opt, run="child", server=sys.argv[1])
             inert = (monitor.step_count == 3 * (round_ + 1) and monitor.close(timeout=5) is False
                      and isinstance(again, NoopMonitor) and threading.active_count() == 1
-                     and not opt._optimizer_step_pre_hooks)
+                     and not dispatch.is_watched(opt))
             code = 0 if inert else 3
         finally:
             os._exit(code)
@@ -128,10 +129,10 @@ def test_attach_then_close_leaves_no_hooks_and_no_threads(server: ScriptableServ
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     before = agent_side_threads()
     monitor = attach(model, opt, server=server.address, run="tidy")
-    assert len(opt._optimizer_step_pre_hooks) == 1 and len(opt._optimizer_step_post_hooks) == 1
+    assert dispatch.is_watched(opt) and dispatch.is_watched(model)
     train(model, opt, monitor, 4)
     assert monitor.close(timeout=5)
-    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not dispatch.is_watched(opt) and not any(dispatch.is_watched(m) for m in model.modules())
     assert wait_until(lambda: agent_side_threads() <= before), agent_side_threads() - before
     monitor.step(torch.tensor(1.0))  # after close: a no-op, not an error
     assert monitor.step_count == 4
