@@ -19,7 +19,7 @@ YAML shape (every key optional; these are the defaults)::
       max_ranks_per_run: 16384
       max_ranks_total: 65536          # ranks over all runs
       max_repeated: 4096              # entries of any other list or map in a frame (drop reasons, attributes...)
-      stream_bytes_per_s: 16777216    # per-stream byte budget (bursts of 2 × max_message_bytes)
+      stream_bytes_per_s: 4194304     # per-stream byte budget (bursts of 2 × max_message_bytes)
       hello_timeout_s: 10.0           # a stream without a Hello by then ends
       idle_stream_timeout_s: 600.0    # a stream silent this long ends
       max_streams: 20000              # streams open at once
@@ -238,7 +238,7 @@ class LimitsConfig(Settings):
         le=1 << 20,
     )
     stream_bytes_per_s: int = setting(
-        16 * MiB,
+        4 * MiB,
         doc="Bytes per second one stream's frames may average; a stream over budget is paused (its reads wait), "
         "so one sender cannot starve the others. Bursts up to 2 × max_message_bytes pass at once.",
         ge=64 * 1024,

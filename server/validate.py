@@ -108,6 +108,9 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # Frames that carry a sequence number (acknowledged, deduplicated) and those that must not.
 _SEQUENCED = frozenset({"report", "event"})
 _SMALL = frozenset({"heartbeat", "event", "goodbye"})
+#: AgentFrame field number -> body kind, for reading a frame's kind from its tags.
+_BODY_FIELDS = {f.number: f.name for f in pb.AgentFrame.DESCRIPTOR.oneofs_by_name["body"].fields}
+_SCAN_FIELDS = 8
 
 
 class FrameRejected(Exception):
@@ -180,9 +183,54 @@ def _check_size(raw: bytes, what: str, limits: LimitsConfig) -> None:
         )
 
 
+def _body_kind(raw: bytes) -> str | None:
+    """The body kind of a serialised AgentFrame read from its top-level tags alone (None: not found among
+    the first few fields, or not well-formed; the full parse then decides). Costs O(top-level fields)."""
+    pos, end = 0, len(raw)
+    for _ in range(_SCAN_FIELDS):
+        if pos >= end:
+            return None
+        key, pos = _varint(raw, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            length, pos = _varint(raw, pos)
+            kind = _BODY_FIELDS.get(number)
+            if kind is not None:
+                return kind
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(raw, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            return None
+    return None
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(raw) and shift < 64:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, len(raw)  # truncated: the caller stops scanning
+
+
 def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
-    """Decode one AgentFrame from the wire, enforcing the size limit first."""
+    """Decode one AgentFrame from the wire, enforcing the size limits first (a heartbeat, event or goodbye
+    over MAX_SMALL_FRAME_BYTES is refused from its tags, before its fields cost a parse)."""
     _check_size(raw, "frame", limits)
+    if len(raw) > MAX_SMALL_FRAME_BYTES:
+        kind = _body_kind(raw)
+        if kind in _SMALL:
+            raise _reject(
+                TOO_LARGE,
+                f"{kind} frame of {len(raw)} bytes; such frames are at most {MAX_SMALL_FRAME_BYTES}",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
     frame = pb.AgentFrame()
     try:
         frame.ParseFromString(raw)

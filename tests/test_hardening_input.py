@@ -3,6 +3,7 @@ one stream cannot starve the others (issue: hardening, items 6, 7 (gRPC) and 8).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.error
@@ -136,36 +137,64 @@ def test_every_repeated_field_is_bounded(app, frame: pb.AgentFrame, reason: str)
     assert code in (INVALID, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def _raw_stream(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
+    """Ingest/Stream taking frames already serialised (so the test's own threads spend little CPU)."""
+    return channel.stream_stream("/gradwatch.v1.Ingest/Stream", request_serializer=None,
+                                 response_deserializer=pb.ServerFrame.FromString)  # fmt: skip
+
+
 def _flood(target: str, stop: threading.Event, frame: pb.AgentFrame, run: str) -> None:
-    """Send `frame` as fast as the server takes it (new seqs for reports)."""
-    seq = 0
+    """Send `frame` as fast as the server takes it: its body bytes after a fresh seq and step each time."""
+    body = frame.report.layers.SerializeToString()
+    first = hello_frame(run=run, layers=len(frame.report.layers.grad_norm) // 4).SerializeToString()
 
     def frames():
-        nonlocal seq
-        yield hello_frame(run=run, layers=len(frame.report.layers.grad_norm) // 4)
+        yield first
+        seq = 0
         while not stop.is_set():
             seq += 1
-            copy = pb.AgentFrame()
-            copy.CopyFrom(frame)
-            copy.seq = seq
-            copy.report.step = seq
-            yield copy
+            report = pb.StepReport(step=seq, wall_time=1.0, loss=0.5, has_loss=True, grad_sum_squares=1.0)
+            yield _with_layers(seq, report, body)
 
-    with grpc.insecure_channel(target) as channel:
-        try:
-            for _ in pbg.IngestStub(channel).Stream(frames(), timeout=60):
-                pass
-        except grpc.RpcError:
+    with grpc.insecure_channel(target) as channel, contextlib.suppress(grpc.RpcError):
+        for _ in _raw_stream(channel)(frames(), timeout=60):
             pass
+
+
+def _with_layers(seq: int, report: pb.StepReport, layers: bytes) -> bytes:
+    """A serialised AgentFrame whose report carries `layers` (already serialised LayerStats), built by
+    concatenation: field 12 of StepReport, field 3 (report) of AgentFrame."""
+    inner = report.SerializeToString() + _field(12, layers)
+    return pb.AgentFrame(seq=seq).SerializeToString() + _field(_REPORT_FIELD, inner)
+
+
+_REPORT_FIELD = pb.AgentFrame.DESCRIPTOR.fields_by_name["report"].number
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def _heartbeat_flood(target: str, stop: threading.Event) -> None:
     """New streams, each a Hello and a heartbeat naming 200,000 drop reasons (~3 MB), back to back."""
     beat = pb.AgentFrame(heartbeat=pb.Heartbeat(dropped={f"reason_{i}": 1 for i in range(200_000)}))
+    raw = beat.SerializeToString()
     i = 0
-    while not stop.is_set():
-        i += 1
-        stream_outcome(target, [hello_frame(run="beats", session=f"b{i}"), beat, beat])
+    with grpc.insecure_channel(target) as channel:
+        while not stop.is_set():
+            i += 1
+            first = hello_frame(run="beats", session=f"b{i}").SerializeToString()
+            with contextlib.suppress(grpc.RpcError):
+                list(_raw_stream(channel)(iter([first, raw, raw]), timeout=30))
 
 
 def test_floods_of_large_valid_frames_do_not_starve_another_runs_alert() -> None:
