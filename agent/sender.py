@@ -67,6 +67,10 @@ BATCH_INTERVAL_S = 0.02
 # at once: the alerts that must page fast are not delayed.
 PUSH_INTERVAL_S = 0.25
 PUSH_BATCH_FRAMES = 64
+# A ready stream whose written frames have waited this long for an acknowledgement (the server acknowledges
+# within milliseconds) reports the stream state "unresponsive" until the next one: a stopped or wedged
+# server keeps its TCP connection, so the stream itself never fails.
+ACK_OVERDUE_S = 10.0
 
 
 @dataclass(slots=True)
@@ -118,6 +122,8 @@ class Sender:
         self._next_seq = 1
         self._last_pushed = 0
         self._highest_sent = 0
+        #: When the acknowledgements fell behind what was written (None: everything written is acknowledged).
+        self._unacked_since: float | None = None
         self._last_step = 0
         self._pinned_non_finite = False
         self._state = "idle"
@@ -297,6 +303,8 @@ class Sender:
                 self._congested = True
                 return
             stream.send(frame)
+            if self._unacked_since is None:
+                self._unacked_since = self._clock()
             self._last_pushed = seq
             self._counters.sent += 1
             if seq <= self._highest_sent:
@@ -341,6 +349,10 @@ class Sender:
         self._counters.acked += self._replay.ack(seq)
         self._counters.acked_seq = max(self._counters.acked_seq, seq)
         self._counters.buffered = len(self._replay)
+        # Progress: the wait starts again (or ends, when everything written is acknowledged).
+        self._unacked_since = None if seq >= self._last_pushed else self._clock()
+        if self._counters.stream_state == "unresponsive":
+            self._counters.stream_state = self._state
 
     def _on_stream_ended(self, error: BaseException | None) -> None:
         self._teardown_stream()
@@ -386,6 +398,8 @@ class Sender:
             if now >= self._next_heartbeat:
                 self._stream.send(wire.heartbeat_frame(time.time(), self._last_step, self._counters.dropped))
                 self._next_heartbeat = now + self._config.heartbeat_interval_s
+            if self._unacked_since is not None and now - self._unacked_since > ACK_OVERDUE_S:
+                self._counters.stream_state = "unresponsive"
 
     def _open_stream(self, now: float) -> None:
         self._gen += 1
@@ -415,6 +429,7 @@ class Sender:
     def _set_state(self, state: str) -> None:
         self._state = state
         self._counters.stream_state = state
+        self._unacked_since = None
 
     # ------------------------------------------------------------------ closing
 
