@@ -322,7 +322,9 @@ class Monitor:
 
     def counters(self) -> dict[str, Any]:
         """Sent, acknowledged and dropped (by reason) frames, internal errors (process-wide), reconnects and
-        the stream state ("idle", "connecting", "ready", "backoff", "down", "closed")."""
+        the stream state ("idle", "connecting", "ready", "unresponsive" (ready, but written frames have waited
+        over ACK_OVERDUE_S = 10 s for an acknowledgement: a stopped or wedged server), "backoff", "down",
+        "closed")."""
         return self._counters.snapshot(errors.counts(), self._sender.queued())
 
     def __enter__(self) -> Monitor:

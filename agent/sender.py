@@ -72,6 +72,10 @@ PUSH_BATCH_FRAMES = 64
 # on each side per group instead of per frame. Older servers get frames one by one.
 MAX_BATCH_BYTES = 1 << 20
 BATCH_ENTRY_OVERHEAD = 16  # field tags and lengths around each frame in a batch (bytes, generous)
+# A ready stream whose written frames have waited this long for an acknowledgement (the server acknowledges
+# within milliseconds) reports the stream state "unresponsive" until the next one: a stopped or wedged
+# server keeps its TCP connection, so the stream itself never fails.
+ACK_OVERDUE_S = 10.0
 
 
 @dataclass(slots=True)
@@ -123,6 +127,8 @@ class Sender:
         self._next_seq = 1
         self._last_pushed = 0
         self._highest_sent = 0
+        #: When the acknowledgements fell behind what was written (None: everything written is acknowledged).
+        self._unacked_since: float | None = None
         self._last_step = 0
         self._pinned_non_finite = False
         self._state = "idle"
@@ -325,6 +331,8 @@ class Sender:
             stream.send(frames[0][1])
         else:
             stream.send(pb.AgentFrame(batch=pb.FrameBatch(frames=[frame for _, frame in frames])))
+        if self._unacked_since is None:
+            self._unacked_since = self._clock()
         for seq, _ in frames:
             self._last_pushed = seq
             self._counters.sent += 1
@@ -372,6 +380,10 @@ class Sender:
         self._counters.acked += self._replay.ack(seq)
         self._counters.acked_seq = max(self._counters.acked_seq, seq)
         self._counters.buffered = len(self._replay)
+        # Progress: the wait starts again (or ends, when everything written is acknowledged).
+        self._unacked_since = None if seq >= self._last_pushed else self._clock()
+        if self._counters.stream_state == "unresponsive":
+            self._counters.stream_state = self._state
 
     def _on_stream_ended(self, error: BaseException | None) -> None:
         self._teardown_stream()
@@ -417,6 +429,8 @@ class Sender:
             if now >= self._next_heartbeat:
                 self._stream.send(wire.heartbeat_frame(time.time(), self._last_step, self._counters.dropped))
                 self._next_heartbeat = now + self._config.heartbeat_interval_s
+            if self._unacked_since is not None and now - self._unacked_since > ACK_OVERDUE_S:
+                self._counters.stream_state = "unresponsive"
 
     def _open_stream(self, now: float) -> None:
         self._gen += 1
@@ -446,6 +460,7 @@ class Sender:
     def _set_state(self, state: str) -> None:
         self._state = state
         self._counters.stream_state = state
+        self._unacked_since = None
 
     # ------------------------------------------------------------------ closing
 

@@ -41,6 +41,7 @@ from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, 
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi
 from gradwatch.server.ingest import Ingestor
+from gradwatch.server.limits import HttpRejections
 from gradwatch.server.metrics import GradwatchCollector
 from gradwatch.server.notify import Notifier, NotifierCollector
 from gradwatch.server.persistence import StateKeeper
@@ -50,7 +51,7 @@ from gradwatch.server.render import AlertRenderer
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
 from gradwatch.server.stats import IngestStats
-from gradwatch.server.store import RunStore
+from gradwatch.server.store import RunState, RunStore
 from gradwatch.server.tls import TlsCollector, load_server_tls
 from gradwatch.server.views import run_view
 
@@ -91,8 +92,8 @@ class ServerApp:
         if self.tokens is not None:
             self._guard = HttpGuard(self.tokens, protect_api=auth.protect_api, protect_metrics=auth.protect_metrics)
         names = tuple(spec.name for spec in detectors)
-        self.store = RunStore(limits, detector_names=names, clock=clock)
         self.alert_book = AlertBook(clock=clock, history=limits.alert_history)
+        self.store = RunStore(limits, detector_names=names, clock=clock, can_evict=self._without_firing_alerts)
         self.stats = IngestStats()
         #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
         self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
@@ -119,13 +120,14 @@ class ServerApp:
             detectors=detectors,
             on_join=self.keeper.on_join,
             on_report=self.recorder.observe if self.config.recorder.enabled else None,
+            registry=self.database.run,
         )
         #: The app's own Prometheus registry (never the global default).
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
             GradwatchCollector(self.store, self.alert_book, self.stats, detector_names=names, version=__version__)
         )
-        self.silences = SilenceBook(clock=clock, detectors=names)
+        self.silences = SilenceBook(clock=clock, detectors=names, persist=self.database.put_silences)
         self.notifier = Notifier(
             self.alert_book,
             self.silences,
@@ -144,6 +146,9 @@ class ServerApp:
         self.alert_book.add_listener(self.keeper.on_alert)
         self.alert_book.add_listener(self.recorder.on_alert)
         self.registry.register(RecorderCollector(self.recorder, self.database))
+        #: HTTP requests answered 400, by reason (server/limits.py).
+        self.http_rejections = HttpRejections()
+        self.registry.register(self.http_rejections)
         self._last_prune = -math.inf
         self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__, tokens=self.tokens)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,6 +160,11 @@ class ServerApp:
         self._sweeper: asyncio.Future[None] | None = None
         self._ticker: asyncio.Future[None] | None = None
 
+    def _without_firing_alerts(self, runs: list[RunState]) -> list[RunState]:
+        """The runs limits.at_max_runs `evict_idle` may drop: eviction never resolves a firing alert."""
+        firing = {run for run, _ in self.alert_book.firing_detectors()}
+        return [run for run in runs if run.run_id not in firing]
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> ServerApp:
@@ -162,6 +172,7 @@ class ServerApp:
         if self._thread is not None:
             raise RuntimeError("ServerApp already started")
         self.keeper.restore(self.config.limits.max_runs)
+        self.silences.restore(self.database.silences())
         self._prune()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="gradwatch-grpc", daemon=True)
@@ -181,6 +192,7 @@ class ServerApp:
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
                 routes=QueryApi(self).route,
+                rejections=self.http_rejections,
             )
             self._http.start()
             self.renderer.server_url = self.config.alerting.external_url.rstrip("/") or self._default_url()
@@ -238,7 +250,7 @@ class ServerApp:
 
     @property
     def http_scheme(self) -> str:
-        """"https" when the HTTP port speaks TLS (tls.cert_file set), else "http"."""
+        """ "https" when the HTTP port speaks TLS (tls.cert_file set), else "http"."""
         return "https" if self._tls is not None else "http"
 
     # ------------------------------------------------------------------ views

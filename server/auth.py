@@ -8,6 +8,7 @@ The tokens file (YAML, or JSON, which is YAML too) is a list of grants::
         jobs: ["llama-*"]           # job_name glob patterns the token may write (default: none)
         runs: ["*"]                 # run id glob patterns (default: every run of those jobs)
         api: false                  # may read the HTTP API (and /metrics when it is protected)
+        silences: false             # may create and expire silences (POST/DELETE /api/v1/silences)
 
 Contract
 - Agents send `authorization: Bearer <token>` as gRPC metadata on every Stream and Flush call. No or a
@@ -74,12 +75,16 @@ RUN_BOUND = "run_bound_to_other_job"
 #: Rejection reasons of the gRPC side (label values of gradwatch_ingest_errors_total).
 AUTH_REASONS: tuple[str, ...] = (MISSING_TOKEN, INVALID_TOKEN, JOB_NOT_ALLOWED, RUN_NOT_ALLOWED, RUN_BOUND)
 API_NOT_ALLOWED = "api_not_allowed"
+SILENCES_NOT_ALLOWED = "silences_not_allowed"
 #: Rejection reasons of the HTTP side (gradwatch_http_auth_failures_total).
-HTTP_AUTH_REASONS: tuple[str, ...] = (MISSING_TOKEN, INVALID_TOKEN, API_NOT_ALLOWED)
+HTTP_AUTH_REASONS: tuple[str, ...] = (MISSING_TOKEN, INVALID_TOKEN, API_NOT_ALLOWED, SILENCES_NOT_ALLOWED)
+#: Methods that change state; on /api/v1/silences they need a grant with `silences: true`.
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+SILENCES_PATH = "/api/v1/silences"
 
 _UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 _DENIED = grpc.StatusCode.PERMISSION_DENIED
-_GRANT_KEYS = frozenset({"name", "token", "sha256", "jobs", "runs", "api"})
+_GRANT_KEYS = frozenset({"name", "token", "sha256", "jobs", "runs", "api", "silences"})
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class Grant:
     jobs: tuple[str, ...]
     runs: tuple[str, ...]
     api: bool
+    #: May create and expire silences (muting pages is a write, so `api: true`, which reads, does not allow it).
+    silences: bool = False
 
     def may_write(self, job_name: str, run_id: str) -> str | None:
         """None when this grant may write (job_name, run_id); else the rejection reason."""
@@ -156,15 +163,17 @@ def _grant(index: int, entry: Any) -> Grant:
             digest = b""
         if len(digest) != 32:
             raise _problem(f"{where}.sha256", "must be the 64 hex digits of the token's SHA-256 digest")
-    api = entry.get("api", False)
-    if not isinstance(api, bool):
-        raise _problem(f"{where}.api", f"must be true or false, got {api!r}")
+    api, silences = entry.get("api", False), entry.get("silences", False)
+    for key, flag in (("api", api), ("silences", silences)):
+        if not isinstance(flag, bool):
+            raise _problem(f"{where}.{key}", f"must be true or false, got {flag!r}")
     return Grant(
         name=name,
         digest=digest,
         jobs=_patterns(f"{where}.jobs", entry.get("jobs"), ()),
         runs=_patterns(f"{where}.runs", entry.get("runs"), ("*",)),
         api=api,
+        silences=silences,
     )
 
 
@@ -296,7 +305,8 @@ def authorize(grant: Grant, job_name: str, run_id: str, bound_job: str | None) -
 
 
 class HttpGuard:
-    """Who may read which HTTP path: /healthz always; /metrics and /api/v1/* per AuthConfig."""
+    """Who may read which HTTP path: /healthz always; /metrics and /api/v1/* per AuthConfig. Writing silences
+    (POST, DELETE under /api/v1/silences) always needs a token whose grant has `silences: true`."""
 
     def __init__(self, source: TokenSource, *, protect_api: bool, protect_metrics: bool) -> None:
         self._source = source
@@ -305,12 +315,13 @@ class HttpGuard:
         self._lock = threading.Lock()
         self.failures = dict.fromkeys(HTTP_AUTH_REASONS, 0)
 
-    def check(self, path: str, authorization: str | None) -> tuple[int, str] | None:
+    def check(self, path: str, authorization: str | None, method: str = "GET") -> tuple[int, str] | None:
         """None when the request may proceed; else (HTTP status, message)."""
         if path == "/healthz":
             return None
+        writes_silences = method.upper() in WRITE_METHODS and path.rstrip("/").startswith(SILENCES_PATH)
         protected = self._protect_metrics if path == "/metrics" else self._protect_api
-        if not protected:
+        if not protected and not writes_silences:
             return None
         token = bearer_token(authorization)
         if token is None:
@@ -318,6 +329,10 @@ class HttpGuard:
         grant = self._source.book().find(token)
         if grant is None:
             return self._fail(INVALID_TOKEN, 401, "the bearer token is not known to this server")
+        if writes_silences:
+            if not grant.silences:
+                return self._fail(SILENCES_NOT_ALLOWED, 403, f"token {grant.name!r} has no `silences: true`")
+            return None
         if not grant.api:
             return self._fail(API_NOT_ALLOWED, 403, f"token {grant.name!r} has no `api: true`")
         return None

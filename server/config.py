@@ -14,8 +14,15 @@ YAML shape (every key optional; these are the defaults)::
     full_stats_on_alert_steps: 50
     limits:
       max_message_bytes: 4194304      # 4 MiB, per frame (and per Flush request)
-      max_runs: 1000                  # least-recently-active run evicted beyond this
+      max_runs: 1000                  # runs tracked; beyond, new runs are refused (see at_max_runs)
+      at_max_runs: refuse             # or evict_idle: drop the least recently active run without a firing alert
       max_ranks_per_run: 16384
+      max_ranks_total: 65536          # ranks over all runs
+      max_repeated: 4096              # entries of any other list or map in a frame (drop reasons, attributes...)
+      stream_bytes_per_s: 4194304     # per-stream byte budget (bursts of 2 × max_message_bytes)
+      hello_timeout_s: 10.0           # a stream without a Hello by then ends
+      idle_stream_timeout_s: 600.0    # a stream silent this long ends
+      max_streams: 20000              # streams open at once
       max_layers_per_schema: 65536
       ring_length: 1024               # reports of history kept per rank
       max_layer_series_per_run: 256   # per-layer Prometheus series per run and statistic
@@ -183,23 +190,83 @@ class HttpConfig(Settings):
     port: int = setting(9400, doc="HTTP port; 0 picks a free one.", ge=0, le=65535)
 
 
+#: limits.at_max_runs values: what a Hello for a new run meets when limits.max_runs runs are tracked.
+RUN_LIMIT_POLICIES = ("refuse", "evict_idle")
+
+
 @dataclass(frozen=True)
 class LimitsConfig(Settings):
+    """Every bound on what agents can make the server hold or do (docs/security.md lists them)."""
+
     max_message_bytes: int = setting(
-        4 * MiB, doc="Largest frame (or Flush request) accepted; larger ones get RESOURCE_EXHAUSTED.", ge=1024
+        4 * MiB,
+        doc="Largest frame (or Flush request) accepted; larger ones get RESOURCE_EXHAUSTED.",
+        ge=1024,
+        le=256 * MiB,
     )
-    max_runs: int = setting(1000, doc="Runs tracked; the least recently active is evicted beyond.", ge=1)
-    max_ranks_per_run: int = setting(16384, doc="Largest world_size accepted in a Hello.", ge=1)
-    max_layers_per_schema: int = setting(65536, doc="Most layers accepted in a Hello's schema.", ge=1)
-    ring_length: int = setting(1024, doc="Reports of history kept per rank (fixed memory).", ge=16)
+    max_runs: int = setting(
+        1000, doc="Runs tracked (finished runs past their retention are dropped first).", ge=1, le=1_000_000
+    )
+    at_max_runs: str = setting(
+        "refuse",
+        doc="With max_runs runs tracked, a new run is refused (RESOURCE_EXHAUSTED `run_limit_reached`), or with "
+        "`evict_idle` the least recently active run without a firing alert or an open stream is dropped from "
+        "memory (its registry row, job binding and settings stay in the database) and refused only when none is.",
+    )
+    max_ranks_per_run: int = setting(16384, doc="Largest world_size accepted in a Hello.", ge=1, le=1 << 20)
+    max_ranks_total: int = setting(
+        65536,
+        doc="Ranks held over all runs; a Hello for one more rank is refused (`rank_limit_reached`).",
+        ge=1,
+        le=1 << 24,
+    )
+    max_layers_per_schema: int = setting(65536, doc="Most layers accepted in a Hello's schema.", ge=1, le=1 << 20)
+    ring_length: int = setting(1024, doc="Reports of history kept per rank (fixed memory).", ge=16, le=1 << 16)
     max_layer_series_per_run: int = setting(
-        256, doc="Layers exported per run and statistic (first in schema order).", ge=0
+        256, doc="Layers exported per run and statistic (first in schema order).", ge=0, le=1 << 16
     )
-    max_sessions_per_rank: int = setting(4, doc="Agent sessions per rank remembered for dedup.", ge=1)
-    max_run_id_chars: int = setting(256, doc="Longest run id accepted.", ge=1)
-    alert_history: int = setting(1000, doc="Resolved alerts kept for the API.", ge=0)
-    max_job_name_chars: int = setting(256, doc="Longest job name accepted.", ge=1)
-    max_layer_name_chars: int = setting(1024, doc="Longest layer or module name accepted in a schema.", ge=1)
+    max_sessions_per_rank: int = setting(4, doc="Agent sessions per rank remembered for dedup.", ge=1, le=1024)
+    max_run_id_chars: int = setting(256, doc="Longest run id accepted.", ge=1, le=4096)
+    alert_history: int = setting(1000, doc="Resolved alerts kept for the API.", ge=0, le=1_000_000)
+    max_job_name_chars: int = setting(256, doc="Longest job name accepted.", ge=1, le=4096)
+    max_layer_name_chars: int = setting(1024, doc="Longest layer or module name accepted in a schema.", ge=1, le=65536)
+    max_repeated: int = setting(
+        4096,
+        doc="Entries of any list or map a frame may carry besides the layer schemas (heartbeat drop reasons, "
+        "event attributes, learning rates, input and label columns); more: INVALID_ARGUMENT `too_many_entries`.",
+        ge=16,
+        le=1 << 20,
+    )
+    stream_bytes_per_s: int = setting(
+        4 * MiB,
+        doc="Bytes per second one stream's frames may average; a stream over budget is paused (its reads wait), "
+        "so one sender cannot starve the others. Bursts up to 2 × max_message_bytes pass at once.",
+        ge=64 * 1024,
+        le=1 << 34,
+    )
+    hello_timeout_s: float = setting(
+        10.0,
+        doc="A stream that has not sent its Hello after this long ends (DEADLINE_EXCEEDED `hello_timeout`).",
+        gt=0.0,
+        le=3600.0,
+    )
+    idle_stream_timeout_s: float = setting(
+        600.0,
+        doc="A stream that sent no frame for this long ends (`idle_timeout`); agents heartbeat every 5 s.",
+        gt=0.0,
+        le=86400.0,
+    )
+    max_streams: int = setting(
+        20000,
+        doc="Streams open at once; one more is refused (RESOURCE_EXHAUSTED `stream_limit_reached`).",
+        ge=1,
+        le=1_000_000,
+    )
+
+    def _check(self) -> None:
+        if self.at_max_runs not in RUN_LIMIT_POLICIES:
+            allowed = ", ".join(RUN_LIMIT_POLICIES)
+            raise SettingError("at_max_runs", f"must be one of {allowed}, got {self.at_max_runs!r}")
 
     @property
     def grpc_receive_bytes(self) -> int:
@@ -219,9 +286,7 @@ class AlertingConfig(Settings):
     external_url: str = setting(
         "", doc="This server's URL as users reach it (alert links); empty: http://<hostname>:<http port>."
     )
-    runbook_base_url: str = setting(
-        DEFAULT_RUNBOOK_BASE_URL, doc="Alerts' runbook_url is this + '<detector>.md'."
-    )
+    runbook_base_url: str = setting(DEFAULT_RUNBOOK_BASE_URL, doc="Alerts' runbook_url is this + '<detector>.md'.")
     resend_interval_s: float = setting(
         60.0, doc="Firing alerts are re-sent this often; endsAt is 4 × this ahead.", gt=0.0
     )
@@ -229,7 +294,9 @@ class AlertingConfig(Settings):
     retry_deadline_s: float = setting(
         60.0, doc="Seconds a failing delivery is retried (with backoff) before it counts as failed.", ge=0.0
     )
-    max_pending: int = setting(10000, doc="Notifications waiting per sink; beyond, new ones are dropped.", ge=1)
+    max_pending: int = setting(
+        10000, doc="Notifications waiting per sink; beyond, new ones are dropped.", ge=1, le=1_000_000
+    )
 
     def _check(self) -> None:
         for key in ("alertmanager_urls", "webhook_urls"):
@@ -285,14 +352,19 @@ class StorageConfig(Settings):
         "`gradwatch serve` defaults it to ./gradwatch-data.",
     )
     incident_retention_s: float = setting(30 * 86400.0, doc="Incidents older than this are pruned.", gt=0.0)
-    max_incidents: int = setting(1000, doc="Incidents kept; the oldest are pruned beyond.", ge=1)
+    max_incidents: int = setting(1000, doc="Incidents kept; the oldest are pruned beyond.", ge=1, le=1_000_000)
     max_incident_bytes: int = setting(
-        1 << 30, doc="Bytes of stored incident windows kept; the oldest incidents are pruned beyond.", ge=MiB
+        1 << 30,
+        doc="Bytes of stored incident windows kept; the oldest incidents are pruned beyond.",
+        ge=MiB,
+        le=1 << 40,
     )
     run_retention_s: float = setting(
         30 * 86400.0, doc="Runs not seen for this long leave the registry (with their resolved alerts).", gt=0.0
     )
-    max_runs: int = setting(10000, doc="Runs kept in the registry; the least recently seen are pruned beyond.", ge=1)
+    max_runs: int = setting(
+        10000, doc="Runs kept in the registry; the least recently seen are pruned beyond.", ge=1, le=10_000_000
+    )
 
 
 @dataclass(frozen=True)
@@ -305,13 +377,16 @@ class RecorderConfig(Settings):
     after_timeout_s: float = setting(
         120.0, doc="Seconds after which an incident closes even if fewer reports arrived.", gt=0.0
     )
-    max_ranks: int = setting(16, doc="Ranks recorded per incident: the firing rank first, then the lowest.", ge=1)
-    max_layers: int = setting(256, doc="Layers (and modules) recorded per rank, first in schema order.", ge=1)
+    max_ranks: int = setting(
+        16, doc="Ranks recorded per incident: the firing rank first, then the lowest.", ge=1, le=1024
+    )
+    max_layers: int = setting(256, doc="Layers (and modules) recorded per rank, first in schema order.", ge=1, le=65536)
     max_bytes: int = setting(
         512 * MiB,
         doc="Memory for recorded per-layer columns, all runs together; with many ranks each keeps fewer "
         "full-statistics reports (at least its latest).",
         ge=MiB,
+        le=1 << 36,
     )
     histogram_reports: int = setting(
         4, doc="Full-statistics reports before the alert whose gradient histograms are kept (all after it).", ge=0

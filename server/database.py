@@ -318,6 +318,17 @@ class Database:
     def stored_bytes(self) -> int:
         return int(self._read("SELECT COALESCE(SUM(window_bytes), 0) FROM incidents", ())[0][0])
 
+    # ------------------------------------------------------------------ silences
+
+    def put_silences(self, silences: list[dict[str, Any]]) -> None:
+        """Replace the stored active silences (a bounded list: SilenceBook's max_active)."""
+        self._write("INSERT OR REPLACE INTO meta VALUES ('silences', ?)", (_dumps(silences),))
+
+    def silences(self) -> list[dict[str, Any]]:
+        """The active silences stored by `put_silences` ([] if none)."""
+        rows = self._read("SELECT value FROM meta WHERE key = 'silences'", ())
+        return list(json.loads(rows[0][0])) if rows else []
+
     def counts(self) -> dict[str, int]:
         """Rows per table."""
         return {t: int(self._read(f"SELECT COUNT(*) FROM {t}", ())[0][0]) for t in ("runs", "alerts", "incidents")}

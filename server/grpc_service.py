@@ -14,12 +14,18 @@ covers was applied (a timer per stream), at once when Commands go out (they foll
 Ack that covers their cause), before a rejection and at the end of the stream. A
 stream sending a report every few milliseconds thus costs one Ack write per
 ACK_DELAY_S, not one per frame (the write was a fifth of the ingest CPU per report).
+
+Limits (server/limits.py, docs/security.md): at most limits.max_streams streams at once; a stream whose
+Hello has not arrived within limits.hello_timeout_s, or that sends nothing for limits.idle_stream_timeout_s,
+ends with DEADLINE_EXCEEDED (`hello_timeout` / `idle_timeout`); each stream's reads follow a byte budget
+(limits.stream_bytes_per_s), so a sender of large frames waits instead of starving the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +36,13 @@ from grpc_reflection.v1alpha import reflection
 from gradwatch.server.auth import Grant, TokenSource, authorize
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ingest import Ingestor, Session
+from gradwatch.server.limits import ByteBudget
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
     MAX_BATCH_FRAMES,
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    STREAM_LIMIT_REACHED,
     FrameRejected,
     StreamValidator,
     parse_agent_frame,
@@ -88,6 +98,7 @@ class IngestServicer:
         self._version = server_version
         #: Bearer-token grants (server/auth.py); None: every caller may write every run.
         self._tokens = tokens
+        self._open_streams = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler for INGEST_SERVICE (requests stay bytes; responses are serialised)."""
@@ -105,18 +116,26 @@ class IngestServicer:
 
     async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         del request_iterator  # frames are read with context.read() by the reader task
+        limits = self._limits
+        if self._open_streams >= limits.max_streams:
+            message = f"this server already serves limits.max_streams={limits.max_streams} streams; retry later"
+            full = FrameRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, STREAM_LIMIT_REACHED, message)
+            await self._reject(context, full)
+        self._open_streams += 1
         self._stats.stream_opened()
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=READ_AHEAD_FRAMES)
-        reader = asyncio.ensure_future(_read_all(context, queue))
+        reader = asyncio.ensure_future(_read_all(context, queue, ByteBudget(limits, time.monotonic)))
         session: Session | None = None
         try:
-            validator = StreamValidator(self._limits)
+            validator = StreamValidator(limits)
             try:
                 grant = self._authenticate(context)
             except FrameRejected as exc:
                 await self._reject(context, exc)
                 return
-            first = await queue.get()
+            first = await _next(queue, limits.hello_timeout_s, HELLO_TIMEOUT, "no Hello")
+            if isinstance(first, FrameRejected):
+                await self._reject(context, first)
             if first is grpc.aio.EOF or isinstance(first, _ReadFailed):
                 return
             try:
@@ -144,6 +163,7 @@ class IngestServicer:
             reader.cancel()
             if session is not None:
                 self._ingestor.close(session)
+            self._open_streams -= 1
             self._stats.stream_closed()
 
     async def _serve_frames(
@@ -158,8 +178,12 @@ class IngestServicer:
         sent_ack = session.acked_seq
         ack_due: float | None = None  # loop time by which the applied, unacknowledged frames must be acked
         done = False
+        idle_s = self._limits.idle_stream_timeout_s
         while not done:
-            burst = [await queue.get()]
+            head = queue.get_nowait() if not queue.empty() else await _next(queue, idle_s, IDLE_TIMEOUT, "no frame")
+            if isinstance(head, FrameRejected):
+                await self._reject(context, head)
+            burst = [head]
             while len(burst) < MAX_BURST_FRAMES and not queue.empty():
                 burst.append(queue.get_nowait())
             commands: list[pb.Command] = []
@@ -250,14 +274,27 @@ def _nudge(queue: asyncio.Queue[Any]) -> None:
         queue.put_nowait(_ACK_DUE)
 
 
-async def _read_all(context: grpc.aio.ServicerContext, queue: asyncio.Queue[Any]) -> None:
-    """Move raw frames from the RPC into `queue`, ending with EOF or a _ReadFailed."""
+async def _next(queue: asyncio.Queue[Any], timeout_s: float, reason: str, what: str) -> Any:
+    """The next item of `queue`, or a FrameRejected DEADLINE_EXCEEDED `reason` after `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await queue.get()
+    except TimeoutError:
+        return FrameRejected(grpc.StatusCode.DEADLINE_EXCEEDED, reason, f"{what} for {timeout_s:g} s: stream closed")
+
+
+async def _read_all(context: grpc.aio.ServicerContext, queue: asyncio.Queue[Any], budget: ByteBudget) -> None:
+    """Move raw frames from the RPC into `queue`, ending with EOF or a _ReadFailed. Over the stream's byte
+    budget, the next read waits (HTTP/2 flow control then holds the sender back)."""
     try:
         while True:
             raw = await context.read()
             await queue.put(raw)
             if raw is grpc.aio.EOF:
                 return
+            pause = budget.spend(len(raw))
+            if pause > 0:
+                await asyncio.sleep(pause)
     except asyncio.CancelledError:
         raise
     except Exception:  # the peer went away mid-read; the handler ends the stream

@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gradwatch.server.auth import HttpGuard
+from gradwatch.server.limits import BAD_BODY, BadRequest, HttpRejections, parse_json_body
 from gradwatch.server.silences import SilenceBook
 
 __all__ = ["HttpApi"]
@@ -92,6 +93,7 @@ class HttpApi:
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         guard: HttpGuard | None = None,
         routes: Routes | None = None,
+        rejections: HttpRejections | None = None,
     ) -> None:
         handler = type(
             "GradwatchHandler",
@@ -104,6 +106,7 @@ class HttpApi:
                 "silences": silences,
                 "guard": guard,
                 "routes": staticmethod(routes) if routes is not None else None,
+                "rejections": rejections,
             },
         )
         if tls_context is None:
@@ -139,13 +142,14 @@ class _Handler(BaseHTTPRequestHandler):
     silences: SilenceBook
     guard: HttpGuard | None
     routes: Routes | None
+    rejections: HttpRejections | None
     server_version = "gradwatch"
 
     def _allowed(self) -> bool:
         """Apply the guard; False when a 401/403 has been sent."""
         if self.guard is None:
             return True
-        refusal = self.guard.check(urlsplit(self.path).path, self.headers.get("Authorization"))
+        refusal = self.guard.check(urlsplit(self.path).path, self.headers.get("Authorization"), self.command)
         if refusal is None:
             return True
         status, message = refusal
@@ -212,6 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body.get("created_by", ""),
             )
         except ValueError as exc:
+            if self.rejections is not None:
+                self.rejections.count(exc.reason if isinstance(exc, BadRequest) else BAD_BODY)
             self._json(400, {"error": str(exc)})
             return
         self._json(201, {"silence": silence})
@@ -244,10 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ValueError("bad Content-Length") from None
         if not 0 < length <= MAX_BODY_BYTES:
             raise ValueError(f"body must be 1..{MAX_BODY_BYTES} bytes of JSON")
-        try:
-            return json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"body is not JSON: {exc}") from None
+        return parse_json_body(self.rfile.read(length))
 
     def _json(self, status: int, body: Any) -> None:
         self._send(status, json.dumps(body, allow_nan=False).encode(), "application/json")

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -45,6 +46,7 @@ from gradwatch.server.detectors import (
     RunDetector,
     Verdict,
 )
+from gradwatch.server.limits import RunBinding, check_settings
 from gradwatch.server.report import ModuleSchema, RankReport, build_report
 from gradwatch.server.settings import SettingError
 from gradwatch.server.stats import IngestStats
@@ -111,9 +113,13 @@ class Ingestor:
         detectors: tuple[DetectorSpec, ...] = REGISTRY,
         on_join: Callable[[RunState], None] | None = None,
         on_report: Callable[[RunState, RankState, RankReport, pb.StepReport, pb.Hello], None] | None = None,
+        registry: Callable[[str], Mapping[str, Any] | None] | None = None,
     ) -> None:
         """`on_join(run)` is called after a Hello registered its run; `on_report(run, rank, report, msg, hello)`
-        after a report was stored and before the detectors judge it (both on the ingest thread, under its lock)."""
+        after a report was stored and before the detectors judge it (both on the ingest thread, under its lock).
+        `registry(run_id)` reads a run's registry row (gradwatch.server.database) for runs the store no longer
+        holds, so their job binding and settings outlive eviction and restarts."""
+        self._registry = registry
         self._on_join = on_join
         self._on_report = on_report
         self._config = config
@@ -135,6 +141,7 @@ class Ingestor:
         """Register a validated Hello; `streaming` counts the rank's open streams."""
         configs = self._per_run_configs(hello)
         with self._lock:
+            check_settings(self.binding(hello.run_id), hello)
             run, rank, evicted = self._store.join(hello)
             self._drop_evicted(evicted)
             if configs is not None and run.run_id not in self._run_configs:
@@ -164,11 +171,19 @@ class Ingestor:
                 grpc.StatusCode.INVALID_ARGUMENT, INVALID_DETECTOR_SETTINGS, f"Hello.detector_settings: {exc}"
             ) from None
 
-    def bound_job(self, run_id: str) -> str | None:
-        """The job name the server holds run `run_id` under; None for a run it does not hold."""
+    def binding(self, run_id: str) -> RunBinding | None:
+        """What run `run_id`'s first Hello fixed: from the store, else the run registry; None for a new run."""
         with self._store.lock:
             run = self._store.get(run_id)
-            return None if run is None else run.job_name
+            if run is not None:
+                return RunBinding(run.job_name, run.detector_settings)
+        record = self._registry(run_id) if self._registry is not None else None
+        return None if record is None else RunBinding.from_record(record)
+
+    def bound_job(self, run_id: str) -> str | None:
+        """The job name run `run_id` is bound to (held or in the registry); None for a new run."""
+        binding = self.binding(run_id)
+        return None if binding is None else binding.job_name
 
     def close(self, session: Session) -> None:
         """The session's stream ended (for any reason)."""
@@ -341,11 +356,13 @@ class Ingestor:
         return detectors
 
     def _drop_evicted(self, evicted: list[str]) -> None:
+        """Forget the detector state of runs evicted from memory. Their alerts are left alone: only an expired
+        run (alerts already resolved) or, with limits.at_max_runs evict_idle, a run without a firing alert
+        is ever evicted (server/store.py)."""
         for run_id in evicted:
             self._detectors.pop(run_id, None)
             self._run_configs.pop(run_id, None)
             self._forget_pending(run_id)
-            self._alerts.resolve_run(run_id, "run evicted: limits.max_runs reached")
 
     def _forget_pending(self, run_id: str) -> None:
         for key in [k for k in self._pending if k[0] == run_id]:

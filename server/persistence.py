@@ -99,6 +99,8 @@ def _record(run: RunState) -> dict[str, Any]:
             "loss": finite_or_none(sum(losses) / len(losses)) if losses else summary.get("loss"),
             "ranks": [{"rank": r.rank, "host": r.host, "pid": r.pid, "step": r.last_step} for r in ranks[:64]],
         }
+    if run.detector_settings is not None:
+        summary["detector_settings"] = run.detector_settings  # fixed by the first Hello (server/limits.py)
     return {
         "run_id": run.run_id,
         "job_name": run.job_name,

@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from gradwatch.server.limits import BAD_QUERY
 from gradwatch.server.views import finite_or_none, rank_view
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ __all__ = ["QueryApi"]
 
 PREFIX = "/api/v1/"
 MAX_LIMIT = 10000
+#: Largest offset accepted: beyond any list the server holds, and within SQLite's 64-bit integers.
+MAX_OFFSET = 1 << 53
 SERIES_DEFAULT = 256
 SEVERITIES = ("info", "warning", "critical")
 
@@ -65,6 +68,7 @@ class QueryApi:
             if len(parts) in (2, 3) and parts[0] == "incidents":
                 return self._incident(parts[1], parts[2] if len(parts) == 3 else None)
         except BadQuery as exc:
+            self._app.http_rejections.count(BAD_QUERY)
             return _json(400, {"error": str(exc)})
         return None
 
@@ -87,7 +91,7 @@ class QueryApi:
         return _page("alerts", alerts, query, 1000)
 
     def _incidents(self, query: dict[str, list[str]]) -> dict[str, Any]:
-        limit, offset = _int(query, "limit", 100, 1, MAX_LIMIT), _int(query, "offset", 0, 0, None)
+        limit, offset = _int(query, "limit", 100, 1, MAX_LIMIT), _int(query, "offset", 0, 0, MAX_OFFSET)
         since = _float(query, "since")
         items, total = self._app.database.incidents(
             run=_one(query, "run"),
@@ -159,7 +163,7 @@ def _floats(values: np.ndarray) -> list[float | None]:
 
 
 def _page(key: str, items: list[dict[str, Any]], query: dict[str, list[str]], default: int) -> dict[str, Any]:
-    limit, offset = _int(query, "limit", default, 1, MAX_LIMIT), _int(query, "offset", 0, 0, None)
+    limit, offset = _int(query, "limit", default, 1, MAX_LIMIT), _int(query, "offset", 0, 0, MAX_OFFSET)
     total = len(items)
     return {
         key: items[offset : offset + limit],

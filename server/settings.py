@@ -9,6 +9,12 @@ at construction time, whether it came from YAML or from Python.
 instance; every problem is a `SettingError` (a ValueError) naming the dotted key.
 Supported field types: bool, int, float, str, `tuple[str, ...]` (a YAML list of
 strings) and nested Settings.
+
+Every numeric setting is bounded on both sides: a field that declares no upper bound
+gets DEFAULT_MAX_INT (integers: counts of reports, steps, layers, entries, which size
+buffers) or DEFAULT_MAX_FLOAT (floats), so no value, from the YAML file or from an
+agent's per-run settings (Hello.detector_settings), can make the server allocate
+without limit. `bounds(field)` gives a field's effective (lower, upper) range.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-__all__ = ["SettingError", "Settings", "load_settings", "setting"]
+__all__ = ["DEFAULT_MAX_FLOAT", "DEFAULT_MAX_INT", "SettingError", "Settings", "bounds", "load_settings", "setting"]
+
+#: Upper bound of an integer setting that declares none: a window of this many float64 values is 800 kB.
+DEFAULT_MAX_INT = 100_000
+#: Upper bound of a float setting that declares none (seconds: about 31 years; factors: far beyond use).
+DEFAULT_MAX_FLOAT = 1e9
 
 T = TypeVar("T", bound="Settings")
 
@@ -75,6 +86,18 @@ class Settings:
         return out
 
 
+def bounds(f: dataclasses.Field[Any], hint: Any) -> tuple[float | None, float]:
+    """The effective (lower, upper) bound of a numeric field of type `hint` (int or float); None: no lower.
+
+    Exclusive bounds are reported as they are declared (`gt`/`lt` values)."""
+    meta = f.metadata
+    lower = meta.get("ge") if meta.get("ge") is not None else meta.get("gt")
+    upper = meta.get("le") if meta.get("le") is not None else meta.get("lt")
+    if upper is None:
+        upper = DEFAULT_MAX_INT if hint is int else DEFAULT_MAX_FLOAT
+    return lower, upper
+
+
 def _check_range(f: dataclasses.Field[Any], value: Any) -> None:
     meta = f.metadata
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -91,6 +114,10 @@ def _check_range(f: dataclasses.Field[Any], value: Any) -> None:
         bound = meta.get(name)
         if bound is not None and not ok(bound):
             raise SettingError(f.name, f"must be {symbol} {bound}, got {value!r}")
+    if meta.get("le") is None and meta.get("lt") is None:
+        cap = DEFAULT_MAX_INT if isinstance(value, int) else DEFAULT_MAX_FLOAT
+        if value > cap:
+            raise SettingError(f.name, f"must be ≤ {cap}, got {value!r}")
 
 
 def load_settings(cls: type[T], data: Any, key: str) -> T:

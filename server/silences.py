@@ -11,12 +11,15 @@ Contract
   gradwatch.server.notify); the alerts themselves still fire, in /metrics and the API.
 * Bounded: at most `max_active` active silences (ValueError beyond) and the last
   `history` expired ones.
+* Durable: with `persist`, every add and expire hands the active silences (as dicts) to it before
+  returning, and `restore(dicts)` brings them back at start-up, so a restart does not unmute anything.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Collection
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["MAX_DURATION_S", "SilenceBook"]
+
+log = logging.getLogger(__name__)
 
 MAX_DURATION_S = 7 * 24 * 3600.0
 TEXT_CHARS = 1024
@@ -66,7 +71,9 @@ class SilenceBook:
         detectors: Collection[str],
         max_active: int = 1000,
         history: int = 100,
+        persist: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
+        self._persist = persist
         self._clock = clock
         self._detectors = frozenset(detectors)
         self._max_active = max_active
@@ -104,6 +111,7 @@ class SilenceBook:
                 ends_at=now + float(duration_s),
             )
             self._active[silence.id] = silence
+            self._save_locked(now)
             return silence.as_dict(now)
 
     def expire(self, silence_id: str) -> dict[str, Any] | None:
@@ -115,7 +123,28 @@ class SilenceBook:
                 return None
             silence.expired_at = now
             self._expired.append(silence)
+            self._save_locked(now)
             return silence.as_dict(now)
+
+    def restore(self, saved: list[dict[str, Any]]) -> int:
+        """Re-activate silences saved by `persist` that have not ended; returns how many."""
+        with self._lock:
+            now = self._clock()
+            for item in saved[: self._max_active]:
+                silence = _Silence(id=str(item["id"]), run=str(item["run"]), detector=item.get("detector"),
+                                   comment=str(item.get("comment", "")), created_by=str(item.get("created_by", "")),
+                                   created_at=float(item["created_at"]), ends_at=float(item["ends_at"]))  # fmt: skip
+                if silence.active(now) and (silence.detector is None or silence.detector in self._detectors):
+                    self._active[silence.id] = silence
+            return len(self._active)
+
+    def _save_locked(self, now: float) -> None:
+        if self._persist is None:
+            return
+        try:
+            self._persist([s.as_dict(now) for s in self._active.values()])
+        except Exception:  # a full disk must not lose the silence in memory; the next change retries
+            log.exception("could not store the silences")
 
     def view(self) -> list[dict[str, Any]]:
         """Active silences (oldest first), then expired ones (most recent first)."""

@@ -2,10 +2,12 @@
 
 Contract
 --------
-* Bounded: at most `limits.max_runs` runs (the least recently active one is evicted
-  and counted), a fixed-size numpy ring of report rows per rank, a bounded number of
-  remembered agent sessions per rank, a bounded event log per run, and per-layer
-  metric series capped to the first `max_layer_series_per_run` layers in schema order.
+* Bounded: at most `limits.max_runs` runs and `limits.max_ranks_total` ranks over all runs. At the run
+  limit, finished runs past their retention make room first; then `limits.at_max_runs` decides: `refuse`
+  (the new run's Hello is refused) or `evict_idle` (the least recently active run that `can_evict` allows,
+  one without a firing alert or an open stream, is dropped from memory and counted). A fixed-size numpy
+  ring of report rows per rank, a bounded number of remembered agent sessions per rank, a bounded event
+  log per run, and per-layer metric series capped to the first `max_layer_series_per_run` layers in schema order.
 * Vectorised: per-layer columns are kept as the float32 arrays decoded from the
   frame; aggregation across ranks is numpy fancy indexing, never a loop per layer.
 * Exact across ranks: each report may carry the rank's share of the global gradient
@@ -35,6 +37,7 @@ from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import NON_FINITE_KINDS, RankReport
 from gradwatch.server.ring import RecordRing
+from gradwatch.server.validate import rank_limit_reached, run_limit_reached
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 __all__ = ["RING_DTYPE", "RankState", "RunState", "RunStore", "SchemaEntry"]
@@ -149,6 +152,9 @@ class RunState:
     restored_summary: dict[str, Any] | None = None
     #: Every rank's latest state as numpy columns, for the cross-rank detectors (server/ranktable.py).
     table: RankTable = field(default_factory=lambda: RankTable(0))
+    #: Hello.detector_settings of the run's first Hello (fixed for the run's life; None: not known, a run
+    #: restored from a database written before settings were kept).
+    detector_settings: dict[str, str] | None = None
 
     @property
     def finished(self) -> bool:
@@ -251,13 +257,18 @@ class RunState:
 class RunStore:
     """All runs, bounded by `limits`; see the module docstring for the contract."""
 
-    def __init__(self, limits: LimitsConfig, *, detector_names: tuple[str, ...], clock: Callable[[], float]) -> None:
+    def __init__(self, limits: LimitsConfig, *, detector_names: tuple[str, ...], clock: Callable[[], float],
+                 can_evict: Callable[[list[RunState]], list[RunState]] | None = None) -> None:  # fmt: skip
+        """`can_evict(runs)`: which of `runs` (least recently active first) `evict_idle` may drop."""
         self.lock = threading.RLock()
         self._limits = limits
         self._detector_names = detector_names
         self._clock = clock
+        self._can_evict = can_evict
         self._runs: collections.OrderedDict[str, RunState] = collections.OrderedDict()
         self.evicted_total = 0
+        #: Ranks held over all runs (limits.max_ranks_total).
+        self.ranks_total = 0
 
     # ------------------------------------------------------------------ writers
 
@@ -268,8 +279,13 @@ class RunStore:
         """
         with self.lock:
             now = self._clock()
+            held = self._runs.get(hello.run_id)
+            if (held is None or hello.rank not in held.ranks) and self.ranks_total >= self._limits.max_ranks_total:
+                raise rank_limit_reached(hello.run_id, hello.rank, self._limits.max_ranks_total)
             run, evicted = self._run_for(hello, now)
             run.job_name = hello.job_name or run.job_name
+            if run.detector_settings is None:  # restored from a registry row that did not keep them
+                run.detector_settings = dict(hello.detector_settings)
             run.world_size = hello.world_size
             run.protocol_version = hello.protocol_version
             state = self._rank_for(run, hello)
@@ -368,8 +384,7 @@ class RunStore:
             if run is not None:
                 return run
             while len(self._runs) >= self._limits.max_runs:
-                self._runs.popitem(last=False)
-                self.evicted_total += 1
+                self._drop(next(iter(self._runs.values())))
             run = RunState(
                 run_id=record["run_id"],
                 job_name=record["job_name"],
@@ -382,6 +397,7 @@ class RunStore:
                 detector_triggers=dict.fromkeys(self._detector_names, 0),
                 finished_at=record["finished_at"],
                 restored_summary=dict(record["summary"]),
+                detector_settings=record["summary"].get("detector_settings"),
             )
             self._runs[run.run_id] = run
             return run
@@ -415,10 +431,12 @@ class RunStore:
             self._runs.move_to_end(hello.run_id)
             return run, []
         evicted: list[str] = []
-        while len(self._runs) >= self._limits.max_runs:
-            old_id, _ = self._runs.popitem(last=False)
-            evicted.append(old_id)
-            self.evicted_total += 1
+        if len(self._runs) >= self._limits.max_runs:
+            victim = self._victim()
+            if victim is None:
+                raise run_limit_reached(hello.run_id, self._limits.max_runs, self._limits.at_max_runs)
+            evicted.append(victim.run_id)
+            self._drop(victim)
         run = RunState(
             run_id=hello.run_id,
             job_name=hello.job_name,
@@ -429,13 +447,31 @@ class RunStore:
             layer_cap=self._limits.max_layer_series_per_run,
             non_finite_counts=dict.fromkeys(NON_FINITE_KINDS, 0),
             detector_triggers=dict.fromkeys(self._detector_names, 0),
+            detector_settings=dict(hello.detector_settings),
         )
         self._runs[hello.run_id] = run
         return run, evicted
 
+    def _victim(self) -> RunState | None:
+        """The run that makes room for a new one: a finished run past its retention, else (evict_idle) the
+        least recently active run `can_evict` allows; None: the new run is refused."""
+        runs = list(self._runs.values())
+        expired = next((run for run in runs if run.expired), None)
+        if expired is not None or self._limits.at_max_runs != "evict_idle":
+            return expired
+        idle = [run for run in runs if not any(r.open_streams for r in run.ranks.values())]
+        allowed = self._can_evict(idle) if self._can_evict is not None else idle
+        return allowed[0] if allowed else None
+
+    def _drop(self, run: RunState) -> None:
+        del self._runs[run.run_id]
+        self.ranks_total -= len(run.ranks)
+        self.evicted_total += 1
+
     def _rank_for(self, run: RunState, hello: pb.Hello) -> RankState:
         state = run.ranks.get(hello.rank)
         if state is None:
+            self.ranks_total += 1
             state = RankState(
                 rank=hello.rank,
                 ring=RecordRing(RING_DTYPE, self._limits.ring_length),

@@ -36,6 +36,8 @@ __all__ = [
     "parse_agent_frame",
     "parse_flush_request",
     "unbatch",
+    "rank_limit_reached",
+    "run_limit_reached",
 ]
 
 #: Inclusive range of Hello.protocol_version this server speaks.
@@ -61,6 +63,19 @@ INVALID_DETECTOR_SETTINGS = "invalid_detector_settings"
 INVALID_BATCH = "invalid_batch"
 #: Frames one AgentFrame.batch may hold (Welcome.max_batch_frames): the agent groups at most 64.
 MAX_BATCH_FRAMES = 256
+DETECTOR_SETTINGS_CONFLICT = "detector_settings_conflict"
+OUT_OF_RANGE = "out_of_range"
+TOO_MANY_ENTRIES = "too_many_entries"
+RUN_LIMIT_REACHED = "run_limit_reached"
+RANK_LIMIT_REACHED = "rank_limit_reached"
+STREAM_LIMIT_REACHED = "stream_limit_reached"
+HELLO_TIMEOUT = "hello_timeout"
+IDLE_TIMEOUT = "idle_timeout"
+#: Largest integer any uint64 field may carry: the server keeps steps, seqs and counts as int64.
+MAX_INT64 = (1 << 63) - 1
+#: Bytes of a frame that is neither a Hello nor a report (heartbeat, event, goodbye): small by nature, so a
+#: large one is refused before its fields cost anything more.
+MAX_SMALL_FRAME_BYTES = 256 * 1024
 #: Per-run detector settings a Hello may carry, and the size of each key and value.
 MAX_DETECTOR_SETTINGS = 64
 MAX_DETECTOR_SETTING_CHARS = 1024
@@ -85,11 +100,23 @@ REASONS: tuple[str, ...] = (
     INVALID_JOB_NAME,
     INVALID_DETECTOR_SETTINGS,
     INVALID_BATCH,
+    DETECTOR_SETTINGS_CONFLICT,
+    OUT_OF_RANGE,
+    TOO_MANY_ENTRIES,
+    RUN_LIMIT_REACHED,
+    RANK_LIMIT_REACHED,
+    STREAM_LIMIT_REACHED,
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
 )
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # Frames that carry a sequence number (acknowledged, deduplicated) and those that must not.
 _SEQUENCED = frozenset({"report", "event"})
+_SMALL = frozenset({"heartbeat", "event", "goodbye"})
+#: AgentFrame field number -> body kind, for reading a frame's kind from its tags.
+_BODY_FIELDS = {f.number: f.name for f in pb.AgentFrame.DESCRIPTOR.oneofs_by_name["body"].fields}
+_SCAN_FIELDS = 8
 
 
 class FrameRejected(Exception):
@@ -106,6 +133,53 @@ def _reject(reason: str, message: str, code: grpc.StatusCode = _INVALID) -> Fram
     return FrameRejected(code, reason, message)
 
 
+def run_limit_reached(run_id: str, max_runs: int, policy: str) -> FrameRejected:
+    """The refusal of a new run at limits.max_runs."""
+    why = "no run is idle without a firing alert" if policy == "evict_idle" else "limits.at_max_runs is refuse"
+    return _reject(
+        RUN_LIMIT_REACHED,
+        f"run {run_id[:80]!r} is new and this server already tracks limits.max_runs={max_runs} runs ({why}); "
+        "retry later or raise the limit",
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+
+
+def rank_limit_reached(run_id: str, rank: int, max_ranks_total: int) -> FrameRejected:
+    """The refusal of a new rank at limits.max_ranks_total."""
+    return _reject(
+        RANK_LIMIT_REACHED,
+        f"rank {rank} of run {run_id[:80]!r} is new and this server already holds limits.max_ranks_total="
+        f"{max_ranks_total} ranks; retry later or raise the limit",
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+
+
+def _out_of_range(what: str, value: int) -> FrameRejected:
+    return _reject(OUT_OF_RANGE, f"{what} is {value}; the largest accepted is {MAX_INT64} (2^63 - 1)")
+
+
+def _check_entries(what: str, count: int, limits: LimitsConfig) -> None:
+    if count > limits.max_repeated:
+        raise _reject(TOO_MANY_ENTRIES, f"{what} has {count} entries; the limit is {limits.max_repeated}")
+
+
+def _check_small_frame(frame: pb.AgentFrame, kind: str, limits: LimitsConfig) -> None:
+    """Bounds of heartbeats, events and goodbyes: integers in range, maps bounded."""
+    if kind == "heartbeat":
+        beat = frame.heartbeat
+        _check_entries("Heartbeat.dropped", len(beat.dropped), limits)
+        if beat.step > MAX_INT64:
+            raise _out_of_range("Heartbeat.step", beat.step)
+        if beat.dropped and max(beat.dropped.values()) > MAX_INT64:
+            raise _out_of_range("a Heartbeat.dropped count", max(beat.dropped.values()))
+    elif kind == "event":
+        _check_entries("Event.attributes", len(frame.event.attributes), limits)
+        if frame.event.step > MAX_INT64:
+            raise _out_of_range("Event.step", frame.event.step)
+    elif kind == "goodbye" and frame.goodbye.final_step > MAX_INT64:
+        raise _out_of_range("Goodbye.final_step", frame.goodbye.final_step)
+
+
 def _check_size(raw: bytes, what: str, limits: LimitsConfig) -> None:
     if len(raw) > limits.max_message_bytes:
         raise _reject(
@@ -115,14 +189,65 @@ def _check_size(raw: bytes, what: str, limits: LimitsConfig) -> None:
         )
 
 
+def _body_kind(raw: bytes) -> str | None:
+    """The body kind of a serialised AgentFrame read from its top-level tags alone (None: not found among
+    the first few fields, or not well-formed; the full parse then decides). Costs O(top-level fields)."""
+    pos, end = 0, len(raw)
+    for _ in range(_SCAN_FIELDS):
+        if pos >= end:
+            return None
+        key, pos = _varint(raw, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            length, pos = _varint(raw, pos)
+            kind = _BODY_FIELDS.get(number)
+            if kind is not None:
+                return kind
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(raw, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            return None
+    return None
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(raw) and shift < 64:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return -1, len(raw)  # truncated: the caller stops scanning
+
+
 def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
-    """Decode one AgentFrame from the wire, enforcing the size limit first."""
+    """Decode one AgentFrame from the wire, enforcing the size limits first (a heartbeat, event or goodbye
+    over MAX_SMALL_FRAME_BYTES is refused from its tags, before its fields cost a parse)."""
     _check_size(raw, "frame", limits)
+    if len(raw) > MAX_SMALL_FRAME_BYTES:
+        kind = _body_kind(raw)
+        if kind in _SMALL:
+            raise _reject(
+                TOO_LARGE,
+                f"{kind} frame of {len(raw)} bytes; such frames are at most {MAX_SMALL_FRAME_BYTES}",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
     frame = pb.AgentFrame()
     try:
         frame.ParseFromString(raw)
     except DecodeError as exc:
         raise _reject(MALFORMED, f"malformed AgentFrame: {exc}") from None
+    if len(raw) > MAX_SMALL_FRAME_BYTES and frame.WhichOneof("body") in _SMALL:
+        raise _reject(
+            TOO_LARGE,
+            f"{frame.WhichOneof('body')} frame of {len(raw)} bytes; such frames are at most {MAX_SMALL_FRAME_BYTES}",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
     return frame
 
 
@@ -190,6 +315,11 @@ def check_hello(hello: pb.Hello, limits: LimitsConfig) -> None:
                 INVALID_DETECTOR_SETTINGS,
                 f"Hello.detector_settings entry {key[:80]!r} is longer than {MAX_DETECTOR_SETTING_CHARS} characters",
             )
+    for key, value in settings.items():
+        if not key.isprintable() or not value.isprintable():
+            raise _reject(
+                INVALID_DETECTOR_SETTINGS, f"Hello.detector_settings entry {key[:80]!r} has control characters"
+            )
     if not hello.session_id:
         raise _reject(INVALID_SESSION, "Hello.session_id is empty; it keys deduplication of replayed frames")
     if hello.world_size == 0:
@@ -247,9 +377,12 @@ def _check_schema(schema: pb.LayerSchema, limits: LimitsConfig) -> None:
         )
     # module_types, param_counts and local_param_counts are optional detail: absent, or one per layer.
     for field_name in ("module_types", "param_counts", "local_param_counts"):
-        m = len(getattr(schema, field_name))
+        values = getattr(schema, field_name)
+        m = len(values)
         if m not in (0, n):
             raise _reject(INVALID_SCHEMA, f"schema has {n} names but {m} {field_name}")
+        if m and field_name != "module_types" and max(values) > MAX_INT64:
+            raise _out_of_range(f"a schema {field_name[:-1]}", max(values))
     if len(set(schema.names)) != n:
         raise _reject(INVALID_SCHEMA, "schema names are not unique")
     if any(not name for name in schema.names):
@@ -283,11 +416,15 @@ class StreamValidator:
             if self._hello is not None:
                 raise _reject(DUPLICATE_HELLO, "a second Hello on the same stream")
             check_hello(frame.hello, self._limits)
+        if frame.seq > MAX_INT64:
+            raise _out_of_range("AgentFrame.seq", frame.seq)
         self._check_seq(frame, kind)
         if kind == "hello":
             self._hello = frame.hello
         elif kind == "report":
             self._check_report(frame.report)
+        else:
+            _check_small_frame(frame, kind, self._limits)
         return kind
 
     def accept_hello(self, hello: pb.Hello) -> None:
@@ -309,6 +446,13 @@ class StreamValidator:
         self._last_seq = frame.seq
 
     def _check_report(self, report: pb.StepReport) -> None:
+        if report.step > MAX_INT64 or report.optimizer_step > MAX_INT64:
+            raise _out_of_range("StepReport.step" if report.step > MAX_INT64 else "StepReport.optimizer_step",
+                                max(report.step, report.optimizer_step))  # fmt: skip
+        limits = self._limits
+        _check_entries("StepReport.learning_rates", len(report.learning_rates), limits)
+        _check_entries("StepReport.input_mean", len(report.input_mean) // 4, limits)
+        _check_entries("StepReport.label_histogram", len(report.label_histogram) // 4, limits)
         if report.step < self._last_step:
             raise _reject(NON_MONOTONIC, f"report step {report.step} after step {self._last_step}")
         self._last_step = report.step

@@ -113,7 +113,7 @@ def test_labels_identity_fields_are_truncated(app: ServerApp) -> None:
 def test_labels_series_stay_bounded_whatever_agents_send() -> None:
     """Twenty runs of 50 layers each against max_runs=3 and 4 layer series per run: at most 3 × 4 series per
     layer family, 3 run_info series, and the evictions are counted."""
-    app = start_app(server_config(max_runs=3, max_layer_series_per_run=4))
+    app = start_app(server_config(max_runs=3, max_layer_series_per_run=4, at_max_runs="evict_idle"))
     try:
         for i in range(20):
             frames = [hello_frame(run=f"flood-{i}", layers=50), report_frame(1, layers=columns(50, grad_norm=1.0))]

@@ -129,7 +129,7 @@ def test_metrics_app_registry_is_not_the_global_default(app: ServerApp) -> None:
 
 
 def test_store_evicts_least_recently_active_run_and_counts_it() -> None:
-    app = start_app(server_config(max_runs=3))
+    app = start_app(server_config(max_runs=3, at_max_runs="evict_idle"))
     try:
         for run in ("r1", "r2", "r3"):
             run_stream(app.grpc_target, [hello_frame(run=run), report_frame(1)])
@@ -145,16 +145,20 @@ def test_store_evicts_least_recently_active_run_and_counts_it() -> None:
         app.stop(grace=0)
 
 
-def test_store_evicted_run_with_open_stream_reregisters_on_next_frame() -> None:
+def test_store_never_evicts_a_run_with_an_open_stream() -> None:
+    import grpc
+
     from server_support import AgentStream
 
-    app = start_app(server_config(max_runs=1))
+    app = start_app(server_config(max_runs=1, at_max_runs="evict_idle"))
     stream = AgentStream(app.grpc_target)
     try:
         stream.send(hello_frame(run="long"))
         stream.recv()
-        run_stream(app.grpc_target, [hello_frame(run="other")])  # evicts "long"
-        assert [r["run"] for r in app.runs()] == ["other"]
+        with pytest.raises(grpc.RpcError) as refused:
+            run_stream(app.grpc_target, [hello_frame(run="other")])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_runs=1" in refused.value.details()
         stream.send(report_frame(1))
         stream.recv_ack(1)
         assert [r["run"] for r in app.runs()] == ["long"]

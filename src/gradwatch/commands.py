@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from gradwatch.client import ApiClient, ApiError, quote, server_url
+from gradwatch.client import ApiClient, ApiError, api_token, quote, server_url, terminal_safe
 
 __all__ = ["COMMANDS", "add_parsers", "format_table", "run"]
 
@@ -30,6 +30,11 @@ def add_parsers(sub: Any) -> None:
             default=None,
             metavar="URL",
             help="the server's HTTP address (default: $GRADWATCH_HTTP, else http://localhost:9400)",
+        )
+        parser.add_argument(
+            "--token",
+            default=None,
+            help="bearer token for a server with a tokens file (default: $GRADWATCH_API_TOKEN, else $GRADWATCH_TOKEN)",
         )
         if listing:
             parser.add_argument("action", nargs="?", choices=("list", "show"), default="list")
@@ -61,7 +66,7 @@ def add_parsers(sub: Any) -> None:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     try:
-        api = ApiClient(server_url(args.server))
+        api = ApiClient(server_url(args.server), token=api_token(args.token))
     except ValueError as exc:
         print(f"gradwatch {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -190,7 +195,7 @@ def _show_run(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
         ("first seen", _time(run["first_seen"])),
         ("last seen", _time(run["last_seen"])),
     ]
-    out.write("".join(f"{k + ':':<20} {v}\n" for k, v in fields))
+    out.write("".join(f"{k + ':':<20} {terminal_safe(v)}\n" for k, v in fields))
     rows = [
         [
             r["rank"],
@@ -231,7 +236,7 @@ def _show_alert(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
         "summary",
         "runbook",
     ):
-        out.write(f"{key + ':':<12} {alert[key]}\n")
+        out.write(f"{key + ':':<12} {terminal_safe(alert[key])}\n")
     out.write(f"{'started:':<12} {_time(alert['started_at'])}\n")
     if alert["resolved_at"] is not None:
         out.write(f"{'resolved:':<12} {_time(alert['resolved_at'])}\n")
@@ -268,7 +273,7 @@ def _show_incident(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned columns separated by two spaces; one header line; "" cells for None."""
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in row] for row in rows]]
+    cells = [[str(h) for h in headers], *[["" if c is None else terminal_safe(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in cells)
 

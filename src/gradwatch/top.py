@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from gradwatch.client import ApiClient, ApiError
+from gradwatch.client import ApiClient, ApiError, terminal_safe
 
 __all__ = ["Column", "render_frame", "run_top"]
 
@@ -91,7 +91,7 @@ def render_frame(
     """The lines of one frame, each at most `width` characters (escape codes not counted)."""
 
     def paint(text: str, style: str) -> str:
-        text = _clip(text, width)
+        text = _clip(terminal_safe(text), width)  # agents' strings (host, run id) reach the terminal
         return f"{style}{text}{RESET}" if colour and style else text
 
     clock = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%H:%M:%S UTC")
