@@ -39,9 +39,9 @@ from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.limits import ByteBudget
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
-    MAX_BATCH_FRAMES,
     HELLO_TIMEOUT,
     IDLE_TIMEOUT,
+    MAX_BATCH_FRAMES,
     STREAM_LIMIT_REACHED,
     FrameRejected,
     StreamValidator,

@@ -35,9 +35,9 @@ __all__ = [
     "check_hello",
     "parse_agent_frame",
     "parse_flush_request",
-    "unbatch",
     "rank_limit_reached",
     "run_limit_reached",
+    "unbatch",
 ]
 
 #: Inclusive range of Hello.protocol_version this server speaks.
