@@ -22,7 +22,8 @@ What separates divergence from a loss spike is persistence, so this detector nev
   (the healthy catalogue runs peak at 1 to 1.7× it); two orders of magnitude above it is a broken run at
   any scale. This rule also judges the warm-up.
 
-The first `min_reports` losses only build the baseline (only the runaway rule judges them). Non-finite losses belong to non_finite (which
+The first `min_reports` losses only build the baseline (only the runaway rule judges them). Non-finite
+losses belong to non_finite (which
 inhibits this detector). Resolves after `resolve_after` consecutive reports with neither rule holding.
 """
 

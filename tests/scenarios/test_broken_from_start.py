@@ -52,5 +52,5 @@ def test_the_same_jump_after_warm_up_is_still_caught_by_the_baseline() -> None:
         model, optimizer, classification_data(16, 5, 64, 0), nn.functional.cross_entropy,
         steps=120, fault=fault, fault_step=80, run="late-jump",
     )  # fmt: skip
-    assert_caught(result, "exploding_gradient", within=6, allow=("loss_divergence", "loss_spike", "update_ratio",
-                                                                  "dead_relu", "output_collapse", "frozen_parameters"))  # fmt: skip
+    allow = ("loss_divergence", "loss_spike", "update_ratio", "dead_relu", "output_collapse", "frozen_parameters")
+    assert_caught(result, "exploding_gradient", within=6, allow=allow)
