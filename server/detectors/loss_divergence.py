@@ -23,8 +23,8 @@ What separates divergence from a loss spike is persistence, so this detector nev
   any scale. This rule also judges the warm-up.
 
 The first `min_reports` losses only build the baseline (only the runaway rule judges them). Non-finite
-losses belong to non_finite (which
-inhibits this detector). Resolves after `resolve_after` consecutive reports with neither rule holding.
+losses belong to non_finite (which inhibits this detector). Resolves after `resolve_after` consecutive
+reports with neither rule holding.
 """
 
 from __future__ import annotations
