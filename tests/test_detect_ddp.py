@@ -74,3 +74,12 @@ def test_nan_in_one_ranks_input_is_placed_on_that_rank_not_on_the_one_that_recei
     # The alert opens with the rank it started on and says which rank only received it through the all-reduce.
     assert "on rank 0 at step 20" in alert["summary"] and "input batch" in alert["summary"], alert
     assert "rank(s) 1 only received it through the gradient collective" in alert["summary"], alert
+
+
+@pytest.mark.timeout(300)
+def test_flipped_weight_bit_on_a_millisecond_step_job_is_found_within_50_steps_at_default_settings() -> None:
+    """The overhead budget stretches full statistics far past the run on this job; the checksum keeps its own
+    cadence."""
+    alerts = run_job("bitflip", 2, 240, 100)
+    (alert,) = [a for a in alerts if a["detector"] == "replica_mismatch"]
+    assert 100 <= alert["step"] <= 150, alerts
