@@ -41,7 +41,8 @@ def _worker(rank: int, world_size: int, port: int, target: str, fault: str, step
                 x = centres[y] + 0.5 * torch.randn(32, 16, generator=gen)
                 if fault == "nan_input" and rank == 0 and step == onset:
                     x[0, 0] = float("nan")
-                if fault == "corrupt" and rank == world_size - 1 and step >= onset:
+                bad_rank = rank == world_size - 1 or (fault == "corrupt_half" and rank >= world_size // 2)
+                if fault.startswith("corrupt") and bad_rank and step >= onset:
                     x, y = x * 25.0 + 40.0, torch.randint(0, 4, (32,), generator=gen)
                 loss = nn.functional.cross_entropy(model(x), y)
                 optimizer.zero_grad()
@@ -83,3 +84,14 @@ def test_flipped_weight_bit_on_a_millisecond_step_job_is_found_within_50_steps_a
     alerts = run_job("bitflip", 2, 240, 100)
     (alert,) = [a for a in alerts if a["detector"] == "replica_mismatch"]
     assert 100 <= alert["step"] <= 150, alerts
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("fault", "world_size", "bad"), [("corrupt", 2, [1]), ("corrupt_half", 4, [2, 3])])
+def test_the_rank_whose_data_went_bad_is_named_without_a_majority(fault: str, world_size: int, bad: list[int]) -> None:
+    """Inputs ×25 + 40 and random labels on `bad` from step 60: with two ranks, or two bad ranks of four, a
+    cross-rank z-score has no majority; each bad rank's loss left its own baseline while the others' did not."""
+    alerts = run_job(fault, world_size, 120, 60)
+    (alert,) = [a for a in alerts if a["detector"] == "rank_divergence"]
+    assert alert["ranks"] == bad and 60 <= alert["step"] <= 70, alerts
+    assert "left its own baseline" in alert["summary"], alert
