@@ -41,11 +41,15 @@ class ReportAssembler:
         grad_scaler: torch.amp.GradScaler | None,
         begin_step: Callable[[], bool],
         add_agent_time: Callable[[float], None],
+        checksum_due: Callable[[], bool] | None = None,
     ) -> None:
+        """`checksum_due()`: whether the step being captured takes the parameter checksum besides full steps."""
         self._engine = engine
         self._optimizer = optimizer
         self._activations = activations
-        self._tap = None if optimizer is None else OptimizerTap(optimizer, engine, begin_step, add_agent_time)
+        self._tap = (
+            None if optimizer is None else OptimizerTap(optimizer, engine, begin_step, add_agent_time, checksum_due)
+        )
         self._scaler_tap = None
         if grad_scaler is not None and optimizer is not None:
             self._scaler_tap = ScalerTap(grad_scaler, optimizer, lambda: engine.layout.device, add_agent_time)
@@ -77,7 +81,7 @@ class ReportAssembler:
         scaler_stepped = self._scaler_tap is not None and self._scaler_tap.pending
         return self._tap.steps == self._reported_optimizer_steps and not scaler_stepped
 
-    def assemble(self, full: bool) -> Assembled:
+    def assemble(self, full: bool, checksum_due: bool = False) -> Assembled:
         engine = self._engine
         captured = self._tap.take() if self._tap is not None else Capture()
         num_params = len(engine.layout.params)
@@ -92,7 +96,7 @@ class ReportAssembler:
             histograms = histograms if histograms is not None else engine.grad_histograms()
             histograms = histograms if histograms.numel() == LOG2_BINS * num_params else None
         checksum = None
-        if full:  # with the weights it was taken with: in the post-hook, or here when the optimizer did not step
+        if full or checksum_due:  # with the weights it was taken with: in the post-hook, or here when it did not step
             checksum = captured.checksum if captured.weights is not None else engine.checksum()
         lr_values, lr_slots, lr_tensors = rates
         scaler = self._scaler_tap.take() if self._scaler_tap is not None else None

@@ -77,12 +77,15 @@ class OptimizerTap:
         engine: StatsEngine,
         begin_step: Callable[[], bool],
         add_agent_time: Callable[[float], None],
+        checksum_due: Callable[[], bool] | None = None,
     ) -> None:
-        """`begin_step()` says whether the step being captured is a full-statistics step; the time spent in
+        """`begin_step()` says whether the step being captured is a full-statistics step, `checksum_due()` whether
+        it takes the parameter checksum (its own cadence; full steps always do); the time spent in
         the hooks is handed to `add_agent_time` (it counts as the agent's time on the training thread)."""
         self._optimizer = optimizer
         self._engine = engine
         self._begin_step = begin_step
+        self._checksum_due = checksum_due
         self._add_agent_time = add_agent_time
         self._active = True
         self.steps = 0  # optimizer steps seen
@@ -137,7 +140,8 @@ class OptimizerTap:
             self.steps += 1
             full = self._begin_step()
             self._weights = self._engine.compute("weight", full)
-            self._checksum = self._engine.checksum() if full else None
+            due = full or (self._checksum_due is not None and self._checksum_due())
+            self._checksum = self._engine.checksum() if due else None
             before, self._before = self._before, None
             if full and before is not None:
                 self._updates = self._engine.update_stats(before)

@@ -23,8 +23,9 @@ Contract
   (activations.py) add activation, input and label statistics and NaN provenance.
 - Attach after the model is built, moved to its device and wrapped or sharded (DDP, FSDP2): the layer
   schema and the replica group (replica.py: which ranks must hold identical weights) are fixed at attach.
-- Cross-rank signals: full-statistics reports carry an exact checksum of the parameters (stats.py), compared
-  across replicas by the server; every report carries the time to the step's first forward pass (timing.py).
+- Cross-rank signals: an exact checksum of the parameters (stats.py), compared across replicas by the server,
+  taken on its own cadence (checksum_cadence.py: within 50 steps or 30 s, whatever the budget) and on full
+  steps; every report carries the time to the step's first forward pass (timing.py).
 - Gradient accumulation (`grad_accumulation=True`): a `step()` after which the optimizer has not stepped
   (nor the watched GradScaler) is a micro step: its loss joins the next report, which carries the mean loss
   and `micro_steps`; statistics go out once per optimizer step.
@@ -56,6 +57,7 @@ from gradwatch.agent.activations import ActivationTap
 from gradwatch.agent.amp import check_grad_scaler
 from gradwatch.agent.assembly import ReportAssembler
 from gradwatch.agent.budget import BudgetController
+from gradwatch.agent.checksum_cadence import ChecksumCadence
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
@@ -171,6 +173,8 @@ class Monitor:
         self._command: tuple[int, int, str] = (0, 0, "")  # written by the sender thread only
         self._command_seen = 0
         self._upcoming_full: bool | None = None  # decided at the first computation for the next step
+        self._cadence = ChecksumCadence()
+        self._upcoming_checksum = False  # decided with _upcoming_full
         self._closed = False
         self._inert = False
         self._close_result = False
@@ -203,7 +207,7 @@ class Monitor:
         self._sender = Sender(config, identity, self._counters, self._on_command, **kwargs)
         self._sender.start()  # first: if the thread cannot start, attach() raises with nothing hooked
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
-                                          self._spent)  # fmt: skip
+                                          self._spent, self._checksum_due)  # fmt: skip
         # forward_hooks=False promises no hooks on the model: then no pre-forward time either.
         self._forward_clock = ForwardClock(model) if config.forward_hooks else None
         if activations is not None:
@@ -337,14 +341,16 @@ class Monitor:
 
     def _report(self, started: float) -> None:
         full = self._begin_step()
+        checksum = self._upcoming_checksum
         self._upcoming_full = None
         if full and self._param_ids is not None:
             self._check_parameters()
         self._step_count += 1
         duration = 0.0 if self._last_step_at is None else started - self._last_step_at
+        self._cadence.observe(duration)
         pre_forward = None if self._forward_clock is None else self._forward_clock.take(self._last_step_at)
         self._last_step_at = started
-        part = self._assembler.assemble(full)
+        part = self._assembler.assemble(full, checksum)
         item = ReportItem(
             step=self._step_count,
             wall_time=time.time(),
@@ -394,7 +400,13 @@ class Monitor:
             if self._engine.refresh() is not layout:
                 self._assembler.layout_changed()
             self._upcoming_full = self._is_full_step(self._step_count + 1)
+            self._upcoming_checksum = self._upcoming_full or self._cadence.due(self._step_count + 1)
         return self._upcoming_full
+
+    def _checksum_due(self) -> bool:
+        """Whether step `step_count + 1` takes the parameter checksum (its own cadence, checksum_cadence.py)."""
+        self._begin_step()
+        return self._upcoming_checksum
 
     def _is_full_step(self, step: int) -> bool:
         token, steps, reason = self._command  # one read of a tuple the sender swaps whole: no lock needed

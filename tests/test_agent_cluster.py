@@ -72,7 +72,9 @@ def test_checksum_changes_when_one_bit_of_one_weight_flips() -> None:
         assert checksum_of(flipped) == reference_checksum(flipped)
 
 
-def test_agent_sends_the_checksum_after_the_optimizer_step_on_full_steps_only(server: ScriptableServer) -> None:
+def test_agent_sends_the_checksum_after_the_optimizer_step_on_full_steps_and_its_cadence(
+    server: ScriptableServer,
+) -> None:
     model = make_mlp(seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = attach(model, opt, server=server.address, run="checksum", full_stats_interval=3)
@@ -87,7 +89,7 @@ def test_agent_sends_the_checksum_after_the_optimizer_step_on_full_steps_only(se
         monitor.step(loss)
     assert monitor.close(timeout=5)
     sent = {r.step: r.param_checksum for r in server.servicer.reports() if r.HasField("param_checksum")}
-    assert sent == {3: expected[3], 6: expected[6]}
+    assert sent == {3: expected[3], 6: expected[6]}  # a 7-step job: the checksum's own cadence (32 steps) not reached
 
 
 def test_agent_reports_the_time_to_the_first_forward_of_each_step(server: ScriptableServer) -> None:

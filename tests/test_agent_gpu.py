@@ -57,8 +57,9 @@ def test_agent_gpu_hundred_steps_without_a_sync_under_sync_debug_error(server: S
     # Forward-hook statistics (activations, labels) and NaN provenance came through without a sync as well.
     assert reports[6].HasField("activations") and sum(np.frombuffer(reports[6].label_histogram, "<f4")) == 32
     assert reports[59].non_finite & pb.NON_FINITE_FLAG_INPUT
-    # The parameter checksum of full steps (integer sums on the device) did not sync either.
-    assert all(r.HasField("param_checksum") == r.HasField("layers") for r in reports)
+    # The parameter checksum of full steps and of its own cadence (every 32 steps on fast steps: integer sums on the
+    # device) did not sync either.
+    assert all(r.HasField("param_checksum") == (r.HasField("layers") or r.step % 32 == 0) for r in reports)
 
 
 def test_agent_gpu_checksum_matches_the_same_weights_on_the_cpu() -> None:

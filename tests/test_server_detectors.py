@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -14,6 +15,7 @@ from gradwatch.server.app import ServerApp
 from gradwatch.server.detectors import REGISTRY, Clear, Fire, Verdict
 from gradwatch.server.detectors.exploding_gradient import ExplodingGradientConfig, ExplodingGradientDetector
 from gradwatch.server.detectors.non_finite import NonFiniteConfig, NonFiniteDetector
+from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport, build_report
 from gradwatch.v1 import gradwatch_pb2 as pb
 from server_support import columns, hello_frame, report_frame, run_stream, sample, scrape, start_app
@@ -88,17 +90,24 @@ def test_registry_names_severities_runbooks_are_stable() -> None:
 # ------------------------------------------------------------------ non_finite
 
 
+def _one_rank(det: NonFiniteDetector, report: RankReport) -> Verdict | None:
+    """non_finite is cross-rank: a run of one rank judges each report at once."""
+    findings = det.observe(report, RankTable(1))
+    assert len(findings) <= 1 and all(f.rank == report.rank for f in findings), findings
+    return findings[0].verdict if findings else None
+
+
 def test_non_finite_fires_on_nan_loss_at_that_step() -> None:
     det = NonFiniteDetector(NonFiniteConfig())
-    assert det.observe(make_report(1)) is None
-    verdict = det.observe(make_report(2, loss=math.nan))
+    assert _one_rank(det, make_report(1)) is None
+    verdict = _one_rank(det, make_report(2, loss=math.nan))
     assert isinstance(verdict, Fire) and verdict.step == 2
     assert "loss" in verdict.summary and "rank 0" in verdict.summary and verdict.layer is None
 
 
 def test_non_finite_names_first_layer_from_agent_provenance() -> None:
     det = NonFiniteDetector(NonFiniteConfig())
-    verdict = det.observe(make_report(7, flags=pb.NON_FINITE_FLAG_GRADIENT, first_non_finite_layer=2))
+    verdict = _one_rank(det, make_report(7, flags=pb.NON_FINITE_FLAG_GRADIENT, first_non_finite_layer=2))
     assert isinstance(verdict, Fire)
     assert verdict.layer == "block.1" and "gradient" in verdict.summary and "step 7" in verdict.summary
 
@@ -106,24 +115,64 @@ def test_non_finite_names_first_layer_from_agent_provenance() -> None:
 def test_non_finite_finds_layer_from_columns_and_counts_elements() -> None:
     det = NonFiniteDetector(NonFiniteConfig())
     layers = columns(4, grad_norm=[1, 1, 1, math.inf], grad_non_finite=[0, 0, 0, 12])
-    verdict = det.observe(make_report(3, layers=layers))
+    verdict = _one_rank(det, make_report(3, layers=layers))
     assert isinstance(verdict, Fire) and verdict.layer == "head" and verdict.value == 12.0
 
 
 def test_non_finite_weight_only_is_reported_as_weight() -> None:
     det = NonFiniteDetector(NonFiniteConfig())
-    verdict = det.observe(make_report(3, layers=columns(4, weight_non_finite=[0, 5, 0, 0])))
+    verdict = _one_rank(det, make_report(3, layers=columns(4, weight_non_finite=[0, 5, 0, 0])))
     assert isinstance(verdict, Fire) and verdict.layer == "block.0" and "non-finite weight" in verdict.summary
 
 
 def test_non_finite_resolves_after_n_consecutive_finite_reports() -> None:
     det = NonFiniteDetector(NonFiniteConfig(resolve_after=5))
-    det.observe(make_report(1, grad_norm=math.nan))
-    results = [det.observe(make_report(s)) for s in range(2, 6)]  # 4 finite
+    _one_rank(det, make_report(1, grad_norm=math.nan))
+    results = [_one_rank(det, make_report(s)) for s in range(2, 6)]  # 4 finite
     assert results == [None] * 4
-    assert isinstance(det.observe(make_report(6, grad_norm=math.inf)), Fire)  # streak restarts
-    results = [det.observe(make_report(s)) for s in range(7, 12)]
+    assert isinstance(_one_rank(det, make_report(6, grad_norm=math.inf)), Fire)  # streak restarts
+    results = [_one_rank(det, make_report(s)) for s in range(7, 12)]
     assert results[:4] == [None] * 4 and results[4] == Clear(step=11)
+
+
+def _two_ranks() -> RankTable:
+    table = RankTable(2)
+    for rank in (0, 1):
+        table.join(rank, 2, "host", 0, 2, now=0.0)
+    return table
+
+
+def _arrive(det: NonFiniteDetector, table: RankTable, report: RankReport) -> list[Any]:
+    table.report(report.rank, report.step, 0.1, None, now=report.received_at)  # the ingest updates it first
+    return list(det.observe(report, table))
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_non_finite_names_the_rank_it_started_on_whichever_report_arrives_first(order: tuple[int, int]) -> None:
+    """Rank 0's input was NaN; the all-reduce gave rank 1 NaN gradients with a finite input, forward and loss."""
+    det, table = NonFiniteDetector(NonFiniteConfig()), _two_ranks()
+    reports = {
+        0: make_report(5, rank=0, loss=math.nan, grad_norm=math.nan, flags=pb.NON_FINITE_FLAG_INPUT),
+        1: make_report(5, rank=1, grad_norm=math.nan, flags=pb.NON_FINITE_FLAG_GRADIENT),
+    }
+    first = _arrive(det, table, reports[order[0]])
+    assert first == []  # held until the other rank has reported step 5
+    findings = _arrive(det, table, reports[order[1]])
+    assert [f.rank for f in findings] == [0, 1]  # the origin first: the alert opens with it
+    origin, receiver = (f.verdict.summary for f in findings)
+    assert "input batch" in origin and "rank(s) 1 only received it" in origin
+    assert "rank 1's input, forward and loss were finite" in receiver and "from rank(s) 0" in receiver
+
+
+def test_non_finite_waits_at_most_hold_s_for_a_silent_rank_and_says_when_no_forward_was_non_finite() -> None:
+    det, table = NonFiniteDetector(NonFiniteConfig(hold_s=1.0)), _two_ranks()
+    assert _arrive(det, table, make_report(5, rank=0, grad_norm=math.nan, flags=pb.NON_FINITE_FLAG_GRADIENT)) == []
+    assert det.tick(table, now=0.5) == []
+    (finding,) = det.tick(table, now=1.0)
+    assert finding.rank == 0 and "arose in a backward pass" in finding.verdict.summary
+    # Already firing: the next non-finite report fires at once.
+    (again,) = _arrive(det, table, make_report(6, rank=0, grad_norm=math.nan))
+    assert isinstance(again.verdict, Fire) and again.verdict.step == 6
 
 
 # ------------------------------------------------------------------ exploding_gradient
@@ -244,6 +293,11 @@ def test_non_finite_alert_merges_ranks_and_resolves_when_all_clear(app: ServerAp
 
     _send(app, 0, range(1, 6), nan_at={5}, layers=4)
     _send(app, 1, range(1, 8), nan_at={7}, layers=4)
+    # Rank 1's first non-finite report waits for rank 0's report of step 7 (which never comes: rank 0 stopped at
+    # step 5) for at most hold_s, then the server's 1 s tick judges it.
+    deadline = time.monotonic() + 10.0
+    while app.alerts(state="firing")[0]["ranks"] != [0, 1] and time.monotonic() < deadline:
+        time.sleep(0.05)
 
     [alert] = app.alerts(state="firing")
     assert alert["detector"] == "non_finite" and alert["run"] == "merge" and alert["severity"] == "critical"

@@ -2,7 +2,7 @@
 
 Adding a detector: write a module with a `*Config` (DetectorConfig subclass with
 documented defaults), the detector class and a `SPEC`, then add the SPEC here.
-Cross-rank detectors (scope "run": rank_divergence, replica_mismatch, straggler,
+Cross-rank detectors (scope "run": non_finite, rank_divergence, replica_mismatch, straggler,
 stalled, throughput_drop) follow the RunDetector contract in base.py. Its
 settings appear under `detectors.<name>` in the server's YAML file, its alerts carry
 `runbook` = docs/runbooks/<name>.md, and /metrics exports it in

@@ -27,6 +27,14 @@ with tight norms the bound is below factor × median and changes nothing). And a
 the run's starting norm (the median of its first `min_reports`: a classifier near zero loss has gradients
 of 1e-4 that jump tenfold on one hard example without anything exploding) and `min_norm` (a run whose
 units all died has gradients of 1e-16 whose float noise is "thousands of times" its baseline).
+
+A baseline cannot see a run that is broken from its first steps (a learning rate far too high from step 1):
+the warm-up admits the explosion and the baseline calls it normal. So, from the first report on and after
+the warm-up alike, a norm above `start_factor` × the rank's first positive norm fires too (the same
+`consecutive` rule): the first norm is measured before any update, so it is the one value a runaway
+optimizer cannot have moved. The healthy catalogue runs (MLP, CNN, GRU, transformer; SGD, Adam, warm-up
+and cosine schedules) peak at 1 to 6.4× it; three orders of magnitude above it is a run blowing up,
+whatever the model's scale.
 Resolves after `resolve_after` consecutive normal reports.
 """
 
@@ -77,6 +85,12 @@ class ExplodingGradientConfig(DetectorConfig):
         ge=0.0,
     )
 
+    start_factor: float = setting(
+        1000.0,
+        doc="From the first report on: fire above this × the rank's first positive norm (broken from the start).",
+        gt=1.0,
+    )
+
     def _check(self) -> None:
         if self.min_reports > self.window:
             raise SettingError("min_reports", f"must be ≤ window ({self.window}), got {self.min_reports}")
@@ -87,6 +101,8 @@ class _RankState:
     baseline: FloatRing
     recent: FloatRing
     start: float = 0.0
+    #: The rank's first positive finite norm (taken before any update): the runaway rule's reference.
+    first: float = 0.0
 
 
 class ExplodingGradientDetector:
@@ -106,11 +122,14 @@ class ExplodingGradientDetector:
         cfg = self._config
         state = self._ranks[report.rank]
         state.recent.append(norm)
+        if state.first <= 0.0 and norm > 0.0:
+            state.first = norm
+        runaway = state.first > 0.0 and norm > max(cfg.start_factor * state.first, cfg.min_norm)
         if state.baseline.count < cfg.min_reports:
             state.baseline.append(norm)
             if state.baseline.count == cfg.min_reports:
                 state.start = median_of(state.baseline.values())
-            return None
+            return self._warming(report, norm, runaway)
 
         held = state.baseline.unordered()
         median = median_of(held)
@@ -121,16 +140,35 @@ class ExplodingGradientDetector:
             return None
         floor = max(cfg.min_norm, cfg.start_fraction * state.start, _log_bound(held, cfg.log_k))
         threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
-        over = norm > threshold
+        over = norm > threshold or runaway
         growth = self._growth(state.recent) if norm > floor else None
         kind = self._latch.judge(report.rank, over, still=over or growth is not None, now=growth is not None)
         if kind == FIRE:
+            if runaway and norm <= threshold:
+                return self._fire_runaway(report, norm, state.first)
             return self._fire(report, norm, median, mad, threshold, growth)
         if kind == CLEAR:
             return Clear(step=report.step)
         if not self._latch.firing(report.rank) and not over:
             state.baseline.append(norm)  # a lone spike stays out of the baseline
         return None
+
+    def _warming(self, report: RankReport, norm: float, runaway: bool) -> Verdict | None:
+        """A warm-up report: only the runaway rule judges it (the baseline is not ready)."""
+        kind = self._latch.judge(report.rank, runaway)
+        if kind == FIRE:
+            return self._fire_runaway(report, norm, self._ranks[report.rank].first)
+        if kind == CLEAR:
+            return Clear(step=report.step)
+        return None
+
+    def _fire_runaway(self, report: RankReport, norm: float, first: float) -> Fire:
+        summary = (
+            f"gradient norm {norm:.3g} on rank {report.rank} at step {report.step} is {norm / first:.3g}× the "
+            f"rank's first norm {first:.3g} (> {self._config.start_factor:g}×): the run has been blowing up "
+            f"since its first steps (learning rate or loss scale far too large), before any baseline could form"
+        )
+        return Fire(step=report.step, value=norm, summary=summary)
 
     def _growth(self, recent: FloatRing) -> float | None:
         """Trend growth across the window when the sustained-growth rule holds, else None."""

@@ -15,8 +15,16 @@ What separates divergence from a loss spike is persistence, so this detector nev
   after block and the last is at least `trend_factor` × the first, and above the baseline threshold's
   min_rise margin: a steady climb, caught before it reaches the level rule.
 
-The first `min_reports` losses only build the baseline. Non-finite losses belong to non_finite (which
-inhibits this detector). Resolves after `resolve_after` consecutive reports with neither rule holding.
+* **runaway from the start**: the median of the last `duration` losses (at least three) exceeds the
+  rank's first loss by (start_factor − 1) × |first loss|. A baseline cannot judge a run that is broken
+  from its first steps (its warm-up admits the catastrophe as normal); the first loss is taken before any
+  update, so no runaway optimizer can have moved it. Training lowers the loss from its untrained value
+  (the healthy catalogue runs peak at 1 to 1.7× it); two orders of magnitude above it is a broken run at
+  any scale. This rule also judges the warm-up.
+
+The first `min_reports` losses only build the baseline (only the runaway rule judges them). Non-finite
+losses belong to non_finite (which inhibits this detector). Resolves after `resolve_after` consecutive
+reports with neither rule holding.
 """
 
 from __future__ import annotations
@@ -51,6 +59,11 @@ class LossDivergenceConfig(DetectorConfig):
     trend_window: int = setting(80, doc="Losses the trend rule examines (four blocks).", ge=8)
     trend_factor: float = setting(2.0, doc="Trend rule: last block median ≥ this × the first block median.", gt=1.0)
     resolve_after: int = setting(20, doc="Consecutive normal reports before a rank clears.", ge=1)
+    start_factor: float = setting(
+        100.0,
+        doc="Runaway rule, from the first reports on: recent median above this × the rank's first loss.",
+        gt=1.0,
+    )
 
     def _check(self) -> None:
         if self.min_reports > self.window:
@@ -63,6 +76,8 @@ class LossDivergenceConfig(DetectorConfig):
 class _RankState:
     baseline: LossBaseline
     recent: FloatRing
+    #: The rank's first finite, non-zero loss (before any update): the runaway rule's reference.
+    first: float | None = None
 
 
 class LossDivergenceDetector:
@@ -82,21 +97,45 @@ class LossDivergenceDetector:
         cfg = self._config
         state = self._ranks[report.rank]
         state.recent.append(loss)
+        if state.first is None and loss != 0.0:
+            state.first = loss
+        recent = state.recent.values()
+        runaway = self._runaway(recent, state.first)
         if not state.baseline.ready:
             state.baseline.warm(loss)
-            return None
+            kind = self._latch.judge(report.rank, runaway is not None)
+            if kind == FIRE and runaway is not None and state.first is not None:
+                return self._fire_runaway(report, runaway, state.first)
+            return Clear(step=report.step) if kind == CLEAR else None
         median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
-        recent = state.recent.values()
         level = median_of(recent[-cfg.duration :]) if recent.size >= cfg.duration else -math.inf
         growth = self._trend(recent, median, state.baseline.initial or 0.0)
-        kind = self._latch.judge(report.rank, level > threshold or growth is not None)
+        kind = self._latch.judge(report.rank, level > threshold or growth is not None or runaway is not None)
         if kind == FIRE:
+            if runaway is not None and state.first is not None and not level > threshold and growth is None:
+                return self._fire_runaway(report, runaway, state.first)
             return self._fire(report, level, median, threshold, growth)
         if kind == CLEAR:
             return Clear(step=report.step)
         if not self._latch.firing(report.rank) and loss <= threshold:
             state.baseline.window.append(loss)
         return None
+
+    def _runaway(self, recent: np.ndarray, first: float | None) -> float | None:
+        """Median of the last `duration` losses (three at least) when it is start_factor × above the first
+        loss, else None."""
+        if first is None or recent.size < min(3, self._config.duration):
+            return None
+        level = median_of(recent[-self._config.duration :])
+        return level if level - first > (self._config.start_factor - 1.0) * abs(first) else None
+
+    def _fire_runaway(self, report: RankReport, level: float, first: float) -> Fire:
+        summary = (
+            f"loss ran away on rank {report.rank} at step {report.step}: the median of the last losses is "
+            f"{level:.4g}, far above the rank's first loss {first:.4g} (> {self._config.start_factor:g}×): broken "
+            f"since its first steps (learning rate far too large?), before any baseline could form"
+        )
+        return Fire(step=report.step, value=level, summary=summary)
 
     def _trend(self, recent: np.ndarray, median: float, initial: float) -> float | None:
         """Growth first → last block when the four block medians rise steadily, else None."""

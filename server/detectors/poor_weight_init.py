@@ -21,7 +21,11 @@ loss says anything clear:
   exactly zero (a zero initialisation in front of zero weights) never moves.
 
 Only the first `start_reports` full reports of a rank can start the alert (SageMaker
-looks at the first 10 steps); a condition must hold on `consecutive` of them in a row.
+looks at the first 10 steps); a condition must hold on `consecutive` of them in a row, counted from the
+rank's first full report. An initialisation fault is there before the first update: a condition that
+appears only on a later report was made by training (a learning rate that wrecked good weights within the
+first steps makes activations explode with depth too), and blaming the initialisation would send the
+on-call engineer to the wrong place (exploding_gradient and loss_divergence judge that run).
 Once firing, later reports keep being judged, and the rank clears after
 `resolve_after` full reports with no condition left (training fixed the symmetry, or
 the restarted run was initialised well).
@@ -63,6 +67,8 @@ class PoorWeightInitDetector:
     def __init__(self, config: PoorWeightInitConfig) -> None:
         self._config = config
         self._state = Hysteresis(consecutive=config.consecutive, resolve_after=config.resolve_after)
+        # Per rank: which conditions have held on every full report since the rank's first.
+        self._since_start: dict[int, np.ndarray] = {}
 
     def observe(self, report: RankReport) -> Verdict | None:
         acts, columns = report.activations, report.columns
@@ -81,6 +87,10 @@ class PoorWeightInitDetector:
             else np.zeros(0, dtype=bool)
         )
         over = np.concatenate([[depth], symmetric, zero])
+        held = self._since_start.get(rank)
+        held = over if held is None or held.shape != over.shape else held & over
+        self._since_start[rank] = held
+        over = over if self._state.firing(rank) else held
         # Worst first: a layer that cannot move, then symmetric units, then a depth trend.
         score = np.concatenate([[1.0], np.full(symmetric.size, 2.0), np.full(zero.size, 3.0)])
         outcome = self._state.judge(rank, over, over, score)

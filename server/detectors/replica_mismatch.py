@@ -21,7 +21,8 @@ group are compared, at the same step, once every member has sent it. A pure FSDP
 has no replica and is never compared. Ranks whose checksum differs from the group's
 majority fire at once (an exact comparison has no noise); with no majority (two
 replicas) every member differing from another is named. Checksums are compared at
-the full-statistics cadence: a flip in the lowest bits of a weight that the next
+the agent's checksum cadence (within 50 steps or 30 s, agent/checksum_cadence.py) and
+on full-statistics steps: a flip in the lowest bits of a weight that the next
 updates round away before the next comparison leaves identical replicas, and is not
 (and need not be) reported. A rank clears when a later
 comparison of its group agrees `resolve_after` times in a row (after a resync).

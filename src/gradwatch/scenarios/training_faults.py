@@ -116,6 +116,14 @@ def _lr_too_low(seed: int) -> Setup:
     return setup
 
 
+def _broken_from_start(seed: int) -> Setup:
+    """Adam at a learning rate of 10 from the first step on a ReLU MLP: every weight moves by ~10 per step, so
+    the loss reaches 1e9 within a few steps and stays there, finite (Adam's step is bounded by its rate)."""
+    model = mlp(FEATURES, 64, 1, depth=2, act=nn.ReLU)
+    optimizer = torch.optim.Adam(model.parameters(), lr=10.0)
+    return Setup(model, optimizer, regression_data(FEATURES, 64, seed), nn.functional.mse_loss)
+
+
 def _layer_not_in_optimizer(seed: int) -> Setup:
     """The first layer was left out of the optimizer: it has gradients but never changes."""
     model = mlp(FEATURES, 64, 1, depth=2)
@@ -203,6 +211,16 @@ SCENARIOS: tuple[Scenario, ...] = (
         fault_step=60,
         expect="update_ratio",
         allow=("loss_not_decreasing",),
+    ),
+    Scenario(
+        name="broken_from_start",
+        description="Adam at learning rate 10 from the first step: catastrophic before any baseline forms",
+        build=_broken_from_start,
+        steps=60,
+        fault_step=1,
+        expect="exploding_gradient",
+        # The same runaway seen from the loss, the updates, and the units it killed; never the initialisation.
+        allow=("loss_divergence", "loss_spike", "update_ratio", "dead_relu", "output_collapse", "frozen_parameters"),
     ),
     Scenario(
         name="frozen_layer",

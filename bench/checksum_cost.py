@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Cost of the parameter checksum on its own cadence, apart from the full statistics.
+
+The agent takes an exact parameter checksum (one integer sum per parameter, `StatsEngine.checksum`) every
+`ChecksumCadence.interval` steps (32 on steps under ~1 s) besides full-statistics steps. For each model this
+times, in one process and interleaved: a plain training step (forward, backward, SGD step), the checksum alone
+(and a host read of its result, so the work is done), and the per-step share at interval 32. CPU thread time
+(`time.thread_time`), medians over `--repeats` rounds; one thread.
+
+    python bench/checksum_cost.py [--repeats 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from gradwatch.agent.checksum_cadence import ChecksumCadence
+from gradwatch.agent.schema import build_layout
+from gradwatch.agent.stats import StatsEngine
+
+MODELS = {
+    "mlp 16-64-4 (1.4k params)": (lambda: nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)), (32, 16)),
+    "mlp 512x4 (0.8M params)": (
+        lambda: nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(512, 512), nn.ReLU())], nn.Linear(512, 10)),
+        (64, 512),
+    ),
+    "mlp 2048x4 (12.6M params)": (
+        lambda: nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(2048, 2048), nn.ReLU())], nn.Linear(2048, 10)),
+        (64, 2048),
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    interval = ChecksumCadence().interval
+    print(f"torch {torch.__version__}, 1 thread, CPU thread time, median of {args.repeats} rounds\n")
+    print(f"| model | training step | checksum | checksum / step | per-step share at interval {interval} |")
+    print("|---|---|---|---|---|")
+    for name, (build, shape) in MODELS.items():
+        model = build()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        engine = StatsEngine(build_layout(model, 1))
+        x = torch.randn(*shape)
+        steps, sums = [], []
+        for _ in range(args.repeats):
+            t0 = time.thread_time()
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            t1 = time.thread_time()
+            [float(piece) for piece in engine.checksum()]
+            t2 = time.thread_time()
+            steps.append(t1 - t0)
+            sums.append(t2 - t1)
+        step, cost = statistics.median(steps), statistics.median(sums)
+        print(
+            f"| {name} | {step * 1e3:.3f} ms | {cost * 1e3:.3f} ms | {cost / step:.1%} | {cost / step / interval:.2%} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
