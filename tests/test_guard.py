@@ -4,7 +4,6 @@ bad settings fail at attach; every skip is reported with its reasons."""
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from typing import Any
