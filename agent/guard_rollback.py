@@ -63,8 +63,6 @@ class Rollback:
         if not self._enabled:
             return False
         self._read_flags(step)
-        if self._cool_down > 0:
-            self._cool_down -= 1
         window = self._settings.rollback_window
         while self._skips and self._skips[0] <= step - window:
             self._skips.popleft()
@@ -80,7 +78,8 @@ class Rollback:
             return False
         self.rollbacks += 1
         self._restored = restored
-        self._cool_down = self._settings.lr_scale_steps if self._settings.lr_scale != 1.0 else 0
+        # This step's update is skipped: the cool-down covers the `lr_scale_steps` steps after it.
+        self._cool_down = self._settings.lr_scale_steps + 1 if self._settings.lr_scale != 1.0 else 0
         message = f"rolled back to step {restored} ({source}) after {skips} skipped steps"
         logger.warning("gradwatch: %s", message)
         self._submit_event("guard_rollback", message, {
@@ -93,6 +92,8 @@ class Rollback:
         """Optimizer step `step` is done (applied or undone): queue its flag, snapshot on schedule."""
         if not self._enabled:
             return
+        if self._cool_down > 0:
+            self._cool_down -= 1
         self._flags.append((step, start_copy([[reasons]])))
         if step % self._settings.snapshot_every != 0 or self._callback is not None:
             return
