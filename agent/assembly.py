@@ -18,6 +18,7 @@ import torch
 
 from gradwatch.agent.activations import ActivationTap, assemble, label_histogram
 from gradwatch.agent.amp import ScalerTap
+from gradwatch.agent.autopsy import TailItem
 from gradwatch.agent.fold import LayerFold
 from gradwatch.agent.histogram import LOG2_BINS
 from gradwatch.agent.hooks import Capture, OptimizerTap, learning_rates
@@ -27,7 +28,9 @@ from gradwatch.agent.snapshot import Segment, start_copy
 from gradwatch.agent.stats import StatsEngine
 from gradwatch.agent.vector import VectorLayout
 
-__all__ = ["ReportAssembler"]
+__all__ = ["ReportAssembler", "TailBuilder"]
+
+TailBuilder = Callable[[int], tuple[list[torch.Tensor], TailItem]]  # offset -> (segments, description)
 
 
 class ReportAssembler:
@@ -81,7 +84,8 @@ class ReportAssembler:
         scaler_stepped = self._scaler_tap is not None and self._scaler_tap.pending
         return self._tap.steps == self._reported_optimizer_steps and not scaler_stepped
 
-    def assemble(self, full: bool, checksum_due: bool = False) -> Assembled:
+    def assemble(self, full: bool, checksum_due: bool = False, tail: TailBuilder | None = None) -> Assembled:
+        """`tail(offset)` adds the guard and autopsy values (autopsy.py) after everything else."""
         engine = self._engine
         captured = self._tap.take() if self._tap is not None else Capture()
         num_params = len(engine.layout.params)
@@ -116,6 +120,11 @@ class ReportAssembler:
         offset = len(scalars) + (0 if histograms is None else histograms.numel())
         activation_parts, activations = assemble(capture, num_modules, labels, offset, engine.zero())
         segments += activation_parts
+        tail_item = None
+        if tail is not None:
+            size = sum(len(s) if isinstance(s, list) else s.numel() for s in segments)
+            tail_segments, tail_item = tail(size)
+            segments += tail_segments
         return Assembled(
             values=start_copy(segments),
             layout=self._layout(
@@ -130,6 +139,7 @@ class ReportAssembler:
             optimizer_step=0 if self._tap is None else self._tap.steps,
             micro_steps=loss.micro_steps,
             activations=activations,
+            tail=tail_item,
         )
 
     def remove(self) -> None:

@@ -27,6 +27,7 @@ can always turn the agent off without touching code), and while it is on nothing
 | forward_hooks          | GRADWATCH_FORWARD_HOOKS           | True (activations, inputs, NaN provenance) |
 | overhead_budget        | GRADWATCH_OVERHEAD_BUDGET         | 0.01 (share of step time; 0: off)     |
 | on_alert               | GRADWATCH_ON_ALERT                | "observe" (or "flag", "raise")         |
+| guard                  | GRADWATCH_GUARD                   | "off" ("skip", "rollback", JSON: guard_config.py) |
 | retry (RetryPolicy)    | GRADWATCH_RETRY_INITIAL_BACKOFF_S | 0.5 s, ×1.6 per attempt, ±20 % jitter |
 |                        | GRADWATCH_RETRY_MAX_BACKOFF_S     | 30.0 s                                |
 | rank                   | RANK                              | torch.distributed, else env, else 0   |
@@ -51,6 +52,8 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from gradwatch.agent.guard_config import GuardSettings, check_guard, parse_guard_env
 
 __all__ = [
     "ENV_DISABLED",
@@ -83,6 +86,7 @@ ENV_FORWARD_HOOKS = "GRADWATCH_FORWARD_HOOKS"
 ENV_OVERHEAD_BUDGET = "GRADWATCH_OVERHEAD_BUDGET"
 ENV_ON_ALERT = "GRADWATCH_ON_ALERT"
 ENV_DETECTORS = "GRADWATCH_DETECTORS"  # JSON: {"detector": {"setting": value}}
+ENV_GUARD = "GRADWATCH_GUARD"  # a policy name or a JSON object of guard settings
 ENV_RETRY_INITIAL_BACKOFF_S = "GRADWATCH_RETRY_INITIAL_BACKOFF_S"
 ENV_RETRY_MAX_BACKOFF_S = "GRADWATCH_RETRY_MAX_BACKOFF_S"
 # Set by launchers, not by us: read as fallbacks only.
@@ -169,6 +173,8 @@ class AgentConfig:
     #: Per-run detector settings for the server, as ("detector.setting", JSON value) pairs (see `_check_detectors`).
     detector_settings: tuple[tuple[str, str], ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: The spike and NaN guard (guard.py); off unless asked for.
+    guard: GuardSettings = field(default_factory=GuardSettings)
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -395,6 +401,7 @@ _OPTIONS: dict[str, _Option] = {
     "overhead_budget": _Option(ENV_OVERHEAD_BUDGET, _check_fraction, _env_number(float)),
     "on_alert": _Option(ENV_ON_ALERT, _check_on_alert),
     "detectors": _Option(ENV_DETECTORS, _check_detectors, _env_json),
+    "guard": _Option(ENV_GUARD, check_guard, parse_guard_env),
     "retry": _Option(None, _check_retry),
     "rank": _Option(ENV_RANK, _check_non_negative_int, _env_number(int)),
     "world_size": _Option(ENV_WORLD_SIZE, _check_positive_int, _env_number(int)),
@@ -501,6 +508,7 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
         on_alert=values["on_alert"] or "observe",
         detector_settings=values["detectors"] or (),
         retry=retry,
+        guard=values["guard"] or GuardSettings(),
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,

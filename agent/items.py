@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass, field
 
 from gradwatch.agent.activations import ActivationItem, ActivationTap
+from gradwatch.agent.autopsy import TailItem
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.fold import LayerFold
 from gradwatch.agent.schema import LayerSchema
@@ -100,6 +101,8 @@ class Assembled:
     optimizer_step: int
     micro_steps: int
     activations: ActivationItem | None
+    #: The guard and autopsy values at the end of the vector (autopsy.py), when guarded or given.
+    tail: TailItem | None = None
 
 
 @dataclass(slots=True)

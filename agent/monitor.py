@@ -32,6 +32,10 @@ Contract
 - Mixed precision: pass `grad_scaler=` (a torch.amp.GradScaler) and a step the scaler skips because of
   Inf/NaN scaled gradients is reported with `skipped_step` and the scale (amp.py), so the server does not
   mistake it for a NaN or an explosion.
+- Guard (opt-in, `guard="skip"` or `"rollback"`, guard.py): an optimizer update whose loss (given to
+  `observe_loss()` before `optimizer.step()`) or gradient norm is non-finite or a spike is not applied, and
+  the report says so. Autopsy: `step(loss, batch_ids=..., sample_losses=...)` sends the batch's ids and its
+  top-k samples by loss with the report (autopsy.py), so alerts and incidents can name them.
 """
 
 from __future__ import annotations
@@ -56,10 +60,12 @@ from gradwatch.agent.actions import AlertActions, AlertNotice
 from gradwatch.agent.activations import ActivationTap
 from gradwatch.agent.amp import check_grad_scaler
 from gradwatch.agent.assembly import ReportAssembler
+from gradwatch.agent.autopsy import build_tail, check_batch_ids
 from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.checksum_cadence import ChecksumCadence
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
+from gradwatch.agent.guard import Guard, pick_mechanism
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
 from gradwatch.agent.replica import replica_group
 from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, data_parallel_size
@@ -98,6 +104,7 @@ def attach(
     server: str | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     alert_callback: Callable[[AlertNotice], object] | None = None,
+    rollback_callback: Callable[[int], int | None] | None = None,
     **options: Any,
 ) -> Monitor:
     """Start monitoring `model` (and `optimizer`); returns a Monitor, or a NoopMonitor when disabled.
@@ -106,8 +113,10 @@ def attach(
     token, token_file, tls, tls_ca_file, tls_client_cert_file, tls_client_key_file, run, job_name,
     full_stats_interval, enabled, replay_buffer_size, queue_size, heartbeat_interval_s, welcome_timeout_s,
     exit_flush_timeout_s, grad_accumulation, retry (a RetryPolicy), rank, world_size, local_rank,
-    overhead_budget, on_alert. `grad_scaler`: the torch.amp.GradScaler that steps `optimizer`, if any.
+    overhead_budget, on_alert, guard. `grad_scaler`: the torch.amp.GradScaler that steps `optimizer`, if any.
     `alert_callback(notice)`: called at the next step() after a critical alert for the run (actions.py).
+    `rollback_callback(step)`: with guard policy "rollback", restores the user's last good checkpoint and
+    returns the optimizer step it holds (None: nothing restored); without it the guard keeps CPU snapshots.
     GRADWATCH_DISABLED=1 returns a NoopMonitor before anything else is read (and grpc is never imported).
     Raises ValueError on a bad model, optimizer, option or environment value.
     """
@@ -123,16 +132,21 @@ def attach(
         check_grad_scaler(grad_scaler, optimizer)
     if alert_callback is not None and not callable(alert_callback):
         raise ValueError(f"gradwatch: alert_callback must be callable, got {type(alert_callback).__name__}")
+    if rollback_callback is not None and not callable(rollback_callback):
+        raise ValueError(f"gradwatch: rollback_callback must be callable, got {type(rollback_callback).__name__}")
     config = resolve_config({"run": run, "server": server, **options})
     if not config.enabled:
         return NoopMonitor(config)
+    if config.guard.enabled and optimizer is None:
+        raise ValueError("gradwatch: guard needs the optimizer whose updates it guards: attach(model, optimizer, ...)")
     if process.forked_from_agent_process():
         logger.warning(
             "gradwatch: attach() in a forked child of a monitored process is a no-op (gRPC is not "
             "fork-safe); attach in a spawned process instead"
         )
         return NoopMonitor(config)
-    return Monitor(model, optimizer, config, grad_scaler=grad_scaler, alert_callback=alert_callback)
+    return Monitor(model, optimizer, config, grad_scaler=grad_scaler, alert_callback=alert_callback,
+                   rollback_callback=rollback_callback)  # fmt: skip
 
 
 class Monitor:
@@ -147,6 +161,7 @@ class Monitor:
         channel_factory: Any = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         alert_callback: Callable[[AlertNotice], object] | None = None,
+        rollback_callback: Callable[[int], int | None] | None = None,
     ) -> None:
         """Hook the optimizer and start the sender thread. `channel_factory(target) -> grpc.Channel` is a
         seam for tests and custom credentials; the default follows the config (transport.py): plaintext, or
@@ -162,6 +177,9 @@ class Monitor:
         self._schema = self._engine.layout.schema
         self._model_ref = weakref.ref(model)
         self._param_ids: set[int] | None = {id(p) for p in model.parameters()}
+        device = self._engine.layout.device
+        if config.guard.enabled and optimizer is not None:
+            pick_mechanism(config.guard.mechanism, optimizer, device)  # raises before anything starts
         self._counters = Counters()
         self._session_id = uuid.uuid4().hex
         self._step_count = 0
@@ -206,6 +224,14 @@ class Monitor:
         }
         self._sender = Sender(config, identity, self._counters, self._on_command, **kwargs)
         self._sender.start()  # first: if the thread cannot start, attach() raises with nothing hooked
+        # Before the optimizer tap: the guard's post-hook undoes a bad update before the tap reads the weights.
+        self._guard: Guard | None = None
+        if config.guard.enabled and optimizer is not None:
+            self._guard = Guard(config.guard, optimizer, device, world_size=config.world_size,
+                                submit_event=self._submit_event, restore_callback=rollback_callback,
+                                add_agent_time=self._spent)  # fmt: skip
+        self._batch_ids: Any = None
+        self._sample_losses: list[torch.Tensor] = []
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
                                           self._spent, self._checksum_due)  # fmt: skip
         # forward_hooks=False promises no hooks on the model: then no pre-forward time either.
@@ -259,18 +285,30 @@ class Monitor:
 
     # ------------------------------------------------------------------ training-thread API
 
-    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> None:
+    def step(
+        self,
+        loss: torch.Tensor | float | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        batch_ids: Any = None,
+        sample_losses: torch.Tensor | None = None,
+    ) -> None:
         """Report one training step (call once per iteration, after optimizer.step()).
 
         `loss` may be a tensor (detached here; never read on this thread), a number, or None. Never raises,
         blocks or syncs with the device. With `grad_accumulation`, a call after which the optimizer did not
         step only adds its loss to the next report. `labels` (integer class labels of the batch) feed the
-        class histogram of full-statistics reports.
+        class histogram of full-statistics reports. Autopsy: `batch_ids` (a sequence of ints or strings, or an
+        integer tensor: the ids of this batch's examples) and `sample_losses` (per-example losses, e.g. from
+        reduction="none") travel with the report, the latter as its top-k by loss (guard setting top_k,
+        default 8); a bad value is counted as an internal error and dropped.
         """
         if self._inert or self._closed:
             return
         started = time.perf_counter()
         try:
+            if batch_ids is not None or sample_losses is not None:
+                self._add_autopsy(batch_ids, sample_losses)
             self._assembler.add(loss, labels)
             if not self._assembler.is_micro_step(self._config.grad_accumulation):
                 self._report(started)
@@ -279,6 +317,21 @@ class Monitor:
         finally:
             self._agent_time_s += time.perf_counter() - started
         self._actions.poll()  # may raise TrainingAlert, when attached with on_alert="raise"
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """With the guard: this micro step's loss, given after backward() and before optimizer.step(), so the
+        guard judges the loss as well as the gradient norm. Never raises or syncs; without a guard a no-op."""
+        if self._inert or self._closed or self._guard is None:
+            return
+        try:
+            self._guard.observe_loss(loss)
+        except Exception as exc:
+            errors.report(exc, "observe_loss")
+
+    @property
+    def guard(self) -> Guard | None:
+        """The guard (attach(guard=...)), else None."""
+        return self._guard
 
     @property
     def stop_requested(self) -> bool:
@@ -315,6 +368,8 @@ class Monitor:
         self._closed = True
         try:
             self._assembler.remove()
+            if self._guard is not None:
+                self._guard.remove()
             if self._forward_clock is not None:
                 self._forward_clock.remove()
             self._close_result = self._sender.close(timeout, self._step_count, reason)
@@ -350,7 +405,7 @@ class Monitor:
         self._cadence.observe(duration)
         pre_forward = None if self._forward_clock is None else self._forward_clock.take(self._last_step_at)
         self._last_step_at = started
-        part = self._assembler.assemble(full, checksum)
+        part = self._assembler.assemble(full, checksum, self._tail_builder())
         item = ReportItem(
             step=self._step_count,
             wall_time=time.time(),
@@ -379,6 +434,32 @@ class Monitor:
             "a replaced layer); statistics cover the parameters it had at attach(). Attach after changing the "
             "model to watch the new ones."
         )
+
+    def _add_autopsy(self, batch_ids: Any, sample_losses: torch.Tensor | None) -> None:
+        """Keep this call's batch ids and per-example losses for the next report (micro steps add up)."""
+        ids = check_batch_ids(batch_ids)
+        if ids is not None:
+            if isinstance(ids, tuple) and isinstance(self._batch_ids, tuple):
+                ids = self._batch_ids + ids
+            elif isinstance(ids, torch.Tensor) and isinstance(self._batch_ids, torch.Tensor):
+                ids = torch.cat([self._batch_ids, ids])
+            self._batch_ids = ids
+        if sample_losses is not None:
+            if not isinstance(sample_losses, torch.Tensor):
+                raise TypeError(f"sample_losses must be a tensor, got {type(sample_losses).__name__}")
+            self._sample_losses.append(sample_losses.detach().reshape(-1))
+
+    def _tail_builder(self) -> Callable[[int], Any] | None:
+        """The guard and autopsy part of this report (autopsy.py), or None when there is neither."""
+        guard, ids, losses = self._guard, self._batch_ids, self._sample_losses
+        if guard is None and ids is None and not losses:
+            return None
+        self._batch_ids, self._sample_losses = None, []
+        reasons, rolled_back_to = guard.take() if guard is not None else (None, None)
+        top_k = self._config.guard.top_k
+        device = self._engine.layout.device
+        joined = None if not losses else losses[0] if len(losses) == 1 else torch.cat(losses)
+        return lambda offset: build_tail(offset, reasons, guard is not None, rolled_back_to, ids, joined, top_k, device)
 
     def _observe_cost(self, full: bool, agent_s: float, step_s: float) -> None:
         """Feed the overhead budget. Every report says the interval in force (StepReport.full_stats_interval,
@@ -479,8 +560,16 @@ class NoopMonitor(Monitor):
     def schema(self) -> LayerSchema:
         return LayerSchema((), (), ())
 
-    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> None:
+    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None, *,
+             batch_ids: Any = None, sample_losses: torch.Tensor | None = None) -> None:  # fmt: skip
         self._step_count += 1
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        return None
+
+    @property
+    def guard(self) -> Guard | None:
+        return None
 
     def event(self, kind: str, message: str = "", **attributes: str) -> None:
         return None

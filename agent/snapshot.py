@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["HostCopy", "Segment", "join", "start_copy"]
+__all__ = ["HostCopy", "Segment", "host_clone", "join", "read_now", "start_copy"]
 
 
 Segment = torch.Tensor | list[torch.Tensor]  # a 1-D tensor, or 0-d tensors to stack
@@ -63,6 +63,23 @@ class HostCopy:
             self._event.synchronize()
         assert self._host is not None
         return self._host.numpy()
+
+
+def read_now(value: torch.Tensor) -> float:
+    """Read a 0-d tensor on the training thread. Free on the CPU (the value is in host memory); on an
+    accelerator it waits for the device, so the guard calls it only where its docs say it syncs."""
+    return float(value.item())
+
+
+def host_clone(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `tensor` (the guard's rollback snapshot): pinned and non-blocking from CUDA, so the copy
+    overlaps the step; the next read of the copy orders after it (the caller synchronises before use)."""
+    if tensor.device.type == "cpu":
+        return tensor.detach().clone()
+    if tensor.device.type == "cuda":
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor.detach(), non_blocking=True)
+    return tensor.detach().to("cpu")
 
 
 def start_copy(segments: list[Segment]) -> HostCopy:

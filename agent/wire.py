@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from gradwatch.agent.activations import STATS_PER_MODULE, VALUES_PER_MODULE, ActivationItem
+from gradwatch.agent.autopsy import TailItem, read_tail
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -125,6 +126,8 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         report.loss_scale = float(values[layout.scaler_scale])
     if first_bad_layer is not None:
         report.first_non_finite_layer = first_bad_layer
+    if item.payload.tail is not None:
+        _tail_fields(report, item.payload.tail, values)
     if item.payload.activations is not None:
         report.non_finite |= _activation_fields(report, item.payload.activations, values)
         flags = report.non_finite
@@ -173,6 +176,16 @@ def _activation_fields(report: pb.StepReport, item: ActivationItem, values: np.n
             used = np.flatnonzero(counts)
             report.label_histogram = _column_bytes(counts[: used[-1] + 1] if used.size else counts[:0])
     return flags
+
+
+def _tail_fields(report: pb.StepReport, tail: TailItem, values: np.ndarray) -> None:
+    """The guard's verdict and the autopsy (autopsy.py)."""
+    reasons, ids, top = read_tail(tail, values)
+    report.guard_skip_reasons = reasons
+    if tail.rolled_back_to is not None:
+        report.guard_rolled_back_to = tail.rolled_back_to
+    report.batch_ids.extend(ids)
+    report.top_samples.extend(pb.SampleLoss(id=i, loss=loss, index=index) for i, loss, index in top)
 
 
 def event_frame(seq: int, item: EventItem) -> pb.AgentFrame:

@@ -39,6 +39,8 @@ STATE_RESOLVED = "resolved"
 STATES = (STATE_FIRING, STATE_RESOLVED)
 
 AlertListener = Callable[[dict[str, Any]], None]
+#: Ranks whose batch an alert keeps (autopsy): the first to fire are the ones that matter.
+MAX_AUTOPSY_RANKS = 8
 
 
 def alert_id(run: str, detector: str) -> str:
@@ -66,6 +68,8 @@ class _Alert:
     ranks: set[int] = field(default_factory=set)
     active: set[int] = field(default_factory=set)
     resolved_at: float | None = None
+    #: What the firing reports said about their batch, per rank (autopsy.py), when they said anything.
+    autopsy: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +87,7 @@ class _Alert:
             "started_at": self.started_at,
             "resolved_at": self.resolved_at,
             "runbook": self.runbook,
+            "autopsy": [self.autopsy[rank] for rank in sorted(self.autopsy)],
         }
 
 
@@ -102,8 +107,10 @@ class AlertBook:
         with self._lock:
             self._listeners.append(listener)
 
-    def fire(self, run: str, spec: DetectorSpec, rank: int, verdict: Fire) -> bool:
-        """Record a Fire; returns True when `rank` newly joined the firing set (a trigger)."""
+    def fire(self, run: str, spec: DetectorSpec, rank: int, verdict: Fire,
+             autopsy: dict[str, Any] | None = None) -> bool:  # fmt: skip
+        """Record a Fire; returns True when `rank` newly joined the firing set (a trigger). `autopsy`: the
+        batch of the report that made `rank` join (kept for the first MAX_AUTOPSY_RANKS ranks)."""
         with self._lock:
             key = (run, spec.name)
             alert = self._firing.get(key)
@@ -124,6 +131,8 @@ class AlertBook:
                 )
                 self._firing[key] = alert
             triggered = rank not in alert.active
+            if autopsy is not None and triggered and len(alert.autopsy) < MAX_AUTOPSY_RANKS:
+                alert.autopsy.setdefault(rank, autopsy)
             alert.ranks.add(rank)
             alert.active.add(rank)
             alert.last_step = max(alert.last_step, verdict.step)
@@ -200,6 +209,7 @@ class AlertBook:
                     runbook=saved["runbook"], step=saved["step"], last_step=saved["last_step"], layer=saved["layer"],
                     value=saved["value"], summary=saved["summary"], started_at=saved["started_at"],
                     ranks=set(saved["ranks"]), active=set(saved.get("active", saved["ranks"])),
+                    autopsy={int(a.get("rank", 0)): a for a in saved.get("autopsy") or () if isinstance(a, dict)},
                 )  # fmt: skip
                 self._firing[key] = alert
                 opened.append({**alert.as_dict(), "restored": True})

@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 
 from gradwatch.server.alerts import AlertBook
+from gradwatch.server.autopsy import autopsy_of
 from gradwatch.server.config import ServerConfig, run_detector_configs
 from gradwatch.server.detectors import (
     REGISTRY,
@@ -291,7 +292,8 @@ class Ingestor:
                 self._detector_failed(spec)
                 continue
             if verdict is not None:  # the common case: nothing to apply
-                commands.extend(self._verdict(run, rank, spec, rank.rank, verdict))
+                autopsy, verdict = autopsy_of(spec.name, report, verdict)
+                commands.extend(self._verdict(run, rank, spec, rank.rank, verdict, autopsy))
         return commands
 
     def _run_findings(self, spec: DetectorSpec, detector: Detector | RunDetector, run: RunState,
@@ -313,11 +315,11 @@ class Ingestor:
             log.exception("detector %s failed; further failures are not logged", spec.name)
 
     def _verdict(self, run: RunState, sender: RankState | None, spec: DetectorSpec, rank: int,
-                 verdict: Verdict | None) -> list[pb.Command]:  # fmt: skip
+                 verdict: Verdict | None, autopsy: dict[str, Any] | None = None) -> list[pb.Command]:  # fmt: skip
         """Apply one verdict about `rank`; commands for `sender`, the rank whose stream is being served."""
         commands: list[pb.Command] = []
         if isinstance(verdict, Fire):
-            if self._alerts.fire(run.run_id, spec, rank, verdict):
+            if self._alerts.fire(run.run_id, spec, rank, verdict, autopsy):
                 self._store.count_trigger(run, spec.name)
                 if sender is not None and sender.rank == rank:
                     commands.extend(self._full_stats_command(sender, spec))

@@ -159,6 +159,8 @@ class _RunFamilies:
     dropped_layers: CounterMetricFamily
     agent_dropped: CounterMetricFamily
     skipped_steps: CounterMetricFamily
+    guard_skipped: CounterMetricFamily
+    guard_rollbacks: CounterMetricFamily
 
     @classmethod
     def empty(cls) -> _RunFamilies:
@@ -219,6 +221,16 @@ class _RunFamilies:
                 "Rank reports of optimizer steps a loss scaler skipped (Inf/NaN in scaled gradients).",
                 labels=["run"],
             ),
+            guard_skipped=counter(
+                "gradwatch_guard_skipped_steps_total",
+                "Rank reports of optimizer updates the agent's guard did not apply (spike or non-finite).",
+                labels=["run"],
+            ),
+            guard_rollbacks=counter(
+                "gradwatch_guard_rollbacks_total",
+                "Rank reports of a guard rollback to the last known-good state.",
+                labels=["run"],
+            ),
         )
 
     def all(self) -> list[Metric]:
@@ -241,6 +253,8 @@ class _RunFamilies:
         if run.global_grad_norm is not None:
             self.grad_norm.add_metric([rid, "global"], run.global_grad_norm)
         self.skipped_steps.add_metric([rid], run.skipped_steps)
+        self.guard_skipped.add_metric([rid], run.guard_skipped_steps)
+        self.guard_rollbacks.add_metric([rid], run.guard_rollbacks)
         self.connected.add_metric([rid], sum(1 for r in ranks if r.open_streams > 0))
         self.finished.add_metric([rid], 1 if run.finished else 0)
         for r in ranks:

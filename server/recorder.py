@@ -428,6 +428,7 @@ class FlightRecorder:
             "detector": alert["detector"],
             "severity": alert["severity"],
             "summary": alert["summary"],
+            "autopsy": alert.get("autopsy") or [],
             "step": alert["step"],
             "layer": alert["layer"],
             "ranks_firing": alert["ranks"],

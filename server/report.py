@@ -135,6 +135,13 @@ class RankReport:
     param_checksum: int | None = None
     #: Seconds from the previous step to this step's first forward pass, when the agent saw one.
     pre_forward_s: float | None = None
+    #: The agent's guard did not apply this step's update: OR of GuardSkipReason bits (0: applied or no guard).
+    guard_skip_reasons: int = 0
+    #: The optimizer step a guard rollback restored since the previous report, when one happened.
+    guard_rolled_back_to: int | None = None
+    #: Autopsy: the batch's ids and its top samples by loss as (id, loss, index), highest first.
+    batch_ids: tuple[str, ...] = _NO_NAMES
+    top_samples: tuple[tuple[str, float, int], ...] = ()
 
     def held_layers(self, n: int) -> np.ndarray:
         """Boolean mask of the `n` layers this rank holds elements of (all True when the agent did not say): an
@@ -216,6 +223,10 @@ def build_report(
         local_param_counts=local_param_counts,
         param_checksum=msg.param_checksum if msg.HasField("param_checksum") else None,
         pre_forward_s=msg.pre_forward_s if msg.HasField("pre_forward_s") else None,
+        guard_skip_reasons=msg.guard_skip_reasons,
+        guard_rolled_back_to=msg.guard_rolled_back_to if msg.HasField("guard_rolled_back_to") else None,
+        batch_ids=tuple(msg.batch_ids),
+        top_samples=tuple((s.id, s.loss, s.index) for s in msg.top_samples),
     )
 
 

@@ -139,6 +139,9 @@ class RunState:
     expired: bool = False
     #: Reports of steps a loss scaler skipped (StepReport.skipped_step), all ranks.
     skipped_steps: int = 0
+    #: Rank reports of optimizer updates the agent's guard did not apply, and guard rollbacks, all ranks.
+    guard_skipped_steps: int = 0
+    guard_rollbacks: int = 0
     #: Global gradient norm of the latest step every rank reported a share for, and its step.
     global_grad_norm: float | None = None
     global_grad_norm_step: int | None = None
@@ -351,6 +354,10 @@ class RunStore:
                 run.non_finite_counts[kind] += 1
             if report.skipped:
                 run.skipped_steps += 1
+            if report.guard_skip_reasons:
+                run.guard_skipped_steps += 1
+            if report.guard_rolled_back_to is not None:
+                run.guard_rollbacks += 1
             if report.full_stats_interval:
                 state.full_stats_interval_in_force = report.full_stats_interval
             state.over_budget = report.over_budget

@@ -79,6 +79,10 @@ MAX_SMALL_FRAME_BYTES = 256 * 1024
 #: Per-run detector settings a Hello may carry, and the size of each key and value.
 MAX_DETECTOR_SETTINGS = 64
 MAX_DETECTOR_SETTING_CHARS = 1024
+#: Autopsy bounds (StepReport.batch_ids, top_samples): the agent's own limits (agent/autopsy.py).
+MAX_BATCH_IDS = 4096
+MAX_TOP_SAMPLES = 256
+MAX_ID_CHARS = 128
 
 #: Every rejection reason, for pre-created counters.
 REASONS: tuple[str, ...] = (
@@ -473,6 +477,7 @@ class StreamValidator:
                 INVALID_REPORT, f"first_non_finite_layer {report.first_non_finite_layer} but the schema has {n} layers"
             )
         self._check_activations(report)
+        self._check_autopsy(report)
         if report.HasField("layers"):
             for name in COLUMN_NAMES:
                 expected = 4 * n * COLUMN_WIDTHS.get(name, 1)
@@ -482,6 +487,15 @@ class StreamValidator:
                         INVALID_LAYER_STATS,
                         f"LayerStats.{name} has {size} bytes; the schema's {n} layers need {expected}",
                     )
+
+    def _check_autopsy(self, report: pb.StepReport) -> None:
+        """Batch ids and top samples within their bounds."""
+        if len(report.batch_ids) > MAX_BATCH_IDS or len(report.top_samples) > MAX_TOP_SAMPLES:
+            raise _reject(LIMIT_EXCEEDED, f"at most {MAX_BATCH_IDS} batch_ids and {MAX_TOP_SAMPLES} top_samples")
+        if any(len(i) > MAX_ID_CHARS for i in report.batch_ids) or any(
+            len(s.id) > MAX_ID_CHARS for s in report.top_samples
+        ):
+            raise _reject(LIMIT_EXCEEDED, f"batch ids are at most {MAX_ID_CHARS} characters")
 
     def _check_activations(self, report: pb.StepReport) -> None:
         """Activation columns and NaN provenance against Hello.activation_schema; input columns paired."""

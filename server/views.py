@@ -51,6 +51,8 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
         "grad_norm_global": finite_or_none(run.global_grad_norm),
         "grad_norm_global_step": run.global_grad_norm_step,
         "skipped_steps": run.skipped_steps,
+        "guard_skipped_steps": run.guard_skipped_steps,
+        "guard_rollbacks": run.guard_rollbacks,
         "layers_exported": len(run.layer_names),
         "layers_dropped": len(run.dropped_layers),
         "non_finite_events": dict(run.non_finite_counts),

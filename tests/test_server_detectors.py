@@ -73,6 +73,9 @@ CATALOGUE_SEVERITIES = {
     "straggler": "warning",
     "stalled": "critical",
     "throughput_drop": "warning",
+    # issue 19: the agent's guard
+    "guard_skip": "warning",
+    "guard_rollback": "warning",
 }
 
 

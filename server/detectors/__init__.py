@@ -17,6 +17,8 @@ from gradwatch.server.detectors import (
     dead_relu,
     exploding_gradient,
     frozen_parameters,
+    guard_rollback,
+    guard_skip,
     input_not_normalized,
     loss_divergence,
     loss_not_decreasing,
@@ -85,6 +87,8 @@ REGISTRY: tuple[DetectorSpec, ...] = (
     straggler.SPEC,
     stalled.SPEC,
     throughput_drop.SPEC,
+    guard_skip.SPEC,
+    guard_rollback.SPEC,
 )
 
 

@@ -264,6 +264,15 @@ def _show_incident(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int
     out.write("\nprovenance (first sign first):\n")
     for event in incident["provenance"]:
         out.write(f"  step {event['step']:>8}  rank {event['rank']!s:>4}  {event['what']}\n")
+    for autopsy in incident.get("autopsy") or ():
+        out.write(f"\nautopsy: step {autopsy['step']}, rank {autopsy['rank']}, first layer {autopsy['layer'] or '-'}\n")
+        ids = autopsy["batch_ids"]
+        out.write(f"  batch ids ({len(ids)}): {', '.join(ids) if ids else '-'}\n")
+        if autopsy["top_samples"]:
+            out.write("  top samples by loss:\n")
+        for sample in autopsy["top_samples"]:
+            loss = "non-finite" if sample["loss"] is None else _num(sample["loss"])
+            out.write(f"    {sample['id']:<24} loss {loss:<12} index {sample['index']}\n")
     out.write(f"\nreport: gradwatch report {incident['id']} -o incident.html\n")
     return 0
 

@@ -80,6 +80,7 @@ def render_report(incident: dict[str, Any], window: bytes) -> str:
         f"{e(incident['detector'])} on run <code>{e(incident['run'])}</code> at step {step}</h1>",
         f"<p>{e(incident['summary'])}</p>",
         _facts(incident),
+        _autopsy(incident),
         '<div class="grid">',
         f'<section class="card" id="explanation"><h2>What this detector means</h2><p>{e(incident["description"])}</p>'
         f'<p>Runbook: <a href="{e(incident["runbook_url"])}">{e(incident["runbook_url"])}</a></p></section>',
@@ -152,6 +153,32 @@ def _facts(incident: dict[str, Any]) -> str:
         ),
     ]
     return '<table class="card">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _autopsy(incident: dict[str, Any]) -> str:
+    """The batch of the bad step: its ids and the samples with the highest loss, per rank that said them."""
+    e = html.escape
+    sections = []
+    for autopsy in incident.get("autopsy") or ():
+        rows = "".join(
+            f"<tr><td><code>{e(str(s['id']))}</code></td>"
+            f"<td>{_loss_text(s['loss'])}</td>"
+            f"<td>{s['index']}</td></tr>"
+            for s in autopsy["top_samples"]
+        )
+        ids = ", ".join(e(str(i)) for i in autopsy["batch_ids"]) or "not given"
+        sections.append(
+            f"<h3>Step {autopsy['step']}, rank {autopsy['rank']}, first layer {e(autopsy['layer'] or 'unknown')}</h3>"
+            f"<p>Batch ids: {ids}</p>"
+            + (f"<table><tr><th>sample</th><th>loss</th><th>index in batch</th></tr>{rows}</table>" if rows else "")
+        )
+    if not sections:
+        return ""
+    return f'<section class="card" id="autopsy"><h2>Autopsy: the batch</h2>{"".join(sections)}</section>'
+
+
+def _loss_text(loss: float | None) -> str:
+    return "non-finite" if loss is None else f"{loss:.4g}"
 
 
 def _provenance(incident: dict[str, Any]) -> str:

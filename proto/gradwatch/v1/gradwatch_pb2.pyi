@@ -21,6 +21,15 @@ class NonFiniteFlag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NON_FINITE_FLAG_INPUT: _ClassVar[NonFiniteFlag]
     NON_FINITE_FLAG_ACTIVATION: _ClassVar[NonFiniteFlag]
 
+class GuardSkipReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GUARD_SKIP_REASON_UNSPECIFIED: _ClassVar[GuardSkipReason]
+    GUARD_SKIP_REASON_LOSS_NON_FINITE: _ClassVar[GuardSkipReason]
+    GUARD_SKIP_REASON_GRAD_NON_FINITE: _ClassVar[GuardSkipReason]
+    GUARD_SKIP_REASON_LOSS_SPIKE: _ClassVar[GuardSkipReason]
+    GUARD_SKIP_REASON_GRAD_SPIKE: _ClassVar[GuardSkipReason]
+    GUARD_SKIP_REASON_ROLLED_BACK: _ClassVar[GuardSkipReason]
+
 class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMMAND_KIND_UNSPECIFIED: _ClassVar[CommandKind]
@@ -34,6 +43,12 @@ NON_FINITE_FLAG_GRADIENT: NonFiniteFlag
 NON_FINITE_FLAG_WEIGHT: NonFiniteFlag
 NON_FINITE_FLAG_INPUT: NonFiniteFlag
 NON_FINITE_FLAG_ACTIVATION: NonFiniteFlag
+GUARD_SKIP_REASON_UNSPECIFIED: GuardSkipReason
+GUARD_SKIP_REASON_LOSS_NON_FINITE: GuardSkipReason
+GUARD_SKIP_REASON_GRAD_NON_FINITE: GuardSkipReason
+GUARD_SKIP_REASON_LOSS_SPIKE: GuardSkipReason
+GUARD_SKIP_REASON_GRAD_SPIKE: GuardSkipReason
+GUARD_SKIP_REASON_ROLLED_BACK: GuardSkipReason
 COMMAND_KIND_UNSPECIFIED: CommandKind
 COMMAND_KIND_FULL_STATS: CommandKind
 COMMAND_KIND_ALERT: CommandKind
@@ -122,7 +137,7 @@ class LayerSchema(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ..., local_param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s")
+    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s", "guard_skip_reasons", "guard_rolled_back_to", "batch_ids", "top_samples")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +165,10 @@ class StepReport(_message.Message):
     OUTPUT_RMS_FIELD_NUMBER: _ClassVar[int]
     PARAM_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PRE_FORWARD_S_FIELD_NUMBER: _ClassVar[int]
+    GUARD_SKIP_REASONS_FIELD_NUMBER: _ClassVar[int]
+    GUARD_ROLLED_BACK_TO_FIELD_NUMBER: _ClassVar[int]
+    BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     step: int
     wall_time: float
     step_duration_s: float
@@ -177,7 +196,21 @@ class StepReport(_message.Message):
     output_rms: float
     param_checksum: int
     pre_forward_s: float
-    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ..., param_checksum: _Optional[int] = ..., pre_forward_s: _Optional[float] = ...) -> None: ...
+    guard_skip_reasons: int
+    guard_rolled_back_to: int
+    batch_ids: _containers.RepeatedScalarFieldContainer[str]
+    top_samples: _containers.RepeatedCompositeFieldContainer[SampleLoss]
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ..., param_checksum: _Optional[int] = ..., pre_forward_s: _Optional[float] = ..., guard_skip_reasons: _Optional[int] = ..., guard_rolled_back_to: _Optional[int] = ..., batch_ids: _Optional[_Iterable[str]] = ..., top_samples: _Optional[_Iterable[_Union[SampleLoss, _Mapping]]] = ...) -> None: ...
+
+class SampleLoss(_message.Message):
+    __slots__ = ("id", "loss", "index")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    loss: float
+    index: int
+    def __init__(self, id: _Optional[str] = ..., loss: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ActivationStats(_message.Message):
     __slots__ = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "log2_histogram", "unit_spread")

@@ -1,0 +1,290 @@
+"""The spike and NaN guard: do not apply an optimizer update whose loss or gradient norm is bad.
+
+    monitor = attach(model, optimizer, guard="skip")
+    loss.backward()
+    monitor.observe_loss(loss)     # optional: lets the guard judge the loss too (before the step)
+    optimizer.step()
+    monitor.step(loss)
+
+Contract
+- Judged in the optimizer's step pre-hook, on the device: the step is bad when the loss (the mean of the
+  `observe_loss` calls since the last optimizer step; none given: not judged) or the global gradient norm is
+  non-finite, or, after `warmup` judged steps, exceeds its window's median by `threshold` robust standard
+  deviations and by `min_excess` of the median. Only accepted steps enter the windows. Under torch.distributed
+  the reason flags are all-reduced (MAX) before use, so every rank decides the same and replicas never diverge.
+- A bad step leaves the weights and the optimizer state (moments, step counts) exactly as before it. How
+  (`mechanism`, "auto" picks the first that applies):
+    found_inf  fused optimizers (fused=True): the flag goes to the kernel as `optimizer.found_inf`, the same
+               path torch.amp.GradScaler uses; no copy, no sync (state the kernel creates on the very first
+               step starts at zero, which is what a fresh state is).
+    host       parameters on the CPU: the flag is read at once (free there); a bad step's parameters and
+               state are copied before the update and put back after it. Good steps copy nothing.
+    restore    other devices: every step copies the parameters and state (one foreach copy into kept
+               buffers: memory and bandwidth of one more copy of the optimizer's tensors) and a bad step is
+               undone with a device-side where (no sync). State off the device (Adam's CPU step counters)
+               is fixed from the flag at the next step, when its copy has landed.
+  The optimizer's first guarded step uses `host` whatever the mechanism (one read of the flag, which waits
+  for the device once): that step creates the optimizer state, and a fused kernel told to skip it would leave
+  e.g. SGD's momentum buffers uninitialised; `host` removes state a skipped first step created.
+- A step the GradScaler skips (Inf/NaN scaled gradients) is the scaler's, not the guard's: not counted, not
+  pushed into the windows. With gradient accumulation the guard judges each optimizer step once.
+- `take()` gives the report its reason flags (0-d, on the device; 0: the update was applied). With the
+  rollback policy, rollback.py restores the last good state after `rollback_after` skips.
+Failures inside the hooks go to errors.report: the step then goes ahead unguarded, never blocked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gradwatch.agent import errors
+from gradwatch.agent.guard_config import GuardSettings
+from gradwatch.agent.guard_rollback import Rollback
+from gradwatch.agent.guard_state import SavedState, WhereRestore, optimizer_params
+from gradwatch.agent.snapshot import read_now
+
+__all__ = ["REASONS", "Guard", "RobustWindow", "pick_mechanism", "reason_names"]
+
+#: Reason bits of a skipped step, as the report carries them (StepReport.guard_skip_reasons).
+REASONS = {1: "loss_non_finite", 2: "grad_non_finite", 4: "loss_spike", 8: "grad_spike", 16: "rolled_back"}
+_MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+
+
+def reason_names(bits: int) -> list[str]:
+    return [name for bit, name in REASONS.items() if bits & bit]
+
+
+class RobustWindow:
+    """The last `size` accepted values of one signal, on the device, and the spike threshold they give."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self._values = torch.full((size,), math.nan, device=device)
+        self._slot = 0
+
+    def threshold(self, k: float, min_excess: float) -> torch.Tensor:
+        median = torch.nanmedian(self._values)
+        mad = torch.nanmedian((self._values - median).abs())
+        return median + torch.maximum(k * _MAD_TO_SIGMA * mad, min_excess * median.abs())
+
+    def push(self, value: torch.Tensor, keep: torch.Tensor) -> None:
+        """Enter `value` unless `keep` (the step was bad): then the slot keeps its old value."""
+        slot = self._values[self._slot]
+        slot.copy_(torch.where(keep, slot, value))
+        self._slot = (self._slot + 1) % self._values.numel()
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values
+
+
+class Guard:
+    """Optimizer hooks that skip bad updates (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: GuardSettings,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        world_size: int,
+        submit_event: Callable[[str, str, dict[str, str]], None],
+        restore_callback: Callable[[int], int | None] | None = None,
+        add_agent_time: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        self.settings = settings
+        self._optimizer = optimizer
+        self._device = device
+        self._world_size = world_size
+        self._add_agent_time = add_agent_time
+        self.mechanism = pick_mechanism(settings.mechanism, optimizer, device)
+        self._loss_window = RobustWindow(settings.window, device)
+        self._norm_window = RobustWindow(settings.window, device)
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._judged = 0
+        self.optimizer_steps = 0
+        self._reasons: torch.Tensor | None = None  # this step's flags, for the report
+        self._saved: SavedState | None = None  # host mechanism: the bad step's state
+        self._where = WhereRestore(optimizer, device) if self.mechanism == "restore" else None
+        self._where_pending: torch.Tensor | None = None
+        self._own_found_inf = False
+        self._stated = False  # the optimizer's first guarded step (it creates the state) is done
+        self._step_mechanism = self.mechanism
+        self._bad = torch.zeros((), dtype=torch.bool, device=device)
+        self._lr_saved: list[Any] | None = None
+        self.rollback = Rollback(settings, optimizer, submit_event, restore_callback, device)
+        self._active = True
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    # ------------------------------------------------------------------ training thread
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """This micro step's loss, given before optimizer.step() (a per-sample loss counts by its mean)."""
+        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        t = (t.float().mean() if t.numel() != 1 else t.reshape(())).to(self._device, torch.float32)
+        self._loss_sum = t if self._loss_sum is None else self._loss_sum + t
+        self._loss_count += 1
+
+    def take(self) -> tuple[torch.Tensor | None, int | None]:
+        """(reason flags of the last optimizer step since the previous call, or None; the step a rollback
+        restored since then, or None); then forget them."""
+        reasons, self._reasons = self._reasons, None
+        # A loss the optimizer never judged (the GradScaler skipped the step) is not carried to the next one.
+        self._loss_sum, self._loss_count = None, 0
+        return reasons, self.rollback.take_restored()
+
+    def remove(self) -> None:
+        self._active = False
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        started = time.perf_counter()
+        try:
+            self._settle_previous()
+            rolled_back = self.rollback.before_step(self.optimizer_steps + 1)
+            reasons = self._decide(rolled_back)
+            bad = reasons > 0
+            self._reasons = reasons
+            mechanism = self.mechanism
+            if not self._stated:  # the first step creates the state: put it back exactly, one read of the flag
+                mechanism, self._stated = "host", True
+            if mechanism == "found_inf":
+                existing = getattr(optimizer, "found_inf", None)
+                flag = bad.to(torch.float32)
+                optimizer.found_inf = flag if existing is None else torch.maximum(existing, flag.to(existing.device))
+                self._own_found_inf = existing is None
+            elif mechanism == "host":
+                if read_now(bad):
+                    self._saved = SavedState.take(optimizer)
+            else:
+                assert self._where is not None
+                self._where.before()
+            self._bad = bad
+            self._step_mechanism = mechanism
+            self._scale_lr(True)
+        except Exception as exc:
+            self._reasons = None
+            errors.report(exc, "guard_pre_hook")
+        finally:
+            self._add_agent_time(time.perf_counter() - started)
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        started = time.perf_counter()
+        try:
+            self.optimizer_steps += 1
+            self._scale_lr(False)
+            mechanism = self._step_mechanism
+            if mechanism == "found_inf":
+                if self._own_found_inf and hasattr(optimizer, "found_inf"):
+                    del optimizer.found_inf
+                self._own_found_inf = False
+            elif mechanism == "host":
+                saved, self._saved = self._saved, None
+                if saved is not None:
+                    saved.restore()
+            elif self._where is not None and self._reasons is not None and self._where.after(self._bad):
+                self._where_pending = self._bad
+            if self._reasons is not None:
+                self.rollback.after_step(self.optimizer_steps, self._reasons)
+        except Exception as exc:
+            errors.report(exc, "guard_post_hook")
+        finally:
+            self._add_agent_time(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ internals
+
+    def _settle_previous(self) -> None:
+        """restore mechanism: the host part of the previous bad step (one read of a landed flag)."""
+        pending, self._where_pending = self._where_pending, None
+        if pending is not None and self._where is not None:
+            self._where.settle(read_now(pending) > 0)
+
+    def _decide(self, rolled_back: bool) -> torch.Tensor:
+        """The step's reason flags (0-d float32 on the device), the same on every rank."""
+        s, device = self.settings, self._device
+        zero = torch.zeros((), device=device)
+        norm = _global_grad_norm(self._optimizer, device)
+        scale = getattr(self._optimizer, "grad_scale", None)  # fused + GradScaler: gradients are still scaled
+        if isinstance(scale, torch.Tensor):
+            norm = norm / scale.to(device, torch.float32)
+        loss, judged_loss = zero, False
+        if self._loss_sum is not None and s.judge_loss:
+            loss, judged_loss = self._loss_sum / self._loss_count, True
+        self._loss_sum, self._loss_count = None, 0
+        spikes_on = self._judged >= s.warmup
+        flags = [
+            ~torch.isfinite(loss) if judged_loss else zero.bool(),
+            ~torch.isfinite(norm) if s.judge_grad_norm else zero.bool(),
+            loss > self._loss_window.threshold(s.threshold, s.min_excess) if judged_loss and spikes_on else zero.bool(),
+            norm > self._norm_window.threshold(s.threshold, s.min_excess) if s.judge_grad_norm and spikes_on
+            else zero.bool(),
+            torch.full((), rolled_back, device=device),
+        ]  # fmt: skip
+        stacked = torch.stack(flags).to(torch.float32)
+        scaler_found = getattr(self._optimizer, "found_inf", None)
+        if isinstance(scaler_found, torch.Tensor):  # the scaler skips this step itself: not the guard's skip
+            stacked = stacked * (scaler_found.to(device, torch.float32) <= 0)
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
+        reasons = (stacked * torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=device)).sum()
+        keep = (reasons > 0) | (~torch.isfinite(norm))
+        if isinstance(scaler_found, torch.Tensor):
+            keep = keep | (scaler_found.to(device) > 0)
+        if judged_loss:
+            self._loss_window.push(loss, keep)
+        self._norm_window.push(norm, keep)
+        self._judged += 1
+        return reasons
+
+    def _scale_lr(self, entering: bool) -> None:
+        """During a rollback's cool-down, scale every rate for the step only (a scheduler's value is kept)."""
+        if entering:
+            factor = self.rollback.lr_factor()
+            if factor == 1.0:
+                return
+            self._lr_saved = [group["lr"] for group in self._optimizer.param_groups]
+            for group in self._optimizer.param_groups:
+                lr = group["lr"]
+                group["lr"] = lr * factor if not isinstance(lr, torch.Tensor) else lr.clone().mul_(factor)
+            return
+        saved, self._lr_saved = self._lr_saved, None
+        if saved is not None:
+            for group, lr in zip(self._optimizer.param_groups, saved, strict=True):
+                group["lr"] = lr
+
+
+def pick_mechanism(wanted: str, optimizer: torch.optim.Optimizer, device: torch.device) -> str:
+    """The mechanism for `wanted` ("auto" or a name); ValueError when it cannot work for this optimizer."""
+    fused = bool(optimizer.defaults.get("fused"))
+    if wanted == "found_inf" and not fused:
+        raise ValueError("gradwatch: guard.mechanism=found_inf needs a fused optimizer (fused=True)")
+    if wanted == "host" and device.type != "cpu":
+        raise ValueError("gradwatch: guard.mechanism=host reads the flag at once: CPU parameters only")
+    if wanted != "auto":
+        return wanted
+    return "found_inf" if fused else "host" if device.type == "cpu" else "restore"
+
+
+def _global_grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """L2 norm over every gradient the optimizer will apply (0-d float32 on `device`)."""
+    grads = [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm([g.detach() for g in grads])
+    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
