@@ -24,7 +24,16 @@ import numpy as np
 
 from gradwatch.v1 import gradwatch_pb2 as pb
 
-__all__ = ["MAX_FRAMES", "MAX_GROUPS", "MAX_TEXT", "CollectiveBoard", "GroupState", "check_progress", "user_frame"]
+__all__ = [
+    "MAX_FRAMES",
+    "MAX_GROUPS",
+    "MAX_TEXT",
+    "CollectiveBoard",
+    "GroupState",
+    "check_progress",
+    "format_frame",
+    "user_frames",
+]
 
 #: Wire bounds of one CollectiveProgress (the agent sends at most 16 groups and 48 frames).
 MAX_GROUPS = 32
@@ -33,7 +42,8 @@ MAX_TEXT = 512
 #: Recent between-collective times per rank whose median the straggler detector compares.
 BETWEEN_WINDOW = 16
 #: Path fragments of library code: the frame a person wants is the innermost one outside them.
-_LIBRARY = ("/torch/", "/site-packages/", "/dist-packages/", "/gradwatch/", "/lib/python3", "<frozen ")
+#: Names starting with "<" are generated code ("<string>", "<frozen ...>").
+_LIBRARY = ("/torch/", "/site-packages/", "/dist-packages/", "/gradwatch/", "/lib/python3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +93,11 @@ def check_progress(progress: pb.CollectiveProgress) -> str | None:
     return None
 
 
-def user_frame(stack: tuple[tuple[str, int, str], ...]) -> tuple[str, int, str] | None:
-    """The innermost frame of the user's own code (not torch, not a library, not the standard library)."""
-    for frame in stack:
-        if not any(part in frame[0] for part in _LIBRARY):
-            return frame
-    return stack[0] if stack else None
+def user_frames(stack: tuple[tuple[str, int, str], ...], limit: int = 2) -> list[tuple[str, int, str]]:
+    """The innermost `limit` frames of the user's own code (not torch, not a library, not the standard library),
+    innermost first; the innermost frame when there is none."""
+    own = [f for f in stack if not f[0].startswith("<") and not any(part in f[0] for part in _LIBRARY)][:limit]
+    return own or list(stack[:1])
 
 
 def format_frame(frame: tuple[str, int, str]) -> str:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.collectives import CollectiveBoard, GroupState, format_frame, user_frame
+from gradwatch.server.collectives import CollectiveBoard, GroupState, format_frame, user_frames
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
@@ -137,8 +137,8 @@ class CollectiveHangDetector:
         parts = []
         for rank in victims:
             where = _waiting_text(board.groups[rank]) or _last_entered_text(board.groups[rank])
-            parts.append(f"{ranks.describe(np.array([rank]))} died at step {int(ranks.last_step[rank])}: its "
-                         f"stream ended without a goodbye{where}")  # fmt: skip
+            parts.append(f"{ranks.describe(np.array([rank]))} died (last report: step {int(ranks.last_step[rank])}): "
+                         f"its stream ended without a goodbye{where}")  # fmt: skip
         failed = [int(r) for r in np.flatnonzero(others) if board.goodbye_reason[r] not in (None, *NORMAL_EXITS)]
         waiting = [int(r) for r in np.flatnonzero(others & ~ranks.finished)]
         tail = []
@@ -241,11 +241,11 @@ def _stacks_text(ranks: RankTable, board: CollectiveBoard, named: list[int]) -> 
     parts = []
     for rank in named[:4]:
         stack = board.stacks[rank]
-        frame = user_frame(stack)
-        if frame is None:
+        frames = user_frames(stack)
+        if not frames:
             continue
-        inner = f" (innermost {format_frame(stack[0])})" if stack[0] != frame else ""
-        parts.append(f"rank {rank} at {format_frame(frame)}{inner}")
+        inner = f" (innermost {format_frame(stack[0])})" if stack[0] != frames[0] else ""
+        parts.append(f"rank {rank} at {' ← '.join(format_frame(f) for f in frames)}{inner}")
     return f"; {'; '.join(parts)}" if parts else ""
 
 
