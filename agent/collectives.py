@@ -226,8 +226,9 @@ class CollectiveTracker:
         group = model.process_group
         size = group.size()
 
-        def gradwatch_allreduce(state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
-            # DDP's default, as torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook does it.
+        # No annotations: DDP checks them against its own types, and `from __future__ import annotations` would
+        # hand it strings. What it does is DDP's default, as default_hooks.allreduce_hook does it.
+        def gradwatch_allreduce(state, bucket):  # type: ignore[no-untyped-def]
             if self._hook_on:
                 self._arrived(time.perf_counter())
             tensor = bucket.buffer().div_(size)
@@ -237,7 +238,7 @@ class CollectiveTracker:
         try:
             model.register_comm_hook(None, gradwatch_allreduce)
         except Exception as exc:  # e.g. called after training started: run without between-collective times
-            logger.info("gradwatch: no DDP communication hook (%s); straggler timing uses pre-forward times", exc)
+            logger.warning("gradwatch: no DDP communication hook (%s); straggler timing uses pre-forward times", exc)
             return False
         return True
 

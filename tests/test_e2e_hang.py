@@ -63,7 +63,7 @@ def _worker(rank: int, world_size: int, port: int, target: str, scenario: str, s
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
         with gradwatch.attach(model, optimizer, run=scenario, server=target) as monitor:
             for step in range(1, steps + 1):
-                time.sleep(BASE_SLEEP_S)
+                time.sleep(BASE_SLEEP_S if scenario != "straggler" else HOST_WORK_S / 2)
                 if scenario == "slow" and step in (FAULT_STEP, FAULT_STEP + 1):
                     time.sleep(SLOW_STEP_S)  # every rank: the whole job is slow, nobody is stuck
                 if scenario == "checkpoint" and step == FAULT_STEP:
