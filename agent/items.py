@@ -118,6 +118,8 @@ class ReportItem:
     over_budget: bool = False
     #: Seconds from the previous step to this step's first forward pass (timing.py), when one was seen.
     pre_forward_s: float | None = None
+    #: Seconds worked between collectives during the step (collectives.py), when the DDP hook saw them.
+    between_collectives_s: float | None = None
 
 
 @dataclass(slots=True)

@@ -40,13 +40,14 @@ Contract
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 try:
@@ -63,6 +64,7 @@ from gradwatch.agent.assembly import ReportAssembler
 from gradwatch.agent.autopsy import build_tail, check_batch_ids
 from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.checksum_cadence import ChecksumCadence
+from gradwatch.agent.collectives import HEARTBEAT_S, CollectiveTracker
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
 from gradwatch.agent.guard import Guard, pick_mechanism
@@ -216,12 +218,16 @@ class Monitor:
             activations=activations,
             replica_group=replica_group(model, self._engine.layout, config.rank, config.world_size),
         )
+        # Hang localisation and between-collective times (collectives.py): before the sender, which carries them.
+        self._collectives = CollectiveTracker(model, enabled=config.track_collectives)
         kwargs: dict[str, Any] = {
             "on_alert": self._on_alert,
             "channel_factory": channel_factory if channel_factory is not None else transport.channel,
             "target": transport.target,
             "metadata": transport.metadata,
         }
+        if self._collectives.active:
+            kwargs.update(progress=self._collectives.progress, heartbeat_s=HEARTBEAT_S)
         self._sender = Sender(config, identity, self._counters, self._on_command, **kwargs)
         self._sender.start()  # first: if the thread cannot start, attach() raises with nothing hooked
         # Before the optimizer tap: the guard's post-hook undoes a bad update before the tap reads the weights.
@@ -232,6 +238,7 @@ class Monitor:
                                 add_agent_time=self._spent)  # fmt: skip
         self._batch_ids: Any = None
         self._sample_losses: list[torch.Tensor] = []
+        self._collectives.install(model)
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
                                           self._spent, self._checksum_due)  # fmt: skip
         # forward_hooks=False promises no hooks on the model: then no pre-forward time either.
@@ -353,6 +360,16 @@ class Monitor:
         except Exception as exc:
             errors.report(exc, "event")
 
+    @contextlib.contextmanager
+    def pause(self, reason: str = "paused") -> Iterator[None]:
+        """Declare a pause in training (`with monitor.pause("checkpoint"): save(...)`): while it lasts, this
+        rank's idleness (and its peers' waiting for it) is not a hang. Never raises."""
+        self._collectives.pause(str(reason))
+        try:
+            yield
+        finally:
+            self._collectives.resume()
+
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> bool:
         """Remove the hooks, send Goodbye, deliver what is left; True if the server acknowledged everything.
 
@@ -372,6 +389,7 @@ class Monitor:
                 self._guard.remove()
             if self._forward_clock is not None:
                 self._forward_clock.remove()
+            self._collectives.close()
             self._close_result = self._sender.close(timeout, self._step_count, reason)
         except Exception as exc:
             errors.report(exc, "close")
@@ -405,6 +423,7 @@ class Monitor:
         self._cadence.observe(duration)
         pre_forward = None if self._forward_clock is None else self._forward_clock.take(self._last_step_at)
         self._last_step_at = started
+        self._collectives.on_step()
         part = self._assembler.assemble(full, checksum, self._tail_builder())
         item = ReportItem(
             step=self._step_count,
@@ -415,6 +434,7 @@ class Monitor:
             full_stats_interval=self._budget.interval,
             over_budget=self._budget.over_budget,
             pre_forward_s=pre_forward,
+            between_collectives_s=self._collectives.take_between(),
         )
         self._observe_cost(full, item.agent_time_s, duration)
         # What remains of this call is counted in the next report (step() adds the full call time).
@@ -528,6 +548,7 @@ class Monitor:
     def _become_inert_after_fork(self) -> None:
         self._inert = True
         self._sender.mark_forked()
+        self._collectives.close()
         self._assembler.remove()
         if self._forward_clock is not None:
             self._forward_clock.remove()
@@ -573,6 +594,10 @@ class NoopMonitor(Monitor):
 
     def event(self, kind: str, message: str = "", **attributes: str) -> None:
         return None
+
+    @contextlib.contextmanager
+    def pause(self, reason: str = "paused") -> Iterator[None]:
+        yield
 
     def _close(self, timeout: float, reason: str) -> bool:
         return True

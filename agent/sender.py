@@ -101,9 +101,13 @@ class Sender:
         on_alert: Callable[[pb.Command], None] | None = None,
         target: Callable[[], str] | None = None,
         metadata: Callable[[], Sequence[tuple[str, str]]] | None = None,
+        progress: Callable[..., pb.CollectiveProgress | None] | None = None,
+        heartbeat_s: float | None = None,
     ) -> None:
         """`target()` names the server of each new connection (default: config.server; transport.py picks a
-        replica); `metadata()` gives each call's metadata (the bearer token)."""
+        replica); `metadata()` gives each call's metadata (the bearer token). `progress(fresh=...)` gives the
+        collective progress that rides on every report and heartbeat (collectives.py); `heartbeat_s` shortens
+        the heartbeat period below the configured one (it carries that progress while training is stuck)."""
         self._config = config
         self._identity = identity
         self._counters = counters
@@ -112,6 +116,8 @@ class Sender:
         self._channel_factory = channel_factory
         self._pick_target: Callable[[], str] = target or (lambda: config.server)
         self._metadata: Callable[[], Sequence[tuple[str, str]]] = metadata or (lambda: ())
+        self._progress = progress
+        self._heartbeat_s = min(config.heartbeat_interval_s, heartbeat_s or config.heartbeat_interval_s)
         self._target = config.server  # the server of the current (or latest) connection
         self._clock = clock
         self._rng = rng or random.Random()
@@ -280,6 +286,9 @@ class Sender:
             errors.report(exc, "sender.report")
             return
         self._last_step = item.step
+        progress = self._progress() if self._progress is not None else None
+        if progress is not None:
+            frame.report.collectives.CopyFrom(progress)
         # The first non-finite report explains the incident: it must survive any buffer overflow.
         pin = bool(flags) and not self._pinned_non_finite
         self._pinned_non_finite |= pin
@@ -372,7 +381,7 @@ class Sender:
         self._batch_bytes = min(welcome.max_frame_bytes, MAX_BATCH_BYTES) - BATCH_ENTRY_OVERHEAD
         self._apply_ack(welcome.acked_seq)
         self._last_pushed = 0  # resend everything the server does not hold yet
-        self._next_heartbeat = self._clock() + self._config.heartbeat_interval_s
+        self._next_heartbeat = self._clock() + self._heartbeat_s
         self._push()
 
     def _apply_ack(self, seq: int) -> None:
@@ -427,8 +436,12 @@ class Sender:
             if self._congested or (self._push_due is not None and now >= self._push_due):
                 self._push()
             if now >= self._next_heartbeat:
-                self._stream.send(wire.heartbeat_frame(time.time(), self._last_step, self._counters.dropped))
-                self._next_heartbeat = now + self._config.heartbeat_interval_s
+                frame = wire.heartbeat_frame(time.time(), self._last_step, self._counters.dropped)
+                progress = self._progress(fresh=True) if self._progress is not None else None
+                if progress is not None:
+                    frame.heartbeat.collectives.CopyFrom(progress)
+                self._stream.send(frame)
+                self._next_heartbeat = now + self._heartbeat_s
             if self._unacked_since is not None and now - self._unacked_since > ACK_OVERDUE_S:
                 self._counters.stream_state = "unresponsive"
 

@@ -121,6 +121,8 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         report.param_checksum = sum(int(piece) << (16 * i) for i, piece in enumerate(pieces)) & _U64
     if item.pre_forward_s is not None:
         report.pre_forward_s = item.pre_forward_s
+    if item.between_collectives_s is not None:
+        report.between_collectives_s = item.between_collectives_s
     if layout.scaler:
         report.skipped_step = bool(values[layout.scaler_skipped] > 0)
         report.loss_scale = float(values[layout.scaler_scale])

@@ -194,6 +194,8 @@ class Ingestor:
             rank = session.run.ranks.get(session.hello.rank)
             if rank is not None and rank.open_streams > 0:
                 rank.open_streams -= 1
+                if rank.open_streams == 0 and not rank.said_goodbye:
+                    session.run.table.collectives.disconnected(rank.rank, self._clock())
 
     def apply(self, session: Session, frame: pb.AgentFrame, kind: str) -> list[pb.Command]:
         """Apply one validated frame; see the module docstring."""
@@ -219,10 +221,13 @@ class Ingestor:
                     rank.dropped = bounded_drop_reasons(frame.heartbeat.dropped)
                     rank.last_heartbeat_at = self._clock()
                     run.table.heard(rank.rank, frame.heartbeat.step, rank.last_heartbeat_at)
+                    if frame.heartbeat.HasField("collectives"):
+                        run.table.collectives.update(rank.rank, frame.heartbeat.collectives, rank.last_heartbeat_at)
             elif kind == "goodbye":
                 with self._store.lock:
                     rank.said_goodbye = True
                     run.table.goodbye(rank.rank)
+                    run.table.collectives.goodbye(rank.rank, frame.goodbye.reason)
                     if run.finished and run.finished_at is None:
                         run.finished_at = self._clock()
                 self._sweep_locked()  # a zero retention expires the run at once
@@ -278,6 +283,13 @@ class Ingestor:
         report = build_report(run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.modules,
                               session.local_param_counts)  # fmt: skip
         self._store.record_report(run, rank, report, session.schema)
+        if msg.HasField("collectives") or msg.HasField("between_collectives_s"):
+            with self._store.lock:
+                board = run.table.collectives
+                if msg.HasField("collectives"):
+                    board.update(rank.rank, msg.collectives, self._clock())
+                if msg.HasField("between_collectives_s"):
+                    board.between(rank.rank, msg.between_collectives_s)
         if self._on_report is not None:
             self._on_report(run, rank, report, msg, session.hello)
         commands: list[pb.Command] = []

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from gradwatch.server.collectives import CollectiveBoard
+
 __all__ = ["TIMING_WINDOW", "RankTable"]
 
 #: Recent reports per rank whose timings enter the per-rank medians.
@@ -43,6 +45,8 @@ class RankTable:
         self.replica_group_size = np.zeros(0, dtype=np.int64)
         self._durations = np.zeros((0, TIMING_WINDOW))
         self._pre_forward = np.zeros((0, TIMING_WINDOW))
+        #: Each rank's collective progress and stuck stack (server/collectives.py), for collective_hang.
+        self.collectives = CollectiveBoard()
         self._grow(world_size)
 
     # ------------------------------------------------------------------ writers
@@ -52,6 +56,7 @@ class RankTable:
         """A Hello from `rank`. A new agent session (a restarted worker) counts its steps from 1 again: its step
         and progress start over (now); timing history stays. A reconnect of the same session changes neither."""
         self._grow(max(world_size, rank + 1))
+        self.collectives.join(rank, new_session)
         if new_session:
             self.last_step[rank] = -1
             self.progress_at[rank] = now

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf.message import DecodeError
 
+from gradwatch.server.collectives import check_progress
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.report import ACTIVATION_COLUMN_NAMES, COLUMN_NAMES, COLUMN_WIDTHS
 from gradwatch.v1 import gradwatch_pb2 as pb
@@ -429,6 +430,11 @@ class StreamValidator:
             self._check_report(frame.report)
         else:
             _check_small_frame(frame, kind, self._limits)
+        if kind in ("report", "heartbeat"):
+            body = frame.report if kind == "report" else frame.heartbeat
+            problem = check_progress(body.collectives) if body.HasField("collectives") else None
+            if problem is not None:
+                raise _reject(INVALID_REPORT, problem)
         return kind
 
     def accept_hello(self, hello: pb.Hello) -> None:

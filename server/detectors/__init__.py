@@ -3,7 +3,7 @@
 Adding a detector: write a module with a `*Config` (DetectorConfig subclass with
 documented defaults), the detector class and a `SPEC`, then add the SPEC here.
 Cross-rank detectors (scope "run": non_finite, rank_divergence, replica_mismatch, straggler,
-stalled, throughput_drop) follow the RunDetector contract in base.py. Its
+stalled, collective_hang, throughput_drop) follow the RunDetector contract in base.py. Its
 settings appear under `detectors.<name>` in the server's YAML file, its alerts carry
 `runbook` = docs/runbooks/<name>.md, and /metrics exports it in
 gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
@@ -14,6 +14,7 @@ from __future__ import annotations
 from gradwatch.server.detectors import (
     activation_not_centered,
     class_imbalance,
+    collective_hang,
     dead_relu,
     exploding_gradient,
     frozen_parameters,
@@ -86,6 +87,7 @@ REGISTRY: tuple[DetectorSpec, ...] = (
     replica_mismatch.SPEC,
     straggler.SPEC,
     stalled.SPEC,
+    collective_hang.SPEC,
     throughput_drop.SPEC,
     guard_skip.SPEC,
     guard_rollback.SPEC,

@@ -6,22 +6,25 @@ In synchronous data-parallel training the slowest rank sets everyone's pace: a 5
 slow host costs 5 % of the whole job, and nobody sees it, because every rank's step
 *duration* is the same (the fast ranks wait for the slow one in the all-reduce). What
 differs is where the time goes: the straggler spends it working, the others waiting.
-The agent reports, per step, `pre_forward_s`: the time from the previous step to this
-step's first forward pass (data loading and host work, before the step's first
-collective). The fast ranks reach that point early and then wait about
-max(pre_forward) − own pre_forward in the collective, so each rank's busy time is
+The agent reports, per step, `between_collectives_s`: the time the rank worked between
+collectives (from the previous collective's completion to its arrival at the next, summed
+over the step's collectives, measured by its DDP communication hook, agent/collectives.py),
+wherever in the step the work sits: data loading, forward, backward, optimizer, host work
+after `optimizer.step()`. The fast ranks arrive early and then wait about
+max(between) − own between in the collectives, so each rank's busy time is
 
-    busy = median step time − (max over ranks of median pre_forward − own median pre_forward)
+    busy = median step time − (max over ranks of median between − own median between)
 
-(clipped to [0, step time]; both medians over the rank's last 16 reports; without
-pre-forward times, e.g. a model never called through its forward, busy is the step
-time, which is right for unsynchronised ranks). The straggler score, as in NVIDIA's
-resiliency extension, is the peers' median busy time over the rank's own: 1 for a
+(clipped to [0, step time]; both medians over the rank's last 16 reports). Without that
+measure on every live rank (no DDP hook: another wrapper, or the user's own comm hook)
+`pre_forward_s` stands in for it (the time from the previous step to the first forward
+pass, which sees only the work before the forward); without either, e.g. a model never
+called through its forward, busy is the step time, which is right for unsynchronised ranks.
+The straggler score, as in NVIDIA's resiliency extension, is the peers' median busy time over the rank's own: 1 for a
 rank in step with the others, below `threshold` (0.75) for a straggler. It must hold
 for `consecutive` evaluations (one per server tick, about a second) in a row; a rank
-clears after `resolve_after` evaluations at or above the threshold. Slowness inside the
-backward pass on the device (after the first collective) is hidden behind the
-all-reduce and not seen here; a rank slow at everything shows in its pre-forward time.
+clears after `resolve_after` evaluations at or above the threshold. With only pre-forward
+times, slowness after the forward pass starts is not seen.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class StragglerDetector:
         score = np.full(ranks.size, np.inf)
         busy = np.full(ranks.size, np.nan)
         if live.sum() >= 2:
-            ready = np.nan_to_num(ranks.pre_forward_time(), nan=0.0)
+            ready = self._ready(ranks, live)
             wait = np.clip(ready[live].max() - ready[live], 0.0, step_time[live])
             busy[live] = step_time[live] - wait
             peers = peer_medians(busy[live])
@@ -118,6 +121,17 @@ class StragglerDetector:
             findings.append(Finding(int(rank), Fire(step=int(ranks.last_step[rank]), value=float(score[rank]),
                                                     summary=summary)))  # fmt: skip
         return findings
+
+    @staticmethod
+    def _ready(ranks: RankTable, live: np.ndarray) -> np.ndarray:
+        """Each rank's work before it can join its peers in the step's collectives: the time worked between
+        collectives when every live rank measured it (the agent's DDP hook), else the pre-forward time."""
+        board = ranks.collectives
+        board.fit(ranks.size)
+        between = board.between_time()
+        if np.isfinite(between[live]).all():
+            return np.nan_to_num(between, nan=0.0)
+        return np.nan_to_num(ranks.pre_forward_time(), nan=0.0)
 
     def _fit(self, size: int) -> None:
         extra = size - self._firing.size

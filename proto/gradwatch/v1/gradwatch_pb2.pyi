@@ -137,7 +137,7 @@ class LayerSchema(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ..., local_param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s", "guard_skip_reasons", "guard_rolled_back_to", "batch_ids", "top_samples")
+    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s", "guard_skip_reasons", "guard_rolled_back_to", "batch_ids", "top_samples", "collectives", "between_collectives_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class StepReport(_message.Message):
     GUARD_ROLLED_BACK_TO_FIELD_NUMBER: _ClassVar[int]
     BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVES_FIELD_NUMBER: _ClassVar[int]
+    BETWEEN_COLLECTIVES_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     wall_time: float
     step_duration_s: float
@@ -200,7 +202,9 @@ class StepReport(_message.Message):
     guard_rolled_back_to: int
     batch_ids: _containers.RepeatedScalarFieldContainer[str]
     top_samples: _containers.RepeatedCompositeFieldContainer[SampleLoss]
-    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ..., param_checksum: _Optional[int] = ..., pre_forward_s: _Optional[float] = ..., guard_skip_reasons: _Optional[int] = ..., guard_rolled_back_to: _Optional[int] = ..., batch_ids: _Optional[_Iterable[str]] = ..., top_samples: _Optional[_Iterable[_Union[SampleLoss, _Mapping]]] = ...) -> None: ...
+    collectives: CollectiveProgress
+    between_collectives_s: float
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ..., param_checksum: _Optional[int] = ..., pre_forward_s: _Optional[float] = ..., guard_skip_reasons: _Optional[int] = ..., guard_rolled_back_to: _Optional[int] = ..., batch_ids: _Optional[_Iterable[str]] = ..., top_samples: _Optional[_Iterable[_Union[SampleLoss, _Mapping]]] = ..., collectives: _Optional[_Union[CollectiveProgress, _Mapping]] = ..., between_collectives_s: _Optional[float] = ...) -> None: ...
 
 class SampleLoss(_message.Message):
     __slots__ = ("id", "loss", "index")
@@ -211,6 +215,52 @@ class SampleLoss(_message.Message):
     loss: float
     index: int
     def __init__(self, id: _Optional[str] = ..., loss: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
+
+class CollectiveGroup(_message.Message):
+    __slots__ = ("group", "size", "entered", "completed", "pending_seq", "pending_op", "pending_numel", "pending_s")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENTERED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PENDING_OP_FIELD_NUMBER: _ClassVar[int]
+    PENDING_NUMEL_FIELD_NUMBER: _ClassVar[int]
+    PENDING_S_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    size: int
+    entered: int
+    completed: int
+    pending_seq: int
+    pending_op: str
+    pending_numel: int
+    pending_s: float
+    def __init__(self, group: _Optional[str] = ..., size: _Optional[int] = ..., entered: _Optional[int] = ..., completed: _Optional[int] = ..., pending_seq: _Optional[int] = ..., pending_op: _Optional[str] = ..., pending_numel: _Optional[int] = ..., pending_s: _Optional[float] = ...) -> None: ...
+
+class StackFrame(_message.Message):
+    __slots__ = ("file", "line", "function")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    line: int
+    function: str
+    def __init__(self, file: _Optional[str] = ..., line: _Optional[int] = ..., function: _Optional[str] = ...) -> None: ...
+
+class CollectiveProgress(_message.Message):
+    __slots__ = ("groups", "completions_known", "idle_s", "stack", "stack_still_s", "paused")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    STACK_STILL_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[CollectiveGroup]
+    completions_known: bool
+    idle_s: float
+    stack: _containers.RepeatedCompositeFieldContainer[StackFrame]
+    stack_still_s: float
+    paused: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[CollectiveGroup, _Mapping]]] = ..., completions_known: bool = ..., idle_s: _Optional[float] = ..., stack: _Optional[_Iterable[_Union[StackFrame, _Mapping]]] = ..., stack_still_s: _Optional[float] = ..., paused: _Optional[str] = ...) -> None: ...
 
 class ActivationStats(_message.Message):
     __slots__ = ("mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "log2_histogram", "unit_spread")
@@ -292,7 +342,7 @@ class Event(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., step: _Optional[int] = ..., wall_time: _Optional[float] = ..., message: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("wall_time", "step", "dropped")
+    __slots__ = ("wall_time", "step", "dropped", "collectives")
     class DroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -303,10 +353,12 @@ class Heartbeat(_message.Message):
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVES_FIELD_NUMBER: _ClassVar[int]
     wall_time: float
     step: int
     dropped: _containers.ScalarMap[str, int]
-    def __init__(self, wall_time: _Optional[float] = ..., step: _Optional[int] = ..., dropped: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    collectives: CollectiveProgress
+    def __init__(self, wall_time: _Optional[float] = ..., step: _Optional[int] = ..., dropped: _Optional[_Mapping[str, int]] = ..., collectives: _Optional[_Union[CollectiveProgress, _Mapping]] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("final_step", "reason")
