@@ -296,7 +296,8 @@ class Load:
 # ---------------------------------------------------------------------- measurement
 
 
-def _proc(pid: int) -> dict[str, float]:
+def process_usage(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) and resident memory (now and peak, MB) of process `pid`, from /proc."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     status = dict(line.split(":", 1) for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines())
     return {
@@ -360,22 +361,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             gradwatch_process(pathlib.Path(tmp), "--alertmanager-url", am_url, *args.serve_arg) as server:  # fmt: skip
         load = Load(args, server.target)
         readers = Readers(server.http_url) if args.read_loop else contextlib.nullcontext()
-        before = _proc(server.pid)
+        before = process_usage(server.pid)
         with readers:
             started = time.time() + 1.0
             window: dict[str, float] = {}
 
             def mark() -> None:  # CPU over the sending window only (start-up and drain excluded)
-                time.sleep(max(0.0, started + args.warmup_s - time.time()))
-                window.update(cpu0=_proc(server.pid)["cpu_s"], t0=time.time(), acked0=sum(r.acked for r in load.ranks))
-                time.sleep(max(0.0, started + args.duration - time.time()))
-                window.update(cpu1=_proc(server.pid)["cpu_s"], t1=time.time(), acked1=sum(r.acked for r in load.ranks))
+                for at, end in ((args.warmup_s, "0"), (args.duration, "1")):
+                    time.sleep(max(0.0, started + at - time.time()))
+                    acked = sum(r.acked for r in load.ranks)
+                    window.update({f"cpu{end}": process_usage(server.pid)["cpu_s"], f"t{end}": time.time(),
+                                   f"acked{end}": acked})  # fmt: skip
 
             marker = threading.Thread(target=mark, daemon=True)
             marker.start()
             asyncio.run(load.run(started))
             marker.join()
-        after = _proc(server.pid)
+        after = process_usage(server.pid)
         pages: dict[str, float] = {}
         deadline = time.monotonic() + args.page_timeout_s
         for run, sent_at in load.nan_sent.items():
