@@ -8,6 +8,7 @@ default cadence does) and wait for the acknowledgement of the last one. Prints r
 from the first report to the last acknowledgement, the server process's CPU time per report, and its CPU
 utilisation (near 100 % of one CPU: the server is the bound; well under: the clients, one Python process with
 S threads, may be). Speed, not correctness: the tests check what the server does with these frames.
+bench/loadgen.py is the paced counterpart: thousands of ranks at a set step rate, with alert latency.
 
     python bench/ingest_throughput.py [--streams 1,4,16] [--reports 2000] [--layers 32] [--full-every 10]
 """
@@ -24,16 +25,15 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
 
+from loadgen import process_usage
+
 from gradwatch.v1 import gradwatch_pb2 as pb
 from paging_support import gradwatch_server
 from server_support import AgentStream, columns, hello_frame, report_frame
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
 
 def _cpu_s(pid: int) -> float:
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+    return process_usage(pid)["cpu_s"]
 
 
 def _client(target: str, index: int, reports: int, layers: int, full_every: int, errors: list[str]) -> None:

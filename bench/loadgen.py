@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import pathlib
+import random
 import re
 import struct
 import sys
@@ -55,6 +56,8 @@ from paging_support import WebhookReceiver, alertmanager, gradwatch_process, rou
 STREAM_METHOD = "/gradwatch.v1.Ingest/Stream"
 TEMPLATES = 8  # distinct encodings of each report kind (values vary a little, as a healthy run's do)
 STREAMS_PER_CHANNEL = 64  # HTTP/2 connections carry this many rank streams each
+CONNECT_ATTEMPTS = 30  # Hello attempts per rank (counted in `reconnects`; the agent retries forever)
+WIDE_RUN_LAYERS = 4  # layers of the --wide-run-ranks run: it is there for its rank count
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -169,11 +172,15 @@ def batch_bytes(frames: list[bytes]) -> bytes:
 class Rank:
     run: str
     rank: int
+    world: int
+    layers: int
+    period_s: float  # between writes
     sent: int = 0  # reports written (seq of the last one)
     acked: int = 0
     sent_at: dict[int, float] = field(default_factory=dict)  # seq -> when written, until acknowledged
     ack_lags: list[float] = field(default_factory=list)
     error: str | None = None
+    reconnects: int = 0  # Hello attempts that failed before one got its Welcome
 
 
 class Load:
@@ -182,8 +189,12 @@ class Load:
     def __init__(self, args: argparse.Namespace, target: str) -> None:
         self.args = args
         self.target = target
-        self.factory = FrameFactory(args.layers, args.full_every)
-        self.ranks = [Rank(f"load-{r:04d}", k) for r in range(args.runs) for k in range(args.world_size)]
+        self.factories = {layers: FrameFactory(layers, args.full_every) for layers in {args.layers, WIDE_RUN_LAYERS}}
+        period = args.group / args.steps_per_s
+        self.ranks = [Rank(f"load-{r:04d}", k, args.world_size, args.layers, period)
+                      for r in range(args.runs) for k in range(args.world_size)]  # fmt: skip
+        wide = args.wide_run_ranks
+        self.ranks += [Rank("load-wide", k, wide, WIDE_RUN_LAYERS, args.wide_run_period_s) for k in range(wide)]
         self.stop_at = 0.0
         self.nan_sent: dict[str, float] = {}  # run -> time its NaN frame was written
         self.nan_due: list[tuple[float, Rank]] = []
@@ -207,18 +218,30 @@ class Load:
 
     async def _rank(self, channel: grpc.aio.Channel, rank: Rank, started: float, index: int) -> None:
         args = self.args
-        call = channel.stream_stream(STREAM_METHOD, request_serializer=None,
-                                     response_deserializer=pb.ServerFrame.FromString)()  # fmt: skip
+        # Ranks connect spread over their first period, as a job's workers do (thousands of calls started in the
+        # same instant fail in grpc.aio's client), and retry the Hello like the agent (fresh call, short backoff).
+        await asyncio.sleep(max(0.0, started - time.time() + rank.period_s * index / len(self.ranks) - 0.5))
         reader: asyncio.Task[None] | None = None
+        call = None
         try:
-            await call.write(hello_bytes(rank.run, rank.rank, args.world_size, args.layers, args.full_every))
-            welcome = await call.read()
+            for attempt in range(CONNECT_ATTEMPTS):
+                call = channel.stream_stream(STREAM_METHOD, request_serializer=None,
+                                             response_deserializer=pb.ServerFrame.FromString)()  # fmt: skip
+                try:
+                    await call.write(hello_bytes(rank.run, rank.rank, rank.world, rank.layers, args.full_every))
+                    welcome = await call.read()
+                    break
+                except grpc.aio.AioRpcError:
+                    if attempt == CONNECT_ATTEMPTS - 1:
+                        raise
+                    rank.reconnects += 1
+                    await asyncio.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
             if welcome is grpc.aio.EOF or welcome.WhichOneof("body") != "welcome":
                 rank.error = f"no Welcome: {welcome!r}"
                 return
             batches = not args.no_batch and welcome.welcome.max_batch_frames >= args.group
             reader = asyncio.ensure_future(self._acks(call, rank))
-            period = args.group / args.steps_per_s
+            period, factory = rank.period_s, self.factories[rank.layers]
             next_at = started + period * (index / len(self.ranks))  # ranks spread evenly over one period
             step = 0
             while next_at < self.stop_at:
@@ -228,7 +251,7 @@ class Load:
                 for _ in range(args.group):
                     step += 1
                     rank.sent += 1
-                    frames.append(self.factory.report(rank.sent, step, nan=nan and not frames))
+                    frames.append(factory.report(rank.sent, step, nan=nan and not frames))
                 now = time.time()
                 for offset in range(len(frames)):
                     rank.sent_at[rank.sent - len(frames) + 1 + offset] = now
@@ -243,11 +266,12 @@ class Load:
             await call.done_writing()
             await asyncio.wait_for(reader, timeout=args.drain_s)
         except Exception as exc:  # reported per rank; the load goes on
-            rank.error = repr(exc)
+            rank.error = f"after {rank.sent} reports ({rank.acked} acked): {exc!r}"
         finally:
             if reader is not None:
                 reader.cancel()
-            call.cancel()
+            if call is not None:
+                call.cancel()
 
     def _take_nan(self, rank: Rank) -> bool:
         if self.nan_due and self.nan_due[0][1] is rank and time.time() >= self.nan_due[0][0]:
@@ -272,11 +296,15 @@ class Load:
 # ---------------------------------------------------------------------- measurement
 
 
-def _proc(pid: int) -> dict[str, float]:
+def process_usage(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) and resident memory (now and peak, MB) of process `pid`, from /proc."""
     fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     status = dict(line.split(":", 1) for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {"cpu_s": (int(fields[11]) + int(fields[12])) / _TICK,
-            "rss_mb": int(status["VmRSS"].split()[0]) / 1024, "hwm_mb": int(status["VmHWM"].split()[0]) / 1024}
+    return {
+        "cpu_s": (int(fields[11]) + int(fields[12])) / _TICK,
+        "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+        "hwm_mb": int(status["VmHWM"].split()[0]) / 1024,
+    }
 
 
 def _get(url: str, timeout: float = 120.0) -> bytes:
@@ -333,22 +361,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             gradwatch_process(pathlib.Path(tmp), "--alertmanager-url", am_url, *args.serve_arg) as server:  # fmt: skip
         load = Load(args, server.target)
         readers = Readers(server.http_url) if args.read_loop else contextlib.nullcontext()
-        before = _proc(server.pid)
+        before = process_usage(server.pid)
         with readers:
             started = time.time() + 1.0
             window: dict[str, float] = {}
 
             def mark() -> None:  # CPU over the sending window only (start-up and drain excluded)
-                time.sleep(max(0.0, started + args.warmup_s - time.time()))
-                window.update(cpu0=_proc(server.pid)["cpu_s"], t0=time.time(), acked0=sum(r.acked for r in load.ranks))
-                time.sleep(max(0.0, started + args.duration - time.time()))
-                window.update(cpu1=_proc(server.pid)["cpu_s"], t1=time.time(), acked1=sum(r.acked for r in load.ranks))
+                for at, end in ((args.warmup_s, "0"), (args.duration, "1")):
+                    time.sleep(max(0.0, started + at - time.time()))
+                    acked = sum(r.acked for r in load.ranks)
+                    window.update({f"cpu{end}": process_usage(server.pid)["cpu_s"], f"t{end}": time.time(),
+                                   f"acked{end}": acked})  # fmt: skip
 
             marker = threading.Thread(target=mark, daemon=True)
             marker.start()
             asyncio.run(load.run(started))
             marker.join()
-        after = _proc(server.pid)
+        after = process_usage(server.pid)
         pages: dict[str, float] = {}
         deadline = time.monotonic() + args.page_timeout_s
         for run, sent_at in load.nan_sent.items():
@@ -360,6 +389,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         firing = json.loads(_get(server.http_url + "/api/v1/alerts?state=firing"))["alerts"]
         other = sorted({a["detector"] for a in firing if a["detector"] != "non_finite"})
         applied = _applied_reports(server.http_url)
+        log_tail = (pathlib.Path(tmp) / "gradwatch.log").read_text()[-2000:]
         metrics = _get(server.http_url + "/metrics").decode()
         found = re.search(r'^gradwatch_ingest_frames_total\{kind="batch"\} (\S+)$', metrics, re.MULTILINE)
         batches = int(float(found.group(1))) if found else 0
@@ -369,12 +399,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     lags = [lag for r in load.ranks for lag in r.ack_lags]
     window_s = window["t1"] - window["t0"]
     window_reports = window["acked1"] - window["acked0"]
-    offered = len(load.ranks) * args.steps_per_s
+    offered = sum(args.group / r.period_s for r in load.ranks)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "serve_arg"},
         "ranks": len(load.ranks), "offered_reports_per_s": offered,
         "sent": sent, "batches": batches, "acked": acked, "unacked_at_end": sent - acked, "acked_but_lost": lost,
         "errors": sorted({r.error for r in load.ranks if r.error})[:5],
+        "ranks_failed": sum(1 for r in load.ranks if r.error),
+        "reconnects": sum(r.reconnects for r in load.ranks),
         "acked_reports_per_s": window_reports / window_s,
         "sustained": window_reports / window_s >= 0.97 * offered and acked == sent,
         "ack_lag_s": _percentiles(lags),
@@ -386,6 +418,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "nan_to_alertmanager_s": _percentiles(list(pages.values())),
         "other_detectors_firing": other,
     }  # fmt: skip
+    if result["ranks_failed"]:
+        result["server_log_tail"] = log_tail
     if isinstance(readers, Readers):
         result["reads_s"] = {path: _percentiles(times) for path, times in readers.reads.items()}
         result["metrics_lines"] = readers.metrics_lines
@@ -408,6 +442,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--drain-s", type=float, default=60.0, help="wait this long for the last acks")
     parser.add_argument("--page-timeout-s", type=float, default=15.0)
     parser.add_argument("--read-loop", action="store_true", help="read /metrics and /api/v1/runs in a loop")
+    parser.add_argument(
+        "--wide-run-ranks",
+        type=int,
+        default=0,
+        help="one more run with this many ranks (4 layers), each writing every --wide-run-period-s",
+    )
+    parser.add_argument("--wide-run-period-s", type=float, default=10.0)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `gradwatch serve` argument")
     args = parser.parse_args(argv)
     if min(args.runs, args.world_size, args.layers, args.full_every, args.group) < 1 or args.steps_per_s <= 0:

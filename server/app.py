@@ -5,10 +5,12 @@
     urllib.request.urlopen(app.http_url + "/metrics")
     app.stop()
 
-Threads: the grpc.aio server runs on its own asyncio loop in the "gradwatch-grpc"
-thread (all ingestion happens there); the HTTP server answers from its own threads
-and only reads shared state under the store's lock. Alert listeners are called on
-the gRPC thread: they must be quick and must not block. The notifier is such a
+Threads (ARCHITECTURE.md, "Server concurrency model"): the grpc.aio server runs on its
+own asyncio loop in the "gradwatch-grpc" thread (all ingestion happens there); the HTTP
+server answers from its own threads from snapshots of the store (`RunStore.snapshot`),
+never holding a lock while it builds an answer; the per-second persistence runs on a
+worker thread. Alert listeners are called on the gRPC thread: they must be quick and
+must not block. The notifier is such a
 listener: it hands notifications to one delivery thread per sink
 ("gradwatch-sink-<name>") and resends from its "gradwatch-notify" ticker thread.
 """
@@ -342,7 +344,9 @@ class ServerApp:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.ingestor.sweep()
             try:
-                self.persist()
+                # Off the loop: a checkpoint of every run and firing alert, incident closing and retention
+                # pruning are SQLite transactions that must not hold up the frames of every stream.
+                await asyncio.to_thread(self.persist)
             except Exception:  # the loop must keep sweeping; each part counts its own failures
                 log.exception("persisting server state failed")
 

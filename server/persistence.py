@@ -65,8 +65,9 @@ class StateKeeper:
         if records and self._guard(self._db.put_runs, [record for record, _ in records]):
             for record, progress in records:
                 self._saved[record["run_id"]] = progress
-        for run_id in [r for r in self._saved if r not in live]:  # evicted runs stay in the database
-            del self._saved[run_id]
+        # list(): a Hello on the ingest thread may add to _saved while this runs on the persist thread.
+        for run_id in [r for r in list(self._saved) if r not in live]:  # evicted runs stay in the database
+            self._saved.pop(run_id, None)
         for alert in self._alerts.export_firing():
             self._guard(self._db.put_alert, alert)
 

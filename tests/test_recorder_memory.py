@@ -42,9 +42,9 @@ def _activations(n: int) -> pb.ActivationStats:
 
 def _feed(app: ServerApp, ranks: int, layers: int, reports: int, full_every: int) -> int:
     """Reports of `ranks` ranks, interleaved as in training, into the recorder alone; traced bytes it grew by."""
-    hellos = [hello(rank=r, world_size=ranks, layers=layers, session=f"s{r}",
-                    activation_schema=pb.LayerSchema(names=[f"m{i}" for i in range(layers)],
-                                                     module_types=["ReLU"] * layers)) for r in range(ranks)]  # fmt: skip
+    observed = pb.LayerSchema(names=[f"m{i}" for i in range(layers)], module_types=["ReLU"] * layers)
+    hellos = [hello(rank=r, world_size=ranks, layers=layers, session=f"s{r}", activation_schema=observed)
+              for r in range(ranks)]  # fmt: skip
     states = [app.store.join(h)[:2] for h in hellos]
     modules = [ModuleSchema.of(h.activation_schema) for h in hellos]
     full, acts = _full_layers(layers), _activations(layers)
