@@ -26,7 +26,8 @@ the convolution's before it).
 Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
 (channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros,
 fraction of dead units (never positive across the batch), fraction of saturated units (for bounded
-activations: every output of the unit within 1 % of the range's ends; NaN for unbounded modules), the spread
+activations: most outputs of the unit, over the batch, within 1 % of the range's ends; NaN for unbounded
+modules), the spread
 across units (mean over samples and positions of the std across units; near 0 when every unit computes the
 same value, i.e. symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order,
 then a log2-magnitude histogram of the output (histogram.py). Outputs larger than SAMPLE_ELEMENTS values
@@ -362,10 +363,12 @@ def _module_stats(
     else:
         lo, hi = bounds
         middle, half = (lo + hi) / 2, (hi - lo) / 2
-        # A unit is saturated when every output is within the margin of an end: |a − middle| ≥ half − margin.
-        distance = (a - middle).abs_()
-        nearest = distance.amin(dim=reduce) if reduce else distance
-        saturated = (nearest >= half - _SATURATION_MARGIN * (hi - lo)).to(_F32).mean()
+        # A unit is saturated when most of its outputs (more than half of the batch and positions) are within the
+        # margin of an end, |a − middle| ≥ half − margin: where the derivative is ~0 for most inputs. "Every
+        # output" missed a large initialisation, where each unit still has a few inputs near the middle.
+        flat_end = (a - middle).abs_() >= half - _SATURATION_MARGIN * (hi - lo)
+        share = flat_end.to(_F32).mean(dim=reduce) if reduce else flat_end.to(_F32)
+        saturated = (share > 0.5).to(_F32).mean()
     unit_spread = _unit_spread(a)
     histogram = log2_histogram(sample, a.device)
     if positions is not None:

@@ -67,6 +67,8 @@ CATALOGUE_SEVERITIES = {
     "output_collapse": "warning",
     "class_imbalance": "warning",
     "frozen_parameters": "info",
+    # issue 16: gradients computed and never applied
+    "gradients_not_applied": "warning",
     # issue 7: the cross-rank detectors
     "rank_divergence": "warning",
     "replica_mismatch": "critical",

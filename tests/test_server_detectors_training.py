@@ -390,6 +390,7 @@ MINE = (
     "vanishing_gradient",
     "update_ratio",
     "frozen_parameters",
+    "gradients_not_applied",
 )
 
 

@@ -10,8 +10,11 @@ SaturatedActivation flags tanh inputs beyond ±9.4999 and sigmoid inputs outside
 (−23, 16.99999) with the same 1 %/50 % rule as DeadRelu.
 
 The agent reports, per bounded activation (Sigmoid, Tanh, Hardtanh, Softsign, ...)
-and full-statistics step, the fraction of units whose every output in the batch lies
-within 1 % of the range's ends (NaN for unbounded modules, which are skipped). A layer
+and full-statistics step, the fraction of units most of whose outputs over the batch
+(more than half) lie within 1 % of the range's ends (NaN for unbounded modules, which
+are skipped). Not "every output": with weights drawn too large (a tanh MLP with std 1.5)
+nearly every output sits at ±1, yet each unit still meets a few inputs near the middle
+of its range in a batch of 64, and "every output" reported 0 %. A layer
 over `saturated_fraction` on `consecutive` full reports in a row fires; the rank clears
 after `resolve_after` reports with every layer at or under `clear_fraction`. The
 model's output module is left out: a classifier's final sigmoid is meant to reach 0
@@ -80,8 +83,8 @@ class SaturatedActivationDetector:
         index = outcome.index
         name, fraction = report.modules[index], float(saturated[index])
         summary = (
-            f"{fraction:.0%} of the units of {report.module_types[index]} layer {name!r} are saturated (every "
-            f"output within 1% of the range's ends) on rank {report.rank} at step {report.step} "
+            f"{fraction:.0%} of the units of {report.module_types[index]} layer {name!r} are saturated (most "
+            f"outputs within 1% of the range's ends) on rank {report.rank} at step {report.step} "
             f"(threshold {cfg.saturated_fraction:.0%})"
         )
         return Fire(step=report.step, value=fraction, summary=summary, layer=name)

@@ -1,4 +1,5 @@
-"""frozen_parameters on real runs: a layer left out of the optimizer is reported (info), nothing louder."""
+"""frozen_parameters and gradients_not_applied on real runs: a layer left out of the optimizer (gradients
+computed, never applied) is a warning; a deliberate freeze (requires_grad=False) is information only."""
 
 from __future__ import annotations
 
@@ -6,22 +7,36 @@ import pytest
 
 pytest.importorskip("torch")
 
-from harness import assert_caught, run_scenario, scenario
+import torch
+from harness import assert_caught, run_scenario, run_training, scenario
+from torch import nn
 
-NAMES = ("frozen_layer",)
+from gradwatch.scenarios.base import mlp, regression_data
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_frozen_parameters_fault_is_caught(name: str) -> None:
-    sc = scenario(name)
-    assert sc.expect == "frozen_parameters"
+def test_the_layer_left_out_of_the_optimizer_is_a_warning_naming_it() -> None:
+    sc = scenario("frozen_layer")
+    assert sc.expect == "gradients_not_applied"
     result = run_scenario(sc)
-    assert_caught(result, "frozen_parameters", allow=sc.allow)
+    assert_caught(result, "gradients_not_applied", within=40, allow=sc.allow)
+    alert = result.first("gradients_not_applied")
+    assert alert is not None and alert.severity == "warning" and alert.layer == "0", result.describe()
+    assert [a.detector for a in result.unexpected(severities=("warning", "critical"))] == ["gradients_not_applied"]
+    info = result.first("frozen_parameters")
+    assert info is not None and info.severity == "info" and "1 never updated" in info.summary, result.describe()
 
 
-def test_the_layer_left_out_of_the_optimizer_is_named_as_never_updated() -> None:
-    result = run_scenario(scenario("frozen_layer"))
-    alert = result.first("frozen_parameters")
-    assert alert is not None and alert.severity == "info" and alert.layer == "0", result.describe()
-    assert "1 never updated" in alert.summary
+@pytest.mark.parametrize("optimizer_gets", ["all parameters", "trainable parameters"])
+def test_a_deliberate_freeze_is_information_only(optimizer_gets: str) -> None:
+    """requires_grad=False on the first layer: no gradient is computed, so nothing is left unapplied, whether
+    the optimizer was given every parameter or only the trainable ones."""
+    torch.manual_seed(0)
+    model = mlp(32, 64, 1, depth=2)
+    model[0].requires_grad_(False)
+    params = [p for p in model.parameters() if optimizer_gets == "all parameters" or p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    result = run_training(model, optimizer, regression_data(32, 64, 0), nn.functional.mse_loss, steps=80,
+                          run="deliberate-freeze")  # fmt: skip
+    info = result.first("frozen_parameters")
+    assert info is not None and info.severity == "info" and info.layer == "0", result.describe()
     assert result.unexpected(severities=("warning", "critical")) == [], result.describe()
