@@ -19,7 +19,8 @@ gathers that on the agent, cheaply and without host synchronisation, from what P
   user registered their own hook (DDP allows one), or with `track_collectives=False`.
 
 The sender thread calls `progress()` for every heartbeat (every `HEARTBEAT_S` while tracking) and for each
-report; it keeps running while the training thread is stuck. When the training thread has not called
+report (so a report carries the rank's progress when the sender handled it, at most a batching interval after
+the step); it keeps running while the training thread is stuck. When the training thread has not called
 `monitor.step()` for longer than max(STACK_FLOOR_S, STACK_FACTOR × its median recent step time), the
 progress carries that thread's Python stack (`sys._current_frames()`, file:line per frame, innermost first,
 at most MAX_FRAMES) and how long the stack has stayed unchanged: a blocked thread's stack does not move.
@@ -134,9 +135,9 @@ class CollectiveTracker:
         self._last_step_at = self._clock()
 
     def close(self) -> None:
-        """Stop recording (DDP keeps the hook, which then only all-reduces, as its default would)."""
+        """Stop timing (DDP keeps the hook, which then only all-reduces, as its default would). Progress is
+        still read for the frames the sender delivers while closing."""
         self._hook_on = False
-        self.active = False
 
     # ------------------------------------------------------------------ sender thread
 
