@@ -56,7 +56,6 @@ from gradwatch.agent.activations import ActivationTap
 from gradwatch.agent.amp import check_grad_scaler
 from gradwatch.agent.assembly import ReportAssembler
 from gradwatch.agent.budget import BudgetController
-from gradwatch.agent.collectives import HEARTBEAT_S, CollectiveTracker
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
@@ -134,6 +133,7 @@ class Monitor:
         seam for tests and custom credentials; the default follows the config (transport.py): plaintext, or
         TLS when `tls` or a `tls_*` file is set."""
         process.prefer_no_grpc_fork_handlers()  # must come before grpc's first import
+        from gradwatch.agent.collectives import HEARTBEAT_S, CollectiveTracker  # imports the wire contract
         from gradwatch.agent.sender import Sender  # grpc is imported only for an enabled monitor
         from gradwatch.agent.transport import Transport
 

@@ -71,6 +71,8 @@ CATALOGUE_SEVERITIES = {
     "straggler": "warning",
     "stalled": "critical",
     "throughput_drop": "warning",
+    # issue 20: hang localisation
+    "collective_hang": "critical",
 }
 
 
