@@ -212,7 +212,8 @@ class CollectiveTracker:
             return None
         try:
             status = json.loads(self._fr_status()).get("pg_status", {})
-            return {str(k): (int(v["last_enqueued_collective"]), int(v["last_completed_collective"]))
+            # -1: none yet.
+            return {str(k): (max(0, int(v["last_enqueued_collective"])), max(0, int(v["last_completed_collective"])))
                     for k, v in status.items()}  # fmt: skip
         except Exception:
             return None
