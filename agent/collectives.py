@@ -7,10 +7,12 @@ gathers that on the agent, cheaply and without host synchronisation, from what P
 * **Sequence numbers** per process group (`ProcessGroup._get_sequence_number_for_group()`): the backend's
   count of collectives issued on the group, identical across members after the same collectives.
 * **The flight recorder** (`torch._C._distributed_c10d._dump_fr_trace_json`; recorded by default for gloo
-  and NCCL in torch 2.13): which collectives are still in flight on this rank, with their operation, sizes
-  and sequence numbers. Read from the sender thread with `onlyActive`, a few microseconds; the training
-  thread pays nothing beyond what torch already records. Without it, `completions_known` is False and
-  only the sequence numbers travel.
+  and NCCL in torch 2.13): its status (tens of microseconds, read on the sender thread) gives each group's
+  last enqueued and last completed collective; its entries (the whole ring buffer, up to tenths of a second
+  to read and parse) give the operation, sizes and age of the collective still in flight, and are read only
+  when the training thread has been idle past its threshold with a collective in flight. The training
+  thread pays nothing beyond what torch already records. Without a recorder, `completions_known` is False
+  and only the entered sequence numbers travel.
 * **A DDP communication hook** that does exactly what DDP's default does (divide the bucket by the group
   size, all-reduce it asynchronously) and notes, on the thread that runs it, when each bucket arrives and
   when its all-reduce completes: `take_between()` is the time this rank worked between collectives since
@@ -19,7 +21,8 @@ gathers that on the agent, cheaply and without host synchronisation, from what P
   user registered their own hook (DDP allows one), or with `track_collectives=False`.
 
 The sender thread calls `progress()` for every heartbeat (every `HEARTBEAT_S` while tracking) and for each
-report; it keeps running while the training thread is stuck. When the training thread has not called
+report (so a report carries the rank's progress when the sender handled it, at most a batching interval after
+the step); it keeps running while the training thread is stuck. When the training thread has not called
 `monitor.step()` for longer than max(STACK_FLOOR_S, STACK_FACTOR × its median recent step time), the
 progress carries that thread's Python stack (`sys._current_frames()`, file:line per frame, innermost first,
 at most MAX_FRAMES) and how long the stack has stayed unchanged: a blocked thread's stack does not move.
@@ -82,13 +85,13 @@ def capture_stack(thread_id: int, limit: int = MAX_FRAMES) -> list[tuple[str, in
 class CollectiveTracker:
     """One monitor's view of its rank's collectives and training thread (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, *, enabled: bool = True, clock: Callable[[], float] = time.monotonic,
-                 fr_dump: Callable[[], bytes] | None = None) -> None:  # fmt: skip
+    def __init__(self, model: torch.nn.Module, *, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         """Active only in an initialised torch.distributed job with `enabled`; `install()` adds the DDP hook.
         Never raises for a missing feature of the backend (it sends less)."""
         self._clock = clock
         self.active = enabled and dist.is_available() and dist.is_initialized()
-        self._fr_dump = fr_dump if fr_dump is not None else _flight_recorder_dump()
+        self._fr_status, self._fr_entries = _flight_recorder()
         self._thread_id = threading.get_ident()
         self._last_step_at = clock()
         self._durations: deque[float] = deque(maxlen=STEP_WINDOW)
@@ -134,9 +137,9 @@ class CollectiveTracker:
         self._last_step_at = self._clock()
 
     def close(self) -> None:
-        """Stop recording (DDP keeps the hook, which then only all-reduces, as its default would)."""
+        """Stop timing (DDP keeps the hook, which then only all-reduces, as its default would). Progress is
+        still read for the frames the sender delivers while closing."""
         self._hook_on = False
-        self.active = False
 
     # ------------------------------------------------------------------ sender thread
 
@@ -159,20 +162,34 @@ class CollectiveTracker:
 
     def _build(self, now: float) -> pb.CollectiveProgress:
         idle = max(0.0, now - self._last_step_at)
+        stuck = idle > self._stack_threshold()
         progress = pb.CollectiveProgress(idle_s=idle, paused=self._paused[-1] if self._paused else "")
-        pending, known = self._pending()
+        status = self._status()
+        groups = _groups()[:MAX_GROUPS]
+        counts = {}
+        known = status is not None
+        for name, group in groups:
+            entered, completed = (status or {}).get(name) or (int(group._get_sequence_number_for_group()), None)
+            # The recorder lists a group from its first collective on; before that there is nothing to complete.
+            known &= completed is not None or entered == 0
+            counts[name] = (entered, entered if completed is None else min(entered, completed))
         progress.completions_known = known
-        for name, group in _groups()[:MAX_GROUPS]:
-            entered = int(group._get_sequence_number_for_group())
+        # The recorder's entries are read only for a thread idle past its threshold with a collective in flight:
+        # the whole buffer comes back (thousands of entries, tenths of a second), which a healthy step never pays.
+        in_flight = any(done < entered for entered, done in counts.values())
+        pending = self._pending() if stuck and in_flight else {}
+        for name, group in groups:
+            entered, completed = counts[name]
             item = progress.groups.add(group=name[:MAX_TEXT], size=int(group.size()), entered=entered,
-                                       completed=entered)  # fmt: skip
-            oldest = pending.get(name)
-            if oldest is not None:
-                seq, op, numel, created_ns = oldest
-                item.completed = max(0, min(entered, seq - 1))
-                item.pending_seq, item.pending_op, item.pending_numel = seq, op[:MAX_TEXT], numel
-                item.pending_s = max(0.0, time.time() - created_ns / 1e9) if created_ns else 0.0
-        if idle > self._stack_threshold():
+                                       completed=completed)  # fmt: skip
+            if completed < entered:
+                item.pending_seq = completed + 1
+                oldest = pending.get(name)
+                if oldest is not None and oldest[0] == item.pending_seq:
+                    _, op, numel, created_ns = oldest
+                    item.pending_op, item.pending_numel = op[:MAX_TEXT], numel
+                    item.pending_s = max(0.0, time.time() - created_ns / 1e9) if created_ns else 0.0
+        if stuck:
             stack = capture_stack(self._thread_id)
             key = (stack[0][0], stack[0][1]) if stack else None
             if key != self._stack_key:
@@ -188,15 +205,27 @@ class CollectiveTracker:
         recent = list(self._durations)
         return max(STACK_FLOOR_S, STACK_FACTOR * statistics.median(recent)) if recent else STACK_FLOOR_S
 
-    def _pending(self) -> tuple[dict[str, tuple[int, str, int, int]], bool]:
-        """Group name -> (seq, op, numel, created ns) of its oldest in-flight collective, from the flight
-        recorder; and whether the recorder answered (else completions are unknown)."""
-        if self._fr_dump is None:
-            return {}, False
+    def _status(self) -> dict[str, tuple[int, int]] | None:
+        """Group name -> (last enqueued, last completed) collective from the flight recorder's status (tens of
+        microseconds: no entries); None without a recorder."""
+        if self._fr_status is None:
+            return None
         try:
-            dump = json.loads(self._fr_dump())
+            status = json.loads(self._fr_status()).get("pg_status", {})
+            # -1: none yet.
+            return {str(k): (max(0, int(v["last_enqueued_collective"])), max(0, int(v["last_completed_collective"])))
+                    for k, v in status.items()}  # fmt: skip
         except Exception:
-            return {}, False
+            return None
+
+    def _pending(self) -> dict[str, tuple[int, str, int, int]]:
+        """Group name -> (seq, op, numel, created ns) of its oldest in-flight collective (flight recorder)."""
+        if self._fr_entries is None:
+            return {}
+        try:
+            dump = json.loads(self._fr_entries())
+        except Exception:
+            return {}
         out: dict[str, tuple[int, str, int, int]] = {}
         for entry in dump.get("entries", ()):
             if entry.get("retired") or entry.get("is_p2p"):
@@ -209,7 +238,7 @@ class CollectiveTracker:
             op = str(entry.get("profiling_name", "")).split(":")[-1]
             numel = sum(_numel(size) for size in entry.get("input_sizes", ()))
             out[name] = (seq, op, numel, int(entry.get("time_created_ns") or 0))
-        return out, True
+        return out
 
     # ------------------------------------------------------------------ the DDP hook
 
@@ -274,14 +303,17 @@ def _groups() -> list[tuple[str, Any]]:
     return [(name, group) for group, name in named]
 
 
-def _flight_recorder_dump() -> Callable[[], bytes] | None:
-    """The recorder's reader for in-flight collectives only, if this torch has one."""
+def _flight_recorder() -> tuple[Callable[[], bytes] | None, Callable[[], bytes] | None]:
+    """The recorder's readers (status only; every entry), if this torch has one."""
     try:
         from torch._C._distributed_c10d import _dump_fr_trace_json
     except ImportError:
-        return None
+        return None, None
 
-    def dump() -> bytes:
+    def status() -> bytes:
+        return _dump_fr_trace_json(False, True)
+
+    def entries() -> bytes:
         return _dump_fr_trace_json(True, True)
 
-    return dump
+    return status, entries

@@ -64,7 +64,6 @@ from gradwatch.agent.assembly import ReportAssembler
 from gradwatch.agent.autopsy import build_tail, check_batch_ids
 from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.checksum_cadence import ChecksumCadence
-from gradwatch.agent.collectives import HEARTBEAT_S, CollectiveTracker
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
 from gradwatch.agent.guard import Guard, pick_mechanism
@@ -170,6 +169,7 @@ class Monitor:
         TLS when `tls` or a `tls_*` file is set."""
         _replace_previous(model)
         process.prefer_no_grpc_fork_handlers()  # must come before grpc's first import
+        from gradwatch.agent.collectives import HEARTBEAT_S, CollectiveTracker  # imports the wire contract
         from gradwatch.agent.sender import Sender  # grpc is imported only for an enabled monitor
         from gradwatch.agent.transport import Transport
 

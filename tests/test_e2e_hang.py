@@ -54,6 +54,8 @@ def _worker(rank: int, world_size: int, port: int, target: str, scenario: str, s
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    run, _, _ = scenario.partition("#")  # "scenario#tag": a run id of its own (the bench runs a scenario often)
+    run, scenario = scenario, run
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     metrics = dist.new_group()  # a second group, as a job logging metrics on its own group would have
@@ -61,7 +63,7 @@ def _worker(rank: int, world_size: int, port: int, target: str, scenario: str, s
         torch.manual_seed(0)
         model = DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-        with gradwatch.attach(model, optimizer, run=scenario, server=target) as monitor:
+        with gradwatch.attach(model, optimizer, run=run, server=target) as monitor:
             for step in range(1, steps + 1):
                 time.sleep(BASE_SLEEP_S if scenario != "straggler" else HOST_WORK_S / 2)
                 if scenario == "slow" and step in (FAULT_STEP, FAULT_STEP + 1):
@@ -77,6 +79,7 @@ def _worker(rank: int, world_size: int, port: int, target: str, scenario: str, s
                 optimizer.zero_grad()
                 if step == FAULT_STEP and rank == 1:
                     if scenario == "blocked":
+                        Path(f"{release}.at").write_text(repr(time.time()))  # when it hung (bench/hang_latency.py)
                         _wait_for(release)  # BLOCKED: a rank stuck in Python before its backward
                     elif scenario == "killed":
                         os.kill(os.getpid(), signal.SIGKILL)

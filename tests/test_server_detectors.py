@@ -67,7 +67,7 @@ CATALOGUE_SEVERITIES = {
     "output_collapse": "warning",
     "class_imbalance": "warning",
     "frozen_parameters": "info",
-    # issue 16: gradients computed and never applied
+    # gradients computed and never applied
     "gradients_not_applied": "warning",
     # issue 7: the cross-rank detectors
     "rank_divergence": "warning",
@@ -75,9 +75,11 @@ CATALOGUE_SEVERITIES = {
     "straggler": "warning",
     "stalled": "critical",
     "throughput_drop": "warning",
-    # issue 19: the agent's guard
+    # the agent's guard
     "guard_skip": "warning",
     "guard_rollback": "warning",
+    # hang localisation
+    "collective_hang": "critical",
 }
 
 
