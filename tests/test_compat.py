@@ -524,6 +524,7 @@ def test_a_closed_monitor_does_not_keep_the_model_alive(server: ScriptableServer
     gc.collect()
     assert [r() for r in refs] == [None, None]
     assert monitor.step_count == 1
+    assert not torch.nn.modules.module._has_any_global_hook()  # nothing of ours is left in torch either
 
 
 def test_forwards_without_monitor_step_use_bounded_memory(server: ScriptableServer) -> None:
