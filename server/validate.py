@@ -56,6 +56,8 @@ NON_MONOTONIC = "non_monotonic"
 INVALID_REPORT = "invalid_report"
 INVALID_JOB_NAME = "invalid_job_name"
 INVALID_DETECTOR_SETTINGS = "invalid_detector_settings"
+#: A Hello for a (run, rank) another agent session is streaming as (ingest.Ingestor.open).
+RANK_IN_USE = "rank_in_use"
 #: Per-run detector settings a Hello may carry, and the size of each key and value.
 MAX_DETECTOR_SETTINGS = 64
 MAX_DETECTOR_SETTING_CHARS = 1024
@@ -79,6 +81,7 @@ REASONS: tuple[str, ...] = (
     INVALID_REPORT,
     INVALID_JOB_NAME,
     INVALID_DETECTOR_SETTINGS,
+    RANK_IN_USE,
 )
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
