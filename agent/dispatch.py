@@ -59,13 +59,14 @@ _COMPILE_WARNING = r"Using `torch\.compile\(module\)` when there are global hook
 class _Entry:
     """The callbacks of one watched object (slots: looked up on every call of a watched module)."""
 
-    __slots__ = ("first", "post", "pre", "ref")
+    __slots__ = ("first", "post", "post_kwargs", "pre", "ref")
 
     def __init__(self, ref: weakref.ref[Any]) -> None:
         self.ref = ref
         self.first: tuple[Callable[..., None], ...] = ()  # pre callbacks that run before the others
         self.pre: tuple[Callable[..., None], ...] = ()
         self.post: tuple[Callable[..., None], ...] = ()
+        self.post_kwargs: tuple[Callable[..., None], ...] = ()  # called with the forward's keyword arguments
 
 
 _lock = threading.Lock()
@@ -107,13 +108,15 @@ def _module_pre_hook(module: Any, args: Any) -> None:
     _run(entry.first + entry.pre, module, args)
 
 
-def _module_hook(module: Any, args: Any, output: Any) -> None:
+def _module_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
     if _is_compiling():
         return
     entry = _modules.get(id(module))
-    if entry is None or not entry.post or entry.ref() is not module or stepping_aside():
+    if entry is None or not (entry.post or entry.post_kwargs) or entry.ref() is not module or stepping_aside():
         return
     _run(entry.post, module, args, output)
+    if entry.post_kwargs:
+        _run(entry.post_kwargs, module, args, kwargs, output)
 
 
 def _optimizer_pre_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -149,7 +152,7 @@ class Watch:
             if entry is not None and parts:
                 for slot, callback in parts.items():
                     setattr(entry, slot, tuple(c for c in getattr(entry, slot) if c is not callback))
-                if not (entry.first or entry.pre or entry.post):
+                if not (entry.first or entry.pre or entry.post or entry.post_kwargs):
                     del self._table[self._key]
             _sync_global_hooks()
 
@@ -172,11 +175,14 @@ def watch_module(
     *,
     pre: Callable[[Any, Any], None] | None = None,
     post: Callable[[Any, Any, Any], None] | None = None,
+    post_kwargs: Callable[[Any, Any, Any, Any], None] | None = None,
     first: bool = False,
 ) -> Watch:
-    """Call `pre(module, args)` before and `post(module, args, output)` after each observed forward of
-    `module`. `first=True`: `pre` runs before the callbacks registered without it."""
-    return _watch(_modules, module, {"first" if first else "pre": pre, "post": post})
+    """Call `pre(module, args)` before and `post(module, args, output)` (or `post_kwargs(module, args, kwargs,
+    output)`) after each observed forward of `module`. `first=True`: `pre` runs before the callbacks
+    registered without it."""
+    parts = {"first" if first else "pre": pre, "post": post, "post_kwargs": post_kwargs}
+    return _watch(_modules, module, parts)
 
 
 def watch_optimizer(
@@ -195,11 +201,15 @@ def _sync_global_hooks() -> None:
         del _modules[dead]
     if _modules and not _module_handles:
         _module_handles.append(_module_hooks.register_module_forward_pre_hook(_module_pre_hook))
-        _module_handles.append(_module_hooks.register_module_forward_hook(_module_hook))
+        _module_handles.append(_module_hooks.register_module_forward_hook(_module_hook, with_kwargs=True))
         warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
     elif not _modules and _module_handles:
         while _module_handles:
-            _module_handles.pop().remove()
+            handle = _module_handles.pop()
+            handle.remove()
+            # torch's handle does not take a with_kwargs hook out of this table; a stale id would keep
+            # `torch.compile(module)` warning about global hooks after ours are gone.
+            _module_hooks._global_forward_hooks_with_kwargs.pop(handle.id, None)
         warnings.filters[:] = [f for f in warnings.filters if not _is_compile_filter(f)]
     if _optimizers and not _optimizer_handles:
         _optimizer_handles.append(_optimizer_hooks.register_optimizer_step_pre_hook(_optimizer_pre_hook))

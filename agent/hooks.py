@@ -3,7 +3,10 @@
 Contract
 - The pre-hook runs inside `optimizer.step()` before the update, where gradients are final (after the DDP
   all-reduce or the FSDP2 reduce-scatter) and still there even if the user calls zero_grad() before
-  monitor.step(): it queues the gradient statistics and reads the learning rates actually used.
+  monitor.step(): it queues the gradient statistics and reads the learning rates actually used. A step given
+  a closure (`optimizer.step(closure)`: Lightning, LBFGS) computes this step's gradients inside the step, after
+  the pre-hook (and a framework clips them there): then the gradient statistics are read in the post-hook,
+  i.e. the gradients the update applied (optimizers do not change `.grad`).
 - The post-hook runs after the update and queues the weight statistics (full-statistics steps only; see
   StatsEngine.compute). On full-statistics steps the
   pre-hook also copies a fixed sample of every parameter (stats.StatsEngine.weight_sample) and the post-hook
@@ -96,6 +99,7 @@ class OptimizerTap:
         self._updates: list[torch.Tensor] | None = None
         self._histograms: torch.Tensor | None = None
         self._checksum: list[torch.Tensor] | None = None
+        self._grads_after = False  # this step has a closure: gradients are read in the post-hook
         # Process-wide hooks filtered to this optimizer (dispatch.py): nothing is stored on the optimizer, so
         # its state_dict(), deepcopy and pickling never meet the agent.
         self._watch: dispatch.Watch | None = dispatch.watch_optimizer(
@@ -123,9 +127,11 @@ class OptimizerTap:
         started = time.perf_counter()
         try:
             full = self._begin_step()
-            self._grads = self._engine.compute("grad", full)
+            self._grads_after = _has_closure(args, kwargs)
+            if not self._grads_after:
+                self._grads = self._engine.compute("grad", full)
+                self._histograms = self._engine.grad_histograms() if full else None
             self._before = self._engine.weight_sample() if full else None
-            self._histograms = self._engine.grad_histograms() if full else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
         except Exception as exc:
             errors.report(exc, "optimizer_pre_hook")
@@ -139,6 +145,10 @@ class OptimizerTap:
         try:
             self.steps += 1
             full = self._begin_step()
+            if self._grads_after:
+                self._grads_after = False
+                self._grads = self._engine.compute("grad", full)
+                self._histograms = self._engine.grad_histograms() if full else None
             self._weights = self._engine.compute("weight", full)
             due = full or (self._checksum_due is not None and self._checksum_due())
             self._checksum = self._engine.checksum() if due else None
@@ -149,3 +159,11 @@ class OptimizerTap:
             errors.report(exc, "optimizer_post_hook")
         finally:
             self._add_agent_time(time.perf_counter() - started)
+
+
+def _has_closure(args: Any, kwargs: Any) -> bool:
+    """Whether `optimizer.step(...)` was called with a closure (positionally or by keyword)."""
+    closure = kwargs.get("closure") if kwargs else None
+    if closure is None and args:
+        closure = args[0]
+    return callable(closure)

@@ -52,7 +52,7 @@ from gradwatch.server.report import ModuleSchema, RankReport, build_report
 from gradwatch.server.settings import SettingError
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RankState, RunState, RunStore, SchemaEntry
-from gradwatch.server.validate import INVALID_DETECTOR_SETTINGS, FrameRejected
+from gradwatch.server.validate import INVALID_DETECTOR_SETTINGS, RANK_IN_USE, FrameRejected
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 #: ALERT commands kept per rank until its next frame; more are dropped (the first ones matter).
@@ -143,6 +143,7 @@ class Ingestor:
         configs = self._per_run_configs(hello)
         with self._lock:
             check_settings(self.binding(hello.run_id), hello)
+            self._refuse_shared_rank(hello)
             run, rank, evicted = self._store.join(hello)
             self._drop_evicted(evicted)
             if configs is not None and run.run_id not in self._run_configs:
@@ -160,6 +161,24 @@ class Ingestor:
             counts = np.asarray(local, dtype=np.int64) if len(local) == len(hello.schema.names) > 0 else None
             return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming,
                            local_param_counts=counts, modules=ModuleSchema.of(hello.activation_schema))  # fmt: skip
+
+    def _refuse_shared_rank(self, hello: pb.Hello) -> None:
+        """FrameRejected (FAILED_PRECONDITION) when another agent session is streaming as this (run, rank):
+        two processes that share a run name without distinct ranks (Hogwild workers, a rank set twice) would
+        otherwise be merged into one rank's series. The same session reconnecting is let in; the refused one
+        retries rarely and gets in once the other's stream has ended (under self._lock)."""
+        with self._store.lock:
+            run = self._store.get(hello.run_id)
+            rank = None if run is None else run.ranks.get(hello.rank)
+            if rank is None or rank.open_streams == 0 or rank.session_id in ("", hello.session_id):
+                return
+            holder = f"host {rank.host!r}, pid {rank.pid}"
+        raise FrameRejected(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            RANK_IN_USE,
+            f"rank {hello.rank} of run {hello.run_id!r} is already streaming from another process ({holder}); "
+            "give each process its own rank (rank= / GRADWATCH_RANK, with world_size) or its own run name",
+        )
 
     def _per_run_configs(self, hello: pb.Hello) -> Mapping[str, DetectorConfig] | None:
         """The run's detector settings when its agent sent any; FrameRejected naming the bad key otherwise."""

@@ -77,6 +77,8 @@ MAX_INT64 = (1 << 63) - 1
 #: Bytes of a frame that is neither a Hello nor a report (heartbeat, event, goodbye): small by nature, so a
 #: large one is refused before its fields cost anything more.
 MAX_SMALL_FRAME_BYTES = 256 * 1024
+#: A Hello for a (run, rank) another agent session is streaming as (ingest.Ingestor.open).
+RANK_IN_USE = "rank_in_use"
 #: Per-run detector settings a Hello may carry, and the size of each key and value.
 MAX_DETECTOR_SETTINGS = 64
 MAX_DETECTOR_SETTING_CHARS = 1024
@@ -113,6 +115,7 @@ REASONS: tuple[str, ...] = (
     STREAM_LIMIT_REACHED,
     HELLO_TIMEOUT,
     IDLE_TIMEOUT,
+    RANK_IN_USE,
 )
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -524,6 +524,7 @@ def test_a_closed_monitor_does_not_keep_the_model_alive(server: ScriptableServer
     gc.collect()
     assert [r() for r in refs] == [None, None]
     assert monitor.step_count == 1
+    assert not torch.nn.modules.module._has_any_global_hook()  # nothing of ours is left in torch either
 
 
 def test_forwards_without_monitor_step_use_bounded_memory(server: ScriptableServer) -> None:
@@ -589,3 +590,35 @@ def test_a_parametrization_after_attach_is_named_once_and_training_goes_on(
     assert len([r for r in caplog.records if "parameters changed after attach" in r.message]) == 1
     assert monitor.step_count == 5
     assert monitor.close(timeout=5)
+
+
+def test_two_processes_sharing_a_run_and_rank_are_never_merged(caplog: pytest.LogCaptureFixture) -> None:
+    """Hogwild workers that attach with the same run and no ranks: the second session is refused with a
+    warning naming the cause, and gets in once the first has ended; the server never mixes their reports."""
+    from gradwatch.agent.config import RetryPolicy
+    from paging_support import wait_until
+    from server_support import start_app
+
+    app = start_app()
+    try:
+        retry = RetryPolicy(rejected_backoff_s=0.3, initial_backoff_s=0.1)
+        first_model, second_model = make_model(1), make_model(2)
+        first_opt = torch.optim.SGD(first_model.parameters(), lr=0.05)
+        second_opt = torch.optim.SGD(second_model.parameters(), lr=0.05)
+        first = attach(first_model, first_opt, server=app.grpc_target, run="compat-shared", retry=retry)
+        train_step(first_model, first_opt, 1, first)
+        assert wait_until(lambda: first.counters()["acked"] == 1)
+        with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+            second = attach(second_model, second_opt, server=app.grpc_target, run="compat-shared", retry=retry)
+            for step in range(1, 4):
+                train_step(second_model, second_opt, step, second)
+            assert wait_until(lambda: second.counters()["rejections"] >= 1)
+        assert [r for r in caplog.records if "already streaming from another process" in r.getMessage()]
+        [run] = [r for r in app.runs() if r["run"] == "compat-shared"]
+        assert run["ranks"][0]["reports"] == 1  # the first session's only
+        assert first.close(timeout=5)
+        assert second.close(timeout=10)  # let in once the first ended: nothing lost
+        [run] = [r for r in app.runs() if r["run"] == "compat-shared"]
+        assert run["ranks"][0]["reports"] == 4
+    finally:
+        app.stop(grace=0)

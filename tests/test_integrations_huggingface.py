@@ -70,3 +70,38 @@ def test_huggingface_callback_reports_each_optimizer_step_with_its_mean_loss(
     assert all(r.grad_sum_squares > 0 for r in reports)
     hello = server.servicer.of_kind("hello")[0].hello
     assert hello.run_id == "hf-run" and list(hello.schema.names) == ["net.0", "net.2"]
+
+
+class _Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(4))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        labels = self.ids[i].clone()
+        labels[: int(i % 5)] = -100  # uneven token counts per sample: per-batch and per-step means differ
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_huggingface_callback_reports_the_loss_the_trainer_logs(
+    server: ScriptableServer, tmp_path: Path, accumulation: int
+) -> None:
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)  # randomly initialised: nothing downloaded
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation, learning_rate=1e-3, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True,
+        dataloader_num_workers=0, run_name=f"hf-gpt2-{accumulation}",
+    )  # fmt: skip
+    callback = GradwatchCallback(server=server.address, full_stats_interval=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback])
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    reports = server.servicer.reports()
+    assert len(logged) == 3 and [r.step for r in reports] == [1, 2, 3]
+    assert [r.loss for r in reports] == pytest.approx(logged, rel=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,43 @@ def test_lightning_callback_reports_once_per_optimizer_step_with_accumulation(se
     assert [r.HasField("layers") for r in reports] == [False, True, False, True]
     hello = server.servicer.of_kind("hello")[0].hello
     assert list(hello.schema.names) == ["net.0", "net.2"] and hello.world_size == 1
+
+
+class _Recording(_Tiny):
+    """Records the gradient norm the optimizer applies: after Lightning's clipping, just before the update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied: list[float] = []
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        nn.functional.mse_loss(self.net(x), y)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:  # fmt: skip
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.applied.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_lightning_callback_reports_the_gradients_the_optimizer_applies(
+    server: ScriptableServer, accumulate: int, clip: float | None
+) -> None:
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(3)) * 3
+    data = TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+    module = _Recording()
+    callback = GradwatchCallback(server=server.address, run="lightning-grads", full_stats_interval=2)
+    trainer = pl.Trainer(max_steps=6, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
+                         val_check_interval=2 * accumulate, limit_val_batches=2, num_sanity_val_steps=0,
+                         accelerator="cpu", callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    reports = server.servicer.reports()
+    assert len(module.applied) == 6 and [r.optimizer_step for r in reports] == list(range(1, 7))
+    reported = [r.grad_sum_squares**0.5 for r in reports]
+    assert reported == pytest.approx(module.applied, rel=1e-4)
+    if clip is not None:
+        assert max(reported) <= clip * (1 + 1e-4)  # what the optimizer applied: clipped

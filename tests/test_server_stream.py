@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gradwatch.server.app import ServerApp
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pbg
+from paging_support import wait_until
 from server_support import (
     AgentStream,
     acks,
@@ -89,6 +90,28 @@ def test_stream_new_session_same_rank_is_not_a_duplicate(app: ServerApp) -> None
     assert responses[0].welcome.acked_seq == 0
     [run] = [r for r in app.runs() if r["run"] == "restart"]
     assert run["ranks"][0]["reports"] == 4
+
+
+def test_stream_second_session_on_a_live_rank_is_refused_until_the_first_ends(app: ServerApp) -> None:
+    first = AgentStream(app.grpc_target)
+    try:
+        first.send(hello_frame(run="shared-rank", session="first"))
+        assert first.recv().WhichOneof("body") == "welcome"
+        with pytest.raises(grpc.RpcError) as refused:
+            run_stream(app.grpc_target, [hello_frame(run="shared-rank", session="second"), report_frame(1)])
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already streaming from another process" in refused.value.details()
+        assert sample(scrape(app), "gradwatch_ingest_errors_total", reason="rank_in_use") >= 1
+        # The same session reconnecting (a network blip) is let in.
+        again = run_stream(app.grpc_target, [hello_frame(run="shared-rank", session="first"), report_frame(1)])
+        assert acks(again)[-1] == 1
+    finally:
+        first.close()
+    assert wait_until(lambda: not next(r for r in app.runs() if r["run"] == "shared-rank")["ranks"][0]["connected"])
+    later = run_stream(app.grpc_target, [hello_frame(run="shared-rank", session="second"), report_frame(1)])
+    assert acks(later)[-1] == 1
+    [run] = [r for r in app.runs() if r["run"] == "shared-rank"]
+    assert run["ranks"][0]["reports"] == 2  # one per session, never the refused stream's
 
 
 def test_flush_applies_frames_and_returns_acked_seq(app: ServerApp) -> None:

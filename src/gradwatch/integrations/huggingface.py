@@ -6,10 +6,13 @@ Contract
 - At `on_train_begin` it attaches to the model and the (unwrapped) optimizer, with rank, world size and
   local rank from the TrainingArguments; the run id defaults to `args.run_name` (else GRADWATCH_RUN, else
   attach's default).
-- The loss: the Trainer does not hand it to callbacks, so a forward hook on the model keeps the `loss` of
-  each training forward's output (a model called with labels returns one); `on_step_end`, once per optimizer
-  step, reports their mean (gradient-accumulation micro-batches included) and the step. A model whose loss
-  is computed outside its forward is reported without a loss; everything else is unaffected.
+- The loss: the Trainer does not hand it to callbacks, so a forward hook (a process-wide one filtered to the
+  model, gradwatch.agent.dispatch: nothing is stored on the model) keeps the `loss` of each training
+  forward's output (a model called with labels returns one); `on_step_end`, once per optimizer step, reports
+  it on the Trainer's own scale, the value the Trainer logs as `loss` for that step: the sum over the step's
+  micro-batches when the forward was given `num_items_in_batch` (the model then normalised each micro-batch's
+  loss by the whole step's token count), else their mean. A model whose loss is computed outside its forward
+  (`compute_loss_func`) is reported without a loss; everything else is unaffected.
 - `on_train_end` closes the monitor within `close_timeout_s`. With `on_alert="flag"` or `"raise"`, a
   critical alert sets `control.should_training_stop`.
 - Any other keyword is a `gradwatch.attach` option, checked at `on_train_begin` (attach's ValueError).
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from gradwatch.agent import dispatch
 from gradwatch.agent.monitor import Monitor, attach
 
 __all__ = ["GradwatchCallback"]
@@ -34,7 +38,8 @@ class GradwatchCallback(TrainerCallback):  # type: ignore[misc]
         self._options = options
         self._close_timeout_s = close_timeout_s
         self._losses: list[torch.Tensor] = []
-        self._hook: Any = None
+        self._normalised = False  # the kept losses were divided by the step's num_items_in_batch
+        self._watch: dispatch.Watch | None = None
         self.monitor: Monitor | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -49,7 +54,7 @@ class GradwatchCallback(TrainerCallback):  # type: ignore[misc]
             options["run"] = args.run_name
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         self.monitor = attach(model, inner if isinstance(inner, torch.optim.Optimizer) else None, **options)
-        self._hook = model.register_forward_hook(self._keep_loss)
+        self._watch = dispatch.watch_module(model, post_kwargs=self._keep_loss)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None:
@@ -57,22 +62,24 @@ class GradwatchCallback(TrainerCallback):  # type: ignore[misc]
         losses, self._losses = self._losses, []
         loss = None
         if losses:
-            loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            stacked = torch.stack(losses)
+            loss = stacked.sum() if self._normalised else stacked.mean()
         self.monitor.step(loss)
         if self.monitor.stop_requested:
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        hook, self._hook = self._hook, None
-        if hook is not None:
-            hook.remove()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.remove()
         monitor, self.monitor = self.monitor, None
         if monitor is not None:
             monitor.close(timeout=self._close_timeout_s)
 
-    def _keep_loss(self, module: Any, args: Any, output: Any) -> None:
+    def _keep_loss(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not module.training or not torch.is_grad_enabled():
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._normalised = (kwargs or {}).get("num_items_in_batch") is not None
             self._losses.append(loss.detach().float().reshape(()))

@@ -6,6 +6,9 @@ Contract
 - At `on_fit_start` it attaches to the LightningModule and the trainer's first optimizer, with rank, world
   size and local rank from the trainer, `grad_accumulation=True` when `accumulate_grad_batches` > 1, and the
   precision plugin's GradScaler when there is one (16-bit mixed precision), so skipped steps are reported.
+- Gradients are those the optimizer applies: Lightning steps with `optimizer.step(closure)`, and the agent reads
+  the gradients of a step with a closure after it ran (agent/hooks.py), i.e. after backward, accumulation and
+  Lightning's gradient clipping, never the previous step's.
 - Every training batch ends with `monitor.step(loss)` (the loss from the step's output, un-normalised
   when Lightning divided it by `accumulate_grad_batches`); at the end of fit (or on an exception) it closes
   the monitor within `close_timeout_s`.
