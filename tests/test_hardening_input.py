@@ -19,6 +19,7 @@ from hardening_support import NAN, reason_of, stream_outcome, wait_until
 from server_support import (
     AgentStream,
     columns,
+    hello,
     hello_frame,
     metric,
     report_frame,
@@ -298,3 +299,30 @@ def test_streams_beyond_the_limit_are_refused_with_a_reason() -> None:
         for stream in streams:
             stream.close()
         app.stop(grace=0)
+
+
+# ---------------------------------------------------------------------- item 5: bounded query responses
+
+
+def test_per_rank_lists_are_capped_and_paginated(app) -> None:
+    import json as _json
+
+    from gradwatch.server.views import RANKS_IN_VIEW
+    from hardening_support import flush_outcome
+
+    for rank in range(100):
+        assert flush_outcome(app.grpc_target, hello(run="wide", rank=rank, world_size=100),
+                             [report_frame(1)])[0] == grpc.StatusCode.OK  # fmt: skip
+    (view,) = [r for r in _json.loads(urllib.request.urlopen(app.http_url + "/api/v1/runs").read())["runs"]
+               if r["run"] == "wide"]  # fmt: skip
+    assert len(view["ranks"]) == RANKS_IN_VIEW == 64 and view["ranks_total"] == 100
+    seen, offset = [], 0
+    while offset is not None:
+        page = _json.loads(urllib.request.urlopen(f"{app.http_url}/api/v1/runs/wide/ranks?limit=30&offset={offset}")
+                           .read())  # fmt: skip
+        assert len(page["ranks"]) <= 30 and page["total"] == 100
+        seen += [r["rank"] for r in page["ranks"]]
+        offset = page["next_offset"]
+    assert seen == list(range(100))
+    series = _json.loads(urllib.request.urlopen(f"{app.http_url}/api/v1/runs/wide/series").read())
+    assert len(series["ranks"]) == 64 and series["next_offset"] == 64
