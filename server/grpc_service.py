@@ -9,7 +9,8 @@ trailing metadata `gradwatch-reason`; other streams are unaffected.
 Limits (server/limits.py, docs/security.md): at most limits.max_streams streams at once; a stream whose
 Hello has not arrived within limits.hello_timeout_s, or that sends nothing for limits.idle_stream_timeout_s,
 ends with DEADLINE_EXCEEDED (`hello_timeout` / `idle_timeout`); each stream's reads follow a byte budget
-(limits.stream_bytes_per_s), so a sender of large frames waits instead of starving the others.
+(limits.stream_bytes_per_s), so a sender of large frames waits instead of starving the others; all Flush
+calls together share one such budget (a call that would wait over MAX_FLUSH_WAIT_S is refused).
 
 Stream protocol (server side): read the Hello, reply Welcome(acked_seq); then apply
 frames in order and send one cumulative Ack after each burst of frames that were
@@ -35,6 +36,7 @@ from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.limits import ByteBudget
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
+    FLUSH_BUDGET,
     HELLO_TIMEOUT,
     IDLE_TIMEOUT,
     STREAM_LIMIT_REACHED,
@@ -55,6 +57,8 @@ REASON_METADATA_KEY = "gradwatch-reason"
 MAX_BURST_FRAMES = 256
 #: Frames read ahead of processing per stream (backpressure beyond this).
 READ_AHEAD_FRAMES = 512
+#: Longest wait a Flush call is given for the Flush byte budget; beyond, it is refused.
+MAX_FLUSH_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,9 @@ class IngestServicer:
         #: Bearer-token grants (server/auth.py); None: every caller may write every run.
         self._tokens = tokens
         self._open_streams = 0
+        #: One byte budget for all Flush calls together: a flood of them waits, and beyond MAX_FLUSH_WAIT_S is
+        #: refused (`flush_budget_exceeded`), so Flush cannot starve the streams or pile up requests in memory.
+        self._flush_budget = ByteBudget(limits, time.monotonic)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler for INGEST_SERVICE (requests stay bytes; responses are serialised)."""
@@ -201,6 +208,15 @@ class IngestServicer:
                 await self._reject(context, rejected)
 
     async def flush(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.FlushResponse:
+        pause = self._flush_budget.spend(len(raw))
+        if pause > MAX_FLUSH_WAIT_S:
+            self._flush_budget.refund(len(raw))  # refused: it costs nothing
+            message = (
+                f"Flush calls exceed this server's byte budget ({self._limits.stream_bytes_per_s} B/s); retry later"
+            )
+            await self._reject(context, FrameRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, FLUSH_BUDGET, message))
+        if pause > 0:
+            await asyncio.sleep(pause)
         try:
             grant = self._authenticate(context)
             request = parse_flush_request(raw, self._limits)

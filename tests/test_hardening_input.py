@@ -236,6 +236,39 @@ def test_floods_of_large_valid_frames_do_not_starve_another_runs_alert() -> None
         app.stop(grace=0)
 
 
+def test_a_flood_of_flush_calls_waits_or_is_refused_and_streams_go_on() -> None:
+    """Flush calls share one byte budget: 16 concurrent ~3.5 MiB calls partly wait, partly get
+    RESOURCE_EXHAUSTED `flush_budget_exceeded`; a stream's NaN meanwhile still pages within a second."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hardening_support import flush_outcome
+
+    app = start_app(server_config(max_runs=100))
+    try:
+        big = hello(run="flush-flood")
+        big.host = "h" * (3 << 20) + "h" * (1 << 19)
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(flush_outcome, app.grpc_target, big) for _ in range(16)]
+            time.sleep(0.3)
+            stream = AgentStream(app.grpc_target)
+            started = time.monotonic()
+            stream.send(hello_frame(run="flush-victim"))
+            stream.send(report_frame(1, grad_norm=NAN))
+            stream.recv_ack(1)
+            latency = time.monotonic() - started
+            stream.close()
+            outcomes = [f.result()[:2] for f in futures]
+        refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, "flush_budget_exceeded")
+        assert set(outcomes) == {(grpc.StatusCode.OK, None), refused}, outcomes
+        assert outcomes.count(refused) >= 6
+        assert latency < 1.0
+        assert metric(scrape(app), "gradwatch_ingest_errors_total", reason="flush_budget_exceeded") == outcomes.count(
+            refused
+        )
+    finally:
+        app.stop(grace=0)
+
+
 # ---------------------------------------------------------------------- item 7 (gRPC): silent streams
 
 
