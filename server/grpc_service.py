@@ -59,6 +59,8 @@ MAX_BURST_FRAMES = 256
 READ_AHEAD_FRAMES = 512
 #: Longest wait a Flush call is given for the Flush byte budget; beyond, it is refused.
 MAX_FLUSH_WAIT_S = 5.0
+#: Bytes of the Flush budget each frame of a Flush call is charged at least (its Hello counts as one).
+FLUSH_FRAME_COST = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +210,15 @@ class IngestServicer:
                 await self._reject(context, rejected)
 
     async def flush(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.FlushResponse:
-        pause = self._flush_budget.spend(len(raw))
+        try:
+            request = parse_flush_request(raw, self._limits)
+        except FrameRejected as exc:
+            await self._reject(context, exc)
+        # Applying a frame costs about as much however small it is: each is charged FLUSH_FRAME_COST at least.
+        cost = max(len(raw), FLUSH_FRAME_COST * (1 + len(request.frames)))
+        pause = self._flush_budget.spend(cost)
         if pause > MAX_FLUSH_WAIT_S:
-            self._flush_budget.refund(len(raw))  # refused: it costs nothing
+            self._flush_budget.refund(cost)  # refused: it costs nothing
             message = (
                 f"Flush calls exceed this server's byte budget ({self._limits.stream_bytes_per_s} B/s); retry later"
             )
@@ -219,7 +227,6 @@ class IngestServicer:
             await asyncio.sleep(pause)
         try:
             grant = self._authenticate(context)
-            request = parse_flush_request(raw, self._limits)
             validator = StreamValidator(self._limits)
             validator.accept_hello(request.hello)
             self._authorize(grant, request.hello)

@@ -359,3 +359,18 @@ def test_per_rank_lists_are_capped_and_paginated(app) -> None:
     assert seen == list(range(100))
     series = _json.loads(urllib.request.urlopen(f"{app.http_url}/api/v1/runs/wide/series").read())
     assert len(series["ranks"]) == 64 and series["next_offset"] == 64
+
+
+def test_a_flush_of_many_tiny_frames_is_charged_per_frame() -> None:
+    """Frames cost CPU however small: a Flush of 60,000 empty-bodied reports (a few hundred kB) would take
+    seconds of the ingest loop; it is charged per frame and refused."""
+    from hardening_support import flush_outcome
+
+    app = start_app()
+    try:
+        tiny = [pb.AgentFrame(seq=i, report=pb.StepReport(step=i)) for i in range(1, 60_001)]
+        code, reason, _ = flush_outcome(app.grpc_target, hello(run="tiny"), tiny)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "flush_budget_exceeded")
+        assert flush_outcome(app.grpc_target, hello(run="tiny", session="s2"), tiny[:2000])[0] == grpc.StatusCode.OK
+    finally:
+        app.stop(grace=0)
