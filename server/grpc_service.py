@@ -211,9 +211,11 @@ class IngestServicer:
 
     async def flush(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.FlushResponse:
         try:
+            grant = self._authenticate(context)
             request = parse_flush_request(raw, self._limits)
         except FrameRejected as exc:
             await self._reject(context, exc)
+            raise AssertionError("unreachable: abort raises") from None
         # Applying a frame costs about as much however small it is: each is charged FLUSH_FRAME_COST at least.
         cost = max(len(raw), FLUSH_FRAME_COST * (1 + len(request.frames)))
         pause = self._flush_budget.spend(cost)
@@ -226,7 +228,6 @@ class IngestServicer:
         if pause > 0:
             await asyncio.sleep(pause)
         try:
-            grant = self._authenticate(context)
             validator = StreamValidator(self._limits)
             validator.accept_hello(request.hello)
             self._authorize(grant, request.hello)
