@@ -7,6 +7,7 @@ coverage-guided run is scripts/fuzz_ingest.py (results in docs/security.md)."""
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 import urllib.error
@@ -31,7 +32,12 @@ ALLOWED = {
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+#: Examples per property: 50 in CI; GRADWATCH_FUZZ_EXAMPLES=N for a longer run.
+FUZZ = settings(
+    max_examples=int(os.environ.get("GRADWATCH_FUZZ_EXAMPLES", "50")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 #: Growth of the test process's peak RSS over all batches (server and client share the process).
 MEMORY_BOUND_BYTES = 512 << 20
 
