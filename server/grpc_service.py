@@ -235,6 +235,7 @@ class IngestServicer:
             for frame in request.frames:
                 kind = validator.check(frame)
                 self._ingestor.apply(session, frame, kind)
+            self._ingestor.flushed(session)
         except FrameRejected as exc:
             await self._reject(context, exc)
             raise AssertionError("unreachable: abort raises") from None
