@@ -4,6 +4,7 @@ bounded property tests in tests/test_fuzz_server.py.
 
     python scripts/fuzz_ingest.py --seconds 300            # atheris if installed, else a long hypothesis run
     python scripts/fuzz_ingest.py --seconds 60 --hypothesis
+    pip install -e '.[fuzz]'                               # atheris and hypothesis
 
 One input is one agent stream: a sequence of length-prefixed serialised AgentFrames (2-byte little-endian
 length, then the bytes). It goes through the server's own ingest path (tests/fuzz_support.run_ingest: parse,
