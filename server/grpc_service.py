@@ -18,7 +18,8 @@ ACK_DELAY_S, not one per frame (the write was a fifth of the ingest CPU per repo
 Limits (server/limits.py, docs/security.md): at most limits.max_streams streams at once; a stream whose
 Hello has not arrived within limits.hello_timeout_s, or that sends nothing for limits.idle_stream_timeout_s,
 ends with DEADLINE_EXCEEDED (`hello_timeout` / `idle_timeout`); each stream's reads follow a byte budget
-(limits.stream_bytes_per_s), so a sender of large frames waits instead of starving the others.
+(limits.stream_bytes_per_s), so a sender of large frames waits instead of starving the others; all Flush
+calls together share one such budget (a call that would wait over MAX_FLUSH_WAIT_S is refused).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.limits import ByteBudget
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
+    FLUSH_BUDGET,
     HELLO_TIMEOUT,
     IDLE_TIMEOUT,
     MAX_BATCH_FRAMES,
@@ -63,6 +65,10 @@ MAX_BURST_FRAMES = 256
 READ_AHEAD_FRAMES = 512
 #: Longest wait between applying a frame and acknowledging it (acks are coalesced over this window).
 ACK_DELAY_S = 0.05
+#: Longest wait a Flush call is given for the Flush byte budget; beyond, it is refused.
+MAX_FLUSH_WAIT_S = 5.0
+#: Bytes of the Flush budget each frame of a Flush call is charged at least (its Hello counts as one).
+FLUSH_FRAME_COST = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,9 @@ class IngestServicer:
         #: Bearer-token grants (server/auth.py); None: every caller may write every run.
         self._tokens = tokens
         self._open_streams = 0
+        #: One byte budget for all Flush calls together: a flood of them waits, and beyond MAX_FLUSH_WAIT_S is
+        #: refused (`flush_budget_exceeded`), so Flush cannot starve the streams or pile up requests in memory.
+        self._flush_budget = ByteBudget(limits, time.monotonic)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler for INGEST_SERVICE (requests stay bytes; responses are serialised)."""
@@ -230,6 +239,21 @@ class IngestServicer:
         try:
             grant = self._authenticate(context)
             request = parse_flush_request(raw, self._limits)
+        except FrameRejected as exc:
+            await self._reject(context, exc)
+            raise AssertionError("unreachable: abort raises") from None
+        # Applying a frame costs about as much however small it is: each is charged FLUSH_FRAME_COST at least.
+        cost = max(len(raw), FLUSH_FRAME_COST * (1 + len(request.frames)))
+        pause = self._flush_budget.spend(cost)
+        if pause > MAX_FLUSH_WAIT_S:
+            self._flush_budget.refund(cost)  # refused: it costs nothing
+            message = (
+                f"Flush calls exceed this server's byte budget ({self._limits.stream_bytes_per_s} B/s); retry later"
+            )
+            await self._reject(context, FrameRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, FLUSH_BUDGET, message))
+        if pause > 0:
+            await asyncio.sleep(pause)
+        try:
             validator = StreamValidator(self._limits)
             validator.accept_hello(request.hello)
             self._authorize(grant, request.hello)
@@ -237,6 +261,7 @@ class IngestServicer:
             for frame in (inner for outer in request.frames for inner in unbatch(outer)):
                 kind = validator.check(frame)
                 self._ingestor.apply(session, frame, kind)
+            self._ingestor.flushed(session)
         except FrameRejected as exc:
             await self._reject(context, exc)
             raise AssertionError("unreachable: abort raises") from None

@@ -205,6 +205,15 @@ class Ingestor:
         binding = self.binding(run_id)
         return None if binding is None else binding.job_name
 
+    def flushed(self, session: Session) -> None:
+        """A Flush call was applied. Flush is an agent's final act (its stream was down at close), so a rank
+        without an open stream is done: cross-rank detectors stop judging it (no `stalled` page for a rank
+        that closed, or for ranks a Flush flood made up); a later Hello brings it back."""
+        with self._lock, self._store.lock:
+            rank = session.run.ranks.get(session.hello.rank)
+            if rank is not None and rank.open_streams == 0:
+                session.run.table.goodbye(rank.rank)
+
     def close(self, session: Session) -> None:
         """The session's stream ended (for any reason)."""
         if not session.streaming:

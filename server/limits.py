@@ -101,6 +101,10 @@ class ByteBudget:
         self._stamp = now
         return 0.0 if self._level >= 0 else -self._level / self._rate
 
+    def refund(self, n: int) -> None:
+        """Give back `n` bytes spent by a request that was then refused."""
+        self._level = min(self._burst, self._level + n)
+
 
 # ---------------------------------------------------------------------- HTTP request bounds
 

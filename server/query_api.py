@@ -4,10 +4,11 @@ Routes (GET; list routes take `limit` (default 1000 runs/alerts, 100 incidents) 
 `{"<items>": [...], "total": N, "next_offset": M | null}`):
   /api/v1/runs                       query `state=active|finished`, `job=NAME`
   /api/v1/runs/<run>                 {"run": view} (404 if unknown)
-  /api/v1/runs/<run>/ranks           {"ranks": [rank view, ...]}
+  /api/v1/runs/<run>/ranks           {"ranks": [rank view, ...]}, paginated over ranks (default 1000)
   /api/v1/runs/<run>/series          {"run", "ranks": [{"rank", "step", "loss", "grad_norm", "step_duration"}],
-                                     "grad_norm_global": [[step, norm], ...]}; query `last=N` (default 256),
-                                     `rank=R` (repeatable)
+                                     "grad_norm_global": [[step, norm], ...]}; query `last=N` (default 256, at
+                                     most the ring), `rank=R` (repeatable); paginated over ranks (default 64)
+A run's view (in /api/v1/runs and /runs/<run>) lists its lowest RANKS_IN_VIEW (64) ranks and `ranks_total`.
   /api/v1/alerts                     query `run`, `state=firing|resolved`, `detector`, `severity`
   /api/v1/incidents                  summaries, newest first; query `run`, `detector`, `severity`, `since=UNIX_TIME`
   /api/v1/incidents/<id>             {"incident": body}; an unambiguous id prefix (≥ 4 characters) works too
@@ -37,6 +38,9 @@ MAX_LIMIT = 10000
 #: Largest offset accepted: beyond any list the server holds, and within SQLite's 64-bit integers.
 MAX_OFFSET = 1 << 53
 SERIES_DEFAULT = 256
+#: Ranks per page of /runs/<run>/ranks and /runs/<run>/series (both take limit and offset over ranks).
+RANKS_DEFAULT = 1000
+SERIES_RANKS_DEFAULT = 64
 SEVERITIES = ("info", "warning", "critical")
 
 Response = tuple[int, str, bytes]
@@ -118,9 +122,11 @@ class QueryApi:
             run = app.store.get(run_id)
             if run is None:
                 return _json(404, {"error": f"no such run: {run_id!r}"})
-            ranks = [run.ranks[r] for r in sorted(run.ranks) if not wanted or r in wanted]
+            numbers = [r for r in sorted(run.ranks) if not wanted or r in wanted]
+            page = _page("ranks", numbers, query, RANKS_DEFAULT if what == "ranks" else SERIES_RANKS_DEFAULT)
+            ranks = [run.ranks[r] for r in page.pop("ranks")]
             if what == "ranks":
-                return _json(200, {"run": run_id, "ranks": [rank_view(r) for r in ranks]})
+                return _json(200, {"run": run_id, "ranks": [rank_view(r) for r in ranks], **page})
             series = [(r.rank, r.ring.rows()[-last:]) for r in ranks]
             global_norms = list(run.global_grad_norms)[-last:]
         return _json(
@@ -138,6 +144,7 @@ class QueryApi:
                     for rank, rows in series
                 ],
                 "grad_norm_global": [[step, finite_or_none(norm)] for step, norm in global_norms],
+                **page,
             },
         )
 
@@ -162,7 +169,7 @@ def _floats(values: np.ndarray) -> list[float | None]:
     return [v if math.isfinite(v) else None for v in values.tolist()]
 
 
-def _page(key: str, items: list[dict[str, Any]], query: dict[str, list[str]], default: int) -> dict[str, Any]:
+def _page(key: str, items: list[Any], query: dict[str, list[str]], default: int) -> dict[str, Any]:
     limit, offset = _int(query, "limit", default, 1, MAX_LIMIT), _int(query, "offset", 0, 0, MAX_OFFSET)
     total = len(items)
     return {

@@ -72,6 +72,7 @@ RANK_LIMIT_REACHED = "rank_limit_reached"
 STREAM_LIMIT_REACHED = "stream_limit_reached"
 HELLO_TIMEOUT = "hello_timeout"
 IDLE_TIMEOUT = "idle_timeout"
+FLUSH_BUDGET = "flush_budget_exceeded"
 #: Largest integer any uint64 field may carry: the server keeps steps, seqs and counts as int64.
 MAX_INT64 = (1 << 63) - 1
 #: Bytes of a frame that is neither a Hello nor a report (heartbeat, event, goodbye): small by nature, so a
@@ -116,6 +117,7 @@ REASONS: tuple[str, ...] = (
     HELLO_TIMEOUT,
     IDLE_TIMEOUT,
     RANK_IN_USE,
+    FLUSH_BUDGET,
 )
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -16,6 +16,8 @@ __all__ = ["EVENTS_IN_VIEW", "finite_or_none", "rank_view", "run_view"]
 
 #: Most recent agent events included per run.
 EVENTS_IN_VIEW = 10
+#: Ranks listed in a run's view (the lowest first); /api/v1/runs/<run>/ranks pages through all of them.
+RANKS_IN_VIEW = 64
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -58,7 +60,9 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
         "non_finite_events": dict(run.non_finite_counts),
         "detector_triggers": dict(run.detector_triggers),
         "firing": sorted(firing),
-        "ranks": [rank_view(r) | timing(r.rank) for r in ranks],
+        # Bounded: a 16,384-rank run's list is paginated at /api/v1/runs/<run>/ranks instead.
+        "ranks": [rank_view(r) | timing(r.rank) for r in ranks[:RANKS_IN_VIEW]],
+        "ranks_total": len(ranks),
         "restored": run.restored_summary is not None,
         "recent_events": [{**e, "wall_time": finite_or_none(e["wall_time"])} for e in events],
     }

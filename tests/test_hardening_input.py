@@ -19,6 +19,7 @@ from hardening_support import NAN, reason_of, stream_outcome, wait_until
 from server_support import (
     AgentStream,
     columns,
+    hello,
     hello_frame,
     metric,
     report_frame,
@@ -214,8 +215,9 @@ def test_floods_of_large_valid_frames_do_not_starve_another_runs_alert() -> None
     try:
         for flood in floods:
             flood.start()
-        wait_until("the flood to be applied", lambda: sample(scrape(app), "gradwatch_ingest_frames_total",
-                                                             kind="report"))  # fmt: skip
+        # Past the flooder's initial burst (2 × max_message_bytes, under 3 of its reports): the steady state.
+        wait_until("the flood to be applied", lambda: (sample(scrape(app), "gradwatch_ingest_frames_total",
+                                                              kind="report") or 0) >= 4, timeout=30)  # fmt: skip
         latencies = []
         for i in range(5):
             stream = AgentStream(app.grpc_target)
@@ -232,6 +234,39 @@ def test_floods_of_large_valid_frames_do_not_starve_another_runs_alert() -> None
         stop.set()
         for flood in floods:
             flood.join(30)
+        app.stop(grace=0)
+
+
+def test_a_flood_of_flush_calls_waits_or_is_refused_and_streams_go_on() -> None:
+    """Flush calls share one byte budget: 16 concurrent ~3.5 MiB calls partly wait, partly get
+    RESOURCE_EXHAUSTED `flush_budget_exceeded`; a stream's NaN meanwhile still pages within a second."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hardening_support import flush_outcome
+
+    app = start_app(server_config(max_runs=100))
+    try:
+        big = hello(run="flush-flood")
+        big.host = "h" * (3 << 20) + "h" * (1 << 19)
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(flush_outcome, app.grpc_target, big) for _ in range(16)]
+            time.sleep(0.3)
+            stream = AgentStream(app.grpc_target)
+            started = time.monotonic()
+            stream.send(hello_frame(run="flush-victim"))
+            stream.send(report_frame(1, grad_norm=NAN))
+            stream.recv_ack(1)
+            latency = time.monotonic() - started
+            stream.close()
+            outcomes = [f.result()[:2] for f in futures]
+        refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, "flush_budget_exceeded")
+        assert set(outcomes) == {(grpc.StatusCode.OK, None), refused}, outcomes
+        assert outcomes.count(refused) >= 6
+        assert latency < 1.0
+        assert metric(scrape(app), "gradwatch_ingest_errors_total", reason="flush_budget_exceeded") == outcomes.count(
+            refused
+        )
+    finally:
         app.stop(grace=0)
 
 
@@ -297,4 +332,46 @@ def test_streams_beyond_the_limit_are_refused_with_a_reason() -> None:
     finally:
         for stream in streams:
             stream.close()
+        app.stop(grace=0)
+
+
+# ---------------------------------------------------------------------- item 5: bounded query responses
+
+
+def test_per_rank_lists_are_capped_and_paginated(app) -> None:
+    import json as _json
+
+    from gradwatch.server.views import RANKS_IN_VIEW
+    from hardening_support import flush_outcome
+
+    for rank in range(100):
+        assert flush_outcome(app.grpc_target, hello(run="wide", rank=rank, world_size=100),
+                             [report_frame(1)])[0] == grpc.StatusCode.OK  # fmt: skip
+    (view,) = [r for r in _json.loads(urllib.request.urlopen(app.http_url + "/api/v1/runs").read())["runs"]
+               if r["run"] == "wide"]  # fmt: skip
+    assert len(view["ranks"]) == RANKS_IN_VIEW == 64 and view["ranks_total"] == 100
+    seen, offset = [], 0
+    while offset is not None:
+        page = _json.loads(urllib.request.urlopen(f"{app.http_url}/api/v1/runs/wide/ranks?limit=30&offset={offset}")
+                           .read())  # fmt: skip
+        assert len(page["ranks"]) <= 30 and page["total"] == 100
+        seen += [r["rank"] for r in page["ranks"]]
+        offset = page["next_offset"]
+    assert seen == list(range(100))
+    series = _json.loads(urllib.request.urlopen(f"{app.http_url}/api/v1/runs/wide/series").read())
+    assert len(series["ranks"]) == 64 and series["next_offset"] == 64
+
+
+def test_a_flush_of_many_tiny_frames_is_charged_per_frame() -> None:
+    """Frames cost CPU however small: a Flush of 60,000 empty-bodied reports (a few hundred kB) would take
+    seconds of the ingest loop; it is charged per frame and refused."""
+    from hardening_support import flush_outcome
+
+    app = start_app()
+    try:
+        tiny = [pb.AgentFrame(seq=i, report=pb.StepReport(step=i)) for i in range(1, 60_001)]
+        code, reason, _ = flush_outcome(app.grpc_target, hello(run="tiny"), tiny)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "flush_budget_exceeded")
+        assert flush_outcome(app.grpc_target, hello(run="tiny", session="s2"), tiny[:2000])[0] == grpc.StatusCode.OK
+    finally:
         app.stop(grace=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import tracemalloc
 import typing
 from pathlib import Path
@@ -20,7 +21,7 @@ from gradwatch.server.config import LimitsConfig, ServerConfig, StorageConfig
 from gradwatch.server.detectors import REGISTRY
 from gradwatch.server.settings import Settings, bounds
 from gradwatch.v1 import gradwatch_pb2 as pb
-from hardening_support import NAN, flush_outcome, stream_outcome
+from hardening_support import NAN, flush_outcome, stream_outcome, wait_until
 from security_support import secure_config, write_tokens
 from server_support import AgentStream, hello, hello_frame, metric, report_frame, scrape, server_config, start_app
 
@@ -252,21 +253,24 @@ def test_ranks_in_total_are_bounded_and_counted() -> None:
         app.stop(grace=0)
 
 
-def test_ranks_that_never_reported_cannot_page_stalled() -> None:
-    """A Flush flood of Hellos (no reports) registers ranks; none of them may page `stalled`, while a rank
-    that did report and then stopped does."""
+def test_ranks_known_only_from_flush_calls_cannot_page_stalled() -> None:
+    """A Flush flood registers ranks, with or without reports; none of them may page `stalled` (a Flush is an
+    agent's final act), while a streaming rank that reported and then stopped does."""
     app = start_app()
     quick = {"stalled.floor_s": "0.3", "stalled.silent_after_s": "0.3", "stalled.factor": "1.5"}
+    real = AgentStream(app.grpc_target)
     try:
-        for rank in range(32):
+        for rank in range(16):
             flush_outcome(app.grpc_target, hello(run="ghosts", rank=rank, world_size=32, detector_settings=quick))
-        flush_outcome(app.grpc_target, hello(run="real", detector_settings=quick), [report_frame(1)])
-        import time
-
-        deadline = time.monotonic() + 5
-        while app.alert_book.firing_alert("real", "stalled") is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert app.alert_book.firing_alert("real", "stalled") is not None  # the detector works here
+        for rank in range(16, 32):
+            flush_outcome(app.grpc_target, hello(run="ghosts", rank=rank, world_size=32, detector_settings=quick),
+                          [report_frame(1)])  # fmt: skip
+        real.send(hello_frame(run="real", detector_settings=quick))
+        real.send(report_frame(1))
+        real.recv_ack(1)
+        wait_until("the streaming rank to page stalled", lambda: app.alert_book.firing_alert("real", "stalled"))
+        time.sleep(1.0)  # a few more ticks for the ghosts
         assert app.alert_book.firing_alert("ghosts", "stalled") is None
     finally:
+        real.close()
         app.stop(grace=0)

@@ -213,6 +213,9 @@ def _show_run(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             "\n" + format_table(["RANK", "HOST", "PID", "STEP", "LOSS", "GRAD_NORM", "CONNECTED", "REPORTS"], rows)
         )
+    more = run.get("ranks_total", len(rows)) - len(rows)
+    if more > 0:
+        out.write(f"… and {more} more ranks (--json for the API's pages: /api/v1/runs/<run>/ranks)\n")
     return 0
 
 

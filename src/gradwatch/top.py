@@ -114,7 +114,7 @@ def render_frame(
         head = (
             f"{run['run']}  job {run['job_name'] or '-'}  {run['state']}  step {_num(run['step'])}  "
             f"loss {_num(run['loss'])}  |g| {_num(run['grad_norm_global'] or run['grad_norm_max'])}  "
-            f"ranks {len(run['ranks'])}/{run['world_size']}"
+            f"ranks {run.get('ranks_total', len(run['ranks']))}/{run['world_size']}"
         )
         body.append(paint(head, BOLD))
         if run["firing"]:
