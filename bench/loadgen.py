@@ -218,9 +218,11 @@ class Load:
 
     async def _rank(self, channel: grpc.aio.Channel, rank: Rank, started: float, index: int) -> None:
         args = self.args
-        # Ranks connect spread over their first period, as a job's workers do (thousands of calls started in the
-        # same instant fail in grpc.aio's client), and retry the Hello like the agent (fresh call, short backoff).
-        await asyncio.sleep(max(0.0, started - time.time() + rank.period_s * index / len(self.ranks) - 0.5))
+        # Ranks connect spread over their first period (at most --connect-spread-s), as a job's workers do
+        # (thousands of calls started in the same instant fail in grpc.aio's client), and retry the Hello like the
+        # agent (fresh call, backoff).
+        spread = min(rank.period_s, args.connect_spread_s)
+        await asyncio.sleep(max(0.0, started - time.time() + spread * index / len(self.ranks) - 0.5))
         reader: asyncio.Task[None] | None = None
         call = None
         try:
@@ -449,6 +451,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one more run with this many ranks (4 layers), each writing every --wide-run-period-s",
     )
     parser.add_argument("--wide-run-period-s", type=float, default=10.0)
+    parser.add_argument("--connect-spread-s", type=float, default=10.0, help="ranks connect over this many seconds")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `gradwatch serve` argument")
     args = parser.parse_args(argv)
     if min(args.runs, args.world_size, args.layers, args.full_every, args.group) < 1 or args.steps_per_s <= 0:
