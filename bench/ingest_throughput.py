@@ -11,6 +11,11 @@ S threads, may be). Speed, not correctness: the tests check what the server does
 bench/loadgen.py is the paced counterpart: thousands of ranks at a set step rate, with alert latency.
 
     python bench/ingest_throughput.py [--streams 1,4,16] [--reports 2000] [--layers 32] [--full-every 10]
+
+`--in-process L1,L2,...` measures instead what the ingest thread spends per report without gRPC: agent-shaped
+frames (bench/loadgen.py's) parsed, validated and applied by an Ingestor with every detector and the flight
+recorder, 4 ranks, CPU time of this thread; at the default cadence and with full statistics on every report
+(which gives layer-records per second per core). Three repetitions each; median and range.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
 
-from loadgen import process_usage
+from loadgen import FrameFactory, hello_bytes, process_usage
 
+from gradwatch.server.app import ServerApp
+from gradwatch.server.config import ServerConfig
+from gradwatch.server.validate import StreamValidator, parse_agent_frame
 from gradwatch.v1 import gradwatch_pb2 as pb
 from paging_support import gradwatch_server
 from server_support import AgentStream, columns, hello_frame, report_frame
@@ -80,13 +88,50 @@ def measure(streams: int, reports: int, layers: int, full_every: int) -> dict[st
     }
 
 
+def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4) -> float:
+    """Thread CPU µs per report through parse, validation and Ingestor.apply (no gRPC); see the docstring."""
+    app = ServerApp(ServerConfig())
+    limits, factory = app.config.limits, FrameFactory(layers, full_every)
+    streams = []
+    for rank in range(ranks):
+        validator = StreamValidator(limits)
+        hello = parse_agent_frame(hello_bytes("cost", rank, ranks, layers, full_every), limits)
+        validator.check(hello)
+        streams.append((validator, app.ingestor.open(hello.hello)))
+    frames = [factory.report(seq, seq) for seq in range(1, reports + 1)]
+    warm = reports // 4  # detector warm-ups (baselines filling) are not the steady state
+    started = 0.0
+    for i, raw in enumerate(frames):
+        if i == warm:
+            started = time.thread_time()
+        for validator, session in streams:
+            frame = parse_agent_frame(raw, limits)
+            app.ingestor.apply(session, frame, validator.check(frame))
+    return (time.thread_time() - started) / ((reports - warm) * ranks) * 1e6
+
+
+def in_process(layer_counts: list[int], reports: int) -> None:
+    print(f"in process (no gRPC), 4 ranks, {reports} reports each; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'layers':>6} {'default cadence us/report':>26} {'full reports us/report':>23} {'layer-records/s':>16}")
+    for layers in layer_counts:
+        cadence = sorted(in_process_us(layers, 10, reports) for _ in range(3))
+        full = sorted(in_process_us(layers, 1, max(40, reports // 3)) for _ in range(3))
+        print(f"{layers:>6} {cadence[1]:>10.0f} ({cadence[0]:.0f}-{cadence[2]:.0f}){'':>6} "
+              f"{full[1]:>9.0f} ({full[0]:.0f}-{full[2]:.0f}){'':>4} {layers / full[1] * 1e6:>16,.0f}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--streams", default="1,4,16", help="comma list of concurrent streams (runs)")
     parser.add_argument("--reports", type=int, default=2000, help="step reports per stream")
     parser.add_argument("--layers", type=int, default=32, help="layers in each run's schema")
     parser.add_argument("--full-every", type=int, default=10, help="every Nth report carries per-layer columns")
+    parser.add_argument("--in-process", default="", help="comma list of layer counts: ingest cost without gRPC")
     args = parser.parse_args(argv)
+    if args.in_process:
+        in_process([int(n) for n in args.in_process.split(",")], args.reports)
+        return 0
     counts = [int(s) for s in args.streams.split(",") if s.strip()]
     if not counts or min(counts) < 1 or args.reports < 1 or args.layers < 1 or args.full_every < 1:
         raise SystemExit("--streams, --reports, --layers and --full-every must be >= 1")

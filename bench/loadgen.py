@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -56,7 +57,6 @@ from paging_support import WebhookReceiver, alertmanager, gradwatch_process, rou
 STREAM_METHOD = "/gradwatch.v1.Ingest/Stream"
 TEMPLATES = 8  # distinct encodings of each report kind (values vary a little, as a healthy run's do)
 STREAMS_PER_CHANNEL = 64  # HTTP/2 connections carry this many rank streams each
-CONNECT_ATTEMPTS = 30  # Hello attempts per rank (counted in `reconnects`; the agent retries forever)
 WIDE_RUN_LAYERS = 4  # layers of the --wide-run-ranks run: it is there for its rank count
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -218,13 +218,15 @@ class Load:
 
     async def _rank(self, channel: grpc.aio.Channel, rank: Rank, started: float, index: int) -> None:
         args = self.args
-        # Ranks connect spread over their first period, as a job's workers do (thousands of calls started in the
-        # same instant fail in grpc.aio's client), and retry the Hello like the agent (fresh call, short backoff).
-        await asyncio.sleep(max(0.0, started - time.time() + rank.period_s * index / len(self.ranks) - 0.5))
+        # Ranks connect spread over their first period (at most --connect-spread-s), as a job's workers do
+        # (thousands of calls started in the same instant fail in grpc.aio's client), and retry the Hello like the
+        # agent (fresh call, backoff, until the load ends; counted in `reconnects`).
+        spread = min(rank.period_s, args.connect_spread_s)
+        await asyncio.sleep(max(0.0, started - time.time() + spread * index / len(self.ranks) - 0.5))
         reader: asyncio.Task[None] | None = None
         call = None
         try:
-            for attempt in range(CONNECT_ATTEMPTS):
+            for attempt in itertools.count():
                 call = channel.stream_stream(STREAM_METHOD, request_serializer=None,
                                              response_deserializer=pb.ServerFrame.FromString)()  # fmt: skip
                 try:
@@ -232,10 +234,10 @@ class Load:
                     welcome = await call.read()
                     break
                 except grpc.aio.AioRpcError:
-                    if attempt == CONNECT_ATTEMPTS - 1:
+                    if time.time() >= self.stop_at:  # never connected while the load ran
                         raise
                     rank.reconnects += 1
-                    await asyncio.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+                    await asyncio.sleep(min(2.0, 0.1 * 2 ** min(attempt, 5)) * (0.5 + random.random()))
             if welcome is grpc.aio.EOF or welcome.WhichOneof("body") != "welcome":
                 rank.error = f"no Welcome: {welcome!r}"
                 return
@@ -449,6 +451,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one more run with this many ranks (4 layers), each writing every --wide-run-period-s",
     )
     parser.add_argument("--wide-run-period-s", type=float, default=10.0)
+    parser.add_argument("--connect-spread-s", type=float, default=10.0, help="ranks connect over this many seconds")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `gradwatch serve` argument")
     args = parser.parse_args(argv)
     if min(args.runs, args.world_size, args.layers, args.full_every, args.group) < 1 or args.steps_per_s <= 0:

@@ -159,6 +159,7 @@ class FlightRecorder:
         self._windows: dict[str, dict[int, _RankWindow]] = {}
         self._ranks_total = 0  # ranks with a window, all runs
         self._bytes = 0  # column bytes kept, all windows (see kept_bytes)
+        self._since_scan = 0  # full reports since every window was last trimmed to its share
         self._recording: collections.OrderedDict[str, _Recording] = collections.OrderedDict()
         #: Incidents opened and closed since start, and ones not recorded by reason.
         self.opened = 0
@@ -239,7 +240,12 @@ class FlightRecorder:
             del entry[2]["grad_log2_histogram"]
             window.bytes -= hist.nbytes
             self._bytes -= hist.nbytes
-        if self._bytes > cfg.max_bytes:  # ranks joined since the others last trimmed: bring every rank to its share
+        self._since_scan += 1
+        # Ranks joined since the others last trimmed: bring every rank to its share. At most once per
+        # `ranks` full reports (O(1) amortised, even when every rank's latest entry alone is over its share);
+        # ranks that report trim themselves above.
+        if self._bytes > cfg.max_bytes and self._since_scan >= self._ranks_total:
+            self._since_scan = 0
             for windows in self._windows.values():
                 for other in windows.values():
                     while len(other.columns) > 1 and other.bytes > share:

@@ -35,6 +35,7 @@ import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Hysteresis, Latch
+from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
 
@@ -86,8 +87,8 @@ class InputNotNormalizedDetector:
         cfg = self._config
         varying = std > 0
         abs_mean = np.abs(mean[varying])
-        centre = float(np.median(abs_mean)) if abs_mean.size else 0.0
-        ratio = float(np.median(abs_mean / std[varying])) if abs_mean.size else 0.0
+        centre = median_of(abs_mean) if abs_mean.size else 0.0
+        ratio = median_of(abs_mean / std[varying]) if abs_mean.size else 0.0
         rms = math.sqrt(float(np.mean(np.square(mean, dtype=np.float64) + np.square(std, dtype=np.float64))))
         k = cfg.clear_factor
         off_centre = centre > cfg.max_abs_mean and ratio > cfg.max_mean_to_std

@@ -9,6 +9,7 @@ values the detector did not find abnormal, so an excursion cannot absorb itself 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -18,6 +19,8 @@ __all__ = ["MAD_TO_SIGMA", "LossBaseline", "LossStart", "median", "median_rows",
 
 #: MAD × this estimates the standard deviation of a normal distribution.
 MAD_TO_SIGMA = 1.4826
+#: numpy's nanmedian sorts windows shorter than this along the axis (a masked median); longer ones per column.
+NANMEDIAN_SORT_ROWS = 600
 
 
 def median(values: np.ndarray) -> float:
@@ -44,14 +47,19 @@ def median_rows(matrix: np.ndarray) -> np.ndarray:
 
 def nanmedian_columns(matrix: np.ndarray) -> np.ndarray:
     """`np.nanmedian(matrix, axis=0)` of a 2-D float array, bit for bit, NaN (without a warning) for a column
-    holding only NaN: one sort of the whole window instead of numpy's masked-array path."""
+    holding only NaN: one sort of the whole window instead of numpy's masked-array path (which numpy takes for
+    windows under NANMEDIAN_SORT_ROWS rows; longer ones go to numpy itself)."""
+    if matrix.shape[0] >= NANMEDIAN_SORT_ROWS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, as below
+            return np.nanmedian(matrix, axis=0)
     ordered = np.sort(matrix, axis=0)  # NaN last in every column
     count = np.count_nonzero(~np.isnan(matrix), axis=0)
     lo, hi = np.maximum(count - 1, 0) // 2, count // 2
     columns = np.arange(matrix.shape[1])
     low, high = ordered[lo, columns], ordered[np.minimum(hi, matrix.shape[0] - 1), columns]
     with np.errstate(invalid="ignore", over="ignore"):
-        out = np.where(lo == hi, low, (low + high) / 2)
+        out = (low + high) / 2  # also for one middle value, as numpy's masked median does (x + x overflows alike)
     out[count == 0] = np.nan
     return out
 
