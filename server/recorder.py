@@ -9,7 +9,10 @@ Contract
   columns as the float32 arrays decoded from the frame (views on its bytes, capped to
   `max_layers`), never per-layer Python objects. The column entries of all ranks share
   `max_bytes`: with many ranks each keeps fewer full-statistics reports (at least its
-  latest); the scalar rows are always kept for the whole window.
+  latest); the scalar rows are always kept for the whole window. An incident holds the
+  full-statistics reports inside its window and, when fewer than FULL_REPORTS_BEFORE
+  precede the alert there (an overhead budget stretched the cadence), the latest older
+  ones still held, so its per-layer plots always reach back before the alert.
 * `on_alert()` (an AlertBook listener) opens an incident when an alert fires at
   warning or critical severity: the window of up to `max_ranks` ranks (the firing
   rank first) is written at once (status "recording"), so a crash right after the
@@ -64,6 +67,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORDED_SEVERITIES = ("warning", "critical")
+#: Full-statistics reports before the alert an incident holds at least, reaching back beyond the scalar window
+#: (window_reports) when the cadence is sparser than that; only what the column memory budget still holds.
+FULL_REPORTS_BEFORE = 2
 #: LayerStats columns kept in the window (the ones the report plots and the provenance chain use).
 LAYER_COLUMNS = ("grad_norm", "grad_max_abs", "grad_non_finite", "weight_norm", "update_ratio", "grad_log2_histogram")
 #: ActivationStats columns kept in the window.
@@ -333,7 +339,7 @@ class FlightRecorder:
             lo, hi = start - cfg.window_reports, start + min(window.count - start, cfg.after_reports)
             rows = window.rows.rows()
             rows = rows[(rows["index"] >= lo) & (rows["index"] < hi)]
-            parts.append(_RankPart(rank, rows, [e for e in window.columns if lo <= e[0] < hi], start))
+            parts.append(_RankPart(rank, rows, _entries(window.columns, lo, hi, start), start))
             all_rows.append((rank, rows))
             before = int((rows["index"] < start).sum())
             ranks_meta.append(self._rank_meta(alert["run"], rank, window, before, len(rows)))
@@ -460,6 +466,19 @@ class _RankPart:
     rows: np.ndarray
     entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
     start: int
+
+
+def _entries(
+    columns: Iterable[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]], lo: int, hi: int, start: int
+) -> list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
+    """The full-statistics entries of an incident: those in the window [lo, hi), and, when fewer than
+    FULL_REPORTS_BEFORE of them precede the alert (the agent's overhead budget stretched its cadence), the latest
+    older ones the recorder still holds: an incident always has per-layer statistics from before its alert."""
+    kept = list(columns)
+    inside = [e for e in kept if lo <= e[0] < hi]
+    missing = FULL_REPORTS_BEFORE - sum(1 for e in inside if e[0] < start)
+    older = [e for e in kept if e[0] < lo][-missing:] if missing > 0 else []
+    return older + inside
 
 
 def _pack(parts: list[_RankPart], histogram_reports: int) -> bytes:

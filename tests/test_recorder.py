@@ -307,3 +307,31 @@ def test_recorder_memory_budget_shrinks_each_ranks_column_window_as_ranks_join()
     # Ranks here report one after the other; interleaved (as in training) each trims to the shared share.
     assert sum(kept) * entry <= 2 * budget
     assert all(len(w.rows) == 80 for w in windows.values())  # scalar rows: the whole window, always
+
+
+def test_recorder_incident_under_a_tight_budget_holds_full_statistics_from_before_its_alert() -> None:
+    """A budget the every-step signals alone exceed (as the default 1 % on many CPU runs) stretches the
+    full-statistics cadence far beyond the 64-report window: the incident still has per-layer columns from before
+    the alert."""
+    app = ServerApp(ServerConfig.local()).start()
+    try:
+        training = DemoTraining(seed=3)
+        with gradwatch.attach(
+            training.model, training.optimizer, run="rec-budget", server=app.grpc_target, overhead_budget=1e-6
+        ) as m:
+            train(m, training, range(1, 321), {300: "nan"})
+            assert m.close(timeout=10)
+        (summary,) = wait_until("a complete incident", lambda: complete(app.http_url, detector="non_finite"))
+        interval = get_json(f"{app.http_url}/api/v1/runs/rec-budget/ranks")["ranks"][0]["full_stats_interval_in_force"]
+        assert interval > 64, "the budget did not stretch the cadence past the window: nothing is tested"
+        arrays = window(app.http_url, summary["id"])
+        assert arrays["r0_rows"]["step"].min() > 200  # the scalar window: the last 64 reports before the alert
+        steps = arrays["r0_steps"]
+        before = steps < 300
+        # With a cadence over 64 steps the window holds at most one; the recorder reaches back for a second.
+        assert before.sum() >= 2 and steps[before].min() < arrays["r0_rows"]["step"].min()
+        assert np.isfinite(arrays["r0_g_grad_norm"][before]).all()
+        report = get_json(f"{app.http_url}/api/v1/incidents/{summary['id']}")["incident"]
+        assert report["status"] == "complete"
+    finally:
+        app.stop()

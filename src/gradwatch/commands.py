@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from gradwatch.client import ApiClient, ApiError, quote, server_url
 
-__all__ = ["COMMANDS", "add_parsers", "format_table", "run"]
+__all__ = ["COMMANDS", "add_parsers", "format_table", "loss_text", "run"]
 
 COMMANDS = ("runs", "alerts", "incidents", "report", "top")
 
@@ -101,7 +101,7 @@ def _list_runs(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
             r["state"],
             f"{len(r['ranks'])}/{r['world_size']}",
             _num(r["step"]),
-            _num(r["loss"]),
+            loss_text(r),
             _num(r["grad_norm_max"]),
             ",".join(r["firing"]) or "-",
             _ago(r["last_seen"]),
@@ -184,7 +184,7 @@ def _show_run(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
         ("job", run["job_name"]),
         ("state", run["state"]),
         ("step", _num(run["step"])),
-        ("loss", _num(run["loss"])),
+        ("loss", loss_text(run, long=True)),
         ("grad norm (global)", _num(run["grad_norm_global"])),
         ("firing", ", ".join(run["firing"]) or "-"),
         ("first seen", _time(run["first_seen"])),
@@ -197,7 +197,7 @@ def _show_run(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
             r["host"],
             r["pid"],
             _num(r["step"]),
-            _num(r["loss"]),
+            loss_text(r),
             _num(r["grad_norm"]),
             "yes" if r["connected"] else "no",
             r["reports"],
@@ -285,6 +285,19 @@ def _num(value: float | int | None) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.4g}"
+
+
+def loss_text(view: dict[str, Any], *, long: bool = False) -> str:
+    """A run's or rank's loss from its API view: the value, or its non-finite state and when it was last finite
+    ("NaN (finite at step 200)"; long: with the last finite value too)."""
+    state = view.get("loss_non_finite")
+    if state is None:
+        return _num(view.get("loss"))
+    step = view.get("last_finite_loss_step")
+    if step is None:
+        return f"{state} (never finite)"
+    last = f" {_num(view.get('last_finite_loss'))}" if long else ""
+    return f"{state} (last finite{last} at step {step})"
 
 
 def _cut(text: str, width: int) -> str:
