@@ -119,6 +119,12 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
             wait_until("incidents complete", lambda: all(
                 i["status"] == "complete" for i in get_json(f"{url}/api/v1/incidents")["incidents"]))  # fmt: skip
             before = answers(url)
+            for command in (["runs"], ["top", "--once"], ["runs", "show", "sick"]):
+                shown = subprocess.run(
+                    [sys.executable, "-m", "gradwatch", *command, "--server", url],
+                    capture_output=True, text=True, timeout=60, check=True,
+                ).stdout  # fmt: skip
+                assert "NaN (last finite" in shown and "at step 29)" in shown, (command, shown)
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=20) == 0
         runs = {r["run"]: r for r in before["runs"]["runs"]}
