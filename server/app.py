@@ -6,8 +6,9 @@
     app.stop()
 
 Threads: the grpc.aio server runs on its own asyncio loop in the "gradwatch-grpc"
-thread (all ingestion happens there); the HTTP server answers from its own threads
-and only reads shared state under the store's lock. Alert listeners are called on
+thread (all ingestion happens there); the HTTP server (aiohttp) runs its own loop in
+the "gradwatch-http" thread and answers from a small pool of view threads that only
+read shared state under the store's lock. Alert listeners are called on
 the gRPC thread: they must be quick and must not block. The notifier is such a
 listener: it hands notifications to one delivery thread per sink
 ("gradwatch-sink-<name>") and resends from its "gradwatch-notify" ticker thread.
@@ -39,7 +40,7 @@ from gradwatch.server.config import AlertingConfig, ServerConfig
 from gradwatch.server.database import Database
 from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
-from gradwatch.server.http_api import HttpApi
+from gradwatch.server.http_api import HttpApi, HttpCollector
 from gradwatch.server.ingest import Ingestor
 from gradwatch.server.metrics import GradwatchCollector
 from gradwatch.server.notify import Notifier, NotifierCollector
@@ -180,9 +181,12 @@ class ServerApp:
                 silences=self.silences,
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
-                routes=QueryApi(self).route,
+                routes=(QueryApi(self).route,),
+                max_connections=http.max_connections,
+                request_timeout_s=http.request_timeout_s,
             )
             self._http.start()
+            self.registry.register(HttpCollector(self._http.stats))
             self.renderer.server_url = self.config.alerting.external_url.rstrip("/") or self._default_url()
             self.notifier.start()
         except BaseException:
