@@ -44,6 +44,7 @@ from gradwatch.server.http_api import HttpApi, HttpCollector
 from gradwatch.server.ingest import Ingestor
 from gradwatch.server.metrics import GradwatchCollector
 from gradwatch.server.notify import Notifier, NotifierCollector
+from gradwatch.server.pages import Pages
 from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
 from gradwatch.server.recorder import FlightRecorder, RecorderCollector
@@ -181,7 +182,7 @@ class ServerApp:
                 silences=self.silences,
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
-                routes=(QueryApi(self).route,),
+                routes=(QueryApi(self).route, Pages(self).route),
                 max_connections=http.max_connections,
                 request_timeout_s=http.request_timeout_s,
             )
