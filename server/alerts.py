@@ -93,8 +93,13 @@ class _Alert:
 class AlertBook:
     """Firing alerts by (run, detector) plus a bounded history of resolved ones."""
 
-    def __init__(self, *, clock: Callable[[], float], history: int = 1000) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float], history: int = 1000, runbook_url: Callable[[str], str] | None = None
+    ) -> None:
+        """`runbook_url(detector)`: the link alerts carry (the renderer's, so every link has one form);
+        default: the runbook's path in the repository."""
         self._clock = clock
+        self._runbook_url = runbook_url
         self._lock = threading.Lock()
         self._firing: dict[tuple[str, str], _Alert] = {}
         self._history: collections.deque[_Alert] = collections.deque(maxlen=history)
@@ -119,7 +124,7 @@ class AlertBook:
                     run=run,
                     detector=spec.name,
                     severity=spec.severity,
-                    runbook=spec.runbook,
+                    runbook=self._runbook_url(spec.name) if self._runbook_url is not None else spec.runbook,
                     step=verdict.step,
                     last_step=verdict.step,
                     layer=verdict.layer,

@@ -22,7 +22,6 @@ import math
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from gradwatch._version import __version__
+from gradwatch.server import logs
 from gradwatch.server.alerts import AlertBook, AlertListener
 from gradwatch.server.auth import AuthCollector, HttpGuard, TokenSource
 from gradwatch.server.config import AlertingConfig, ServerConfig
@@ -94,15 +94,15 @@ class ServerApp:
             self._guard = HttpGuard(self.tokens, protect_api=auth.protect_api, protect_metrics=auth.protect_metrics)
         names = tuple(spec.name for spec in detectors)
         self.store = RunStore(limits, detector_names=names, clock=clock)
-        self.alert_book = AlertBook(clock=clock, history=limits.alert_history)
-        self.stats = IngestStats()
-        #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
-        self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
-        self.keeper = StateKeeper(self.database, self.store, self.alert_book)
         alerting = self.config.alerting
         self.renderer = AlertRenderer(
             runbook_base_url=alerting.runbook_base_url, job_name_of=self._job_name_of, specs=detectors
         )
+        self.alert_book = AlertBook(clock=clock, history=limits.alert_history, runbook_url=self.renderer.runbook_url)
+        self.stats = IngestStats()
+        #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
+        self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
+        self.keeper = StateKeeper(self.database, self.store, self.alert_book)
         self.recorder = FlightRecorder(
             self.config.recorder,
             self.database,
@@ -377,18 +377,29 @@ def _policy(alerting: AlertingConfig) -> DeliveryPolicy:
     )
 
 
-def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) -> int:
+def serve(
+    config: ServerConfig,
+    *,
+    alert_listener: AlertListener | None = None,
+    log_format: str = "text",
+    log_level: str = "INFO",
+) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns the exit status.
 
     Must be called from the main thread (it installs signal handlers, restored on
-    return). Prints one line with the bound addresses to stderr. On a signal:
+    return). Configures logging (gradwatch.server.logs: timestamps and levels, text or
+    JSON) on stderr; the first line says where it listens, and a signal is logged with
+    the shutdown that follows. On a signal:
     health turns NOT_SERVING, no new streams are accepted, open streams get
     `config.shutdown_grace_s` seconds, then everything stops and 0 is returned.
     Returns 1 when a port cannot be bound, 2 when a TLS or tokens file is unusable.
     """
+    logs.configure(log_format, log_level)  # ValueError naming a bad format or level
     stop = threading.Event()
+    received: list[str] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -396,27 +407,31 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
         try:
             app = ServerApp(config)
         except ValueError as exc:  # TLS files, the tokens file or an unusable storage.data_dir
-            print(f"gradwatch server: {exc}", file=sys.stderr)
+            log.error("%s", exc)
             return 2
         if alert_listener is not None:
             app.add_alert_listener(alert_listener)
         try:
             app.start()
         except OSError as exc:
-            print(f"gradwatch server: {exc}", file=sys.stderr)
+            log.error("%s", exc)
             return 1
         sinks = ", ".join(worker.name for worker in app.notifier.workers) or "none"
-        print(
-            f"gradwatch server {__version__}: gRPC on {config.grpc.host}:{app.grpc_port}, "
-            f"HTTP on {app.http_scheme}://{config.http.host}:{app.http_port} (/metrics, /api/v1); "
-            f"alerts to: {sinks}; TLS: {_tls_summary(config)}; tokens: {config.auth.tokens_file or 'off'}; "
-            f"state in {app.database.path}",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.info(
+            "gradwatch server %s: gRPC on %s:%d, HTTP on %s://%s:%d (/ overview, /metrics, /api/v1); alerts to: %s; "
+            "TLS: %s; tokens: %s; state in %s",
+            __version__, config.grpc.host, app.grpc_port, app.http_scheme, config.http.host, app.http_port, sinks,
+            _tls_summary(config), config.auth.tokens_file or "off", app.database.path,
+        )  # fmt: skip
         while not stop.wait(1.0):
             pass
+        log.info(
+            "%s received: stopping (open streams get %gs to finish)",
+            received[0] if received else "signal",
+            config.shutdown_grace_s,
+        )
         app.stop(grace=config.shutdown_grace_s)
+        log.info("gradwatch server stopped; state saved in %s", app.database.path)
         return 0
     finally:
         for sig, handler in previous.items():

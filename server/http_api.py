@@ -42,6 +42,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -188,7 +189,8 @@ class HttpApi:
                 backlog=1024,
             )
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot bind HTTP to {address}: {exc.strerror or exc}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"cannot bind HTTP to {address}: {reason}") from None
         return int(self._server.sockets[0].getsockname()[1])
 
     def _protocol(self) -> asyncio.Protocol:

@@ -43,6 +43,7 @@ def add_parsers(sub: Any) -> None:
     runs.add_argument("--job", default=None, help="only runs of this job name")
     alerts = client("alerts", "list alerts (firing first), or show one")
     alerts.add_argument("--run", default=None)
+    alerts.add_argument("--detector", default=None)
     alerts.add_argument("--state", choices=("firing", "resolved"), default=None)
     alerts.add_argument("--severity", choices=("info", "warning", "critical"), default=None)
     incidents = client("incidents", "list incidents (newest first), or show one")
@@ -113,7 +114,9 @@ def _list_runs(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _list_alerts(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
-    alerts = _fetch(api, "alerts", "alerts", args, run=args.run, state=args.state, severity=args.severity)
+    alerts = _fetch(
+        api, "alerts", "alerts", args, run=args.run, detector=args.detector, state=args.state, severity=args.severity
+    )
     if args.json:
         return _dump(alerts, out)
     rows = [
