@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "ENV_DISABLED",
     "ATTACH_OBJECTS",
+    "ENV_DISABLED",
     "OPTION_NAMES",
     "AgentConfig",
     "RetryPolicy",
