@@ -185,7 +185,7 @@ def _incidents_table(incidents: list[dict[str, Any]]) -> str:
 def _missing(message: str) -> str:
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradwatch: not found</title>'
-        f'<style>{PAGE_CSS}</style></head><body><main><h1>Not found</h1><p>{html.escape(message)}</p>'
+        f"<style>{PAGE_CSS}</style></head><body><main><h1>Not found</h1><p>{html.escape(message)}</p>"
         '<p><a href="../">Overview</a></p></main></body></html>'
     )
 

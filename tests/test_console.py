@@ -102,7 +102,9 @@ def test_serve_bind_errors_name_the_port_in_one_line_without_grpc_core_output(tm
             (line,) = err.splitlines()  # one line: no gRPC core lines, no traceback
             what = "gRPC" if clash[1] != "0" else "HTTP"
             port = clash[1] if what == "gRPC" else clash[3]
-            assert re.search(rf" ERROR +gradwatch\.server\.app: cannot bind {what} to 127\.0\.0\.1:{port}: ", line), line
+            assert re.search(rf" ERROR +gradwatch\.server\.app: cannot bind {what} to 127\.0\.0\.1:{port}: ", line), (
+                line
+            )
     finally:
         app.stop()
 

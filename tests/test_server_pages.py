@@ -91,9 +91,7 @@ def test_pages_overview_to_incident_in_chromium_escaped_and_drawn(app: ServerApp
         sections = page.evaluate("[...document.querySelectorAll('section')].map(s => s.id).join(',')")
         assert sections == "firing,runs,incidents"
         # The firing non_finite alert links to its incident: follow that link, as a person would.
-        link = page.evaluate(
-            "[...document.querySelectorAll('#firing a')].find(a => a.textContent === 'incident').href"
-        )
+        link = page.evaluate("[...document.querySelectorAll('#firing a')].find(a => a.textContent === 'incident').href")
         (incident,) = [i for i in _incidents(app) if i["detector"] == "non_finite"]
         assert link == f"{app.http_url}/incidents/{incident['id']}"
         page.open(link)
