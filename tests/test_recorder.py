@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -235,7 +236,10 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_resume(tmp_path: pathlib.Path) -> None:
+def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_resume(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gradwatch.agent")
     grpc_port, http_port = free_port(), free_port()
     url = f"http://127.0.0.1:{http_port}"
     log = tmp_path / "serve.log"
@@ -283,6 +287,9 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             assert resumed[0]["reports"] == 20  # 61..80: queued during the outage, then live
             live = get_json(f"{url}/api/v1/runs/phoenix-rec")["run"]
             assert not live["restored"] and live["step"] == 80 and live["first_seen"] == run["first_seen"]
+        # The agent said once that the server went away, and once that it was back.
+        agent = [r.getMessage() for r in caplog.records if r.name == "gradwatch.agent" and r.levelno >= 20]
+        assert sum("unavailable" in m for m in agent) == 1 and sum("reachable again" in m for m in agent) == 1, agent
     finally:
         monitor.close(timeout=1)
 
