@@ -213,7 +213,7 @@ class HttpApi:
             refusal = self._guard.check(request.path, request.headers.get(hdrs.AUTHORIZATION))
             if refusal is not None:
                 status, message = refusal
-                headers = {hdrs.WWW_AUTHENTICATE: 'Bearer realm="gradwatch"'} if status == 401 else {}
+                headers = {"WWW-Authenticate": 'Bearer realm="gradwatch"'} if status == 401 else {}
                 return await self._send(request, status, _json_bytes({"error": message}), "application/json", headers)
         try:
             if request.method == hdrs.METH_GET:
