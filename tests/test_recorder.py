@@ -121,6 +121,9 @@ def test_recorder_incident_for_injected_nan_holds_the_window_before_and_after_it
 
 
 def test_recorder_healthy_run_records_no_incident() -> None:
+    # Without the agent's time floor (10 s of steps: on a loaded machine that can be fewer than 64), so that the
+    # cadence surely outgrows the window and what is tested is the recorder's reach back alone.
+    monkeypatch.setattr("gradwatch.agent.budget.FLOOR_S", 1e9)
     app = ServerApp(ServerConfig.local()).start()
     try:
         training = DemoTraining(seed=3)
@@ -316,10 +319,15 @@ def test_recorder_memory_budget_shrinks_each_ranks_column_window_as_ranks_join()
     assert all(len(w.rows) == 80 for w in windows.values())  # scalar rows: the whole window, always
 
 
-def test_recorder_incident_under_a_tight_budget_holds_full_statistics_from_before_its_alert() -> None:
+def test_recorder_incident_under_a_tight_budget_holds_full_statistics_from_before_its_alert(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A budget the every-step signals alone exceed (as the default 1 % on many CPU runs) stretches the
     full-statistics cadence far beyond the 64-report window: the incident still has per-layer columns from before
     the alert."""
+    # Without the agent's time floor (10 s of steps: on a loaded machine that can be fewer than 64), so that the
+    # cadence surely outgrows the window and what is tested is the recorder's reach back alone.
+    monkeypatch.setattr("gradwatch.agent.budget.FLOOR_S", 1e9)
     app = ServerApp(ServerConfig.local()).start()
     try:
         training = DemoTraining(seed=3)
