@@ -7,7 +7,10 @@ full-statistics interval N that keeps
 
     (ordinary + (full − ordinary) / N) / step  ≤  budget
 
-N never goes below the configured `full_stats_interval` nor above MAX_INTERVAL. When even the ordinary
+N never goes below the configured `full_stats_interval` nor above MAX_INTERVAL, and never so high that full
+statistics come less often than every FLOOR_S seconds of training (N ≤ FLOOR_S / step time): whatever the
+budget, an incident then holds per-layer statistics from at most that long before its alert, and the floor
+costs at most (extra cost of a full step) / FLOOR_S of the run's time. When even the ordinary
 step alone exceeds the budget (tiny models: the per-step signals cost a few tens of microseconds), N goes to
 MAX_INTERVAL and `over_budget` says so: the cheap every-step signals (loss, norms, non-finite flags, NaN
 provenance) are never dropped. Decisions start after WARMUP_REPORTS reports and change N only when it moves
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["MAX_INTERVAL", "WARMUP_REPORTS", "BudgetController"]
+__all__ = ["FLOOR_S", "MAX_INTERVAL", "WARMUP_REPORTS", "BudgetController"]
 
 MAX_INTERVAL = 10_000
+#: Seconds of training between full-statistics steps at most, whatever the budget (see the module docstring).
+FLOOR_S = 10.0
 WARMUP_REPORTS = 50
 _ALPHA = 0.1  # weight of the newest observation in the moving averages
 _HYSTERESIS = 0.25
@@ -100,11 +105,12 @@ class BudgetController:
     def _wanted(self) -> int:
         assert self._ordinary_s is not None and self._full_s is not None and self._step_s is not None
         room = self._budget * self._step_s - self._ordinary_s
+        floor = max(self._base, min(MAX_INTERVAL, math.floor(FLOOR_S / self._step_s)))
         self._over = room <= 0
         if self._over:
-            return MAX_INTERVAL
+            return floor
         extra = max(0.0, self._full_s - self._ordinary_s)
-        return max(self._base, min(MAX_INTERVAL, math.ceil(extra / room)))
+        return max(self._base, min(floor, math.ceil(extra / room)))
 
 
 def _ewma(current: float | None, value: float) -> float:

@@ -57,6 +57,7 @@ from typing import Any
 from gradwatch.agent.guard_config import GuardSettings, check_guard, parse_guard_env
 
 __all__ = [
+    "ATTACH_OBJECTS",
     "ENV_DISABLED",
     "OPTION_NAMES",
     "AgentConfig",
@@ -413,6 +414,8 @@ _OPTIONS: dict[str, _Option] = {
     "local_rank": _Option(ENV_LOCAL_RANK, _check_non_negative_int, _env_number(int)),
 }
 OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTIONS))
+#: attach()'s keywords that are objects, not settings (no environment variable): named in the option error too.
+ATTACH_OBJECTS: tuple[str, ...] = ("alert_callback", "grad_scaler")
 
 
 def _lookup(name: str, options: Mapping[str, object], env: Mapping[str, str]) -> Any:
@@ -446,7 +449,8 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(
-            f"gradwatch: unknown option(s) {', '.join(unknown)}; accepted options: {', '.join(OPTION_NAMES)}"
+            f"gradwatch: unknown option(s) {', '.join(unknown)}; accepted options: "
+            f"{', '.join(sorted((*OPTION_NAMES, *ATTACH_OBJECTS)))}"
         )
     values = {name: _lookup(name, options, env) for name in _OPTIONS}
 

@@ -380,6 +380,14 @@ class Sender:
         self._batch_frames = welcome.max_batch_frames
         self._batch_bytes = min(welcome.max_frame_bytes, MAX_BATCH_BYTES) - BATCH_ENTRY_OVERHEAD
         self._apply_ack(welcome.acked_seq)
+        if "unreachable" in self._logged:  # the outage was reported: say once that it is over
+            self._log_once(
+                "reconnected",
+                "gradwatch server %s reachable again; resending %d buffered reports",
+                self._target,
+                len(self._replay),
+                level=logging.INFO,
+            )
         self._last_pushed = 0  # resend everything the server does not hold yet
         self._next_heartbeat = self._clock() + self._heartbeat_s
         self._push()
@@ -537,7 +545,7 @@ class Sender:
             reader.join(max(0.0, request.deadline - self._clock()))
         self._readers.clear()
 
-    def _log_once(self, key: str, message: str, *args: object) -> None:
-        level = logging.WARNING if key not in self._logged else logging.DEBUG
+    def _log_once(self, key: str, message: str, *args: object, level: int = logging.WARNING) -> None:
+        level = level if key not in self._logged else logging.DEBUG
         self._logged.add(key)
         logger.log(level, message, *args)

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per scenario (default 3)")
     parser.add_argument("--only", nargs="*", default=None, help="scenario names to run (default: all)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - {s.name for s in SCENARIOS})
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(s.name for s in SCENARIOS)}")
     torch.set_num_threads(1)
     chosen: list[Scenario] = [s for s in SCENARIOS if args.only is None or s.name in args.only]
     results: dict[str, list[RunResult]] = {}

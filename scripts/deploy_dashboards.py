@@ -35,6 +35,9 @@ class _Grid:
         self._row_h = max(self._row_h, h)
 
 
+LOSS_HELP = "Mean of the ranks' latest loss; NaN (no point drawn) while a rank's loss is not finite."
+
+
 def _target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
     return {"datasource": DS, "refId": ref, "expr": expr, "legendFormat": legend, **extra}
 
@@ -179,12 +182,12 @@ def fleet() -> dict[str, Any]:
 def run() -> dict[str, Any]:
     g = _Grid()
     g.add(_stat("Step", "Latest step, max over ranks.", f"max(gradwatch_run_step{{{RUN}}})"), 6, 4)
-    g.add(_stat("Loss", "Mean of the ranks' latest finite loss.", f"max(gradwatch_run_loss{{{RUN}}})"), 6, 4)
+    g.add(_stat("Loss", LOSS_HELP, f"max(gradwatch_run_loss{{{RUN}}})"), 6, 4)
     g.add(_stat("Ranks connected", "Ranks with an open stream.",
                 f"max(gradwatch_run_ranks_connected{{{RUN}}})"), 6, 4)
     g.add(_stat("Detectors firing", "Detectors firing for this run now.",
                 f"sum(gradwatch_alert_firing{{{RUN}}})"), 6, 4)
-    g.add(_timeseries("Loss", "Mean of the ranks' latest finite loss.",
+    g.add(_timeseries("Loss", LOSS_HELP,
                       _target(f"max by (run) (gradwatch_run_loss{{{RUN}}})", "loss")), 12, 8)
     g.add(_timeseries("Gradient norm", "Global gradient norm, max and min over ranks (log scale).",
                       _target(f"max by (agg) (gradwatch_run_grad_norm{{{RUN}}})", "{{agg}}"), log=True), 12, 8)

@@ -51,29 +51,37 @@ ALERTMANAGER_FILES = (
     pathlib.Path("deploy/compose/alertmanager.yml"),
 )
 INHIBIT_MARKER = "inhibit_rules:\n"
+#: The server's URL in the committed files' incident links: the local stack (deploy/compose) publishes it there.
+DEFAULT_SERVER_URL = "http://localhost:9400"
 
 
-def _annotations(rule: AlertRule, runbook_base_url: str) -> dict[str, str]:
-    return {
+def _annotations(rule: AlertRule, runbook_base_url: str, server_url: str) -> dict[str, str]:
+    annotations = {
         "summary": rule.summary,
         "description": rule.description,
         "runbook_url": f"{runbook_base_url}{rule.runbook}.md",
     }
+    detector = rule.labels.get("detector")
+    if detector is not None:  # the incident page of the run's latest alert of this detector (server/pages.py)
+        annotations["incident_url"] = (
+            f"{server_url}/incidents/latest?run={{{{ $labels.run | urlquery }}}}&detector={detector}"
+        )
+    return annotations
 
 
-def prometheus_rules(runbook_base_url: str) -> dict[str, Any]:
+def prometheus_rules(runbook_base_url: str, server_url: str = DEFAULT_SERVER_URL) -> dict[str, Any]:
     rules: list[dict[str, Any]] = [{"record": r.record, "expr": r.expr} for r in RECORDING_RULES]
     for rule in ALERT_RULES:
         entry: dict[str, Any] = {"alert": rule.name, "expr": rule.expr, "for": duration(rule.for_s)}
         if rule.keep_firing_for_s:
             entry["keep_firing_for"] = duration(rule.keep_firing_for_s)
         entry["labels"] = {"severity": rule.severity, **rule.labels}
-        entry["annotations"] = _annotations(rule, runbook_base_url)
+        entry["annotations"] = _annotations(rule, runbook_base_url, server_url)
         rules.append(entry)
     return {"groups": [{"name": GROUP_NAME, "rules": rules}]}
 
 
-def grafana_rules(runbook_base_url: str) -> dict[str, Any]:
+def grafana_rules(runbook_base_url: str, server_url: str = DEFAULT_SERVER_URL) -> dict[str, Any]:
     """The alerting rules as Grafana file provisioning: query A, reduce(last) B, threshold C > threshold."""
     rules = []
     for rule in ALERT_RULES:
@@ -104,7 +112,7 @@ def grafana_rules(runbook_base_url: str) -> dict[str, Any]:
             "noDataState": "OK",
             "execErrState": "Error",
             "for": duration(rule.for_s),
-            "annotations": _annotations(rule, runbook_base_url),
+            "annotations": _annotations(rule, runbook_base_url, server_url),
             "labels": {"severity": rule.severity, **rule.labels},
             "isPaused": False,
         })
@@ -132,11 +140,13 @@ def _with_inhibit_rules(path: pathlib.Path) -> str:
     return text[: text.index(INHIBIT_MARKER)] + inhibit_rules()
 
 
-def render(runbook_base_url: str = DEFAULT_RUNBOOK_BASE_URL) -> dict[pathlib.Path, str]:
+def render(
+    runbook_base_url: str = DEFAULT_RUNBOOK_BASE_URL, server_url: str = DEFAULT_SERVER_URL
+) -> dict[pathlib.Path, str]:
     """Relative path -> file text, for every generated file."""
     files = {
-        RULES_FILE: _yaml(prometheus_rules(runbook_base_url)),
-        GRAFANA_RULES_FILE: _yaml(grafana_rules(runbook_base_url)),
+        RULES_FILE: _yaml(prometheus_rules(runbook_base_url, server_url)),
+        GRAFANA_RULES_FILE: _yaml(grafana_rules(runbook_base_url, server_url)),
     }
     for name, build in DASHBOARDS.items():
         files[DASHBOARD_DIR / name] = json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
@@ -152,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT, help="root to write deploy/ under (default: repo)")
     parser.add_argument("--runbook-base-url", default=DEFAULT_RUNBOOK_BASE_URL, help="runbook_url prefix")
+    parser.add_argument(
+        "--server-url",
+        default=DEFAULT_SERVER_URL,
+        help=f"the gradwatch server's URL as users reach it, for alerts' incident_url (default {DEFAULT_SERVER_URL})",
+    )
     args = parser.parse_args(argv)
-    for path, text in render(args.runbook_base_url).items():
+    for path, text in render(args.runbook_base_url, args.server_url.rstrip("/")).items():
         target = args.out / path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")

@@ -3,7 +3,9 @@
 Module map (dependencies point down the list):
   app           composition root: ServerApp (gRPC + HTTP threads), serve() for `gradwatch serve`
   grpc_service  gradwatch.v1.Ingest on grpc.aio (raw-bytes handlers), health, reflection
-  http_api      /metrics, /healthz, /api/v1/{runs,alerts,notifications,silences} (stdlib ThreadingHTTPServer)
+  logs          the console: timestamped, levelled log lines as text or JSON (`gradwatch serve`)
+  http_api      /metrics, /healthz, /api/v1/{runs,alerts,notifications,silences} (aiohttp, on its own loop thread)
+  pages         HTML: the overview (/) and incident reports (/incidents/ID), rendered by gradwatch.incident_report
   metrics       the Prometheus Collector, built from the state at scrape time
   notify        Notifier: alert transitions -> notifications (resend, resolve, inhibition, silences)
   render        labels, annotations and links of an alert as a pager shows them

@@ -2,9 +2,11 @@
 
 Contract
 --------
-* Identity is (run, detector): `id` is a stable fingerprint of the pair, so a
-  re-fire after resolution has the same id with a new `started_at` (as Alertmanager
-  groups by labels). At most one alert per identity is firing.
+* Identity is (run, detector): `fingerprint` is a stable digest of the pair (what
+  notifications are keyed by, as Alertmanager groups by labels). Each episode (from
+  fire to resolve) has its own `id`, a digest of the pair and its `started_at`, so
+  a re-fire after resolution is a new row with a new id. At most one alert per
+  identity is firing.
 * `fire(run, spec, rank, Fire)`: the first firing rank opens the alert; its `step`,
   `layer` and `summary` say where it started (provenance) and never change. Later
   ranks join `ranks`; every Fire updates `last_step` (latest firing step) and `value`.
@@ -43,9 +45,10 @@ AlertListener = Callable[[dict[str, Any]], None]
 MAX_AUTOPSY_RANKS = 8
 
 
-def alert_id(run: str, detector: str) -> str:
-    """Stable 16-hex-digit fingerprint of (run, detector)."""
-    return hashlib.sha256(f"{run}\x00{detector}".encode()).hexdigest()[:16]
+def alert_id(run: str, detector: str, started_at: float | None = None) -> str:
+    """16 hex digits: the stable fingerprint of (run, detector), or with `started_at` the id of one episode."""
+    episode = "" if started_at is None else f"\x00{started_at!r}"
+    return hashlib.sha256(f"{run}\x00{detector}{episode}".encode()).hexdigest()[:16]
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -74,6 +77,7 @@ class _Alert:
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "fingerprint": alert_id(self.run, self.detector),
             "run": self.run,
             "ranks": sorted(self.ranks),
             "detector": self.detector,
@@ -94,8 +98,13 @@ class _Alert:
 class AlertBook:
     """Firing alerts by (run, detector) plus a bounded history of resolved ones."""
 
-    def __init__(self, *, clock: Callable[[], float], history: int = 1000) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float], history: int = 1000, runbook_url: Callable[[str], str] | None = None
+    ) -> None:
+        """`runbook_url(detector)`: the link alerts carry (the renderer's, so every link has one form);
+        default: the runbook's path in the repository."""
         self._clock = clock
+        self._runbook_url = runbook_url
         self._lock = threading.Lock()
         self._firing: dict[tuple[str, str], _Alert] = {}
         self._history: collections.deque[_Alert] = collections.deque(maxlen=history)
@@ -116,18 +125,19 @@ class AlertBook:
             alert = self._firing.get(key)
             opened = alert is None
             if alert is None:
+                now = self._clock()
                 alert = _Alert(
-                    id=alert_id(run, spec.name),
+                    id=alert_id(run, spec.name, now),
                     run=run,
                     detector=spec.name,
                     severity=spec.severity,
-                    runbook=spec.runbook,
+                    runbook=self._runbook_url(spec.name) if self._runbook_url is not None else spec.runbook,
                     step=verdict.step,
                     last_step=verdict.step,
                     layer=verdict.layer,
                     value=verdict.value,
                     summary=verdict.summary,
-                    started_at=self._clock(),
+                    started_at=now,
                 )
                 self._firing[key] = alert
             triggered = rank not in alert.active
@@ -216,6 +226,24 @@ class AlertBook:
         for snapshot in opened:
             self._notify(snapshot)
         return len(opened)
+
+    def restore_history(self, alerts: Iterable[dict[str, Any]]) -> int:
+        """Put resolved alerts saved before a restart back into the history (oldest resolution first; the
+        history's bound keeps the newest). Listeners hear nothing: these transitions were announced already."""
+        restored = sorted((a for a in alerts if a.get("resolved_at") is not None), key=lambda a: a["resolved_at"])
+        with self._lock:
+            known = {a.id for a in self._history}
+            for saved in restored:
+                if saved["id"] in known:
+                    continue
+                alert = _Alert(
+                    id=saved["id"], run=saved["run"], detector=saved["detector"], severity=saved["severity"],
+                    runbook=saved["runbook"], step=saved["step"], last_step=saved["last_step"], layer=saved["layer"],
+                    value=saved["value"], summary=saved["summary"], started_at=saved["started_at"],
+                    ranks=set(saved["ranks"]), resolved_at=saved["resolved_at"],
+                )  # fmt: skip
+                self._history.append(alert)
+        return len(restored)
 
     def _resolve_locked(self, alert: _Alert) -> dict[str, Any]:
         alert.active.clear()

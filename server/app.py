@@ -7,10 +7,11 @@
 
 Threads (ARCHITECTURE.md, "Server concurrency model"): the grpc.aio server runs on its
 own asyncio loop in the "gradwatch-grpc" thread (all ingestion happens there); the HTTP
-server answers from its own threads from snapshots of the store (`RunStore.snapshot`),
-never holding a lock while it builds an answer; the per-second persistence runs on a
-worker thread. Alert listeners are called on the gRPC thread: they must be quick and
-must not block. The notifier is such a
+server (aiohttp) runs its own loop in the "gradwatch-http" thread and answers from a
+small pool of view threads, from snapshots of the store (`RunStore.snapshot`), never
+holding a lock while it builds an answer; the per-second persistence runs on a worker
+thread. Alert listeners are called on the gRPC thread: they must be quick and must not
+block. The notifier is such a
 listener: it hands notifications to one delivery thread per sink
 ("gradwatch-sink-<name>") and resends from its "gradwatch-notify" ticker thread.
 """
@@ -23,7 +24,6 @@ import math
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,17 +35,19 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from gradwatch._version import __version__
+from gradwatch.server import logs
 from gradwatch.server.alerts import AlertBook, AlertListener
 from gradwatch.server.auth import AuthCollector, HttpGuard, TokenSource
 from gradwatch.server.config import AlertingConfig, ServerConfig
 from gradwatch.server.database import Database
 from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
-from gradwatch.server.http_api import HttpApi
+from gradwatch.server.http_api import HttpApi, HttpCollector
 from gradwatch.server.ingest import Ingestor
 from gradwatch.server.limits import HttpRejections
 from gradwatch.server.metrics import GradwatchCollector
 from gradwatch.server.notify import Notifier, NotifierCollector
+from gradwatch.server.pages import Pages
 from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
 from gradwatch.server.recorder import FlightRecorder, RecorderCollector
@@ -94,16 +96,16 @@ class ServerApp:
         if self.tokens is not None:
             self._guard = HttpGuard(self.tokens, protect_api=auth.protect_api, protect_metrics=auth.protect_metrics)
         names = tuple(spec.name for spec in detectors)
-        self.alert_book = AlertBook(clock=clock, history=limits.alert_history)
         self.store = RunStore(limits, detector_names=names, clock=clock, can_evict=self._without_firing_alerts)
-        self.stats = IngestStats()
-        #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
-        self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
-        self.keeper = StateKeeper(self.database, self.store, self.alert_book)
         alerting = self.config.alerting
         self.renderer = AlertRenderer(
             runbook_base_url=alerting.runbook_base_url, job_name_of=self._job_name_of, specs=detectors
         )
+        self.alert_book = AlertBook(clock=clock, history=limits.alert_history, runbook_url=self.renderer.runbook_url)
+        self.stats = IngestStats()
+        #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
+        self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
+        self.keeper = StateKeeper(self.database, self.store, self.alert_book)
         self.recorder = FlightRecorder(
             self.config.recorder,
             self.database,
@@ -193,10 +195,13 @@ class ServerApp:
                 silences=self.silences,
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
-                routes=QueryApi(self).route,
+                routes=(QueryApi(self).route, Pages(self).route),
                 rejections=self.http_rejections,
+                max_connections=http.max_connections,
+                request_timeout_s=http.request_timeout_s,
             )
             self._http.start()
+            self.registry.register(HttpCollector(self._http.stats))
             self.renderer.server_url = self.config.alerting.external_url.rstrip("/") or self._default_url()
             self.notifier.start()
         except BaseException:
@@ -387,18 +392,29 @@ def _policy(alerting: AlertingConfig) -> DeliveryPolicy:
     )
 
 
-def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) -> int:
+def serve(
+    config: ServerConfig,
+    *,
+    alert_listener: AlertListener | None = None,
+    log_format: str = "text",
+    log_level: str = "INFO",
+) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns the exit status.
 
     Must be called from the main thread (it installs signal handlers, restored on
-    return). Prints one line with the bound addresses to stderr. On a signal:
+    return). Configures logging (gradwatch.server.logs: timestamps and levels, text or
+    JSON) on stderr; the first line says where it listens, and a signal is logged with
+    the shutdown that follows. On a signal:
     health turns NOT_SERVING, no new streams are accepted, open streams get
     `config.shutdown_grace_s` seconds, then everything stops and 0 is returned.
     Returns 1 when a port cannot be bound, 2 when a TLS or tokens file is unusable.
     """
+    logs.configure(log_format, log_level)  # ValueError naming a bad format or level
     stop = threading.Event()
+    received: list[str] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -406,27 +422,31 @@ def serve(config: ServerConfig, *, alert_listener: AlertListener | None = None) 
         try:
             app = ServerApp(config)
         except ValueError as exc:  # TLS files, the tokens file or an unusable storage.data_dir
-            print(f"gradwatch server: {exc}", file=sys.stderr)
+            log.error("%s", exc)
             return 2
         if alert_listener is not None:
             app.add_alert_listener(alert_listener)
         try:
             app.start()
         except OSError as exc:
-            print(f"gradwatch server: {exc}", file=sys.stderr)
+            log.error("%s", exc)
             return 1
         sinks = ", ".join(worker.name for worker in app.notifier.workers) or "none"
-        print(
-            f"gradwatch server {__version__}: gRPC on {config.grpc.host}:{app.grpc_port}, "
-            f"HTTP on {app.http_scheme}://{config.http.host}:{app.http_port} (/metrics, /api/v1); "
-            f"alerts to: {sinks}; TLS: {_tls_summary(config)}; tokens: {config.auth.tokens_file or 'off'}; "
-            f"state in {app.database.path}",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.info(
+            "gradwatch server %s: gRPC on %s:%d, HTTP on %s://%s:%d (/ overview, /metrics, /api/v1); alerts to: %s; "
+            "TLS: %s; tokens: %s; state in %s",
+            __version__, config.grpc.host, app.grpc_port, app.http_scheme, config.http.host, app.http_port, sinks,
+            _tls_summary(config), config.auth.tokens_file or "off", app.database.path,
+        )  # fmt: skip
         while not stop.wait(1.0):
             pass
+        log.info(
+            "%s received: stopping (open streams get %gs to finish)",
+            received[0] if received else "signal",
+            config.shutdown_grace_s,
+        )
         app.stop(grace=config.shutdown_grace_s)
+        log.info("gradwatch server stopped; state saved in %s", app.database.path)
         return 0
     finally:
         for sig, handler in previous.items():

@@ -188,6 +188,16 @@ class GrpcConfig(Settings):
 class HttpConfig(Settings):
     host: str = setting("0.0.0.0", doc="Interface the HTTP server (/metrics, /api/v1) binds.")
     port: int = setting(9400, doc="HTTP port; 0 picks a free one.", ge=0, le=65535)
+    max_connections: int = setting(
+        512, doc="Open HTTP connections at most; a connection beyond gets 503 and is closed.", ge=1, le=65536
+    )
+    request_timeout_s: float = setting(
+        10.0,
+        doc="Seconds a connection gets to send a complete request (from connecting or its previous response); "
+        "then it is closed, so a half-sent or idle request holds no resources.",
+        gt=0.0,
+        le=3600.0,
+    )
 
 
 #: limits.at_max_runs values: what a Hello for a new run meets when limits.max_runs runs are tracked.

@@ -1,7 +1,8 @@
-"""The HTTP side: /metrics, /healthz and the JSON API, on a stdlib ThreadingHTTPServer.
+"""The HTTP side: /metrics, /healthz, the JSON API and the pages, served by aiohttp on its own event loop.
 
-Routes (an unknown GET path is 404; a method not listed for a path is 405):
-  GET    /metrics                 Prometheus text format from the app's own registry
+Routes (an unknown path is 404; a method not listed for a path is 405):
+  GET    /metrics                 Prometheus text format from the app's own registry (prometheus_client's
+                                  exposition), gzip-compressed when the client accepts it (Prometheus does)
   GET    /healthz                 200 "ok"
   GET    /api/v1/runs             {"runs": [run, ...]}
   GET    /api/v1/alerts           {"alerts": [alert, ...]}; query `run=ID`, `state=firing|resolved` (else 400)
@@ -10,36 +11,55 @@ Routes (an unknown GET path is 404; a method not listed for a path is 405):
   POST   /api/v1/silences         body {"run", "detector"?, "duration_s", "comment"?, "created_by"?}
                                   -> 201 {"silence": ...}; 400 {"error"} on a bad body
   DELETE /api/v1/silences/<id>    -> 200 {"silence": ...} (expired now); 404 if not active
-  GET    /api/v1/runs/..., /api/v1/incidents...: the query API (gradwatch.server.query_api), which also
-                                  paginates and filters /api/v1/runs and /api/v1/alerts
+  GET    anything `routes` answer: framework-independent functions (path, query) -> (status, content type, body)
+                                  or None, asked in order (the query API of gradwatch.server.query_api, which also
+                                  paginates and filters /api/v1/runs and /api/v1/alerts; the pages of
+                                  gradwatch.server.pages)
 JSON is strict (no NaN): the app's views are JSON-safe by contract.
 
-With a TLS context source the port speaks only TLS (the context is asked for at every connection, so
-rotated certificates apply to new connections) (the handshake runs on the request's own thread, with a
-timeout, so a slow client cannot stall the others). With a guard (server/auth.py), requests without the
-bearer token a path needs get 401 (with `WWW-Authenticate: Bearer`) or 403 before any route runs.
+Transport contract
+- Views run on a small thread pool (VIEW_THREADS), never on the event loop, so a slow view (a large run under
+  the store's lock) holds up no other connection, /healthz included. Bodies are written in WRITE_CHUNK_BYTES
+  pieces, each awaited until the socket drains: a slow reader holds one body, not the server, and one that
+  takes no piece within `request_timeout_s` is disconnected.
+- A connection gets `request_timeout_s` to send a request's headers, counted from when it opened or its
+  previous response ended, and is then closed; a POST body gets `request_timeout_s` more (else 408).
+  Half-sent requests and idle keep-alive connections cost a socket and a few hundred bytes of loop state,
+  never a thread. At `max_connections` open
+  connections a new one gets 503 and is closed. Both are counted (gradwatch_http_connections_* in /metrics).
+- With a TLS context source the port speaks only TLS; the context is asked for at every handshake (a rotated
+  certificate applies to new connections), and a handshake gets TLS_HANDSHAKE_TIMEOUT_S.
+- With a guard (server/auth.py), requests without the bearer token a path needs get 401 (with
+  `WWW-Authenticate: Bearer`) or 403 before any route runs.
+- Every response carries `X-Content-Type-Options: nosniff`; HTML carries a Content-Security-Policy that allows
+  no script, no network access and only inline styles and data: images (the pages are self-contained).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
-import socket
+import os
 import ssl
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
+from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gradwatch.server.auth import HttpGuard
 from gradwatch.server.limits import BAD_BODY, BadRequest, HttpRejections, parse_json_body
 from gradwatch.server.silences import SilenceBook
 
-__all__ = ["HttpApi"]
+__all__ = ["CSP", "HttpApi", "HttpCollector", "HttpStats"]
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +74,29 @@ SILENCES = "/api/v1/silences"
 MAX_BODY_BYTES = 64 * 1024
 #: Seconds a client gets to complete the TLS handshake.
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+#: Threads that run views (each holds the store's lock only as long as its view needs).
+VIEW_THREADS = 4
+#: Bodies are written in pieces of this size, each drained before the next.
+WRITE_CHUNK_BYTES = 64 * 1024
+#: Content-Security-Policy of every HTML page: self-contained pages need nothing else.
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+START_TIMEOUT_S = 30.0
 
 
-class _TlsHttpServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that wraps each accepted connection in TLS on the request's thread."""
+class HttpStats:
+    """Connection counters of the HTTP side (read by the metrics collector); updated on the HTTP loop only."""
 
-    tls_context: Callable[[], ssl.SSLContext]
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
-        try:
-            tls = self.tls_context().wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:  # plaintext or a client that gave up: not our problem
-            log.debug("http: TLS handshake with %s failed: %s", client_address, exc)
-            return
-        try:
-            tls.settimeout(None)
-            super().finish_request(tls, client_address)
-        finally:
-            with contextlib.suppress(OSError):
-                tls.shutdown(socket.SHUT_RDWR)
-            tls.close()
+    def __init__(self) -> None:
+        self.open = 0
+        self.refused = 0  # at max_connections
+        self.incomplete = 0  # closed before one complete request arrived (request_timeout_s, or the client left)
 
 
 class HttpApi:
-    """Serves the routes above from a background thread; `start()` returns once listening."""
+    """Serves the routes above from the "gradwatch-http" thread; `start()` returns once listening."""
 
     def __init__(
         self,
@@ -92,123 +110,209 @@ class HttpApi:
         silences: SilenceBook,
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         guard: HttpGuard | None = None,
-        routes: Routes | None = None,
+        routes: Sequence[Routes] = (),
         rejections: HttpRejections | None = None,
+        max_connections: int = 512,
+        request_timeout_s: float = 10.0,
     ) -> None:
-        handler = type(
-            "GradwatchHandler",
-            (_Handler,),
-            {
-                "registry": registry,
-                "runs": staticmethod(runs),
-                "alerts": staticmethod(alerts),
-                "notifications": staticmethod(notifications),
-                "silences": silences,
-                "guard": guard,
-                "routes": staticmethod(routes) if routes is not None else None,
-                "rejections": rejections,
-            },
-        )
-        if tls_context is None:
-            self._server = ThreadingHTTPServer((host, port), handler)
-        else:
-            self._server = _TlsHttpServer((host, port), handler)
-            self._server.tls_context = tls_context
-        self._server.daemon_threads = True
+        self._host, self._requested_port = host, port
+        self._registry = registry
+        self._runs, self._alerts, self._notifications = runs, alerts, notifications
+        self._silences = silences
+        self._tls_context = tls_context
+        self._guard = guard
+        self._routes = tuple(routes)
+        self._rejections = rejections
+        self._max_connections = max_connections
+        self._request_timeout_s = request_timeout_s
+        self.stats = HttpStats()
+        self._pool = concurrent.futures.ThreadPoolExecutor(VIEW_THREADS, thread_name_prefix="gradwatch-http-view")
+        self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._web: web.Server | None = None
+        self._port: int | None = None
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        if self._port is None:
+            raise RuntimeError("HttpApi not started")
+        return self._port
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="gradwatch-http", daemon=True
-        )
+        """Bind and serve; OSError naming the address when the port cannot be bound."""
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gradwatch-http", daemon=True)
         self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        try:
+            self._port = future.result(timeout=START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 2.0) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout)
-        self._server.server_close()
+        """Stop listening, close open connections (giving running requests `timeout` seconds). Idempotent."""
+        if self._thread is not None and self._thread.is_alive():
+            with contextlib.suppress(TimeoutError):
+                asyncio.run_coroutine_threadsafe(self._stop(timeout), self._loop).result(timeout + 5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        self._thread = None
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
+    # ------------------------------------------------------------------ serving
 
-class _Handler(BaseHTTPRequestHandler):
-    registry: CollectorRegistry
-    runs: RunsView
-    alerts: AlertsView
-    notifications: NotificationsView
-    silences: SilenceBook
-    guard: HttpGuard | None
-    routes: Routes | None
-    rejections: HttpRejections | None
-    server_version = "gradwatch"
+    async def _start(self) -> int:
+        self._handler_args: dict[str, Any] = {
+            "keepalive_timeout": self._request_timeout_s,  # armed from connect: also bounds a half-sent request
+            "access_log": None,
+            "max_line_size": 8190,
+            "max_field_size": 8190,
+        }
+        self._web = web.Server(self._handle, handler_cancellation=True, **self._handler_args)
+        tls = None
+        if self._tls_context is not None:
+            tls = self._tls_context()
+            source = self._tls_context
 
-    def _allowed(self) -> bool:
-        """Apply the guard; False when a 401/403 has been sent."""
-        if self.guard is None:
-            return True
-        refusal = self.guard.check(urlsplit(self.path).path, self.headers.get("Authorization"), self.command)
-        if refusal is None:
-            return True
-        status, message = refusal
-        body = json.dumps({"error": message}).encode()
-        self.send_response(status)
-        if status == 401:
-            self.send_header("WWW-Authenticate", 'Bearer realm="gradwatch"')
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        return False
+            def fresh_context(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+                sock.context = source()  # the current certificate, for every new handshake
 
-    def do_GET(self) -> None:
-        if not self._allowed():
-            return
-        url = urlsplit(self.path)
-        query = parse_qs(url.query)
+            tls.sni_callback = fresh_context
+        address = f"{self._host}:{self._requested_port}"
         try:
-            routed = self.routes(url.path, query) if self.routes is not None else None
-            if routed is not None:
-                status, content_type, body = routed
-                self._send(status, body, content_type)
-            elif url.path == "/metrics":
-                self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
-            elif url.path == "/healthz":
-                self._send(200, b"ok\n", "text/plain; charset=utf-8")
-            elif url.path == "/api/v1/runs":
-                self._json(200, {"runs": self.runs()})
-            elif url.path == "/api/v1/alerts":
-                state = _one(query, "state")
-                if state is not None and state not in ("firing", "resolved"):
-                    self._json(400, {"error": f"state must be 'firing' or 'resolved', got {state!r}"})
-                    return
-                self._json(200, {"alerts": self.alerts(_one(query, "run"), state)})
-            elif url.path == "/api/v1/notifications":
-                self._json(200, {"notifications": self.notifications()})
-            elif url.path == SILENCES:
-                self._json(200, {"silences": self.silences.view()})
+            self._server = await self._loop.create_server(
+                self._protocol,
+                self._host,
+                self._requested_port,
+                ssl=tls,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if tls is not None else None,
+                backlog=1024,
+            )
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"cannot bind HTTP to {address}: {reason}") from None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _protocol(self) -> asyncio.Protocol:
+        assert self._web is not None
+        if len(self._web.connections) >= self._max_connections:
+            self.stats.refused += 1
+            return _Refuse()
+        return _CountedHandler(self._web, self.stats, loop=self._loop, **self._handler_args)
+
+    async def _stop(self, timeout: float) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._web is not None:
+            await self._web.shutdown(timeout)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._guard is not None:
+            refusal = self._guard.check(request.path, request.headers.get(hdrs.AUTHORIZATION), request.method)
+            if refusal is not None:
+                status, message = refusal
+                headers = {"WWW-Authenticate": 'Bearer realm="gradwatch"'} if status == 401 else {}
+                return await self._send(request, status, _json_bytes({"error": message}), "application/json", headers)
+        try:
+            if request.method == hdrs.METH_GET:
+                status, content_type, body = await self._view(self._get, request.path, request.query_string)
+            elif request.method == hdrs.METH_POST and request.path == SILENCES:
+                status, content_type, body = await self._post_silence(request)
+            elif request.method == hdrs.METH_DELETE and request.path.startswith(SILENCES + "/"):
+                status, content_type, body = await self._view(self._delete_silence, request.path, "")
             else:
-                self._json(404, {"error": f"no such path: {url.path}"})
-        except Exception:  # a bug in a view must not kill the server thread; report 500
-            log.exception("error serving %s", self.path)
-            self._json(500, {"error": "internal error"})
+                status, content_type, body = _json(405, {"error": "method not allowed"})
+        except Exception:  # a bug in a view must not kill the connection silently; report 500
+            log.exception("error serving %s %s", request.method, request.path)
+            status, content_type, body = _json(500, {"error": "internal error"})
+        return await self._send(request, status, body, content_type, {})
 
-    def do_POST(self) -> None:
-        if not self._allowed():
-            return
-        if urlsplit(self.path).path != SILENCES:
-            self._not_allowed()
-            return
+    async def _view(self, view: Callable[[str, str], tuple[int, str, bytes]], path: str, query: str) -> Any:
+        return await self._loop.run_in_executor(self._pool, view, path, query)
+
+    async def _send(
+        self, request: web.BaseRequest, status: int, body: bytes, content_type: str, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.headers[hdrs.CONTENT_TYPE] = content_type  # as given: the exposition's `version=` must stay
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers[hdrs.SERVER] = "gradwatch"
+        if content_type.startswith("text/html"):
+            response.headers["Content-Security-Policy"] = CSP
+        if request.path == "/metrics" and "gzip" in request.headers.get(hdrs.ACCEPT_ENCODING, ""):
+            response.enable_compression(web.ContentCoding.gzip)
+        else:
+            response.content_length = len(body)
+        await response.prepare(request)
+        view = memoryview(body)
         try:
-            body = self._read_json()
+            for start in range(0, len(body), WRITE_CHUNK_BYTES):
+                # Waits while the socket is full; a reader that takes no chunk within the timeout is dropped.
+                async with asyncio.timeout(self._request_timeout_s):
+                    await response.write(view[start : start + WRITE_CHUNK_BYTES])
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+        await response.write_eof()
+        return response
+
+    # ------------------------------------------------------------------ routes (on the view threads)
+
+    def _get(self, path: str, query_string: str) -> tuple[int, str, bytes]:
+        query = parse_qs(query_string)
+        for route in self._routes:
+            routed = route(path, query)
+            if routed is not None:
+                return routed
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == "/api/v1/runs":
+            return _json(200, {"runs": self._runs()})
+        if path == "/api/v1/alerts":
+            state = _one(query, "state")
+            if state is not None and state not in ("firing", "resolved"):
+                return _json(400, {"error": f"state must be 'firing' or 'resolved', got {state!r}"})
+            return _json(200, {"alerts": self._alerts(_one(query, "run"), state)})
+        if path == "/api/v1/notifications":
+            return _json(200, {"notifications": self._notifications()})
+        if path == SILENCES:
+            return _json(200, {"silences": self._silences.view()})
+        return _json(404, {"error": f"no such path: {path}"})
+
+    async def _post_silence(self, request: web.BaseRequest) -> tuple[int, str, bytes]:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return _json(413, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes of JSON"})
+        try:
+            async with asyncio.timeout(self._request_timeout_s):
+                raw = bytearray()
+                while len(raw) <= MAX_BODY_BYTES:
+                    chunk = await request.content.read(MAX_BODY_BYTES + 1 - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
+        except TimeoutError:
+            return _json(408, {"error": f"the body did not arrive within {self._request_timeout_s:g} s"})
+        if not 0 < len(raw) <= MAX_BODY_BYTES:
+            return _json(400, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes of JSON"})
+        return await self._loop.run_in_executor(self._pool, self._add_silence, bytes(raw))
+
+    def _add_silence(self, raw: bytes) -> tuple[int, str, bytes]:
+        try:
+            body = parse_json_body(raw)
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
             unknown = set(body) - {"run", "detector", "duration_s", "comment", "created_by"}
             if unknown:
                 raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-            silence = self.silences.add(
+            silence = self._silences.add(
                 body.get("run"),  # type: ignore[arg-type]  # checked by add()
                 body.get("detector"),
                 body.get("duration_s"),  # type: ignore[arg-type]
@@ -216,56 +320,86 @@ class _Handler(BaseHTTPRequestHandler):
                 body.get("created_by", ""),
             )
         except ValueError as exc:
-            if self.rejections is not None:
-                self.rejections.count(exc.reason if isinstance(exc, BadRequest) else BAD_BODY)
-            self._json(400, {"error": str(exc)})
-            return
-        self._json(201, {"silence": silence})
+            if self._rejections is not None:
+                self._rejections.count(exc.reason if isinstance(exc, BadRequest) else BAD_BODY)
+            return _json(400, {"error": str(exc)})
+        return _json(201, {"silence": silence})
 
-    def do_DELETE(self) -> None:
-        if not self._allowed():
-            return
-        path = urlsplit(self.path).path
-        if not path.startswith(SILENCES + "/"):
-            self._not_allowed()
-            return
-        silence = self.silences.expire(path[len(SILENCES) + 1 :])
+    def _delete_silence(self, path: str, _: str) -> tuple[int, str, bytes]:
+        silence = self._silences.expire(path[len(SILENCES) + 1 :])
         if silence is None:
-            self._json(404, {"error": "no such active silence"})
-        else:
-            self._json(200, {"silence": silence})
+            return _json(404, {"error": "no such active silence"})
+        return _json(200, {"silence": silence})
 
-    def do_PUT(self) -> None:
-        self._not_allowed()
 
-    do_PATCH = do_PUT
+class _CountedHandler(RequestHandler):
+    """aiohttp's connection handler, counting open connections and those closed before a complete request."""
 
-    def _not_allowed(self) -> None:
-        self._json(405, {"error": "method not allowed"})
+    def __init__(self, manager: web.Server, stats: HttpStats, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._stats = stats
+        self._counted = False
 
-    def _read_json(self) -> Any:
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise ValueError("bad Content-Length") from None
-        if not 0 < length <= MAX_BODY_BYTES:
-            raise ValueError(f"body must be 1..{MAX_BODY_BYTES} bytes of JSON")
-        return parse_json_body(self.rfile.read(length))
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._stats.open += 1
+        self._counted = True
+        super().connection_made(transport)
 
-    def _json(self, status: int, body: Any) -> None:
-        self._send(status, json.dumps(body, allow_nan=False).encode(), "application/json")
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._stats.open -= 1
+            if self._request_count == 0:
+                self._stats.incomplete += 1  # timed out (or gave up) before sending one whole request
+        super().connection_lost(exc)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
+class _Refuse(asyncio.Protocol):
+    """A connection over max_connections: 503 and close, before reading anything."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        body = b'{"error": "too many connections"}'
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nX-Content-Type-Options: nosniff\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body
+        )  # fmt: skip
+        transport.close()
+
+
+def _json_bytes(body: Any) -> bytes:
+    return json.dumps(body, allow_nan=False).encode()
+
+
+def _json(status: int, body: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", _json_bytes(body)
 
 
 def _one(query: dict[str, list[str]], name: str) -> str | None:
     values = query.get(name)
     return values[-1] if values else None
+
+
+class HttpCollector(Collector):
+    """gradwatch_http_connections_* families: open connections, refused ones, ones closed before a request."""
+
+    def __init__(self, stats: HttpStats) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        yield GaugeMetricFamily("gradwatch_http_connections_open", "Open HTTP connections.", value=stats.open)
+        yield CounterMetricFamily(
+            "gradwatch_http_connections_refused_total",
+            "HTTP connections answered 503 and closed at http.max_connections.",
+            value=stats.refused,
+        )
+        yield CounterMetricFamily(
+            "gradwatch_http_connections_incomplete_total",
+            "HTTP connections closed before one complete request (http.request_timeout_s, or the client left).",
+            value=stats.incomplete,
+        )

@@ -10,14 +10,15 @@ Conventions (see REFERENCE §4): names `gradwatch_<what>_<unit>`, `_total` only 
 counters, labels `run`, `job_name`, `rank`, `layer`, `detector`, `kind`, `reason`,
 `agg` (never `job`/`instance`). Per-run counters exist at 0 from the run's Hello.
 A NaN gauge cannot page, so non-finite values are counted in
-gradwatch_non_finite_events_total and flagged by gradwatch_alert_firing; run-level
-gauges (loss, grad norm) show the latest finite value; per-layer gauges show NaN
+gradwatch_non_finite_events_total and flagged by gradwatch_alert_firing. gradwatch_run_loss
+shows the latest loss as it is, NaN or +-Inf included (a graph then breaks off instead of
+showing a stale healthy value), and gradwatch_run_last_finite_loss_step the step it was last
+finite; the grad-norm gauges show the latest finite value; per-layer gauges show NaN
 only when every reporting rank has NaN for that layer, so the series never vanishes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 
@@ -29,6 +30,7 @@ from gradwatch.server.alerts import AlertBook
 from gradwatch.server.report import NON_FINITE_KINDS
 from gradwatch.server.stats import LATENCY_BUCKETS_S, IngestStats
 from gradwatch.server.store import RunState, RunStore
+from gradwatch.server.views import loss_view
 
 __all__ = ["MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
 
@@ -148,6 +150,7 @@ class _RunFamilies:
     info: GaugeMetricFamily
     step: GaugeMetricFamily
     loss: GaugeMetricFamily
+    finite_loss_step: GaugeMetricFamily
     grad_norm: GaugeMetricFamily
     connected: GaugeMetricFamily
     finished: GaugeMetricFamily
@@ -172,7 +175,16 @@ class _RunFamilies:
                 labels=["run", "job_name", "world_size"],
             ),
             step=gauge("gradwatch_run_step", "Latest step, max over ranks.", labels=["run"]),
-            loss=gauge("gradwatch_run_loss", "Mean of the ranks' latest finite loss.", labels=["run"]),
+            loss=gauge(
+                "gradwatch_run_loss",
+                "Mean of the ranks' latest loss; NaN or +-Inf while a rank's latest loss is not finite.",
+                labels=["run"],
+            ),
+            finite_loss_step=gauge(
+                "gradwatch_run_last_finite_loss_step",
+                "Earliest over ranks of the step of each rank's latest finite loss (stops while the loss is NaN).",
+                labels=["run"],
+            ),
             grad_norm=gauge(
                 "gradwatch_run_grad_norm",
                 "Latest finite gradient norm: of a rank, max or min over ranks; agg=global: the whole model's "
@@ -243,9 +255,13 @@ class _RunFamilies:
         steps = [r.last_step for r in ranks if r.last_step is not None]
         if steps:
             self.step.add_metric([rid], max(steps))
-        losses = [r.last_loss for r in ranks if r.last_loss is not None]
-        if losses:
-            self.loss.add_metric([rid], math.fsum(losses) / len(losses))
+        loss = loss_view(ranks)
+        if loss["loss_non_finite"] is not None:
+            self.loss.add_metric([rid], float(loss["loss_non_finite"].replace("NaN", "nan")))
+        elif loss["loss"] is not None:
+            self.loss.add_metric([rid], loss["loss"])
+        if loss["last_finite_loss_step"] is not None:
+            self.finite_loss_step.add_metric([rid], loss["last_finite_loss_step"])
         norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
         if norms:
             self.grad_norm.add_metric([rid, "max"], max(norms))

@@ -175,7 +175,7 @@ class Notifier:
 
     def _notification(self, t: _Tracked, alert: dict[str, Any], status: str, ends_at: float) -> Notification:
         return Notification(
-            fingerprint=alert["id"],
+            fingerprint=alert["fingerprint"],
             status=status,
             labels=t.labels,
             annotations=self._renderer.annotations(alert),

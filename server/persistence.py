@@ -6,7 +6,8 @@
 * `restore()`: at start-up, before the server listens: incidents left `recording` become `interrupted`
   (they keep the window before their alert); the most recently seen runs (up to
   limits.max_runs) re-enter the store without ranks (their agents reconnect and resume), and the
-  alerts that were firing re-open in the AlertBook with their original start time and provenance.
+  alerts that were firing re-open in the AlertBook with their original start time and provenance;
+  resolved ones return to its history (so the API lists the same alerts as before the restart).
   A restored alert resolves like any other when its run finishes or expires, or when its detector
   fires and then clears again; detector history itself is not persisted.
 * Write failures (a full disk) are counted in `Database.write_errors` and logged once; ingestion goes on.
@@ -20,9 +21,12 @@ from typing import Any
 from gradwatch.server.alerts import AlertBook
 from gradwatch.server.database import Database
 from gradwatch.server.store import RunState, RunStore
-from gradwatch.server.views import finite_or_none
+from gradwatch.server.views import run_view
 
-__all__ = ["StateKeeper"]
+__all__ = ["SAVED_RANKS", "StateKeeper"]
+
+#: Ranks whose views a run's saved summary holds (a restored run of more ranks lists only these).
+SAVED_RANKS = 64
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class StateKeeper:
             self._store.restore(row)
             self._saved[row["run_id"]] = ()
         self._db.interrupt_recording()
+        self._alerts.restore_history(self._db.alerts("resolved"))
         alerts = self._db.alerts("firing")
         restored = self._alerts.restore(alerts)
         return len(runs), restored
@@ -85,21 +90,16 @@ class StateKeeper:
 
 def _progress(run: RunState) -> tuple[Any, ...]:
     steps = tuple(sorted((r, s.last_step) for r, s in run.ranks.items()))
-    return (run.last_seen, run.finished_at, run.world_size, steps)
+    triggers = sum(run.detector_triggers.values())  # a tick's finding (stalled) moves no step
+    return (run.last_seen, run.finished_at, run.world_size, steps, triggers, len(run.events))
 
 
 def _record(run: RunState) -> dict[str, Any]:
-    """A run row; call with the store lock held."""
-    ranks = [run.ranks[r] for r in sorted(run.ranks)]
-    steps = [r.last_step for r in ranks if r.last_step is not None]
-    losses = [r.last_loss for r in ranks if r.last_loss is not None]
-    summary: dict[str, Any] = dict(run.restored_summary or {})
-    if ranks:
-        summary = {
-            "step": max(steps) if steps else summary.get("step"),
-            "loss": finite_or_none(sum(losses) / len(losses)) if losses else summary.get("loss"),
-            "ranks": [{"rank": r.rank, "host": r.host, "pid": r.pid, "step": r.last_step} for r in ranks[:64]],
-        }
+    """A run row; call with the store lock held. Its summary holds the run's API view (without the live
+    `firing` list), so a restored run answers as it did before the restart (views.run_view)."""
+    view = run_view(run, [], max_ranks=SAVED_RANKS)
+    del view["firing"], view["restored"]
+    summary: dict[str, Any] = {"step": view["step"], "loss": view["loss"], "view": view}
     if run.detector_settings is not None:
         summary["detector_settings"] = run.detector_settings  # fixed by the first Hello (server/limits.py)
     return {

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from gradwatch.server.limits import BAD_QUERY
-from gradwatch.server.views import finite_or_none, rank_view
+from gradwatch.server.views import finite_or_none, rank_views, restored_ranks
 
 if TYPE_CHECKING:
     from gradwatch.server.app import ServerApp
@@ -123,10 +123,14 @@ class QueryApi:
             if run is None:
                 return _json(404, {"error": f"no such run: {run_id!r}"})
             numbers = [r for r in sorted(run.ranks) if not wanted or r in wanted]
+            saved = restored_ranks(run)
+            if what == "ranks" and saved is not None:  # as saved before a restart, until an agent is back
+                listed = [r for r in saved if not wanted or r["rank"] in wanted]
+                return _json(200, {"run": run_id, **_page("ranks", listed, query, RANKS_DEFAULT)})
             page = _page("ranks", numbers, query, RANKS_DEFAULT if what == "ranks" else SERIES_RANKS_DEFAULT)
             ranks = [run.ranks[r] for r in page.pop("ranks")]
             if what == "ranks":
-                return _json(200, {"run": run_id, "ranks": [rank_view(r) for r in ranks], **page})
+                return _json(200, {"run": run_id, "ranks": rank_views(run, ranks), **page})
             series = [(r.rank, r.ring.rows()[-last:]) for r in ranks]
             global_norms = list(run.global_grad_norms)[-last:]
         return _json(

@@ -13,6 +13,11 @@ Contract
   them. The bytes kept (`kept_bytes`, exact: every array owns its memory) share
   `max_bytes` over all ranks: each rank keeps at most its share (at least its latest
   full report); the scalar rows are always kept for the whole window.
+  An incident holds the full-statistics reports inside its window and, when fewer
+  than FULL_REPORTS_BEFORE precede the alert there (an overhead budget stretched the
+  cadence), the latest older ones: the FULL_REPORTS_BEFORE newest entries are kept even
+  when they are older than the window, so its per-layer plots always reach back before
+  the alert.
 * `on_alert()` (an AlertBook listener) opens an incident when an alert fires at
   warning or critical severity: the window of up to `max_ranks` ranks (the firing
   rank first) is written at once (status "recording"), so a crash right after the
@@ -67,6 +72,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORDED_SEVERITIES = ("warning", "critical")
+#: Full-statistics reports before the alert an incident holds at least, reaching back beyond the scalar window
+#: (window_reports) when the cadence is sparser than that; only what the column memory budget still holds.
+FULL_REPORTS_BEFORE = 2
 #: LayerStats columns kept in the window (the ones the report plots and the provenance chain use).
 LAYER_COLUMNS = ("grad_norm", "grad_max_abs", "grad_non_finite", "weight_norm", "update_ratio", "grad_log2_histogram")
 #: ActivationStats columns kept in the window.
@@ -225,9 +233,13 @@ class FlightRecorder:
     def _trim(self, run_id: str, rank: int, window: _RankWindow) -> None:
         """Keep what incidents use, within the rank's share of `max_bytes` (see the module docstring)."""
         cfg = self._config
-        oldest = window.count - (cfg.window_reports + cfg.after_reports)  # entries at or before it are unusable
+        oldest = window.count - (cfg.window_reports + cfg.after_reports)  # entries at or before it are outside
         share = cfg.max_bytes // self._ranks_total
-        while window.columns and (window.columns[0][0] <= oldest or (len(window.columns) > 1 and window.bytes > share)):
+        # Entries outside the window still serve as the FULL_REPORTS_BEFORE latest (see _entries).
+        while window.columns and (
+            (window.columns[0][0] <= oldest and len(window.columns) > FULL_REPORTS_BEFORE)
+            or (len(window.columns) > 1 and window.bytes > share)
+        ):
             self._drop(window, window.columns.popleft())
         after = min((r.start[rank] for r in self._recording.values() if r.alert["run"] == run_id and rank in r.start),
                     default=window.count + 1)  # fmt: skip
@@ -381,7 +393,7 @@ class FlightRecorder:
             rows = window.rows.rows()
             rows = rows[(rows["index"] >= lo) & (rows["index"] < hi)]
             # The entries' dicts are copied: the ingest thread strips histograms from them while the writer packs.
-            entries = [(e[0], e[1], dict(e[2]), dict(e[3])) for e in window.columns if lo <= e[0] < hi]
+            entries = [(e[0], e[1], dict(e[2]), dict(e[3])) for e in _entries(window.columns, lo, hi, start)]
             parts.append(_RankPart(rank, rows, entries, start))
             all_rows.append((rank, rows))
             before = int((rows["index"] < start).sum())
@@ -510,6 +522,19 @@ class _RankPart:
     rows: np.ndarray
     entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
     start: int
+
+
+def _entries(
+    columns: Iterable[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]], lo: int, hi: int, start: int
+) -> list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
+    """The full-statistics entries of an incident: those in the window [lo, hi), and, when fewer than
+    FULL_REPORTS_BEFORE of them precede the alert (the agent's overhead budget stretched its cadence), the latest
+    older ones the recorder still holds: an incident always has per-layer statistics from before its alert."""
+    kept = list(columns)
+    inside = [e for e in kept if lo <= e[0] < hi]
+    missing = FULL_REPORTS_BEFORE - sum(1 for e in inside if e[0] < start)
+    older = [e for e in kept if e[0] < lo][-missing:] if missing > 0 else []
+    return older + inside
 
 
 def _pack(parts: list[_RankPart], histogram_reports: int) -> bytes:

@@ -8,7 +8,8 @@ Contract
 * `annotations(alert)`: summary (one line), description (step, value, layer, ranks and
   provenance: where the fault was first seen), runbook_url, and the raw fields step,
   last_step, ranks, layer, value as strings for templates.
-* `generator_url(alert)`: the server's alert list for the run: the link back.
+* `generator_url(alert)`: the link back: the alert's incident page (server/pages.py) for a warning or
+  critical alert (the flight recorder opens one), else the server's overview of the run.
 * `server_url` must be set (by the app, once the HTTP port is known) before rendering.
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 from urllib.parse import quote
 
 from gradwatch.server.detectors import REGISTRY, DetectorSpec, alert_name_for
+from gradwatch.server.pages import incident_path
+from gradwatch.server.recorder import RECORDED_SEVERITIES, incident_id
 from gradwatch.server.sinks.base import rfc3339
 
 __all__ = ["AlertRenderer"]
@@ -57,7 +60,10 @@ class AlertRenderer:
         return f"{self._runbook_base}{detector}.md"
 
     def generator_url(self, alert: dict[str, Any]) -> str:
-        return f"{self.server_url}/api/v1/alerts?run={quote(alert['run'], safe='')}"
+        """The alert's incident page when it records one (warning, critical), else the run's overview."""
+        if alert["severity"] in RECORDED_SEVERITIES:
+            return f"{self.server_url}{incident_path(incident_id(alert))}"
+        return f"{self.server_url}/?run={quote(alert['run'], safe='')}"
 
     def annotations(self, alert: dict[str, Any]) -> dict[str, str]:
         spec = self._specs.get(alert["detector"])

@@ -40,7 +40,7 @@ from gradwatch.server.ring import RecordRing
 from gradwatch.server.validate import rank_limit_reached, run_limit_reached
 from gradwatch.v1 import gradwatch_pb2 as pb
 
-__all__ = ["RING_DTYPE", "RankState", "RunState", "RunStore", "SchemaEntry"]
+__all__ = ["RING_DTYPE", "RankState", "RunState", "RunStore", "SchemaEntry", "non_finite_text"]
 
 #: One row per report in each rank's ring. loss is NaN when no loss was passed.
 RING_DTYPE = np.dtype(
@@ -65,6 +65,11 @@ GLOBAL_PENDING_STEPS = 256  # steps waiting for the other ranks' gradient shares
 GLOBAL_HISTORY = 1024  # (step, global gradient norm) kept per run
 IDENTITY_CHARS = 256  # host, versions, device kind from a Hello: shown in the API, never labels; truncated
 _NO_COLUMNS: Mapping[str, np.ndarray] = {}
+
+
+def non_finite_text(value: float) -> str:
+    """How a non-finite float is written in views, logs and the CLI: "NaN", "+Inf" or "-Inf"."""
+    return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,9 @@ class RankState:
     last_step: int | None = None
     last_report_at: float | None = None
     last_loss: float | None = None  # latest finite loss
+    last_finite_loss_step: int | None = None  # the step of last_loss
+    #: "NaN", "+Inf" or "-Inf" while the latest reported loss is not finite, else None.
+    loss_non_finite: str | None = None
     last_grad_norm: float | None = None  # latest finite gradient norm
     last_step_duration: float | None = None  # seconds the latest reported step took (finite, ≥ 0)
     columns: Mapping[str, np.ndarray] = field(default_factory=lambda: _NO_COLUMNS)
@@ -161,7 +169,10 @@ class RunState:
 
     @property
     def finished(self) -> bool:
-        """Every rank 0..world_size-1 has said Goodbye on its latest session."""
+        """Every rank 0..world_size-1 has said Goodbye on its latest session. A run restored from the database
+        without ranks (no agent back since the restart) is finished when it was finished before."""
+        if self.restored_summary is not None:
+            return self.finished_at is not None
         return all(r in self.ranks and self.ranks[r].said_goodbye for r in range(self.world_size))
 
     @property
@@ -343,7 +354,9 @@ class RunStore:
             run.table.report(report.rank, report.step, report.step_duration_s, report.pre_forward_s,
                              report.received_at)  # fmt: skip
             if report.loss is not None and math.isfinite(report.loss):
-                state.last_loss = report.loss
+                state.last_loss, state.last_finite_loss_step, state.loss_non_finite = report.loss, report.step, None
+            elif report.loss is not None:
+                state.loss_non_finite = non_finite_text(report.loss)
             if math.isfinite(report.grad_norm):
                 state.last_grad_norm = report.grad_norm
             if math.isfinite(report.step_duration_s) and report.step_duration_s >= 0:

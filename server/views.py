@@ -12,7 +12,7 @@ from typing import Any
 
 from gradwatch.server.store import RankState, RunState
 
-__all__ = ["EVENTS_IN_VIEW", "finite_or_none", "rank_view", "run_view"]
+__all__ = ["EVENTS_IN_VIEW", "finite_or_none", "loss_view", "rank_view", "rank_views", "restored_ranks", "run_view"]
 
 #: Most recent agent events included per run.
 EVENTS_IN_VIEW = 10
@@ -24,19 +24,23 @@ def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
+def run_view(run: RunState, firing: list[str], *, max_ranks: int = RANKS_IN_VIEW) -> dict[str, Any]:
     """One run as a dict, from a reader copy (RunStore.snapshot) or under the store lock. `firing`: its firing
-    detectors. O(ranks): the rank table's per-rank medians are taken once for all ranks."""
+    detectors; `max_ranks`: list only the lowest ranks (the run-level values still cover all of them, and
+    /api/v1/runs/<run>/ranks pages through every one). O(ranks): the rank table's per-rank medians are taken
+    once for all ranks."""
+    saved = run.restored_summary  # restored from the database, no agent back yet
+    if saved and "view" in saved:
+        view = _restored_view(run, saved["view"], firing)
+        return {**view, "ranks": view["ranks"][:max_ranks]}
     ranks = [run.ranks[r] for r in sorted(run.ranks)]
-    losses = [r.last_loss for r in ranks if r.last_loss is not None]
+    loss = loss_view(ranks)
     norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
     steps = [r.last_step for r in ranks if r.last_step is not None]
     events = list(run.events)[-EVENTS_IN_VIEW:]
-    saved = run.restored_summary  # restored from the database, no agent back yet
-    timing = _rank_timing(run)
-    if saved:
+    if saved:  # saved by an older version: step and loss only
         steps = [saved["step"]] if saved.get("step") is not None else []
-        losses = [saved["loss"]] if saved.get("loss") is not None else []
+        loss = {k: saved.get(k) for k in loss} | {"loss": saved.get("loss")}
     return {
         "run": run.run_id,
         "job_name": run.job_name,
@@ -47,7 +51,7 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
         "last_seen": run.last_seen,
         "protocol_version": run.protocol_version,
         "step": max(steps) if steps else None,
-        "loss": math.fsum(losses) / len(losses) if losses else None,
+        **loss,
         "grad_norm_max": max(norms) if norms else None,
         "grad_norm_min": min(norms) if norms else None,
         "grad_norm_global": finite_or_none(run.global_grad_norm),
@@ -60,12 +64,55 @@ def run_view(run: RunState, firing: list[str]) -> dict[str, Any]:
         "non_finite_events": dict(run.non_finite_counts),
         "detector_triggers": dict(run.detector_triggers),
         "firing": sorted(firing),
-        # Bounded: a 16,384-rank run's list is paginated at /api/v1/runs/<run>/ranks instead.
-        "ranks": [rank_view(r) | timing(r.rank) for r in ranks[:RANKS_IN_VIEW]],
+        "ranks": rank_views(run, ranks[:max_ranks]),
         "ranks_total": len(ranks),
         "restored": run.restored_summary is not None,
         "recent_events": [{**e, "wall_time": finite_or_none(e["wall_time"])} for e in events],
     }
+
+
+def _restored_view(run: RunState, view: dict[str, Any], firing: list[str]) -> dict[str, Any]:
+    """The view saved before a restart (gradwatch.server.persistence) with what is live now: state, firing,
+    and ranks that are no longer connected (no agent has come back yet)."""
+    return {
+        **view,
+        "state": "finished" if run.finished else "active",
+        "finished_at": run.finished_at,
+        "last_seen": run.last_seen,
+        "firing": sorted(firing),
+        "ranks": [{**r, "connected": False} for r in view.get("ranks", [])],
+        "restored": True,
+    }
+
+
+def restored_ranks(run: RunState) -> list[dict[str, Any]] | None:
+    """The rank views saved before a restart while no agent of the run is back, else None."""
+    saved = run.restored_summary
+    if not saved or "view" not in saved:
+        return None
+    return [{**r, "connected": False} for r in saved["view"].get("ranks", [])]
+
+
+def loss_view(ranks: list[RankState]) -> dict[str, Any]:
+    """The loss as views show it: `loss` is the mean of the ranks' latest losses, None while any rank's latest
+    loss is not finite; `loss_non_finite` then says how ("NaN", "+Inf", "-Inf"); `last_finite_loss` and
+    `last_finite_loss_step` are the mean of the ranks' latest finite losses and the earliest of their steps."""
+    finite = [r for r in ranks if r.last_loss is not None]
+    bad = next((r.loss_non_finite for r in ranks if r.loss_non_finite is not None), None)
+    last = math.fsum(r.last_loss for r in finite if r.last_loss is not None) / len(finite) if finite else None
+    steps = [r.last_finite_loss_step for r in finite if r.last_finite_loss_step is not None]
+    return {
+        "loss": last if bad is None else None,
+        "loss_non_finite": bad,
+        "last_finite_loss": last,
+        "last_finite_loss_step": min(steps) if steps else None,
+    }
+
+
+def rank_views(run: RunState, ranks: list[RankState]) -> list[dict[str, Any]]:
+    """Views of `ranks` of `run` with what the cross-rank detectors see of each (replica group, pace)."""
+    timing = _rank_timing(run)
+    return [rank_view(r) | timing(r.rank) for r in ranks]
 
 
 def rank_view(rank: RankState) -> dict[str, Any]:
@@ -85,7 +132,10 @@ def rank_view(rank: RankState) -> dict[str, Any]:
         "step": rank.last_step,
         "last_report_at": rank.last_report_at,
         "last_heartbeat_at": rank.last_heartbeat_at,
-        "loss": rank.last_loss,
+        "loss": rank.last_loss if rank.loss_non_finite is None else None,
+        "loss_non_finite": rank.loss_non_finite,
+        "last_finite_loss": rank.last_loss,
+        "last_finite_loss_step": rank.last_finite_loss_step,
         "grad_norm": rank.last_grad_norm,
         "step_duration": rank.last_step_duration,
         "reports": rank.ring.count,

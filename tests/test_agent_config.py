@@ -230,3 +230,17 @@ def test_detector_settings_of_the_wrong_shape_fail_at_attach(value: Any, message
         resolve_config({"detectors": value}, env={})
     with pytest.raises(ValueError, match="GRADWATCH_DETECTORS is not valid JSON"):
         resolve_config({}, env={"GRADWATCH_DETECTORS": "{oops"})
+
+
+def test_attach_option_error_lists_every_keyword_attach_accepts() -> None:
+    import inspect
+
+    from gradwatch.agent.config import OPTION_NAMES
+
+    keywords = {
+        name for name, p in inspect.signature(attach).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    with pytest.raises(ValueError, match="unknown option") as raised:
+        attach(make_mlp(), None, bogus=1)
+    listed = set(str(raised.value).split("accepted options: ", 1)[1].split(", "))
+    assert listed == set(OPTION_NAMES) | keywords, listed ^ (set(OPTION_NAMES) | keywords)

@@ -218,15 +218,28 @@ def test_budget_controller_takes_a_pause_for_a_pause_not_for_slower_steps() -> N
 
     budget = BudgetController(0.01, base_interval=10)
     for report in range(1, 2 * WARMUP_REPORTS):
-        budget.observe(report % budget.interval == 0, 200e-6, 10e-3)  # 2 % every step: over budget
-    assert budget.interval == MAX_INTERVAL
+        budget.observe(report % budget.interval == 0, 200e-6, 1e-3)  # 20 % every step: over budget
+    assert budget.interval == MAX_INTERVAL  # 1 ms steps: the FLOOR_S floor (10,000 steps) is no lower
     assert budget.observe(False, 200e-6, 3.0) is None  # a 3 s checkpoint pause
     for _ in range(20):
-        budget.observe(False, 200e-6, 10e-3)
+        budget.observe(False, 200e-6, 1e-3)
         assert budget.interval == MAX_INTERVAL  # the pause did not make room for full statistics
     for _ in range(PAUSES_BEFORE_NEW_NORMAL + 30):
-        budget.observe(False, 200e-6, 1.0)  # steps really got 100x slower: the agent's 0.02 % now fits
+        budget.observe(False, 200e-6, 0.1)  # steps really got 100x slower: the agent's 0.2 % now fits
     assert budget.interval < MAX_INTERVAL and not budget.over_budget
+
+
+def test_budget_controller_keeps_full_statistics_at_least_every_floor_seconds() -> None:
+    from gradwatch.agent.budget import FLOOR_S, MAX_INTERVAL, WARMUP_REPORTS, BudgetController
+
+    for step_s in (1e-3, 5e-3, 20e-3, 0.1, 2.0):
+        budget = BudgetController(0.01, base_interval=10)
+        for report in range(1, 3 * WARMUP_REPORTS):
+            full = report % budget.interval == 0
+            budget.observe(full, 10 * step_s if full else step_s, step_s)  # every step alone is 100x the budget
+        assert budget.over_budget
+        # Never more than FLOOR_S of training between full statistics, never below the configured interval.
+        assert budget.interval == max(10, min(MAX_INTERVAL, int(FLOOR_S / step_s))), step_s
 
 
 def test_budget_controller_does_not_take_full_statistics_steps_for_pauses() -> None:
@@ -260,13 +273,15 @@ def test_agent_over_budget_lowers_its_cadence_and_says_so_in_reports(server: Scr
     reports = server.servicer.reports()
     # The first report has no duration to measure; the controller decides at its WARMUP_REPORTS-th observation
     # (later by as many steps as the machine paused for: those are not step times, see budget.PAUSE_FACTOR).
+    # The interval goes to MAX_INTERVAL, or to the time floor (FLOOR_S of steps) when steps are slow.
     intervals = [r.full_stats_interval for r in reports]
-    switch = intervals.index(MAX_INTERVAL)
+    switch = next(i for i, n in enumerate(intervals) if n != 5)
     assert switch >= WARMUP_REPORTS + 1 and len(reports) - switch >= 10
     before, after = reports[:switch], reports[switch:]
     assert {r.full_stats_interval for r in before} == {5} and not any(r.over_budget for r in before)
-    assert {r.full_stats_interval for r in after} == {MAX_INTERVAL} and all(r.over_budget for r in after)
-    assert not any(r.HasField("layers") for r in after)  # full statistics wait; every-step signals do not
+    assert all(5 < r.full_stats_interval <= MAX_INTERVAL and r.over_budget for r in after)
+    # Full statistics wait for the stretched cadence; every-step signals do not.
+    assert all(r.step % r.full_stats_interval == 0 for r in after if r.HasField("layers"))
     assert all(r.grad_sum_squares > 0 for r in after)
 
 

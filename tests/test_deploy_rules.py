@@ -84,7 +84,12 @@ def test_deploy_rules_follow_alerting_conventions() -> None:
     for rule in _prometheus_alerts():
         assert re.fullmatch(r"Gradwatch(?:[A-Z][a-z0-9]+)+", rule["alert"]), rule["alert"]
         assert rule["labels"]["severity"] in SEVERITIES
-        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}
+        # A detector's alert also links to the run's latest incident of that detector on the server.
+        incident = {"incident_url"} if "detector" in rule["labels"] else set()
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url", *incident}
+        if incident:
+            link = "/incidents/latest?run={{ $labels.run | urlquery }}&detector=" + rule["labels"]["detector"]
+            assert rule["annotations"]["incident_url"].endswith(link)
         runbook = rule["annotations"]["runbook_url"].rsplit("/", 1)[1]
         assert (ROOT / "docs" / "runbooks" / runbook).is_file(), f"{rule['alert']}: no docs/runbooks/{runbook}"
         assert "job=" not in rule["expr"] and "instance=" not in rule["expr"]

@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,7 +189,14 @@ def test_cli_serve_pushes_to_every_alertmanager_url() -> None:
                 got = receiver.wait_alert(lambda d, a: a["labels"]["run"] == "cli", WAIT_S)
                 assert got is not None and got[0].path == "/api/v2/alerts"
                 assert "status" not in got[1] and got[1]["labels"]["alertname"] == "GradwatchNonFinite"
-                assert f":{http_port}/api/v1/alerts?run=cli" in got[1]["generatorURL"]
+                # One click from the page: the link is the incident's HTML report on this server.
+                link = urllib.parse.urlsplit(got[1]["generatorURL"])
+                assert link.port == http_port and link.path.startswith("/incidents/"), link
+                page = f"http://127.0.0.1:{http_port}{link.path}"
+                deadline = time.monotonic() + WAIT_S
+                while (answer := http_get(page))[0] == 404 and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the recorder's writer thread stores the incident just after the alert
+                assert answer[0] == 200 and answer[1].startswith("text/html") and b"non_finite" in answer[2]
             assert http_get(f"http://127.0.0.1:{http_port}/healthz")[0] == 200
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ import pytest
 from gradwatch.server.alerts import AlertBook
 from gradwatch.server.detectors import Fire, inhibitions, spec_by_name
 from gradwatch.server.notify import Notifier
+from gradwatch.server.recorder import incident_id
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import InMemorySink, Notification, SinkWorker, WebhookSink
@@ -80,8 +81,9 @@ def test_notifier_fire_sends_one_page_with_identity_labels_and_context(h: Harnes
     assert n.annotations["runbook_url"] == "https://rb/non_finite.md"
     assert n.annotations["step"] == "37" and n.annotations["layer"] == "fc1"
     assert "step 37" in n.annotations["description"]
-    assert "http://gw:9400/api/v1/alerts?run=r" in n.annotations["description"]
-    assert n.generator_url == "http://gw:9400/api/v1/alerts?run=r"
+    # The link back is the alert's incident page (a critical alert records one).
+    page = f"http://gw:9400/incidents/{incident_id(h.book.list()[0])}"
+    assert n.generator_url == page and page in n.annotations["description"]
 
 
 def test_notifier_resends_firing_alerts_with_fixed_starts_at(h: Harness) -> None:

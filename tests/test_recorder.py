@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -235,7 +236,10 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_resume(tmp_path: pathlib.Path) -> None:
+def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_resume(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gradwatch.agent")
     grpc_port, http_port = free_port(), free_port()
     url = f"http://127.0.0.1:{http_port}"
     log = tmp_path / "serve.log"
@@ -283,6 +287,9 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             assert resumed[0]["reports"] == 20  # 61..80: queued during the outage, then live
             live = get_json(f"{url}/api/v1/runs/phoenix-rec")["run"]
             assert not live["restored"] and live["step"] == 80 and live["first_seen"] == run["first_seen"]
+        # The agent said once that the server went away, and once that it was back.
+        agent = [r.getMessage() for r in caplog.records if r.name == "gradwatch.agent" and r.levelno >= 20]
+        assert sum("unavailable" in m for m in agent) == 1 and sum("reachable again" in m for m in agent) == 1, agent
     finally:
         monitor.close(timeout=1)
 
@@ -307,3 +314,36 @@ def test_recorder_memory_budget_shrinks_each_ranks_column_window_as_ranks_join()
     assert kept == [budget // (8 * entry)] * 8 == [32] * 8
     assert sum(kept) * entry == app.recorder.kept_bytes() <= budget
     assert all(len(w.rows) == 80 for w in windows.values())  # scalar rows: the whole window, always
+
+
+def test_recorder_incident_under_a_tight_budget_holds_full_statistics_from_before_its_alert(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A budget the every-step signals alone exceed (as the default 1 % on many CPU runs) stretches the
+    full-statistics cadence far beyond the 64-report window: the incident still has per-layer columns from before
+    the alert."""
+    # Without the agent's time floor (10 s of steps: on a loaded machine that can be fewer than 64), so that the
+    # cadence surely outgrows the window and what is tested is the recorder's reach back alone.
+    monkeypatch.setattr("gradwatch.agent.budget.FLOOR_S", 1e9)
+    app = ServerApp(ServerConfig.local()).start()
+    try:
+        training = DemoTraining(seed=3)
+        with gradwatch.attach(
+            training.model, training.optimizer, run="rec-budget", server=app.grpc_target, overhead_budget=1e-6
+        ) as m:
+            train(m, training, range(1, 321), {300: "nan"})
+            assert m.close(timeout=10)
+        (summary,) = wait_until("a complete incident", lambda: complete(app.http_url, detector="non_finite"))
+        interval = get_json(f"{app.http_url}/api/v1/runs/rec-budget/ranks")["ranks"][0]["full_stats_interval_in_force"]
+        assert interval > 64, "the budget did not stretch the cadence past the window: nothing is tested"
+        arrays = window(app.http_url, summary["id"])
+        assert arrays["r0_rows"]["step"].min() > 200  # the scalar window: the last 64 reports before the alert
+        steps = arrays["r0_steps"]
+        before = steps < 300
+        # With a cadence over 64 steps the window holds at most one; the recorder reaches back for a second.
+        assert before.sum() >= 2 and steps[before].min() < arrays["r0_rows"]["step"].min()
+        assert np.isfinite(arrays["r0_g_grad_norm"][before]).all()
+        report = get_json(f"{app.http_url}/api/v1/incidents/{summary['id']}")["incident"]
+        assert report["status"] == "complete"
+    finally:
+        app.stop()

@@ -26,7 +26,22 @@ def test_alert_book_same_run_and_detector_is_one_alert_across_ranks() -> None:
     [alert] = book.list()
     assert alert["ranks"] == [1, 3] and alert["step"] == 10 and alert["last_step"] == 13
     assert alert["layer"] == "fc1" and alert["summary"] == "first" and alert["value"] == 4.0
-    assert alert["id"] == alert_id("r", "non_finite")
+    assert alert["fingerprint"] == alert_id("r", "non_finite")
+    assert alert["id"] == alert_id("r", "non_finite", alert["started_at"])
+
+
+def test_alert_book_each_episode_has_its_own_id_and_the_same_fingerprint() -> None:
+    book = make_book()
+    ids = set()
+    for episode in range(3):
+        book.fire("r", NON_FINITE, 0, Fire(step=10 * episode, value=None, summary="nan"))
+        firing = book.firing_alert("r", "non_finite")
+        assert firing is not None
+        ids.add(firing["id"])
+        book.clear("r", "non_finite", 0)
+    rows = book.list()
+    assert len(rows) == 3 and {a["id"] for a in rows} == ids
+    assert {a["fingerprint"] for a in rows} == {alert_id("r", "non_finite")}
 
 
 def test_alert_book_other_detector_or_run_is_another_alert() -> None:

@@ -312,7 +312,11 @@ def test_non_finite_alert_merges_ranks_and_resolves_when_all_clear(app: ServerAp
     assert alert["step"] == 5 and alert["last_step"] == 7
     assert alert["layer"] == "model.layers.1.linear"  # provenance from the first rank to fire
     assert "rank 0 at step 5" in alert["summary"]
-    assert alert["runbook"] == "docs/runbooks/non_finite.md" and alert["resolved_at"] is None
+    # One form of runbook link everywhere: the configured base URL, as notifications and incidents carry it.
+    assert alert["runbook"] == app.renderer.runbook_url("non_finite") == app.config.alerting.runbook_base_url + (
+        "non_finite.md"
+    )
+    assert alert["resolved_at"] is None
     text = scrape(app)
     assert sample(text, "gradwatch_alert_firing", run="merge", detector="non_finite") == 1
     assert sample(text, "gradwatch_detector_triggers_total", run="merge", detector="non_finite") == 2

@@ -13,6 +13,7 @@ from server_support import get_json, hello_frame, http_get, report_frame, run_st
 
 ALERT_KEYS = {
     "id",
+    "fingerprint",
     "run",
     "ranks",
     "detector",
@@ -56,7 +57,10 @@ def test_http_runs_shape(app: ServerApp) -> None:
     runs = {r["run"]: r for r in get_json(app.http_url + "/api/v1/runs")["runs"]}
     run = runs["api"]
     assert run["job_name"] == "job-api" and run["world_size"] == 1 and run["state"] == "active"
-    assert run["step"] == 2 and run["loss"] == 1.25 and run["grad_norm_max"] == 2.0
+    assert run["step"] == 2 and run["grad_norm_max"] == 2.0
+    # Step 2's loss was NaN: the run shows that, and its last finite loss with the step it was reported at.
+    assert run["loss"] is None and run["loss_non_finite"] == "NaN"
+    assert (run["last_finite_loss"], run["last_finite_loss_step"]) == (1.25, 1)
     assert run["non_finite_events"] == {"loss": 1, "gradient": 1, "weight": 0}
     assert run["firing"] == ["non_finite"]
     assert run["layers_exported"] == 3 and run["layers_dropped"] == 0

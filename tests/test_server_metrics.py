@@ -94,11 +94,15 @@ def test_metrics_run_level_aggregates_over_ranks(app: ServerApp) -> None:
     assert metric(text, "gradwatch_rank_last_report_timestamp_seconds", run="agg", rank="1") > 0
 
 
-def test_metrics_nan_loss_is_counted_not_exported_as_gauge(app: ServerApp) -> None:
+def test_metrics_nan_loss_is_exported_as_nan_with_its_last_finite_step(app: ServerApp) -> None:
     run_stream(app.grpc_target, [hello_frame(run="nanloss"), report_frame(1, loss=2.0), report_frame(2, loss=math.nan)])
     text = scrape(app)
-    assert sample(text, "gradwatch_run_loss", run="nanloss") == 2.0  # latest finite
+    loss = sample(text, "gradwatch_run_loss", run="nanloss")
+    assert loss is not None and math.isnan(loss)  # never a stale finite value
+    assert sample(text, "gradwatch_run_last_finite_loss_step", run="nanloss") == 1
     assert sample(text, "gradwatch_non_finite_events_total", run="nanloss", kind="loss") == 1
+    run_stream(app.grpc_target, [hello_frame(run="infloss"), report_frame(1, loss=-math.inf)])
+    assert sample(scrape(app), "gradwatch_run_loss", run="infloss") == -math.inf
 
 
 def test_metrics_layer_series_capped_stable_and_max_over_ranks(app: ServerApp) -> None:

@@ -102,6 +102,9 @@ def test_cli_lists_and_shows_runs_alerts_incidents(exploded: tuple[ServerApp, di
     assert "RANK" in gradwatch_cli("runs", "show", "boom", env=env)
     firing = json.loads(gradwatch_cli("alerts", "--state", "firing", "--json", env=env))
     assert {a["detector"] for a in firing} == {"exploding_gradient", "non_finite"}
+    (only,) = json.loads(gradwatch_cli("alerts", "--detector", "non_finite", "--run", "boom", "--json", env=env))
+    assert only["detector"] == "non_finite"
+    assert json.loads(gradwatch_cli("alerts", "--severity", "info", "--json", env=env)) == []
     shown = gradwatch_cli("alerts", "show", firing[0]["id"][:8], env=env)
     assert f"detector:    {firing[0]['detector']}" in shown
     listed = gradwatch_cli("incidents", "list", env=env)

@@ -5,7 +5,8 @@ documented defaults), the detector class and a `SPEC`, then add the SPEC here.
 Cross-rank detectors (scope "run": non_finite, rank_divergence, replica_mismatch, straggler,
 stalled, collective_hang, throughput_drop) follow the RunDetector contract in base.py. Its
 settings appear under `detectors.<name>` in the server's YAML file, its alerts carry
-`runbook` = docs/runbooks/<name>.md, and /metrics exports it in
+`runbook` = alerting.runbook_base_url + <name>.md (docs/runbooks/<name>.md in the repository; the same link
+in the API, notifications, incidents and the Prometheus and Grafana rules), and /metrics exports it in
 gradwatch_alert_firing and gradwatch_detector_triggers_total for every run.
 """
 

@@ -8,6 +8,7 @@ loads what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--data-dir", default=None, metavar="DIR", help="where runs, alerts and incidents are kept (./gradwatch-data)"
     )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("GRADWATCH_LOG_FORMAT") or "text",
+        help="console lines as text or one JSON object each, for log collectors "
+        "(default: $GRADWATCH_LOG_FORMAT, else text)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        default=os.environ.get("GRADWATCH_LOG_LEVEL") or "INFO",
+        help="least severe level logged (default: $GRADWATCH_LOG_LEVEL, else INFO)",
+    )
 
     demo = sub.add_parser("demo", help="train a small model with an injected fault and print the alerts raised")
     demo.add_argument(
@@ -82,11 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. Output cut short by a closed pipe (`gradwatch runs | head`) ends quietly."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left; point stdout at /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(__version__)
         return 0
     if args.command == "serve":
+        # gRPC's core library logs its own lines (a failed bind, with C++ file names) before the server's
+        # message that names the port; errors reach the operator through the server's log instead.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from gradwatch.server.app import serve
         from gradwatch.server.config import config_from_args
 
@@ -104,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"gradwatch serve: {exc}", file=sys.stderr)
             return 2
-        return serve(config)
+        if args.log_format not in ("text", "json") or args.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            print(f"gradwatch serve: bad log format or level {args.log_format!r}/{args.log_level!r} "
+                  "(GRADWATCH_LOG_FORMAT: text|json; GRADWATCH_LOG_LEVEL: DEBUG|INFO|WARNING|ERROR)", file=sys.stderr)
+            return 2
+        return serve(config, log_format=args.log_format, log_level=args.log_level)
     if args.command == "demo":
         if args.steps is not None and args.fault_step is not None and args.fault_step > args.steps:
             print(f"gradwatch demo: --fault-step {args.fault_step} is beyond --steps {args.steps}", file=sys.stderr)

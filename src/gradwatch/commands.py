@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from gradwatch.client import ApiClient, ApiError, api_token, quote, server_url, terminal_safe
 
-__all__ = ["COMMANDS", "add_parsers", "format_table", "run"]
+__all__ = ["COMMANDS", "add_parsers", "format_table", "loss_text", "run"]
 
 COMMANDS = ("runs", "alerts", "incidents", "report", "top")
 
@@ -48,6 +48,7 @@ def add_parsers(sub: Any) -> None:
     runs.add_argument("--job", default=None, help="only runs of this job name")
     alerts = client("alerts", "list alerts (firing first), or show one")
     alerts.add_argument("--run", default=None)
+    alerts.add_argument("--detector", default=None)
     alerts.add_argument("--state", choices=("firing", "resolved"), default=None)
     alerts.add_argument("--severity", choices=("info", "warning", "critical"), default=None)
     incidents = client("incidents", "list incidents (newest first), or show one")
@@ -106,7 +107,7 @@ def _list_runs(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
             r["state"],
             f"{len(r['ranks'])}/{r['world_size']}",
             _num(r["step"]),
-            _num(r["loss"]),
+            loss_text(r),
             _num(r["grad_norm_max"]),
             ",".join(r["firing"]) or "-",
             _ago(r["last_seen"]),
@@ -118,7 +119,9 @@ def _list_runs(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _list_alerts(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
-    alerts = _fetch(api, "alerts", "alerts", args, run=args.run, state=args.state, severity=args.severity)
+    alerts = _fetch(
+        api, "alerts", "alerts", args, run=args.run, detector=args.detector, state=args.state, severity=args.severity
+    )
     if args.json:
         return _dump(alerts, out)
     rows = [
@@ -189,7 +192,7 @@ def _show_run(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
         ("job", run["job_name"]),
         ("state", run["state"]),
         ("step", _num(run["step"])),
-        ("loss", _num(run["loss"])),
+        ("loss", loss_text(run, long=True)),
         ("grad norm (global)", _num(run["grad_norm_global"])),
         ("firing", ", ".join(run["firing"]) or "-"),
         ("first seen", _time(run["first_seen"])),
@@ -202,7 +205,7 @@ def _show_run(api: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
             r["host"],
             r["pid"],
             _num(r["step"]),
-            _num(r["loss"]),
+            loss_text(r),
             _num(r["grad_norm"]),
             "yes" if r["connected"] else "no",
             r["reports"],
@@ -302,6 +305,19 @@ def _num(value: float | int | None) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.4g}"
+
+
+def loss_text(view: dict[str, Any], *, long: bool = False) -> str:
+    """A run's or rank's loss from its API view: the value, or its non-finite state and when it was last finite
+    ("NaN (finite at step 200)"; long: with the last finite value too)."""
+    state = view.get("loss_non_finite")
+    if state is None:
+        return _num(view.get("loss"))
+    step = view.get("last_finite_loss_step")
+    if step is None:
+        return f"{state} (never finite)"
+    last = f" {_num(view.get('last_finite_loss'))}" if long else ""
+    return f"{state} (last finite{last} at step {step})"
 
 
 def _cut(text: str, width: int) -> str:

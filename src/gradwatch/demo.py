@@ -207,8 +207,20 @@ def _print_summary(
             out.write("a healthy run raised alerts: that is a false page\n")
             return 1
         out.write("healthy run: no alerts, as expected\n")
+        out.write(NEXT_STEPS)
         return 0
     if not any(s.alert["detector"] == expected for s in fired):
         out.write(f"the injected fault was not detected: no {expected} alert\n")
         return 1
+    out.write(NEXT_STEPS)
     return 0
+
+
+#: What the demo ends with: how to go from here to a real run.
+NEXT_STEPS = """
+next:
+  gradwatch demo --list                 every fault scenario and the detector it must raise
+  gradwatch serve                       a standing server: gRPC on 50051, HTTP on 9400 (overview at /)
+  gradwatch.attach(model, optimizer, run="my-run", server="localhost:50051")   in your training loop
+  gradwatch runs | alerts | incidents | top | report ID     what the server saw (README: Quick start)
+"""

@@ -20,7 +20,7 @@ from gradwatch.client import ApiClient, ApiError, quote
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["PAGE_CSS", "render_report", "write_report"]
 
 #: Layers shown in the heatmap at most (the alert's layer and the largest gradient changes first).
 HEATMAP_ROWS = 48
@@ -28,7 +28,7 @@ HEATMAP_ROWS = 48
 ACTIVATION_MODULES = 4
 ACTIVATION_STATS = ("mean", "std", "dead_fraction", "saturated_fraction", "zero_fraction")
 
-_CSS = """
+PAGE_CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d1f23}
 main{max-width:1300px;margin:0 auto;padding:20px 28px}
 h1{font-size:22px;margin:4px 0 6px}h2{font-size:16px;margin:0 0 10px}
@@ -55,8 +55,9 @@ def write_report(api: ApiClient, incident_id: str, output: str | None) -> Path:
     return path
 
 
-def render_report(incident: dict[str, Any], window: bytes) -> str:
-    """The HTML page for an incident body and its window archive (.npz bytes)."""
+def render_report(incident: dict[str, Any], window: bytes, *, home: str | None = None) -> str:
+    """The HTML page for an incident body and its window archive (.npz bytes). `home`: a link back to the
+    server's overview (the page as the server serves it; a written report has none)."""
     try:
         import numpy as np
     except ImportError:
@@ -70,11 +71,12 @@ def render_report(incident: dict[str, Any], window: bytes) -> str:
     step = incident["step"]
     meta = {r["rank"]: r for r in incident["ranks"]}
     e = html.escape
+    back = f'<a href="{e(home)}">overview</a> · ' if home else ""
     parts = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>gradwatch incident {e(incident['id'])}: {e(incident['detector'])} on {e(incident['run'])}</title>",
-        f"<style>{_CSS}</style></head><body><main>",
-        f'<div class="muted">gradwatch incident <code>{e(incident["id"])}</code> · {e(incident["status"])} · '
+        f"<style>{PAGE_CSS}</style></head><body><main>",
+        f'<div class="muted">{back}gradwatch incident <code>{e(incident["id"])}</code> · {e(incident["status"])} · '
         f"opened {_time(incident['opened_at'])}</div>",
         f'<h1><span class="badge {e(incident["severity"])}">{e(incident["severity"])}</span> '
         f"{e(incident['detector'])} on run <code>{e(incident['run'])}</code> at step {step}</h1>",

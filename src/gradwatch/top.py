@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from gradwatch.client import ApiClient, ApiError, terminal_safe
+from gradwatch.commands import loss_text
 
 __all__ = ["Column", "render_frame", "run_top"]
 
@@ -40,7 +41,7 @@ class Column:
 RANK_COLUMNS = (
     Column("RANK", 6, 0, "rank"),
     Column("STEP", 9, 0, "step"),
-    Column("LOSS", 10, 1, "loss"),
+    Column("LOSS", 10, 1, "loss"),  # widened to fit a non-finite loss's state when there is one
     Column("GRAD_NORM", 10, 1, "grad_norm"),
     Column("STEP_TIME", 10, 2, "step_duration"),
     Column("CONN", 5, 3, "connected"),
@@ -63,9 +64,18 @@ def _cell(rank: dict[str, Any], key: str, now: float) -> str:
     value = rank.get(key)
     if key == "step_duration" and value is not None:
         return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+    if key == "loss":
+        return loss_text(rank)
     if key == "last_report_at":
         return "-" if value is None else f"{max(0.0, now - value):.0f}s ago"
     return _num(value) if key != "host" else str(value or "-")
+
+
+def _loss_width(columns: Sequence[Column], runs: list[dict[str, Any]]) -> list[Column]:
+    """The LOSS column as wide as the longest non-finite state of any rank shown, so it is never clipped."""
+    texts = [loss_text(rank) for run in runs for rank in run["ranks"] if rank.get("loss_non_finite")]
+    width = max((len(t) + 1 for t in texts), default=0)
+    return [Column(c.title, max(c.width, width), c.priority, c.key) if c.key == "loss" else c for c in columns]
 
 
 def fit_columns(columns: Sequence[Column], width: int) -> list[Column]:
@@ -107,13 +117,13 @@ def render_frame(
         lines.append(paint(f"server unreachable: {error} (retrying{since})", RED))
     else:
         lines.append("")
-    columns = fit_columns(RANK_COLUMNS, width - 2)
+    columns = fit_columns(_loss_width(RANK_COLUMNS, runs), width - 2)
     order = sorted(runs, key=lambda r: (not r["firing"], -(r["last_seen"] or 0)))
     body: list[str] = []
     for run in order:
         head = (
             f"{run['run']}  job {run['job_name'] or '-'}  {run['state']}  step {_num(run['step'])}  "
-            f"loss {_num(run['loss'])}  |g| {_num(run['grad_norm_global'] or run['grad_norm_max'])}  "
+            f"loss {loss_text(run, long=True)}  |g| {_num(run['grad_norm_global'] or run['grad_norm_max'])}  "
             f"ranks {run.get('ranks_total', len(run['ranks']))}/{run['world_size']}"
         )
         body.append(paint(head, BOLD))

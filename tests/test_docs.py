@@ -1,0 +1,96 @@
+"""The documentation people follow: every relative link and anchor in README.md and docs/ resolves, and the README's
+Quick start training loop runs as written against a real server."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def prose(text: str, *, code_text: bool = False) -> str:
+    """`text` without fenced code blocks, and without inline code (links there are examples, not links) or, with
+    `code_text`, with inline code's text kept (a heading's code spans are part of its anchor)."""
+    kept, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        if not fenced:
+            kept.append(re.sub(r"`([^`]*)`", r"\1" if code_text else "", line))
+    return "\n".join(kept)
+
+
+def anchors(path: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped, spaces to hyphens,
+    repeats numbered) plus explicit `<a id=...>` / `<a name=...>` targets."""
+    found: set[str] = set()
+    counts: dict[str, int] = {}
+    text = path.read_text(encoding="utf-8")
+    for line in prose(text, code_text=True).splitlines():
+        heading = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
+        if heading is None:
+            continue
+        title = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.group(2))  # a link in a heading: its text
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        n = counts.get(slug, 0)
+        counts[slug] = n + 1
+        found.add(slug if n == 0 else f"{slug}-{n}")
+    found.update(re.findall(r"<a\s+(?:id|name)=\"([^\"]+)\"", text))
+    return found
+
+
+def relative_links(path: pathlib.Path) -> list[str]:
+    return [
+        target
+        for target in LINK.findall(prose(path.read_text(encoding="utf-8")))
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", target)  # http:, https:, mailto: ...: not ours to check
+    ]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_relative_links_and_anchors_resolve(document: pathlib.Path) -> None:
+    broken = []
+    for target in relative_links(document):
+        file_part, _, fragment = target.partition("#")
+        resolved = (document.parent / file_part).resolve() if file_part else document
+        if not resolved.exists():
+            broken.append(f"{target}: no such file")
+        elif fragment and resolved.suffix == ".md" and fragment not in anchors(resolved):
+            broken.append(f"{target}: no heading #{fragment} in {resolved.relative_to(ROOT)}")
+    assert broken == [], f"{document.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_docs_anchor_rules_match_github(tmp_path: pathlib.Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# Scale-out: several `central` replicas\n## A b\n## A b\n```\n# not a heading\n```\n")
+    assert anchors(page) == {"scale-out-several-central-replicas", "a-b", "a-b-1"}
+
+
+def test_readme_quick_start_loop_runs_as_written_against_a_real_server() -> None:
+    pytest.importorskip("torch")
+    from gradwatch.server.app import ServerApp
+    from gradwatch.server.config import ServerConfig
+    from server_support import get_json
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = readme[readme.index("## Quick start") :]
+    code = re.search(r"```python\n(.*?)```", quick, re.S)
+    assert code is not None and 'server="localhost:50051"' in code.group(1)
+    app = ServerApp(ServerConfig.local()).start()
+    try:
+        # The only change: the address of this test's server instead of the documented default port.
+        script = code.group(1).replace("localhost:50051", app.grpc_target)
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=300, cwd=ROOT)
+        run = get_json(f"{app.http_url}/api/v1/runs/quickstart-mlp")["run"]
+        assert run["state"] == "finished" and run["step"] == 300
+    finally:
+        app.stop()
