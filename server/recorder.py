@@ -235,20 +235,23 @@ class FlightRecorder:
         cfg = self._config
         oldest = window.count - (cfg.window_reports + cfg.after_reports)  # entries at or before it are outside
         share = cfg.max_bytes // self._ranks_total
-        # Entries outside the window still serve as the FULL_REPORTS_BEFORE latest (see _entries).
-        while window.columns and (
-            (window.columns[0][0] <= oldest and len(window.columns) > FULL_REPORTS_BEFORE)
-            or (len(window.columns) > 1 and window.bytes > share)
-        ):
-            self._drop(window, window.columns.popleft())
         after = min((r.start[rank] for r in self._recording.values() if r.alert["run"] == run_id and rank in r.start),
                     default=window.count + 1)  # fmt: skip
-        older = len(window.columns) - cfg.histogram_reports
-        for i in range(older - 1, -1, -1):  # histograms of older full reports before any alert: never archived
+        # Entries are in report order: the first `before` precede any alert being recorded. Outside the window,
+        # the latest FULL_REPORTS_BEFORE of them still serve an incident (see _entries).
+        before = sum(1 for entry in window.columns if entry[0] < after)
+        while window.columns and (
+            (window.columns[0][0] <= oldest and before > FULL_REPORTS_BEFORE)
+            or (len(window.columns) > 1 and window.bytes > share)
+        ):
+            before -= window.columns[0][0] < after
+            self._drop(window, window.columns.popleft())
+        # Histograms of full reports before any alert other than its latest `histogram_reports`: never archived.
+        for i in range(before - cfg.histogram_reports - 1, -1, -1):
             entry = window.columns[i]
             hist = entry[2].get("grad_log2_histogram")
-            if hist is None or entry[0] >= after:
-                continue
+            if hist is None:
+                continue  # stripped by an earlier call, or a report without one
             del entry[2]["grad_log2_histogram"]
             window.bytes -= hist.nbytes
             self._bytes -= hist.nbytes

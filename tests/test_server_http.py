@@ -27,6 +27,7 @@ ALERT_KEYS = {
     "started_at",
     "resolved_at",
     "runbook",
+    "autopsy",
 }
 
 
