@@ -622,3 +622,25 @@ def test_two_processes_sharing_a_run_and_rank_are_never_merged(caplog: pytest.Lo
         assert run["ranks"][0]["reports"] == 4
     finally:
         app.stop(grace=0)
+
+
+def test_a_replaced_optimizer_keeps_the_reports_and_their_gradients_right(server: ScriptableServer) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = attach(model, opt, server=server.address, run="compat-new-optimizer")
+    train_step(model, opt, 1, monitor)
+    replacement = torch.optim.Adam(model.parameters(), lr=1e-3)  # a second training phase
+    norms = []
+    for step in range(2, 5):
+        x, y = batch(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        replacement.zero_grad()
+        loss.backward()
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+        replacement.step()
+        monitor.step(loss)
+    assert monitor.close(timeout=5)
+    sessions = [k for k in server.servicer.sessions if k[0] == "compat-new-optimizer"]
+    reports = server.servicer.reports(sessions[0][2])
+    assert [r.step for r in reports] == [1, 2, 3, 4]
+    assert [r.grad_sum_squares**0.5 for r in reports[1:]] == pytest.approx(norms, rel=1e-5)
