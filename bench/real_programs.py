@@ -100,7 +100,7 @@ def _prepare_nanogpt(folder: pathlib.Path) -> None:
 
 
 _HF_PROGRAM = """
-import random, torch, transformers
+import os, random, torch, transformers
 
 words = "the big small red old cat dog bird fish sees chases likes finds .".split()
 random.seed(0)
@@ -122,7 +122,7 @@ config = transformers.GPT2Config(vocab_size=len(words), n_positions=32, n_embd=6
 model = transformers.GPT2LMHeadModel(config)
 args = transformers.TrainingArguments(output_dir="out", max_steps=60, per_device_train_batch_size=8,
     gradient_accumulation_steps=4, learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="steps",
-    save_steps=30, logging_steps=10, disable_tqdm=True, dataloader_num_workers=0, run_name="hf-tiny-gpt2")
+    save_steps=30, logging_steps=10, disable_tqdm=True, dataloader_num_workers=0, run_name=os.environ.get("GRADWATCH_RUN"))
 trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
 trainer.train()
 """

@@ -644,3 +644,23 @@ def test_a_replaced_optimizer_keeps_the_reports_and_their_gradients_right(server
     reports = server.servicer.reports(sessions[0][2])
     assert [r.step for r in reports] == [1, 2, 3, 4]
     assert [r.grad_sum_squares**0.5 for r in reports[1:]] == pytest.approx(norms, rel=1e-5)
+
+
+def test_a_watched_grad_scaler_pickles_and_copies_without_the_agent(server: ScriptableServer) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    monitor = attach(model, opt, server=server.address, run="compat-scaler", grad_scaler=scaler)
+    x, y = batch(1)
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    monitor.step(torch.tensor(1.0))
+    for copied in (pickle.loads(pickle.dumps(scaler)), copy.deepcopy(scaler)):
+        assert type(copied.__dict__.get("step", copied.step).__self__) is torch.amp.GradScaler
+        assert copied.state_dict() == scaler.state_dict()
+        copied.scale(nn.functional.mse_loss(model(x), y)).backward()
+        copied.step(opt)  # the copy's own step: works, and the agent does not see it
+    assert monitor.step_count == 1
+    assert monitor.close(timeout=5)
+    assert "step" not in scaler.__dict__  # close() restored the watched scaler
