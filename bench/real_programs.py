@@ -122,7 +122,8 @@ config = transformers.GPT2Config(vocab_size=len(words), n_positions=32, n_embd=6
 model = transformers.GPT2LMHeadModel(config)
 args = transformers.TrainingArguments(output_dir="out", max_steps=60, per_device_train_batch_size=8,
     gradient_accumulation_steps=4, learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="steps",
-    save_steps=30, logging_steps=10, disable_tqdm=True, dataloader_num_workers=0, run_name=os.environ.get("GRADWATCH_RUN"))
+    save_steps=30, logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
+    run_name=os.environ.get("GRADWATCH_RUN"))
 trainer = transformers.Trainer(model=model, args=args, train_dataset=Data())
 trainer.train()
 """
@@ -132,8 +133,8 @@ def _prepare_hf(folder: pathlib.Path) -> None:
     (folder / "train_hf.py").write_text(textwrap.dedent(_HF_PROGRAM))
 
 
-_WLM_ARGS = ["--data", "synthetic", "--epochs", "2", "--emsize", "32", "--nhid", "32", "--nlayers", "2",
-             "--bptt", "20", "--batch_size", "10", "--log-interval", "50", "--save", "model.pt", "--lr", "5"]  # fmt: skip
+_WLM_ARGS = ["--data", "synthetic", "--epochs", "2", "--emsize", "32", "--nhid", "32", "--nlayers", "2", "--bptt",
+             "20", "--batch_size", "10", "--log-interval", "50", "--save", "model.pt", "--lr", "5"]  # fmt: skip
 _WLM_PATCHES = (
     Patch("main.py", r"^criterion = nn\.NLLLoss\(\)", "import gradwatch; _gw = gradwatch.attach(model)"),
     Patch("main.py", r"^\s+total_loss \+= loss\.item\(\)", "_gw.step(loss)"),
@@ -143,13 +144,15 @@ _NANOGPT_ARGS = ["--device=cpu", "--dataset=synthetic", "--eval_interval=50", "-
                  "--lr_decay_iters=150", "--warmup_iters=10", "--learning_rate=3e-3", "--dropout=0.0",
                  "--gradient_accumulation_steps=2", "--dtype=float32", "--out_dir=out"]  # fmt: skip
 _NANOGPT_PATCHES = (
-    Patch("train.py", r"^optimizer = model\.configure_optimizers\(", "import gradwatch; _gw = gradwatch.attach(model, optimizer)"),
+    Patch("train.py", r"^optimizer = model\.configure_optimizers\(",
+          "import gradwatch; _gw = gradwatch.attach(model, optimizer)"),
     Patch("train.py", r"^\s+scaler\.update\(\)", "_gw.step(loss.detach() * gradient_accumulation_steps)"),
 )  # fmt: skip
 
 PROGRAMS: dict[str, Program] = {
     "wlm_lstm": Program("wlm_lstm", "examples", "word_language_model", ["main.py", "--model", "LSTM", *_WLM_ARGS],
-                        _WLM_PATCHES, _prepare_wikitext, "pytorch/examples word_language_model, LSTM, torch.save(model)"),
+                        _WLM_PATCHES, _prepare_wikitext,
+                        "pytorch/examples word_language_model, LSTM, torch.save(model)"),
     "wlm_transformer": Program("wlm_transformer", "examples", "word_language_model",
                                ["main.py", "--model", "Transformer", *_WLM_ARGS], _WLM_PATCHES, _prepare_wikitext,
                                "the same, Transformer model"),
@@ -206,7 +209,8 @@ def gradwatch_serve(workdir: pathlib.Path) -> Iterator[tuple[str, str]]:
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"gradwatch serve did not start: {(workdir / 'server.log').read_text()}")
+                    log_text = (workdir / "server.log").read_text()
+                    raise RuntimeError(f"gradwatch serve did not start: {log_text}") from None
                 time.sleep(0.2)
         yield f"127.0.0.1:{grpc_port}", url
     finally:
@@ -304,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:16s} exit plain {result['plain_exit']} patched {result['patched_exit']}  "
               f"wall plain {statistics.median(result['plain_wall_s']):6.1f} s patched "
               f"{statistics.median(result['patched_wall_s']):6.1f} s  overhead {result['overhead']:+.1%}  "
-              f"reports {result['reports']}  alerts {len(result['alerts'])} (above info: {above})", flush=True)  # fmt: skip
+              f"reports {result['reports']}  alerts {len(result['alerts'])} (above info: {above})",
+              flush=True)  # fmt: skip
         for failure in result["failures"]:
             print(textwrap.indent(failure, "    "))
     if args.json is not None:
