@@ -4,9 +4,12 @@
 For each program: copy it from a checkout into a temporary folder, make its small data set there (generated
 text with structure to learn: nothing is downloaded), run it unpatched, then patched (after its attach anchor
 `gradwatch.attach(...)`, after its step anchor `monitor.step(loss)`), both on the CPU for a bounded number of
-steps, against a `gradwatch serve` spawned for the run; report each exit code, the alerts the server raised for
-the patched run, and the patched run's wall time over the unpatched one's (medians over `--repeats`
-alternating pairs). The programs' code is never copied into this repository: pass the checkouts.
+steps, against a `gradwatch serve` spawned for the run; report each exit code, the reports and alerts the
+server got for the patched run, and the patched run's wall time and CPU time (the program's threads, the
+agent's sender thread included) over the unpatched one's (medians over `--repeats` alternating pairs; CPU
+time is the steadier on a shared machine). Skipped: pytorch/examples mnist, mnist_hogwild and dcgan need
+torchvision, which has no build for a CPU-only torch on PyPI. The programs' code is never copied into this
+repository: pass the checkouts.
 
     python bench/real_programs.py --examples PATH/pytorch-examples --nanogpt PATH/nanoGPT
                                   [--programs wlm_lstm,wlm_transformer,nanogpt,nanogpt_compile,hf_trainer]
@@ -26,6 +29,7 @@ import pathlib
 import pickle
 import random
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -232,8 +236,9 @@ def _alerts(url: str, run: str) -> list[dict[str, Any]]:
 
 
 def run_once(program: Program, source: pathlib.Path | None, patched: bool, target: str, run: str,
-             workdir: pathlib.Path) -> tuple[int, float, str]:  # fmt: skip
-    """Copy, prepare, (patch,) run; returns exit code, wall seconds and the output's tail."""
+             workdir: pathlib.Path) -> tuple[int, float, float, str]:  # fmt: skip
+    """Copy, prepare, (patch,) run; returns exit code, wall seconds, the program's CPU seconds (all its
+    threads and waited-for children: the agent's sender thread included) and the output's tail."""
     folder = workdir / ("patched" if patched else "plain")
     if folder.exists():
         shutil.rmtree(folder)
@@ -246,11 +251,14 @@ def run_once(program: Program, source: pathlib.Path | None, patched: bool, targe
         apply_patches(folder, program.patches)
     env = {**os.environ, "GRADWATCH_SERVER": target, "GRADWATCH_RUN": run, "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **program.env}  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, *program.command], cwd=folder, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S)  # fmt: skip
     wall = time.perf_counter() - started
-    return done.returncode, wall, (done.stdout + done.stderr)[-2000:]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return done.returncode, wall, cpu, (done.stdout + done.stderr)[-2000:]
 
 
 def measure(program: Program, source: pathlib.Path | None, repeats: int) -> dict[str, Any]:
@@ -258,12 +266,14 @@ def measure(program: Program, source: pathlib.Path | None, repeats: int) -> dict
         workdir = pathlib.Path(tmp)
         with gradwatch_serve(workdir) as (target, url):
             plain_walls, patched_walls, codes, tails, alerts, reports = [], [], [], [], [], []
+            plain_cpu, patched_cpu = [], []
             for repeat in range(repeats):
                 run = f"real-{program.name}-{repeat}"
                 for patched in (False, True) if repeat % 2 == 0 else (True, False):
-                    code, wall, tail = run_once(program, source, patched, target, run, workdir)
+                    code, wall, cpu, tail = run_once(program, source, patched, target, run, workdir)
                     codes.append((patched, code))
                     (patched_walls if patched else plain_walls).append(wall)
+                    (patched_cpu if patched else plain_cpu).append(cpu)
                     if code != 0:
                         tails.append(f"{'patched' if patched else 'plain'} exit {code}: {tail}")
                 time.sleep(2.0)  # the server judges the last reports
@@ -271,6 +281,7 @@ def measure(program: Program, source: pathlib.Path | None, repeats: int) -> dict
                 alerts += [{"detector": a.get("detector"), "severity": a.get("severity"), "state": a.get("state"),
                             "summary": str(a.get("summary", ""))[:160]} for a in _alerts(url, run)]  # fmt: skip
     ratio = statistics.median(patched_walls) / statistics.median(plain_walls)
+    cpu_ratio = statistics.median(patched_cpu) / statistics.median(plain_cpu)
     return {
         "program": program.name,
         "notes": program.notes,
@@ -278,7 +289,10 @@ def measure(program: Program, source: pathlib.Path | None, repeats: int) -> dict
         "patched_exit": [c for p, c in codes if p],
         "plain_wall_s": plain_walls,
         "patched_wall_s": patched_walls,
+        "plain_cpu_s": plain_cpu,
+        "patched_cpu_s": patched_cpu,
         "overhead": ratio - 1.0,
+        "cpu_overhead": cpu_ratio - 1.0,
         "reports": reports,
         "alerts": alerts,
         "above_info": [a for a in alerts if a["severity"] in ("warning", "critical")],
@@ -308,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:16s} exit plain {result['plain_exit']} patched {result['patched_exit']}  "
               f"wall plain {statistics.median(result['plain_wall_s']):6.1f} s patched "
               f"{statistics.median(result['patched_wall_s']):6.1f} s  overhead {result['overhead']:+.1%}  "
+              f"CPU {statistics.median(result['plain_cpu_s']):6.1f} s / "
+              f"{statistics.median(result['patched_cpu_s']):6.1f} s ({result['cpu_overhead']:+.1%})  "
               f"reports {result['reports']}  alerts {len(result['alerts'])} (above info: {above})",
               flush=True)  # fmt: skip
         for failure in result["failures"]:
