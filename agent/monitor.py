@@ -69,6 +69,9 @@ __all__ = ["Monitor", "NoopMonitor", "attach"]
 logger = logging.getLogger("gradwatch.agent")
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+#: With grad_accumulation: this many step() calls in a row without an optimizer step mean the optimizer given to
+#: attach() no longer steps (replaced mid-run): warn once and report every step from then on.
+MAX_MICRO_STEPS = 256
 
 #: id(model) -> (the model, its open Monitor), both weak: attach() on a model that already has an open monitor
 #: (a notebook cell run again) closes the old one first, so a model never carries two sets of hooks.
@@ -173,6 +176,7 @@ class Monitor:
         self._upcoming_full: bool | None = None  # decided at the first computation for the next step
         self._closed = False
         self._inert = False
+        self._micro_steps = 0  # step() calls in a row that only accumulated (grad_accumulation)
         self._close_result = False
         if config.world_size > 1 and config.run_id == f"{socket.gethostname()}-{os.getpid()}":
             logger.warning(
@@ -268,8 +272,21 @@ class Monitor:
         started = time.perf_counter()
         try:
             self._assembler.add(loss, labels)
-            if not self._assembler.is_micro_step(self._config.grad_accumulation):
+            if not self._assembler.is_micro_step(self._config.grad_accumulation and self._micro_steps >= 0):
+                if self._micro_steps > 0:
+                    self._micro_steps = 0
                 self._report(started)
+            else:
+                self._micro_steps += 1
+                if self._micro_steps >= MAX_MICRO_STEPS:
+                    self._micro_steps = -1  # from now on every step() reports
+                    logger.warning(
+                        "gradwatch: %d monitor.step() calls without a step of the optimizer given to attach() (was "
+                        "it replaced?); reporting every step from now on. Attach again with the new optimizer "
+                        "to fold gradient accumulation into optimizer steps.",
+                        MAX_MICRO_STEPS,
+                    )
+                    self._report(started)  # with the losses accumulated so far
         except Exception as exc:
             errors.report(exc, "step")
         finally:

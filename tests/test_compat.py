@@ -664,3 +664,21 @@ def test_a_watched_grad_scaler_pickles_and_copies_without_the_agent(server: Scri
     assert monitor.step_count == 1
     assert monitor.close(timeout=5)
     assert "step" not in scaler.__dict__  # close() restored the watched scaler
+
+
+def test_with_accumulation_a_replaced_optimizer_is_named_once_and_steps_are_reported(
+    server: ScriptableServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gradwatch.agent.monitor import MAX_MICRO_STEPS
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = attach(model, opt, server=server.address, run="compat-accumulate-replaced", grad_accumulation=True)
+    train_step(model, opt, 1, monitor)
+    replacement = torch.optim.SGD(model.parameters(), lr=0.01)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        for step in range(MAX_MICRO_STEPS + 5):
+            train_step(model, replacement, step, monitor)
+    assert len([r for r in caplog.records if "without a step of the optimizer" in r.getMessage()]) == 1
+    assert monitor.step_count == 1 + 1 + 5  # the first, the one that folded the long run, then one per step()
+    assert monitor.close(timeout=5)
