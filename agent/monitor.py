@@ -27,7 +27,11 @@ Contract
   across replicas by the server; every report carries the time to the step's first forward pass (timing.py).
 - Gradient accumulation (`grad_accumulation=True`): a `step()` after which the optimizer has not stepped
   (nor the watched GradScaler) is a micro step: its loss joins the next report, which carries the mean loss
-  and `micro_steps`; statistics go out once per optimizer step.
+  and `micro_steps`; statistics go out once per optimizer step (after MAX_MICRO_STEPS calls without one, a
+  warning, and every call reports: the optimizer was replaced).
+- Nothing is stored on the model or the optimizer: the hooks are process-wide ones filtered to them
+  (dispatch.py), so copies, pickles, traced and exported programs carry no agent; attach() on a model that
+  already has an open monitor closes that one first (with a warning).
 - Mixed precision: pass `grad_scaler=` (a torch.amp.GradScaler) and a step the scaler skips because of
   Inf/NaN scaled gradients is reported with `skipped_step` and the scale (amp.py), so the server does not
   mistake it for a NaN or an explosion.
