@@ -36,6 +36,25 @@ def check_grad_scaler(scaler: object, optimizer: object) -> None:
         raise ValueError("gradwatch: grad_scaler needs the optimizer it steps: attach(model, optimizer, ...)")
 
 
+class _Step:
+    """The wrapper on `scaler.step`. Pickled or deep-copied with the scaler, it becomes the copy's own plain
+    `step` method (read from the copy before its state is restored): copies carry no agent."""
+
+    def __init__(self, original: Callable[..., Any], tap: ScalerTap) -> None:
+        self._original = original
+        self._tap = tap
+
+    def __call__(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        result = self._original(optimizer, *args, **kwargs)
+        tap = self._tap
+        if optimizer is tap._optimizer and tap._wrapper is self:
+            tap._after_step()
+        return result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return getattr, (self._original.__self__, "step")
+
+
 class ScalerTap:
     """Wraps one GradScaler's `step` to capture skip flags and scales for one optimizer."""
 
@@ -53,16 +72,8 @@ class ScalerTap:
         self._add_agent_time = add_agent_time
         self._capture: ScalerCapture | None = None
         self.steps = 0  # scaler.step(optimizer) calls seen, performed or skipped
-        original = scaler.step
-
-        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            result = original(optimizer, *args, **kwargs)
-            if optimizer is self._optimizer and self._wrapper is not None:
-                self._after_step()
-            return result
-
-        self._wrapper: Callable[..., Any] | None = step
-        scaler.step = step  # type: ignore[method-assign]
+        self._wrapper: _Step | None = _Step(scaler.step, self)
+        scaler.step = self._wrapper  # type: ignore[method-assign]
 
     @property
     def pending(self) -> bool:

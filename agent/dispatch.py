@@ -41,10 +41,17 @@ from gradwatch.agent import errors
 
 __all__ = ["Watch", "is_watched", "stepping_aside", "watch_module", "watch_optimizer"]
 
+
+def _never() -> bool:
+    return False
+
+
+# Each predicate where this torch has it (torch >= 2.4 is supported; some arrived later), else "never".
 _is_compiling = torch.compiler.is_compiling
-_is_exporting = torch.compiler.is_exporting
+_is_exporting = getattr(torch.compiler, "is_exporting", _never)
 _is_tracing = torch._C._is_tracing
-_is_fx_tracing = torch.fx._symbolic_trace.is_fx_symbolic_tracing  # (is_fx_tracing logs a deprecation)
+_is_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",  # is_fx_tracing logs a deprecation
+                         getattr(torch.fx._symbolic_trace, "is_fx_tracing", _never))  # fmt: skip
 _graph_task_id = torch._C._current_graph_task_id
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack
 _dispatch_mode = torch._C._get_dispatch_mode

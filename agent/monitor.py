@@ -28,7 +28,11 @@ Contract
   steps; every report carries the time to the step's first forward pass (timing.py).
 - Gradient accumulation (`grad_accumulation=True`): a `step()` after which the optimizer has not stepped
   (nor the watched GradScaler) is a micro step: its loss joins the next report, which carries the mean loss
-  and `micro_steps`; statistics go out once per optimizer step.
+  and `micro_steps`; statistics go out once per optimizer step (after MAX_MICRO_STEPS calls without one, a
+  warning, and every call reports: the optimizer was replaced).
+- Nothing is stored on the model or the optimizer: the hooks are process-wide ones filtered to them
+  (dispatch.py), so copies, pickles, traced and exported programs carry no agent; attach() on a model that
+  already has an open monitor closes that one first (with a warning).
 - Mixed precision: pass `grad_scaler=` (a torch.amp.GradScaler) and a step the scaler skips because of
   Inf/NaN scaled gradients is reported with `skipped_step` and the scale (amp.py), so the server does not
   mistake it for a NaN or an explosion.
@@ -78,6 +82,9 @@ __all__ = ["Monitor", "NoopMonitor", "attach"]
 logger = logging.getLogger("gradwatch.agent")
 
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
+#: With grad_accumulation: this many step() calls in a row without an optimizer step mean the optimizer given to
+#: attach() no longer steps (replaced mid-run): warn once and report every step from then on.
+MAX_MICRO_STEPS = 256
 
 #: id(model) -> (the model, its open Monitor), both weak: attach() on a model that already has an open monitor
 #: (a notebook cell run again) closes the old one first, so a model never carries two sets of hooks.
@@ -197,6 +204,7 @@ class Monitor:
         self._upcoming_checksum = False  # decided with _upcoming_full
         self._closed = False
         self._inert = False
+        self._micro_steps = 0  # step() calls in a row that only accumulated (grad_accumulation)
         self._close_result = False
         if config.world_size > 1 and config.run_id == f"{socket.gethostname()}-{os.getpid()}":
             logger.warning(
@@ -317,8 +325,21 @@ class Monitor:
             if batch_ids is not None or sample_losses is not None:
                 self._add_autopsy(batch_ids, sample_losses)
             self._assembler.add(loss, labels)
-            if not self._assembler.is_micro_step(self._config.grad_accumulation):
+            if not self._assembler.is_micro_step(self._config.grad_accumulation and self._micro_steps >= 0):
+                if self._micro_steps > 0:
+                    self._micro_steps = 0
                 self._report(started)
+            else:
+                self._micro_steps += 1
+                if self._micro_steps >= MAX_MICRO_STEPS:
+                    self._micro_steps = -1  # from now on every step() reports
+                    logger.warning(
+                        "gradwatch: %d monitor.step() calls without a step of the optimizer given to attach() (was "
+                        "it replaced?); reporting every step from now on. Attach again with the new optimizer "
+                        "to fold gradient accumulation into optimizer steps.",
+                        MAX_MICRO_STEPS,
+                    )
+                    self._report(started)  # with the losses accumulated so far
         except Exception as exc:
             errors.report(exc, "step")
         finally:

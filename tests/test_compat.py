@@ -622,3 +622,63 @@ def test_two_processes_sharing_a_run_and_rank_are_never_merged(caplog: pytest.Lo
         assert run["ranks"][0]["reports"] == 4
     finally:
         app.stop(grace=0)
+
+
+def test_a_replaced_optimizer_keeps_the_reports_and_their_gradients_right(server: ScriptableServer) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = attach(model, opt, server=server.address, run="compat-new-optimizer")
+    train_step(model, opt, 1, monitor)
+    replacement = torch.optim.Adam(model.parameters(), lr=1e-3)  # a second training phase
+    norms = []
+    for step in range(2, 5):
+        x, y = batch(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        replacement.zero_grad()
+        loss.backward()
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+        replacement.step()
+        monitor.step(loss)
+    assert monitor.close(timeout=5)
+    sessions = [k for k in server.servicer.sessions if k[0] == "compat-new-optimizer"]
+    reports = server.servicer.reports(sessions[0][2])
+    assert [r.step for r in reports] == [1, 2, 3, 4]
+    assert [r.grad_sum_squares**0.5 for r in reports[1:]] == pytest.approx(norms, rel=1e-5)
+
+
+def test_a_watched_grad_scaler_pickles_and_copies_without_the_agent(server: ScriptableServer) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    monitor = attach(model, opt, server=server.address, run="compat-scaler", grad_scaler=scaler)
+    x, y = batch(1)
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    monitor.step(torch.tensor(1.0))
+    for copied in (pickle.loads(pickle.dumps(scaler)), copy.deepcopy(scaler)):
+        assert type(copied.__dict__.get("step", copied.step).__self__) is torch.amp.GradScaler
+        assert copied.state_dict() == scaler.state_dict()
+        copied.scale(nn.functional.mse_loss(model(x), y)).backward()
+        copied.step(opt)  # the copy's own step: works, and the agent does not see it
+    assert monitor.step_count == 1
+    assert monitor.close(timeout=5)
+    assert "step" not in scaler.__dict__  # close() restored the watched scaler
+
+
+def test_with_accumulation_a_replaced_optimizer_is_named_once_and_steps_are_reported(
+    server: ScriptableServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gradwatch.agent.monitor import MAX_MICRO_STEPS
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = attach(model, opt, server=server.address, run="compat-accumulate-replaced", grad_accumulation=True)
+    train_step(model, opt, 1, monitor)
+    replacement = torch.optim.SGD(model.parameters(), lr=0.01)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        for step in range(MAX_MICRO_STEPS + 5):
+            train_step(model, replacement, step, monitor)
+    assert len([r for r in caplog.records if "without a step of the optimizer" in r.getMessage()]) == 1
+    assert monitor.step_count == 1 + 1 + 5  # the first, the one that folded the long run, then one per step()
+    assert monitor.close(timeout=5)

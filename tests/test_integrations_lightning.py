@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,7 +81,7 @@ class _Recording(_Tiny):
 @pytest.mark.parametrize("accumulate", [1, 2])
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_lightning_callback_reports_the_gradients_the_optimizer_applies(
-    server: ScriptableServer, accumulate: int, clip: float | None
+    server: ScriptableServer, accumulate: int, clip: float | None, tmp_path: Path
 ) -> None:
     x = torch.randn(96, 8, generator=torch.Generator().manual_seed(3)) * 3
     data = TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
@@ -88,9 +89,10 @@ def test_lightning_callback_reports_the_gradients_the_optimizer_applies(
     callback = GradwatchCallback(server=server.address, run="lightning-grads", full_stats_interval=2)
     trainer = pl.Trainer(max_steps=6, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
                          val_check_interval=2 * accumulate, limit_val_batches=2, num_sanity_val_steps=0,
-                         accelerator="cpu", callbacks=[callback], logger=False, enable_checkpointing=False,
+                         accelerator="cpu", callbacks=[callback], logger=False, default_root_dir=tmp_path,
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    assert list(tmp_path.rglob("*.ckpt"))  # Lightning's checkpoints of the attached module were written
     reports = server.servicer.reports()
     assert len(module.applied) == 6 and [r.optimizer_step for r in reports] == list(range(1, 7))
     reported = [r.grad_sum_squares**0.5 for r in reports]
