@@ -278,11 +278,12 @@ def test_e2e_critical_alert_reaches_every_rank_as_a_flag_a_callback_and_an_excep
 
     app, log = server
     notices: list[AlertNotice] = []
-    trainings = [DemoTraining(seed=10), DemoTraining(seed=11)]
+    trainings = [DemoTraining(seed=10), DemoTraining(seed=11), DemoTraining(seed=12)]
     common = {"run": "act", "server": app.grpc_target, "world_size": 2}
     stopper = gradwatch.attach(trainings[0].model, trainings[0].optimizer, rank=0, on_alert="flag", **common)
-    other = gradwatch.attach(trainings[0].model, None, rank=0, on_alert="flag", run="act-other",
-                             server=app.grpc_target)  # another run: never told  # fmt: skip
+    # Another run (its own model: attaching to a watched model replaces that model's monitor): never told.
+    other = gradwatch.attach(trainings[2].model, None, rank=0, on_alert="flag", run="act-other",
+                             server=app.grpc_target)  # fmt: skip
     raising = gradwatch.attach(trainings[1].model, trainings[1].optimizer, rank=1, on_alert="raise",
                                alert_callback=notices.append, **common)  # fmt: skip
     raised: list[TrainingAlert] = []
