@@ -396,7 +396,7 @@ def _nan_after(module: nn.Module, name: str, state: dict[str, int], step: int) -
             return out
         state["step"] = -1
         first = out[0] if isinstance(out, tuple) else out
-        first = first.clone()
+        first = first.contiguous().clone()  # an output may be a non-contiguous view (a transposed RNN state)
         first.view(-1)[0] = float("nan")
         return (first, *out[1:]) if isinstance(out, tuple) else first
 
