@@ -397,7 +397,7 @@ def _nan_after(module: nn.Module, name: str, state: dict[str, int], step: int) -
         state["step"] = -1
         first = out[0] if isinstance(out, tuple) else out
         first = first.contiguous().clone()  # an output may be a non-contiguous view (a transposed RNN state)
-        first.view(-1)[0] = float("nan")
+        first.view(-1)[-1] = float("nan")  # the last element: an RNN's last time step, which its head reads
         return (first, *out[1:]) if isinstance(out, tuple) else first
 
     return dict(module.named_modules())[name].register_forward_hook(poison)
