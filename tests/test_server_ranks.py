@@ -10,6 +10,7 @@ import pytest
 
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.detectors import REGISTRY, Fire
+from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import KIND_LOSS, build_report
 from gradwatch.server.store import GLOBAL_PENDING_STEPS, RunStore
 from gradwatch.server.validate import INVALID_REPORT, FrameRejected, StreamValidator
@@ -125,11 +126,14 @@ def test_non_finite_alert_names_where_the_nan_started() -> None:
     modules = _activation_hello().hello.activation_schema
     detector = next(spec.factory(spec.config_type()) for spec in REGISTRY if spec.name == "non_finite")
     flags = pb.NON_FINITE_FLAG_LOSS | pb.NON_FINITE_FLAG_ACTIVATION
+    ranks = RankTable(2)  # non_finite is cross-rank; no rank has joined, so nothing waits for a peer
     msg = _report(5, loss=math.nan, flags=flags, first_non_finite_module=1)
-    verdict = detector.observe(build_report("r", 0, msg, NAMES, 0.0, modules))
+    (finding,) = detector.observe(build_report("r", 0, msg, NAMES, 0.0, modules), ranks)
+    verdict = finding.verdict
     assert isinstance(verdict, Fire) and "started in the module 'net.1' (ReLU)" in verdict.summary
     msg = _report(6, loss=math.nan, flags=flags | pb.NON_FINITE_FLAG_INPUT, first_non_finite_module=0)
-    verdict = detector.observe(build_report("r", 1, msg, NAMES, 0.0, modules))
+    (finding,) = detector.observe(build_report("r", 1, msg, NAMES, 0.0, modules), ranks)
+    verdict = finding.verdict
     assert isinstance(verdict, Fire) and "started in the input batch" in verdict.summary
 
 

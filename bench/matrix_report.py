@@ -1,0 +1,79 @@
+"""The generated scenario matrix's report for bench/detection_quality.py --matrix (see its docstring)."""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+
+import torch
+
+from gradwatch.scenarios.matrix import ALLOW, MatrixResult, draw, run_matrix
+
+
+def _median(values: list[float], unit: str = "") -> str:
+    if not values:
+        return "–"
+    return f"{statistics.median(values):.3g}{unit} ({min(values):.3g}–{max(values):.3g})"
+
+
+def report_matrix(seeds: Iterable[int], max_world: int) -> int:
+    """Run every seed's matrix run and print Markdown tables; returns 0."""
+    results: list[MatrixResult] = []
+    started = time.perf_counter()
+    for seed in seeds:
+        run = draw(seed, max_world=max_world)
+        result = run_matrix(run)
+        results.append(result)
+        caught = "healthy" if run.healthy else ("caught" if result.caught() else "MISSED")
+        print(f"  seed {seed} {run.name} ({run.where}): {caught}, {result.seconds:.1f} s", file=sys.stderr)
+    elapsed = time.perf_counter() - started
+    healthy = [r for r in results if r.run.healthy]
+    faulty = [r for r in results if not r.run.healthy]
+    worlds = collections.Counter(r.run.world_size for r in results)
+    print(
+        f"\n{len(results)} matrix runs ({len(healthy)} healthy; world sizes {dict(sorted(worlds.items()))}) in "
+        f"{elapsed:.0f} s (torch {torch.__version__}, 1 thread per rank)\n"
+    )
+    print("| detector | runs | recall | top-1 localisation | onset → alert (steps) | onset → alert (s) | misses |")
+    print("|---|---|---|---|---|---|---|")
+    by_detector: dict[str, list[MatrixResult]] = collections.defaultdict(list)
+    for r in faulty:
+        by_detector[str(r.run.expect)].append(r)
+    for detector in sorted(by_detector):
+        runs = by_detector[detector]
+        hits = [r for r in runs if r.caught()]
+        located = [r.localised() for r in hits]
+        judged = [x for x in located if x is not None]
+        steps, seconds = [], []
+        for r in hits:
+            alert = r.first(detector)
+            assert alert is not None and r.run.onset is not None
+            steps.append(float(alert["step"] - r.run.onset))
+            if r.onset_wall is not None:
+                seconds.append(max(0.0, float(alert["started_at"]) - r.onset_wall))
+        missed = [r.run for r in runs if not r.caught()]
+        misses = ", ".join(f"{m.seed}:{m.family}/{m.fault}/w{m.world_size}" for m in missed)
+        location = f"{sum(judged)}/{len(judged)}" if judged else "–"
+        print(
+            f"| {detector} | {len(runs)} | {len(hits)}/{len(runs)} ({len(hits) / len(runs):.0%}) | {location} | "
+            f"{_median(steps)} | {_median(seconds)} | {misses or '–'} |"
+        )
+    loud = [(r, r.loud()) for r in healthy]
+    noisy = [(r, alerts) for r, alerts in loud if alerts]
+    warned = sum(1 for _, alerts in noisy)
+    print(f"\nhealthy runs with a warning or critical alert: {warned}/{len(healthy)}")
+    for r, alerts in noisy:
+        shown = ", ".join(f"{a['detector']}/{a['severity']}@{a['step']}" for a in alerts)
+        print(f"- seed {r.run.seed} {r.run.name}: {shown}")
+    stray = [
+        (r, [a for a in r.loud((*ALLOW.get(r.run.fault, ()), str(r.run.expect))) if a["severity"] == "critical"])
+        for r in faulty
+    ]
+    stray = [(r, alerts) for r, alerts in stray if alerts]
+    print(f"\nfault runs with an unrelated critical alert: {len(stray)}/{len(faulty)}")
+    for r, alerts in stray:
+        print(f"- seed {r.run.seed} {r.run.name}: " + ", ".join(f"{a['detector']}@{a['step']}" for a in alerts))
+    return 0
