@@ -181,7 +181,7 @@ def test_rank_killed_mid_step_is_named_dead(tmp_path: Path) -> None:
     hang = _hang(alerts)
     assert hang["ranks"] == [1], hang
     assert hang["summary"].startswith(f"dead rank: rank 1 ({HOST}) died (last report: step "), hang["summary"]
-    assert 1 <= hang["step"] < FAULT_STEP  # reports still batched in the killed process are lost with it
+    assert hang["step"] < FAULT_STEP  # reports still batched in the killed process are lost with it (all, at worst)
     assert "stopped with 'exception'" in hang["summary"], hang["summary"]
 
 
