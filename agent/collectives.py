@@ -258,8 +258,8 @@ class CollectiveTracker:
         # No annotations: DDP checks them against its own types, and `from __future__ import annotations` would
         # hand it strings. It averages like DDP's default (which folds the division into its copy of the
         # gradients into the bucket, a copy a hook cannot change): sum, then divide once the all-reduce
-        # completes, on the thread that completes it, so the extra pass over the bucket stays off the training
-        # thread (bench/RESULTS.md measures it).
+        # completes, on the thread that completes it. That division is an extra pass over the bucket; on a CPU
+        # job it still showed in the training thread's time (bench/RESULTS.md).
         def gradwatch_allreduce(state, bucket):  # type: ignore[no-untyped-def]
             if self._hook_on:
                 self._arrived(time.perf_counter())
