@@ -13,9 +13,9 @@ gathers that on the agent, cheaply and without host synchronisation, from what P
   when the training thread has been idle past its threshold with a collective in flight. The training
   thread pays nothing beyond what torch already records. Without a recorder, `completions_known` is False
   and only the entered sequence numbers travel.
-* **A DDP communication hook** that does exactly what DDP's default does (divide the bucket by the group
-  size, all-reduce it asynchronously) and notes, on the thread that runs it, when each bucket arrives and
-  when its all-reduce completes: `take_between()` is the time this rank worked between collectives since
+* **A DDP communication hook** that averages the bucket like DDP's default (an asynchronous sum all-reduce,
+  then a division by the group size on the thread that completes it) and notes when each bucket arrives
+  and when its all-reduce completes: `take_between()` is the time this rank worked between collectives since
   the last report (the previous collective's completion to its arrival at the next, overlap counted 0),
   which names a straggler wherever in the step it is slow. Not installed when the model is not DDP, when the
   user registered their own hook (DDP allows one), or with `track_collectives=False`.
@@ -256,13 +256,15 @@ class CollectiveTracker:
         size = group.size()
 
         # No annotations: DDP checks them against its own types, and `from __future__ import annotations` would
-        # hand it strings. What it does is DDP's default, as default_hooks.allreduce_hook does it.
+        # hand it strings. It averages like DDP's default (which folds the division into its copy of the
+        # gradients into the bucket, a copy a hook cannot change): sum, then divide once the all-reduce
+        # completes, on the thread that completes it. That division is an extra pass over the bucket; on a CPU
+        # job it still showed in the training thread's time (bench/RESULTS.md).
         def gradwatch_allreduce(state, bucket):  # type: ignore[no-untyped-def]
             if self._hook_on:
                 self._arrived(time.perf_counter())
-            tensor = bucket.buffer().div_(size)
-            future = dist.all_reduce(tensor, group=group, async_op=True).get_future()
-            return future.then(self._completed)
+            future = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+            return future.then(lambda done: self._completed(done).div_(size))
 
         try:
             model.register_comm_hook(None, gradwatch_allreduce)

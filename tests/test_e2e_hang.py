@@ -180,9 +180,13 @@ def test_rank_killed_mid_step_is_named_dead(tmp_path: Path) -> None:
     assert codes[1] == -signal.SIGKILL and codes[0] != 0 and codes[2] != 0  # gloo: the peers fail in the collective
     hang = _hang(alerts)
     assert hang["ranks"] == [1], hang
-    assert hang["summary"].startswith(f"dead rank: rank 1 ({HOST}) died (last report: step "), hang["summary"]
-    assert 1 <= hang["step"] < FAULT_STEP  # reports still batched in the killed process are lost with it
-    assert "stopped with 'exception'" in hang["summary"], hang["summary"]
+    # "step N", or "none received" when the killed process still held all its (batched) reports.
+    assert hang["summary"].startswith(f"dead rank: rank 1 ({HOST}) died (last report: "), hang["summary"]
+    assert hang["step"] < FAULT_STEP  # reports still batched in the killed process are lost with it (all, at worst)
+    # The peers' side depends on when the first tick after the death ran: still waiting, or failed already (gloo).
+    rest = hang["summary"].split(";", 1)[1]
+    assert f"rank 0 ({HOST})" in rest and f"rank 2 ({HOST})" in rest, hang["summary"]
+    assert "wait for it" in rest or "stopped with 'exception'" in rest, hang["summary"]
 
 
 @pytest.mark.timeout(400)

@@ -90,9 +90,10 @@ class CollectiveHangDetector:
         board = ranks.collectives
         board.fit(ranks.size)
         named, summary, value = self._judge(ranks, board, now)
-        findings = [Finding(r, Clear(step=int(ranks.last_step[r]))) for r in sorted(self._firing - named)]
+        step = np.maximum(ranks.last_step, 0)  # -1: no report yet (a rank that died at once)
+        findings = [Finding(r, Clear(step=int(step[r]))) for r in sorted(self._firing - named)]
         for rank in sorted(named):
-            findings.append(Finding(rank, Fire(step=int(ranks.last_step[rank]), value=value, summary=summary)))
+            findings.append(Finding(rank, Fire(step=int(step[rank]), value=value, summary=summary)))
         self._firing = named
         return findings
 
@@ -106,7 +107,9 @@ class CollectiveHangDetector:
         with np.errstate(invalid="ignore"):
             gone = np.isfinite(board.disconnected_at) & (now - board.disconnected_at >= cfg.dead_after_s)
             silent = ~ranks.finished & ((now - ranks.heard_at) > cfg.silent_after_s)
-        dead = judged & (gone | silent) & ~ranks.finished
+        # A rank can die before its first reports arrive (they leave in batches): joining is enough to be missed.
+        dead = ranks.joined & (gone | silent) & ~ranks.finished
+        judged &= ~dead
         if dead.any():
             return self._dead(ranks, board, judged, dead, now)
         live = judged & ~ranks.finished
@@ -137,7 +140,8 @@ class CollectiveHangDetector:
         parts = []
         for rank in victims:
             where = _waiting_text(board.groups[rank]) or _last_entered_text(board.groups[rank])
-            parts.append(f"{ranks.describe(np.array([rank]))} died (last report: step {int(ranks.last_step[rank])}): "
+            last = f"step {int(ranks.last_step[rank])}" if ranks.last_step[rank] > 0 else "none received"
+            parts.append(f"{ranks.describe(np.array([rank]))} died (last report: {last}): "
                          f"its stream ended without a goodbye{where}")  # fmt: skip
         failed = [int(r) for r in np.flatnonzero(others) if board.goodbye_reason[r] not in (None, *NORMAL_EXITS)]
         waiting = [int(r) for r in np.flatnonzero(others & ~ranks.finished)]
