@@ -17,8 +17,9 @@ gathers that on the agent, cheaply and without host synchronisation, from what P
   then a division by the group size on the thread that completes it) and notes when each bucket arrives
   and when its all-reduce completes: `take_between()` is the time this rank worked between collectives since
   the last report (the previous collective's completion to its arrival at the next, overlap counted 0),
-  which names a straggler wherever in the step it is slow. Not installed when the model is not DDP, when the
-  user registered their own hook (DDP allows one), or with `track_collectives=False`.
+  which names a straggler wherever in the step it is slow. Opt-in (`ddp_comm_hook=True`): it takes DDP's one
+  hook slot (a user's own `register_comm_hook` after attach would then fail) and costs an extra pass over each
+  bucket; not installed when the model is not DDP or the user registered their own hook first.
 
 The sender thread calls `progress()` for every heartbeat (every `HEARTBEAT_S` while tracking) and for each
 report (so a report carries the rank's progress when the sender handled it, at most a batching interval after
@@ -85,11 +86,12 @@ def capture_stack(thread_id: int, limit: int = MAX_FRAMES) -> list[tuple[str, in
 class CollectiveTracker:
     """One monitor's view of its rank's collectives and training thread (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, *, enabled: bool = True,
+    def __init__(self, model: torch.nn.Module, *, enabled: bool = True, comm_hook: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        """Active only in an initialised torch.distributed job with `enabled`; `install()` adds the DDP hook.
-        Never raises for a missing feature of the backend (it sends less)."""
+        """Active only in an initialised torch.distributed job with `enabled`; `install()` adds the DDP hook
+        when `comm_hook`. Never raises for a missing feature of the backend (it sends less)."""
         self._clock = clock
+        self._comm_hook = comm_hook
         self.active = enabled and dist.is_available() and dist.is_initialized()
         self._fr_status, self._fr_entries = _flight_recorder()
         self._thread_id = threading.get_ident()
@@ -244,7 +246,7 @@ class CollectiveTracker:
 
     def install(self, model: torch.nn.Module) -> None:
         """Register the communication hook on a DDP `model` that has none (see the module docstring)."""
-        if self.active:
+        if self.active and self._comm_hook:
             self._hooked = self._install_hook(model)
 
     def _install_hook(self, model: torch.nn.Module) -> bool:

@@ -25,7 +25,8 @@ can always turn the agent off without touching code), and while it is on nothing
 | exit_flush_timeout_s   | GRADWATCH_EXIT_FLUSH_TIMEOUT_S    | 2.0 (atexit flush deadline)           |
 | grad_accumulation      | GRADWATCH_GRAD_ACCUMULATION       | False (True: report once per optimizer step) |
 | forward_hooks          | GRADWATCH_FORWARD_HOOKS           | True (activations, inputs, NaN provenance) |
-| track_collectives      | GRADWATCH_TRACK_COLLECTIVES       | True (collective progress, stacks, DDP hook) |
+| track_collectives      | GRADWATCH_TRACK_COLLECTIVES       | True (collective progress, stacks)    |
+| ddp_comm_hook          | GRADWATCH_DDP_COMM_HOOK           | False (True: a DDP timing hook)       |
 | overhead_budget        | GRADWATCH_OVERHEAD_BUDGET         | 0.01 (share of step time; 0: off)     |
 | on_alert               | GRADWATCH_ON_ALERT                | "observe" (or "flag", "raise")         |
 | guard                  | GRADWATCH_GUARD                   | "off" ("skip", "rollback", JSON: guard_config.py) |
@@ -86,6 +87,7 @@ ENV_EXIT_FLUSH_TIMEOUT_S = "GRADWATCH_EXIT_FLUSH_TIMEOUT_S"
 ENV_GRAD_ACCUMULATION = "GRADWATCH_GRAD_ACCUMULATION"
 ENV_FORWARD_HOOKS = "GRADWATCH_FORWARD_HOOKS"
 ENV_TRACK_COLLECTIVES = "GRADWATCH_TRACK_COLLECTIVES"
+ENV_DDP_COMM_HOOK = "GRADWATCH_DDP_COMM_HOOK"
 ENV_OVERHEAD_BUDGET = "GRADWATCH_OVERHEAD_BUDGET"
 ENV_ON_ALERT = "GRADWATCH_ON_ALERT"
 ENV_DETECTORS = "GRADWATCH_DETECTORS"  # JSON: {"detector": {"setting": value}}
@@ -171,8 +173,11 @@ class AgentConfig:
     exit_flush_timeout_s: float = 2.0
     grad_accumulation: bool = False
     forward_hooks: bool = True
-    #: Collective progress, the stuck training thread's stack, and a DDP communication hook (collectives.py).
+    #: Collective progress and the stuck training thread's stack (collectives.py).
     track_collectives: bool = True
+    #: A DDP communication hook timing each rank's work between collectives (collectives.py): opt-in, since it
+    #: takes DDP's one hook slot and costs an extra pass over each gradient bucket.
+    ddp_comm_hook: bool = False
     overhead_budget: float = 0.01
     on_alert: str = "observe"
     #: Per-run detector settings for the server, as ("detector.setting", JSON value) pairs (see `_check_detectors`).
@@ -404,6 +409,7 @@ _OPTIONS: dict[str, _Option] = {
     "grad_accumulation": _Option(ENV_GRAD_ACCUMULATION, _check_bool, _env_bool),
     "forward_hooks": _Option(ENV_FORWARD_HOOKS, _check_bool, _env_bool),
     "track_collectives": _Option(ENV_TRACK_COLLECTIVES, _check_bool, _env_bool),
+    "ddp_comm_hook": _Option(ENV_DDP_COMM_HOOK, _check_bool, _env_bool),
     "overhead_budget": _Option(ENV_OVERHEAD_BUDGET, _check_fraction, _env_number(float)),
     "on_alert": _Option(ENV_ON_ALERT, _check_on_alert),
     "detectors": _Option(ENV_DETECTORS, _check_detectors, _env_json),
@@ -415,7 +421,7 @@ _OPTIONS: dict[str, _Option] = {
 }
 OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTIONS))
 #: attach()'s keywords that are objects, not settings (no environment variable): named in the option error too.
-ATTACH_OBJECTS: tuple[str, ...] = ("alert_callback", "grad_scaler")
+ATTACH_OBJECTS: tuple[str, ...] = ("alert_callback", "grad_scaler", "rollback_callback")
 
 
 def _lookup(name: str, options: Mapping[str, object], env: Mapping[str, str]) -> Any:
@@ -514,6 +520,7 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
         grad_accumulation=bool(values["grad_accumulation"]),
         forward_hooks=values["forward_hooks"] is not False,
         track_collectives=values["track_collectives"] is not False,
+        ddp_comm_hook=bool(values["ddp_comm_hook"]),
         overhead_budget=0.01 if values["overhead_budget"] is None else values["overhead_budget"],
         on_alert=values["on_alert"] or "observe",
         detector_settings=values["detectors"] or (),

@@ -227,7 +227,7 @@ class Monitor:
             replica_group=replica_group(model, self._engine.layout, config.rank, config.world_size),
         )
         # Hang localisation and between-collective times (collectives.py): before the sender, which carries them.
-        self._collectives = CollectiveTracker(model, enabled=config.track_collectives)
+        self._collectives = CollectiveTracker(model, enabled=config.track_collectives, comm_hook=config.ddp_comm_hook)
         kwargs: dict[str, Any] = {
             "on_alert": self._on_alert,
             "channel_factory": channel_factory if channel_factory is not None else transport.channel,

@@ -29,7 +29,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
 model = DistributedDataParallel(nn.Linear(4, 2))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
-monitor = gradwatch.attach(model, opt, server=sys.argv[1], run="collectives", track_collectives=sys.argv[3] == "on")
+monitor = gradwatch.attach(model, opt, server=sys.argv[1], run="collectives", track_collectives=sys.argv[3] == "on",
+                           ddp_comm_hook=sys.argv[3] == "on")
 print("hooked", monitor._collectives.hooked)
 for step in range(6):
     loss = model(torch.randn(8, 4)).pow(2).mean()

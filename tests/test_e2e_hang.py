@@ -63,7 +63,9 @@ def _worker(rank: int, world_size: int, port: int, target: str, scenario: str, s
         torch.manual_seed(0)
         model = DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-        with gradwatch.attach(model, optimizer, run=run, server=target) as monitor:
+        # The straggler job opts in to the DDP timing hook (off by default: docs/configuration.md).
+        timed = scenario == "straggler"
+        with gradwatch.attach(model, optimizer, run=run, server=target, ddp_comm_hook=timed) as monitor:
             for step in range(1, steps + 1):
                 time.sleep(BASE_SLEEP_S if scenario != "straggler" else HOST_WORK_S / 2)
                 if scenario == "slow" and step in (FAULT_STEP, FAULT_STEP + 1):
