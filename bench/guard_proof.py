@@ -96,7 +96,7 @@ def train(
     monitor = None
     if guard:
         monitor = gradwatch.attach(model, optimizer, run=run, server=server, guard={"policy": "skip"})
-    held_out = sequences(torch.Generator().manual_seed(10_000 + seed), 256)
+    held_out = sequences(torch.Generator().manual_seed(10_000 + seed), 128)
     watched = {s + d for s in window_starts for d in range(1, window + 1)}
     evals: dict[int, float] = {}
 
