@@ -26,6 +26,7 @@ ALERT_KEYS = {
     "started_at",
     "resolved_at",
     "runbook",
+    "autopsy",
 }
 
 
