@@ -58,8 +58,15 @@ class GuardSettings:
         return self.policy != "off"
 
 
-_INTS = {"window": 8, "warmup": 0, "rollback_after": 1, "rollback_window": 1, "snapshot_every": 1,
-         "lr_scale_steps": 0, "top_k": 0}  # fmt: skip  (name: smallest accepted value)
+_INTS = {
+    "window": 8,
+    "warmup": 0,
+    "rollback_after": 1,
+    "rollback_window": 1,
+    "snapshot_every": 1,
+    "lr_scale_steps": 0,
+    "top_k": 0,
+}  # fmt: skip  (name: smallest accepted value)
 _BOOLS = ("judge_loss", "judge_grad_norm")
 _CHOICES = {"policy": POLICIES, "mechanism": MECHANISMS}
 _MAX_TOP_K = 256

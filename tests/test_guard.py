@@ -117,6 +117,7 @@ def test_grad_scaler_and_accumulation_skip_exactly(fused: bool) -> None:
     """GradScaler (CPU, enabled) steps the optimizer after two micro batches; the guard judges each optimizer
     step once: a NaN micro batch is the scaler's skip (not counted as the guard's), a spiking one the guard's,
     and the run ends exactly like one that never saw it. Fused: the gradients reach the guard still scaled."""
+
     def run(bad_step: int | None, with_guard: bool, address: str | None) -> tuple[nn.Module, Any]:
         model = make_mlp(seed=4)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused)
