@@ -40,13 +40,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradwatch.agent import errors
 from gradwatch.agent.guard_config import GuardSettings
 from gradwatch.agent.guard_rollback import Rollback
 from gradwatch.agent.guard_state import SavedState, WhereRestore, optimizer_params
-from gradwatch.agent.snapshot import read_now
+from gradwatch.agent.snapshot import read_all, read_now
 
 __all__ = ["REASONS", "Guard", "RobustWindow", "pick_mechanism", "reason_names"]
 
@@ -65,11 +66,17 @@ class RobustWindow:
     def __init__(self, size: int, device: torch.device) -> None:
         self._values = torch.full((size,), math.nan, device=device)
         self._slot = 0
+        self._start = torch.zeros((), device=device)
 
-    def threshold(self, k: float, min_excess: float) -> torch.Tensor:
+    def mark_start(self) -> None:
+        """Keep the window's median now (the end of the warm-up) as the run's starting level."""
+        self._start = torch.nan_to_num(torch.nanmedian(self._values).abs())
+
+    def threshold(self, k: float, min_excess: float, min_rise: float) -> torch.Tensor:
         median = torch.nanmedian(self._values)
         mad = torch.nanmedian((self._values - median).abs())
-        return median + torch.maximum(k * _MAD_TO_SIGMA * mad, min_excess * median.abs())
+        margin = torch.maximum(k * _MAD_TO_SIGMA * mad, min_excess * median.abs())
+        return median + torch.maximum(margin, min_rise * self._start)
 
     def push(self, value: torch.Tensor, keep: torch.Tensor) -> None:
         """Enter `value` unless `keep` (the step was bad): then the slot keeps its old value."""
@@ -80,6 +87,32 @@ class RobustWindow:
     @property
     def values(self) -> torch.Tensor:
         return self._values
+
+
+class HostWindow:
+    """RobustWindow's host twin (CPU parameters): the last `size` accepted values in a numpy ring."""
+
+    def __init__(self, size: int) -> None:
+        self._values = np.empty(size)
+        self._count = 0
+        self._start = 0.0
+
+    def mark_start(self) -> None:
+        """Keep the window's median now (the end of the warm-up) as the run's starting level."""
+        if self._count:
+            self._start = abs(float(np.median(self._values[: min(self._count, self._values.size)])))
+
+    def threshold(self, k: float, min_excess: float, min_rise: float) -> float:
+        if self._count == 0:
+            return math.inf
+        values = self._values[: min(self._count, self._values.size)]
+        median = float(np.median(values))
+        mad = float(np.median(np.abs(values - median)))
+        return median + max(k * _MAD_TO_SIGMA * mad, min_excess * abs(median), min_rise * self._start)
+
+    def push(self, value: float) -> None:
+        self._values[self._count % self._values.size] = value
+        self._count += 1
 
 
 class Guard:
@@ -104,6 +137,8 @@ class Guard:
         self.mechanism = pick_mechanism(settings.mechanism, optimizer, device)
         self._loss_window = RobustWindow(settings.window, device)
         self._norm_window = RobustWindow(settings.window, device)
+        self._host_verdict = self.mechanism == "host"
+        self._host_windows = (HostWindow(settings.window), HostWindow(settings.window))
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self._judged = 0
@@ -156,6 +191,13 @@ class Guard:
         try:
             self._settle_previous()
             rolled_back = self.rollback.before_step(self.optimizer_steps + 1)
+            if self._host_verdict:  # CPU: the values are in host memory; Python beats a dozen tiny kernels
+                bits = self._decide_host(rolled_back)
+                self._reasons = torch.full((), float(bits))
+                self._saved = SavedState.take(optimizer) if bits else None
+                self._step_mechanism, self._stated = "host", True
+                self._scale_lr(True)
+                return
             reasons = self._decide(rolled_back)
             bad = reasons > 0
             self._reasons = reasons
@@ -219,6 +261,7 @@ class Guard:
         """The step's reason flags (0-d float32 on the device), the same on every rank."""
         s, device = self.settings, self._device
         zero = torch.zeros((), device=device)
+        windows = (self._loss_window, self._norm_window)
         norm = _global_grad_norm(self._optimizer, device)
         scale = getattr(self._optimizer, "grad_scale", None)  # fused + GradScaler: gradients are still scaled
         if isinstance(scale, torch.Tensor):
@@ -227,13 +270,16 @@ class Guard:
         if self._loss_sum is not None and s.judge_loss:
             loss, judged_loss = self._loss_sum / self._loss_count, True
         self._loss_sum, self._loss_count = None, 0
+        if self._judged == s.warmup:
+            for window in windows:
+                window.mark_start()
         spikes_on = self._judged >= s.warmup
+        limits = (s.threshold, s.min_excess, s.min_rise)
         flags = [
             ~torch.isfinite(loss) if judged_loss else zero.bool(),
             ~torch.isfinite(norm) if s.judge_grad_norm else zero.bool(),
-            loss > self._loss_window.threshold(s.threshold, s.min_excess) if judged_loss and spikes_on else zero.bool(),
-            norm > self._norm_window.threshold(s.threshold, s.min_excess) if s.judge_grad_norm and spikes_on
-            else zero.bool(),
+            loss > self._loss_window.threshold(*limits) if judged_loss and spikes_on else zero.bool(),
+            norm > self._norm_window.threshold(*limits) if s.judge_grad_norm and spikes_on else zero.bool(),
             torch.full((), rolled_back, device=device),
         ]  # fmt: skip
         stacked = torch.stack(flags).to(torch.float32)
@@ -251,6 +297,38 @@ class Guard:
         self._norm_window.push(norm, keep)
         self._judged += 1
         return reasons
+
+    def _decide_host(self, rolled_back: bool) -> int:
+        """`_decide` for CPU parameters, on the host: the same rules, reason bits as an int."""
+        s = self.settings
+        norm = read_now(_global_grad_norm(self._optimizer, self._device))
+        loss, judged_loss = math.nan, False
+        if self._loss_sum is not None and s.judge_loss:
+            loss, judged_loss = read_now(self._loss_sum) / self._loss_count, True
+        self._loss_sum, self._loss_count = None, 0
+        loss_window, norm_window = self._host_windows
+        if self._judged == s.warmup:
+            loss_window.mark_start()
+            norm_window.mark_start()
+        spikes_on = self._judged >= s.warmup
+        flags = [
+            judged_loss and not math.isfinite(loss),
+            s.judge_grad_norm and not math.isfinite(norm),
+            judged_loss and spikes_on and loss > loss_window.threshold(s.threshold, s.min_excess, s.min_rise),
+            s.judge_grad_norm and spikes_on and norm > norm_window.threshold(s.threshold, s.min_excess, s.min_rise),
+            rolled_back,
+        ]
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            stacked = torch.tensor(flags, dtype=torch.float32)
+            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
+            flags = [v > 0 for v in read_all(stacked)]
+        bits = sum(bit for bit, flag in zip(REASONS, flags, strict=True) if flag)
+        if not bits and math.isfinite(norm):
+            if judged_loss:
+                loss_window.push(loss)
+            norm_window.push(norm)
+        self._judged += 1
+        return bits
 
     def _scale_lr(self, entering: bool) -> None:
         """During a rollback's cool-down, scale every rate for the step only (a scheduler's value is kept)."""

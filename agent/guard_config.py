@@ -33,6 +33,9 @@ class GuardSettings:
     threshold: float = 6.0
     #: ... and by at least this fraction of the median (a flat window's tiny MAD alone is no evidence).
     min_excess: float = 0.25
+    #: ... and by at least this fraction of the window's median at the end of the warm-up (the run's starting
+    #: level): near convergence a loss of 0.002 against a median of 0.001 is no spike.
+    min_rise: float = 0.1
     #: Judge the loss (given to monitor.observe_loss before optimizer.step()) and the global gradient norm.
     judge_loss: bool = True
     judge_grad_norm: bool = True
@@ -55,8 +58,15 @@ class GuardSettings:
         return self.policy != "off"
 
 
-_INTS = {"window": 8, "warmup": 0, "rollback_after": 1, "rollback_window": 1, "snapshot_every": 1,
-         "lr_scale_steps": 0, "top_k": 0}  # fmt: skip  (name: smallest accepted value)
+_INTS = {
+    "window": 8,
+    "warmup": 0,
+    "rollback_after": 1,
+    "rollback_window": 1,
+    "snapshot_every": 1,
+    "lr_scale_steps": 0,
+    "top_k": 0,
+}  # fmt: skip  (name: smallest accepted value)
 _BOOLS = ("judge_loss", "judge_grad_norm")
 _CHOICES = {"policy": POLICIES, "mechanism": MECHANISMS}
 _MAX_TOP_K = 256

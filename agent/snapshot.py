@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["HostCopy", "Segment", "host_clone", "join", "read_now", "start_copy"]
+__all__ = ["HostCopy", "Segment", "host_clone", "join", "read_all", "read_now", "start_copy"]
 
 
 Segment = torch.Tensor | list[torch.Tensor]  # a 1-D tensor, or 0-d tensors to stack
@@ -69,6 +69,11 @@ def read_now(value: torch.Tensor) -> float:
     """Read a 0-d tensor on the training thread. Free on the CPU (the value is in host memory); on an
     accelerator it waits for the device, so the guard calls it only where its docs say it syncs."""
     return float(value.item())
+
+
+def read_all(values: torch.Tensor) -> list[float]:
+    """`read_now` for every element of a 1-D tensor."""
+    return [float(v) for v in values.tolist()]
 
 
 def host_clone(tensor: torch.Tensor) -> torch.Tensor:

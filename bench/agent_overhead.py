@@ -13,7 +13,9 @@ each block, and the training thread's CPU time is what launching and Python cost
 joins the default models there.
 
 Variants: none, gradwatch (defaults), gradwatch-full (full statistics every step, budget off),
-gradwatch-nohooks (forward_hooks=False), gradwatch-fixed (full statistics every N steps, budget off),
+gradwatch-nohooks (forward_hooks=False), gradwatch-guard (guard="skip": the gradient norm judged on every
+optimizer step; this loop gives no loss to observe_loss), gradwatch-fixed (full statistics every N steps, budget
+off),
 wandb (wandb.watch(log="all", log_freq=N)), tensorboard (add_histogram of every parameter and gradient every N
 steps), anomaly (torch.autograd.detect_anomaly around forward and backward), floor (no agent: only the device
 work gradwatch's defaults must do every step, bench/overhead/variants.py); N = gradwatch's default

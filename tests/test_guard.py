@@ -117,6 +117,7 @@ def test_grad_scaler_and_accumulation_skip_exactly(fused: bool) -> None:
     """GradScaler (CPU, enabled) steps the optimizer after two micro batches; the guard judges each optimizer
     step once: a NaN micro batch is the scaler's skip (not counted as the guard's), a spiking one the guard's,
     and the run ends exactly like one that never saw it. Fused: the gradients reach the guard still scaled."""
+
     def run(bad_step: int | None, with_guard: bool, address: str | None) -> tuple[nn.Module, Any]:
         model = make_mlp(seed=4)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=fused)
@@ -198,3 +199,67 @@ def test_guard_from_the_environment() -> None:
         resolve_config({}, env={"GRADWATCH_GUARD": "always"})
     # A keyword beats the variable.
     assert resolve_config({"guard": "off"}, env={"GRADWATCH_GUARD": "skip"}).guard.enabled is False
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_autopsy_tensor_ids_and_top_k_travel_exactly(seed: int) -> None:
+    """Integer-tensor batch ids of any int64 value survive the float32 report vector bit for bit; the top-k by
+    loss comes out highest first with NaN above all; micro steps' ids and losses add up (accumulation)."""
+    g = torch.Generator().manual_seed(seed)
+    model = make_mlp(seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected: list[tuple[list[str], list[str]]] = []
+    with ScriptableServer() as server:
+        monitor = gradwatch.attach(model, optimizer, server=server.address, run="autopsy", grad_accumulation=True,
+                                   guard={"policy": "skip", "top_k": 5})  # fmt: skip
+        for step in range(1, 6):
+            ids_all: list[int] = []
+            losses_all: list[torch.Tensor] = []
+            for micro in range(2):
+                x, y = batch(10 * step + micro)  # distinct samples: no ties in the top-k
+                ids = torch.randint(-(2**62), 2**62, (32,), generator=g)
+                per_sample = ((model(x) - y) ** 2).mean(dim=1)
+                per_sample.mean().backward()
+                reported = per_sample.detach().clone()
+                if step == 3:
+                    reported[7] = float("nan")
+                monitor.step(per_sample.mean(), batch_ids=ids, sample_losses=reported)
+                ids_all += ids.tolist()
+                losses_all.append(reported)
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.step(None)
+            losses = torch.cat(losses_all)
+            nan = torch.isnan(losses)
+            order = sorted(range(64), key=lambda i: (not nan[i], 0.0 if nan[i] else -float(losses[i]), i))[:5]
+            expected.append(([str(i) for i in ids_all], [str(ids_all[i]) for i in order]))
+        assert monitor.close(timeout=10)
+        reports = [f.report for f in server.servicer.stream_frames if f.HasField("report")]
+    assert len(reports) == 5
+    for report, (ids, top) in zip(reports, expected, strict=True):
+        assert list(report.batch_ids) == ids
+        got = [s.id for s in report.top_samples]
+        nans = sum(1 for s in report.top_samples if s.loss != s.loss)  # NaN ties come in no particular order
+        assert set(got[:nans]) == set(top[:nans]) and got[nans:] == top[nans:]
+        assert nans == (2 if report.step == 3 else 0)
+
+
+def test_bad_autopsy_input_is_counted_and_dropped_not_raised() -> None:
+    from gradwatch.agent import errors
+
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    errors.set_strict(False)
+    try:
+        with ScriptableServer() as server:
+            monitor = gradwatch.attach(model, optimizer, server=server.address, run="autopsy-bad")
+            x, y = batch(1)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss, batch_ids=torch.rand(32))  # float ids: not ids
+            monitor.step(loss, batch_ids="abc")  # a string is not a sequence of ids
+            assert monitor.counters()["internal_errors"].get("step", 0) >= 2
+            assert monitor.close(timeout=10)
+    finally:
+        errors.set_strict(True)

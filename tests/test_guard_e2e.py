@@ -90,5 +90,3 @@ def test_guarded_run_names_the_corrupted_samples_in_alert_incident_cli_and_html(
         assert 'id="autopsy"' in html and f"s{nan_step}-{nan_sample}" in html
     finally:
         app.stop()
-
-

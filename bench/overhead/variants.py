@@ -299,6 +299,7 @@ VARIANTS: dict[str, Variant] = {
             options=(("full_stats_interval", 1), ("overhead_budget", 0.0)),
         ),
         GradwatchVariant("gradwatch-nohooks", "gradwatch, no forward hooks", options=(("forward_hooks", False),)),
+        GradwatchVariant("gradwatch-guard", 'gradwatch, guard="skip"', options=(("guard", "skip"),)),
         GradwatchVariant(
             "gradwatch-fixed",
             f"gradwatch, full every {CADENCE}, no budget",
