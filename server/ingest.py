@@ -281,7 +281,7 @@ class Ingestor:
                 for spec, detector in self._detectors.get(run.run_id, ()):
                     if spec.scope == "run":
                         for finding in self._run_findings(spec, detector, run, None, now):
-                            self._verdict(run, None, spec, finding.rank, finding.verdict)
+                            self._apply_finding(run, None, spec, finding)
 
     def sweep(self) -> list[str]:
         """Expire runs finished longer than `finished_run_retention_s` ago: they leave /metrics and
@@ -324,7 +324,7 @@ class Ingestor:
         for spec, detector in self._detectors_for(run.run_id):
             if spec.scope == "run":
                 for finding in self._run_findings(spec, detector, run, report, 0.0):
-                    commands.extend(self._verdict(run, rank, spec, finding.rank, finding.verdict))
+                    commands.extend(self._apply_finding(run, rank, spec, finding))
                 continue
             try:
                 verdict = detector.observe(report)  # type: ignore[call-arg]
@@ -335,6 +335,14 @@ class Ingestor:
                 autopsy, verdict = autopsy_of(spec.name, report, verdict)
                 commands.extend(self._verdict(run, rank, spec, rank.rank, verdict, autopsy))
         return commands
+
+    def _apply_finding(self, run: RunState, sender: RankState | None, spec: DetectorSpec,
+                       finding: Finding) -> list[pb.Command]:  # fmt: skip
+        """Apply a cross-rank finding, with the autopsy of the report it is about when the detector held one."""
+        autopsy, verdict = None, finding.verdict
+        if finding.report is not None:
+            autopsy, verdict = autopsy_of(spec.name, finding.report, verdict)
+        return self._verdict(run, sender, spec, finding.rank, verdict, autopsy)
 
     def _run_findings(self, spec: DetectorSpec, detector: Detector | RunDetector, run: RunState,
                       report: RankReport | None, now: float) -> Sequence[Finding]:  # fmt: skip

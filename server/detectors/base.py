@@ -122,6 +122,8 @@ class Finding:
 
     rank: int
     verdict: Verdict
+    #: The report the verdict is about, when the detector holds it (its batch ids go into the alert's autopsy).
+    report: RankReport | None = None
 
 
 class RunDetector(Protocol):

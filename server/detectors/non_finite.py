@@ -77,7 +77,7 @@ class NonFiniteDetector:
                 findings.append(Finding(rank, Clear(step=report.step)))
         elif self._latch.firing(rank):
             self._latch.judge(rank, True)
-            findings.append(Finding(rank, self._fire(report, (), ())))
+            findings.append(Finding(rank, self._fire(report, (), ()), report))
         else:
             self._pending.setdefault(report.step, {}).setdefault(rank, report)
         findings += self._flush(ranks, now=None)
@@ -106,7 +106,7 @@ class NonFiniteDetector:
         findings = []
         for rank in (*origins, *received):  # origins first: the alert opens with the rank it started on
             if self._latch.judge(rank, True) == FIRE:
-                findings.append(Finding(rank, self._fire(held[rank], origins, received)))
+                findings.append(Finding(rank, self._fire(held[rank], origins, received), held[rank]))
         return findings
 
     def _fire(self, report: RankReport, origins: tuple[int, ...], received: tuple[int, ...]) -> Fire:
