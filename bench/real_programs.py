@@ -133,6 +133,11 @@ trainer.train()
 """
 
 
+def _prepare_sine(folder: pathlib.Path) -> None:
+    """time_sequence_prediction's own data generator, run in the copy."""
+    subprocess.run([sys.executable, "generate_sine_wave.py"], cwd=folder, check=True, timeout=120)
+
+
 def _prepare_hf(folder: pathlib.Path) -> None:
     (folder / "train_hf.py").write_text(textwrap.dedent(_HF_PROGRAM))
 
@@ -164,6 +169,15 @@ PROGRAMS: dict[str, Program] = {
                        _prepare_nanogpt, "karpathy/nanoGPT, attach then train, checkpoints"),
     "nanogpt_compile": Program("nanogpt_compile", "nanogpt", ".", ["train.py", "--compile=True", *_NANOGPT_ARGS],
                                _NANOGPT_PATCHES, _prepare_nanogpt, "the same with torch.compile after attach"),
+    # LBFGS: optimizer.step(closure) re-runs forward and backward up to 20 times a step; no monitor.step(loss):
+    # the loop keeps no loss outside its closure. Needs matplotlib (it plots); its data is a numpy array saved
+    # with torch.save, which torch >= 2.6 loads only without weights_only.
+    "time_sequence": Program("time_sequence", "examples", "time_sequence_prediction", ["train.py", "--steps", "2"],
+                             (Patch("train.py", r"^\s+optimizer = optim\.LBFGS\(",
+                                    "import gradwatch; _gw = gradwatch.attach(seq, optimizer)"),
+                              Patch("train.py", r"^\s+optimizer\.step\(closure\)", "_gw.step()")),
+                             _prepare_sine, "pytorch/examples time_sequence_prediction: LSTMCells, LBFGS, closure",
+                             {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}),
     "hf_trainer": Program("hf_trainer", None, ".", ["train_hf.py"],
                           (Patch("train_hf.py", r"^trainer = transformers\.Trainer\(",
                                  "from gradwatch.integrations.huggingface import GradwatchCallback; "
