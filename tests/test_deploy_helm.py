@@ -206,8 +206,10 @@ def test_prometheus_rule_carries_exactly_the_deploy_rules(chart: Any) -> None:
                api_versions=(MONITORING_API,))  # fmt: skip
     rule = r.one("PrometheusRule")
     assert rule["apiVersion"] == MONITORING_API and rule["metadata"]["labels"]["release"] == "kps"
-    deploy_rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())
-    assert rule["spec"] == deploy_rules
+    generated = (ROOT / "deploy" / "prometheus" / "rules.yml").read_text()
+    service = f"http://{FULLNAME}.{NAMESPACE}.svc:9400/incidents/"
+    assert "http://localhost:9400/incidents/" in generated
+    assert rule["spec"] == yaml.safe_load(generated.replace("http://localhost:9400/incidents/", service))
     annotations = [a for g in rule["spec"]["groups"] for a in g["rules"] if "alert" in a]
     assert any("{{ $labels.run }}" in a["annotations"]["summary"] for a in annotations)  # not eaten by Helm
 
@@ -393,3 +395,12 @@ spec:
     sidecar = check_native_sidecar(pod)
     assert sidecar["image"] == "gradwatch-server:0.1.0-custom"
     assert env_of(pod["containers"][0])["GRADWATCH_SERVER"] == "localhost:50051"
+
+
+def test_prometheus_rule_links_incidents_under_the_configured_base_url(chart: Any) -> None:
+    values = {"monitoring": {"prometheusRule": {"enabled": True, "force": True,
+                                                "incidentBaseUrl": "https://gw.example.com/"}}}  # fmt: skip
+    rule = render(chart, values).one("PrometheusRule")
+    links = [a["annotations"]["incident_url"] for g in rule["spec"]["groups"] for a in g["rules"]
+             if "incident_url" in a.get("annotations", {})]  # fmt: skip
+    assert links and all(link.startswith("https://gw.example.com/incidents/latest?run=") for link in links), links
