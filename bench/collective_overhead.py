@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Cost of collective tracking on a DDP job: step time with `track_collectives` on and off, side by side.
 
-A 2-rank DDP job (torch.multiprocessing.spawn + gloo, CPU, one thread per rank) trains three DDP replicas of the
+A 2-rank DDP job (torch.multiprocessing.spawn + gloo, CPU, one thread per rank) trains four DDP replicas of the
 same bench model (bench/overhead/models.py) in the same processes: `none` (no agent), `untracked` (gradwatch with
-track_collectives=False) and `tracked` (gradwatch defaults: collective progress on every report and a 2 s
-heartbeat, read on the sender thread from the flight recorder, and the agent's DDP communication hook timing the
-work between collectives). Every round runs one block of steps of each, in rotating order, so the machine's
-noise hits them alike; both ranks run the same block at the same time (a collective couples them anyway). Rank 0
-prints, per variant, the median over rounds of wall time, the training thread's CPU time (`time.thread_time`: the
-DDP hook runs there) and the process's CPU time (every thread: the sender threads included) per step, and tracked
-vs untracked: the cost of the tracking alone. On an oversubscribed machine wall time is noise; the CPU times hold.
-Both monitors stream to a real `gradwatch serve` in its own process.
+track_collectives=False), `tracked` (gradwatch defaults: collective progress on every report and a 2 s heartbeat,
+read on the sender thread from the flight recorder) and `timed` (also the opt-in DDP communication hook,
+ddp_comm_hook=True, timing the work between collectives). Every round runs one block of steps of each, in rotating
+order, so the machine's noise hits them alike; both ranks run the same block at the same time (a collective couples
+them anyway). Rank 0 prints, per variant, the median over rounds of wall time, the training thread's CPU time
+(`time.thread_time`: the DDP hook runs there) and the process's CPU time (every thread: the sender threads
+included) per step, and tracked and timed vs untracked: the cost of the tracking alone, and with the hook. On an
+oversubscribed machine wall time is noise; the CPU times hold.
+The monitors stream to a real `gradwatch serve` in its own process.
 
     python bench/collective_overhead.py [--model mlp] [--rounds 7] [--steps 30]
 """
@@ -36,7 +37,7 @@ from overhead.models import MODELS
 
 from paging_support import free_port, gradwatch_serve
 
-VARIANTS = ("none", "untracked", "tracked")
+VARIANTS = ("none", "untracked", "tracked", "timed")
 
 
 def _cpu_s() -> float:
@@ -64,7 +65,8 @@ def _worker(rank: int, world: int, port: int, target: str, model_key: str, round
         monitor = None
         if key != "none":
             monitor = gradwatch.attach(model, optimizer, run=f"collective-overhead-{key}", server=target,
-                                       track_collectives=key == "tracked")  # fmt: skip
+                                       track_collectives=key in ("tracked", "timed"),
+                                       ddp_comm_hook=key == "timed")  # fmt: skip
         jobs[key] = (model, optimizer, monitor)
 
     def block(key: str, n: int) -> None:
@@ -83,7 +85,7 @@ def _worker(rank: int, world: int, port: int, target: str, model_key: str, round
     cpu: dict[str, list[float]] = {k: [] for k in VARIANTS}
     thread: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for index in range(rounds):
-        order = VARIANTS[index % 3 :] + VARIANTS[: index % 3]
+        order = VARIANTS[index % len(VARIANTS) :] + VARIANTS[: index % len(VARIANTS)]
         for key in order:
             dist.barrier()
             started, cpu_started, thread_started = time.perf_counter(), _cpu_s(), time.thread_time()
@@ -94,21 +96,22 @@ def _worker(rank: int, world: int, port: int, target: str, model_key: str, round
     for _, _, monitor in jobs.values():
         if monitor is not None:
             monitor.close(timeout=5)
-    hooked = jobs["tracked"][2]._collectives.hooked  # type: ignore[union-attr]
+    hooked = jobs["timed"][2]._collectives.hooked  # type: ignore[union-attr]
     if rank == 0:
-        print(f"model {model_key}, 2 ranks (gloo, CPU), {rounds} rounds x {steps} steps; DDP hook installed: {hooked}")
+        print(f"model {model_key}, 2 ranks (gloo, CPU), {rounds} rounds x {steps} steps; DDP hook (timed): {hooked}")
         base = statistics.median(wall["none"])
         for key in VARIANTS:
             w, c, t = statistics.median(wall[key]), statistics.median(cpu[key]), statistics.median(thread[key])
             print(f"  {key:<10} wall {w * 1e3:7.2f} ms/step ({w / base:.3f}x none)  training thread CPU "
                   f"{t * 1e3:7.2f} ms/step  process CPU {c * 1e3:7.2f} ms/step")  # fmt: skip
-        extra_wall = statistics.median(wall["tracked"]) - statistics.median(wall["untracked"])
-        extra_cpu = statistics.median(cpu["tracked"]) - statistics.median(cpu["untracked"])
-        extra_thread = statistics.median(thread["tracked"]) - statistics.median(thread["untracked"])
         base_thread = statistics.median(thread["none"])
-        print(f"  tracking alone (tracked - untracked): wall {extra_wall * 1e6:+.0f} us/step, training thread CPU "
-              f"{extra_thread * 1e6:+.0f} us/step ({extra_thread / base_thread * 100:+.2f} % of its CPU per step "
-              f"without an agent), process CPU {extra_cpu * 1e6:+.0f} us/step")  # fmt: skip
+        for key, label in (("tracked", "tracking (defaults)"), ("timed", "tracking + DDP hook")):
+            extra_wall = statistics.median(wall[key]) - statistics.median(wall["untracked"])
+            extra_cpu = statistics.median(cpu[key]) - statistics.median(cpu["untracked"])
+            extra_thread = statistics.median(thread[key]) - statistics.median(thread["untracked"])
+            print(f"  {label} - untracked: wall {extra_wall * 1e6:+.0f} us/step, training thread CPU "
+                  f"{extra_thread * 1e6:+.0f} us/step ({extra_thread / base_thread * 100:+.2f} % of its CPU per step "
+                  f"without an agent), process CPU {extra_cpu * 1e6:+.0f} us/step")  # fmt: skip
     dist.destroy_process_group()
 
 
