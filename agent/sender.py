@@ -25,6 +25,7 @@ nothing here takes a lock.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
@@ -514,15 +515,17 @@ class Sender:
             return False
         # The stream is down (or never came up): one unary Flush with what is left, then stop.
         self._teardown_stream()
-        if len(self._replay):
-            self._flush(request.deadline)
+        if len(self._replay) or not self._goodbye_sent:
+            self._flush(request.deadline, wire.goodbye_frame(request.final_step, request.reason))
         return True
 
-    def _flush(self, deadline: float) -> None:
+    def _flush(self, deadline: float, goodbye: pb.AgentFrame) -> None:
+        """The final unary Flush: what is left, then the Goodbye (so the server sees this rank finish, as it
+        would over a stream)."""
         timeout = deadline - self._clock()
         if timeout <= 0.01:
             return
-        frames = (frame for _, frame in self._replay)
+        frames = itertools.chain((frame for _, frame in self._replay), (goodbye,))
         try:
             hello = wire.hello(self._identity)
             acked = flush(self._channel_factory, self._target, hello, frames, timeout, self._metadata())

@@ -250,7 +250,10 @@ def test_agent_close_uses_unary_flush_when_the_stream_is_down(server: Scriptable
     assert monitor.close(timeout=3)
     (request,) = server.servicer.flush_requests
     assert request.hello.run_id == "flushed" and len(request.hello.schema.names) == 3
-    assert [f.seq for f in request.frames] == list(range(1, 8))
+    assert [f.seq for f in request.frames] == [*range(1, 8), 0]
+    # The Goodbye last, as over a stream: the server sees the rank (and a one-rank run) finish.
+    assert [f.WhichOneof("body") for f in request.frames] == ["report"] * 7 + ["goodbye"]
+    assert request.frames[-1].goodbye.final_step == 7
     assert monitor.counters()["flushes"] == 1
 
 
