@@ -389,9 +389,15 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
 
 
 def _nan_after(module: nn.Module, name: str, state: dict[str, int], step: int) -> Any:
-    """A one-step forward hook that puts a NaN into `name`'s output (token models: the input's first module)."""
+    """For one step, `name` itself puts a NaN into its output (token models: the input's first module).
 
-    def poison(mod: nn.Module, args: Any, out: Any) -> Any:
+    The module's forward is wrapped (not a forward hook): the NaN is then the module's own output, as a numerical
+    fault inside it would be, for every observer of that module, whatever order hooks run in."""
+    target = dict(module.named_modules())[name]
+    forward = target.forward
+
+    def poisoned(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
         if state["step"] != step:
             return out
         state["step"] = -1
@@ -400,7 +406,8 @@ def _nan_after(module: nn.Module, name: str, state: dict[str, int], step: int) -
         first.view(-1)[-1] = float("nan")  # the last element: an RNN's last time step, which its head reads
         return (first, *out[1:]) if isinstance(out, tuple) else first
 
-    return dict(module.named_modules())[name].register_forward_hook(poison)
+    target.forward = poisoned  # type: ignore[method-assign]
+    return target
 
 
 def run_matrix(run: MatrixRun) -> MatrixResult:
