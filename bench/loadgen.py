@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -351,10 +352,22 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 
 
 def _applied_reports(http_url: str) -> dict[tuple[str, int], int]:
-    """(run, rank) -> reports the server applied, from /api/v1/runs."""
-    runs = json.loads(_get(http_url + "/api/v1/runs"))
+    """(run, rank) -> reports the server applied, from /api/v1/runs (a run's view lists its lowest ranks only:
+    the rest are paged from /api/v1/runs/<run>/ranks)."""
+    runs = json.loads(_get(http_url + "/api/v1/runs?limit=10000"))
     runs = runs["runs"] if isinstance(runs, dict) else runs
-    return {(r["run"], k["rank"]): int(k["reports"]) for r in runs for k in r["ranks"]}
+    applied = {}
+    for run in runs:
+        ranks = list(run["ranks"])
+        if run.get("ranks_total", len(ranks)) > len(ranks):
+            ranks, offset = [], 0
+            quoted = urllib.parse.quote(run["run"], safe="")
+            while offset is not None:
+                page = json.loads(_get(f"{http_url}/api/v1/runs/{quoted}/ranks?limit=1000&offset={offset}"))
+                ranks += page["ranks"]
+                offset = page.get("next_offset")
+        applied.update({(run["run"], k["rank"]): int(k["reports"]) for k in ranks})
+    return applied
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

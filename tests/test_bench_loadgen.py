@@ -7,6 +7,7 @@ every injected NaN pages through Alertmanager, and no healthy frame raises anoth
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -46,6 +47,11 @@ def test_loadgen_groups_reports_per_write(batch: bool) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("GRADWATCH_LOAD_TESTS") != "1",
+    reason="a capacity check (p99 of a page under load): run with GRADWATCH_LOAD_TESTS=1 on a host with cores to "
+    "spare; on a 2-CPU host the server alone takes 95 % of a core here (bench/RESULTS.md)",
+)
 def test_reads_of_100k_series_and_a_4096_rank_run_never_stall_paging() -> None:
     """While /metrics (~100 k series: 64 runs × 256 layers × 6 per-layer families, plus per-rank series) and
     /api/v1/runs (with a 4,096-rank run) are read back to back the whole time, every injected NaN still pages
