@@ -126,22 +126,22 @@ def _module_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
         _run(entry.post_kwargs, module, args, kwargs, output)
 
 
-def _optimizer_pre_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+def _optimizer_callback(optimizer: Any, post: bool, args: Any, kwargs: Any) -> None:
+    """The watched optimizer's pre- or post-step callbacks (none while compiling or for another optimizer)."""
     if _is_compiling():
         return
     entry = _optimizers.get(id(optimizer))
     if entry is None or entry.ref() is not optimizer:
         return
-    _run(entry.pre, optimizer, args, kwargs)
+    _run(entry.post if post else entry.pre, optimizer, args, kwargs)
+
+
+def _optimizer_pre_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+    _optimizer_callback(optimizer, False, args, kwargs)
 
 
 def _optimizer_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
-    if _is_compiling():
-        return
-    entry = _optimizers.get(id(optimizer))
-    if entry is None or entry.ref() is not optimizer:
-        return
-    _run(entry.post, optimizer, args, kwargs)
+    _optimizer_callback(optimizer, True, args, kwargs)
 
 
 class Watch:
