@@ -105,7 +105,7 @@ class ServerApp:
         self.stats = IngestStats()
         #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
         self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
-        self.keeper = StateKeeper(self.database, self.store, self.alert_book)
+        self.keeper = StateKeeper(self.database, self.store, self.alert_book, ring_length=limits.ring_length)
         self.recorder = FlightRecorder(
             self.config.recorder,
             self.database,
@@ -289,7 +289,7 @@ class ServerApp:
         with self.store.lock:
             live = frozenset(run.run_id for run in self.store.runs())
         try:
-            self.database.prune(keep_runs=live)
+            self.database.prune(keep_runs=live, series_rows=self.config.limits.ring_length)
         except Exception:
             self.database.write_errors += 1
             log.exception("pruning the database failed")

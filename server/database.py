@@ -9,11 +9,16 @@ Contract
   a run's Hello, an alert's fire and resolve transitions, an incident opening and
   closing. Progress (a run's latest step, the ranks of a firing alert) is checkpointed
   by the app every sweep.
+* A run's ranks (their API views, one row each), each rank's report ring (the rows appended since the
+  previous checkpoint, one chunk per rank and checkpoint, numbered by the rank's report count) and its
+  per-layer aggregates and global gradient norms (`run_parts`) are written by `checkpoint()`, so a restored
+  run answers /api/v1 and /metrics as before the restart (gradwatch.server.persistence).
 * Incident windows are stored as one compressed numpy archive (`.npz` bytes) per
   incident, never as per-layer rows. JSON bodies are strict (no NaN).
 * Retention: `prune()` deletes incidents older than `incident_retention_s`, then the
   oldest beyond `max_incidents` or `max_incident_bytes`, runs unseen for
-  `run_retention_s` or beyond `max_runs`, and resolved alerts beyond `alert_history`;
+  `run_retention_s` or beyond `max_runs` (with their ranks, series and parts), series chunks older than the
+  latest `series_rows` reports of their rank, and resolved alerts beyond `alert_history`;
   what it deleted is counted in `pruned` by (table, reason).
 * Thread-safe: one connection guarded by one lock (reads are short).
 """
@@ -26,12 +31,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradwatch.server.config import StorageConfig
 
-__all__ = ["DB_FILE", "SCHEMA_VERSION", "Database"]
+__all__ = ["DB_FILE", "SCHEMA_VERSION", "Checkpoint", "Database"]
 
 DB_FILE = "gradwatch.db"
 SCHEMA_VERSION = 1
@@ -52,12 +58,39 @@ CREATE TABLE IF NOT EXISTS incidents (
     alert_id TEXT NOT NULL, step INTEGER NOT NULL, opened_at REAL NOT NULL, status TEXT NOT NULL,
     body TEXT NOT NULL, window BLOB NOT NULL, window_bytes INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS incidents_opened ON incidents (opened_at);
+CREATE TABLE IF NOT EXISTS ranks (
+    run_id TEXT NOT NULL, rank INTEGER NOT NULL, view TEXT NOT NULL, PRIMARY KEY (run_id, rank));
+CREATE TABLE IF NOT EXISTS series (
+    run_id TEXT NOT NULL, rank INTEGER NOT NULL, start INTEGER NOT NULL, stop INTEGER NOT NULL, rows BLOB NOT NULL,
+    PRIMARY KEY (run_id, rank, start));
+CREATE INDEX IF NOT EXISTS series_stop ON series (run_id, rank, stop);
+CREATE TABLE IF NOT EXISTS run_parts (
+    run_id TEXT NOT NULL, part TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (run_id, part));
 """
 
+_PUT_RUN = (
+    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+    "job_name=excluded.job_name, world_size=excluded.world_size, last_seen=excluded.last_seen, "
+    "finished_at=excluded.finished_at, protocol_version=excluded.protocol_version, summary=excluded.summary"
+)
 _RUN_KEYS = ("run_id", "job_name", "world_size", "first_seen", "last_seen", "finished_at", "protocol_version")
 _RUN_COLUMNS = ", ".join((*_RUN_KEYS, "summary"))
 #: Columns of an incident summary (list views); the body holds everything else.
 _SUMMARY = "id, run_id, detector, severity, alert_id, step, opened_at, status, window_bytes, body"
+
+
+@dataclass
+class Checkpoint:
+    """What one checkpoint writes (Database.checkpoint)."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)  # as put_run takes them
+    ranks: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)  # (run, rank, view)
+    series: list[tuple[str, int, int, int, bytes]] = field(default_factory=list)  # (run, rank, start, stop, rows)
+    parts: list[tuple[str, str, bytes]] = field(default_factory=list)  # (run, part, body)
+    forget: list[str] = field(default_factory=list)  # runs whose saved rank rows are dropped first
+
+    def __bool__(self) -> bool:
+        return bool(self.runs or self.ranks or self.series or self.parts or self.forget)
 
 
 class Database:
@@ -121,13 +154,41 @@ class Database:
             for run in runs
         ]
         with self._lock, self._transaction():
+            self._conn.executemany(_PUT_RUN, rows)
+
+    def checkpoint(self, c: Checkpoint) -> None:
+        """Write one checkpoint in one transaction: `forget` runs' rank rows go first (a restored run whose
+        agents are back lists only the ranks that came back), then runs, rank views, series chunks and parts."""
+        runs = [
+            (r["run_id"], r["job_name"], r["world_size"], r["first_seen"], r["last_seen"], r["finished_at"],
+             r["protocol_version"], _dumps(r["summary"]))
+            for r in c.runs
+        ]  # fmt: skip
+        with self._lock, self._transaction():
+            self._conn.executemany("DELETE FROM ranks WHERE run_id = ?", [(run,) for run in c.forget])
+            self._conn.executemany(_PUT_RUN, runs)
             self._conn.executemany(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
-                "job_name=excluded.job_name, world_size=excluded.world_size, last_seen=excluded.last_seen, "
-                "finished_at=excluded.finished_at, protocol_version=excluded.protocol_version, "
-                "summary=excluded.summary",
-                rows,
+                "INSERT OR REPLACE INTO ranks VALUES (?, ?, ?)", [(run, rank, _dumps(v)) for run, rank, v in c.ranks]
             )
+            self._conn.executemany("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)", c.series)
+            self._conn.executemany("INSERT OR REPLACE INTO run_parts VALUES (?, ?, ?)", c.parts)
+
+    def run_ranks(self, run_id: str) -> list[dict[str, Any]]:
+        """The saved rank views of a run, by rank."""
+        rows = self._read("SELECT view FROM ranks WHERE run_id = ? ORDER BY rank", (run_id,))
+        return [json.loads(row[0]) for row in rows]
+
+    def run_series(self, run_id: str) -> dict[int, list[tuple[int, int, bytes]]]:
+        """rank -> its saved series chunks (start, stop, rows), oldest first."""
+        rows = self._read("SELECT rank, start, stop, rows FROM series WHERE run_id = ? ORDER BY rank, start", (run_id,))
+        chunks: dict[int, list[tuple[int, int, bytes]]] = {}
+        for rank, start, stop, data in rows:
+            chunks.setdefault(int(rank), []).append((int(start), int(stop), bytes(data)))
+        return chunks
+
+    def run_parts(self, run_id: str) -> dict[str, bytes]:
+        return {part: bytes(body) for part, body in self._read("SELECT part, body FROM run_parts WHERE run_id = ?",
+                                                               (run_id,))}  # fmt: skip
 
     def runs(self, limit: int) -> list[dict[str, Any]]:
         """The `limit` most recently seen runs, least recent first."""
@@ -241,10 +302,13 @@ class Database:
 
     # ------------------------------------------------------------------ retention
 
-    def prune(self, *, keep_runs: frozenset[str] = frozenset()) -> dict[tuple[str, str], int]:
+    def prune(
+        self, *, keep_runs: frozenset[str] = frozenset(), series_rows: int = 1 << 16
+    ) -> dict[tuple[str, str], int]:
         """Apply the retention limits now; returns what this call deleted by (table, reason).
 
-        `keep_runs` (runs the server still tracks) are never pruned from the registry.
+        `keep_runs` (runs the server still tracks) are never pruned from the registry; `series_rows`: reports
+        kept per rank (limits.ring_length: what a rank's ring holds).
         """
         cfg, now = self._config, self._clock()
         deleted: dict[tuple[str, str], int] = {}
@@ -295,6 +359,18 @@ class Database:
                     f"DELETE FROM runs WHERE run_id IN (SELECT run_id FROM runs ORDER BY last_seen DESC "
                     f"LIMIT -1 OFFSET ?){spare}",
                     (cfg.max_runs, *keep),
+                ).rowcount,
+            )
+            for table in ("ranks", "series", "run_parts"):
+                orphans = c.execute(f"DELETE FROM {table} WHERE run_id NOT IN (SELECT run_id FROM runs)")
+                note(table, "run_pruned", orphans.rowcount)
+            note(
+                "series",
+                "count",
+                c.execute(
+                    "DELETE FROM series WHERE stop <= (SELECT MAX(s.stop) FROM series s "
+                    "WHERE s.run_id = series.run_id AND s.rank = series.rank) - ?",
+                    (series_rows,),
                 ).rowcount,
             )
             note(

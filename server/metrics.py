@@ -32,7 +32,7 @@ from gradwatch.server.stats import LATENCY_BUCKETS_S, IngestStats
 from gradwatch.server.store import RunState, RunStore
 from gradwatch.server.views import loss_view
 
-__all__ = ["MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
+__all__ = ["LAYER_COLUMNS", "MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
 
 #: Agent-supplied drop reasons exported per run (label values from the wire are capped).
 MAX_AGENT_DROP_REASONS = 16
@@ -59,6 +59,10 @@ _LAYER_FAMILIES = (
         "|Δw|/|w| of the layer's latest full-statistics optimizer step, max over ranks.",
     ),
 )
+
+
+#: The per-layer columns exported (what a restored run keeps of its layers: gradwatch.server.persistence).
+LAYER_COLUMNS = tuple(column for column, _, _ in _LAYER_FAMILIES)
 
 
 class GradwatchCollector(Collector):
@@ -251,7 +255,7 @@ class _RunFamilies:
     def add_run(self, run: RunState, firing: set[tuple[str, str]], detector_names: tuple[str, ...]) -> None:
         rid = run.run_id
         self.info.add_metric([rid, run.job_name, str(run.world_size)], 1)
-        ranks = list(run.ranks.values())
+        ranks = list(run.ranks.values()) or list(run.restored_ranks.values())  # restored: as saved
         steps = [r.last_step for r in ranks if r.last_step is not None]
         if steps:
             self.step.add_metric([rid], max(steps))

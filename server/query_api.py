@@ -26,7 +26,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from gradwatch.server.limits import BAD_QUERY
-from gradwatch.server.views import finite_or_none, rank_views, restored_ranks
+from gradwatch.server.views import finite_or_none, rank_views, saved_rank_views
 
 if TYPE_CHECKING:
     from gradwatch.server.app import ServerApp
@@ -122,13 +122,14 @@ class QueryApi:
             run = app.store.get(run_id)
             if run is None:
                 return _json(404, {"error": f"no such run: {run_id!r}"})
-            numbers = [r for r in sorted(run.ranks) if not wanted or r in wanted]
-            saved = restored_ranks(run)
+            held = run.ranks or run.restored_ranks  # restored: the saved ranks, until an agent is back
+            numbers = [r for r in sorted(held) if not wanted or r in wanted]
+            saved = saved_rank_views(run)
             if what == "ranks" and saved is not None:  # as saved before a restart, until an agent is back
                 listed = [r for r in saved if not wanted or r["rank"] in wanted]
                 return _json(200, {"run": run_id, **_page("ranks", listed, query, RANKS_DEFAULT)})
             page = _page("ranks", numbers, query, RANKS_DEFAULT if what == "ranks" else SERIES_RANKS_DEFAULT)
-            ranks = [run.ranks[r] for r in page.pop("ranks")]
+            ranks = [held[r] for r in page.pop("ranks")]
             if what == "ranks":
                 return _json(200, {"run": run_id, "ranks": rank_views(run, ranks), **page})
             series = [(r.rank, r.ring.rows()[-last:]) for r in ranks]

@@ -97,3 +97,21 @@ class RecordRing:
         if self.count <= self._data.size:
             return self._data[: self.count].copy()
         return np.concatenate((self._data[self._next :], self._data[: self._next]))
+
+    def last(self, n: int) -> np.ndarray:
+        """A chronological copy of the latest `n` held rows (fewer if fewer are held): O(n), not O(capacity)."""
+        n = max(0, min(n, len(self)))
+        if n <= self._next:
+            return self._data[self._next - n : self._next].copy()
+        return np.concatenate((self._data[self._data.size - (n - self._next) :], self._data[: self._next]))
+
+    def refill(self, rows: np.ndarray, count: int) -> None:
+        """Start from saved state: the latest `rows` (chronological; the last `capacity` are kept) of a ring
+        that had `count` appended in all (gradwatch.server.persistence, after a restart)."""
+        rows = rows[-self._capacity :]
+        if rows.size == 0:
+            return
+        self._data = np.zeros(rows.size, dtype=self._data.dtype)
+        self._data[:] = rows
+        self._next = rows.size
+        self.count = max(count, int(rows.size))

@@ -166,6 +166,12 @@ class RunState:
     #: Hello.detector_settings of the run's first Hello (fixed for the run's life; None: not known, a run
     #: restored from a database written before settings were kept).
     detector_settings: dict[str, str] | None = None
+    #: Restored from the database with the run (gradwatch.server.persistence): each saved rank's latest values
+    #: and report ring, read while no agent is back; a rank that comes back continues its ring. Not in `ranks`
+    #: (no detector, eviction or finish rule sees them); counted in RunStore.ranks_total.
+    restored_ranks: dict[int, RankState] = field(default_factory=dict)
+    #: The per-layer aggregates (aggregate_layers) saved with a restored run: column -> (values, seen).
+    restored_layers: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -241,6 +247,7 @@ class RunState:
         clone = object.__new__(RunState)
         clone.__dict__.update(self.__dict__)
         clone.ranks = {number: _copied(state) for number, state in self.ranks.items()}
+        clone.restored_ranks = {number: _copied(state) for number, state in self.restored_ranks.items()}
         clone.layer_names = list(self.layer_names)
         clone.non_finite_counts = dict(self.non_finite_counts)
         clone.detector_triggers = dict(self.detector_triggers)
@@ -255,7 +262,11 @@ class RunState:
 
         NaN is ignored unless every reporting rank has NaN (then the value is NaN): the
         series keeps existing, and non-finite values are counted (and alerted on) elsewhere.
+        A restored run without an agent back answers what was saved before the restart.
         """
+        if not self.ranks and column in self.restored_layers:
+            saved, reported = self.restored_layers[column]
+            return saved.copy(), reported.copy()
         out = np.full(len(self.layer_names), np.nan, dtype=np.float32)
         seen = np.zeros(len(self.layer_names), dtype=bool)
         for state in self.ranks.values():
@@ -294,7 +305,8 @@ class RunStore:
         with self.lock:
             now = self._clock()
             held = self._runs.get(hello.run_id)
-            if (held is None or hello.rank not in held.ranks) and self.ranks_total >= self._limits.max_ranks_total:
+            held_rank = held is not None and (hello.rank in held.ranks or hello.rank in held.restored_ranks)
+            if not held_rank and self.ranks_total >= self._limits.max_ranks_total:
                 raise rank_limit_reached(hello.run_id, hello.rank, self._limits.max_ranks_total)
             run, evicted = self._run_for(hello, now)
             run.job_name = hello.job_name or run.job_name
@@ -397,8 +409,9 @@ class RunStore:
         with self.lock:
             run.detector_triggers[detector] = run.detector_triggers.get(detector, 0) + 1
 
-    def restore(self, record: Mapping[str, Any]) -> RunState:
-        """Re-register a run saved before a restart (gradwatch.server.persistence), without ranks."""
+    def restore(self, record: Mapping[str, Any], ranks: Mapping[int, RankState] | None = None) -> RunState:
+        """Re-register a run saved before a restart (gradwatch.server.persistence), without live ranks; `ranks`:
+        its saved ranks (RunState.restored_ranks), as many as limits.max_ranks_total leaves room for."""
         with self.lock:
             run = self._runs.get(record["run_id"])
             if run is not None:
@@ -419,6 +432,9 @@ class RunStore:
                 restored_summary=dict(record["summary"]),
                 detector_settings=record["summary"].get("detector_settings"),
             )
+            room = max(0, self._limits.max_ranks_total - self.ranks_total)
+            run.restored_ranks = dict(itertools.islice(sorted((ranks or {}).items()), room))
+            self.ranks_total += len(run.restored_ranks)
             self._runs[run.run_id] = run
             return run
 
@@ -485,16 +501,17 @@ class RunStore:
 
     def _drop(self, run: RunState) -> None:
         del self._runs[run.run_id]
-        self.ranks_total -= len(run.ranks)
+        self.ranks_total -= len(run.ranks) + len(run.restored_ranks)
         self.evicted_total += 1
 
     def _rank_for(self, run: RunState, hello: pb.Hello) -> RankState:
         state = run.ranks.get(hello.rank)
         if state is None:
-            self.ranks_total += 1
+            saved = run.restored_ranks.pop(hello.rank, None)  # back after a restart: its series continue
+            self.ranks_total += saved is None
             state = RankState(
                 rank=hello.rank,
-                ring=RecordRing(RING_DTYPE, self._limits.ring_length),
+                ring=saved.ring if saved is not None else RecordRing(RING_DTYPE, self._limits.ring_length),
                 schema=run.intern_schema(tuple(hello.schema.names)),
             )
             run.ranks[hello.rank] = state

@@ -12,7 +12,7 @@ from typing import Any
 
 from gradwatch.server.store import RankState, RunState
 
-__all__ = ["EVENTS_IN_VIEW", "finite_or_none", "loss_view", "rank_view", "rank_views", "restored_ranks", "run_view"]
+__all__ = ["EVENTS_IN_VIEW", "finite_or_none", "loss_view", "rank_view", "rank_views", "run_view", "saved_rank_views"]
 
 #: Most recent agent events included per run.
 EVENTS_IN_VIEW = 10
@@ -31,8 +31,7 @@ def run_view(run: RunState, firing: list[str], *, max_ranks: int = RANKS_IN_VIEW
     once for all ranks."""
     saved = run.restored_summary  # restored from the database, no agent back yet
     if saved and "view" in saved:
-        view = _restored_view(run, saved["view"], firing)
-        return {**view, "ranks": view["ranks"][:max_ranks]}
+        return _restored_view(run, saved["view"], firing) | {"ranks": (saved_rank_views(run) or [])[:max_ranks]}
     ranks = [run.ranks[r] for r in sorted(run.ranks)]
     loss = loss_view(ranks)
     norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
@@ -72,25 +71,26 @@ def run_view(run: RunState, firing: list[str], *, max_ranks: int = RANKS_IN_VIEW
 
 
 def _restored_view(run: RunState, view: dict[str, Any], firing: list[str]) -> dict[str, Any]:
-    """The view saved before a restart (gradwatch.server.persistence) with what is live now: state, firing,
-    and ranks that are no longer connected (no agent has come back yet)."""
+    """The view saved before a restart (gradwatch.server.persistence) with what is live now: state and firing
+    (its ranks: saved_rank_views)."""
     return {
         **view,
         "state": "finished" if run.finished else "active",
         "finished_at": run.finished_at,
         "last_seen": run.last_seen,
         "firing": sorted(firing),
-        "ranks": [{**r, "connected": False} for r in view.get("ranks", [])],
         "restored": True,
     }
 
 
-def restored_ranks(run: RunState) -> list[dict[str, Any]] | None:
-    """The rank views saved before a restart while no agent of the run is back, else None."""
+def saved_rank_views(run: RunState) -> list[dict[str, Any]] | None:
+    """Every rank's view as saved before a restart, by rank, none connected (no agent of the run is back);
+    None for a live run. A database written before ranks were saved on their own gives its run view's ranks."""
     saved = run.restored_summary
     if not saved or "view" not in saved:
         return None
-    return [{**r, "connected": False} for r in saved["view"].get("ranks", [])]
+    ranks = saved["ranks"] if "ranks" in saved else saved["view"].get("ranks", [])
+    return [{**r, "connected": False} for r in ranks]
 
 
 def loss_view(ranks: list[RankState]) -> dict[str, Any]:
