@@ -128,6 +128,7 @@ class RankReport:
     def input_non_finite(self) -> bool:
         """The agent saw NaN/Inf in the model's input batch at this step (every step, not only full ones)."""
         return bool(self.non_finite_flags & pb.NON_FINITE_FLAG_INPUT)
+
     #: Elements of each layer this rank holds (Hello.schema.local_param_counts; None when not said). 0: the rank
     #: holds nothing of the layer (an FSDP2 shard can be empty), so its all-zero columns say nothing.
     local_param_counts: np.ndarray | None = None

@@ -19,6 +19,7 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from test_recorder import wait_until
 
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import StorageConfig
@@ -26,7 +27,6 @@ from gradwatch.server.database import DB_FILE
 from gradwatch.server.views import RANKS_IN_VIEW
 from hardening_support import flush_outcome
 from server_support import columns, get_json, hello, http_get, report_frame, server_config
-from test_recorder import wait_until
 
 LAYERS = 3
 #: Gauges that legitimately read differently after a restart: no agent is connected to the new process.
@@ -53,8 +53,12 @@ def feed(app: ServerApp, run: str, ranks: range, world_size: int, reports: range
                 loss=float("nan") if (rank == 1 and seq >= 7) else 1.0 / (seq + rank),
                 grad_norm=0.5 + rank + seq / 8,
                 grad_global_share=(rank + 1) * seq / 64,
-                layers=columns(LAYERS, grad_norm=[rank + seq, seq / 2, rank / 3], weight_norm=seq + 0.25,
-                               update_ratio=[1e-3 * seq, float("nan"), 2e-3]),  # fmt: skip
+                layers=columns(
+                    LAYERS,
+                    grad_norm=[rank + seq, seq / 2, rank / 3],
+                    weight_norm=seq + 0.25,
+                    update_ratio=[1e-3 * seq, float("nan"), 2e-3],
+                ),
             )
             for seq in reports
         ]

@@ -53,9 +53,7 @@ class DeadReluConfig(DetectorConfig):
         0.3, doc="... and at least this much above the layer's baseline (median of recent normal reports) ...",
         ge=0.0, le=1.0,
     )  # fmt: skip
-    all_dead_fraction: float = setting(
-        0.9, doc="... or at least this fraction, whatever the baseline.", gt=0.0, le=1.0
-    )
+    all_dead_fraction: float = setting(0.9, doc="... or at least this fraction, whatever the baseline.", gt=0.0, le=1.0)
     window: int = setting(10, doc="Recent normal full reports forming each layer's baseline.", ge=1)
     consecutive: int = setting(3, doc="Full reports in a row over the thresholds before firing.", ge=1)
     min_reports: int = setting(3, doc="Full reports that only build the baseline (warm-up).", ge=0)

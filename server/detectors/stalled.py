@@ -123,8 +123,10 @@ class StalledDetector:
                        f"{ranks.describe(np.flatnonzero(frozen))} also stopped sending heartbeats (process "
                        "frozen, dead or cut off): probably the cause")  # fmt: skip
             return frozen, summary
-        summary = (f"the whole run stalled at step {int(steps.max())} ({pace}); its {int(live.sum())} ranks "
-                   f"({ranks.describe(np.flatnonzero(live), limit=4)}) are at the same step, none is behind")
+        summary = (
+            f"the whole run stalled at step {int(steps.max())} ({pace}); its {int(live.sum())} ranks "
+            f"({ranks.describe(np.flatnonzero(live), limit=4)}) are at the same step, none is behind"
+        )
         return stalled, summary
 
 

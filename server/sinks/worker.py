@@ -158,11 +158,7 @@ class SinkWorker:
             try:
                 self.sink.deliver(list(batch.values()), policy.timeout_s)
             except DeliveryError as exc:
-                final = (
-                    not exc.retryable
-                    or self._stopping.is_set()
-                    or self._clock() - started >= policy.deadline_s
-                )
+                final = not exc.retryable or self._stopping.is_set() or self._clock() - started >= policy.deadline_s
                 self._count("failed" if final else "retried", len(batch), healthy=False, problem=str(exc))
                 if final:
                     return
