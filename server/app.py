@@ -176,6 +176,7 @@ class ServerApp:
         if self._thread is not None:
             raise RuntimeError("ServerApp already started")
         self.keeper.restore(self.config.limits.max_runs)
+        self.ingestor.sweep()  # restored runs finished past the retention leave /metrics before the first scrape
         self.silences.restore(self.database.silences())
         self._prune()
         self._loop = asyncio.new_event_loop()

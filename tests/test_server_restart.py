@@ -3,8 +3,9 @@
 Two runs: one that finished cleanly after a NaN (its alert resolved when the run expired) and one whose loss has
 been NaN since a step and whose agent is still attached (its alert firing). The server is restarted on a gRPC port
 the agent does not know, so nothing new arrives and every answer must match the one before the restart.
-Not compared: `/api/v1/runs/<run>/series`, the recent series in memory (an incident's window keeps the
-history around an alert), and `/metrics` (counters start again at a restart, as Prometheus expects).
+Compared too: each run's `/series` (every rank's recent reports) and every gauge of /metrics that describes a run.
+Not compared: /metrics counters (a restarted process starts them at 0, which Prometheus' rate() expects) and
+`gradwatch_run_ranks_connected` (no agent is connected to the new process, like a rank's `connected`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from test_recorder import saved_step, serve_process, train, wait_until  # noqa: E402
+from test_server_restart_state import run_gauges  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.agent.config import RetryPolicy  # noqa: E402
 from gradwatch.demo import DemoTraining  # noqa: E402
 from paging_support import free_port  # noqa: E402
-from server_support import get_json  # noqa: E402
+from server_support import get_json, http_get  # noqa: E402
 
 #: The NaN job: trains 40 steps with a NaN injected at step 30 (the loss stays NaN), says so, then waits.
 SICK_JOB = """
@@ -54,6 +56,8 @@ def answers(url: str) -> dict[str, Any]:
         name = urllib.parse.quote(run["run"], safe="")
         fetch(f"runs/{name}")
         fetch(f"runs/{name}/ranks")
+        fetch(f"runs/{name}/series")
+        got[f"/metrics gauges of {run['run']}"] = run_gauges(http_get(f"{url}/metrics")[2].decode(), run["run"])
     for state in ("", "?state=firing", "?state=resolved"):
         fetch(f"alerts{state}")
     for incident in fetch("incidents")["incidents"]:
