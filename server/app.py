@@ -52,6 +52,7 @@ from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
 from gradwatch.server.recorder import FlightRecorder, RecorderCollector
 from gradwatch.server.render import AlertRenderer
+from gradwatch.server.sessions import PageSessions
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
 from gradwatch.server.stats import IngestStats
@@ -93,8 +94,13 @@ class ServerApp:
         auth = self.config.auth
         self.tokens = TokenSource(auth.tokens_file) if auth.tokens_file else None
         self._guard = None
+        #: Browser sessions for the HTML pages, when the guard protects them (server/sessions.py).
+        self.page_sessions: PageSessions | None = None
         if self.tokens is not None:
             self._guard = HttpGuard(self.tokens, protect_api=auth.protect_api, protect_metrics=auth.protect_metrics)
+            if auth.protect_api:
+                secure = self._tls is not None or self.config.alerting.external_url.startswith("https://")
+                self.page_sessions = PageSessions(self.tokens, self._guard, secure=secure)
         names = tuple(spec.name for spec in detectors)
         self.store = RunStore(limits, detector_names=names, clock=clock, can_evict=self._without_firing_alerts)
         alerting = self.config.alerting
@@ -196,6 +202,7 @@ class ServerApp:
                 silences=self.silences,
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
+                sessions=self.page_sessions,
                 routes=(QueryApi(self).route, Pages(self).route),
                 rejections=self.http_rejections,
                 max_connections=http.max_connections,

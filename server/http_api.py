@@ -30,7 +30,9 @@ Transport contract
 - With a TLS context source the port speaks only TLS; the context is asked for at every handshake (a rotated
   certificate applies to new connections), and a handshake gets TLS_HANDSHAKE_TIMEOUT_S.
 - With a guard (server/auth.py), requests without the bearer token a path needs get 401 (with
-  `WWW-Authenticate: Bearer`) or 403 before any route runs.
+  `WWW-Authenticate: Bearer`) or 403 before any route runs. With page sessions (server/sessions.py) the
+  HTML pages also take a session cookie from a login form (`GET`/`POST /login`, `/logout`); a page without
+  either answers 401 with a page that leads to the login. The API and /metrics take bearer tokens only.
 - Every response carries `X-Content-Type-Options: nosniff`; HTML carries a Content-Security-Policy that allows
   no script, no network access and only inline styles and data: images (the pages are self-contained).
 """
@@ -57,6 +59,7 @@ from prometheus_client.registry import Collector
 
 from gradwatch.server.auth import HttpGuard
 from gradwatch.server.limits import BAD_BODY, BadRequest, HttpRejections, parse_json_body
+from gradwatch.server.sessions import ALLOWED, HTML, LOGIN, LOGOUT, MAX_FORM_BYTES, Answer, PageSessions
 from gradwatch.server.silences import SilenceBook
 
 __all__ = ["CSP", "HttpApi", "HttpCollector", "HttpStats"]
@@ -83,6 +86,8 @@ CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+#: The CSP of the login and logout pages: the pages' own, letting their form post to this server.
+FORM_CSP = CSP.replace("form-action 'none'", "form-action 'self'")
 START_TIMEOUT_S = 30.0
 
 
@@ -110,6 +115,7 @@ class HttpApi:
         silences: SilenceBook,
         tls_context: Callable[[], ssl.SSLContext] | None = None,
         guard: HttpGuard | None = None,
+        sessions: PageSessions | None = None,
         routes: Sequence[Routes] = (),
         rejections: HttpRejections | None = None,
         max_connections: int = 512,
@@ -121,6 +127,7 @@ class HttpApi:
         self._silences = silences
         self._tls_context = tls_context
         self._guard = guard
+        self._sessions = sessions
         self._routes = tuple(routes)
         self._rejections = rejections
         self._max_connections = max_connections
@@ -212,7 +219,11 @@ class HttpApi:
             await self._server.wait_closed()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if self._guard is not None:
+        answer = None if self._sessions is None else await self._session_gate(request)
+        if answer is not None and answer is not ALLOWED:
+            headers = {**answer.headers, **({"Content-Security-Policy": FORM_CSP} if answer.form else {})}
+            return await self._send(request, answer.status, answer.body, HTML, headers, answer.cookies)
+        if self._guard is not None and answer is not ALLOWED:
             refusal = self._guard.check(request.path, request.headers.get(hdrs.AUTHORIZATION), request.method)
             if refusal is not None:
                 status, message = refusal
@@ -232,18 +243,37 @@ class HttpApi:
             status, content_type, body = _json(500, {"error": "internal error"})
         return await self._send(request, status, body, content_type, {})
 
+    async def _session_gate(self, request: web.BaseRequest) -> Answer | None:
+        """The page sessions' answer (gradwatch.server.sessions): login and logout, or a page's verdict."""
+        assert self._sessions is not None
+        cookies, authorization = request.cookies, request.headers.get(hdrs.AUTHORIZATION)
+        answer = self._sessions.gate(request.method, request.raw_path, request.path, cookies, authorization)
+        if answer is None and request.method == hdrs.METH_POST and request.path in (LOGIN, LOGOUT):
+            body = await self._read_body(request, MAX_FORM_BYTES)
+            form = self._sessions.login if request.path == LOGIN else self._sessions.logout
+            answer = form(body or b"", cookies)
+        return answer
+
     async def _view(self, view: Callable[[str, str], tuple[int, str, bytes]], path: str, query: str) -> Any:
         return await self._loop.run_in_executor(self._pool, view, path, query)
 
     async def _send(
-        self, request: web.BaseRequest, status: int, body: bytes, content_type: str, headers: dict[str, str]
+        self,
+        request: web.BaseRequest,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str],
+        cookies: tuple[str, ...] = (),
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=status, headers=headers)
         response.headers[hdrs.CONTENT_TYPE] = content_type  # as given: the exposition's `version=` must stay
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers[hdrs.SERVER] = "gradwatch"
+        for cookie in cookies:
+            response.headers.add(hdrs.SET_COOKIE, cookie)
         if content_type.startswith("text/html"):
-            response.headers["Content-Security-Policy"] = CSP
+            response.headers.setdefault("Content-Security-Policy", CSP)
         if request.path == "/metrics" and "gzip" in request.headers.get(hdrs.ACCEPT_ENCODING, ""):
             response.enable_compression(web.ContentCoding.gzip)
         else:
@@ -287,18 +317,26 @@ class HttpApi:
             return _json(200, {"silences": self._silences.view()})
         return _json(404, {"error": f"no such path: {path}"})
 
-    async def _post_silence(self, request: web.BaseRequest) -> tuple[int, str, bytes]:
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return _json(413, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes of JSON"})
+    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes | None:
+        """Up to `limit` + 1 bytes of the request's body (more than `limit`: too large); None when it did not
+        arrive within request_timeout_s."""
+        if request.content_length is not None and request.content_length > limit:
+            return bytes(limit + 1)
         try:
             async with asyncio.timeout(self._request_timeout_s):
                 raw = bytearray()
-                while len(raw) <= MAX_BODY_BYTES:
-                    chunk = await request.content.read(MAX_BODY_BYTES + 1 - len(raw))
+                while len(raw) <= limit:
+                    chunk = await request.content.read(limit + 1 - len(raw))
                     if not chunk:
                         break
                     raw += chunk
         except TimeoutError:
+            return None
+        return bytes(raw)
+
+    async def _post_silence(self, request: web.BaseRequest) -> tuple[int, str, bytes]:
+        raw = await self._read_body(request, MAX_BODY_BYTES)
+        if raw is None:
             return _json(408, {"error": f"the body did not arrive within {self._request_timeout_s:g} s"})
         if not 0 < len(raw) <= MAX_BODY_BYTES:
             return _json(400, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes of JSON"})

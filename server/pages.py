@@ -8,6 +8,7 @@ Routes (GET, same shape as the query API: (path, query) -> (status, content type
                                      (gradwatch.incident_report); an unambiguous id prefix works too
   /incidents/latest?run=R&detector=D the latest incident of that run and detector (the link Grafana's and
                                      Prometheus' alerts carry: they know the labels, not the incident id)
+With tokens on, the pages take a bearer token or a login session (gradwatch.server.sessions).
 Pages are self-contained (inline CSS, no script; the HTTP layer adds a Content-Security-Policy that forbids
 scripts), every value from runs and agents is HTML-escaped, and links are relative so the pages work behind
 any external URL or path prefix. An unknown incident is a 404 page that links to the overview.
@@ -104,7 +105,13 @@ class Pages:
             _section("runs", "Runs", _runs_table(runs[:RUNS_SHOWN])),
             _section("incidents", "Recent incidents", _incidents_table(incidents)),
             '<p class="muted">JSON: <a href="api/v1/runs">runs</a> · <a href="api/v1/alerts">alerts</a> · '
-            '<a href="api/v1/incidents">incidents</a></p>',
+            '<a href="api/v1/incidents">incidents</a>'
+            + (
+                ' (with an <code>Authorization: Bearer</code> token) · <a href="logout">log out</a>'
+                if app.page_sessions is not None
+                else ""
+            )
+            + "</p>",
             "</main></body></html>",
         ]
         return "\n".join(parts)

@@ -8,6 +8,7 @@ from DevToolsActivePort), so parallel tests never collide. A missing binary fail
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import pathlib
 import shutil
@@ -72,6 +73,25 @@ class Page:
         if "exceptionDetails" in reply:
             raise RuntimeError(f"{expression!r} raised: {reply['exceptionDetails']}")
         return reply["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = LOAD_TIMEOUT_S) -> Any:
+        """Evaluate `expression` until it is truthy, handling the page's events meanwhile (navigations, redirects
+        and refreshes in progress); returns its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError:  # the document is being replaced
+                value = None
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"{expression!r} still false after {timeout}s"
+            with contextlib.suppress(websocket.WebSocketTimeoutException):  # no event in 0.1 s: evaluate again
+                self._browser.pump(self._session, self._event, timeout=0.1)
+
+    def cookies(self) -> list[dict[str, Any]]:
+        """The browser's cookies for the page's URL, with their attributes (HttpOnly ones included)."""
+        return list(self.send("Network.getCookies")["cookies"])
 
     def screenshot(self) -> bytes:
         """A PNG of the whole page (beyond the viewport)."""

@@ -4,6 +4,7 @@ behind the HTTP guard when tokens are on."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import pathlib
 import time
@@ -37,7 +38,7 @@ INJECTED_JS = """JSON.stringify({pwned: window.pwned || 0, scripts: document.scr
   imgs: document.images.length, injected: !!document.getElementById('injected')})"""
 
 
-def nan_run(server: str) -> None:
+def nan_run(server: str, **options: Any) -> None:
     """A small model with a hostile layer name whose input turns NaN at step 30 (a critical incident)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential()
@@ -46,7 +47,7 @@ def nan_run(server: str) -> None:
     model.add_module("head", torch.nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with gradwatch.attach(model, optimizer, run=HOSTILE_RUN, job_name=HOSTILE_JOB, server=server,
-                          overhead_budget=0) as monitor:  # fmt: skip
+                          overhead_budget=0, **options) as monitor:  # fmt: skip
         for step in range(1, 61):
             x = torch.randn(32, 8)
             if step == 30:
@@ -137,3 +138,139 @@ def test_pages_are_behind_the_guard_when_tokens_are_on(tmp_path: pathlib.Path) -
             assert status == (200 if path == "/" else 404)
     finally:
         app.stop()
+
+
+ONCALL = "oncall-secret-0123456789"
+AGENT = "agent-secret-0123456789ab"
+#: Selector of the document's state: where it is, whether it shows the login form, its heading.
+WHERE_JS = """JSON.stringify({path: location.pathname + location.search, form: !!document.querySelector(
+  'form[action=login]'), h1: (document.querySelector('h1') || {}).textContent || ''})"""
+
+
+def _submit(page: Any, token: str) -> None:
+    page.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(token)}; "
+                  "document.querySelector('form').submit(); true")  # fmt: skip
+
+
+def _at(page: Any, path: str, form: bool) -> dict[str, Any]:
+    """Wait until the page is `path` (with the login form or not)."""
+    want = json.dumps(path)
+    return json.loads(page.wait_for(
+        f"location.pathname + location.search === {want} && document.readyState === 'complete' && "
+        f"!!document.querySelector('form[action=login]') === {json.dumps(form)} && ({WHERE_JS})"))  # fmt: skip
+
+
+def test_pages_login_from_a_link_on_another_site_in_chromium(tmp_path: pathlib.Path) -> None:
+    """With tokens on, an incident link clicked on another site (Alertmanager, Grafana) leads to a login form; a
+    wrong token is refused; the right one lands on the report, and later clicks go straight through (the
+    SameSite=Strict cookie travels on the server's own follow-up navigation). Hostile names stay escaped."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f'tokens: [{{name: oncall, token: "{ONCALL}", api: true}}, '
+                      f'{{name: agent, token: "{AGENT}", jobs: ["*"]}}]\n')  # fmt: skip
+    config = dataclasses.replace(ServerConfig.local(), auth=AuthConfig(tokens_file=str(tokens)))
+    app = ServerApp(config).start()
+    try:
+        nan_run(app.grpc_target, token=AGENT)
+        bearer = {"Authorization": f"Bearer {ONCALL}"}
+
+        def complete() -> list[dict[str, Any]]:
+            request = urllib.request.Request(f"{app.http_url}/api/v1/incidents?detector=non_finite", headers=bearer)
+            with urllib.request.urlopen(request, timeout=WAIT_S) as response:
+                return [i for i in json.loads(response.read())["incidents"] if i["status"] == "complete"]
+
+        deadline = time.monotonic() + WAIT_S
+        while not complete():
+            assert time.monotonic() < deadline, "no complete incident"
+            time.sleep(0.05)
+        (incident,) = complete()
+        link = f"{app.http_url}/incidents/{incident['id']}"
+        overview = f"{app.http_url}/?{urllib.parse.urlencode({'run': HOSTILE_RUN})}"
+        elsewhere = "data:text/html," + urllib.parse.quote(
+            f'<a id="incident" href="{html.escape(link)}">incident</a> '
+            f'<a id="overview" href="{html.escape(overview)}">run</a>'
+        )
+        with Browser() as browser:
+            page = browser.new_page()
+            page.open(elsewhere)
+            page.evaluate("document.getElementById('incident').click(); true")
+            _at(page, "/login?next=" + urllib.parse.quote(f"incidents/{incident['id']}", safe=""), form=True)
+            _submit(page, "not-the-token-0123456789")
+            refused = _at(page, "/login", form=True)
+            assert "not accepted" in page.evaluate("document.body.innerText"), refused
+            assert not [c for c in page.cookies() if c["name"] == "gradwatch_session"]
+            _submit(page, ONCALL)
+            _at(page, f"/incidents/{incident['id']}", form=False)
+            page.errors.clear()  # the 401 answers on the way are expected; the report itself must be clean
+            assert json.loads(page.evaluate(INJECTED_JS)) == {"pwned": 0, "scripts": 0, "imgs": 0, "injected": False}
+            assert HOSTILE_LAYER in page.evaluate("document.body.innerText")
+            plots = json.loads(page.evaluate(PLOTS_JS))
+            assert [p["section"] for p in plots][:3] == ["loss", "grad-norm", "heatmap"], plots
+            (cookie,) = [c for c in page.cookies() if c["name"] == "gradwatch_session"]
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+            assert not cookie["secure"]  # plain HTTP here; Secure and the __Host- prefix come with TLS
+            # Signed in: a click from the other site reaches the page without the form, hostile run name included.
+            page.open(elsewhere)
+            page.evaluate("document.getElementById('overview').click(); true")
+            _at(page, "/?" + urllib.parse.urlencode({"run": HOSTILE_RUN}), form=False)
+            assert json.loads(page.evaluate(INJECTED_JS)) == {"pwned": 0, "scripts": 0, "imgs": 0, "injected": False}
+            assert HOSTILE_RUN in page.evaluate("document.body.innerText")
+            # Logging out is a POST with its CSRF pair; afterwards the link leads to the form again.
+            page.open(f"{app.http_url}/logout")
+            page.evaluate("document.querySelector('form').submit(); true")
+            _at(page, "/login", form=True)
+            page.open(link)
+            _at(page, "/login?next=" + urllib.parse.quote(f"incidents/{incident['id']}", safe=""), form=True)
+    finally:
+        app.stop()
+
+
+def test_pages_login_refuses_forged_posts_open_redirects_and_never_opens_the_api(tmp_path: pathlib.Path) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f'tokens: [{{name: oncall, token: "{ONCALL}", api: true}}, '
+                      f'{{name: agent, token: "{AGENT}", jobs: ["*"]}}]\n')  # fmt: skip
+    config = dataclasses.replace(ServerConfig.local(), auth=AuthConfig(tokens_file=str(tokens)))
+    app = ServerApp(config).start()
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+
+        def post(path: str, form: dict[str, str], cookie: str = "") -> tuple[int, Any]:
+            request = urllib.request.Request(app.http_url + path, data=urllib.parse.urlencode(form).encode(),
+                                             headers={"Cookie": cookie} if cookie else {}, method="POST")  # fmt: skip
+            try:
+                with opener.open(request, timeout=WAIT_S) as response:
+                    return response.status, response.headers
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.headers
+
+        # A post from another site has no CSRF cookie (SameSite=Strict): refused, whatever the token.
+        assert post("/login", {"token": ONCALL, "csrf": "guessed"})[0] == 403
+        with opener.open(app.http_url + "/login", timeout=WAIT_S) as response:
+            csrf_cookie = response.headers["Set-Cookie"].split(";")[0]
+            csrf = csrf_cookie.split("=", 1)[1]
+        # A token without `api: true` opens no session; the right one does, and `next` stays on this server.
+        status, headers = post("/login", {"token": AGENT, "csrf": csrf, "next": ""}, csrf_cookie)
+        assert status == 403 and not [c for c in headers.get_all("Set-Cookie", []) if "gradwatch_session=" in c]
+        for hostile, kept in (("//evil.example/x", "./"), ("https://evil.example", "./"), ("api/v1/runs", "./"),
+                              ("incidents/abc?x=1", "./incidents/abc?x=1"), ("/?run=a", "./?run=a")):  # fmt: skip
+            status, headers = post("/login", {"token": ONCALL, "csrf": csrf, "next": hostile}, csrf_cookie)
+            assert status == 303 and headers["Location"] == kept, (hostile, headers)
+        (session,) = [c.split(";")[0] for c in headers.get_all("Set-Cookie") if c.startswith("gradwatch_session=")]
+        # The cookie opens the pages, never the API or a write; GET changes nothing (logout needs the POST).
+        for path, status in (("/", 200), ("/api/v1/runs", 401), ("/logout", 200)):
+            request = urllib.request.Request(app.http_url + path, headers={"Cookie": session})
+            try:
+                got = opener.open(request, timeout=WAIT_S).status
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got == status, path
+        assert post("/api/v1/silences", {"run": "r"}, session)[0] == 401
+        assert post("/logout", {"csrf": "guessed"}, session)[0] == 403
+        request = urllib.request.Request(app.http_url + "/", headers={"Cookie": session})
+        assert opener.open(request, timeout=WAIT_S).status == 200  # still signed in
+    finally:
+        app.stop()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
