@@ -8,7 +8,8 @@ Routes (GET; list routes take `limit` (default 1000 runs/alerts, 100 incidents) 
   /api/v1/runs/<run>/series          {"run", "ranks": [{"rank", "step", "loss", "grad_norm", "step_duration"}],
                                      "grad_norm_global": [[step, norm], ...]}; query `last=N` (default 256, at
                                      most the ring), `rank=R` (repeatable); paginated over ranks (default 64)
-A run's view (in /api/v1/runs and /runs/<run>) lists its lowest RANKS_IN_VIEW (64) ranks and `ranks_total`.
+A run's view (in /api/v1/runs and /runs/<run>) lists its lowest RANKS_IN_VIEW (64) ranks and `ranks_total`;
+/ranks and /series page through all of them, for a run restored after a restart too (its saved ranks).
   /api/v1/alerts                     query `run`, `state=firing|resolved`, `detector`, `severity`
   /api/v1/incidents                  summaries, newest first; query `run`, `detector`, `severity`, `since=UNIX_TIME`
   /api/v1/incidents/<id>             {"incident": body}; an unambiguous id prefix (≥ 4 characters) works too
