@@ -84,7 +84,7 @@ class Checkpoint:
     """What one checkpoint writes (Database.checkpoint)."""
 
     runs: list[dict[str, Any]] = field(default_factory=list)  # as put_run takes them
-    ranks: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)  # (run, rank, view)
+    ranks: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)  # (run, rank, {view, sessions})
     series: list[tuple[str, int, int, int, bytes]] = field(default_factory=list)  # (run, rank, start, stop, rows)
     parts: list[tuple[str, str, bytes]] = field(default_factory=list)  # (run, part, body)
     forget: list[str] = field(default_factory=list)  # runs whose saved rank rows are dropped first
@@ -174,7 +174,7 @@ class Database:
             self._conn.executemany("INSERT OR REPLACE INTO run_parts VALUES (?, ?, ?)", c.parts)
 
     def run_ranks(self, run_id: str) -> list[dict[str, Any]]:
-        """The saved rank views of a run, by rank."""
+        """The saved ranks of a run, by rank: {"view": its API view, "sessions": [[session id, seq], ...]}."""
         rows = self._read("SELECT view FROM ranks WHERE run_id = ? ORDER BY rank", (run_id,))
         return [json.loads(row[0]) for row in rows]
 

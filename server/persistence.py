@@ -67,6 +67,7 @@ class _Moved:
     run: RunState  # a reader copy
     progress: tuple[Any, ...]
     ranks: dict[int, tuple[Any, ...]]  # moved ranks -> their keys
+    sessions: dict[int, list[tuple[str, int]]]  # moved ranks -> their agent sessions and highest applied seq
     series: list[tuple[int, int, int, np.ndarray]]  # (rank, start, stop, rows)
     parts: dict[str, Any]  # moved parts -> their keys
 
@@ -95,11 +96,16 @@ class StateKeeper:
 
     def _restore_run(self, row: dict[str, Any]) -> None:
         run_id = row["run_id"]
-        views = self._db.run_ranks(run_id)
+        saved_ranks = self._db.run_ranks(run_id)
+        views = [r["view"] for r in saved_ranks]
         if views:
             row["summary"]["ranks"] = views
         series = self._db.run_series(run_id)
-        ranks = {v["rank"]: _rank_from_view(v, series.get(v["rank"], []), self._ring_length) for v in views}
+        ranks = {}
+        for r in saved_ranks:
+            rank = ranks[r["view"]["rank"]] = _rank_from_view(r["view"], series.get(r["view"]["rank"], []),
+                                                              self._ring_length)  # fmt: skip
+            rank.sessions.update((str(sid), int(seq)) for sid, seq in r["sessions"])
         parts = self._db.run_parts(run_id)
         run = self._store.restore(row, ranks)
         with self._store.lock:
@@ -155,6 +161,7 @@ class StateKeeper:
         progress = _progress(run)
         keys = {n: _rank_key(s) for n, s in run.ranks.items()}
         ranks = {n: k for n, k in keys.items() if saved.ranks.get(n) != k or saved.restored}
+        sessions = {n: list(run.ranks[n].sessions.items()) for n in ranks}
         series = []
         for n, state in run.ranks.items():
             new = state.ring.count - saved.counts.get(n, 0)
@@ -165,7 +172,7 @@ class StateKeeper:
         parts = {p: k for p, k in parts.items() if saved.parts.get(p) != k and not (p == "layers" and not run.ranks)}
         if progress == saved.progress and not ranks and not series and not parts:
             return None
-        return _Moved(run.reader_copy(), progress, ranks, series, parts)
+        return _Moved(run.reader_copy(), progress, ranks, sessions, series, parts)
 
     def _add(self, batch: Checkpoint, m: _Moved) -> None:
         """`m` as rows (off the store's lock: views, JSON and archives are built here)."""
@@ -176,7 +183,8 @@ class StateKeeper:
         if m.progress != (saved.progress if saved else ()):
             batch.runs.append(_record(run))
         views = rank_views(run, [run.ranks[n] for n in sorted(m.ranks)])
-        batch.ranks.extend((run_id, v["rank"], v) for v in views)
+        # With the view, the rank's sessions: an agent back after a restart is acknowledged what was applied.
+        batch.ranks.extend((run_id, v["rank"], {"view": v, "sessions": m.sessions[v["rank"]]}) for v in views)
         batch.series.extend((run_id, n, start, stop, rows.tobytes()) for n, start, stop, rows in m.series)
         if "layers" in m.parts:
             batch.parts.append((run_id, "layers", _layers_archive(run)))

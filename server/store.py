@@ -314,6 +314,7 @@ class RunStore:
                 run.detector_settings = dict(hello.detector_settings)
             run.world_size = hello.world_size
             run.protocol_version = hello.protocol_version
+            fresh = hello.rank not in run.ranks  # new, or back after a restart: the rank table starts it afresh
             state = self._rank_for(run, hello)
             state.session_id = hello.session_id
             cut = IDENTITY_CHARS
@@ -323,7 +324,7 @@ class RunStore:
             state.schema = run.intern_schema(tuple(hello.schema.names))
             state.said_goodbye = False
             run.table.join(hello.rank, hello.world_size, hello.host, hello.replica_group, hello.replica_group_size, now,
-                           new_session=hello.session_id not in state.sessions)  # fmt: skip
+                           new_session=fresh or hello.session_id not in state.sessions)  # fmt: skip
             run.finished_at, run.expired = None, False  # a rank came back: the run lives again
             run.restored_summary = None  # an agent is back: live values from now on
             if hello.session_id not in state.sessions:
@@ -514,6 +515,8 @@ class RunStore:
                 ring=saved.ring if saved is not None else RecordRing(RING_DTYPE, self._limits.ring_length),
                 schema=run.intern_schema(tuple(hello.schema.names)),
             )
+            if saved is not None:
+                state.sessions = saved.sessions  # what was applied before the restart is not applied again
             run.ranks[hello.rank] = state
         return state
 

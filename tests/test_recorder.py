@@ -284,7 +284,11 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
                 "the agent's resumed stream",
                 lambda: [r for r in get_json(f"{url}/api/v1/runs/phoenix-rec/ranks")["ranks"] if r["step"] == 80],
             )
-            assert resumed[0]["reports"] == 20  # 61..80: queued during the outage, then live
+            # 1..60 saved before the kill, 61..80 queued during the outage and then live: the ring continues, and
+            # what was applied before the kill is not applied twice (the rank's agent sessions were saved too).
+            assert resumed[0]["reports"] == 80
+            (series,) = get_json(f"{url}/api/v1/runs/phoenix-rec/series")["ranks"]
+            assert series["step"] == list(range(1, 81))
             live = get_json(f"{url}/api/v1/runs/phoenix-rec")["run"]
             assert not live["restored"] and live["step"] == 80 and live["first_seen"] == run["first_seen"]
         # The agent said once that the server went away, and once that it was back.

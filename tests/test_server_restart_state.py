@@ -26,7 +26,7 @@ from gradwatch.server.config import StorageConfig
 from gradwatch.server.database import DB_FILE
 from gradwatch.server.views import RANKS_IN_VIEW
 from hardening_support import flush_outcome
-from server_support import columns, get_json, hello, http_get, report_frame, server_config
+from server_support import AgentStream, columns, get_json, hello, hello_frame, http_get, report_frame, server_config
 
 LAYERS = 3
 #: Gauges that legitimately read differently after a restart: no agent is connected to the new process.
@@ -154,6 +154,29 @@ def test_a_rank_that_comes_back_continues_its_series_and_the_rest_are_dropped(tm
         wait_until("saved", lambda: saved(tmp_path, "back")[0] == 1)
     with served(tmp_path) as third:
         assert state(third, "back") == before
+
+
+def test_an_agent_back_after_a_restart_is_acknowledged_what_was_saved_and_never_applied_twice(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The rank's agent sessions are saved with it: the same session's Hello after a restart is welcomed with the
+    highest seq saved, and frames it resends (applied, never acknowledged) are not applied again."""
+    with served(tmp_path) as app:
+        feed(app, "resend", range(1), 1, range(1, 11))
+        wait_until("saved", lambda: saved(tmp_path, "resend") == (1, 10))
+    with served(tmp_path) as again:
+        stream = AgentStream(again.grpc_target)
+        try:
+            stream.send(hello_frame(run="resend", layers=LAYERS))
+            welcome = stream.recv()
+            assert welcome.WhichOneof("body") == "welcome" and welcome.welcome.acked_seq == 10
+            for seq in range(5, 16):  # 5..10 again, as an agent resends what it holds unacknowledged
+                stream.send(report_frame(seq))
+            stream.recv_ack(15)
+        finally:
+            stream.close()
+        (series,) = get_json(f"{again.http_url}/api/v1/runs/resend/series")["ranks"]
+        assert series["step"] == list(range(1, 16))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
