@@ -103,9 +103,13 @@ class StateKeeper:
         series = self._db.run_series(run_id)
         ranks = {}
         for r in saved_ranks:
-            rank = ranks[r["view"]["rank"]] = _rank_from_view(r["view"], series.get(r["view"]["rank"], []),
-                                                              self._ring_length)  # fmt: skip
-            rank.sessions.update((str(sid), int(seq)) for sid, seq in r["sessions"])
+            try:
+                rank = _rank_from_view(r["view"], series.get(r["view"]["rank"], []), self._ring_length)
+                rank.sessions.update((str(sid), int(seq)) for sid, seq in r["sessions"])
+            except (KeyError, TypeError, ValueError):  # written by a server of another version: listed, not read
+                log.warning("run %r: a saved rank is unreadable; its gauges and series are left out", run_id)
+                continue
+            ranks[rank.rank] = rank
         parts = self._db.run_parts(run_id)
         run = self._store.restore(row, ranks)
         with self._store.lock:
