@@ -267,6 +267,39 @@ def test_pages_login_refuses_forged_posts_open_redirects_and_never_opens_the_api
         assert post("/logout", {"csrf": "guessed"}, session)[0] == 403
         request = urllib.request.Request(app.http_url + "/", headers={"Cookie": session})
         assert opener.open(request, timeout=WAIT_S).status == 200  # still signed in
+        # The grant leaves the tokens file (a rotated Secret): its sessions end with it.
+        tokens.write_text(f'tokens: [{{name: agent, token: "{AGENT}", jobs: ["*"]}}]\n')
+
+        def signed_in() -> bool:
+            try:
+                return opener.open(urllib.request.Request(app.http_url + "/", headers={"Cookie": session}),
+                                   timeout=WAIT_S).status == 200  # fmt: skip
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401
+                return False
+
+        deadline = time.monotonic() + WAIT_S
+        while signed_in():
+            assert time.monotonic() < deadline, "the session outlived its grant"
+            time.sleep(0.1)  # the tokens file is checked at most once a second
+    finally:
+        app.stop()
+
+
+def test_pages_session_cookie_is_secure_behind_an_https_external_url(tmp_path: pathlib.Path) -> None:
+    """Behind a TLS-terminating ingress (alerting.external_url https://...) the cookies are Secure, __Host-."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f'tokens: [{{name: oncall, token: "{ONCALL}", api: true}}]\n')
+    local = ServerConfig.local()
+    alerting = dataclasses.replace(local.alerting, external_url="https://gw.example")
+    config = dataclasses.replace(local, auth=AuthConfig(tokens_file=str(tokens)), alerting=alerting)
+    app = ServerApp(config).start()
+    try:
+        with urllib.request.urlopen(app.http_url + "/login", timeout=WAIT_S) as response:
+            (cookie,) = response.headers.get_all("Set-Cookie")
+        attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
+        assert cookie.startswith("__Host-gradwatch_login_csrf=") and {"secure", "httponly", "samesite"} <= attributes
+        assert "SameSite=Strict" in cookie and "Path=/" in cookie
     finally:
         app.stop()
 
