@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from typing import Any
@@ -203,3 +204,43 @@ def test_series_chunks_assemble_to_the_latest_rows_whatever_their_overlap(
     stop = max(s + n for s, n in chunks)
     covered = sorted({i for s, n in chunks for i in range(s, s + n) if i >= stop - ring})
     assert count == stop and got["step"].tolist() == covered
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    checkpoints=st.lists(st.integers(1, 12), min_size=1, max_size=12),
+    keep=st.integers(1, 30),
+)
+def test_prune_keeps_each_ranks_latest_series_rows_and_drops_what_a_pruned_run_held(
+    checkpoints: list[int], keep: int
+) -> None:
+    """However many rows each checkpoint appended, pruning leaves chunks covering at least a rank's latest `keep`
+    rows and none wholly older; a run pruned from the registry takes its ranks, series and parts with it."""
+    import numpy as np
+
+    from gradwatch.server.config import StorageConfig
+    from gradwatch.server.database import Checkpoint, Database
+    from gradwatch.server.persistence import _assemble
+    from gradwatch.server.store import RING_DTYPE
+
+    db = Database(StorageConfig(data_dir="", max_runs=1), alert_history=10)
+    record = {"job_name": "j", "world_size": 1, "first_seen": 0.0, "finished_at": None, "protocol_version": 1,
+              "summary": {}}  # fmt: skip
+    count = 0
+    for n in checkpoints:
+        rows = np.zeros(n, dtype=RING_DTYPE)
+        rows["step"] = np.arange(count, count + n)
+        db.checkpoint(Checkpoint(runs=[{**record, "run_id": "a", "last_seen": time.time()}],
+                                 ranks=[("a", 0, {"view": {"rank": 0}, "sessions": []})],
+                                 series=[("a", 0, count, count + n, rows.tobytes())],
+                                 parts=[("a", "global", b"")]))  # fmt: skip
+        count += n
+    db.prune(series_rows=keep)
+    chunks = db.run_series("a")[0]
+    got, stop = _assemble(chunks, keep)
+    assert stop == count and got["step"].tolist() == list(range(max(0, count - keep), count))
+    assert all(end > count - keep for _, end, _ in chunks)  # nothing left that is wholly older
+    db.checkpoint(Checkpoint(runs=[{**record, "run_id": "b", "last_seen": time.time() + 1}]))  # max_runs=1: "a" goes
+    db.prune(series_rows=keep)
+    assert (db.run_ranks("a"), db.run_series("a"), db.run_parts("a")) == ([], {}, {})
+    db.close()
