@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from test_recorder import saved_step, serve_process, train, wait_until  # noqa: E402
-from test_server_restart_state import run_gauges  # noqa: E402
+from test_server_restart_state import feed, run_gauges, saved  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.agent.config import RetryPolicy  # noqa: E402
@@ -44,6 +44,10 @@ time.sleep(600)
 """
 
 
+#: Ranks of the wide run: more than a run's view lists (64).
+WIDE = 70
+
+
 def answers(url: str) -> dict[str, Any]:
     """Every API answer that describes state: the lists, each run (and its ranks), alert and incident."""
     got: dict[str, Any] = {}
@@ -56,7 +60,9 @@ def answers(url: str) -> dict[str, Any]:
         name = urllib.parse.quote(run["run"], safe="")
         fetch(f"runs/{name}")
         fetch(f"runs/{name}/ranks")
-        fetch(f"runs/{name}/series")
+        offset: int | None = 0
+        while offset is not None:  # every page: a wide run has more ranks than one page holds
+            offset = fetch(f"runs/{name}/series?offset={offset}")["next_offset"]
         got[f"/metrics gauges of {run['run']}"] = run_gauges(http_get(f"{url}/metrics")[2].decode(), run["run"])
     for state in ("", "?state=firing", "?state=resolved"):
         fetch(f"alerts{state}")
@@ -122,13 +128,16 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
             )
             wait_until("incidents complete", lambda: all(
                 i["status"] == "complete" for i in get_json(f"{url}/api/v1/incidents")["incidents"]))  # fmt: skip
-            before = answers(url)
             for command in (["runs"], ["top", "--once"], ["runs", "show", "sick"]):
                 shown = subprocess.run(
                     [sys.executable, "-m", "gradwatch", *command, "--server", url],
                     capture_output=True, text=True, timeout=60, check=True,
                 ).stdout  # fmt: skip
                 assert "NaN (last finite" in shown and "at step 29)" in shown, (command, shown)
+            # A run wider than a view's 64 ranks, flushed rank by rank (its reports carry layer columns).
+            feed(server, "wide", range(WIDE), WIDE, range(1, 6))
+            wait_until("the wide run saved", lambda: saved(data, "wide") == (WIDE, WIDE * 5))
+            before = answers(url)
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=20) == 0
         runs = {r["run"]: r for r in before["runs"]["runs"]}
@@ -139,7 +148,10 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
         assert runs["sick"]["last_finite_loss_step"] == 29 and runs["sick"]["last_finite_loss"] is not None
         resolved = before["alerts?state=resolved"]["alerts"]
         assert ("done", "non_finite") in {(a["run"], a["detector"]) for a in resolved}
-        assert {i["run"] for i in before["incidents"]["incidents"]} == {"done", "sick"}
+        assert {i["run"] for i in before["incidents"]["incidents"]} <= {"done", "sick", "wide"}
+        assert {"done", "sick"} <= {i["run"] for i in before["incidents"]["incidents"]}
+        assert runs["wide"]["ranks_total"] == WIDE and len(before["runs/wide/ranks"]["ranks"]) == WIDE
+        assert before["runs/wide/series?offset=64"]["ranks"][-1]["rank"] == WIDE - 1
 
         for how in (signal.SIGTERM, signal.SIGKILL):
             # A gRPC port the agent does not know: nothing new arrives, so nothing may change.

@@ -44,14 +44,15 @@ def served(data: pathlib.Path, ring_length: int = 32) -> Iterator[ServerApp]:
         app.stop(grace=0)
 
 
-def feed(app: ServerApp, run: str, ranks: range, world_size: int, reports: range, session: str = "s-1") -> None:
-    """Each rank flushes `reports` (its loss, gradient norms, layer columns and global share vary by rank and step;
+def feed(target: str, run: str, ranks: range, world_size: int, reports: range, session: str = "s-1") -> None:
+    """Each rank flushes `reports` (loss, gradient norms, layer columns and global share vary by rank and step, evenly
+    across ranks, so no rank diverges;
     rank 1's loss turns NaN at step 7)."""
     for rank in ranks:
         frames = [
             report_frame(
                 seq,
-                loss=float("nan") if (rank == 1 and seq >= 7) else 1.0 / (seq + rank),
+                loss=float("nan") if (rank == 1 and seq >= 7) else 1.0 / seq + rank / 1000,
                 grad_norm=0.5 + rank + seq / 8,
                 grad_global_share=(rank + 1) * seq / 64,
                 layers=columns(
@@ -63,7 +64,7 @@ def feed(app: ServerApp, run: str, ranks: range, world_size: int, reports: range
             )
             for seq in reports
         ]
-        outcome = flush_outcome(app.grpc_target, hello(run=run, rank=rank, world_size=world_size, layers=LAYERS,
+        outcome = flush_outcome(target, hello(run=run, rank=rank, world_size=world_size, layers=LAYERS,
                                                        session=session), frames)  # fmt: skip
         assert outcome[0] == grpc.StatusCode.OK, outcome
 
@@ -125,7 +126,7 @@ def _strip(value: Any) -> Any:
 def test_restart_keeps_every_rank_series_and_gauges_of_a_wide_run(tmp_path: pathlib.Path) -> None:
     ranks, reports = RANKS_IN_VIEW + 6, range(1, 41)  # more reports than the ring holds (32)
     with served(tmp_path) as app:
-        feed(app, "wide", range(ranks), ranks, reports)
+        feed(app.grpc_target, "wide", range(ranks), ranks, reports)
         before = state(app, "wide")
         wait_until("everything saved", lambda: saved(tmp_path, "wide") == (ranks, ranks * len(reports)))
     assert len(before["view"]["ranks"]) == RANKS_IN_VIEW and before["view"]["ranks_total"] == ranks
@@ -144,10 +145,10 @@ def test_restart_keeps_every_rank_series_and_gauges_of_a_wide_run(tmp_path: path
 
 def test_a_rank_that_comes_back_continues_its_series_and_the_rest_are_dropped(tmp_path: pathlib.Path) -> None:
     with served(tmp_path) as app:
-        feed(app, "back", range(3), 3, range(1, 11))
+        feed(app.grpc_target, "back", range(3), 3, range(1, 11))
         wait_until("saved", lambda: saved(tmp_path, "back") == (3, 30))
     with served(tmp_path) as again:
-        feed(again, "back", range(1), 3, range(11, 16), session="s-2")  # only rank 0 comes back
+        feed(again.grpc_target, "back", range(1), 3, range(11, 16), session="s-2")  # only rank 0 comes back
         series = get_json(f"{again.http_url}/api/v1/runs/back/series")["ranks"]
         assert [r["rank"] for r in series] == [0]
         assert series[0]["step"] == list(range(1, 16))  # before the restart, then after it
@@ -163,7 +164,7 @@ def test_an_agent_back_after_a_restart_is_acknowledged_what_was_saved_and_never_
     """The rank's agent sessions are saved with it: the same session's Hello after a restart is welcomed with the
     highest seq saved, and frames it resends (applied, never acknowledged) are not applied again."""
     with served(tmp_path) as app:
-        feed(app, "resend", range(1), 1, range(1, 11))
+        feed(app.grpc_target, "resend", range(1), 1, range(1, 11))
         wait_until("saved", lambda: saved(tmp_path, "resend") == (1, 10))
     with served(tmp_path) as again:
         stream = AgentStream(again.grpc_target)
