@@ -1,7 +1,8 @@
 """A real `gradwatch serve` restarted after SIGTERM and after SIGKILL answers every API route as before.
 
-Two runs: one that finished cleanly after a NaN (its alert resolved when the run expired) and one whose loss has
-been NaN since a step and whose agent is still attached (its alert firing). The server is restarted on a gRPC port
+Three runs: one that finished cleanly after a NaN (its alert resolved when the run expired), one whose loss has
+been NaN since a step and whose agent process was killed (its alert firing), and one of 70 ranks (more than a run's
+view lists; its ranks and series are paged through). The server is restarted on a gRPC port
 the agent does not know, so nothing new arrives and every answer must match the one before the restart.
 Compared too: each run's `/series` (every rank's recent reports) and every gauge of /metrics that describes a run.
 Not compared: /metrics counters (a restarted process starts them at 0, which Prometheus' rate() expects) and
