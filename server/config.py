@@ -26,6 +26,7 @@ YAML shape (every key optional; these are the defaults)::
       max_layers_per_schema: 65536
       ring_length: 1024               # reports of history kept per rank
       max_layer_series_per_run: 256   # per-layer Prometheus series per run and statistic
+      max_layer_series: 100000        # per-layer series per scrape, all runs (paging runs first)
       max_sessions_per_rank: 4        # agent sessions remembered for deduplication
       max_run_id_chars: 256
       alert_history: 1000             # resolved alerts kept for /api/v1/alerts
@@ -234,6 +235,15 @@ class LimitsConfig(Settings):
     ring_length: int = setting(1024, doc="Reports of history kept per rank (fixed memory).", ge=16, le=1 << 16)
     max_layer_series_per_run: int = setting(
         256, doc="Layers exported per run and statistic (first in schema order).", ge=0, le=1 << 16
+    )
+    max_layer_series: int = setting(
+        100_000,
+        doc="Per-layer series in one /metrics scrape, over all runs and per-layer families: runs with a firing "
+        "alert first (critical, then warning, then info), then the rest, oldest run first; a run that does not "
+        "fit whole keeps its first layers in schema order; the rest are left out, counted in "
+        'gradwatch_layer_series_omitted{reason="max_layer_series"}.',
+        ge=0,
+        le=1 << 24,
     )
     max_sessions_per_rank: int = setting(4, doc="Agent sessions per rank remembered for dedup.", ge=1, le=1024)
     max_run_id_chars: int = setting(256, doc="Longest run id accepted.", ge=1, le=4096)
