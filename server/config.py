@@ -290,7 +290,9 @@ class LimitsConfig(Settings):
 
     @property
     def grpc_receive_bytes(self) -> int:
-        """gRPC's own receive limit: above ours, so oversized frames reach our (counted) check."""
+        """gRPC's own receive limit: above ours, so oversized frames up to it reach our (counted) check; core
+        refuses longer ones from their length prefix, unbuffered (docs/security.md, "Frames above gRPC's
+        ceiling": lifting it would let any stream make the server buffer up to 4 GiB)."""
         return 2 * self.max_message_bytes + MiB
 
 

@@ -78,6 +78,7 @@ MAX_INT64 = (1 << 63) - 1
 #: Bytes of a frame that is neither a Hello nor a report (heartbeat, event, goodbye): small by nature, so a
 #: large one is refused before its fields cost anything more.
 MAX_SMALL_FRAME_BYTES = 256 * 1024
+_SMALL_LIMIT = f"heartbeat, event and goodbye frames are at most {MAX_SMALL_FRAME_BYTES} bytes (a fixed limit)"
 #: A Hello for a (run, rank) another agent session is streaming as (ingest.Ingestor.open).
 RANK_IN_USE = "rank_in_use"
 #: Per-run detector settings a Hello may carry, and the size of each key and value.
@@ -194,7 +195,8 @@ def _check_size(raw: bytes, what: str, limits: LimitsConfig) -> None:
     if len(raw) > limits.max_message_bytes:
         raise _reject(
             TOO_LARGE,
-            f"{what} of {len(raw)} bytes exceeds this server's limit of {limits.max_message_bytes} bytes",
+            f"{what} of {len(raw)} bytes exceeds this server's limit of {limits.max_message_bytes} bytes "
+            "(limits.max_message_bytes)",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
 
@@ -244,7 +246,7 @@ def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
         if kind in _SMALL:
             raise _reject(
                 TOO_LARGE,
-                f"{kind} frame of {len(raw)} bytes; such frames are at most {MAX_SMALL_FRAME_BYTES}",
+                f"{kind} frame of {len(raw)} bytes; {_SMALL_LIMIT}",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
     frame = pb.AgentFrame()
@@ -255,7 +257,7 @@ def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
     if len(raw) > MAX_SMALL_FRAME_BYTES and frame.WhichOneof("body") in _SMALL:
         raise _reject(
             TOO_LARGE,
-            f"{frame.WhichOneof('body')} frame of {len(raw)} bytes; such frames are at most {MAX_SMALL_FRAME_BYTES}",
+            f"{frame.WhichOneof('body')} frame of {len(raw)} bytes; {_SMALL_LIMIT}",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
     return frame
