@@ -10,8 +10,6 @@ every case what was acknowledged before stays applied and another stream on the 
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +23,17 @@ from gradwatch.server.grpc_service import REASON_METADATA_KEY
 from gradwatch.server.validate import TOO_LARGE
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pbg
-from server_support import WAIT_S, hello, hello_frame, report_frame, sample, scrape, server_config, start_app
+from server_support import (
+    WAIT_S,
+    AgentStream,
+    hello,
+    hello_frame,
+    report_frame,
+    sample,
+    scrape,
+    server_config,
+    start_app,
+)
 
 LIMIT = 64 * 1024
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -39,40 +47,18 @@ def app() -> Iterator[ServerApp]:
     app.stop(grace=0)
 
 
-class _Stream:
-    """An Ingest.Stream on a given channel, driven frame by frame (a reader thread queues what comes back)."""
+def _welcome(stream: AgentStream) -> pb.Welcome:
+    frame = stream.recv()
+    assert isinstance(frame, pb.ServerFrame) and frame.WhichOneof("body") == "welcome", frame
+    return frame.welcome
 
-    def __init__(self, channel: grpc.Channel) -> None:
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._responses: queue.Queue[Any] = queue.Queue()
-        self.call = pbg.IngestStub(channel).Stream(iter(self._requests.get, None), timeout=WAIT_S)
-        threading.Thread(target=self._pump, daemon=True).start()
 
-    def _pump(self) -> None:
-        try:
-            for response in self.call:
-                self._responses.put(response)
-            self._responses.put(None)
-        except grpc.RpcError as exc:
-            self._responses.put(exc)
-
-    def send(self, frame: pb.AgentFrame) -> None:
-        self._requests.put(frame)
-
-    def until_ack(self, seq: int) -> pb.ServerFrame:
-        """The Welcome or Ack covering `seq` (fails on anything ending the stream first)."""
-        while True:
-            frame = self._responses.get(timeout=WAIT_S)
-            assert isinstance(frame, pb.ServerFrame), f"stream ended before ack {seq}: {frame!r}"
-            if frame.WhichOneof("body") == "welcome" or frame.ack.seq >= seq:
-                return frame
-
-    def end(self) -> Any:
-        """Half-close and return what ended the stream: None (OK) or the grpc.RpcError."""
-        self._requests.put(None)
-        while isinstance(item := self._responses.get(timeout=WAIT_S), pb.ServerFrame):
-            pass
-        return item
+def _end(stream: AgentStream) -> Any:
+    """Half-close `stream` and return what ended it: None (OK) or the grpc.RpcError."""
+    stream.close()
+    while isinstance(item := stream.recv(), pb.ServerFrame):
+        pass
+    return item
 
 
 def _sized(make: Callable[[int], Any], size: int) -> Any | None:
@@ -134,27 +120,26 @@ def test_frame_sizes_around_the_limits_on_a_stream(app: ServerApp, size: int) ->
     run = f"sized-{next(_runs)}"
     before = _refused(app)
     with grpc.insecure_channel(app.grpc_target) as channel:
-        bystander, victim = _Stream(channel), _Stream(channel)
+        bystander = AgentStream(app.grpc_target, channel=channel)
+        victim = AgentStream(app.grpc_target, channel=channel)
         bystander.send(hello_frame(run=f"{run}-other"))
         victim.send(hello_frame(run=run, session="v"))
-        bystander.until_ack(0)
-        victim.until_ack(0)
+        _welcome(bystander)
+        _welcome(victim)
         victim.send(report_frame(1))
-        victim.until_ack(1)  # acknowledged before the sized frame
+        victim.recv_ack(1)  # acknowledged before the sized frame
 
         victim.send(frame)
-        error = victim.end()
+        error = _end(victim)
 
         bystander.send(report_frame(1))
-        bystander.until_ack(1)  # the connection and the other stream go on
-        assert bystander.end() is None
+        bystander.recv_ack(1)  # the connection and the other stream go on
+        assert _end(bystander) is None
     _expect(app, size, error, before)
-    with grpc.insecure_channel(app.grpc_target) as channel:
-        again = _Stream(channel)
-        again.send(hello_frame(run=run, session="v"))
-        welcome = again.until_ack(0)
-        assert welcome.welcome.acked_seq == (2 if size <= LIMIT else 1)  # nothing acknowledged was lost
-        assert again.end() is None
+    again = AgentStream(app.grpc_target)
+    again.send(hello_frame(run=run, session="v"))
+    assert _welcome(again).acked_seq == (2 if size <= LIMIT else 1)  # nothing acknowledged was lost
+    assert _end(again) is None
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -166,17 +151,17 @@ def test_flush_request_sizes_around_the_limits(app: ServerApp, size: int) -> Non
         return
     before = _refused(app)
     with grpc.insecure_channel(app.grpc_target) as channel:
-        bystander = _Stream(channel)
+        bystander = AgentStream(app.grpc_target, channel=channel)
         bystander.send(hello_frame(run=f"{run}-other"))
-        bystander.until_ack(0)
+        _welcome(bystander)
         try:
             response = pbg.IngestStub(channel).Flush(request, timeout=WAIT_S)
             error = None
         except grpc.RpcError as exc:
             error = exc
         bystander.send(report_frame(1))
-        bystander.until_ack(1)
-        assert bystander.end() is None
+        bystander.recv_ack(1)
+        assert _end(bystander) is None
     _expect(app, size, error, before)
     if error is None:
         assert response.acked_seq == 2
