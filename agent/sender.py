@@ -6,7 +6,8 @@ Contract
   than its timeout.
 - Everything else happens on the sender thread: it waits for each report's values to reach the host
   (snapshot.py), numbers reports and events 1, 2, 3, … (Hello, Heartbeat and Goodbye carry 0), keeps the
-  unacknowledged ones in a bounded replay buffer (replay.py), and streams them over `Ingest.Stream`.
+  unacknowledged ones in a bounded replay buffer (replay.py), and streams them over `Ingest.Stream`. A frame
+  larger than the server's Welcome.max_frame_bytes is dropped and counted ("frame_too_large"), never written.
 - The channel is created lazily on the sender thread, a fresh one per attempt so the RetryPolicy is the only
   backoff in play. After a failure the thread waits (exponential backoff with jitter; longer when the server
   rejected the stream) and, on the next Welcome, resends every frame the server does not hold yet.
