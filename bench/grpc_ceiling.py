@@ -9,6 +9,11 @@ Two measurements on a bare grpc.aio server with a raw-bytes stream handler, like
 * what the handler sees: a frame over the ceiling, against a client that cancels its stream and one that
   half-closes it: what `context.read()` returns, whether the handler is then cancelled, and what the done
   callback's context says.
+* what core's own per-call views record for the same cases (and for a handler that aborts with a status):
+  channelz (calls started/succeeded/failed of the server, streams failed on its socket; grpcio's
+  `grpc._cython.cygrpc` channelz queries, which `grpcio-channelz` wraps) and, where `grpcio-observability`
+  and `opentelemetry-sdk` are installed, the OpenTelemetry plugin's `grpc.server.call.duration` by
+  `grpc.status`. Either could count core's refusals only if it told them apart from a client's cancel.
 
     python bench/grpc_ceiling.py [--mib 300]
 """
@@ -17,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
+import json
 import resource
 import subprocess
 import sys
@@ -72,6 +80,26 @@ def memory(mib: int) -> None:
         print(f"limit {limit:>8}: one {mib} MiB frame -> client {status!r}; server peak RSS {rss} MiB")
 
 
+CASES = ("completes", "client cancels", "over the ceiling", "handler aborts")
+
+
+async def _stream_case(channel: grpc.aio.Channel, case: str) -> str:
+    """Run one of CASES (or "client half-closes", as "completes") on a stream; the client's status."""
+    call = channel.stream_stream(METHOD)(metadata=(("case", case),))
+    await call.write(b"x" * 10)
+    if case == "over the ceiling":
+        await call.write(b"x" * (CEILING + 1))
+    elif case == "client cancels":
+        await asyncio.sleep(0.1)
+        call.cancel()
+    elif case == "handler aborts":
+        await call.write(b"abort")
+    else:
+        await call.done_writing()
+        await call.read()
+    return (await call.code()).name
+
+
 async def _signals() -> None:
     seen: dict[str, list[str]] = {}
 
@@ -102,20 +130,83 @@ async def _signals() -> None:
         except grpc.aio.AioRpcError as exc:
             seen.setdefault("unary over the ceiling", []).append(f"(client: {exc.code().name}; handler never called)")
         for case in ("over the ceiling", "client cancels", "client half-closes"):
-            call = channel.stream_stream(METHOD)(metadata=(("case", case),))
-            await call.write(b"x" * 10)
-            if case == "over the ceiling":
-                await call.write(b"x" * (CEILING + 1))
-            elif case == "client cancels":
-                await asyncio.sleep(0.1)
-                call.cancel()
-            else:
-                await call.done_writing()
-                await call.read()
+            await _stream_case(channel, case)
             await asyncio.sleep(0.4)
     await server.stop(0)
     for case, log in seen.items():
         print(f"{case:>20}: {' -> '.join(log)}")
+
+
+def _channelz() -> collections.Counter[str]:
+    """Server call counts and socket stream counts, summed over the process's servers."""
+    from grpc._cython import cygrpc
+
+    counts: collections.Counter[str] = collections.Counter()
+    for server in json.loads(cygrpc.channelz_get_servers(0)).get("server", []):
+        counts.update({k: int(v) for k, v in server["data"].items() if k.startswith("calls")})
+        sockets = json.loads(cygrpc.channelz_get_server_sockets(int(server["ref"]["serverId"]), 0, 0))
+        for ref in sockets.get("socketRef", []):
+            data = json.loads(cygrpc.channelz_get_socket(int(ref["socketId"])))["socket"]["data"]
+            counts.update({k: int(v) for k, v in data.items() if k.startswith("streamsFailed")})
+    return counts
+
+
+def _otel() -> tuple[Any, Any] | None:
+    """(plugin, reader): the OpenTelemetry plugin registered globally with an in-memory reader, or None."""
+    try:
+        import grpc_observability
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    except ImportError:
+        return None
+    reader = InMemoryMetricReader()
+    plugin = grpc_observability.OpenTelemetryPlugin(meter_provider=MeterProvider(metric_readers=[reader]))
+    plugin.register_global()
+    return plugin, reader
+
+
+def _server_calls(reader: Any) -> collections.Counter[str]:
+    """The plugin's server calls by `grpc.status`, and the bytes they received."""
+    counts: collections.Counter[str] = collections.Counter()
+    data = reader.get_metrics_data()
+    for exported in data.resource_metrics if data else ():
+        for scope in exported.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    if metric.name == "grpc.server.call.duration":
+                        counts[f"status {point.attributes.get('grpc.status')}"] += point.count
+                    elif metric.name == "grpc.server.call.rcvd_total_compressed_message_size":
+                        counts["bytes received"] += int(point.sum)
+    return counts
+
+
+async def _core_views() -> None:
+    async def stream(_: Any, context: grpc.aio.ServicerContext) -> None:
+        while (raw := await context.read()) is not grpc.aio.EOF:
+            if raw == b"abort":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused by the handler")
+        await context.write(b"bye")
+
+    otel = _otel()
+    server = _server(CEILING, stream)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for case in CASES:
+            before = (_channelz(), _server_calls(otel[1]) if otel else None)
+            client = await _stream_case(channel, case)
+            await asyncio.sleep(1.2)  # the plugin exports every 0.5 s
+            channelz = _channelz() - before[0]
+            line = f"{case:>16}: client {client}; channelz {dict(channelz)}"
+            if otel:
+                line += f"; otel {dict(_server_calls(otel[1]) - before[1])}"
+            print(line)
+    await server.stop(0)
+    if otel:
+        with contextlib.suppress(Exception):
+            otel[0].deregister_global()
+    else:
+        print("(OpenTelemetry plugin not measured: grpcio-observability / opentelemetry-sdk not installed)")
 
 
 def main() -> None:
@@ -128,6 +219,7 @@ def main() -> None:
         return
     memory(args.mib)
     asyncio.run(_signals())
+    asyncio.run(_core_views())
 
 
 if __name__ == "__main__":
