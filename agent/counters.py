@@ -16,6 +16,7 @@ DROP_REASONS: tuple[str, ...] = (
     "queue_full",  # training thread: the sender's queue was at queue_size (newest dropped)
     "replay_overflow",  # sender: the replay buffer was full while the server was away (oldest dropped)
     "error",  # sender: an internal error while turning a report into a frame
+    "frame_too_large",  # sender: a frame over the server's Welcome.max_frame_bytes (it would refuse the stream)
 )
 
 

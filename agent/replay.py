@@ -66,6 +66,11 @@ class ReplayBuffer(Generic[FrameT]):
             dropped += 1
         return dropped
 
+    def discard(self, seq: int) -> None:
+        """Forget the frame `seq` (one the server would refuse), pinned or not."""
+        self._frames.pop(seq, None)
+        self._pinned.discard(seq)
+
     def after(self, seq: int) -> list[tuple[int, FrameT]]:
         """(seq, frame) pairs with a sequence number greater than `seq`, oldest first.
 

@@ -6,7 +6,8 @@ Contract
   than its timeout.
 - Everything else happens on the sender thread: it waits for each report's values to reach the host
   (snapshot.py), numbers reports and events 1, 2, 3, … (Hello, Heartbeat and Goodbye carry 0), keeps the
-  unacknowledged ones in a bounded replay buffer (replay.py), and streams them over `Ingest.Stream`.
+  unacknowledged ones in a bounded replay buffer (replay.py), and streams them over `Ingest.Stream`. A frame
+  larger than the server's Welcome.max_frame_bytes is dropped and counted ("frame_too_large"), never written.
 - The channel is created lazily on the sender thread, a fresh one per attempt so the RetryPolicy is the only
   backoff in play. After a failure the thread waits (exponential backoff with jitter; longer when the server
   rejected the stream) and, on the next Welcome, resends every frame the server does not hold yet.
@@ -149,6 +150,8 @@ class Sender:
         #: From the server's Welcome: frames per AgentFrame.batch and bytes per message (0: no batches).
         self._batch_frames = 0
         self._batch_bytes = 0
+        #: Welcome.max_frame_bytes: a larger frame would end the stream (RESOURCE_EXHAUSTED) on every resend.
+        self._max_frame_bytes = 0
         self._next_attempt = 0.0
         self._welcome_deadline = 0.0
         self._next_heartbeat = 0.0
@@ -322,11 +325,15 @@ class Sender:
                 # The server reads slower than we produce: frames wait in the (bounded) replay buffer.
                 self._congested = True
                 break
+            length = frame.ByteSize()
+            if self._max_frame_bytes and length > self._max_frame_bytes:
+                self._drop_oversized(seq, length)
+                continue
             if self._batch_frames <= 1:
                 self._write(stream, [(seq, frame)])
                 continue
             # A server that takes batches gets the push group in as few messages as its limits allow.
-            length = frame.ByteSize() + BATCH_ENTRY_OVERHEAD
+            length += BATCH_ENTRY_OVERHEAD
             if group and (len(group) >= self._batch_frames or size + length > self._batch_bytes):
                 self._write(stream, group)
                 group, size = [], 0
@@ -334,6 +341,20 @@ class Sender:
             size += length
         if group:
             self._write(stream, group)
+
+    def _drop_oversized(self, seq: int, size: int) -> None:
+        """A frame the server would refuse (ending the stream, and again on every resend): dropped, counted, and
+        reported with the next heartbeat (the server shows it in gradwatch_agent_dropped_total)."""
+        self._replay.discard(seq)
+        self._counters.dropped["frame_too_large"] += 1
+        self._counters.buffered = len(self._replay)
+        self._log_once(
+            "frame-too-large",
+            "gradwatch: a report of %d bytes exceeds the server's limit of %d bytes (its limits.max_message_bytes); "
+            "such reports are dropped and counted (monitor.counters()['dropped']['frame_too_large'])",
+            size,
+            self._max_frame_bytes,
+        )
 
     def _write(self, stream: OpenStream, frames: list[tuple[int, pb.AgentFrame]]) -> None:
         """One message on the stream: the frame, or a batch of them."""
@@ -380,6 +401,7 @@ class Sender:
         self._attempt = 0
         self._batch_frames = welcome.max_batch_frames
         self._batch_bytes = min(welcome.max_frame_bytes, MAX_BATCH_BYTES) - BATCH_ENTRY_OVERHEAD
+        self._max_frame_bytes = welcome.max_frame_bytes
         self._apply_ack(welcome.acked_seq)
         if "unreachable" in self._logged:  # the outage was reported: say once that it is over
             self._log_once(

@@ -15,7 +15,9 @@ bench/loadgen.py is the paced counterpart: thousands of ranks at a set step rate
 `--in-process L1,L2,...` measures instead what the ingest thread spends per report without gRPC: agent-shaped
 frames (bench/loadgen.py's) parsed, validated and applied by an Ingestor with every detector and the flight
 recorder, 4 ranks, CPU time of this thread; at the default cadence and with full statistics on every report
-(which gives layer-records per second per core). Three repetitions each; median and range.
+(which gives layer-records per second per core). Three repetitions each; median and range. With
+`--no-detectors` every detector is disabled: what is left is the ingest bookkeeping (parse, validation, report
+decoding, store, flight recorder, counters).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 from loadgen import FrameFactory, hello_bytes, process_usage
 
 from gradwatch.server.app import ServerApp
-from gradwatch.server.config import ServerConfig
+from gradwatch.server.config import load_config
+from gradwatch.server.detectors import REGISTRY
 from gradwatch.server.validate import StreamValidator, parse_agent_frame
 from gradwatch.v1 import gradwatch_pb2 as pb
 from paging_support import gradwatch_server
@@ -88,9 +91,10 @@ def measure(streams: int, reports: int, layers: int, full_every: int) -> dict[st
     }
 
 
-def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4) -> float:
+def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4, *, detectors: bool = True) -> float:
     """Thread CPU µs per report through parse, validation and Ingestor.apply (no gRPC); see the docstring."""
-    app = ServerApp(ServerConfig())
+    off = {} if detectors else {"detectors": {spec.name: {"enabled": False} for spec in REGISTRY}}
+    app = ServerApp(load_config(off))
     limits, factory = app.config.limits, FrameFactory(layers, full_every)
     streams = []
     for rank in range(ranks):
@@ -110,13 +114,13 @@ def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4) ->
     return (time.thread_time() - started) / ((reports - warm) * ranks) * 1e6
 
 
-def in_process(layer_counts: list[int], reports: int) -> None:
-    print(f"in process (no gRPC), 4 ranks, {reports} reports each; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+def in_process(layer_counts: list[int], reports: int, *, detectors: bool = True) -> None:
+    print(f"in process (no gRPC), 4 ranks, {reports} reports each, detectors {'on' if detectors else 'off'}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"{'layers':>6} {'default cadence us/report':>26} {'full reports us/report':>23} {'layer-records/s':>16}")
     for layers in layer_counts:
-        cadence = sorted(in_process_us(layers, 10, reports) for _ in range(3))
-        full = sorted(in_process_us(layers, 1, max(40, reports // 3)) for _ in range(3))
+        cadence = sorted(in_process_us(layers, 10, reports, detectors=detectors) for _ in range(3))
+        full = sorted(in_process_us(layers, 1, max(40, reports // 3), detectors=detectors) for _ in range(3))
         print(f"{layers:>6} {cadence[1]:>10.0f} ({cadence[0]:.0f}-{cadence[2]:.0f}){'':>6} "
               f"{full[1]:>9.0f} ({full[0]:.0f}-{full[2]:.0f}){'':>4} {layers / full[1] * 1e6:>16,.0f}")  # fmt: skip
 
@@ -128,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32, help="layers in each run's schema")
     parser.add_argument("--full-every", type=int, default=10, help="every Nth report carries per-layer columns")
     parser.add_argument("--in-process", default="", help="comma list of layer counts: ingest cost without gRPC")
+    parser.add_argument("--no-detectors", action="store_true", help="--in-process with every detector disabled")
     args = parser.parse_args(argv)
     if args.in_process:
-        in_process([int(n) for n in args.in_process.split(",")], args.reports)
+        in_process([int(n) for n in args.in_process.split(",")], args.reports, detectors=not args.no_detectors)
         return 0
     counts = [int(s) for s in args.streams.split(",") if s.strip()]
     if not counts or min(counts) < 1 or args.reports < 1 or args.layers < 1 or args.full_every < 1:

@@ -199,6 +199,14 @@ class AlertBook:
         with self._lock:
             return set(self._firing)
 
+    def firing_severities(self) -> dict[str, set[str]]:
+        """Run -> the severities of its firing alerts (runs without one are absent)."""
+        out: dict[str, set[str]] = {}
+        with self._lock:
+            for alert in self._firing.values():
+                out.setdefault(alert.run, set()).add(alert.severity)
+        return out
+
     def export_firing(self) -> builtins.list[dict[str, Any]]:
         """Firing alerts as dicts with their still-active ranks (`active`), for persistence."""
         with self._lock:

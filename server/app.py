@@ -135,7 +135,14 @@ class ServerApp:
         #: The app's own Prometheus registry (never the global default).
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(
-            GradwatchCollector(self.store, self.alert_book, self.stats, detector_names=names, version=__version__)
+            GradwatchCollector(
+                self.store,
+                self.alert_book,
+                self.stats,
+                detector_names=names,
+                version=__version__,
+                max_layer_series=limits.max_layer_series,
+            )
         )
         self.silences = SilenceBook(clock=clock, detectors=names, persist=self.database.put_silences)
         self.notifier = Notifier(

@@ -26,6 +26,7 @@ YAML shape (every key optional; these are the defaults)::
       max_layers_per_schema: 65536
       ring_length: 1024               # reports of history kept per rank
       max_layer_series_per_run: 256   # per-layer Prometheus series per run and statistic
+      max_layer_series: 100000        # per-layer series per scrape, all runs (paging runs first)
       max_sessions_per_rank: 4        # agent sessions remembered for deduplication
       max_run_id_chars: 256
       alert_history: 1000             # resolved alerts kept for /api/v1/alerts
@@ -235,6 +236,15 @@ class LimitsConfig(Settings):
     max_layer_series_per_run: int = setting(
         256, doc="Layers exported per run and statistic (first in schema order).", ge=0, le=1 << 16
     )
+    max_layer_series: int = setting(
+        100_000,
+        doc="Per-layer series in one /metrics scrape, over all runs and per-layer families: runs with a firing "
+        "alert first (critical, then warning, then info), then the rest, oldest run first; a run that does not "
+        "fit whole keeps its first layers in schema order; the rest are left out, counted in "
+        'gradwatch_layer_series_omitted{reason="max_layer_series"}.',
+        ge=0,
+        le=1 << 24,
+    )
     max_sessions_per_rank: int = setting(4, doc="Agent sessions per rank remembered for dedup.", ge=1, le=1024)
     max_run_id_chars: int = setting(256, doc="Longest run id accepted.", ge=1, le=4096)
     alert_history: int = setting(1000, doc="Resolved alerts kept for the API.", ge=0, le=1_000_000)
@@ -280,7 +290,9 @@ class LimitsConfig(Settings):
 
     @property
     def grpc_receive_bytes(self) -> int:
-        """gRPC's own receive limit: above ours, so oversized frames reach our (counted) check."""
+        """gRPC's own receive limit: above ours, so oversized frames up to it reach our (counted) check; core
+        refuses longer ones from their length prefix, unbuffered (docs/security.md, "Frames above gRPC's
+        ceiling": lifting it would let any stream make the server buffer up to 4 GiB)."""
         return 2 * self.max_message_bytes + MiB
 
 

@@ -263,10 +263,9 @@ class Ingestor:
                 with self._store.lock:
                     rank.sessions[session.hello.session_id] = frame.seq
                 session.acked_seq = frame.seq
-            if session.streaming:  # a Flush call has no reply stream to carry commands
+            if session.streaming and self._pending:  # a Flush call has no reply stream to carry commands
                 commands.extend(self._pending.pop((run.run_id, rank.rank), ()))
-            self._stats.frame(kind)
-        self._stats.observe_latency(time.perf_counter() - started)
+        self._stats.applied(kind, time.perf_counter() - started)
         return commands
 
     def tick(self) -> None:

@@ -32,10 +32,14 @@ from gradwatch.server.stats import LATENCY_BUCKETS_S, IngestStats
 from gradwatch.server.store import RunState, RunStore
 from gradwatch.server.views import loss_view
 
-__all__ = ["LAYER_COLUMNS", "MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
+__all__ = ["LAYER_COLUMNS", "LAYER_SERIES_OMITTED", "MAX_AGENT_DROP_REASONS", "GradwatchCollector"]
 
 #: Agent-supplied drop reasons exported per run (label values from the wire are capped).
 MAX_AGENT_DROP_REASONS = 16
+#: Reason label of gradwatch_layer_series_omitted: per-layer series over limits.max_layer_series.
+LAYER_SERIES_OMITTED = "max_layer_series"
+#: Firing severities, most urgent first: the order in which runs get their per-layer series.
+_SEVERITY_ORDER = ("critical", "warning", "info")
 
 # (column in LayerStats, metric name, help): per-layer gauges, ranks aggregated by max. Data, so a
 # new column on the wire is one line here (and one in the layer dashboard).
@@ -76,7 +80,9 @@ class GradwatchCollector(Collector):
         *,
         detector_names: tuple[str, ...],
         version: str,
+        max_layer_series: int,
     ) -> None:
+        self._max_layer_series = max_layer_series
         self._store = store
         self._alerts = alerts
         self._stats = stats
@@ -134,17 +140,15 @@ class GradwatchCollector(Collector):
     def _run_metrics(self) -> Iterator[Metric]:
         firing = self._alerts.firing_detectors()
         fams = _RunFamilies.empty()
-        layer_fams = [
-            (column, GaugeMetricFamily(name, doc, labels=["run", "layer"])) for column, name, doc in _LAYER_FAMILIES
-        ]
-        for run in self._store.snapshot():  # reader copies: the families are built without the store's lock
-            if run.exported:
-                fams.add_run(run, firing, self._detector_names)
-                for column, family in layer_fams:
-                    _add_layers(run, column, family)
+        # Reader copies: the families are built without the store's lock.
+        runs = [run for run in self._store.snapshot() if run.exported]
+        for run in runs:
+            fams.add_run(run, firing, self._detector_names)
         yield from fams.all()
-        for _, family in layer_fams:
-            yield family
+        layers = _LayerSeries(self._max_layer_series)
+        for run in _paging_first(runs, self._alerts.firing_severities()):
+            layers.add_run(run)
+        yield from layers.all()
 
 
 @dataclass
@@ -298,7 +302,50 @@ class _RunFamilies:
             self.agent_dropped.add_metric([rid, reason], n)
 
 
-def _add_layers(run: RunState, column: str, family: GaugeMetricFamily) -> None:
-    values, seen = run.aggregate_layers(column)
-    for i in np.flatnonzero(seen):
-        family.add_metric([run.run_id, run.layer_names[i]], float(values[i]))
+def _paging_first(runs: list[RunState], severities: dict[str, set[str]]) -> list[RunState]:
+    """`runs` in the order they get per-layer series: by their most urgent firing alert (none last), then
+    oldest first, then by id. Deterministic, and a new quiet run never takes the place of an older one."""
+    quiet = len(_SEVERITY_ORDER) + 1
+
+    def key(run: RunState) -> tuple[int, float, str]:
+        firing = severities.get(run.run_id, ())
+        level = min((_SEVERITY_ORDER.index(s) if s in _SEVERITY_ORDER else quiet - 1 for s in firing), default=quiet)
+        return level, run.first_seen, run.run_id
+
+    return sorted(runs, key=key)
+
+
+class _LayerSeries:
+    """The per-layer families of one scrape: at most `cap` series over all runs and families
+    (limits.max_layer_series). Runs are added in priority order; a run that does not fit whole keeps its
+    first layers in schema order (every family's series of a layer together); the rest is counted."""
+
+    def __init__(self, cap: int) -> None:
+        self._families = [
+            (column, GaugeMetricFamily(name, doc, labels=["run", "layer"])) for column, name, doc in _LAYER_FAMILIES
+        ]
+        self._room = cap
+        self._omitted = 0
+
+    def add_run(self, run: RunState) -> None:
+        aggregated = [run.aggregate_layers(column) for column, _ in self._families]
+        seen = np.stack([present for _, present in aggregated])  # families × layers
+        upto = np.cumsum(seen.sum(axis=0))  # series of layers 0..i, all families
+        total = int(upto[-1]) if upto.size else 0
+        keep = int(np.searchsorted(upto, self._room, side="right"))  # layers [0, keep) fit
+        used = int(upto[keep - 1]) if keep else 0
+        self._room -= used
+        self._omitted += total - used
+        for (values, present), (_, family) in zip(aggregated, self._families, strict=True):
+            for i in np.flatnonzero(present[:keep]):
+                family.add_metric([run.run_id, run.layer_names[i]], float(values[i]))
+
+    def all(self) -> list[Metric]:
+        omitted = GaugeMetricFamily(
+            "gradwatch_layer_series_omitted",
+            "Per-layer series left out of this scrape, by reason (max_layer_series: over limits.max_layer_series; "
+            "runs with a firing alert are served first).",
+            labels=["reason"],
+        )
+        omitted.add_metric([LAYER_SERIES_OMITTED], self._omitted)
+        return [*(family for _, family in self._families), omitted]

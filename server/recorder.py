@@ -218,7 +218,8 @@ class FlightRecorder:
                 )
             )
             # Copies: a slice would keep the frame's whole column (up to 65,536 layers) alive.
-            layers = {n: report.columns[n][: cfg.max_layers].copy() for n in LAYER_COLUMNS if n in report.columns}
+            columns = report.columns
+            layers = {n: columns[n][: cfg.max_layers].copy() for n in LAYER_COLUMNS if n in columns} if columns else {}
             modules = _activations(msg, cfg.max_layers) if msg.HasField("activations") else _EMPTY
             if layers or modules:
                 window.columns.append((window.count, report.step, layers, modules))
@@ -226,6 +227,8 @@ class FlightRecorder:
                 self._bytes += _entry_bytes(layers, modules)
                 self._trim(run.run_id, rank.rank, window)
             window.count += 1
+            if not self._recording:  # the common case: no incident is being recorded
+                return
             for recording in [r for r in self._recording.values() if r.alert["run"] == run.run_id]:
                 if rank.rank == recording.fired_rank and window.count - recording.start[rank.rank] >= cfg.after_reports:
                     self._close(recording)

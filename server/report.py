@@ -226,8 +226,8 @@ def build_report(
         pre_forward_s=msg.pre_forward_s if msg.HasField("pre_forward_s") else None,
         guard_skip_reasons=msg.guard_skip_reasons,
         guard_rolled_back_to=msg.guard_rolled_back_to if msg.HasField("guard_rolled_back_to") else None,
-        batch_ids=tuple(msg.batch_ids),
-        top_samples=tuple((s.id, s.loss, s.index) for s in msg.top_samples),
+        batch_ids=tuple(msg.batch_ids) if msg.batch_ids else _NO_NAMES,
+        top_samples=tuple((s.id, s.loss, s.index) for s in msg.top_samples) if msg.top_samples else (),
     )
 
 

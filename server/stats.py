@@ -86,9 +86,11 @@ class IngestStats:
         with self._lock:
             self._active_streams -= 1
 
-    def observe_latency(self, seconds: float) -> None:
+    def applied(self, kind: str, seconds: float) -> None:
+        """One frame of `kind` applied in `seconds` (one lock for the count and the latency)."""
         i = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
         with self._lock:
+            self._frames[kind] = self._frames.get(kind, 0) + 1
             self._buckets[i] += 1
             self._latency_sum += seconds
 

@@ -78,6 +78,7 @@ MAX_INT64 = (1 << 63) - 1
 #: Bytes of a frame that is neither a Hello nor a report (heartbeat, event, goodbye): small by nature, so a
 #: large one is refused before its fields cost anything more.
 MAX_SMALL_FRAME_BYTES = 256 * 1024
+_SMALL_LIMIT = f"heartbeat, event and goodbye frames are at most {MAX_SMALL_FRAME_BYTES} bytes (a fixed limit)"
 #: A Hello for a (run, rank) another agent session is streaming as (ingest.Ingestor.open).
 RANK_IN_USE = "rank_in_use"
 #: Per-run detector settings a Hello may carry, and the size of each key and value.
@@ -194,7 +195,8 @@ def _check_size(raw: bytes, what: str, limits: LimitsConfig) -> None:
     if len(raw) > limits.max_message_bytes:
         raise _reject(
             TOO_LARGE,
-            f"{what} of {len(raw)} bytes exceeds this server's limit of {limits.max_message_bytes} bytes",
+            f"{what} of {len(raw)} bytes exceeds this server's limit of {limits.max_message_bytes} bytes "
+            "(limits.max_message_bytes)",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
 
@@ -244,7 +246,7 @@ def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
         if kind in _SMALL:
             raise _reject(
                 TOO_LARGE,
-                f"{kind} frame of {len(raw)} bytes; such frames are at most {MAX_SMALL_FRAME_BYTES}",
+                f"{kind} frame of {len(raw)} bytes; {_SMALL_LIMIT}",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
     frame = pb.AgentFrame()
@@ -255,7 +257,7 @@ def parse_agent_frame(raw: bytes, limits: LimitsConfig) -> pb.AgentFrame:
     if len(raw) > MAX_SMALL_FRAME_BYTES and frame.WhichOneof("body") in _SMALL:
         raise _reject(
             TOO_LARGE,
-            f"{frame.WhichOneof('body')} frame of {len(raw)} bytes; such frames are at most {MAX_SMALL_FRAME_BYTES}",
+            f"{frame.WhichOneof('body')} frame of {len(raw)} bytes; {_SMALL_LIMIT}",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
     return frame
@@ -406,6 +408,8 @@ class StreamValidator:
     def __init__(self, limits: LimitsConfig) -> None:
         self._limits = limits
         self._hello: pb.Hello | None = None
+        #: Layers and observed modules of the Hello's schemas (what every report's columns are checked against).
+        self._layers = self._modules = 0
         self._last_seq = 0
         self._last_step = -1
 
@@ -430,7 +434,7 @@ class StreamValidator:
             raise _out_of_range("AgentFrame.seq", frame.seq)
         self._check_seq(frame, kind)
         if kind == "hello":
-            self._hello = frame.hello
+            self._accepted(frame.hello)
         elif kind == "report":
             self._check_report(frame.report)
         else:
@@ -445,7 +449,11 @@ class StreamValidator:
     def accept_hello(self, hello: pb.Hello) -> None:
         """Record a Hello received outside the frame list (FlushRequest.hello)."""
         check_hello(hello, self._limits)
+        self._accepted(hello)
+
+    def _accepted(self, hello: pb.Hello) -> None:
         self._hello = hello
+        self._layers, self._modules = len(hello.schema.names), len(hello.activation_schema.names)
 
     def _check_seq(self, frame: pb.AgentFrame, kind: str) -> None:
         if kind not in _SEQUENCED:
@@ -481,8 +489,7 @@ class StreamValidator:
             raise _reject(INVALID_REPORT, f"loss_scale must be >= 0, got {report.loss_scale}")
         if not math.isfinite(report.wall_time):
             raise _reject(INVALID_REPORT, f"wall_time is {report.wall_time}")
-        assert self._hello is not None
-        n = len(self._hello.schema.names)
+        n = self._layers
         if report.HasField("first_non_finite_layer") and report.first_non_finite_layer >= n:
             raise _reject(
                 INVALID_REPORT, f"first_non_finite_layer {report.first_non_finite_layer} but the schema has {n} layers"
@@ -501,6 +508,8 @@ class StreamValidator:
 
     def _check_autopsy(self, report: pb.StepReport) -> None:
         """Batch ids and top samples within their bounds."""
+        if not report.batch_ids and not report.top_samples:  # the common case: no autopsy on this report
+            return
         if len(report.batch_ids) > MAX_BATCH_IDS or len(report.top_samples) > MAX_TOP_SAMPLES:
             raise _reject(LIMIT_EXCEEDED, f"at most {MAX_BATCH_IDS} batch_ids and {MAX_TOP_SAMPLES} top_samples")
         if any(len(i) > MAX_ID_CHARS for i in report.batch_ids) or any(
@@ -510,8 +519,7 @@ class StreamValidator:
 
     def _check_activations(self, report: pb.StepReport) -> None:
         """Activation columns and NaN provenance against Hello.activation_schema; input columns paired."""
-        assert self._hello is not None
-        m = len(self._hello.activation_schema.names)
+        m = self._modules
         if report.HasField("first_non_finite_module") and report.first_non_finite_module >= m:
             raise _reject(
                 INVALID_REPORT, f"first_non_finite_module {report.first_non_finite_module} but {m} observed modules"

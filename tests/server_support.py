@@ -121,8 +121,12 @@ class AgentStream:
 
     _END = object()
 
-    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, metadata: tuple[tuple[str, str], ...] | None = None, *, channel: grpc.Channel | None = None
+    ) -> None:
+        """On `channel` when given (several streams on one connection; the caller closes it), else its own."""
+        self._owned = channel is None
+        self._channel = grpc.insecure_channel(target) if channel is None else channel
         self._requests: queue.Queue[Any] = queue.Queue()
         self._responses: queue.Queue[Any] = queue.Queue()
         call = pbg.IngestStub(self._channel).Stream(iter(self._requests.get, self._END), metadata=metadata)
@@ -156,7 +160,8 @@ class AgentStream:
     def close(self) -> None:
         self._requests.put(self._END)
         self._thread.join(WAIT_S)
-        self._channel.close()
+        if self._owned:
+            self._channel.close()
 
 
 def http_get(url: str) -> tuple[int, str, bytes]:

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from agent_support import ScriptableServer, free_port_address, make_mlp, train, wait_until  # noqa: E402
 from gradwatch.agent.config import RetryPolicy, resolve_config  # noqa: E402
+from gradwatch.agent.counters import DROP_REASONS  # noqa: E402
 from gradwatch.agent.monitor import Monitor, attach  # noqa: E402
 from gradwatch.agent.replay import ReplayBuffer  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
@@ -293,7 +294,7 @@ def test_agent_heartbeats_carry_cumulative_drop_counts(server: ScriptableServer)
     beat = next(b for b in server.servicer.of_kind("heartbeat") if b.heartbeat.step == 3)
     assert beat.seq == 0
     assert beat.heartbeat.step == 3
-    assert dict(beat.heartbeat.dropped) == {"queue_full": 0, "replay_overflow": 0, "error": 0}
+    assert dict(beat.heartbeat.dropped) == dict.fromkeys(DROP_REASONS, 0)
 
 
 def test_agent_queue_full_drops_newest_while_the_sender_is_stuck(server: ScriptableServer) -> None:

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -22,10 +24,12 @@ def test_bench_ingest_throughput_small_run_prints_one_row_per_stream_count() -> 
         assert float(row[3]) > 0 and float(row[4]) > 0 and row[5].endswith("%")
 
 
-def test_bench_ingest_in_process_prints_one_row_per_layer_count() -> None:
+@pytest.mark.parametrize("flags", [(), ("--no-detectors",)])
+def test_bench_ingest_in_process_prints_one_row_per_layer_count(flags: tuple[str, ...]) -> None:
     command = [sys.executable, str(ROOT / "bench" / "ingest_throughput.py"), "--in-process", "4,16", "--reports", "40"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([*command, *flags], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert f"detectors {'off' if flags else 'on'}" in done.stdout.splitlines()[0]
     rows = [line.split() for line in done.stdout.splitlines()[2:]]
     assert [row[0] for row in rows] == ["4", "16"]
     assert all(float(row[1]) > 0 and float(row[-1].replace(",", "")) > 0 for row in rows)
