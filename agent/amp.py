@@ -52,7 +52,7 @@ class _Step:
         return result
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return getattr, (self._original.__self__, "step")
+        return getattr, (self._original.__self__, "step")  # type: ignore[attr-defined]  # a bound method
 
 
 class ScalerTap:

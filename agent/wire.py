@@ -80,9 +80,9 @@ def hello_frame(identity: AgentIdentity) -> pb.AgentFrame:
 def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.AgentFrame, int]:
     """The frame for one report given its host values; also returns its NonFiniteFlag bits."""
     layout = item.payload.layout
-    columns = item.payload.fold.fold(values, layout)
+    folded = item.payload.fold.fold(values, layout)
+    columns = folded.columns
     grad_norm = columns["grad_norm"]
-    assert isinstance(grad_norm, np.ndarray)
 
     flags = 0
     loss = float(values[layout.LOSS]) if item.payload.loss_in_vector else item.payload.loss
@@ -107,14 +107,14 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         loss=loss if item.payload.has_loss else 0.0,
         has_loss=item.payload.has_loss,
         learning_rates=learning_rates,
-        grad_sum_squares=columns["grad_sum_squares"],
+        grad_sum_squares=folded.grad_sum_squares,
         non_finite=flags,
         optimizer_step=item.payload.optimizer_step,
         agent_time_s=item.agent_time_s,
         micro_steps=item.payload.micro_steps,
         full_stats_interval=item.full_stats_interval,
         over_budget=item.over_budget,
-        grad_global_share=columns["grad_global_share"],
+        grad_global_share=folded.grad_global_share,
     )
     if layout.checksum:
         pieces = values[layout.checksum_pieces]

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -280,7 +280,7 @@ class Ingestor:
             for run in runs:
                 for spec, detector in self._detectors.get(run.run_id, ()):
                     if spec.scope == "run":
-                        for finding in self._run_findings(spec, detector, run, None, now):
+                        for finding in self._run_findings(spec, cast(RunDetector, detector), run, None, now):
                             self._apply_finding(run, None, spec, finding)
 
     def sweep(self) -> list[str]:
@@ -323,11 +323,11 @@ class Ingestor:
         commands: list[pb.Command] = []
         for spec, detector in self._detectors_for(run.run_id):
             if spec.scope == "run":
-                for finding in self._run_findings(spec, detector, run, report, 0.0):
+                for finding in self._run_findings(spec, cast(RunDetector, detector), run, report, 0.0):
                     commands.extend(self._apply_finding(run, rank, spec, finding))
                 continue
             try:
-                verdict = detector.observe(report)  # type: ignore[call-arg]
+                verdict = cast(Detector, detector).observe(report)  # scope "rank": a Detector
             except Exception:
                 self._detector_failed(spec)
                 continue
@@ -344,14 +344,14 @@ class Ingestor:
             autopsy, verdict = autopsy_of(spec.name, finding.report, verdict)
         return self._verdict(run, sender, spec, finding.rank, verdict, autopsy)
 
-    def _run_findings(self, spec: DetectorSpec, detector: Detector | RunDetector, run: RunState,
+    def _run_findings(self, spec: DetectorSpec, detector: RunDetector, run: RunState,
                       report: RankReport | None, now: float) -> Sequence[Finding]:  # fmt: skip
         """A cross-rank detector's findings for `report` (or for a tick at `now` when None); () if it raised."""
         try:
             with self._store.lock:
                 if report is None:
-                    return detector.tick(run.table, now)  # type: ignore[union-attr]
-                return detector.observe(report, run.table)  # type: ignore[call-arg]
+                    return detector.tick(run.table, now)
+                return detector.observe(report, run.table)
         except Exception:
             self._detector_failed(spec)
             return ()

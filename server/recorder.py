@@ -42,7 +42,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +121,8 @@ def incident_id(alert: Mapping[str, Any]) -> str:
 @dataclass(slots=True)
 class _RankWindow:
     rows: RecordRing
-    columns: collections.deque[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
+    # The layer dict is the entry's own (histograms are stripped from it in place); the module dict may be shared.
+    columns: collections.deque[tuple[int, int, dict[str, np.ndarray], Mapping[str, np.ndarray]]]
     count: int = 0
     layer_names: tuple[str, ...] = ()
     session_id: str = ""
@@ -266,7 +267,7 @@ class FlightRecorder:
                     while len(other.columns) > 1 and other.bytes > share:
                         self._drop(other, other.columns.popleft())
 
-    def _drop(self, window: _RankWindow, entry: tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
+    def _drop(self, window: _RankWindow, entry: tuple[int, int, dict[str, np.ndarray], Mapping[str, np.ndarray]]
               ) -> None:  # fmt: skip
         size = _entry_bytes(entry[2], entry[3])
         window.bytes -= size
@@ -523,7 +524,7 @@ class _RankPart:
 
     rank: int
     rows: np.ndarray
-    entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
+    entries: Sequence[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
     start: int
 
 
@@ -569,7 +570,7 @@ def _pack(parts: list[_RankPart], histogram_reports: int) -> bytes:
 
 def _layer_onset(
     rank: int,
-    entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    entries: Sequence[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
     layer_names: tuple[str, ...],
     alert_step: int,
 ) -> dict[str, Any] | None:
