@@ -29,7 +29,8 @@ fraction of dead units (never positive across the batch), fraction of saturated 
 activations: most outputs of the unit, over the batch, within 1 % of the range's ends; NaN for unbounded
 modules), the spread
 across units (mean over samples and positions of the std across units; near 0 when every unit computes the
-same value, i.e. symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order,
+same value, i.e. symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order
+(gradwatch.v1.vocabulary.ACTIVATION_STATISTICS),
 then a log2-magnitude histogram of the output (histogram.py). Outputs larger than SAMPLE_ELEMENTS values
 give their mean, std, zero fraction, non-finite count and histogram from a fixed sample of that many
 positions, and their spread across units from about SPREAD_ELEMENTS values; max |a|, dead and saturated
@@ -57,6 +58,7 @@ from gradwatch.agent import dispatch, errors
 from gradwatch.agent.histogram import LOG2_BINS, SAMPLE_ELEMENTS, log2_histogram
 from gradwatch.agent.sampling import sampled_non_finite
 from gradwatch.agent.snapshot import Segment
+from gradwatch.v1.vocabulary import ACTIVATION_MODULE_TYPES, ACTIVATION_STATISTICS
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -72,10 +74,7 @@ __all__ = [
     "label_histogram",
 ]
 
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.LogSigmoid,
-)  # fmt: skip
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = tuple(getattr(nn, name) for name in ACTIVATION_MODULE_TYPES)
 #: Activations whose output is finite whenever their input is (elementwise, parameter-free, never larger in
 #: magnitude than max(|x|, c)); see the module docstring. Not SELU (its scale > 1), PReLU (a parameter),
 #: Softplus/LogSigmoid (no need); LeakyReLU and RReLU only with slopes within [-1, 1] (`_contracting`).
@@ -83,8 +82,7 @@ CONTRACTING_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softsign,
 )  # fmt: skip
-STATS_PER_MODULE = 8  # mean, std, max_abs, non_finite, zero_fraction, dead_fraction, saturated_fraction,
-#                        unit_spread
+STATS_PER_MODULE = len(ACTIVATION_STATISTICS)
 VALUES_PER_MODULE = STATS_PER_MODULE + LOG2_BINS  # the statistics, then the log2-magnitude histogram
 MAX_INPUT_FEATURES = 1024
 LABEL_BINS = 1024

@@ -7,6 +7,8 @@ grpcio/protobuf runtime at or above the floors in pyproject.toml.
 
     python scripts/gen_protos.py            # rewrite proto/gradwatch/v1/
     python scripts/gen_protos.py --out DIR  # write into DIR (drift test)
+
+It writes only the generated modules: `vocabulary.py` beside them is hand-written and left alone.
 """
 
 from __future__ import annotations

@@ -110,7 +110,6 @@ _FLAG_NAMES = (
     (pb.NON_FINITE_FLAG_GRADIENT, "gradient"),
     (pb.NON_FINITE_FLAG_WEIGHT, "weight"),
 )
-_EMPTY: Mapping[str, np.ndarray] = {}
 
 
 def incident_id(alert: Mapping[str, Any]) -> str:
@@ -184,13 +183,13 @@ class FlightRecorder:
         """Append one applied report to its rank's window (see the module docstring). Never raises: a recorder
         bug must not stop ingestion (counted in dropped["observe_failed"], logged once)."""
         try:
-            self._observe(run, rank, report, msg, hello)
+            self._observe(run, rank, report, hello)
         except Exception:
             self.dropped["observe_failed"] += 1
             if self.dropped["observe_failed"] == 1:
                 log.exception("flight recorder failed on a report; further failures are counted")
 
-    def _observe(self, run: RunState, rank: RankState, report: RankReport, msg: pb.StepReport, hello: pb.Hello) -> None:
+    def _observe(self, run: RunState, rank: RankState, report: RankReport, hello: pb.Hello) -> None:
         cfg = self._config
         with self._lock:
             windows = self._windows.setdefault(run.run_id, {})
@@ -220,7 +219,8 @@ class FlightRecorder:
             )
             # Copies: a slice would keep the frame's whole column (up to 65,536 layers) alive.
             layers = {n: report.columns[n][: cfg.max_layers].copy() for n in LAYER_COLUMNS if n in report.columns}
-            modules = _activations(msg, cfg.max_layers) if msg.HasField("activations") else _EMPTY
+            acts = report.activations  # decoded once, by build_report
+            modules = {n: acts[n][: cfg.max_layers].copy() for n in ACTIVATION_COLUMNS if n in acts}
             if layers or modules:
                 window.columns.append((window.count, report.step, layers, modules))
                 window.bytes += _entry_bytes(layers, modules)
@@ -608,17 +608,6 @@ def _layer_onset(
 
 def _times(ratio: float) -> str:
     return f"{ratio:.0f}×" if ratio < 1e4 else f"{ratio:.2g}×"
-
-
-def _activations(msg: pb.StepReport, max_modules: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name in ACTIVATION_COLUMNS:
-        raw = getattr(msg.activations, name)
-        if raw:
-            values = np.frombuffer(raw, dtype="<f4")
-            width = COLUMN_WIDTHS.get(name, 1)
-            out[name] = (values if width == 1 else values.reshape(-1, width))[:max_modules].copy()
-    return out
 
 
 def _entry_bytes(layers: Mapping[str, np.ndarray], modules: Mapping[str, np.ndarray]) -> int:
