@@ -45,7 +45,6 @@ Contract: `take()` returns the capture since the last call, or None when no trai
 from __future__ import annotations
 
 import math
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,35 +201,26 @@ class ActivationTap:
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if x is None or not torch.is_grad_enabled() or not x.is_floating_point():
             return
-        started = time.perf_counter()
-        try:  # no grad-mode context: everything here derives from the detached input
+        # No grad-mode context: everything here derives from the detached input.
+        with errors.guarded("input_hook", self._add_agent_time):
             capture = self._current()
             a = x.detach()
             s = a.sum(dtype=_F32)
             capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
             if capture.full and capture.input_mean is None and x.dim() >= 2:
                 capture.input_mean, capture.input_std = _feature_moments(a)
-        except Exception as exc:
-            errors.report(exc, "input_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
     def _model_output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         out = _first_tensor(output)
         if out is None or not torch.is_grad_enabled():
             return
-        started = time.perf_counter()
-        try:
+        with errors.guarded("output_hook", self._add_agent_time):
             capture = self._current()
             if capture.full and capture.output_spread is None and out.dim() >= 2 and out.shape[0] > 1:
                 with torch.no_grad():
                     o = out.detach().to(_F32).reshape(out.shape[0], -1)
                     capture.output_spread = o.std(dim=0, correction=0).mean()
                     capture.output_rms = torch.linalg.vector_norm(o) / math.sqrt(o.numel())
-        except Exception as exc:
-            errors.report(exc, "output_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
     def _output_hook(self, index: int, bounds: tuple[float, float] | None, contracting: bool) -> Callable[..., None]:
         # Runs for every watched module on every training step: kept to a few attribute reads and, where the
@@ -242,8 +232,7 @@ class ActivationTap:
             out = _first_tensor(output)
             if out is None:
                 return
-            started = time.perf_counter()
-            try:
+            with errors.guarded("forward_hook", self._add_agent_time):
                 capture = self._current()
                 last = capture.last_output
                 capture.last_output = weakref.ref(out)
@@ -264,10 +253,6 @@ class ActivationTap:
                     capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
                 elif not implied:
                     capture.sums[index] = out.detach().sum(dtype=_F32)
-            except Exception as exc:
-                errors.report(exc, "forward_hook")
-            finally:
-                self._add_agent_time(time.perf_counter() - started)
 
         return hook
 
