@@ -94,3 +94,17 @@ def test_readme_quick_start_loop_runs_as_written_against_a_real_server() -> None
         assert run["state"] == "finished" and run["step"] == 300
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize("package", ["agent", "server"])
+def test_package_module_map_names_every_module(package: str) -> None:
+    """The module map in agent/__init__.py and server/__init__.py lists every module of the folder."""
+    folder = ROOT / package
+    docstring = (folder / "__init__.py").read_text().split('"""')[1]
+    modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"} | {
+        f"{p.name}/" for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    }
+    # A module is named as `name.py` anywhere, or as `name` opening a line of the map or after "; ".
+    missing = [m for m in sorted(modules)
+               if f"{m}.py" not in docstring and not re.search(rf"(^\s+|; ){re.escape(m)}[\s:]", docstring, re.M)]
+    assert not missing, f"{package}/__init__.py's module map misses {missing}"
