@@ -270,8 +270,9 @@ class ServerApp:
         return [run_view(run, firing.get(run.run_id, [])) for run in self.store.snapshot()]
 
     def alerts(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        """Alert dicts, optionally for one run and/or state ("firing" | "resolved")."""
-        return self.alert_book.list(run=run, state=state)
+        """Alerts in their JSON form (as /api/v1/alerts lists them), optionally for one run and/or state
+        ("firing" | "resolved")."""
+        return [alert.to_json() for alert in self.alert_book.list(run=run, state=state)]
 
     def sweep(self) -> list[str]:
         """Expire runs finished longer than the retention now (also done every SWEEP_INTERVAL_S)."""
@@ -295,7 +296,7 @@ class ServerApp:
             log.exception("pruning the database failed")
 
     def add_alert_listener(self, callback: AlertListener) -> None:
-        """Call `callback(alert_dict)` whenever an alert fires or resolves (on the gRPC thread)."""
+        """Call `callback(alert)` (an `Alert`) whenever an alert fires or resolves (on the gRPC thread)."""
         self.alert_book.add_listener(callback)
 
     def _http_tls_context(self) -> ssl.SSLContext:

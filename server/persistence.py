@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from gradwatch.server.alerts import AlertBook
+from gradwatch.server.alerts import Alert, AlertBook
 from gradwatch.server.database import Database
 from gradwatch.server.store import RunState, RunStore
 from gradwatch.server.views import run_view
@@ -59,7 +59,7 @@ class StateKeeper:
         self._guard(self._db.put_run, record)
         self._saved[run.run_id] = _progress(run)
 
-    def on_alert(self, alert: dict[str, Any]) -> None:
+    def on_alert(self, alert: Alert) -> None:
         self._guard(self._db.put_alert, alert)
 
     def checkpoint(self) -> None:

@@ -50,7 +50,7 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gradwatch.server.alerts import AlertBook
+from gradwatch.server.alerts import Alert, AlertBook
 from gradwatch.server.config import RecorderConfig
 from gradwatch.server.database import Database
 from gradwatch.server.detectors import DetectorSpec
@@ -112,9 +112,9 @@ _FLAG_NAMES = (
 )
 
 
-def incident_id(alert: Mapping[str, Any]) -> str:
+def incident_id(alert_id: str, started_at: float) -> str:
     """Stable 12-hex-digit id of the alert occurrence (alert id and start time)."""
-    return hashlib.sha256(f"{alert['id']}\x00{alert['started_at']!r}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{alert_id}\x00{started_at!r}".encode()).hexdigest()[:12]
 
 
 @dataclass(slots=True)
@@ -133,7 +133,7 @@ class _RankWindow:
 @dataclass
 class _Recording:
     id: str
-    alert: dict[str, Any]
+    alert: Alert
     opened_at: float
     deadline: float
     fired_rank: int
@@ -227,7 +227,7 @@ class FlightRecorder:
                 self._bytes += _entry_bytes(layers, modules)
                 self._trim(run.run_id, rank.rank, window)
             window.count += 1
-            for recording in [r for r in self._recording.values() if r.alert["run"] == run.run_id]:
+            for recording in [r for r in self._recording.values() if r.alert.run == run.run_id]:
                 if rank.rank == recording.fired_rank and window.count - recording.start[rank.rank] >= cfg.after_reports:
                     self._close(recording)
 
@@ -236,7 +236,7 @@ class FlightRecorder:
         cfg = self._config
         oldest = window.count - (cfg.window_reports + cfg.after_reports)  # entries at or before it are outside
         share = cfg.max_bytes // self._ranks_total
-        after = min((r.start[rank] for r in self._recording.values() if r.alert["run"] == run_id and rank in r.start),
+        after = min((r.start[rank] for r in self._recording.values() if r.alert.run == run_id and rank in r.start),
                     default=window.count + 1)  # fmt: skip
         # Entries are in report order: the first `before` precede any alert being recorded. Outside the window,
         # the latest FULL_REPORTS_BEFORE of them still serve an incident (see _entries).
@@ -278,23 +278,23 @@ class FlightRecorder:
         with self._lock:
             return self._bytes
 
-    def on_alert(self, alert: dict[str, Any]) -> None:
+    def on_alert(self, alert: Alert) -> None:
         """AlertBook listener: open an incident for a warning or critical alert that starts firing."""
-        if not self._config.enabled or alert["state"] != "firing" or alert.get("restored"):
+        if not self._config.enabled or not alert.firing or alert.restored:
             return
-        if alert["severity"] not in RECORDED_SEVERITIES:
+        if alert.severity not in RECORDED_SEVERITIES:
             return
         with self._lock:
-            windows = self._windows.get(alert["run"], {})
+            windows = self._windows.get(alert.run, {})
             if not windows:
                 self.dropped["no_window"] += 1
                 return
-            fired = alert["ranks"][0] if alert["ranks"] and alert["ranks"][0] in windows else min(windows)
+            fired = alert.ranks[0] if alert.ranks and alert.ranks[0] in windows else min(windows)
             others = sorted(r for r in windows if r != fired)[: self._config.max_ranks - 1]
             now = self._clock()
             recording = _Recording(
-                id=incident_id(alert),
-                alert=dict(alert),
+                id=incident_id(alert.id, alert.started_at),
+                alert=alert,
                 opened_at=now,
                 deadline=now + self._config.after_timeout_s,
                 fired_rank=fired,
@@ -316,7 +316,7 @@ class FlightRecorder:
         with self._lock, self._store.lock:
             live = {run.run_id for run in self._store.runs() if not run.expired}
             for recording in list(self._recording.values()):
-                if now >= recording.deadline or recording.alert["run"] not in live:
+                if now >= recording.deadline or recording.alert.run not in live:
                     self._close(recording)
             for run_id in [r for r in self._windows if r not in live]:
                 gone = self._windows.pop(run_id)
@@ -383,7 +383,7 @@ class FlightRecorder:
 
     def _snapshot(self, recording: _Recording) -> tuple[list[_RankPart], dict[str, Any]]:
         cfg, alert = self._config, recording.alert
-        windows = self._windows.get(alert["run"], {})
+        windows = self._windows.get(alert.run, {})
         parts: list[_RankPart] = []
         ranks_meta: list[dict[str, Any]] = []
         all_rows: list[tuple[int, np.ndarray]] = []
@@ -401,8 +401,8 @@ class FlightRecorder:
             parts.append(_RankPart(rank, rows, entries, start))
             all_rows.append((rank, rows))
             before = int((rows["index"] < start).sum())
-            ranks_meta.append(self._rank_meta(alert["run"], rank, window, before, len(rows)))
-            onset = _layer_onset(rank, parts[-1].entries, window.layer_names, alert["step"])
+            ranks_meta.append(self._rank_meta(alert.run, rank, window, before, len(rows)))
+            onset = _layer_onset(rank, parts[-1].entries, window.layer_names, alert.step)
             if onset is not None:
                 onsets.append(onset)
         return parts, self._body(recording, ranks_meta, all_rows, onsets)
@@ -436,28 +436,28 @@ class FlightRecorder:
     ) -> dict[str, Any]:
         alert = recording.alert
         with self._store.lock:
-            run = self._store.get(alert["run"])
+            run = self._store.get(alert.run)
             job, world = (run.job_name, run.world_size) if run is not None else ("", 0)
         steps = [int(r["step"].min()) for _, r in rows if len(r)] + [int(r["step"].max()) for _, r in rows if len(r)]
-        spec = self._specs.get(alert["detector"])
+        spec = self._specs.get(alert.detector)
         return {
             "id": recording.id,
-            "run": alert["run"],
+            "run": alert.run,
             "job_name": job,
             "world_size": world,
-            "alert_id": alert["id"],
-            "alert": alert,
-            "detector": alert["detector"],
-            "severity": alert["severity"],
-            "summary": alert["summary"],
-            "autopsy": alert.get("autopsy") or [],
-            "step": alert["step"],
-            "layer": alert["layer"],
-            "ranks_firing": alert["ranks"],
+            "alert_id": alert.id,
+            "alert": alert.to_json(),
+            "detector": alert.detector,
+            "severity": alert.severity,
+            "summary": alert.summary,
+            "autopsy": [dict(a) for a in alert.autopsy],
+            "step": alert.step,
+            "layer": alert.layer,
+            "ranks_firing": list(alert.ranks),
             "fired_rank": recording.fired_rank,
             "opened_at": recording.opened_at,
             "description": spec.description if spec is not None else "",
-            "runbook_url": self._runbook_url(alert["detector"]),
+            "runbook_url": self._runbook_url(alert.detector),
             "provenance": self._provenance(alert, rows, onsets),
             "ranks": ranks,
             "window": {
@@ -468,7 +468,7 @@ class FlightRecorder:
         }
 
     def _provenance(
-        self, alert: dict[str, Any], rows: list[tuple[int, np.ndarray]], onsets: list[dict[str, Any]]
+        self, alert: Alert, rows: list[tuple[int, np.ndarray]], onsets: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """What went wrong first, in step order: non-finite values, gradient-norm anomalies of ranks and of
         layers (`onsets`), alerts of the run."""
@@ -486,7 +486,7 @@ class FlightRecorder:
                         "what": f"first non-finite {', '.join(kinds)} in the window",
                     }
                 )
-            before = r["grad_norm"][r["step"] < alert["step"]]
+            before = r["grad_norm"][r["step"] < alert.step]
             before = before[np.isfinite(before)]
             if before.size >= 5:
                 median = float(np.median(before))
@@ -502,16 +502,16 @@ class FlightRecorder:
                             f"{_times(r['grad_norm'][i] / median)} its median {median:.3g}",
                         }
                     )
-        for other in self._alerts.list(run=alert["run"]):
-            if other["started_at"] <= alert["started_at"] + 60:
-                where = f" in layer {other['layer']}" if other["layer"] else ""
+        for other in self._alerts.list(run=alert.run):
+            if other.started_at <= alert.started_at + 60:
+                where = f" in layer {other.layer}" if other.layer else ""
                 chain.append(
                     {
-                        "step": other["step"],
-                        "rank": other["ranks"][0] if other["ranks"] else None,
+                        "step": other.step,
+                        "rank": other.ranks[0] if other.ranks else None,
                         "kind": "alert",
-                        "detector": other["detector"],
-                        "what": f"{other['detector']} fired{where}: {other['summary']}",
+                        "detector": other.detector,
+                        "what": f"{other.detector} fired{where}: {other.summary}",
                     }
                 )
         chain.sort(key=lambda e: (e["step"], e["kind"] != "non_finite"))
