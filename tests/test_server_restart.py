@@ -106,18 +106,18 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
             # it sends can change the server's state between the answers compared.
             sick = subprocess.Popen([sys.executable, "-c", SICK_JOB, server], stdout=subprocess.PIPE, text=True)
             assert sick.stdout is not None and sick.stdout.readline().strip() == "trained"
-            wait_until("step 40 saved", lambda: saved_step(data, "sick") == 40)
+            wait_until(lambda: saved_step(data, "sick") == 40, what="step 40 saved")
             sick.kill()
             sick.wait(timeout=10)
             wait_until(
-                "the finished run's alert resolved and the NaN run's rank gone",
                 lambda: (
                     get_json(f"{url}/api/v1/alerts?state=resolved&run=done")["alerts"]
                     and not get_json(f"{url}/api/v1/runs/sick")["run"]["ranks"][0]["connected"]
                 ),
+                what="the finished run's alert resolved and the NaN run's rank gone",
             )
-            wait_until("incidents complete", lambda: all(
-                i["status"] == "complete" for i in get_json(f"{url}/api/v1/incidents")["incidents"]))  # fmt: skip
+            wait_until(lambda: all(i["status"] == "complete" for i in get_json(f"{url}/api/v1/incidents")["incidents"]),
+                       what="incidents complete")  # fmt: skip
             before = answers(url)
             for command in (["runs"], ["top", "--once"], ["runs", "show", "sick"]):
                 shown = subprocess.run(
