@@ -36,19 +36,27 @@ class Monitor(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def run_id(self) -> str: ...
+    def config(self) -> AgentConfig: ...
 
     @property
-    @abc.abstractmethod
-    def rank(self) -> int: ...
+    def run_id(self) -> str:
+        return self.config.run_id
 
     @property
-    @abc.abstractmethod
-    def world_size(self) -> int: ...
+    def rank(self) -> int:
+        return self.config.rank
 
     @property
-    @abc.abstractmethod
-    def local_rank(self) -> int: ...
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.config.local_rank
+
+    @property
+    def exit_flush_timeout_s(self) -> float:
+        return self.config.exit_flush_timeout_s
 
     @property
     @abc.abstractmethod
@@ -60,15 +68,7 @@ class Monitor(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def config(self) -> AgentConfig: ...
-
-    @property
-    @abc.abstractmethod
     def schema(self) -> LayerSchema: ...
-
-    @property
-    @abc.abstractmethod
-    def exit_flush_timeout_s(self) -> float: ...
 
     # ------------------------------------------------------------------ training-thread API
 

@@ -261,22 +261,6 @@ class AgentMonitor(Monitor):
     # ------------------------------------------------------------------ identity
 
     @property
-    def run_id(self) -> str:
-        return self._config.run_id
-
-    @property
-    def rank(self) -> int:
-        return self._config.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._config.world_size
-
-    @property
-    def local_rank(self) -> int:
-        return self._config.local_rank
-
-    @property
     def session_id(self) -> str:
         return self._session_id
 
@@ -293,10 +277,6 @@ class AgentMonitor(Monitor):
     def schema(self) -> LayerSchema:
         """The layers in wire order (names, module types, parameter counts)."""
         return self._schema
-
-    @property
-    def exit_flush_timeout_s(self) -> float:
-        return self._config.exit_flush_timeout_s
 
     # ------------------------------------------------------------------ training-thread API
 
@@ -577,32 +557,12 @@ class NoopMonitor(Monitor):
         self._step_count = 0
 
     @property
-    def run_id(self) -> str:
-        return self._config.run_id
-
-    @property
-    def rank(self) -> int:
-        return self._config.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._config.world_size
-
-    @property
-    def local_rank(self) -> int:
-        return self._config.local_rank
-
-    @property
     def step_count(self) -> int:
         return self._step_count
 
     @property
     def config(self) -> AgentConfig:
         return self._config
-
-    @property
-    def exit_flush_timeout_s(self) -> float:
-        return self._config.exit_flush_timeout_s
 
     @property
     def session_id(self) -> str:

@@ -15,7 +15,9 @@ Module map (dependencies point down the list):
   views         JSON-safe dicts of runs for the API
   query_api     /api/v1 runs, ranks, series, alerts, incidents with pagination and filters
   persistence   StateKeeper: run registry and alerts to the database, restored at start-up
-  recorder      FlightRecorder: bounded per-rank windows frozen into incidents when an alert fires
+  recorder      FlightRecorder: bounded per-rank windows frozen into incidents when an alert fires, and the
+                writer thread that stores them; incident_window: the entries an incident keeps and its .npz;
+                provenance: what went wrong first; incident_metrics: the recorder's and storage's counters
   database      Database: SQLite (runs, alerts, incidents), retention with counters
   ingest        Ingestor: applies validated frames to store, detectors, alerts (transport-free)
   autopsy       the batch a spike or NaN alert names (batch ids, top samples by loss)

@@ -43,6 +43,7 @@ from gradwatch.server.database import Database
 from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi, HttpCollector
+from gradwatch.server.incident_metrics import RecorderCollector
 from gradwatch.server.ingest import Ingestor
 from gradwatch.server.limits import HttpRejections
 from gradwatch.server.metrics import GradwatchCollector
@@ -50,7 +51,7 @@ from gradwatch.server.notify import Notifier, NotifierCollector
 from gradwatch.server.pages import Pages
 from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
-from gradwatch.server.recorder import FlightRecorder, RecorderCollector
+from gradwatch.server.recorder import FlightRecorder
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
