@@ -137,6 +137,8 @@ class Ingestor:
         #: (run, rank) -> ALERT commands waiting for that rank's next frame (bounded per rank).
         self._pending: dict[tuple[str, int], list[pb.Command]] = {}
         self._lock = threading.Lock()
+        #: Completed `tick()` calls (what a caller waits on to know the cross-rank detectors judged again).
+        self.ticks = 0
 
     def open(self, hello: pb.Hello, *, streaming: bool = True) -> Session:
         """Register a validated Hello; `streaming` counts the rank's open streams."""
@@ -282,6 +284,7 @@ class Ingestor:
                     if spec.scope == "run":
                         for finding in self._run_findings(spec, cast(RunDetector, detector), run, None, now):
                             self._apply_finding(run, None, spec, finding)
+            self.ticks += 1
 
     def sweep(self) -> list[str]:
         """Expire runs finished longer than `finished_run_retention_s` ago: they leave /metrics and

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import tracemalloc
 import typing
 from pathlib import Path
@@ -270,7 +269,8 @@ def test_ranks_known_only_from_flush_calls_cannot_page_stalled() -> None:
         real.send(report_frame(1))
         real.recv_ack(1)
         wait_until(lambda: app.alert_book.firing_alert("real", "stalled"), what="the streaming rank to page stalled")
-        time.sleep(1.0)  # a few more ticks for the ghosts
+        after = app.ingestor.ticks
+        wait_until(lambda: app.ingestor.ticks >= after + 2, what="two more ticks for the ghosts")
         assert app.alert_book.firing_alert("ghosts", "stalled") is None
     finally:
         real.close()
