@@ -56,7 +56,7 @@ from gradwatch.server.incident_window import FULL_REPORTS_BEFORE, RankPart, pack
 from gradwatch.server.provenance import layer_onset, provenance_chain
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import RecordRing
-from gradwatch.server.store import RankState, RunState, RunStore
+from gradwatch.server.store import RING_DTYPE, RankState, RunState, RunStore
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 __all__ = [
@@ -75,23 +75,15 @@ RECORDED_SEVERITIES = ("warning", "critical")
 LAYER_COLUMNS = ("grad_norm", "grad_max_abs", "grad_non_finite", "weight_norm", "update_ratio", "grad_log2_histogram")
 #: ActivationStats columns kept in the window.
 ACTIVATION_COLUMNS = ("mean", "std", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction")
-#: One scalar row per report; `index` numbers a rank's reports since the server started.
-ROW_DTYPE = np.dtype(
-    [
-        ("index", "<i8"),
-        ("step", "<i8"),
-        ("wall_time", "<f8"),
-        ("received_at", "<f8"),
-        ("loss", "<f8"),
-        ("grad_norm", "<f8"),
-        ("step_duration", "<f8"),
-        ("flags", "<u4"),
-    ]
-)
+#: One scalar row per report: the store's ring row (RING_DTYPE), numbered by `index` (a rank's reports since the
+#: server started).
+ROW_DTYPE = np.dtype([("index", "<i8"), *RING_DTYPE.descr])
 #: Incidents recording at once; opening another closes the oldest first.
 MAX_RECORDING = 32
 #: Incident writes waiting for the writer thread; beyond, new ones are dropped (counted).
 MAX_PENDING_WRITES = 64
+
+
 def incident_id(alert_id: str, started_at: float) -> str:
     """Stable 12-hex-digit id of the alert occurrence (alert id and start time)."""
     return hashlib.sha256(f"{alert_id}\x00{started_at!r}".encode()).hexdigest()[:12]
