@@ -29,7 +29,8 @@ fraction of dead units (never positive across the batch), fraction of saturated 
 activations: most outputs of the unit, over the batch, within 1 % of the range's ends; NaN for unbounded
 modules), the spread
 across units (mean over samples and positions of the std across units; near 0 when every unit computes the
-same value, i.e. symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order,
+same value, i.e. symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order
+(gradwatch.v1.vocabulary.ACTIVATION_STATISTICS),
 then a log2-magnitude histogram of the output (histogram.py). Outputs larger than SAMPLE_ELEMENTS values
 give their mean, std, zero fraction, non-finite count and histogram from a fixed sample of that many
 positions, and their spread across units from about SPREAD_ELEMENTS values; max |a|, dead and saturated
@@ -44,7 +45,6 @@ Contract: `take()` returns the capture since the last call, or None when no trai
 from __future__ import annotations
 
 import math
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +57,7 @@ from gradwatch.agent import dispatch, errors
 from gradwatch.agent.histogram import LOG2_BINS, SAMPLE_ELEMENTS, log2_histogram
 from gradwatch.agent.sampling import sampled_non_finite
 from gradwatch.agent.snapshot import Segment
+from gradwatch.v1.vocabulary import ACTIVATION_MODULE_TYPES, ACTIVATION_STATISTICS
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -72,10 +73,7 @@ __all__ = [
     "label_histogram",
 ]
 
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.LogSigmoid,
-)  # fmt: skip
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = tuple(getattr(nn, name) for name in ACTIVATION_MODULE_TYPES)
 #: Activations whose output is finite whenever their input is (elementwise, parameter-free, never larger in
 #: magnitude than max(|x|, c)); see the module docstring. Not SELU (its scale > 1), PReLU (a parameter),
 #: Softplus/LogSigmoid (no need); LeakyReLU and RReLU only with slopes within [-1, 1] (`_contracting`).
@@ -83,8 +81,7 @@ CONTRACTING_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softsign,
 )  # fmt: skip
-STATS_PER_MODULE = 8  # mean, std, max_abs, non_finite, zero_fraction, dead_fraction, saturated_fraction,
-#                        unit_spread
+STATS_PER_MODULE = len(ACTIVATION_STATISTICS)
 VALUES_PER_MODULE = STATS_PER_MODULE + LOG2_BINS  # the statistics, then the log2-magnitude histogram
 MAX_INPUT_FEATURES = 1024
 LABEL_BINS = 1024
@@ -204,35 +201,26 @@ class ActivationTap:
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if x is None or not torch.is_grad_enabled() or not x.is_floating_point():
             return
-        started = time.perf_counter()
-        try:  # no grad-mode context: everything here derives from the detached input
+        # No grad-mode context: everything here derives from the detached input.
+        with errors.guarded("input_hook", self._add_agent_time):
             capture = self._current()
             a = x.detach()
             s = a.sum(dtype=_F32)
             capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
             if capture.full and capture.input_mean is None and x.dim() >= 2:
                 capture.input_mean, capture.input_std = _feature_moments(a)
-        except Exception as exc:
-            errors.report(exc, "input_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
     def _model_output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         out = _first_tensor(output)
         if out is None or not torch.is_grad_enabled():
             return
-        started = time.perf_counter()
-        try:
+        with errors.guarded("output_hook", self._add_agent_time):
             capture = self._current()
             if capture.full and capture.output_spread is None and out.dim() >= 2 and out.shape[0] > 1:
                 with torch.no_grad():
                     o = out.detach().to(_F32).reshape(out.shape[0], -1)
                     capture.output_spread = o.std(dim=0, correction=0).mean()
                     capture.output_rms = torch.linalg.vector_norm(o) / math.sqrt(o.numel())
-        except Exception as exc:
-            errors.report(exc, "output_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
     def _output_hook(self, index: int, bounds: tuple[float, float] | None, contracting: bool) -> Callable[..., None]:
         # Runs for every watched module on every training step: kept to a few attribute reads and, where the
@@ -244,8 +232,7 @@ class ActivationTap:
             out = _first_tensor(output)
             if out is None:
                 return
-            started = time.perf_counter()
-            try:
+            with errors.guarded("forward_hook", self._add_agent_time):
                 capture = self._current()
                 last = capture.last_output
                 capture.last_output = weakref.ref(out)
@@ -266,10 +253,6 @@ class ActivationTap:
                     capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
                 elif not implied:
                     capture.sums[index] = out.detach().sum(dtype=_F32)
-            except Exception as exc:
-                errors.report(exc, "forward_hook")
-            finally:
-                self._add_agent_time(time.perf_counter() - started)
 
         return hook
 

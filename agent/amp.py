@@ -14,7 +14,6 @@ Failures inside the wrapper go to errors.report; the user's `scaler.step` result
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +51,7 @@ class _Step:
         return result
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return getattr, (self._original.__self__, "step")
+        return getattr, (self._original.__self__, "step")  # type: ignore[attr-defined]  # a bound method
 
 
 class ScalerTap:
@@ -91,8 +90,7 @@ class ScalerTap:
             del self._scaler.__dict__["step"]
 
     def _after_step(self) -> None:
-        started = time.perf_counter()
-        try:
+        with errors.guarded("grad_scaler_hook", self._add_agent_time):
             self.steps += 1
             device = self._device()
             scaler = self._scaler
@@ -108,7 +106,3 @@ class ScalerTap:
             else:
                 scale_0d = torch.ones((), device=device)
             self._capture = (skipped, scale_0d)
-        except Exception as exc:
-            errors.report(exc, "grad_scaler_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)

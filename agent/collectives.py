@@ -310,7 +310,7 @@ def _groups() -> list[tuple[str, Any]]:
 def _flight_recorder() -> tuple[Callable[[], bytes] | None, Callable[[], bytes] | None]:
     """The recorder's readers (status only; every entry), if this torch has one."""
     try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
+        from torch._C._distributed_c10d import _dump_fr_trace_json  # type: ignore[attr-defined]  # not in stubs
     except ImportError:
         return None, None
 

@@ -4,37 +4,9 @@ Precedence, highest first: a keyword given to `attach()`, its `GRADWATCH_*` envi
 default below. The kill switch is the exception: `GRADWATCH_DISABLED=1` wins over everything (an operator
 can always turn the agent off without touching code), and while it is on nothing else is read or checked.
 
-| option                 | environment variable              | default                               |
-|------------------------|-----------------------------------|---------------------------------------|
-| server                 | GRADWATCH_SERVER                  | "localhost:50051" (host:port)         |
-| servers                | GRADWATCH_SERVERS                 | none: "h:p,h:p" or "dns:///name:port" |
-| token                  | GRADWATCH_TOKEN                   | none: bearer token sent on every call  |
-| token_file             | GRADWATCH_TOKEN_FILE              | none: file holding the token, re-read per connection |
-| tls                    | GRADWATCH_TLS                     | False; on with any tls_* file (system CAs otherwise) |
-| tls_ca_file            | GRADWATCH_TLS_CA_FILE             | none: PEM CAs that sign the server's certificate |
-| tls_client_cert_file   | GRADWATCH_TLS_CLIENT_CERT_FILE    | none: PEM client certificate (mutual TLS) |
-| tls_client_key_file    | GRADWATCH_TLS_CLIENT_KEY_FILE     | none: its private key                 |
-| run                    | GRADWATCH_RUN                     | TORCHELASTIC_RUN_ID, else "<hostname>-<pid>" |
-| job_name               | GRADWATCH_JOB_NAME                | ""                                    |
-| full_stats_interval    | GRADWATCH_FULL_STATS_INTERVAL     | 10 (steps)                            |
-| enabled                | GRADWATCH_DISABLED (inverted)     | True                                  |
-| replay_buffer_size     | GRADWATCH_REPLAY_BUFFER_SIZE      | 1024 (frames)                         |
-| queue_size             | GRADWATCH_QUEUE_SIZE              | 1024 (reports waiting for the sender) |
-| heartbeat_interval_s   | GRADWATCH_HEARTBEAT_INTERVAL_S    | 5.0                                   |
-| welcome_timeout_s      | GRADWATCH_WELCOME_TIMEOUT_S       | 10.0                                  |
-| exit_flush_timeout_s   | GRADWATCH_EXIT_FLUSH_TIMEOUT_S    | 2.0 (atexit flush deadline)           |
-| grad_accumulation      | GRADWATCH_GRAD_ACCUMULATION       | False (True: report once per optimizer step) |
-| forward_hooks          | GRADWATCH_FORWARD_HOOKS           | True (activations, inputs, NaN provenance) |
-| track_collectives      | GRADWATCH_TRACK_COLLECTIVES       | True (collective progress, stacks)    |
-| ddp_comm_hook          | GRADWATCH_DDP_COMM_HOOK           | False (True: a DDP timing hook)       |
-| overhead_budget        | GRADWATCH_OVERHEAD_BUDGET         | 0.01 (share of step time; 0: off)     |
-| on_alert               | GRADWATCH_ON_ALERT                | "observe" (or "flag", "raise")         |
-| guard                  | GRADWATCH_GUARD                   | "off" ("skip", "rollback", JSON: guard_config.py) |
-| retry (RetryPolicy)    | GRADWATCH_RETRY_INITIAL_BACKOFF_S | 0.5 s, ×1.6 per attempt, ±20 % jitter |
-|                        | GRADWATCH_RETRY_MAX_BACKOFF_S     | 30.0 s                                |
-| rank                   | RANK                              | torch.distributed, else env, else 0   |
-| world_size             | WORLD_SIZE                        | torch.distributed, else env, else 1   |
-| local_rank             | LOCAL_RANK                        | 0                                     |
+Each option, its environment variable and the accepted values are in `_OPTIONS` below; its default is the
+field's default in `AgentConfig` (the one place it is stated in code). docs/configuration.md has the table for
+users, checked against both by tests/test_docs.py.
 
 The run id must be the same on every rank of a job. torchrun sets TORCHELASTIC_RUN_ID for all ranks; the
 "<hostname>-<pid>" fallback only makes sense for a single process, so set GRADWATCH_RUN (or `run=`) for
@@ -55,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradwatch.agent.actions import ON_ALERT_CHOICES
 from gradwatch.agent.guard_config import GuardSettings, check_guard, parse_guard_env
 
 __all__ = [
@@ -236,10 +209,9 @@ def _check_fraction(label: str, value: object) -> float:
 
 
 def _check_on_alert(label: str, value: object) -> str:
-    choices = ("observe", "flag", "raise")  # agent/actions.py: ON_ALERT_CHOICES
     text = value.strip().lower() if isinstance(value, str) else value
-    if text not in choices:
-        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected one of {', '.join(choices)}")
+    if text not in ON_ALERT_CHOICES:
+        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected one of {', '.join(ON_ALERT_CHOICES)}")
     return text  # type: ignore[return-value]
 
 
@@ -420,6 +392,8 @@ _OPTIONS: dict[str, _Option] = {
     "local_rank": _Option(ENV_LOCAL_RANK, _check_non_negative_int, _env_number(int)),
 }
 OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTIONS))
+#: Options whose AgentConfig field has another name.
+_FIELDS = {"run": "run_id", "detectors": "detector_settings"}
 #: attach()'s keywords that are objects, not settings (no environment variable): named in the option error too.
 ATTACH_OBJECTS: tuple[str, ...] = ("alert_callback", "grad_scaler", "rollback_callback")
 
@@ -462,14 +436,11 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
 
     retry = values["retry"] or RetryPolicy()
     if values["retry"] is None and (env.get(ENV_RETRY_INITIAL_BACKOFF_S) or env.get(ENV_RETRY_MAX_BACKOFF_S)):
-        initial = _check_positive_float(
-            ENV_RETRY_INITIAL_BACKOFF_S,
-            _env_number(float)(ENV_RETRY_INITIAL_BACKOFF_S, env.get(ENV_RETRY_INITIAL_BACKOFF_S) or "0.5"),
-        )
-        maximum = _check_positive_float(
-            ENV_RETRY_MAX_BACKOFF_S,
-            _env_number(float)(ENV_RETRY_MAX_BACKOFF_S, env.get(ENV_RETRY_MAX_BACKOFF_S) or "30"),
-        )
+        initial, maximum = (
+            _check_positive_float(name, _env_number(float)(name, env.get(name) or str(default)))
+            for name, default in ((ENV_RETRY_INITIAL_BACKOFF_S, retry.initial_backoff_s),
+                                  (ENV_RETRY_MAX_BACKOFF_S, retry.max_backoff_s))
+        )  # fmt: skip
         retry = RetryPolicy(initial_backoff_s=initial, max_backoff_s=maximum)
 
     # Keywords beat torch.distributed, which beats the launcher's environment variables.
@@ -498,38 +469,11 @@ def resolve_config(options: Mapping[str, object], env: Mapping[str, str] | None 
         raise ValueError("gradwatch: tls=False contradicts the tls_* files given; drop one")
     tls = bool(values["tls"]) or any(f is not None for f in tls_files)
 
-    run_id = values["run"] or _fallback_run_id(env)
-    return AgentConfig(
-        server=values["server"] or DEFAULT_SERVER,
-        servers=values["servers"] or (),
-        token=values["token"] or "",
-        token_file=values["token_file"] or "",
-        tls=tls,
-        tls_ca_file=values["tls_ca_file"] or "",
-        tls_client_cert_file=values["tls_client_cert_file"] or "",
-        tls_client_key_file=values["tls_client_key_file"] or "",
-        run_id=run_id,
-        job_name=values["job_name"] or "",
-        full_stats_interval=values["full_stats_interval"] or 10,
-        enabled=values["enabled"] if values["enabled"] is not None else True,
-        replay_buffer_size=values["replay_buffer_size"] or 1024,
-        queue_size=values["queue_size"] or 1024,
-        heartbeat_interval_s=values["heartbeat_interval_s"] or 5.0,
-        welcome_timeout_s=values["welcome_timeout_s"] or 10.0,
-        exit_flush_timeout_s=values["exit_flush_timeout_s"] or 2.0,
-        grad_accumulation=bool(values["grad_accumulation"]),
-        forward_hooks=values["forward_hooks"] is not False,
-        track_collectives=values["track_collectives"] is not False,
-        ddp_comm_hook=bool(values["ddp_comm_hook"]),
-        overhead_budget=0.01 if values["overhead_budget"] is None else values["overhead_budget"],
-        on_alert=values["on_alert"] or "observe",
-        detector_settings=values["detectors"] or (),
-        retry=retry,
-        guard=values["guard"] or GuardSettings(),
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-    )
+    # An option left unset takes AgentConfig's default; the values derived above replace theirs.
+    given = {_FIELDS.get(name, name): value for name, value in values.items() if value is not None}
+    given.update(tls=tls, run_id=values["run"] or _fallback_run_id(env), retry=retry, rank=rank,
+                 world_size=world_size, local_rank=local_rank)  # fmt: skip
+    return AgentConfig(**given)
 
 
 def _pick(keyword: object, from_group: int | None, from_env: int | None, default: int) -> int:

@@ -31,7 +31,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn.modules import module as _module_hooks
@@ -217,7 +217,8 @@ def _sync_global_hooks() -> None:
             # torch's handle does not take a with_kwargs hook out of this table; a stale id would keep
             # `torch.compile(module)` warning about global hooks after ours are gone.
             _module_hooks._global_forward_hooks_with_kwargs.pop(handle.id, None)
-        warnings.filters[:] = [f for f in warnings.filters if not _is_compile_filter(f)]
+        # typeshed declares the filter list a Sequence; it is the list warnings.filterwarnings inserts into.
+        cast("list[Any]", warnings.filters)[:] = [f for f in warnings.filters if not _is_compile_filter(f)]
     if _optimizers and not _optimizer_handles:
         _optimizer_handles.append(_optimizer_hooks.register_optimizer_step_pre_hook(_optimizer_pre_hook))
         _optimizer_handles.append(_optimizer_hooks.register_optimizer_step_post_hook(_optimizer_hook))

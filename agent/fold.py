@@ -1,11 +1,14 @@
 """Fold per-parameter statistics into per-layer columns, on the host (sender thread).
 
 Contract: `LayerFold.fold(values, layout)` takes a report vector that has reached the host (a numpy float32
-array laid out as vector.py says) and returns the per-layer columns in schema order, float64:
+array laid out as vector.py says) and returns a `Folded`: two sums over the whole model,
 
     grad_sum_squares          sum over *unique* parameters of norm², so a tied weight counts once
     grad_global_share         the same sum with each parameter weighted by 1 / its replication (schema.py):
                               summed over the ranks of a step, exactly the global sum of squares
+
+and the per-layer columns in schema order, float64:
+
     {grad,weight}_norm        sqrt of the layer's sum of squares
     and on full steps, for both sources:
     _max_abs                  max over the layer's parameters (NaN if any is NaN)
@@ -31,7 +34,16 @@ from gradwatch.agent.histogram import LOG2_BINS
 from gradwatch.agent.schema import ModelLayout
 from gradwatch.agent.vector import VectorLayout
 
-__all__ = ["LayerFold"]
+__all__ = ["Folded", "LayerFold"]
+
+
+@dataclass(frozen=True, slots=True)
+class Folded:
+    """One report folded into layers (see the module docstring)."""
+
+    grad_sum_squares: float
+    grad_global_share: float
+    columns: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,16 +65,17 @@ class LayerFold:
         replication = np.asarray(layout.replication or (1,) * len(layout.params), dtype=np.float64)
         return cls(layout.num_layers, member_params, member_layers, np.maximum(numel, 1.0), 1.0 / replication)
 
-    def fold(self, values: np.ndarray, layout: VectorLayout) -> dict[str, np.ndarray | float]:
-        """Per-layer columns of one report (see the module docstring)."""
-        out: dict[str, np.ndarray | float] = {}
+    def fold(self, values: np.ndarray, layout: VectorLayout) -> Folded:
+        """The sums and per-layer columns of one report (see the module docstring)."""
+        out: dict[str, np.ndarray] = {}
+        sum_squares = global_share = 0.0
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are data here, not accidents
             for source in ("grad", "weight"):
                 norm = values[layout.column(source, "norm")].astype(np.float64)
                 squares = norm * norm
                 if source == "grad":
-                    out["grad_sum_squares"] = float(squares.sum())
-                    out["grad_global_share"] = float((squares * self.share_P).sum())
+                    sum_squares = float(squares.sum())
+                    global_share = float((squares * self.share_P).sum())
                 out[f"{source}_norm"] = np.sqrt(self._sum(squares))
                 if not layout.full:
                     continue
@@ -85,7 +98,7 @@ class LayerFold:
                 weight = self._sum(values[layout.update_column("weight_squares")].astype(np.float64))
                 with np.errstate(divide="ignore"):
                     out["update_ratio"] = np.sqrt(update) / np.sqrt(weight)
-        return out
+        return Folded(sum_squares, global_share, out)
 
     def _extreme(self, per_param: np.ndarray, op: np.ufunc, start: float) -> np.ndarray:
         out = np.full(self.num_layers, start)

@@ -36,7 +36,6 @@ Failures inside the hooks go to errors.report: the step then goes ahead unguarde
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -187,8 +186,8 @@ class Guard:
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
-        started = time.perf_counter()
-        try:
+        with errors.guarded("guard_pre_hook", self._add_agent_time):
+            self._reasons = None  # until decided below: a failure leaves the step unguarded
             self._settle_previous()
             rolled_back = self.rollback.before_step(self.optimizer_steps + 1)
             if self._host_verdict:  # CPU: the values are in host memory; Python beats a dozen tiny kernels
@@ -218,17 +217,11 @@ class Guard:
             self._bad = bad
             self._step_mechanism = mechanism
             self._scale_lr(True)
-        except Exception as exc:
-            self._reasons = None
-            errors.report(exc, "guard_pre_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
-        started = time.perf_counter()
-        try:
+        with errors.guarded("guard_post_hook", self._add_agent_time):
             self.optimizer_steps += 1
             self._scale_lr(False)
             mechanism = self._step_mechanism
@@ -244,10 +237,6 @@ class Guard:
                 self._where_pending = self._bad
             if self._reasons is not None:
                 self.rollback.after_step(self.optimizer_steps, self._reasons)
-        except Exception as exc:
-            errors.report(exc, "guard_post_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ internals
 

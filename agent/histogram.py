@@ -20,11 +20,12 @@ from __future__ import annotations
 import torch
 
 from gradwatch.agent.sampling import block_sample
+from gradwatch.v1.vocabulary import LOG2_HISTOGRAM_BINS, LOG2_HISTOGRAM_OFFSET
 
 __all__ = ["LOG2_BINS", "LOG2_OFFSET", "SAMPLE_ELEMENTS", "log2_histogram"]
 
-LOG2_BINS = 32
-LOG2_OFFSET = 24
+LOG2_BINS = LOG2_HISTOGRAM_BINS
+LOG2_OFFSET = LOG2_HISTOGRAM_OFFSET
 SAMPLE_ELEMENTS = 65536
 _F32_EXPONENT_BIAS = 126  # float32: |x| in [2^(E-127), 2^(E-126)) for biased exponent field E (normal numbers)
 

@@ -21,7 +21,6 @@ Contract
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,8 +123,7 @@ class OptimizerTap:
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
-        started = time.perf_counter()
-        try:
+        with errors.guarded("optimizer_pre_hook", self._add_agent_time):
             full = self._begin_step()
             self._grads_after = _has_closure(args, kwargs)
             if not self._grads_after:
@@ -133,16 +131,11 @@ class OptimizerTap:
                 self._histograms = self._engine.grad_histograms() if full else None
             self._before = self._engine.weight_sample() if full else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
-        except Exception as exc:
-            errors.report(exc, "optimizer_pre_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
-        started = time.perf_counter()
-        try:
+        with errors.guarded("optimizer_post_hook", self._add_agent_time):
             self.steps += 1
             full = self._begin_step()
             if self._grads_after:
@@ -155,10 +148,6 @@ class OptimizerTap:
             before, self._before = self._before, None
             if full and before is not None:
                 self._updates = self._engine.update_stats(before)
-        except Exception as exc:
-            errors.report(exc, "optimizer_post_hook")
-        finally:
-            self._add_agent_time(time.perf_counter() - started)
 
 
 def _has_closure(args: Any, kwargs: Any) -> bool:

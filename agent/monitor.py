@@ -64,6 +64,7 @@ from gradwatch.agent import errors, process
 from gradwatch.agent.actions import AlertActions, AlertNotice
 from gradwatch.agent.activations import ActivationTap
 from gradwatch.agent.amp import check_grad_scaler
+from gradwatch.agent.api import DEFAULT_CLOSE_TIMEOUT_S, Monitor
 from gradwatch.agent.assembly import ReportAssembler
 from gradwatch.agent.autopsy import build_tail, check_batch_ids
 from gradwatch.agent.budget import BudgetController
@@ -77,18 +78,17 @@ from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, d
 from gradwatch.agent.stats import StatsEngine
 from gradwatch.agent.timing import ForwardClock
 
-__all__ = ["Monitor", "NoopMonitor", "attach"]
+__all__ = ["AgentMonitor", "Monitor", "NoopMonitor", "attach"]
 
 logger = logging.getLogger("gradwatch.agent")
 
-DEFAULT_CLOSE_TIMEOUT_S = 5.0
 #: With grad_accumulation: this many step() calls in a row without an optimizer step mean the optimizer given to
 #: attach() no longer steps (replaced mid-run): warn once and report every step from then on.
 MAX_MICRO_STEPS = 256
 
 #: id(model) -> (the model, its open Monitor), both weak: attach() on a model that already has an open monitor
 #: (a notebook cell run again) closes the old one first, so a model never carries two sets of hooks.
-_attached: dict[int, tuple[weakref.ref[torch.nn.Module], weakref.ref[Monitor]]] = {}
+_attached: dict[int, tuple[weakref.ref[torch.nn.Module], weakref.ref[AgentMonitor]]] = {}
 
 
 def _replace_previous(model: torch.nn.Module) -> None:
@@ -153,11 +153,11 @@ def attach(
             "fork-safe); attach in a spawned process instead"
         )
         return NoopMonitor(config)
-    return Monitor(model, optimizer, config, grad_scaler=grad_scaler, alert_callback=alert_callback,
+    return AgentMonitor(model, optimizer, config, grad_scaler=grad_scaler, alert_callback=alert_callback,
                    rollback_callback=rollback_callback)  # fmt: skip
 
 
-class Monitor:
+class AgentMonitor(Monitor):
     """Streams training-health statistics of one model to a gradwatch server. Create with `attach()`."""
 
     def __init__(
@@ -261,22 +261,6 @@ class Monitor:
     # ------------------------------------------------------------------ identity
 
     @property
-    def run_id(self) -> str:
-        return self._config.run_id
-
-    @property
-    def rank(self) -> int:
-        return self._config.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._config.world_size
-
-    @property
-    def local_rank(self) -> int:
-        return self._config.local_rank
-
-    @property
     def session_id(self) -> str:
         return self._session_id
 
@@ -293,10 +277,6 @@ class Monitor:
     def schema(self) -> LayerSchema:
         """The layers in wire order (names, module types, parameter counts)."""
         return self._schema
-
-    @property
-    def exit_flush_timeout_s(self) -> float:
-        return self._config.exit_flush_timeout_s
 
     # ------------------------------------------------------------------ training-thread API
 
@@ -320,15 +300,14 @@ class Monitor:
         """
         if self._inert or self._closed:
             return
-        started = time.perf_counter()
-        try:
+        with errors.guarded("step", self._spent) as guarded:
             if batch_ids is not None or sample_losses is not None:
                 self._add_autopsy(batch_ids, sample_losses)
             self._assembler.add(loss, labels)
             if not self._assembler.is_micro_step(self._config.grad_accumulation and self._micro_steps >= 0):
                 if self._micro_steps > 0:
                     self._micro_steps = 0
-                self._report(started)
+                self._report(guarded.started)
             else:
                 self._micro_steps += 1
                 if self._micro_steps >= MAX_MICRO_STEPS:
@@ -339,11 +318,7 @@ class Monitor:
                         "to fold gradient accumulation into optimizer steps.",
                         MAX_MICRO_STEPS,
                     )
-                    self._report(started)  # with the losses accumulated so far
-        except Exception as exc:
-            errors.report(exc, "step")
-        finally:
-            self._agent_time_s += time.perf_counter() - started
+                    self._report(guarded.started)  # with the losses accumulated so far
         self._actions.poll()  # may raise TrainingAlert, when attached with on_alert="raise"
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
@@ -351,10 +326,8 @@ class Monitor:
         guard judges the loss as well as the gradient norm. Never raises or syncs; without a guard a no-op."""
         if self._inert or self._closed or self._guard is None:
             return
-        try:
+        with errors.guarded("observe_loss"):
             self._guard.observe_loss(loss)
-        except Exception as exc:
-            errors.report(exc, "observe_loss")
 
     @property
     def guard(self) -> Guard | None:
@@ -376,10 +349,8 @@ class Monitor:
         """Record an agent event (e.g. "checkpoint_saved") on the server's timeline. Never raises."""
         if self._inert or self._closed:
             return
-        try:
+        with errors.guarded("event"):
             self._submit_event(kind, message, attributes)
-        except Exception as exc:
-            errors.report(exc, "event")
 
     @contextlib.contextmanager
     def pause(self, reason: str = "paused") -> Iterator[None]:
@@ -582,9 +553,16 @@ class NoopMonitor(Monitor):
     """What `attach()` returns when the agent is disabled: the same API, doing nothing (grpc never imported)."""
 
     def __init__(self, config: AgentConfig | None = None) -> None:
-        # No super().__init__(): there is nothing to hook, start or connect.
         self._config = config or AgentConfig()
         self._step_count = 0
+
+    @property
+    def step_count(self) -> int:
+        return self._step_count
+
+    @property
+    def config(self) -> AgentConfig:
+        return self._config
 
     @property
     def session_id(self) -> str:
@@ -620,10 +598,13 @@ class NoopMonitor(Monitor):
     def pause(self, reason: str = "paused") -> Iterator[None]:
         yield
 
-    def _close(self, timeout: float, reason: str) -> bool:
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> bool:
         return True
 
     def counters(self) -> dict[str, Any]:
         counters = Counters()
         counters.stream_state = "disabled"
         return counters.snapshot({}, 0)
+
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        return None

@@ -2,7 +2,7 @@
 
 The training thread assembles the vector (stats.py, monitor.py); the sender thread reads it (fold.py,
 wire.py). Both sides use this layout so they cannot disagree. With P = unique parameters (in the layout's
-order) and C = 1 column on ordinary steps or 5 on full-statistics steps:
+order) and C = 1 column on ordinary steps or len(PARAM_COLUMNS) = 7 on full-statistics steps:
 
     [0]                      loss (0 when the loss is not a tensor)
     grad part:   C × P       per-parameter gradient columns, column after column (PARAM_COLUMNS order)

@@ -17,6 +17,7 @@ from gradwatch.agent.activations import STATS_PER_MODULE, VALUES_PER_MODULE, Act
 from gradwatch.agent.autopsy import TailItem, read_tail
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
 from gradwatch.v1 import gradwatch_pb2 as pb
+from gradwatch.v1.vocabulary import ACTIVATION_STATISTICS, first_non_finite
 
 __all__ = [
     "event_frame",
@@ -35,12 +36,6 @@ LAYER_COLUMNS = tuple(
     for source in ("grad", "weight")
     for name in ("norm", "max_abs", "mean", "non_finite", "zero_fraction", "min", "max")
 )
-
-
-# ActivationStats fields, in the order of activations.STATS_PER_MODULE values.
-ACTIVATION_COLUMNS = (
-    "mean", "std", "max_abs", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction", "unit_spread",
-)  # fmt: skip
 
 
 def hello(identity: AgentIdentity) -> pb.Hello:
@@ -80,20 +75,18 @@ def hello_frame(identity: AgentIdentity) -> pb.AgentFrame:
 def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.AgentFrame, int]:
     """The frame for one report given its host values; also returns its NonFiniteFlag bits."""
     layout = item.payload.layout
-    columns = item.payload.fold.fold(values, layout)
-    grad_norm = columns["grad_norm"]
-    assert isinstance(grad_norm, np.ndarray)
+    folded = item.payload.fold.fold(values, layout)
+    columns = folded.columns
 
     flags = 0
     loss = float(values[layout.LOSS]) if item.payload.loss_in_vector else item.payload.loss
     if item.payload.has_loss and not math.isfinite(loss):
         flags |= pb.NON_FINITE_FLAG_LOSS
         loss = math.nan  # the wire carries NaN for any non-finite loss
-    bad_grad = ~np.isfinite(grad_norm)
-    first_bad_layer = int(np.argmax(bad_grad)) if bad_grad.any() else None
+    first_bad_layer = first_non_finite(columns["grad_norm"])
     if first_bad_layer is not None:
         flags |= pb.NON_FINITE_FLAG_GRADIENT
-    if not np.isfinite(columns["weight_norm"]).all():
+    if first_non_finite(columns["weight_norm"]) is not None:
         flags |= pb.NON_FINITE_FLAG_WEIGHT
 
     learning_rates = list(item.payload.learning_rates)
@@ -107,14 +100,14 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         loss=loss if item.payload.has_loss else 0.0,
         has_loss=item.payload.has_loss,
         learning_rates=learning_rates,
-        grad_sum_squares=columns["grad_sum_squares"],
+        grad_sum_squares=folded.grad_sum_squares,
         non_finite=flags,
         optimizer_step=item.payload.optimizer_step,
         agent_time_s=item.agent_time_s,
         micro_steps=item.payload.micro_steps,
         full_stats_interval=item.full_stats_interval,
         over_budget=item.over_budget,
-        grad_global_share=columns["grad_global_share"],
+        grad_global_share=folded.grad_global_share,
     )
     if layout.checksum:
         pieces = values[layout.checksum_pieces]
@@ -160,7 +153,7 @@ def _activation_fields(report: pb.StepReport, item: ActivationItem, values: np.n
         at += m * VALUES_PER_MODULE
         report.activations.CopyFrom(
             pb.ActivationStats(
-                **{name: _column_bytes(stats[:, k]) for k, name in enumerate(ACTIVATION_COLUMNS)},
+                **{name: _column_bytes(stats[:, k]) for k, name in enumerate(ACTIVATION_STATISTICS)},
                 log2_histogram=_column_bytes(stats[:, STATS_PER_MODULE:]),
             )
         )

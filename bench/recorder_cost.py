@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
+from gradwatch.server.alerts import Alert
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import RecorderConfig, StorageConfig
 from gradwatch.server.recorder import ACTIVATION_COLUMNS
@@ -73,18 +74,24 @@ def incident_times(layers: int, ranks: int, data_dir: str, trials: int) -> tuple
             app.ingestor.apply(session, frame, "report")
     times, stored = [], []
     for trial in range(trials):
-        alert = {
-            "id": f"a{trial}",
-            "run": "run-a",
-            "ranks": [0],
-            "detector": "non_finite",
-            "severity": "critical",
-            "state": "firing",
-            "started_at": float(trial),
-            "step": 70,
-            "layer": None,
-            "summary": "bench",
-        }
+        alert = Alert.from_json(
+            {
+                "id": f"a{trial}",
+                "run": "run-a",
+                "ranks": [0],
+                "detector": "non_finite",
+                "severity": "critical",
+                "state": "firing",
+                "started_at": float(trial),
+                "resolved_at": None,
+                "step": 70,
+                "last_step": 70,
+                "layer": None,
+                "value": None,
+                "summary": "bench",
+                "runbook": "docs/runbooks/non_finite.md",
+            }
+        )
         start = time.perf_counter()
         app.recorder.on_alert(alert)  # opens the incident: snapshots the window before the alert
         times.append(time.perf_counter() - start)

@@ -15,11 +15,18 @@ Module map (dependencies point down the list):
   views         JSON-safe dicts of runs for the API
   query_api     /api/v1 runs, ranks, series, alerts, incidents with pagination and filters
   persistence   StateKeeper: run registry and alerts to the database, restored at start-up
-  recorder      FlightRecorder: bounded per-rank windows frozen into incidents when an alert fires
+  recorder      FlightRecorder: bounded per-rank windows frozen into incidents when an alert fires, and the
+                writer thread that stores them; incident_window: the entries an incident keeps and its .npz;
+                provenance: what went wrong first; incident_metrics: the recorder's and storage's counters
   database      Database: SQLite (runs, alerts, incidents), retention with counters
   ingest        Ingestor: applies validated frames to store, detectors, alerts (transport-free)
+  autopsy       the batch a spike or NaN alert names (batch ids, top samples by loss)
+  limits        run bindings, per-stream byte budgets, HTTP request bounds
+  auth          bearer-token grants and the HTTP guard; tls: TLS material, reloaded when the files change
   alerts        AlertBook: one alert per (run, detector), ranks merged, bounded history, listeners
   store         RunStore: bounded runs and ranks, numpy rings, latest per-layer columns
+  ranktable     RankTable: every rank's latest state as numpy arrays, what cross-rank detectors read;
+                collectives: each rank's collective progress (CollectiveBoard)
   stats         the server's own counters (frames, rejections, duplicates, streams, latency)
   validate      every rejection: status code, reason label, message
   report        RankReport: a decoded StepReport shared by store and detectors

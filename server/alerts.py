@@ -13,9 +13,11 @@ Contract
 * `clear(run, detector, rank)`: the rank leaves the active set; when none is left,
   the alert resolves (`resolved_at` set) and moves to the bounded history.
 * `resolve_run(run, why)`: resolves everything of a finished or evicted run.
-* Listeners get a JSON-safe dict on every fire and resolve transition (not on
-  updates), called outside the book's lock; a failing listener is logged once
-  and never breaks ingestion.
+* Alerts leave the book as `Alert`s: immutable snapshots whose one JSON form,
+  `to_json()`, is what the API lists, webhooks receive and the database stores.
+  Listeners get one on every fire and resolve transition (not on updates), called
+  outside the book's lock; a failing listener is logged once and never breaks
+  ingestion.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import hashlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gradwatch.server.detectors.base import DetectorSpec, Fire
 
-__all__ = ["STATE_FIRING", "STATE_RESOLVED", "AlertBook", "AlertListener", "alert_id"]
+__all__ = ["STATE_FIRING", "STATE_RESOLVED", "Alert", "AlertBook", "AlertListener", "alert_id"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ STATE_FIRING = "firing"
 STATE_RESOLVED = "resolved"
 STATES = (STATE_FIRING, STATE_RESOLVED)
 
-AlertListener = Callable[[dict[str, Any]], None]
+AlertListener = Callable[["Alert"], None]
 #: Ranks whose batch an alert keeps (autopsy): the first to fire are the ones that matter.
 MAX_AUTOPSY_RANKS = 8
 
@@ -53,6 +55,72 @@ def alert_id(run: str, detector: str, started_at: float | None = None) -> str:
 
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One alert as the book last saw it (see the module docstring). `to_json()` is its one JSON form;
+    `active` (ranks still firing, what persistence keeps) and `restored` (re-opened at start-up, told to
+    listeners) are not part of it."""
+
+    id: str
+    fingerprint: str
+    run: str
+    ranks: tuple[int, ...]
+    detector: str
+    severity: str
+    state: str
+    step: int
+    last_step: int
+    layer: str | None
+    value: float | None
+    summary: str
+    started_at: float
+    resolved_at: float | None
+    runbook: str
+    #: What the firing reports said about their batch (autopsy.py), by rank, JSON-safe dicts.
+    autopsy: tuple[Mapping[str, Any], ...] = ()
+    active: tuple[int, ...] = ()
+    restored: bool = False
+
+    @property
+    def firing(self) -> bool:
+        return self.state == STATE_FIRING
+
+    def to_json(self) -> dict[str, Any]:
+        """The alert as the API lists it (key order included)."""
+        return {
+            "id": self.id,
+            "fingerprint": self.fingerprint,
+            "run": self.run,
+            "ranks": list(self.ranks),
+            "detector": self.detector,
+            "severity": self.severity,
+            "state": self.state,
+            "step": self.step,
+            "last_step": self.last_step,
+            "layer": self.layer,
+            "value": self.value,
+            "summary": self.summary,
+            "started_at": self.started_at,
+            "resolved_at": self.resolved_at,
+            "runbook": self.runbook,
+            "autopsy": [dict(a) for a in self.autopsy],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Alert:
+        """Inverse of `to_json` (plus `active`, as persistence stores it; default: every rank)."""
+        ranks = tuple(int(r) for r in data["ranks"])
+        return cls(
+            id=data["id"], fingerprint=data.get("fingerprint") or alert_id(data["run"], data["detector"]),
+            run=data["run"], ranks=ranks, detector=data["detector"], severity=data["severity"],
+            state=data.get("state") or (STATE_FIRING if data.get("resolved_at") is None else STATE_RESOLVED),
+            step=data["step"], last_step=data["last_step"], layer=data["layer"], value=data["value"],
+            summary=data["summary"], started_at=data["started_at"], resolved_at=data.get("resolved_at"),
+            runbook=data["runbook"], autopsy=tuple(a for a in data.get("autopsy") or () if isinstance(a, dict)),
+            active=tuple(int(r) for r in data.get("active", ranks)),
+        )  # fmt: skip
 
 
 @dataclass
@@ -74,25 +142,27 @@ class _Alert:
     #: What the firing reports said about their batch, per rank (autopsy.py), when they said anything.
     autopsy: dict[int, dict[str, Any]] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "fingerprint": alert_id(self.run, self.detector),
-            "run": self.run,
-            "ranks": sorted(self.ranks),
-            "detector": self.detector,
-            "severity": self.severity,
-            "state": STATE_FIRING if self.resolved_at is None else STATE_RESOLVED,
-            "step": self.step,
-            "last_step": self.last_step,
-            "layer": self.layer,
-            "value": _finite_or_none(self.value),
-            "summary": self.summary,
-            "started_at": self.started_at,
-            "resolved_at": self.resolved_at,
-            "runbook": self.runbook,
-            "autopsy": [self.autopsy[rank] for rank in sorted(self.autopsy)],
-        }
+    def snapshot(self, *, restored: bool = False) -> Alert:
+        return Alert(
+            id=self.id,
+            fingerprint=alert_id(self.run, self.detector),
+            run=self.run,
+            ranks=tuple(sorted(self.ranks)),
+            detector=self.detector,
+            severity=self.severity,
+            state=STATE_FIRING if self.resolved_at is None else STATE_RESOLVED,
+            step=self.step,
+            last_step=self.last_step,
+            layer=self.layer,
+            value=_finite_or_none(self.value),
+            summary=self.summary,
+            started_at=self.started_at,
+            resolved_at=self.resolved_at,
+            runbook=self.runbook,
+            autopsy=tuple(self.autopsy[rank] for rank in sorted(self.autopsy)),
+            active=tuple(sorted(self.active)),
+            restored=restored,
+        )
 
 
 class AlertBook:
@@ -112,7 +182,7 @@ class AlertBook:
         self._broken_listeners: set[int] = set()
 
     def add_listener(self, listener: AlertListener) -> None:
-        """Call `listener(alert_dict)` on every fire and resolve transition."""
+        """Call `listener(alert)` on every fire and resolve transition."""
         with self._lock:
             self._listeners.append(listener)
 
@@ -149,7 +219,7 @@ class AlertBook:
             alert.value = verdict.value
             if alert.layer is None:
                 alert.layer = verdict.layer
-            snapshot = alert.as_dict() if opened else None
+            snapshot = alert.snapshot() if opened else None
         if snapshot is not None:
             self._notify(snapshot)
         return triggered
@@ -176,8 +246,8 @@ class AlertBook:
         for snapshot in snapshots:
             self._notify(snapshot)
 
-    def list(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        """Alert dicts, firing first (oldest first), then resolved (newest first)."""
+    def list(self, run: str | None = None, state: str | None = None) -> list[Alert]:
+        """Alerts, firing first (oldest first), then resolved (newest first)."""
         if state is not None and state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
         with self._lock:
@@ -186,13 +256,13 @@ class AlertBook:
                 alerts.extend(sorted(self._firing.values(), key=lambda a: a.started_at))
             if state in (None, STATE_RESOLVED):
                 alerts.extend(reversed(self._history))
-            return [a.as_dict() for a in alerts if run is None or a.run == run]
+            return [a.snapshot() for a in alerts if run is None or a.run == run]
 
-    def firing_alert(self, run: str, detector: str) -> dict[str, Any] | None:
-        """The current dict of the firing alert (run, detector), or None if it is not firing."""
+    def firing_alert(self, run: str, detector: str) -> Alert | None:
+        """The firing alert (run, detector) as it is now, or None if it is not firing."""
         with self._lock:
             alert = self._firing.get((run, detector))
-            return alert.as_dict() if alert is not None else None
+            return alert.snapshot() if alert is not None else None
 
     def firing_detectors(self) -> set[tuple[str, str]]:
         """(run, detector) pairs currently firing."""
@@ -207,65 +277,65 @@ class AlertBook:
                 out.setdefault(alert.run, set()).add(alert.severity)
         return out
 
-    def export_firing(self) -> builtins.list[dict[str, Any]]:
-        """Firing alerts as dicts with their still-active ranks (`active`), for persistence."""
+    def export_firing(self) -> builtins.list[Alert]:
+        """Firing alerts with their still-active ranks (`active`), for persistence."""
         with self._lock:
-            return [{**a.as_dict(), "active": sorted(a.active)} for a in self._firing.values()]
+            return [a.snapshot() for a in self._firing.values()]
 
-    def restore(self, alerts: Iterable[dict[str, Any]]) -> int:
-        """Re-open alerts that were firing before a restart (dicts as from `export_firing`), keeping their id,
-        start, provenance and ranks. Listeners hear each as a fire transition marked `"restored": True`.
+    def restore(self, alerts: Iterable[Alert]) -> int:
+        """Re-open alerts that were firing before a restart (as from `export_firing`), keeping their id,
+        start, provenance and ranks. Listeners hear each as a fire transition marked `restored`.
         Alerts already firing are left alone. Returns how many were restored."""
         opened = []
         with self._lock:
             for saved in alerts:
-                key = (saved["run"], saved["detector"])
+                key = (saved.run, saved.detector)
                 if key in self._firing:
                     continue
                 alert = _Alert(
-                    id=saved["id"], run=saved["run"], detector=saved["detector"], severity=saved["severity"],
-                    runbook=saved["runbook"], step=saved["step"], last_step=saved["last_step"], layer=saved["layer"],
-                    value=saved["value"], summary=saved["summary"], started_at=saved["started_at"],
-                    ranks=set(saved["ranks"]), active=set(saved.get("active", saved["ranks"])),
-                    autopsy={int(a.get("rank", 0)): a for a in saved.get("autopsy") or () if isinstance(a, dict)},
+                    id=saved.id, run=saved.run, detector=saved.detector, severity=saved.severity,
+                    runbook=saved.runbook, step=saved.step, last_step=saved.last_step, layer=saved.layer,
+                    value=saved.value, summary=saved.summary, started_at=saved.started_at,
+                    ranks=set(saved.ranks), active=set(saved.active),
+                    autopsy={int(a.get("rank", 0)): dict(a) for a in saved.autopsy},
                 )  # fmt: skip
                 self._firing[key] = alert
-                opened.append({**alert.as_dict(), "restored": True})
+                opened.append(alert.snapshot(restored=True))
         for snapshot in opened:
             self._notify(snapshot)
         return len(opened)
 
-    def restore_history(self, alerts: Iterable[dict[str, Any]]) -> int:
+    def restore_history(self, alerts: Iterable[Alert]) -> int:
         """Put resolved alerts saved before a restart back into the history (oldest resolution first; the
         history's bound keeps the newest). Listeners hear nothing: these transitions were announced already."""
-        restored = sorted((a for a in alerts if a.get("resolved_at") is not None), key=lambda a: a["resolved_at"])
+        restored = sorted((a for a in alerts if a.resolved_at is not None), key=lambda a: a.resolved_at or 0.0)
         with self._lock:
             known = {a.id for a in self._history}
             for saved in restored:
-                if saved["id"] in known:
+                if saved.id in known:
                     continue
                 alert = _Alert(
-                    id=saved["id"], run=saved["run"], detector=saved["detector"], severity=saved["severity"],
-                    runbook=saved["runbook"], step=saved["step"], last_step=saved["last_step"], layer=saved["layer"],
-                    value=saved["value"], summary=saved["summary"], started_at=saved["started_at"],
-                    ranks=set(saved["ranks"]), resolved_at=saved["resolved_at"],
+                    id=saved.id, run=saved.run, detector=saved.detector, severity=saved.severity,
+                    runbook=saved.runbook, step=saved.step, last_step=saved.last_step, layer=saved.layer,
+                    value=saved.value, summary=saved.summary, started_at=saved.started_at,
+                    ranks=set(saved.ranks), resolved_at=saved.resolved_at,
                 )  # fmt: skip
                 self._history.append(alert)
         return len(restored)
 
-    def _resolve_locked(self, alert: _Alert) -> dict[str, Any]:
+    def _resolve_locked(self, alert: _Alert) -> Alert:
         alert.active.clear()
         alert.resolved_at = self._clock()
         del self._firing[(alert.run, alert.detector)]
         self._history.append(alert)
-        return alert.as_dict()
+        return alert.snapshot()
 
-    def _notify(self, snapshot: dict[str, Any]) -> None:
+    def _notify(self, snapshot: Alert) -> None:
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:
             try:
-                listener(dict(snapshot))
+                listener(snapshot)
             except Exception:
                 # A broken listener (e.g. a closed terminal) must not stop ingestion; say so once.
                 if id(listener) not in self._broken_listeners:

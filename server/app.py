@@ -43,6 +43,7 @@ from gradwatch.server.database import Database
 from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, inhibitions
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi, HttpCollector
+from gradwatch.server.incident_metrics import RecorderCollector
 from gradwatch.server.ingest import Ingestor
 from gradwatch.server.limits import HttpRejections
 from gradwatch.server.metrics import GradwatchCollector
@@ -50,7 +51,7 @@ from gradwatch.server.notify import Notifier, NotifierCollector
 from gradwatch.server.pages import Pages
 from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
-from gradwatch.server.recorder import FlightRecorder, RecorderCollector
+from gradwatch.server.recorder import FlightRecorder
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.sessions import PageSessions
 from gradwatch.server.silences import SilenceBook
@@ -285,8 +286,9 @@ class ServerApp:
         return [run_view(run, firing.get(run.run_id, [])) for run in self.store.snapshot()]
 
     def alerts(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-        """Alert dicts, optionally for one run and/or state ("firing" | "resolved")."""
-        return self.alert_book.list(run=run, state=state)
+        """Alerts in their JSON form (as /api/v1/alerts lists them), optionally for one run and/or state
+        ("firing" | "resolved")."""
+        return [alert.to_json() for alert in self.alert_book.list(run=run, state=state)]
 
     def sweep(self) -> list[str]:
         """Expire runs finished longer than the retention now (also done every SWEEP_INTERVAL_S)."""
@@ -310,7 +312,7 @@ class ServerApp:
             log.exception("pruning the database failed")
 
     def add_alert_listener(self, callback: AlertListener) -> None:
-        """Call `callback(alert_dict)` whenever an alert fires or resolves (on the gRPC thread)."""
+        """Call `callback(alert)` (an `Alert`) whenever an alert fires or resolves (on the gRPC thread)."""
         self.alert_book.add_listener(callback)
 
     def _http_tls_context(self) -> ssl.SSLContext:

@@ -26,14 +26,16 @@ SUMMARY_IDS = 8
 
 
 def autopsy_of(
-    detector: str, report: RankReport, verdict: Verdict | None
-) -> tuple[dict[str, Any] | None, Verdict | None]:
+    detector: str, report: RankReport, verdict: Verdict
+) -> tuple[dict[str, Any] | None, Verdict]:
     if not isinstance(verdict, Fire) or detector not in AUTOPSY_DETECTORS:
         return None, verdict
     if not report.batch_ids and not report.top_samples:
         return None, verdict
-    top = [{"id": i, "loss": loss if math.isfinite(loss) else None, "finite": math.isfinite(loss), "index": index}
-           for i, loss, index in report.top_samples]  # fmt: skip
+    top: list[dict[str, Any]] = [
+        {"id": i, "loss": loss if math.isfinite(loss) else None, "finite": math.isfinite(loss), "index": index}
+        for i, loss, index in report.top_samples
+    ]
     autopsy = {
         "step": report.step,
         "rank": report.rank,

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradwatch.server.alerts import Alert
 from gradwatch.server.config import StorageConfig
 
 __all__ = ["DB_FILE", "SCHEMA_VERSION", "Checkpoint", "Database"]
@@ -201,26 +202,27 @@ class Database:
 
     # ------------------------------------------------------------------ alerts
 
-    def put_alert(self, alert: dict[str, Any]) -> None:
-        """Insert or update one alert occurrence (identity: id and started_at)."""
+    def put_alert(self, alert: Alert) -> None:
+        """Insert or update one alert occurrence (identity: id and started_at); the body is its JSON form and
+        the ranks still firing."""
         self._write(
             "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, started_at) DO UPDATE SET "
             "state=excluded.state, resolved_at=excluded.resolved_at, body=excluded.body",
             (
-                alert["id"],
-                alert["started_at"],
-                alert["run"],
-                alert["detector"],
-                alert["state"],
-                alert["resolved_at"],
-                _dumps(alert),
+                alert.id,
+                alert.started_at,
+                alert.run,
+                alert.detector,
+                alert.state,
+                alert.resolved_at,
+                _dumps({**alert.to_json(), "active": list(alert.active)}),
             ),
         )
 
-    def alerts(self, state: str) -> list[dict[str, Any]]:
-        """Alert dicts in `state`, oldest first."""
+    def alerts(self, state: str) -> list[Alert]:
+        """Alerts in `state`, oldest first."""
         rows = self._read("SELECT body FROM alerts WHERE state = ? ORDER BY started_at", (state,))
-        return [json.loads(row[0]) for row in rows]
+        return [Alert.from_json(json.loads(row[0])) for row in rows]
 
     # ------------------------------------------------------------------ incidents
 

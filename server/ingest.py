@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -137,6 +137,8 @@ class Ingestor:
         #: (run, rank) -> ALERT commands waiting for that rank's next frame (bounded per rank).
         self._pending: dict[tuple[str, int], list[pb.Command]] = {}
         self._lock = threading.Lock()
+        #: Completed `tick()` calls (what a caller waits on to know the cross-rank detectors judged again).
+        self.ticks = 0
 
     def open(self, hello: pb.Hello, *, streaming: bool = True) -> Session:
         """Register a validated Hello; `streaming` counts the rank's open streams."""
@@ -279,8 +281,9 @@ class Ingestor:
             for run in runs:
                 for spec, detector in self._detectors.get(run.run_id, ()):
                     if spec.scope == "run":
-                        for finding in self._run_findings(spec, detector, run, None, now):
+                        for finding in self._run_findings(spec, cast(RunDetector, detector), run, None, now):
                             self._apply_finding(run, None, spec, finding)
+            self.ticks += 1
 
     def sweep(self) -> list[str]:
         """Expire runs finished longer than `finished_run_retention_s` ago: they leave /metrics and
@@ -322,11 +325,11 @@ class Ingestor:
         commands: list[pb.Command] = []
         for spec, detector in self._detectors_for(run.run_id):
             if spec.scope == "run":
-                for finding in self._run_findings(spec, detector, run, report, 0.0):
+                for finding in self._run_findings(spec, cast(RunDetector, detector), run, report, 0.0):
                     commands.extend(self._apply_finding(run, rank, spec, finding))
                 continue
             try:
-                verdict = detector.observe(report)  # type: ignore[call-arg]
+                verdict = cast(Detector, detector).observe(report)  # scope "rank": a Detector
             except Exception:
                 self._detector_failed(spec)
                 continue
@@ -343,14 +346,14 @@ class Ingestor:
             autopsy, verdict = autopsy_of(spec.name, finding.report, verdict)
         return self._verdict(run, sender, spec, finding.rank, verdict, autopsy)
 
-    def _run_findings(self, spec: DetectorSpec, detector: Detector | RunDetector, run: RunState,
+    def _run_findings(self, spec: DetectorSpec, detector: RunDetector, run: RunState,
                       report: RankReport | None, now: float) -> Sequence[Finding]:  # fmt: skip
         """A cross-rank detector's findings for `report` (or for a tick at `now` when None); () if it raised."""
         try:
             with self._store.lock:
                 if report is None:
-                    return detector.tick(run.table, now)  # type: ignore[union-attr]
-                return detector.observe(report, run.table)  # type: ignore[call-arg]
+                    return detector.tick(run.table, now)
+                return detector.observe(report, run.table)
         except Exception:
             self._detector_failed(spec)
             return ()

@@ -6,7 +6,7 @@ simply stop appearing. The collector goes into a registry owned by the app (neve
 the process-global default), and no `_created` series are produced because no
 family is given a creation time.
 
-Conventions (see REFERENCE §4): names `gradwatch_<what>_<unit>`, `_total` only on
+Conventions (Prometheus' naming practices): names `gradwatch_<what>_<unit>`, `_total` only on
 counters, labels `run`, `job_name`, `rank`, `layer`, `detector`, `kind`, `reason`,
 `agg` (never `job`/`instance`). Per-run counters exist at 0 from the run's Hello.
 A NaN gauge cannot page, so non-finite values are counted in

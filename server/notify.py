@@ -32,7 +32,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gradwatch.server.alerts import STATE_FIRING, AlertBook
+from gradwatch.server.alerts import Alert, AlertBook
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks.base import STATUS_FIRING, STATUS_RESOLVED, Notification
@@ -47,7 +47,7 @@ MUTE_REASONS = ("inhibited", "silenced")
 
 @dataclass
 class _Tracked:
-    alert: dict[str, Any]
+    alert: Alert
     labels: dict[str, str]
     notified: bool = False
     last_sent: float = 0.0
@@ -96,16 +96,16 @@ class Notifier:
         for worker in self.workers:
             worker.stop(timeout_s)
 
-    def on_alert(self, alert: dict[str, Any]) -> None:
+    def on_alert(self, alert: Alert) -> None:
         """AlertBook listener: a fire or resolve transition."""
         with self._lock:
             now = self._clock()
-            if alert["state"] == STATE_FIRING:
-                self._tracked[alert["id"]] = _Tracked(alert=alert, labels=self._renderer.labels(alert))
+            if alert.firing:
+                self._tracked[alert.id] = _Tracked(alert=alert, labels=self._renderer.labels(alert))
             else:
-                tracked = self._tracked.pop(alert["id"], None)
+                tracked = self._tracked.pop(alert.id, None)
                 if tracked is not None and tracked.notified:
-                    ends_at = min(alert["resolved_at"] or now, now)
+                    ends_at = min(alert.resolved_at or now, now)
                     self._submit([self._notification(tracked, alert, STATUS_RESOLVED, ends_at)])
             self._evaluate_locked(now)
 
@@ -120,8 +120,8 @@ class Notifier:
             return [
                 {
                     "id": alert_id,
-                    "run": t.alert["run"],
-                    "detector": t.alert["detector"],
+                    "run": t.alert.run,
+                    "detector": t.alert.detector,
                     "labels": dict(t.labels),
                     "notified": t.notified,
                     "last_sent_at": t.last_sent if t.notified else None,
@@ -150,10 +150,10 @@ class Notifier:
             self.tick()
 
     def _evaluate_locked(self, now: float) -> None:
-        firing = {(t.alert["run"], t.alert["detector"]) for t in self._tracked.values()}
+        firing = {(t.alert.run, t.alert.detector) for t in self._tracked.values()}
         due: list[Notification] = []
         for t in self._tracked.values():
-            run, detector = t.alert["run"], t.alert["detector"]
+            run, detector = t.alert.run, t.alert.detector
             if t.notified:
                 if now - t.last_sent < self._resend_s:
                     continue
@@ -173,13 +173,13 @@ class Notifier:
                 return source
         return None
 
-    def _notification(self, t: _Tracked, alert: dict[str, Any], status: str, ends_at: float) -> Notification:
+    def _notification(self, t: _Tracked, alert: Alert, status: str, ends_at: float) -> Notification:
         return Notification(
-            fingerprint=alert["fingerprint"],
+            fingerprint=alert.fingerprint,
             status=status,
             labels=t.labels,
             annotations=self._renderer.annotations(alert),
-            starts_at=t.alert["started_at"],
+            starts_at=t.alert.started_at,
             ends_at=ends_at,
             generator_url=self._renderer.generator_url(alert),
         )

@@ -144,7 +144,7 @@ def _firing_table(alerts: list[dict[str, Any]]) -> str:
             e(a["layer"] or "-"),
             _time(a["started_at"]),
             e(a["summary"]),
-            f'<a href="{e(incident_path(incident_id(a)).lstrip("/"))}">incident</a>'
+            f'<a href="{e(incident_path(incident_id(a["id"], a["started_at"])).lstrip("/"))}">incident</a>'
             if a["severity"] in RECORDED_SEVERITIES
             else "-",
         ]

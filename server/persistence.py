@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.server.alerts import AlertBook
+from gradwatch.server.alerts import Alert, AlertBook
 from gradwatch.server.database import Checkpoint, Database
 from gradwatch.server.metrics import LAYER_COLUMNS
 from gradwatch.server.ring import RecordRing
@@ -133,7 +133,7 @@ class StateKeeper:
         self._guard(self._db.put_run, record)
         self._saved.setdefault(run.run_id, _Saved()).progress = progress
 
-    def on_alert(self, alert: dict[str, Any]) -> None:
+    def on_alert(self, alert: Alert) -> None:
         self._guard(self._db.put_alert, alert)
 
     def checkpoint(self) -> None:

@@ -25,10 +25,11 @@ Contract
   rewritten with the reports after the alert) once the firing rank has sent
   `after_reports` more, after `after_timeout_s`, when the run leaves the store, or at
   shutdown.
-* The window is one `.npz` archive (see `WINDOW_ARRAYS`); the incident body is a JSON
-  dict with the alert, the run's metadata, the ranks' identities and layer names, the
-  detector's explanation, the runbook link and a provenance chain (what went wrong
-  first, where, in step order).
+* The window is one `.npz` archive (incident_window.py, `WINDOW_ARRAYS`); the incident
+  body is a JSON dict with the alert, the run's metadata, the ranks' identities and layer
+  names, the detector's explanation, the runbook link and a provenance chain (what went
+  wrong first, where, in step order: provenance.py). The writer thread packs and stores
+  both; incident_metrics.py exports the counters.
 * Runs on the ingest thread: work per report is a ring append and a dict of views;
   an incident write is one SQLite statement with a compressed archive of the window.
 """
@@ -37,26 +38,25 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from gradwatch.server.alerts import AlertBook
+from gradwatch.server.alerts import Alert, AlertBook
 from gradwatch.server.config import RecorderConfig
 from gradwatch.server.database import Database
 from gradwatch.server.detectors import DetectorSpec
-from gradwatch.server.report import COLUMN_WIDTHS, RankReport
+from gradwatch.server.incident_window import FULL_REPORTS_BEFORE, RankPart, pack_window, window_entries
+from gradwatch.server.provenance import layer_onset, provenance_chain
+from gradwatch.server.report import RankReport
 from gradwatch.server.ring import RecordRing
-from gradwatch.server.store import RankState, RunState, RunStore
+from gradwatch.server.store import RING_DTYPE, RankState, RunState, RunStore
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 __all__ = [
@@ -65,63 +65,35 @@ __all__ = [
     "RECORDED_SEVERITIES",
     "ROW_DTYPE",
     "FlightRecorder",
-    "RecorderCollector",
     "incident_id",
 ]
 
 log = logging.getLogger(__name__)
 
 RECORDED_SEVERITIES = ("warning", "critical")
-#: Full-statistics reports before the alert an incident holds at least, reaching back beyond the scalar window
-#: (window_reports) when the cadence is sparser than that; only what the column memory budget still holds.
-FULL_REPORTS_BEFORE = 2
 #: LayerStats columns kept in the window (the ones the report plots and the provenance chain use).
 LAYER_COLUMNS = ("grad_norm", "grad_max_abs", "grad_non_finite", "weight_norm", "update_ratio", "grad_log2_histogram")
 #: ActivationStats columns kept in the window.
 ACTIVATION_COLUMNS = ("mean", "std", "non_finite", "zero_fraction", "dead_fraction", "saturated_fraction")
-#: One scalar row per report; `index` numbers a rank's reports since the server started.
-ROW_DTYPE = np.dtype(
-    [
-        ("index", "<i8"),
-        ("step", "<i8"),
-        ("wall_time", "<f8"),
-        ("received_at", "<f8"),
-        ("loss", "<f8"),
-        ("grad_norm", "<f8"),
-        ("step_duration", "<f8"),
-        ("flags", "<u4"),
-    ]
-)
-#: Arrays of a window archive, per recorded rank R: `rR_rows` (ROW_DTYPE), `rR_steps` (int64 steps of the
-#: full-statistics reports), `rR_g_<column>` (float32, reports × layers), `rR_a_<column>` (reports × modules);
-#: histogram columns (`rR_g_grad_log2_histogram`, reports × layers × 32) are indexed by `rR_hist_steps`.
-WINDOW_ARRAYS = ("rows", "steps", "hist_steps", "g_<column>", "a_<column>")
+#: One scalar row per report: the store's ring row (RING_DTYPE), numbered by `index` (a rank's reports since the
+#: server started).
+ROW_DTYPE = np.dtype([("index", "<i8"), *RING_DTYPE.descr])
 #: Incidents recording at once; opening another closes the oldest first.
 MAX_RECORDING = 32
 #: Incident writes waiting for the writer thread; beyond, new ones are dropped (counted).
 MAX_PENDING_WRITES = 64
-#: A rank's gradient norm this many times its median before the alert is an anomaly in the provenance chain.
-ANOMALY_FACTOR = 10.0
-
-_FLAG_NAMES = (
-    (pb.NON_FINITE_FLAG_INPUT, "input"),
-    (pb.NON_FINITE_FLAG_ACTIVATION, "activation"),
-    (pb.NON_FINITE_FLAG_LOSS, "loss"),
-    (pb.NON_FINITE_FLAG_GRADIENT, "gradient"),
-    (pb.NON_FINITE_FLAG_WEIGHT, "weight"),
-)
-_EMPTY: Mapping[str, np.ndarray] = {}
 
 
-def incident_id(alert: Mapping[str, Any]) -> str:
+def incident_id(alert_id: str, started_at: float) -> str:
     """Stable 12-hex-digit id of the alert occurrence (alert id and start time)."""
-    return hashlib.sha256(f"{alert['id']}\x00{alert['started_at']!r}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{alert_id}\x00{started_at!r}".encode()).hexdigest()[:12]
 
 
 @dataclass(slots=True)
 class _RankWindow:
     rows: RecordRing
-    columns: collections.deque[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
+    # The layer dict is the entry's own (histograms are stripped from it in place); the module dict may be shared.
+    columns: collections.deque[tuple[int, int, dict[str, np.ndarray], Mapping[str, np.ndarray]]]
     count: int = 0
     layer_names: tuple[str, ...] = ()
     session_id: str = ""
@@ -133,7 +105,7 @@ class _RankWindow:
 @dataclass
 class _Recording:
     id: str
-    alert: dict[str, Any]
+    alert: Alert
     opened_at: float
     deadline: float
     fired_rank: int
@@ -183,13 +155,13 @@ class FlightRecorder:
         """Append one applied report to its rank's window (see the module docstring). Never raises: a recorder
         bug must not stop ingestion (counted in dropped["observe_failed"], logged once)."""
         try:
-            self._observe(run, rank, report, msg, hello)
+            self._observe(run, rank, report, hello)
         except Exception:
             self.dropped["observe_failed"] += 1
             if self.dropped["observe_failed"] == 1:
                 log.exception("flight recorder failed on a report; further failures are counted")
 
-    def _observe(self, run: RunState, rank: RankState, report: RankReport, msg: pb.StepReport, hello: pb.Hello) -> None:
+    def _observe(self, run: RunState, rank: RankState, report: RankReport, hello: pb.Hello) -> None:
         cfg = self._config
         with self._lock:
             windows = self._windows.setdefault(run.run_id, {})
@@ -218,9 +190,9 @@ class FlightRecorder:
                 )
             )
             # Copies: a slice would keep the frame's whole column (up to 65,536 layers) alive.
-            columns = report.columns
+            columns, acts = report.columns, report.activations  # decoded once, by build_report
             layers = {n: columns[n][: cfg.max_layers].copy() for n in LAYER_COLUMNS if n in columns} if columns else {}
-            modules = _activations(msg, cfg.max_layers) if msg.HasField("activations") else _EMPTY
+            modules = {n: acts[n][: cfg.max_layers].copy() for n in ACTIVATION_COLUMNS if n in acts} if acts else {}
             if layers or modules:
                 window.columns.append((window.count, report.step, layers, modules))
                 window.bytes += _entry_bytes(layers, modules)
@@ -229,7 +201,7 @@ class FlightRecorder:
             window.count += 1
             if not self._recording:  # the common case: no incident is being recorded
                 return
-            for recording in [r for r in self._recording.values() if r.alert["run"] == run.run_id]:
+            for recording in [r for r in self._recording.values() if r.alert.run == run.run_id]:
                 if rank.rank == recording.fired_rank and window.count - recording.start[rank.rank] >= cfg.after_reports:
                     self._close(recording)
 
@@ -238,7 +210,7 @@ class FlightRecorder:
         cfg = self._config
         oldest = window.count - (cfg.window_reports + cfg.after_reports)  # entries at or before it are outside
         share = cfg.max_bytes // self._ranks_total
-        after = min((r.start[rank] for r in self._recording.values() if r.alert["run"] == run_id and rank in r.start),
+        after = min((r.start[rank] for r in self._recording.values() if r.alert.run == run_id and rank in r.start),
                     default=window.count + 1)  # fmt: skip
         # Entries are in report order: the first `before` precede any alert being recorded. Outside the window,
         # the latest FULL_REPORTS_BEFORE of them still serve an incident (see _entries).
@@ -269,7 +241,7 @@ class FlightRecorder:
                     while len(other.columns) > 1 and other.bytes > share:
                         self._drop(other, other.columns.popleft())
 
-    def _drop(self, window: _RankWindow, entry: tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]
+    def _drop(self, window: _RankWindow, entry: tuple[int, int, dict[str, np.ndarray], Mapping[str, np.ndarray]]
               ) -> None:  # fmt: skip
         size = _entry_bytes(entry[2], entry[3])
         window.bytes -= size
@@ -280,23 +252,23 @@ class FlightRecorder:
         with self._lock:
             return self._bytes
 
-    def on_alert(self, alert: dict[str, Any]) -> None:
+    def on_alert(self, alert: Alert) -> None:
         """AlertBook listener: open an incident for a warning or critical alert that starts firing."""
-        if not self._config.enabled or alert["state"] != "firing" or alert.get("restored"):
+        if not self._config.enabled or not alert.firing or alert.restored:
             return
-        if alert["severity"] not in RECORDED_SEVERITIES:
+        if alert.severity not in RECORDED_SEVERITIES:
             return
         with self._lock:
-            windows = self._windows.get(alert["run"], {})
+            windows = self._windows.get(alert.run, {})
             if not windows:
                 self.dropped["no_window"] += 1
                 return
-            fired = alert["ranks"][0] if alert["ranks"] and alert["ranks"][0] in windows else min(windows)
+            fired = alert.ranks[0] if alert.ranks and alert.ranks[0] in windows else min(windows)
             others = sorted(r for r in windows if r != fired)[: self._config.max_ranks - 1]
             now = self._clock()
             recording = _Recording(
-                id=incident_id(alert),
-                alert=dict(alert),
+                id=incident_id(alert.id, alert.started_at),
+                alert=alert,
                 opened_at=now,
                 deadline=now + self._config.after_timeout_s,
                 fired_rank=fired,
@@ -318,7 +290,7 @@ class FlightRecorder:
         with self._lock, self._store.lock:
             live = {run.run_id for run in self._store.runs() if not run.expired}
             for recording in list(self._recording.values()):
-                if now >= recording.deadline or recording.alert["run"] not in live:
+                if now >= recording.deadline or recording.alert.run not in live:
                     self._close(recording)
             for run_id in [r for r in self._windows if r not in live]:
                 gone = self._windows.pop(run_id)
@@ -376,17 +348,17 @@ class FlightRecorder:
                 continue
             parts, body = job
             try:
-                self._db.put_incident(body, _pack(parts, self._config.histogram_reports))
+                self._db.put_incident(body, pack_window(parts, self._config.histogram_reports))
             except Exception:
                 # A full disk must not stop the server: count, log.
                 self.dropped["write_failed"] += 1
                 self._db.write_errors += 1
                 log.exception("could not store incident %s", body["id"])
 
-    def _snapshot(self, recording: _Recording) -> tuple[list[_RankPart], dict[str, Any]]:
+    def _snapshot(self, recording: _Recording) -> tuple[list[RankPart], dict[str, Any]]:
         cfg, alert = self._config, recording.alert
-        windows = self._windows.get(alert["run"], {})
-        parts: list[_RankPart] = []
+        windows = self._windows.get(alert.run, {})
+        parts: list[RankPart] = []
         ranks_meta: list[dict[str, Any]] = []
         all_rows: list[tuple[int, np.ndarray]] = []
         onsets: list[dict[str, Any]] = []
@@ -399,12 +371,12 @@ class FlightRecorder:
             rows = window.rows.rows()
             rows = rows[(rows["index"] >= lo) & (rows["index"] < hi)]
             # The entries' dicts are copied: the ingest thread strips histograms from them while the writer packs.
-            entries = [(e[0], e[1], dict(e[2]), dict(e[3])) for e in _entries(window.columns, lo, hi, start)]
-            parts.append(_RankPart(rank, rows, entries, start))
+            entries = [(e[0], e[1], dict(e[2]), dict(e[3])) for e in window_entries(window.columns, lo, hi, start)]
+            parts.append(RankPart(rank, rows, entries, start))
             all_rows.append((rank, rows))
             before = int((rows["index"] < start).sum())
-            ranks_meta.append(self._rank_meta(alert["run"], rank, window, before, len(rows)))
-            onset = _layer_onset(rank, parts[-1].entries, window.layer_names, alert["step"])
+            ranks_meta.append(self._rank_meta(alert.run, rank, window, before, len(rows)))
+            onset = layer_onset(rank, parts[-1].entries, window.layer_names, alert.step)
             if onset is not None:
                 onsets.append(onset)
         return parts, self._body(recording, ranks_meta, all_rows, onsets)
@@ -438,29 +410,29 @@ class FlightRecorder:
     ) -> dict[str, Any]:
         alert = recording.alert
         with self._store.lock:
-            run = self._store.get(alert["run"])
+            run = self._store.get(alert.run)
             job, world = (run.job_name, run.world_size) if run is not None else ("", 0)
         steps = [int(r["step"].min()) for _, r in rows if len(r)] + [int(r["step"].max()) for _, r in rows if len(r)]
-        spec = self._specs.get(alert["detector"])
+        spec = self._specs.get(alert.detector)
         return {
             "id": recording.id,
-            "run": alert["run"],
+            "run": alert.run,
             "job_name": job,
             "world_size": world,
-            "alert_id": alert["id"],
-            "alert": alert,
-            "detector": alert["detector"],
-            "severity": alert["severity"],
-            "summary": alert["summary"],
-            "autopsy": alert.get("autopsy") or [],
-            "step": alert["step"],
-            "layer": alert["layer"],
-            "ranks_firing": alert["ranks"],
+            "alert_id": alert.id,
+            "alert": alert.to_json(),
+            "detector": alert.detector,
+            "severity": alert.severity,
+            "summary": alert.summary,
+            "autopsy": [dict(a) for a in alert.autopsy],
+            "step": alert.step,
+            "layer": alert.layer,
+            "ranks_firing": list(alert.ranks),
             "fired_rank": recording.fired_rank,
             "opened_at": recording.opened_at,
             "description": spec.description if spec is not None else "",
-            "runbook_url": self._runbook_url(alert["detector"]),
-            "provenance": self._provenance(alert, rows, onsets),
+            "runbook_url": self._runbook_url(alert.detector),
+            "provenance": provenance_chain(alert, rows, onsets, self._alerts.list(run=alert.run)),
             "ranks": ranks,
             "window": {
                 "before": self._config.window_reports,
@@ -469,228 +441,6 @@ class FlightRecorder:
             },
         }
 
-    def _provenance(
-        self, alert: dict[str, Any], rows: list[tuple[int, np.ndarray]], onsets: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
-        """What went wrong first, in step order: non-finite values, gradient-norm anomalies of ranks and of
-        layers (`onsets`), alerts of the run."""
-        chain: list[dict[str, Any]] = list(onsets)
-        for rank, r in rows:
-            bad = np.flatnonzero(r["flags"] != 0)
-            if bad.size:
-                flags = int(r["flags"][bad[0]])
-                kinds = [name for bit, name in _FLAG_NAMES if flags & bit]
-                chain.append(
-                    {
-                        "step": int(r["step"][bad[0]]),
-                        "rank": rank,
-                        "kind": "non_finite",
-                        "what": f"first non-finite {', '.join(kinds)} in the window",
-                    }
-                )
-            before = r["grad_norm"][r["step"] < alert["step"]]
-            before = before[np.isfinite(before)]
-            if before.size >= 5:
-                median = float(np.median(before))
-                spikes = np.flatnonzero(np.isfinite(r["grad_norm"]) & (r["grad_norm"] > ANOMALY_FACTOR * median))
-                if spikes.size and median > 0:
-                    i = spikes[0]
-                    chain.append(
-                        {
-                            "step": int(r["step"][i]),
-                            "rank": rank,
-                            "kind": "grad_norm",
-                            "what": f"gradient norm {r['grad_norm'][i]:.3g}, "
-                            f"{_times(r['grad_norm'][i] / median)} its median {median:.3g}",
-                        }
-                    )
-        for other in self._alerts.list(run=alert["run"]):
-            if other["started_at"] <= alert["started_at"] + 60:
-                where = f" in layer {other['layer']}" if other["layer"] else ""
-                chain.append(
-                    {
-                        "step": other["step"],
-                        "rank": other["ranks"][0] if other["ranks"] else None,
-                        "kind": "alert",
-                        "detector": other["detector"],
-                        "what": f"{other['detector']} fired{where}: {other['summary']}",
-                    }
-                )
-        chain.sort(key=lambda e: (e["step"], e["kind"] != "non_finite"))
-        return chain
-
-
-@dataclass(frozen=True, slots=True)
-class _RankPart:
-    """One rank's share of an incident window: scalar rows (a copy) and column entries (immutable views)."""
-
-    rank: int
-    rows: np.ndarray
-    entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]
-    start: int
-
-
-def _entries(
-    columns: Iterable[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]], lo: int, hi: int, start: int
-) -> list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
-    """The full-statistics entries of an incident: those in the window [lo, hi), and, when fewer than
-    FULL_REPORTS_BEFORE of them precede the alert (the agent's overhead budget stretched its cadence), the latest
-    older ones the recorder still holds: an incident always has per-layer statistics from before its alert."""
-    kept = list(columns)
-    inside = [e for e in kept if lo <= e[0] < hi]
-    missing = FULL_REPORTS_BEFORE - sum(1 for e in inside if e[0] < start)
-    older = [e for e in kept if e[0] < lo][-missing:] if missing > 0 else []
-    return older + inside
-
-
-def _pack(parts: list[_RankPart], histogram_reports: int) -> bytes:
-    """The window archive (WINDOW_ARRAYS). Histogram columns (32 bins per layer, most of the bytes) are kept for
-    the last `histogram_reports` full-statistics reports before the alert and every one after it."""
-    arrays: dict[str, np.ndarray] = {}
-    for part in parts:
-        r, entries = part.rank, part.entries
-        arrays[f"r{r}_rows"] = part.rows
-        arrays[f"r{r}_steps"] = np.array([e[1] for e in entries], dtype=np.int64)
-        before = [i for i, e in enumerate(entries) if e[0] < part.start]
-        keep = set(before[len(before) - histogram_reports :] if histogram_reports else [])
-        keep.update(i for i, e in enumerate(entries) if e[0] >= part.start)
-        hist_entries = [e for i, e in enumerate(entries) if i in keep]
-        arrays[f"r{r}_hist_steps"] = np.array([e[1] for e in hist_entries], dtype=np.int64)
-        for prefix, layers, hist_layers in (
-            ("g", [e[2] for e in entries], [e[2] for e in hist_entries]),
-            ("a", [e[3] for e in entries], [e[3] for e in hist_entries]),
-        ):
-            for name in sorted({name for columns in layers for name in columns}):
-                chosen = hist_layers if name in COLUMN_WIDTHS else layers
-                stacked = _stack([columns.get(name) for columns in chosen])
-                if stacked is not None:
-                    arrays[f"r{r}_{prefix}_{name}"] = stacked
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
-    return buffer.getvalue()
-
-
-def _layer_onset(
-    rank: int,
-    entries: list[tuple[int, int, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
-    layer_names: tuple[str, ...],
-    alert_step: int,
-) -> dict[str, Any] | None:
-    """The first full-statistics step where a layer's gradient norm went non-finite or above ANOMALY_FACTOR × its
-    median before the alert, and which layer (non-finite first, then the largest ratio); vectorised over layers."""
-    columns = [(e[1], e[2]["grad_norm"]) for e in entries if "grad_norm" in e[2]]
-    if not columns:
-        return None
-    width = columns[-1][1].shape
-    columns = [(step, values) for step, values in columns if values.shape == width]
-    steps = np.array([step for step, _ in columns], dtype=np.int64)
-    norms_NL = np.stack([values for _, values in columns]).astype(np.float64)  # N = reports, L = layers
-    before = norms_NL[steps < alert_step]
-    if len(before) < 3 or norms_NL.shape[1] == 0:
-        return None
-    with np.errstate(all="ignore"):
-        median_L = np.nanmedian(np.where(np.isfinite(before), before, np.nan), axis=0)
-        ratio_NL = norms_NL / median_L
-    bad_NL = ~np.isfinite(norms_NL) | (np.nan_to_num(ratio_NL, nan=0.0) > ANOMALY_FACTOR)
-    hits = np.flatnonzero(bad_NL.any(axis=1))
-    if not hits.size:
-        return None
-    i = int(hits[0])
-    score_L = np.where(~np.isfinite(norms_NL[i]), np.inf, np.nan_to_num(ratio_NL[i], nan=0.0, posinf=np.inf))
-    layer = int(np.argmax(score_L))
-    name = layer_names[layer] if layer < len(layer_names) else str(layer)
-    value = norms_NL[i, layer]
-    what = (
-        f"layer {name} first abnormal: gradient norm {value:.3g}, {_times(ratio_NL[i, layer])} its median"
-        if np.isfinite(value)
-        else f"layer {name} first abnormal: non-finite gradient norm"
-    )
-    return {"step": int(steps[i]), "rank": rank, "kind": "layer", "layer": name, "what": what}
-
-
-def _times(ratio: float) -> str:
-    return f"{ratio:.0f}×" if ratio < 1e4 else f"{ratio:.2g}×"
-
-
-def _activations(msg: pb.StepReport, max_modules: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name in ACTIVATION_COLUMNS:
-        raw = getattr(msg.activations, name)
-        if raw:
-            values = np.frombuffer(raw, dtype="<f4")
-            width = COLUMN_WIDTHS.get(name, 1)
-            out[name] = (values if width == 1 else values.reshape(-1, width))[:max_modules].copy()
-    return out
-
 
 def _entry_bytes(layers: Mapping[str, np.ndarray], modules: Mapping[str, np.ndarray]) -> int:
     return sum(a.nbytes for a in layers.values()) + sum(a.nbytes for a in modules.values())
-
-
-def _stack(values: list[np.ndarray | None]) -> np.ndarray | None:
-    """Stack one column over reports; reports without it (or from another schema) become NaN rows."""
-    shapes = [v.shape for v in values if v is not None]
-    if not shapes:
-        return None
-    shape = shapes[-1]
-    out = np.full((len(values), *shape), np.nan, dtype=np.float32)
-    for i, v in enumerate(values):
-        if v is not None and v.shape == shape:
-            out[i] = v
-    return out
-
-
-#: (table, reason) pairs Database.prune counts; exported from 0 so increase() sees the first prune.
-PRUNE_REASONS = (
-    ("incidents", "age"),
-    ("incidents", "count"),
-    ("incidents", "size"),
-    ("runs", "age"),
-    ("runs", "count"),
-    ("alerts", "run_pruned"),
-    ("alerts", "count"),
-)
-
-
-class RecorderCollector(Collector):
-    """gradwatch_incidents_* and gradwatch_storage_* families, built per scrape."""
-
-    def __init__(self, recorder: FlightRecorder, database: Database) -> None:
-        self._recorder = recorder
-        self._db = database
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        rec = self._recorder
-        yield CounterMetricFamily(
-            "gradwatch_incidents_recorded", "Incidents opened by the flight recorder.", value=rec.opened
-        )
-        yield GaugeMetricFamily(
-            "gradwatch_incidents_recording",
-            "Incidents still recording the steps after their alert.",
-            value=rec.recording(),
-        )
-        dropped = CounterMetricFamily(
-            "gradwatch_incidents_dropped", "Incidents not recorded, by reason.", labels=["reason"]
-        )
-        for reason, n in rec.dropped.items():
-            dropped.add_metric([reason], n)
-        yield dropped
-        pruned = CounterMetricFamily(
-            "gradwatch_storage_pruned",
-            "Rows deleted by the retention limits, by table and reason.",
-            labels=["table", "reason"],
-        )
-        for key in PRUNE_REASONS:
-            pruned.add_metric(list(key), self._db.pruned.get(key, 0))
-        yield pruned
-        yield CounterMetricFamily(
-            "gradwatch_storage_write_errors",
-            "Database writes that failed (ingestion went on).",
-            value=self._db.write_errors,
-        )
-        yield GaugeMetricFamily(
-            "gradwatch_storage_incident_bytes", "Bytes of stored incident windows.", value=self._db.stored_bytes()
-        )

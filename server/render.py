@@ -1,4 +1,4 @@
-"""How an alert reads on a pager: Alertmanager labels, annotations and links, from an alert dict.
+"""How an alert reads on a pager: Alertmanager labels, annotations and links, from an `Alert`.
 
 Contract
 --------
@@ -16,9 +16,9 @@ Contract
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import quote
 
+from gradwatch.server.alerts import Alert
 from gradwatch.server.detectors import REGISTRY, DetectorSpec, alert_name_for
 from gradwatch.server.pages import incident_path
 from gradwatch.server.recorder import RECORDED_SEVERITIES, incident_id
@@ -28,7 +28,7 @@ __all__ = ["AlertRenderer"]
 
 
 class AlertRenderer:
-    """Renders alert dicts (gradwatch.server.alerts) for the sinks; see module docstring."""
+    """Renders alerts (gradwatch.server.alerts.Alert) for the sinks; see module docstring."""
 
     def __init__(
         self,
@@ -43,15 +43,15 @@ class AlertRenderer:
         self._specs = {spec.name: spec for spec in specs}
         self.server_url = server_url.rstrip("/")
 
-    def labels(self, alert: dict[str, Any]) -> dict[str, str]:
-        detector = alert["detector"]
+    def labels(self, alert: Alert) -> dict[str, str]:
+        detector = alert.detector
         labels = {
             "alertname": alert_name_for(detector),
-            "run": alert["run"],
+            "run": alert.run,
             "detector": detector,
-            "severity": alert["severity"],
+            "severity": alert.severity,
         }
-        job_name = self._job_name_of(alert["run"])
+        job_name = self._job_name_of(alert.run)
         if job_name:
             labels["job_name"] = job_name
         return labels
@@ -59,30 +59,30 @@ class AlertRenderer:
     def runbook_url(self, detector: str) -> str:
         return f"{self._runbook_base}{detector}.md"
 
-    def generator_url(self, alert: dict[str, Any]) -> str:
+    def generator_url(self, alert: Alert) -> str:
         """The alert's incident page when it records one (warning, critical), else the run's overview."""
-        if alert["severity"] in RECORDED_SEVERITIES:
-            return f"{self.server_url}{incident_path(incident_id(alert))}"
-        return f"{self.server_url}/?run={quote(alert['run'], safe='')}"
+        if alert.severity in RECORDED_SEVERITIES:
+            return f"{self.server_url}{incident_path(incident_id(alert.id, alert.started_at))}"
+        return f"{self.server_url}/?run={quote(alert.run, safe='')}"
 
-    def annotations(self, alert: dict[str, Any]) -> dict[str, str]:
-        spec = self._specs.get(alert["detector"])
-        what = spec.description if spec is not None else alert["detector"]
-        ranks = ",".join(str(r) for r in alert["ranks"])
-        value = "n/a" if alert["value"] is None else f"{alert['value']:.6g}"
-        layer = alert["layer"] or "unknown"
+    def annotations(self, alert: Alert) -> dict[str, str]:
+        spec = self._specs.get(alert.detector)
+        what = spec.description if spec is not None else alert.detector
+        ranks = ",".join(str(r) for r in alert.ranks)
+        value = "n/a" if alert.value is None else f"{alert.value:.6g}"
+        layer = alert.layer or "unknown"
         description = (
-            f"{what} Run {alert['run']}: {alert['summary']}.\n"
-            f"First seen at step {alert['step']} (layer {layer}) at {rfc3339(alert['started_at'])}; "
-            f"ranks firing: {ranks}; latest firing step {alert['last_step']}, value {value}.\n"
+            f"{what} Run {alert.run}: {alert.summary}.\n"
+            f"First seen at step {alert.step} (layer {layer}) at {rfc3339(alert.started_at)}; "
+            f"ranks firing: {ranks}; latest firing step {alert.last_step}, value {value}.\n"
             f"Details: {self.generator_url(alert)}"
         )
         return {
-            "summary": f"[{alert['run']}] {alert['summary']}",
+            "summary": f"[{alert.run}] {alert.summary}",
             "description": description,
-            "runbook_url": self.runbook_url(alert["detector"]),
-            "step": str(alert["step"]),
-            "last_step": str(alert["last_step"]),
+            "runbook_url": self.runbook_url(alert.detector),
+            "step": str(alert.step),
+            "last_step": str(alert.last_step),
             "ranks": ranks,
             "layer": layer,
             "value": value,

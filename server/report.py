@@ -13,7 +13,7 @@ only a non-finite loss or weight counts as non-finite. The skip itself is counte
 
 Full-statistics steps with forward hooks also carry what the model saw and produced:
 `activations` (ActivationStats column -> float32 view indexed by the observed modules,
-`modules` / `module_types`; the log2 histogram as a (modules, 32) view), the output's
+`modules` / `module_types`; the log2 histogram as a (modules, LOG2_HISTOGRAM_BINS) view), the output's
 spread across the batch and RMS, the per-feature input mean and std, and the label
 class histogram. All are zero-copy numpy views on the frame's bytes, decoded without a
 Python loop per module.
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.v1 import gradwatch_pb2 as pb
+from gradwatch.v1.vocabulary import LOG2_HISTOGRAM_BINS, first_non_finite
 
 __all__ = [
     "ACTIVATION_COLUMN_NAMES",
@@ -45,8 +46,7 @@ __all__ = [
 #: LayerStats columns in proto order; each holds len(schema) little-endian float32.
 COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in pb.LayerStats.DESCRIPTOR.fields)
 #: float32 values per layer (or module) of the columns that hold more than one; 1 for every other column.
-HISTOGRAM_BINS = 32
-COLUMN_WIDTHS: dict[str, int] = {"grad_log2_histogram": HISTOGRAM_BINS, "log2_histogram": HISTOGRAM_BINS}
+COLUMN_WIDTHS: dict[str, int] = {"grad_log2_histogram": LOG2_HISTOGRAM_BINS, "log2_histogram": LOG2_HISTOGRAM_BINS}
 #: ActivationStats columns in proto order; each holds len(activation_schema) little-endian float32.
 ACTIVATION_COLUMN_NAMES: tuple[str, ...] = tuple(f.name for f in pb.ActivationStats.DESCRIPTOR.fields)
 LAYER_DTYPE = np.dtype("<f4")
@@ -109,7 +109,7 @@ class RankReport:
     #: The agent's full-statistics interval in force (0: not said) and whether it is over its overhead budget.
     full_stats_interval: int = 0
     over_budget: bool = False
-    #: ActivationStats field name -> float32 view of len(modules) values (log2_histogram: (modules, 32)),
+    #: ActivationStats field name -> float32 view of len(modules) values (log2_histogram: (modules, 32 bins)),
     #: present only on full-statistics steps with forward hooks; `modules` / `module_types` index them
     #: (Hello.activation_schema; empty when the report carries no activation columns).
     activations: Mapping[str, np.ndarray] = field(default_factory=dict)
@@ -184,8 +184,8 @@ def build_report(
         flags &= ~pb.NON_FINITE_FLAG_GRADIENT
         columns = {name: values for name, values in columns.items() if not name.startswith("grad_")}
 
-    grad_layer = _first_bad_layer(columns, "grad_non_finite", "grad_norm")
-    weight_layer = _first_bad_layer(columns, "weight_non_finite", "weight_norm")
+    grad_layer = first_non_finite(columns.get("grad_norm"), columns.get("grad_non_finite"))
+    weight_layer = first_non_finite(columns.get("weight_norm"), columns.get("weight_non_finite"))
     kinds = []
     if flags & pb.NON_FINITE_FLAG_LOSS or (loss is not None and not math.isfinite(loss)):
         kinds.append(KIND_LOSS)
@@ -283,17 +283,3 @@ def _decode_columns(msg: pb.StepReport) -> dict[str, np.ndarray]:
             out[name] = values if width == 1 else values.reshape(-1, width)
     return out
 
-
-def _first_bad_layer(columns: Mapping[str, np.ndarray], count_col: str, norm_col: str) -> int | None:
-    """First layer index with a positive non-finite count or a non-finite norm, else None."""
-    bad: np.ndarray | None = None
-    counts = columns.get(count_col)
-    if counts is not None:
-        bad = counts != 0  # NaN != 0 too: a NaN count is itself a sign of trouble
-    norms = columns.get(norm_col)
-    if norms is not None:
-        bad = ~np.isfinite(norms) if bad is None else bad | ~np.isfinite(norms)
-    if bad is None:
-        return None
-    hits = np.flatnonzero(bad)
-    return int(hits[0]) if hits.size else None

@@ -5,7 +5,7 @@ deploy/prometheus/rules.yml and deploy/grafana/provisioning/alerting/gradwatch-r
 (a test fails when either file differs from a fresh rendering), so the two alerting
 paths share names, queries, thresholds, durations and severities.
 
-Conventions (REFERENCE §4): CamelCase alert names (`alert_name_for`, also used by the
+Conventions (Prometheus' and Alertmanager's usual practice): CamelCase alert names (`alert_name_for`, also used by the
 server's Alertmanager push, so one fault has one name on every path); labels
 `severity` (+ `detector`); annotations summary, description, runbook_url. Every alert
 is "`query` > `threshold`", which Grafana expresses as query → reduce(last) →

@@ -20,7 +20,7 @@ from torch import nn
 
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pb_grpc
-from paging_support import wait_until  # noqa: F401  (re-exported: agent tests import it from here)
+from wait_support import wait_until  # noqa: F401  (re-exported: agent tests import it from here)
 
 SessionKey = tuple[str, int, str]  # run_id, rank, session_id
 

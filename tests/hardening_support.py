@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,13 +42,3 @@ def flush_outcome(
         except grpc.RpcError as exc:
             return exc.code(), reason_of(exc), exc.details() or ""  # type: ignore[attr-defined]
     return grpc.StatusCode.OK, None, ""
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")

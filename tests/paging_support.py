@@ -282,13 +282,3 @@ def routing_config(receiver_url: str, *, group_interval: str = "1s") -> dict[str
 
     shorten(config["route"])
     return config
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
-    """Poll a condition that has no event to wait on (thread lists, process state, a timer's next tick)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ torch = pytest.importorskip("torch")
 from agent_support import make_mlp  # noqa: E402
 from gradwatch.agent import dispatch  # noqa: E402
 from gradwatch.agent.config import AgentConfig, RetryPolicy, resolve_config  # noqa: E402
-from gradwatch.agent.monitor import Monitor, NoopMonitor, attach  # noqa: E402
+from gradwatch.agent.monitor import AgentMonitor, Monitor, NoopMonitor, attach  # noqa: E402
 
 # Every GRADWATCH_* variable and launcher variable the agent reads: cleared so the host cannot leak in.
 _ENV_VARS = [
@@ -162,6 +163,30 @@ def test_enabled_false_returns_a_noop_monitor_with_the_same_api() -> None:
     assert not dispatch.is_watched(opt) and not dispatch.is_watched(model)
 
 
+def _public_members(cls: type) -> dict[str, object]:
+    """Public name -> "property" or the call signature's parameters (names, kinds, defaults, annotations)."""
+    out: dict[str, object] = {}
+    for name in dir(cls):
+        if name.startswith("_") and name not in ("__enter__", "__exit__"):
+            continue
+        member = inspect.getattr_static(cls, name)
+        if isinstance(member, property):
+            out[name] = "property"
+        elif callable(member):
+            out[name] = [(p.name, p.kind, p.default, str(p.annotation))
+                         for p in inspect.signature(member).parameters.values()]  # fmt: skip
+    return out
+
+
+def test_monitor_implementations_expose_the_interface_and_nothing_else() -> None:
+    interface = _public_members(Monitor)
+    assert {"step", "close", "pause", "stop_requested", "counters"} <= interface.keys()
+    for implementation in (AgentMonitor, NoopMonitor):
+        assert issubclass(implementation, Monitor) and not implementation.__abstractmethods__
+        assert _public_members(implementation) == interface, implementation.__name__
+    assert not issubclass(NoopMonitor, AgentMonitor) and not issubclass(AgentMonitor, NoopMonitor)
+
+
 def test_kill_switch_wins_and_never_imports_grpc_in_a_fresh_interpreter() -> None:
     code = textwrap.dedent(
         """
@@ -171,7 +196,7 @@ def test_kill_switch_wins_and_never_imports_grpc_in_a_fresh_interpreter() -> Non
         monitor = gradwatch.attach(model, server="not an address", full_stats_interval=0)
         monitor.step(model(torch.ones(1, 2)).sum())
         assert monitor.close() is True, "no-op close"
-        print(type(monitor).__name__, "grpc" in sys.modules, "gradwatch.v1" in sys.modules)
+        print(type(monitor).__name__, "grpc" in sys.modules, "gradwatch.v1.gradwatch_pb2" in sys.modules)
         """
     )
     env = {**os.environ, "GRADWATCH_DISABLED": "1"}

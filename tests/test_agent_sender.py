@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from agent_support import ScriptableServer, free_port_address, make_mlp, train, wait_until  # noqa: E402
 from gradwatch.agent.config import RetryPolicy, resolve_config  # noqa: E402
 from gradwatch.agent.counters import DROP_REASONS  # noqa: E402
-from gradwatch.agent.monitor import Monitor, attach  # noqa: E402
+from gradwatch.agent.monitor import AgentMonitor, Monitor, attach  # noqa: E402
 from gradwatch.agent.replay import ReplayBuffer  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
 
@@ -306,7 +306,7 @@ def test_agent_queue_full_drops_newest_while_the_sender_is_stuck(server: Scripta
 
     model, opt = _model_and_optimizer()
     config = resolve_config({"server": server.address, "run": "stuck", "queue_size": 5})
-    monitor = Monitor(model, opt, config, channel_factory=stuck_then_real)
+    monitor = AgentMonitor(model, opt, config, channel_factory=stuck_then_real)
     durations = _timed_steps(monitor, model, opt, 30)
     counters = monitor.counters()
     assert counters["queued"] <= 5

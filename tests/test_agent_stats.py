@@ -89,7 +89,8 @@ def test_stats_engine_and_fold_match_reference_with_tied_frozen_and_zero_params(
     vector = torch.stack([loss.detach(), *grads, *weights]).numpy()
     layout = VectorLayout(num_params=len(engine.layout.params), full=True)
     assert vector.shape == (layout.length,) and len(engine.layout.params) == 4  # the tied weight once
-    columns = LayerFold.of(engine.layout).fold(vector, layout)
+    folded = LayerFold.of(engine.layout).fold(vector, layout)
+    columns = folded.columns
 
     layers = [list(m.parameters(recurse=False)) for m in (model.embed, model.frozen, model.proj)]
     for source, tensors in (("grad", [[p.grad for p in ps] for ps in layers]), ("weight", layers)):
@@ -99,7 +100,7 @@ def test_stats_engine_and_fold_match_reference_with_tied_frozen_and_zero_params(
     # The tied weight counts once in the model-wide sum of squares; the frozen layer counts as zero.
     unique_grads = [model.embed.weight.grad, model.proj.bias.grad]
     expected_sum_sq = sum(float(g.double().pow(2).sum()) for g in unique_grads)
-    assert columns["grad_sum_squares"] == pytest.approx(expected_sum_sq, rel=1e-5)
+    assert folded.grad_sum_squares == pytest.approx(expected_sum_sq, rel=1e-5)
     assert columns["grad_norm"][1] == 0.0 and columns["grad_zero_fraction"][1] == 1.0  # absent grads are zeros
 
 
@@ -130,7 +131,7 @@ def test_zero_fraction_of_a_large_tensor_is_sampled_within_a_percent_and_stays_e
     engine = StatsEngine(build_layout(model))
     grads, weights = engine.compute("grad", full=True), engine.compute("weight", full=True)
     layout = VectorLayout(num_params=len(engine.layout.params), full=True)
-    columns = LayerFold.of(engine.layout).fold(torch.stack([torch.zeros(()), *grads, *weights]).numpy(), layout)
+    columns = LayerFold.of(engine.layout).fold(torch.stack([torch.zeros(()), *grads, *weights]).numpy(), layout).columns
     truth = [float((torch.cat([layer.weight.reshape(-1), layer.bias]) == 0).double().mean()) for layer in model]
     assert abs(columns["weight_zero_fraction"][0] - truth[0]) < 0.01  # sampled
     assert columns["weight_zero_fraction"][1] == pytest.approx(truth[1], abs=1e-6)  # exact
@@ -141,7 +142,7 @@ def _weight_columns(model: nn.Module) -> dict[str, np.ndarray]:
     engine = StatsEngine(build_layout(model))
     grads, weights = engine.compute("grad", full=True), engine.compute("weight", full=True)
     layout = VectorLayout(num_params=len(engine.layout.params), full=True)
-    return LayerFold.of(engine.layout).fold(torch.stack([torch.zeros(()), *grads, *weights]).numpy(), layout)
+    return LayerFold.of(engine.layout).fold(torch.stack([torch.zeros(()), *grads, *weights]).numpy(), layout).columns
 
 
 def test_zero_fraction_sample_sees_every_column_of_a_matrix_whose_half_is_zero() -> None:

@@ -596,8 +596,8 @@ def test_two_processes_sharing_a_run_and_rank_are_never_merged(caplog: pytest.Lo
     """Hogwild workers that attach with the same run and no ranks: the second session is refused with a
     warning naming the cause, and gets in once the first has ended; the server never mixes their reports."""
     from gradwatch.agent.config import RetryPolicy
-    from paging_support import wait_until
     from server_support import start_app
+    from wait_support import wait_until
 
     app = start_app()
     try:

@@ -9,9 +9,7 @@ import json
 import pathlib
 import shutil
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,6 +19,7 @@ from deploy_support import check_env_names, check_serve_args
 from gradwatch.server.config import ServerConfig
 from paging_support import alertmanager, prometheus, query
 from server_support import start_app
+from wait_support import wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -159,13 +158,6 @@ def _get(url: str) -> Any:
     return body["data"]
 
 
-def _wait(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.25)
-
-
 @pytest.mark.slow
 def test_compose_stack_wiring_runs_with_the_real_binaries(compose: dict[str, Any], tmp_path: pathlib.Path) -> None:
     """The stack without containers: a real server, Debian's Alertmanager with the compose alertmanager.yml and
@@ -183,11 +175,11 @@ def test_compose_stack_wiring_runs_with_the_real_binaries(compose: dict[str, Any
             config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
             rules = yaml.safe_load((ROOT / "deploy/prometheus/rules.yml").read_text())
             with prometheus(config, rules, tmp_path / "prom") as prom_url:
-                _wait(lambda: any(s["value"][1] == "1" for s in query(prom_url, 'up{job="gradwatch"}')),
-                      "Prometheus scrapes the gradwatch server")  # fmt: skip
+                wait_until(lambda: any(s["value"][1] == "1" for s in query(prom_url, 'up{job="gradwatch"}')),
+                           60, what="Prometheus scrapes the gradwatch server", interval=0.25)  # fmt: skip
                 assert query(prom_url, "gradwatch_server_info"), "the server's own metrics arrive"
-                _wait(lambda: bool(_get(f"{prom_url}/api/v1/alertmanagers")["activeAlertmanagers"]),
-                      "Prometheus finds Alertmanager")  # fmt: skip
+                wait_until(lambda: _get(f"{prom_url}/api/v1/alertmanagers")["activeAlertmanagers"],
+                           60, what="Prometheus finds Alertmanager", interval=0.25)  # fmt: skip
                 groups = _get(f"{prom_url}/api/v1/rules")["groups"]
                 loaded = {r["name"] for g in groups for r in g["rules"] if r["type"] == "alerting"}
                 assert {"GradwatchNonFinite", "GradwatchServerAbsent"} <= loaded

@@ -3,12 +3,15 @@ Quick start training loop runs as written against a real server."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import pytest
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -94,3 +97,65 @@ def test_readme_quick_start_loop_runs_as_written_against_a_real_server() -> None
         assert run["state"] == "finished" and run["step"] == 300
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize("package", ["agent", "server"])
+def test_package_module_map_names_every_module(package: str) -> None:
+    """The module map in agent/__init__.py and server/__init__.py lists every module of the folder."""
+    folder = ROOT / package
+    docstring = (folder / "__init__.py").read_text().split('"""')[1]
+    modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"} | {
+        f"{p.name}/" for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    }
+    # A module is named as `name.py` anywhere, or as `name` opening a line of the map or after "; ".
+    missing = [m for m in sorted(modules)
+               if f"{m}.py" not in docstring and not re.search(rf"(^\s+|; ){re.escape(m)}[\s:]", docstring, re.M)]
+    assert not missing, f"{package}/__init__.py's module map misses {missing}"
+
+
+def _dotted(value: object, prefix: str = "") -> set[str]:
+    """Dotted keys of a settings tree (dataclasses and mappings of them) or of a parsed YAML mapping."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        return {prefix}
+    return {key for name, item in items for key in _dotted(item, f"{prefix}{name}.")} if items else {prefix}
+
+
+def test_configuration_md_server_block_is_the_server_schema() -> None:
+    """The YAML block under "Server" in docs/configuration.md names every setting of ServerConfig and gives each its
+    default: loading it gives exactly the defaults."""
+    from gradwatch.server.config import load_config
+
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)]
+    documented = next(b for b in blocks if isinstance(b, dict) and "limits" in b and "detectors" in b)
+    defaults = load_config({}, source="defaults")
+    assert load_config(documented, source="docs/configuration.md") == defaults
+    missing = _dotted(defaults) - _dotted(documented)
+    assert not missing, f"settings missing from docs/configuration.md: {sorted(missing)}"
+
+
+def test_configuration_md_agent_table_is_the_agent_schema() -> None:
+    """Every attach() option has a row in docs/configuration.md's agent table naming its environment variable,
+    and each numeric default of AgentConfig is the one the row states."""
+    pytest.importorskip("torch")
+    from gradwatch.agent import config as agent_config
+
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    section = text.split("## Agent", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    options = agent_config._OPTIONS
+    defaults = agent_config.AgentConfig()
+    for name in (*options, *agent_config.ATTACH_OBJECTS):
+        [row] = [r for r in rows if f"`{name}`" in r.split("|")[1]]
+        env = options[name].env if name in options else None
+        assert env is None or f"`{env}`" in row, (name, env, row)
+        field = {"run": "run_id", "detectors": "detector_settings"}.get(name, name)
+        default = getattr(defaults, field, None)
+        if isinstance(default, int | float) and not isinstance(default, bool) and name not in ("rank", "world_size",
+                                                                                               "local_rank"):
+            cell = row.split("|")[3]
+            assert re.search(rf"(?<![\d.]){re.escape(repr(default))}(?![\d])", cell), (name, default, cell)

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import gradwatch  # noqa: E402
 from gradwatch.agent.config import RetryPolicy  # noqa: E402
 from gradwatch.demo import DemoTraining  # noqa: E402
+from gradwatch.server.alerts import Alert  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from netfault import FaultyRelay  # noqa: E402
@@ -32,9 +33,9 @@ class AlertLog:
         self._cond = threading.Condition()
         self.events: list[dict[str, Any]] = []
 
-    def __call__(self, alert: dict[str, Any]) -> None:
+    def __call__(self, alert: Alert) -> None:
         with self._cond:
-            self.events.append(dict(alert))
+            self.events.append(alert.to_json())
             self._cond.notify_all()
 
     def wait_for(self, detector: str, timeout: float = 10.0) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def run_job(scenario: str, world_size: int, steps: int, tmp_path: Path, release_
     app = ServerApp(cluster_config())
     release = tmp_path / "release"
     if release_on is not None:
-        app.add_alert_listener(lambda alert: release.touch() if alert["detector"] == release_on else None)
+        app.add_alert_listener(lambda alert: release.touch() if alert.detector == release_on else None)
     app.start()
     try:
         args = (world_size, free_port(), app.grpc_target, scenario, steps, str(release))

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from gradwatch.server.alerts import Alert  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from paging_support import free_port  # noqa: E402
@@ -47,9 +48,9 @@ def test_e2e_distributed_nan_on_one_rank_names_that_rank() -> None:
     fired: list[dict[str, Any]] = []
     lock = threading.Lock()
 
-    def listen(alert: dict[str, Any]) -> None:
+    def listen(alert: Alert) -> None:
         with lock:
-            fired.append(dict(alert))
+            fired.append(alert.to_json())
 
     app.add_alert_listener(listen)
     app.start()

@@ -126,7 +126,7 @@ def run_job(scenario: str, steps: int, tmp_path: Path, *, until: Callable[[Alert
     app = ServerApp(config or _config())
     release = tmp_path / "release"
     if release_on is not None:
-        app.add_alert_listener(lambda alert: release.touch() if alert["detector"] == release_on else None)
+        app.add_alert_listener(lambda alert: release.touch() if alert.detector == release_on else None)
     app.start()
     try:
         args = (world, free_port(), app.grpc_target, scenario, steps, str(release))

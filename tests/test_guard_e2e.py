@@ -80,7 +80,7 @@ def test_guarded_run_names_the_corrupted_samples_in_alert_incident_cli_and_html(
         top = [s["id"] for s in spike["autopsy"][0]["top_samples"]]
         assert set(top[: len(spiked)]) == {f"s{spike_step}-{i}" for i in spiked}
 
-        (incident,) = wait_until("the guard_skip incident", lambda: complete(app.http_url, detector="guard_skip"))
+        (incident,) = wait_until(lambda: complete(app.http_url, detector="guard_skip"), what="the guard_skip incident")
         shown = gradwatch_cli("incidents", "show", incident["id"], "--server", app.http_url)
         assert f"autopsy: step {nan_step}, rank 0" in shown and f"s{nan_step}-{nan_sample}" in shown
         assert "non-finite" in shown

@@ -15,7 +15,7 @@ import pytest
 
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pbg
-from hardening_support import NAN, reason_of, stream_outcome, wait_until
+from hardening_support import NAN, reason_of, stream_outcome
 from server_support import (
     AgentStream,
     columns,
@@ -28,6 +28,7 @@ from server_support import (
     server_config,
     start_app,
 )
+from wait_support import wait_until
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 U64_MAX = (1 << 64) - 1
@@ -216,8 +217,8 @@ def test_floods_of_large_valid_frames_do_not_starve_another_runs_alert() -> None
         for flood in floods:
             flood.start()
         # Past the flooder's initial burst (2 × max_message_bytes, under 3 of its reports): the steady state.
-        wait_until("the flood to be applied", lambda: (sample(scrape(app), "gradwatch_ingest_frames_total",
-                                                              kind="report") or 0) >= 4, timeout=30)  # fmt: skip
+        wait_until(lambda: (sample(scrape(app), "gradwatch_ingest_frames_total", kind="report") or 0) >= 4,
+                   timeout=30, what="the flood to be applied")  # fmt: skip
         latencies = []
         for i in range(5):
             stream = AgentStream(app.grpc_target)
@@ -279,7 +280,7 @@ def test_streams_that_never_send_a_hello_time_out_and_are_counted() -> None:
     try:
         never = threading.Event()
         calls = [pbg.IngestStub(channel).Stream(iter(never.wait, True)) for _ in range(50)]
-        wait_until("50 open streams", lambda: metric(scrape(app), "gradwatch_ingest_active_streams") == 50)
+        wait_until(lambda: metric(scrape(app), "gradwatch_ingest_active_streams") == 50, what="50 open streams")
         outcomes = []
         for call in calls:
             with pytest.raises(grpc.RpcError) as ended:
@@ -327,7 +328,7 @@ def test_streams_beyond_the_limit_are_refused_with_a_reason() -> None:
         code, reason, _ = stream_outcome(app.grpc_target, [hello_frame(run="one-more")])
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "stream_limit_reached")
         streams.pop().close()
-        wait_until("a free slot", lambda: metric(scrape(app), "gradwatch_ingest_active_streams") == 2)
+        wait_until(lambda: metric(scrape(app), "gradwatch_ingest_active_streams") == 2, what="a free slot")
         assert stream_outcome(app.grpc_target, [hello_frame(run="one-more")])[0] == grpc.StatusCode.OK
     finally:
         for stream in streams:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import tracemalloc
 import typing
 from pathlib import Path
@@ -21,9 +20,10 @@ from gradwatch.server.config import LimitsConfig, ServerConfig, StorageConfig
 from gradwatch.server.detectors import REGISTRY
 from gradwatch.server.settings import Settings, bounds
 from gradwatch.v1 import gradwatch_pb2 as pb
-from hardening_support import NAN, flush_outcome, stream_outcome, wait_until
+from hardening_support import NAN, flush_outcome, stream_outcome
 from security_support import secure_config, write_tokens
 from server_support import AgentStream, hello, hello_frame, metric, report_frame, scrape, server_config, start_app
+from wait_support import wait_until
 
 OK = grpc.StatusCode.OK
 
@@ -268,8 +268,9 @@ def test_ranks_known_only_from_flush_calls_cannot_page_stalled() -> None:
         real.send(hello_frame(run="real", detector_settings=quick))
         real.send(report_frame(1))
         real.recv_ack(1)
-        wait_until("the streaming rank to page stalled", lambda: app.alert_book.firing_alert("real", "stalled"))
-        time.sleep(1.0)  # a few more ticks for the ghosts
+        wait_until(lambda: app.alert_book.firing_alert("real", "stalled"), what="the streaming rank to page stalled")
+        after = app.ingestor.ticks
+        wait_until(lambda: app.ingestor.ticks >= after + 2, what="two more ticks for the ghosts")
         assert app.alert_book.firing_alert("ghosts", "stalled") is None
     finally:
         real.close()

@@ -36,7 +36,9 @@ def test_generated_protos_match_regeneration(tmp_path: pathlib.Path) -> None:
     assert not mismatch and not errors, f"regenerate with scripts/gen_protos.py: {mismatch + errors}"
 
 
-@pytest.mark.parametrize("module", ["gradwatch", "gradwatch.server", "gradwatch.cli", "gradwatch.v1"])
+@pytest.mark.parametrize(
+    "module", ["gradwatch", "gradwatch.server", "gradwatch.cli", "gradwatch.v1", "gradwatch.v1.vocabulary"]
+)
 def test_import_does_not_import_torch(module: str) -> None:
     result = _run_python(f"import sys, {module}; print('torch' in sys.modules)")
     assert result.returncode == 0, result.stderr

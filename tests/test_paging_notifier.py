@@ -82,7 +82,7 @@ def test_notifier_fire_sends_one_page_with_identity_labels_and_context(h: Harnes
     assert n.annotations["step"] == "37" and n.annotations["layer"] == "fc1"
     assert "step 37" in n.annotations["description"]
     # The link back is the alert's incident page (a critical alert records one).
-    page = f"http://gw:9400/incidents/{incident_id(h.book.list()[0])}"
+    page = f"http://gw:9400/incidents/{incident_id(h.book.list()[0].id, h.book.list()[0].started_at)}"
     assert n.generator_url == page and page in n.annotations["description"]
 
 

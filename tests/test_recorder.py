@@ -13,9 +13,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,19 +30,9 @@ from gradwatch.server.config import ServerConfig, StorageConfig  # noqa: E402
 from gradwatch.server.database import DB_FILE, Database  # noqa: E402
 from paging_support import free_port  # noqa: E402
 from server_support import get_json, http_get, metric, scrape  # noqa: E402
+from wait_support import wait_until  # noqa: E402
 
 WAIT_S = 30.0
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    """Poll `probe` until it returns something truthy (conditions, not sleeps)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def train(monitor: Any, training: DemoTraining, steps: range, faults: dict[int, str]) -> None:
@@ -77,7 +66,7 @@ def test_recorder_incident_for_injected_nan_holds_the_window_before_and_after_it
         ) as m:
             train(m, training, range(1, 101), {80: "nan"})
             assert m.close(timeout=10)
-        (summary,) = wait_until("a complete incident", lambda: complete(app.http_url, detector="non_finite"))
+        (summary,) = wait_until(lambda: complete(app.http_url, detector="non_finite"), what="a complete incident")
         assert (summary["run"], summary["detector"], summary["severity"], summary["step"]) == (
             "rec-nan",
             "non_finite",
@@ -213,7 +202,7 @@ def serve_process(
     with log.open("ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_until("gradwatch serve", lambda: proc.poll() is not None or _healthy(http_port))
+        wait_until(lambda: proc.poll() is not None or _healthy(http_port), what="gradwatch serve")
         assert proc.poll() is None, log.read_text()[-3000:]
         yield proc
     finally:
@@ -254,12 +243,12 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
     try:
         with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)) as first:
             train(monitor, training, range(1, 61), {40: "nan"})
-            (incident,) = wait_until("a stored incident", lambda: incidents(url, detector="non_finite"))
+            (incident,) = wait_until(lambda: incidents(url, detector="non_finite"), what="a stored incident")
             assert incident["status"] == "recording" and incident["steps"][0] == 1
             (alert,) = get_json(f"{url}/api/v1/alerts?state=firing&detector=non_finite")["alerts"]
             runs_at_60 = lambda: [r for r in get_json(f"{url}/api/v1/runs")["runs"] if r["step"] == 60]  # noqa: E731
-            (run,) = wait_until("step 60", runs_at_60)
-            wait_until("step 60 checkpointed", lambda: saved_step(tmp_path / "data", "phoenix-rec") == 60)
+            (run,) = wait_until(runs_at_60, what="step 60")
+            wait_until(lambda: saved_step(tmp_path / "data", "phoenix-rec") == 60, what="step 60 checkpointed")
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
         train(monitor, training, range(61, 71), {})  # the agent keeps training while the server is down
@@ -281,8 +270,8 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             train(monitor, training, range(71, 81), {})
             assert monitor.close(timeout=20)
             resumed = wait_until(
-                "the agent's resumed stream",
                 lambda: [r for r in get_json(f"{url}/api/v1/runs/phoenix-rec/ranks")["ranks"] if r["step"] == 80],
+                what="the agent's resumed stream",
             )
             # 1..60 saved before the kill, 61..80 queued during the outage and then live: the ring continues, and
             # what was applied before the kill is not applied twice (the rank's agent sessions were saved too).
@@ -337,7 +326,7 @@ def test_recorder_incident_under_a_tight_budget_holds_full_statistics_from_befor
         ) as m:
             train(m, training, range(1, 321), {300: "nan"})
             assert m.close(timeout=10)
-        (summary,) = wait_until("a complete incident", lambda: complete(app.http_url, detector="non_finite"))
+        (summary,) = wait_until(lambda: complete(app.http_url, detector="non_finite"), what="a complete incident")
         interval = get_json(f"{app.http_url}/api/v1/runs/rec-budget/ranks")["ranks"][0]["full_stats_interval_in_force"]
         assert interval > 64, "the budget did not stretch the cadence past the window: nothing is tested"
         arrays = window(app.http_url, summary["id"])

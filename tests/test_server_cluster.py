@@ -19,8 +19,8 @@ from gradwatch.server.detectors.throughput_drop import ThroughputDropConfig, Thr
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.v1 import gradwatch_pb2 as pb
-from paging_support import wait_until
 from server_support import WAIT_S, AgentStream, hello_frame, report_frame, server_config, start_app
+from wait_support import wait_until
 
 
 def table(world: int, *, group_size: int = 1) -> RankTable:
@@ -264,7 +264,7 @@ def test_server_tick_fires_stalled_while_nothing_arrives_and_alert_names_rank_an
     detectors["stalled"] = StalledConfig(floor_s=30.0)
     app = start_app(dataclasses.replace(base, detectors=types.MappingProxyType(detectors)), clock=clock)
     fired_event = threading.Event()
-    app.add_alert_listener(lambda alert: fired_event.set() if alert["detector"] == "stalled" else None)
+    app.add_alert_listener(lambda alert: fired_event.set() if alert.detector == "stalled" else None)
     streams = [AgentStream(app.grpc_target) for _ in range(2)]
     try:
         for rank, stream in enumerate(streams):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gradwatch.server.alerts import Alert
 from gradwatch.server.app import ServerApp
 from gradwatch.server.detectors import REGISTRY, Clear, Fire, Verdict
 from gradwatch.server.detectors.exploding_gradient import ExplodingGradientConfig, ExplodingGradientDetector
@@ -295,7 +296,7 @@ def _send(
 
 
 def test_non_finite_alert_merges_ranks_and_resolves_when_all_clear(app: ServerApp) -> None:
-    events: list[dict[str, object]] = []
+    events: list[Alert] = []
     app.add_alert_listener(events.append)
 
     _send(app, 0, range(1, 6), nan_at={5}, layers=4)
@@ -330,7 +331,7 @@ def test_non_finite_alert_merges_ranks_and_resolves_when_all_clear(app: ServerAp
     [resolved] = app.alerts(run="merge")
     assert resolved["state"] == "resolved" and resolved["resolved_at"] is not None
     assert resolved["id"] == alert["id"]
-    assert [e["state"] for e in events] == ["firing", "resolved"]
+    assert [e.state for e in events] == ["firing", "resolved"]
     assert sample(scrape(app), "gradwatch_alert_firing", run="merge", detector="non_finite") == 0
 
 

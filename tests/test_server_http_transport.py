@@ -7,7 +7,6 @@ import gzip
 import json
 import socket
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,16 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import HttpConfig, ServerConfig
 from server_support import http_get, metric, scrape
+from wait_support import wait_until
 
 WAIT_S = 30.0
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture
@@ -70,15 +62,15 @@ def test_http_a_thousand_half_sent_requests_hold_no_threads_and_are_closed(make_
         slow.append(sock)
     http = app._http
     assert http is not None
-    wait_until("1000 open connections", lambda: http.stats.open >= 1000)
+    wait_until(lambda: http.stats.open >= 1000, what="1000 open connections")
     # Everyone else is served meanwhile, and the half-sent requests cost no thread each.
     assert http_get(app.http_url + "/healthz")[0::2] == (200, b"ok\n")
     assert threading.active_count() <= threads_before + 8
     # After request_timeout_s the server closes every one of them, and counts them.
-    wait_until("all closed", lambda: all(closed_by_server(s) for s in slow))
+    wait_until(lambda: all(closed_by_server(s) for s in slow), what="all closed")
     for sock in slow:
         sock.close()
-    wait_until("none open", lambda: http.stats.open == 0)
+    wait_until(lambda: http.stats.open == 0, what="none open")
     assert metric(scrape(app), "gradwatch_http_connections_incomplete_total") >= 1000
 
 
@@ -98,14 +90,14 @@ def test_http_connections_beyond_the_bound_get_503_until_one_closes(make_app: Ca
     http = app._http
     assert http is not None
     held = [connect(app) for _ in range(4)]
-    wait_until("4 open connections", lambda: http.stats.open == 4)
+    wait_until(lambda: http.stats.open == 4, what="4 open connections")
     with connect(app) as extra:
         extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: gradwatch\r\n\r\n")
         reply = extra.recv(65536)
     assert reply.startswith(b"HTTP/1.1 503 ") and b"too many connections" in reply
     assert http.stats.refused == 1
     held.pop().close()
-    wait_until("a free slot", lambda: http.stats.open == 3)
+    wait_until(lambda: http.stats.open == 3, what="a free slot")
     assert http_get(app.http_url + "/healthz")[0] == 200
     for sock in held:
         sock.close()

@@ -117,18 +117,18 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
             # it sends can change the server's state between the answers compared.
             sick = subprocess.Popen([sys.executable, "-c", SICK_JOB, server], stdout=subprocess.PIPE, text=True)
             assert sick.stdout is not None and sick.stdout.readline().strip() == "trained"
-            wait_until("step 40 saved", lambda: saved_step(data, "sick") == 40)
+            wait_until(lambda: saved_step(data, "sick") == 40, what="step 40 saved")
             sick.kill()
             sick.wait(timeout=10)
             wait_until(
-                "the finished run's alert resolved and the NaN run's rank gone",
                 lambda: (
                     get_json(f"{url}/api/v1/alerts?state=resolved&run=done")["alerts"]
                     and not get_json(f"{url}/api/v1/runs/sick")["run"]["ranks"][0]["connected"]
                 ),
+                what="the finished run's alert resolved and the NaN run's rank gone",
             )
-            wait_until("incidents complete", lambda: all(
-                i["status"] == "complete" for i in get_json(f"{url}/api/v1/incidents")["incidents"]))  # fmt: skip
+            wait_until(lambda: all(i["status"] == "complete" for i in get_json(f"{url}/api/v1/incidents")["incidents"]),
+                       what="incidents complete")  # fmt: skip
             for command in (["runs"], ["top", "--once"], ["runs", "show", "sick"]):
                 shown = subprocess.run(
                     [sys.executable, "-m", "gradwatch", *command, "--server", url],
@@ -137,7 +137,7 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
                 assert "NaN (last finite" in shown and "at step 29)" in shown, (command, shown)
             # A run wider than a view's 64 ranks, flushed rank by rank (its reports carry layer columns).
             feed(server, "wide", range(WIDE), WIDE, range(1, 6))
-            wait_until("the wide run saved", lambda: saved(data, "wide") == (WIDE, WIDE * 5))
+            wait_until(lambda: saved(data, "wide") == (WIDE, WIDE * 5), what="the wide run saved")
             before = answers(url)
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=20) == 0

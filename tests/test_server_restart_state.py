@@ -128,7 +128,7 @@ def test_restart_keeps_every_rank_series_and_gauges_of_a_wide_run(tmp_path: path
     with served(tmp_path) as app:
         feed(app.grpc_target, "wide", range(ranks), ranks, reports)
         before = state(app, "wide")
-        wait_until("everything saved", lambda: saved(tmp_path, "wide") == (ranks, ranks * len(reports)))
+        wait_until(lambda: saved(tmp_path, "wide") == (ranks, ranks * len(reports)), what="everything saved")
     assert len(before["view"]["ranks"]) == RANKS_IN_VIEW and before["view"]["ranks_total"] == ranks
     assert [r["rank"] for r in before["ranks"]] == list(range(ranks))
     assert [len(r["step"]) for r in before["series"]] == [32] * ranks  # the ring's length
@@ -146,14 +146,14 @@ def test_restart_keeps_every_rank_series_and_gauges_of_a_wide_run(tmp_path: path
 def test_a_rank_that_comes_back_continues_its_series_and_the_rest_are_dropped(tmp_path: pathlib.Path) -> None:
     with served(tmp_path) as app:
         feed(app.grpc_target, "back", range(3), 3, range(1, 11))
-        wait_until("saved", lambda: saved(tmp_path, "back") == (3, 30))
+        wait_until(lambda: saved(tmp_path, "back") == (3, 30), what="saved")
     with served(tmp_path) as again:
         feed(again.grpc_target, "back", range(1), 3, range(11, 16), session="s-2")  # only rank 0 comes back
         series = get_json(f"{again.http_url}/api/v1/runs/back/series")["ranks"]
         assert [r["rank"] for r in series] == [0]
         assert series[0]["step"] == list(range(1, 16))  # before the restart, then after it
         before = state(again, "back")
-        wait_until("saved", lambda: saved(tmp_path, "back")[0] == 1)
+        wait_until(lambda: saved(tmp_path, "back")[0] == 1, what="saved")
     with served(tmp_path) as third:
         assert state(third, "back") == before
 
@@ -165,7 +165,7 @@ def test_an_agent_back_after_a_restart_is_acknowledged_what_was_saved_and_never_
     highest seq saved, and frames it resends (applied, never acknowledged) are not applied again."""
     with served(tmp_path) as app:
         feed(app.grpc_target, "resend", range(1), 1, range(1, 11))
-        wait_until("saved", lambda: saved(tmp_path, "resend") == (1, 10))
+        wait_until(lambda: saved(tmp_path, "resend") == (1, 10), what="saved")
     with served(tmp_path) as again:
         stream = AgentStream(again.grpc_target)
         try:

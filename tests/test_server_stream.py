@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gradwatch.server.app import ServerApp
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pbg
-from paging_support import wait_until
 from server_support import (
     AgentStream,
     acks,
@@ -29,6 +28,7 @@ from server_support import (
     server_config,
     start_app,
 )
+from wait_support import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -97,5 +97,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="Hidden activations with a mean far from zero relative to their spread.",
     config_type=ActivationNotCenteredConfig,
-    factory=lambda config: ActivationNotCenteredDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: ActivationNotCenteredDetector(config),
 )

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
@@ -134,8 +134,12 @@ class RunDetector(Protocol):
     def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]: ...
 
 
+#: The settings class of one detector; `DetectorSpec[C]` ties its `config_type` to what its `factory` takes.
+C = TypeVar("C", bound=DetectorConfig)
+
+
 @dataclass(frozen=True)
-class DetectorSpec:
+class DetectorSpec(Generic[C]):
     """A registered detector: stable identity and how to build it.
 
     `name` is the stable label value and alert identity; `runbook` a repository path
@@ -149,8 +153,8 @@ class DetectorSpec:
     name: str
     severity: str
     description: str
-    config_type: type[DetectorConfig]
-    factory: Callable[[DetectorConfig], Detector | RunDetector]
+    config_type: type[C]
+    factory: Callable[[C], Detector | RunDetector]
     inhibits: tuple[str, ...] = ()
     scope: str = "rank"
 

@@ -94,5 +94,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="The label histogram is skewed beyond a ratio once enough labels are seen.",
     config_type=ClassImbalanceConfig,
-    factory=lambda config: ClassImbalanceDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: ClassImbalanceDetector(config),
 )

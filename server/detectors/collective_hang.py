@@ -259,7 +259,7 @@ SPEC = DetectorSpec(
     description="The run is stuck in a collective: names the rank that did not enter it (or died, or issued "
     "another), the collective and the stuck line of code.",
     config_type=CollectiveHangConfig,
-    factory=lambda config: CollectiveHangDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: CollectiveHangDetector(config),
     # The hang explains a stalled run, its lost throughput and the waiting ranks that look slow: page once.
     inhibits=("stalled", "throughput_drop", "straggler"),
     scope="run",

@@ -141,5 +141,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="Most units of a ReLU layer never activate, report after report.",
     config_type=DeadReluConfig,
-    factory=lambda config: DeadReluDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: DeadReluDetector(config),
 )

@@ -224,7 +224,7 @@ SPEC = DetectorSpec(
     severity="critical",
     description="Gradient norm far above the rank's robust recent baseline, or growing steadily.",
     config_type=ExplodingGradientConfig,
-    factory=lambda config: ExplodingGradientDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: ExplodingGradientDetector(config),
     # Exploding gradients make the loss jump or diverge and the updates too large: one page, for the cause.
     inhibits=("loss_spike", "loss_divergence", "update_ratio"),
 )

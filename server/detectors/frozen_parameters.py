@@ -59,7 +59,7 @@ class FrozenParametersDetector:
         n = grads.size
         state = self._ranks.get(report.rank)
         if state is None or state.no_grad.size != n:
-            names = report.layer_names[:n]
+            names = list(report.layer_names[:n])
             ignored = np.array([name.startswith(cfg.ignore) for name in names] + [False] * (n - len(names)))
             state = self._ranks[report.rank] = _RankState(np.zeros(n, np.int64), np.zeros(n, np.int64), ignored)
         state.no_grad = np.where(grads == 0.0, state.no_grad + 1, 0)
@@ -90,5 +90,5 @@ SPEC = DetectorSpec(
     severity="info",
     description="Layers that never receive a gradient or never change.",
     config_type=FrozenParametersConfig,
-    factory=lambda config: FrozenParametersDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: FrozenParametersDetector(config),
 )

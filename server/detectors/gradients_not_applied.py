@@ -57,7 +57,7 @@ class GradientsNotAppliedDetector:
         n = grads.size
         state = self._ranks.get(report.rank)
         if state is None or state.streak.size != n:
-            names = report.layer_names[:n]
+            names = list(report.layer_names[:n])
             ignored = np.array([name.startswith(cfg.ignore) for name in names] + [False] * (n - len(names)))
             state = self._ranks[report.rank] = _RankState(np.zeros(n, np.int64), ignored)
         held = report.held_layers(n)
@@ -90,5 +90,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="Layers that receive gradients every step but never change (left out of the optimizer).",
     config_type=GradientsNotAppliedConfig,
-    factory=lambda config: GradientsNotAppliedDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: GradientsNotAppliedDetector(config),
 )

@@ -50,5 +50,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="The agent's guard restored the last known-good weights and optimizer state.",
     config_type=GuardRollbackConfig,
-    factory=lambda config: GuardRollbackDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: GuardRollbackDetector(config),
 )

@@ -65,5 +65,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="The agent's guard did not apply an optimizer update (spike or non-finite loss or gradient).",
     config_type=GuardSkipConfig,
-    factory=lambda config: GuardSkipDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: GuardSkipDetector(config),
 )

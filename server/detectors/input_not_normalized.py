@@ -126,5 +126,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="Input batches far from zero mean and unit scale, or holding NaN/Inf.",
     config_type=InputNotNormalizedConfig,
-    factory=lambda config: InputNotNormalizedDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: InputNotNormalizedDetector(config),
 )

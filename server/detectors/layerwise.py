@@ -16,10 +16,10 @@ Two thresholds and a minimum duration mean one noisy batch neither pages nor end
 update and non-finite detectors): `consecutive` abnormal reports in a row fire, every report still abnormal
 fires again, `resolve_after` normal reports in a row clear. `Hysteresis` keeps its firing state in one.
 
-`ACTIVATION_TYPES` names the module types the agent watches as activation functions (the agent's own list,
-kept here as data because the server never imports torch); `output_module_mask` marks the module whose
-output is most likely the model's (the last one in the schema): a classifier's final Sigmoid is meant to
-saturate and need not be centred, so detectors of hidden activations leave it out.
+`ACTIVATION_TYPES` names the module types the agent watches as activation functions (one list for both
+sides, gradwatch.v1.vocabulary, as names because the server never imports torch); `output_module_mask`
+marks the module whose output is most likely the model's (the last one in the schema): a classifier's final
+Sigmoid is meant to saturate and need not be centred, so detectors of hidden activations leave it out.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from gradwatch.v1.vocabulary import ACTIVATION_MODULE_TYPES
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -43,11 +45,8 @@ __all__ = [
     "type_mask",
 ]
 
-#: Module types the agent's forward hooks watch as activations (gradwatch.agent.activations.ACTIVATION_TYPES).
-ACTIVATION_TYPES: tuple[str, ...] = (
-    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish",
-    "Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Hardswish", "Softplus", "Softsign", "LogSigmoid",
-)  # fmt: skip
+#: Module types the agent's forward hooks watch as activations (the classes of agent.activations.ACTIVATION_TYPES).
+ACTIVATION_TYPES: tuple[str, ...] = ACTIVATION_MODULE_TYPES
 #: Activations whose units can die: zero output and zero gradient for every negative input.
 RELU_TYPES: tuple[str, ...] = ("ReLU", "ReLU6")
 #: Activations with a bounded range, for which the agent reports a saturated fraction.

@@ -172,7 +172,7 @@ SPEC = DetectorSpec(
     severity="critical",
     description="Loss far above the rank's robust baseline for a sustained stretch, or rising steadily.",
     config_type=LossDivergenceConfig,
-    factory=lambda config: LossDivergenceDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: LossDivergenceDetector(config),
     # A diverging loss also jumps: one page, for the divergence.
     inhibits=("loss_spike",),
 )

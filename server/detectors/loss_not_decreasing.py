@@ -143,5 +143,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="No progress of the loss over a window while it is still far from where it started.",
     config_type=LossNotDecreasingConfig,
-    factory=lambda config: LossNotDecreasingDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: LossNotDecreasingDetector(config),
 )

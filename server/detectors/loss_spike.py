@@ -81,5 +81,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="A loss far above the rank's robust recent baseline (a jump that may recover).",
     config_type=LossSpikeConfig,
-    factory=lambda config: LossSpikeDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: LossSpikeDetector(config),
 )

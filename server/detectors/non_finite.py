@@ -169,7 +169,7 @@ SPEC = DetectorSpec(
     severity="critical",
     description="NaN or Inf in the loss, a gradient or a weight.",
     config_type=NonFiniteConfig,
-    factory=lambda config: NonFiniteDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: NonFiniteDetector(config),
     # A NaN makes gradients "explode", the loss jump and the updates blow up too: page once, for the cause.
     inhibits=("exploding_gradient", "loss_divergence", "loss_spike", "update_ratio", "input_not_normalized"),
     scope="run",

@@ -87,5 +87,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="The model gives (nearly) the same output for different inputs.",
     config_type=OutputCollapseConfig,
-    factory=lambda config: OutputCollapseDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: OutputCollapseDetector(config),
 )

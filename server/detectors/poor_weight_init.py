@@ -156,5 +156,5 @@ SPEC = DetectorSpec(
     description="At the start of training: activation scale exploding or vanishing with depth, symmetric "
     "units, or all-zero layers that cannot learn.",
     config_type=PoorWeightInitConfig,
-    factory=lambda config: PoorWeightInitDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: PoorWeightInitDetector(config),
 )

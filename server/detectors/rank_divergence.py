@@ -209,6 +209,6 @@ SPEC = DetectorSpec(
     severity="warning",
     description="One rank's loss far from the other ranks' at the same steps (bad data or a faulty device).",
     config_type=RankDivergenceConfig,
-    factory=lambda config: RankDivergenceDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: RankDivergenceDetector(config),
     scope="run",
 )

@@ -122,6 +122,6 @@ SPEC = DetectorSpec(
     severity="critical",
     description="Data-parallel replicas whose parameters should be bit-identical differ (silent data corruption).",
     config_type=ReplicaMismatchConfig,
-    factory=lambda config: ReplicaMismatchDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: ReplicaMismatchDetector(config),
     scope="run",
 )

@@ -95,5 +95,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="Most units of a sigmoid/tanh-like layer stay in the flat ends of their range.",
     config_type=SaturatedActivationConfig,
-    factory=lambda config: SaturatedActivationDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: SaturatedActivationDetector(config),
 )

@@ -135,7 +135,7 @@ SPEC = DetectorSpec(
     severity="critical",
     description="A rank or the whole run stopped making training progress (a hang).",
     config_type=StalledConfig,
-    factory=lambda config: StalledDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: StalledDetector(config),
     # A stalled run also has no throughput and makes every waiting rank look slow: page once, for the hang.
     inhibits=("throughput_drop", "straggler"),
     scope="run",

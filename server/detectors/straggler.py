@@ -146,7 +146,7 @@ SPEC = DetectorSpec(
     severity="warning",
     description="A rank persistently slower than its peers (it holds the whole job back).",
     config_type=StragglerConfig,
-    factory=lambda config: StragglerDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: StragglerDetector(config),
     # A straggler slows the whole run: its alert explains the throughput drop.
     inhibits=("throughput_drop",),
     scope="run",

@@ -132,6 +132,6 @@ SPEC = DetectorSpec(
     severity="warning",
     description="The run's steps per second fell well below its own recent baseline.",
     config_type=ThroughputDropConfig,
-    factory=lambda config: ThroughputDropDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: ThroughputDropDetector(config),
     scope="run",
 )

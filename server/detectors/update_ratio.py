@@ -125,5 +125,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="A layer's update/weight ratio per step stays far from healthy (learning rate off for it).",
     config_type=UpdateRatioConfig,
-    factory=lambda config: UpdateRatioDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: UpdateRatioDetector(config),
 )

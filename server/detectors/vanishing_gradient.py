@@ -134,5 +134,5 @@ SPEC = DetectorSpec(
     severity="warning",
     description="Early layers get orders of magnitude less (relative) gradient than late ones, or all get ~none.",
     config_type=VanishingGradientConfig,
-    factory=lambda config: VanishingGradientDetector(config),  # type: ignore[arg-type]
+    factory=lambda config: VanishingGradientDetector(config),
 )

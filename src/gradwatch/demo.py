@@ -18,7 +18,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from gradwatch.server.alerts import Alert
 
 EXPLODE_LR_FACTOR = 30.0
 ALERT_WAIT_S = 5.0
@@ -87,7 +90,7 @@ def list_faults(out: TextIO = sys.stdout) -> int:
 
 @dataclass
 class _Seen:
-    alert: dict[str, Any]
+    alert: Alert
     received_at: float
 
 
@@ -153,9 +156,9 @@ def run_demo(
     bar = _ProgressBar(steps, out)
     injected_at: list[float] = []
 
-    def on_alert(alert: dict[str, Any]) -> None:
+    def on_alert(alert: Alert) -> None:
         with arrived:
-            seen.append(_Seen(dict(alert), time.time()))
+            seen.append(_Seen(alert, time.time()))
             arrived.notify_all()
 
     def on_step(step: int) -> None:
@@ -173,7 +176,7 @@ def run_demo(
     bar.update(steps, f"alerts: {len(seen)}")
     if sc.expect is not None:
         with arrived:
-            arrived.wait_for(lambda: any(s.alert["detector"] == sc.expect for s in seen), ALERT_WAIT_S)
+            arrived.wait_for(lambda: any(s.alert.detector == sc.expect for s in seen), ALERT_WAIT_S)
     return _print_summary(out, seen, sc.expect, fault_step, injected_at[0] if injected_at else None, result.losses)
 
 
@@ -185,31 +188,31 @@ def _print_summary(
     injected_at: float | None,
     losses: list[float],
 ) -> int:
-    fired = [s for s in seen if s.alert["state"] == "firing"]
+    fired = [s for s in seen if s.alert.firing]
     if losses:
         out.write(f"\nloss: first {losses[0]:.4g}, last {losses[-1]:.4g}\n")
     out.write(f"alerts raised: {len(fired)}\n")
     for s in fired:
         a = s.alert
-        layer = f", layer {a['layer']}" if a.get("layer") else ""
-        ranks = ",".join(str(r) for r in a["ranks"])
-        out.write(f"  [{a['severity'].upper()}] {a['detector']} — rank {ranks}, step {a['step']}{layer}\n")
-        out.write(f"      {a['summary']}\n")
+        layer = f", layer {a.layer}" if a.layer else ""
+        ranks = ",".join(str(r) for r in a.ranks)
+        out.write(f"  [{a.severity.upper()}] {a.detector} — rank {ranks}, step {a.step}{layer}\n")
+        out.write(f"      {a.summary}\n")
         if injected_at is not None and fault_step is not None:
             delay = max(0.0, s.received_at - injected_at)
             out.write(
-                f"      fault injected at step {fault_step}; detected at step {a['step']} "
-                f"({a['step'] - fault_step} steps, {delay:.2f} s later)\n"
+                f"      fault injected at step {fault_step}; detected at step {a.step} "
+                f"({a.step - fault_step} steps, {delay:.2f} s later)\n"
             )
     if expected is None:
-        loud = [s for s in fired if s.alert["severity"] in ("warning", "critical")]
+        loud = [s for s in fired if s.alert.severity in ("warning", "critical")]
         if loud:
             out.write("a healthy run raised alerts: that is a false page\n")
             return 1
         out.write("healthy run: no alerts, as expected\n")
         out.write(NEXT_STEPS)
         return 0
-    if not any(s.alert["detector"] == expected for s in fired):
+    if not any(s.alert.detector == expected for s in fired):
         out.write(f"the injected fault was not detected: no {expected} alert\n")
         return 1
     out.write(NEXT_STEPS)

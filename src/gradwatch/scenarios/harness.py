@@ -43,9 +43,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from gradwatch.server.alerts import Alert
 
 __all__ = ["DataFn", "FaultFn", "LossFn", "RunResult", "SeenAlert", "StepContext", "run_training"]
 
@@ -163,14 +166,15 @@ def run_training(
     attach_options: Mapping[str, Any] | None = None,
     detectors: Mapping[str, Mapping[str, Any]] | None = None,
     on_step: Callable[[int], None] | None = None,
-    on_alert: Callable[[dict[str, Any]], None] | None = None,
+    on_alert: Callable[[Alert], None] | None = None,
 ) -> RunResult:
     """Train `steps` steps with gradwatch attached to a fresh embedded server; see the module docstring.
 
     `scheduler`: anything with `.step()`, stepped after each optimizer step. `labels`: pass `y` to
     `monitor.step` as class labels. `attach_options`: extra `gradwatch.attach` keywords. `detectors`:
     per-detector setting overrides ({"loss_spike": {"factor": 4.0}}). `on_step(step)`: called before each
-    step (progress, timing); `on_alert(alert)`: the server's alert dicts as they fire and resolve.
+    step (progress, timing); `on_alert(alert)`: the server's alerts (gradwatch.server.alerts.Alert) as they
+    fire and resolve.
     """
     import gradwatch
     from gradwatch.server.app import ServerApp
@@ -191,20 +195,20 @@ def run_training(
     result = RunResult(run=run, onset=fault_step, steps=steps, inhibitions=inhibitions())
     lock = threading.Lock()
 
-    def record(alert: dict[str, Any]) -> None:
-        if alert["run"] != run:
+    def record(alert: Alert) -> None:
+        if alert.run != run:
             return
         if on_alert is not None:
             on_alert(alert)
-        if alert["state"] != "firing":
+        if not alert.firing:
             return
         seen = SeenAlert(
-            detector=alert["detector"],
-            severity=alert["severity"],
-            step=int(alert["step"]),
-            ranks=tuple(alert["ranks"]),
-            layer=alert.get("layer"),
-            summary=alert["summary"],
+            detector=alert.detector,
+            severity=alert.severity,
+            step=int(alert.step),
+            ranks=tuple(alert.ranks),
+            layer=alert.layer,
+            summary=alert.summary,
         )
         with lock:
             result.alerts.append(seen)

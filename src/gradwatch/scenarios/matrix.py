@@ -338,6 +338,7 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
         hook = None
         if run.fault == "nan_forward" and rank == run.rank:
             state = {"step": 0}
+            assert run.layer is not None and run.onset is not None  # a nan_forward run names both (draw())
 
             hook = _nan_after(module, run.layer, state, run.onset)
         with gradwatch.attach(model, optimizer, run=run.name, server=target) as monitor:
