@@ -51,12 +51,14 @@ from gradwatch.server.pages import Pages
 from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
 from gradwatch.server.recorder import FlightRecorder, RecorderCollector
+from gradwatch.server.relay import Relay, RelayCollector
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunState, RunStore
 from gradwatch.server.tls import TlsCollector, load_server_tls
+from gradwatch.server.upstream import RelayServicer, relays_route
 from gradwatch.server.views import run_view
 
 __all__ = ["ServerApp", "serve"]
@@ -115,6 +117,9 @@ class ServerApp:
             runbook_url=self.renderer.runbook_url,
             clock=clock,
         )
+        #: With relay.upstream: this server is a relay (per-rank work here, compact records upstream).
+        self.relay = _relay(self.config, self.alert_book, lambda run, rank, cmd: self.ingestor.queue_command(
+            run, rank, cmd))  # fmt: skip
         self.ingestor = Ingestor(
             self.config,
             self.store,
@@ -125,6 +130,8 @@ class ServerApp:
             on_join=self.keeper.on_join,
             on_report=self.recorder.observe if self.config.recorder.enabled else None,
             registry=self.database.run,
+            scopes=("rank",) if self.relay is not None else ("rank", "run"),
+            forwarder=self.relay,
         )
         #: The app's own Prometheus registry (never the global default).
         self.registry = CollectorRegistry(auto_describe=False)
@@ -154,7 +161,17 @@ class ServerApp:
         self.http_rejections = HttpRejections()
         self.registry.register(self.http_rejections)
         self._last_prune = -math.inf
-        self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__, tokens=self.tokens)
+        #: Relays that connect to this server (none on a relay: a relay has no cross-rank detectors to feed).
+        self.relays: RelayServicer | None = None
+        if self.relay is None:
+            self.relays = RelayServicer(self.ingestor, self.stats, limits, self.config.relay, __version__,
+                                        tokens=self.tokens, clock=clock)  # fmt: skip
+        else:
+            self.registry.register(RelayCollector(self.relay))
+        extra = self.relays.method_handlers() if self.relays is not None else None
+        self._servicer = IngestServicer(
+            self.ingestor, self.stats, limits, __version__, tokens=self.tokens, extra_methods=extra
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -184,6 +201,8 @@ class ServerApp:
         try:
             future = asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop)
             self._grpc_port = future.result(timeout=START_TIMEOUT_S)
+            if self.relay is not None and not self.relay.relay_id:
+                self.relay.relay_id = f"{socket.gethostname()}:{self._grpc_port}"
             http = self.config.http
             self._http = HttpApi(
                 http.host,
@@ -195,7 +214,7 @@ class ServerApp:
                 silences=self.silences,
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
-                routes=(QueryApi(self).route, Pages(self).route),
+                routes=(QueryApi(self).route, Pages(self).route, relays_route(self.relays, self.relay)),
                 rejections=self.http_rejections,
                 max_connections=http.max_connections,
                 request_timeout_s=http.request_timeout_s,
@@ -218,6 +237,8 @@ class ServerApp:
                 future.result(timeout=grace + 10)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=10)
+        if self.relay is not None:  # after the streams ended: their last frames and goodbyes go upstream
+            self.relay.stop(timeout_s=grace)
         if self._http is not None:
             self._http.stop()
             self._http = None
@@ -372,6 +393,22 @@ class ServerApp:
             await self._grpc_server.stop(grace)
 
 
+def _relay(config: ServerConfig, alerts: AlertBook, deliver: Callable[[str, int, Any], None]) -> Relay | None:
+    """The relay's upstream when relay.upstream is set (ValueError for an unreadable token file), else None."""
+    settings = config.relay
+    if not settings.upstream:
+        return None
+    token = ""
+    if settings.token_file:
+        try:
+            with open(settings.token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise ValueError(f"relay.token_file {settings.token_file!r}: {exc.strerror or exc}") from None
+    return Relay(settings.upstream, relay_id=settings.relay_id, buffer_entries=settings.buffer_entries,
+                 token=token, deliver=deliver, firing=alerts.export_firing)  # fmt: skip
+
+
 def _tls_summary(config: ServerConfig) -> str:
     if not config.tls.enabled:
         return "off"
@@ -434,9 +471,11 @@ def serve(
         sinks = ", ".join(worker.name for worker in app.notifier.workers) or "none"
         log.info(
             "gradwatch server %s: gRPC on %s:%d, HTTP on %s://%s:%d (/ overview, /metrics, /api/v1); alerts to: %s; "
-            "TLS: %s; tokens: %s; state in %s",
+            "TLS: %s; tokens: %s; state in %s; %s",
             __version__, config.grpc.host, app.grpc_port, app.http_scheme, config.http.host, app.http_port, sinks,
             _tls_summary(config), config.auth.tokens_file or "off", app.database.path,
+            f"relay of {', '.join(config.relay.upstream)}" if config.relay.upstream
+            else f"aggregator for up to {config.relay.max_relays} relays",
         )  # fmt: skip
         while not stop.wait(1.0):
             pass

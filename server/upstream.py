@@ -1,0 +1,270 @@
+"""The aggregator's side of the two tiers: the `Ingest.Relay` handler (ARCHITECTURE.md, "Two tiers").
+
+Contract
+--------
+* At most `relay.max_relays` relay streams at once; one more is refused with RESOURCE_EXHAUSTED and reason
+  `relay_limit_reached` (trailing metadata `gradwatch-reason`, counted like every rejection). A RelayHello
+  with a protocol version outside the accepted range is refused like an agent's Hello.
+* Every RelayedFrame is checked like an agent's frame (one StreamValidator per relayed session, the same
+  limits) and applied through the same `Ingestor` as an agent's, in a session opened with `relayed=True`:
+  the run's RankTable, the global gradient norm and every cross-rank detector see relayed ranks exactly as
+  direct ones. A frame that fails its checks is counted by reason and dropped; the relay's other ranks go on.
+  A frame of a session whose Hello never arrived is dropped and counted (`relay_unknown_session`).
+* RelayedAlerts (a relay's per-rank verdicts) join or leave the run's alerts (`Ingestor.relayed_verdict`).
+* Each batch is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks.
+* When the stream ends, every rank it held *leaves* the run (`Ingestor.close(left=True)`): a relay that moved
+  its runs to another replica, or whose link broke, leaves no rank behind to be called stalled or dead.
+* `relays()` says which relay holds which ranks (`/api/v1/relays`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gradwatch.server.auth import Grant, TokenSource, authorize
+from gradwatch.server.config import LimitsConfig, RelayConfig
+from gradwatch.server.ingest import Ingestor, Session
+from gradwatch.server.relay import DEFAULT_BATCH_ENTRIES, verdict_of
+from gradwatch.server.stats import IngestStats
+from gradwatch.server.validate import (
+    ACCEPTED_PROTOCOL_VERSIONS,
+    MALFORMED,
+    UNSUPPORTED_PROTOCOL,
+    FrameRejected,
+    StreamValidator,
+)
+from gradwatch.v1 import gradwatch_pb2 as pb
+
+__all__ = ["RELAY_LIMIT_REACHED", "RELAY_UNKNOWN_SESSION", "RelayServicer", "relays_route"]
+
+log = logging.getLogger(__name__)
+
+RELAY_LIMIT_REACHED = "relay_limit_reached"
+RELAY_UNKNOWN_SESSION = "relay_unknown_session"
+REASON_METADATA_KEY = "gradwatch-reason"
+
+
+@dataclass
+class _Held:
+    session: Session
+    validator: StreamValidator
+
+
+@dataclass
+class _RelayStream:
+    relay_id: str
+    peer: str
+    connected_at: float
+    sessions: dict[tuple[str, int, str], _Held] = field(default_factory=dict)
+    batches: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class RelayServicer:
+    """Async handler of Ingest.Relay over raw bytes (see the module docstring)."""
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        stats: IngestStats,
+        limits: LimitsConfig,
+        relay: RelayConfig,
+        server_version: str,
+        *,
+        tokens: TokenSource | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ingestor = ingestor
+        self._stats = stats
+        self._limits = limits
+        self._config = relay
+        self._version = server_version
+        self._tokens = tokens
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._streams: dict[int, _RelayStream] = {}
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Relay": grpc.stream_stream_rpc_method_handler(
+                self.relay, request_deserializer=None, response_serializer=pb.RelayReply.SerializeToString
+            )
+        }
+
+    def relays(self) -> list[dict[str, Any]]:
+        """Every connected relay and the ranks it holds, by run."""
+        out = []
+        for stream in list(self._streams.values()):
+            ranks: dict[str, list[int]] = {}
+            for run, rank, _ in list(stream.sessions):
+                ranks.setdefault(run, []).append(rank)
+            out.append(
+                {
+                    "relay_id": stream.relay_id,
+                    "peer": stream.peer,
+                    "connected_at": stream.connected_at,
+                    "batches": stream.batches,
+                    "dropped": dict(stream.dropped),
+                    "runs": {run: sorted(r) for run, r in sorted(ranks.items())},
+                }
+            )
+        return out
+
+    async def relay(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        del request_iterator  # read with context.read()
+        if len(self._streams) >= self._config.max_relays:
+            await self._reject(
+                context,
+                FrameRejected(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    RELAY_LIMIT_REACHED,
+                    f"this aggregator already serves relay.max_relays={self._config.max_relays} relays; add an "
+                    "aggregator replica or raise relay.max_relays",
+                ),
+            )
+        grant = None
+        if self._tokens is not None:
+            try:
+                grant = self._tokens.authenticate(context.invocation_metadata())
+            except FrameRejected as exc:
+                await self._reject(context, exc)
+        hello = await self._read(context)
+        if hello is None:
+            return
+        if hello.WhichOneof("body") != "hello":
+            await self._reject(
+                context,
+                FrameRejected(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    MALFORMED,
+                    "the first frame of a relay stream must be a RelayHello",
+                ),
+            )
+        low, high = ACCEPTED_PROTOCOL_VERSIONS
+        if not low <= hello.hello.protocol_version <= high:
+            await self._reject(
+                context,
+                FrameRejected(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    UNSUPPORTED_PROTOCOL,
+                    f"relay protocol_version {hello.hello.protocol_version} not in [{low}, {high}]",
+                ),
+            )
+        key = next(self._ids)
+        stream = self._streams[key] = _RelayStream(hello.hello.relay_id[:256], context.peer(), self._clock())
+        log.info("relay %r connected from %s", stream.relay_id, stream.peer)
+        try:
+            await context.write(
+                pb.RelayReply(
+                    welcome=pb.RelayWelcome(
+                        protocol_version=hello.hello.protocol_version,
+                        server_version=self._version,
+                        max_batch_entries=DEFAULT_BATCH_ENTRIES,
+                    )
+                )
+            )
+            while True:
+                frame = await self._read(context)
+                if frame is None:
+                    return
+                if frame.WhichOneof("body") != "batch":
+                    continue
+                commands = self._apply(stream, frame.batch, grant)
+                await context.write(pb.RelayReply(ack=pb.Ack(seq=frame.batch.seq)))
+                for run_id, rank, command in commands:
+                    await context.write(
+                        pb.RelayReply(command=pb.RelayedCommand(run_id=run_id, rank=rank, command=command))
+                    )
+        finally:
+            del self._streams[key]
+            for held in stream.sessions.values():
+                self._ingestor.close(held.session, left=True)
+            log.info("relay %r disconnected (%d ranks leave their runs)", stream.relay_id, len(stream.sessions))
+
+    def _apply(
+        self, stream: _RelayStream, batch: pb.RelayBatch, grant: Grant | None
+    ) -> list[tuple[str, int, pb.Command]]:
+        stream.batches += 1
+        stream.dropped = dict(batch.dropped)
+        commands: list[tuple[str, int, pb.Command]] = []
+        for relayed in batch.frames:
+            key = (relayed.run_id, relayed.rank, relayed.session_id)
+            try:
+                if relayed.HasField("hello"):
+                    self._open(stream, key, relayed.hello, grant)
+                held = stream.sessions.get(key)
+                if held is None:
+                    if relayed.HasField("frame") or relayed.closed:
+                        self._stats.rejected(RELAY_UNKNOWN_SESSION)
+                    continue
+                if relayed.closed:
+                    del stream.sessions[key]
+                    self._ingestor.close(held.session)
+                    continue
+                if relayed.HasField("frame"):
+                    kind = held.validator.check(relayed.frame)
+                    if kind != "hello":
+                        found = self._ingestor.apply(held.session, relayed.frame, kind)
+                        commands.extend((relayed.run_id, relayed.rank, c) for c in found)
+            except FrameRejected as exc:
+                self._stats.rejected(exc.reason)
+                log.debug("relay %r: rank %d of %r: %s", stream.relay_id, relayed.rank, relayed.run_id, exc.message)
+        for alert in batch.alerts:
+            verdict, autopsy = verdict_of(alert)
+            for rank, command in self._ingestor.relayed_verdict(
+                alert.run_id, alert.detector, alert.rank, verdict, autopsy
+            ):
+                commands.append((alert.run_id, rank, command))
+        return commands
+
+    def _open(self, stream: _RelayStream, key: tuple[str, int, str], hello: pb.Hello, grant: Grant | None) -> None:
+        if key in stream.sessions:
+            return  # a re-sent Hello of a rank this stream holds already
+        validator = StreamValidator(self._limits)
+        validator.accept_hello(hello)
+        if grant is not None:
+            authorize(grant, hello.job_name, hello.run_id, self._ingestor.bound_job(hello.run_id))
+        session = self._ingestor.open(hello, relayed=True)
+        stream.sessions[key] = _Held(session, validator)
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> pb.RelayFrame | None:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            return None
+        try:
+            return pb.RelayFrame.FromString(raw)
+        except DecodeError:
+            await self._reject(
+                context, FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED, "a relay frame that does not parse")
+            )
+            return None
+
+    async def _reject(self, context: grpc.aio.ServicerContext, exc: FrameRejected) -> None:
+        self._stats.rejected(exc.reason)
+        await context.abort(exc.code, exc.message, trailing_metadata=((REASON_METADATA_KEY, exc.reason),))
+
+
+def relays_route(servicer: RelayServicer | None, relay: Any) -> Callable[[str, dict[str, list[str]]], Any]:
+    """GET /api/v1/relays: the relays connected to this aggregator and the ranks each holds; on a relay, its
+    own upstream state (links, buffered entries, drops by reason)."""
+
+    def route(path: str, query: dict[str, list[str]]) -> tuple[int, str, bytes] | None:
+        del query
+        if path != "/api/v1/relays":
+            return None
+        body = {
+            "relays": servicer.relays() if servicer is not None else [],
+            "upstream": relay.state() if relay is not None else None,
+        }
+        return 200, "application/json", json.dumps(body).encode()
+
+    return route
