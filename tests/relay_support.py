@@ -33,8 +33,23 @@ class Serve:
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.yaml").write_text(config)
         self.log = home / "serve.log"
-        command = [sys.executable, "-m", "gradwatch.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-                   "--http-port", "0", "--config", str(home / "config.yaml"), "--data-dir", str(home / "data"), *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "gradwatch.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--config",
+            str(home / "config.yaml"),
+            "--data-dir",
+            str(home / "data"),
+            *args,
+        ]
         env = {**os.environ, "GRADWATCH_LOG_LEVEL": "INFO"}
         self._out = self.log.open("w")
         self.proc = subprocess.Popen(command, stderr=self._out, stdout=self._out, env=env, cwd=home)

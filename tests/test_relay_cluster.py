@@ -17,10 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.multiprocessing as mp  # noqa: E402
+from test_e2e_cluster import HOST, _worker  # noqa: E402
 
 from paging_support import free_port  # noqa: E402
 from relay_support import Serve  # noqa: E402
-from test_e2e_cluster import HOST, _worker  # noqa: E402
 
 SETTLE_S = 30.0
 
@@ -103,14 +103,21 @@ def test_relay_cluster_cross_rank_faults_and_a_nan_fire_as_on_one_server(tiers: 
 
     # Incidents are reachable from the aggregator: the CLI lists and shows them, and writes the HTML report.
     cli = [sys.executable, "-m", "gradwatch.cli"]
-    listed = json.loads(subprocess.run([*cli, "incidents", "--server", aggregator.http_url, "--json"],
-                                       check=True, capture_output=True, text=True).stdout)  # fmt: skip
+    listed = json.loads(
+        subprocess.run(
+            [*cli, "incidents", "--server", aggregator.http_url, "--json"], check=True, capture_output=True, text=True
+        ).stdout
+    )
     incidents = listed["incidents"] if isinstance(listed, dict) else listed
     detectors = {i["detector"] for i in incidents}
     assert {"replica_mismatch", "rank_divergence", "non_finite"} <= detectors, incidents
     mismatch = next(i for i in incidents if i["detector"] == "replica_mismatch")
-    shown = subprocess.run([*cli, "incidents", "show", mismatch["id"], "--server", aggregator.http_url],
-                           check=True, capture_output=True, text=True).stdout  # fmt: skip
+    shown = subprocess.run(
+        [*cli, "incidents", "show", mismatch["id"], "--server", aggregator.http_url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "replica_mismatch" in shown and "faults" in shown
     page = tmp_path / "incident.html"
     subprocess.run([*cli, "report", mismatch["id"], "--server", aggregator.http_url, "-o", str(page)], check=True)
