@@ -176,6 +176,19 @@ class AlertBook:
         for snapshot in snapshots:
             self._notify(snapshot)
 
+    def hand_over(self, run: str) -> None:
+        """The run moved to another replica (every rank left with its relay): end its firing alerts here without
+        paging a resolution. Listeners hear a resolve marked `"handed_over": True`; the notifier sends nothing
+        for it, so the page the new owner keeps firing (same labels) is never closed by this replica."""
+        with self._lock:
+            snapshots = []
+            for key in [k for k in self._firing if k[0] == run]:
+                alert = self._firing[key]
+                alert.summary = f"{alert.summary} (handed over: the run moved to another replica)"
+                snapshots.append({**self._resolve_locked(alert), "handed_over": True})
+        for snapshot in snapshots:
+            self._notify(snapshot)
+
     def list(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         """Alert dicts, firing first (oldest first), then resolved (newest first)."""
         if state is not None and state not in STATES:

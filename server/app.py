@@ -369,6 +369,8 @@ class ServerApp:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.ingestor.sweep()
+            if self.relays is not None:
+                self.relays.sweep()
             try:
                 # Off the loop: a checkpoint of every run and firing alert, incident closing and retention
                 # pruning are SQLite transactions that must not hold up the frames of every stream.

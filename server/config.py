@@ -71,6 +71,8 @@ YAML shape (every key optional; these are the defaults)::
       buffer_entries: 100000          # records kept while upstream is unreachable; the oldest are dropped beyond
       token_file: ""                  # bearer token sent upstream (an aggregator with auth.tokens_file)
       max_relays: 1024                # aggregator: relay streams served at once; more are refused
+      link_timeout_s: 10.0            # aggregator: a relay stream silent this long ends (relays beat every 1 s)
+      handover_after_s: 60.0          # aggregator: a run all of whose relayed ranks left this long ago moved away
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -432,6 +434,18 @@ class RelayConfig(Settings):
     token_file: str = setting("", doc="File holding the bearer token sent upstream; empty: none.")
     max_relays: int = setting(
         1024, doc="Aggregator: relay streams served at once; more are refused (relay_limit_reached).", ge=1
+    )
+    link_timeout_s: float = setting(
+        10.0,
+        doc="Aggregator: a relay stream silent this long ends (relays send a batch or a heartbeat every second), "
+        "so the ranks of a relay cut off without a TCP reset leave their runs.",
+        gt=0.0,
+    )
+    handover_after_s: float = setting(
+        60.0,
+        doc="Aggregator: a run every rank of which left with its relay (the link ended) and none came back for "
+        "this long moved to another replica: it expires here and its alerts end without a resolution paged.",
+        ge=0.0,
     )
 
     def _check(self) -> None:

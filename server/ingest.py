@@ -273,10 +273,18 @@ class Ingestor:
             self._verdict(run, None, spec, rank, verdict, autopsy)
             return [(r, c) for r in list(run.ranks) for c in self._pending.pop((run_id, r), ())]
 
-    def take_commands(self, run_id: str, rank: int) -> list[pb.Command]:
-        """The commands queued for a rank held by a relay (they travel down with the relay's Ack)."""
+    def hand_over(self, run_id: str) -> bool:
+        """Run `run_id` moved to another replica (every rank left with its relay and none came back): it
+        expires here without paging a resolution (AlertBook.hand_over). False if a rank is back."""
         with self._lock:
-            return self._pending.pop((run_id, rank), [])
+            with self._store.lock:
+                run = self._store.get(run_id)
+                if run is None or run.expired or run.table.joined.any():
+                    return False
+                run.expired, run.finished_at = True, self._clock()
+            self._forget_pending(run_id)
+            self._alerts.hand_over(run_id)
+            return True
 
     def queue_command(self, run_id: str, rank: int, command: pb.Command) -> None:
         """A command from upstream for one of this relay's ranks: it goes out with the rank's next frame."""

@@ -52,6 +52,9 @@ RELAY_METHOD = f"/{INGEST_SERVICE}/Relay"
 #: Backoff between connection attempts of a link (jittered, doubling).
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
+#: An idle link sends an empty batch this often, so the aggregator tells a live relay from a vanished one
+#: (a link cut without a TCP reset) within relay.link_timeout_s.
+HEARTBEAT_S = 1.0
 #: Entries per batch when the aggregator's Welcome does not say.
 DEFAULT_BATCH_ENTRIES = 256
 #: Report fields that stay on the relay: per-layer and per-module columns, the model's input and labels.
@@ -190,7 +193,7 @@ class Relay:
             link.start()
         return link
 
-    def _resync(self, link: _Link) -> list[pb.RelayBatch]:
+    def _resync(self, link: _Link, size: int) -> list[pb.RelayBatch]:
         """After `link` connected: its open ranks' Hellos and its runs' firing per-rank alerts, to send first."""
         runs = {run for run, held in self._run_link.items() if held is link}
         frames = [
@@ -206,7 +209,10 @@ class Relay:
                         step=alert["last_step"], value=alert["value"], summary=alert["summary"], layer=alert["layer"]
                     )
                     alerts.append(_relayed_alert(alert["run"], alert["detector"], rank, fire, None))
-        return [pb.RelayBatch(seq=0, frames=frames, alerts=alerts)] if frames or alerts else []
+        # seq 0: acknowledging it acknowledges nothing; at most `size` entries per batch, like any batch.
+        return [pb.RelayBatch(seq=0, frames=frames[i : i + size]) for i in range(0, len(frames), size)] + [
+            pb.RelayBatch(seq=0, alerts=alerts[i : i + size]) for i in range(0, len(alerts), size)
+        ]
 
     def _repick(self, link: _Link) -> None:
         """Before `link` reconnects: move its runs whose replica changed (with their entries) to that link."""
@@ -357,18 +363,21 @@ class _Link:
         yield pb.RelayFrame(hello=pb.RelayHello(protocol_version=pb.PROTOCOL_VERSION_CURRENT, relay_id=relay.relay_id))
         while True:
             with relay._lock:
-                relay._lock.wait_for(
+                ready = relay._lock.wait_for(
                     lambda: (
                         relay._stopping
                         or not self._active
                         or (self.connected and (self.resync_needed or self._unsent()))
-                    )
+                    ),
+                    HEARTBEAT_S,
                 )
                 if relay._stopping or not self._active:
                     return
-                batches = relay._resync(self) if self.resync_needed else []
+                batches = relay._resync(self, self._max_batch) if self.resync_needed else []
                 self.resync_needed = False
                 batch = self._next_batch()
+                if batch is None and not ready and self.connected:
+                    batch = pb.RelayBatch(seq=self.sent_upto)  # a heartbeat (acknowledged like any batch)
             yield from (pb.RelayFrame(batch=b) for b in batches)
             if batch is not None:
                 yield pb.RelayFrame(batch=batch)

@@ -12,13 +12,19 @@ Contract
   A frame of a session whose Hello never arrived is dropped and counted (`relay_unknown_session`).
 * RelayedAlerts (a relay's per-rank verdicts) join or leave the run's alerts (`Ingestor.relayed_verdict`).
 * Each batch is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks.
+* A relay stream silent for `relay.link_timeout_s` ends (`relay_link_timeout`): relays send a heartbeat
+  batch every second, so only a vanished relay or a cut link is that quiet.
 * When the stream ends, every rank it held *leaves* the run (`Ingestor.close(left=True)`): a relay that moved
   its runs to another replica, or whose link broke, leaves no rank behind to be called stalled or dead.
+* A run every rank of which left with its relay, and none came back within `relay.handover_after_s`, moved
+  to another replica: `sweep()` (every second) hands it over (`Ingestor.hand_over`: it expires here, its
+  alerts end without a resolution being paged).
 * `relays()` says which relay holds which ranks (`/api/v1/relays`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 
 RELAY_LIMIT_REACHED = "relay_limit_reached"
 RELAY_UNKNOWN_SESSION = "relay_unknown_session"
+RELAY_LINK_TIMEOUT = "relay_link_timeout"
 REASON_METADATA_KEY = "gradwatch-reason"
 
 
@@ -92,6 +99,8 @@ class RelayServicer:
         self._clock = clock
         self._ids = itertools.count(1)
         self._streams: dict[int, _RelayStream] = {}
+        #: run -> when its last relayed rank left (candidates for a hand-over).
+        self._left: dict[str, float] = {}
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
@@ -188,7 +197,22 @@ class RelayServicer:
             del self._streams[key]
             for held in stream.sessions.values():
                 self._ingestor.close(held.session, left=True)
+            now = self._clock()
+            for run_id in {run_id for run_id, _, _ in stream.sessions}:
+                self._left.setdefault(run_id, now)
             log.info("relay %r disconnected (%d ranks leave their runs)", stream.relay_id, len(stream.sessions))
+
+    def sweep(self) -> list[str]:
+        """Hand over the runs left by every relayed rank longer than relay.handover_after_s; returns them."""
+        now = self._clock()
+        due = [run for run, left in self._left.items() if now - left >= self._config.handover_after_s]
+        handed = []
+        for run_id in due:
+            del self._left[run_id]
+            if self._ingestor.hand_over(run_id):
+                handed.append(run_id)
+                log.info("run %r handed over: every rank left with its relay (it moved to another replica)", run_id)
+        return handed
 
     def _apply(
         self, stream: _RelayStream, batch: pb.RelayBatch, grant: Grant | None
@@ -237,7 +261,12 @@ class RelayServicer:
         stream.sessions[key] = _Held(session, validator)
 
     async def _read(self, context: grpc.aio.ServicerContext) -> pb.RelayFrame | None:
-        raw = await context.read()
+        """The next frame; None at the end of the stream or after relay.link_timeout_s of silence."""
+        try:
+            raw = await asyncio.wait_for(context.read(), self._config.link_timeout_s)
+        except TimeoutError:
+            self._stats.rejected(RELAY_LINK_TIMEOUT)
+            return None
         if raw is grpc.aio.EOF:
             return None
         try:

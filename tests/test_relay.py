@@ -1,0 +1,194 @@
+"""The relay tier in one process each: a relay ServerApp (relay.upstream set) forwarding to an aggregator ServerApp
+over real gRPC, agents played by hand-built frames (tests/server_support.py), the network cut by a real TCP proxy
+(tests/netfault.py). Back-pressure, limits, hand-over and alerts that survive a move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from gradwatch.server.app import ServerApp
+from gradwatch.server.config import GrpcConfig, RelayConfig, ServerConfig
+from gradwatch.server.detectors.stalled import StalledConfig
+from netfault import FaultyRelay
+from paging_support import free_port
+from server_support import AgentStream, hello_frame, metric, report_frame, scrape, server_config, start_app
+
+WAIT_S = 20.0
+
+
+def _until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _relay(upstream: str, **settings: Any) -> ServerApp:
+    return start_app(dataclasses.replace(server_config(), relay=RelayConfig(upstream=(upstream,), **settings)))
+
+
+def _aggregator(port: int = 0, **settings: Any) -> ServerApp:
+    config = dataclasses.replace(server_config(), relay=RelayConfig(**settings))
+    return start_app(dataclasses.replace(config, grpc=GrpcConfig(host="127.0.0.1", port=port)))
+
+
+def _spiking_rank(target: str, run: str, *, rank: int = 0, world_size: int = 1, reports: int = 40) -> AgentStream:
+    """A rank that reports a steady loss, then one far above it (loss_spike, a per-rank detector, fires)."""
+    stream = AgentStream(target)
+    stream.send(hello_frame(run=run, rank=rank, world_size=world_size, session=f"{run}-{rank}"))
+    for seq in range(1, reports + 1):
+        stream.send(report_frame(seq, loss=1.0 + 0.01 * (seq % 3)))
+    stream.send(report_frame(reports + 1, loss=50.0))
+    stream.recv_ack(reports + 1)
+    return stream
+
+
+def _firing(app: ServerApp, run: str) -> dict[str, list[int]]:
+    return {a["detector"]: a["ranks"] for a in app.alerts(run=run, state="firing")}
+
+
+def test_relay_serves_its_ranks_while_upstream_is_down_then_delivers_every_record() -> None:
+    port = free_port()  # nothing listens there yet
+    relay = _relay(f"127.0.0.1:{port}")
+    aggregator = None
+    try:
+        stream = _spiking_rank(relay.grpc_target, "r")  # acknowledged by the relay with upstream down
+        assert _firing(relay, "r") == {"loss_spike": [0]}  # per-rank alerts go on without the aggregator
+        state = relay.relay.state()
+        assert state["buffered"] == 1 + 41 + 1 and state["dropped"] == {}  # Hello, 41 reports, 1 verdict
+        assert state["links"][0]["connected"] is False
+        aggregator = _aggregator(port)
+        _until(lambda: relay.relay.state()["buffered"] == 0, "the relay to deliver its buffer")
+        run = aggregator.store.get("r")
+        assert run is not None and run.ranks[0].last_step == 41 and int(run.table.reports[0]) == 41
+        assert _firing(aggregator, "r") == {"loss_spike": [0]}
+        stream.close()
+    finally:
+        relay.stop()
+        if aggregator is not None:
+            aggregator.stop()
+
+
+def test_relay_drops_its_oldest_records_beyond_its_buffer_and_counts_every_one() -> None:
+    port = free_port()
+    relay = _relay(f"127.0.0.1:{port}", buffer_entries=16)
+    aggregator = None
+    try:
+        stream = AgentStream(relay.grpc_target)
+        stream.send(hello_frame(run="r", session="s"))
+        for seq in range(1, 41):
+            stream.send(report_frame(seq))
+        stream.recv_ack(40)  # the relay took every report
+        state = relay.relay.state()
+        assert state["buffered"] == 16 and state["dropped"] == {"buffer_full": 41 - 16}
+        text = scrape(relay)
+        assert metric(text, "gradwatch_relay_dropped_entries_total", reason="buffer_full") == 25
+        assert metric(text, "gradwatch_relay_buffered_entries") == 16
+        aggregator = _aggregator(port)
+        _until(lambda: relay.relay.state()["buffered"] == 0, "the relay to deliver its buffer")
+        # Its Hello was dropped too, but the relay re-sends every open rank's Hello first: the 16 newest arrive.
+        run = aggregator.store.get("r")
+        assert run is not None and run.ranks[0].last_step == 40 and int(run.table.reports[0]) == 16
+        assert aggregator.relays is not None
+        assert aggregator.relays.relays()[0]["dropped"] == {"buffer_full": 25}
+        stream.close()
+    finally:
+        relay.stop()
+        if aggregator is not None:
+            aggregator.stop()
+
+
+def test_aggregator_refuses_relays_beyond_its_limit_with_a_clear_status() -> None:
+    aggregator = _aggregator(max_relays=1)
+    first, second = _relay(aggregator.grpc_target), _relay(aggregator.grpc_target)
+    try:
+        streams = [_spiking_rank(first.grpc_target, "a", reports=2)]
+        _until(lambda: first.relay.state()["links"][0]["connected"], "the first relay to connect")
+        streams.append(_spiking_rank(second.grpc_target, "b", reports=2))
+        link = _until(lambda: second.relay.state()["links"][0]["refused"] and second.relay.state()["links"][0],
+                      "the second relay to be refused")  # fmt: skip
+        assert link["refused"]["relay_limit_reached"] >= 1 and not link["connected"]
+        assert "relay.max_relays=1" in link["last_error"]
+        assert metric(scrape(aggregator), "gradwatch_ingest_errors_total", reason="relay_limit_reached") >= 1
+        assert second.relay.state()["buffered"] > 0  # kept for when a slot frees up
+        assert [r["relay_id"] for r in aggregator.relays.relays()] == [first.relay.relay_id]  # type: ignore[union-attr]
+        for stream in streams:
+            stream.close()
+    finally:
+        first.stop()
+        second.stop()
+        aggregator.stop()
+
+
+def test_ranks_whose_relay_link_ended_leave_the_run_and_are_handed_over_not_stalled() -> None:
+    # The cut link is noticed (2.5 s: the relays beat every second) well before a silent run stalls (6 s).
+    stalled = StalledConfig(floor_s=6.0, factor=2.0, silent_after_s=6.0)
+    config = dataclasses.replace(server_config(), relay=RelayConfig(handover_after_s=1.0, link_timeout_s=2.5))
+    config = dataclasses.replace(config, detectors={**config.detectors, "stalled": stalled})
+    aggregator = start_app(config)
+    proxy = FaultyRelay(("127.0.0.1", aggregator.grpc_port))
+    moved, kept = _relay(proxy.address), _relay(aggregator.grpc_target)
+    streams = []
+    try:
+        for relay, run in ((moved, "moved"), (kept, "kept")):
+            for rank in range(2):
+                stream = AgentStream(relay.grpc_target)
+                stream.send(hello_frame(run=run, rank=rank, world_size=2, session=f"{run}-{rank}"))
+                for seq in range(1, 6):
+                    stream.send(report_frame(seq))
+                stream.recv_ack(5)
+                streams.append(stream)
+        _until(lambda: all(r.relay.state()["buffered"] == 0 for r in (moved, kept)), "both relays to deliver")
+        proxy.close()  # the first relay's link ends for good (its runs' replica is gone from its view)
+        # Both runs' ranks are now silent: the run still held is stalled, the one whose ranks left is not ...
+        _until(lambda: "stalled" in _firing(aggregator, "kept"), "stalled on the run whose ranks stay")
+        time.sleep(1.5)  # another tick or two
+        assert _firing(aggregator, "moved") == {}
+        view = {r["run"]: r for r in aggregator.runs()}
+        assert aggregator.store.get("moved").expired  # type: ignore[union-attr]
+        assert not aggregator.store.get("kept").expired  # type: ignore[union-attr]
+        assert "kept" in view
+        # ... while the relay keeps serving and buffering the moved ranks.
+        streams[0].send(report_frame(6))
+        streams[0].recv_ack(6)
+        assert moved.relay.state()["buffered"] >= 1
+    finally:
+        for stream in streams:
+            stream.close()
+        moved.stop(grace=0)
+        kept.stop(grace=0)
+        aggregator.stop()
+
+
+def test_alerts_firing_on_a_relay_fire_again_on_the_replica_that_takes_the_run_over() -> None:
+    port = free_port()
+    first = _aggregator(port)
+    relay = _relay(f"127.0.0.1:{port}")
+    second = None
+    try:
+        stream = _spiking_rank(relay.grpc_target, "r")
+        _until(lambda: _firing(first, "r") == {"loss_spike": [0]}, "the alert on the first replica")
+        first.stop()  # the replica goes away; a new one takes its address (a StatefulSet pod restarted)
+        second = _aggregator(port)
+        _until(lambda: _firing(second, "r") == {"loss_spike": [0]}, "the alert on the new replica")
+        run = second.store.get("r")
+        assert run is not None and bool(run.table.joined[0])  # the relay re-sent the rank's Hello
+        stream.close()
+    finally:
+        relay.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_relay_config_rejects_a_malformed_upstream() -> None:
+    with pytest.raises(ValueError, match="upstream"):
+        dataclasses.replace(ServerConfig(), relay=RelayConfig(upstream=("no-port",)))
