@@ -41,6 +41,7 @@ from gradwatch.server.auth import AuthCollector, HttpGuard, TokenSource
 from gradwatch.server.config import AlertingConfig, ServerConfig
 from gradwatch.server.database import Database
 from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, inhibitions
+from gradwatch.server.fanout import FanOut
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi, HttpCollector
 from gradwatch.server.ingest import Ingestor
@@ -181,6 +182,18 @@ class ServerApp:
         self._sweeper: asyncio.Future[None] | None = None
         self._ticker: asyncio.Future[None] | None = None
 
+    def _routes(self) -> tuple[Any, ...]:
+        """The HTTP read routes; with cluster.peers, the read API fanned out over every replica first."""
+        query = QueryApi(self).route
+        local = (query, Pages(self).route, relays_route(self.relays, self.relay))
+        cluster = self.config.cluster
+        if not cluster.peers:
+            return local
+        token = _read_token(cluster.token_file, "cluster.token_file")
+        fanout = FanOut(cluster.peers, local=(query,), own_port=lambda: self.http_port, token=token,
+                        scheme=self.http_scheme)  # fmt: skip
+        return (fanout.route, *local)
+
     def _without_firing_alerts(self, runs: list[RunState]) -> list[RunState]:
         """The runs limits.at_max_runs `evict_idle` may drop: eviction never resolves a firing alert."""
         firing = {run for run, _ in self.alert_book.firing_detectors()}
@@ -214,7 +227,7 @@ class ServerApp:
                 silences=self.silences,
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
-                routes=(QueryApi(self).route, Pages(self).route, relays_route(self.relays, self.relay)),
+                routes=self._routes(),
                 rejections=self.http_rejections,
                 max_connections=http.max_connections,
                 request_timeout_s=http.request_timeout_s,
@@ -400,15 +413,20 @@ def _relay(config: ServerConfig, alerts: AlertBook, deliver: Callable[[str, int,
     settings = config.relay
     if not settings.upstream:
         return None
-    token = ""
-    if settings.token_file:
-        try:
-            with open(settings.token_file, encoding="utf-8") as handle:
-                token = handle.read().strip()
-        except OSError as exc:
-            raise ValueError(f"relay.token_file {settings.token_file!r}: {exc.strerror or exc}") from None
+    token = _read_token(settings.token_file, "relay.token_file")
     return Relay(settings.upstream, relay_id=settings.relay_id, buffer_entries=settings.buffer_entries,
                  token=token, deliver=deliver, firing=alerts.export_firing)  # fmt: skip
+
+
+def _read_token(path: str, key: str) -> str:
+    """The bearer token in file `path` ("" for no file); ValueError naming `key` when it cannot be read."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"{key} {path!r}: {exc.strerror or exc}") from None
 
 
 def _tls_summary(config: ServerConfig) -> str:

@@ -73,6 +73,9 @@ YAML shape (every key optional; these are the defaults)::
       max_relays: 1024                # aggregator: relay streams served at once; more are refused
       link_timeout_s: 10.0            # aggregator: a relay stream silent this long ends (relays beat every 1 s)
       handover_after_s: 60.0          # aggregator: a run all of whose relayed ranks left this long ago moved away
+    cluster:                          # one view over all replicas (docs/deployment.md)
+      peers: []                       # every replica's HTTP address (dns:///headless:9400 or host:port entries)
+      token_file: ""                  # bearer token for the peers' API (replicas with auth.tokens_file)
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -149,6 +152,7 @@ __all__ = [
     "ENV_WEBHOOK_URLS",
     "AlertingConfig",
     "AuthConfig",
+    "ClusterConfig",
     "GrpcConfig",
     "HttpConfig",
     "LimitsConfig",
@@ -455,6 +459,24 @@ class RelayConfig(Settings):
                 raise SettingError("upstream", f"entries are host:port or dns:///name:port, got {entry!r}")
 
 
+@dataclass(frozen=True)
+class ClusterConfig(Settings):
+    """One view over all replicas: the read API answered for every replica (server/fanout.py)."""
+
+    peers: tuple[str, ...] = setting(
+        (),
+        doc="Every replica's HTTP address: dns:///<headless Service>:<http port> (its ready pods) or host:port "
+        "entries. Set: /api/v1/runs, /alerts, /incidents and /incidents/<id> answer for all of them.",
+    )
+    token_file: str = setting("", doc="File holding the bearer token for the peers' API; empty: none.")
+
+    def _check(self) -> None:
+        for entry in self.peers:
+            host, _, port = entry.removeprefix("dns:///").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise SettingError("peers", f"entries are host:port or dns:///name:port, got {entry!r}")
+
+
 def _check_url(key: str, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -478,6 +500,7 @@ class ServerConfig(Settings):
     storage: StorageConfig = field(default_factory=StorageConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     shutdown_grace_s: float = setting(5.0, doc="On SIGTERM, seconds open streams get to finish.", ge=0.0)
     finished_run_retention_s: float = setting(
         300.0,
