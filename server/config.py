@@ -181,6 +181,7 @@ ENV_TLS_CLIENT_CA_FILE = "GRADWATCH_TLS_CLIENT_CA_FILE"
 ENV_AUTH_TOKENS_FILE = "GRADWATCH_AUTH_TOKENS_FILE"
 ENV_DATA_DIR = "GRADWATCH_DATA_DIR"
 ENV_UPSTREAM = "GRADWATCH_UPSTREAM"  # comma-separated aggregator replicas: run as a relay
+ENV_PEERS = "GRADWATCH_PEERS"  # comma-separated replicas' HTTP addresses: one view over all of them
 #: Where `gradwatch serve` keeps its database when neither the file, the environment nor --data-dir says.
 DEFAULT_DATA_DIR = "gradwatch-data"
 
@@ -664,9 +665,9 @@ def config_from_args(
     storage = _override(storage, "data_dir", data_dir, "data_dir")
     relay = _override(config.relay, "upstream", _env_list(env, ENV_UPSTREAM), ENV_UPSTREAM)
     relay = _override(relay, "upstream", _tuple(upstream), "upstream")
-    return dataclasses.replace(
-        config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, tls=tls, auth=auth, storage=storage, relay=relay
-    )
+    cluster = _override(config.cluster, "peers", _env_list(env, ENV_PEERS), ENV_PEERS)
+    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, tls=tls, auth=auth,
+                               storage=storage, relay=relay, cluster=cluster)  # fmt: skip
 
 
 _TLS_ENV = {"cert_file": ENV_TLS_CERT_FILE, "key_file": ENV_TLS_KEY_FILE, "client_ca_file": ENV_TLS_CLIENT_CA_FILE}

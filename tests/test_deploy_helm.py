@@ -26,7 +26,7 @@ from deploy_support import (
     validate_kubernetes,
 )
 from gradwatch import __version__
-from gradwatch.server.config import load_config
+from gradwatch.server.config import config_from_args, load_config
 
 try:
     import helm_python as helm
@@ -265,6 +265,11 @@ def test_scale_out_renders_a_statefulset_behind_a_headless_service(chart: Any) -
     dns = f"dns:///{headless['metadata']['name']}.{NAMESPACE}.svc:50051"
     assert f"GRADWATCH_SERVERS={dns}" in r.notes and f"sidecar.upstream={dns}" in r.notes
     assert f"GRADWATCH_SERVERS={headless['metadata']['name']}" not in r.notes
+    # Every replica answers the read API for all of them (GRADWATCH_PEERS, as the server reads it).
+    peers = env_of(container)["GRADWATCH_PEERS"]
+    assert peers == f"dns:///{headless['metadata']['name']}.{NAMESPACE}.svc:9400"
+    assert config_from_args(environ={"GRADWATCH_PEERS": peers}).cluster.peers == (peers,)
+    assert "GRADWATCH_PEERS" not in env_of(_server(render(chart, {}))[3])
     # Without persistence, replicas still get a writable data dir each.
     _, _, pod, container = _server(render(chart, {"replicas": 2}))
     assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[_mounts(container)["/var/lib/gradwatch"]]
@@ -356,8 +361,6 @@ def test_jobs_get_the_native_sidecar_and_the_agent_environment(chart: Any) -> No
 
 
 def test_sidecar_with_an_upstream_is_a_relay_of_the_aggregator(chart: Any) -> None:
-    from gradwatch.server.config import config_from_args
-
     upstream = f"dns:///{FULLNAME}-headless.{NAMESPACE}.svc:50051"
     pod_spec = {"containers": [{"name": "train", "image": "t:1"}]}
     r = render(chart, {"sidecar": {"upstream": upstream}, "jobs": [{"name": "big", "podSpec": pod_spec}]})
