@@ -27,6 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -414,8 +415,18 @@ def _relay(config: ServerConfig, alerts: AlertBook, deliver: Callable[[str, int,
     if not settings.upstream:
         return None
     token = _read_token(settings.token_file, "relay.token_file")
+    credentials = None
+    if settings.ca_file:
+        files = {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(settings, key)
+            try:
+                files[key] = Path(path).read_bytes() if path else None
+            except OSError as exc:
+                raise ValueError(f"relay.{key} {path!r}: {exc.strerror or exc}") from None
+        credentials = grpc.ssl_channel_credentials(files["ca_file"], files["key_file"], files["cert_file"])
     return Relay(settings.upstream, relay_id=settings.relay_id, buffer_entries=settings.buffer_entries,
-                 token=token, deliver=deliver, firing=alerts.export_firing)  # fmt: skip
+                 token=token, credentials=credentials, deliver=deliver, firing=alerts.export_firing)  # fmt: skip
 
 
 def _read_token(path: str, key: str) -> str:

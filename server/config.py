@@ -70,6 +70,9 @@ YAML shape (every key optional; these are the defaults)::
       relay_id: ""                    # this relay's name upstream; "" = <hostname>:<gRPC port>
       buffer_entries: 100000          # records kept while upstream is unreachable; the oldest are dropped beyond
       token_file: ""                  # bearer token sent upstream (an aggregator with auth.tokens_file)
+      ca_file: ""                     # PEM CA of the aggregator's certificate: TLS upstream ("" = plaintext)
+      cert_file: ""                   # with key_file: client certificate (aggregator with mutual TLS)
+      key_file: ""
       max_relays: 1024                # aggregator: relay streams served at once; more are refused
       link_timeout_s: 10.0            # aggregator: a relay stream silent this long ends (relays beat every 1 s)
       handover_after_s: 60.0          # aggregator: a run all of whose relayed ranks left this long ago moved away
@@ -437,6 +440,11 @@ class RelayConfig(Settings):
         le=10_000_000,
     )
     token_file: str = setting("", doc="File holding the bearer token sent upstream; empty: none.")
+    ca_file: str = setting(
+        "", doc="PEM CA bundle that signed the aggregator's certificate: TLS to upstream. Empty: plaintext."
+    )
+    cert_file: str = setting("", doc="With ca_file: this relay's client certificate (an aggregator with mutual TLS).")
+    key_file: str = setting("", doc="The private key of cert_file.")
     max_relays: int = setting(
         1024, doc="Aggregator: relay streams served at once; more are refused (relay_limit_reached).", ge=1
     )
@@ -454,6 +462,8 @@ class RelayConfig(Settings):
     )
 
     def _check(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file) or (self.cert_file and not self.ca_file):
+            raise SettingError("cert_file", "a client certificate needs key_file and ca_file too")
         for entry in self.upstream:
             host, _, port = entry.removeprefix("dns:///").rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -40,7 +40,7 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gradwatch.agent.routing import ReplicaRouter
+from gradwatch.agent.routing import Replica, ReplicaRouter
 from gradwatch.server.detectors import Clear, Fire, Verdict
 from gradwatch.server.grpc_service import INGEST_SERVICE, REASON_METADATA_KEY
 from gradwatch.v1 import gradwatch_pb2 as pb
@@ -98,6 +98,7 @@ class Relay:
         relay_id: str,
         buffer_entries: int,
         token: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
         deliver: Callable[[str, int, pb.Command], None] | None = None,
         firing: Callable[[], list[dict[str, Any]]] | None = None,
         router: ReplicaRouter | None = None,
@@ -109,6 +110,8 @@ class Relay:
         self._router = router if router is not None else ReplicaRouter(list(upstream))
         self._capacity = buffer_entries
         self._token = token
+        #: TLS to the aggregator (relay.ca_file); None: plaintext.
+        self._credentials = credentials
         self._deliver = deliver
         self._firing = firing
         self._lock = threading.Condition()
@@ -180,7 +183,7 @@ class Relay:
     def _add(self, run_id: str, *, frame: pb.RelayedFrame | None = None, alert: pb.RelayedAlert | None = None) -> None:
         link = self._run_link.get(run_id)
         if link is None:
-            link = self._link_for(self._router.pick(run_id).address)
+            link = self._link_for(self._router.pick(run_id))
             self._run_link[run_id] = link
         # Full: drop this link's oldest entry, else (its backlog sits on another replica's link) one there.
         if self.buffered >= self._capacity and not any(other.drop_oldest() for other in (link, *self._links.values())):
@@ -190,10 +193,10 @@ class Relay:
         self.buffered += 1
         self._lock.notify_all()
 
-    def _link_for(self, address: str) -> _Link:
-        link = self._links.get(address)
+    def _link_for(self, replica: Replica) -> _Link:
+        link = self._links.get(replica.address)
         if link is None:
-            link = self._links[address] = _Link(self, address, len(self._links))
+            link = self._links[replica.address] = _Link(self, replica, len(self._links))
             link.start()
         return link
 
@@ -223,10 +226,11 @@ class Relay:
         for run, held in list(self._run_link.items()):
             if held is not link:
                 continue
-            address = self._router.pick(run).address
+            replica = self._router.pick(run)
+            address = replica.address
             if address == link.address:
                 continue
-            target = self._link_for(address)
+            target = self._link_for(replica)
             self._run_link[run] = target
             moved = [e for e in link.entries if e.run_id == run]
             link.entries = collections.deque(e for e in link.entries if e.run_id != run)
@@ -239,9 +243,11 @@ class Relay:
 class _Link:
     """One upstream replica: its entries (oldest first), its thread and its current stream."""
 
-    def __init__(self, relay: Relay, address: str, number: int) -> None:
+    def __init__(self, relay: Relay, replica: Replica, number: int) -> None:
         self.relay = relay
-        self.address = address
+        self.address = replica.address
+        #: The name the aggregator's certificate must carry when the address came from a DNS expansion.
+        self._server_name = replica.server_name
         self.entries: collections.deque[_Entry] = collections.deque()
         self.sent_upto = 0  # seq of the last entry written on the current stream
         self.connected = False
@@ -329,7 +335,13 @@ class _Link:
 
     def _stream(self) -> None:
         relay = self.relay
-        with grpc.insecure_channel(self.address) as channel:
+        credentials = relay._credentials
+        if credentials is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            name = [("grpc.ssl_target_name_override", self._server_name)] if self._server_name else None
+            channel = grpc.secure_channel(self.address, credentials, options=name)
+        with channel:
             method = channel.stream_stream(
                 RELAY_METHOD,
                 request_serializer=pb.RelayFrame.SerializeToString,

@@ -192,3 +192,36 @@ def test_alerts_firing_on_a_relay_fire_again_on_the_replica_that_takes_the_run_o
 def test_relay_config_rejects_a_malformed_upstream() -> None:
     with pytest.raises(ValueError, match="upstream"):
         dataclasses.replace(ServerConfig(), relay=RelayConfig(upstream=("no-port",)))
+
+
+def test_relay_speaks_tls_and_a_token_to_an_aggregator_that_requires_them(tmp_path: Any) -> None:
+    from security_support import Pki, secure_config, write_tokens
+
+    pki = Pki(tmp_path / "pki")
+    tokens = write_tokens(
+        tmp_path / "tokens.json", [{"name": "job-x", "token": "relay-token-0123456789", "jobs": ["job-x"]}]
+    )
+    aggregator = start_app(secure_config(pki, tokens_file=tokens))
+    (tmp_path / "token").write_text("relay-token-0123456789\n")
+    tls = {"ca_file": str(pki.ca_file)}
+    good = _relay(aggregator.grpc_target, token_file=str(tmp_path / "token"), **tls)
+    tokenless = _relay(aggregator.grpc_target, **tls)
+    try:
+        streams = [_spiking_rank(good.grpc_target, "secure", reports=2),
+                   _spiking_rank(tokenless.grpc_target, "intruder", reports=2)]  # fmt: skip
+        _until(lambda: aggregator.store.get("secure") is not None, "the relayed run over TLS")
+        link = _until(lambda: tokenless.relay.state()["links"][0]["refused"] and tokenless.relay.state()["links"][0],
+                      "the relay without a token to be refused")  # fmt: skip
+        assert set(link["refused"]) == {"missing_token"}, link
+        assert aggregator.store.get("intruder") is None
+        for stream in streams:
+            stream.close()
+    finally:
+        good.stop()
+        tokenless.stop()
+        aggregator.stop()
+
+
+def test_relay_config_needs_the_ca_with_a_client_certificate() -> None:
+    with pytest.raises(ValueError, match="cert_file"):
+        RelayConfig(upstream=("a:1",), cert_file="c.pem", key_file="k.pem")
