@@ -53,7 +53,7 @@ from gradwatch.server.pages import Pages
 from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
 from gradwatch.server.recorder import FlightRecorder, RecorderCollector
-from gradwatch.server.relay import Relay, RelayCollector
+from gradwatch.server.relay import IncidentTap, Relay, RelayCollector
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
@@ -110,18 +110,18 @@ class ServerApp:
         #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
         self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
         self.keeper = StateKeeper(self.database, self.store, self.alert_book)
+        #: With relay.upstream: this server is a relay (per-rank work here, compact records upstream).
+        self.relay = _relay(self.config, self.alert_book, lambda run, rank, cmd: self.ingestor.queue_command(
+            run, rank, cmd))  # fmt: skip
         self.recorder = FlightRecorder(
             self.config.recorder,
-            self.database,
+            self.database if self.relay is None else IncidentTap(self.database, self.relay),  # type: ignore[arg-type]
             self.store,
             self.alert_book,
             specs=detectors,
             runbook_url=self.renderer.runbook_url,
             clock=clock,
         )
-        #: With relay.upstream: this server is a relay (per-rank work here, compact records upstream).
-        self.relay = _relay(self.config, self.alert_book, lambda run, rank, cmd: self.ingestor.queue_command(
-            run, rank, cmd))  # fmt: skip
         self.ingestor = Ingestor(
             self.config,
             self.store,
@@ -167,7 +167,8 @@ class ServerApp:
         self.relays: RelayServicer | None = None
         if self.relay is None:
             self.relays = RelayServicer(self.ingestor, self.stats, limits, self.config.relay, __version__,
-                                        tokens=self.tokens, clock=clock)  # fmt: skip
+                                        tokens=self.tokens, clock=clock,
+                                        store_incident=self.database.put_incident)  # fmt: skip
         else:
             self.registry.register(RelayCollector(self.relay))
         extra = self.relays.method_handlers() if self.relays is not None else None
@@ -426,7 +427,8 @@ def _relay(config: ServerConfig, alerts: AlertBook, deliver: Callable[[str, int,
                 raise ValueError(f"relay.{key} {path!r}: {exc.strerror or exc}") from None
         credentials = grpc.ssl_channel_credentials(files["ca_file"], files["key_file"], files["cert_file"])
     return Relay(settings.upstream, relay_id=settings.relay_id, buffer_entries=settings.buffer_entries,
-                 token=token, credentials=credentials, deliver=deliver, firing=alerts.export_firing)  # fmt: skip
+                 token=token, credentials=credentials, deliver=deliver, firing=alerts.export_firing,
+                 max_incident_bytes=config.limits.max_message_bytes)  # fmt: skip
 
 
 def _read_token(path: str, key: str) -> str:

@@ -45,7 +45,7 @@ from gradwatch.server.detectors import Clear, Fire, Verdict
 from gradwatch.server.grpc_service import INGEST_SERVICE, REASON_METADATA_KEY
 from gradwatch.v1 import gradwatch_pb2 as pb
 
-__all__ = ["Relay", "RelayCollector", "compact_frame"]
+__all__ = ["IncidentTap", "Relay", "RelayCollector", "compact_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ DEFAULT_BATCH_ENTRIES = 256
 #: Report fields that stay on the relay: per-layer and per-module columns, the model's input and labels.
 _HEAVY_REPORT_FIELDS = ("layers", "activations", "input_mean", "input_std", "label_histogram")
 BUFFER_FULL = "buffer_full"
+INCIDENT_BUFFER_FULL = "incident_buffer_full"
+INCIDENT_TOO_LARGE = "incident_too_large"
+#: Incidents (up to max_incident_bytes each) waiting for the aggregator at once; the oldest are dropped beyond.
+MAX_INCIDENTS_BUFFERED = 16
+#: Incident statuses worth forwarding: the window is final.
+_FINAL_INCIDENTS = ("complete", "interrupted")
 
 
 def compact_frame(frame: pb.AgentFrame, kind: str) -> pb.AgentFrame:
@@ -86,6 +92,7 @@ class _Entry:
     run_id: str
     frame: pb.RelayedFrame | None = None
     alert: pb.RelayedAlert | None = None
+    incident: pb.RelayedIncident | None = None
 
 
 class Relay:
@@ -102,6 +109,7 @@ class Relay:
         deliver: Callable[[str, int, pb.Command], None] | None = None,
         firing: Callable[[], list[dict[str, Any]]] | None = None,
         router: ReplicaRouter | None = None,
+        max_incident_bytes: int = 4 << 20,
     ) -> None:
         """`deliver(run, rank, command)` queues a command from upstream for a rank (the ingestor's
         queue_command); `firing()` lists this relay's firing alerts with their active ranks (AlertBook.
@@ -112,6 +120,8 @@ class Relay:
         self._token = token
         #: TLS to the aggregator (relay.ca_file); None: plaintext.
         self._credentials = credentials
+        self._max_incident_bytes = max_incident_bytes
+        self._incidents = 0  # incident entries buffered (each may hold megabytes)
         self._deliver = deliver
         self._firing = firing
         self._lock = threading.Condition()
@@ -155,6 +165,26 @@ class Relay:
         with self._lock:
             self._add(run_id, alert=_relayed_alert(run_id, detector, rank, verdict, autopsy))
 
+    def incident(self, body: dict[str, Any], window: bytes) -> None:
+        """An incident the relay's recorder stored (on its writer thread): forwarded once its window is final."""
+        if body.get("status") not in _FINAL_INCIDENTS:
+            return
+        with self._lock:
+            if len(window) > self._max_incident_bytes:
+                self.dropped[INCIDENT_TOO_LARGE] += 1
+                return
+            if self._incidents >= MAX_INCIDENTS_BUFFERED:
+                for link in self._links.values():
+                    oldest = next((e for e in link.entries if e.incident is not None), None)
+                    if oldest is not None:
+                        link.entries.remove(oldest)
+                        self.buffered -= 1
+                        self._incidents -= 1
+                        self.dropped[INCIDENT_BUFFER_FULL] += 1
+                        break
+            self._incidents += 1
+            self._add(str(body.get("run", "")), incident=pb.RelayedIncident(body_json=json.dumps(body), window=window))
+
     # ------------------------------------------------------------------ lifecycle
 
     def stop(self, timeout_s: float = 2.0) -> None:
@@ -180,7 +210,8 @@ class Relay:
 
     # ------------------------------------------------------------------ internals (under self._lock)
 
-    def _add(self, run_id: str, *, frame: pb.RelayedFrame | None = None, alert: pb.RelayedAlert | None = None) -> None:
+    def _add(self, run_id: str, *, frame: pb.RelayedFrame | None = None, alert: pb.RelayedAlert | None = None,
+             incident: pb.RelayedIncident | None = None) -> None:  # fmt: skip
         link = self._run_link.get(run_id)
         if link is None:
             link = self._link_for(self._router.pick(run_id))
@@ -189,7 +220,7 @@ class Relay:
         if self.buffered >= self._capacity and not any(other.drop_oldest() for other in (link, *self._links.values())):
             self.dropped[BUFFER_FULL] += 1
             return
-        link.entries.append(_Entry(next(self._seq), run_id, frame, alert))
+        link.entries.append(_Entry(next(self._seq), run_id, frame, alert, incident))
         self.buffered += 1
         self._lock.notify_all()
 
@@ -284,10 +315,16 @@ class _Link:
         """Drop the oldest entry to make room (under the relay's lock); False when there is none."""
         if not self.entries:
             return False
-        self.entries.popleft()
-        self.relay.buffered -= 1
+        self._pop()
         self.relay.dropped[BUFFER_FULL] += 1
         return True
+
+    def _pop(self) -> None:
+        """Remove the oldest entry (under the relay's lock), keeping the relay's counts."""
+        entry = self.entries.popleft()
+        self.relay.buffered -= 1
+        if entry.incident is not None:
+            self.relay._incidents -= 1
 
     # ------------------------------------------------------------------ the link's thread
 
@@ -368,8 +405,7 @@ class _Link:
         relay = self.relay
         with relay._lock:
             while self.entries and self.entries[0].seq <= seq:
-                self.entries.popleft()
-                relay.buffered -= 1
+                self._pop()
                 relay.sent += 1
             relay._lock.notify_all()
 
@@ -420,6 +456,13 @@ class _Link:
         for entry in self.entries:
             if entry.seq <= self.sent_upto:
                 continue
+            if entry.incident is not None:  # megabytes: an incident travels alone
+                if count:
+                    break
+                batch.incidents.append(entry.incident)
+                batch.seq = self.sent_upto = entry.seq
+                count = 1
+                break
             if entry.frame is not None:
                 batch.frames.append(entry.frame)
             if entry.alert is not None:
@@ -448,6 +491,21 @@ def _relayed_alert(
         if autopsy:
             alert.autopsy_json = json.dumps(autopsy, default=str)
     return alert
+
+
+class IncidentTap:
+    """A relay's database as its flight recorder sees it: every stored incident is also forwarded upstream."""
+
+    def __init__(self, database: Any, relay: Relay) -> None:
+        self._database = database
+        self._relay = relay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._database, name)
+
+    def put_incident(self, incident: dict[str, Any], window: bytes) -> None:
+        self._database.put_incident(incident, window)
+        self._relay.incident(incident, window)
 
 
 def verdict_of(alert: pb.RelayedAlert) -> tuple[Verdict, dict[str, Any] | None]:

@@ -11,6 +11,9 @@ Contract
   direct ones. A frame that fails its checks is counted by reason and dropped; the relay's other ranks go on.
   A frame of a session whose Hello never arrived is dropped and counted (`relay_unknown_session`).
 * RelayedAlerts (a relay's per-rank verdicts) join or leave the run's alerts (`Ingestor.relayed_verdict`).
+* RelayedIncidents (a relay's incidents, full per-layer windows) are stored as they are, marked with the relay's
+  id, off the loop (a worker thread); one whose body lacks an incident's fields is dropped and counted
+  (`relay_bad_incident`).
 * Each batch is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks.
 * A relay stream silent for `relay.link_timeout_s` ends (`relay_link_timeout`): relays send a heartbeat
   batch every second, so only a vanished relay or a cut link is that quiet.
@@ -57,6 +60,10 @@ log = logging.getLogger(__name__)
 RELAY_LIMIT_REACHED = "relay_limit_reached"
 RELAY_UNKNOWN_SESSION = "relay_unknown_session"
 RELAY_LINK_TIMEOUT = "relay_link_timeout"
+RELAY_BAD_INCIDENT = "relay_bad_incident"
+#: Fields every stored incident has (server/database.py indexes them), with their types.
+_INCIDENT_FIELDS = {"id": str, "run": str, "detector": str, "severity": str, "alert_id": str, "step": int,
+                    "opened_at": float, "status": str}  # fmt: skip
 REASON_METADATA_KEY = "gradwatch-reason"
 
 
@@ -89,7 +96,9 @@ class RelayServicer:
         *,
         tokens: TokenSource | None = None,
         clock: Callable[[], float] = time.time,
+        store_incident: Callable[[dict[str, Any], bytes], None] | None = None,
     ) -> None:
+        self._store_incident = store_incident
         self._ingestor = ingestor
         self._stats = stats
         self._limits = limits
@@ -188,6 +197,8 @@ class RelayServicer:
                 if frame.WhichOneof("body") != "batch":
                     continue
                 commands = self._apply(stream, frame.batch, grant)
+                for incident in frame.batch.incidents:
+                    await self._incident(stream, incident)
                 await context.write(pb.RelayReply(ack=pb.Ack(seq=frame.batch.seq)))
                 for run_id, rank, command in commands:
                     await context.write(
@@ -201,6 +212,19 @@ class RelayServicer:
             for run_id in {run_id for run_id, _, _ in stream.sessions}:
                 self._left.setdefault(run_id, now)
             log.info("relay %r disconnected (%d ranks leave their runs)", stream.relay_id, len(stream.sessions))
+
+    async def _incident(self, stream: _RelayStream, incident: pb.RelayedIncident) -> None:
+        """Store a relay's incident (checked, marked with the relay) on a worker thread."""
+        try:
+            body = json.loads(incident.body_json)
+        except ValueError:
+            body = None
+        if not _incident_ok(body):
+            self._stats.rejected(RELAY_BAD_INCIDENT)
+            return
+        body["relay"] = stream.relay_id
+        if self._store_incident is not None:
+            await asyncio.to_thread(self._store_incident, body, incident.window)
 
     def sweep(self) -> list[str]:
         """Hand over the runs left by every relayed rank longer than relay.handover_after_s; returns them."""
@@ -280,6 +304,17 @@ class RelayServicer:
     async def _reject(self, context: grpc.aio.ServicerContext, exc: FrameRejected) -> None:
         self._stats.rejected(exc.reason)
         await context.abort(exc.code, exc.message, trailing_metadata=((REASON_METADATA_KEY, exc.reason),))
+
+
+def _incident_ok(body: Any) -> bool:
+    """Whether a relayed incident body has every field the database indexes, with its type."""
+    if not isinstance(body, dict):
+        return False
+    for key, kind in _INCIDENT_FIELDS.items():
+        value = body.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float if kind is float else kind):
+            return False
+    return True
 
 
 def relays_route(servicer: RelayServicer | None, relay: Any) -> Callable[[str, dict[str, list[str]]], Any]:

@@ -225,3 +225,34 @@ def test_relay_speaks_tls_and_a_token_to_an_aggregator_that_requires_them(tmp_pa
 def test_relay_config_needs_the_ca_with_a_client_certificate() -> None:
     with pytest.raises(ValueError, match="cert_file"):
         RelayConfig(upstream=("a:1",), cert_file="c.pem", key_file="k.pem")
+
+
+def test_a_relays_incident_with_its_per_layer_window_is_stored_at_the_aggregator() -> None:
+    from server_support import columns
+
+    aggregator = _aggregator()
+    config = dataclasses.replace(server_config(), relay=RelayConfig(upstream=(aggregator.grpc_target,)))
+    relay = start_app(dataclasses.replace(config, recorder=dataclasses.replace(config.recorder, after_reports=0)))
+    try:
+        stream = AgentStream(relay.grpc_target)
+        stream.send(hello_frame(run="r", session="s", layers=3))
+        for seq in range(1, 42):
+            layers = columns(3, grad_norm=1.0, weight_norm=2.0) if seq % 2 == 0 else None
+            stream.send(report_frame(seq, loss=50.0 if seq == 41 else 1.0 + 0.01 * (seq % 3), layers=layers))
+        stream.recv_ack(41)
+        (local,) = _until(lambda: relay.database.incidents(run="r", limit=10)[0], "the relay's incident")
+        assert local["detector"] == "loss_spike"
+        window = relay.database.incident_window(local["id"])
+        assert window
+
+        def forwarded() -> Any:
+            held = aggregator.database.incident(local["id"])
+            return held if held is not None and held.get("relay") == relay.relay.relay_id else None
+
+        body = _until(forwarded, "the incident at the aggregator")
+        assert body["detector"] == "loss_spike" and body["run"] == "r" and body["status"] == "complete"
+        assert aggregator.database.incident_window(local["id"]) == window  # the per-layer window, byte for byte
+        stream.close()
+    finally:
+        relay.stop()
+        aggregator.stop()

@@ -449,7 +449,7 @@ class RelayHello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., relay_id: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class RelayBatch(_message.Message):
-    __slots__ = ("seq", "frames", "alerts", "dropped")
+    __slots__ = ("seq", "frames", "alerts", "dropped", "incidents")
     class DroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -461,11 +461,21 @@ class RelayBatch(_message.Message):
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     ALERTS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    INCIDENTS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     frames: _containers.RepeatedCompositeFieldContainer[RelayedFrame]
     alerts: _containers.RepeatedCompositeFieldContainer[RelayedAlert]
     dropped: _containers.ScalarMap[str, int]
-    def __init__(self, seq: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[RelayedFrame, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[RelayedAlert, _Mapping]]] = ..., dropped: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    incidents: _containers.RepeatedCompositeFieldContainer[RelayedIncident]
+    def __init__(self, seq: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[RelayedFrame, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[RelayedAlert, _Mapping]]] = ..., dropped: _Optional[_Mapping[str, int]] = ..., incidents: _Optional[_Iterable[_Union[RelayedIncident, _Mapping]]] = ...) -> None: ...
+
+class RelayedIncident(_message.Message):
+    __slots__ = ("body_json", "window")
+    BODY_JSON_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    body_json: str
+    window: bytes
+    def __init__(self, body_json: _Optional[str] = ..., window: _Optional[bytes] = ...) -> None: ...
 
 class RelayedFrame(_message.Message):
     __slots__ = ("run_id", "rank", "session_id", "hello", "frame", "closed")
