@@ -256,3 +256,27 @@ def test_a_relays_incident_with_its_per_layer_window_is_stored_at_the_aggregator
     finally:
         relay.stop()
         aggregator.stop()
+
+
+def test_a_relay_sends_each_run_to_the_replica_its_id_hashes_to() -> None:
+    from gradwatch.agent.routing import rendezvous_order
+
+    replicas = [_aggregator(), _aggregator()]
+    targets = [r.grpc_target for r in replicas]
+    relay = start_app(dataclasses.replace(server_config(), relay=RelayConfig(upstream=tuple(targets))))
+    try:
+        runs = [f"run-{n}" for n in range(16)]
+        owner = {run: rendezvous_order(run, targets)[0] for run in runs}  # what every agent would pick too
+        assert set(owner.values()) == set(targets)  # both replicas own some of them
+        streams = [_spiking_rank(relay.grpc_target, run, reports=2) for run in runs]
+        _until(lambda: relay.relay.state()["buffered"] == 0, "the relay to deliver")
+        for replica, target in zip(replicas, targets, strict=True):
+            held = {run.run_id for run in replica.store.snapshot()}
+            assert held == {run for run in runs if owner[run] == target}
+        assert sorted(link["upstream"] for link in relay.relay.state()["links"]) == sorted(targets)
+        for stream in streams:
+            stream.close()
+    finally:
+        relay.stop()
+        for replica in replicas:
+            replica.stop()
