@@ -15,6 +15,7 @@ import pytest
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import GrpcConfig, RelayConfig, ServerConfig
 from gradwatch.server.detectors.stalled import StalledConfig
+from gradwatch.server.sinks.memory import InMemorySink
 from netfault import FaultyRelay
 from paging_support import free_port
 from server_support import AgentStream, hello_frame, metric, report_frame, scrape, server_config, start_app
@@ -134,13 +135,18 @@ def test_ranks_whose_relay_link_ended_leave_the_run_and_are_handed_over_not_stal
     stalled = StalledConfig(floor_s=6.0, factor=2.0, silent_after_s=6.0)
     config = dataclasses.replace(server_config(), relay=RelayConfig(handover_after_s=1.0, link_timeout_s=2.5))
     config = dataclasses.replace(config, detectors={**config.detectors, "stalled": stalled})
-    aggregator = start_app(config)
+    sink = InMemorySink()
+    aggregator = start_app(config, extra_sinks=[sink])
     proxy = FaultyRelay(("127.0.0.1", aggregator.grpc_port))
     moved, kept = _relay(proxy.address), _relay(aggregator.grpc_target)
     streams = []
     try:
+        # The moved run has a per-rank alert firing (paged by the aggregator) when its link is cut.
+        streams.append(_spiking_rank(moved.grpc_target, "moved", rank=0, world_size=2))
         for relay, run in ((moved, "moved"), (kept, "kept")):
             for rank in range(2):
+                if run == "moved" and rank == 0:
+                    continue
                 stream = AgentStream(relay.grpc_target)
                 stream.send(hello_frame(run=run, rank=rank, world_size=2, session=f"{run}-{rank}"))
                 for seq in range(1, 6):
@@ -148,18 +154,23 @@ def test_ranks_whose_relay_link_ended_leave_the_run_and_are_handed_over_not_stal
                 stream.recv_ack(5)
                 streams.append(stream)
         _until(lambda: all(r.relay.state()["buffered"] == 0 for r in (moved, kept)), "both relays to deliver")
+        assert sink.wait_for(lambda ns: _paged(ns, "moved", "loss_spike", "firing"), WAIT_S)
         proxy.close()  # the first relay's link ends for good (its runs' replica is gone from its view)
         # Both runs' ranks are now silent: the run still held is stalled, the one whose ranks left is not ...
         _until(lambda: "stalled" in _firing(aggregator, "kept"), "stalled on the run whose ranks stay")
         time.sleep(1.5)  # another tick or two
         assert _firing(aggregator, "moved") == {}
+        # Handed over: the alert ended here without a resolution paged (the run's new replica keeps the page).
+        assert aggregator.alerts(run="moved")[0]["summary"].endswith("(handed over: the run moved to another replica)")
+        aggregator.notifier.stop(timeout_s=WAIT_S)  # delivers everything pending, then stops paging
+        assert not _paged(sink.notifications, "moved", "loss_spike", "resolved")
         view = {r["run"]: r for r in aggregator.runs()}
         assert aggregator.store.get("moved").expired  # type: ignore[union-attr]
         assert not aggregator.store.get("kept").expired  # type: ignore[union-attr]
         assert "kept" in view
         # ... while the relay keeps serving and buffering the moved ranks.
-        streams[0].send(report_frame(6))
-        streams[0].recv_ack(6)
+        streams[0].send(report_frame(42))
+        streams[0].recv_ack(42)
         assert moved.relay.state()["buffered"] >= 1
     finally:
         for stream in streams:
@@ -167,6 +178,11 @@ def test_ranks_whose_relay_link_ended_leave_the_run_and_are_handed_over_not_stal
         moved.stop(grace=0)
         kept.stop(grace=0)
         aggregator.stop()
+
+
+def _paged(notifications: list[Any], run: str, detector: str, status: str) -> bool:
+    return any(n.status == status and n.labels["run"] == run and n.labels["detector"] == detector
+               for n in notifications)  # fmt: skip
 
 
 def test_alerts_firing_on_a_relay_fire_again_on_the_replica_that_takes_the_run_over() -> None:
