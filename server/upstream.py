@@ -42,7 +42,8 @@ from google.protobuf.message import DecodeError
 from gradwatch.server.auth import Grant, TokenSource, authorize
 from gradwatch.server.config import LimitsConfig, RelayConfig
 from gradwatch.server.ingest import Ingestor, Session
-from gradwatch.server.relay import DEFAULT_BATCH_ENTRIES, verdict_of
+from gradwatch.server.relay import verdict_of
+from gradwatch.server.relay_link import DEFAULT_BATCH_ENTRIES
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
     ACCEPTED_PROTOCOL_VERSIONS,
