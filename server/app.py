@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 #: How often finished runs are checked for expiry (finished_run_retention_s).
 SWEEP_INTERVAL_S = 1.0
+#: How often a run whose agents all went quiet is checked against the other replicas (cluster.peers).
+QUIET_RECHECK_S = 10.0
 #: How often the database's retention limits are applied (also once at start).
 PRUNE_INTERVAL_S = 60.0
 
@@ -160,6 +162,13 @@ class ServerApp:
         self.alert_book.add_listener(self.recorder.on_alert)
         self.registry.register(RecorderCollector(self.recorder, self.database))
         #: HTTP requests answered 400, by reason (server/limits.py).
+        #: With cluster.peers: the read API answered for every replica, and runs that moved handed over.
+        self.fanout: FanOut | None = None
+        if self.config.cluster.peers:
+            token = _read_token(self.config.cluster.token_file, "cluster.token_file")
+            self.fanout = FanOut(self.config.cluster.peers, local=(), own_port=lambda: self.http_port, token=token,
+                                 scheme="https" if self._tls is not None else "http")  # fmt: skip
+        self._quiet_checked: dict[str, float] = {}
         self.http_rejections = HttpRejections()
         self.registry.register(self.http_rejections)
         self._last_prune = -math.inf
@@ -188,13 +197,10 @@ class ServerApp:
         """The HTTP read routes; with cluster.peers, the read API fanned out over every replica first."""
         query = QueryApi(self).route
         local = (query, Pages(self).route, relays_route(self.relays, self.relay))
-        cluster = self.config.cluster
-        if not cluster.peers:
+        if self.fanout is None:
             return local
-        token = _read_token(cluster.token_file, "cluster.token_file")
-        fanout = FanOut(cluster.peers, local=(query,), own_port=lambda: self.http_port, token=token,
-                        scheme=self.http_scheme)  # fmt: skip
-        return (fanout.route, *local)
+        self.fanout.local = (query,)
+        return (self.fanout.route, *local)
 
     def _without_firing_alerts(self, runs: list[RunState]) -> list[RunState]:
         """The runs limits.at_max_runs `evict_idle` may drop: eviction never resolves a firing alert."""
@@ -315,10 +321,27 @@ class ServerApp:
 
     def persist(self) -> None:
         """Close incidents that are due, checkpoint runs and alerts, and apply retention when due (every sweep)."""
+        self._hand_over_moved()
         self.recorder.sweep()
         self.keeper.checkpoint()
         if time.monotonic() - self._last_prune >= PRUNE_INTERVAL_S:
             self._prune()
+
+    def _hand_over_moved(self) -> None:
+        """With cluster.peers: hand over the runs whose agents (connected directly) all went quiet here for
+        relay.handover_after_s while another replica saw them since: they moved (dns:/// routing), so they are
+        neither stalled nor dead here. Each quiet run is asked about at most every QUIET_RECHECK_S."""
+        if self.fanout is None:
+            return
+        now = time.monotonic()
+        for run_id, seen in self.ingestor.quiet_runs(self.config.relay.handover_after_s):
+            if now - self._quiet_checked.get(run_id, -math.inf) < QUIET_RECHECK_S:
+                continue
+            self._quiet_checked[run_id] = now
+            if self.fanout.newer_elsewhere(run_id, seen) and self.ingestor.hand_over(run_id, relayed=False):
+                log.info("run %r handed over: its agents moved to another replica", run_id)
+        if len(self._quiet_checked) > self.config.limits.max_runs:
+            self._quiet_checked.clear()
 
     def _prune(self) -> None:
         self._last_prune = time.monotonic()

@@ -58,7 +58,8 @@ class FanOut:
     def __init__(self, peers: Sequence[str], *, local: Sequence[Route], own_port: Callable[[], int],
                  token: str = "", scheme: str = "http") -> None:  # fmt: skip
         self._router = ReplicaRouter(list(peers))
-        self._local = tuple(local)
+        #: The local routes this replica answers its own part with (set once the app builds them).
+        self.local = tuple(local)
         self._own_port = own_port
         self._token = token
         self._scheme = scheme
@@ -74,10 +75,24 @@ class FanOut:
             return self._first(path, query)
         return None
 
+    def newer_elsewhere(self, run_id: str, since: float) -> bool:
+        """Whether another replica holds run `run_id` active and saw it after `since` (it moved there)."""
+        path = f"/api/v1/runs/{urllib.parse.quote(run_id, safe='')}"
+        for peer in self._peers():
+            try:
+                status, _, body = self._ask(peer, path, {})
+                run = json.loads(body).get("run") if status == 200 else None
+            except Exception as exc:  # a replica that does not answer holds nothing we can rely on
+                log.debug("asking %s about run %r failed: %s", peer, run_id, exc)
+                continue
+            if isinstance(run, dict) and run.get("state") == "active" and (run.get("last_seen") or 0) > since:
+                return True
+        return False
+
     # ------------------------------------------------------------------ internals
 
     def _local_answer(self, path: str, query: dict[str, list[str]]) -> Response | None:
-        for route in self._local:
+        for route in self.local:
             answer = route(path, query)
             if answer is not None:
                 return answer

@@ -273,18 +273,33 @@ class Ingestor:
             self._verdict(run, None, spec, rank, verdict, autopsy)
             return [(r, c) for r in list(run.ranks) for c in self._pending.pop((run_id, r), ())]
 
-    def hand_over(self, run_id: str) -> bool:
-        """Run `run_id` moved to another replica (every rank left with its relay and none came back): it
-        expires here without paging a resolution (AlertBook.hand_over). False if a rank is back."""
+    def hand_over(self, run_id: str, *, relayed: bool = True) -> bool:
+        """Run `run_id` moved to another replica: it expires here without paging a resolution (AlertBook.
+        hand_over). `relayed`: every rank left with its relay; else (agents connected directly) no rank has a
+        stream open here. False if a rank is back."""
         with self._lock:
             with self._store.lock:
                 run = self._store.get(run_id)
-                if run is None or run.expired or run.table.joined.any():
+                if run is None or run.expired:
+                    return False
+                if run.table.joined.any() if relayed else any(r.open_streams for r in run.ranks.values()):
                     return False
                 run.expired, run.finished_at = True, self._clock()
             self._forget_pending(run_id)
             self._alerts.hand_over(run_id)
             return True
+
+    def quiet_runs(self, quiet_s: float) -> list[tuple[str, float]]:
+        """(run, last seen) of the unfinished runs with ranks but no stream open here for `quiet_s` or more:
+        each either died or moved to another replica (the caller asks the other replicas which)."""
+        now = self._clock()
+        with self._store.lock:
+            return [
+                (run.run_id, run.last_seen)
+                for run in self._store.runs()
+                if not run.expired and not run.finished and run.ranks and now - run.last_seen >= quiet_s
+                and not any(r.open_streams for r in run.ranks.values())
+            ]  # fmt: skip
 
     def queue_command(self, run_id: str, rank: int, command: pb.Command) -> None:
         """A command from upstream for one of this relay's ranks: it goes out with the rank's next frame."""

@@ -5,6 +5,7 @@ one replica), and a replica that is down is named in the answer instead of silen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from typing import Any
 
 import pytest
 
+from gradwatch.server.config import ClusterConfig, HttpConfig, RelayConfig
+from gradwatch.server.detectors.stalled import StalledConfig
 from paging_support import free_port
 from relay_support import CLUSTER_YAML, Serve
-from server_support import AgentStream, hello_frame, report_frame
+from server_support import AgentStream, hello_frame, report_frame, server_config, start_app
 
 CLI = [sys.executable, "-m", "gradwatch.cli"]
 
@@ -75,4 +78,40 @@ def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_pa
         assert answer["unreachable"] == [f"127.0.0.1:{ports[1]}"] and answer["replicas"] == 1
     finally:
         assert a.stop() == 0
+        b.stop()
+
+
+def test_a_run_whose_agents_moved_to_another_replica_is_handed_over_not_stalled() -> None:
+    ports = [free_port(), free_port()]
+    base = server_config()
+    stalled = StalledConfig(floor_s=6.0, silent_after_s=6.0)  # the dead run stalls after 6 s; the moved one must not
+    peers = ClusterConfig(peers=tuple(f"127.0.0.1:{p}" for p in ports))
+    base = dataclasses.replace(base, cluster=peers, relay=RelayConfig(handover_after_s=1.0),
+                               detectors={**base.detectors, "stalled": stalled})  # fmt: skip
+    a, b = (start_app(dataclasses.replace(base, http=HttpConfig(host="127.0.0.1", port=p))) for p in ports)
+    moved = None
+    try:
+        for run in ("moved", "dead"):  # both runs' agents stop talking to A without a goodbye ...
+            stream = AgentStream(a.grpc_target)
+            stream.send(hello_frame(run=run, session=run))
+            for seq in range(1, 6):
+                stream.send(report_frame(seq))
+            stream.recv_ack(5)
+            stream.close()
+        moved = AgentStream(b.grpc_target)  # ... but "moved" goes on at B (dns:/// picked B on reconnect)
+        moved.send(hello_frame(run="moved", session="moved"))
+        for seq in range(6, 9):
+            moved.send(report_frame(seq))
+        moved.recv_ack(8)
+        deadline = time.monotonic() + 30
+        while not any(x["detector"] == "stalled" for x in a.alerts(run="dead")):
+            assert time.monotonic() < deadline, "the dead run never stalled"
+            time.sleep(0.1)
+        assert a.alerts(run="moved") == []  # handed over before it could stall
+        assert a.store.get("moved").expired and not a.store.get("dead").expired  # type: ignore[union-attr]
+        assert not b.store.get("moved").expired  # type: ignore[union-attr]
+    finally:
+        if moved is not None:
+            moved.close()
+        a.stop()
         b.stop()
