@@ -264,7 +264,7 @@ class Ingestor:
     def relayed_verdict(self, run_id: str, detector: str, rank: int, verdict: Verdict,
                         autopsy: dict[str, Any] | None) -> list[tuple[int, pb.Command]]:  # fmt: skip
         """Apply a relay's per-rank verdict about `rank` of a run this server holds (unknown runs and detectors
-        are ignored: False). Returns the commands it queued, by rank (the ALERT broadcast of a critical one)."""
+        are ignored). Returns the commands it queued, by rank (the ALERT broadcast of a critical one)."""
         with self._lock:
             run = self._store.get(run_id)
             spec = next((s for s in self._all_specs if s.name == detector and s.scope == "rank"), None)
