@@ -296,3 +296,17 @@ def test_a_relay_sends_each_run_to_the_replica_its_id_hashes_to() -> None:
         relay.stop()
         for replica in replicas:
             replica.stop()
+
+
+def test_a_relay_says_so_when_its_upstream_is_not_an_aggregator() -> None:
+    other = _relay("127.0.0.1:1")  # a relay has no Relay method: not an aggregator
+    relay = _relay(other.grpc_target)
+    try:
+        stream = _spiking_rank(relay.grpc_target, "r", reports=2)  # acknowledged all the same
+        link = _until(lambda: relay.relay.state()["links"][0]["refused"] and relay.relay.state()["links"][0],
+                      "the refusal")  # fmt: skip
+        assert set(link["refused"]) == {"upstream_without_relay"} and not link["connected"]
+        stream.close()
+    finally:
+        relay.stop()
+        other.stop()
