@@ -208,13 +208,20 @@ class Load:
             times = started + args.nan_at + args.nan_every * np.arange(len(runs))
             victims = [self.ranks[i * args.world_size + (i * 7) % args.world_size] for i in range(len(runs))]
             self.nan_due = [(float(t), v) for t, v in zip(times, victims, strict=True) if t < self.stop_at - 1]
-        channels = [grpc.aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
-                    for _ in range(0, len(self.ranks), STREAMS_PER_CHANNEL)]  # fmt: skip
+        # A comma-separated target is a list of relays: rank k of every run talks to relay k mod their number
+        # (consecutive ranks share a pod, as the ranks of one node share its sidecar).
+        targets = self.target.split(",")
+        per_target = [[r for r in self.ranks if r.rank * len(targets) // max(r.world, 1) == t]
+                      for t in range(len(targets))]  # fmt: skip
+        channels: dict[int, grpc.aio.Channel] = {}
+        for target, ranks in zip(targets, per_target, strict=True):
+            for chunk in range(0, len(ranks), STREAMS_PER_CHANNEL):
+                channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                channels.update((id(rank), channel) for rank in ranks[chunk : chunk + STREAMS_PER_CHANNEL])
         try:
-            await asyncio.gather(*(self._rank(channels[i // STREAMS_PER_CHANNEL], r, started, i)
-                                   for i, r in enumerate(self.ranks)))  # fmt: skip
+            await asyncio.gather(*(self._rank(channels[id(r)], r, started, i) for i, r in enumerate(self.ranks)))
         finally:
-            for channel in channels:
+            for channel in {id(c): c for c in channels.values()}.values():
                 await channel.close()
 
     async def _rank(self, channel: grpc.aio.Channel, rank: Rank, started: float, index: int) -> None:

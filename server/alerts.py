@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import dataclasses
 import hashlib
 import logging
 import math
@@ -60,8 +61,8 @@ def _finite_or_none(value: float | None) -> float | None:
 @dataclass(frozen=True, slots=True)
 class Alert:
     """One alert as the book last saw it (see the module docstring). `to_json()` is its one JSON form;
-    `active` (ranks still firing, what persistence keeps) and `restored` (re-opened at start-up, told to
-    listeners) are not part of it."""
+    `active` (ranks still firing, what persistence keeps), `restored` (re-opened at start-up, told to
+    listeners) and `handed_over` (see AlertBook.hand_over) are not part of it."""
 
     id: str
     fingerprint: str
@@ -82,6 +83,8 @@ class Alert:
     autopsy: tuple[Mapping[str, Any], ...] = ()
     active: tuple[int, ...] = ()
     restored: bool = False
+    #: Resolved here because the run moved to another replica (AlertBook.hand_over): no resolution is paged.
+    handed_over: bool = False
 
     @property
     def firing(self) -> bool:
@@ -243,6 +246,19 @@ class AlertBook:
                 alert = self._firing[key]
                 alert.summary = f"{alert.summary} (resolved: {why})"
                 snapshots.append(self._resolve_locked(alert))
+        for snapshot in snapshots:
+            self._notify(snapshot)
+
+    def hand_over(self, run: str) -> None:
+        """The run moved to another replica (every rank left with its relay): end its firing alerts here without
+        paging a resolution. Listeners hear a resolve marked `handed_over`; the notifier sends nothing
+        for it, so the page the new owner keeps firing (same labels) is never closed by this replica."""
+        with self._lock:
+            snapshots = []
+            for key in [k for k in self._firing if k[0] == run]:
+                alert = self._firing[key]
+                alert.summary = f"{alert.summary} (handed over: the run moved to another replica)"
+                snapshots.append(dataclasses.replace(self._resolve_locked(alert), handed_over=True))
         for snapshot in snapshots:
             self._notify(snapshot)
 

@@ -27,6 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -41,6 +42,7 @@ from gradwatch.server.auth import AuthCollector, HttpGuard, TokenSource
 from gradwatch.server.config import AlertingConfig, ServerConfig
 from gradwatch.server.database import Database
 from gradwatch.server.detectors import REGISTRY, TICK_INTERVAL_S, DetectorSpec, inhibitions
+from gradwatch.server.fanout import FanOut
 from gradwatch.server.grpc_service import INGEST_SERVICE, IngestServicer, build_grpc_server
 from gradwatch.server.http_api import HttpApi, HttpCollector
 from gradwatch.server.incident_metrics import RecorderCollector
@@ -52,6 +54,7 @@ from gradwatch.server.pages import Pages
 from gradwatch.server.persistence import StateKeeper
 from gradwatch.server.query_api import QueryApi
 from gradwatch.server.recorder import FlightRecorder
+from gradwatch.server.relay import IncidentTap, Relay, RelayCollector
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.sessions import PageSessions
 from gradwatch.server.silences import SilenceBook
@@ -59,6 +62,7 @@ from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, 
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunState, RunStore
 from gradwatch.server.tls import TlsCollector, load_server_tls
+from gradwatch.server.upstream import RelayServicer, relays_route
 from gradwatch.server.views import run_view
 
 __all__ = ["ServerApp", "serve"]
@@ -68,6 +72,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 #: How often finished runs are checked for expiry (finished_run_retention_s).
 SWEEP_INTERVAL_S = 1.0
+#: How often a run whose agents all went quiet is checked against the other replicas (cluster.peers).
+QUIET_RECHECK_S = 10.0
 #: How often the database's retention limits are applied (also once at start).
 PRUNE_INTERVAL_S = 60.0
 
@@ -113,9 +119,12 @@ class ServerApp:
         #: Run registry, alerts and incidents on disk (config.storage); in memory when data_dir is empty.
         self.database = Database(self.config.storage, alert_history=limits.alert_history, clock=clock)
         self.keeper = StateKeeper(self.database, self.store, self.alert_book, ring_length=limits.ring_length)
+        #: With relay.upstream: this server is a relay (per-rank work here, compact records upstream).
+        self.relay = _relay(self.config, self.alert_book, lambda run, rank, cmd: self.ingestor.queue_command(
+            run, rank, cmd))  # fmt: skip
         self.recorder = FlightRecorder(
             self.config.recorder,
-            self.database,
+            self.database if self.relay is None else IncidentTap(self.database, self.relay),  # type: ignore[arg-type]
             self.store,
             self.alert_book,
             specs=detectors,
@@ -132,6 +141,8 @@ class ServerApp:
             on_join=self.keeper.on_join,
             on_report=self.recorder.observe if self.config.recorder.enabled else None,
             registry=self.database.run,
+            scopes=("rank",) if self.relay is not None else ("rank", "run"),
+            forwarder=self.relay,
         )
         #: The app's own Prometheus registry (never the global default).
         self.registry = CollectorRegistry(auto_describe=False)
@@ -164,11 +175,29 @@ class ServerApp:
         self.alert_book.add_listener(self.keeper.on_alert)
         self.alert_book.add_listener(self.recorder.on_alert)
         self.registry.register(RecorderCollector(self.recorder, self.database))
+        #: With cluster.peers: the read API answered for every replica, and runs that moved handed over.
+        self.fanout: FanOut | None = None
+        if self.config.cluster.peers:
+            token = _read_token(self.config.cluster.token_file, "cluster.token_file")
+            self.fanout = FanOut(self.config.cluster.peers, local=(), own_port=lambda: self.http_port, token=token,
+                                 scheme="https" if self._tls is not None else "http")  # fmt: skip
+        self._quiet_checked: dict[str, float] = {}
         #: HTTP requests answered 400, by reason (server/limits.py).
         self.http_rejections = HttpRejections()
         self.registry.register(self.http_rejections)
         self._last_prune = -math.inf
-        self._servicer = IngestServicer(self.ingestor, self.stats, limits, __version__, tokens=self.tokens)
+        #: Relays that connect to this server (none on a relay: a relay has no cross-rank detectors to feed).
+        self.relays: RelayServicer | None = None
+        if self.relay is None:
+            self.relays = RelayServicer(self.ingestor, self.stats, limits, self.config.relay, __version__,
+                                        tokens=self.tokens, clock=clock,
+                                        store_incident=self.database.put_incident)  # fmt: skip
+        else:
+            self.registry.register(RelayCollector(self.relay))
+        extra = self.relays.method_handlers() if self.relays is not None else None
+        self._servicer = IngestServicer(
+            self.ingestor, self.stats, limits, __version__, tokens=self.tokens, extra_methods=extra
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -177,6 +206,15 @@ class ServerApp:
         self._grpc_port: int | None = None
         self._sweeper: asyncio.Future[None] | None = None
         self._ticker: asyncio.Future[None] | None = None
+
+    def _routes(self) -> tuple[Any, ...]:
+        """The HTTP read routes; with cluster.peers, the read API fanned out over every replica first."""
+        query = QueryApi(self).route
+        local = (query, Pages(self).route, relays_route(self.relays, self.relay))
+        if self.fanout is None:
+            return local
+        self.fanout.local = (query,)
+        return (self.fanout.route, *local)
 
     def _without_firing_alerts(self, runs: list[RunState]) -> list[RunState]:
         """The runs limits.at_max_runs `evict_idle` may drop: eviction never resolves a firing alert."""
@@ -199,6 +237,8 @@ class ServerApp:
         try:
             future = asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop)
             self._grpc_port = future.result(timeout=START_TIMEOUT_S)
+            if self.relay is not None and not self.relay.relay_id:
+                self.relay.relay_id = f"{socket.gethostname()}:{self._grpc_port}"
             http = self.config.http
             self._http = HttpApi(
                 http.host,
@@ -211,7 +251,7 @@ class ServerApp:
                 tls_context=self._http_tls_context if self._tls is not None else None,
                 guard=self._guard,
                 sessions=self.page_sessions,
-                routes=(QueryApi(self).route, Pages(self).route),
+                routes=self._routes(),
                 rejections=self.http_rejections,
                 max_connections=http.max_connections,
                 request_timeout_s=http.request_timeout_s,
@@ -234,6 +274,8 @@ class ServerApp:
                 future.result(timeout=grace + 10)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=10)
+        if self.relay is not None:  # after the streams ended: their last frames and goodbyes go upstream
+            self.relay.stop(timeout_s=grace)
         if self._http is not None:
             self._http.stop()
             self._http = None
@@ -296,10 +338,27 @@ class ServerApp:
 
     def persist(self) -> None:
         """Close incidents that are due, checkpoint runs and alerts, and apply retention when due (every sweep)."""
+        self._hand_over_moved()
         self.recorder.sweep()
         self.keeper.checkpoint()
         if time.monotonic() - self._last_prune >= PRUNE_INTERVAL_S:
             self._prune()
+
+    def _hand_over_moved(self) -> None:
+        """With cluster.peers: hand over the runs whose agents (connected directly) all went quiet here for
+        relay.handover_after_s while another replica saw them since: they moved (dns:/// routing), so they are
+        neither stalled nor dead here. Each quiet run is asked about at most every QUIET_RECHECK_S."""
+        if self.fanout is None:
+            return
+        now = time.monotonic()
+        for run_id, seen in self.ingestor.quiet_runs(self.config.relay.handover_after_s):
+            if now - self._quiet_checked.get(run_id, -math.inf) < QUIET_RECHECK_S:
+                continue
+            self._quiet_checked[run_id] = now
+            if self.fanout.newer_elsewhere(run_id, seen) and self.ingestor.hand_over(run_id, relayed=False):
+                log.info("run %r handed over: its agents moved to another replica", run_id)
+        if len(self._quiet_checked) > self.config.limits.max_runs:
+            self._quiet_checked.clear()
 
     def _prune(self) -> None:
         self._last_prune = time.monotonic()
@@ -365,6 +424,8 @@ class ServerApp:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.ingestor.sweep()
+            if self.relays is not None:
+                self.relays.sweep()
             try:
                 # Off the loop: a checkpoint of every run and firing alert, incident closing and retention
                 # pruning are SQLite transactions that must not hold up the frames of every stream.
@@ -387,6 +448,38 @@ class ServerApp:
             await self._health.enter_graceful_shutdown()
         if self._grpc_server is not None:
             await self._grpc_server.stop(grace)
+
+
+def _relay(config: ServerConfig, alerts: AlertBook, deliver: Callable[[str, int, Any], None]) -> Relay | None:
+    """The relay's upstream when relay.upstream is set (ValueError for an unreadable token file), else None."""
+    settings = config.relay
+    if not settings.upstream:
+        return None
+    token = _read_token(settings.token_file, "relay.token_file")
+    credentials = None
+    if settings.ca_file:
+        files = {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(settings, key)
+            try:
+                files[key] = Path(path).read_bytes() if path else None
+            except OSError as exc:
+                raise ValueError(f"relay.{key} {path!r}: {exc.strerror or exc}") from None
+        credentials = grpc.ssl_channel_credentials(files["ca_file"], files["key_file"], files["cert_file"])
+    return Relay(settings.upstream, relay_id=settings.relay_id, buffer_entries=settings.buffer_entries,
+                 token=token, credentials=credentials, deliver=deliver, firing=alerts.export_firing,
+                 max_incident_bytes=config.limits.max_message_bytes)  # fmt: skip
+
+
+def _read_token(path: str, key: str) -> str:
+    """The bearer token in file `path` ("" for no file); ValueError naming `key` when it cannot be read."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"{key} {path!r}: {exc.strerror or exc}") from None
 
 
 def _tls_summary(config: ServerConfig) -> str:
@@ -451,9 +544,11 @@ def serve(
         sinks = ", ".join(worker.name for worker in app.notifier.workers) or "none"
         log.info(
             "gradwatch server %s: gRPC on %s:%d, HTTP on %s://%s:%d (/ overview, /metrics, /api/v1); alerts to: %s; "
-            "TLS: %s; tokens: %s; state in %s",
+            "TLS: %s; tokens: %s; state in %s; %s",
             __version__, config.grpc.host, app.grpc_port, app.http_scheme, config.http.host, app.http_port, sinks,
             _tls_summary(config), config.auth.tokens_file or "off", app.database.path,
+            f"relay of {', '.join(config.relay.upstream)}" if config.relay.upstream
+            else f"aggregator for up to {config.relay.max_relays} relays",
         )  # fmt: skip
         while not stop.wait(1.0):
             pass

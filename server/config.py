@@ -66,6 +66,20 @@ YAML shape (every key optional; these are the defaults)::
       max_layers: 256                 # layers recorded per rank
       max_bytes: 536870912            # recorded per-layer columns, all runs together
       histogram_reports: 4            # reports before the alert whose gradient histograms are kept
+    relay:                            # two tiers (docs/deployment.md): relay settings and the aggregator's limit
+      upstream: []                    # aggregator replicas (host:port, dns:///name:port); set: this server is a relay
+      relay_id: ""                    # this relay's name upstream; "" = <hostname>:<gRPC port>
+      buffer_entries: 100000          # records kept while upstream is unreachable; the oldest are dropped beyond
+      token_file: ""                  # bearer token sent upstream (an aggregator with auth.tokens_file)
+      ca_file: ""                     # PEM CA of the aggregator's certificate: TLS upstream ("" = plaintext)
+      cert_file: ""                   # with key_file: client certificate (aggregator with mutual TLS)
+      key_file: ""
+      max_relays: 1024                # aggregator: relay streams served at once; more are refused
+      link_timeout_s: 10.0            # aggregator: a relay stream silent this long ends (relays beat every 1 s)
+      handover_after_s: 60.0          # aggregator: a run all of whose relayed ranks left this long ago moved away
+    cluster:                          # one view over all replicas (docs/deployment.md)
+      peers: []                       # every replica's HTTP address (dns:///headless:9400 or host:port entries)
+      token_file: ""                  # bearer token for the peers' API (replicas with auth.tokens_file)
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -142,10 +156,12 @@ __all__ = [
     "ENV_WEBHOOK_URLS",
     "AlertingConfig",
     "AuthConfig",
+    "ClusterConfig",
     "GrpcConfig",
     "HttpConfig",
     "LimitsConfig",
     "RecorderConfig",
+    "RelayConfig",
     "ServerConfig",
     "StorageConfig",
     "TlsConfig",
@@ -168,6 +184,8 @@ ENV_TLS_KEY_FILE = "GRADWATCH_TLS_KEY_FILE"
 ENV_TLS_CLIENT_CA_FILE = "GRADWATCH_TLS_CLIENT_CA_FILE"
 ENV_AUTH_TOKENS_FILE = "GRADWATCH_AUTH_TOKENS_FILE"
 ENV_DATA_DIR = "GRADWATCH_DATA_DIR"
+ENV_UPSTREAM = "GRADWATCH_UPSTREAM"  # comma-separated aggregator replicas: run as a relay
+ENV_PEERS = "GRADWATCH_PEERS"  # comma-separated replicas' HTTP addresses: one view over all of them
 #: Where `gradwatch serve` keeps its database when neither the file, the environment nor --data-dir says.
 DEFAULT_DATA_DIR = "gradwatch-data"
 
@@ -415,6 +433,73 @@ class RecorderConfig(Settings):
     )
 
 
+@dataclass(frozen=True)
+class RelayConfig(Settings):
+    """Two tiers (ARCHITECTURE.md): a relay runs the per-rank work and forwards compact records upstream; an
+    aggregator runs the cross-rank work for every relay that connects."""
+
+    upstream: tuple[str, ...] = setting(
+        (),
+        doc="Aggregator replicas (host:port entries or dns:///name:port); each run goes to the replica its id "
+        "hashes to. Set: this server is a relay. Empty: it serves agents and relays itself.",
+    )
+    relay_id: str = setting("", doc="This relay's name at the aggregator; empty: <hostname>:<gRPC port>.")
+    buffer_entries: int = setting(
+        100_000,
+        doc="Compact records and alert transitions kept while upstream is unreachable or slow; beyond, the oldest "
+        "are dropped and counted (gradwatch_relay_dropped_entries_total{reason='buffer_full'}).",
+        ge=16,
+        le=10_000_000,
+    )
+    token_file: str = setting("", doc="File holding the bearer token sent upstream; empty: none.")
+    ca_file: str = setting(
+        "", doc="PEM CA bundle that signed the aggregator's certificate: TLS to upstream. Empty: plaintext."
+    )
+    cert_file: str = setting("", doc="With ca_file: this relay's client certificate (an aggregator with mutual TLS).")
+    key_file: str = setting("", doc="The private key of cert_file.")
+    max_relays: int = setting(
+        1024, doc="Aggregator: relay streams served at once; more are refused (relay_limit_reached).", ge=1
+    )
+    link_timeout_s: float = setting(
+        10.0,
+        doc="Aggregator: a relay stream silent this long ends (relays send a batch or a heartbeat every second), "
+        "so the ranks of a relay cut off without a TCP reset leave their runs.",
+        gt=0.0,
+    )
+    handover_after_s: float = setting(
+        60.0,
+        doc="Aggregator: a run every rank of which left with its relay (the link ended) and none came back for "
+        "this long moved to another replica: it expires here and its alerts end without a resolution paged.",
+        ge=0.0,
+    )
+
+    def _check(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file) or (self.cert_file and not self.ca_file):
+            raise SettingError("cert_file", "a client certificate needs key_file and ca_file too")
+        for entry in self.upstream:
+            host, _, port = entry.removeprefix("dns:///").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise SettingError("upstream", f"entries are host:port or dns:///name:port, got {entry!r}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig(Settings):
+    """One view over all replicas: the read API answered for every replica (server/fanout.py)."""
+
+    peers: tuple[str, ...] = setting(
+        (),
+        doc="Every replica's HTTP address: dns:///<headless Service>:<http port> (its ready pods) or host:port "
+        "entries. Set: /api/v1/runs, /alerts, /incidents and /incidents/<id> answer for all of them.",
+    )
+    token_file: str = setting("", doc="File holding the bearer token for the peers' API; empty: none.")
+
+    def _check(self) -> None:
+        for entry in self.peers:
+            host, _, port = entry.removeprefix("dns:///").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise SettingError("peers", f"entries are host:port or dns:///name:port, got {entry!r}")
+
+
 def _check_url(key: str, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -437,6 +522,8 @@ class ServerConfig(Settings):
     auth: AuthConfig = field(default_factory=AuthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     shutdown_grace_s: float = setting(5.0, doc="On SIGTERM, seconds open streams get to finish.", ge=0.0)
     finished_run_retention_s: float = setting(
         300.0,
@@ -555,6 +642,7 @@ def config_from_args(
     webhook_urls: Sequence[str] | None = None,
     external_url: str | None = None,
     data_dir: str | None = None,
+    upstream: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ServerConfig:
     """The ServerConfig for `gradwatch serve`: defaults < YAML file < env vars < arguments.
@@ -597,9 +685,11 @@ def config_from_args(
         storage = _override(storage, "data_dir", DEFAULT_DATA_DIR, "data_dir")
     storage = _override(storage, "data_dir", env.get(ENV_DATA_DIR), ENV_DATA_DIR)
     storage = _override(storage, "data_dir", data_dir, "data_dir")
-    return dataclasses.replace(
-        config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, tls=tls, auth=auth, storage=storage
-    )
+    relay = _override(config.relay, "upstream", _env_list(env, ENV_UPSTREAM), ENV_UPSTREAM)
+    relay = _override(relay, "upstream", _tuple(upstream), "upstream")
+    cluster = _override(config.cluster, "peers", _env_list(env, ENV_PEERS), ENV_PEERS)
+    return dataclasses.replace(config, grpc=grpc_cfg, http=http_cfg, alerting=alerting, tls=tls, auth=auth,
+                               storage=storage, relay=relay, cluster=cluster)  # fmt: skip
 
 
 _TLS_ENV = {"cert_file": ENV_TLS_CERT_FILE, "key_file": ENV_TLS_KEY_FILE, "client_ca_file": ENV_TLS_CLIENT_CA_FILE}

@@ -97,7 +97,10 @@ class IngestServicer:
         server_version: str,
         *,
         tokens: TokenSource | None = None,
+        extra_methods: dict[str, grpc.RpcMethodHandler] | None = None,
     ) -> None:
+        """`extra_methods`: more methods of the Ingest service (the aggregator's Relay, server/upstream.py)."""
+        self._extra_methods = dict(extra_methods or {})
         self._ingestor = ingestor
         self._stats = stats
         self._limits = limits
@@ -121,6 +124,7 @@ class IngestServicer:
             "Flush": grpc.unary_unary_rpc_method_handler(
                 self.flush, request_deserializer=None, response_serializer=pb.FlushResponse.SerializeToString
             ),
+            **self._extra_methods,
         }
 
     async def stream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:

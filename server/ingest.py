@@ -18,6 +18,11 @@ same thing however it arrived. Contract:
 * When a critical detector starts firing on a rank, every rank of the run gets a
   COMMAND_KIND_ALERT with its next streamed frame (agents opted in to react stop
   or call back; the others ignore it).
+* Two tiers (ARCHITECTURE.md, "Two tiers"): `scopes` names the detector scopes this
+  ingestor runs (a relay: "rank" only); a `Forwarder` (a relay's upstream) hears every
+  Hello, applied frame, per-rank verdict and ended stream. A session opened with
+  `relayed=True` (an aggregator's, for a rank held by a relay) skips per-rank
+  detectors: the relay ran them and sends their verdicts (`relayed_verdict`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 import numpy as np
@@ -58,7 +63,7 @@ from gradwatch.v1 import gradwatch_pb2 as pb
 #: ALERT commands kept per rank until its next frame; more are dropped (the first ones matter).
 MAX_PENDING_ALERTS = 8
 
-__all__ = ["MAX_DROP_REASONS", "Ingestor", "Session", "bounded_drop_reasons"]
+__all__ = ["MAX_DROP_REASONS", "Forwarder", "Ingestor", "Session", "bounded_drop_reasons"]
 
 #: Drop reasons an agent's heartbeat may name (label values of gradwatch_agent_dropped_total); the counts
 #: of any others, and of names that are not short snake_case words, are summed under OTHER_DROP_REASON.
@@ -84,6 +89,22 @@ class Session:
     local_param_counts: np.ndarray | None = None
     #: Hello.activation_schema, decoded once for every report of the session.
     modules: ModuleSchema | None = None
+    #: A rank held by a relay (an aggregator's session): per-rank detectors ran there.
+    relayed: bool = False
+
+
+class Forwarder(Protocol):
+    """What a relay's ingestor tells its upstream (server/relay.py); called on the ingest thread, under the
+    ingestor's lock: each call must be O(1) and never wait on the network."""
+
+    def opened(self, hello: pb.Hello, streaming: bool) -> None: ...
+
+    def applied(self, hello: pb.Hello, frame: pb.AgentFrame, kind: str) -> None: ...
+
+    def closed(self, hello: pb.Hello) -> None: ...
+
+    def verdict(self, run_id: str, detector: str, rank: int, verdict: Verdict,
+                autopsy: dict[str, Any] | None) -> None: ...  # fmt: skip
 
 
 def bounded_drop_reasons(dropped: Mapping[str, int]) -> dict[str, int]:
@@ -115,6 +136,8 @@ class Ingestor:
         on_join: Callable[[RunState], None] | None = None,
         on_report: Callable[[RunState, RankState, RankReport, pb.StepReport, pb.Hello], None] | None = None,
         registry: Callable[[str], Mapping[str, Any] | None] | None = None,
+        scopes: tuple[str, ...] = ("rank", "run"),
+        forwarder: Forwarder | None = None,
     ) -> None:
         """`on_join(run)` is called after a Hello registered its run; `on_report(run, rank, report, msg, hello)`
         after a report was stored and before the detectors judge it (both on the ingest thread, under its lock).
@@ -129,6 +152,8 @@ class Ingestor:
         self._stats = stats
         self._clock = clock
         self._all_specs = detectors
+        self._scopes = scopes
+        self._forwarder = forwarder
         self._specs = tuple(s for s in detectors if config.detector(s.name).enabled)
         #: run -> its detector settings, for runs whose agents sent per-run settings (Hello.detector_settings).
         self._run_configs: dict[str, Mapping[str, DetectorConfig]] = {}
@@ -140,12 +165,14 @@ class Ingestor:
         #: Completed `tick()` calls (what a caller waits on to know the cross-rank detectors judged again).
         self.ticks = 0
 
-    def open(self, hello: pb.Hello, *, streaming: bool = True) -> Session:
-        """Register a validated Hello; `streaming` counts the rank's open streams."""
+    def open(self, hello: pb.Hello, *, streaming: bool = True, relayed: bool = False) -> Session:
+        """Register a validated Hello; `streaming` counts the rank's open streams. `relayed`: a rank held by a
+        relay (the relay refused a second process on the rank already)."""
         configs = self._per_run_configs(hello)
         with self._lock:
             check_settings(self.binding(hello.run_id), hello)
-            self._refuse_shared_rank(hello)
+            if not relayed:
+                self._refuse_shared_rank(hello)
             run, rank, evicted = self._store.join(hello)
             self._drop_evicted(evicted)
             if configs is not None and run.run_id not in self._run_configs:
@@ -161,8 +188,11 @@ class Ingestor:
             self._stats.frame("hello")
             local = hello.schema.local_param_counts
             counts = np.asarray(local, dtype=np.int64) if len(local) == len(hello.schema.names) > 0 else None
+            if self._forwarder is not None:
+                self._forwarder.opened(hello, streaming)
             return Session(hello=hello, run=run, schema=rank.schema, acked_seq=acked, streaming=streaming,
-                           local_param_counts=counts, modules=ModuleSchema.of(hello.activation_schema))  # fmt: skip
+                           local_param_counts=counts, modules=ModuleSchema.of(hello.activation_schema),
+                           relayed=relayed)  # fmt: skip
 
     def _refuse_shared_rank(self, hello: pb.Hello) -> None:
         """FrameRejected (FAILED_PRECONDITION) when another agent session is streaming as this (run, rank):
@@ -216,16 +246,69 @@ class Ingestor:
             if rank is not None and rank.open_streams == 0:
                 session.run.table.goodbye(rank.rank)
 
-    def close(self, session: Session) -> None:
-        """The session's stream ended (for any reason)."""
+    def close(self, session: Session, *, left: bool = False) -> None:
+        """The session's stream ended (for any reason). `left`: the rank's relay went away (the link broke, or
+        the run moved to another aggregator replica): the rank leaves the run's table instead of counting as
+        disconnected, so no cross-rank detector names it until a relay brings it back."""
         if not session.streaming:
             return
         with self._lock, self._store.lock:
             rank = session.run.ranks.get(session.hello.rank)
             if rank is not None and rank.open_streams > 0:
                 rank.open_streams -= 1
-                if rank.open_streams == 0 and not rank.said_goodbye:
+                if rank.open_streams == 0 and left:
+                    session.run.table.leave(rank.rank)
+                elif rank.open_streams == 0 and not rank.said_goodbye:
                     session.run.table.collectives.disconnected(rank.rank, self._clock())
+                if rank.open_streams == 0 and self._forwarder is not None:
+                    self._forwarder.closed(session.hello)  # not when another stream of the rank is open still
+
+    def relayed_verdict(self, run_id: str, detector: str, rank: int, verdict: Verdict,
+                        autopsy: dict[str, Any] | None) -> list[tuple[int, pb.Command]]:  # fmt: skip
+        """Apply a relay's per-rank verdict about `rank` of a run this server holds (unknown runs and detectors
+        are ignored). Returns the commands it queued, by rank (the ALERT broadcast of a critical one)."""
+        with self._lock:
+            run = self._store.get(run_id)
+            spec = next((s for s in self._all_specs if s.name == detector and s.scope == "rank"), None)
+            if run is None or spec is None:
+                return []
+            self._verdict(run, None, spec, rank, verdict, autopsy)
+            return [(r, c) for r in list(run.ranks) for c in self._pending.pop((run_id, r), ())]
+
+    def hand_over(self, run_id: str, *, relayed: bool = True) -> bool:
+        """Run `run_id` moved to another replica: it expires here without paging a resolution (AlertBook.
+        hand_over). `relayed`: every rank left with its relay; else (agents connected directly) no rank has a
+        stream open here. False if a rank is back."""
+        with self._lock:
+            with self._store.lock:
+                run = self._store.get(run_id)
+                if run is None or run.expired:
+                    return False
+                if run.table.joined.any() if relayed else any(r.open_streams for r in run.ranks.values()):
+                    return False
+                run.expired, run.finished_at = True, self._clock()
+            self._forget_pending(run_id)
+            self._alerts.hand_over(run_id)
+            return True
+
+    def quiet_runs(self, quiet_s: float) -> list[tuple[str, float]]:
+        """(run, last seen) of the unfinished runs with ranks but no stream open here for `quiet_s` or more:
+        each either died or moved to another replica (the caller asks the other replicas which)."""
+        now = self._clock()
+        with self._store.lock:
+            return [
+                (run.run_id, run.last_seen)
+                for run in self._store.runs()
+                if not run.expired and not run.finished and run.ranks and now - run.last_seen >= quiet_s
+                and not any(r.open_streams for r in run.ranks.values())
+            ]  # fmt: skip
+
+    def queue_command(self, run_id: str, rank: int, command: pb.Command) -> None:
+        """A command from upstream for one of this relay's ranks: it goes out with the rank's next frame."""
+        with self._lock:
+            queued = self._pending.setdefault((run_id, rank), [])
+            if len(queued) < MAX_PENDING_ALERTS:
+                queued.append(command)
 
     def apply(self, session: Session, frame: pb.AgentFrame, kind: str) -> list[pb.Command]:
         """Apply one validated frame; see the module docstring."""
@@ -267,6 +350,8 @@ class Ingestor:
                 session.acked_seq = frame.seq
             if session.streaming and self._pending:  # a Flush call has no reply stream to carry commands
                 commands.extend(self._pending.pop((run.run_id, rank.rank), ()))
+            if self._forwarder is not None:
+                self._forwarder.applied(session.hello, frame, kind)
         self._stats.applied(kind, time.perf_counter() - started)
         return commands
 
@@ -324,6 +409,8 @@ class Ingestor:
             self._on_report(run, rank, report, msg, session.hello)
         commands: list[pb.Command] = []
         for spec, detector in self._detectors_for(run.run_id):
+            if spec.scope == "rank" and session.relayed:
+                continue  # its relay judged it
             if spec.scope == "run":
                 for finding in self._run_findings(spec, cast(RunDetector, detector), run, report, 0.0):
                     commands.extend(self._apply_finding(run, rank, spec, finding))
@@ -368,14 +455,19 @@ class Ingestor:
                  verdict: Verdict | None, autopsy: dict[str, Any] | None = None) -> list[pb.Command]:  # fmt: skip
         """Apply one verdict about `rank`; commands for `sender`, the rank whose stream is being served."""
         commands: list[pb.Command] = []
+        forward = self._forwarder is not None and spec.scope == "rank"
         if isinstance(verdict, Fire):
             if self._alerts.fire(run.run_id, spec, rank, verdict, autopsy):
+                if forward:  # the rank joined the alert (later Fires only update its step and value)
+                    self._forwarder.verdict(run.run_id, spec.name, rank, verdict, autopsy)  # type: ignore[union-attr]
                 self._store.count_trigger(run, spec.name)
                 if sender is not None and sender.rank == rank:
                     commands.extend(self._full_stats_command(sender, spec))
                 if spec.severity == "critical":
                     self._broadcast_alert(run, rank, spec, verdict)
         elif isinstance(verdict, Clear):
+            if forward:
+                self._forwarder.verdict(run.run_id, spec.name, rank, verdict, None)  # type: ignore[union-attr]
             self._alerts.clear(run.run_id, spec.name, rank)
         return commands
 
@@ -401,9 +493,11 @@ class Ingestor:
         if detectors is None:
             configs = self._run_configs.get(run_id)
             if configs is None:
-                detectors = [(s, s.create(self._config.detector(s.name))) for s in self._specs]
+                specs = [s for s in self._specs if s.scope in self._scopes]
+                detectors = [(s, s.create(self._config.detector(s.name))) for s in specs]
             else:
-                detectors = [(s, s.create(configs[s.name])) for s in self._all_specs if configs[s.name].enabled]
+                detectors = [(s, s.create(configs[s.name])) for s in self._all_specs
+                             if configs[s.name].enabled and s.scope in self._scopes]  # fmt: skip
             self._detectors[run_id] = detectors
         return detectors
 

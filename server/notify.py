@@ -104,7 +104,8 @@ class Notifier:
                 self._tracked[alert.id] = _Tracked(alert=alert, labels=self._renderer.labels(alert))
             else:
                 tracked = self._tracked.pop(alert.id, None)
-                if tracked is not None and tracked.notified:
+                # Handed over (AlertBook.hand_over): the run's new replica pages it now; a resolve would close it.
+                if tracked is not None and tracked.notified and not alert.handed_over:
                     ends_at = min(alert.resolved_at or now, now)
                     self._submit([self._notification(tracked, alert, STATUS_RESOLVED, ends_at)])
             self._evaluate_locked(now)

@@ -95,6 +95,13 @@ class RankTable:
         if rank < self.size:
             self.finished[rank] = True
 
+    def leave(self, rank: int) -> None:
+        """`rank` went elsewhere (its relay's link to this server ended: the run moved to another replica, or
+        the link is down): forgotten until a Hello brings it back, so no detector waits for it or calls it
+        stalled or dead. Its step and timing history stay for its return."""
+        if rank < self.size:
+            self.joined[rank] = False
+
     # ------------------------------------------------------------------ readers
 
     def copy(self) -> RankTable:

@@ -55,6 +55,9 @@ class FaultyRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._closed.is_set():  # closing the listener does not wake a blocked accept(): refuse here
+                client.close()
+                return
             try:
                 upstream = socket.create_connection(self._target, timeout=5)
             except OSError:

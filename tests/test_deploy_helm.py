@@ -26,7 +26,7 @@ from deploy_support import (
     validate_kubernetes,
 )
 from gradwatch import __version__
-from gradwatch.server.config import load_config
+from gradwatch.server.config import config_from_args, load_config
 
 try:
     import helm_python as helm
@@ -261,7 +261,15 @@ def test_scale_out_renders_a_statefulset_behind_a_headless_service(chart: Any) -
     # Agents get every replica's stable name and the headless DNS name.
     stable = [f"{FULLNAME}-{i}.{headless['metadata']['name']}.{NAMESPACE}.svc:50051" for i in range(3)]
     assert f"GRADWATCH_SERVERS={','.join(stable)}" in r.notes
-    assert f"GRADWATCH_SERVERS={headless['metadata']['name']}.{NAMESPACE}.svc:50051" in r.notes
+    # The headless name goes with dns:///, or gRPC would see one opaque address and pick a pod per rank.
+    dns = f"dns:///{headless['metadata']['name']}.{NAMESPACE}.svc:50051"
+    assert f"GRADWATCH_SERVERS={dns}" in r.notes and f"sidecar.upstream={dns}" in r.notes
+    assert f"GRADWATCH_SERVERS={headless['metadata']['name']}" not in r.notes
+    # Every replica answers the read API for all of them (GRADWATCH_PEERS, as the server reads it).
+    peers = env_of(container)["GRADWATCH_PEERS"]
+    assert peers == f"dns:///{headless['metadata']['name']}.{NAMESPACE}.svc:9400"
+    assert config_from_args(environ={"GRADWATCH_PEERS": peers}).cluster.peers == (peers,)
+    assert "GRADWATCH_PEERS" not in env_of(_server(render(chart, {}))[3])
     # Without persistence, replicas still get a writable data dir each.
     _, _, pod, container = _server(render(chart, {"replicas": 2}))
     assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[_mounts(container)["/var/lib/gradwatch"]]
@@ -315,6 +323,7 @@ def test_inconsistent_values_fail_with_a_message(chart: Any, values: dict[str, A
         ({"sidecar": {"image": {"repo": "x"}}}, "additional properties 'repo'"),
         ({"jobs": [{"name": "Bad_Name", "podSpec": {"containers": [{"name": "t"}]}}]}, "/jobs/0/name"),
         ({"jobs": [{"name": "ok", "podSpec": {"containers": []}}]}, "/jobs/0/podSpec/containers"),
+        ({"sidecar": {"upstream": "gradwatch-headless"}}, "/sidecar/upstream"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_key(chart: Any, values: dict[str, Any], where: str) -> None:
@@ -349,6 +358,22 @@ def test_jobs_get_the_native_sidecar_and_the_agent_environment(chart: Any) -> No
     assert env_of(pod["containers"][0])["EPOCHS"] == "3"
     assert meta["labels"]["app.kubernetes.io/component"] == "sidecar"  # what deploy/kubernetes/podmonitor.yaml selects
     assert "Training Jobs with the gradwatch native sidecar: resnet." in r.notes
+
+
+def test_sidecar_with_an_upstream_is_a_relay_of_the_aggregator(chart: Any) -> None:
+    upstream = f"dns:///{FULLNAME}-headless.{NAMESPACE}.svc:50051"
+    pod_spec = {"containers": [{"name": "train", "image": "t:1"}]}
+    r = render(chart, {"sidecar": {"upstream": upstream}, "jobs": [{"name": "big", "podSpec": pod_spec}]})
+    [(_, _, pod)] = list(pod_specs(r.one("Job", "big")))
+    sidecar = check_native_sidecar(pod)
+    env = env_of(sidecar)
+    assert env["GRADWATCH_UPSTREAM"] == upstream
+    # The server reads it as its relay setting (the sidecar's args start `gradwatch serve`).
+    assert config_from_args(environ=env).relay.upstream == (upstream,)
+    assert env_of(pod["containers"][0])["GRADWATCH_SERVER"] == "localhost:50051"  # agents stay on their pod
+    # Without an upstream the sidecar serves its job alone, as before.
+    [(_, _, pod)] = list(pod_specs(render(chart, {"jobs": [{"name": "big", "podSpec": pod_spec}]}).one("Job", "big")))
+    assert "GRADWATCH_UPSTREAM" not in env_of(check_native_sidecar(pod))
 
 
 def test_named_sidecar_template_renders_into_a_dependent_charts_job(tmp_path: pathlib.Path) -> None:

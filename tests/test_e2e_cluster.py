@@ -43,7 +43,8 @@ def _worker(rank: int, world_size: int, master_port: int, target: str, scenario:
         torch.manual_seed(0)
         model = DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
-        with gradwatch.attach(model, optimizer, run=scenario, server=target, full_stats_interval=2) as monitor:
+        server = target.split(",")[rank % len(target.split(","))]  # a list: ranks spread over relays
+        with gradwatch.attach(model, optimizer, run=scenario, server=server, full_stats_interval=2) as monitor:
             for step in range(1, steps + 1):
                 delay = BASE_SLEEP_S
                 if scenario == "faults" and rank == 0:
@@ -57,6 +58,8 @@ def _worker(rank: int, world_size: int, master_port: int, target: str, scenario:
                 if scenario == "faults" and rank == 2:
                     y = y + 10.0  # a corrupted shard on one rank: labels from somewhere else
                 loss = nn.functional.mse_loss(model(x), y)
+                if scenario == "nan" and rank == 1 and step == 8:
+                    loss = loss * float("nan")  # one rank's loss goes NaN; DDP spreads its gradients to all
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

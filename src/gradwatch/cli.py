@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, metavar="DIR", help="where runs, alerts and incidents are kept (./gradwatch-data)"
     )
     serve.add_argument(
+        "--upstream",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="run as a relay: per-rank work here, compact records to this aggregator (host:port or "
+        "dns:///name:port; repeat for every replica: runs are spread by hashing their id)",
+    )
+    serve.add_argument(
         "--log-format",
         choices=("text", "json"),
         default=os.environ.get("GRADWATCH_LOG_FORMAT") or "text",
@@ -128,6 +136,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 config_file=args.config,
                 alertmanager_urls=args.alertmanager_url,
                 webhook_urls=args.webhook_url,
+                upstream=args.upstream,
                 external_url=args.external_url,
                 data_dir=args.data_dir,
             )

@@ -93,6 +93,10 @@ depends on this one). Add the volumes from "gradwatch.sidecarVolumes" to the pod
       value: {{ $v.ports.http | quote }}
     - name: GRADWATCH_DATA_DIR
       value: {{ $v.persistence.mountPath | quote }}
+    {{- with $v.sidecar.upstream }}
+    - name: GRADWATCH_UPSTREAM
+      value: {{ . | quote }}
+    {{- end }}
   ports:
     - name: gw-grpc
       containerPort: {{ $v.ports.grpc }}

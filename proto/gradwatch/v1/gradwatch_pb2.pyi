@@ -429,3 +429,118 @@ class FlushResponse(_message.Message):
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     def __init__(self, acked_seq: _Optional[int] = ...) -> None: ...
+
+class RelayFrame(_message.Message):
+    __slots__ = ("hello", "batch")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    hello: RelayHello
+    batch: RelayBatch
+    def __init__(self, hello: _Optional[_Union[RelayHello, _Mapping]] = ..., batch: _Optional[_Union[RelayBatch, _Mapping]] = ...) -> None: ...
+
+class RelayHello(_message.Message):
+    __slots__ = ("protocol_version", "relay_id", "server_version")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    relay_id: str
+    server_version: str
+    def __init__(self, protocol_version: _Optional[int] = ..., relay_id: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+
+class RelayBatch(_message.Message):
+    __slots__ = ("seq", "frames", "alerts", "dropped", "incidents")
+    class DroppedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    INCIDENTS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    frames: _containers.RepeatedCompositeFieldContainer[RelayedFrame]
+    alerts: _containers.RepeatedCompositeFieldContainer[RelayedAlert]
+    dropped: _containers.ScalarMap[str, int]
+    incidents: _containers.RepeatedCompositeFieldContainer[RelayedIncident]
+    def __init__(self, seq: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[RelayedFrame, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[RelayedAlert, _Mapping]]] = ..., dropped: _Optional[_Mapping[str, int]] = ..., incidents: _Optional[_Iterable[_Union[RelayedIncident, _Mapping]]] = ...) -> None: ...
+
+class RelayedIncident(_message.Message):
+    __slots__ = ("body_json", "window")
+    BODY_JSON_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    body_json: str
+    window: bytes
+    def __init__(self, body_json: _Optional[str] = ..., window: _Optional[bytes] = ...) -> None: ...
+
+class RelayedFrame(_message.Message):
+    __slots__ = ("run_id", "rank", "session_id", "hello", "frame", "closed")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    session_id: str
+    hello: Hello
+    frame: AgentFrame
+    closed: bool
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., session_id: _Optional[str] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., frame: _Optional[_Union[AgentFrame, _Mapping]] = ..., closed: bool = ...) -> None: ...
+
+class RelayedAlert(_message.Message):
+    __slots__ = ("run_id", "detector", "rank", "firing", "step", "value", "summary", "layer", "autopsy_json")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FIRING_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    AUTOPSY_JSON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    detector: str
+    rank: int
+    firing: bool
+    step: int
+    value: float
+    summary: str
+    layer: str
+    autopsy_json: str
+    def __init__(self, run_id: _Optional[str] = ..., detector: _Optional[str] = ..., rank: _Optional[int] = ..., firing: bool = ..., step: _Optional[int] = ..., value: _Optional[float] = ..., summary: _Optional[str] = ..., layer: _Optional[str] = ..., autopsy_json: _Optional[str] = ...) -> None: ...
+
+class RelayReply(_message.Message):
+    __slots__ = ("welcome", "ack", "command")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    welcome: RelayWelcome
+    ack: Ack
+    command: RelayedCommand
+    def __init__(self, welcome: _Optional[_Union[RelayWelcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., command: _Optional[_Union[RelayedCommand, _Mapping]] = ...) -> None: ...
+
+class RelayWelcome(_message.Message):
+    __slots__ = ("protocol_version", "server_version", "max_batch_entries")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    server_version: str
+    max_batch_entries: int
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_entries: _Optional[int] = ...) -> None: ...
+
+class RelayedCommand(_message.Message):
+    __slots__ = ("run_id", "rank", "command")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    command: Command
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...

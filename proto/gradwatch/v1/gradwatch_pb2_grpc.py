@@ -44,6 +44,11 @@ class IngestStub(object):
                 request_serializer=gradwatch_dot_v1_dot_gradwatch__pb2.FlushRequest.SerializeToString,
                 response_deserializer=gradwatch_dot_v1_dot_gradwatch__pb2.FlushResponse.FromString,
                 _registered_method=True)
+        self.Relay = channel.stream_stream(
+                '/gradwatch.v1.Ingest/Relay',
+                request_serializer=gradwatch_dot_v1_dot_gradwatch__pb2.RelayFrame.SerializeToString,
+                response_deserializer=gradwatch_dot_v1_dot_gradwatch__pb2.RelayReply.FromString,
+                _registered_method=True)
 
 
 class IngestServicer(object):
@@ -66,6 +71,19 @@ class IngestServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Relay(self, request_iterator, context):
+        """A relay (`gradwatch serve --upstream`) to its aggregator: one long-lived
+        stream per relay carrying every connected rank's compact records, the
+        relay's per-rank alert transitions and its counters. The first frame is a
+        RelayHello; the aggregator answers with one RelayWelcome (or refuses the
+        relay with RESOURCE_EXHAUSTED beyond its relay limit), then cumulative
+        Acks of RelayBatch.seq and the Commands for the relay's ranks. A server
+        before this RPC answers UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +96,11 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.Flush,
                     request_deserializer=gradwatch_dot_v1_dot_gradwatch__pb2.FlushRequest.FromString,
                     response_serializer=gradwatch_dot_v1_dot_gradwatch__pb2.FlushResponse.SerializeToString,
+            ),
+            'Relay': grpc.stream_stream_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=gradwatch_dot_v1_dot_gradwatch__pb2.RelayFrame.FromString,
+                    response_serializer=gradwatch_dot_v1_dot_gradwatch__pb2.RelayReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +157,33 @@ class Ingest(object):
             '/gradwatch.v1.Ingest/Flush',
             gradwatch_dot_v1_dot_gradwatch__pb2.FlushRequest.SerializeToString,
             gradwatch_dot_v1_dot_gradwatch__pb2.FlushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Relay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradwatch.v1.Ingest/Relay',
+            gradwatch_dot_v1_dot_gradwatch__pb2.RelayFrame.SerializeToString,
+            gradwatch_dot_v1_dot_gradwatch__pb2.RelayReply.FromString,
             options,
             channel_credentials,
             insecure,

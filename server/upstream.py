@@ -1,0 +1,335 @@
+"""The aggregator's side of the two tiers: the `Ingest.Relay` handler (ARCHITECTURE.md, "Two tiers").
+
+Contract
+--------
+* At most `relay.max_relays` relay streams at once; one more is refused with RESOURCE_EXHAUSTED and reason
+  `relay_limit_reached` (trailing metadata `gradwatch-reason`, counted like every rejection). A RelayHello
+  with a protocol version outside the accepted range is refused like an agent's Hello.
+* Every RelayedFrame is checked like an agent's frame (one StreamValidator per relayed session, the same
+  limits) and applied through the same `Ingestor` as an agent's, in a session opened with `relayed=True`:
+  the run's RankTable, the global gradient norm and every cross-rank detector see relayed ranks exactly as
+  direct ones. A frame that fails its checks is counted by reason and dropped; the relay's other ranks go on.
+  A frame of a session whose Hello never arrived is dropped and counted (`relay_unknown_session`).
+* RelayedAlerts (a relay's per-rank verdicts) join or leave the run's alerts (`Ingestor.relayed_verdict`).
+* RelayedIncidents (a relay's incidents, full per-layer windows) are stored as they are, marked with the relay's
+  id, off the loop (a worker thread); one whose body lacks an incident's fields is dropped and counted
+  (`relay_bad_incident`).
+* Each batch is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks.
+* A relay stream silent for `relay.link_timeout_s` ends (`relay_link_timeout`): relays send a heartbeat
+  batch every second, so only a vanished relay or a cut link is that quiet.
+* When the stream ends, every rank it held *leaves* the run (`Ingestor.close(left=True)`): a relay that moved
+  its runs to another replica, or whose link broke, leaves no rank behind to be called stalled or dead.
+* A run every rank of which left with its relay, and none came back within `relay.handover_after_s`, moved
+  to another replica: `sweep()` (every second) hands it over (`Ingestor.hand_over`: it expires here, its
+  alerts end without a resolution being paged).
+* `relays()` says which relay holds which ranks (`/api/v1/relays`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gradwatch.server.auth import Grant, TokenSource, authorize
+from gradwatch.server.config import LimitsConfig, RelayConfig
+from gradwatch.server.ingest import Ingestor, Session
+from gradwatch.server.relay import verdict_of
+from gradwatch.server.relay_link import DEFAULT_BATCH_ENTRIES
+from gradwatch.server.stats import IngestStats
+from gradwatch.server.validate import (
+    ACCEPTED_PROTOCOL_VERSIONS,
+    MALFORMED,
+    UNSUPPORTED_PROTOCOL,
+    FrameRejected,
+    StreamValidator,
+)
+from gradwatch.v1 import gradwatch_pb2 as pb
+
+__all__ = ["RELAY_LIMIT_REACHED", "RELAY_UNKNOWN_SESSION", "RelayServicer", "relays_route"]
+
+log = logging.getLogger(__name__)
+
+RELAY_LIMIT_REACHED = "relay_limit_reached"
+RELAY_UNKNOWN_SESSION = "relay_unknown_session"
+RELAY_LINK_TIMEOUT = "relay_link_timeout"
+RELAY_BAD_INCIDENT = "relay_bad_incident"
+#: Fields every stored incident has (server/database.py indexes them), with their types.
+_INCIDENT_FIELDS = {"id": str, "run": str, "detector": str, "severity": str, "alert_id": str, "step": int,
+                    "opened_at": float, "status": str}  # fmt: skip
+REASON_METADATA_KEY = "gradwatch-reason"
+
+
+@dataclass
+class _Held:
+    session: Session
+    validator: StreamValidator
+
+
+@dataclass
+class _RelayStream:
+    relay_id: str
+    peer: str
+    connected_at: float
+    sessions: dict[tuple[str, int, str], _Held] = field(default_factory=dict)
+    batches: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class RelayServicer:
+    """Async handler of Ingest.Relay over raw bytes (see the module docstring)."""
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        stats: IngestStats,
+        limits: LimitsConfig,
+        relay: RelayConfig,
+        server_version: str,
+        *,
+        tokens: TokenSource | None = None,
+        clock: Callable[[], float] = time.time,
+        store_incident: Callable[[dict[str, Any], bytes], None] | None = None,
+    ) -> None:
+        self._store_incident = store_incident
+        self._ingestor = ingestor
+        self._stats = stats
+        self._limits = limits
+        self._config = relay
+        self._version = server_version
+        self._tokens = tokens
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._streams: dict[int, _RelayStream] = {}
+        #: run -> when its last relayed rank left (candidates for a hand-over).
+        self._left: dict[str, float] = {}
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Relay": grpc.stream_stream_rpc_method_handler(
+                self.relay, request_deserializer=None, response_serializer=pb.RelayReply.SerializeToString
+            )
+        }
+
+    def relays(self) -> list[dict[str, Any]]:
+        """Every connected relay and the ranks it holds, by run."""
+        out = []
+        for stream in list(self._streams.values()):
+            ranks: dict[str, list[int]] = {}
+            for run, rank, _ in list(stream.sessions):
+                ranks.setdefault(run, []).append(rank)
+            out.append(
+                {
+                    "relay_id": stream.relay_id,
+                    "peer": stream.peer,
+                    "connected_at": stream.connected_at,
+                    "batches": stream.batches,
+                    "dropped": dict(stream.dropped),
+                    "runs": {run: sorted(r) for run, r in sorted(ranks.items())},
+                }
+            )
+        return out
+
+    async def relay(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        del request_iterator  # read with context.read()
+        if len(self._streams) >= self._config.max_relays:
+            await self._reject(
+                context,
+                FrameRejected(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    RELAY_LIMIT_REACHED,
+                    f"this aggregator already serves relay.max_relays={self._config.max_relays} relays; add an "
+                    "aggregator replica or raise relay.max_relays",
+                ),
+            )
+        grant = None
+        if self._tokens is not None:
+            try:
+                grant = self._tokens.authenticate(context.invocation_metadata())
+            except FrameRejected as exc:
+                await self._reject(context, exc)
+        hello = await self._read(context)
+        if hello is None:
+            return
+        if hello.WhichOneof("body") != "hello":
+            await self._reject(
+                context,
+                FrameRejected(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    MALFORMED,
+                    "the first frame of a relay stream must be a RelayHello",
+                ),
+            )
+        low, high = ACCEPTED_PROTOCOL_VERSIONS
+        if not low <= hello.hello.protocol_version <= high:
+            await self._reject(
+                context,
+                FrameRejected(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    UNSUPPORTED_PROTOCOL,
+                    f"relay protocol_version {hello.hello.protocol_version} not in [{low}, {high}]",
+                ),
+            )
+        key = next(self._ids)
+        stream = self._streams[key] = _RelayStream(hello.hello.relay_id[:256], context.peer(), self._clock())
+        log.info("relay %r connected from %s", stream.relay_id, stream.peer)
+        try:
+            await context.write(
+                pb.RelayReply(
+                    welcome=pb.RelayWelcome(
+                        protocol_version=hello.hello.protocol_version,
+                        server_version=self._version,
+                        max_batch_entries=DEFAULT_BATCH_ENTRIES,
+                    )
+                )
+            )
+            while True:
+                frame = await self._read(context)
+                if frame is None:
+                    return
+                if frame.WhichOneof("body") != "batch":
+                    continue
+                commands = self._apply(stream, frame.batch, grant)
+                for incident in frame.batch.incidents:
+                    await self._incident(stream, incident)
+                await context.write(pb.RelayReply(ack=pb.Ack(seq=frame.batch.seq)))
+                for run_id, rank, command in commands:
+                    await context.write(
+                        pb.RelayReply(command=pb.RelayedCommand(run_id=run_id, rank=rank, command=command))
+                    )
+        finally:
+            del self._streams[key]
+            for held in stream.sessions.values():
+                self._ingestor.close(held.session, left=True)
+            now = self._clock()
+            for run_id in {run_id for run_id, _, _ in stream.sessions}:
+                self._left.setdefault(run_id, now)
+            log.info("relay %r disconnected (%d ranks leave their runs)", stream.relay_id, len(stream.sessions))
+
+    async def _incident(self, stream: _RelayStream, incident: pb.RelayedIncident) -> None:
+        """Store a relay's incident (checked, marked with the relay) on a worker thread."""
+        try:
+            body = json.loads(incident.body_json)
+        except ValueError:
+            body = None
+        if not _incident_ok(body):
+            self._stats.rejected(RELAY_BAD_INCIDENT)
+            return
+        body["relay"] = stream.relay_id
+        if self._store_incident is not None:
+            await asyncio.to_thread(self._store_incident, body, incident.window)
+
+    def sweep(self) -> list[str]:
+        """Hand over the runs left by every relayed rank longer than relay.handover_after_s; returns them."""
+        now = self._clock()
+        due = [run for run, left in self._left.items() if now - left >= self._config.handover_after_s]
+        handed = []
+        for run_id in due:
+            del self._left[run_id]
+            if self._ingestor.hand_over(run_id):
+                handed.append(run_id)
+                log.info("run %r handed over: every rank left with its relay (it moved to another replica)", run_id)
+        return handed
+
+    def _apply(
+        self, stream: _RelayStream, batch: pb.RelayBatch, grant: Grant | None
+    ) -> list[tuple[str, int, pb.Command]]:
+        stream.batches += 1
+        stream.dropped = dict(batch.dropped)
+        commands: list[tuple[str, int, pb.Command]] = []
+        for relayed in batch.frames:
+            key = (relayed.run_id, relayed.rank, relayed.session_id)
+            try:
+                if relayed.HasField("hello"):
+                    self._open(stream, key, relayed.hello, grant)
+                held = stream.sessions.get(key)
+                if held is None:
+                    if relayed.HasField("frame") or relayed.closed:
+                        self._stats.rejected(RELAY_UNKNOWN_SESSION)
+                    continue
+                if relayed.closed:
+                    del stream.sessions[key]
+                    self._ingestor.close(held.session)
+                    continue
+                if relayed.HasField("frame"):
+                    kind = held.validator.check(relayed.frame)
+                    if kind != "hello":
+                        found = self._ingestor.apply(held.session, relayed.frame, kind)
+                        commands.extend((relayed.run_id, relayed.rank, c) for c in found)
+            except FrameRejected as exc:
+                self._stats.rejected(exc.reason)
+                log.debug("relay %r: rank %d of %r: %s", stream.relay_id, relayed.rank, relayed.run_id, exc.message)
+        for alert in batch.alerts:
+            verdict, autopsy = verdict_of(alert)
+            for rank, command in self._ingestor.relayed_verdict(
+                alert.run_id, alert.detector, alert.rank, verdict, autopsy
+            ):
+                commands.append((alert.run_id, rank, command))
+        return commands
+
+    def _open(self, stream: _RelayStream, key: tuple[str, int, str], hello: pb.Hello, grant: Grant | None) -> None:
+        if key in stream.sessions:
+            return  # a re-sent Hello of a rank this stream holds already
+        validator = StreamValidator(self._limits)
+        validator.accept_hello(hello)
+        if grant is not None:
+            authorize(grant, hello.job_name, hello.run_id, self._ingestor.bound_job(hello.run_id))
+        session = self._ingestor.open(hello, relayed=True)
+        stream.sessions[key] = _Held(session, validator)
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> pb.RelayFrame | None:
+        """The next frame; None at the end of the stream or after relay.link_timeout_s of silence."""
+        try:
+            raw = await asyncio.wait_for(context.read(), self._config.link_timeout_s)
+        except TimeoutError:
+            self._stats.rejected(RELAY_LINK_TIMEOUT)
+            return None
+        if raw is grpc.aio.EOF:
+            return None
+        try:
+            return pb.RelayFrame.FromString(raw)
+        except DecodeError:
+            await self._reject(
+                context, FrameRejected(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED, "a relay frame that does not parse")
+            )
+            return None
+
+    async def _reject(self, context: grpc.aio.ServicerContext, exc: FrameRejected) -> None:
+        self._stats.rejected(exc.reason)
+        await context.abort(exc.code, exc.message, trailing_metadata=((REASON_METADATA_KEY, exc.reason),))
+
+
+def _incident_ok(body: Any) -> bool:
+    """Whether a relayed incident body has every field the database indexes, with its type."""
+    if not isinstance(body, dict):
+        return False
+    for key, kind in _INCIDENT_FIELDS.items():
+        value = body.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float if kind is float else kind):
+            return False
+    return True
+
+
+def relays_route(servicer: RelayServicer | None, relay: Any) -> Callable[[str, dict[str, list[str]]], Any]:
+    """GET /api/v1/relays: the relays connected to this aggregator and the ranks each holds; on a relay, its
+    own upstream state (links, buffered entries, drops by reason)."""
+
+    def route(path: str, query: dict[str, list[str]]) -> tuple[int, str, bytes] | None:
+        del query
+        if path != "/api/v1/relays":
+            return None
+        body = {
+            "relays": servicer.relays() if servicer is not None else [],
+            "upstream": relay.state() if relay is not None else None,
+        }
+        return 200, "application/json", json.dumps(body).encode()
+
+    return route

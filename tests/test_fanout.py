@@ -1,0 +1,117 @@
+"""One view over every replica: two aggregator replicas as `gradwatch serve` processes with `cluster.peers` naming
+both; runs, alerts and incidents held by either are answered by the other (the CLI and the HTML report against
+one replica), and a replica that is down is named in the answer instead of silently missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradwatch.server.config import ClusterConfig, HttpConfig, RelayConfig
+from gradwatch.server.detectors.stalled import StalledConfig
+from paging_support import free_port
+from relay_support import CLUSTER_YAML, Serve
+from server_support import AgentStream, hello_frame, report_frame, server_config, start_app
+
+CLI = [sys.executable, "-m", "gradwatch.cli"]
+
+
+def _cli(*args: str) -> Any:
+    return json.loads(subprocess.run([*CLI, *args, "--json"], check=True, capture_output=True, text=True).stdout)
+
+
+def _items(answer: Any, key: str) -> list[dict[str, Any]]:
+    return answer[key] if isinstance(answer, dict) else answer
+
+
+def _nan_run(server: Serve, run: str) -> None:
+    """A one-rank run whose loss turns NaN: non_finite (critical) fires and opens an incident."""
+    stream = AgentStream(server.grpc_target)
+    stream.send(hello_frame(run=run, session=run))
+    for seq in range(1, 6):
+        stream.send(report_frame(seq, loss=float("nan") if seq == 5 else 0.5))
+    stream.recv_ack(5)
+    stream.close()
+
+
+@pytest.mark.timeout(300)
+def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    listed = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
+    peers = f"cluster: {{peers: [{listed}]}}\n"
+    a, b = (Serve(tmp_path, name, "--http-port", str(port), config=CLUSTER_YAML + peers)
+            for name, port in zip("ab", ports, strict=True))  # fmt: skip
+    try:
+        _nan_run(a, "on-a")
+        _nan_run(b, "on-b")
+        deadline = time.monotonic() + 30
+        while len(_items(_cli("incidents", "--server", a.http_url), "incidents")) < 2:
+            assert time.monotonic() < deadline, "incidents of both replicas never listed"
+            time.sleep(0.2)
+        for server in (a, b):  # either replica answers for both
+            url = server.http_url
+            assert {r["run"] for r in _items(_cli("runs", "--server", url), "runs")} == {"on-a", "on-b"}
+            alerts = _items(_cli("alerts", "--server", url), "alerts")
+            assert sorted((x["run"], x["detector"]) for x in alerts) == [("on-a", "non_finite"), ("on-b", "non_finite")]
+        # Each replica alone still holds only its own (local=1 is what the fan-out asks).
+        assert [r["run"] for r in a.get("/api/v1/runs?local=1")["runs"]] == ["on-a"]
+        # B's incident, shown and reported through A.
+        incident = next(i for i in _items(_cli("incidents", "--server", a.http_url), "incidents") if i["run"] == "on-b")
+        shown = subprocess.run([*CLI, "incidents", "show", incident["id"], "--server", a.http_url],
+                               check=True, capture_output=True, text=True).stdout  # fmt: skip
+        assert "on-b" in shown and "non_finite" in shown
+        page = tmp_path / "b.html"
+        subprocess.run([*CLI, "report", incident["id"], "--server", a.http_url, "-o", str(page)], check=True)
+        assert "on-b" in page.read_text()
+        # A replica down: the other answers with what it holds and names the missing one.
+        assert b.stop() == 0
+        answer = a.get("/api/v1/runs")
+        assert [r["run"] for r in answer["runs"]] == ["on-a"]
+        assert answer["unreachable"] == [f"127.0.0.1:{ports[1]}"] and answer["replicas"] == 1
+    finally:
+        assert a.stop() == 0
+        b.stop()
+
+
+def test_a_run_whose_agents_moved_to_another_replica_is_handed_over_not_stalled() -> None:
+    ports = [free_port(), free_port()]
+    base = server_config()
+    stalled = StalledConfig(floor_s=6.0, silent_after_s=6.0)  # the dead run stalls after 6 s; the moved one must not
+    peers = ClusterConfig(peers=tuple(f"127.0.0.1:{p}" for p in ports))
+    base = dataclasses.replace(base, cluster=peers, relay=RelayConfig(handover_after_s=1.0),
+                               detectors={**base.detectors, "stalled": stalled})  # fmt: skip
+    a, b = (start_app(dataclasses.replace(base, http=HttpConfig(host="127.0.0.1", port=p))) for p in ports)
+    moved = None
+    try:
+        for run in ("moved", "dead"):  # both runs' agents stop talking to A without a goodbye ...
+            stream = AgentStream(a.grpc_target)
+            stream.send(hello_frame(run=run, session=run))
+            for seq in range(1, 6):
+                stream.send(report_frame(seq))
+            stream.recv_ack(5)
+            stream.close()
+        moved = AgentStream(b.grpc_target)  # ... but "moved" goes on at B (dns:/// picked B on reconnect)
+        moved.send(hello_frame(run="moved", session="moved"))
+        for seq in range(6, 9):
+            moved.send(report_frame(seq))
+        moved.recv_ack(8)
+        deadline = time.monotonic() + 30
+        while not any(x["detector"] == "stalled" for x in a.alerts(run="dead")):
+            assert time.monotonic() < deadline, "the dead run never stalled"
+            time.sleep(0.1)
+        assert a.alerts(run="moved") == []  # handed over before it could stall
+        assert a.store.get("moved").expired and not a.store.get("dead").expired  # type: ignore[union-attr]
+        assert not b.store.get("moved").expired  # type: ignore[union-attr]
+    finally:
+        if moved is not None:
+            moved.close()
+        a.stop()
+        b.stop()
