@@ -29,7 +29,7 @@ Module map (each module's docstring states its contract):
     items.py     plain data handed from the training thread to the sender
     sender.py    the sender thread: stream, acks, replay buffer, reconnect, close/flush
     stream.py    gRPC plumbing: one open Ingest.Stream, the one-shot Ingest.Flush
-    transport.py the server replica (routing.py: rendezvous hashing), channel credentials, bearer token
+    transport.py the server replica (gradwatch.routing: rendezvous hashing), channel credentials, bearer token
     replay.py    the bounded replay buffer with the pinned first non-finite frame
     wire.py      items → gradwatch.v1 protobuf frames
     counters.py  sent/acked/dropped counters behind Monitor.counters()

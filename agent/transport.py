@@ -27,7 +27,7 @@ from gradwatch.agent.config import (
     ENV_TOKEN_FILE,
     AgentConfig,
 )
-from gradwatch.agent.routing import ReplicaRouter, Resolver
+from gradwatch.routing import ReplicaRouter, Resolver
 
 __all__ = ["Metadata", "Transport"]
 

@@ -3,6 +3,10 @@
 Module map (dependencies point down the list):
   app           composition root: ServerApp (gRPC + HTTP threads), serve() for `gradwatch serve`
   grpc_service  gradwatch.v1.Ingest on grpc.aio (raw-bytes handlers), health, reflection
+  relay         two tiers, relay side (`serve --upstream`): the forwarder of compact records, per-rank verdicts
+                and incidents with its bounded buffer; relay_link: one upstream link (stream, batches, acks)
+  upstream      two tiers, aggregator side: the Ingest.Relay handler, relayed sessions, the relay limit
+  fanout        the read API answered for every replica (cluster.peers over the headless Service)
   logs          the console: timestamped, levelled log lines as text or JSON (`gradwatch serve`)
   http_api      /metrics, /healthz, /api/v1/{runs,alerts,notifications,silences} (aiohttp, on its own loop thread)
   pages         HTML: the overview (/) and incident reports (/incidents/ID), rendered by gradwatch.incident_report
@@ -22,7 +26,8 @@ Module map (dependencies point down the list):
   ingest        Ingestor: applies validated frames to store, detectors, alerts (transport-free)
   autopsy       the batch a spike or NaN alert names (batch ids, top samples by loss)
   limits        run bindings, per-stream byte budgets, HTTP request bounds
-  auth          bearer-token grants and the HTTP guard; tls: TLS material, reloaded when the files change
+  auth          bearer-token grants and the HTTP guard; tls: TLS material, reloaded when the files change;
+                sessions: the pages' login sessions (cookie, CSRF) when tokens are on
   alerts        AlertBook: one alert per (run, detector), ranks merged, bounded history, listeners
   store         RunStore: bounded runs and ranks, numpy rings, latest per-layer columns
   ranktable     RankTable: every rank's latest state as numpy arrays, what cross-rank detectors read;

@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gradwatch.agent.routing import ReplicaRouter
+from gradwatch.routing import ReplicaRouter
 
 __all__ = ["FanOut"]
 

@@ -5,7 +5,7 @@ Contract (ARCHITECTURE.md, "Two tiers")
 * `Relay` is the relay ingestor's `Forwarder`: every Hello, applied frame, per-rank verdict and ended stream
   becomes one entry of a bounded buffer, on the ingest thread, in O(1) (a report is compacted: its per-layer
   and per-module columns stay on the relay). Nothing there waits on the network.
-* Each run goes to the aggregator replica its id hashes to (`agent/routing.py`, the agents' own choice, over
+* Each run goes to the aggregator replica its id hashes to (`src/gradwatch/routing.py`, the agents' own choice, over
   `relay.upstream`: fixed entries or `dns:///` names), so every relay of a run reaches the same replica. One
   `Link` per replica in use (server/relay_link.py): a "gradwatch-relay-N" thread owns its channel and its
   stream (`Ingest.Relay`).
@@ -38,7 +38,7 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gradwatch.agent.routing import Replica, ReplicaRouter
+from gradwatch.routing import Replica, ReplicaRouter
 from gradwatch.server.alerts import Alert
 from gradwatch.server.detectors import Clear, Fire, Verdict
 from gradwatch.server.relay_link import BUFFER_FULL, Entry, Link

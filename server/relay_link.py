@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from gradwatch.agent.routing import Replica
+from gradwatch.routing import Replica
 from gradwatch.server.grpc_service import INGEST_SERVICE, REASON_METADATA_KEY
 from gradwatch.v1 import gradwatch_pb2 as pb
 

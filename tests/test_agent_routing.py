@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from gradwatch.agent.config import resolve_config
-from gradwatch.agent.routing import Replica, ReplicaRouter, rendezvous_order
+from gradwatch.routing import Replica, ReplicaRouter, rendezvous_order
 from gradwatch.agent.transport import Transport
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import GrpcConfig

@@ -275,7 +275,7 @@ def test_a_relays_incident_with_its_per_layer_window_is_stored_at_the_aggregator
 
 
 def test_a_relay_sends_each_run_to_the_replica_its_id_hashes_to() -> None:
-    from gradwatch.agent.routing import rendezvous_order
+    from gradwatch.routing import rendezvous_order
 
     replicas = [_aggregator(), _aggregator()]
     targets = [r.grpc_target for r in replicas]

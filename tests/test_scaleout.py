@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 import gradwatch  # noqa: E402
 from agent_support import make_mlp, train, wait_until  # noqa: E402
-from gradwatch.agent.routing import rendezvous_order  # noqa: E402
+from gradwatch.routing import rendezvous_order  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from server_support import sample, scrape  # noqa: E402
