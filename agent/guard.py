@@ -45,8 +45,9 @@ import torch
 
 from gradwatch.agent import errors
 from gradwatch.agent.guard_config import GuardSettings
+from gradwatch.agent.guard_norm import GradNorm, SharedNorms
 from gradwatch.agent.guard_rollback import Rollback
-from gradwatch.agent.guard_state import SavedState, WhereRestore, optimizer_params
+from gradwatch.agent.guard_state import SavedState, WhereRestore
 from gradwatch.agent.snapshot import read_all, read_now
 
 __all__ = ["REASONS", "Guard", "RobustWindow", "pick_mechanism", "reason_names"]
@@ -128,12 +129,19 @@ class Guard:
         submit_event: Callable[[str, str, dict[str, str]], None],
         restore_callback: Callable[[int], int | None] | None = None,
         add_agent_time: Callable[[float], None] = lambda seconds: None,
+        plain_replication: int | None = None,
     ) -> None:
+        """`plain_replication`: ranks holding each plain (non-DTensor) gradient (default: the world)."""
         self.settings = settings
         self._optimizer = optimizer
         self._device = device
         self._world_size = world_size
         self._add_agent_time = add_agent_time
+        distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        replication = world_size if plain_replication is None else plain_replication
+        self._norm = GradNorm(optimizer, device, distributed=distributed, plain_replication=replication)
+        #: The global gradient norm the last verdict judged (0-d, unscaled; NaN before the first step).
+        self.judged_grad_norm = torch.full((), math.nan)
         self.mechanism = pick_mechanism(settings.mechanism, optimizer, device)
         self._loss_window = RobustWindow(settings.window, device)
         self._norm_window = RobustWindow(settings.window, device)
@@ -167,6 +175,16 @@ class Guard:
         t = (t.float().mean() if t.numel() != 1 else t.reshape(())).to(self._device, torch.float32)
         self._loss_sum = t if self._loss_sum is None else self._loss_sum + t
         self._loss_count += 1
+
+    def share_norms(self, shared: SharedNorms) -> None:
+        """Judge the per-parameter gradient norms the agent's optimizer tap computes in the same step
+        (`OptimizerTap.step_grad_norms`) instead of a second pass over the gradients (guard_norm.py)."""
+        self._norm.shared = shared
+
+    @property
+    def shared_norm_steps(self) -> int:
+        """Optimizer steps judged from the tap's norms (see share_norms)."""
+        return self._norm.shared_steps
 
     def take(self) -> tuple[torch.Tensor | None, int | None]:
         """(reason flags of the last optimizer step since the previous call, or None; the step a rollback
@@ -261,37 +279,43 @@ class Guard:
         """The step's reason flags (0-d float32 on the device), the same on every rank."""
         s, device = self.settings, self._device
         zero = torch.zeros((), device=device)
-        windows = (self._loss_window, self._norm_window)
-        norm = _global_grad_norm(self._optimizer, device)
-        scale = getattr(self._optimizer, "grad_scale", None)  # fused + GradScaler: gradients are still scaled
-        if isinstance(scale, torch.Tensor):
-            norm = norm / scale.to(device, torch.float32)
         loss, judged_loss = zero, False
         if self._loss_sum is not None and s.judge_loss:
             loss, judged_loss = self._loss_sum / self._loss_count, True
         self._loss_sum, self._loss_count = None, 0
-        if self._judged == s.warmup:
-            for window in windows:
-                window.mark_start()
+        self._mark_start((self._loss_window, self._norm_window))
         spikes_on = self._judged >= s.warmup
         limits = (s.threshold, s.min_excess, s.min_rise)
-        flags = [
-            ~torch.isfinite(loss) if judged_loss else zero.bool(),
-            ~torch.isfinite(norm) if s.judge_grad_norm else zero.bool(),
-            loss > self._loss_window.threshold(*limits) if judged_loss and spikes_on else zero.bool(),
-            norm > self._norm_window.threshold(*limits) if s.judge_grad_norm and spikes_on else zero.bool(),
-            torch.full((), rolled_back, device=device),
-        ]  # fmt: skip
-        stacked = torch.stack(flags).to(torch.float32)
         scaler_found = getattr(self._optimizer, "found_inf", None)
-        if isinstance(scaler_found, torch.Tensor):  # the scaler skips this step itself: not the guard's skip
-            stacked = stacked * (scaler_found.to(device, torch.float32) <= 0)
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
-        reasons = (stacked * torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=device)).sum()
+        scaler_found = scaler_found.to(device, torch.float32) if isinstance(scaler_found, torch.Tensor) else None
+        # This rank's loss flags and norm share; summed over ranks by one all-reduce (norm² shares add up to
+        # the global norm², flags to "some rank saw it"): every rank then holds the same values.
+        rank_flags = [
+            ~torch.isfinite(loss) if judged_loss else zero.bool(),
+            loss > self._loss_window.threshold(*limits) if judged_loss and spikes_on else zero.bool(),
+        ]
+        local = torch.stack([self._norm.share(), *rank_flags, torch.full((), float(rolled_back), device=device)])
+        local = local.to(torch.float32)
+        if scaler_found is not None:  # the scaler skips this step itself: not the guard's skip
+            local[1:3] *= scaler_found <= 0
+        summed = self._all_reduce(local)
+        norm = summed[0].sqrt()
+        scale = getattr(self._optimizer, "grad_scale", None)  # fused + GradScaler: gradients are still scaled
+        if isinstance(scale, torch.Tensor):
+            norm = norm / scale.to(device, torch.float32)
+        self.judged_grad_norm = norm
+        # From the same summed norm and the same window history on every rank: the same flags everywhere.
+        grad_flags = torch.stack([
+            ~torch.isfinite(norm) if s.judge_grad_norm else zero.bool(),
+            norm > self._norm_window.threshold(*limits) if s.judge_grad_norm and spikes_on else zero.bool(),
+        ]).to(torch.float32)  # fmt: skip
+        if scaler_found is not None:
+            grad_flags = grad_flags * (scaler_found <= 0)
+        flags = torch.stack([summed[1], grad_flags[0], summed[2], grad_flags[1], summed[3]]) > 0
+        reasons = (flags.to(torch.float32) * torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=device)).sum()
         keep = (reasons > 0) | (~torch.isfinite(norm))
-        if isinstance(scaler_found, torch.Tensor):
-            keep = keep | (scaler_found.to(device) > 0)
+        if scaler_found is not None:
+            keep = keep | (scaler_found > 0)
         if judged_loss:
             self._loss_window.push(loss, keep)
         self._norm_window.push(norm, keep)
@@ -301,27 +325,30 @@ class Guard:
     def _decide_host(self, rolled_back: bool) -> int:
         """`_decide` for CPU parameters, on the host: the same rules, reason bits as an int."""
         s = self.settings
-        norm = read_now(_global_grad_norm(self._optimizer, self._device))
         loss, judged_loss = math.nan, False
         if self._loss_sum is not None and s.judge_loss:
             loss, judged_loss = read_now(self._loss_sum) / self._loss_count, True
         self._loss_sum, self._loss_count = None, 0
         loss_window, norm_window = self._host_windows
-        if self._judged == s.warmup:
-            loss_window.mark_start()
-            norm_window.mark_start()
+        self._mark_start(self._host_windows)
         spikes_on = self._judged >= s.warmup
-        flags = [
+        limits = (s.threshold, s.min_excess, s.min_rise)
+        rank_flags = [
             judged_loss and not math.isfinite(loss),
-            s.judge_grad_norm and not math.isfinite(norm),
-            judged_loss and spikes_on and loss > loss_window.threshold(s.threshold, s.min_excess, s.min_rise),
-            s.judge_grad_norm and spikes_on and norm > norm_window.threshold(s.threshold, s.min_excess, s.min_rise),
-            rolled_back,
+            judged_loss and spikes_on and loss > loss_window.threshold(*limits),
         ]
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            stacked = torch.tensor(flags, dtype=torch.float32)
-            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
-            flags = [v > 0 for v in read_all(stacked)]
+        flags_here = torch.tensor([*rank_flags, rolled_back], dtype=torch.float32)
+        local = torch.cat([self._norm.share().reshape(1), flags_here])
+        square, loss_bad, loss_spike, rolled = read_all(self._all_reduce(local))
+        norm = math.sqrt(square)
+        self.judged_grad_norm = torch.tensor(norm)
+        flags = [
+            loss_bad > 0,
+            s.judge_grad_norm and not math.isfinite(norm),
+            loss_spike > 0,
+            s.judge_grad_norm and spikes_on and norm > norm_window.threshold(*limits),
+            rolled > 0,
+        ]
         bits = sum(bit for bit, flag in zip(REASONS, flags, strict=True) if flag)
         if not bits and math.isfinite(norm):
             if judged_loss:
@@ -329,6 +356,17 @@ class Guard:
             norm_window.push(norm)
         self._judged += 1
         return bits
+
+    def _mark_start(self, windows: tuple[RobustWindow, RobustWindow] | tuple[HostWindow, HostWindow]) -> None:
+        if self._judged == self.settings.warmup:
+            for window in windows:
+                window.mark_start()
+
+    def _all_reduce(self, local: torch.Tensor) -> torch.Tensor:
+        """`local` summed over every rank (one collective; itself outside torch.distributed)."""
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)
+        return local
 
     def _scale_lr(self, entering: bool) -> None:
         """During a rollback's cool-down, scale every rate for the step only (a scheduler's value is kept)."""
@@ -357,12 +395,3 @@ def pick_mechanism(wanted: str, optimizer: torch.optim.Optimizer, device: torch.
     if wanted != "auto":
         return wanted
     return "found_inf" if fused else "host" if device.type == "cpu" else "restore"
-
-
-def _global_grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-    """L2 norm over every gradient the optimizer will apply (0-d float32 on `device`)."""
-    grads = [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device)
-    norms = torch._foreach_norm([g.detach() for g in grads])
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))

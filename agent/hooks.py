@@ -100,6 +100,9 @@ class OptimizerTap:
         self._histograms: torch.Tensor | None = None
         self._checksum: list[torch.Tensor] | None = None
         self._grads_after = False  # this step has a closure: gradients are read in the post-hook
+        # The layout's parameters and their gradient norms, between this step's pre- and post-hook (the guard
+        # judges the same norms instead of a second pass over the gradients: guard_norm.py).
+        self._step_norms: tuple[tuple[torch.Tensor, ...], list[torch.Tensor]] | None = None
         # Process-wide hooks filtered to this optimizer (dispatch.py): nothing is stored on the optimizer, so
         # its state_dict(), deepcopy and pickling never meet the agent.
         self._watch: dispatch.Watch | None = dispatch.watch_optimizer(
@@ -114,6 +117,12 @@ class OptimizerTap:
         self._grads = self._weights = self._rates = self._updates = self._histograms = self._checksum = None
         return captured
 
+    def step_grad_norms(self) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]] | None:
+        """Inside an optimizer step (after this tap's pre-hook): the layout's parameters and the L2 norms of
+        their gradients (0-d, layout order; a parameter without one: 0) computed for this step's report;
+        None outside a step or when the gradients are read after it (a closure)."""
+        return self._step_norms
+
     def remove(self) -> None:
         """Take both hooks off (idempotent); a hook already running finishes as a no-op."""
         self._active = False
@@ -125,11 +134,14 @@ class OptimizerTap:
         if not self._active:
             return
         started = time.perf_counter()
+        self._step_norms = None
         try:
             full = self._begin_step()
             self._grads_after = _has_closure(args, kwargs)
             if not self._grads_after:
+                params = self._engine.layout.params
                 self._grads = self._engine.compute("grad", full)
+                self._step_norms = (params, self._grads[: len(params)])
                 self._histograms = self._engine.grad_histograms() if full else None
             self._before = self._engine.weight_sample() if full else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
@@ -142,6 +154,7 @@ class OptimizerTap:
         if not self._active:
             return
         started = time.perf_counter()
+        self._step_norms = None
         try:
             self.steps += 1
             full = self._begin_step()

@@ -243,12 +243,16 @@ class Monitor:
         if config.guard.enabled and optimizer is not None:
             self._guard = Guard(config.guard, optimizer, device, world_size=config.world_size,
                                 submit_event=self._submit_event, restore_callback=rollback_callback,
-                                add_agent_time=self._spent)  # fmt: skip
+                                add_agent_time=self._spent,
+                                plain_replication=self._engine.layout.plain_replication)  # fmt: skip
         self._batch_ids: Any = None
         self._sample_losses: list[torch.Tensor] = []
         self._collectives.install(model)
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
                                           self._spent, self._checksum_due)  # fmt: skip
+        tap = self._assembler.optimizer_tap
+        if self._guard is not None and tap is not None:  # one gradient norm pass per step, not two
+            self._guard.share_norms(tap.step_grad_norms)
         # forward_hooks=False promises no hooks on the model: then no pre-forward time either.
         self._forward_clock = ForwardClock(model) if config.forward_hooks else None
         if activations is not None:
