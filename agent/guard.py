@@ -50,7 +50,7 @@ from gradwatch.agent.guard_rollback import Rollback
 from gradwatch.agent.guard_state import SavedState, WhereRestore
 from gradwatch.agent.snapshot import read_all, read_now
 
-__all__ = ["REASONS", "Guard", "RobustWindow", "pick_mechanism", "reason_names"]
+__all__ = ["REASONS", "Guard", "RobustWindow", "check_setup", "pick_mechanism", "reason_names"]
 
 #: Reason bits of a skipped step, as the report carries them (StepReport.guard_skip_reasons).
 REASONS = {1: "loss_non_finite", 2: "grad_non_finite", 4: "loss_spike", 8: "grad_spike", 16: "rolled_back"}
@@ -140,8 +140,10 @@ class Guard:
         distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         replication = world_size if plain_replication is None else plain_replication
         self._norm = GradNorm(optimizer, device, distributed=distributed, plain_replication=replication)
-        #: The global gradient norm the last verdict judged (0-d, unscaled; NaN before the first step).
+        #: The last verdict's global gradient norm (0-d, unscaled; NaN before the first) and reason flags
+        #: (0-d, 0: applied), on the device; kept for inspection (reading them on the host syncs).
         self.judged_grad_norm = torch.full((), math.nan)
+        self.last_reasons = torch.zeros(())
         self.mechanism = pick_mechanism(settings.mechanism, optimizer, device)
         self._loss_window = RobustWindow(settings.window, device)
         self._norm_window = RobustWindow(settings.window, device)
@@ -211,14 +213,14 @@ class Guard:
             rolled_back = self.rollback.before_step(self.optimizer_steps + 1)
             if self._host_verdict:  # CPU: the values are in host memory; Python beats a dozen tiny kernels
                 bits = self._decide_host(rolled_back)
-                self._reasons = torch.full((), float(bits))
+                self._reasons = self.last_reasons = torch.full((), float(bits))
                 self._saved = SavedState.take(optimizer) if bits else None
                 self._step_mechanism, self._stated = "host", True
                 self._scale_lr(True)
                 return
             reasons = self._decide(rolled_back)
             bad = reasons > 0
-            self._reasons = reasons
+            self._reasons = self.last_reasons = reasons
             mechanism = self.mechanism
             if not self._stated:  # the first step creates the state: put it back exactly, one read of the flag
                 mechanism, self._stated = "host", True
@@ -383,6 +385,20 @@ class Guard:
         if saved is not None:
             for group, lr in zip(self._optimizer.param_groups, saved, strict=True):
                 group["lr"] = lr
+
+
+def check_setup(wanted: str, optimizer: torch.optim.Optimizer, device: torch.device, *, grad_scaler: Any,
+                sharded: bool) -> None:  # fmt: skip
+    """ValueError at attach() for a guard that cannot work here (see pick_mechanism). Sharded (FSDP2) with a
+    GradScaler and a non-fused optimizer: the scaler finds Inf/NaN per shard and skips optimizer.step() on
+    those ranks only, so the guard's all-reduce inside the step would wait for ranks that never enter it."""
+    pick_mechanism(wanted, optimizer, device)
+    if sharded and grad_scaler is not None and not optimizer.defaults.get("fused"):
+        raise ValueError(
+            "gradwatch: guard with a GradScaler on sharded (FSDP2) parameters needs a fused optimizer "
+            "(fused=True): the scaler skips optimizer.step() on some ranks only, and the guard's all-reduce in "
+            "the step would wait for the others"
+        )
 
 
 def pick_mechanism(wanted: str, optimizer: torch.optim.Optimizer, device: torch.device) -> str:

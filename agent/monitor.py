@@ -70,7 +70,7 @@ from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.checksum_cadence import ChecksumCadence
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
-from gradwatch.agent.guard import Guard, pick_mechanism
+from gradwatch.agent.guard import Guard, check_setup
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
 from gradwatch.agent.replica import replica_group
 from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, data_parallel_size
@@ -188,7 +188,8 @@ class Monitor:
         self._param_ids: set[int] | None = {id(p) for p in model.parameters()}
         device = self._engine.layout.device
         if config.guard.enabled and optimizer is not None:
-            pick_mechanism(config.guard.mechanism, optimizer, device)  # raises before anything starts
+            sharded = self._engine.layout.has_dtensor and config.world_size > 1
+            check_setup(config.guard.mechanism, optimizer, device, grad_scaler=grad_scaler, sharded=sharded)
         self._counters = Counters()
         self._session_id = uuid.uuid4().hex
         self._step_count = 0
