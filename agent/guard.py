@@ -140,6 +140,8 @@ class Guard:
         distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         replication = world_size if plain_replication is None else plain_replication
         self._norm = GradNorm(optimizer, device, distributed=distributed, plain_replication=replication)
+        # Made once here: a tensor built from a Python list on an accelerator is a host-to-device copy that waits.
+        self._bit_values = torch.tensor([float(bit) for bit in REASONS], device=device)
         #: The last verdict's global gradient norm (0-d, unscaled; NaN before the first) and reason flags
         #: (0-d, 0: applied), on the device; kept for inspection (reading them on the host syncs).
         self.judged_grad_norm = torch.full((), math.nan)
@@ -314,7 +316,7 @@ class Guard:
         if scaler_found is not None:
             grad_flags = grad_flags * (scaler_found <= 0)
         flags = torch.stack([summed[1], grad_flags[0], summed[2], grad_flags[1], summed[3]]) > 0
-        reasons = (flags.to(torch.float32) * torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=device)).sum()
+        reasons = (flags.to(torch.float32) * self._bit_values).sum()
         keep = (reasons > 0) | (~torch.isfinite(norm))
         if scaler_found is not None:
             keep = keep | (scaler_found > 0)

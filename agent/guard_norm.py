@@ -48,6 +48,7 @@ class GradNorm:
         self._index: torch.Tensor | None = None  # optimizer params' positions in the layout (None: identity)
         self._indexable = False
         self.shared_steps = 0  # steps that used the tap's norms (for tests and the bench)
+        self._zero = torch.zeros((), device=device)
 
     def share(self) -> torch.Tensor:
         params = optimizer_params(self._optimizer)
@@ -59,16 +60,13 @@ class GradNorm:
                 norms = norms.index_select(0, self._index)
             self.shared_steps += 1
             return self._combine(norms.square())
-        present = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
-        if not present:
-            return torch.zeros((), device=self._device)
-        grads = [local_tensor(g.detach()) for _, g in present]
-        squares = torch.stack([n.to(self._device, torch.float32) for n in torch._foreach_norm(grads)]).square()
-        if len(present) != len(params):
-            squares = torch.zeros(len(params), device=self._device).index_put_(
-                (torch.tensor([i for i, _ in present], device=self._device),), squares
-            )
-        return self._combine(squares)
+        grads = [local_tensor(p.grad.detach()) for p in params if p.grad is not None]
+        if not grads:
+            return self._zero
+        found = iter(torch._foreach_norm(grads))
+        # A parameter without a gradient counts 0 (a cached device zero: no host-to-device copy in the step).
+        norms = [self._zero if p.grad is None else next(found).to(self._device, torch.float32) for p in params]
+        return self._combine(torch.stack(norms).square())
 
     def _combine(self, squares: torch.Tensor) -> torch.Tensor:
         return (squares * self._weights).sum() if self._weighted else squares.sum()
