@@ -48,7 +48,7 @@ from gradwatch.agent.guard_config import GuardSettings
 from gradwatch.agent.guard_norm import GradNorm, SharedNorms
 from gradwatch.agent.guard_rollback import Rollback
 from gradwatch.agent.guard_state import SavedState, WhereRestore
-from gradwatch.agent.snapshot import read_all, read_now
+from gradwatch.agent.snapshot import HostCopy, read_all, read_now, start_copy
 
 __all__ = ["REASONS", "Guard", "RobustWindow", "check_setup", "pick_mechanism", "reason_names"]
 
@@ -158,7 +158,7 @@ class Guard:
         self._reasons: torch.Tensor | None = None  # this step's flags, for the report
         self._saved: SavedState | None = None  # host mechanism: the bad step's state
         self._where = WhereRestore(optimizer, device) if self.mechanism == "restore" else None
-        self._where_pending: torch.Tensor | None = None
+        self._where_pending: HostCopy | None = None  # restore: the flag on its way to host memory
         self._own_found_inf = False
         self._stated = False  # the optimizer's first guarded step (it creates the state) is done
         self._step_mechanism = self.mechanism
@@ -263,7 +263,9 @@ class Guard:
                 if saved is not None:
                     saved.restore()
             elif self._where is not None and self._reasons is not None and self._where.after(self._bad):
-                self._where_pending = self._bad
+                # Queued behind this step's kernels (non-blocking, with an event): by the next step's pre-hook
+                # it has usually landed, and waiting for it never waits for the next step's forward/backward.
+                self._where_pending = start_copy([[self._bad.to(torch.float32)]])
             if self._reasons is not None:
                 self.rollback.after_step(self.optimizer_steps, self._reasons)
         except Exception as exc:
@@ -277,7 +279,7 @@ class Guard:
         """restore mechanism: the host part of the previous bad step (one read of a landed flag)."""
         pending, self._where_pending = self._where_pending, None
         if pending is not None and self._where is not None:
-            self._where.settle(read_now(pending) > 0)
+            self._where.settle(float(pending.to_numpy()[0]) > 0)
 
     def _decide(self, rolled_back: bool) -> torch.Tensor:
         """The step's reason flags (0-d float32 on the device), the same on every rank."""

@@ -1,8 +1,10 @@
 """The guard on CUDA decides and skips on the device: fused AdamW under torch.amp.GradScaler("cuda") (the
-found-inf flag) and capturable AdamW (the device-side restore; its step counters live on the device) train
-through NaN and spiking batches under torch.cuda.set_sync_debug_mode("error") after the optimizer's first step
-(judged on the host once, docs/guard.md), and end bit for bit like a run that never saw those batches (skipped
-without a GPU; scripts/gpu_check.sh runs it)."""
+found-inf flag), capturable AdamW (the device-side restore; its step counters live on the device) and foreach
+AdamW (restore; its CPU step counters are put back at the next step from the flag's non-blocking copy, waited
+for through an event, not a stream synchronisation) train through NaN and spiking batches under
+torch.cuda.set_sync_debug_mode("error") after the optimizer's first step (judged on the host once,
+docs/guard.md), and end bit for bit like a run that never saw those batches (skipped without a GPU;
+scripts/gpu_check.sh runs it)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ BAD = {14: "nan", 21: "spike", 33: "spike"}
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "adamw_fused": lambda p: torch.optim.AdamW(p, lr=3e-3, fused=True),
     "adamw_capturable": lambda p: torch.optim.AdamW(p, lr=3e-3, capturable=True, foreach=True),
+    "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=3e-3, foreach=True),  # step counters on the CPU
 }
 
 
@@ -77,8 +80,10 @@ def _train(name: str, scaled: bool, address: str | None) -> tuple[nn.Module, tor
     return model, optimizer, mechanism
 
 
-@pytest.mark.parametrize(("name", "scaled", "mechanism"),
-                         [("adamw_fused", True, "found_inf"), ("adamw_capturable", False, "restore")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "scaled", "mechanism"),
+    [("adamw_fused", True, "found_inf"), ("adamw_capturable", False, "restore"), ("adamw_foreach", False, "restore")],
+)
 def test_guard_gpu_skips_on_the_device_without_a_sync_and_exactly(name: str, scaled: bool, mechanism: str) -> None:
     errors.reset()
     with ScriptableServer() as server:
