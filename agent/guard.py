@@ -11,7 +11,9 @@ Contract
   `observe_loss` calls since the last optimizer step; none given: not judged) or the global gradient norm is
   non-finite, or, after `warmup` judged steps, exceeds its window's median by `threshold` robust standard
   deviations and by `min_excess` of the median. Only accepted steps enter the windows. Under torch.distributed
-  the reason flags are all-reduced (MAX) before use, so every rank decides the same and replicas never diverge.
+  one SUM all-reduce carries each rank's share of the squared global gradient norm (guard_norm.py: exact for
+  DDP, FSDP2 and HSDP shards), its loss flags and the rollback flag; every rank then judges the same global norm
+  against the same window history, so every rank decides the same and replicas and shards never diverge.
 - A bad step leaves the weights and the optimizer state (moments, step counts) exactly as before it. How
   (`mechanism`, "auto" picks the first that applies):
     found_inf  fused optimizers (fused=True): the flag goes to the kernel as `optimizer.found_inf`, the same
@@ -22,7 +24,7 @@ Contract
     restore    other devices: every step copies the parameters and state (one foreach copy into kept
                buffers: memory and bandwidth of one more copy of the optimizer's tensors) and a bad step is
                undone with a device-side where (no sync). State off the device (Adam's CPU step counters)
-               is fixed from the flag at the next step, when its copy has landed.
+               is fixed from the flag at the next step, from its non-blocking copy (an event wait).
   The optimizer's first guarded step uses `host` whatever the mechanism (one read of the flag, which waits
   for the device once): that step creates the optimizer state, and a fused kernel told to skip it would leave
   e.g. SGD's momentum buffers uninitialised; `host` removes state a skipped first step created.
@@ -40,7 +42,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from gradwatch.agent import errors
@@ -48,72 +49,17 @@ from gradwatch.agent.guard_config import GuardSettings
 from gradwatch.agent.guard_norm import GradNorm, SharedNorms
 from gradwatch.agent.guard_rollback import Rollback
 from gradwatch.agent.guard_state import SavedState, WhereRestore
+from gradwatch.agent.guard_window import HostWindow, RobustWindow
 from gradwatch.agent.snapshot import HostCopy, read_all, read_now, start_copy
 
-__all__ = ["REASONS", "Guard", "RobustWindow", "check_setup", "pick_mechanism", "reason_names"]
+__all__ = ["REASONS", "Guard", "check_setup", "pick_mechanism", "reason_names"]
 
 #: Reason bits of a skipped step, as the report carries them (StepReport.guard_skip_reasons).
 REASONS = {1: "loss_non_finite", 2: "grad_non_finite", 4: "loss_spike", 8: "grad_spike", 16: "rolled_back"}
-_MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 
 
 def reason_names(bits: int) -> list[str]:
     return [name for bit, name in REASONS.items() if bits & bit]
-
-
-class RobustWindow:
-    """The last `size` accepted values of one signal, on the device, and the spike threshold they give."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self._values = torch.full((size,), math.nan, device=device)
-        self._slot = 0
-        self._start = torch.zeros((), device=device)
-
-    def mark_start(self) -> None:
-        """Keep the window's median now (the end of the warm-up) as the run's starting level."""
-        self._start = torch.nan_to_num(torch.nanmedian(self._values).abs())
-
-    def threshold(self, k: float, min_excess: float, min_rise: float) -> torch.Tensor:
-        median = torch.nanmedian(self._values)
-        mad = torch.nanmedian((self._values - median).abs())
-        margin = torch.maximum(k * _MAD_TO_SIGMA * mad, min_excess * median.abs())
-        return median + torch.maximum(margin, min_rise * self._start)
-
-    def push(self, value: torch.Tensor, keep: torch.Tensor) -> None:
-        """Enter `value` unless `keep` (the step was bad): then the slot keeps its old value."""
-        slot = self._values[self._slot]
-        slot.copy_(torch.where(keep, slot, value))
-        self._slot = (self._slot + 1) % self._values.numel()
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._values
-
-
-class HostWindow:
-    """RobustWindow's host twin (CPU parameters): the last `size` accepted values in a numpy ring."""
-
-    def __init__(self, size: int) -> None:
-        self._values = np.empty(size)
-        self._count = 0
-        self._start = 0.0
-
-    def mark_start(self) -> None:
-        """Keep the window's median now (the end of the warm-up) as the run's starting level."""
-        if self._count:
-            self._start = abs(float(np.median(self._values[: min(self._count, self._values.size)])))
-
-    def threshold(self, k: float, min_excess: float, min_rise: float) -> float:
-        if self._count == 0:
-            return math.inf
-        values = self._values[: min(self._count, self._values.size)]
-        median = float(np.median(values))
-        mad = float(np.median(np.abs(values - median)))
-        return median + max(k * _MAD_TO_SIGMA * mad, min_excess * abs(median), min_rise * self._start)
-
-    def push(self, value: float) -> None:
-        self._values[self._count % self._values.size] = value
-        self._count += 1
 
 
 class Guard:
