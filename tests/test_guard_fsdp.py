@@ -1,7 +1,8 @@
 """The guard under FSDP2 (`fully_shard`, 2-rank gloo on the CPU): every rank judges the exact global gradient
 norm (not its shard's), all ranks skip the same steps, and a skipped step leaves every rank's parameter shards
 and sharded optimizer state (DTensors) bit for bit as a run that never saw the bad batches; HSDP replicas stay
-identical. Each exactness mechanism (host copy, device-side restore, the fused kernels' found-inf flag)."""
+identical. Each exactness mechanism (host copy, device-side restore, the fused kernels' found-inf flag), the
+last also under a GradScaler."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ CASES = [
     ("fsdp-adamw-fused", "adamw_fused", "auto", (2,)),
     ("fsdp-adam-fused", "adam_fused", "found_inf", (2,)),
     ("hsdp-adam-restore", "adam_foreach", "restore", (2, 1)),
+    # Under torch.amp.GradScaler("cpu"): a NaN is the scaler's own skip, a spike the guard's.
+    ("fsdp-adam-fused-scaler", "adam_fused", "found_inf", (2,)),
 ]
 
 
@@ -77,10 +80,11 @@ def _worker(rank: int, world_size: int, master_port: int, target: str) -> None:
         name, kind, mechanism, mesh_shape = case
         net = build(mesh_shape)
         opt = optimizer(kind, net)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if name.endswith("scaler") else None
         monitor = None
         if skip is None:
             guard = {"policy": "skip", "warmup": WARMUP, "mechanism": mechanism}
-            monitor = gradwatch.attach(net, opt, run=name, server=target, guard=guard)
+            monitor = gradwatch.attach(net, opt, run=name, server=target, guard=guard, grad_scaler=scaler)
         skipped: set[int] = set()
         for step in range(1, STEPS + 1):
             if skip is not None and step in skip:
@@ -88,19 +92,25 @@ def _worker(rank: int, world_size: int, master_port: int, target: str) -> None:
             x, y = data(step)
             opt.zero_grad()
             loss = nn.functional.mse_loss(net(x), y)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             if monitor is not None:
-                truth = true_norm(net)  # a collective (test only), before the guard's
+                # A collective (test only), before the guard's; the fused optimizer sees the gradients still scaled.
+                truth = true_norm(net) / (1.0 if scaler is None else scaler.get_scale())
                 monitor.observe_loss(loss)
-            opt.step()
+            scale = None if scaler is None else scaler.get_scale()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
             if monitor is not None:
                 assert monitor.guard is not None
                 got = float(monitor.guard.judged_grad_norm)
                 assert (math.isfinite(got) == math.isfinite(truth)) and (
                     not math.isfinite(truth) or math.isclose(got, truth, rel_tol=1e-5)
                 ), (name, step, got, truth)
-                if float(monitor.guard.last_reasons):
-                    skipped.add(step)
+                if float(monitor.guard.last_reasons) or (scaler is not None and scaler.get_scale() < scale):
+                    skipped.add(step)  # the guard's skip, or the scaler's (it lowers its scale)
                 monitor.step(loss)
         if monitor is not None:
             assert monitor.close(timeout=10)
@@ -148,7 +158,7 @@ def test_fsdp2_ranks_skip_together_on_the_global_norm_and_shards_stay_exact() ->
     skipped: dict[tuple[str, int], list[int]] = {}
     for (run, rank, _), session in sessions.items():
         for frame in session.frames.values():
-            if frame.HasField("report") and frame.report.guard_skip_reasons:
+            if frame.HasField("report") and (frame.report.guard_skip_reasons or frame.report.skipped_step):
                 skipped.setdefault((run, rank), []).append(frame.report.step)
     for name, *_ in CASES:
         assert sorted(skipped.get((name, 0), [])) == sorted(skipped.get((name, 1), [])), name
