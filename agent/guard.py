@@ -37,6 +37,7 @@ Failures inside the hooks go to errors.report: the step then goes ahead unguarde
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -50,9 +51,12 @@ from gradwatch.agent.guard_norm import GradNorm, SharedNorms
 from gradwatch.agent.guard_rollback import Rollback
 from gradwatch.agent.guard_state import SavedState, WhereRestore
 from gradwatch.agent.guard_window import HostWindow, RobustWindow
+from gradwatch.agent.hooks import has_closure
 from gradwatch.agent.snapshot import HostCopy, read_all, read_now, start_copy
 
 __all__ = ["REASONS", "Guard", "check_setup", "pick_mechanism", "reason_names"]
+
+logger = logging.getLogger("gradwatch.agent")
 
 #: Reason bits of a skipped step, as the report carries them (StepReport.guard_skip_reasons).
 REASONS = {1: "loss_non_finite", 2: "grad_non_finite", 4: "loss_spike", 8: "grad_spike", 16: "rolled_back"}
@@ -88,6 +92,7 @@ class Guard:
         self._norm = GradNorm(optimizer, device, distributed=distributed, plain_replication=replication)
         # Made once here: a tensor built from a Python list on an accelerator is a host-to-device copy that waits.
         self._bit_values = torch.tensor([float(bit) for bit in REASONS], device=device)
+        self.unjudged_steps = 0  # optimizer.step(closure) calls: applied without a verdict
         #: The last verdict's global gradient norm (0-d, unscaled; NaN before the first) and reason flags
         #: (0-d, 0: applied), on the device; kept for inspection (reading them on the host syncs).
         self.judged_grad_norm = torch.full((), math.nan)
@@ -158,6 +163,15 @@ class Guard:
         started = time.perf_counter()
         try:
             self._settle_previous()
+            if has_closure(args, kwargs):  # its gradients come inside the step, after this hook: not judged
+                self._reasons, self._step_mechanism = None, "unjudged"
+                self.unjudged_steps += 1
+                if self.unjudged_steps == 1:
+                    logger.warning(
+                        "gradwatch: guard: optimizer.step(closure) computes its gradients after the "
+                        "guard's hook; such steps are applied unjudged (counted: guard.unjudged_steps)"
+                    )
+                return
             rolled_back = self.rollback.before_step(self.optimizer_steps + 1)
             if self._host_verdict:  # CPU: the values are in host memory; Python beats a dozen tiny kernels
                 bits = self._decide_host(rolled_back)

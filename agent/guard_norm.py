@@ -10,8 +10,8 @@ Contract
   from the reports; without torch.distributed every weight is 1 and the share is the norm².
 - Per-parameter norms the agent's optimizer tap already computed in this step's pre-hook (before the guard's:
   torch runs global step pre-hooks first) are used when offered (`shared()` returns the layout's parameters
-  and their norms): no second pass over the gradients. Otherwise (a closure step, a tap error, no tap) one
-  foreach norm over the local gradients.
+  and their norms): no second pass over the gradients. Otherwise (no tap, a tap error) one foreach norm
+  over the local gradients.
 - A parameter the optimizer applies but the model layout lacks makes the guard compute its own pass.
 Call on the training thread only.
 """

@@ -31,7 +31,7 @@ import torch
 from gradwatch.agent import dispatch, errors
 from gradwatch.agent.stats import StatsEngine
 
-__all__ = ["Capture", "LearningRates", "OptimizerTap", "learning_rates"]
+__all__ = ["Capture", "LearningRates", "OptimizerTap", "has_closure", "learning_rates"]
 
 # (one rate per param group, NaN where the rate is a tensor; those groups' indexes; the 0-d tensor rates)
 LearningRates = tuple[list[float], tuple[int, ...], list[torch.Tensor]]
@@ -137,7 +137,7 @@ class OptimizerTap:
         self._step_norms = None
         try:
             full = self._begin_step()
-            self._grads_after = _has_closure(args, kwargs)
+            self._grads_after = has_closure(args, kwargs)
             if not self._grads_after:
                 params = self._engine.layout.params
                 self._grads = self._engine.compute("grad", full)
@@ -174,9 +174,10 @@ class OptimizerTap:
             self._add_agent_time(time.perf_counter() - started)
 
 
-def _has_closure(args: Any, kwargs: Any) -> bool:
-    """Whether `optimizer.step(...)` was called with a closure (positionally or by keyword)."""
+def has_closure(args: Any, kwargs: Any) -> bool:
+    """Whether `optimizer.step(...)` was called with a closure (positionally or by keyword). torch hands step
+    hooks the step's own `args`, which start with the optimizer itself: a positional closure is `args[1]`."""
     closure = kwargs.get("closure") if kwargs else None
-    if closure is None and args:
-        closure = args[0]
+    if closure is None and len(args) > 1:
+        closure = args[1]
     return callable(closure)
