@@ -63,6 +63,11 @@ class ReportAssembler:
         self._fold = LayerFold.of(engine.layout)
         self._layouts: dict[tuple[bool, int, bool, bool, bool], VectorLayout] = {}
 
+    @property
+    def optimizer_tap(self) -> OptimizerTap | None:
+        """The optimizer's hooks (None without an optimizer)."""
+        return self._tap
+
     def layout_changed(self) -> None:
         """The engine regrouped its parameters: folds and vector layouts are rebuilt."""
         self._fold = LayerFold.of(self._engine.layout)

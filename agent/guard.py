@@ -11,7 +11,9 @@ Contract
   `observe_loss` calls since the last optimizer step; none given: not judged) or the global gradient norm is
   non-finite, or, after `warmup` judged steps, exceeds its window's median by `threshold` robust standard
   deviations and by `min_excess` of the median. Only accepted steps enter the windows. Under torch.distributed
-  the reason flags are all-reduced (MAX) before use, so every rank decides the same and replicas never diverge.
+  one SUM all-reduce carries each rank's share of the squared global gradient norm (guard_norm.py: exact for
+  DDP, FSDP2 and HSDP shards), its loss flags and the rollback flag; every rank then judges the same global norm
+  against the same window history, so every rank decides the same and replicas and shards never diverge.
 - A bad step leaves the weights and the optimizer state (moments, step counts) exactly as before it. How
   (`mechanism`, "auto" picks the first that applies):
     found_inf  fused optimizers (fused=True): the flag goes to the kernel as `optimizer.found_inf`, the same
@@ -22,7 +24,7 @@ Contract
     restore    other devices: every step copies the parameters and state (one foreach copy into kept
                buffers: memory and bandwidth of one more copy of the optimizer's tensors) and a bad step is
                undone with a device-side where (no sync). State off the device (Adam's CPU step counters)
-               is fixed from the flag at the next step, when its copy has landed.
+               is fixed from the flag at the next step, from its non-blocking copy (an event wait).
   The optimizer's first guarded step uses `host` whatever the mechanism (one read of the flag, which waits
   for the device once): that step creates the optimizer state, and a fused kernel told to skip it would leave
   e.g. SGD's momentum buffers uninitialised; `host` removes state a skipped first step created.
@@ -35,83 +37,32 @@ Failures inside the hooks go to errors.report: the step then goes ahead unguarde
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from gradwatch.agent import errors
 from gradwatch.agent.guard_config import GuardSettings
+from gradwatch.agent.guard_norm import GradNorm, SharedNorms
 from gradwatch.agent.guard_rollback import Rollback
-from gradwatch.agent.guard_state import SavedState, WhereRestore, optimizer_params
-from gradwatch.agent.snapshot import read_all, read_now
+from gradwatch.agent.guard_state import SavedState, WhereRestore
+from gradwatch.agent.guard_window import HostWindow, RobustWindow
+from gradwatch.agent.hooks import has_closure
+from gradwatch.agent.snapshot import HostCopy, read_all, read_now, start_copy
 
-__all__ = ["REASONS", "Guard", "RobustWindow", "pick_mechanism", "reason_names"]
+__all__ = ["REASONS", "Guard", "check_setup", "pick_mechanism", "reason_names"]
+
+logger = logging.getLogger("gradwatch.agent")
 
 #: Reason bits of a skipped step, as the report carries them (StepReport.guard_skip_reasons).
 REASONS = {1: "loss_non_finite", 2: "grad_non_finite", 4: "loss_spike", 8: "grad_spike", 16: "rolled_back"}
-_MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 
 
 def reason_names(bits: int) -> list[str]:
     return [name for bit, name in REASONS.items() if bits & bit]
-
-
-class RobustWindow:
-    """The last `size` accepted values of one signal, on the device, and the spike threshold they give."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self._values = torch.full((size,), math.nan, device=device)
-        self._slot = 0
-        self._start = torch.zeros((), device=device)
-
-    def mark_start(self) -> None:
-        """Keep the window's median now (the end of the warm-up) as the run's starting level."""
-        self._start = torch.nan_to_num(torch.nanmedian(self._values).abs())
-
-    def threshold(self, k: float, min_excess: float, min_rise: float) -> torch.Tensor:
-        median = torch.nanmedian(self._values)
-        mad = torch.nanmedian((self._values - median).abs())
-        margin = torch.maximum(k * _MAD_TO_SIGMA * mad, min_excess * median.abs())
-        return median + torch.maximum(margin, min_rise * self._start)
-
-    def push(self, value: torch.Tensor, keep: torch.Tensor) -> None:
-        """Enter `value` unless `keep` (the step was bad): then the slot keeps its old value."""
-        slot = self._values[self._slot]
-        slot.copy_(torch.where(keep, slot, value))
-        self._slot = (self._slot + 1) % self._values.numel()
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._values
-
-
-class HostWindow:
-    """RobustWindow's host twin (CPU parameters): the last `size` accepted values in a numpy ring."""
-
-    def __init__(self, size: int) -> None:
-        self._values = np.empty(size)
-        self._count = 0
-        self._start = 0.0
-
-    def mark_start(self) -> None:
-        """Keep the window's median now (the end of the warm-up) as the run's starting level."""
-        if self._count:
-            self._start = abs(float(np.median(self._values[: min(self._count, self._values.size)])))
-
-    def threshold(self, k: float, min_excess: float, min_rise: float) -> float:
-        if self._count == 0:
-            return math.inf
-        values = self._values[: min(self._count, self._values.size)]
-        median = float(np.median(values))
-        mad = float(np.median(np.abs(values - median)))
-        return median + max(k * _MAD_TO_SIGMA * mad, min_excess * abs(median), min_rise * self._start)
-
-    def push(self, value: float) -> None:
-        self._values[self._count % self._values.size] = value
-        self._count += 1
 
 
 class Guard:
@@ -127,12 +78,24 @@ class Guard:
         submit_event: Callable[[str, str, dict[str, str]], None],
         restore_callback: Callable[[int], int | None] | None = None,
         add_agent_time: Callable[[float], None] = lambda seconds: None,
+        plain_replication: int | None = None,
     ) -> None:
+        """`plain_replication`: ranks holding each plain (non-DTensor) gradient (default: the world)."""
         self.settings = settings
         self._optimizer = optimizer
         self._device = device
         self._world_size = world_size
         self._add_agent_time = add_agent_time
+        distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        replication = world_size if plain_replication is None else plain_replication
+        self._norm = GradNorm(optimizer, device, distributed=distributed, plain_replication=replication)
+        # Made once here: a tensor built from a Python list on an accelerator is a host-to-device copy that waits.
+        self._bit_values = torch.tensor([float(bit) for bit in REASONS], device=device)
+        self.unjudged_steps = 0  # optimizer.step(closure) calls: applied without a verdict
+        #: The last verdict's global gradient norm (0-d, unscaled; NaN before the first) and reason flags
+        #: (0-d, 0: applied), on the device; kept for inspection (reading them on the host syncs).
+        self.judged_grad_norm = torch.full((), math.nan)
+        self.last_reasons = torch.zeros(())
         self.mechanism = pick_mechanism(settings.mechanism, optimizer, device)
         self._loss_window = RobustWindow(settings.window, device)
         self._norm_window = RobustWindow(settings.window, device)
@@ -145,7 +108,7 @@ class Guard:
         self._reasons: torch.Tensor | None = None  # this step's flags, for the report
         self._saved: SavedState | None = None  # host mechanism: the bad step's state
         self._where = WhereRestore(optimizer, device) if self.mechanism == "restore" else None
-        self._where_pending: torch.Tensor | None = None
+        self._where_pending: HostCopy | None = None  # restore: the flag on its way to host memory
         self._own_found_inf = False
         self._stated = False  # the optimizer's first guarded step (it creates the state) is done
         self._step_mechanism = self.mechanism
@@ -166,6 +129,16 @@ class Guard:
         t = (t.float().mean() if t.numel() != 1 else t.reshape(())).to(self._device, torch.float32)
         self._loss_sum = t if self._loss_sum is None else self._loss_sum + t
         self._loss_count += 1
+
+    def share_norms(self, shared: SharedNorms) -> None:
+        """Judge the per-parameter gradient norms the agent's optimizer tap computes in the same step
+        (`OptimizerTap.step_grad_norms`) instead of a second pass over the gradients (guard_norm.py)."""
+        self._norm.shared = shared
+
+    @property
+    def shared_norm_steps(self) -> int:
+        """Optimizer steps judged from the tap's norms (see share_norms)."""
+        return self._norm.shared_steps
 
     def take(self) -> tuple[torch.Tensor | None, int | None]:
         """(reason flags of the last optimizer step since the previous call, or None; the step a rollback
@@ -189,17 +162,26 @@ class Guard:
         with errors.guarded("guard_pre_hook", self._add_agent_time):
             self._reasons = None  # until decided below: a failure leaves the step unguarded
             self._settle_previous()
+            if has_closure(args, kwargs):  # its gradients come inside the step, after this hook: not judged
+                self._reasons, self._step_mechanism = None, "unjudged"
+                self.unjudged_steps += 1
+                if self.unjudged_steps == 1:
+                    logger.warning(
+                        "gradwatch: guard: optimizer.step(closure) computes its gradients after the "
+                        "guard's hook; such steps are applied unjudged (counted: guard.unjudged_steps)"
+                    )
+                return
             rolled_back = self.rollback.before_step(self.optimizer_steps + 1)
             if self._host_verdict:  # CPU: the values are in host memory; Python beats a dozen tiny kernels
                 bits = self._decide_host(rolled_back)
-                self._reasons = torch.full((), float(bits))
+                self._reasons = self.last_reasons = torch.full((), float(bits))
                 self._saved = SavedState.take(optimizer) if bits else None
                 self._step_mechanism, self._stated = "host", True
                 self._scale_lr(True)
                 return
             reasons = self._decide(rolled_back)
             bad = reasons > 0
-            self._reasons = reasons
+            self._reasons = self.last_reasons = reasons
             mechanism = self.mechanism
             if not self._stated:  # the first step creates the state: put it back exactly, one read of the flag
                 mechanism, self._stated = "host", True
@@ -234,7 +216,9 @@ class Guard:
                 if saved is not None:
                     saved.restore()
             elif self._where is not None and self._reasons is not None and self._where.after(self._bad):
-                self._where_pending = self._bad
+                # Queued behind this step's kernels (non-blocking, with an event): by the next step's pre-hook
+                # it has usually landed, and waiting for it never waits for the next step's forward/backward.
+                self._where_pending = start_copy([[self._bad.to(torch.float32)]])
             if self._reasons is not None:
                 self.rollback.after_step(self.optimizer_steps, self._reasons)
 
@@ -244,43 +228,49 @@ class Guard:
         """restore mechanism: the host part of the previous bad step (one read of a landed flag)."""
         pending, self._where_pending = self._where_pending, None
         if pending is not None and self._where is not None:
-            self._where.settle(read_now(pending) > 0)
+            self._where.settle(float(pending.to_numpy()[0]) > 0)
 
     def _decide(self, rolled_back: bool) -> torch.Tensor:
         """The step's reason flags (0-d float32 on the device), the same on every rank."""
         s, device = self.settings, self._device
         zero = torch.zeros((), device=device)
-        windows = (self._loss_window, self._norm_window)
-        norm = _global_grad_norm(self._optimizer, device)
-        scale = getattr(self._optimizer, "grad_scale", None)  # fused + GradScaler: gradients are still scaled
-        if isinstance(scale, torch.Tensor):
-            norm = norm / scale.to(device, torch.float32)
         loss, judged_loss = zero, False
         if self._loss_sum is not None and s.judge_loss:
             loss, judged_loss = self._loss_sum / self._loss_count, True
         self._loss_sum, self._loss_count = None, 0
-        if self._judged == s.warmup:
-            for window in windows:
-                window.mark_start()
+        self._mark_start((self._loss_window, self._norm_window))
         spikes_on = self._judged >= s.warmup
         limits = (s.threshold, s.min_excess, s.min_rise)
-        flags = [
-            ~torch.isfinite(loss) if judged_loss else zero.bool(),
-            ~torch.isfinite(norm) if s.judge_grad_norm else zero.bool(),
-            loss > self._loss_window.threshold(*limits) if judged_loss and spikes_on else zero.bool(),
-            norm > self._norm_window.threshold(*limits) if s.judge_grad_norm and spikes_on else zero.bool(),
-            torch.full((), rolled_back, device=device),
-        ]  # fmt: skip
-        stacked = torch.stack(flags).to(torch.float32)
         scaler_found = getattr(self._optimizer, "found_inf", None)
-        if isinstance(scaler_found, torch.Tensor):  # the scaler skips this step itself: not the guard's skip
-            stacked = stacked * (scaler_found.to(device, torch.float32) <= 0)
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
-        reasons = (stacked * torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], device=device)).sum()
+        scaler_found = scaler_found.to(device, torch.float32) if isinstance(scaler_found, torch.Tensor) else None
+        # This rank's loss flags and norm share; summed over ranks by one all-reduce (norm² shares add up to
+        # the global norm², flags to "some rank saw it"): every rank then holds the same values.
+        rank_flags = [
+            ~torch.isfinite(loss) if judged_loss else zero.bool(),
+            loss > self._loss_window.threshold(*limits) if judged_loss and spikes_on else zero.bool(),
+        ]
+        local = torch.stack([self._norm.share(), *rank_flags, torch.full((), float(rolled_back), device=device)])
+        local = local.to(torch.float32)
+        if scaler_found is not None:  # the scaler skips this step itself: not the guard's skip
+            local[1:3] *= scaler_found <= 0
+        summed = self._all_reduce(local)
+        norm = summed[0].sqrt()
+        scale = getattr(self._optimizer, "grad_scale", None)  # fused + GradScaler: gradients are still scaled
+        if isinstance(scale, torch.Tensor):
+            norm = norm / scale.to(device, torch.float32)
+        self.judged_grad_norm = norm
+        # From the same summed norm and the same window history on every rank: the same flags everywhere.
+        grad_flags = torch.stack([
+            ~torch.isfinite(norm) if s.judge_grad_norm else zero.bool(),
+            norm > self._norm_window.threshold(*limits) if s.judge_grad_norm and spikes_on else zero.bool(),
+        ]).to(torch.float32)  # fmt: skip
+        if scaler_found is not None:
+            grad_flags = grad_flags * (scaler_found <= 0)
+        flags = torch.stack([summed[1], grad_flags[0], summed[2], grad_flags[1], summed[3]]) > 0
+        reasons = (flags.to(torch.float32) * self._bit_values).sum()
         keep = (reasons > 0) | (~torch.isfinite(norm))
-        if isinstance(scaler_found, torch.Tensor):
-            keep = keep | (scaler_found.to(device) > 0)
+        if scaler_found is not None:
+            keep = keep | (scaler_found > 0)
         if judged_loss:
             self._loss_window.push(loss, keep)
         self._norm_window.push(norm, keep)
@@ -290,27 +280,30 @@ class Guard:
     def _decide_host(self, rolled_back: bool) -> int:
         """`_decide` for CPU parameters, on the host: the same rules, reason bits as an int."""
         s = self.settings
-        norm = read_now(_global_grad_norm(self._optimizer, self._device))
         loss, judged_loss = math.nan, False
         if self._loss_sum is not None and s.judge_loss:
             loss, judged_loss = read_now(self._loss_sum) / self._loss_count, True
         self._loss_sum, self._loss_count = None, 0
         loss_window, norm_window = self._host_windows
-        if self._judged == s.warmup:
-            loss_window.mark_start()
-            norm_window.mark_start()
+        self._mark_start(self._host_windows)
         spikes_on = self._judged >= s.warmup
-        flags = [
+        limits = (s.threshold, s.min_excess, s.min_rise)
+        rank_flags = [
             judged_loss and not math.isfinite(loss),
-            s.judge_grad_norm and not math.isfinite(norm),
-            judged_loss and spikes_on and loss > loss_window.threshold(s.threshold, s.min_excess, s.min_rise),
-            s.judge_grad_norm and spikes_on and norm > norm_window.threshold(s.threshold, s.min_excess, s.min_rise),
-            rolled_back,
+            judged_loss and spikes_on and loss > loss_window.threshold(*limits),
         ]
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            stacked = torch.tensor(flags, dtype=torch.float32)
-            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
-            flags = [v > 0 for v in read_all(stacked)]
+        flags_here = torch.tensor([*rank_flags, rolled_back], dtype=torch.float32)
+        local = torch.cat([self._norm.share().reshape(1), flags_here])
+        square, loss_bad, loss_spike, rolled = read_all(self._all_reduce(local))
+        norm = math.sqrt(square)
+        self.judged_grad_norm = torch.tensor(norm)
+        flags = [
+            loss_bad > 0,
+            s.judge_grad_norm and not math.isfinite(norm),
+            loss_spike > 0,
+            s.judge_grad_norm and spikes_on and norm > norm_window.threshold(*limits),
+            rolled > 0,
+        ]
         bits = sum(bit for bit, flag in zip(REASONS, flags, strict=True) if flag)
         if not bits and math.isfinite(norm):
             if judged_loss:
@@ -318,6 +311,17 @@ class Guard:
             norm_window.push(norm)
         self._judged += 1
         return bits
+
+    def _mark_start(self, windows: tuple[RobustWindow, RobustWindow] | tuple[HostWindow, HostWindow]) -> None:
+        if self._judged == self.settings.warmup:
+            for window in windows:
+                window.mark_start()
+
+    def _all_reduce(self, local: torch.Tensor) -> torch.Tensor:
+        """`local` summed over every rank (one collective; itself outside torch.distributed)."""
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)
+        return local
 
     def _scale_lr(self, entering: bool) -> None:
         """During a rollback's cool-down, scale every rate for the step only (a scheduler's value is kept)."""
@@ -336,6 +340,20 @@ class Guard:
                 group["lr"] = lr
 
 
+def check_setup(wanted: str, optimizer: torch.optim.Optimizer, device: torch.device, *, grad_scaler: Any,
+                sharded: bool) -> None:  # fmt: skip
+    """ValueError at attach() for a guard that cannot work here (see pick_mechanism). Sharded (FSDP2) with a
+    GradScaler and a non-fused optimizer: the scaler finds Inf/NaN per shard and skips optimizer.step() on
+    those ranks only, so the guard's all-reduce inside the step would wait for ranks that never enter it."""
+    pick_mechanism(wanted, optimizer, device)
+    if sharded and grad_scaler is not None and not optimizer.defaults.get("fused"):
+        raise ValueError(
+            "gradwatch: guard with a GradScaler on sharded (FSDP2) parameters needs a fused optimizer "
+            "(fused=True): the scaler skips optimizer.step() on some ranks only, and the guard's all-reduce in "
+            "the step would wait for the others"
+        )
+
+
 def pick_mechanism(wanted: str, optimizer: torch.optim.Optimizer, device: torch.device) -> str:
     """The mechanism for `wanted` ("auto" or a name); ValueError when it cannot work for this optimizer."""
     fused = bool(optimizer.defaults.get("fused"))
@@ -346,12 +364,3 @@ def pick_mechanism(wanted: str, optimizer: torch.optim.Optimizer, device: torch.
     if wanted != "auto":
         return wanted
     return "found_inf" if fused else "host" if device.type == "cpu" else "restore"
-
-
-def _global_grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
-    """L2 norm over every gradient the optimizer will apply (0-d float32 on `device`)."""
-    grads = [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device)
-    norms = torch._foreach_norm([g.detach() for g in grads])
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))

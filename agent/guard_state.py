@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gradwatch.agent.schema import local_tensor
 from gradwatch.agent.snapshot import host_clone
 
 __all__ = ["SavedState", "WhereRestore", "optimizer_params", "state_bytes"]
@@ -115,8 +116,9 @@ class WhereRestore:
         for p in params:
             state = self._optimizer.state.get(p)
             on_device = [v for v in (state or {}).values() if isinstance(v, torch.Tensor) and v.device == self._device]
-            targets.append(p)
-            targets += on_device
+            # A DTensor's local shard (FSDP2): the foreach copy and `where` run on plain tensors, no collective.
+            targets.append(local_tensor(p))
+            targets += [local_tensor(v) for v in on_device]
             elsewhere = state is None or len(on_device) != len(state)
             if elsewhere:  # state to create, or counters off the device: fixed once the flag is on the host
                 off = None if state is None else {k: v for k, v in state.items() if not any(v is t for t in on_device)}

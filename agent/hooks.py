@@ -30,7 +30,7 @@ import torch
 from gradwatch.agent import dispatch, errors
 from gradwatch.agent.stats import StatsEngine
 
-__all__ = ["Capture", "LearningRates", "OptimizerTap", "learning_rates"]
+__all__ = ["Capture", "LearningRates", "OptimizerTap", "has_closure", "learning_rates"]
 
 # (one rate per param group, NaN where the rate is a tensor; those groups' indexes; the 0-d tensor rates)
 LearningRates = tuple[list[float], tuple[int, ...], list[torch.Tensor]]
@@ -99,6 +99,9 @@ class OptimizerTap:
         self._histograms: torch.Tensor | None = None
         self._checksum: list[torch.Tensor] | None = None
         self._grads_after = False  # this step has a closure: gradients are read in the post-hook
+        # The layout's parameters and their gradient norms, between this step's pre- and post-hook (the guard
+        # judges the same norms instead of a second pass over the gradients: guard_norm.py).
+        self._step_norms: tuple[tuple[torch.Tensor, ...], list[torch.Tensor]] | None = None
         # Process-wide hooks filtered to this optimizer (dispatch.py): nothing is stored on the optimizer, so
         # its state_dict(), deepcopy and pickling never meet the agent.
         self._watch: dispatch.Watch | None = dispatch.watch_optimizer(
@@ -113,6 +116,12 @@ class OptimizerTap:
         self._grads = self._weights = self._rates = self._updates = self._histograms = self._checksum = None
         return captured
 
+    def step_grad_norms(self) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]] | None:
+        """Inside an optimizer step (after this tap's pre-hook): the layout's parameters and the L2 norms of
+        their gradients (0-d, layout order; a parameter without one: 0) computed for this step's report;
+        None outside a step or when the gradients are read after it (a closure)."""
+        return self._step_norms
+
     def remove(self) -> None:
         """Take both hooks off (idempotent); a hook already running finishes as a no-op."""
         self._active = False
@@ -123,11 +132,14 @@ class OptimizerTap:
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
+        self._step_norms = None
         with errors.guarded("optimizer_pre_hook", self._add_agent_time):
             full = self._begin_step()
-            self._grads_after = _has_closure(args, kwargs)
+            self._grads_after = has_closure(args, kwargs)
             if not self._grads_after:
+                params = self._engine.layout.params
                 self._grads = self._engine.compute("grad", full)
+                self._step_norms = (params, self._grads[: len(params)])
                 self._histograms = self._engine.grad_histograms() if full else None
             self._before = self._engine.weight_sample() if full else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
@@ -135,6 +147,7 @@ class OptimizerTap:
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._active:
             return
+        self._step_norms = None
         with errors.guarded("optimizer_post_hook", self._add_agent_time):
             self.steps += 1
             full = self._begin_step()
@@ -150,9 +163,10 @@ class OptimizerTap:
                 self._updates = self._engine.update_stats(before)
 
 
-def _has_closure(args: Any, kwargs: Any) -> bool:
-    """Whether `optimizer.step(...)` was called with a closure (positionally or by keyword)."""
+def has_closure(args: Any, kwargs: Any) -> bool:
+    """Whether `optimizer.step(...)` was called with a closure (positionally or by keyword). torch hands step
+    hooks the step's own `args`, which start with the optimizer itself: a positional closure is `args[1]`."""
     closure = kwargs.get("closure") if kwargs else None
-    if closure is None and args:
-        closure = args[0]
+    if closure is None and len(args) > 1:
+        closure = args[1]
     return callable(closure)

@@ -71,7 +71,7 @@ from gradwatch.agent.budget import BudgetController
 from gradwatch.agent.checksum_cadence import ChecksumCadence
 from gradwatch.agent.config import AgentConfig, kill_switch_on, resolve_config
 from gradwatch.agent.counters import Counters
-from gradwatch.agent.guard import Guard, pick_mechanism
+from gradwatch.agent.guard import Guard, check_setup
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
 from gradwatch.agent.replica import replica_group
 from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, data_parallel_size
@@ -188,7 +188,8 @@ class AgentMonitor(Monitor):
         self._param_ids: set[int] | None = {id(p) for p in model.parameters()}
         device = self._engine.layout.device
         if config.guard.enabled and optimizer is not None:
-            pick_mechanism(config.guard.mechanism, optimizer, device)  # raises before anything starts
+            sharded = self._engine.layout.has_dtensor and config.world_size > 1
+            check_setup(config.guard.mechanism, optimizer, device, grad_scaler=grad_scaler, sharded=sharded)
         self._counters = Counters()
         self._session_id = uuid.uuid4().hex
         self._step_count = 0
@@ -243,12 +244,16 @@ class AgentMonitor(Monitor):
         if config.guard.enabled and optimizer is not None:
             self._guard = Guard(config.guard, optimizer, device, world_size=config.world_size,
                                 submit_event=self._submit_event, restore_callback=rollback_callback,
-                                add_agent_time=self._spent)  # fmt: skip
+                                add_agent_time=self._spent,
+                                plain_replication=self._engine.layout.plain_replication)  # fmt: skip
         self._batch_ids: Any = None
         self._sample_losses: list[torch.Tensor] = []
         self._collectives.install(model)
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
                                           self._spent, self._checksum_due)  # fmt: skip
+        tap = self._assembler.optimizer_tap
+        if self._guard is not None and tap is not None:  # one gradient norm pass per step, not two
+            self._guard.share_norms(tap.step_grad_norms)
         # forward_hooks=False promises no hooks on the model: then no pre-forward time either.
         self._forward_clock = ForwardClock(model) if config.forward_hooks else None
         if activations is not None:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, as one command for a machine with a GPU (e.g. the `device` tool's
-# `run`): the GPU tests (100 steps under torch.cuda.set_sync_debug_mode("error"), the CUDA checksum) and the
-# overhead bench on CUDA, GPT-2-small-sized in bfloat16 and the MLP. Results go to $OUT (default ./gpu-results):
+# `run`): the GPU tests (100 steps under torch.cuda.set_sync_debug_mode("error"), the CUDA checksum; the guard
+# skipping on the device with fused AdamW + GradScaler("cuda") and capturable AdamW under sync-debug "error",
+# bit for bit like a run without the bad batches) and the overhead bench on CUDA, GPT-2-small-sized in bfloat16
+# and the MLP, with guard="skip" beside the defaults. Results go to $OUT (default ./gpu-results):
 # gpu.txt (the card), install.txt, gpu-tests.txt, overhead-cuda.txt and overhead-cuda.json.
 #
 # It uses the machine's own python3 with its torch; gradwatch's other needs (grpcio, protobuf, numpy,
@@ -13,6 +15,8 @@ out="${OUT:-gpu-results}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# Deterministic cuBLAS workspaces: the guard's exactness test compares two runs' weights bit for bit.
+export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     >> "$out/gpu.txt" 2>&1
@@ -21,9 +25,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 "$py" -m pip install --no-deps --no-build-isolation --no-index -e . > "$out/install.txt" 2>&1 \
     || { echo "install failed: see install.txt"; tail -20 "$out/install.txt"; exit 1; }
 status=0
-"$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_agent_gpu.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+"$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_agent_gpu.py tests/test_guard_gpu.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
 "$py" bench/agent_overhead.py --device cuda --bf16 --models "${MODELS:-gpt2s,mlp}" --rounds "${ROUNDS:-5}" \
-    --variants none,gradwatch,gradwatch-nohooks,gradwatch-full,gradwatch-fixed,anomaly \
+    --variants none,gradwatch,gradwatch-guard,gradwatch-nohooks,gradwatch-full,gradwatch-fixed,anomaly \
     --json "$out/overhead-cuda.json" 2>&1 | tee "$out/overhead-cuda.txt" || status=1
 cat "$out/gpu.txt"
 exit "$status"

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from gradwatch.agent.config import resolve_config
-from gradwatch.routing import Replica, ReplicaRouter, rendezvous_order
 from gradwatch.agent.transport import Transport
+from gradwatch.routing import Replica, ReplicaRouter, rendezvous_order
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import GrpcConfig
 from gradwatch.v1 import gradwatch_pb2_grpc as pbg

@@ -4,6 +4,7 @@ bad settings fail at attach; every skip is reported with its reasons."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -263,3 +264,63 @@ def test_bad_autopsy_input_is_counted_and_dropped_not_raised() -> None:
             assert monitor.close(timeout=10)
     finally:
         errors.set_strict(True)
+
+
+def test_guard_judges_every_gradient_the_optimizer_applies_with_or_without_the_agents_norms() -> None:
+    """The norm the guard judges is over the optimizer's parameters: from the agent's per-parameter norms when the
+    model owns them all, else from its own pass (an extra parameter the model does not own; one without a
+    gradient counts zero); a NaN in the extra parameter's gradient alone is skipped all the same."""
+    for extra in (False, True):
+        model = make_mlp(seed=7)
+        params = list(model.parameters())
+        outside = nn.Parameter(torch.ones(3))
+        unused = nn.Parameter(torch.ones(2))  # never gets a gradient
+        optimizer = torch.optim.Adam(params + ([outside, unused] if extra else []), lr=3e-3)
+        with ScriptableServer() as server:
+            monitor = gradwatch.attach(model, optimizer, server=server.address, run=f"guard-norm-{extra}",
+                                       guard={"policy": "skip", "warmup": 4})  # fmt: skip
+            assert monitor.guard is not None
+            for step in range(1, 13):
+                x, y = batch(step)
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                if extra:
+                    loss = loss + (outside * (math.nan if step == 9 else 1.0)).sum() * 1e-3
+                loss.backward()
+                truth = torch.nn.utils.get_total_norm([p.grad for p in optimizer.param_groups[0]["params"]
+                                                       if p.grad is not None])  # fmt: skip
+                before = [p.detach().clone() for p in params]
+                optimizer.step()
+                got = monitor.guard.judged_grad_norm
+                assert torch.isfinite(got) == torch.isfinite(truth) and (
+                    not torch.isfinite(truth) or torch.allclose(got, truth, rtol=1e-5)
+                ), (extra, step, got, truth)
+                skipped = float(monitor.guard.last_reasons) > 0
+                assert skipped == (extra and step == 9), (extra, step)
+                assert skipped == all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+                monitor.step(loss)
+            assert monitor.guard.shared_norm_steps == (0 if extra else 12)
+            assert monitor.close(timeout=10)
+
+
+def test_closure_steps_are_applied_unjudged_and_counted() -> None:
+    """optimizer.step(closure) (L-BFGS) computes its gradients inside the step, after the guard's pre-hook: the
+    guard must not judge the previous step's gradients in their place."""
+    model = make_mlp(seed=8)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+    with ScriptableServer() as server:
+        monitor = gradwatch.attach(model, optimizer, server=server.address, run="guard-lbfgs", guard="skip")
+        for step in range(1, 6):
+            x, y = batch(step)
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(closure)
+            monitor.step(loss)
+        assert monitor.guard is not None and monitor.guard.unjudged_steps == 5
+        assert monitor.close(timeout=10)
+        assert not _skips(server)
