@@ -15,7 +15,8 @@ Module map (each module's docstring states its contract):
     budget.py    the overhead budget: stretches the full-statistics cadence
     actions.py   opt-in reactions to critical alerts (flag, callback, TrainingAlert)
     guard.py     the spike and NaN guard (settings guard_config.py, robust windows guard_window.py, the
-                 global gradient norm guard_norm.py, state copies guard_state.py, rollback guard_rollback.py); autopsy.py: the report's guard verdict, batch ids, top samples
+                 global gradient norm guard_norm.py, state copies guard_state.py, rollback guard_rollback.py);
+                 autopsy.py: the report's guard verdict, batch ids, top samples
     timing.py    when each step's first forward pass starts
     collectives.py  collective progress, stuck-thread stacks, monitor.pause(), the opt-in DDP timing hook
     checksum_cadence.py  when the parameter checksum is taken; replica.py: the replica group sent in Hello
