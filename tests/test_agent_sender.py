@@ -193,18 +193,19 @@ def test_agent_writes_ordinary_reports_together_but_a_non_finite_one_and_events_
     model, opt = _model_and_optimizer(seed=4)
     monitor = attach(model, opt, server=server.address, run="coalesced")
     assert wait_until(lambda: monitor.counters()["stream_state"] == "ready")
+    sent = monitor._sender
     train(model, opt, monitor, 5)
-    assert wait_until(lambda: monitor.counters()["buffered"] == 5)
-    time.sleep(0.3)  # several sender rounds: the five are made but not written
-    assert server.servicer.reports() == []
+    # The sender's round that made the fifth frame has ended: whatever it decided to write is written.
+    assert wait_until(lambda: sent.settled[0] == 5)
+    assert sent.settled[1] == 0 and server.servicer.reports() == []  # the five are made but not written
     monitor.event("checkpoint_saved")  # an event goes at once, and the reports before it with it
     assert server.servicer.wait_for(lambda: len(server.servicer.stream_frames) >= 7, timeout=10)
     assert _seqs(server) == list(range(1, 7))
     batch = sender.PUSH_BATCH_FRAMES  # once that many frames wait, they are written without waiting longer
     train(model, opt, monitor, batch + 2)
     assert server.servicer.wait_for(lambda: len(server.servicer.reports()) == 5 + batch, timeout=10)
-    time.sleep(0.3)
-    assert len(server.servicer.reports()) == 5 + batch  # the last two wait
+    assert wait_until(lambda: sent.settled[0] == 8 + batch)  # 5 reports, the event, batch + 2 reports made
+    assert sent.settled[1] == 6 + batch and len(server.servicer.reports()) == 5 + batch  # the last two wait
     train(model, opt, monitor, 1, nan_at=1)  # a non-finite report: written at once, with the two before it
     assert server.servicer.wait_for(lambda: len(server.servicer.reports()) == 8 + batch, timeout=10)
     reports = server.servicer.reports()
