@@ -522,7 +522,8 @@ def serve(
     Returns 1 when a port cannot be bound, 2 when a TLS or tokens file is unusable.
     With `port_file`, once both ports listen their numbers are written there as JSON,
     `{"grpc": PORT, "http": PORT}`, by an atomic rename (so a reader never sees a partial file): how a
-    caller that asked for port 0 learns the ports the system chose.
+    caller that asked for port 0 learns the ports the system chose; a file that cannot be written stops the
+    server and returns 2.
     """
     logs.configure(log_format, log_level)  # ValueError naming a bad format or level
     stop = threading.Event()

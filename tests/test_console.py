@@ -144,3 +144,13 @@ def test_detection_quality_refuses_an_unknown_scenario_name() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "detection_quality.py"), "--only", "nan", "nosuch"],
                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert result.returncode == 2 and "unknown scenario(s) nosuch; known: nan," in result.stderr, result.stderr
+
+
+def test_serve_with_an_unwritable_port_file_stops_with_one_line_naming_it(tmp_path: pathlib.Path) -> None:
+    port_file = tmp_path / "missing-dir" / "ports.json"
+    proc = serve(tmp_path, "--grpc-port", "0", "--http-port", "0", "--port-file", str(port_file))
+    _, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 2, err
+    (line,) = [entry for entry in err.splitlines() if " ERROR " in entry]
+    assert "cannot write the port file" in line and str(port_file) in line, line
+    assert not port_file.parent.exists()
