@@ -4,9 +4,10 @@ Precedence, highest first: a keyword given to `attach()`, its `GRADWATCH_*` envi
 default below. The kill switch is the exception: `GRADWATCH_DISABLED=1` wins over everything (an operator
 can always turn the agent off without touching code), and while it is on nothing else is read or checked.
 
-Each option, its environment variable and the accepted values are in `_OPTIONS` below; its default is the
-field's default in `AgentConfig` (the one place it is stated in code). docs/configuration.md has the table for
-users, checked against both by tests/test_docs.py.
+The schema is `AgentConfig`: each field is a `setting(default, doc=..., ge=...)` (gradwatch.settings, the same
+declaration as the server's), so its default, doc line and numeric range are stated once; `_OPTIONS` below adds
+each option's environment variable and check, and the numeric checks take their ranges from the schema
+(`_ranged`). docs/configuration.md has the table for users, checked against both by tests/test_docs.py.
 
 The run id must be the same on every rank of a job. torchrun sets TORCHELASTIC_RUN_ID for all ranks; the
 "<hostname>-<pid>" fallback only makes sense for a single process, so set GRADWATCH_RUN (or `run=`) for
@@ -19,16 +20,18 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import random
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gradwatch.agent.actions import ON_ALERT_CHOICES
 from gradwatch.agent.guard_config import GuardSettings, check_guard, parse_guard_env
+from gradwatch.settings import setting
 
 __all__ = [
     "ATTACH_OBJECTS",
@@ -123,44 +126,43 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The resolved settings of one Monitor (see the module docstring for sources and defaults)."""
+    """The resolved settings of one Monitor: the agent's schema. Each field's default, doc line and numeric range
+    (`setting`, shared with the server's schema) are stated here once: resolve_config's checks take the ranges
+    from it, and tests/test_docs.py holds docs/configuration.md's table to it."""
 
-    server: str = DEFAULT_SERVER
-    #: Server replicas; when set, each run goes to one of them by rendezvous hashing (routing.py).
-    servers: tuple[str, ...] = ()
-    #: Bearer token (never in repr or logs); token_file is re-read for every new connection.
-    token: str = field(default="", repr=False)
-    token_file: str = ""
-    tls: bool = False
-    tls_ca_file: str = ""
-    tls_client_cert_file: str = ""
-    tls_client_key_file: str = ""
-    run_id: str = ""
-    job_name: str = ""
-    full_stats_interval: int = 10
-    enabled: bool = True
-    replay_buffer_size: int = 1024
-    queue_size: int = 1024
-    heartbeat_interval_s: float = 5.0
-    welcome_timeout_s: float = 10.0
-    exit_flush_timeout_s: float = 2.0
-    grad_accumulation: bool = False
-    forward_hooks: bool = True
-    #: Collective progress and the stuck training thread's stack (collectives.py).
-    track_collectives: bool = True
-    #: A DDP communication hook timing each rank's work between collectives (collectives.py): opt-in, since it
-    #: takes DDP's one hook slot and costs an extra pass over each gradient bucket.
-    ddp_comm_hook: bool = False
-    overhead_budget: float = 0.01
-    on_alert: str = "observe"
-    #: Per-run detector settings for the server, as ("detector.setting", JSON value) pairs (see `_check_detectors`).
-    detector_settings: tuple[tuple[str, str], ...] = ()
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    #: The spike and NaN guard (guard.py); off unless asked for.
-    guard: GuardSettings = field(default_factory=GuardSettings)
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    server: str = setting(DEFAULT_SERVER, doc="the server's gRPC address, host:port")
+    servers: tuple[str, ...] = setting((), doc="server replicas; each run goes to one by rendezvous hashing")
+    token: str = setting("", doc="bearer token sent on every call (never in repr or logs)", repr=False)
+    token_file: str = setting("", doc="file holding the bearer token, re-read for every new connection")
+    tls: bool = setting(False, doc="TLS to the server (implied by any tls_* file)")
+    tls_ca_file: str = setting("", doc="CA bundle that signs the server's certificate")
+    tls_client_cert_file: str = setting("", doc="client certificate for mutual TLS")
+    tls_client_key_file: str = setting("", doc="client key for mutual TLS")
+    run_id: str = setting("", doc="the run's id, the same on every rank")
+    job_name: str = setting("", doc="a label for the job")
+    full_stats_interval: int = setting(10, doc="steps between full-statistics reports", gt=0)
+    enabled: bool = setting(True, doc="off: attach() returns a no-op monitor")
+    replay_buffer_size: int = setting(1024, doc="unacknowledged frames kept for resending", gt=0)
+    queue_size: int = setting(1024, doc="reports waiting for the sender", gt=0)
+    heartbeat_interval_s: float = setting(5.0, doc="seconds between heartbeats", gt=0)
+    welcome_timeout_s: float = setting(10.0, doc="seconds to wait for the server's Welcome", gt=0)
+    exit_flush_timeout_s: float = setting(2.0, doc="seconds the atexit flush may take", gt=0)
+    grad_accumulation: bool = setting(False, doc="one report per optimizer step, not per step() call")
+    forward_hooks: bool = setting(True, doc="activation, input and label statistics, NaN provenance")
+    track_collectives: bool = setting(True, doc="collective progress and the stuck training thread's stack")
+    #: Opt-in, since it takes DDP's one hook slot and costs an extra pass over each gradient bucket.
+    ddp_comm_hook: bool = setting(False, doc="a DDP communication hook timing each rank's work between collectives")
+    overhead_budget: float = setting(0.01, doc="the agent's share of step time (0: no controller)", ge=0, lt=1)
+    on_alert: str = setting("observe", doc="what a critical alert does at the next step()")
+    #: As ("detector.setting", JSON value) pairs (see `_check_detectors`).
+    detector_settings: tuple[tuple[str, str], ...] = setting((), doc="per-run detector settings for the server")
+    # setting() returns a dataclasses.field (ruff's RUF009 cannot know): each instance gets its own default.
+    retry: RetryPolicy = setting(doc="how the sender waits between stream attempts", factory=RetryPolicy)  # noqa: RUF009
+    guard: GuardSettings = setting(doc="the spike and NaN guard (guard.py); off unless asked for",  # noqa: RUF009
+                                   factory=GuardSettings)  # fmt: skip
+    rank: int = setting(0, doc="this process's rank", ge=0)
+    world_size: int = setting(1, doc="ranks in the job", gt=0)
+    local_rank: int = setting(0, doc="this process's rank on its host", ge=0)
 
 
 def kill_switch_on(env: Mapping[str, str] | None = None) -> bool:
@@ -190,22 +192,25 @@ def _check_positive_float(label: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def _check_positive_int(label: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected an integer > 0")
-    return value
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
-def _check_non_negative_int(label: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected an integer >= 0")
-    return value
+def _ranged(name: str) -> Callable[[str, object], object]:
+    """The check of numeric option `name`: its type and range as AgentConfig's schema declares them (an int field
+    takes integers, a float field finite numbers; seconds are named so in the message)."""
+    spec = {f.name: f for f in fields(AgentConfig)}[name]
+    integer = spec.type in ("int", int)
+    limits = [(_BOUNDS[key], spec.metadata[key]) for key in _BOUNDS if spec.metadata.get(key) is not None]
+    expected = "an integer" if integer else "a finite number of seconds" if name.endswith("_s") else "a finite number"
+    expected += " " + " and ".join(f"{symbol} {bound:g}" for (_, symbol), bound in limits)
 
+    def check(label: str, value: Any) -> object:
+        number = isinstance(value, int) if integer else _is_real(value) and math.isfinite(value)
+        if isinstance(value, bool) or not number or not all(op(value, bound) for (op, _), bound in limits):
+            raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected {expected}")
+        return value if integer else float(value)
 
-def _check_fraction(label: str, value: object) -> float:
-    if not _is_real(value) or not 0.0 <= value < 1.0:  # type: ignore[operator]
-        raise ValueError(f"gradwatch: {label}={value!r} is invalid: expected a number in [0, 1) (0.01 = 1 %)")
-    return float(value)  # type: ignore[arg-type]
+    return check
 
 
 def _check_on_alert(label: str, value: object) -> str:
@@ -371,25 +376,25 @@ _OPTIONS: dict[str, _Option] = {
     "tls_client_key_file": _Option(ENV_TLS_CLIENT_KEY_FILE, _check_path),
     "run": _Option(ENV_RUN, _check_name),
     "job_name": _Option(ENV_JOB_NAME, _check_job_name),
-    "full_stats_interval": _Option(ENV_FULL_STATS_INTERVAL, _check_positive_int, _env_number(int)),
+    "full_stats_interval": _Option(ENV_FULL_STATS_INTERVAL, _ranged("full_stats_interval"), _env_number(int)),
     "enabled": _Option(None, _check_bool),  # its environment side is the kill switch
-    "replay_buffer_size": _Option(ENV_REPLAY_BUFFER_SIZE, _check_positive_int, _env_number(int)),
-    "queue_size": _Option(ENV_QUEUE_SIZE, _check_positive_int, _env_number(int)),
-    "heartbeat_interval_s": _Option(ENV_HEARTBEAT_INTERVAL_S, _check_positive_float, _env_number(float)),
-    "welcome_timeout_s": _Option(ENV_WELCOME_TIMEOUT_S, _check_positive_float, _env_number(float)),
-    "exit_flush_timeout_s": _Option(ENV_EXIT_FLUSH_TIMEOUT_S, _check_positive_float, _env_number(float)),
+    "replay_buffer_size": _Option(ENV_REPLAY_BUFFER_SIZE, _ranged("replay_buffer_size"), _env_number(int)),
+    "queue_size": _Option(ENV_QUEUE_SIZE, _ranged("queue_size"), _env_number(int)),
+    "heartbeat_interval_s": _Option(ENV_HEARTBEAT_INTERVAL_S, _ranged("heartbeat_interval_s"), _env_number(float)),
+    "welcome_timeout_s": _Option(ENV_WELCOME_TIMEOUT_S, _ranged("welcome_timeout_s"), _env_number(float)),
+    "exit_flush_timeout_s": _Option(ENV_EXIT_FLUSH_TIMEOUT_S, _ranged("exit_flush_timeout_s"), _env_number(float)),
     "grad_accumulation": _Option(ENV_GRAD_ACCUMULATION, _check_bool, _env_bool),
     "forward_hooks": _Option(ENV_FORWARD_HOOKS, _check_bool, _env_bool),
     "track_collectives": _Option(ENV_TRACK_COLLECTIVES, _check_bool, _env_bool),
     "ddp_comm_hook": _Option(ENV_DDP_COMM_HOOK, _check_bool, _env_bool),
-    "overhead_budget": _Option(ENV_OVERHEAD_BUDGET, _check_fraction, _env_number(float)),
+    "overhead_budget": _Option(ENV_OVERHEAD_BUDGET, _ranged("overhead_budget"), _env_number(float)),
     "on_alert": _Option(ENV_ON_ALERT, _check_on_alert),
     "detectors": _Option(ENV_DETECTORS, _check_detectors, _env_json),
     "guard": _Option(ENV_GUARD, check_guard, parse_guard_env),
     "retry": _Option(None, _check_retry),
-    "rank": _Option(ENV_RANK, _check_non_negative_int, _env_number(int)),
-    "world_size": _Option(ENV_WORLD_SIZE, _check_positive_int, _env_number(int)),
-    "local_rank": _Option(ENV_LOCAL_RANK, _check_non_negative_int, _env_number(int)),
+    "rank": _Option(ENV_RANK, _ranged("rank"), _env_number(int)),
+    "world_size": _Option(ENV_WORLD_SIZE, _ranged("world_size"), _env_number(int)),
+    "local_rank": _Option(ENV_LOCAL_RANK, _ranged("local_rank"), _env_number(int)),
 }
 OPTION_NAMES: tuple[str, ...] = tuple(sorted(_OPTIONS))
 #: Options whose AgentConfig field has another name.

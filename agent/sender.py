@@ -160,6 +160,9 @@ class Sender:
         self._half_close_deadline: float | None = None
         self._connect_grace: float | None = None
         self._logged: set[str] = set()
+        #: (highest seq made, highest seq written) as the loop's latest round ended; read by tests (never by the
+        #: agent) to tell "decided not to write" from "written, still in flight" without sleeping.
+        self.settled: tuple[int, int] = (0, 0)
 
     # ------------------------------------------------------------------ training-thread side
 
@@ -235,6 +238,7 @@ class Sender:
                     return
             else:
                 self._maintain(now)
+            self.settled = (self._next_seq - 1, self._highest_sent)
 
     def _get(self, timeout: float | None) -> object | None:
         try:

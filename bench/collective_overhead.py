@@ -35,7 +35,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/overhead/
 from overhead.models import MODELS
 
-from paging_support import free_port, gradwatch_serve
+from paging_support import gradwatch_serve, released_port
 
 VARIANTS = ("none", "untracked", "tracked", "timed")
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, gradwatch_serve(pathlib.Path(tmp)) as target:
-        mp.spawn(_worker, args=(2, free_port(), target, args.model, args.rounds, args.steps), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, released_port(), target, args.model, args.rounds, args.steps), nprocs=2, join=True)
     return 0
 
 

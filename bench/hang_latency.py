@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 
 from test_e2e_hang import FAULT_STEP, _worker
 
-from paging_support import WebhookReceiver, alertmanager, free_port, gradwatch_serve, routing_config
+from paging_support import WebhookReceiver, alertmanager, gradwatch_serve, released_port, routing_config
 
 WATCHDOG_S = 600.0
 PAGE_TIMEOUT_S = 120.0
@@ -39,7 +39,7 @@ def trial(target: str, receiver: WebhookReceiver, workdir: pathlib.Path) -> tupl
     """One job whose rank 1 hangs; (seconds from the hang to the page, the page's ranks label)."""
     run = f"blocked#{uuid.uuid4().hex[:8]}"  # the test's hang before the backward, in a run of its own
     release = workdir / run
-    args = (3, free_port(), target, run, FAULT_STEP + 4, str(release))
+    args = (3, released_port(), target, run, FAULT_STEP + 4, str(release))
     context = mp.spawn(_worker, args=args, nprocs=3, join=False)
     try:
         page = receiver.wait_alert(

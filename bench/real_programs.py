@@ -31,7 +31,6 @@ import random
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -204,25 +203,21 @@ def apply_patches(folder: pathlib.Path, patches: tuple[Patch, ...]) -> None:
         path.write_text("".join(lines))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def gradwatch_serve(workdir: pathlib.Path) -> Iterator[tuple[str, str]]:
-    """A real `gradwatch serve` for the run; yields (gRPC target, HTTP base URL)."""
-    grpc_port, http_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-               "--http-port", str(http_port), "--data-dir", str(workdir / "server-data")]  # fmt: skip
+    """A real `gradwatch serve` for the run on ports the system chooses (it reports them in its port file);
+    yields (gRPC target, HTTP base URL)."""
+    port_file = workdir / "server.ports.json"
+    command = [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", "0", "--http-port",
+               "0", "--port-file", str(port_file), "--data-dir", str(workdir / "server-data")]  # fmt: skip
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADWATCH_CONFIG": ""})
-    url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
+                ports = json.loads(port_file.read_text())  # written once both ports listen
+                grpc_port, url = ports["grpc"], f"http://127.0.0.1:{ports['http']}"
                 urllib.request.urlopen(url + "/healthz", timeout=2).read()
                 break
             except OSError:

@@ -37,5 +37,5 @@ Module map (dependencies point down the list):
   report        RankReport: a decoded StepReport shared by store and detectors
   detectors/    one module per detector, all listed in detectors.REGISTRY
   config        ServerConfig, the YAML loader, the GRADWATCH_* environment variables
-  settings      typed, range-checked settings dataclasses; ring: fixed-size numpy rings
+  settings      re-exports gradwatch.settings (setting(), Settings, the loader); ring: fixed-size numpy rings
 """

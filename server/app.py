@@ -19,6 +19,7 @@ listener: it hands notifications to one delivery thread per sink
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import signal
@@ -508,6 +509,7 @@ def serve(
     alert_listener: AlertListener | None = None,
     log_format: str = "text",
     log_level: str = "INFO",
+    port_file: Path | None = None,
 ) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns the exit status.
 
@@ -518,6 +520,10 @@ def serve(
     health turns NOT_SERVING, no new streams are accepted, open streams get
     `config.shutdown_grace_s` seconds, then everything stops and 0 is returned.
     Returns 1 when a port cannot be bound, 2 when a TLS or tokens file is unusable.
+    With `port_file`, once both ports listen their numbers are written there as JSON,
+    `{"grpc": PORT, "http": PORT}`, by an atomic rename (so a reader never sees a partial file): how a
+    caller that asked for port 0 learns the ports the system chose; a file that cannot be written stops the
+    server and returns 2.
     """
     logs.configure(log_format, log_level)  # ValueError naming a bad format or level
     stop = threading.Event()
@@ -550,6 +556,13 @@ def serve(
             f"relay of {', '.join(config.relay.upstream)}" if config.relay.upstream
             else f"aggregator for up to {config.relay.max_relays} relays",
         )  # fmt: skip
+        if port_file is not None:
+            try:
+                _write_port_file(port_file, app.grpc_port, app.http_port)
+            except OSError as exc:
+                log.error("cannot write the port file: %s", exc)
+                app.stop(grace=0)
+                return 2
         while not stop.wait(1.0):
             pass
         log.info(
@@ -563,3 +576,10 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _write_port_file(path: Path, grpc_port: int, http_port: int) -> None:
+    """`{"grpc": ..., "http": ...}` written to a temporary name beside `path`, then renamed into place."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"grpc": grpc_port, "http": http_port}) + "\n")
+    partial.replace(path)

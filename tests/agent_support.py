@@ -198,15 +198,6 @@ def agent_side_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if not t.name.startswith("scriptable-ingest")}
 
 
-def free_port_address() -> str:
-    """An address nothing listens on (bound, then released)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
-
-
 # ---------------------------------------------------------------------- a small real model
 
 

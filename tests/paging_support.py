@@ -1,9 +1,10 @@
 """Real Prometheus and Alertmanager processes on loopback, and a real webhook receiver, for the paging tests.
 
-Each binary runs on a free port with its own temporary directory and is stopped by
-the context manager. A missing binary fails the test with the install command (CI
-installs them with scripts/install-dev.sh; they are never skipped). bench/alert_latency.py
-uses the same helpers.
+Each binary runs with its own temporary directory and is stopped by the context manager. `gradwatch serve`
+binds port 0 and reports its ports (`--port-file`); the Debian binaries cannot, so they are started on a
+port found free and started again on another when that bind fails (`_on_free_port`). A missing binary fails
+the test with the install command (CI installs them with scripts/install-dev.sh; they are never skipped).
+bench/alert_latency.py uses the same helpers.
 """
 
 from __future__ import annotations
@@ -50,10 +51,27 @@ def find_binary(*names: str) -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port on which connections are refused while the block runs: bound here and never listening,
+    so no other process can take it meanwhile (an address where "nothing listens")."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def released_port() -> int:
+    """A port the system chose for a socket bound here and then closed. Bind, release, reuse is a race (another
+    process may take the port in between), so this is only for addresses that must be known before anything
+    binds them: a server started (or restarted) later on an address an agent or relay already holds (the
+    accepted exception: the port was just ours), torch.distributed's rendezvous (MASTER_PORT must be known to
+    every rank before rank 0 binds it), and a cluster's peer list (each replica is configured with every
+    replica's address). Our own servers otherwise bind port 0 and report their ports (ServerApp.grpc_port and
+    http_port, `gradwatch serve --port-file`); the Debian binaries, which cannot report theirs, go through
+    `_on_free_port`, which retries when the bind fails."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # ---------------------------------------------------------------------- webhook receiver
@@ -165,12 +183,41 @@ def _process(
         _wait_ready(ready_url, proc, name, log)
         yield proc
     finally:
-        proc.terminate()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+BIND_ATTEMPTS = 5
+
+
+@contextlib.contextmanager
+def _on_free_port(
+    make_args: Callable[[int], list[str]], ready_path: str, workdir: pathlib.Path, name: str
+) -> Iterator[str]:
+    """Run a binary that cannot report the port it bound (Debian's prometheus, alertmanager) on a released_port();
+    when that port was taken in between, the binary exits naming "address already in use" and is started again
+    on another (up to BIND_ATTEMPTS times). Yields its URL once `ready_path` answers."""
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        port = released_port()
+        url = f"http://127.0.0.1:{port}"
+        running = False
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+            with _process(make_args(port), url + ready_path, workdir, name):
+                running = True
+                yield url
+                return
+        except RuntimeError:
+            retry = not running and attempt < BIND_ATTEMPTS
+            if not retry or "address already in use" not in (workdir / f"{name}.log").read_text():
+                raise
 
 
 @contextlib.contextmanager
@@ -190,23 +237,46 @@ def gradwatch_server(workdir: pathlib.Path, *args: str) -> Iterator[tuple[str, i
 
 @dataclass(frozen=True)
 class ServerProcess:
-    """A running `gradwatch serve`: its gRPC target, HTTP base URL and process id."""
+    """A running `gradwatch serve`: its gRPC target, HTTP base URL, process id, the ports it bound, its process."""
 
     target: str
     http_url: str
     pid: int
+    grpc_port: int
+    http_port: int
+    proc: subprocess.Popen[bytes]
 
 
 @contextlib.contextmanager
-def gradwatch_process(workdir: pathlib.Path, *args: str) -> Iterator[ServerProcess]:
-    """gradwatch_serve, yielding its ServerProcess."""
-    grpc_port, http_port = free_port(), free_port()
-    command = [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1",
-               "--grpc-port", str(grpc_port), "--http-port", str(http_port), *args]  # fmt: skip
+def gradwatch_process(
+    workdir: pathlib.Path, *args: str, grpc_port: int = 0, http_port: int = 0, log_name: str = "gradwatch"
+) -> Iterator[ServerProcess]:
+    """gradwatch_serve, yielding its ServerProcess. Port 0 (the default) lets the server bind any free port and
+    report it (`--port-file`); fixed ports are for a restart on the address a first server reported. The output
+    is appended to workdir/`log_name`.log (a restart adds to its predecessor's log)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"{log_name}.ports.json"
+    port_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
+               "--http-port", str(http_port), "--port-file", str(port_file), *args]  # fmt: skip
     env = {**os.environ, "GRADWATCH_CONFIG": ""}
-    http_url = f"http://127.0.0.1:{http_port}"
-    with _process(command, f"{http_url}/healthz", workdir, "gradwatch", env) as proc:
-        yield ServerProcess(f"127.0.0.1:{grpc_port}", http_url, proc.pid)
+    log = workdir / f"{log_name}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not port_file.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"gradwatch serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gradwatch serve wrote no ports in {READY_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        ports = json.loads(port_file.read_text())
+        http_url = f"http://127.0.0.1:{ports['http']}"
+        _wait_ready(f"{http_url}/healthz", proc, "gradwatch serve", log)
+        yield ServerProcess(f"127.0.0.1:{ports['grpc']}", http_url, proc.pid, ports["grpc"], ports["http"], proc)
+    finally:
+        _stop(proc)
 
 
 @contextlib.contextmanager
@@ -216,17 +286,18 @@ def alertmanager(config: dict[str, Any], workdir: pathlib.Path) -> Iterator[str]
     workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "alertmanager.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    port = free_port()
-    args = [
-        binary,
-        f"--config.file={config_file}",
-        f"--storage.path={workdir / 'am-data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--cluster.listen-address=",
-        "--log.level=warn",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with _process(args, url + "/-/ready", workdir, "alertmanager"):
+
+    def args(port: int) -> list[str]:
+        return [
+            binary,
+            f"--config.file={config_file}",
+            f"--storage.path={workdir / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+            "--log.level=warn",
+        ]
+
+    with _on_free_port(args, "/-/ready", workdir, "alertmanager") as url:
         yield url
 
 
@@ -239,16 +310,17 @@ def prometheus(config: dict[str, Any], rules: dict[str, Any], workdir: pathlib.P
     rules_file.write_text(yaml.safe_dump(rules, sort_keys=False, width=1000))
     config_file = workdir / "prometheus.yml"
     config_file.write_text(yaml.safe_dump({**config, "rule_files": [str(rules_file)]}, sort_keys=False))
-    port = free_port()
-    args = [
-        binary,
-        f"--config.file={config_file}",
-        f"--storage.tsdb.path={workdir / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with _process(args, url + "/-/ready", workdir, "prometheus"):
+
+    def args(port: int) -> list[str]:
+        return [
+            binary,
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+
+    with _on_free_port(args, "/-/ready", workdir, "prometheus") as url:
         yield url
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 
 from agent_support import ScriptableServer
 from gradwatch.agent.config import resolve_config
-from paging_support import free_port
+from paging_support import released_port
 
 JOB = '''
 import os, sys, time
@@ -50,7 +50,7 @@ dist.destroy_process_group()
 def _run(tmp_path: Path, server: ScriptableServer, tracking: str) -> str:
     job = tmp_path / "job.py"
     job.write_text(JOB)
-    result = subprocess.run([sys.executable, str(job), server.address, str(free_port()), tracking],
+    result = subprocess.run([sys.executable, str(job), server.address, str(released_port()), tracking],
                             capture_output=True, text=True, timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result.stdout

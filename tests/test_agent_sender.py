@@ -13,12 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from agent_support import ScriptableServer, free_port_address, make_mlp, train, wait_until  # noqa: E402
+from agent_support import ScriptableServer, make_mlp, train, wait_until  # noqa: E402
 from gradwatch.agent.config import RetryPolicy, resolve_config  # noqa: E402
 from gradwatch.agent.counters import DROP_REASONS  # noqa: E402
 from gradwatch.agent.monitor import AgentMonitor, Monitor, attach  # noqa: E402
 from gradwatch.agent.replay import ReplayBuffer  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
+from paging_support import refused_port  # noqa: E402
 
 # A step that waited on the network would take a connect or Welcome timeout (seconds); the bound leaves room
 # for a loaded 2-core machine descheduling the training thread, which is not what these tests are about.
@@ -111,12 +112,14 @@ def test_agent_delivers_every_report_in_order_and_says_goodbye(server: Scriptabl
 
 def test_agent_without_server_keeps_training_and_closes_in_time() -> None:
     model, opt = _model_and_optimizer()
-    monitor = attach(model, opt, server=free_port_address(), run="alone", replay_buffer_size=16, retry=FAST_RETRY)
-    durations = _timed_steps(monitor, model, opt, 60)
-    assert monitor.step_count == 60
-    started = time.perf_counter()
-    assert monitor.close(timeout=0.5) is False
-    assert time.perf_counter() - started < 0.8
+    with refused_port() as port:  # nothing listens there
+        monitor = attach(model, opt, server=f"127.0.0.1:{port}", run="alone", replay_buffer_size=16,
+                         retry=FAST_RETRY)  # fmt: skip
+        durations = _timed_steps(monitor, model, opt, 60)
+        assert monitor.step_count == 60
+        started = time.perf_counter()
+        assert monitor.close(timeout=0.5) is False
+        assert time.perf_counter() - started < 0.8
     counters = monitor.counters()
     assert counters["acked"] == 0
     assert counters["dropped"]["replay_overflow"] == 60 - 16
@@ -190,18 +193,19 @@ def test_agent_writes_ordinary_reports_together_but_a_non_finite_one_and_events_
     model, opt = _model_and_optimizer(seed=4)
     monitor = attach(model, opt, server=server.address, run="coalesced")
     assert wait_until(lambda: monitor.counters()["stream_state"] == "ready")
+    sent = monitor._sender
     train(model, opt, monitor, 5)
-    assert wait_until(lambda: monitor.counters()["buffered"] == 5)
-    time.sleep(0.3)  # several sender rounds: the five are made but not written
-    assert server.servicer.reports() == []
+    # The sender's round that made the fifth frame has ended: whatever it decided to write is written.
+    assert wait_until(lambda: sent.settled[0] == 5)
+    assert sent.settled[1] == 0 and server.servicer.reports() == []  # the five are made but not written
     monitor.event("checkpoint_saved")  # an event goes at once, and the reports before it with it
     assert server.servicer.wait_for(lambda: len(server.servicer.stream_frames) >= 7, timeout=10)
     assert _seqs(server) == list(range(1, 7))
     batch = sender.PUSH_BATCH_FRAMES  # once that many frames wait, they are written without waiting longer
     train(model, opt, monitor, batch + 2)
     assert server.servicer.wait_for(lambda: len(server.servicer.reports()) == 5 + batch, timeout=10)
-    time.sleep(0.3)
-    assert len(server.servicer.reports()) == 5 + batch  # the last two wait
+    assert wait_until(lambda: sent.settled[0] == 8 + batch)  # 5 reports, the event, batch + 2 reports made
+    assert sent.settled[1] == 6 + batch and len(server.servicer.reports()) == 5 + batch  # the last two wait
     train(model, opt, monitor, 1, nan_at=1)  # a non-finite report: written at once, with the two before it
     assert server.servicer.wait_for(lambda: len(server.servicer.reports()) == 8 + batch, timeout=10)
     reports = server.servicer.reports()

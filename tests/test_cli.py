@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from paging_support import free_port
-
 
 def _gradwatch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -110,10 +108,10 @@ def test_cli_serve_rejects_bad_config_file(tmp_path: Path) -> None:
 
 
 def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    http_port = free_port()
+    port_file = tmp_path / "ports.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-         "--http-port", str(http_port)],
+         "--http-port", "0", "--port-file", str(port_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,  # its ./gradwatch-data
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -121,6 +119,7 @@ def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None
         deadline = time.monotonic() + 30
         while True:
             try:
+                http_port = json.loads(port_file.read_text())["http"]
                 body = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/runs", timeout=1).read()
                 break
             except OSError:

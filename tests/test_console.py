@@ -16,7 +16,6 @@ from typing import Any
 from gradwatch.server.app import ServerApp
 from gradwatch.server.config import ServerConfig
 from gradwatch.v1 import gradwatch_pb2 as pb
-from paging_support import free_port
 from server_support import hello_frame, http_get, report_frame, run_stream, sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,6 +28,16 @@ def serve(tmp_path: pathlib.Path, *args: str) -> subprocess.Popen[str]:
                *args]  # fmt: skip
     env = {**os.environ, "GRADWATCH_CONFIG": ""}
     return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+
+
+def reported_ports(port_file: pathlib.Path, proc: subprocess.Popen[str]) -> dict[str, int]:
+    """The ports `gradwatch serve --port-file` wrote, once it has written them."""
+    deadline = time.monotonic() + WAIT_S
+    while not port_file.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no port file"
+        time.sleep(0.05)
+    return dict(json.loads(port_file.read_text()))
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[str]) -> None:
@@ -45,13 +54,16 @@ def wait_healthy(port: int, proc: subprocess.Popen[str]) -> None:
 
 
 def test_serve_logs_json_lines_a_fire_and_its_resolution_once_and_the_shutdown(tmp_path: pathlib.Path) -> None:
-    grpc_port, http_port = free_port(), free_port()
     config = tmp_path / "gradwatch.yaml"
     # Re-sends every 0.2 s (none of them may be logged again); a finished run expires, resolving its alert, after 1 s.
     config.write_text("alerting: {resend_interval_s: 0.2, log: true}\nfinished_run_retention_s: 1\n")
-    proc = serve(tmp_path, "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--config", str(config),
-                 "--log-format", "json")  # fmt: skip
+    port_file = tmp_path / "ports.json"
+    proc = serve(tmp_path, "--grpc-port", "0", "--http-port", "0", "--port-file", str(port_file), "--config",
+                 str(config), "--log-format", "json")  # fmt: skip
     try:
+        ports = reported_ports(port_file, proc)
+        grpc_port, http_port = ports["grpc"], ports["http"]
+        assert sorted(ports) == ["grpc", "http"] and 0 not in ports.values(), ports
         wait_healthy(http_port, proc)
         target = f"127.0.0.1:{grpc_port}"
         run_stream(target, [hello_frame(run="loud"), report_frame(1, loss=math.nan)])
@@ -77,7 +89,8 @@ def test_serve_logs_json_lines_a_fire_and_its_resolution_once_and_the_shutdown(t
         assert {"logger", "message"} <= entry.keys()
     alerts = [e for e in lines if e["logger"] == "gradwatch.alerts" and "run=loud" in e["message"]]
     assert [(e["level"], e["message"].split()[1]) for e in alerts] == [("WARNING", "firing"), ("INFO", "resolved")]
-    assert "gRPC on 127.0.0.1" in lines[0]["message"]
+    # The first line names the ports the system chose, the same the port file reported.
+    assert f"gRPC on 127.0.0.1:{grpc_port}, HTTP on http://127.0.0.1:{http_port} " in lines[0]["message"]
     assert lines[-2]["message"].startswith("SIGTERM received: stopping")
     assert lines[-1]["message"].startswith("gradwatch server stopped")
 
@@ -131,3 +144,13 @@ def test_detection_quality_refuses_an_unknown_scenario_name() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "detection_quality.py"), "--only", "nan", "nosuch"],
                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert result.returncode == 2 and "unknown scenario(s) nosuch; known: nan," in result.stderr, result.stderr
+
+
+def test_serve_with_an_unwritable_port_file_stops_with_one_line_naming_it(tmp_path: pathlib.Path) -> None:
+    port_file = tmp_path / "missing-dir" / "ports.json"
+    proc = serve(tmp_path, "--grpc-port", "0", "--http-port", "0", "--port-file", str(port_file))
+    _, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 2, err
+    (line,) = [entry for entry in err.splitlines() if " ERROR " in entry]
+    assert "cannot write the port file" in line and str(port_file) in line, line
+    assert not port_file.parent.exists()

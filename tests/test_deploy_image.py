@@ -5,6 +5,7 @@ without torch, and the image's HEALTHCHECK script tells a serving server from an
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import pathlib
 import shutil
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from paging_support import free_port
+from paging_support import refused_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "deploy" / "docker"
@@ -120,17 +121,21 @@ def test_image_install_serves_without_torch(server_venv: pathlib.Path) -> None:
 def test_image_healthcheck_passes_on_a_serving_server_and_fails_without_one(
     server_venv: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    assert _healthcheck(server_venv, grpc_port).returncode == 1  # nothing listens yet
-    log = tmp_path / "serve.log"
-    env = {"PATH": os.environ.get("PATH", ""), "GRADWATCH_GRPC_PORT": str(grpc_port),
-           "GRADWATCH_HTTP_PORT": str(http_port), "GRADWATCH_HTTP_HOST": "127.0.0.1",
-           "GRADWATCH_GRPC_HOST": "127.0.0.1"}  # fmt: skip
+    with refused_port() as nobody:
+        assert _healthcheck(server_venv, nobody).returncode == 1  # nothing listens
+    log, port_file = tmp_path / "serve.log", tmp_path / "ports.json"
+    env = {"PATH": os.environ.get("PATH", ""), "GRADWATCH_GRPC_PORT": "0", "GRADWATCH_HTTP_PORT": "0",
+           "GRADWATCH_HTTP_HOST": "127.0.0.1", "GRADWATCH_GRPC_HOST": "127.0.0.1"}  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(server_venv / "bin" / "gradwatch"), "serve"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path)  # fmt: skip
+        proc = subprocess.Popen([str(server_venv / "bin" / "gradwatch"), "serve", "--port-file", str(port_file)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)  # fmt: skip
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
+        while not port_file.exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        grpc_port = json.loads(port_file.read_text())["grpc"]
         while (check := _healthcheck(server_venv, grpc_port)).returncode != 0:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, check.stderr + log.read_text()

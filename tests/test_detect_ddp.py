@@ -15,7 +15,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import released_port  # noqa: E402
 
 
 def _worker(rank: int, world_size: int, port: int, target: str, fault: str, steps: int, onset: int) -> None:
@@ -61,7 +61,7 @@ def run_job(fault: str, world_size: int, steps: int, onset: int) -> list[dict[st
     app = ServerApp(ServerConfig.local())
     app.start()
     try:
-        mp.spawn(_worker, args=(world_size, free_port(), app.grpc_target, fault, steps, onset), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, released_port(), app.grpc_target, fault, steps, onset), nprocs=world_size)
         return app.alerts(run=fault)
     finally:
         app.stop()

@@ -159,3 +159,11 @@ def test_configuration_md_agent_table_is_the_agent_schema() -> None:
                                                                                                "local_rank"):
             cell = row.split("|")[3]
             assert re.search(rf"(?<![\d.]){re.escape(repr(default))}(?![\d])", cell), (name, default, cell)
+        alone = len(re.findall(r"`[a-z_]+`", row.split("|")[1])) == 1  # a row of its own, not a group's
+        if isinstance(default, bool) and alone:  # a switch's row starts with its default: on or off
+            assert row.split("|")[3].strip().startswith("on" if default else "off"), (name, default, row)
+    # The other way round: every row names options the schema has, and every schema field has its doc line.
+    named = {n for r in rows for n in re.findall(r"`([a-z_]+)`", r.split("|")[1])}
+    assert named <= {*options, *agent_config.ATTACH_OBJECTS}, named - {*options, *agent_config.ATTACH_OBJECTS}
+    for spec in dataclasses.fields(agent_config.AgentConfig):
+        assert spec.metadata.get("doc"), f"AgentConfig.{spec.name} has no doc line"

@@ -23,7 +23,7 @@ from gradwatch.server.alerts import Alert  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from netfault import FaultyRelay  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import refused_port  # noqa: E402
 
 
 class AlertLog:
@@ -138,12 +138,12 @@ def test_e2e_healthy_run_raises_no_alert(server: tuple[ServerApp, AlertLog], see
 
 def test_e2e_agent_keeps_training_without_a_server() -> None:
     training = DemoTraining(seed=5)
-    port = free_port()  # nothing listens here
-    monitor = gradwatch.attach(training.model, training.optimizer, run="orphan", server=f"127.0.0.1:{port}")
-    durations = _train(monitor, training, range(1, 301))
-    start = time.perf_counter()
-    flushed = monitor.close(timeout=1.0)
-    closing = time.perf_counter() - start
+    with refused_port() as port:  # nothing listens here
+        monitor = gradwatch.attach(training.model, training.optimizer, run="orphan", server=f"127.0.0.1:{port}")
+        durations = _train(monitor, training, range(1, 301))
+        start = time.perf_counter()
+        flushed = monitor.close(timeout=1.0)
+        closing = time.perf_counter() - start
     assert not flushed
     assert closing < 2.0
     # No step waited on the network: the slowest step() stays far below a connect timeout.
@@ -151,8 +151,8 @@ def test_e2e_agent_keeps_training_without_a_server() -> None:
 
 
 def test_e2e_server_killed_and_restarted_resumes_without_gaps_or_duplicates() -> None:
-    port = free_port()
-    first, _ = _start(port)
+    first, _ = _start()
+    port = first.grpc_port  # the restarted server binds it again (a port that was just ours)
     training = DemoTraining(seed=6)
     monitor = gradwatch.attach(training.model, training.optimizer, run="phoenix", server=f"127.0.0.1:{port}")
     try:

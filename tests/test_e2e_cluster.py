@@ -22,7 +22,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from cluster_support import cluster_config  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import released_port  # noqa: E402
 
 HANG_LIMIT_S = 120.0  # the hung rank waits for the test's release at most this long
 BASE_SLEEP_S = 0.05  # every step's "data loading": steady step times that jitter cannot double
@@ -93,7 +93,7 @@ def run_job(scenario: str, world_size: int, steps: int, tmp_path: Path, release_
         app.add_alert_listener(lambda alert: release.touch() if alert.detector == release_on else None)
     app.start()
     try:
-        args = (world_size, free_port(), app.grpc_target, scenario, steps, str(release))
+        args = (world_size, released_port(), app.grpc_target, scenario, steps, str(release))
         mp.spawn(_worker, args=args, nprocs=world_size, join=True)
         (run,) = app.runs()
         assert run["run"] == scenario and run["state"] == "finished", run

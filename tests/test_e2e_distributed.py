@@ -15,7 +15,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from gradwatch.server.alerts import Alert  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import released_port  # noqa: E402
 
 NAN_STEP = 25
 STEPS = 40
@@ -55,7 +55,7 @@ def test_e2e_distributed_nan_on_one_rank_names_that_rank() -> None:
     app.add_alert_listener(listen)
     app.start()
     try:
-        mp.spawn(_worker, args=(2, free_port(), app.grpc_target, 1), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, released_port(), app.grpc_target, 1), nprocs=2, join=True)
         (run,) = app.runs()
         assert run["run"] == "ddp-job"
         assert run["world_size"] == 2
@@ -141,7 +141,7 @@ def test_e2e_distributed_ddp_and_fsdp2_global_grad_norm_is_exact(tmp_path: Any) 
 
     app = ServerApp(ServerConfig.local()).start()
     try:
-        mp.spawn(_global_worker, args=(2, free_port(), app.grpc_target, str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_global_worker, args=(2, released_port(), app.grpc_target, str(tmp_path)), nprocs=2, join=True)
         truth = json.loads((tmp_path / "truth.json").read_text())
         text = urllib.request.urlopen(f"{app.http_url}/metrics", timeout=5).read().decode()
         exported = {

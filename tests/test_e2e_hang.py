@@ -28,7 +28,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from gradwatch.server.detectors.straggler import StragglerConfig  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import released_port  # noqa: E402
 
 HOST = socket.gethostname()
 WORLD = 3
@@ -129,7 +129,7 @@ def run_job(scenario: str, steps: int, tmp_path: Path, *, until: Callable[[Alert
         app.add_alert_listener(lambda alert: release.touch() if alert.detector == release_on else None)
     app.start()
     try:
-        args = (world, free_port(), app.grpc_target, scenario, steps, str(release))
+        args = (world, released_port(), app.grpc_target, scenario, steps, str(release))
         context = mp.spawn(_worker, args=args, nprocs=world, join=False)
         deadline = time.monotonic() + LIMIT_S + 60
         while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ import pytest
 
 from gradwatch.server.config import ClusterConfig, HttpConfig, RelayConfig
 from gradwatch.server.detectors.stalled import StalledConfig
-from paging_support import free_port
+from paging_support import released_port
 from relay_support import CLUSTER_YAML, Serve
 from server_support import AgentStream, hello_frame, report_frame, server_config, start_app
 
@@ -44,7 +44,7 @@ def _nan_run(server: Serve, run: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_path: Path) -> None:
-    ports = [free_port(), free_port()]
+    ports = [released_port(), released_port()]
     listed = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
     peers = f"cluster: {{peers: [{listed}]}}\n"
     a, b = (Serve(tmp_path, name, "--http-port", str(port), config=CLUSTER_YAML + peers)
@@ -82,7 +82,7 @@ def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_pa
 
 
 def test_a_run_whose_agents_moved_to_another_replica_is_handed_over_not_stalled() -> None:
-    ports = [free_port(), free_port()]
+    ports = [released_port(), released_port()]
     base = server_config()
     stalled = StalledConfig(floor_s=6.0, silent_after_s=6.0)  # the dead run stalls after 6 s; the moved one must not
     peers = ClusterConfig(peers=tuple(f"127.0.0.1:{p}" for p in ports))

@@ -13,7 +13,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from agent_support import ScriptableServer  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import released_port  # noqa: E402
 
 STEPS = 50
 SPIKES = (30, 41)  # steps where rank 1 alone gets a batch with wrong targets
@@ -53,7 +53,7 @@ def _worker(rank: int, world_size: int, master_port: int, target: str, judge_gra
 @pytest.mark.parametrize("judge_grad_norm", [True, False])
 def test_ddp_ranks_skip_together_and_replicas_stay_identical(judge_grad_norm: bool) -> None:
     with ScriptableServer() as server:
-        mp.spawn(_worker, args=(2, free_port(), server.address, judge_grad_norm), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, released_port(), server.address, judge_grad_norm), nprocs=2, join=True)
         sessions = dict(server.servicer.sessions)
     by_rank: dict[int, dict[int, Any]] = {0: {}, 1: {}}
     for (_, rank, _), session in sessions.items():

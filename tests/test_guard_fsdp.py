@@ -17,7 +17,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from agent_support import ScriptableServer  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import released_port  # noqa: E402
 
 STEPS = 40
 WARMUP = 10
@@ -153,7 +153,7 @@ def _worker(rank: int, world_size: int, master_port: int, target: str) -> None:
 
 def test_fsdp2_ranks_skip_together_on_the_global_norm_and_shards_stay_exact() -> None:
     with ScriptableServer() as server:
-        mp.spawn(_worker, args=(2, free_port(), server.address), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, released_port(), server.address), nprocs=2, join=True)
         sessions = dict(server.servicer.sessions)
     skipped: dict[tuple[str, int], list[int]] = {}
     for (run, rank, _), session in sessions.items():

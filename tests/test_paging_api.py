@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from gradwatch.server.config import (
     load_config_file,
 )
 from gradwatch.server.sinks import InMemorySink
-from paging_support import WebhookReceiver, free_port
+from paging_support import WebhookReceiver
 from server_support import (
     get_json,
     hello_frame,
@@ -174,16 +175,17 @@ def test_config_alerting_errors_name_the_key(tmp_path: Path, alerting: dict[str,
 def test_cli_serve_pushes_to_every_alertmanager_url() -> None:
     """`gradwatch serve --alertmanager-url A --alertmanager-url B`: both get POST /api/v2/alerts."""
     with WebhookReceiver() as first, WebhookReceiver() as second:
-        grpc_port, http_port = free_port(), free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port),
-             "--http-port", str(http_port), "--alertmanager-url", first.url, "--alertmanager-url", second.url],
+            [sys.executable, "-m", "gradwatch", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+             "--http-port", "0", "--alertmanager-url", first.url, "--alertmanager-url", second.url],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "GRADWATCH_CONFIG": ""},
         )
         try:
             assert proc.stderr is not None
-            banner = proc.stderr.readline()
-            assert "gRPC on" in banner, banner
+            banner = proc.stderr.readline()  # names the ports the system chose
+            bound = re.search(r"gRPC on 127\.0\.0\.1:(\d+), HTTP on http://127\.0\.0\.1:(\d+) ", banner)
+            assert bound is not None, banner
+            grpc_port, http_port = int(bound[1]), int(bound[2])
             run_stream(f"127.0.0.1:{grpc_port}", [hello_frame(run="cli"), report_frame(1, loss=math.nan)])
             for receiver in (first, second):
                 got = receiver.wait_alert(lambda d, a: a["labels"]["run"] == "cli", WAIT_S)

@@ -154,4 +154,6 @@ def _run_and_check(app: ServerApp, prom_url: str, receiver: WebhookReceiver, rec
     record_property("report:prometheus_resolved_after_run_end_s", round(rules_resolved[0].received_at - ended_at, 3))
     # Alertmanager's identity for the pushed alert never changed: startsAt fixed from fire to resolve.
     assert push_resolved[1]["startsAt"] == push_alert["startsAt"]
-    assert app.alerts(run=RUN, state="resolved")[0]["detector"] == "non_finite"
+    # Found by detector, not by position: other alerts of the run may have resolved before it.
+    resolved = [a["detector"] for a in app.alerts(run=RUN, state="resolved")]
+    assert "non_finite" in resolved, resolved

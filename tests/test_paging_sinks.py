@@ -26,7 +26,7 @@ from gradwatch.server.sinks import (
     WebhookSink,
 )
 from gradwatch.server.sinks.base import rfc3339
-from paging_support import MissingBinary, WebhookReceiver, alertmanager, free_port, routing_config
+from paging_support import MissingBinary, WebhookReceiver, alertmanager, refused_port, routing_config
 
 WAIT_S = 10.0
 FAST = DeliveryPolicy(timeout_s=2.0, initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=5.0)
@@ -186,9 +186,18 @@ def test_worker_does_not_retry_a_rejected_payload(status_server: StatusServer) -
     assert not worker.snapshot().healthy and len(status_server.bodies) == 1
 
 
-def test_worker_gives_up_after_the_deadline_when_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def unreachable() -> Iterator[str]:
+    """The URL of an Alertmanager that refuses every connection (its port held, never listening)."""
+    with refused_port() as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_worker_gives_up_after_the_deadline_when_unreachable(
+    caplog: pytest.LogCaptureFixture, unreachable: str
+) -> None:
     policy = DeliveryPolicy(timeout_s=0.5, initial_backoff_s=0.01, max_backoff_s=0.02, deadline_s=0.3)
-    worker = _worker(AlertmanagerSink(f"http://127.0.0.1:{free_port()}"), policy)
+    worker = _worker(AlertmanagerSink(unreachable), policy)
     worker.submit([notification(), notification("f2")])
     assert worker.wait_idle(WAIT_S)
     worker.stop()
@@ -226,9 +235,9 @@ def test_worker_bounds_pending_and_counts_drops() -> None:
     worker.stop()
 
 
-def test_worker_stop_interrupts_backoff_promptly() -> None:
+def test_worker_stop_interrupts_backoff_promptly(unreachable: str) -> None:
     policy = DeliveryPolicy(timeout_s=0.5, initial_backoff_s=30.0, max_backoff_s=30.0, deadline_s=600.0)
-    worker = _worker(AlertmanagerSink(f"http://127.0.0.1:{free_port()}"), policy)
+    worker = _worker(AlertmanagerSink(unreachable), policy)
     worker.submit([notification()])
     deadline = time.monotonic() + WAIT_S
     while worker.snapshot().outcomes["retried"] == 0:  # the first attempt failed; now it waits 30 s

@@ -7,12 +7,9 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import pathlib
 import signal
 import sqlite3
-import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +25,7 @@ from gradwatch.demo import DemoTraining  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig, StorageConfig  # noqa: E402
 from gradwatch.server.database import DB_FILE, Database  # noqa: E402
-from paging_support import free_port  # noqa: E402
+from paging_support import ServerProcess, gradwatch_process  # noqa: E402
 from server_support import get_json, http_get, metric, scrape  # noqa: E402
 from wait_support import wait_until  # noqa: E402
 
@@ -179,36 +176,15 @@ def test_database_prune_counts_what_retention_deleted(tmp_path: pathlib.Path) ->
 
 @contextlib.contextmanager
 def serve_process(
-    data_dir: pathlib.Path, grpc_port: int, http_port: int, log: pathlib.Path, *args: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`gradwatch serve` on fixed ports and a data dir (and extra CLI `args`); yields the process once /healthz
-    answers. Fixed ports, unlike paging_support.gradwatch_serve: a restarted server must be found again."""
-    command = [
-        sys.executable,
-        "-m",
-        "gradwatch",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        str(grpc_port),
-        "--http-port",
-        str(http_port),
-        "--data-dir",
-        str(data_dir),
-        *args,
-    ]
-    env = {**os.environ, "GRADWATCH_CONFIG": ""}
-    with log.open("ab") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_until(lambda: proc.poll() is not None or _healthy(http_port), what="gradwatch serve")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=20)
+    data_dir: pathlib.Path, log: pathlib.Path, *args: str, grpc_port: int = 0, http_port: int = 0
+) -> Iterator[ServerProcess]:
+    """`gradwatch serve` with a data dir (and extra CLI `args`), its output appended to `log`; yields it once
+    /healthz answers. Port 0 (the default) binds free ports, which it reports; a restarted server that must be
+    found again is given the ports its predecessor reported (a rebind of a port that was just ours, the one
+    accepted exception to binding port 0: paging_support.released_port)."""
+    with gradwatch_process(log.parent, "--data-dir", str(data_dir), *args, grpc_port=grpc_port,
+                           http_port=http_port, log_name=log.stem) as server:  # fmt: skip
+        yield server
 
 
 def saved_step(data_dir: pathlib.Path, run: str) -> int | None:
@@ -218,30 +194,23 @@ def saved_step(data_dir: pathlib.Path, run: str) -> int | None:
     return json.loads(rows[0][0]).get("step") if rows else None
 
 
-def _healthy(port: int) -> bool:
-    try:
-        return http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
-    except OSError:
-        return False
-
-
 def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_resume(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gradwatch.agent")
-    grpc_port, http_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{http_port}"
     log = tmp_path / "serve.log"
     training = DemoTraining(seed=1)
     retry = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.5)
-    monitor = gradwatch.attach(
-        training.model, training.optimizer, run="phoenix-rec", server=f"127.0.0.1:{grpc_port}", retry=retry
-    )
     # The incident waits for 1000 reports after its alert: the server is killed while it is still recording.
     config = tmp_path / "gradwatch.yaml"
     config.write_text("recorder: {after_reports: 1000}\n")
+    monitor = None
     try:
-        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)) as first:
+        with serve_process(tmp_path / "data", log, "--config", str(config)) as first:
+            grpc_port, http_port = first.grpc_port, first.http_port
+            url = first.http_url
+            monitor = gradwatch.attach(training.model, training.optimizer, run="phoenix-rec", server=first.target,
+                                       retry=retry)  # fmt: skip
             train(monitor, training, range(1, 61), {40: "nan"})
             (incident,) = wait_until(lambda: incidents(url, detector="non_finite"), what="a stored incident")
             assert incident["status"] == "recording" and incident["steps"][0] == 1
@@ -249,12 +218,12 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             runs_at_60 = lambda: [r for r in get_json(f"{url}/api/v1/runs")["runs"] if r["step"] == 60]  # noqa: E731
             (run,) = wait_until(runs_at_60, what="step 60")
             wait_until(lambda: saved_step(tmp_path / "data", "phoenix-rec") == 60, what="step 60 checkpointed")
-            first.send_signal(signal.SIGKILL)
-            first.wait(timeout=10)
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait(timeout=10)
         train(monitor, training, range(61, 71), {})  # the agent keeps training while the server is down
         # Restarted first on a gRPC port the agent does not know, so that what was restored is seen before the
         # agent is back (it retries every 0.5 s at most); then on its own port, where the agent resumes.
-        with serve_process(tmp_path / "data", free_port(), http_port, log, "--config", str(config)):
+        with serve_process(tmp_path / "data", log, "--config", str(config), http_port=http_port):
             assert [i["id"] for i in incidents(url, detector="non_finite")] == [incident["id"]]
             body = get_json(f"{url}/api/v1/incidents/{incident['id']}")["incident"]
             assert body["status"] == "interrupted" and body["step"] == 40
@@ -266,7 +235,7 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             (again,) = get_json(f"{url}/api/v1/runs")["runs"]
             assert again["run"] == "phoenix-rec" and again["first_seen"] == run["first_seen"]
             assert again["restored"] and again["step"] == 60 and "non_finite" in again["firing"]
-        with serve_process(tmp_path / "data", grpc_port, http_port, log, "--config", str(config)):
+        with serve_process(tmp_path / "data", log, "--config", str(config), grpc_port=grpc_port, http_port=http_port):
             train(monitor, training, range(71, 81), {})
             assert monitor.close(timeout=20)
             resumed = wait_until(
@@ -284,7 +253,8 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
         agent = [r.getMessage() for r in caplog.records if r.name == "gradwatch.agent" and r.levelno >= 20]
         assert sum("unavailable" in m for m in agent) == 1 and sum("reachable again" in m for m in agent) == 1, agent
     finally:
-        monitor.close(timeout=1)
+        if monitor is not None:
+            monitor.close(timeout=1)
 
 
 def test_recorder_memory_budget_shrinks_each_ranks_column_window_as_ranks_join() -> None:

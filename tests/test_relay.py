@@ -17,7 +17,7 @@ from gradwatch.server.config import GrpcConfig, RelayConfig, ServerConfig
 from gradwatch.server.detectors.stalled import StalledConfig
 from gradwatch.server.sinks.memory import InMemorySink
 from netfault import FaultyRelay
-from paging_support import free_port
+from paging_support import released_port
 from server_support import AgentStream, hello_frame, metric, report_frame, scrape, server_config, start_app
 
 WAIT_S = 20.0
@@ -58,7 +58,7 @@ def _firing(app: ServerApp, run: str) -> dict[str, list[int]]:
 
 
 def test_relay_serves_its_ranks_while_upstream_is_down_then_delivers_every_record() -> None:
-    port = free_port()  # nothing listens there yet
+    port = released_port()  # nothing listens there yet; the aggregator binds it later
     relay = _relay(f"127.0.0.1:{port}")
     aggregator = None
     try:
@@ -80,7 +80,7 @@ def test_relay_serves_its_ranks_while_upstream_is_down_then_delivers_every_recor
 
 
 def test_relay_drops_its_oldest_records_beyond_its_buffer_and_counts_every_one() -> None:
-    port = free_port()
+    port = released_port()  # the aggregator binds it later
     relay = _relay(f"127.0.0.1:{port}", buffer_entries=16)
     aggregator = None
     try:
@@ -186,8 +186,8 @@ def _paged(notifications: list[Any], run: str, detector: str, status: str) -> bo
 
 
 def test_alerts_firing_on_a_relay_fire_again_on_the_replica_that_takes_the_run_over() -> None:
-    port = free_port()
-    first = _aggregator(port)
+    first = _aggregator()
+    port = first.grpc_port  # the new replica binds it again (a port that was just ours)
     relay = _relay(f"127.0.0.1:{port}")
     second = None
     try:

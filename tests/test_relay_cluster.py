@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 import torch.multiprocessing as mp  # noqa: E402
 from test_e2e_cluster import HOST, _worker  # noqa: E402
 
-from paging_support import free_port  # noqa: E402
+from paging_support import released_port  # noqa: E402
 from relay_support import Serve  # noqa: E402
 
 SETTLE_S = 30.0
@@ -41,7 +41,7 @@ def _settled(server: Serve, run: str, relays: list[Serve]) -> list[dict[str, Any
 
 
 def _job(scenario: str, world_size: int, steps: int, targets: list[str], tmp: Path) -> None:
-    args = (world_size, free_port(), ",".join(targets), scenario, steps, str(tmp / "release"))
+    args = (world_size, released_port(), ",".join(targets), scenario, steps, str(tmp / "release"))
     mp.spawn(_worker, args=args, nprocs=world_size, join=True)
 
 

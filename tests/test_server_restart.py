@@ -28,7 +28,6 @@ from test_server_restart_state import feed, run_gauges, saved  # noqa: E402
 import gradwatch  # noqa: E402
 from gradwatch.agent.config import RetryPolicy  # noqa: E402
 from gradwatch.demo import DemoTraining  # noqa: E402
-from paging_support import free_port  # noqa: E402
 from server_support import get_json, http_get  # noqa: E402
 
 #: The NaN job: trains 40 steps with a NaN injected at step 30 (the loss stays NaN), says so, then waits.
@@ -98,19 +97,19 @@ def differences(old: Any, new: Any, where: str = "") -> list[str]:
 
 
 def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_path: pathlib.Path) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{http_port}"
     data, log = tmp_path / "data", tmp_path / "serve.log"
     config = tmp_path / "gradwatch.yaml"
     # A finished run expires after 1 s (its alerts resolve then); incidents close 4 reports after their alert.
     config.write_text("finished_run_retention_s: 1\nrecorder: {after_reports: 4}\n")
     retry = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.5)
-    server = f"127.0.0.1:{grpc_port}"
     done_training = DemoTraining(seed=1)
-    done = gradwatch.attach(done_training.model, done_training.optimizer, run="done", server=server, retry=retry)
     sick: subprocess.Popen[str] | None = None
+    done = None
     try:
-        with serve_process(data, grpc_port, http_port, log, "--config", str(config)) as first:
+        with serve_process(data, log, "--config", str(config)) as first:
+            server, url, http_port = first.target, first.http_url, first.http_port
+            done = gradwatch.attach(done_training.model, done_training.optimizer, run="done", server=server,
+                                    retry=retry)  # fmt: skip
             train(done, done_training, range(1, 41), {20: "nan"})
             assert done.close(timeout=20)
             # The NaN run trains in a process that is killed (a crashed job): its run stays active, and nothing
@@ -139,8 +138,8 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
             feed(server, "wide", range(WIDE), WIDE, range(1, 6))
             wait_until(lambda: saved(data, "wide") == (WIDE, WIDE * 5), what="the wide run saved")
             before = answers(url)
-            first.send_signal(signal.SIGTERM)
-            assert first.wait(timeout=20) == 0
+            first.proc.send_signal(signal.SIGTERM)
+            assert first.proc.wait(timeout=20) == 0
         runs = {r["run"]: r for r in before["runs"]["runs"]}
         assert runs["done"]["state"] == "finished" and runs["done"]["finished_at"] is not None
         assert runs["sick"]["state"] == "active" and runs["sick"]["firing"] == ["non_finite"]
@@ -156,7 +155,7 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
 
         for how in (signal.SIGTERM, signal.SIGKILL):
             # A gRPC port the agent does not know: nothing new arrives, so nothing may change.
-            with serve_process(data, free_port(), http_port, log, "--config", str(config)) as again:
+            with serve_process(data, log, "--config", str(config), http_port=http_port) as again:
                 after = answers(url)
                 assert after.keys() == before.keys()
                 for path in before:
@@ -164,9 +163,10 @@ def test_restart_after_sigterm_and_sigkill_answers_every_route_as_before(tmp_pat
                     assert new == old, (how.name, path, differences(old, new))
                 restored = {r["run"]: r for r in after["runs"]["runs"]}
                 assert restored["done"]["state"] == "finished" and restored["done"]["restored"]
-                again.send_signal(how)
-                again.wait(timeout=20)
+                again.proc.send_signal(how)
+                again.proc.wait(timeout=20)
     finally:
         if sick is not None and sick.poll() is None:
             sick.kill()
-        done.close(timeout=1)
+        if done is not None:
+            done.close(timeout=1)

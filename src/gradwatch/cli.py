@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=_port, default=None, help="gRPC ingest port (default 50051)")
     serve.add_argument("--http-port", type=_port, default=None, help="HTTP port: /metrics, API (default 9400)")
     serve.add_argument("--host", default=None, help="address to bind both ports to (default 0.0.0.0)")
+    serve.add_argument(
+        "--port-file",
+        default=None,
+        metavar="FILE",
+        help='once listening, write {"grpc": PORT, "http": PORT} here (JSON, replaced atomically): the ports '
+        "the system chose for --grpc-port 0 / --http-port 0",
+    )
     serve.add_argument("--config", default=None, metavar="FILE", help="YAML configuration file")
     serve.add_argument(
         "--alertmanager-url",
@@ -147,7 +155,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"gradwatch serve: bad log format or level {args.log_format!r}/{args.log_level!r} "
                   "(GRADWATCH_LOG_FORMAT: text|json; GRADWATCH_LOG_LEVEL: DEBUG|INFO|WARNING|ERROR)", file=sys.stderr)
             return 2
-        return serve(config, log_format=args.log_format, log_level=args.log_level)
+        port_file = None if args.port_file is None else pathlib.Path(args.port_file)
+        return serve(config, log_format=args.log_format, log_level=args.log_level, port_file=port_file)
     if args.command == "demo":
         if args.steps is not None and args.fault_step is not None and args.fault_step > args.steps:
             print(f"gradwatch demo: --fault-step {args.fault_step} is beyond --steps {args.steps}", file=sys.stderr)
