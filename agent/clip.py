@@ -3,10 +3,11 @@
 Most large-model loops clip every step, and clipping already reads every gradient once for its per-parameter
 norms. This drop-in takes the same arguments and returns exactly what `torch.nn.utils.clip_grad_norm_` returns
 (the same grouping by device and dtype, the same `torch._foreach_norm` per group, the same stack and total norm,
-then torch's own `clip_grads_with_norm_`), and keeps the per-parameter 2-norms of that pass for the agent: on the
-next optimizer step the agent's gradient norm column is taken from them instead of a second pass over the
-gradients (agent/stats.py). They are the norms *before* clipping, which is what the loop measured: a clip hides an
-explosion from norms taken after it.
+the same clip coefficient min(1, max_norm / (total + 1e-6)) and in-place scaling), and keeps the per-parameter
+2-norms of that pass with that coefficient for the agent: on the next optimizer step the agent's gradient norm
+column is norm × coefficient (one multi-tensor multiply) instead of a second pass over the gradients
+(agent/stats.py): the norms of the gradients the optimizer applies, as without the drop-in, up to the rounding
+of that one multiplication.
 
 An offer is used only for gradients that are still the very tensors the clip measured (weak references: nothing
 here keeps a gradient alive) and have not been written since (their version counters, read after the clip's own
@@ -33,8 +34,9 @@ from torch.utils._foreach_utils import (
 
 __all__ = ["Offer", "clip_grad_norm_", "offered"]
 
-#: id(gradient) -> (its norm, a weak reference to it, its version after clipping).
-Offer = dict[int, tuple[torch.Tensor, "weakref.ref[torch.Tensor]", int]]
+#: id(gradient) -> (its norm before clipping, the clip coefficient, a weak reference to it, its version after
+#: clipping).
+Offer = dict[int, tuple[torch.Tensor, torch.Tensor, "weakref.ref[torch.Tensor]", int]]
 _SHARED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _latest: list[Offer] = [{}]
 
@@ -70,9 +72,9 @@ def clip_grad_norm_(
             _latest[0] = {}
         else:
             norms, total = _total_norm(grads, norm_type, error_if_nonfinite, foreach)
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
-        if grads:
-            _latest[0] = _offer(grads, norms) if norm_type == 2.0 else {}
+        coefficient = _clip(parameters, max_norm, total, foreach)
+        if grads and coefficient is not None:
+            _latest[0] = _offer(grads, norms, coefficient) if norm_type == 2.0 else {}
         return total
 
 
@@ -105,9 +107,34 @@ def _total_norm(
     return [by_id.get(id(g)) for g in grads], total
 
 
-def _offer(grads: list[torch.Tensor], norms: list[torch.Tensor | None]) -> Offer:
+def _clip(
+    parameters: list[torch.Tensor], max_norm: float, total: torch.Tensor, foreach: bool | None
+) -> torch.Tensor | None:
+    """torch's `clip_grads_with_norm_`, step for step; returns the clamped coefficient it applied (None: no
+    gradients)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    max_norm = float(max_norm)
+    if not grads:
+        return None
+    grouped = _group_tensors_by_device_and_dtype([grads])  # type: ignore[list-item]
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for (device, _), ([device_grads], _) in grouped.items():
+        if (foreach is None and _has_foreach_support(device_grads, device)) or (
+            foreach and _device_has_foreach_support(device)
+        ):
+            torch._foreach_mul_(device_grads, coefficient.to(device))
+        elif foreach:
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+        else:
+            on_device = coefficient.to(device)
+            for g in device_grads:
+                g.mul_(on_device)
+    return coefficient
+
+
+def _offer(grads: list[torch.Tensor], norms: list[torch.Tensor | None], coefficient: torch.Tensor) -> Offer:
     offer: Offer = {}
     for g, norm in zip(grads, norms, strict=True):
         if norm is not None and g.dtype in _SHARED_DTYPES and type(g) is torch.Tensor and g.layout is torch.strided:
-            offer[id(g)] = (norm, weakref.ref(g), g._version)
+            offer[id(g)] = (norm, coefficient, weakref.ref(g), g._version)
     return offer

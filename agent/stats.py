@@ -236,18 +236,21 @@ def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch
 
 
 def _clipped_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """The norms `gradwatch.clip_grad_norm_` computed for exactly these gradients, unchanged since (clip.py), or
-    None when any is missing: then the group is measured here."""
+    """The norms of these gradients after `gradwatch.clip_grad_norm_` scaled them: its own per-gradient norms
+    times its coefficient (one multi-tensor multiply; clip.py), when every one of them is a gradient it measured,
+    unwritten since; else None: then the group is measured here."""
     offer = clip.offered()
     if not offer:
         return None
     norms = []
+    coefficient = None
     for g in grads:
         entry = offer.get(id(g))
-        if entry is None or entry[1]() is not g or g._version != entry[2]:
+        if entry is None or entry[2]() is not g or g._version != entry[3] or entry[1].device != g.device:
             return None
         norms.append(entry[0])
-    return norms
+        coefficient = entry[1]
+    return list(torch._foreach_mul(norms, coefficient)) if norms else None
 
 
 def _bit_sum(t: torch.Tensor) -> torch.Tensor:

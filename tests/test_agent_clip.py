@@ -1,5 +1,5 @@
 """`gradwatch.clip_grad_norm_`: exactly torch's result and clipping, and the agent's gradient norms taken from
-that same pass (before clipping), never from a gradient changed since."""
+that same pass (scaled by its coefficient), never from a gradient changed since."""
 
 from __future__ import annotations
 
@@ -86,14 +86,16 @@ def test_clip_grad_norm_returns_and_clips_exactly_as_torch(
         if a.grad is not None:
             assert torch.equal(a.grad.nan_to_num(nan=7.0), b.grad.nan_to_num(nan=7.0))
     # The norms kept for the agent: norm_type 2 only, float32/float64/bfloat16 gradients, each exactly the norm
-    # torch's pass computed for it (before clipping).
+    # torch's pass computed for it (before clipping), with the coefficient the clip applied.
     offer = clip.offered()
     for p, before in zip(ours, grads_before, strict=True):
         if p.grad is None or norm_type != 2.0 or p.grad.dtype == torch.float16:
             assert p.grad is None or id(p.grad) not in offer
             continue
-        norm, ref, version = offer[id(p.grad)]
+        norm, coefficient, ref, version = offer[id(p.grad)]
         assert ref() is p.grad and version == p.grad._version
+        want_coefficient = torch.clamp(max_norm / (want + 1e-6), max=1.0)
+        assert torch.equal(coefficient, want_coefficient) or (coefficient.isnan() and want_coefficient.isnan())
         expected = torch._foreach_norm([before], 2.0)[0]
         assert torch.equal(norm, expected) or (norm.isnan() and expected.isnan())
 
@@ -120,11 +122,14 @@ def test_the_agent_takes_its_gradient_norms_from_the_clip_and_only_while_they_ho
     engine = StatsEngine(build_layout(model, 1))
     model(torch.randn(5, 6)).square().sum().mul(100).backward()
     before = torch._foreach_norm([p.grad.clone() for p in model.parameters()], 2.0)
-    gradwatch.clip_grad_norm_(model.parameters(), 0.1)
-    offered = [clip.offered()[id(p.grad)][0] for p in model.parameters()]
+    total = gradwatch.clip_grad_norm_(model.parameters(), 0.1)
+    coefficient = torch.clamp(0.1 / (total + 1e-6), max=1.0)
+    assert float(coefficient) < 1.0  # it clipped
     norms = engine.compute("grad", False)
-    assert all(a is b for a, b in zip(norms, offered, strict=True))  # the clip's own tensors: no second pass
-    assert all(torch.equal(a, b) for a, b in zip(norms, before, strict=True))  # before clipping
+    # The clip's own norms, scaled by the coefficient it applied: no second pass over the gradients.
+    assert all(torch.equal(a, b * coefficient) for a, b in zip(norms, before, strict=True))
+    after = [torch.linalg.vector_norm(p.grad) for p in model.parameters()]  # a second pass, for comparison
+    torch.testing.assert_close(norms, after, rtol=1e-6, atol=0)
     model[0].weight.grad.mul_(2.0)  # written after the clip: that group is measured again
     again = engine.compute("grad", False)
     assert torch.equal(again[0], torch.linalg.vector_norm(model[0].weight.grad))
@@ -134,7 +139,7 @@ def test_the_agent_takes_its_gradient_norms_from_the_clip_and_only_while_they_ho
     assert all(torch.equal(a, torch.linalg.vector_norm(p.grad)) for a, p in zip(fresh, model.parameters(), strict=True))
 
 
-def test_reports_carry_the_norms_before_clipping() -> None:
+def test_reports_carry_the_norms_of_the_clipped_gradients() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     expected = []
@@ -145,10 +150,9 @@ def test_reports_carry_the_norms_before_clipping() -> None:
             loss = model(torch.randn(5, 6)).square().sum() * 10 ** step
             opt.zero_grad()
             loss.backward()
-            norms = torch._foreach_norm([p.grad.clone() for p in model.parameters()], 2.0)
             total = gradwatch.clip_grad_norm_(model.parameters(), 0.5)
             assert float(total) > 0.5  # it clipped
-            expected.append([float(n) for n in norms])
+            expected.append([float(torch.linalg.vector_norm(p.grad)) for p in model.parameters()])
             opt.step()
             monitor.step(loss)
         assert monitor.close(timeout=5)
