@@ -62,9 +62,7 @@ def clip_grad_norm_(
             is_generator = isinstance(parameters, types.GeneratorType)
             parameters = list(parameters)
             if is_generator and len(parameters) == 0:
-                warnings.warn(
-                    "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2
-                )
+                warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
         grads = [p.grad for p in parameters if p.grad is not None]
         norm_type = float(norm_type)
         if not grads:

@@ -42,8 +42,9 @@ def _params(seed: int, shapes: list[tuple[int, ...]], dtypes: list[torch.dtype],
 @given(
     seed=st.integers(0, 2**16),
     specs=st.lists(
-        st.tuples(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), st.sampled_from(DTYPES),
-                  st.booleans()),
+        st.tuples(
+            st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), st.sampled_from(DTYPES), st.booleans()
+        ),
         min_size=0,
         max_size=6,
     ),
@@ -62,6 +63,7 @@ def test_clip_grad_norm_returns_and_clips_exactly_as_torch(
     ours = _params(seed, shapes, dtypes, missing, scale, poison)
     theirs = _params(seed, shapes, dtypes, missing, scale, poison)
     grads_before = [None if p.grad is None else p.grad.clone() for p in ours]
+
     def call(function: object, params: list[nn.Parameter]) -> tuple[object, list[str]]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -147,7 +149,7 @@ def test_reports_carry_the_norms_of_the_clipped_gradients() -> None:
         monitor = gradwatch.attach(model, opt, server=server.address, run="clip", full_stats_interval=1,
                                    overhead_budget=0)  # fmt: skip
         for step in range(3):
-            loss = model(torch.randn(5, 6)).square().sum() * 10 ** step
+            loss = model(torch.randn(5, 6)).square().sum() * 10**step
             opt.zero_grad()
             loss.backward()
             total = gradwatch.clip_grad_norm_(model.parameters(), 0.5)

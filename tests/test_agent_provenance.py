@@ -73,6 +73,7 @@ def _reference(model: _Chain) -> tuple[list[Any], list[tuple[str, bool]]]:
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, _Emitter | nn.ReLU):
+
             def hook(m: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
                 if torch.is_grad_enabled():
                     seen.append((name, bool(torch.isfinite(out).all())))
