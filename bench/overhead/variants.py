@@ -43,10 +43,14 @@ class BenchContext:
     bf16: bool = False
     model_key: str = ""
     shared: dict[str, Any] = field(default_factory=dict)  # per-process comparator state (wandb run, writer)
+    server_pid: int | None = None  # the gradwatch server's process, whose CPU time the rounds read
+    clip: float | None = None  # the loop clips gradients to this norm (Session.clip_fn) after backward
 
 
 class Session:
     """One timed block's instrumentation. The base class is the bare training loop (no agent)."""
+
+    clip_fn = staticmethod(torch.nn.utils.clip_grad_norm_)  # the loop's clip (with --clip)
 
     def around(self) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -85,6 +89,8 @@ class Variant:
 
 
 class _GradwatchSession(Session):
+    clip_fn = staticmethod(gradwatch.clip_grad_norm_)  # the drop-in: the agent's norms come from the clip
+
     def __init__(self, monitor: gradwatch.Monitor) -> None:
         self._monitor = monitor
 
