@@ -13,8 +13,9 @@ budget, an incident then holds per-layer statistics from at most that long befor
 costs at most (extra cost of a full step) / FLOOR_S of the run's time. When even the ordinary
 step alone exceeds the budget (tiny models: the per-step signals cost a few tens of microseconds), N goes to
 MAX_INTERVAL and `over_budget` says so: the cheap every-step signals (loss, norms, non-finite flags, NaN
-provenance) are never dropped. Decisions start after WARMUP_REPORTS reports and change N only when it moves
-by more than a quarter (no flapping); a step far longer than usual steps of its kind (a pause for evaluation
+provenance) are never dropped. Decisions start after WARMUP_REPORTS reports, i.e. at the first full-statistics
+report at the default interval (so the first hundreds of steps after attach are within budget too, not only
+those after a long warm-up), and change N only when it moves by more than a quarter (no flapping); a step far longer than usual steps of its kind (a pause for evaluation
 or a checkpoint, PAUSE_FACTOR) is not taken as the new step time. Full-statistics steps are judged against
 full-statistics steps: on a small model one takes many times an ordinary step, which is their cost, not a
 pause. A server FULL_STATS command still wins for its steps.
@@ -31,7 +32,7 @@ __all__ = ["FLOOR_S", "MAX_INTERVAL", "WARMUP_REPORTS", "BudgetController"]
 MAX_INTERVAL = 10_000
 #: Seconds of training between full-statistics steps at most, whatever the budget (see the module docstring).
 FLOOR_S = 10.0
-WARMUP_REPORTS = 50
+WARMUP_REPORTS = 10
 _ALPHA = 0.1  # weight of the newest observation in the moving averages
 _HYSTERESIS = 0.25
 #: A step this many times longer than the moving average of its kind (ordinary or full-statistics) is a pause

@@ -125,7 +125,7 @@ class GradwatchVariant(Variant):
     warm: bool = True
 
     def warm_steps(self, requested: int) -> int:
-        """All of them with the budget controller on (it decides after its first 50 reports); with it off, one
+        """All of them with the budget controller on (it decides after its first 10 reports); with it off, one
         full-statistics period is enough to connect and run the first full step."""
         if dict(self.options).get("overhead_budget", 1.0) == 0:
             return min(requested, CADENCE)
