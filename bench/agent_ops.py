@@ -16,7 +16,10 @@ Added µs per step are compared with the target 50 µs + 0.5 µs per hooked modu
 agent's callbacks: layers, activations and the root).
 
     python bench/agent_ops.py [--modules 10,100,1000] [--rounds 3] [--early 300] [--steps 300] [--clip]
-                              [--width 32] [--batch 16] [--json out.json]
+                              [--width 32] [--batch 16] [--device cpu|cuda] [--json out.json]
+
+On CUDA the counts are the same kind of figure (aten operations dispatched by the training thread, each at least
+one kernel launch or a host-side view); CPU time is then the launch side only.
 """
 
 from __future__ import annotations
@@ -66,16 +69,16 @@ def build_mlp(modules: int, width: int) -> nn.Sequential:
 class Loop:
     """One model, its optimizer and one fixed batch; `step(monitor)` is one training iteration."""
 
-    def __init__(self, modules: int, width: int, batch: int, clip: bool) -> None:
+    def __init__(self, modules: int, width: int, batch: int, clip: bool, device: str = "cpu") -> None:
         torch.manual_seed(0)
-        self.model = build_mlp(modules, width)
+        self.model = build_mlp(modules, width).to(device)
         for m in self.model.modules():  # keep 1,000 layers' activations in range
             if isinstance(m, nn.Linear):
                 nn.init.orthogonal_(m.weight)
                 nn.init.zeros_(m.bias)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
-        self.x = torch.randn(batch, width)
-        self.y = torch.randint(0, width, (batch,))
+        self.x = torch.randn(batch, width, device=device)
+        self.y = torch.randint(0, width, (batch,), device=device)
         self.clip = clip
         self.clip_fn: Callable[..., Any] = torch.nn.utils.clip_grad_norm_
 
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="timed steps per block after the early ones")
     parser.add_argument("--clip", action="store_true", help="the loop clips gradients (gradwatch's drop-in)")
     parser.add_argument("--no-cpu", action="store_true", help="count operations only")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -231,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     print(f"torch {torch.__version__}, one training thread, MLP width {args.width}, batch {args.batch}, "
-          f"clip={'gradwatch' if args.clip else 'no'}")  # fmt: skip
+          f"clip={'gradwatch' if args.clip else 'no'}, device {args.device}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="gradwatch-ops-") as tmp, gradwatch_serve(pathlib.Path(tmp)) as server:
         for modules in (int(m) for m in args.modules.split(",")):
-            loop = Loop(modules, args.width, args.batch, args.clip)
+            loop = Loop(modules, args.width, args.batch, args.clip, args.device)
             ops = count_ops(loop, server, warm=30, probe=20)
             result: dict[str, Any] = {"ops": ops}
             line = (f"MLP of {modules} modules ({ops['hooked_modules']} hooked): step without agent "
