@@ -138,6 +138,13 @@ def count_ops(loop: Loop, server: str, warm: int, probe: int) -> dict[str, Any]:
                 loop.step(monitor)
             (full if is_full else ordinary).append(counter.ops)
             joins.append(_join_ops(submitted[0] if submitted else None))
+        if not full:  # the budget stretched the cadence: ask for two full steps as a server command would
+            monitor._full_until = monitor._step_count + 2
+            for _ in range(2):
+                monitor._begin_step()
+                with OpCounter() as counter:
+                    loop.step(monitor)
+                full.append(counter.ops)
     finally:
         monitor.close(timeout=10.0)
 
