@@ -191,10 +191,14 @@ def _join_ops(segments: list[Any] | None) -> int:
 
 
 def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> dict[str, Any]:
-    """Training-thread CPU per step: no agent, the agent's first `early` steps, the `steps` after them."""
+    """Training-thread CPU per step: no agent, the agent's first `early` steps (mean, full steps included), the
+    `steps` after them (mean, and the median of the ordinary steps alone against the median step without agent)."""
     none_s: list[float] = []
     early_s: list[float] = []
     steady_s: list[float] = []
+    none_steps: list[float] = []
+    ordinary_steps: list[float] = []
+    fulls = 0
     for r in range(rounds):
         for variant in ("none", "agent") if r % 2 == 0 else ("agent", "none"):
             gc.collect()
@@ -202,7 +206,9 @@ def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> di
                 loop.clip_fn = _clip_function(False)
                 started = time.thread_time()
                 for _ in range(steps):
+                    at = time.thread_time()
                     loop.step(None)
+                    none_steps.append(time.thread_time() - at)
                 none_s.append((time.thread_time() - started) / steps)
                 continue
             loop.clip_fn = _clip_function(True)
@@ -214,7 +220,13 @@ def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> di
                     loop.step(monitor)
                 middle = time.thread_time()
                 for _ in range(steps):
+                    full = monitor._begin_step()
+                    at = time.thread_time()
                     loop.step(monitor)
+                    if full:
+                        fulls += 1
+                    else:
+                        ordinary_steps.append(time.thread_time() - at)
                 ended = time.thread_time()
             finally:
                 monitor.close(timeout=10.0)
@@ -225,6 +237,8 @@ def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> di
         "none_ms": [s * 1e3 for s in none_s],
         "early_added_us": [(s - base) * 1e6 for s in early_s],
         "steady_added_us": [(s - base) * 1e6 for s in steady_s],
+        "ordinary_added_us": (statistics.median(ordinary_steps) - statistics.median(none_steps)) * 1e6,
+        "full_steps_after_early": fulls,
     }
 
 
@@ -269,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  CPU: no agent {med(cpu['none_ms']):.3f} ms/step; added first {args.early} steps "
                       f"{med(cpu['early_added_us']):.1f} us (range {min(cpu['early_added_us']):.1f}..."
                       f"{max(cpu['early_added_us']):.1f}), after {med(cpu['steady_added_us']):.1f} us (range "
-                      f"{min(cpu['steady_added_us']):.1f}...{max(cpu['steady_added_us']):.1f}); "
-                      f"target {target:.0f} us", flush=True)  # fmt: skip
+                      f"{min(cpu['steady_added_us']):.1f}...{max(cpu['steady_added_us']):.1f}) with "
+                      f"{cpu['full_steps_after_early']} full steps; an ordinary step alone (medians per step) "
+                      f"{cpu['ordinary_added_us']:.1f} us; target {target:.0f} us", flush=True)  # fmt: skip
             document["models"][str(modules)] = result
     if args.json is not None:
         args.json.write_text(json.dumps(document, indent=2) + "\n")
