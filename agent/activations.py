@@ -11,17 +11,32 @@ re-run inside a backward pass (activation checkpointing), the hooks step aside (
 compiled region reports gradients, weights and the loss as usual, without activation statistics or NaN
 provenance, and a checkpointed module is counted once per step.
 
-Every observed step (cheap, one kernel per module call): the float32 sum of each module's output, and of
-the input. A sum is non-finite exactly when some element is NaN/Inf (or the sum overflows float32, i.e.
-|values| ~ 1e38: an explosion anyway), so the sender can name, on the step itself, the first module *in
-forward order* whose output went non-finite, or the input batch. Forward order is recorded on the host as
-the order of first calls. One sum is skipped, without changing that answer: a *contracting* activation
+Every observed step: NaN provenance from a value per module call (and one for the input) that is non-finite
+exactly when some element of that output is NaN/Inf (or its magnitudes sum past float32's range, ~1e38: an
+explosion anyway), so the sender can name, on the step itself, the first module *in forward order* whose output
+went non-finite, or the input batch. Forward order is recorded on the host as the order of first calls. The
+outputs are not reduced one by one: the hooks keep references to them and, at the end of the model's forward
+(or when PENDING_BYTES or PENDING_CALLS are reached, or at `take()`), one multi-tensor L1 norm
+(`torch._foreach_norm`, float32 accumulation) per (device, dtype) reduces them all: a constant number of
+device operations per forward whatever the model's size. Exactness under in-place operations: each kept output
+carries its version counter (`Tensor._version`, bumped by every in-place write to it or a view of it); an
+output written in place after its module returned (`out += identity`, an in-place activation, `masked_fill_`)
+makes that module *eager*: from then on its output is reduced when it returns (its own float32 sum), so no
+later in-place write can add or hide a non-finite value. Which modules are eager is learned on the first
+report after `install()` and on every full-statistics report (there every output is reduced when it returns,
+and versions are still checked at each flush). The bounds count every observed call, kept or not, so a
+forward's early flushes fall at the same calls on every report of the same shapes: a write that comes after
+such a flush finds the output already reduced, on learning and ordinary reports alike. The one inexact case:
+an output first written in place (after its module returned, before the next flush) on an ordinary report is
+reduced as written on that one report (a NaN in it is still reported, possibly at that module rather than a
+later one), and when its module returns from then on. Extra memory: the outputs observed since the last flush,
+kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES (and PENDING_CALLS references).
+One output is not kept at all, without changing that answer: a *contracting* activation
 (`CONTRACTING_TYPES`: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so a finite input
 gives a finite output) whose input is the very tensor the previously observed module returned. Its output
 can only be non-finite if that input was, and then the previous module (or one before it) is the first
 anyway. NaN born in functional code between the two gives the activation another input tensor, so it is
-summed as usual. In a convolutional net this halves the every-step cost (a ReLU's output is as large as
-the convolution's before it).
+kept as usual.
 
 Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
 (channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros,
@@ -62,8 +77,11 @@ from gradwatch.v1.vocabulary import ACTIVATION_MODULE_TYPES, ACTIVATION_STATISTI
 __all__ = [
     "ACTIVATION_TYPES",
     "CONTRACTING_TYPES",
+    "INPUT",
     "LABEL_BINS",
     "MAX_INPUT_FEATURES",
+    "PENDING_BYTES",
+    "PENDING_CALLS",
     "STATS_PER_MODULE",
     "VALUES_PER_MODULE",
     "ActivationCapture",
@@ -88,6 +106,9 @@ LABEL_BINS = 1024
 _SATURATION_MARGIN = 0.01
 #: Output sizes whose sample positions are cached (variable-shape inputs beyond this start the cache over).
 _MAX_SAMPLE_SIZES = 256
+#: A report whose values outnumber this many per watched module (forwards without the model's own end, i.e.
+#: submodules called directly) folds them (`ActivationTap._fold`).
+_FOLD_VALUES = 4
 _GOLDEN = (5**0.5 - 1) / 2
 #: Values the spread across units is measured on (positions × units), per module and full-statistics step.
 SPREAD_ELEMENTS = 8192
@@ -116,21 +137,53 @@ def _contracting(module: nn.Module) -> bool:
     return True
 
 
+#: The model's input, in `ActivationCapture.calls`.
+INPUT = -1
+#: Bytes of module outputs kept for one multi-tensor reduction at most (then they are reduced early), and calls.
+PENDING_BYTES = 256 * 1024 * 1024
+PENDING_CALLS = 4096
+
+
 @dataclass
 class ActivationCapture:
     """What the hooks queued for one report. Tensors are on the device; the rest is host bookkeeping."""
 
-    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # module index -> output sum (all calls)
+    calls: list[int] = field(default_factory=list)  # module index (INPUT: the input) of each value, in call order
+    values: list[torch.Tensor] = field(default_factory=list)  # 0-d float32: non-finite iff that output was
     order: list[int] = field(default_factory=list)  # module indexes in order of first call
     seen: set[int] = field(default_factory=set)  # the same indexes, for lookups
-    input_sum: torch.Tensor | None = None
     full: bool = False
+    eager: bool = False  # every output reduced when its module returns (full and learning reports)
+    # Outputs kept until the next flush: the tensor, its version when its module returned, the call's index and,
+    # for eager calls, the value already taken (then the tensor is kept only to learn of later in-place writes).
+    pending: list[tuple[torch.Tensor, int, int, torch.Tensor | None]] = field(default_factory=list)
+    pending_bytes: int = 0  # bytes and calls observed since the last flush (kept or not)
+    pending_calls: int = 0
+    forwards: int = 0  # forwards of the model that ended in this report
+    # From the second forward of a report on (gradient accumulation, forwards without monitor.step()): the values
+    # folded per call index (position index + 1), so that a report holds O(modules) values whatever the forwards.
+    folded: torch.Tensor | None = None
     stats: dict[int, torch.Tensor] = field(default_factory=dict)  # module index -> STATS_PER_MODULE values
     output_spread: torch.Tensor | None = None
     output_rms: torch.Tensor | None = None
     input_mean: torch.Tensor | None = None  # per feature, at most MAX_INPUT_FEATURES
     input_std: torch.Tensor | None = None
     last_output: weakref.ref[torch.Tensor] | None = None  # what the previously observed module returned
+
+    @property
+    def sums(self) -> dict[int, torch.Tensor]:
+        """Per module index, its reduced value (calls of a reused module added), after the last flush."""
+        out: dict[int, torch.Tensor] = {}
+        if self.folded is not None:
+            out = {i: self.folded[i + 1] for i in self.seen}
+        for index, value in zip(self.calls, self.values, strict=True):
+            if index != INPUT:
+                out[index] = value if index not in out else out[index] + value
+        return out
+
+    @property
+    def has_input(self) -> bool:
+        return self.folded is not None or INPUT in self.calls or any(entry[2] == INPUT for entry in self.pending)
 
 
 class ActivationTap:
@@ -152,10 +205,14 @@ class ActivationTap:
         self._capture: ActivationCapture | None = None
         self._watches: list[dispatch.Watch] = []
         self._samples: dict[tuple[int, torch.device], torch.Tensor | None] = {}
+        self._eager: set[int] = set()  # call indexes whose outputs are written in place later (module docstring)
+        self._learning = True  # the first report reduces every output when it returns, and learns `_eager`
+        self._fold_index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         # Weak references: a closed tap must not keep a deleted model alive.
         self._watched = [(name, weakref.ref(module)) for name, module in model.named_modules()
                          if name in layer_names or isinstance(module, ACTIVATION_TYPES)]  # fmt: skip
         self.names = tuple(name or "<root>" for name, _ in self._watched)
+        self._fold_limit = _FOLD_VALUES * (len(self._watched) + 1)
         self.module_types = tuple(type(ref()).__name__ for _, ref in self._watched)
 
     def install(self) -> None:
@@ -172,7 +229,12 @@ class ActivationTap:
             self._watches.append(dispatch.watch_module(model, pre=self._input_hook, post=self._model_output_hook))
 
     def take(self) -> ActivationCapture | None:
+        """The capture since the last call (its kept outputs reduced now), or None when no forward ran."""
         capture, self._capture = self._capture, None
+        if capture is not None:
+            self._learning = False
+            if capture.pending:
+                self._flush(capture)
         return capture
 
     def remove(self) -> None:
@@ -185,7 +247,8 @@ class ActivationTap:
     def _current(self) -> ActivationCapture:
         capture = self._capture
         if capture is None:
-            capture = self._capture = ActivationCapture(full=self._is_full())
+            full = self._is_full()
+            capture = self._capture = ActivationCapture(full=full, eager=full or self._learning)
         return capture
 
     def _positions(self, a: torch.Tensor) -> torch.Tensor | None:
@@ -197,35 +260,106 @@ class ActivationTap:
             self._samples[key] = sample_positions(a.numel(), a.device)
         return self._samples[key]
 
+    def _keep(self, capture: ActivationCapture, t: torch.Tensor, index: int, value: torch.Tensor | None) -> None:
+        """Keep output `t` of call `index` until the next flush (`value`: already reduced, kept to learn only)."""
+        capture.pending.append((t, t._version, index, value))
+
+    def _tick(self, capture: ActivationCapture, t: torch.Tensor) -> None:
+        """Count an observed call towards the bounds, kept or not (so that a forward's flushes fall at the same
+        calls on learning and ordinary reports), and flush when one is reached."""
+        capture.pending_bytes += t.numel() * t.element_size()
+        capture.pending_calls += 1
+        if capture.pending_bytes >= PENDING_BYTES or capture.pending_calls >= PENDING_CALLS:
+            self._flush(capture)
+        if len(capture.values) > self._fold_limit:
+            self._fold(capture)
+
+    def _flush(self, capture: ActivationCapture) -> None:
+        """Reduce the kept outputs (one multi-tensor norm per device and dtype) and learn which modules' outputs
+        were written in place since they returned (they are reduced eagerly from now on)."""
+        pending, capture.pending, capture.pending_bytes, capture.pending_calls = capture.pending, [], 0, 0
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
+        for t, version, index, value in pending:
+            if t._version != version:
+                self._eager.add(index)
+            if value is not None:
+                capture.calls.append(index)
+                capture.values.append(value)
+                continue
+            group = groups.get((t.device, t.dtype))
+            if group is None:
+                group = groups[(t.device, t.dtype)] = ([], [])
+            group[0].append(t)
+            group[1].append(index)
+        with torch.no_grad():
+            for (_, dtype), (tensors, indexes) in groups.items():
+                accumulate = torch.float64 if dtype == torch.float64 else _F32
+                capture.calls += indexes
+                capture.values += torch._foreach_norm(tensors, 1, dtype=accumulate)
+
+    def _fold(self, capture: ActivationCapture) -> None:
+        """Add the report's values into one vector indexed by call index + 1 (a stack and an index_add)."""
+        if not capture.values:
+            return
+        device = capture.values[0].device
+        values = [v if v.device == device else v.to(device, non_blocking=True) for v in capture.values]
+        key = (tuple(capture.calls), device)
+        index = self._fold_index.get(key)
+        if index is None:
+            if len(self._fold_index) >= _MAX_SAMPLE_SIZES:
+                self._fold_index.clear()
+            index = self._fold_index[key] = torch.tensor([c + 1 for c in capture.calls], device=device)
+        if capture.folded is None:
+            capture.folded = torch.zeros(len(self.names) + 1, dtype=_F32, device=device)
+        elif capture.folded.device != device:
+            capture.folded = capture.folded.to(device, non_blocking=True)
+        capture.folded.index_add_(0, index, torch.stack(values).to(_F32))
+        capture.calls, capture.values = [], []
+
     def _input_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if x is None or not torch.is_grad_enabled() or not x.is_floating_point():
+        if x is None or not torch.is_grad_enabled() or not x.is_floating_point() or not x.numel():
             return
         # No grad-mode context: everything here derives from the detached input.
         with errors.guarded("input_hook", self._add_agent_time):
             capture = self._current()
-            a = x.detach()
-            s = a.sum(dtype=_F32)
-            capture.input_sum = s if capture.input_sum is None else capture.input_sum + s
-            if capture.full and capture.input_mean is None and x.dim() >= 2:
-                capture.input_mean, capture.input_std = _feature_moments(a)
+            if capture.eager or INPUT in self._eager or not _deferrable(x):
+                a = x.detach() if x.requires_grad else x
+                s = a.sum(dtype=_F32)
+                if capture.eager:
+                    self._keep(capture, x, INPUT, s)
+                else:
+                    capture.calls.append(INPUT)
+                    capture.values.append(s)
+                if capture.full and capture.input_mean is None and x.dim() >= 2:
+                    capture.input_mean, capture.input_std = _feature_moments(a)
+            else:
+                self._keep(capture, x, INPUT, None)
+            self._tick(capture, x)
 
     def _model_output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        out = _first_tensor(output)
-        if out is None or not torch.is_grad_enabled():
+        capture = self._capture
+        if capture is None or not torch.is_grad_enabled():
             return
         with errors.guarded("output_hook", self._add_agent_time):
-            capture = self._current()
-            if capture.full and capture.output_spread is None and out.dim() >= 2 and out.shape[0] > 1:
+            if capture.pending:  # the end of a forward: one reduction for every output kept during it
+                self._flush(capture)
+            capture.forwards += 1
+            if capture.forwards > 1:
+                self._fold(capture)
+            out = _first_tensor(output) if capture.full and capture.output_spread is None else None
+            if out is not None and out.dim() >= 2 and out.shape[0] > 1:
                 with torch.no_grad():
                     o = out.detach().to(_F32).reshape(out.shape[0], -1)
                     capture.output_spread = o.std(dim=0, correction=0).mean()
                     capture.output_rms = torch.linalg.vector_norm(o) / math.sqrt(o.numel())
 
     def _output_hook(self, index: int, bounds: tuple[float, float] | None, contracting: bool) -> Callable[..., None]:
-        # Runs for every watched module on every training step: kept to a few attribute reads and, where the
-        # output must be summed, two kernels (detach, sum). No grad-mode context: every value derives from a
-        # detached tensor, so autograd records nothing.
+        # Runs for every watched module on every training step: on ordinary steps a few attribute reads and a
+        # list append (the output is reduced with the others at the end of the forward, see the module
+        # docstring). No grad-mode context: every value derives from a detached tensor, so autograd records nothing.
+        eager = self._eager
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
@@ -239,22 +373,33 @@ class ActivationTap:
                 # See the module docstring: a contracting activation applied to the previous module's output
                 # is finite whenever that output is.
                 implied = contracting and last is not None and bool(args) and args[0] is last()
-                if index in capture.seen:  # a further call in this report (a reused module)
-                    if not implied:
-                        s = out.detach().sum(dtype=_F32)
-                        previous = capture.sums.get(index)
-                        capture.sums[index] = s if previous is None else previous + s
-                    return
-                capture.seen.add(index)
-                capture.order.append(index)
-                if capture.full:
+                first = index not in capture.seen
+                if first:
+                    capture.seen.add(index)
+                    capture.order.append(index)
+                if capture.eager and first and (capture.full or not implied):
                     a = out.detach()
-                    s = capture.sums[index] = a.sum(dtype=_F32)
-                    capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
-                elif not implied:
-                    capture.sums[index] = out.detach().sum(dtype=_F32)
+                    s = a.sum(dtype=_F32)
+                    self._keep(capture, out, index, s)  # kept to learn of in-place writes after it
+                    if capture.full:
+                        capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
+                elif implied:
+                    return
+                elif capture.eager or index in eager or not _deferrable(out):
+                    capture.calls.append(index)
+                    capture.values.append(out.detach().sum(dtype=_F32))
+                else:
+                    self._keep(capture, out, index, None)
+                if not implied:
+                    self._tick(capture, out)
 
         return hook
+
+
+def _deferrable(t: torch.Tensor) -> bool:
+    """Whether `t` can join the multi-tensor reduction: a plain dense tensor (a subclass such as DTensor, or a
+    sparse output, is reduced on its own when its module returns)."""
+    return type(t) is torch.Tensor and t.layout is torch.strided
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -397,35 +542,42 @@ def label_histogram(labels: torch.Tensor, device: torch.device) -> torch.Tensor 
 class ActivationItem:
     """Where one report's activation values sit in its vector (from `offset`), for the sender thread:
 
-    M output sums (forward `order` gives which were observed), the input sum, then on full steps M ×
-    VALUES_PER_MODULE values (module-major: the statistics, then the log2 histogram), the output spread and
-    RMS, `input_features` means and as many stds, and `label_bins` label counts.
+    one provenance value per observed call (`calls`: the module index of each, INPUT for the model's input;
+    forward `order` gives the modules in order of first call), then on full steps M × VALUES_PER_MODULE values
+    (module-major: the statistics, then the log2 histogram), the output spread and RMS, `input_features` means
+    and as many stds, and `label_bins` label counts.
     """
 
     offset: int
     num_modules: int
     order: tuple[int, ...]
-    has_input: bool
+    calls: tuple[int, ...]
     full: bool
     has_output_spread: bool = False
     input_features: int = 0
     label_bins: int = 0
 
     @property
+    def has_input(self) -> bool:
+        return INPUT in self.calls
+
+    @property
     def length(self) -> int:
-        n = self.num_modules + 1
+        n = len(self.calls)
         if self.full:
             n += self.num_modules * VALUES_PER_MODULE + 2 + 2 * self.input_features + self.label_bins
         return n
 
 
 def _to_device(capture: ActivationCapture, device: torch.device) -> None:
-    """Move the input's statistics to the report's device: the process-wide pre-hook sees the input before the
-    model's own pre-hooks, which may move it (FSDP2's does)."""
-    for name in ("input_sum", "input_mean", "input_std"):
+    """Move values to the report's device: the process-wide pre-hook sees the input before the model's own
+    pre-hooks, which may move it (FSDP2's does)."""
+    for name in ("input_mean", "input_std"):
         value = getattr(capture, name)
         if value is not None and value.device != device:
             setattr(capture, name, value.to(device, non_blocking=True))
+    if any(v.device != device for v in capture.values):
+        capture.values = [v if v.device == device else v.to(device, non_blocking=True) for v in capture.values]
 
 
 def assemble(
@@ -438,15 +590,19 @@ def assemble(
     """The segments (snapshot.py) to append to a report vector at `offset`, and their description.
 
     Nothing when no training forward ran and no labels came; placeholders are NaN (statistics of a module
-    not called at this step) or zero (its output sum).
+    not called at this step). `capture` comes from `ActivationTap.take()` (its outputs reduced).
     """
     if capture is None and labels is None:
         return [], None
     capture = capture or ActivationCapture(full=True)
     _to_device(capture, zero.device)
-    sums = [capture.sums.get(i, zero) for i in range(num_modules)]
-    parts: list[Segment] = [[*sums, zero if capture.input_sum is None else capture.input_sum]]
-    item = ActivationItem(offset, num_modules, tuple(capture.order), capture.input_sum is not None, capture.full)
+    parts: list[Segment] = [list(capture.values)] if capture.values else []
+    calls = tuple(capture.calls)
+    if capture.folded is not None:
+        folded = capture.folded if capture.folded.device == zero.device else capture.folded.to(zero.device)
+        parts.insert(0, folded)
+        calls = (INPUT, *range(num_modules), *calls)
+    item = ActivationItem(offset, num_modules, tuple(capture.order), calls, capture.full)
     if not capture.full:
         return parts, item
     missing = torch.full((VALUES_PER_MODULE,), float("nan"), device=zero.device)
@@ -461,6 +617,6 @@ def assemble(
         parts += [capture.input_mean, capture.input_std]
     if labels is not None:
         parts.append(labels)
-    item = ActivationItem(offset, num_modules, item.order, item.has_input, True, spread is not None, features,
+    item = ActivationItem(offset, num_modules, item.order, item.calls, True, spread is not None, features,
                           0 if labels is None else labels.numel())  # fmt: skip
     return parts, item

@@ -13,11 +13,14 @@ budget, an incident then holds per-layer statistics from at most that long befor
 costs at most (extra cost of a full step) / FLOOR_S of the run's time. When even the ordinary
 step alone exceeds the budget (tiny models: the per-step signals cost a few tens of microseconds), N goes to
 MAX_INTERVAL and `over_budget` says so: the cheap every-step signals (loss, norms, non-finite flags, NaN
-provenance) are never dropped. Decisions start after WARMUP_REPORTS reports and change N only when it moves
-by more than a quarter (no flapping); a step far longer than usual steps of its kind (a pause for evaluation
-or a checkpoint, PAUSE_FACTOR) is not taken as the new step time. Full-statistics steps are judged against
-full-statistics steps: on a small model one takes many times an ordinary step, which is their cost, not a
-pause. A server FULL_STATS command still wins for its steps.
+provenance) are never dropped. Decisions start after WARMUP_REPORTS reports, i.e. at the first full-statistics
+report at the default interval (so the first hundreds of steps after attach are within budget too, not only
+those after a long warm-up), and change N only when it moves by more than a quarter (no flapping); a step far
+longer than usual steps of its kind (a pause for evaluation or a checkpoint, PAUSE_FACTOR) is not taken as the
+new step time. The step time in these formulas is that of ordinary steps (a full step's duration includes its
+own statistics). The monitor counts N from the last full step, so a change of N never brings two close.
+Full-statistics steps are judged against full-statistics steps: on a small model one takes many times an
+ordinary step, which is their cost, not a pause. A server FULL_STATS command still wins for its steps.
 
 Contract: pure arithmetic on floats, no clock of its own: the monitor feeds `observe()` (training thread).
 """
@@ -31,7 +34,7 @@ __all__ = ["FLOOR_S", "MAX_INTERVAL", "WARMUP_REPORTS", "BudgetController"]
 MAX_INTERVAL = 10_000
 #: Seconds of training between full-statistics steps at most, whatever the budget (see the module docstring).
 FLOOR_S = 10.0
-WARMUP_REPORTS = 50
+WARMUP_REPORTS = 10
 _ALPHA = 0.1  # weight of the newest observation in the moving averages
 _HYSTERESIS = 0.25
 #: A step this many times longer than the moving average of its kind (ordinary or full-statistics) is a pause
@@ -71,10 +74,17 @@ class BudgetController:
     @property
     def estimate(self) -> float | None:
         """The agent's estimated share of step time at the interval in force, once measured."""
-        if self._ordinary_s is None or self._step_s is None or self._step_s <= 0:
+        step_s = self._ordinary_step_s()
+        if self._ordinary_s is None or step_s is None or step_s <= 0:
             return None
         extra = max(0.0, (self._full_s or self._ordinary_s) - self._ordinary_s)
-        return (self._ordinary_s + extra / self._interval) / self._step_s
+        return (self._ordinary_s + extra / self._interval) / step_s
+
+    def _ordinary_step_s(self) -> float | None:
+        """The step time the budget is a share of: that of ordinary steps (a full step's duration holds its own
+        statistics: averaging it in would shrink the FLOOR_S interval and add full steps, which lengthen the
+        average again), else of all steps while no ordinary one was seen."""
+        return self._kind_step_s[0] if self._kind_step_s[0] is not None else self._step_s
 
     def observe(self, full: bool, agent_s: float, step_s: float) -> int | None:
         """Feed one report's measurements; returns the new interval when it changes, else None."""
@@ -103,9 +113,10 @@ class BudgetController:
         return wanted
 
     def _wanted(self) -> int:
-        assert self._ordinary_s is not None and self._full_s is not None and self._step_s is not None
-        room = self._budget * self._step_s - self._ordinary_s
-        floor = max(self._base, min(MAX_INTERVAL, math.floor(FLOOR_S / self._step_s)))
+        step_s = self._ordinary_step_s()
+        assert self._ordinary_s is not None and self._full_s is not None and step_s is not None
+        room = self._budget * step_s - self._ordinary_s
+        floor = max(self._base, min(MAX_INTERVAL, math.floor(FLOOR_S / step_s)))
         self._over = room <= 0
         if self._over:
             return floor

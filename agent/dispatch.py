@@ -66,7 +66,7 @@ _COMPILE_WARNING = r"Using `torch\.compile\(module\)` when there are global hook
 class _Entry:
     """The callbacks of one watched object (slots: looked up on every call of a watched module)."""
 
-    __slots__ = ("first", "post", "post_kwargs", "pre", "ref")
+    __slots__ = ("first", "post", "post_kwargs", "pre", "pre_all", "ref")
 
     def __init__(self, ref: weakref.ref[Any]) -> None:
         self.ref = ref
@@ -74,6 +74,11 @@ class _Entry:
         self.pre: tuple[Callable[..., None], ...] = ()
         self.post: tuple[Callable[..., None], ...] = ()
         self.post_kwargs: tuple[Callable[..., None], ...] = ()  # called with the forward's keyword arguments
+        self.pre_all: tuple[Callable[..., None], ...] = ()  # first + pre, kept by _set
+
+    def _set(self, slot: str, callbacks: tuple[Callable[..., None], ...]) -> None:
+        setattr(self, slot, callbacks)
+        self.pre_all = self.first + self.pre
 
 
 _lock = threading.Lock()
@@ -86,9 +91,13 @@ _optimizer_handles: list[Any] = []
 def stepping_aside() -> bool:
     """Whether a tracer, compiler or transform is running, or a forward runs inside a backward pass (see the
     module docstring): then nothing may be observed."""
+    return _is_compiling() or _other_than_compiling()
+
+
+def _other_than_compiling() -> bool:
+    """`stepping_aside()` for a hook that has already checked `_is_compiling()` (saves that call per module)."""
     return (
-        _is_compiling()
-        or _is_tracing()
+        _is_tracing()
         or _is_fx_tracing()
         or _is_exporting()
         or _graph_task_id() != -1
@@ -107,19 +116,21 @@ def _run(callbacks: tuple[Callable[..., None], ...], *args: Any) -> None:
 
 
 def _module_pre_hook(module: Any, args: Any) -> None:
+    # Runs for every module call in the process: the cheap checks first (most modules have no entry, and most
+    # watched ones have only post callbacks).
     if _is_compiling():  # first: dynamo folds it to True and traces nothing else here
         return
     entry = _modules.get(id(module))
-    if entry is None or entry.ref() is not module or stepping_aside():
+    if entry is None or not entry.pre_all or entry.ref() is not module or _other_than_compiling():
         return
-    _run(entry.first + entry.pre, module, args)
+    _run(entry.pre_all, module, args)
 
 
 def _module_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
     if _is_compiling():
         return
     entry = _modules.get(id(module))
-    if entry is None or not (entry.post or entry.post_kwargs) or entry.ref() is not module or stepping_aside():
+    if entry is None or not (entry.post or entry.post_kwargs) or entry.ref() is not module or _other_than_compiling():
         return
     _run(entry.post, module, args, output)
     if entry.post_kwargs:
@@ -158,7 +169,7 @@ class Watch:
             entry = self._table.get(self._key)
             if entry is not None and parts:
                 for slot, callback in parts.items():
-                    setattr(entry, slot, tuple(c for c in getattr(entry, slot) if c is not callback))
+                    entry._set(slot, tuple(c for c in getattr(entry, slot) if c is not callback))
                 if not (entry.first or entry.pre or entry.post or entry.post_kwargs):
                     del self._table[self._key]
             _sync_global_hooks()
@@ -172,7 +183,7 @@ def _watch(table: dict[int, _Entry], target: Any, parts: dict[str, Callable[...,
         if entry is None or entry.ref() is not target:  # new, or a dead object's id reused
             entry = table[key] = _Entry(weakref.ref(target))
         for slot, callback in chosen.items():
-            setattr(entry, slot, (*getattr(entry, slot), callback))
+            entry._set(slot, (*getattr(entry, slot), callback))
         _sync_global_hooks()
     return Watch(table, key, chosen)
 

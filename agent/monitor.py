@@ -198,6 +198,7 @@ class AgentMonitor(Monitor):
         self._budget = BudgetController(config.overhead_budget, config.full_stats_interval)
         self._actions = AlertActions(config.on_alert, alert_callback)
         self._full_until = 0
+        self._last_full_step = 0  # the latest step decided to be a full-statistics one
         self._command: tuple[int, int, str] = (0, 0, "")  # written by the sender thread only
         self._command_seen = 0
         self._upcoming_full: bool | None = None  # decided at the first computation for the next step
@@ -516,7 +517,12 @@ class AgentMonitor(Monitor):
                 f"full statistics for {steps} steps",
                 {"full_stats_steps": str(steps), "reason": reason},
             )
-        return step % self._budget.interval == 0 or step <= self._full_until
+        # Steps since the last full one, not `step % interval`: an interval that changes (the budget controller)
+        # never brings two full steps close together.
+        full = step - self._last_full_step >= self._budget.interval or step <= self._full_until
+        if full:
+            self._last_full_step = step
+        return full
 
     def _spent(self, seconds: float) -> None:
         """Hook time counts as the agent's time on the training thread."""

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from gradwatch.agent import clip
 from gradwatch.agent.histogram import LOG2_BINS, log2_histogram
 from gradwatch.agent.sampling import block_sample, sampled_non_finite
 from gradwatch.agent.schema import ModelLayout, ParamGroup, is_stale, local_tensor, regroup
@@ -182,7 +183,8 @@ class StatsEngine:
             # ord=0 counts non-zero elements (NaN counts as non-zero, which is what the zero fraction needs).
             if not full and any(t.requires_grad for t in present):  # a create_graph backward's gradients
                 present = [t.detach() for t in present]
-            stats[0] = list(torch._foreach_norm(present, 2.0, dtype=accumulate))
+            clipped = _clipped_norms(present) if source == "grad" else None  # the loop's clip measured them
+            stats[0] = clipped if clipped is not None else list(torch._foreach_norm(present, 2.0, dtype=accumulate))
             if full:
                 stats[2] = [t.sum(dtype=accumulate) for t in present]
                 if group.device.type == "cpu":
@@ -231,6 +233,26 @@ def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch
         t = t._values()
     # Empty tensors (an FSDP rank's empty shard) have no max; they are all-zero for every column.
     return t if t.numel() else None
+
+
+def _clipped_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The norms of these gradients after `gradwatch.clip_grad_norm_` scaled them: its own per-gradient norms
+    times its coefficient (one multi-tensor multiply; clip.py), when every one of them is a gradient it measured,
+    unwritten since; else None: then the group is measured here."""
+    offer = clip.offered()
+    if not offer:
+        return None
+    norms = []
+    coefficient = None
+    for g in grads:
+        entry = offer.get(id(g))
+        if entry is None or entry[2]() is not g or g._version != entry[3] or entry[1].device != g.device:
+            return None
+        norms.append(entry[0])
+        coefficient = entry[1]
+    if not norms or coefficient is None:
+        return None
+    return list(torch._foreach_mul(norms, coefficient))
 
 
 def _bit_sum(t: torch.Tensor) -> torch.Tensor:

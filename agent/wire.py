@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from gradwatch.agent.activations import STATS_PER_MODULE, VALUES_PER_MODULE, ActivationItem
+from gradwatch.agent.activations import INPUT, STATS_PER_MODULE, VALUES_PER_MODULE, ActivationItem
 from gradwatch.agent.autopsy import TailItem, read_tail
 from gradwatch.agent.items import AgentIdentity, EventItem, ReportItem
 from gradwatch.v1 import gradwatch_pb2 as pb
@@ -136,19 +136,22 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
 
 def _activation_fields(report: pb.StepReport, item: ActivationItem, values: np.ndarray) -> int:
     """Fill the report's activation fields from the vector; returns the non-finite flags they add."""
-    m, at = item.num_modules, item.offset
+    m, at, k = item.num_modules, item.offset, len(item.calls)
     flags = 0
     with np.errstate(invalid="ignore", over="ignore"):
-        sums = values[at : at + m]
-        bad = [i for i in item.order if not math.isfinite(float(sums[i]))]
-        if bad:
-            report.first_non_finite_module = bad[0]  # first in forward order
-            flags |= pb.NON_FINITE_FLAG_ACTIVATION
-        if item.has_input and not math.isfinite(float(values[at + m])):
-            flags |= pb.NON_FINITE_FLAG_INPUT
+        finite = np.isfinite(values[at : at + k])
+        if not finite.all():
+            calls = np.asarray(item.calls)
+            broken = set(calls[~finite].tolist())
+            bad = [i for i in item.order if i in broken]
+            if bad:
+                report.first_non_finite_module = bad[0]  # first in forward order
+                flags |= pb.NON_FINITE_FLAG_ACTIVATION
+            if INPUT in broken:
+                flags |= pb.NON_FINITE_FLAG_INPUT
         if not item.full:
             return flags
-        at += m + 1
+        at += k
         stats = values[at : at + m * VALUES_PER_MODULE].reshape(m, VALUES_PER_MODULE)
         at += m * VALUES_PER_MODULE
         report.activations.CopyFrom(

@@ -51,7 +51,7 @@ from overhead.report import model_json, render_model, summarise, targets
 from overhead.rounds import run_model
 from overhead.variants import CADENCE, VARIANTS, BenchContext
 
-from paging_support import gradwatch_serve
+from paging_support import gradwatch_server
 
 QUICK = {"rounds": 2, "steps": CADENCE, "warm_steps": CADENCE}
 FULL = {"rounds": 7, "steps": 30, "warm_steps": 60}
@@ -95,12 +95,26 @@ def _progress(line: str) -> None:
     print(line, flush=True)
 
 
+def _elsewhere(results: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Per variant, the medians over rounds of CPU per step spent outside the training thread: the bench process's
+    other threads (gradwatch's sender and gRPC threads) and the gradwatch server process (co-located here)."""
+    import statistics
+
+    out = {}
+    for key, blocks in results.items():
+        others = [p - c for p, c in zip(blocks.process_cpu_s, blocks.cpu_s, strict=True)]
+        out[key] = (statistics.median(others), statistics.median(blocks.server_cpu_s))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", help=f"comma list of {', '.join(MODELS)} (default: all but the "
                         "accelerator-only ones on a CPU, all on CUDA)")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models train")
     parser.add_argument("--bf16", action="store_true", help="forward and loss under bfloat16 autocast")
+    parser.add_argument("--clip", type=float, help="the loop clips gradients to this norm after backward "
+                        "(torch's clip_grad_norm_; gradwatch variants use gradwatch.clip_grad_norm_)")  # fmt: skip
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {FULL['rounds']})")
     parser.add_argument("--steps", type=int, help=f"timed steps per block (default {FULL['steps']})")
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "cadence": CADENCE,
         "cpus": os.cpu_count(),
         "allocator": allocator,
+        "clip": args.clip,
         **plan,
     }
     print(f"torch {meta['torch']}, gradwatch {meta['gradwatch']}, {meta['cpu']}, device {meta['device']} "
@@ -160,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {variant.key}: {reason}")
     labels = {v.key: v.label for v in variants}
     document: dict[str, Any] = {"meta": meta, "skipped": skipped, "models": {}}
-    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp, gradwatch_serve(pathlib.Path(tmp)) as server:
-        ctx = BenchContext(server=server, workdir=pathlib.Path(tmp), device=device, bf16=args.bf16)
+    with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as tmp, \
+            gradwatch_server(pathlib.Path(tmp)) as (server, server_pid):  # fmt: skip
+        ctx = BenchContext(server=server, workdir=pathlib.Path(tmp), device=device, bf16=args.bf16,
+                           server_pid=server_pid, clip=args.clip)  # fmt: skip
         try:
             for key in models:
                 spec = MODELS[key]
@@ -175,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(render_model(key, spec, labels, summary, states, found), flush=True)
                 print(f"  machine load average (1 min) before / after this model: {load[0]:.1f} / {load[1]:.1f} "
                       f"on {os.cpu_count()} CPUs", flush=True)  # fmt: skip
-                document["models"][key] = {**model_json(spec, results, summary, found), "load_average": load}
+                elsewhere = _elsewhere(results)
+                for variant_key, (others, served) in elsewhere.items():
+                    print(f"  {variant_key}: CPU per step on the process's other threads {others * 1e6:.0f} us, "
+                          f"in the gradwatch server {served * 1e6:.0f} us (medians over rounds)",
+                          flush=True)  # fmt: skip
+                document["models"][key] = {**model_json(spec, results, summary, found), "load_average": load,
+                                           "cpu_elsewhere_s": elsewhere}  # fmt: skip
         finally:
             for variant in variants:
                 variant.shutdown(ctx)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, as one command for a machine with a GPU (e.g. the `device` tool's
-# `run`): the GPU tests (100 steps under torch.cuda.set_sync_debug_mode("error"), the CUDA checksum; the guard
-# skipping on the device with fused AdamW + GradScaler("cuda") and capturable AdamW under sync-debug "error",
-# bit for bit like a run without the bad batches) and the overhead bench on CUDA, GPT-2-small-sized in bfloat16
-# and the MLP, with guard="skip" beside the defaults. Results go to $OUT (default ./gpu-results):
-# gpu.txt (the card), install.txt, gpu-tests.txt, overhead-cuda.txt and overhead-cuda.json.
+# `run`): the GPU tests (100 steps under torch.cuda.set_sync_debug_mode("error"), the CUDA checksum, GPT-2-small-sized
+# in bfloat16 with gradwatch.clip_grad_norm_ under sync-debug "error"; the guard skipping on the device with fused
+# AdamW + GradScaler("cuda") and capturable AdamW under sync-debug "error", bit for bit like a run without the bad
+# batches), the overhead bench on CUDA (GPT-2-small-sized in bfloat16 and the MLP: defaults, guard="skip", full
+# statistics every step, wandb.watch(log="all") when wandb is installed; then the same with the loop clipping), and
+# the agent's device operations and launch-side CPU per step on MLPs of 10, 100 and 1,000 modules. Results go to
+# $OUT (default ./gpu-results): gpu.txt (the card), install.txt, gpu-tests.txt, overhead-cuda.txt/.json,
+# overhead-cuda-clip.txt/.json, agent-ops-cuda.txt/.json. Report the card's name (gpu.txt) with every figure.
 #
 # It uses the machine's own python3 with its torch; gradwatch's other needs (grpcio, protobuf, numpy,
 # prometheus-client, PyYAML, pytest) must be installed there already or carried as wheels.
@@ -26,8 +29,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
     || { echo "install failed: see install.txt"; tail -20 "$out/install.txt"; exit 1; }
 status=0
 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_agent_gpu.py tests/test_guard_gpu.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+variants=none,gradwatch,gradwatch-guard,gradwatch-nohooks,gradwatch-full,gradwatch-fixed,anomaly
+"$py" -c "import wandb" 2>/dev/null && variants="$variants,wandb"
 "$py" bench/agent_overhead.py --device cuda --bf16 --models "${MODELS:-gpt2s,mlp}" --rounds "${ROUNDS:-5}" \
-    --variants none,gradwatch,gradwatch-guard,gradwatch-nohooks,gradwatch-full,gradwatch-fixed,anomaly \
-    --json "$out/overhead-cuda.json" 2>&1 | tee "$out/overhead-cuda.txt" || status=1
+    --variants "$variants" --json "$out/overhead-cuda.json" 2>&1 | tee "$out/overhead-cuda.txt" || status=1
+"$py" bench/agent_overhead.py --device cuda --bf16 --models "${MODELS:-gpt2s,mlp}" --rounds "${ROUNDS:-5}" \
+    --variants none,gradwatch --clip 1.0 --json "$out/overhead-cuda-clip.json" 2>&1 \
+    | tee "$out/overhead-cuda-clip.txt" || status=1
+"$py" bench/agent_ops.py --device cuda --rounds 2 --json "$out/agent-ops-cuda.json" 2>&1 \
+    | tee "$out/agent-ops-cuda.txt" || status=1
 cat "$out/gpu.txt"
 exit "$status"

@@ -74,3 +74,40 @@ def test_agent_gpu_checksum_matches_the_same_weights_on_the_cpu() -> None:
         model = make_mlp(seed=3).to(dtype)
         on_cpu = checksum(model)
         assert checksum(model.to("cuda")) == on_cpu, dtype  # Module.to moves in place
+
+
+def test_agent_gpu_gpt2_small_bf16_with_the_clip_drop_in_never_syncs(server: ScriptableServer) -> None:
+    """The GPT-2-small-sized model of the overhead bench in bfloat16 autocast, clipped with gradwatch's drop-in,
+    full statistics every 5 steps: the provenance flush, the clip's norm hand-over and the full steps never sync."""
+    import pathlib
+    import sys
+
+    import gradwatch
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+    from overhead.models import MODELS
+
+    spec = MODELS["gpt2s"]
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = spec.build().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, y = spec.batch().to(device), torch.randint(0, 10, (8,), device=device)
+    monitor = attach(model, opt, server=server.address, run="cuda-gpt2s", full_stats_interval=5, overhead_budget=0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(12):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gradwatch.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            monitor.step(loss)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert monitor.close(timeout=30)
+    reports = server.servicer.reports()
+    assert [r.step for r in reports] == list(range(1, 13)) and all(r.non_finite == 0 for r in reports)
+    assert [r.step for r in reports if r.HasField("layers")] == [5, 10]

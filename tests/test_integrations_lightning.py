@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from agent_support import ScriptableServer  # noqa: E402
+from gradwatch.agent import clip as clip_module  # noqa: E402
 from gradwatch.integrations.lightning import GradwatchCallback  # noqa: E402
 
 
@@ -91,7 +92,11 @@ def test_lightning_callback_reports_the_gradients_the_optimizer_applies(
                          val_check_interval=2 * accumulate, limit_val_batches=2, num_sanity_val_steps=0,
                          accelerator="cpu", callbacks=[callback], logger=False, default_root_dir=tmp_path,
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    clip_module._latest[0] = {}
     trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    # Clipping went through gradwatch.clip_grad_norm_ (it keeps its norms for the agent), and only during fit.
+    assert bool(clip_module.offered()) == (clip is not None)
+    assert "clip_grad_by_norm" not in vars(trainer.precision_plugin)
     assert list(tmp_path.rglob("*.ckpt"))  # Lightning's checkpoints of the attached module were written
     reports = server.servicer.reports()
     assert len(module.applied) == 6 and [r.optimizer_step for r in reports] == list(range(1, 7))

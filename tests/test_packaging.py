@@ -74,7 +74,7 @@ def test_agent_does_not_import_server() -> None:
 def test_public_api_snapshot() -> None:
     import gradwatch
 
-    assert sorted(gradwatch.__all__) == ["Monitor", "__version__", "attach"]
+    assert sorted(gradwatch.__all__) == ["Monitor", "__version__", "attach", "clip_grad_norm_"]
     assert gradwatch.__version__.count(".") == 2
 
 

@@ -12,6 +12,7 @@ it is the cost paid on the training thread. Wall time includes everything.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ class Blocks:
 
     wall_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
+    process_cpu_s: list[float] = field(default_factory=list)  # every thread of the bench process
+    server_cpu_s: list[float] = field(default_factory=list)  # the gradwatch server process
     states: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -41,13 +44,13 @@ class _Trainer:
     """One model, its optimizer and its fixed batch, on `device`; forward and loss under bfloat16 autocast
     when `bf16`."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device, bf16: bool) -> None:
+    def __init__(self, spec: ModelSpec, device: torch.device, bf16: bool, clip: float | None = None) -> None:
         torch.manual_seed(0)
         self.model = spec.build().to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.x = spec.batch().to(device)
         self.y = torch.randint(0, 10, (self.x.shape[0],)).to(device)
-        self.device, self.bf16 = device, bf16
+        self.device, self.bf16, self.clip = device, bf16, clip
 
     def run(self, steps: int, session: Session) -> None:
         model, optimizer, x, y = self.model, self.optimizer, self.x, self.y
@@ -57,6 +60,8 @@ class _Trainer:
                     loss = nn.functional.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+            if self.clip is not None:
+                session.clip_fn(model.parameters(), self.clip)
             optimizer.step()
             session.after(loss)
 
@@ -79,7 +84,7 @@ def run_model(
 ) -> dict[str, Blocks]:
     """Time `variants` on model `spec` over `rounds` interleaved rounds of `steps` timed steps each."""
     ctx.model_key = key
-    trainer = _Trainer(spec, ctx.device, ctx.bf16)
+    trainer = _Trainer(spec, ctx.device, ctx.bf16, ctx.clip)
     trainer.run(BASE_WARM_STEPS, Session())
     results = {v.key: Blocks() for v in variants}
     for r in range(rounds):
@@ -91,15 +96,31 @@ def run_model(
             try:
                 trainer.run(variant.warm_steps(warm_steps), session)
                 trainer.synchronize()
-                wall, cpu = time.perf_counter(), time.thread_time()
+                wall, cpu, process, server = time.perf_counter(), time.thread_time(), time.process_time(), \
+                    _process_cpu(ctx.server_pid)
                 trainer.run(steps, session)
                 trainer.synchronize()
                 wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+                process, server = time.process_time() - process, _process_cpu(ctx.server_pid) - server
             finally:
                 state = session.close()
             blocks = results[variant.key]
             blocks.wall_s.append(wall / steps)
             blocks.cpu_s.append(cpu / steps)
+            blocks.process_cpu_s.append(process / steps)
+            blocks.server_cpu_s.append(server / steps)
             blocks.states.append(state)
         progress(f"  {key}: round {r + 1}/{rounds} done")
     return results
+
+
+def _process_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc; 0 where unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -43,10 +43,14 @@ class BenchContext:
     bf16: bool = False
     model_key: str = ""
     shared: dict[str, Any] = field(default_factory=dict)  # per-process comparator state (wandb run, writer)
+    server_pid: int | None = None  # the gradwatch server's process, whose CPU time the rounds read
+    clip: float | None = None  # the loop clips gradients to this norm (Session.clip_fn) after backward
 
 
 class Session:
     """One timed block's instrumentation. The base class is the bare training loop (no agent)."""
+
+    clip_fn = staticmethod(torch.nn.utils.clip_grad_norm_)  # the loop's clip (with --clip)
 
     def around(self) -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -85,6 +89,8 @@ class Variant:
 
 
 class _GradwatchSession(Session):
+    clip_fn = staticmethod(gradwatch.clip_grad_norm_)  # the drop-in: the agent's norms come from the clip
+
     def __init__(self, monitor: gradwatch.Monitor) -> None:
         self._monitor = monitor
 
@@ -119,7 +125,7 @@ class GradwatchVariant(Variant):
     warm: bool = True
 
     def warm_steps(self, requested: int) -> int:
-        """All of them with the budget controller on (it decides after its first 50 reports); with it off, one
+        """All of them with the budget controller on (it decides after its first 10 reports); with it off, one
         full-statistics period is enough to connect and run the first full step."""
         if dict(self.options).get("overhead_budget", 1.0) == 0:
             return min(requested, CADENCE)

@@ -9,6 +9,10 @@ Contract
 - Gradients are those the optimizer applies: Lightning steps with `optimizer.step(closure)`, and the agent reads
   the gradients of a step with a closure after it ran (agent/hooks.py), i.e. after backward, accumulation and
   Lightning's gradient clipping, never the previous step's.
+- When the trainer clips by norm (`gradient_clip_val`, algorithm "norm"), its precision plugin clips with
+  `gradwatch.clip_grad_norm_` for the duration of fit (same arguments, same result as torch's, agent/clip.py): the
+  agent takes its gradient norms from that pass instead of a second one. Plugins that clip their own way (their
+  class overrides `clip_grad_by_norm`: FSDP, DeepSpeed) are left alone.
 - Every training batch ends with `monitor.step(loss)` (the loss from the step's output, un-normalised
   when Lightning divided it by `accumulate_grad_batches`); at the end of fit (or on an exception) it closes
   the monitor within `close_timeout_s`.
@@ -19,11 +23,14 @@ Contract
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import Precision
 
+from gradwatch.agent.clip import clip_grad_norm_
 from gradwatch.agent.monitor import Monitor, attach
 
 __all__ = ["GradwatchCallback"]
@@ -37,6 +44,7 @@ class GradwatchCallback(pl.Callback):
         self._options = options
         self._close_timeout_s = close_timeout_s
         self.monitor: Monitor | None = None
+        self._clipping: Precision | None = None  # the plugin that clips with gradwatch.clip_grad_norm_
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         options = dict(self._options)
@@ -50,6 +58,10 @@ class GradwatchCallback(pl.Callback):
             options.setdefault("grad_scaler", scaler)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.monitor = attach(pl_module, optimizer, **options)
+        plugin = trainer.precision_plugin
+        if type(plugin).clip_grad_by_norm is Precision.clip_grad_by_norm and "clip_grad_by_norm" not in vars(plugin):
+            plugin.clip_grad_by_norm = functools.partial(_clip_grad_by_norm, plugin)  # type: ignore[method-assign]
+            self._clipping = plugin
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -72,6 +84,14 @@ class GradwatchCallback(pl.Callback):
         self._close()
 
     def _close(self) -> None:
+        plugin, self._clipping = self._clipping, None
+        if plugin is not None:
+            vars(plugin).pop("clip_grad_by_norm", None)  # the class's method again
         monitor, self.monitor = self.monitor, None
         if monitor is not None:
             monitor.close(timeout=self._close_timeout_s)
+
+
+def _clip_grad_by_norm(plugin: Precision, optimizer: torch.optim.Optimizer, clip_val: int | float) -> None:
+    """`Precision.clip_grad_by_norm` with gradwatch's drop-in for torch's clip_grad_norm_."""
+    clip_grad_norm_(plugin.main_params(optimizer), clip_val)

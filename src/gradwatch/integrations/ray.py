@@ -10,6 +10,9 @@
                 ...
                 monitor.step(loss)
 
+A loop that clips its gradients can use `gradwatch_ray.clip_grad_norm_` (gradwatch.clip_grad_norm_: torch's
+clip_grad_norm_, same result, handing the agent the per-parameter norms of its pass; agent/clip.py).
+
 Contract
 - Rank, world size and local rank come from `ray.train.get_context()`; the run id defaults to the
   experiment name, which every worker of a run shares (`run=` or GRADWATCH_RUN override it).
@@ -26,10 +29,11 @@ from typing import Any
 
 import ray.train
 
+from gradwatch.agent.clip import clip_grad_norm_
 from gradwatch.agent.monitor import Monitor
 from gradwatch.agent.monitor import attach as _attach
 
-__all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "attach", "monitor"]
+__all__ = ["DEFAULT_CLOSE_TIMEOUT_S", "attach", "clip_grad_norm_", "monitor"]
 
 DEFAULT_CLOSE_TIMEOUT_S = 3.0  # below Ray's ~5 s grace before it kills a finished worker
 
