@@ -17,6 +17,7 @@ from gradwatch.server.app import ServerApp
 from gradwatch.server.config import ServerConfig
 from gradwatch.v1 import gradwatch_pb2 as pb
 from server_support import hello_frame, http_get, report_frame, run_stream, sample
+from wait_support import wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WAIT_S = 30.0
@@ -41,16 +42,14 @@ def reported_ports(port_file: pathlib.Path, proc: subprocess.Popen[str]) -> dict
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while True:
+    def healthy() -> bool:
         assert proc.poll() is None, proc.communicate()[1]
         try:
-            if http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
-                return
+            return http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         except OSError:
-            pass
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
+            return False
+
+    wait_until(healthy, WAIT_S, what="the server's /healthz", interval=0.05)
 
 
 def test_serve_logs_json_lines_a_fire_and_its_resolution_once_and_the_shutdown(tmp_path: pathlib.Path) -> None:

@@ -19,18 +19,13 @@ from gradwatch.server.sinks.memory import InMemorySink
 from netfault import FaultyRelay
 from paging_support import released_port
 from server_support import AgentStream, hello_frame, metric, report_frame, scrape, server_config, start_app
+from wait_support import wait_until
 
 WAIT_S = 20.0
 
 
 def _until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(condition, timeout, what=what, interval=0.05)
 
 
 def _relay(upstream: str, **settings: Any) -> ServerApp:
