@@ -8,10 +8,10 @@ Contract
   the pre-hook (and a framework clips them there): then the gradient statistics are read in the post-hook,
   i.e. the gradients the update applied (optimizers do not change `.grad`).
 - The post-hook runs after the update and queues the weight statistics (full-statistics steps only; see
-  StatsEngine.compute). On full-statistics steps the
+  StatsEngine.compute). On full-statistics steps and on the update ratio's own cadence (update_cadence.py) the
   pre-hook also copies a fixed sample of every parameter (stats.StatsEngine.weight_sample) and the post-hook
-  measures the update against it (|Δw|, for the update ratio |Δw|/|w|) and takes the parameter checksum
-  (StatsEngine.checksum, compared across replicas by the server).
+  measures the update against it (|Δw|, for the update ratio |Δw|/|w|); on full steps and the checksum's cadence
+  it takes the parameter checksum (StatsEngine.checksum, compared across replicas by the server).
 - Both only queue device kernels and keep the 0-d result tensors; they never read `.grad` values on the host,
   never mutate what they observe, and send failures to errors.report. `remove()` takes both hooks off.
 - Several optimizer steps between two reports (or none) are fine: the latest capture wins, and monitor.step()
@@ -81,14 +81,17 @@ class OptimizerTap:
         begin_step: Callable[[], bool],
         add_agent_time: Callable[[float], None],
         checksum_due: Callable[[], bool] | None = None,
+        update_due: Callable[[], bool] | None = None,
     ) -> None:
         """`begin_step()` says whether the step being captured is a full-statistics step, `checksum_due()` whether
-        it takes the parameter checksum (its own cadence; full steps always do); the time spent in
+        it takes the parameter checksum and `update_due()` whether it measures the update (their own cadences; full
+        steps always do both); the time spent in
         the hooks is handed to `add_agent_time` (it counts as the agent's time on the training thread)."""
         self._optimizer = optimizer
         self._engine = engine
         self._begin_step = begin_step
         self._checksum_due = checksum_due
+        self._update_due = update_due
         self._add_agent_time = add_agent_time
         self._active = True
         self.steps = 0  # optimizer steps seen
@@ -131,7 +134,8 @@ class OptimizerTap:
             if not self._grads_after:
                 self._grads = self._engine.compute("grad", full)
                 self._histograms = self._engine.grad_histograms() if full else None
-            self._before = self._engine.weight_sample() if full else None
+            measure = full or (self._update_due is not None and self._update_due())
+            self._before = self._engine.weight_sample() if measure else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
         except Exception as exc:
             errors.report(exc, "optimizer_pre_hook")
@@ -153,7 +157,7 @@ class OptimizerTap:
             due = full or (self._checksum_due is not None and self._checksum_due())
             self._checksum = self._engine.checksum() if due else None
             before, self._before = self._before, None
-            if full and before is not None:
+            if before is not None:
                 self._updates = self._engine.update_stats(before)
         except Exception as exc:
             errors.report(exc, "optimizer_post_hook")

@@ -137,9 +137,10 @@ class StatsEngine:
             return [None if s is None else s[0].clone() if s[1] == 1.0 else s[0] for s in samples]
 
     def update_stats(self, before: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """After the step: per parameter scale·|Δw|² over the sample, then scale·|w|², as 0-d float32
-        tensors (UPDATE_COLUMNS order), scale = elements / sampled elements. Exact for tensors up to
-        UPDATE_SAMPLE_ELEMENTS elements."""
+        """After the step: per parameter scale·|Δw|² over the sample, then scale·|w|² of the weights before the
+        step (the scale the update is judged against: a parameter that starts at zero has none, and its first
+        ratio is not finite), as 0-d float32 tensors (UPDATE_COLUMNS order), scale = elements / sampled
+        elements. Exact for tensors up to UPDATE_SAMPLE_ELEMENTS elements."""
         zero = self.zero()
         target = self._layout.device
         updates: list[torch.Tensor] = []
@@ -154,7 +155,7 @@ class StatsEngine:
                 new, scale = sampled
                 diff = new.to(_F32) - old.to(_F32)
                 updates.append((diff.square().sum() * scale).to(target, non_blocking=True))
-                weights.append((new.to(_F32).square().sum() * scale).to(target, non_blocking=True))
+                weights.append((old.to(_F32).square().sum() * scale).to(target, non_blocking=True))
         return updates + weights
 
     def _sample(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, float] | None:
