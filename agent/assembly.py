@@ -52,9 +52,9 @@ class ReportAssembler:
         self._engine = engine
         self._optimizer = optimizer
         self._activations = activations
-        self._tap = (
-            None if optimizer is None else OptimizerTap(optimizer, engine, begin_step, add_agent_time, checksum_due, update_due)
-        )
+        self._tap: OptimizerTap | None = None
+        if optimizer is not None:
+            self._tap = OptimizerTap(optimizer, engine, begin_step, add_agent_time, checksum_due, update_due)
         self._scaler_tap = None
         if grad_scaler is not None and optimizer is not None:
             self._scaler_tap = ScalerTap(grad_scaler, optimizer, lambda: engine.layout.device, add_agent_time)

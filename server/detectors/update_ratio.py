@@ -134,10 +134,11 @@ class UpdateRatioDetector:
         direction = "above" if too_high[worst] else "below"
         bound = cfg.high if too_high[worst] else cfg.low
         count = int(np.count_nonzero(too_high | too_low))
+        held = min(self._ranks[report.rank].seen, cfg.window)
         hint = "learning rate too high for it" if too_high[worst] else "learning rate too low for it"
         summary = (
             f"update/weight ratio of layer {name!r} on rank {report.rank} at step {report.step} is {value:.2e} "
-            f"(median of its last {min(self._ranks[report.rank].seen, cfg.window)} reports), {direction} {bound:.0e}: {hint}; {count} layer(s) out of range"
+            f"(median of its last {held} reports), {direction} {bound:.0e}: {hint}; {count} layer(s) out of range"
         )
         return Fire(step=report.step, value=value, summary=summary, layer=name)
 
