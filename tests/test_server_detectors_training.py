@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradwatch.server.config import load_config
 from gradwatch.server.detectors import Clear, Fire, Verdict, inhibitions
@@ -172,6 +174,24 @@ def test_loss_spike_needs_a_rise_that_matters_at_the_runs_scale() -> None:
     assert fires(feed_losses(det, [1.5], start=302)) == [302]
 
 
+@settings(max_examples=40, deadline=None)
+@given(start=st.floats(0.5, 5.0), floor=st.floats(1e-3, 0.3), steps=st.integers(35, 120), noise=st.floats(0.0, 0.1),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_loss_spike_judges_against_the_current_level_of_a_falling_loss(
+    start: float, floor: float, steps: int, noise: float, seed: int
+) -> None:
+    """A loss falling fast while the baseline forms (start → floor·start over `steps`): a window median and MAD
+    measure the descent, not the noise, and once hid a bad batch at 300× the current loss. Against the current
+    level and a sigma from consecutive differences, the descent itself never fires and a batch at 4× the
+    current level (and half the starting loss above it) always does."""
+    rng = np.random.default_rng(seed)
+    curve = start * floor ** (np.arange(steps) / (steps - 1)) * rng.lognormal(0.0, noise, steps)
+    det = LossSpikeDetector(LossSpikeConfig())
+    assert feed_losses(det, curve) == []
+    bad = max(4.0 * float(np.median(curve[-10:])), float(np.median(curve[-10:])) + 0.5 * start)
+    assert fires(feed_losses(det, [bad], start=steps + 1)) == [steps + 1]
+
+
 def test_loss_spike_ranks_have_separate_baselines() -> None:
     det = LossSpikeDetector(LossSpikeConfig())
     feed_losses(det, np.full(100, 0.1), rank=0)
@@ -294,6 +314,43 @@ def test_update_ratio_one_hot_report_is_not_persistent_and_nan_layers_are_skippe
     with_nan = np.full(len(LAYERS), 1e-3)
     with_nan[0] = np.nan
     assert [det.observe(ratio_report(10 * i, with_nan)) for i in range(20, 30)] == [None] * 10
+
+
+def test_update_ratio_jump_rule_names_the_layer_whose_ratio_jumped_for_two_reports() -> None:
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    healthy = np.full(len(LAYERS), 2e-3)
+    assert [det.observe(ratio_report(i, healthy)) for i in range(1, 13)] == [None] * 12
+    jumped = healthy.copy()
+    jumped[3] = 0.12  # 60× its level, under `high`
+    first, second = det.observe(ratio_report(13, jumped)), det.observe(ratio_report(14, jumped))
+    assert first is None and isinstance(second, Fire), (first, second)
+    assert second.layer == "net.3" and "jumped" in second.summary and "60×" in second.summary
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start=st.floats(1e-5, 1e-2),
+    growth=st.floats(0.5, 1.25),
+    linear=st.booleans(),
+    reports=st.integers(20, 60),
+    lone=st.integers(10, 19),
+    under_floor=st.booleans(),
+)
+def test_update_ratio_jump_rule_stays_quiet_on_schedules_lone_spikes_and_small_ratios(
+    start: float, growth: float, linear: bool, reports: int, lone: int, under_floor: bool
+) -> None:
+    """A schedule (a linear warm-up from zero; a rate moving at most 25 % between two reports, i.e. over 8
+    steps: exponential warm-ups and decays), one report 50× over its level (a bad batch under SGD), or a 10×
+    rise that stays under the floor: none of them is a jump."""
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    ramp = [start * i for i in range(reports)] if linear else [start * growth**i for i in range(reports)]
+    values = [min(v, 0.25) for v in ramp]
+    values[lone] = values[lone - 1] * 50.0
+    if under_floor:
+        values += [min(values[-1] * 10.0, 0.04)] * 4
+    out = [det.observe(ratio_report(i, v)) for i, v in enumerate(values, 1)]
+    fired = [v for v in out if isinstance(v, Fire)]
+    assert all("jumped" not in v.summary for v in fired), fired
 
 
 # ------------------------------------------------------------------ frozen_parameters

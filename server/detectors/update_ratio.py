@@ -27,6 +27,14 @@ weights by construction. The low rule judges after `min_reports` reports and sta
 is below `solved_fraction` × its starting level (median of the first `start_losses` losses): a solved
 task has tiny gradients and so tiny updates. Layers with a non-finite ratio are left out. Resolves after
 `resolve_after` reports in a row with every layer in range.
+
+A learning rate raised mid-run (a schedule or a hand-edited config gone wrong) often stays under `high`: the
+weights of normalised layers grow until the ratio falls back within a few steps. So a **jump rule** compares
+each layer with its own level (median of its last `baseline_reports` admitted ratios, judged once half of
+them are in): a ratio at least `jump_factor` × that level and above `jump_floor` on `jump_reports` reports
+in a row fires. Schedules move the rate gradually (a warm-up doubles it at most between two reports) or down;
+an order of magnitude within two reports, to a ratio above the healthy range's upper end, is not training as
+planned. Ratios over the jump threshold never enter the level.
 """
 
 from __future__ import annotations
@@ -57,6 +65,15 @@ class UpdateRatioConfig(DetectorConfig):
     zero_start_reports: int = setting(
         16, doc="A layer that started at zero is left out of the high rule for this many reports.", ge=0
     )
+    jump_factor: float = setting(
+        10.0, doc="Jump rule: a layer's ratio at least this × its own recent level (median of baseline_reports) ...",
+        gt=1.0,
+    )
+    jump_floor: float = setting(0.05, doc="... and above this, on jump_reports reports in a row.", ge=0.0)
+    jump_reports: int = setting(2, doc="Reports in a row a jump must last.", ge=1)
+    baseline_reports: int = setting(
+        16, doc="A layer's recent admitted ratios forming its level (judged once half of them are in).", ge=2
+    )
     resolve_after: int = setting(3, doc="Reports in a row with all layers in range before a rank clears.", ge=1)
     solved_fraction: float = setting(
         0.01, doc="The low rule stands down while the loss is below this fraction of its start.", ge=0.0, lt=1.0
@@ -77,6 +94,11 @@ class _RankState:
     seen: int = 0
     #: Layers whose first ratio was not finite (weights all zero before their first update).
     zero_start: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: (baseline_reports, layers) ring of each layer's admitted ratios (NaN: a jumping or unknown one).
+    level: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    admitted: int = 0
+    #: Per layer: reports in a row over the jump threshold.
+    streak: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class UpdateRatioDetector:
@@ -96,15 +118,18 @@ class UpdateRatioDetector:
         ratio = report.update_ratio
         if ratio is None or report.skipped:
             return None
-        if state.ratios.shape[1] != ratio.size:
+        if state.ratios.shape[1] != ratio.size:  # a new schema (a restarted agent): everything starts again
             state.ratios = np.full((cfg.window, ratio.size), np.nan)
-            state.seen = 0
+            state.level = np.full((cfg.baseline_reports, ratio.size), np.nan)
+            state.streak = np.zeros(ratio.size, dtype=np.int64)
+            state.seen = state.admitted = 0
         if state.seen == 0:
             state.zero_start = ~np.isfinite(ratio)
         state.ratios[state.seen % cfg.window] = ratio
         state.seen += 1
+        jumped, level = self._jump(state, ratio)
         judge_high, judge_low = state.seen >= cfg.first_reports, state.seen > cfg.min_reports
-        if not (judge_high or judge_low):
+        if not (judge_high or judge_low or jumped.any()):
             return None
         with np.errstate(all="ignore"):
             held = np.where(np.isfinite(state.ratios), state.ratios, np.nan)
@@ -117,10 +142,41 @@ class UpdateRatioDetector:
             too_high &= ~state.zero_start
         if state.start.solved(report.loss, cfg.solved_fraction):
             too_low[:] = False
-        kind = self._latch.judge(report.rank, bool(too_high.any() or too_low.any()))
+        kind = self._latch.judge(report.rank, bool(too_high.any() or too_low.any() or jumped.any()))
         if kind == FIRE:
+            if not (too_high.any() or too_low.any()):
+                return self._fire_jump(report, ratio, level, jumped)
             return self._fire(report, median, too_high, too_low)
         return Clear(step=report.step) if kind == CLEAR else None
+
+    def _jump(self, state: _RankState, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(layers whose ratio jumped jump_factor× above their own level for jump_reports reports in a row, the
+        levels); a layer's ratio enters its level unless it is over the jump threshold."""
+        cfg = self._config
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(ratio)
+            if state.admitted >= cfg.baseline_reports // 2:
+                level = nanmedian_columns(state.level)
+                over = finite & (level > 0.0) & (ratio >= cfg.jump_factor * level) & (ratio > cfg.jump_floor)
+            else:
+                level, over = np.full(ratio.size, np.nan), np.zeros(ratio.size, dtype=bool)
+        state.streak = np.where(over, state.streak + 1, 0)
+        state.level[state.admitted % cfg.baseline_reports] = np.where(over | ~finite, np.nan, ratio)
+        state.admitted += 1
+        return state.streak >= cfg.jump_reports, level
+
+    def _fire_jump(self, report: RankReport, ratio: np.ndarray, level: np.ndarray, jumped: np.ndarray) -> Fire:
+        with np.errstate(all="ignore"):
+            worst = int(np.argmax(np.where(jumped, ratio / level, -np.inf)))
+        name = report.layer_names[worst] if worst < len(report.layer_names) else None
+        value, before = float(ratio[worst]), float(level[worst])
+        summary = (
+            f"update/weight ratio of layer {name!r} on rank {report.rank} at step {report.step} jumped to "
+            f"{value:.2e}, {value / before:.0f}× its own recent level {before:.2e} for {int(jumped.sum())} layer(s), "
+            f"{self._config.jump_reports} reports in a row: a learning rate raised far too high for it (or a "
+            f"gradient scale that changed)"
+        )
+        return Fire(step=report.step, value=value, summary=summary, layer=name)
 
     def _fire(self, report: RankReport, median: np.ndarray, too_high: np.ndarray, too_low: np.ndarray) -> Fire:
         cfg = self._config
