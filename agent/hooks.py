@@ -10,7 +10,8 @@ Contract
 - The post-hook runs after the update and queues the weight statistics (full-statistics steps only; see
   StatsEngine.compute). On full-statistics steps and on the update ratio's own cadence (update_cadence.py) the
   pre-hook also copies a fixed sample of every parameter (stats.StatsEngine.weight_sample) and the post-hook
-  measures the update against it (|Δw|, for the update ratio |Δw|/|w|); on full steps and the checksum's cadence
+  measures the update against it (|Δw|, for the update ratio |Δw|/|w|; a smaller sample between full steps,
+  stats.CADENCE_SAMPLE_ELEMENTS); on full steps and the checksum's cadence
   it takes the parameter checksum (StatsEngine.checksum, compared across replicas by the server).
 - Both only queue device kernels and keep the 0-d result tensors; they never read `.grad` values on the host,
   never mutate what they observe, and send failures to errors.report. `remove()` takes both hooks off.
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from gradwatch.agent import dispatch, errors
-from gradwatch.agent.stats import StatsEngine
+from gradwatch.agent.stats import CADENCE_SAMPLE_ELEMENTS, UPDATE_SAMPLE_ELEMENTS, StatsEngine
 
 __all__ = ["Capture", "LearningRates", "OptimizerTap", "learning_rates"]
 
@@ -102,6 +103,7 @@ class OptimizerTap:
         self._updates: list[torch.Tensor] | None = None
         self._histograms: torch.Tensor | None = None
         self._checksum: list[torch.Tensor] | None = None
+        self._sample_elements = UPDATE_SAMPLE_ELEMENTS  # of the weight sample the pre-hook took
         self._grads_after = False  # this step has a closure: gradients are read in the post-hook
         # Process-wide hooks filtered to this optimizer (dispatch.py): nothing is stored on the optimizer, so
         # its state_dict(), deepcopy and pickling never meet the agent.
@@ -135,7 +137,8 @@ class OptimizerTap:
                 self._grads = self._engine.compute("grad", full)
                 self._histograms = self._engine.grad_histograms() if full else None
             measure = full or (self._update_due is not None and self._update_due())
-            self._before = self._engine.weight_sample() if measure else None
+            self._sample_elements = UPDATE_SAMPLE_ELEMENTS if full else CADENCE_SAMPLE_ELEMENTS
+            self._before = self._engine.weight_sample(self._sample_elements) if measure else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
         except Exception as exc:
             errors.report(exc, "optimizer_pre_hook")
@@ -158,7 +161,7 @@ class OptimizerTap:
             self._checksum = self._engine.checksum() if due else None
             before, self._before = self._before, None
             if before is not None:
-                self._updates = self._engine.update_stats(before)
+                self._updates = self._engine.update_stats(before, self._sample_elements)
         except Exception as exc:
             errors.report(exc, "optimizer_post_hook")
         finally:
