@@ -469,10 +469,10 @@ def test_agent_min_max_and_update_ratio_match_reference(server: ScriptableServer
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
-        before = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in linears]
+        before = _layer_values(linears)
         grads = [torch.cat([p.grad.reshape(-1).double() for p in m.parameters()]) for m in linears]
         opt.step()
-        after = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in linears]
+        after = _layer_values(linears)
         expected.append({
             "grad_min": [float(g.min()) for g in grads],
             "grad_max": [float(g.max()) for g in grads],
@@ -503,9 +503,9 @@ def test_update_ratio_travels_on_its_own_cadence_between_full_steps(server: Scri
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
-        before = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in (model[0], model[2])]
+        before = _layer_values([model[0], model[2]])
         opt.step()
-        after = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in (model[0], model[2])]
+        after = _layer_values([model[0], model[2]])
         expected[step] = [float((a - b).norm() / b.norm()) for a, b in zip(after, before, strict=True)]
         monitor.step(loss)
     assert monitor.close(timeout=5)
@@ -520,6 +520,11 @@ def test_update_ratio_travels_on_its_own_cadence_between_full_steps(server: Scri
     assert sorted(carried) == [*range(1, 17), 20, 24, 30, 32, 40]
     for step, column in carried.items():
         np.testing.assert_allclose(column, expected[step], rtol=1e-4, err_msg=f"step {step}")
+
+
+def _layer_values(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Each module's parameters as one float64 vector (a layer's values, for reference update ratios)."""
+    return [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in modules]
 
 
 def _host_log2_histogram(values: np.ndarray) -> np.ndarray:
