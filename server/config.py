@@ -82,7 +82,7 @@ YAML shape (every key optional; these are the defaults)::
                            start_losses: 10}
       update_ratio: {enabled: true, high: 0.3, low: 1.0e-8, window: 5, first_reports: 3, min_reports: 5,
                      zero_start_reports: 16, jump_factor: 10.0, jump_floor: 0.05, jump_reports: 2,
-                     baseline_reports: 16, resolve_after: 3, solved_fraction: 0.01, start_losses: 10}
+                     baseline_reports: 4, resolve_after: 3, solved_fraction: 0.01, start_losses: 10}
       frozen_parameters: {enabled: true, reports: 5, ignore: []}
       dead_relu: {enabled: true, dead_fraction: 0.5, min_rise: 0.3, all_dead_fraction: 0.9, window: 10,
                   clear_fraction: 0.4, consecutive: 3, min_reports: 3, resolve_after: 5,

@@ -6,7 +6,10 @@ A spike is a warning, not a page: a bad batch, a too-large step that the optimiz
 an early sign of trouble (spikes often precede divergence in large runs). It is judged on single
 reports against the rank's own admitted losses: a loss fires when it exceeds the current level (median
 of the last `level_window` admitted losses) by the largest of (factor − 1) × |level|, mad_k × sigma and
-min_rise × the starting loss level. The three margins together keep it quiet on small noisy batches
+min_rise × the starting loss level (the larger of the rank's first loss, taken before any update, and the
+median of its first `min_reports`: a classifier that converges within a few steps has a tiny median there,
+and its hard batches at 30× a loss of 2e-4 are nothing at the task's scale of 1.9). The three margins
+together keep it quiet on small noisy batches
 (sigma), near convergence where a tiny loss doubles harmlessly (min_rise) and on smooth runs with a tiny
 sigma (factor). Abnormal losses never enter the baseline. A spike that does not come back turns into
 loss_divergence, which inhibits this detector (one page, for the worse problem).
@@ -64,16 +67,19 @@ class LossSpikeDetector:
         self._baselines: defaultdict[int, LossBaseline] = defaultdict(
             lambda: LossBaseline(config.window, config.min_reports)
         )
+        #: Each rank's first finite loss (before any update): the task's scale, with the starting level.
+        self._first: dict[int, float] = {}
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss
         if loss is None or not math.isfinite(loss):
             return None
         baseline = self._baselines[report.rank]
+        self._first.setdefault(report.rank, loss)
         if not baseline.ready:
             baseline.warm(loss)
             return None
-        level, threshold = self._threshold(baseline)
+        level, threshold = self._threshold(baseline, self._first[report.rank])
         kind = self._latch.judge(report.rank, loss > threshold)
         if kind == FIRE:
             ratio = f", {loss / level:.1f}× the current level" if level > 0 else ", above the current level"
@@ -85,14 +91,14 @@ class LossSpikeDetector:
         baseline.window.append(loss)
         return Clear(step=report.step) if kind == CLEAR else None
 
-    def _threshold(self, baseline: LossBaseline) -> tuple[float, float]:
+    def _threshold(self, baseline: LossBaseline, first: float) -> tuple[float, float]:
         """(the current level, the loss above which a report is a spike); see the module docstring."""
         cfg = self._config
         held = baseline.window.values()
         level = median(held[-cfg.level_window :])
         steps = np.abs(np.diff(held))
         sigma = MAD_TO_SIGMA * median(steps) / math.sqrt(2.0) if steps.size else 0.0
-        scale = abs(baseline.initial) if baseline.initial is not None else 0.0
+        scale = max(abs(baseline.initial or 0.0), abs(first))
         margin = max((cfg.factor - 1.0) * abs(level), cfg.mad_k * sigma, cfg.min_rise * scale)
         return level, level + margin if math.isfinite(margin) else math.inf
 

@@ -31,10 +31,16 @@ task has tiny gradients and so tiny updates. Layers with a non-finite ratio are 
 A learning rate raised mid-run (a schedule or a hand-edited config gone wrong) often stays under `high`: the
 weights of normalised layers grow until the ratio falls back within a few steps. So a **jump rule** compares
 each layer with its own level (median of its last `baseline_reports` admitted ratios, judged once half of
-them are in): a ratio at least `jump_factor` × that level and above `jump_floor` on `jump_reports` reports
-in a row fires. Schedules move the rate gradually (a warm-up doubles it at most between two reports) or down;
-an order of magnitude within two reports, to a ratio above the healthy range's upper end, is not training as
-planned. Ratios over the jump threshold never enter the level.
+them are in): a ratio above `jump_floor` and at least `jump_factor` × that level, followed by reports still
+at least `jump_factor` × the level (`jump_reports` in a row), fires. Schedules move the rate gradually (a
+warm-up doubles it at most between two reports) or down; an order of magnitude between two reports, to a
+ratio above the healthy range's upper end, that lasts, is not training as planned, while one outsized update
+(a bad batch) does not last. The floor applies to the first report only: with the agent measuring every 8
+steps, a normalised model's jump has often decayed under it by the next report while still far above the
+layer's level (three of six learning-rate jumps of the matrix's tuning seeds were missed when every report
+had to clear the floor). The level is recent (4 reports): Adam's ratios fall tenfold over a run's first 50
+steps, and the agent's dense first reports kept a longer window's median far above the layer's ratio before
+the jump. Ratios over the jump threshold never enter the level.
 """
 
 from __future__ import annotations
@@ -70,9 +76,11 @@ class UpdateRatioConfig(DetectorConfig):
         gt=1.0,
     )
     jump_floor: float = setting(0.05, doc="... and above this, on jump_reports reports in a row.", ge=0.0)
-    jump_reports: int = setting(2, doc="Reports in a row a jump must last.", ge=1)
+    jump_reports: int = setting(
+        2, doc="Reports in a row a jump must last (the floor applies to its first, the factor to all).", ge=1
+    )
     baseline_reports: int = setting(
-        16, doc="A layer's recent admitted ratios forming its level (judged once half of them are in).", ge=2
+        4, doc="A layer's recent admitted ratios forming its level (judged once half of them are in).", ge=2
     )
     resolve_after: int = setting(3, doc="Reports in a row with all layers in range before a rank clears.", ge=1)
     solved_fraction: float = setting(
@@ -157,7 +165,8 @@ class UpdateRatioDetector:
             finite = np.isfinite(ratio)
             if state.admitted >= cfg.baseline_reports // 2:
                 level = nanmedian_columns(state.level)
-                over = finite & (level > 0.0) & (ratio >= cfg.jump_factor * level) & (ratio > cfg.jump_floor)
+                over = finite & (level > 0.0) & (ratio >= cfg.jump_factor * level)
+                over &= (state.streak > 0) | (ratio > cfg.jump_floor)  # the floor: where a jump starts
             else:
                 level, over = np.full(ratio.size, np.nan), np.zeros(ratio.size, dtype=bool)
         state.streak = np.where(over, state.streak + 1, 0)
