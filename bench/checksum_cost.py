@@ -24,7 +24,7 @@ from torch import nn
 
 from gradwatch.agent.checksum_cadence import ChecksumCadence
 from gradwatch.agent.schema import build_layout
-from gradwatch.agent.stats import StatsEngine
+from gradwatch.agent.stats import CADENCE_SAMPLE_ELEMENTS, StatsEngine
 from gradwatch.agent.update_cadence import EVERY_STEPS
 
 MODELS = {
@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.thread_time()
             [float(piece) for piece in engine.checksum()]
             t2 = time.thread_time()
-            before = engine.weight_sample()  # the pre-hook's copy; the update is the one SGD step made above
-            optimizer.step()
-            [float(v) for v in engine.update_stats(before)]
+            # The pre-hook's copy and the post-hook's measurement on a cadence step, around no update here: the
+            # work is the same whatever the update is.
+            before = engine.weight_sample(CADENCE_SAMPLE_ELEMENTS)
+            [float(v) for v in engine.update_stats(before, CADENCE_SAMPLE_ELEMENTS)]
             t3 = time.thread_time()
             steps.append(t1 - t0)
             sums.append(t2 - t1)
