@@ -138,6 +138,18 @@ def test_loss_divergence_warm_up_and_non_finite_losses_are_not_judged() -> None:
     assert feed_losses(det, [math.nan, math.inf] * 20, start=31) == []
 
 
+def test_loss_divergence_judges_a_run_that_converged_within_its_warm_up_at_the_tasks_scale() -> None:
+    """A classifier at 2e-4 by its 12th loss: the median of its first 30 is tiny, but its first loss (1.3) says
+    what the task's losses are. A bad batch's SGD kick that leaves it at 1e-2 for a long stretch (50× its
+    baseline, still 99 % solved) does not page; a loss back at 1.0 does."""
+    rng = np.random.default_rng(2)
+    warm = np.concatenate([1.3 * 0.45 ** np.arange(12), 2e-4 * rng.lognormal(0.0, 0.3, 60)])
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    assert feed_losses(det, np.concatenate([warm, 1e-2 * rng.lognormal(0.0, 0.2, 60)])) == []
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    assert fires(feed_losses(det, np.concatenate([warm, np.full(20, 1.0)])))
+
+
 def test_loss_divergence_handles_negative_losses() -> None:
     # Negative log-likelihoods: the relative margin uses |median|.
     rng = np.random.default_rng(0)

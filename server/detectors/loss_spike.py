@@ -67,19 +67,16 @@ class LossSpikeDetector:
         self._baselines: defaultdict[int, LossBaseline] = defaultdict(
             lambda: LossBaseline(config.window, config.min_reports)
         )
-        #: Each rank's first finite loss (before any update): the task's scale, with the starting level.
-        self._first: dict[int, float] = {}
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss
         if loss is None or not math.isfinite(loss):
             return None
         baseline = self._baselines[report.rank]
-        self._first.setdefault(report.rank, loss)
         if not baseline.ready:
             baseline.warm(loss)
             return None
-        level, threshold = self._threshold(baseline, self._first[report.rank])
+        level, threshold = self._threshold(baseline)
         kind = self._latch.judge(report.rank, loss > threshold)
         if kind == FIRE:
             ratio = f", {loss / level:.1f}× the current level" if level > 0 else ", above the current level"
@@ -91,15 +88,14 @@ class LossSpikeDetector:
         baseline.window.append(loss)
         return Clear(step=report.step) if kind == CLEAR else None
 
-    def _threshold(self, baseline: LossBaseline, first: float) -> tuple[float, float]:
+    def _threshold(self, baseline: LossBaseline) -> tuple[float, float]:
         """(the current level, the loss above which a report is a spike); see the module docstring."""
         cfg = self._config
         held = baseline.window.values()
         level = median(held[-cfg.level_window :])
         steps = np.abs(np.diff(held))
         sigma = MAD_TO_SIGMA * median(steps) / math.sqrt(2.0) if steps.size else 0.0
-        scale = max(abs(baseline.initial or 0.0), abs(first))
-        margin = max((cfg.factor - 1.0) * abs(level), cfg.mad_k * sigma, cfg.min_rise * scale)
+        margin = max((cfg.factor - 1.0) * abs(level), cfg.mad_k * sigma, cfg.min_rise * baseline.scale)
         return level, level + margin if math.isfinite(margin) else math.inf
 
 
