@@ -45,14 +45,16 @@ class ReportAssembler:
         begin_step: Callable[[], bool],
         add_agent_time: Callable[[float], None],
         checksum_due: Callable[[], bool] | None = None,
+        update_due: Callable[[], bool] | None = None,
     ) -> None:
-        """`checksum_due()`: whether the step being captured takes the parameter checksum besides full steps."""
+        """`checksum_due()` / `update_due()`: whether the step being captured takes the parameter checksum /
+        measures the update besides full steps."""
         self._engine = engine
         self._optimizer = optimizer
         self._activations = activations
-        self._tap = (
-            None if optimizer is None else OptimizerTap(optimizer, engine, begin_step, add_agent_time, checksum_due)
-        )
+        self._tap: OptimizerTap | None = None
+        if optimizer is not None:
+            self._tap = OptimizerTap(optimizer, engine, begin_step, add_agent_time, checksum_due, update_due)
         self._scaler_tap = None
         if grad_scaler is not None and optimizer is not None:
             self._scaler_tap = ScalerTap(grad_scaler, optimizer, lambda: engine.layout.device, add_agent_time)
@@ -97,7 +99,7 @@ class ReportAssembler:
         grads = captured.grads if captured.grads is not None else engine.compute("grad", full)
         weights = captured.weights if captured.weights is not None else engine.compute("weight", full)
         rates = captured.rates if captured.rates is not None else learning_rates(self._optimizer, engine.layout.device)
-        updates = captured.updates if full and captured.updates is not None else None
+        updates = captured.updates  # full steps and the update cadence's (measured in the optimizer hooks)
         updates = updates if updates is not None and len(updates) == 2 * num_params else None
         histograms = None
         if full:  # gradients read here when the optimizer hook did not run

@@ -17,7 +17,8 @@ and the per-layer columns in schema order, float64:
     _zero_fraction            (elements − non-zero elements) / element count (sampled on the CPU for large
                               tensors, see stats.ZERO_SAMPLE_ELEMENTS)
     _min, _max                smallest and largest element of the layer's parameters
-    update_ratio              |Δw| / |w| of the optimizer step (full steps with an optimizer; see stats.py)
+    update_ratio              |Δw| / |w before the step| of the optimizer step (full steps and the update cadence's,
+                              with an optimizer; see stats.py, update_cadence.py)
     grad_log2_histogram       (layers × LOG2_BINS) gradient log2-magnitude counts (histogram.py)
 
 NaN and Inf propagate through every sum and max, so a layer is non-finite exactly when one of its
@@ -96,7 +97,7 @@ class LayerFold:
             if layout.updates:
                 update = self._sum(values[layout.update_column("update_squares")].astype(np.float64))
                 weight = self._sum(values[layout.update_column("weight_squares")].astype(np.float64))
-                with np.errstate(divide="ignore"):
+                with np.errstate(divide="ignore", invalid="ignore"):  # a layer at zero: no scale, no ratio
                     out["update_ratio"] = np.sqrt(update) / np.sqrt(weight)
         return Folded(sum_squares, global_share, out)
 

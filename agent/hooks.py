@@ -8,10 +8,11 @@ Contract
   the pre-hook (and a framework clips them there): then the gradient statistics are read in the post-hook,
   i.e. the gradients the update applied (optimizers do not change `.grad`).
 - The post-hook runs after the update and queues the weight statistics (full-statistics steps only; see
-  StatsEngine.compute). On full-statistics steps the
+  StatsEngine.compute). On full-statistics steps and on the update ratio's own cadence (update_cadence.py) the
   pre-hook also copies a fixed sample of every parameter (stats.StatsEngine.weight_sample) and the post-hook
-  measures the update against it (|Δw|, for the update ratio |Δw|/|w|) and takes the parameter checksum
-  (StatsEngine.checksum, compared across replicas by the server).
+  measures the update against it (|Δw|, for the update ratio |Δw|/|w|; a smaller sample between full steps,
+  stats.CADENCE_SAMPLE_ELEMENTS); on full steps and the checksum's cadence
+  it takes the parameter checksum (StatsEngine.checksum, compared across replicas by the server).
 - Both only queue device kernels and keep the 0-d result tensors; they never read `.grad` values on the host,
   never mutate what they observe, and send failures to errors.report. `remove()` takes both hooks off.
 - Several optimizer steps between two reports (or none) are fine: the latest capture wins, and monitor.step()
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from gradwatch.agent import dispatch, errors
-from gradwatch.agent.stats import StatsEngine
+from gradwatch.agent.stats import CADENCE_SAMPLE_ELEMENTS, UPDATE_SAMPLE_ELEMENTS, StatsEngine
 
 __all__ = ["Capture", "LearningRates", "OptimizerTap", "has_closure", "learning_rates"]
 
@@ -80,14 +81,17 @@ class OptimizerTap:
         begin_step: Callable[[], bool],
         add_agent_time: Callable[[float], None],
         checksum_due: Callable[[], bool] | None = None,
+        update_due: Callable[[], bool] | None = None,
     ) -> None:
         """`begin_step()` says whether the step being captured is a full-statistics step, `checksum_due()` whether
-        it takes the parameter checksum (its own cadence; full steps always do); the time spent in
+        it takes the parameter checksum and `update_due()` whether it measures the update (their own cadences; full
+        steps always do both); the time spent in
         the hooks is handed to `add_agent_time` (it counts as the agent's time on the training thread)."""
         self._optimizer = optimizer
         self._engine = engine
         self._begin_step = begin_step
         self._checksum_due = checksum_due
+        self._update_due = update_due
         self._add_agent_time = add_agent_time
         self._active = True
         self.steps = 0  # optimizer steps seen
@@ -98,6 +102,7 @@ class OptimizerTap:
         self._updates: list[torch.Tensor] | None = None
         self._histograms: torch.Tensor | None = None
         self._checksum: list[torch.Tensor] | None = None
+        self._sample_elements = UPDATE_SAMPLE_ELEMENTS  # of the weight sample the pre-hook took
         self._grads_after = False  # this step has a closure: gradients are read in the post-hook
         # The layout's parameters and their gradient norms, between this step's pre- and post-hook (the guard
         # judges the same norms instead of a second pass over the gradients: guard_norm.py).
@@ -141,7 +146,9 @@ class OptimizerTap:
                 self._grads = self._engine.compute("grad", full)
                 self._step_norms = (params, self._grads[: len(params)])
                 self._histograms = self._engine.grad_histograms() if full else None
-            self._before = self._engine.weight_sample() if full else None
+            measure = full or (self._update_due is not None and self._update_due())
+            self._sample_elements = UPDATE_SAMPLE_ELEMENTS if full else CADENCE_SAMPLE_ELEMENTS
+            self._before = self._engine.weight_sample(self._sample_elements) if measure else None
             self._rates = learning_rates(self._optimizer, self._engine.layout.device)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -159,8 +166,8 @@ class OptimizerTap:
             due = full or (self._checksum_due is not None and self._checksum_due())
             self._checksum = self._engine.checksum() if due else None
             before, self._before = self._before, None
-            if full and before is not None:
-                self._updates = self._engine.update_stats(before)
+            if before is not None:
+                self._updates = self._engine.update_stats(before, self._sample_elements)
 
 
 def has_closure(args: Any, kwargs: Any) -> bool:

@@ -25,7 +25,8 @@ Contract
   schema and the replica group (replica.py: which ranks must hold identical weights) are fixed at attach.
 - Cross-rank signals: an exact checksum of the parameters (stats.py), compared across replicas by the server,
   taken on its own cadence (checksum_cadence.py: within 50 steps or 30 s, whatever the budget) and on full
-  steps; every report carries the time to the step's first forward pass (timing.py).
+  steps. The update ratio |Δw|/|w| has a cadence of its own too (update_cadence.py: every step up to step 16,
+  then every 8 steps, and full steps); every report carries the time to the step's first forward pass (timing.py).
 - Gradient accumulation (`grad_accumulation=True`): a `step()` after which the optimizer has not stepped
   (nor the watched GradScaler) is a micro step: its loss joins the next report, which carries the mean loss
   and `micro_steps`; statistics go out once per optimizer step (after MAX_MICRO_STEPS calls without one, a
@@ -77,6 +78,7 @@ from gradwatch.agent.replica import replica_group
 from gradwatch.agent.schema import ROOT_LAYER_NAME, LayerSchema, build_layout, data_parallel_size
 from gradwatch.agent.stats import StatsEngine
 from gradwatch.agent.timing import ForwardClock
+from gradwatch.agent.update_cadence import update_due
 
 __all__ = ["AgentMonitor", "Monitor", "NoopMonitor", "attach"]
 
@@ -204,6 +206,7 @@ class AgentMonitor(Monitor):
         self._upcoming_full: bool | None = None  # decided at the first computation for the next step
         self._cadence = ChecksumCadence()
         self._upcoming_checksum = False  # decided with _upcoming_full
+        self._upcoming_update = False  # likewise
         self._closed = False
         self._inert = False
         self._micro_steps = 0  # step() calls in a row that only accumulated (grad_accumulation)
@@ -251,7 +254,7 @@ class AgentMonitor(Monitor):
         self._sample_losses: list[torch.Tensor] = []
         self._collectives.install(model)
         self._assembler = ReportAssembler(self._engine, optimizer, activations, grad_scaler, self._begin_step,
-                                          self._spent, self._checksum_due)  # fmt: skip
+                                          self._spent, self._checksum_due, self._update_due)  # fmt: skip
         tap = self._assembler.optimizer_tap
         if self._guard is not None and tap is not None:  # one gradient norm pass per step, not two
             self._guard.share_norms(tap.step_grad_norms)
@@ -500,12 +503,18 @@ class AgentMonitor(Monitor):
                 self._assembler.layout_changed()
             self._upcoming_full = self._is_full_step(self._step_count + 1)
             self._upcoming_checksum = self._upcoming_full or self._cadence.due(self._step_count + 1)
+            self._upcoming_update = self._upcoming_full or update_due(self._step_count + 1)
         return self._upcoming_full
 
     def _checksum_due(self) -> bool:
         """Whether step `step_count + 1` takes the parameter checksum (its own cadence, checksum_cadence.py)."""
         self._begin_step()
         return self._upcoming_checksum
+
+    def _update_due(self) -> bool:
+        """Whether step `step_count + 1` measures the update ratio (its own cadence, update_cadence.py)."""
+        self._begin_step()
+        return self._upcoming_update
 
     def _is_full_step(self, step: int) -> bool:
         token, steps, reason = self._command  # one read of a tuple the sender swaps whole: no lock needed

@@ -41,6 +41,10 @@ _NUM_FULL = len(PARAM_COLUMNS)
 #: Elements per parameter whose update |Δw| is measured exactly; larger tensors use a fixed block sample
 #: of about this many elements (the same elements every step; sampling.py), extrapolated by numel / sample.
 UPDATE_SAMPLE_ELEMENTS = 65536
+#: The same between full steps (the update ratio's own cadence, update_cadence.py): a ratio of sums of squares
+#: over a fixed sample of 4096 elements is within a few per cent of the whole tensor's, which is all a ratio
+#: judged against 0.3 or a tenfold jump needs, at a sixteenth of the memory traffic.
+CADENCE_SAMPLE_ELEMENTS = 4096
 #: On the CPU, non-zero and non-finite elements of larger tensors are counted on a fixed block sample of about
 #: this many elements (sampling.py), extrapolated by numel / sample: a pass over the whole tensor costs as much
 #: as its norm or more (count_nonzero, and the x - x copy the non-finite count needs), and a proportion is
@@ -130,40 +134,56 @@ class StatsEngine:
             rows.append(empty if t is None else log2_histogram(t, target))
         return torch.cat(rows)
 
-    def weight_sample(self) -> list[torch.Tensor | None]:
-        """Copies of each parameter's update sample (before an optimizer step; full steps only). A sample of a
-        large tensor is already a copy (sampling.py); a small tensor is cloned whole."""
+    def weight_sample(self, elements: int = UPDATE_SAMPLE_ELEMENTS) -> list[torch.Tensor | None]:
+        """Copies of each parameter's update sample of about `elements` elements (before an optimizer step). A
+        sample of a large tensor is already a copy (sampling.py); small tensors are copied whole, all in one
+        foreach kernel."""
         with torch.no_grad():
-            samples = [self._sample(p) for p in self._layout.params]
-            return [None if s is None else s[0].clone() if s[1] == 1.0 else s[0] for s in samples]
+            samples = [self._sample(p, elements) for p in self._layout.params]
+            whole = [s[0] for s in samples if s is not None and s[1] == 1.0]
+            copies = iter(torch._foreach_mul(whole, 1.0) if whole else ())
+            return [None if s is None else next(copies) if s[1] == 1.0 else s[0] for s in samples]
 
-    def update_stats(self, before: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """After the step: per parameter scale·|Δw|² over the sample, then scale·|w|², as 0-d float32
-        tensors (UPDATE_COLUMNS order), scale = elements / sampled elements. Exact for tensors up to
-        UPDATE_SAMPLE_ELEMENTS elements."""
+    def update_stats(
+        self, before: list[torch.Tensor | None], elements: int = UPDATE_SAMPLE_ELEMENTS
+    ) -> list[torch.Tensor]:
+        """After the step: per parameter scale·|Δw|² over the sample, then scale·|w|² of the weights before the
+        step (the scale the update is judged against: a parameter that starts at zero has none, and its first
+        ratio is not finite), as 0-d float32 tensors (UPDATE_COLUMNS order), scale = elements / sampled
+        elements. `elements`: the sample size `before` was taken with. Exact for tensors up to that many
+        elements. A few foreach kernels for all parameters (a difference, two norms, two squares), whatever their
+        number."""
         zero = self.zero()
         target = self._layout.device
-        updates: list[torch.Tensor] = []
-        weights: list[torch.Tensor] = []
+        updates: list[torch.Tensor] = [zero] * len(before)
+        weights: list[torch.Tensor] = [zero] * len(before)
         with torch.no_grad():
-            for p, old in zip(self._layout.params, before, strict=True):
-                sampled = self._sample(p)
+            slots, news, olds, scales = [], [], [], []
+            for index, (p, old) in enumerate(zip(self._layout.params, before, strict=True)):
+                sampled = self._sample(p, elements)
                 if old is None or sampled is None or sampled[0].shape != old.shape:
-                    updates.append(zero)
-                    weights.append(zero)
                     continue
-                new, scale = sampled
-                diff = new.to(_F32) - old.to(_F32)
-                updates.append((diff.square().sum() * scale).to(target, non_blocking=True))
-                weights.append((new.to(_F32).square().sum() * scale).to(target, non_blocking=True))
+                slots.append(index)
+                news.append(sampled[0].to(_F32))
+                olds.append(old.to(_F32))
+                scales.append(sampled[1])
+            if slots:
+                moved = torch._foreach_norm(torch._foreach_sub(news, olds))
+                held = torch._foreach_norm(olds)
+                moved, held = torch._foreach_mul(moved, moved), torch._foreach_mul(held, held)
+                for index, scale, update, weight in zip(slots, scales, moved, held, strict=True):
+                    if scale != 1.0:
+                        update, weight = update * scale, weight * scale
+                    updates[index] = update.to(target, non_blocking=True)
+                    weights[index] = weight.to(target, non_blocking=True)
         return updates + weights
 
-    def _sample(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, float] | None:
+    def _sample(self, p: torch.nn.Parameter, elements: int) -> tuple[torch.Tensor, float] | None:
         """The parameter's update sample and elements / sampled elements (1.0: the tensor itself, a view)."""
         t = local_tensor(p.detach()) if self._layout.has_dtensor else p.detach()
         if not t.is_floating_point() or t.numel() == 0 or t.is_sparse:
             return None
-        return block_sample(t, UPDATE_SAMPLE_ELEMENTS)
+        return block_sample(t, elements)
 
     def _group_stats(self, group: ParamGroup, source: Source, full: bool) -> list[list[torch.Tensor]]:
         """Each column for one (device, dtype) group, one 0-d tensor per parameter, in group order."""

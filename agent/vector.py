@@ -9,7 +9,7 @@ order) and C = 1 column on ordinary steps or len(PARAM_COLUMNS) = 7 on full-stat
     weight part: C × P       per-parameter weight columns, same order
     tail                     one value per tensor learning rate
     scaler (when watched)    found-inf sum (> 0: the loss scaler skipped the step), the scale used
-    updates (full steps)     UPDATE_COLUMNS × P, when the optimizer stepped with a weight sample taken
+    updates (full + cadence) UPDATE_COLUMNS × P, when the optimizer stepped with a weight sample taken
     checksum (full steps)    CHECKSUM_PIECES 16-bit pieces (exact in float32) of the int64 parameter checksum
     histograms (full steps)  P × LOG2_BINS gradient log2-magnitude counts (histogram.py)
 
@@ -29,8 +29,9 @@ __all__ = ["CHECKSUM_PIECES", "PARAM_COLUMNS", "UPDATE_COLUMNS", "VectorLayout"]
 #   norm: L2 norm; max_abs: max |x|; sum: sum of elements; non_finite: NaN/Inf count; nonzero: count of x != 0;
 #   min, max: smallest and largest element.
 PARAM_COLUMNS: tuple[str, ...] = ("norm", "max_abs", "sum", "non_finite", "nonzero", "min", "max")
-# Per-parameter update columns (full steps with an optimizer): |Δw|² and |w|² over the parameter's sample,
-# each times elements / sampled elements (schema-independent extrapolation to the whole tensor; see stats.py).
+# Per-parameter update columns (full steps and the update cadence's, with an optimizer): |Δw|² and |w|² (before
+# the step) over the parameter's sample, each times elements / sampled elements (schema-independent extrapolation
+# to the whole tensor; see stats.py).
 UPDATE_COLUMNS: tuple[str, ...] = ("update_squares", "weight_squares")
 # The 64-bit parameter checksum travels as this many 16-bit pieces, least significant first (stats.py).
 CHECKSUM_PIECES = 4

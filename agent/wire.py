@@ -131,6 +131,8 @@ def report_frame(seq: int, item: ReportItem, values: np.ndarray) -> tuple[pb.Age
         for name in ("update_ratio", "grad_log2_histogram"):
             if name in columns:
                 setattr(report.layers, name, _column_bytes(columns[name]))
+    elif "update_ratio" in columns:  # the update ratio's own cadence (update_cadence.py), between full steps
+        report.update_ratio = _column_bytes(columns["update_ratio"])
     return pb.AgentFrame(seq=seq, report=report), flags
 
 

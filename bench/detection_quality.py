@@ -21,7 +21,11 @@ faulty rank), and warning/critical alerts on healthy runs (a detector the server
 not counted). Targets (issue 16): recall ≥ 95 % per detector, false alerts on ≤ 1 % of healthy runs,
 localisation ≥ 95 %.
 
-    python bench/detection_quality.py --matrix 300 [--start 0] [--max-world 4]
+    python bench/detection_quality.py --matrix 300 [--start 0] [--max-world 4] [--record runs.jsonl]
+    python bench/detection_quality.py --report runs.jsonl [more.jsonl ...]   # the tables of recorded runs
+
+`--record` appends each run as it ends, so the matrix can run in chunks (on a shared machine) and be reported
+whole with `--report`.
 """
 
 from __future__ import annotations
@@ -54,15 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", type=int, default=0, help="run this many generated matrix runs instead")
     parser.add_argument("--start", type=int, default=0, help="first matrix seed (default 0)")
     parser.add_argument("--max-world", type=int, default=4, help="largest world size of matrix runs (default 4)")
+    parser.add_argument("--record", default=None, help="append each matrix run to this file as a JSON line")
+    parser.add_argument("--report", nargs="*", default=None, help="report matrix runs recorded with --record")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only or ()) - {s.name for s in SCENARIOS})
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(s.name for s in SCENARIOS)}")
     torch.set_num_threads(1)
+    if args.report:
+        from matrix_report import report_recorded
+
+        return report_recorded(args.report)
     if args.matrix:
         from matrix_report import report_matrix
 
-        return report_matrix(range(args.start, args.start + args.matrix), args.max_world)
+        return report_matrix(range(args.start, args.start + args.matrix), args.max_world, args.record)
     chosen: list[Scenario] = [s for s in SCENARIOS if args.only is None or s.name in args.only]
     results: dict[str, list[RunResult]] = {}
     started = time.perf_counter()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -10,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
-from gradwatch.scenarios.matrix import ALLOW, MatrixResult, draw, run_matrix
+from gradwatch.scenarios.matrix import ALLOW, MatrixResult, MatrixRun, draw, run_matrix
 
 
 def _median(values: list[float], unit: str = "") -> str:
@@ -19,8 +21,18 @@ def _median(values: list[float], unit: str = "") -> str:
     return f"{statistics.median(values):.3g}{unit} ({min(values):.3g}–{max(values):.3g})"
 
 
-def report_matrix(seeds: Iterable[int], max_world: int) -> int:
-    """Run every seed's matrix run and print Markdown tables; returns 0."""
+#: A bad batch "visible" in the loss: its loss at least this × the clean batch's at the same weights.
+VISIBLE = 1.5
+
+
+def _miss(r: MatrixResult) -> str:
+    effect = f" ({r.effect:.2f}× the clean loss)" if r.effect is not None else ""
+    return f"{r.run.seed}:{r.run.family}/{r.run.fault}/w{r.run.world_size}{effect}"
+
+
+def report_matrix(seeds: Iterable[int], max_world: int, record: str | None = None) -> int:
+    """Run every seed's matrix run and print Markdown tables; returns 0. With `record`, each run is also appended
+    to that file as one JSON line as soon as it ends (so a matrix run in chunks can be reported whole)."""
     results: list[MatrixResult] = []
     started = time.perf_counter()
     for seed in seeds:
@@ -29,7 +41,28 @@ def report_matrix(seeds: Iterable[int], max_world: int) -> int:
         results.append(result)
         caught = "healthy" if run.healthy else ("caught" if result.caught() else "MISSED")
         print(f"  seed {seed} {run.name} ({run.where}): {caught}, {result.seconds:.1f} s", file=sys.stderr)
-    elapsed = time.perf_counter() - started
+        if record:
+            with open(record, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(result)) + "\n")
+    print_report(results, time.perf_counter() - started)
+    return 0
+
+
+def report_recorded(paths: Iterable[str]) -> int:
+    """Print the tables for runs recorded by `report_matrix(record=...)` (the wall time: the runs' own, summed)."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                fields = json.loads(line)
+                fields["run"] = MatrixRun(**fields["run"])
+                results.append(MatrixResult(**fields))
+    print_report(results, sum(r.seconds for r in results))
+    return 0
+
+
+def print_report(results: list[MatrixResult], elapsed: float) -> None:
+    """The Markdown tables of the module docstring of bench/detection_quality.py."""
     healthy = [r for r in results if r.run.healthy]
     faulty = [r for r in results if not r.run.healthy]
     worlds = collections.Counter(r.run.world_size for r in results)
@@ -54,13 +87,20 @@ def report_matrix(seeds: Iterable[int], max_world: int) -> int:
             steps.append(float(alert["step"] - r.run.onset))
             if r.onset_wall is not None:
                 seconds.append(max(0.0, float(alert["started_at"]) - r.onset_wall))
-        missed = [r.run for r in runs if not r.caught()]
-        misses = ", ".join(f"{m.seed}:{m.family}/{m.fault}/w{m.world_size}" for m in missed)
+        misses = ", ".join(_miss(r) for r in runs if not r.caught())
         location = f"{sum(judged)}/{len(judged)}" if judged else "–"
         print(
             f"| {detector} | {len(runs)} | {len(hits)}/{len(runs)} ({len(hits) / len(runs):.0%}) | {location} | "
             f"{_median(steps)} | {_median(seconds)} | {misses or '–'} |"
         )
+    spiked = [r for r in faulty if r.effect is not None]
+    if spiked:
+        for label, chosen in (("≥ 1.5×", [r for r in spiked if r.effect >= VISIBLE]),
+                              ("< 1.5×", [r for r in spiked if r.effect < VISIBLE])):  # fmt: skip
+            hits = sum(r.caught() for r in chosen)
+            print(f"\nbad batches whose loss was {label} the clean batch's at the same weights: {hits}/{len(chosen)} "
+                  f"caught by loss_spike", end="")  # fmt: skip
+        print()
     loud = [(r, r.loud()) for r in healthy]
     noisy = [(r, alerts) for r, alerts in loud if alerts]
     warned = sum(1 for _, alerts in noisy)
@@ -76,4 +116,3 @@ def report_matrix(seeds: Iterable[int], max_world: int) -> int:
     print(f"\nfault runs with an unrelated critical alert: {len(stray)}/{len(faulty)}")
     for r, alerts in stray:
         print(f"- seed {r.run.seed} {r.run.name}: " + ", ".join(f"{a['detector']}@{a['step']}" for a in alerts))
-    return 0

@@ -88,15 +88,16 @@ YAML shape (every key optional; these are the defaults)::
                            min_norm: 1.0e-6, log_k: 3.0, start_fraction: 0.1}
       loss_divergence: {enabled: true, window: 200, min_reports: 30, factor: 3.0, mad_k: 10.0, min_rise: 0.2,
                         duration: 10, trend_window: 80, trend_factor: 2.0, resolve_after: 20}
-      loss_spike: {enabled: true, window: 200, min_reports: 30, factor: 4.0, mad_k: 12.0, min_rise: 0.25,
-                   resolve_after: 10}
+      loss_spike: {enabled: true, window: 200, min_reports: 30, level_window: 10, factor: 1.5, mad_k: 12.0,
+                   min_rise: 0.25, resolve_after: 10}
       loss_not_decreasing: {enabled: true, window: 200, smooth: 100, start_reports: 10, min_improvement: 0.05,
                             settled: 0.7, consecutive: 10, resolve_after: 10}
       vanishing_gradient: {enabled: true, depth_ratio: 0.001, min_relative_grad: 1.0e-7, min_layers: 4,
                            min_reports: 1, consecutive: 3, resolve_after: 3, solved_fraction: 0.01,
                            start_losses: 10}
-      update_ratio: {enabled: true, high: 0.3, low: 1.0e-8, window: 5, min_reports: 5, resolve_after: 3,
-                     solved_fraction: 0.01, start_losses: 10}
+      update_ratio: {enabled: true, high: 0.3, low: 1.0e-8, window: 5, first_reports: 3, min_reports: 5,
+                     zero_start_reports: 16, jump_factor: 10.0, jump_floor: 0.05, jump_reports: 2,
+                     baseline_reports: 4, resolve_after: 3, solved_fraction: 0.01, start_losses: 10}
       frozen_parameters: {enabled: true, reports: 5, ignore: []}
       dead_relu: {enabled: true, dead_fraction: 0.5, min_rise: 0.3, all_dead_fraction: 0.9, window: 10,
                   clear_fraction: 0.4, consecutive: 3, min_reports: 3, resolve_after: 5,

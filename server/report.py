@@ -143,6 +143,9 @@ class RankReport:
     #: Autopsy: the batch's ids and its top samples by loss as (id, loss, index), highest first.
     batch_ids: tuple[str, ...] = _NO_NAMES
     top_samples: tuple[tuple[str, float, int], ...] = ()
+    #: Per-layer |Δw| / |w| of this step's update, on every report that measured it: full steps
+    #: (columns["update_ratio"]) and the agent's own update cadence between them (StepReport.update_ratio).
+    update_ratio: np.ndarray | None = None
 
     def held_layers(self, n: int) -> np.ndarray:
         """Boolean mask of the `n` layers this rank holds elements of (all True when the agent did not say): an
@@ -228,7 +231,13 @@ def build_report(
         guard_rolled_back_to=msg.guard_rolled_back_to if msg.HasField("guard_rolled_back_to") else None,
         batch_ids=tuple(msg.batch_ids) if msg.batch_ids else _NO_NAMES,
         top_samples=tuple((s.id, s.loss, s.index) for s in msg.top_samples) if msg.top_samples else (),
+        update_ratio=columns.get("update_ratio", _ratio_column(msg)),
     )
+
+
+def _ratio_column(msg: pb.StepReport) -> np.ndarray | None:
+    """StepReport.update_ratio (between full steps) as a float32 view, None when absent."""
+    return np.frombuffer(msg.update_ratio, dtype=LAYER_DTYPE) if msg.update_ratio else None
 
 
 def _decode_model_io(msg: pb.StepReport, modules: ModuleSchema | None) -> dict[str, Any]:

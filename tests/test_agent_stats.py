@@ -470,16 +470,16 @@ def test_agent_min_max_and_update_ratio_match_reference(server: ScriptableServer
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
-        before = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in linears]
+        before = _layer_values(linears)
         grads = [torch.cat([p.grad.reshape(-1).double() for p in m.parameters()]) for m in linears]
         opt.step()
-        after = [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in linears]
+        after = _layer_values(linears)
         expected.append({
             "grad_min": [float(g.min()) for g in grads],
             "grad_max": [float(g.max()) for g in grads],
             "weight_min": [float(w.min()) for w in after],
             "weight_max": [float(w.max()) for w in after],
-            "update_ratio": [float((a - b).norm() / a.norm()) for a, b in zip(after, before, strict=True)],
+            "update_ratio": [float((a - b).norm() / b.norm()) for a, b in zip(after, before, strict=True)],
         })  # fmt: skip
         monitor.step(loss)
     assert monitor.close(timeout=5)
@@ -489,6 +489,43 @@ def test_agent_min_max_and_update_ratio_match_reference(server: ScriptableServer
         ratio = _column(report.layers, "update_ratio")
         np.testing.assert_allclose(ratio[[0, 2]], np.array(ref["update_ratio"])[[0, 2]], rtol=1e-4)  # exact
         assert ratio[1] == pytest.approx(ref["update_ratio"][1], rel=0.05)  # sampled
+
+
+def test_update_ratio_travels_on_its_own_cadence_between_full_steps(server: ScriptableServer) -> None:
+    """Every step up to WARM_STEPS, then every EVERY_STEPS steps, whatever the full-statistics interval: between
+    full steps in StepReport.update_ratio, on full steps in the layer columns; the same values either way."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    monitor = attach(model, opt, server=server.address, run="ratio-cadence", full_stats_interval=10)
+    expected = {}
+    for step in range(1, 41):
+        x, y = batch(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        before = _layer_values([model[0], model[2]])
+        opt.step()
+        after = _layer_values([model[0], model[2]])
+        expected[step] = [float((a - b).norm() / b.norm()) for a, b in zip(after, before, strict=True)]
+        monitor.step(loss)
+    assert monitor.close(timeout=5)
+    carried = {}
+    for report in server.servicer.reports():
+        column = _column(report.layers, "update_ratio") if report.HasField("layers") else None
+        if report.update_ratio:
+            assert column is None or column.size == 0
+            column = np.frombuffer(report.update_ratio, "<f4")
+        if column is not None and column.size:
+            carried[report.step] = column
+    assert sorted(carried) == [*range(1, 17), 20, 24, 30, 32, 40]
+    for step, column in carried.items():
+        np.testing.assert_allclose(column, expected[step], rtol=1e-4, err_msg=f"step {step}")
+
+
+def _layer_values(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Each module's parameters as one float64 vector (a layer's values, for reference update ratios)."""
+    return [torch.cat([p.detach().reshape(-1).double() for p in m.parameters()]) for m in modules]
 
 
 def _host_log2_histogram(values: np.ndarray) -> np.ndarray:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradwatch.server.config import load_config
 from gradwatch.server.detectors import Clear, Fire, Verdict, inhibitions
@@ -136,6 +138,18 @@ def test_loss_divergence_warm_up_and_non_finite_losses_are_not_judged() -> None:
     assert feed_losses(det, [math.nan, math.inf] * 20, start=31) == []
 
 
+def test_loss_divergence_judges_a_run_that_converged_within_its_warm_up_at_the_tasks_scale() -> None:
+    """A classifier at 2e-4 by its 12th loss: the median of its first 30 is tiny, but its first loss (1.3) says
+    what the task's losses are. A bad batch's SGD kick that leaves it at 1e-2 for a long stretch (50× its
+    baseline, still 99 % solved) does not page; a loss back at 1.0 does."""
+    rng = np.random.default_rng(2)
+    warm = np.concatenate([1.3 * 0.45 ** np.arange(12), 2e-4 * rng.lognormal(0.0, 0.3, 60)])
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    assert feed_losses(det, np.concatenate([warm, 1e-2 * rng.lognormal(0.0, 0.2, 60)])) == []
+    det = LossDivergenceDetector(LossDivergenceConfig())
+    assert fires(feed_losses(det, np.concatenate([warm, np.full(20, 1.0)])))
+
+
 def test_loss_divergence_handles_negative_losses() -> None:
     # Negative log-likelihoods: the relative margin uses |median|.
     rng = np.random.default_rng(0)
@@ -170,6 +184,34 @@ def test_loss_spike_needs_a_rise_that_matters_at_the_runs_scale() -> None:
     curve = np.concatenate([np.linspace(2.0, 0.01, 100), np.full(200, 0.01)])
     assert feed_losses(det, np.concatenate([curve, [0.05]])) == []
     assert fires(feed_losses(det, [1.5], start=302)) == [302]
+
+
+@settings(max_examples=40, deadline=None)
+@given(start=st.floats(0.5, 5.0), floor=st.floats(1e-3, 0.3), steps=st.integers(35, 120), noise=st.floats(0.0, 0.1),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_loss_spike_judges_against_the_current_level_of_a_falling_loss(
+    start: float, floor: float, steps: int, noise: float, seed: int
+) -> None:
+    """A loss falling fast while the baseline forms (start → floor·start over `steps`): a window median and MAD
+    measure the descent, not the noise, and once hid a bad batch at 300× the current loss. Against the current
+    level and a sigma from consecutive differences, the descent itself never fires and a batch at 4× the
+    current level (and half the starting loss above it) always does."""
+    rng = np.random.default_rng(seed)
+    curve = start * floor ** (np.arange(steps) / (steps - 1)) * rng.lognormal(0.0, noise, steps)
+    det = LossSpikeDetector(LossSpikeConfig())
+    assert feed_losses(det, curve) == []
+    bad = max(4.0 * float(np.median(curve[-10:])), float(np.median(curve[-10:])) + 0.5 * start)
+    assert fires(feed_losses(det, [bad], start=steps + 1)) == [steps + 1]
+
+
+def test_loss_spike_measures_a_rise_against_the_tasks_scale_when_the_run_converged_at_once() -> None:
+    """A classifier that fell from 1.9 to 2e-4 within its first 30 losses: the median of those is tiny, but a
+    hard batch at 30× its level (6e-3) is nothing at the task's scale (its first loss); a batch at 1.0 is."""
+    rng = np.random.default_rng(5)
+    curve = np.concatenate([1.9 * 0.3 ** np.arange(8), 2e-4 * rng.lognormal(0.0, 0.4, 120)])
+    det = LossSpikeDetector(LossSpikeConfig())
+    assert feed_losses(det, np.concatenate([curve, [6e-3]])) == []
+    assert fires(feed_losses(det, [1.0], start=curve.size + 2)) == [curve.size + 2]
 
 
 def test_loss_spike_ranks_have_separate_baselines() -> None:
@@ -264,7 +306,7 @@ def ratio_report(step: int, ratios: Iterable[float] | float) -> RankReport:
 
 
 def test_update_ratio_fires_on_the_worst_layer_and_resolves() -> None:
-    cfg = UpdateRatioConfig(resolve_after=2)
+    cfg = UpdateRatioConfig(resolve_after=2, jump_factor=1e9)  # the absolute rule alone (the jump rule: below)
     det = UpdateRatioDetector(cfg)
     healthy = np.full(len(LAYERS), 1e-3)
     hot = healthy.copy()
@@ -294,6 +336,55 @@ def test_update_ratio_one_hot_report_is_not_persistent_and_nan_layers_are_skippe
     with_nan = np.full(len(LAYERS), 1e-3)
     with_nan[0] = np.nan
     assert [det.observe(ratio_report(10 * i, with_nan)) for i in range(20, 30)] == [None] * 10
+
+
+@pytest.mark.parametrize("reports", [1, 2])
+def test_update_ratio_jump_rule_names_the_layer_whose_ratio_jumped(reports: int) -> None:
+    det = UpdateRatioDetector(UpdateRatioConfig(jump_reports=reports))
+    healthy = np.full(len(LAYERS), 2e-3)
+    assert [det.observe(ratio_report(i, healthy)) for i in range(1, 13)] == [None] * 12
+    jumped = healthy.copy()
+    jumped[3] = 0.12  # 60× its level, under `high`
+    out = [det.observe(ratio_report(13 + i, jumped)) for i in range(reports)]
+    assert out[:-1] == [None] * (reports - 1) and isinstance(out[-1], Fire), out
+    assert out[-1].layer == "net.3" and "jumped" in out[-1].summary and "60×" in out[-1].summary
+
+
+def test_update_ratio_jump_needs_the_floor_where_it_starts_and_the_factor_where_it_lasts() -> None:
+    """A normalised model's jump decays fast: under the floor by the next report, still 15× the level."""
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    healthy = np.full(len(LAYERS), 2e-3)
+    for i in range(1, 13):
+        det.observe(ratio_report(i, healthy))
+    assert det.observe(ratio_report(13, 0.12)) is None
+    assert isinstance(det.observe(ratio_report(14, 0.03)), Fire)
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    for i in range(1, 13):
+        det.observe(ratio_report(i, healthy))
+    assert [det.observe(ratio_report(13 + i, 0.04)) for i in range(4)] == [None] * 4  # never over the floor
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    start=st.floats(1e-5, 1e-2),
+    growth=st.floats(0.5, 1.25),
+    linear=st.booleans(),
+    reports=st.integers(20, 60),
+    lone=st.integers(10, 19),
+)
+def test_update_ratio_jump_rule_stays_quiet_on_schedules_and_small_ratios(
+    start: float, growth: float, linear: bool, reports: int, lone: int
+) -> None:
+    """A schedule (a linear warm-up from zero; a rate moving at most 25 % between two reports, i.e. over 8
+    steps: exponential warm-ups and decays) and rises of 10× or more that stay under the floor are not jumps."""
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    ramp = [start * i for i in range(reports)] if linear else [start * growth**i for i in range(reports)]
+    values = [min(v, 0.25) for v in ramp]
+    values[lone] = min(values[lone - 1] * 50.0, 0.05)
+    values += [min(values[-1] * 10.0, 0.04)] * 4
+    out = [det.observe(ratio_report(i, v)) for i, v in enumerate(values, 1)]
+    fired = [v for v in out if isinstance(v, Fire)]
+    assert all("jumped" not in v.summary for v in fired), fired
 
 
 # ------------------------------------------------------------------ frozen_parameters

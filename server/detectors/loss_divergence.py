@@ -9,8 +9,10 @@ What separates divergence from a loss spike is persistence, so this detector nev
 * **level**: the median of the last `duration` losses exceeds the baseline median by the largest of
   (factor − 1) × |median|, mad_k × 1.4826 × MAD and min_rise × the starting loss level. The baseline is
   the rank's recent losses (`window`), admitting only those that were not abnormal, so an excursion
-  never becomes "normal"; the starting level (median of the first `min_reports` losses) keeps a converged
-  run, whose loss is tiny and whose relative noise is large, from paging on harmless wiggles.
+  never becomes "normal"; the starting level (the larger of the first loss and the median of the first
+  `min_reports` losses: a run that converges within its warm-up has a tiny median there, its first loss
+  says what the task's losses are) keeps a converged run, whose loss is tiny and whose relative noise is
+  large, from paging on harmless wiggles.
 * **trend**: over the last `trend_window` losses, the medians of four consecutive blocks rise block
   after block and the last is at least `trend_factor` × the first, and above the baseline threshold's
   min_rise margin: a steady climb, caught before it reaches the level rule.
@@ -109,7 +111,7 @@ class LossDivergenceDetector:
             return Clear(step=report.step) if kind == CLEAR else None
         median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
         level = median_of(recent[-cfg.duration :]) if recent.size >= cfg.duration else -math.inf
-        growth = self._trend(recent, median, state.baseline.initial or 0.0)
+        growth = self._trend(recent, median, state.baseline.scale)
         kind = self._latch.judge(report.rank, level > threshold or growth is not None or runaway is not None)
         if kind == FIRE:
             if runaway is not None and state.first is not None and not level > threshold and growth is None:

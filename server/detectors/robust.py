@@ -73,20 +73,31 @@ def median_sigma(values: np.ndarray) -> tuple[float, float]:
 class LossBaseline:
     """A rank's starting loss level and its recent, admitted losses (see module docstring)."""
 
-    __slots__ = ("_first", "initial", "window")
+    __slots__ = ("_first", "first", "initial", "window")
 
     def __init__(self, window: int, warmup: int) -> None:
         self.window = FloatRing(window)
         self._first = FloatRing(warmup)
         #: Median of the first `warmup` finite losses; None until they have been seen.
         self.initial: float | None = None
+        #: The first finite loss (taken before any update).
+        self.first: float | None = None
 
     @property
     def ready(self) -> bool:
         return self.initial is not None
 
+    @property
+    def scale(self) -> float:
+        """The task's loss scale a change must matter at: the larger of |initial| and |first|. A run that
+        converges within its warm-up has a tiny median of its first losses (a classifier at 2e-4 by step 12 of
+        30); its first loss, before any update, still says what the task's losses are (1.9)."""
+        return max(abs(self.initial or 0.0), abs(self.first or 0.0))
+
     def warm(self, loss: float) -> bool:
         """Feed a loss during warm-up; returns True once the baseline is ready (this loss included)."""
+        if self.first is None:
+            self.first = loss
         if self.initial is None:
             self._first.append(loss)
             self.window.append(loss)
@@ -98,11 +109,10 @@ class LossBaseline:
         """(median of the window, the level a loss must exceed to be abnormal).
 
         The margin above the median is the largest of (factor − 1) × |median| (relative), mad_k × sigma
-        (the run's own noise) and min_rise × |initial| (a change that matters at the run's scale).
+        (the run's own noise) and min_rise × `scale` (a change that matters at the task's scale).
         """
         centre, sigma = median_sigma(self.window.unordered())
-        scale = abs(self.initial) if self.initial is not None else 0.0
-        margin = max((factor - 1.0) * abs(centre), mad_k * sigma, min_rise * scale)
+        margin = max((factor - 1.0) * abs(centre), mad_k * sigma, min_rise * self.scale)
         return centre, centre + margin if math.isfinite(margin) else math.inf
 
 

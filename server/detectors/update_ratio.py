@@ -10,20 +10,43 @@ one step, far past the point of damage, so the upper bound here is `high` = 0.3 
 and transformers with SGD or Adam measure 1e-4 to 6e-2 as a per-layer median, single reports up to
 0.11 on batches of four). The lower bound keeps SageMaker's 1e-8.
 
-Judged on full-statistics reports, per layer, vectorised: the median of each layer's last `window`
-ratios (one report never decides). A layer fires when that median is above `high` or positive and below
-`low`; exactly zero (a layer that does not change) belongs to frozen_parameters. The low rule stands down
-once the loss is below `solved_fraction` × its starting level (median of the first `start_losses`
-losses): a solved task has tiny gradients and so tiny updates. Layers with a
-non-finite ratio (zero weights) are left out. The first `min_reports` full reports only fill the window
-(Adam's first steps move every weight by about the learning rate). Resolves after `resolve_after` full
-reports in a row with every layer in range.
+Judged per layer, vectorised, on every report that carries the ratio: full-statistics reports and the
+agent's own update cadence between them (every step at the start of a run, then every few steps;
+agent/update_cadence.py), against the weights before the step. A layer fires when the median of its last
+`window` ratios (one report never decides) is above `high` or positive and below `low`; exactly zero (a
+layer that does not change) belongs to frozen_parameters.
+
+The scale is absolute, so the high rule needs no baseline and judges from the `first_reports`-th report
+on: a learning rate that rewrites the layers from the first steps (Adam at 0.3 moves every weight by 0.3
+on its first step, several times the weights of a default-initialised layer) is often over within a few
+steps, once the weights have grown (normalised layers absorb it), so waiting for a baseline or for the
+full-statistics cadence missed it. Adam's healthy first steps move every weight by about the learning
+rate (1e-3: ratios near 1e-2). A layer that starts at zero (its first ratio not finite: no scale) is left
+out of the high rule for its first `zero_start_reports` reports, since its first updates are all of its
+weights by construction. The low rule judges after `min_reports` reports and stands down once the loss
+is below `solved_fraction` × its starting level (median of the first `start_losses` losses): a solved
+task has tiny gradients and so tiny updates. Layers with a non-finite ratio are left out. Resolves after
+`resolve_after` reports in a row with every layer in range.
+
+A learning rate raised mid-run (a schedule or a hand-edited config gone wrong) often stays under `high`: the
+weights of normalised layers grow until the ratio falls back within a few steps. So a **jump rule** compares
+each layer with its own level (median of its last `baseline_reports` admitted ratios, judged once half of
+them are in): a ratio above `jump_floor` and at least `jump_factor` × that level, followed by reports still
+at least `jump_factor` × the level (`jump_reports` in a row), fires. Schedules move the rate gradually (a
+warm-up doubles it at most between two reports) or down; an order of magnitude between two reports, to a
+ratio above the healthy range's upper end, that lasts, is not training as planned, while one outsized update
+(a bad batch) does not last. The floor applies to the first report only: with the agent measuring every 8
+steps, a normalised model's jump has often decayed under it by the next report while still far above the
+layer's level (three of six learning-rate jumps of the matrix's tuning seeds were missed when every report
+had to clear the floor). The level is recent (4 reports): Adam's ratios fall tenfold over a run's first 50
+steps, and the agent's dense first reports kept a longer window's median far above the layer's ratio before
+the jump. Ratios over the jump threshold never enter the level.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,9 +63,26 @@ __all__ = ["SPEC", "UpdateRatioConfig", "UpdateRatioDetector"]
 class UpdateRatioConfig(DetectorConfig):
     high: float = setting(0.3, doc="Fire when a layer's median update ratio is above this.", gt=0.0)
     low: float = setting(1e-8, doc="Fire when a layer's median update ratio is positive and below this.", ge=0.0)
-    window: int = setting(5, doc="Full-statistics reports whose per-layer median is judged.", ge=1)
-    min_reports: int = setting(5, doc="Full reports that only fill the window (warm-up).", ge=0)
-    resolve_after: int = setting(3, doc="Full reports in a row with all layers in range before a rank clears.", ge=1)
+    window: int = setting(5, doc="Recent reports carrying the ratio whose per-layer median is judged.", ge=1)
+    first_reports: int = setting(
+        3, doc="The high rule judges from this report on (absolute scale: no baseline needed).", ge=1
+    )
+    min_reports: int = setting(5, doc="Reports that only fill the window before the low rule judges.", ge=0)
+    zero_start_reports: int = setting(
+        16, doc="A layer that started at zero is left out of the high rule for this many reports.", ge=0
+    )
+    jump_factor: float = setting(
+        10.0, doc="Jump rule: a layer's ratio at least this × its own recent level (median of baseline_reports) ...",
+        gt=1.0,
+    )
+    jump_floor: float = setting(0.05, doc="... and above this, on jump_reports reports in a row.", ge=0.0)
+    jump_reports: int = setting(
+        2, doc="Reports in a row a jump must last (the floor applies to its first, the factor to all).", ge=1
+    )
+    baseline_reports: int = setting(
+        4, doc="A layer's recent admitted ratios forming its level (judged once half of them are in).", ge=2
+    )
+    resolve_after: int = setting(3, doc="Reports in a row with all layers in range before a rank clears.", ge=1)
     solved_fraction: float = setting(
         0.01, doc="The low rule stands down while the loss is below this fraction of its start.", ge=0.0, lt=1.0
     )
@@ -60,6 +100,13 @@ class _RankState:
     ratios: np.ndarray  # (window, layers), NaN where unknown
     start: LossStart
     seen: int = 0
+    #: Layers whose first ratio was not finite (weights all zero before their first update).
+    zero_start: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: (baseline_reports, layers) ring of each layer's admitted ratios (NaN: a jumping or unknown one).
+    level: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    admitted: int = 0
+    #: Per layer: reports in a row over the jump threshold.
+    streak: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class UpdateRatioDetector:
@@ -76,29 +123,69 @@ class UpdateRatioDetector:
         cfg = self._config
         state = self._ranks[report.rank]
         state.start.feed(report.loss)
-        ratio = report.columns.get("update_ratio")
+        ratio = report.update_ratio
         if ratio is None or report.skipped:
             return None
-        if state.ratios.shape[1] != ratio.size:
+        if state.ratios.shape[1] != ratio.size:  # a new schema (a restarted agent): everything starts again
             state.ratios = np.full((cfg.window, ratio.size), np.nan)
-            state.seen = 0
+            state.level = np.full((cfg.baseline_reports, ratio.size), np.nan)
+            state.streak = np.zeros(ratio.size, dtype=np.int64)
+            state.seen = state.admitted = 0
+        if state.seen == 0:
+            state.zero_start = ~np.isfinite(ratio)
         state.ratios[state.seen % cfg.window] = ratio
         state.seen += 1
-        if state.seen <= cfg.min_reports:
+        jumped, level = self._jump(state, ratio)
+        judge_high, judge_low = state.seen >= cfg.first_reports, state.seen > cfg.min_reports
+        if not (judge_high or judge_low or jumped.any()):
             return None
         with np.errstate(all="ignore"):
             held = np.where(np.isfinite(state.ratios), state.ratios, np.nan)
             known = np.sum(np.isfinite(held), axis=0) > 0
             median = np.full(ratio.size, np.nan)
             median[known] = nanmedian_columns(held[:, known])
-            too_high = known & (median > cfg.high)
-            too_low = known & (median > 0.0) & (median < cfg.low)
+            too_high = known & (median > cfg.high) & judge_high
+            too_low = known & (median > 0.0) & (median < cfg.low) & judge_low
+        if state.seen <= cfg.zero_start_reports:
+            too_high &= ~state.zero_start
         if state.start.solved(report.loss, cfg.solved_fraction):
             too_low[:] = False
-        kind = self._latch.judge(report.rank, bool(too_high.any() or too_low.any()))
+        kind = self._latch.judge(report.rank, bool(too_high.any() or too_low.any() or jumped.any()))
         if kind == FIRE:
+            if not (too_high.any() or too_low.any()):
+                return self._fire_jump(report, ratio, level, jumped)
             return self._fire(report, median, too_high, too_low)
         return Clear(step=report.step) if kind == CLEAR else None
+
+    def _jump(self, state: _RankState, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(layers whose ratio jumped jump_factor× above their own level for jump_reports reports in a row, the
+        levels); a layer's ratio enters its level unless it is over the jump threshold."""
+        cfg = self._config
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(ratio)
+            if state.admitted >= cfg.baseline_reports // 2:
+                level = nanmedian_columns(state.level)
+                over = finite & (level > 0.0) & (ratio >= cfg.jump_factor * level)
+                over &= (state.streak > 0) | (ratio > cfg.jump_floor)  # the floor: where a jump starts
+            else:
+                level, over = np.full(ratio.size, np.nan), np.zeros(ratio.size, dtype=bool)
+        state.streak = np.where(over, state.streak + 1, 0)
+        state.level[state.admitted % cfg.baseline_reports] = np.where(over | ~finite, np.nan, ratio)
+        state.admitted += 1
+        return state.streak >= cfg.jump_reports, level
+
+    def _fire_jump(self, report: RankReport, ratio: np.ndarray, level: np.ndarray, jumped: np.ndarray) -> Fire:
+        with np.errstate(all="ignore"):
+            worst = int(np.argmax(np.where(jumped, ratio / level, -np.inf)))
+        name = report.layer_names[worst] if worst < len(report.layer_names) else None
+        value, before = float(ratio[worst]), float(level[worst])
+        summary = (
+            f"update/weight ratio of layer {name!r} on rank {report.rank} at step {report.step} jumped to "
+            f"{value:.2e}, {value / before:.0f}× its own recent level {before:.2e} for {int(jumped.sum())} layer(s), "
+            f"{self._config.jump_reports} reports in a row: a learning rate raised far too high for it (or a "
+            f"gradient scale that changed)"
+        )
+        return Fire(step=report.step, value=value, summary=summary, layer=name)
 
     def _fire(self, report: RankReport, median: np.ndarray, too_high: np.ndarray, too_low: np.ndarray) -> Fire:
         cfg = self._config
@@ -112,10 +199,11 @@ class UpdateRatioDetector:
         direction = "above" if too_high[worst] else "below"
         bound = cfg.high if too_high[worst] else cfg.low
         count = int(np.count_nonzero(too_high | too_low))
+        held = min(self._ranks[report.rank].seen, cfg.window)
         hint = "learning rate too high for it" if too_high[worst] else "learning rate too low for it"
         summary = (
             f"update/weight ratio of layer {name!r} on rank {report.rank} at step {report.step} is {value:.2e} "
-            f"(median of {cfg.window} reports), {direction} {bound:.0e}: {hint}; {count} layer(s) out of range"
+            f"(median of its last {held} reports), {direction} {bound:.0e}: {hint}; {count} layer(s) out of range"
         )
         return Fire(step=report.step, value=value, summary=summary, layer=name)
 

@@ -30,8 +30,9 @@ def test_every_drawn_run_has_a_consistent_ground_truth(seed: int, max_world: int
 
 
 # World size 1 (no spawn): a NaN in the input, a NaN out of a module's forward, a layer left out of the
-# optimizer, and a healthy run.
-@pytest.mark.parametrize("seed", [8, 15, 20, 1])
+# optimizer, a healthy run, a learning-rate jump (update_ratio), a loss scaled before backward
+# (exploding_gradient) and a bad batch (loss_spike).
+@pytest.mark.parametrize("seed", [8, 15, 20, 1, 2, 12, 10])
 def test_fixed_seed_runs_are_caught_and_located_or_quiet(seed: int) -> None:
     run = draw(seed)
     assert run.world_size == 1

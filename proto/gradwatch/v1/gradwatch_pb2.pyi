@@ -137,7 +137,7 @@ class LayerSchema(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., module_types: _Optional[_Iterable[str]] = ..., param_counts: _Optional[_Iterable[int]] = ..., local_param_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s", "guard_skip_reasons", "guard_rolled_back_to", "batch_ids", "top_samples", "collectives", "between_collectives_s")
+    __slots__ = ("step", "wall_time", "step_duration_s", "loss", "has_loss", "learning_rates", "grad_sum_squares", "non_finite", "first_non_finite_layer", "optimizer_step", "agent_time_s", "layers", "skipped_step", "loss_scale", "micro_steps", "grad_global_share", "first_non_finite_module", "activations", "output_spread", "input_mean", "input_std", "label_histogram", "full_stats_interval", "over_budget", "output_rms", "param_checksum", "pre_forward_s", "update_ratio", "guard_skip_reasons", "guard_rolled_back_to", "batch_ids", "top_samples", "collectives", "between_collectives_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_FIELD_NUMBER: _ClassVar[int]
     STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class StepReport(_message.Message):
     OUTPUT_RMS_FIELD_NUMBER: _ClassVar[int]
     PARAM_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PRE_FORWARD_S_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_RATIO_FIELD_NUMBER: _ClassVar[int]
     GUARD_SKIP_REASONS_FIELD_NUMBER: _ClassVar[int]
     GUARD_ROLLED_BACK_TO_FIELD_NUMBER: _ClassVar[int]
     BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -198,13 +199,14 @@ class StepReport(_message.Message):
     output_rms: float
     param_checksum: int
     pre_forward_s: float
+    update_ratio: bytes
     guard_skip_reasons: int
     guard_rolled_back_to: int
     batch_ids: _containers.RepeatedScalarFieldContainer[str]
     top_samples: _containers.RepeatedCompositeFieldContainer[SampleLoss]
     collectives: CollectiveProgress
     between_collectives_s: float
-    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ..., param_checksum: _Optional[int] = ..., pre_forward_s: _Optional[float] = ..., guard_skip_reasons: _Optional[int] = ..., guard_rolled_back_to: _Optional[int] = ..., batch_ids: _Optional[_Iterable[str]] = ..., top_samples: _Optional[_Iterable[_Union[SampleLoss, _Mapping]]] = ..., collectives: _Optional[_Union[CollectiveProgress, _Mapping]] = ..., between_collectives_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., wall_time: _Optional[float] = ..., step_duration_s: _Optional[float] = ..., loss: _Optional[float] = ..., has_loss: bool = ..., learning_rates: _Optional[_Iterable[float]] = ..., grad_sum_squares: _Optional[float] = ..., non_finite: _Optional[int] = ..., first_non_finite_layer: _Optional[int] = ..., optimizer_step: _Optional[int] = ..., agent_time_s: _Optional[float] = ..., layers: _Optional[_Union[LayerStats, _Mapping]] = ..., skipped_step: bool = ..., loss_scale: _Optional[float] = ..., micro_steps: _Optional[int] = ..., grad_global_share: _Optional[float] = ..., first_non_finite_module: _Optional[int] = ..., activations: _Optional[_Union[ActivationStats, _Mapping]] = ..., output_spread: _Optional[float] = ..., input_mean: _Optional[bytes] = ..., input_std: _Optional[bytes] = ..., label_histogram: _Optional[bytes] = ..., full_stats_interval: _Optional[int] = ..., over_budget: bool = ..., output_rms: _Optional[float] = ..., param_checksum: _Optional[int] = ..., pre_forward_s: _Optional[float] = ..., update_ratio: _Optional[bytes] = ..., guard_skip_reasons: _Optional[int] = ..., guard_rolled_back_to: _Optional[int] = ..., batch_ids: _Optional[_Iterable[str]] = ..., top_samples: _Optional[_Iterable[_Union[SampleLoss, _Mapping]]] = ..., collectives: _Optional[_Union[CollectiveProgress, _Mapping]] = ..., between_collectives_s: _Optional[float] = ...) -> None: ...
 
 class SampleLoss(_message.Message):
     __slots__ = ("id", "loss", "index")

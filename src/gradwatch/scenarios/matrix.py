@@ -4,8 +4,15 @@ Beside the fixed catalogue, `draw(seed)` picks, deterministically from the seed:
 GRU/LSTM, transformer; with or without normalisation and residual connections where the family allows), an
 optimizer and learning-rate schedule, a batch size, a world size (1–4; above 1 the run is real DDP over
 torch.multiprocessing spawn + gloo on the CPU), a fault kind, its onset and where in the step it is injected
-(the data, a module's forward output, the optimizer, or the weights after the optimizer step). About a third of
-the runs are healthy. `MatrixRun.expect` / `rank` / `layer` are the ground truth: the detector the fault must
+(the data, a module's forward output, the optimizer, the backward pass, or the weights after the optimizer step).
+About a third of the runs are healthy. A learning-rate jump's ground truth is `update_ratio`, the detector that
+reads the cause: on the matrix's small, often normalised models a rate 30× or 300× too high mostly neither
+explodes the gradients nor diverges the loss (several runs train better), while every update jumps far above
+the layer's own level. A loss scaled by 1e4 before backward (`loss_scale`) is the gradient blow-up
+`exploding_gradient` must see. A bad batch's `MatrixResult.effect` says how far its loss rose over the clean
+batch's at the same weights: a model still at chance gets no higher loss from random labels.
+
+`MatrixRun.expect` / `rank` / `layer` are the ground truth: the detector the fault must
 raise at or after the onset, the rank it must name first (rank faults) and the layer or module it must name
 (layer faults). `run_matrix(run)` trains it with the real agent against a real embedded server and returns a
 `MatrixResult`; `bench/detection_quality.py --matrix` aggregates many, tests/scenarios/test_matrix.py runs a
@@ -29,12 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FAULTS", "MatrixResult", "MatrixRun", "draw", "run_matrix"]
+__all__ = ["FAULTS", "SPLIT", "MatrixResult", "MatrixRun", "draw", "run_matrix"]
 
 FAMILIES = ("mlp", "cnn", "rnn", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 STEPS = 120
+#: The loss_scale fault's factor on the loss before backward (the loss the monitor sees is the true one).
+LOSS_SCALE = 1e4
 #: fault kind -> (where in the step it is injected, the smallest world size it needs)
 FAULTS: dict[str, tuple[str, int]] = {
     "healthy": ("none", 1),
@@ -45,16 +54,23 @@ FAULTS: dict[str, tuple[str, int]] = {
     "not_in_optimizer": ("optimizer", 1),
     "bitflip": ("after_step", 2),
     "corrupt_rank": ("data", 2),
+    "loss_scale": ("backward", 1),
 }
+#: Kinds drawn as a share of another kind's draws (so seeds drawn before they existed keep their other faults):
+#: kind -> (the kind whose draws it takes, the share).
+SPLIT: dict[str, tuple[str, float]] = {"loss_scale": ("lr_jump", 0.5)}
 #: Detectors that describe the same fault from another angle: they may fire too (never counted as false).
 ALLOW: dict[str, tuple[str, ...]] = {
     "nan_input": ("input_not_normalized",),
     "nan_forward": (),
-    "lr_jump": ("exploding_gradient", "loss_divergence", "loss_spike", "update_ratio", "non_finite", "dead_relu",
+    "lr_jump": ("exploding_gradient", "loss_divergence", "loss_spike", "non_finite", "dead_relu",
                 "output_collapse", "saturated_activation", "frozen_parameters", "loss_not_decreasing",
                 "rank_divergence", "activation_not_centered", "vanishing_gradient", "gradients_not_applied"),
-    "bad_batch": (),
+    "bad_batch": ("update_ratio",),  # its update is as outsized as its loss (SGD: the gradient's size)
     "not_in_optimizer": ("frozen_parameters",),
+    "loss_scale": ("loss_divergence", "loss_spike", "update_ratio", "non_finite", "dead_relu", "output_collapse",
+                   "saturated_activation", "frozen_parameters", "loss_not_decreasing", "rank_divergence",
+                   "activation_not_centered", "vanishing_gradient", "gradients_not_applied"),
     "bitflip": (),
     "corrupt_rank": ("loss_spike", "loss_divergence", "exploding_gradient", "input_not_normalized",
                      "update_ratio", "class_imbalance", "dead_relu", "output_collapse", "saturated_activation",
@@ -99,6 +115,9 @@ class MatrixResult:
     alerts: list[dict[str, Any]]
     onset_wall: float | None
     seconds: float
+    #: bad_batch: the faulty batch's loss / the loss the clean batch had at the same weights (how visible the
+    #: fault is in the loss; a model still at chance gets no higher loss from random labels).
+    effect: float | None = None
 
     def first(self, detector: str) -> dict[str, Any] | None:
         """The first alert of `detector` that started at or after the onset."""
@@ -140,8 +159,11 @@ def draw(seed: int, max_world: int = 4) -> MatrixRun:
     norm = family == "transformer" or rng.random() < 0.5
     residual = family == "transformer" or (family in ("mlp", "cnn") and rng.random() < 0.5)
     world = min(max_world, rng.choice((1, 1, 1, 2, 2, 3, 4)))
-    kinds = [k for k, (_, need) in FAULTS.items() if need <= world]
+    kinds = [k for k, (_, need) in FAULTS.items() if need <= world and k not in SPLIT]
     fault = "healthy" if rng.random() < 0.36 else rng.choice([k for k in kinds if k != "healthy"])
+    for kind, (parent, share) in SPLIT.items():
+        if fault == parent and random.Random(seed * 7919 + 17).random() < share:
+            fault = kind
     optimizer = rng.choice(OPTIMIZERS)
     schedule = rng.choice(SCHEDULES)
     batch = rng.choice((16, 32, 64))
@@ -154,8 +176,10 @@ def draw(seed: int, max_world: int = 4) -> MatrixRun:
         rank = rng.randrange(1 if fault == "bitflip" else 0, world)
     if fault in ("nan_input", "nan_forward"):
         expect = "non_finite"
-    elif fault == "lr_jump":
-        expect = "exploding_gradient" if optimizer == "sgd" else "loss_divergence"
+    elif fault == "lr_jump":  # the update ratio reads the cause; the loss and gradients may never show it
+        expect = "update_ratio"
+    elif fault == "loss_scale":  # gradients 1e4× from the onset (a loss scale never undone): Adam's updates do
+        expect = "exploding_gradient"  # not change, SGD's blow up; the gradient norm shows it either way
     elif fault == "bad_batch":
         expect = "loss_spike"
     elif fault == "not_in_optimizer":
@@ -358,7 +382,9 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
                     else:  # token inputs cannot hold a NaN: the embedding's output does
                         state = {"step": step}
                         hook = _nan_after(module, "embed", state, step)
+                clean = None
                 if at and mine and run.fault == "bad_batch":
+                    clean = _clean_loss(module, x, y)
                     y = torch.randint(0, 4, y.shape, generator=torch.Generator().manual_seed(step))
                     x = x * 6.0 if x.is_floating_point() else x
                 if run.fault == "corrupt_rank" and mine and run.onset is not None and step >= run.onset:
@@ -371,8 +397,12 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
                         scheduler.base_lrs = [lr * (30.0 if run.optimizer == "sgd" else 300.0)
                                               for lr in scheduler.base_lrs]  # fmt: skip
                 loss = nn.functional.cross_entropy(model(x), y)
+                if clean is not None:
+                    with open(onset_file, "a") as f:
+                        f.write(f" {float(loss.detach()) / clean!r}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaled = run.fault == "loss_scale" and run.onset is not None and step >= run.onset
+                (loss * LOSS_SCALE if scaled else loss).backward()
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -387,6 +417,15 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _clean_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The loss the clean batch has at the current weights, on a copy (the run's own modules and buffers, batch
+    norm's running statistics included, stay as they are)."""
+    import copy
+
+    with torch.no_grad():
+        return max(float(nn.functional.cross_entropy(copy.deepcopy(module)(x), y)), 1e-12)
 
 
 def _nan_after(module: nn.Module, name: str, state: dict[str, int], step: int) -> Any:
@@ -436,11 +475,12 @@ def run_matrix(run: MatrixRun) -> MatrixResult:
             alerts = app.alerts(run=run.name)
         finally:
             app.stop()
-        onset_wall = None
+        onset_wall = effect = None
         if os.path.exists(onset_file):
             with open(onset_file) as f:
-                onset_wall = float(f.read())
-    return MatrixResult(run, alerts, onset_wall, time.perf_counter() - started)
+                wall, *rest = f.read().split()
+            onset_wall, effect = float(wall), (float(rest[0]) if rest else None)
+    return MatrixResult(run, alerts, onset_wall, time.perf_counter() - started, effect)
 
 
 def _settled(app: Any, run: MatrixRun) -> bool:
