@@ -20,6 +20,8 @@ Module map (each module's docstring states its contract):
     timing.py    when each step's first forward pass starts
     collectives.py  collective progress, stuck-thread stacks, monitor.pause(), the opt-in DDP timing hook
     checksum_cadence.py  when the parameter checksum is taken; replica.py: the replica group sent in Hello
+    update_cadence.py    when the update ratio is measured between full-statistics steps
+    clip.py      gradwatch.clip_grad_norm_: torch's clip, whose per-gradient norms the statistics reuse
     histogram.py log2-magnitude histograms on the device
     fold.py      per-parameter values folded into per-layer columns (sender thread)
     config.py    AgentConfig, RetryPolicy: every option, its GRADWATCH_* variable and default
