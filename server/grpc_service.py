@@ -9,11 +9,11 @@ trailing metadata `gradwatch-reason`; other streams are unaffected.
 Stream protocol (server side): read the Hello, reply Welcome(acked_seq, and the batch
 limits: an AgentFrame.batch is unpacked into its reports and events, each checked and
 applied as if sent alone); then apply frames in order, in bursts of the frames already
-waiting (at most MAX_BURST_FRAMES), and acknowledge cumulatively: one Ack at most ACK_DELAY_S after the first frame it
-covers was applied (a timer per stream), at once when Commands go out (they follow the
-Ack that covers their cause), before a rejection and at the end of the stream. A
-stream sending a report every few milliseconds thus costs one Ack write per
-ACK_DELAY_S, not one per frame (the write was a fifth of the ingest CPU per report).
+waiting (at most MAX_BURST_FRAMES), and acknowledge cumulatively: one Ack at most ACK_DELAY_S after the first
+frame it covers was applied (a timer per stream; a resent frame the session already had is acknowledged again),
+at once when Commands go out (they follow the Ack that covers their cause), before a rejection and at the end of
+the stream. A stream sending a report every few milliseconds thus costs one Ack write per ACK_DELAY_S, not one
+per frame (the write was a fifth of the ingest CPU per report).
 
 Limits (server/limits.py, docs/security.md): at most limits.max_streams streams at once; a stream whose
 Hello has not arrived within limits.hello_timeout_s, or that sends nothing for limits.idle_stream_timeout_s,
@@ -189,6 +189,9 @@ class IngestServicer:
     ) -> None:
         loop = asyncio.get_running_loop()
         sent_ack = session.acked_seq
+        #: A frame the session had already applied arrived (a client resending what the Welcome's acked_seq
+        #: said it need not): it is acknowledged again, so a resend never waits for an Ack that would not come.
+        repeated = False
         ack_due: float | None = None  # loop time by which the applied, unacknowledged frames must be acked
         done = False
         idle_s = self._limits.idle_stream_timeout_s
@@ -220,11 +223,12 @@ class IngestServicer:
                         self._stats.frame("batch")  # its frames are counted by kind as they are applied
                     for frame in unbatch(message):
                         kind = validator.check(frame)
+                        repeated = repeated or 0 < frame.seq <= sent_ack
                         commands.extend(self._ingestor.apply(session, frame, kind))
                 except FrameRejected as exc:
                     rejected = exc
                     break
-            if session.acked_seq > sent_ack:
+            if session.acked_seq > sent_ack or repeated:
                 now = loop.time()
                 if ack_due is None:  # the first frame this Ack covers: it goes out by ACK_DELAY_S from now
                     ack_due = now + ACK_DELAY_S
@@ -232,7 +236,7 @@ class IngestServicer:
                 # (asyncio may run a timer up to its clock resolution early: a due Ack must not wait for a frame)
                 if commands or rejected is not None or done or now >= ack_due - 0.001:
                     # Acknowledge what was applied, even just before a rejection: the agent drops it.
-                    sent_ack, ack_due = session.acked_seq, None
+                    sent_ack, ack_due, repeated = session.acked_seq, None, False
                     await context.write(pb.ServerFrame(ack=pb.Ack(seq=sent_ack)))
             for command in commands:
                 await context.write(pb.ServerFrame(command=command))

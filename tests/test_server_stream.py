@@ -82,6 +82,25 @@ def test_stream_reconnect_welcome_acked_seq_and_duplicates_dropped(app: ServerAp
     assert sample(scrape(app), "gradwatch_ingest_duplicate_frames_total") == before + 5
 
 
+@pytest.mark.parametrize("resent", [1, 3, 10])
+def test_stream_resending_only_frames_already_applied_is_acknowledged_again(app: ServerApp, resent: int) -> None:
+    """A client that ignores Welcome.acked_seq and resends frames the session already has (none of them new)
+    gets an Ack covering them, on an open stream, without waiting for a new frame."""
+    run = f"resent-{resent}"
+    run_stream(app.grpc_target, [hello_frame(run=run), *(report_frame(s) for s in range(1, 11))])
+    stream = AgentStream(app.grpc_target)
+    try:
+        stream.send(hello_frame(run=run))
+        assert stream.recv().welcome.acked_seq == 10
+        for seq in range(11 - resent, 11):
+            stream.send(report_frame(seq))
+        stream.recv_ack(10)  # fails (stream ended or no Ack in time) if a resend is not acknowledged
+    finally:
+        stream.close()
+    [state] = [r for r in app.runs() if r["run"] == run]
+    assert state["ranks"][0]["reports"] == 10  # nothing applied twice
+
+
 def test_stream_new_session_same_rank_is_not_a_duplicate(app: ServerApp) -> None:
     run_stream(app.grpc_target, [hello_frame(run="restart", session="old"), *(report_frame(s) for s in (1, 2))])
     responses = run_stream(
