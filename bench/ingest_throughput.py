@@ -67,20 +67,28 @@ def _client(target: str, index: int, reports: int, layers: int, full_every: int,
 
 
 def measure(streams: int, reports: int, layers: int, full_every: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp, gradwatch_server(pathlib.Path(tmp)) as (target, pid):
-        errors: list[str] = []
-        threads = [
-            threading.Thread(target=_client, args=(target, i, reports, layers, full_every, errors), daemon=True)
-            for i in range(streams)
-        ]
-        cpu_before, started = _cpu_s(pid), time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall, cpu = time.perf_counter() - started, _cpu_s(pid) - cpu_before
-        if errors:
-            raise SystemExit("\n".join(errors))
+    # A data directory of its own: a server restoring the previous measurement's runs would take these streams
+    # for resumed sessions (Welcome.acked_seq) and the measurement would not be of fresh ingest.
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = pathlib.Path(tmp)
+        with gradwatch_server(workdir, "--data-dir", str(workdir / "data")) as (target, pid):
+            return _measure(target, pid, streams, reports, layers, full_every)
+
+
+def _measure(target: str, pid: int, streams: int, reports: int, layers: int, full_every: int) -> dict[str, float]:
+    errors: list[str] = []
+    threads = [
+        threading.Thread(target=_client, args=(target, i, reports, layers, full_every, errors), daemon=True)
+        for i in range(streams)
+    ]
+    cpu_before, started = _cpu_s(pid), time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall, cpu = time.perf_counter() - started, _cpu_s(pid) - cpu_before
+    if errors:
+        raise SystemExit("\n".join(errors))
     total = streams * reports
     return {
         "reports": total,
