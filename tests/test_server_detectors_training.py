@@ -17,6 +17,7 @@ from gradwatch.server.config import load_config
 from gradwatch.server.detectors import Clear, Fire, Verdict, inhibitions
 from gradwatch.server.detectors.exploding_gradient import ExplodingGradientConfig, ExplodingGradientDetector
 from gradwatch.server.detectors.frozen_parameters import FrozenParametersConfig, FrozenParametersDetector
+from gradwatch.server.detectors.gradients_not_applied import GradientsNotAppliedConfig, GradientsNotAppliedDetector
 from gradwatch.server.detectors.loss_divergence import LossDivergenceConfig, LossDivergenceDetector
 from gradwatch.server.detectors.loss_not_decreasing import LossNotDecreasingConfig, LossNotDecreasingDetector
 from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
@@ -515,3 +516,56 @@ def test_exploding_gradient_judges_heavy_tailed_norms_on_the_log_scale() -> None
     # Without the log-scale bound the same healthy series pages.
     linear = ExplodingGradientDetector(ExplodingGradientConfig(log_k=0.0))
     assert any(isinstance(linear.observe(report(s, norm=float(n))), Fire) for s, n in enumerate(heavy, 1))
+
+
+def _ratio_report(step: int, ratios: list[float]) -> RankReport:
+    """A report of the agent's update-ratio cadence between full steps: StepReport.update_ratio, no columns."""
+    frame = report_frame(step, update_ratio=np.asarray(ratios, dtype="<f4").tobytes())
+    return build_report("run", 0, frame.report, LAYERS, received_at=0.0)
+
+
+def test_gradients_not_applied_is_carried_by_the_update_ratio_cadence_between_full_reports() -> None:
+    """A full report marks layer 0 (a gradient, no update) and the update-ratio reports after it keep it at zero:
+    the third report in a row fires, long before the next full report."""
+    det = GradientsNotAppliedDetector(GradientsNotAppliedConfig())
+    n = len(LAYERS)
+    grads, stuck = [1.0] * n, [0.0] + [1e-3] * (n - 1)
+    assert det.observe(report(10, grad_norm=grads, update_ratio=stuck)) is None
+    assert det.observe(_ratio_report(11, stuck)) is None
+    assert isinstance(det.observe(_ratio_report(12, stuck)), Fire)
+    assert isinstance(det.observe(_ratio_report(13, [1e-3] * n)), Clear)  # it moved
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["full", "ratio"]), min_size=1, max_size=30),
+    zero=st.lists(st.booleans(), min_size=30, max_size=30),
+    grad=st.lists(st.booleans(), min_size=30, max_size=30),
+)
+def test_gradients_not_applied_fires_exactly_after_a_full_report_marked_the_layer_and_reports_kept_it(
+    kinds: list[str], zero: list[bool], grad: list[bool]
+) -> None:
+    """Against a direct reading of the rule, for any interleaving of full and update-ratio reports: layer 0 is
+    unapplied on a full report when it has a gradient and a zero update, on an update-ratio report when it was
+    unapplied on the report before and its update is still zero; 3 such reports in a row fire. The other
+    layers always move, so an update-ratio report alone never starts a streak."""
+    det = GradientsNotAppliedDetector(GradientsNotAppliedConfig())
+    n, streak, firing = len(LAYERS), 0, False
+    for i, kind in enumerate(kinds):
+        ratios = [0.0 if zero[i] else 1e-3] + [1e-3] * (n - 1)
+        if kind == "full":
+            grads = [1.0 if grad[i] else 0.0] + [1.0] * (n - 1)
+            verdict = det.observe(report(i + 1, grad_norm=grads, update_ratio=ratios))
+            unapplied = grad[i] and zero[i]
+        else:
+            verdict = det.observe(_ratio_report(i + 1, ratios))
+            unapplied = streak > 0 and zero[i]
+        streak = streak + 1 if unapplied else 0
+        if streak >= 3:
+            assert isinstance(verdict, Fire), (i, kind)
+            firing = True
+        elif firing:
+            assert isinstance(verdict, Clear), (i, kind)
+            firing = False
+        else:
+            assert verdict is None, (i, kind)
