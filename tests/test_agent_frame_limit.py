@@ -21,8 +21,9 @@ def test_agent_drops_and_counts_reports_over_the_servers_frame_limit_and_the_res
     try:
         model = make_mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        # overhead_budget=0: full statistics exactly every FULL_EVERY steps (the budget would stretch them)
         monitor = attach(model, opt, server=app.grpc_target, run="wide", full_stats_interval=FULL_EVERY,
-                         heartbeat_interval_s=0.05)  # fmt: skip
+                         heartbeat_interval_s=0.05, overhead_budget=0)  # fmt: skip
         train(model, opt, monitor, STEPS)
         full = STEPS // FULL_EVERY
         assert wait_until(lambda: monitor.counters()["acked"] == STEPS - full)

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from agent_support import ScriptableServer  # noqa: E402
 from gradwatch.agent import activations  # noqa: E402
 from gradwatch.agent.monitor import attach  # noqa: E402
+from gradwatch.agent.update_cadence import WARM_STEPS, update_due  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
 
 WIDTH = 8
@@ -201,10 +202,20 @@ def test_ordinary_steps_launch_a_constant_number_of_device_operations(modules: i
         monitor = attach(model, opt, server=server.address, run="ops", full_stats_interval=1000, overhead_budget=0)
         for _ in range(3):
             step(model, opt, monitor)
-        agent = step(model, opt, monitor)  # step 4: ordinary, no checksum (its cadence starts later)
+        update = step(model, opt, monitor)  # step 4: measures the update ratio (update_cadence.WARM_STEPS)
+        for _ in range(5, WARM_STEPS + 1):
+            step(model, opt, monitor)
+        agent = step(model, opt, monitor)  # step 17: ordinary (no update ratio, no checksum, no full statistics)
         assert monitor.close(timeout=5)
+    assert not update_due(WARM_STEPS + 1) and (WARM_STEPS + 1) % 2 == 1  # the checksum's interval is a power of 2
     added = agent.copy()
     added.subtract(bare)
     # Gradient norms (one foreach launch), the outputs' provenance (one foreach launch), the loss (detach, copy).
     assert sum(added.values()) <= 12, added
     assert +added == collections.Counter({"_foreach_norm": 2, "detach": 1, "_to_copy": 1}), added
+    # An update-ratio step adds views of each parameter (no kernel) and a constant number of kernel launches.
+    launched = update.copy()
+    launched.subtract(bare)
+    for view in ("detach", "view"):
+        launched.pop(view, None)
+    assert sum(launched.values()) <= 12, launched

@@ -497,7 +497,9 @@ def test_update_ratio_travels_on_its_own_cadence_between_full_steps(server: Scri
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    monitor = attach(model, opt, server=server.address, run="ratio-cadence", full_stats_interval=10)
+    monitor = attach(
+        model, opt, server=server.address, run="ratio-cadence", full_stats_interval=10, overhead_budget=0
+    )  # full steps exactly every 10 (the budget would stretch them)
     expected = {}
     for step in range(1, 41):
         x, y = batch(step)

@@ -291,9 +291,10 @@ def test_recorder_incident_under_a_tight_budget_holds_full_statistics_from_befor
     app = ServerApp(ServerConfig.local()).start()
     try:
         training = DemoTraining(seed=3)
-        with gradwatch.attach(
-            training.model, training.optimizer, run="rec-budget", server=app.grpc_target, overhead_budget=1e-6
-        ) as m:
+        # Full statistics every 4 steps until the budget decides (budget.WARMUP_REPORTS): two full reports (steps
+        # 4 and 8) long before the alert, then none.
+        with gradwatch.attach(training.model, training.optimizer, run="rec-budget", server=app.grpc_target,
+                              overhead_budget=1e-6, full_stats_interval=4) as m:  # fmt: skip
             train(m, training, range(1, 321), {300: "nan"})
             assert m.close(timeout=10)
         (summary,) = wait_until(lambda: complete(app.http_url, detector="non_finite"), what="a complete incident")
