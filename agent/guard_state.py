@@ -5,7 +5,9 @@ Contract
   state (tensors cloned, other values kept as they are), and remembers which parameters had no state yet.
   `restore()` puts all of it back bit for bit, in place (the tensors the optimizer holds keep their identity),
   and removes state the step created for a parameter that had none. `to_cpu=True` keeps the copy in host
-  memory (the rollback snapshot); then the caller must `synchronize()` before the copy is read.
+  memory (the rollback snapshot); then the caller must `synchronize()` before the copy is read. A DTensor
+  (FSDP2/HSDP shards, sharded optimizer state) is copied and put back as this rank's local shard only: no
+  collective, each rank's memory holds its own shards, and the DTensor the optimizer holds keeps its identity.
 - `WhereRestore` is the no-sync variant for accelerators: `before()` copies into buffers kept between steps;
   `after(bad)` writes `where(bad, saved, current)` into every tensor on the flag's device, so nothing waits for
   the device. Tensors elsewhere (Adam's CPU step counters next to CUDA parameters) and state the step created
@@ -34,16 +36,49 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the parameters and tensor state a SavedState of `optimizer` holds."""
     total = 0
     for p in optimizer_params(optimizer):
-        total += p.numel() * p.element_size()
-        for value in optimizer.state.get(p, {}).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+        for t in [p, *optimizer.state.get(p, {}).values()]:
+            if isinstance(t, torch.Tensor):
+                local = local_tensor(t)  # this rank's memory: a DTensor's local shard
+                total += local.numel() * local.element_size()
     return total
 
 
+class _Shard:
+    """A copy of a DTensor's local shard, with what it takes to make the DTensor again (state to re-create)."""
+
+    def __init__(self, t: torch.Tensor, local: torch.Tensor) -> None:
+        self.local = local
+        self.mesh, self.placements = t.device_mesh, t.placements  # type: ignore[attr-defined]
+        self.shape, self.stride = t.shape, t.stride()
+
+    def rebuild(self, device: torch.device) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        local = self.local.to(device, copy=True)
+        return DTensor.from_local(local, self.mesh, self.placements, run_check=False, shape=self.shape,
+                                  stride=self.stride)  # fmt: skip
+
+
+def _clone(t: torch.Tensor, to_cpu: bool) -> torch.Tensor | _Shard:
+    local = local_tensor(t)
+    copy = host_clone(local) if to_cpu else local.detach().clone()
+    return copy if local is t else _Shard(t, copy)
+
+
+def _put(current: torch.Tensor, saved: torch.Tensor | _Shard) -> None:
+    """Copy `saved` into `current` in place (a DTensor: into its local shard)."""
+    local_tensor(current).copy_(saved.local if isinstance(saved, _Shard) else saved)
+
+
+def _fits(current: torch.Tensor, saved: torch.Tensor | _Shard) -> bool:
+    """Whether `saved` can be copied into `current` in place (both DTensors or neither, same local shape)."""
+    local = local_tensor(current)
+    sharded = isinstance(saved, _Shard)
+    return sharded == (local is not current) and local.shape == (saved.local if sharded else saved).shape
+
+
 def _copy_state(state: dict[str, Any], to_cpu: bool) -> dict[str, Any]:
-    copy = (lambda t: host_clone(t)) if to_cpu else (lambda t: t.detach().clone())
-    return {k: copy(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    return {k: _clone(v, to_cpu) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def _put_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, saved: dict[str, Any] | None) -> None:
@@ -55,10 +90,11 @@ def _put_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, saved: dict[st
         del state[key]
     for key, value in saved.items():
         current = state.get(key)
-        if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor) and current.shape == value.shape:
-            current.copy_(value)
-        elif isinstance(value, torch.Tensor):
-            state[key] = value.to(p.device if current is None else current.device, copy=True)
+        if isinstance(value, _Shard | torch.Tensor) and isinstance(current, torch.Tensor) and _fits(current, value):
+            _put(current, value)
+        elif isinstance(value, _Shard | torch.Tensor):
+            device = local_tensor(p if current is None else current).device
+            state[key] = value.rebuild(device) if isinstance(value, _Shard) else value.to(device, copy=True)
         else:
             state[key] = value
 
@@ -67,7 +103,7 @@ class SavedState:
     """Parameters and optimizer state at one moment (see the module docstring)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, step: int, params: list[torch.Tensor],
-                 values: list[torch.Tensor], states: list[dict[str, Any] | None]) -> None:  # fmt: skip
+                 values: list[torch.Tensor | _Shard], states: list[dict[str, Any] | None]) -> None:  # fmt: skip
         self.optimizer = optimizer
         self.step = step
         self._params = params
@@ -78,7 +114,7 @@ class SavedState:
     @torch.no_grad()
     def take(cls, optimizer: torch.optim.Optimizer, step: int = 0, *, to_cpu: bool = False) -> SavedState:
         params = optimizer_params(optimizer)
-        values = [host_clone(p) if to_cpu else p.detach().clone() for p in params]
+        values = [_clone(p, to_cpu) for p in params]
         states = [_copy_state(optimizer.state[p], to_cpu) if p in optimizer.state else None for p in params]
         return cls(optimizer, step, params, values, states)
 
@@ -91,7 +127,7 @@ class SavedState:
     @torch.no_grad()
     def restore(self) -> None:
         for p, value, saved in zip(self._params, self._values, self._states, strict=True):
-            p.copy_(value)
+            _put(p, value)
             _put_state(self.optimizer, p, saved)
 
 
@@ -149,7 +185,9 @@ class WhereRestore:
                     state = self._optimizer.state[p]
                     for key, value in saved.items():  # the off-device entries; `after` restored the rest
                         current = state.get(key)
-                        if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
-                            current.copy_(value)
+                        if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor | _Shard):
+                            _put(current, value)
+                        elif isinstance(value, _Shard):
+                            state[key] = value.rebuild(local_tensor(p).device)
                         else:
                             state[key] = value

@@ -19,6 +19,8 @@ from typing import Any
 
 import websocket
 
+from wait_support import wait_until
+
 START_TIMEOUT_S = 30.0
 LOAD_TIMEOUT_S = 30.0
 FLAGS = (
@@ -132,11 +134,17 @@ class Browser:
                 stderr=subprocess.STDOUT,
             )
         port_file = pathlib.Path(self._profile) / "DevToolsActivePort"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"chromium did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
+        proc = self._proc
+
+        def started() -> bool:
+            if port_file.exists() and len(port_file.read_text().splitlines()) >= 2:
+                return True
+            if proc.poll() is not None:
+                raise RuntimeError(f"chromium exited:\n{log.read_text()[-3000:]}")
+            return False
+
+        wait_until(started, START_TIMEOUT_S, what="chromium to start", interval=0.05,
+                   detail=lambda: log.read_text()[-3000:])  # fmt: skip
         port, path = port_file.read_text().splitlines()[:2]
         self._ws = websocket.create_connection(
             f"ws://127.0.0.1:{port}{path}", timeout=LOAD_TIMEOUT_S, suppress_origin=True

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from wait_support import wait_until
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEPLOY_ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 DEPLOY_RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -157,19 +159,16 @@ class WebhookReceiver:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], name: str, log: pathlib.Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
+    def ready() -> bool:
+        if proc.poll() is not None:  # RuntimeError: _on_free_port retries a bind that failed
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
+                return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+            return False
+
+    wait_until(ready, READY_TIMEOUT_S, what=url, interval=0.05, detail=lambda: log.read_text()[-3000:])
 
 
 @contextlib.contextmanager
@@ -264,13 +263,14 @@ def gradwatch_process(
     with log.open("ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not port_file.exists():
-            if proc.poll() is not None:
+
+        def written() -> bool:
+            if proc.poll() is not None and not port_file.exists():
                 raise RuntimeError(f"gradwatch serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gradwatch serve wrote no ports in {READY_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
+            return port_file.exists()
+
+        wait_until(written, READY_TIMEOUT_S, what="gradwatch serve's port file", interval=0.05,
+                   detail=lambda: log.read_text()[-3000:])  # fmt: skip
         ports = json.loads(port_file.read_text())
         http_url = f"http://127.0.0.1:{ports['http']}"
         _wait_ready(f"{http_url}/healthz", proc, "gradwatch serve", log)

@@ -7,10 +7,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from wait_support import wait_until
 
 #: Cross-rank thresholds for seconds-long jobs, as cluster_support.cluster_config (YAML for real processes).
 CLUSTER_YAML = """
@@ -53,14 +54,15 @@ class Serve:
         env = {**os.environ, "GRADWATCH_LOG_LEVEL": "INFO"}
         self._out = self.log.open("w")
         self.proc = subprocess.Popen(command, stderr=self._out, stdout=self._out, env=env, cwd=home)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+
+        def listening() -> re.Match[str] | None:
             found = _LISTENING.search(self.log.read_text())
-            if found:
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gradwatch serve {name} did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
+            if not found and self.proc.poll() is not None:
+                raise RuntimeError(f"gradwatch serve {name} exited:\n{self.log.read_text()}")
+            return found
+
+        found = wait_until(listening, START_TIMEOUT_S, what=f"gradwatch serve {name} to listen", interval=0.1,
+                           detail=self.log.read_text)  # fmt: skip
         self.grpc_target = f"127.0.0.1:{found.group(1)}"
         self.http_url = f"{found.group(2)}://127.0.0.1:{found.group(3)}"
 

@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from wait_support import wait_until
 
 
 def _gradwatch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -116,16 +117,16 @@ def test_cli_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def runs() -> bytes | None:
             try:
                 http_port = json.loads(port_file.read_text())["http"]
-                body = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/runs", timeout=1).read()
-                break
+                return urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/runs", timeout=1).read()
             except OSError:
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                assert time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.1)
+                return None
+
+        body = wait_until(runs, 30, what="the server to come up", interval=0.1)
         assert json.loads(body) is not None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0

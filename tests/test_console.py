@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 from gradwatch.server.app import ServerApp
@@ -33,11 +32,12 @@ def serve(tmp_path: pathlib.Path, *args: str) -> subprocess.Popen[str]:
 
 def reported_ports(port_file: pathlib.Path, proc: subprocess.Popen[str]) -> dict[str, int]:
     """The ports `gradwatch serve --port-file` wrote, once it has written them."""
-    deadline = time.monotonic() + WAIT_S
-    while not port_file.exists():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no port file"
-        time.sleep(0.05)
+
+    def written() -> bool:
+        assert port_file.exists() or proc.poll() is None, proc.communicate()[1]
+        return port_file.exists()
+
+    wait_until(written, WAIT_S, what="the port file", interval=0.05)
     return dict(json.loads(port_file.read_text()))
 
 
@@ -67,15 +67,10 @@ def test_serve_logs_json_lines_a_fire_and_its_resolution_once_and_the_shutdown(t
         target = f"127.0.0.1:{grpc_port}"
         run_stream(target, [hello_frame(run="loud"), report_frame(1, loss=math.nan)])
         # The log sink delivers the fire and then re-sends every 0.2 s: wait for three re-sends (not a sleep).
-        deadline = time.monotonic() + WAIT_S
-        while sent_to_log(http_port) < 4:
-            assert time.monotonic() < deadline, "no re-sends"
-            time.sleep(0.05)
+        wait_until(lambda: sent_to_log(http_port) >= 4, WAIT_S, what="three re-sends", interval=0.05)
         run_stream(target, [hello_frame(run="loud"), pb.AgentFrame(seq=0, goodbye=pb.Goodbye(final_step=1))])
-        deadline = time.monotonic() + WAIT_S
-        while [a["state"] for a in get_alerts(http_port)["alerts"]] != ["resolved"]:
-            assert time.monotonic() < deadline, "the alert did not resolve"
-            time.sleep(0.05)
+        wait_until(lambda: [a["state"] for a in get_alerts(http_port)["alerts"]] == ["resolved"], WAIT_S,
+                   what="the alert to resolve", interval=0.05)  # fmt: skip
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=WAIT_S)
     finally:

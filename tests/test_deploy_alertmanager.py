@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import pathlib
 import subprocess
-import time
 import urllib.request
 from typing import Any
 
@@ -16,6 +15,7 @@ import yaml
 
 from gradwatch.server.detectors import REGISTRY, alert_name_for, inhibitions
 from paging_support import DEPLOY_ALERTMANAGER, MissingBinary, WebhookReceiver, alertmanager, routing_config
+from wait_support import wait_until
 
 WAIT_S = 10.0
 
@@ -94,10 +94,9 @@ def test_deploy_alertmanager_real_binary_inhibits_explosion_while_nan_fires(tmp_
             _push(am_url, [_alert("GradwatchExplodingGradient", "r"), _alert("GradwatchExplodingGradient", "other")])
             # Another run's explosion pages; this run's is suppressed by its NaN.
             assert receiver.wait_alert(lambda d, a: a["labels"]["run"] == "other", WAIT_S)
-            deadline = time.monotonic() + WAIT_S
-            while (state := _state(am_url, "GradwatchExplodingGradient", "r")) is None or not state["inhibitedBy"]:
-                assert time.monotonic() < deadline, state
-                time.sleep(0.05)
+            state = wait_until(lambda: (s := _state(am_url, "GradwatchExplodingGradient", "r")) and s["inhibitedBy"] and s,
+                               WAIT_S, what="run r's explosion inhibited", interval=0.05,
+                               detail=lambda: str(_state(am_url, "GradwatchExplodingGradient", "r")))  # fmt: skip
             assert state["state"] == "suppressed"
             inhibited = {"alertname": "GradwatchExplodingGradient", "run": "r", "severity": "critical"}
             assert not receiver.wait_alert(lambda d, a: a["labels"] == inhibited, 0)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from paging_support import refused_port
+from wait_support import wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "deploy" / "docker"
@@ -130,16 +131,21 @@ def test_image_healthcheck_passes_on_a_serving_server_and_fails_without_one(
         proc = subprocess.Popen([str(server_venv / "bin" / "gradwatch"), "serve", "--port-file", str(port_file)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)  # fmt: skip
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not port_file.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        deadline = time.monotonic() + READY_TIMEOUT_S  # one deadline for both waits
+
+        def written() -> bool:
+            assert port_file.exists() or proc.poll() is None, log.read_text()
+            return port_file.exists()
+
+        wait_until(written, READY_TIMEOUT_S, what="the port file", interval=0.2, detail=log.read_text)
         grpc_port = json.loads(port_file.read_text())["grpc"]
-        while (check := _healthcheck(server_venv, grpc_port)).returncode != 0:
+
+        def healthy() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, check.stderr + log.read_text()
-            time.sleep(0.2)
+            return _healthcheck(server_venv, grpc_port).returncode == 0
+
+        wait_until(healthy, deadline - time.monotonic(), what="a passing healthcheck", interval=0.2,
+                   detail=lambda: _healthcheck(server_venv, grpc_port).stderr + log.read_text())  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(timeout=30)

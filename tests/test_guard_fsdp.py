@@ -7,7 +7,6 @@ last also under a GradScaler."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import pytest
@@ -37,43 +36,11 @@ CASES = [
 
 def _worker(rank: int, world_size: int, master_port: int, target: str) -> None:
     from torch import nn
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     import gradwatch
+    from fsdp_support import build, data, init_gloo, local, optimizer, true_norm
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(master_port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-
-    def build(mesh_shape: tuple[int, ...]) -> nn.Module:
-        torch.manual_seed(0)  # the same initial weights on every rank
-        net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
-        names = ("replicate", "shard") if len(mesh_shape) == 2 else None
-        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-        for layer in list(net)[::2]:
-            fully_shard(layer, mesh=mesh)
-        return fully_shard(net, mesh=mesh)
-
-    def optimizer(kind: str, net: nn.Module) -> torch.optim.Optimizer:
-        if kind.startswith("adam_"):  # fused SGD has no DTensor sharding rule in torch 2.13
-            return torch.optim.Adam(net.parameters(), lr=3e-3, fused=kind == "adam_fused")
-        return torch.optim.AdamW(net.parameters(), lr=3e-3, fused=kind == "adamw_fused")
-
-    def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(100 * step + rank)  # different data per rank
-        x = torch.randn(64, 8, generator=generator)
-        y = x.sum(dim=1, keepdim=True).sin()
-        bad_rank, kind = BAD.get(step, (-1, ""))
-        if bad_rank == rank and kind == "nan":
-            x[3, 2] = float("nan")
-        elif bad_rank == rank and kind == "spike":
-            y = y + 1e3
-        return x, y
-
-    def true_norm(net: nn.Module) -> float:
-        return float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]).full_tensor())
+    init_gloo(rank, world_size, master_port)
 
     def run(case: tuple[str, str, str, tuple[int, ...]], skip: set[int] | None) -> tuple[nn.Module, Any, set[int]]:
         """Guarded (skip None), or the reference that never applies the steps in `skip`."""
@@ -89,7 +56,7 @@ def _worker(rank: int, world_size: int, master_port: int, target: str) -> None:
         for step in range(1, STEPS + 1):
             if skip is not None and step in skip:
                 continue  # the reference: the skipped steps are simply not applied
-            x, y = data(step)
+            x, y = data(step, rank, BAD)
             opt.zero_grad()
             loss = nn.functional.mse_loss(net(x), y)
             (loss if scaler is None else scaler.scale(loss)).backward()
@@ -115,9 +82,6 @@ def _worker(rank: int, world_size: int, master_port: int, target: str) -> None:
         if monitor is not None:
             assert monitor.close(timeout=10)
         return net, opt, skipped
-
-    def local(t: Any) -> Any:
-        return t.to_local() if hasattr(t, "to_local") else t
 
     try:
         for case in CASES:

@@ -16,9 +16,18 @@ WAIT_S = 30.0
 T = TypeVar("T")
 
 
-def wait_until(probe: Callable[[], T], timeout: float = WAIT_S, *, what: str = "", interval: float = 0.02) -> T:
+def wait_until(
+    probe: Callable[[], T],
+    timeout: float = WAIT_S,
+    *,
+    what: str = "",
+    interval: float = 0.02,
+    detail: Callable[[], str] | None = None,
+) -> T:
     """Call `probe` until it returns something truthy and return that; AssertionError naming `what` (default:
-    the probe's source) after `timeout` seconds. `probe` is called once more at the deadline."""
+    the probe's source) after `timeout` seconds, followed by `detail()` when given (a log tail, the last state
+    seen). `probe` is called once more at the deadline; a probe that sees the watched process dead raises at once
+    (its exception propagates)."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
@@ -26,7 +35,8 @@ def wait_until(probe: Callable[[], T], timeout: float = WAIT_S, *, what: str = "
             break
         time.sleep(interval)
     if not value:
-        raise AssertionError(f"timed out after {timeout:g} s waiting for {what or _source(probe)}")
+        message = f"timed out after {timeout:g} s waiting for {what or _source(probe)}"
+        raise AssertionError(f"{message}:\n{detail()}" if detail is not None else message)
     return value
 
 
