@@ -94,8 +94,8 @@ def test_deploy_alertmanager_real_binary_inhibits_explosion_while_nan_fires(tmp_
             _push(am_url, [_alert("GradwatchExplodingGradient", "r"), _alert("GradwatchExplodingGradient", "other")])
             # Another run's explosion pages; this run's is suppressed by its NaN.
             assert receiver.wait_alert(lambda d, a: a["labels"]["run"] == "other", WAIT_S)
-            state = wait_until(lambda: (s := _state(am_url, "GradwatchExplodingGradient", "r")) and s["inhibitedBy"] and s,
-                               WAIT_S, what="run r's explosion inhibited", interval=0.05,
+            suppressed = lambda: (s := _state(am_url, "GradwatchExplodingGradient", "r")) and s["inhibitedBy"] and s  # noqa: E731
+            state = wait_until(suppressed, WAIT_S, what="run r's explosion inhibited", interval=0.05,
                                detail=lambda: str(_state(am_url, "GradwatchExplodingGradient", "r")))  # fmt: skip
             assert state["state"] == "suppressed"
             inhibited = {"alertname": "GradwatchExplodingGradient", "run": "r", "severity": "critical"}
