@@ -73,8 +73,8 @@ def _put(current: torch.Tensor, saved: torch.Tensor | _Shard) -> None:
 def _fits(current: torch.Tensor, saved: torch.Tensor | _Shard) -> bool:
     """Whether `saved` can be copied into `current` in place (both DTensors or neither, same local shape)."""
     local = local_tensor(current)
-    sharded = isinstance(saved, _Shard)
-    return sharded == (local is not current) and local.shape == (saved.local if sharded else saved).shape
+    values = saved.local if isinstance(saved, _Shard) else saved
+    return isinstance(saved, _Shard) == (local is not current) and local.shape == values.shape
 
 
 def _copy_state(state: dict[str, Any], to_cpu: bool) -> dict[str, Any]:
