@@ -237,6 +237,9 @@ def test_server_sigkilled_and_restarted_keeps_incident_alert_and_run_and_agents_
             assert again["restored"] and again["step"] == 60 and "non_finite" in again["firing"]
         with serve_process(tmp_path / "data", log, "--config", str(config), grpc_port=grpc_port, http_port=http_port):
             train(monitor, training, range(71, 81), {})
+            # The agent's stream comes back (its next retry, 0.5 s at most) before it closes: closing first would
+            # hand the queued reports to the final Flush instead, and the stream's resumption would go untested.
+            wait_until(lambda: monitor.counters()["reconnects"] >= 1, what="the agent's reconnection")
             assert monitor.close(timeout=20)
             resumed = wait_until(
                 lambda: [r for r in get_json(f"{url}/api/v1/runs/phoenix-rec/ranks")["ranks"] if r["step"] == 80],
