@@ -24,6 +24,7 @@ from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from netfault import FaultyRelay  # noqa: E402
 from paging_support import refused_port  # noqa: E402
+from wait_support import wait_until  # noqa: E402
 
 
 class AlertLog:
@@ -157,9 +158,8 @@ def test_e2e_server_killed_and_restarted_resumes_without_gaps_or_duplicates() ->
     monitor = gradwatch.attach(training.model, training.optimizer, run="phoenix", server=f"127.0.0.1:{port}")
     try:
         _train(monitor, training, range(1, 51))
-        deadline = time.monotonic() + 10
-        while monitor.counters()["acked"] < 50 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: monitor.counters()["acked"] >= 50, 10, what="steps 1..50 acknowledged",
+                   detail=lambda: repr(monitor.counters()))  # fmt: skip
         assert monitor.counters()["acked"] == 50
         first.stop(grace=0)
         outage = _train(monitor, training, range(51, 101))
@@ -193,21 +193,20 @@ def test_e2e_lost_acks_are_resent_and_deduplicated(server: tuple[ServerApp, Aler
     monitor = gradwatch.attach(training.model, training.optimizer, run="lossy", server=relay.address, retry=retry)
     try:
         _train(monitor, training, range(1, 31))
-        deadline = time.monotonic() + 10
-        while monitor.counters()["acked"] < 30 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: monitor.counters()["acked"] >= 30, 10, what="steps 1..30 acknowledged",
+                   detail=lambda: repr(monitor.counters()))  # fmt: skip
         relay.hold_replies()  # the server keeps applying frames; its acks never arrive
         _train(monitor, training, range(31, 61))
-        deadline = time.monotonic() + 10
-        while _sample(_scrape(app), "gradwatch_ingest_frames_total", kind="report") < 60:
-            assert time.monotonic() < deadline, "frames did not reach the server"
-            time.sleep(0.02)
+
+        def frames() -> float:
+            return _sample(_scrape(app), "gradwatch_ingest_frames_total", kind="report")
+
+        wait_until(lambda: frames() >= 60, 10, what="frames 1..60 at the server",
+                   detail=lambda: f"report frames ingested: {frames()}")  # fmt: skip
         relay.cut()  # the agent never saw 31..60 acknowledged
         if path == "reconnect":
-            deadline = time.monotonic() + 10
-            while monitor.counters()["reconnects"] < 1:
-                assert time.monotonic() < deadline, "the agent did not reconnect"
-                time.sleep(0.02)
+            wait_until(lambda: monitor.counters()["reconnects"] >= 1, 10, what="the agent to reconnect",
+                       detail=lambda: repr(monitor.counters()))  # fmt: skip
         _train(monitor, training, range(61, 81))
         assert monitor.close(timeout=15)
     finally:

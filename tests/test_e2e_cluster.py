@@ -23,6 +23,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from cluster_support import cluster_config  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from paging_support import released_port  # noqa: E402
+from wait_support import wait_until  # noqa: E402
 
 HANG_LIMIT_S = 120.0  # the hung rank waits for the test's release at most this long
 BASE_SLEEP_S = 0.05  # every step's "data loading": steady step times that jitter cannot double
@@ -97,9 +98,9 @@ def run_job(scenario: str, world_size: int, steps: int, tmp_path: Path, release_
         mp.spawn(_worker, args=args, nprocs=world_size, join=True)
         (run,) = app.runs()
         assert run["run"] == scenario and run["state"] == "finished", run
-        deadline = time.monotonic() + 30.0
-        while settled is not None and not settled(app.alerts(run=scenario)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        if settled is not None:
+            wait_until(lambda: settled(app.alerts(run=scenario)), 30.0, what=f"the {scenario} run's alerts to settle",
+                       interval=0.1, detail=lambda: repr(app.alerts(run=scenario)))  # fmt: skip
         return app, app.alerts(run=scenario)
     finally:
         app.stop()

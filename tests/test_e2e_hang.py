@@ -29,6 +29,7 @@ from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from gradwatch.server.detectors.straggler import StragglerConfig  # noqa: E402
 from paging_support import released_port  # noqa: E402
+from wait_support import wait_until  # noqa: E402
 
 HOST = socket.gethostname()
 WORLD = 3
@@ -131,21 +132,25 @@ def run_job(scenario: str, steps: int, tmp_path: Path, *, until: Callable[[Alert
     try:
         args = (world, released_port(), app.grpc_target, scenario, steps, str(release))
         context = mp.spawn(_worker, args=args, nprocs=world, join=False)
-        deadline = time.monotonic() + LIMIT_S + 60
-        while time.monotonic() < deadline:
-            alerts = app.alerts(run=scenario)
-            if kill_after_alert and until is not None and until(alerts):
-                break
-            if all(not p.is_alive() for p in context.processes):
-                break
-            time.sleep(0.2)
-        for process in context.processes:
-            if process.is_alive() and kill_after_alert:
-                process.kill()
-            process.join(30)
-        deadline = time.monotonic() + 30
-        while until is not None and not until(app.alerts(run=scenario)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+
+        def ended() -> bool:
+            if kill_after_alert and until is not None and until(app.alerts(run=scenario)):
+                return True
+            return all(not p.is_alive() for p in context.processes)
+
+        def state() -> str:
+            return f"exit codes {[p.exitcode for p in context.processes]}, alerts {app.alerts(run=scenario)}"
+
+        try:
+            wait_until(ended, LIMIT_S + 60, what=f"the {scenario} job to end", interval=0.2, detail=state)
+        finally:
+            for process in context.processes:
+                if process.is_alive() and kill_after_alert:
+                    process.kill()
+                process.join(30)
+        if until is not None:
+            wait_until(lambda: until(app.alerts(run=scenario)), 30, what=f"the {scenario} run's alerts to settle",
+                       interval=0.1, detail=state)  # fmt: skip
         return app.alerts(run=scenario), [p.exitcode for p in context.processes]
     finally:
         app.stop()

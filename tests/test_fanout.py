@@ -9,7 +9,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from gradwatch.server.detectors.stalled import StalledConfig
 from paging_support import released_port
 from relay_support import CLUSTER_YAML, Serve
 from server_support import AgentStream, hello_frame, report_frame, server_config, start_app
+from wait_support import wait_until
 
 CLI = [sys.executable, "-m", "gradwatch.cli"]
 
@@ -52,10 +52,12 @@ def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_pa
     try:
         _nan_run(a, "on-a")
         _nan_run(b, "on-b")
-        deadline = time.monotonic() + 30
-        while len(_items(_cli("incidents", "--server", a.http_url), "incidents")) < 2:
-            assert time.monotonic() < deadline, "incidents of both replicas never listed"
-            time.sleep(0.2)
+
+        def listed() -> list[dict[str, Any]]:
+            return _items(_cli("incidents", "--server", a.http_url), "incidents")
+
+        wait_until(lambda: len(listed()) >= 2, 30, what="incidents of both replicas listed", interval=0.2,
+                   detail=lambda: repr(listed()))  # fmt: skip
         for server in (a, b):  # either replica answers for both
             url = server.http_url
             assert {r["run"] for r in _items(_cli("runs", "--server", url), "runs")} == {"on-a", "on-b"}
@@ -103,10 +105,8 @@ def test_a_run_whose_agents_moved_to_another_replica_is_handed_over_not_stalled(
         for seq in range(6, 9):
             moved.send(report_frame(seq))
         moved.recv_ack(8)
-        deadline = time.monotonic() + 30
-        while not any(x["detector"] == "stalled" for x in a.alerts(run="dead")):
-            assert time.monotonic() < deadline, "the dead run never stalled"
-            time.sleep(0.1)
+        wait_until(lambda: any(x["detector"] == "stalled" for x in a.alerts(run="dead")), 30,
+                   what="the dead run to stall", interval=0.1, detail=lambda: repr(a.alerts()))  # fmt: skip
         assert a.alerts(run="moved") == []  # handed over before it could stall
         assert a.store.get("moved").expired and not a.store.get("dead").expired  # type: ignore[union-attr]
         assert not b.store.get("moved").expired  # type: ignore[union-attr]

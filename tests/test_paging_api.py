@@ -3,6 +3,7 @@ configuration: YAML, environment, `gradwatch serve --alertmanager-url` (repeatab
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -10,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,6 +42,7 @@ from server_support import (
     server_config,
     start_app,
 )
+from wait_support import wait_until
 
 WAIT_S = 10.0
 
@@ -172,6 +173,13 @@ def test_config_alerting_errors_name_the_key(tmp_path: Path, alerting: dict[str,
     assert message in str(info.value)
 
 
+def _stored(url: str) -> tuple[int, str, bytes] | None:
+    """The answer for `url` once it is not a 404: the recorder's writer thread stores an incident just after its
+    alert."""
+    answer = http_get(url)
+    return None if answer[0] == 404 else answer
+
+
 def test_cli_serve_pushes_to_every_alertmanager_url() -> None:
     """`gradwatch serve --alertmanager-url A --alertmanager-url B`: both get POST /api/v2/alerts."""
     with WebhookReceiver() as first, WebhookReceiver() as second:
@@ -195,9 +203,7 @@ def test_cli_serve_pushes_to_every_alertmanager_url() -> None:
                 link = urllib.parse.urlsplit(got[1]["generatorURL"])
                 assert link.port == http_port and link.path.startswith("/incidents/"), link
                 page = f"http://127.0.0.1:{http_port}{link.path}"
-                deadline = time.monotonic() + WAIT_S
-                while (answer := http_get(page))[0] == 404 and time.monotonic() < deadline:
-                    time.sleep(0.05)  # the recorder's writer thread stores the incident just after the alert
+                answer = wait_until(functools.partial(_stored, page), WAIT_S, what=f"{page} stored", interval=0.05)
                 assert answer[0] == 200 and answer[1].startswith("text/html") and b"non_finite" in answer[2]
             assert http_get(f"http://127.0.0.1:{http_port}/healthz")[0] == 200
         finally:

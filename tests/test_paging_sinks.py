@@ -27,6 +27,7 @@ from gradwatch.server.sinks import (
 )
 from gradwatch.server.sinks.base import rfc3339
 from paging_support import MissingBinary, WebhookReceiver, alertmanager, refused_port, routing_config
+from wait_support import wait_until
 
 WAIT_S = 10.0
 FAST = DeliveryPolicy(timeout_s=2.0, initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=5.0)
@@ -239,10 +240,9 @@ def test_worker_stop_interrupts_backoff_promptly(unreachable: str) -> None:
     policy = DeliveryPolicy(timeout_s=0.5, initial_backoff_s=30.0, max_backoff_s=30.0, deadline_s=600.0)
     worker = _worker(AlertmanagerSink(unreachable), policy)
     worker.submit([notification()])
-    deadline = time.monotonic() + WAIT_S
-    while worker.snapshot().outcomes["retried"] == 0:  # the first attempt failed; now it waits 30 s
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # The first attempt failed; then the worker waits 30 s before the next.
+    wait_until(lambda: worker.snapshot().outcomes["retried"] > 0, WAIT_S, what="a failed first attempt",
+               interval=0.01, detail=lambda: repr(worker.snapshot()))  # fmt: skip
     started = time.monotonic()
     worker.stop(timeout_s=5)
     assert time.monotonic() - started < 2.0

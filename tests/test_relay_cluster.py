@@ -21,21 +21,24 @@ from test_e2e_cluster import HOST, _worker  # noqa: E402
 
 from paging_support import released_port  # noqa: E402
 from relay_support import Serve  # noqa: E402
+from wait_support import wait_until  # noqa: E402
 
 SETTLE_S = 30.0
 
 
 def _settled(server: Serve, run: str, relays: list[Serve]) -> list[dict[str, Any]]:
     """The run's alerts once the run is finished on `server` and every relay has delivered all it holds."""
-    deadline = time.monotonic() + SETTLE_S
-    while time.monotonic() < deadline:
+
+    def finished() -> bool:
         runs = {r["run"]: r for r in server.get("/api/v1/runs")["runs"]}
         delivered = all(r.get("/api/v1/relays")["upstream"]["buffered"] == 0 for r in relays)
-        if run in runs and runs[run]["state"] == "finished" and delivered:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"run {run!r} did not finish on {server.http_url}")
+        return run in runs and runs[run]["state"] == "finished" and delivered
+
+    def state() -> str:
+        buffered = [r.get("/api/v1/relays")["upstream"]["buffered"] for r in relays]
+        return f"runs {server.get('/api/v1/runs')['runs']}, frames buffered at the relays {buffered}"
+
+    wait_until(finished, SETTLE_S, what=f"run {run!r} to finish on {server.http_url}", interval=0.2, detail=state)
     time.sleep(1.5)  # one more detector tick after the last frame
     return server.get(f"/api/v1/alerts?run={run}")["alerts"]
 

@@ -4,8 +4,8 @@ counted in /metrics; the run/job binding; reloading the file; the HTTP API's gua
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from gradwatch.server.grpc_service import REASON_METADATA_KEY
 from gradwatch.v1 import gradwatch_pb2 as pb
 from security_support import flush_once, https_get, secure_config, stream_once, write_tokens
 from server_support import AgentStream, acks, hello, hello_frame, metric, report_frame, sample, start_app
+from wait_support import wait_until
 
 LLAMA = "llama-token-0123456789abcdef"
 MISTRAL = "mistral-token-0123456789abcdef"
@@ -158,14 +159,17 @@ def test_auth_reloads_the_file_and_ends_streams_of_a_revoked_token(tmp_path: Pat
         new_token = "llama-rotated-0123456789abcdef"
         _replace(path, [{**GRANTS[0], "token": new_token}, *GRANTS[1:]])
         # The live stream notices by itself: it keeps reporting until the server ends it.
-        ended: object = None
-        deadline = time.monotonic() + 10
-        for seq in range(2, 10_000):
-            stream.send(report_frame(seq))
-            ended = stream.recv()
-            if not isinstance(ended, pb.ServerFrame) or time.monotonic() > deadline:
-                break
-            time.sleep(RELOAD_CHECK_INTERVAL_S / 4)
+        seqs = itertools.count(2)
+
+        def report() -> list[object]:
+            """Sends one more report: [the stream's end] once it ended, [] while the server still acks."""
+            stream.send(report_frame(next(seqs)))
+            reply = stream.recv()
+            return [] if isinstance(reply, pb.ServerFrame) else [reply]
+
+        (ended,) = wait_until(report, 10, what="the server to end the stream of the rotated token",
+                              interval=RELOAD_CHECK_INTERVAL_S / 4,
+                              detail=lambda: f"token generation {app.tokens.generation}, was {generation}")  # fmt: skip
         assert isinstance(ended, grpc.RpcError) and ended.code() == UNAUTHENTICATED, ended
         assert app.tokens.generation == generation + 1
         stream.close()
@@ -174,10 +178,13 @@ def test_auth_reloads_the_file_and_ends_streams_of_a_revoked_token(tmp_path: Pat
         # A broken file keeps the grants in force, and is counted.
         generation = app.tokens.generation
         path.write_text("tokens: [{name: x}]")
-        deadline = time.monotonic() + 10
-        while app.tokens.reloads["error"] == 0 and time.monotonic() < deadline:
-            time.sleep(RELOAD_CHECK_INTERVAL_S / 4)
-            app.tokens.book()
+
+        def reload_failed() -> bool:
+            app.tokens.book()  # checks the file at most once a second
+            return app.tokens.reloads["error"] > 0
+
+        wait_until(reload_failed, 10, what="the broken file counted as a reload error",
+                   interval=RELOAD_CHECK_INTERVAL_S / 4, detail=lambda: repr(app.tokens.reloads))  # fmt: skip
         assert app.tokens.generation == generation
         assert acks(stream_once(_channel(app), _frames("llama-live3", "llama-7b"), new_token))[-1] == 2
         assert metric(_scrape_with(app, READER), "gradwatch_auth_reloads_total", result="error") >= 1

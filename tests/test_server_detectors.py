@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -20,6 +19,7 @@ from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport, build_report
 from gradwatch.v1 import gradwatch_pb2 as pb
 from server_support import columns, hello_frame, report_frame, run_stream, sample, scrape, start_app
+from wait_support import wait_until
 
 LAYERS = ("embed", "block.0", "block.1", "head")
 
@@ -303,10 +303,8 @@ def test_non_finite_alert_merges_ranks_and_resolves_when_all_clear(app: ServerAp
     _send(app, 1, range(1, 8), nan_at={7}, layers=4)
     # Rank 1's first non-finite report waits for rank 0's report of step 7 (which never comes: rank 0 stopped at
     # step 5) for at most hold_s, then the server's 1 s tick judges it.
-    deadline = time.monotonic() + 10.0
-    while app.alerts(state="firing")[0]["ranks"] != [0, 1] and time.monotonic() < deadline:
-        time.sleep(0.05)
-
+    wait_until(lambda: app.alerts(state="firing")[0]["ranks"] == [0, 1], 10.0, what="the alert to name ranks 0 and 1",
+               interval=0.05, detail=lambda: repr(app.alerts(state="firing")))  # fmt: skip
     [alert] = app.alerts(state="firing")
     assert alert["detector"] == "non_finite" and alert["run"] == "merge" and alert["severity"] == "critical"
     assert alert["ranks"] == [0, 1]

@@ -7,7 +7,6 @@ import dataclasses
 import html
 import json
 import pathlib
-import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +21,7 @@ from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import AuthConfig, ServerConfig  # noqa: E402
 from gradwatch.server.http_api import CSP  # noqa: E402
 from server_support import http_get  # noqa: E402
+from wait_support import wait_until  # noqa: E402
 
 WAIT_S = 30.0
 #: Names that would run script, inject markup or break out of an attribute if a page did not escape them.
@@ -64,10 +64,8 @@ def nan_run(server: str, **options: Any) -> None:
 def app() -> Iterator[ServerApp]:
     app = ServerApp(ServerConfig.local()).start()
     nan_run(app.grpc_target)
-    deadline = time.monotonic() + WAIT_S
-    while not [i for i in _incidents(app) if i["status"] == "complete"]:
-        assert time.monotonic() < deadline, "no complete incident"
-        time.sleep(0.05)
+    wait_until(lambda: [i for i in _incidents(app) if i["status"] == "complete"], WAIT_S,
+               what="a complete incident", interval=0.05, detail=lambda: repr(_incidents(app)))  # fmt: skip
     yield app
     app.stop()
 
@@ -178,10 +176,7 @@ def test_pages_login_from_a_link_on_another_site_in_chromium(tmp_path: pathlib.P
             with urllib.request.urlopen(request, timeout=WAIT_S) as response:
                 return [i for i in json.loads(response.read())["incidents"] if i["status"] == "complete"]
 
-        deadline = time.monotonic() + WAIT_S
-        while not complete():
-            assert time.monotonic() < deadline, "no complete incident"
-            time.sleep(0.05)
+        wait_until(complete, WAIT_S, what="a complete non_finite incident", interval=0.05)
         (incident,) = complete()
         link = f"{app.http_url}/incidents/{incident['id']}"
         overview = f"{app.http_url}/?{urllib.parse.urlencode({'run': HOSTILE_RUN})}"
@@ -278,10 +273,8 @@ def test_pages_login_refuses_forged_posts_open_redirects_and_never_opens_the_api
                 assert exc.code == 401
                 return False
 
-        deadline = time.monotonic() + WAIT_S
-        while signed_in():
-            assert time.monotonic() < deadline, "the session outlived its grant"
-            time.sleep(0.1)  # the tokens file is checked at most once a second
+        # The tokens file is checked at most once a second.
+        wait_until(lambda: not signed_in(), WAIT_S, what="the session to end with its grant", interval=0.1)
     finally:
         app.stop()
 

@@ -11,10 +11,9 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from gradwatch.server.app import ServerApp
 from gradwatch.server.config import TlsConfig, config_from_args
 from security_support import Pki, https_get, secure_channel, secure_config, stream_once, write_tokens
 from server_support import WAIT_S, acks, hello_frame, metric, report_frame, server_config, start_app
+from wait_support import wait_until
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
@@ -248,15 +248,6 @@ def _swap(source: Path, target: Path) -> None:
     os.replace(aside, target)
 
 
-def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.25)
-    return check()
-
-
 def _connects(app: ServerApp, ca: Path, run: str) -> bool:
     try:
         return acks(stream_once(secure_channel(app.grpc_target, ca), _frames(run), timeout=5))[-1] == 2
@@ -279,13 +270,16 @@ def test_tls_rotated_certificate_files_apply_to_new_connections(tmp_path: Path) 
         def errors() -> float:
             return metric(_scrape_tls(app, old.ca_file), "gradwatch_tls_reloads_total", result="error")
 
-        assert _eventually(lambda: errors() == 1)
+        wait_until(lambda: errors() == 1, 10.0, what="the half rotation counted as a reload error", interval=0.25,
+                   detail=lambda: f"reload errors: {errors()}")  # fmt: skip
         assert _connects(app, old.ca_file, "during")
 
         _swap(new.server.key, live.key)
-        assert _eventually(lambda: _connects(app, new.ca_file, "after"))
+        wait_until(lambda: _connects(app, new.ca_file, "after"), 10.0, what="gRPC to serve the new certificate",
+                   interval=0.25)  # fmt: skip
         assert not _connects(app, old.ca_file, "old-ca")
-        assert _eventually(lambda: https_get(app.http_url + "/healthz", new.ca_file)[0] == 200)
+        wait_until(lambda: https_get(app.http_url + "/healthz", new.ca_file)[0] == 200, 10.0,
+                   what="HTTPS to serve the new certificate", interval=0.25)  # fmt: skip
         assert metric(_scrape_tls(app, new.ca_file), "gradwatch_tls_reloads_total", result="ok") == 1
     finally:
         app.stop(grace=0)

@@ -9,7 +9,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from gradwatch.demo import DemoTraining  # noqa: E402
 from gradwatch.server.app import ServerApp  # noqa: E402
 from gradwatch.server.config import ServerConfig  # noqa: E402
 from server_support import get_json, http_get  # noqa: E402
+from wait_support import wait_until  # noqa: E402
 
 WAIT_S = 30.0
 
@@ -46,14 +46,13 @@ def exploded() -> Iterator[tuple[ServerApp, dict[str, Any]]]:
     for step in range(1, 161):
         monitor.step(training.step("explode" if step == 100 else "none"))
     assert monitor.close(timeout=10)
-    deadline = time.monotonic() + WAIT_S
-    while True:
+
+    def complete() -> dict[str, Any] | None:
         found = get_json(f"{app.http_url}/api/v1/incidents?detector=exploding_gradient")["incidents"]
-        if found and found[0]["status"] == "complete":
-            break
-        assert time.monotonic() < deadline, "no complete exploding_gradient incident"
-        time.sleep(0.05)
-    yield app, found[0]
+        return found[0] if found and found[0]["status"] == "complete" else None
+
+    incident = wait_until(complete, WAIT_S, what="a complete exploding_gradient incident", interval=0.05)
+    yield app, incident
     app.stop()
 
 
