@@ -26,7 +26,9 @@ later in-place write can add or hide a non-finite value. Which modules are eager
 report after `install()` and on every full-statistics report (there every output is reduced when it returns,
 and versions are still checked at each flush). The bounds count every observed call, kept or not, so a
 forward's early flushes fall at the same calls on every report of the same shapes: a write that comes after
-such a flush finds the output already reduced, on learning and ordinary reports alike. The one inexact case:
+such a flush finds the output already reduced, on learning and ordinary reports alike (each forward counts from
+0, also when nothing was kept at its end: with gradient accumulation a learning report keeps less in its later
+forwards than an ordinary one). The one inexact case:
 an output first written in place (after its module returned, before the next flush) on an ordinary report is
 reduced as written on that one report (a NaN in it is still reported, possibly at that module rather than a
 later one), and when its module returns from then on. Extra memory: the outputs observed since the last flush,
@@ -344,6 +346,8 @@ class ActivationTap:
         with errors.guarded("output_hook", self._add_agent_time):
             if capture.pending:  # the end of a forward: one reduction for every output kept during it
                 self._flush(capture)
+            else:  # each forward counts its calls from 0 whatever was kept (the same flushes on every report)
+                capture.pending_bytes = capture.pending_calls = 0
             capture.forwards += 1
             if capture.forwards > 1:
                 self._fold(capture)
