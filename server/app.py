@@ -155,6 +155,7 @@ class ServerApp:
                 detector_names=names,
                 version=__version__,
                 max_layer_series=limits.max_layer_series,
+                ticks=lambda: self.ingestor.ticks,
             )
         )
         self.silences = SilenceBook(clock=clock, detectors=names, persist=self.database.put_silences)

@@ -19,7 +19,7 @@ only when every reporting rank has NaN for that layer, so the series never vanis
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -81,8 +81,11 @@ class GradwatchCollector(Collector):
         detector_names: tuple[str, ...],
         version: str,
         max_layer_series: int,
+        ticks: Callable[[], int],
     ) -> None:
+        """`ticks`: completed passes of the run-scope detectors (Ingestor.ticks)."""
         self._max_layer_series = max_layer_series
+        self._ticks = ticks
         self._store = store
         self._alerts = alerts
         self._stats = stats
@@ -123,6 +126,11 @@ class GradwatchCollector(Collector):
         with self._store.lock:
             tracked, evicted = len(self._store), self._store.evicted_total
         yield GaugeMetricFamily("gradwatch_runs_tracked", "Runs held in memory.", value=tracked)
+        yield CounterMetricFamily(
+            "gradwatch_detector_ticks_total",
+            "Completed passes of the cross-rank detectors over every run (one per second; flat: the loop is stuck).",
+            value=self._ticks(),
+        )
         yield CounterMetricFamily(
             "gradwatch_runs_evicted_total", "Runs evicted to respect limits.max_runs.", value=evicted
         )

@@ -26,6 +26,7 @@ from server_support import (
     server_config,
     start_app,
 )
+from wait_support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,14 @@ def test_metrics_self_counters_precreated_for_every_kind(app: ServerApp) -> None
     assert sample(text, "gradwatch_ingest_duplicate_frames_total") is not None
     assert sample(text, "gradwatch_runs_evicted_total") is not None
     assert metric(text, "gradwatch_runs_tracked") >= 1
+
+
+def test_metrics_detector_ticks_rise_with_the_detector_loop(app: ServerApp) -> None:
+    """gradwatch_detector_ticks_total is the detector loop's own count (Ingestor.ticks), rising once a second."""
+    first = sample(scrape(app), "gradwatch_detector_ticks_total")
+    assert first is not None and first <= app.ingestor.ticks
+    assert wait_until(lambda: sample(scrape(app), "gradwatch_detector_ticks_total") >= first + 2)
+    assert sample(scrape(app), "gradwatch_detector_ticks_total") <= app.ingestor.ticks
 
 
 def test_metrics_run_level_aggregates_over_ranks(app: ServerApp) -> None:
