@@ -70,6 +70,13 @@ class Serve:
         with urllib.request.urlopen(self.http_url + path, timeout=10) as response:
             return json.loads(response.read())
 
+    def ticks(self) -> int:
+        """Completed passes of the server's cross-rank detectors (gradwatch_detector_ticks_total on /metrics)."""
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as response:
+            found = re.search(r"^gradwatch_detector_ticks_total (\S+)$", response.read().decode(), re.M)
+        assert found, "no gradwatch_detector_ticks_total on /metrics"
+        return int(float(found.group(1)))
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()

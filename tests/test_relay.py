@@ -6,7 +6,6 @@ over real gRPC, agents played by hand-built frames (tests/server_support.py), th
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -153,7 +152,8 @@ def test_ranks_whose_relay_link_ended_leave_the_run_and_are_handed_over_not_stal
         proxy.close()  # the first relay's link ends for good (its runs' replica is gone from its view)
         # Both runs' ranks are now silent: the run still held is stalled, the one whose ranks left is not ...
         _until(lambda: "stalled" in _firing(aggregator, "kept"), "stalled on the run whose ranks stay")
-        time.sleep(1.5)  # another tick or two
+        ticks = aggregator.ingestor.ticks
+        wait_until(lambda: aggregator.ingestor.ticks >= ticks + 2, what="two more detector ticks on the aggregator")
         assert _firing(aggregator, "moved") == {}
         # Handed over: the alert ended here without a resolution paged (the run's new replica keeps the page).
         assert aggregator.alerts(run="moved")[0]["summary"].endswith("(handed over: the run moved to another replica)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ def _settled(server: Serve, run: str, relays: list[Serve]) -> list[dict[str, Any
         return f"runs {server.get('/api/v1/runs')['runs']}, frames buffered at the relays {buffered}"
 
     wait_until(finished, SETTLE_S, what=f"run {run!r} to finish on {server.http_url}", interval=0.2, detail=state)
-    time.sleep(1.5)  # one more detector tick after the last frame
+    ticks = server.ticks()
+    wait_until(lambda: server.ticks() >= ticks + 2, SETTLE_S, what=f"two more detector ticks on {server.http_url}")
     return server.get(f"/api/v1/alerts?run={run}")["alerts"]
 
 
