@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from server_support import metric
 from wait_support import wait_until
 
 #: Cross-rank thresholds for seconds-long jobs, as cluster_support.cluster_config (YAML for real processes).
@@ -73,9 +74,7 @@ class Serve:
     def ticks(self) -> int:
         """Completed passes of the server's cross-rank detectors (gradwatch_detector_ticks_total on /metrics)."""
         with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as response:
-            found = re.search(r"^gradwatch_detector_ticks_total (\S+)$", response.read().decode(), re.M)
-        assert found, "no gradwatch_detector_ticks_total on /metrics"
-        return int(float(found.group(1)))
+            return int(metric(response.read().decode(), "gradwatch_detector_ticks_total"))
 
     def stop(self) -> int:
         if self.proc.poll() is None:
