@@ -19,23 +19,46 @@ after `resolve_after` steps back inside. At least `min_ranks` ranks (3: with two
 neither is "the odd one out") with a finite loss are needed.
 
 A cross-rank z-score needs a majority: with two ranks, or with four ranks of which two
-went bad, the median sits between the groups and nobody is "far". So a second rule
-judges each rank against **its own past**: every rank keeps a robust baseline of its
-own recent losses at complete steps (`own_window`, admitting only losses that were not
-departures, after `own_min_steps` of warm-up), and its own z-score is
+went bad, the median sits between the groups and nobody is "far". So a second rule, the
+**contrast** rule, needs none. At each complete step every rank's contrast is its loss
+minus the median of the other ranks' losses (with two ranks: the other's loss). The
+ranks train one model on batches of one distribution, so a rank's contrast is stationary
+noise around a constant (0, or a fixed offset when its shard is harder by design)
+whatever the loss itself does: training lowering every loss, a schedule, a shared hard
+stretch or a learning-rate jump move all ranks together and cancel. Each rank keeps a
+robust baseline of its own admitted contrasts (`own_window`, after `own_min_steps` of
+warm-up; the newest `contrast_steps` admissions are left out, so a departure's first
+steps do not move it): median m, and sigma, the larger of 1.4826 × their MAD and the
+sigma its contrast would have now if it were like the others: the other ranks' median
+batch noise over their last 10 losses (from consecutive differences, which a level shift
+moves once), scaled for the comparison with their median. A model leaving chance starts
+to tell its batches apart and every rank gets noisier at once; a corrupted rank's own
+noisier losses must not hide its shift. A rank departs when the median of its last
+`contrast_steps` contrasts is
 
-    s = (loss − own median) / max(1.4826 × own MAD, rel_floor × |own median|, abs_floor)
+    above m by more than contrast_threshold standard errors of that median
+        (1.2533 × sigma / √contrast_steps: sustained, not one hard batch),
+    and by at least min_shift × its starting loss level (a difference that matters at
+        the task's scale, not noise near a zero loss),
 
-A rank whose s exceeds z_threshold while at least one other rank's s stays at or below
-it (its loss rose, the others' did not) counts a departure step; `consecutive` such steps
-in a row fire it, whatever the world size or the majority. Ranks that rise together
-(a learning-rate jump, a hard stretch of shared data) name nobody: that is the loss
-detectors' fault, not one rank's. Only rises count: training lowers every rank's loss
-below its own recent median. Once firing, a rank stays firing while either rule holds
-(its baseline admitted nothing since it departed), and clears after `resolve_after`
-complete steps with neither. A bad rank's gradients degrade the shared model, so the
-healthy ranks' losses rise too, later and less: they were calm when the bad rank
-departed, and a rank never starts while no other rank is calm.
+and its own loss rose (the median of its last `contrast_steps` losses is at least half
+that shift above the median of its admitted ones before them): a contrast also grows
+when the *other* rank's loss falls, and that must not blame this one. A departing rank
+fires at once (the median already asks for most of the last `contrast_steps` steps),
+whatever the world size or the majority. Only rises count. Contrasts of a departing or
+firing rank, and single contrasts 3 sigmas out, are not admitted. Once firing, a rank
+stays firing while either rule holds and clears after `resolve_after` complete steps
+with neither. A bad rank's gradients degrade the shared model, so the healthy ranks'
+losses rise too, later and less: their contrasts fall as the bad rank's rose.
+
+Why 5.5 standard errors: the sigma is itself estimated (a MAD of ~40 contrasts, the noise
+of ~10 steps), and a rule judged on every step of a long job must not fire on its errors.
+Simulated healthy ranks (a falling loss, normal noise): at 5.0, 2 ranks × 100,000 steps
+started no alert but 4 ranks × 50,000 started one; at 5.5, 4 ranks × 50,000 started none,
+nor did 2 ranks × 60,000 with heavy-tailed noise (Student's t, 3 degrees of freedom).
+On the matrix's tuning seeds (5000–5159: 72 runs of 2–4 ranks, each once healthy and once
+with one rank's data corrupted from a step between 45 and 70) 5.5 found 68 of the 72
+corrupted ranks (5.0: 69, 4.0: 70) and named no healthy rank at any of them.
 
 What is compared: the loss only. The gradient statistics a rank reports are taken
 after the data-parallel all-reduce (identical on every DDP rank) or of its own shard
@@ -54,6 +77,8 @@ import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
 from gradwatch.server.detectors.robust import median as median_of
+from gradwatch.server.detectors.robust import nanmedian_columns
+from gradwatch.server.detectors.straggler import peer_medians
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
@@ -75,12 +100,26 @@ class RankDivergenceConfig(DetectorConfig):
     consecutive: int = setting(5, doc="Complete steps in a row beyond the threshold before firing.", ge=1)
     resolve_after: int = setting(20, doc="Complete steps in a row inside before a rank clears.", ge=1)
     min_ranks: int = setting(3, doc="Ranks with a finite loss needed to judge a step.", ge=3)
-    own_window: int = setting(50, doc="Own-baseline rule: each rank's recent admitted losses (complete steps).", ge=5)
-    own_min_steps: int = setting(20, doc="Complete steps that only build each rank's own baseline.", ge=3)
+    own_window: int = setting(50, doc="Contrast rule: each rank's recent admitted contrasts (complete steps).", ge=5)
+    own_min_steps: int = setting(20, doc="Complete steps that only build each rank's contrast baseline.", ge=3)
+    contrast_steps: int = setting(8, doc="Contrast rule: recent complete steps whose median contrast is judged.", ge=3)
+    contrast_threshold: float = setting(
+        5.5,
+        doc="A rank departs when the median of its last `contrast_steps` contrasts exceeds its usual by this many "
+        "standard errors of that median (1.2533 × sigma / √contrast_steps) ...",
+        gt=0.0,
+    )
+    min_shift: float = setting(
+        0.05, doc="... and by at least this × its starting loss level (median of its first admitted losses).", ge=0.0
+    )
 
     def _check(self) -> None:
         if self.own_min_steps > self.own_window:
             raise SettingError("own_min_steps", f"must be ≤ own_window ({self.own_window}), got {self.own_min_steps}")
+        if self.own_min_steps < self.contrast_steps + 3:
+            raise SettingError(
+                "own_min_steps", f"must be ≥ contrast_steps + 3 ({self.contrast_steps + 3}), got {self.own_min_steps}"
+            )
 
 
 def robust_z(values: np.ndarray, rel_floor: float, abs_floor: float) -> tuple[np.ndarray, float, float]:
@@ -91,8 +130,18 @@ def robust_z(values: np.ndarray, rel_floor: float, abs_floor: float) -> tuple[np
     return (values - median) / scale, median, mad
 
 
+#: Admitted losses whose median is a rank's current level (the contrast rule's "its own loss rose").
+LEVEL_STEPS = 10
+#: Recent complete steps whose consecutive contrast differences measure a rank's noise now.
+NOISE_STEPS = 10
+#: The standard error of a median of n normal values is this × sigma / √n (large n; a little more for small n).
+MEDIAN_ERROR = 1.2533
+#: A single contrast this many sigmas above a rank's usual is not admitted into its baseline.
+ADMIT_SIGMAS = 3.0
+
+
 class RankDivergenceDetector:
-    """Robust z-score of every rank's loss across ranks, per complete step (see module docstring)."""
+    """Cross-rank robust z-score and per-rank contrast of every rank's loss, per complete step (module docstring)."""
 
     def __init__(self, config: RankDivergenceConfig) -> None:
         self._config = config
@@ -101,11 +150,17 @@ class RankDivergenceDetector:
         self._far_streak = np.zeros(0, dtype=np.int64)
         self._near_streak = np.zeros(0, dtype=np.int64)
         self._firing = np.zeros(0, dtype=bool)
-        # Own-baseline rule: per rank, a ring of admitted losses (NaN: empty slot), its fill and write position.
-        self._own = np.full((0, config.own_window), np.nan)
-        self._own_count = np.zeros(0, dtype=np.int64)
-        self._own_streak = np.zeros(0, dtype=np.int64)
-        self._own_median = np.zeros(0)
+        # Contrast rule, per rank: rings of admitted contrasts and losses (NaN: empty), how many were admitted,
+        # the starting loss level (NaN until warm), and the last `consecutive` contrasts and losses of every
+        # complete step (NaN where the rank had no finite loss), written at `self._steps % self._span`.
+        self._span = max(config.contrast_steps, NOISE_STEPS)
+        self._contrast = np.full((0, config.own_window), np.nan)
+        self._admitted = np.full((0, config.own_window), np.nan)
+        self._count = np.zeros(0, dtype=np.int64)
+        self._start = np.zeros(0)
+        self._recent = np.full((0, self._span), np.nan)
+        self._recent_loss = np.full((0, self._span), np.nan)
+        self._steps = 0
 
     def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
         size = ranks.size
@@ -138,18 +193,17 @@ class RankDivergenceDetector:
         if judged.sum() >= cfg.min_ranks:
             z[judged], median, mad = robust_z(losses[judged], cfg.rel_floor, cfg.abs_floor)
             far = judged & (np.abs(z) > cfg.z_threshold)
-        own, departed = self._own_rule(losses, judged)
+        contrast = self._contrast_rule(losses, judged)
         self._far_streak = np.where(far, self._far_streak + 1, 0)
-        self._own_streak = np.where(departed, self._own_streak + 1, 0)
-        odd = far | (self._firing & (own > cfg.z_threshold))
+        odd = far | (self._firing & contrast.above)
         self._near_streak = np.where(odd | ~judged, 0, self._near_streak + 1)
-        starting = ~self._firing & ((self._far_streak >= cfg.consecutive) | (self._own_streak >= cfg.consecutive))
+        starting = ~self._firing & ((self._far_streak >= cfg.consecutive) | contrast.departed)
         ending = self._firing & (self._near_streak >= cfg.resolve_after)
         self._firing = (self._firing | starting) & ~ending
         findings = [Finding(int(r), Clear(step=step)) for r in np.flatnonzero(ending)]
         for rank in np.flatnonzero(self._firing & (odd | starting)):
             where = ranks.describe(np.array([rank]))
-            if far[rank]:
+            if self._far_streak[rank] >= cfg.consecutive or (far[rank] and not contrast.above[rank]):
                 summary = (
                     f"loss on {where} is {z[rank]:+.1f} robust z-scores from the other ranks at step {step}: "
                     f"{losses[rank]:.4g} vs median {median:.4g} (MAD {mad:.3g}) over {int(judged.sum())} ranks, "
@@ -159,49 +213,119 @@ class RankDivergenceDetector:
             else:
                 others = np.delete(np.arange(losses.size), rank)
                 summary = (
-                    f"loss on {where} left its own baseline at step {step}: {losses[rank]:.4g}, {own[rank]:+.1f} "
-                    f"robust z-scores above its recent median {float(self._own_median[rank]):.4g}, while the other "
-                    f"ranks' losses ({', '.join(f'{losses[o]:.4g}' for o in others[:4])}) stayed within theirs"
+                    f"loss on {where} rose away from the other ranks' at step {step}: {losses[rank]:.4g}; over "
+                    f"its last {cfg.contrast_steps} steps it sat {contrast.shift[rank]:+.3g} further above the others' "
+                    f"than usual (usually {contrast.usual[rank]:+.3g} ± {contrast.sigma[rank]:.2g}), its own loss "
+                    f"up {contrast.rise[rank]:+.3g} while theirs "
+                    f"({', '.join(f'{losses[o]:.4g}' for o in others[:4])}) did not follow"
                 )
-                value = float(own[rank])
+                value = float(contrast.score[rank])
             findings.append(Finding(int(rank), Fire(step=step, value=value, summary=summary)))
         return findings
 
-    def _own_rule(self, losses: np.ndarray, judged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each rank's z-score against its own baseline (0 while warming up) and which ranks departed this step
-        while another rank stayed within its own; admits the losses that did not depart."""
+    def _contrast_rule(self, losses: np.ndarray, judged: np.ndarray) -> _Contrast:
+        """Every rank's contrast at this step against its baseline (module docstring), and the admission of the
+        contrasts and losses of ranks that did not depart."""
         cfg = self._config
-        ready = judged & (self._own_count >= cfg.own_min_steps)
-        # Unfilled slots are NaN; a row with no admitted loss yet reads 0 (and is not ready).
-        median = np.zeros(losses.size)
-        mad = np.zeros(losses.size)
+        n = losses.size
+        contrast = np.full(n, np.nan)
+        rows = np.flatnonzero(judged)
+        if rows.size >= 2:
+            contrast[rows] = losses[rows] - peer_medians(losses[rows])
+        self._recent[:, self._steps % self._span] = contrast
+        self._recent_loss[:, self._steps % self._span] = np.where(judged, losses, np.nan)
+        self._steps += 1
+        last = (self._steps - 1 - np.arange(cfg.contrast_steps)) % self._span  # the last `contrast_steps` steps
+        out = _Contrast.empty(n)
+        ready = (self._count >= cfg.own_min_steps) & np.isfinite(contrast)
+        ready &= np.isfinite(self._recent[:, last]).all(axis=1)
         rows = np.flatnonzero(ready)
         if rows.size:
-            median[rows] = np.nanmedian(self._own[rows], axis=1)
-            mad[rows] = np.nanmedian(np.abs(self._own[rows] - median[rows, None]), axis=1)
-        scale = np.maximum(np.maximum(MAD_TO_SIGMA * mad, cfg.rel_floor * np.abs(median)), cfg.abs_floor)
-        own = np.where(ready, (np.where(judged, losses, 0.0) - median) / scale, 0.0)
-        self._own_median = median
-        rose = ready & (own > cfg.z_threshold)
-        calm = ready & ~rose
-        # Departed: rose while at least one other judged rank stayed calm.
-        departed = rose & ((calm.sum() - calm) > 0)
-        admit = judged & ~rose & ~self._firing
-        slots = self._own_count % cfg.own_window
+            # The baseline leaves out the last `contrast_steps` admissions: a departure's first steps, admitted
+            # before their median showed it, must not move it (nor the level its own rise is measured from).
+            newest = (self._count[rows, None] - 1 - np.arange(cfg.contrast_steps)) % cfg.own_window
+            base = self._contrast[rows].copy()
+            base[np.arange(rows.size)[:, None], newest] = np.nan
+            usual = nanmedian_columns(base.T)
+            sigma = np.maximum(MAD_TO_SIGMA * nanmedian_columns(np.abs(base - usual[:, None]).T), cfg.abs_floor)
+            sigma = np.fmax(sigma, self._noise_now(judged, rows))
+            shift = np.median(self._recent[rows][:, last], axis=1) - usual
+            older = cfg.contrast_steps + np.arange(min(LEVEL_STEPS, cfg.own_min_steps - cfg.contrast_steps))
+            level = np.median(self._admitted[rows[:, None], (self._count[rows, None] - 1 - older) % cfg.own_window], 1)
+            rise = np.median(self._recent_loss[rows][:, last], axis=1) - level
+            out.usual[rows], out.sigma[rows], out.shift[rows], out.rise[rows] = usual, sigma, shift, rise
+            error = MEDIAN_ERROR * sigma / math.sqrt(cfg.contrast_steps)
+            out.score[rows] = shift / error
+            out.above[rows] = (shift > cfg.contrast_threshold * error) & (shift >= cfg.min_shift * self._start[rows])
+            out.departed[rows] = out.above[rows] & (rise >= 0.5 * shift)
+        # Admit this step's contrast (and loss) unless the rank departed, fires, or this one contrast alone is out
+        # (the first steps of a departure, before their median shows it, must not move the baseline toward it).
+        one = np.where(ready, contrast - out.usual, 0.0) > ADMIT_SIGMAS * out.sigma
+        admit = np.isfinite(contrast) & ~out.above & ~self._firing & ~one
         rows = np.flatnonzero(admit)
-        self._own[rows, slots[rows]] = losses[rows]
-        self._own_count[rows] += 1
-        return own, departed
+        slots = self._count[rows] % cfg.own_window
+        self._contrast[rows, slots] = contrast[rows]
+        self._admitted[rows, slots] = losses[rows]
+        self._count[rows] += 1
+        warm = rows[self._count[rows] == cfg.own_min_steps]
+        self._start[warm] = np.abs(np.median(self._admitted[warm, : cfg.own_min_steps], axis=1))
+        return out
+
+    def _noise_now(self, judged: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """For each rank of `rows`, the sigma its contrast would have now if it were like the others: the median of
+        the other judged ranks' batch noise (each from the consecutive differences of its last NOISE_STEPS losses,
+        which a level shift moves once), × √(1 + 1/others) for the others' median it is compared with. A model
+        leaving chance tells its batches apart and every rank gets noisier at once; a corrupted rank's own,
+        noisier losses do not count for it (they are what is judged)."""
+        order = (self._steps - self._span + np.arange(self._span)) % self._span
+        # A rank without two recent losses has no estimate (NaN).
+        noise = MAD_TO_SIGMA / math.sqrt(2.0) * nanmedian_columns(np.abs(np.diff(self._recent_loss[:, order])).T)
+        peers = np.flatnonzero(judged & np.isfinite(noise))
+        if peers.size < 2:
+            return np.zeros(rows.size)
+        others = np.zeros(judged.size)
+        others[peers] = peer_medians(noise[peers])
+        return np.where(np.isin(rows, peers), others[rows], 0.0) * math.sqrt(1.0 + 1.0 / (peers.size - 1))
 
     def _fit(self, size: int) -> None:
         extra = size - self._firing.size
         if extra > 0:
-            self._far_streak = np.concatenate([self._far_streak, np.zeros(extra, dtype=np.int64)])
-            self._near_streak = np.concatenate([self._near_streak, np.zeros(extra, dtype=np.int64)])
-            self._firing = np.concatenate([self._firing, np.zeros(extra, dtype=bool)])
-            self._own_streak = np.concatenate([self._own_streak, np.zeros(extra, dtype=np.int64)])
-            self._own_count = np.concatenate([self._own_count, np.zeros(extra, dtype=np.int64)])
-            self._own = np.vstack([self._own, np.full((extra, self._config.own_window), np.nan)])
+            cfg = self._config
+
+            def grow(array: np.ndarray, fill: float | int | bool, width: int = 0) -> np.ndarray:
+                shape = (extra, width) if width else (extra,)
+                return np.concatenate([array, np.full(shape, fill, dtype=array.dtype)])
+
+            self._far_streak, self._near_streak = grow(self._far_streak, 0), grow(self._near_streak, 0)
+            self._firing, self._count, self._start = (
+                grow(self._firing, False),
+                grow(self._count, 0),
+                grow(self._start, 0),
+            )
+            self._contrast, self._admitted = (
+                grow(self._contrast, np.nan, cfg.own_window),
+                grow(self._admitted, np.nan, cfg.own_window),
+            )
+            self._recent = grow(self._recent, np.nan, self._span)
+            self._recent_loss = grow(self._recent_loss, np.nan, self._span)
+
+
+@dataclass
+class _Contrast:
+    """The contrast rule's figures for one complete step, per rank (0 / False where a rank is not judged)."""
+
+    usual: np.ndarray
+    sigma: np.ndarray
+    shift: np.ndarray
+    rise: np.ndarray
+    score: np.ndarray
+    above: np.ndarray
+    departed: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> _Contrast:
+        zeros = [np.zeros(n) for _ in range(5)]
+        return cls(*zeros, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
 
 
 SPEC = DetectorSpec(
