@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from gradwatch.server.config import load_config
@@ -190,6 +190,7 @@ def test_loss_spike_needs_a_rise_that_matters_at_the_runs_scale() -> None:
 @settings(max_examples=40, deadline=None)
 @given(start=st.floats(0.5, 5.0), floor=st.floats(1e-3, 0.3), steps=st.integers(35, 120), noise=st.floats(0.0, 0.1),
        seed=st.integers(0, 2**16))  # fmt: skip
+@example(start=1.0, floor=0.125, steps=55, noise=0.09375, seed=435)  # sigma over the whole window: the first noise
 def test_loss_spike_judges_against_the_current_level_of_a_falling_loss(
     start: float, floor: float, steps: int, noise: float, seed: int
 ) -> None:
@@ -363,6 +364,23 @@ def test_update_ratio_jump_needs_the_floor_where_it_starts_and_the_factor_where_
     for i in range(1, 13):
         det.observe(ratio_report(i, healthy))
     assert [det.observe(ratio_report(13 + i, 0.04)) for i in range(4)] == [None] * 4  # never over the floor
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=st.floats(10.1, 100.0), after=st.floats(0.0, 8.0))
+def test_update_ratio_jump_lasts_while_it_stays_several_times_the_level(first: float, after: float) -> None:
+    """A jump of `first`× its level (above the floor) followed by a report at `after`× fires exactly when the
+    second report holds at least jump_hold× (a batch-normalised CNN's SGD jump of 30× read 15× and then 4.7×); a
+    single outsized update followed by the usual level is no jump. (Ratios travel as float32: values within 1 %
+    of a threshold are left out.)"""
+    assume(abs(after - UpdateRatioConfig().jump_hold) > 0.03)
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    level = 6e-3
+    for i in range(1, 13):
+        det.observe(ratio_report(i, np.full(len(LAYERS), level)))
+    assert det.observe(ratio_report(13, level * first)) is None
+    second = det.observe(ratio_report(14, level * after))
+    assert isinstance(second, Fire) == (after >= UpdateRatioConfig().jump_hold), second
 
 
 @settings(max_examples=60, deadline=None)

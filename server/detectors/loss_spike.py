@@ -19,8 +19,11 @@ forms, and a median and MAD over the whole window then measure the descent, not 
 going from 1.35 to 0.02 in 48 steps had a window median of 0.56 and a "sigma" of 0.6, so a bad batch at
 6.2, 300× the current loss, stayed under its threshold of 8.2). The level is the median of the last
 `level_window` admitted losses (it follows a falling loss with a lag of a few steps); sigma is
-1.4826 × the median |difference| of consecutive admitted losses / √2, which a smooth trend barely moves
-and which equals the standard deviation for independent noise.
+1.4826 × the median |difference| of consecutive admitted losses / √2 over the last `noise_window`, which a
+smooth trend barely moves and which equals the standard deviation for independent noise. Recent, because
+loss noise is mostly proportional to the loss: over the whole window, a loss that fell eightfold kept the
+noise of its first steps (12 sigma measured 0.50 over 55 losses, 0.35 over the last 30, and a batch at 4.5×
+the current level stayed under the threshold).
 
 Resolves after `resolve_after` consecutive reports back under the threshold. The first `min_reports`
 losses only build the baseline. Non-finite losses belong to non_finite.
@@ -48,6 +51,9 @@ class LossSpikeConfig(DetectorConfig):
     window: int = setting(200, doc="Recent admitted losses forming the baseline.", ge=10)
     min_reports: int = setting(30, doc="Losses that only build the baseline (warm-up).", ge=5)
     level_window: int = setting(10, doc="Recent admitted losses whose median is the current level.", ge=1)
+    noise_window: int = setting(
+        30, doc="Recent admitted losses whose consecutive differences measure the noise (sigma).", ge=3
+    )
     factor: float = setting(1.5, doc="Fire above factor × the current level ...", gt=1.0)
     mad_k: float = setting(12.0, doc="... and above level + mad_k × sigma (from consecutive differences) ...", ge=0.0)
     min_rise: float = setting(0.25, doc="... and at least min_rise × the starting loss level above the level.", ge=0.0)
@@ -93,7 +99,7 @@ class LossSpikeDetector:
         cfg = self._config
         held = baseline.window.values()
         level = median(held[-cfg.level_window :])
-        steps = np.abs(np.diff(held))
+        steps = np.abs(np.diff(held[-cfg.noise_window :]))
         sigma = MAD_TO_SIGMA * median(steps) / math.sqrt(2.0) if steps.size else 0.0
         margin = max((cfg.factor - 1.0) * abs(level), cfg.mad_k * sigma, cfg.min_rise * baseline.scale)
         return level, level + margin if math.isfinite(margin) else math.inf
