@@ -1,0 +1,147 @@
+"""A detector window that keeps its values sorted as it slides: medians and MADs per report without a partition.
+
+The loss and gradient detectors take several medians over windows of 100–200 values on every report. A numpy
+partition costs a few µs per call however small the window, and those calls were most of the server's CPU per
+report. `SortedRing` is a `FloatRing` that also keeps its finite values in a sorted list (one `bisect` insertion
+and one removal per append, O(log n) comparisons and a memmove), so a median is an index and a MAD a selection
+over two sorted runs (O(log n)).
+
+Contract: every statistic equals `gradwatch.server.detectors.robust`'s numpy computation on the same values bit
+for bit (tests/test_server_sorted_ring.py, generated windows). Where the sorted list could not say the same:
+a window holding a non-finite value (NaN has no place in a sorted order) and a median that is a zero (numpy's
+partition may pick -0.0 where the sorted list has 0.0), the numpy computation runs instead.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+
+import numpy as np
+
+from gradwatch.server.detectors.robust import median as partition_median
+from gradwatch.server.ring import FloatRing
+
+__all__ = ["SortedRing", "mad_of_sorted", "median_of_sorted"]
+
+
+class SortedRing(FloatRing):
+    """The last `capacity` floats, oldest first on read (a FloatRing), plus sorted copies of the held values
+    and of fixed chronological slices of the full window (`slices`: (start, stop) pairs, for medians of the
+    window's head and tail; valid once the ring is full)."""
+
+    __slots__ = ("_bad", "_slices", "_sorted")
+
+    def __init__(self, capacity: int, slices: tuple[tuple[int, int], ...] = ()) -> None:
+        super().__init__(capacity)
+        for start, stop in slices:
+            if not 0 <= start < stop <= capacity:
+                raise ValueError(f"slice ({start}, {stop}) is not within a window of {capacity}")
+        #: The finite held values, ascending; `_bad` counts the non-finite ones held.
+        self._sorted: list[float] = []
+        self._bad = 0
+        #: Per slice: [start, stop, its finite values ascending, its non-finite count].
+        self._slices: list[list] = [[start, stop, [], 0] for start, stop in slices]  # type: ignore[type-arg]
+
+    def append(self, value: float) -> None:
+        value = float(value)
+        data, cap = self._data, self._data.size
+        if self.count >= cap:
+            at = self._next
+            self._bad -= _remove(self._sorted, float(data[at]))
+            for entry in self._slices:
+                start, stop, ordered = entry[0], entry[1], entry[2]
+                entry[3] -= _remove(ordered, float(data[(at + start) % cap]))
+                entry[3] += _insert(ordered, value if stop == cap else float(data[(at + stop) % cap]))
+        self._bad += _insert(self._sorted, value)
+        super().append(value)
+        if self.count == cap and self._slices:  # just filled: the slices start from the whole window
+            held = self._data.tolist()
+            for entry in self._slices:
+                part = held[entry[0] : entry[1]]
+                finite = [v for v in part if math.isfinite(v)]
+                entry[2], entry[3] = sorted(finite), len(part) - len(finite)
+
+    def median(self) -> float:
+        """`robust.median` of the held values (non-empty)."""
+        if self._bad:
+            return partition_median(self.unordered())
+        return median_of_sorted(self._sorted, self.unordered)
+
+    def mad(self, centre: float) -> float:
+        """`robust.median(np.abs(held - centre))` of the held values (non-empty)."""
+        if self._bad or not math.isfinite(centre):
+            return partition_median(np.abs(self.unordered() - centre))
+        return mad_of_sorted(self._sorted, centre)
+
+    def slice_median(self, index: int) -> float:
+        """`robust.median` of slice `index` of the window (see the class docstring); the ring must be full."""
+        start, stop, ordered, bad = self._slices[index]
+        if not self.full:
+            raise ValueError("slice medians need a full window")
+        if bad:
+            return partition_median(self.values()[start:stop])
+        return median_of_sorted(ordered, lambda: self.values()[start:stop])
+
+
+def _insert(ordered: list[float], value: float) -> int:
+    """Insert a finite value in order; returns 1 for a non-finite one (not inserted), else 0."""
+    if value - value != 0.0:  # NaN or ±inf
+        return 1
+    insort(ordered, value)
+    return 0
+
+
+def _remove(ordered: list[float], value: float) -> int:
+    """Remove one value equal to `value`; 1 for a non-finite one, else 0."""
+    if value - value != 0.0:
+        return 1
+    # Of equal zeros, this may remove 0.0 for -0.0: unobservable, since a zero median is taken by numpy and
+    # deviations are absolute values.
+    del ordered[bisect_left(ordered, value)]
+    return 0
+
+
+def median_of_sorted(ordered: list[float], held: object) -> float:
+    """The median of finite values sorted ascending, as numpy's partition gives it; `held()` returns the values
+    as an array for the one case it cannot tell from the sorted list (a zero in the middle: its sign)."""
+    n = len(ordered)
+    lo, hi = (n - 1) // 2, n // 2
+    a, b = ordered[lo], ordered[hi]
+    if a == 0.0 or b == 0.0:
+        return partition_median(held())  # type: ignore[operator]
+    return a if lo == hi else (a + b) / 2
+
+
+def mad_of_sorted(ordered: list[float], centre: float) -> float:
+    """Median of |x − centre| over finite values sorted ascending (`centre` finite), as numpy computes it.
+
+    The deviations below the centre, c − x read from the centre outwards, and those above, x − c, are two
+    ascending runs (rounding is monotone), and |x − c| is the same float either way round; the middle of their
+    merge is found by bisection. Every deviation is a non-negative number, so no zero's sign is in question."""
+    n = len(ordered)
+    split = bisect_left(ordered, centre)  # ordered[:split] < centre <= ordered[split:]
+    lo, hi = (n - 1) // 2, n // 2
+    a = _kth_deviation(ordered, centre, split, lo)
+    if lo == hi:
+        return a
+    return (a + _kth_deviation(ordered, centre, split, hi)) / 2
+
+
+def _kth_deviation(ordered: list[float], centre: float, split: int, k: int) -> float:
+    """The k-th smallest (0-based) of |x − centre| over `ordered`, where ordered[:split] < centre."""
+    below, above = split, len(ordered) - split
+    # Take i of the k + 1 smallest from below the centre and k + 1 − i from above: the largest i such that the
+    # i-th deviation below is not larger than the (k + 1 − i)-th above.
+    lo, hi = max(0, k + 1 - above), min(k + 1, below)
+    while lo < hi:
+        i = (lo + hi + 1) // 2
+        j = k + 1 - i
+        if j < above and abs(ordered[split + j] - centre) < abs(ordered[split - i] - centre):
+            hi = i - 1
+        else:
+            lo = i
+    i, j = lo, k + 1 - lo
+    left = abs(ordered[split - i] - centre) if i > 0 else -1.0
+    right = abs(ordered[split + j - 1] - centre) if j > 0 else -1.0
+    return left if left > right else right

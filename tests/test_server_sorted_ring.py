@@ -1,0 +1,75 @@
+"""SortedRing's medians and MADs equal the numpy computations they replace, bit for bit (property-based)."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradwatch.server.detectors.robust import median
+from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
+
+# Few distinct values (ties, signed zeros) as well as arbitrary ones, and now and then a non-finite one.
+_VALUES = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-300, -3.25]),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12),
+    st.floats(allow_nan=False, allow_infinity=False, width=64).filter(lambda v: abs(v) < 1e300),
+)
+_ANY = st.one_of(_VALUES, _VALUES, _VALUES, _VALUES, st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+
+
+def _bits(value: float) -> bytes:
+    """Equal bits (a NaN's payload aside): the comparison that tells -0.0 from 0.0."""
+    return b"nan" if value != value else struct.pack("<d", value)
+
+
+@st.composite
+def _windows(draw: st.DrawFn) -> tuple[int, tuple[tuple[int, int], ...], list[float]]:
+    capacity = draw(st.integers(1, 40))
+    bounds = draw(st.lists(st.tuples(st.integers(0, capacity - 1), st.integers(1, capacity)), max_size=3))
+    slices = tuple((min(a, b - 1), b) if a < b else (b - 1, a + 1 if a + 1 <= capacity else capacity)
+                   for a, b in bounds)  # fmt: skip
+    slices = tuple((a, b) for a, b in slices if 0 <= a < b <= capacity)
+    values = draw(st.lists(draw(st.sampled_from([_VALUES, _ANY])), min_size=1, max_size=3 * capacity + 5))
+    return capacity, slices, values
+
+
+@settings(max_examples=300, deadline=None)
+@given(_windows())
+def test_sorted_ring_statistics_equal_numpy_after_every_append(window) -> None:  # type: ignore[no-untyped-def]
+    capacity, slices, values = window
+    ring = SortedRing(capacity, slices)
+    for value in values:
+        ring.append(value)
+        held = ring.unordered()
+        with np.errstate(invalid="ignore", over="ignore"):
+            centre = median(held)
+            assert _bits(ring.median()) == _bits(centre)
+            assert _bits(ring.mad(centre)) == _bits(median(np.abs(held - centre)))
+        np.testing.assert_array_equal(ring.values(), held if not ring.full else ring.values())
+        if ring.full:
+            chronological = ring.values()
+            for index, (start, stop) in enumerate(slices):
+                with np.errstate(invalid="ignore", over="ignore"):
+                    assert _bits(ring.slice_median(index)) == _bits(median(chronological[start:stop]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_VALUES, min_size=1, max_size=60), _VALUES)
+def test_mad_of_sorted_equals_numpy_for_any_centre(values: list[float], centre: float) -> None:
+    array = np.asarray(values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = median(np.abs(array - centre))
+    assert _bits(mad_of_sorted(sorted(values), centre)) == _bits(expected)
+
+
+def test_sorted_ring_refuses_slices_outside_its_window_and_slice_medians_before_it_is_full() -> None:
+    with pytest.raises(ValueError, match="not within"):
+        SortedRing(4, ((2, 5),))
+    ring = SortedRing(4, ((0, 2),))
+    ring.append(1.0)
+    with pytest.raises(ValueError, match="full window"):
+        ring.slice_median(0)
