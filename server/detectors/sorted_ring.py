@@ -7,7 +7,7 @@ and one removal per append, O(log n) comparisons and a memmove), so a median is 
 over two sorted runs (O(log n)).
 
 Contract: every statistic equals `gradwatch.server.detectors.robust`'s numpy computation on the same values bit
-for bit (tests/test_server_sorted_ring.py, generated windows). Where the sorted list could not say the same:
+for bit (tests/test_server_fast_statistics.py, generated windows). Where the sorted list could not say the same:
 a window holding a non-finite value (NaN has no place in a sorted order) and a median that is a zero (numpy's
 partition may pick -0.0 where the sorted list has 0.0), the numpy computation runs instead.
 """

@@ -1,4 +1,5 @@
-"""SortedRing's medians and MADs equal the numpy computations they replace, bit for bit (property-based)."""
+"""The detectors' fast statistics equal the numpy computations they replace, bit for bit (property-based):
+SortedRing's medians and MADs, loss_not_decreasing's line fit."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
+from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.robust import median
 from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
 
@@ -73,3 +76,14 @@ def test_sorted_ring_refuses_slices_outside_its_window_and_slice_medians_before_
     ring.append(1.0)
     with pytest.raises(ValueError, match="full window"):
         ring.slice_median(0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(hnp.arrays(np.float64, st.integers(4, 300), elements=_VALUES))
+def test_line_fit_residuals_equal_polyfit(values: np.ndarray) -> None:
+    x = np.arange(values.size, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        slope, intercept = np.polyfit(x, values, 1)
+        expected = values - (slope * x + intercept)
+        got = _LineFit(values.size).residuals(values)
+    assert got.tobytes() == expected.tobytes()
