@@ -90,7 +90,9 @@ class LossNotDecreasingDetector:
         self._config = config
         self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
         halves = ((0, config.smooth), (config.window - config.smooth, config.window))
-        self._ranks: defaultdict[int, _RankState] = defaultdict(lambda: _RankState(SortedRing(config.window, halves)))
+        self._ranks: defaultdict[int, _RankState] = defaultdict(
+            lambda: _RankState(SortedRing(config.window, halves, whole=False))
+        )
         self._trend = _LineFit(config.window)
 
     def observe(self, report: RankReport) -> Verdict | None:

@@ -76,7 +76,10 @@ class LossBaseline:
     __slots__ = ("_first", "first", "initial", "window")
 
     def __init__(self, window: int, warmup: int) -> None:
-        self.window = FloatRing(window)
+        from gradwatch.server.detectors.sorted_ring import SortedRing  # it takes `median` from this module
+
+        #: Kept sorted as it slides: `threshold` takes its median and MAD on every report.
+        self.window = SortedRing(window)
         self._first = FloatRing(warmup)
         #: Median of the first `warmup` finite losses; None until they have been seen.
         self.initial: float | None = None
@@ -111,7 +114,8 @@ class LossBaseline:
         The margin above the median is the largest of (factor − 1) × |median| (relative), mad_k × sigma
         (the run's own noise) and min_rise × `scale` (a change that matters at the task's scale).
         """
-        centre, sigma = median_sigma(self.window.unordered())
+        centre = self.window.median()
+        sigma = MAD_TO_SIGMA * self.window.mad(centre)  # median_sigma(held values), bit for bit
         margin = max((factor - 1.0) * abs(centre), mad_k * sigma, min_rise * self.scale)
         return centre, centre + margin if math.isfinite(margin) else math.inf
 

@@ -27,18 +27,18 @@ __all__ = ["SortedRing", "mad_of_sorted", "median_of_sorted"]
 
 class SortedRing(FloatRing):
     """The last `capacity` floats, oldest first on read (a FloatRing), plus sorted copies of the held values
-    and of fixed chronological slices of the full window (`slices`: (start, stop) pairs, for medians of the
-    window's head and tail; valid once the ring is full)."""
+    (unless `whole` is False: then only `slice_median` answers) and of fixed chronological slices of the full
+    window (`slices`: (start, stop) pairs, e.g. the window's head and tail; valid once the ring is full)."""
 
     __slots__ = ("_bad", "_slices", "_sorted")
 
-    def __init__(self, capacity: int, slices: tuple[tuple[int, int], ...] = ()) -> None:
+    def __init__(self, capacity: int, slices: tuple[tuple[int, int], ...] = (), *, whole: bool = True) -> None:
         super().__init__(capacity)
         for start, stop in slices:
             if not 0 <= start < stop <= capacity:
                 raise ValueError(f"slice ({start}, {stop}) is not within a window of {capacity}")
         #: The finite held values, ascending; `_bad` counts the non-finite ones held.
-        self._sorted: list[float] = []
+        self._sorted: list[float] | None = [] if whole else None
         self._bad = 0
         #: Per slice: [start, stop, its finite values ascending, its non-finite count].
         self._slices: list[list] = [[start, stop, [], 0] for start, stop in slices]  # type: ignore[type-arg]
@@ -46,14 +46,17 @@ class SortedRing(FloatRing):
     def append(self, value: float) -> None:
         value = float(value)
         data, cap = self._data, self._data.size
+        ordered = self._sorted
         if self.count >= cap:
             at = self._next
-            self._bad -= _remove(self._sorted, float(data[at]))
+            if ordered is not None:
+                self._bad -= _remove(ordered, float(data[at]))
             for entry in self._slices:
-                start, stop, ordered = entry[0], entry[1], entry[2]
-                entry[3] -= _remove(ordered, float(data[(at + start) % cap]))
-                entry[3] += _insert(ordered, value if stop == cap else float(data[(at + stop) % cap]))
-        self._bad += _insert(self._sorted, value)
+                start, stop, part = entry[0], entry[1], entry[2]
+                entry[3] -= _remove(part, float(data[(at + start) % cap]))
+                entry[3] += _insert(part, value if stop == cap else float(data[(at + stop) % cap]))
+        if ordered is not None:
+            self._bad += _insert(ordered, value)
         super().append(value)
         if self.count == cap and self._slices:  # just filled: the slices start from the whole window
             held = self._data.tolist()
@@ -64,12 +67,16 @@ class SortedRing(FloatRing):
 
     def median(self) -> float:
         """`robust.median` of the held values (non-empty)."""
+        if self._sorted is None:
+            raise ValueError("this ring keeps only its slices sorted")
         if self._bad:
             return partition_median(self.unordered())
         return median_of_sorted(self._sorted, self.unordered)
 
     def mad(self, centre: float) -> float:
         """`robust.median(np.abs(held - centre))` of the held values (non-empty)."""
+        if self._sorted is None:
+            raise ValueError("this ring keeps only its slices sorted")
         if self._bad or not math.isfinite(centre):
             return partition_median(np.abs(self.unordered() - centre))
         return mad_of_sorted(self._sorted, centre)
