@@ -1,5 +1,5 @@
 """The detectors' fast statistics equal the numpy computations they replace, bit for bit (property-based):
-SortedRing's medians and MADs, loss_not_decreasing's line fit."""
+SortedRing's medians and MADs, exploding_gradient's log bound, loss_not_decreasing's line fit."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gradwatch.server.detectors.exploding_gradient import _log_bound, _NormBaseline
 from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.robust import median
 from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
@@ -87,3 +88,20 @@ def test_line_fit_residuals_equal_polyfit(values: np.ndarray) -> None:
         expected = values - (slope * x + intercept)
         got = _LineFit(values.size).residuals(values)
     assert got.tobytes() == expected.tobytes()
+
+
+_NORMS = st.one_of(
+    st.sampled_from([0.0, 1.0, 1e-300, 5e-324, 2.0, 1e300]),
+    st.floats(min_value=0.0, max_value=1e6, allow_nan=False),
+    st.floats(min_value=-1.0, max_value=0.0, allow_nan=False),  # negative: not in the log window
+    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 30), st.lists(_NORMS, min_size=1, max_size=100), st.sampled_from([0.0, 3.0, 1e-3]))
+def test_norm_baseline_log_bound_equals_numpy_after_every_append(window: int, norms: list[float], log_k: float) -> None:
+    baseline = _NormBaseline(window)
+    for norm in norms:
+        baseline.append(norm)
+        assert _bits(baseline.log_bound(log_k)) == _bits(_log_bound(baseline.ring.unordered(), log_k))

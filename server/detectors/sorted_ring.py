@@ -22,7 +22,7 @@ import numpy as np
 from gradwatch.server.detectors.robust import median as partition_median
 from gradwatch.server.ring import FloatRing
 
-__all__ = ["SortedRing", "mad_of_sorted", "median_of_sorted"]
+__all__ = ["SortedRing", "insert_finite", "mad_of_sorted", "median_of_sorted", "remove_finite"]
 
 
 class SortedRing(FloatRing):
@@ -50,13 +50,13 @@ class SortedRing(FloatRing):
         if self.count >= cap:
             at = self._next
             if ordered is not None:
-                self._bad -= _remove(ordered, float(data[at]))
+                self._bad -= remove_finite(ordered, float(data[at]))
             for entry in self._slices:
                 start, stop, part = entry[0], entry[1], entry[2]
-                entry[3] -= _remove(part, float(data[(at + start) % cap]))
-                entry[3] += _insert(part, value if stop == cap else float(data[(at + stop) % cap]))
+                entry[3] -= remove_finite(part, float(data[(at + start) % cap]))
+                entry[3] += insert_finite(part, value if stop == cap else float(data[(at + stop) % cap]))
         if ordered is not None:
-            self._bad += _insert(ordered, value)
+            self._bad += insert_finite(ordered, value)
         super().append(value)
         if self.count == cap and self._slices:  # just filled: the slices start from the whole window
             held = self._data.tolist()
@@ -91,7 +91,7 @@ class SortedRing(FloatRing):
         return median_of_sorted(ordered, lambda: self.values()[start:stop])
 
 
-def _insert(ordered: list[float], value: float) -> int:
+def insert_finite(ordered: list[float], value: float) -> int:
     """Insert a finite value in order; returns 1 for a non-finite one (not inserted), else 0."""
     if value - value != 0.0:  # NaN or ±inf
         return 1
@@ -99,7 +99,7 @@ def _insert(ordered: list[float], value: float) -> int:
     return 0
 
 
-def _remove(ordered: list[float], value: float) -> int:
+def remove_finite(ordered: list[float], value: float) -> int:
     """Remove one value equal to `value`; 1 for a non-finite one, else 0."""
     if value - value != 0.0:
         return 1
