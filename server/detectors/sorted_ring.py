@@ -124,31 +124,28 @@ def mad_of_sorted(ordered: list[float], centre: float) -> float:
     """Median of |x − centre| over finite values sorted ascending (`centre` finite), as numpy computes it.
 
     The deviations below the centre, c − x read from the centre outwards, and those above, x − c, are two
-    ascending runs (rounding is monotone), and |x − c| is the same float either way round; the middle of their
-    merge is found by bisection. Every deviation is a non-negative number, so no zero's sign is in question."""
+    ascending runs (rounding is monotone), and c − x is |x − c| exactly (rounding is symmetric); the middle of
+    their merge is found by bisection. A zero deviation is returned as 0.0, as np.abs gives it."""
     n = len(ordered)
     split = bisect_left(ordered, centre)  # ordered[:split] < centre <= ordered[split:]
-    lo, hi = (n - 1) // 2, n // 2
-    a = _kth_deviation(ordered, centre, split, lo)
-    if lo == hi:
-        return a
-    return (a + _kth_deviation(ordered, centre, split, hi)) / 2
-
-
-def _kth_deviation(ordered: list[float], centre: float, split: int, k: int) -> float:
-    """The k-th smallest (0-based) of |x − centre| over `ordered`, where ordered[:split] < centre."""
-    below, above = split, len(ordered) - split
-    # Take i of the k + 1 smallest from below the centre and k + 1 − i from above: the largest i such that the
-    # i-th deviation below is not larger than the (k + 1 − i)-th above.
+    below, above = split, n - split
+    k = (n - 1) // 2
+    # Take i of the k + 1 smallest deviations from below the centre and k + 1 − i from above: the largest i
+    # whose i-th deviation below is not larger than the (k + 2 − i)-th above.
     lo, hi = max(0, k + 1 - above), min(k + 1, below)
     while lo < hi:
         i = (lo + hi + 1) // 2
         j = k + 1 - i
-        if j < above and abs(ordered[split + j] - centre) < abs(ordered[split - i] - centre):
+        if j < above and ordered[split + j] - centre < centre - ordered[split - i]:
             hi = i - 1
         else:
             lo = i
     i, j = lo, k + 1 - lo
-    left = abs(ordered[split - i] - centre) if i > 0 else -1.0
-    right = abs(ordered[split + j - 1] - centre) if j > 0 else -1.0
-    return left if left > right else right
+    left = centre - ordered[split - i] if i > 0 else -1.0
+    right = ordered[split + j - 1] - centre if j > 0 else -1.0
+    middle = left if left > right else right
+    if n % 2 == 0:  # the next deviation of the merge: the smaller of the next below and the next above
+        after_left = centre - ordered[split - i - 1] if i < below else math.inf
+        after_right = ordered[split + j] - centre if j < above else math.inf
+        middle = (middle + (after_left if after_left < after_right else after_right)) / 2
+    return middle + 0.0  # -0.0 (x = -0.0 at a centre of 0.0) reads 0.0, as |x − c| does
