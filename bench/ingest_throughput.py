@@ -125,14 +125,16 @@ def _instrument(app: ServerApp, times: dict[str, float]) -> None:
     ingestor._store.record_report = _timed(ingestor._store.record_report, times, "store.record_report")
     if ingestor._on_report is not None:
         ingestor._on_report = _timed(ingestor._on_report, times, "recorder.observe")
-    original = ingestor._detectors_for
+    original, timed = ingestor._detectors_for, set()
 
     def detectors_for(run_id: str):  # type: ignore[no-untyped-def]
-        pairs = original(run_id)
-        for spec, detector in pairs:
-            if not hasattr(detector.observe, "__wrapped__"):
+        detectors = original(run_id)
+        if run_id not in timed:  # a run's detectors, just made: time each one's observe
+            timed.add(run_id)
+            for spec, detector in detectors.pairs:
                 detector.observe = _timed(detector.observe, times, f"detector {spec.name}")  # type: ignore[method-assign]
-        return pairs
+            detectors = ingestor._detectors[run_id] = type(detectors).of(detectors.pairs)
+        return detectors
 
     ingestor._detectors_for = detectors_for  # type: ignore[method-assign]
 

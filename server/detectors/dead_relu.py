@@ -142,4 +142,5 @@ SPEC = DetectorSpec(
     description="Most units of a ReLU layer never activate, report after report.",
     config_type=DeadReluConfig,
     factory=lambda config: DeadReluDetector(config),
+    needs=("activations",),
 )
