@@ -18,9 +18,10 @@ recorder, 4 ranks, CPU time of this thread; at the default cadence and with full
 (which gives layer-records per second per core). Three repetitions each; median and range. With
 `--no-detectors` every detector is disabled: what is left is the ingest bookkeeping (parse, validation, report
 decoding, store, flight recorder, counters). With `--profile` it prints, for the first layer count at the
-default cadence, where that time goes: each detector's `observe` and each ingest stage (parse, validation,
-report decoding, store, flight recorder), timed by wrappers around them (µs per report, over every rank's
-reports; the wrappers' own cost, about 0.2 µs per call, is included in each line and in the total).
+cadence of `--full-every` (default 10, the agent's), where that time goes: each detector's `observe` and each
+ingest stage (parse, validation, report decoding, store, flight recorder), timed by wrappers around them (µs
+per report, over every rank's reports; the wrappers' own cost, about 0.2 µs per call, is included in each line
+and in the total).
 """
 
 from __future__ import annotations
@@ -182,13 +183,14 @@ def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4, *,
     return elapsed / ((reports - warm) * ranks) * 1e6
 
 
-def profile(layers: int, reports: int, *, detectors: bool = True) -> None:
-    """Print where the default-cadence cost per report goes (see --profile in the docstring)."""
+def profile(layers: int, reports: int, *, full_every: int = 10, detectors: bool = True) -> None:
+    """Print where the cost per report goes (see --profile in the docstring)."""
     times: dict[str, float] = collections.defaultdict(float)
     runs, ranks = 3, 4
-    totals = [in_process_us(layers, 10, reports, ranks, detectors=detectors, times=times) for _ in range(runs)]
+    totals = [in_process_us(layers, full_every, reports, ranks, detectors=detectors, times=times) for _ in range(runs)]
     per_report = 1e6 / (runs * (reports - reports // 4) * ranks)
-    print(f"where the time goes, {layers} layers, default cadence, {ranks} ranks, {runs} x {reports} reports "
+    print(f"where the time goes, {layers} layers, full statistics every {full_every}, {ranks} ranks, "
+          f"{runs} x {reports} reports "
           f"(wrapped: total {sorted(totals)[1]:.0f} us/report, median of {runs})")  # fmt: skip
     parts = sorted(times.items(), key=lambda kv: -kv[1])
     for label, seconds in parts:
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="--in-process: where the time per report goes")
     args = parser.parse_args(argv)
     if args.in_process and args.profile:
-        profile(int(args.in_process.split(",")[0]), args.reports, detectors=not args.no_detectors)
+        profile(int(args.in_process.split(",")[0]), args.reports, full_every=args.full_every,
+                detectors=not args.no_detectors)  # fmt: skip
         return 0
     if args.in_process:
         in_process([int(n) for n in args.in_process.split(",")], args.reports, detectors=not args.no_detectors)
