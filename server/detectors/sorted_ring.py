@@ -45,21 +45,23 @@ class SortedRing(FloatRing):
 
     def append(self, value: float) -> None:
         value = float(value)
-        data, cap = self._data, self._data.size
+        data, cap, at = self._data, self._data.size, self._next
         ordered = self._sorted
         if self.count >= cap:
-            at = self._next
+            item = data.item  # a Python float, without a numpy scalar in between
             if ordered is not None:
-                self._bad -= remove_finite(ordered, float(data[at]))
+                self._bad -= remove_finite(ordered, item(at))
             for entry in self._slices:
-                start, stop, part = entry[0], entry[1], entry[2]
-                entry[3] -= remove_finite(part, float(data[(at + start) % cap]))
-                entry[3] += insert_finite(part, value if stop == cap else float(data[(at + stop) % cap]))
+                start, stop, part, _ = entry
+                entry[3] -= remove_finite(part, item((at + start) % cap))
+                entry[3] += insert_finite(part, value if stop == cap else item((at + stop) % cap))
         if ordered is not None:
             self._bad += insert_finite(ordered, value)
-        super().append(value)
+        data[at] = value  # FloatRing.append, inline
+        self._next = (at + 1) % cap
+        self.count += 1
         if self.count == cap and self._slices:  # just filled: the slices start from the whole window
-            held = self._data.tolist()
+            held = data.tolist()
             for entry in self._slices:
                 part = held[entry[0] : entry[1]]
                 finite = [v for v in part if math.isfinite(v)]
