@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gradwatch.server.detectors import loss_not_decreasing
 from gradwatch.server.detectors.exploding_gradient import _log_bound, _NormBaseline
 from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.robust import median
@@ -79,14 +80,23 @@ def test_sorted_ring_refuses_slices_outside_its_window_and_slice_medians_before_
         ring.slice_median(0)
 
 
-@settings(max_examples=200, deadline=None)
-@given(hnp.arrays(np.float64, st.integers(4, 300), elements=_VALUES))
-def test_line_fit_residuals_equal_polyfit(values: np.ndarray) -> None:
+@pytest.mark.parametrize("kernel", ["numpy's lstsq kernel", "np.linalg.lstsq"])
+@settings(max_examples=150, deadline=None)
+@given(values=hnp.arrays(np.float64, st.integers(4, 300), elements=_VALUES))
+def test_line_fit_residuals_equal_polyfit(kernel: str, values: np.ndarray) -> None:
+    assert loss_not_decreasing._LSTSQ is not None  # this numpy has the kernel: the fast path is the one tested
     x = np.arange(values.size, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         slope, intercept = np.polyfit(x, values, 1)
         expected = values - (slope * x + intercept)
-        got = _LineFit(values.size).residuals(values)
+    saved = loss_not_decreasing._LSTSQ
+    if kernel == "np.linalg.lstsq":
+        loss_not_decreasing._LSTSQ = None
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            got = _LineFit(values.size).residuals(values)
+    finally:
+        loss_not_decreasing._LSTSQ = saved
     assert got.tobytes() == expected.tobytes()
 
 

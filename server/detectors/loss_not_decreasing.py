@@ -34,6 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.linalg import _umath_linalg
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
@@ -142,8 +143,12 @@ class LossNotDecreasingDetector:
 
 class _LineFit:
     """`np.polyfit(arange(n), values, 1)` and its residuals for windows of `n` values, bit for bit: the scaled
-    Vandermonde matrix polyfit builds for every call depends on `n` only, so it is built once and the same
-    least-squares solve (np.linalg.lstsq, same matrix, same rcond) runs per call (a third of polyfit's cost)."""
+    Vandermonde matrix polyfit builds for every call depends on `n` only, so it is built once, and the same
+    least-squares solve runs per call: numpy's lstsq kernel (the LAPACK driver np.linalg.lstsq calls, with the
+    same matrix and rcond) without the wrapper's argument handling, which cost three times the solve. A solve
+    that fails raises, as np.linalg.lstsq does (FloatingPointError instead of LinAlgError). A numpy without
+    that kernel gets np.linalg.lstsq. tests/test_server_fast_statistics.py compares the residuals with
+    np.polyfit's."""
 
     __slots__ = ("_lhs", "_rcond", "_scale", "_x")
 
@@ -156,9 +161,17 @@ class _LineFit:
 
     def residuals(self, values: np.ndarray) -> np.ndarray:
         """values − (slope × x + intercept) of the least-squares line through (0..n−1, values)."""
-        coefficients, _, _, _ = np.linalg.lstsq(self._lhs, values + 0.0, self._rcond)
+        if _LSTSQ is None:
+            coefficients = np.linalg.lstsq(self._lhs, values + 0.0, self._rcond)[0]
+        else:
+            with np.errstate(invalid="raise", over="ignore", divide="ignore", under="ignore"):
+                coefficients = _LSTSQ(self._lhs, values[:, None] + 0.0, self._rcond, signature="ddd->ddid")[0][:, 0]
         slope, intercept = coefficients / self._scale
         return values - (slope * self._x + intercept)
+
+
+#: numpy's least-squares gufunc for a tall matrix (numpy ≥ 2: lstsq; 1.x: lstsq_n), None when not found.
+_LSTSQ = getattr(_umath_linalg, "lstsq", None) or getattr(_umath_linalg, "lstsq_n", None)
 
 
 SPEC = DetectorSpec(
