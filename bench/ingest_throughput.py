@@ -132,9 +132,11 @@ def _instrument(app: ServerApp, times: dict[str, float]) -> None:
         detectors = original(run_id)
         if run_id not in timed:  # a run's detectors, just made: time each one's observe
             timed.add(run_id)
-            for spec, detector in detectors.pairs:
+            pairs = getattr(detectors, "pairs", detectors)  # (an older Ingestor kept a plain list of pairs)
+            for spec, detector in pairs:
                 detector.observe = _timed(detector.observe, times, f"detector {spec.name}")  # type: ignore[method-assign]
-            detectors = ingestor._detectors[run_id] = type(detectors).of(detectors.pairs)
+            if pairs is not detectors:  # the bound calls are taken when the dispatch is made: make it again
+                detectors = ingestor._detectors[run_id] = type(detectors).of(pairs)
         return detectors
 
     ingestor._detectors_for = detectors_for  # type: ignore[method-assign]
