@@ -1,5 +1,6 @@
 """The detectors' fast statistics equal the numpy computations they replace, bit for bit (property-based):
-SortedRing's medians and MADs, exploding_gradient's log bound, loss_not_decreasing's line fit."""
+SortedRing's medians and MADs, a sorted LossBaseline's threshold, exploding_gradient's log bound,
+loss_not_decreasing's line fit."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from gradwatch.server.detectors import loss_not_decreasing
 from gradwatch.server.detectors.exploding_gradient import _log_bound, _NormBaseline
 from gradwatch.server.detectors.loss_not_decreasing import _LineFit
-from gradwatch.server.detectors.robust import median
+from gradwatch.server.detectors.robust import LossBaseline, median
 from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
 
 # Few distinct values (ties, signed zeros) as well as arbitrary ones, and now and then a non-finite one.
@@ -115,3 +116,19 @@ def test_norm_baseline_log_bound_equals_numpy_after_every_append(window: int, no
     for norm in norms:
         baseline.append(norm)
         assert _bits(baseline.log_bound(log_k)) == _bits(_log_bound(baseline.ring.unordered(), log_k))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 10), st.lists(_VALUES, min_size=1, max_size=80))
+def test_sorted_loss_baseline_threshold_equals_the_partition_one(window: int, warmup: int, losses: list[float]) -> None:
+    warmup = min(warmup, window)
+    kept, plain = LossBaseline(window, warmup, sorted_window=True), LossBaseline(window, warmup)
+    for loss in losses:
+        for baseline in (kept, plain):
+            if not baseline.warm(loss):
+                continue
+            baseline.window.append(loss)
+        if kept.ready:
+            with np.errstate(over="ignore", invalid="ignore"):
+                got, expected = kept.threshold(3.0, 10.0, 0.2), plain.threshold(3.0, 10.0, 0.2)
+            assert [_bits(v) for v in got] == [_bits(v) for v in expected]

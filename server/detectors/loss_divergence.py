@@ -94,7 +94,10 @@ class LossDivergenceDetector:
         # The trend rule's four blocks (the first 4 × block losses of the window) and the last `duration`.
         slices = (*((i * block, (i + 1) * block) for i in range(4)), (span - config.duration, span))
         self._ranks: defaultdict[int, _RankState] = defaultdict(
-            lambda: _RankState(LossBaseline(config.window, config.min_reports), SortedRing(span, slices, whole=False))
+            lambda: _RankState(
+                LossBaseline(config.window, config.min_reports, sorted_window=True),
+                SortedRing(span, slices, whole=False),
+            )
         )
 
     def observe(self, report: RankReport) -> Verdict | None:
