@@ -60,12 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     samples: list[float] = []
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        WebhookReceiver() as receiver,
-        alertmanager(routing_config(receiver.url), pathlib.Path(tmp)) as am_url,
-        gradwatch_serve(pathlib.Path(tmp), "--alertmanager-url", am_url) as target,
-    ):
+    with tempfile.TemporaryDirectory() as tmp, WebhookReceiver() as receiver, \
+            alertmanager(routing_config(receiver.url), pathlib.Path(tmp)) as am_url, \
+            gradwatch_serve(pathlib.Path(tmp), "--alertmanager-url", am_url) as target:
         for seed in range(args.trials):
             samples.append(trial(target, receiver, seed, args.warmup_steps))
     ms = np.array(samples) * 1000

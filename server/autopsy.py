@@ -25,7 +25,9 @@ AUTOPSY_DETECTORS = frozenset(
 SUMMARY_IDS = 8
 
 
-def autopsy_of(detector: str, report: RankReport, verdict: Verdict) -> tuple[dict[str, Any] | None, Verdict]:
+def autopsy_of(
+    detector: str, report: RankReport, verdict: Verdict
+) -> tuple[dict[str, Any] | None, Verdict]:
     if not isinstance(verdict, Fire) or detector not in AUTOPSY_DETECTORS:
         return None, verdict
     if not report.batch_ids and not report.top_samples:

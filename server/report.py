@@ -291,3 +291,4 @@ def _decode_columns(msg: pb.StepReport) -> dict[str, np.ndarray]:
             width = COLUMN_WIDTHS.get(name, 1)
             out[name] = values if width == 1 else values.reshape(-1, width)
     return out
+

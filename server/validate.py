@@ -498,8 +498,8 @@ class StreamValidator:
         self._check_autopsy(report)
         if report.update_ratio and len(report.update_ratio) != 4 * n:
             raise _reject(
-                INVALID_LAYER_STATS,
-                f"update_ratio has {len(report.update_ratio)} bytes; the schema's {n} layers need {4 * n}",
+                INVALID_LAYER_STATS, f"update_ratio has {len(report.update_ratio)} bytes; the schema's {n} layers "
+                f"need {4 * n}"
             )
         if report.HasField("layers"):
             for name in COLUMN_NAMES:

@@ -96,12 +96,8 @@ def run_model(
             try:
                 trainer.run(variant.warm_steps(warm_steps), session)
                 trainer.synchronize()
-                wall, cpu, process, server = (
-                    time.perf_counter(),
-                    time.thread_time(),
-                    time.process_time(),
-                    _process_cpu(ctx.server_pid),
-                )
+                wall, cpu, process, server = time.perf_counter(), time.thread_time(), time.process_time(), \
+                    _process_cpu(ctx.server_pid)
                 trainer.run(steps, session)
                 trainer.synchronize()
                 wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
