@@ -11,7 +11,10 @@ same thing however it arrived. Contract:
   a duplicate: counted and dropped, never re-applied. After `apply` returns,
   `session.acked_seq` covers the frame. Returns Commands for the agent.
 * Every report is evaluated by every enabled detector of its run (nothing is
-  sampled), in arrival order, under one lock, so detectors need no locking.
+  sampled), in arrival order, under one lock, so detectors need no locking; a
+  detector is skipped only where it has promised to do nothing (a report without
+  the parts it `needs`, or a tick-only detector: DetectorSpec, "What a detector is
+  shown").
   Cross-rank detectors (scope "run") also see the run's RankTable, and `tick()`
   (called by the app every TICK_INTERVAL_S) lets them judge runs from which
   nothing arrives; their findings may name any rank of the run.
