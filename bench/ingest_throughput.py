@@ -17,12 +17,18 @@ frames (bench/loadgen.py's) parsed, validated and applied by an Ingestor with ev
 recorder, 4 ranks, CPU time of this thread; at the default cadence and with full statistics on every report
 (which gives layer-records per second per core). Three repetitions each; median and range. With
 `--no-detectors` every detector is disabled: what is left is the ingest bookkeeping (parse, validation, report
-decoding, store, flight recorder, counters).
+decoding, store, flight recorder, counters). With `--profile` it prints, for the first layer count at the
+cadence of `--full-every` (default 10, the agent's), where that time goes: each detector's `observe` and each
+ingest stage (parse, validation, report decoding, store, flight recorder), timed by wrappers around them (µs
+per report, over every rank's reports; the wrappers' own cost, about 0.2 µs per call, is included in each line
+and in the total).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import os
 import pathlib
 import sys
@@ -99,10 +105,55 @@ def _measure(target: str, pid: int, streams: int, reports: int, layers: int, ful
     }
 
 
-def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4, *, detectors: bool = True) -> float:
-    """Thread CPU µs per report through parse, validation and Ingestor.apply (no gRPC); see the docstring."""
+def _timed(fn, times: dict[str, float], label: str):  # type: ignore[no-untyped-def]
+    """`fn` wrapped to add its wall time (this process is single-threaded here) to times[label]."""
+    clock = time.perf_counter
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started = clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[label] += clock() - started
+
+    return wrapper
+
+
+def _instrument(app: ServerApp, times: dict[str, float]) -> None:
+    """Time the ingest stages and every detector's observe of `app` (see --profile in the docstring)."""
+    ingestor = app.ingestor
+    ingestor._store.record_report = _timed(ingestor._store.record_report, times, "store.record_report")
+    if ingestor._on_report is not None:
+        ingestor._on_report = _timed(ingestor._on_report, times, "recorder.observe")
+    original, timed = ingestor._detectors_for, set()
+
+    def detectors_for(run_id: str):  # type: ignore[no-untyped-def]
+        detectors = original(run_id)
+        if run_id not in timed:  # a run's detectors, just made: time each one's observe
+            timed.add(run_id)
+            pairs = getattr(detectors, "pairs", detectors)  # (an older Ingestor kept a plain list of pairs)
+            for spec, detector in pairs:
+                detector.observe = _timed(detector.observe, times, f"detector {spec.name}")  # type: ignore[method-assign]
+            if pairs is not detectors:  # the bound calls are taken when the dispatch is made: make it again
+                detectors = ingestor._detectors[run_id] = type(detectors).of(pairs)
+        return detectors
+
+    ingestor._detectors_for = detectors_for  # type: ignore[method-assign]
+
+
+def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4, *, detectors: bool = True,
+                  times: dict[str, float] | None = None) -> float:  # fmt: skip
+    """Thread CPU µs per report through parse, validation and Ingestor.apply (no gRPC); see the docstring.
+    With `times`, the stages and detectors are timed into it (seconds, steady state only)."""
     off = {} if detectors else {"detectors": {spec.name: {"enabled": False} for spec in REGISTRY}}
     app = ServerApp(load_config(off))
+    warm_times: dict[str, float] = collections.defaultdict(float)
+    if times is not None:
+        _instrument(app, warm_times)
+        import gradwatch.server.ingest as ingest_module
+
+        ingest_module.build_report = _timed(ingest_module.build_report, warm_times, "build_report")  # type: ignore[attr-defined]
     limits, factory = app.config.limits, FrameFactory(layers, full_every)
     streams = []
     for rank in range(ranks):
@@ -113,13 +164,41 @@ def in_process_us(layers: int, full_every: int, reports: int, ranks: int = 4, *,
     frames = [factory.report(seq, seq) for seq in range(1, reports + 1)]
     warm = reports // 4  # detector warm-ups (baselines filling) are not the steady state
     started = 0.0
-    for i, raw in enumerate(frames):
-        if i == warm:
-            started = time.thread_time()
-        for validator, session in streams:
-            frame = parse_agent_frame(raw, limits)
-            app.ingestor.apply(session, frame, validator.check(frame))
-    return (time.thread_time() - started) / ((reports - warm) * ranks) * 1e6
+    parse, check = parse_agent_frame, (lambda v, f: v.check(f))
+    if times is not None:
+        parse, check = _timed(parse, warm_times, "parse"), _timed(check, warm_times, "validate")
+    try:
+        for i, raw in enumerate(frames):
+            if i == warm:
+                started = time.thread_time()
+                warm_times.clear()
+            for validator, session in streams:
+                frame = parse(raw, limits)
+                app.ingestor.apply(session, frame, check(validator, frame))
+        elapsed = time.thread_time() - started
+    finally:
+        if times is not None:
+            ingest_module.build_report = ingest_module.build_report.__wrapped__  # type: ignore[attr-defined]
+    if times is not None:
+        for label, seconds in warm_times.items():
+            times[label] += seconds
+    return elapsed / ((reports - warm) * ranks) * 1e6
+
+
+def profile(layers: int, reports: int, *, full_every: int = 10, detectors: bool = True) -> None:
+    """Print where the cost per report goes (see --profile in the docstring)."""
+    times: dict[str, float] = collections.defaultdict(float)
+    runs, ranks = 3, 4
+    totals = [in_process_us(layers, full_every, reports, ranks, detectors=detectors, times=times) for _ in range(runs)]
+    per_report = 1e6 / (runs * (reports - reports // 4) * ranks)
+    print(f"where the time goes, {layers} layers, full statistics every {full_every}, {ranks} ranks, "
+          f"{runs} x {reports} reports "
+          f"(wrapped: total {sorted(totals)[1]:.0f} us/report, median of {runs})")  # fmt: skip
+    parts = sorted(times.items(), key=lambda kv: -kv[1])
+    for label, seconds in parts:
+        print(f"  {seconds * per_report:>7.1f} us  {label}")
+    named = sum(seconds for label, seconds in parts) * per_report
+    print(f"  {sum(totals) / runs - named:>7.1f} us  the rest (Ingestor.apply's own code, locks, counters, verdicts)")
 
 
 def in_process(layer_counts: list[int], reports: int, *, detectors: bool = True) -> None:
@@ -141,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-every", type=int, default=10, help="every Nth report carries per-layer columns")
     parser.add_argument("--in-process", default="", help="comma list of layer counts: ingest cost without gRPC")
     parser.add_argument("--no-detectors", action="store_true", help="--in-process with every detector disabled")
+    parser.add_argument("--profile", action="store_true", help="--in-process: where the time per report goes")
     args = parser.parse_args(argv)
+    if args.in_process and args.profile:
+        profile(int(args.in_process.split(",")[0]), args.reports, full_every=args.full_every,
+                detectors=not args.no_detectors)  # fmt: skip
+        return 0
     if args.in_process:
         in_process([int(n) for n in args.in_process.split(",")], args.reports, detectors=not args.no_detectors)
         return 0

@@ -11,7 +11,10 @@ same thing however it arrived. Contract:
   a duplicate: counted and dropped, never re-applied. After `apply` returns,
   `session.acked_seq` covers the frame. Returns Commands for the agent.
 * Every report is evaluated by every enabled detector of its run (nothing is
-  sampled), in arrival order, under one lock, so detectors need no locking.
+  sampled), in arrival order, under one lock, so detectors need no locking; a
+  detector is skipped only where it has promised to do nothing (a report without
+  the parts it `needs`, or a tick-only detector: DetectorSpec, "What a detector is
+  shown").
   Cross-rank detectors (scope "run") also see the run's RankTable, and `tick()`
   (called by the app every TICK_INTERVAL_S) lets them judge runs from which
   nothing arrives; their findings may name any rank of the run.
@@ -52,6 +55,7 @@ from gradwatch.server.detectors import (
     RunDetector,
     Verdict,
 )
+from gradwatch.server.detectors.base import report_parts
 from gradwatch.server.limits import RunBinding, check_settings
 from gradwatch.server.report import ModuleSchema, RankReport, build_report
 from gradwatch.server.settings import SettingError
@@ -107,6 +111,22 @@ class Forwarder(Protocol):
                 autopsy: dict[str, Any] | None) -> None: ...  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class _RunDetectors:
+    """A run's detector instances, and how the report path calls them: per detector in registry order, its
+    spec, bound `observe`, `needs` bits (0: every report) and whether it is cross-rank; detectors that judge on
+    ticks alone are left out (DetectorSpec.observes)."""
+
+    pairs: tuple[tuple[DetectorSpec, Detector | RunDetector], ...]
+    per_report: tuple[tuple[DetectorSpec, Callable[..., Any], int, bool], ...]
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[DetectorSpec, Detector | RunDetector]]) -> _RunDetectors:
+        per_report = tuple((spec, detector.observe, spec.needs_mask, spec.scope == "run")
+                           for spec, detector in pairs if spec.observes)  # fmt: skip
+        return cls(tuple(pairs), per_report)
+
+
 def bounded_drop_reasons(dropped: Mapping[str, int]) -> dict[str, int]:
     """At most MAX_DROP_REASONS well-formed reasons (by name order) plus "other" for the rest."""
     kept: dict[str, int] = {}
@@ -157,7 +177,7 @@ class Ingestor:
         self._specs = tuple(s for s in detectors if config.detector(s.name).enabled)
         #: run -> its detector settings, for runs whose agents sent per-run settings (Hello.detector_settings).
         self._run_configs: dict[str, Mapping[str, DetectorConfig]] = {}
-        self._detectors: dict[str, list[tuple[DetectorSpec, Detector | RunDetector]]] = {}
+        self._detectors: dict[str, _RunDetectors] = {}
         self._broken: set[str] = set()
         #: (run, rank) -> ALERT commands waiting for that rank's next frame (bounded per rank).
         self._pending: dict[tuple[str, int], list[pb.Command]] = {}
@@ -364,9 +384,10 @@ class Ingestor:
             with self._store.lock:
                 runs = [run for run in self._store.runs() if not run.expired]
             for run in runs:
-                for spec, detector in self._detectors.get(run.run_id, ()):
+                detectors = self._detectors.get(run.run_id)
+                for spec, detector in detectors.pairs if detectors is not None else ():
                     if spec.scope == "run":
-                        for finding in self._run_findings(spec, cast(RunDetector, detector), run, None, now):
+                        for finding in self._tick_findings(spec, cast(RunDetector, detector), run, now):
                             self._apply_finding(run, None, spec, finding)
             self.ticks += 1
 
@@ -408,15 +429,18 @@ class Ingestor:
         if self._on_report is not None:
             self._on_report(run, rank, report, msg, session.hello)
         commands: list[pb.Command] = []
-        for spec, detector in self._detectors_for(run.run_id):
-            if spec.scope == "rank" and session.relayed:
-                continue  # its relay judged it
-            if spec.scope == "run":
-                for finding in self._run_findings(spec, cast(RunDetector, detector), run, report, 0.0):
+        parts, relayed = report_parts(report), session.relayed
+        for spec, observe, needs, cross_rank in self._detectors_for(run.run_id).per_report:
+            if needs and not needs & parts:
+                continue  # none of the parts it judges: it would return None and change nothing (DetectorSpec)
+            if cross_rank:
+                for finding in self._observed_findings(spec, observe, run, report):
                     commands.extend(self._apply_finding(run, rank, spec, finding))
                 continue
+            if relayed:
+                continue  # its relay judged it
             try:
-                verdict = cast(Detector, detector).observe(report)  # scope "rank": a Detector
+                verdict = observe(report)  # scope "rank": Detector.observe
             except Exception:
                 self._detector_failed(spec)
                 continue
@@ -433,14 +457,23 @@ class Ingestor:
             autopsy, verdict = autopsy_of(spec.name, finding.report, verdict)
         return self._verdict(run, sender, spec, finding.rank, verdict, autopsy)
 
-    def _run_findings(self, spec: DetectorSpec, detector: RunDetector, run: RunState,
-                      report: RankReport | None, now: float) -> Sequence[Finding]:  # fmt: skip
-        """A cross-rank detector's findings for `report` (or for a tick at `now` when None); () if it raised."""
+    def _tick_findings(self, spec: DetectorSpec, detector: RunDetector, run: RunState,
+                       now: float) -> Sequence[Finding]:  # fmt: skip
+        """A cross-rank detector's findings on a tick at `now`; () if it raised."""
         try:
             with self._store.lock:
-                if report is None:
-                    return detector.tick(run.table, now)
-                return detector.observe(report, run.table)
+                return detector.tick(run.table, now)
+        except Exception:
+            self._detector_failed(spec)
+            return ()
+
+    def _observed_findings(self, spec: DetectorSpec, observe: Callable[..., Sequence[Finding]], run: RunState,
+                           report: RankReport) -> Sequence[Finding]:  # fmt: skip
+        """A cross-rank detector's findings for `report` (`observe`: its bound RunDetector.observe); () if it
+        raised."""
+        try:
+            with self._store.lock:
+                return observe(report, run.table)
         except Exception:
             self._detector_failed(spec)
             return ()
@@ -488,17 +521,17 @@ class Ingestor:
             if len(queued) < MAX_PENDING_ALERTS:
                 queued.append(command)
 
-    def _detectors_for(self, run_id: str) -> list[tuple[DetectorSpec, Detector | RunDetector]]:
+    def _detectors_for(self, run_id: str) -> _RunDetectors:
         detectors = self._detectors.get(run_id)
         if detectors is None:
             configs = self._run_configs.get(run_id)
             if configs is None:
                 specs = [s for s in self._specs if s.scope in self._scopes]
-                detectors = [(s, s.create(self._config.detector(s.name))) for s in specs]
+                pairs = [(s, s.create(self._config.detector(s.name))) for s in specs]
             else:
-                detectors = [(s, s.create(configs[s.name])) for s in self._all_specs
-                             if configs[s.name].enabled and s.scope in self._scopes]  # fmt: skip
-            self._detectors[run_id] = detectors
+                pairs = [(s, s.create(configs[s.name])) for s in self._all_specs
+                         if configs[s.name].enabled and s.scope in self._scopes]  # fmt: skip
+            detectors = self._detectors[run_id] = _RunDetectors.of(pairs)
         return detectors
 
     def _drop_evicted(self, evicted: list[str]) -> None:

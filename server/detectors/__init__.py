@@ -1,7 +1,9 @@
 """Detectors: one module each, all listed in gradwatch.server.detectors.REGISTRY.
 
 Adding a detector: write a module with a `*Config` (DetectorConfig subclass with
-documented defaults), the detector class and a `SPEC`, then add the SPEC here.
+documented defaults), the detector class and a `SPEC`, then add the SPEC here. A detector that judges only
+some parts of a report (per-layer columns, activations...) names them in `needs`, so that the ingestor does not
+call it on the reports without them (base.py, "What a detector is shown").
 Cross-rank detectors (scope "run": non_finite, rank_divergence, replica_mismatch, straggler,
 stalled, collective_hang, throughput_drop) follow the RunDetector contract in base.py. Its
 settings appear under `detectors.<name>` in the server's YAML file, its alerts carry

@@ -98,4 +98,5 @@ SPEC = DetectorSpec(
     description="Hidden activations with a mean far from zero relative to their spread.",
     config_type=ActivationNotCenteredConfig,
     factory=lambda config: ActivationNotCenteredDetector(config),
+    needs=("activations",),
 )

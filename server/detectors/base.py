@@ -29,6 +29,16 @@ arrives (a hang). Such a detector implements `RunDetector` instead:
 * Both return `Finding`s: a `Fire` or `Clear` for a named rank, any rank of the run
   (the straggler, the hung rank, the corrupted replica), with the same semantics as
   above; the alert book merges them the same way. Neither may raise on odd data.
+
+What a detector is shown
+------------------------
+Most reports are ordinary ones (no per-layer columns, activations, update ratios...), and a detector that
+judges only those parts has nothing to do on them. `DetectorSpec.needs` names the parts (REPORT_PARTS) of
+which a report must carry at least one for `observe` to be called: such a detector promises that, on a
+report without any of them, `observe` returns None (or no finding) and changes nothing. A cross-rank detector
+whose `observe` never does anything (it judges on ticks) says `observes=False`. The ingestor skips those calls
+(`report_parts` says what a report carries); tests/test_server_detector_needs.py checks the promise on
+generated reports.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from gradwatch.server.report import RankReport
 from gradwatch.server.settings import Settings, setting
 
 __all__ = [
+    "REPORT_PARTS",
     "SCOPES",
     "SEVERITIES",
     "TICK_INTERVAL_S",
@@ -55,6 +66,7 @@ __all__ = [
     "RunDetector",
     "Verdict",
     "alert_name_for",
+    "report_parts",
 ]
 
 #: Alertmanager's usual severities, most urgent first.
@@ -63,6 +75,8 @@ SEVERITIES = ("critical", "warning", "info")
 SCOPES = ("rank", "run")
 #: Seconds between two `RunDetector.tick` calls.
 TICK_INTERVAL_S = 1.0
+#: The optional parts of a RankReport a detector may need (`DetectorSpec.needs`), by bit of `report_parts`.
+REPORT_PARTS = ("columns", "activations", "update_ratio", "output_spread", "label_histogram", "param_checksum")
 #: Detector names are label values, file names and the source of CamelCase alert names.
 _NAME = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 
@@ -157,6 +171,10 @@ class DetectorSpec(Generic[C]):
     factory: Callable[[C], Detector | RunDetector]
     inhibits: tuple[str, ...] = ()
     scope: str = "rank"
+    #: Parts of REPORT_PARTS of which a report must carry one for `observe` to be called; () = every report.
+    needs: tuple[str, ...] = ()
+    #: False: `observe` does nothing (a cross-rank detector that judges on ticks) and is never called.
+    observes: bool = True
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
@@ -167,6 +185,16 @@ class DetectorSpec(Generic[C]):
             alert_name_for(name)  # raises on a malformed name
         if self.name in self.inhibits:
             raise ValueError(f"detector {self.name!r} cannot inhibit itself")
+        unknown = set(self.needs) - set(REPORT_PARTS)
+        if unknown:
+            raise ValueError(f"detector {self.name!r}: needs {sorted(unknown)}, not among {REPORT_PARTS}")
+        if not self.observes and self.scope != "run":
+            raise ValueError(f"detector {self.name!r}: only a cross-rank detector may judge on ticks alone")
+
+    @property
+    def needs_mask(self) -> int:
+        """`needs` as bits of `report_parts` (0: every report)."""
+        return sum(1 << REPORT_PARTS.index(part) for part in self.needs)
 
     @property
     def alert_name(self) -> str:
@@ -181,3 +209,16 @@ class DetectorSpec(Generic[C]):
         if not isinstance(config, self.config_type):
             raise TypeError(f"detector {self.name!r} needs a {self.config_type.__name__}")
         return self.factory(config)
+
+
+def report_parts(report: RankReport) -> int:
+    """Bits (by REPORT_PARTS) of the optional parts `report` carries: columns and activations non-empty, the
+    others present."""
+    return (
+        (1 if report.columns else 0)
+        | (2 if report.activations else 0)
+        | (4 if report.update_ratio is not None else 0)
+        | (8 if report.output_spread is not None else 0)
+        | (16 if report.label_histogram is not None else 0)
+        | (32 if report.param_checksum is not None else 0)
+    )

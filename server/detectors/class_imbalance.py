@@ -95,4 +95,5 @@ SPEC = DetectorSpec(
     description="The label histogram is skewed beyond a ratio once enough labels are seen.",
     config_type=ClassImbalanceConfig,
     factory=lambda config: ClassImbalanceDetector(config),
+    needs=("label_histogram",),
 )

@@ -263,4 +263,5 @@ SPEC = DetectorSpec(
     # The hang explains a stalled run, its lost throughput and the waiting ranks that look slow: page once.
     inhibits=("stalled", "throughput_drop", "straggler"),
     scope="run",
+    observes=False,
 )

@@ -80,11 +80,7 @@ class _Baselines:
         if rows is None or rows.shape[1] != modules:
             rows = self._rows[rank] = np.full((self._window, modules), np.nan)
             self._next[rank] = 0
-        held = np.isfinite(rows).any(axis=0)
-        out = np.full(modules, np.nan)
-        if held.any():
-            out[held] = nanmedian_columns(rows[:, held])
-        return out
+        return nanmedian_columns(rows)  # NaN for a module without a normal reading yet
 
     def add(self, rank: int, values: np.ndarray, keep: np.ndarray) -> None:
         """Append one row: `values` where `keep`, NaN elsewhere."""
@@ -142,4 +138,5 @@ SPEC = DetectorSpec(
     description="Most units of a ReLU layer never activate, report after report.",
     config_type=DeadReluConfig,
     factory=lambda config: DeadReluDetector(config),
+    needs=("activations",),
 )

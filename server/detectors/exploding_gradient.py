@@ -50,6 +50,13 @@ from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec,
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.detectors.robust import median_sigma
+from gradwatch.server.detectors.sorted_ring import (
+    SortedRing,
+    insert_finite,
+    mad_of_sorted,
+    median_of_sorted,
+    remove_finite,
+)
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
@@ -96,9 +103,47 @@ class ExplodingGradientConfig(DetectorConfig):
             raise SettingError("min_reports", f"must be ≤ window ({self.window}), got {self.min_reports}")
 
 
+class _NormBaseline:
+    """The baseline's norms kept sorted as they slide (`ring`: median and MAD), and the logs of its positive
+    norms kept sorted too (`log_bound`): the same statistics as numpy over the held values, bit for bit."""
+
+    __slots__ = ("_logs", "_sorted_logs", "ring")
+
+    def __init__(self, window: int) -> None:
+        self.ring = SortedRing(window)
+        #: The log of the norm in the same ring slot (meaningless where that norm is not positive).
+        self._logs = np.zeros(window)
+        self._sorted_logs: list[float] = []
+
+    def append(self, norm: float) -> None:
+        """Add a finite norm (the oldest leaves a full window)."""
+        ring = self.ring
+        slot = ring.count % ring.capacity
+        if ring.full and ring.unordered()[slot] > 0.0:
+            remove_finite(self._sorted_logs, float(self._logs[slot]))
+        if norm > 0.0:
+            log = float(np.log(np.float64(norm)))  # numpy's log, as _log_bound takes it over the window
+            self._logs[slot] = log
+            insert_finite(self._sorted_logs, log)
+        ring.append(norm)
+
+    def log_bound(self, log_k: float) -> float:
+        """`_log_bound(held norms, log_k)`, from the sorted logs."""
+        logs = self._sorted_logs
+        if not logs:
+            return 0.0
+        centre = median_of_sorted(logs, self._held_logs)
+        spread = MAD_TO_SIGMA * mad_of_sorted(logs, centre)
+        return math.exp(min(centre + log_k * spread, 700.0))
+
+    def _held_logs(self) -> np.ndarray:
+        held = self.ring.unordered()
+        return np.log(held[held > 0.0])
+
+
 @dataclass
 class _RankState:
-    baseline: FloatRing
+    baseline: _NormBaseline
     recent: FloatRing
     start: float = 0.0
     #: The rank's first positive finite norm (taken before any update): the runaway rule's reference.
@@ -112,7 +157,7 @@ class ExplodingGradientDetector:
         self._config = config
         self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
         self._ranks: defaultdict[int, _RankState] = defaultdict(
-            lambda: _RankState(FloatRing(config.window), FloatRing(config.growth_window))
+            lambda: _RankState(_NormBaseline(config.window), FloatRing(config.growth_window))
         )
 
     def observe(self, report: RankReport) -> Verdict | None:
@@ -125,20 +170,20 @@ class ExplodingGradientDetector:
         if state.first <= 0.0 and norm > 0.0:
             state.first = norm
         runaway = state.first > 0.0 and norm > max(cfg.start_factor * state.first, cfg.min_norm)
-        if state.baseline.count < cfg.min_reports:
-            state.baseline.append(norm)
-            if state.baseline.count == cfg.min_reports:
-                state.start = median_of(state.baseline.values())
+        baseline = state.baseline
+        if baseline.ring.count < cfg.min_reports:
+            baseline.append(norm)
+            if baseline.ring.count == cfg.min_reports:
+                state.start = median_of(baseline.ring.values())
             return self._warming(report, norm, runaway)
 
-        held = state.baseline.unordered()
-        median = median_of(held)
-        mad = median_of(np.abs(held - median))
+        median = baseline.ring.median()
+        mad = baseline.ring.mad(median)
         if median <= 0.0:
             # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
-            state.baseline.append(norm)
+            baseline.append(norm)
             return None
-        floor = max(cfg.min_norm, cfg.start_fraction * state.start, _log_bound(held, cfg.log_k))
+        floor = max(cfg.min_norm, cfg.start_fraction * state.start, baseline.log_bound(cfg.log_k))
         threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
         over = norm > threshold or runaway
         growth = self._growth(state.recent) if norm > floor else None
@@ -150,7 +195,7 @@ class ExplodingGradientDetector:
         if kind == CLEAR:
             return Clear(step=report.step)
         if not self._latch.firing(report.rank) and not over:
-            state.baseline.append(norm)  # a lone spike stays out of the baseline
+            baseline.append(norm)  # a lone spike stays out of the baseline
         return None
 
     def _warming(self, report: RankReport, norm: float, runaway: bool) -> Verdict | None:
@@ -210,7 +255,8 @@ class ExplodingGradientDetector:
 
 
 def _log_bound(held: np.ndarray, log_k: float) -> float:
-    """exp(median + log_k × 1.4826 × MAD) of the log of the positive baseline norms (0 when there are none)."""
+    """exp(median + log_k × 1.4826 × MAD) of the log of the positive baseline norms (0 when there are none).
+    What `_NormBaseline.log_bound` computes from its sorted logs (the property tests compare the two)."""
     positive = held[held > 0.0]
     if positive.size == 0:
         return 0.0

@@ -91,4 +91,5 @@ SPEC = DetectorSpec(
     description="Layers that never receive a gradient or never change.",
     config_type=FrozenParametersConfig,
     factory=lambda config: FrozenParametersDetector(config),
+    needs=("columns",),
 )

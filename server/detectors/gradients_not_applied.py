@@ -104,4 +104,5 @@ SPEC = DetectorSpec(
     description="Layers that receive gradients every step but never change (left out of the optimizer).",
     config_type=GradientsNotAppliedConfig,
     factory=lambda config: GradientsNotAppliedDetector(config),
+    needs=("update_ratio",),
 )

@@ -35,14 +35,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
-
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
-from gradwatch.server.detectors.robust import LossBaseline, median_rows
+from gradwatch.server.detectors.robust import LossBaseline
 from gradwatch.server.detectors.robust import median as median_of
+from gradwatch.server.detectors.sorted_ring import SortedRing
 from gradwatch.server.report import RankReport
-from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
 
 __all__ = ["SPEC", "LossDivergenceConfig", "LossDivergenceDetector"]
@@ -74,10 +72,14 @@ class LossDivergenceConfig(DetectorConfig):
             raise SettingError("duration", f"must be ≤ trend_window ({self.trend_window}), got {self.duration}")
 
 
+#: SortedRing slice of the last `duration` losses (after the four trend blocks).
+_TAIL = 4
+
+
 @dataclass
 class _RankState:
     baseline: LossBaseline
-    recent: FloatRing
+    recent: SortedRing
     #: The rank's first finite, non-zero loss (before any update): the runaway rule's reference.
     first: float | None = None
 
@@ -88,8 +90,14 @@ class LossDivergenceDetector:
     def __init__(self, config: LossDivergenceConfig) -> None:
         self._config = config
         self._latch = Latch(resolve_after=config.resolve_after)
+        block, span = config.trend_window // 4, config.trend_window
+        # The trend rule's four blocks (the first 4 × block losses of the window) and the last `duration`.
+        slices = (*((i * block, (i + 1) * block) for i in range(4)), (span - config.duration, span))
         self._ranks: defaultdict[int, _RankState] = defaultdict(
-            lambda: _RankState(LossBaseline(config.window, config.min_reports), FloatRing(config.trend_window))
+            lambda: _RankState(
+                LossBaseline(config.window, config.min_reports, sorted_window=True),
+                SortedRing(span, slices, whole=False),
+            )
         )
 
     def observe(self, report: RankReport) -> Verdict | None:
@@ -98,11 +106,13 @@ class LossDivergenceDetector:
             return None  # no loss, or non_finite's
         cfg = self._config
         state = self._ranks[report.rank]
-        state.recent.append(loss)
+        recent = state.recent
+        recent.append(loss)
         if state.first is None and loss != 0.0:
             state.first = loss
-        recent = state.recent.values()
-        runaway = self._runaway(recent, state.first)
+        # The median of the last `duration` losses: what the runaway and the level rules judge (taken once).
+        tail = self._tail_median(recent) if recent.count >= min(3, cfg.duration) else None
+        runaway = self._runaway(tail, state.first)
         if not state.baseline.ready:
             state.baseline.warm(loss)
             kind = self._latch.judge(report.rank, runaway is not None)
@@ -110,7 +120,7 @@ class LossDivergenceDetector:
                 return self._fire_runaway(report, runaway, state.first)
             return Clear(step=report.step) if kind == CLEAR else None
         median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
-        level = median_of(recent[-cfg.duration :]) if recent.size >= cfg.duration else -math.inf
+        level = tail if tail is not None and recent.count >= cfg.duration else -math.inf
         growth = self._trend(recent, median, state.baseline.scale)
         kind = self._latch.judge(report.rank, level > threshold or growth is not None or runaway is not None)
         if kind == FIRE:
@@ -123,13 +133,18 @@ class LossDivergenceDetector:
             state.baseline.window.append(loss)
         return None
 
-    def _runaway(self, recent: np.ndarray, first: float | None) -> float | None:
-        """Median of the last `duration` losses (three at least) when it is start_factor × above the first
-        loss, else None."""
-        if first is None or recent.size < min(3, self._config.duration):
+    def _tail_median(self, recent: SortedRing) -> float:
+        """Median of the last `duration` held losses (all of them while fewer are held)."""
+        if recent.full:
+            return recent.slice_median(_TAIL)
+        return median_of(recent.values()[-self._config.duration :])
+
+    def _runaway(self, tail: float | None, first: float | None) -> float | None:
+        """`tail` (the median of the last `duration` losses, three at least; None while fewer are held) when
+        it is start_factor × above the first loss, else None."""
+        if first is None or tail is None:
             return None
-        level = median_of(recent[-self._config.duration :])
-        return level if level - first > (self._config.start_factor - 1.0) * abs(first) else None
+        return tail if tail - first > (self._config.start_factor - 1.0) * abs(first) else None
 
     def _fire_runaway(self, report: RankReport, level: float, first: float) -> Fire:
         summary = (
@@ -139,16 +154,17 @@ class LossDivergenceDetector:
         )
         return Fire(step=report.step, value=level, summary=summary)
 
-    def _trend(self, recent: np.ndarray, median: float, initial: float) -> float | None:
+    def _trend(self, recent: SortedRing, median: float, initial: float) -> float | None:
         """Growth first → last block when the four block medians rise steadily, else None."""
         cfg = self._config
-        if recent.size < cfg.trend_window:
+        if not recent.full:
             return None
-        blocks = median_rows(recent[: recent.size // 4 * 4].reshape(4, -1))
-        if not np.all(np.diff(blocks) > 0) or blocks[0] <= 0.0:
+        b0, b1, b2, b3 = (recent.slice_median(block) for block in range(4))
+        # Finite losses: b1 > b0 exactly when b1 − b0 > 0 (the difference of two floats never rounds to 0).
+        if not (b0 < b1 < b2 < b3) or b0 <= 0.0:
             return None
-        growth = float(blocks[-1] / blocks[0])
-        if growth < cfg.trend_factor or blocks[-1] - median < cfg.min_rise * abs(initial):
+        growth = b3 / b0
+        if growth < cfg.trend_factor or b3 - median < cfg.min_rise * abs(initial):
             return None
         return growth
 

@@ -34,13 +34,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.linalg import _umath_linalg
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA
 from gradwatch.server.detectors.robust import median as median_of
+from gradwatch.server.detectors.sorted_ring import SortedRing
 from gradwatch.server.report import RankReport
-from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
 
 __all__ = ["SPEC", "LossNotDecreasingConfig", "LossNotDecreasingDetector"]
@@ -78,7 +79,8 @@ class LossNotDecreasingConfig(DetectorConfig):
 
 @dataclass
 class _RankState:
-    recent: FloatRing
+    #: The window; slice 0 its first `smooth` losses, slice 1 its last `smooth` (kept sorted: the two levels).
+    recent: SortedRing
     initial: float | None = None
 
 
@@ -88,7 +90,11 @@ class LossNotDecreasingDetector:
     def __init__(self, config: LossNotDecreasingConfig) -> None:
         self._config = config
         self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
-        self._ranks: defaultdict[int, _RankState] = defaultdict(lambda: _RankState(FloatRing(config.window)))
+        halves = ((0, config.smooth), (config.window - config.smooth, config.window))
+        self._ranks: defaultdict[int, _RankState] = defaultdict(
+            lambda: _RankState(SortedRing(config.window, halves, whole=False))
+        )
+        self._trend = _LineFit(config.window)
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss
@@ -101,15 +107,14 @@ class LossNotDecreasingDetector:
             state.initial = median_of(state.recent.values())
         if not state.recent.full or state.initial is None:
             return None
-        values = state.recent.values()
-        start = median_of(values[: cfg.smooth])
-        level = median_of(values[-cfg.smooth :])
+        start = state.recent.slice_median(0)
+        level = state.recent.slice_median(1)
         improvement = (start - level) / max(abs(start), _TINY)
         progress = (state.initial - level) / max(abs(state.initial), _TINY)
         settled = progress >= 1.0 - cfg.settled
         # The trend fit only where it can change the verdict (no clear progress yet): not a fit per report.
         unclear = not settled and improvement < 2.0 * cfg.min_improvement
-        steady = unclear and self._significant_drop(values, start - level)
+        steady = unclear and self._significant_drop(state.recent.values(), start - level)
         stalled = improvement < cfg.min_improvement and not settled and not steady
         over: bool | None = None  # between no progress and clear progress: the streaks stay as they are
         if stalled:
@@ -130,12 +135,43 @@ class LossNotDecreasingDetector:
         """The levels' drop exceeds `significance` standard errors of the noise around the window's trend."""
         if drop <= 0.0:
             return False
-        x = np.arange(values.size, dtype=np.float64)
-        slope, intercept = np.polyfit(x, values, 1)
-        residuals = values - (slope * x + intercept)
-        sigma = MAD_TO_SIGMA * float(np.median(np.abs(residuals - np.median(residuals))))
+        residuals = self._trend.residuals(values)
+        sigma = MAD_TO_SIGMA * median_of(np.abs(residuals - median_of(residuals)))
         standard_error = 1.2533 * sigma * math.sqrt(2.0 / self._config.smooth)
         return drop > self._config.significance * max(standard_error, _TINY)
+
+
+class _LineFit:
+    """`np.polyfit(arange(n), values, 1)` and its residuals for windows of `n` values, bit for bit: the scaled
+    Vandermonde matrix polyfit builds for every call depends on `n` only, so it is built once, and the same
+    least-squares solve runs per call: numpy's lstsq kernel (the LAPACK driver np.linalg.lstsq calls, with the
+    same matrix and rcond) without the wrapper's argument handling, which cost three times the solve. A solve
+    that fails raises, as np.linalg.lstsq does (FloatingPointError instead of LinAlgError). A numpy without
+    that kernel gets np.linalg.lstsq. tests/test_server_fast_statistics.py compares the residuals with
+    np.polyfit's."""
+
+    __slots__ = ("_lhs", "_rcond", "_scale", "_x")
+
+    def __init__(self, n: int) -> None:
+        self._x = np.arange(n, dtype=np.float64)
+        lhs = np.vander(self._x + 0.0, 2)  # as np.polyfit(x, y, 1) builds it
+        self._scale = np.sqrt((lhs * lhs).sum(axis=0))
+        self._lhs = lhs / self._scale
+        self._rcond = n * np.finfo(np.float64).eps
+
+    def residuals(self, values: np.ndarray) -> np.ndarray:
+        """values − (slope × x + intercept) of the least-squares line through (0..n−1, values)."""
+        if _LSTSQ is None:
+            coefficients = np.linalg.lstsq(self._lhs, values + 0.0, self._rcond)[0]
+        else:
+            with np.errstate(invalid="raise", over="ignore", divide="ignore", under="ignore"):
+                coefficients = _LSTSQ(self._lhs, values[:, None] + 0.0, self._rcond, signature="ddd->ddid")[0][:, 0]
+        slope, intercept = coefficients / self._scale
+        return values - (slope * self._x + intercept)
+
+
+#: numpy's least-squares gufunc for a tall matrix (numpy ≥ 2: lstsq; 1.x: lstsq_n), None when not found.
+_LSTSQ = getattr(_umath_linalg, "lstsq", None) or getattr(_umath_linalg, "lstsq_n", None)
 
 
 SPEC = DetectorSpec(

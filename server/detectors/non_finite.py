@@ -89,6 +89,8 @@ class NonFiniteDetector:
     def _flush(self, ranks: RankTable, now: float | None) -> list[Finding]:
         """Judge every held step that all live ranks have reported, that waited hold_s, or that is too old."""
         findings: list[Finding] = []
+        if not self._pending:
+            return findings  # the usual report: nothing held, and no reason to look at the table
         live = ranks.joined & ~ranks.finished  # a rank yet to report its first step is waited for too
         reached = int(ranks.last_step[live].min()) if live.any() else None
         for step in sorted(self._pending):

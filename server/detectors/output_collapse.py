@@ -88,4 +88,5 @@ SPEC = DetectorSpec(
     description="The model gives (nearly) the same output for different inputs.",
     config_type=OutputCollapseConfig,
     factory=lambda config: OutputCollapseDetector(config),
+    needs=("output_spread",),
 )

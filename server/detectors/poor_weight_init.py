@@ -157,4 +157,5 @@ SPEC = DetectorSpec(
     "units, or all-zero layers that cannot learn.",
     config_type=PoorWeightInitConfig,
     factory=lambda config: PoorWeightInitDetector(config),
+    needs=("activations", "columns"),
 )

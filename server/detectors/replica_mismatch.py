@@ -124,4 +124,5 @@ SPEC = DetectorSpec(
     config_type=ReplicaMismatchConfig,
     factory=lambda config: ReplicaMismatchDetector(config),
     scope="run",
+    needs=("param_checksum",),
 )

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gradwatch.server.ring import FloatRing
+
+if TYPE_CHECKING:  # imported at run time where used: sorted_ring takes `median` from this module
+    from gradwatch.server.detectors.sorted_ring import SortedRing
 
 __all__ = ["MAD_TO_SIGMA", "LossBaseline", "LossStart", "median", "median_rows", "median_sigma", "nanmedian_columns"]
 
@@ -73,10 +77,15 @@ def median_sigma(values: np.ndarray) -> tuple[float, float]:
 class LossBaseline:
     """A rank's starting loss level and its recent, admitted losses (see module docstring)."""
 
-    __slots__ = ("_first", "first", "initial", "window")
+    __slots__ = ("_first", "_sorted", "first", "initial", "window")
 
-    def __init__(self, window: int, warmup: int) -> None:
-        self.window = FloatRing(window)
+    def __init__(self, window: int, warmup: int, *, sorted_window: bool = False) -> None:
+        """`sorted_window`: keep the window sorted as it slides (a SortedRing), for a caller of `threshold` on
+        every report (its median and MAD are then an index and a bisection instead of two partitions)."""
+        from gradwatch.server.detectors.sorted_ring import SortedRing  # it takes `median` from this module
+
+        self._sorted: SortedRing | None = SortedRing(window) if sorted_window else None
+        self.window: FloatRing = self._sorted if self._sorted is not None else FloatRing(window)
         self._first = FloatRing(warmup)
         #: Median of the first `warmup` finite losses; None until they have been seen.
         self.initial: float | None = None
@@ -111,7 +120,12 @@ class LossBaseline:
         The margin above the median is the largest of (factor − 1) × |median| (relative), mad_k × sigma
         (the run's own noise) and min_rise × `scale` (a change that matters at the task's scale).
         """
-        centre, sigma = median_sigma(self.window.unordered())
+        ordered = self._sorted
+        if ordered is not None:
+            centre = ordered.median()
+            sigma = MAD_TO_SIGMA * ordered.mad(centre)  # median_sigma(held values), bit for bit
+        else:
+            centre, sigma = median_sigma(self.window.unordered())
         margin = max((factor - 1.0) * abs(centre), mad_k * sigma, min_rise * self.scale)
         return centre, centre + margin if math.isfinite(margin) else math.inf
 

@@ -96,4 +96,5 @@ SPEC = DetectorSpec(
     description="Most units of a sigmoid/tanh-like layer stay in the flat ends of their range.",
     config_type=SaturatedActivationConfig,
     factory=lambda config: SaturatedActivationDetector(config),
+    needs=("activations",),
 )

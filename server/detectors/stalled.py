@@ -139,4 +139,5 @@ SPEC = DetectorSpec(
     # A stalled run also has no throughput and makes every waiting rank look slow: page once, for the hang.
     inhibits=("throughput_drop", "straggler"),
     scope="run",
+    observes=False,
 )

@@ -150,4 +150,5 @@ SPEC = DetectorSpec(
     # A straggler slows the whole run: its alert explains the throughput drop.
     inhibits=("throughput_drop",),
     scope="run",
+    observes=False,
 )

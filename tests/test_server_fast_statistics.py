@@ -1,0 +1,134 @@
+"""The detectors' fast statistics equal the numpy computations they replace, bit for bit (property-based):
+SortedRing's medians and MADs, a sorted LossBaseline's threshold, exploding_gradient's log bound,
+loss_not_decreasing's line fit."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradwatch.server.detectors import loss_not_decreasing
+from gradwatch.server.detectors.exploding_gradient import _log_bound, _NormBaseline
+from gradwatch.server.detectors.loss_not_decreasing import _LineFit
+from gradwatch.server.detectors.robust import LossBaseline, median
+from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
+
+# Few distinct values (ties, signed zeros) as well as arbitrary ones, and now and then a non-finite one.
+_VALUES = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-300, -3.25]),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12),
+    st.floats(allow_nan=False, allow_infinity=False, width=64).filter(lambda v: abs(v) < 1e300),
+)
+_ANY = st.one_of(_VALUES, _VALUES, _VALUES, _VALUES, st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+
+
+def _bits(value: float) -> bytes:
+    """Equal bits (a NaN's payload aside): the comparison that tells -0.0 from 0.0."""
+    return b"nan" if value != value else struct.pack("<d", value)
+
+
+@st.composite
+def _windows(draw: st.DrawFn) -> tuple[int, tuple[tuple[int, int], ...], list[float]]:
+    capacity = draw(st.integers(1, 40))
+    bounds = draw(st.lists(st.tuples(st.integers(0, capacity - 1), st.integers(1, capacity)), max_size=3))
+    slices = tuple((min(a, b - 1), b) if a < b else (b - 1, a + 1 if a + 1 <= capacity else capacity)
+                   for a, b in bounds)  # fmt: skip
+    slices = tuple((a, b) for a, b in slices if 0 <= a < b <= capacity)
+    values = draw(st.lists(draw(st.sampled_from([_VALUES, _ANY])), min_size=1, max_size=3 * capacity + 5))
+    return capacity, slices, values
+
+
+@settings(max_examples=300, deadline=None)
+@given(_windows())
+def test_sorted_ring_statistics_equal_numpy_after_every_append(window) -> None:  # type: ignore[no-untyped-def]
+    capacity, slices, values = window
+    ring = SortedRing(capacity, slices)
+    for value in values:
+        ring.append(value)
+        held = ring.unordered()
+        with np.errstate(invalid="ignore", over="ignore"):
+            centre = median(held)
+            assert _bits(ring.median()) == _bits(centre)
+            assert _bits(ring.mad(centre)) == _bits(median(np.abs(held - centre)))
+        np.testing.assert_array_equal(ring.values(), held if not ring.full else ring.values())
+        if ring.full:
+            chronological = ring.values()
+            for index, (start, stop) in enumerate(slices):
+                with np.errstate(invalid="ignore", over="ignore"):
+                    assert _bits(ring.slice_median(index)) == _bits(median(chronological[start:stop]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_VALUES, min_size=1, max_size=60), _VALUES)
+def test_mad_of_sorted_equals_numpy_for_any_centre(values: list[float], centre: float) -> None:
+    array = np.asarray(values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = median(np.abs(array - centre))
+    assert _bits(mad_of_sorted(sorted(values), centre)) == _bits(expected)
+
+
+def test_sorted_ring_refuses_slices_outside_its_window_and_slice_medians_before_it_is_full() -> None:
+    with pytest.raises(ValueError, match="not within"):
+        SortedRing(4, ((2, 5),))
+    ring = SortedRing(4, ((0, 2),))
+    ring.append(1.0)
+    with pytest.raises(ValueError, match="full window"):
+        ring.slice_median(0)
+
+
+@pytest.mark.parametrize("kernel", ["numpy's lstsq kernel", "np.linalg.lstsq"])
+@settings(max_examples=150, deadline=None)
+@given(values=hnp.arrays(np.float64, st.integers(4, 300), elements=_VALUES))
+def test_line_fit_residuals_equal_polyfit(kernel: str, values: np.ndarray) -> None:
+    assert loss_not_decreasing._LSTSQ is not None  # this numpy has the kernel: the fast path is the one tested
+    x = np.arange(values.size, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        slope, intercept = np.polyfit(x, values, 1)
+        expected = values - (slope * x + intercept)
+    saved = loss_not_decreasing._LSTSQ
+    if kernel == "np.linalg.lstsq":
+        loss_not_decreasing._LSTSQ = None
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            got = _LineFit(values.size).residuals(values)
+    finally:
+        loss_not_decreasing._LSTSQ = saved
+    assert got.tobytes() == expected.tobytes()
+
+
+_NORMS = st.one_of(
+    st.sampled_from([0.0, 1.0, 1e-300, 5e-324, 2.0, 1e300]),
+    st.floats(min_value=0.0, max_value=1e6, allow_nan=False),
+    st.floats(min_value=-1.0, max_value=0.0, allow_nan=False),  # negative: not in the log window
+    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 30), st.lists(_NORMS, min_size=1, max_size=100), st.sampled_from([0.0, 3.0, 1e-3]))
+def test_norm_baseline_log_bound_equals_numpy_after_every_append(window: int, norms: list[float], log_k: float) -> None:
+    baseline = _NormBaseline(window)
+    for norm in norms:
+        baseline.append(norm)
+        assert _bits(baseline.log_bound(log_k)) == _bits(_log_bound(baseline.ring.unordered(), log_k))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 10), st.lists(_VALUES, min_size=1, max_size=80))
+def test_sorted_loss_baseline_threshold_equals_the_partition_one(window: int, warmup: int, losses: list[float]) -> None:
+    warmup = min(warmup, window)
+    kept, plain = LossBaseline(window, warmup, sorted_window=True), LossBaseline(window, warmup)
+    for loss in losses:
+        for baseline in (kept, plain):
+            if not baseline.warm(loss):
+                continue
+            baseline.window.append(loss)
+        if kept.ready:
+            with np.errstate(over="ignore", invalid="ignore"):
+                got, expected = kept.threshold(3.0, 10.0, 0.2), plain.threshold(3.0, 10.0, 0.2)
+            assert [_bits(v) for v in got] == [_bits(v) for v in expected]
