@@ -93,22 +93,26 @@ def test_rank_divergence_needs_every_rank_of_the_step_and_three_ranks() -> None:
 
 
 def _noisy_run(world: int, steps: int, sigma: float, seed: int, *, grow_at: int | None = None,
-               moves: dict[int, float] | None = None, onset: int = 0) -> list[RankReport]:
+               moves: dict[int, float] | None = None, onset: int = 0,
+               loss: Any = None) -> list[RankReport]:  # fmt: skip
     """Reports of `world` ranks training one model: a falling loss, independent batch noise `sigma` per rank
-    (4× from step `grow_at`: a model leaving chance), and from `onset` each rank in `moves` shifted by its value."""
+    (growing fourfold over the 10 steps from `grow_at`: a model leaving chance), and from `onset` each rank in
+    `moves` shifted by its value; `loss(step, rank, value)` may change or drop (None) any loss."""
     rng = np.random.default_rng(seed)
     out = []
     for step in range(1, steps + 1):
         level = 0.6 + 0.8 / math.sqrt(step)
-        scale = sigma * (4.0 if grow_at is not None and step >= grow_at else 1.0)
-        noise = rng.standard_normal(world) * scale
+        growth = 0.0 if grow_at is None else min(1.0, max(0.0, (step - grow_at + 1) / 10))
+        noise = rng.standard_normal(world) * sigma * (1.0 + 3.0 * growth)
         for rank in range(world):
-            shift = (moves or {}).get(rank, 0.0) if step >= onset else 0.0
-            out.append(report(rank, step, loss=float(level + noise[rank] + shift)))
+            value = level + noise[rank] + ((moves or {}).get(rank, 0.0) if step >= onset else 0.0)
+            out.append(report(rank, step, loss=loss(step, rank, value) if loss else float(value)))
     return out
 
 
-@settings(max_examples=15, deadline=None)
+# These judge noisy series: a statistical rule has a false-alarm rate (measured in the module docstring), so the
+# generated cases are fixed (derandomize) rather than redrawn on every run.
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(world=st.integers(2, 6), bad=st.integers(0, 5), sigma=st.floats(0.005, 0.1), k=st.floats(8.0, 30.0),
        seed=st.integers(0, 2**32 - 1))  # fmt: skip
 def test_rank_divergence_names_the_rank_that_rose_away_from_the_others_at_any_world_size(
@@ -126,9 +130,11 @@ def test_rank_divergence_names_the_rank_that_rose_away_from_the_others_at_any_wo
     first = named[bad][0]
     assert 40 <= first.step < 40 + RankDivergenceConfig().contrast_steps, first
     assert "rose away from the other ranks'" in first.summary and f"rank {bad} (host-{bad})" in first.summary
+    # Once started it stays firing while the shift lasts: no Clear, no second start.
+    assert [f for f in findings if isinstance(f.verdict, Clear)] == [], findings
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(world=st.integers(2, 6), sigma=st.floats(0.005, 0.1), grow_at=st.one_of(st.none(), st.integers(25, 150)),
        together=st.floats(0.0, 2.0), seed=st.integers(0, 2**32 - 1))  # fmt: skip
 def test_rank_divergence_is_quiet_when_ranks_move_together_or_noise_grows(
@@ -142,13 +148,54 @@ def test_rank_divergence_is_quiet_when_ranks_move_together_or_noise_grows(
     assert fired(feed(detector, ranks, reports)) == {}
 
 
-@settings(max_examples=10, deadline=None)
-@given(sigma=st.floats(0.005, 0.05), drop=st.floats(0.2, 0.5), seed=st.integers(0, 2**32 - 1))
-def test_rank_divergence_does_not_blame_a_rank_whose_partner_fell(sigma: float, drop: float, seed: int) -> None:
-    """With two ranks, rank 1's loss falling away (its data became easier) raises rank 0's contrast: rank 0's own
-    loss did not rise, so it is not named (and a fall is nobody's divergence)."""
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(sigma=st.floats(0.005, 0.05), drop=st.floats(0.2, 0.5), together=st.floats(0.2, 1.0),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_rank_divergence_does_not_blame_a_rank_whose_partner_fell(
+    sigma: float, drop: float, together: float, seed: int
+) -> None:
+    """With two ranks, rank 1's loss falling away at step 40 (its data became easier) raises rank 0's contrast:
+    rank 0's own loss did not rise, so it is not named; and when both rise together later (step 120), rank 0's
+    baseline has caught up with its new usual contrast: still nobody."""
     ranks, detector = table(2), RankDivergenceDetector(RankDivergenceConfig())
-    assert fired(feed(detector, ranks, _noisy_run(2, 80, sigma, seed, moves={1: -drop}, onset=40))) == {}
+    reports = _noisy_run(2, 200, sigma, seed, moves={1: -drop}, onset=40,
+                         loss=lambda step, rank, value: value + (together if step >= 120 else 0.0))  # fmt: skip
+    assert fired(feed(detector, ranks, reports)) == {}
+
+
+def test_rank_divergence_healthy_rank_is_not_named_after_its_partner_recovers_and_both_rise() -> None:
+    """Rank 1 bad (+0.5) for steps 40–100 is named and clears after it recovers; rank 0's contrast was −0.5 all
+    that time and is back at 0: when both rise together at step 200, rank 0 is not named."""
+    ranks, detector = table(2), RankDivergenceDetector(RankDivergenceConfig())
+    reports = _noisy_run(2, 260, 0.02, 7, loss=lambda step, rank, value: value + (0.5 if rank == 1 and 40 <= step <= 100
+                         else 0.0) + (0.3 if step >= 200 else 0.0))  # fmt: skip
+    findings = feed(detector, ranks, reports)
+    assert list(fired(findings)) == [1] and fired(findings)[1][0].step < 48, fired(findings)
+    assert [(f.rank, type(f.verdict)) for f in findings if isinstance(f.verdict, Clear)] == [(1, Clear)]
+
+
+def test_rank_divergence_missing_losses_neither_blind_the_rule_nor_clear_a_firing_rank() -> None:
+    """Rank 1 bad from step 40; rank 0 reports no loss on every 8th step (named anyway) and then none at all for
+    steps 60–85 (an evaluation phase): rank 1 keeps firing through the gap instead of clearing."""
+    ranks, detector = table(2), RankDivergenceDetector(RankDivergenceConfig())
+    reports = _noisy_run(2, 120, 0.02, 3, moves={1: 0.5}, onset=40, loss=lambda step, rank, value: (
+        None if rank == 0 and (step % 8 == 0 or 60 <= step <= 85) else value))  # fmt: skip
+    findings = feed(detector, ranks, reports)
+    assert list(fired(findings)) == [1] and fired(findings)[1][0].step < 48, fired(findings)
+    assert [f for f in findings if isinstance(f.verdict, Clear)] == []
+
+
+def test_rank_divergence_starts_its_baselines_again_when_ranks_join() -> None:
+    """Two ranks, rank 1's shard harder by design (+0.2); two more ranks join at step 101, so every contrast now
+    compares with another median; a shared rise at step 250 names nobody."""
+    out, ranks, detector = [], table(4), RankDivergenceDetector(RankDivergenceConfig())
+    two = table(2)
+    early = _noisy_run(2, 100, 0.02, 5, loss=lambda step, rank, value: value + (0.2 if rank == 1 else 0.0))
+    out += feed(detector, two, early)
+    late = _noisy_run(4, 300, 0.02, 6, loss=lambda step, rank, value: None if step <= 100 else value + (
+        0.2 if rank == 1 else 0.0) + (0.3 if step >= 250 else 0.0))  # fmt: skip
+    out += feed(detector, ranks, [r for r in late if r.step > 100])
+    assert fired(out) == {}
 
 
 # ---------------------------------------------------------------------- replica_mismatch

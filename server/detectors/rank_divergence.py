@@ -30,35 +30,49 @@ robust baseline of its own admitted contrasts (`own_window`, after `own_min_step
 warm-up; the newest `contrast_steps` admissions are left out, so a departure's first
 steps do not move it): median m, and sigma, the larger of 1.4826 × their MAD and the
 sigma its contrast would have now if it were like the others: the other ranks' median
-batch noise over their last 10 losses (from consecutive differences, which a level shift
-moves once), scaled for the comparison with their median. A model leaving chance starts
-to tell its batches apart and every rank gets noisier at once; a corrupted rank's own
-noisier losses must not hide its shift. A rank departs when the median of its last
-`contrast_steps` contrasts is
+batch noise, each rank's from the consecutive differences of its last 10 and last 5
+losses (the larger; a level shift moves one difference), held while it falls by at most
+20 % a step (an estimate from a few differences scatters, and a low draw just after the
+noise grew must not stand for it), scaled for the comparison with their median. A model
+leaving chance starts to tell its batches apart and every rank gets noisier at once; a
+corrupted rank's own noisier losses must not hide its shift. A rank departs when the
+median of its last `contrast_steps` contrasts (at least half of them present: a missing
+loss here and there does not blind the rule) is
 
     above m by more than contrast_threshold standard errors of that median
         (1.2533 × sigma / √contrast_steps: sustained, not one hard batch),
     and by at least min_shift × its starting loss level (a difference that matters at
         the task's scale, not noise near a zero loss),
 
-and its own loss rose (the median of its last `contrast_steps` losses is at least half
-that shift above the median of its admitted ones before them): a contrast also grows
-when the *other* rank's loss falls, and that must not blame this one. A departing rank
-fires at once (the median already asks for most of the last `contrast_steps` steps),
-whatever the world size or the majority. Only rises count. Contrasts of a departing or
-firing rank, and single contrasts 3 sigmas out, are not admitted. Once firing, a rank
-stays firing while either rule holds and clears after `resolve_after` complete steps
-with neither. A bad rank's gradients degrade the shared model, so the healthy ranks'
-losses rise too, later and less: their contrasts fall as the bad rank's rose.
+and its own loss rose, by at least half that shift and by half that shift more than the
+other ranks' median rise (each rank's rise: the median of its last `contrast_steps` losses
+over the median of the 10 before them). A contrast also grows when the *other* rank's
+loss falls, and every rank rising together against a stale baseline moves nobody's rise
+apart: neither blames a rank. A departing rank fires at once (the median already asks for
+most of the last `contrast_steps` steps), whatever the world size or the majority. Only
+rises count. Contrasts of a departing or firing rank, and single contrasts 3 sigmas out,
+are not admitted; a rank kept out of its baseline for `own_min_steps` steps in a row
+without departing has a new usual contrast (its partner's loss fell for good, a bad rank
+was fixed, shards changed) and its baseline starts again, as every rank's does when ranks
+join (each contrast then compares with another median). Once firing, a rank stays firing
+while either rule holds and clears after `resolve_after` judged complete steps with
+neither (a step without its contrast neither counts nor resets). A bad rank's gradients
+degrade the shared model, so the healthy ranks' losses rise too, later and less: their
+contrasts fall as the bad rank's rose. One shape stays wrong: a corrupted rank whose
+first batch wrecks the shared model (a loss of 17, then every rank far off) can leave
+the healthy ranks' losses above its own; they may then be named instead (loss_spike names
+the corrupted rank at its first batch).
 
-Why 5.5 standard errors: the sigma is itself estimated (a MAD of ~40 contrasts, the noise
-of ~10 steps), and a rule judged on every step of a long job must not fire on its errors.
-Simulated healthy ranks (a falling loss, normal noise): at 5.0, 2 ranks × 100,000 steps
-started no alert but 4 ranks × 50,000 started one; at 5.5, 4 ranks × 50,000 started none,
-nor did 2 ranks × 60,000 with heavy-tailed noise (Student's t, 3 degrees of freedom).
-On the matrix's tuning seeds (5000–5159: 72 runs of 2–4 ranks, each once healthy and once
-with one rank's data corrupted from a step between 45 and 70) 5.5 found 68 of the 72
-corrupted ranks (5.0: 69, 4.0: 70) and named no healthy rank at any of them.
+Why 5.5 standard errors: the sigma is itself estimated, and a rule judged on every step
+of a long job must not fire on its errors. Simulated healthy ranks (a falling loss, normal
+noise): 4 ranks × 40,000 steps and 2 ranks × 60,000 started no alert (an earlier form of
+the rule at 5.0 started one on 4 ranks × 50,000). Healthy ranks whose noise grows fourfold
+over 10 steps (a model leaving chance), 100 runs each of 5 shapes of 2–4 ranks: 1 of the
+500 started an alert. On the matrix's tuning seeds (5000–5159: 72 runs of 2–4 ranks, each
+once healthy and once with one rank's data corrupted from a step between 45 and 70) the
+rule found 66 of the 72 corrupted ranks and named no healthy rank; a noise estimate that
+follows every draw at once found 67 but fired on 4 of those 500 growing-noise runs, one
+held at 90 % a step found 62.
 
 What is compared: the loss only. The gradient statistics a rank reports are taken
 after the data-parallel all-reduce (identical on every DDP rank) or of its own shard
@@ -130,10 +144,13 @@ def robust_z(values: np.ndarray, rel_floor: float, abs_floor: float) -> tuple[np
     return (values - median) / scale, median, mad
 
 
-#: Admitted losses whose median is a rank's current level (the contrast rule's "its own loss rose").
+#: Complete steps before the last `contrast_steps` whose losses' median is a rank's level ("its own loss rose").
 LEVEL_STEPS = 10
-#: Recent complete steps whose consecutive contrast differences measure a rank's noise now.
+#: Recent complete steps whose consecutive differences measure the noise now.
 NOISE_STEPS = 10
+NOISE_WINDOWS = (NOISE_STEPS, 5)
+#: Per complete step, a rank's noise estimate falls at most to this fraction of the step before.
+NOISE_DECAY = 0.8
 #: The standard error of a median of n normal values is this × sigma / √n (large n; a little more for small n).
 MEDIAN_ERROR = 1.2533
 #: A single contrast this many sigmas above a rank's usual is not admitted into its baseline.
@@ -150,16 +167,19 @@ class RankDivergenceDetector:
         self._far_streak = np.zeros(0, dtype=np.int64)
         self._near_streak = np.zeros(0, dtype=np.int64)
         self._firing = np.zeros(0, dtype=bool)
-        # Contrast rule, per rank: rings of admitted contrasts and losses (NaN: empty), how many were admitted,
-        # the starting loss level (NaN until warm), and the last `consecutive` contrasts and losses of every
-        # complete step (NaN where the rank had no finite loss), written at `self._steps % self._span`.
-        self._span = max(config.contrast_steps, NOISE_STEPS)
+        # Contrast rule, per rank: rings of admitted contrasts and the losses admitted with them (NaN: empty), how
+        # many were admitted, complete steps in a row it was held out of its baseline while not firing, its
+        # starting loss level (0 until warm); and the contrasts and losses of the last `_span` complete steps (NaN
+        # where the rank had no finite loss), the newest at `(self._steps - 1) % self._span`.
+        self._span = max(config.contrast_steps + LEVEL_STEPS, NOISE_STEPS)
         self._contrast = np.full((0, config.own_window), np.nan)
         self._admitted = np.full((0, config.own_window), np.nan)
         self._count = np.zeros(0, dtype=np.int64)
+        self._held = np.zeros(0, dtype=np.int64)
         self._start = np.zeros(0)
         self._recent = np.full((0, self._span), np.nan)
         self._recent_loss = np.full((0, self._span), np.nan)
+        self._noise = np.zeros(0)
         self._steps = 0
 
     def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
@@ -195,9 +215,12 @@ class RankDivergenceDetector:
             far = judged & (np.abs(z) > cfg.z_threshold)
         contrast = self._contrast_rule(losses, judged)
         self._far_streak = np.where(far, self._far_streak + 1, 0)
-        odd = far | (self._firing & contrast.above)
-        self._near_streak = np.where(odd | ~judged, 0, self._near_streak + 1)
         starting = ~self._firing & ((self._far_streak >= cfg.consecutive) | contrast.departed)
+        odd = far | ((self._firing | starting) & contrast.above)
+        # A step that cannot be judged (no loss, or too few recent contrasts) neither counts toward clearing nor
+        # resets the count; a starting rank's count starts again.
+        seen = judged & (contrast.judged | (cfg.min_ranks <= judged.sum()))
+        self._near_streak = np.where(odd | starting, 0, np.where(seen, self._near_streak + 1, self._near_streak))
         ending = self._firing & (self._near_streak >= cfg.resolve_after)
         self._firing = (self._firing | starting) & ~ending
         findings = [Finding(int(r), Clear(step=step)) for r in np.flatnonzero(ending)]
@@ -211,13 +234,13 @@ class RankDivergenceDetector:
                 )
                 value = float(z[rank])
             else:
-                others = np.delete(np.arange(losses.size), rank)
+                calm = [o for o in np.flatnonzero(judged & ~self._firing) if o != rank][:4]
+                theirs = f" while theirs ({', '.join(f'{losses[o]:.4g}' for o in calm)}) did not follow" if calm else ""
                 summary = (
                     f"loss on {where} rose away from the other ranks' at step {step}: {losses[rank]:.4g}; over "
                     f"its last {cfg.contrast_steps} steps it sat {contrast.shift[rank]:+.3g} further above the others' "
                     f"than usual (usually {contrast.usual[rank]:+.3g} ± {contrast.sigma[rank]:.2g}), its own loss "
-                    f"up {contrast.rise[rank]:+.3g} while theirs "
-                    f"({', '.join(f'{losses[o]:.4g}' for o in others[:4])}) did not follow"
+                    f"{contrast.rise[rank]:+.3g} against its level before{theirs}"
                 )
                 value = float(contrast.score[rank])
             findings.append(Finding(int(rank), Fire(step=step, value=value, summary=summary)))
@@ -225,50 +248,66 @@ class RankDivergenceDetector:
 
     def _contrast_rule(self, losses: np.ndarray, judged: np.ndarray) -> _Contrast:
         """Every rank's contrast at this step against its baseline (module docstring), and the admission of the
-        contrasts and losses of ranks that did not depart."""
+        contrasts of ranks that did not depart."""
         cfg = self._config
-        n = losses.size
+        n, k = losses.size, cfg.contrast_steps
         contrast = np.full(n, np.nan)
         rows = np.flatnonzero(judged)
         if rows.size >= 2:
             contrast[rows] = losses[rows] - peer_medians(losses[rows])
-        self._recent[:, self._steps % self._span] = contrast
-        self._recent_loss[:, self._steps % self._span] = np.where(judged, losses, np.nan)
+        newest = self._steps % self._span
+        self._recent[:, newest] = contrast
+        self._recent_loss[:, newest] = np.where(judged, losses, np.nan)
         self._steps += 1
-        last = (self._steps - 1 - np.arange(cfg.contrast_steps)) % self._span  # the last `contrast_steps` steps
+        by_age = (newest - np.arange(self._span)) % self._span  # this step first
+        last, before = by_age[:k], by_age[k : k + LEVEL_STEPS]
         out = _Contrast.empty(n)
-        ready = (self._count >= cfg.own_min_steps) & np.isfinite(contrast)
-        ready &= np.isfinite(self._recent[:, last]).all(axis=1)
-        rows = np.flatnonzero(ready)
+        recent = self._recent[:, last]
+        # Judged: warm, a contrast now, and most of the last k (a missing loss here and there does not blind it).
+        out.judged = (self._count >= cfg.own_min_steps) & np.isfinite(contrast)
+        out.judged &= np.count_nonzero(np.isfinite(recent), axis=1) >= k // 2 + 1
+        # Each rank's own rise: its last k losses' median over the median of the LEVEL_STEPS losses before them.
+        rise = nanmedian_columns(self._recent_loss[:, last].T) - nanmedian_columns(self._recent_loss[:, before].T)
+        rows = np.flatnonzero(out.judged)
         if rows.size:
-            # The baseline leaves out the last `contrast_steps` admissions: a departure's first steps, admitted
-            # before their median showed it, must not move it (nor the level its own rise is measured from).
-            newest = (self._count[rows, None] - 1 - np.arange(cfg.contrast_steps)) % cfg.own_window
+            # The baseline leaves out the last k admissions: a departure's first steps, admitted before their
+            # median showed it, must not move it.
+            newest_admitted = (self._count[rows, None] - 1 - np.arange(k)) % cfg.own_window
             base = self._contrast[rows].copy()
-            base[np.arange(rows.size)[:, None], newest] = np.nan
+            base[np.arange(rows.size)[:, None], newest_admitted] = np.nan
             usual = nanmedian_columns(base.T)
             sigma = np.maximum(MAD_TO_SIGMA * nanmedian_columns(np.abs(base - usual[:, None]).T), cfg.abs_floor)
             sigma = np.fmax(sigma, self._noise_now(judged, rows))
-            shift = np.median(self._recent[rows][:, last], axis=1) - usual
-            older = cfg.contrast_steps + np.arange(min(LEVEL_STEPS, cfg.own_min_steps - cfg.contrast_steps))
-            level = np.median(self._admitted[rows[:, None], (self._count[rows, None] - 1 - older) % cfg.own_window], 1)
-            rise = np.median(self._recent_loss[rows][:, last], axis=1) - level
-            out.usual[rows], out.sigma[rows], out.shift[rows], out.rise[rows] = usual, sigma, shift, rise
-            error = MEDIAN_ERROR * sigma / math.sqrt(cfg.contrast_steps)
-            out.score[rows] = shift / error
-            out.above[rows] = (shift > cfg.contrast_threshold * error) & (shift >= cfg.min_shift * self._start[rows])
-            out.departed[rows] = out.above[rows] & (rise >= 0.5 * shift)
-        # Admit this step's contrast (and loss) unless the rank departed, fires, or this one contrast alone is out
-        # (the first steps of a departure, before their median shows it, must not move the baseline toward it).
-        one = np.where(ready, contrast - out.usual, 0.0) > ADMIT_SIGMAS * out.sigma
+
+            shift = nanmedian_columns(recent[rows].T) - usual
+            peers = np.flatnonzero(np.isfinite(rise) & judged)
+            others = np.zeros(n)  # the other ranks' median rise (0 when no other rank has one)
+            if peers.size >= 2:
+                others[peers] = peer_medians(rise[peers])
+            error = MEDIAN_ERROR * sigma / math.sqrt(k)
+            above = (shift > cfg.contrast_threshold * error) & (shift >= cfg.min_shift * self._start[rows])
+            mine = rise[rows]
+            # Departed: above, and this rank's own loss rose by half the shift, and by half the shift more than the
+            # others' (a partner whose loss fell, or every rank rising against a stale baseline, blames nobody).
+            departed = above & (mine >= 0.5 * shift) & (mine - others[rows] >= 0.5 * shift)
+            out.usual[rows], out.sigma[rows], out.shift[rows], out.rise[rows] = usual, sigma, shift, mine
+            out.score[rows], out.above[rows], out.departed[rows] = shift / error, above, departed
+        # Admit this step's contrast unless the rank departed, fires, or this one contrast alone is out (the first
+        # steps of a departure, before their median shows it, must not move the baseline toward it).
+        one = np.where(out.judged, contrast - out.usual, 0.0) > ADMIT_SIGMAS * out.sigma
         admit = np.isfinite(contrast) & ~out.above & ~self._firing & ~one
         rows = np.flatnonzero(admit)
         slots = self._count[rows] % cfg.own_window
         self._contrast[rows, slots] = contrast[rows]
         self._admitted[rows, slots] = losses[rows]
         self._count[rows] += 1
-        warm = rows[self._count[rows] == cfg.own_min_steps]
+        warm = rows[(self._count[rows] == cfg.own_min_steps) & (self._start[rows] == 0)]
         self._start[warm] = np.abs(np.median(self._admitted[warm, : cfg.own_min_steps], axis=1))
+        # A rank held out of its baseline for own_min_steps steps without departing has a new usual contrast (a
+        # partner's loss fell, a fixed rank came back, the ranks' shards changed): its baseline starts again.
+        held = np.isfinite(contrast) & ~admit & ~self._firing & ~out.departed
+        self._held = np.where(held, self._held + 1, np.where(admit, 0, self._held))
+        self._restart(np.flatnonzero(self._held >= cfg.own_min_steps))
         return out
 
     def _noise_now(self, judged: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -277,15 +316,29 @@ class RankDivergenceDetector:
         which a level shift moves once), × √(1 + 1/others) for the others' median it is compared with. A model
         leaving chance tells its batches apart and every rank gets noisier at once; a corrupted rank's own,
         noisier losses do not count for it (they are what is judged)."""
-        order = (self._steps - self._span + np.arange(self._span)) % self._span
-        # A rank without two recent losses has no estimate (NaN).
-        noise = MAD_TO_SIGMA / math.sqrt(2.0) * nanmedian_columns(np.abs(np.diff(self._recent_loss[:, order])).T)
+        noise = np.full(judged.size, np.nan)
+        for steps in NOISE_WINDOWS:  # the larger of a steadier and a quicker estimate
+            order = (self._steps - steps + np.arange(steps)) % self._span  # oldest first
+            # A rank without two recent losses has no estimate (NaN).
+            diffs = np.abs(np.diff(self._recent_loss[:, order]))
+            noise = np.fmax(noise, MAD_TO_SIGMA / math.sqrt(2.0) * nanmedian_columns(diffs.T))
+        # Each rank's noise rises with its estimate at once and falls by NOISE_DECAY a step: an estimate from a few
+        # differences scatters widely, and a low draw just after the noise grew must not stand for the noise.
+        held = np.where(np.isfinite(self._noise), self._noise * NOISE_DECAY, np.nan)
+        self._noise = noise = np.where(np.isfinite(noise), np.fmax(noise, held), held)
         peers = np.flatnonzero(judged & np.isfinite(noise))
         if peers.size < 2:
             return np.zeros(rows.size)
         others = np.zeros(judged.size)
         others[peers] = peer_medians(noise[peers])
         return np.where(np.isin(rows, peers), others[rows], 0.0) * math.sqrt(1.0 + 1.0 / (peers.size - 1))
+
+    def _restart(self, rows: np.ndarray) -> None:
+        """Forget the contrast baselines of `rows` (they warm up again; the starting loss level stays)."""
+        self._contrast[rows] = np.nan
+        self._admitted[rows] = np.nan
+        self._count[rows] = 0
+        self._held[rows] = 0
 
     def _fit(self, size: int) -> None:
         extra = size - self._firing.size
@@ -297,17 +350,15 @@ class RankDivergenceDetector:
                 return np.concatenate([array, np.full(shape, fill, dtype=array.dtype)])
 
             self._far_streak, self._near_streak = grow(self._far_streak, 0), grow(self._near_streak, 0)
-            self._firing, self._count, self._start = (
-                grow(self._firing, False),
-                grow(self._count, 0),
-                grow(self._start, 0),
-            )
-            self._contrast, self._admitted = (
-                grow(self._contrast, np.nan, cfg.own_window),
-                grow(self._admitted, np.nan, cfg.own_window),
-            )
+            self._firing, self._count, self._held = grow(self._firing, False), grow(self._count, 0), grow(self._held, 0)
+            self._start, self._noise = grow(self._start, 0), grow(self._noise, np.nan)
+            self._contrast = grow(self._contrast, np.nan, cfg.own_window)
+            self._admitted = grow(self._admitted, np.nan, cfg.own_window)
             self._recent = grow(self._recent, np.nan, self._span)
             self._recent_loss = grow(self._recent_loss, np.nan, self._span)
+            # More ranks: every contrast now compares with a different median, so every baseline starts again.
+            self._restart(np.arange(size))
+            self._recent[:] = np.nan
 
 
 @dataclass
@@ -321,11 +372,12 @@ class _Contrast:
     score: np.ndarray
     above: np.ndarray
     departed: np.ndarray
+    judged: np.ndarray
 
     @classmethod
     def empty(cls, n: int) -> _Contrast:
         zeros = [np.zeros(n) for _ in range(5)]
-        return cls(*zeros, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
+        return cls(*zeros, *(np.zeros(n, dtype=bool) for _ in range(3)))
 
 
 SPEC = DetectorSpec(
