@@ -266,8 +266,13 @@ class RankDivergenceDetector:
         # Judged: warm, a contrast now, and most of the last k (a missing loss here and there does not blind it).
         out.judged = (self._count >= cfg.own_min_steps) & np.isfinite(contrast)
         out.judged &= np.count_nonzero(np.isfinite(recent), axis=1) >= k // 2 + 1
-        # Each rank's own rise: its last k losses' median over the median of the LEVEL_STEPS losses before them.
-        rise = nanmedian_columns(self._recent_loss[:, last].T) - nanmedian_columns(self._recent_loss[:, before].T)
+        # The per-rank medians of this step, in one call: its last k losses and the LEVEL_STEPS before them (its own
+        # rise), its last k contrasts (its shift), and the consecutive differences of its recent losses (its noise).
+        diffs = np.abs(np.diff(self._recent_loss[:, by_age[:NOISE_STEPS][::-1]]))  # oldest first
+        blocks = [self._recent_loss[:, last], self._recent_loss[:, before], recent]
+        blocks += [diffs[:, 1 - steps :] for steps in NOISE_WINDOWS]
+        mine_last, mine_before, recent_median, *noise = _row_medians(blocks)
+        rise = mine_last - mine_before
         rows = np.flatnonzero(out.judged)
         if rows.size:
             # The baseline leaves out the last k admissions: a departure's first steps, admitted before their
@@ -277,9 +282,8 @@ class RankDivergenceDetector:
             base[np.arange(rows.size)[:, None], newest_admitted] = np.nan
             usual = nanmedian_columns(base.T)
             sigma = np.maximum(MAD_TO_SIGMA * nanmedian_columns(np.abs(base - usual[:, None]).T), cfg.abs_floor)
-            sigma = np.fmax(sigma, self._noise_now(judged, rows))
-
-            shift = nanmedian_columns(recent[rows].T) - usual
+            sigma = np.fmax(sigma, self._noise_now(judged, rows, MAD_TO_SIGMA / math.sqrt(2.0) * np.fmax.reduce(noise)))
+            shift = recent_median[rows] - usual
             peers = np.flatnonzero(np.isfinite(rise) & judged)
             others = np.zeros(n)  # the other ranks' median rise (0 when no other rank has one)
             if peers.size >= 2:
@@ -302,7 +306,8 @@ class RankDivergenceDetector:
         self._admitted[rows, slots] = losses[rows]
         self._count[rows] += 1
         warm = rows[(self._count[rows] == cfg.own_min_steps) & (self._start[rows] == 0)]
-        self._start[warm] = np.abs(np.median(self._admitted[warm, : cfg.own_min_steps], axis=1))
+        if warm.size:
+            self._start[warm] = np.abs(np.median(self._admitted[warm, : cfg.own_min_steps], axis=1))
         # A rank held out of its baseline for own_min_steps steps without departing has a new usual contrast (a
         # partner's loss fell, a fixed rank came back, the ranks' shards changed): its baseline starts again.
         held = np.isfinite(contrast) & ~admit & ~self._firing & ~out.departed
@@ -310,18 +315,13 @@ class RankDivergenceDetector:
         self._restart(np.flatnonzero(self._held >= cfg.own_min_steps))
         return out
 
-    def _noise_now(self, judged: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _noise_now(self, judged: np.ndarray, rows: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """For each rank of `rows`, the sigma its contrast would have now if it were like the others: the median of
-        the other judged ranks' batch noise (each from the consecutive differences of its last NOISE_STEPS losses,
-        which a level shift moves once), × √(1 + 1/others) for the others' median it is compared with. A model
-        leaving chance tells its batches apart and every rank gets noisier at once; a corrupted rank's own,
-        noisier losses do not count for it (they are what is judged)."""
-        noise = np.full(judged.size, np.nan)
-        for steps in NOISE_WINDOWS:  # the larger of a steadier and a quicker estimate
-            order = (self._steps - steps + np.arange(steps)) % self._span  # oldest first
-            # A rank without two recent losses has no estimate (NaN).
-            diffs = np.abs(np.diff(self._recent_loss[:, order]))
-            noise = np.fmax(noise, MAD_TO_SIGMA / math.sqrt(2.0) * nanmedian_columns(diffs.T))
+        the other judged ranks' batch noise (`noise`: each rank's, from the consecutive differences of its last
+        NOISE_WINDOWS losses, the larger of a steadier and a quicker estimate, which a level shift moves once; NaN
+        without two recent losses), × √(1 + 1/others) for the others' median it is compared with. A model leaving
+        chance tells its batches apart and every rank gets noisier at once; a corrupted rank's own, noisier losses
+        do not count for it (they are what is judged)."""
         # Each rank's noise rises with its estimate at once and falls by NOISE_DECAY a step: an estimate from a few
         # differences scatters widely, and a low draw just after the noise grew must not stand for the noise.
         held = np.where(np.isfinite(self._noise), self._noise * NOISE_DECAY, np.nan)
@@ -331,7 +331,9 @@ class RankDivergenceDetector:
             return np.zeros(rows.size)
         others = np.zeros(judged.size)
         others[peers] = peer_medians(noise[peers])
-        return np.where(np.isin(rows, peers), others[rows], 0.0) * math.sqrt(1.0 + 1.0 / (peers.size - 1))
+        known = np.zeros(judged.size, dtype=bool)
+        known[peers] = True
+        return np.where(known[rows], others[rows], 0.0) * math.sqrt(1.0 + 1.0 / (peers.size - 1))
 
     def _restart(self, rows: np.ndarray) -> None:
         """Forget the contrast baselines of `rows` (they warm up again; the starting loss level stays)."""
@@ -359,6 +361,17 @@ class RankDivergenceDetector:
             # More ranks: every contrast now compares with a different median, so every baseline starts again.
             self._restart(np.arange(size))
             self._recent[:] = np.nan
+
+
+def _row_medians(blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """Each block's per-row median ignoring NaN (`np.nanmedian(block, axis=1)`, bit for bit), through one
+    `nanmedian_columns` call: blocks of equal row counts side by side, padded with NaN to the widest."""
+    rows, width = blocks[0].shape[0], max(block.shape[1] for block in blocks)
+    stacked = np.full((width, rows * len(blocks)), np.nan)
+    for i, block in enumerate(blocks):
+        stacked[: block.shape[1], i * rows : (i + 1) * rows] = block.T
+    medians = nanmedian_columns(stacked)
+    return [medians[i * rows : (i + 1) * rows] for i in range(len(blocks))]
 
 
 @dataclass
