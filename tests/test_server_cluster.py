@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from gradwatch.server.detectors import Clear, Finding, Fire
 from gradwatch.server.detectors.rank_divergence import RankDivergenceConfig, RankDivergenceDetector
 from gradwatch.server.detectors.replica_mismatch import ReplicaMismatchConfig, ReplicaMismatchDetector
+from gradwatch.server.detectors.robust import peer_medians
 from gradwatch.server.detectors.stalled import StalledConfig, StalledDetector
-from gradwatch.server.detectors.straggler import StragglerConfig, StragglerDetector, peer_medians
+from gradwatch.server.detectors.straggler import StragglerConfig, StragglerDetector
 from gradwatch.server.detectors.throughput_drop import ThroughputDropConfig, ThroughputDropDetector
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport

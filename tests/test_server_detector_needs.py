@@ -130,5 +130,11 @@ def test_report_parts_has_one_bit_per_part() -> None:
         received_at=0.0,
     )  # fmt: skip
     assert report_parts(empty) == 0
+    one = np.ones(len(LAYERS), dtype=np.float32)
+    parts = {"columns": {"grad_norm": one}, "activations": {"mean": one}, "update_ratio": one, "output_spread": 1.0,
+             "label_histogram": np.ones(4), "param_checksum": 7}  # fmt: skip
+    assert set(parts) == set(REPORT_PARTS)
+    for part, value in parts.items():  # bit i of report_parts is REPORT_PARTS[i]
+        assert report_parts(dataclasses.replace(empty, **{part: value})) == 1 << REPORT_PARTS.index(part), part
     assert all(spec.needs_mask < 1 << len(REPORT_PARTS) for spec in REGISTRY)
     assert SKIPPING and TICK_ONLY  # the ingestor's skips are in use (else this file checks nothing)

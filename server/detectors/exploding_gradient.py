@@ -48,8 +48,8 @@ import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
+from gradwatch.server.detectors.robust import MAD_TO_SIGMA, median_sigma
 from gradwatch.server.detectors.robust import median as median_of
-from gradwatch.server.detectors.robust import median_sigma
 from gradwatch.server.detectors.sorted_ring import (
     SortedRing,
     insert_finite,
@@ -62,9 +62,6 @@ from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
 
 __all__ = ["SPEC", "ExplodingGradientConfig", "ExplodingGradientDetector"]
-
-#: MAD × this estimates the standard deviation of a normal distribution.
-MAD_TO_SIGMA = 1.4826
 
 
 @dataclass(frozen=True)

@@ -90,16 +90,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.robust import MAD_TO_SIGMA, nanmedian_columns, peer_medians
 from gradwatch.server.detectors.robust import median as median_of
-from gradwatch.server.detectors.robust import nanmedian_columns
-from gradwatch.server.detectors.straggler import peer_medians
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
 
 __all__ = ["MAD_TO_SIGMA", "PENDING_STEPS", "SPEC", "RankDivergenceConfig", "RankDivergenceDetector", "robust_z"]
 
-MAD_TO_SIGMA = 1.4826
 #: Steps waiting for the other ranks' losses; older ones are dropped (a rank that stopped reporting). The agent
 #: writes up to 64 reports at once (sender.PUSH_BATCH_FRAMES), so on a fast job one rank's reports of a step can
 #: arrive a few batches after another's: 16 dropped most steps of a millisecond-step job.
@@ -266,15 +264,15 @@ class RankDivergenceDetector:
         # Judged: warm, a contrast now, and most of the last k (a missing loss here and there does not blind it).
         out.judged = (self._count >= cfg.own_min_steps) & np.isfinite(contrast)
         out.judged &= np.count_nonzero(np.isfinite(recent), axis=1) >= k // 2 + 1
-        # The per-rank medians of this step, in one call: its last k losses and the LEVEL_STEPS before them (its own
-        # rise), its last k contrasts (its shift), and the consecutive differences of its recent losses (its noise).
-        diffs = np.abs(np.diff(self._recent_loss[:, by_age[:NOISE_STEPS][::-1]]))  # oldest first
-        blocks = [self._recent_loss[:, last], self._recent_loss[:, before], recent]
-        blocks += [diffs[:, 1 - steps :] for steps in NOISE_WINDOWS]
-        mine_last, mine_before, recent_median, *noise = _row_medians(blocks)
-        rise = mine_last - mine_before
         rows = np.flatnonzero(out.judged)
-        if rows.size:
+        if rows.size:  # (nothing to judge while every rank warms up)
+            # The per-rank medians of this step, in one call: its last k losses and the LEVEL_STEPS before them
+            # (its own rise), its last k contrasts (its shift), the differences of its recent losses (its noise).
+            diffs = np.abs(np.diff(self._recent_loss[:, by_age[:NOISE_STEPS][::-1]]))  # oldest first
+            blocks = [self._recent_loss[:, last], self._recent_loss[:, before], recent]
+            blocks += [diffs[:, 1 - steps :] for steps in NOISE_WINDOWS]
+            mine_last, mine_before, recent_median, *noise = _row_medians(blocks)
+            rise = mine_last - mine_before
             # The baseline leaves out the last k admissions: a departure's first steps, admitted before their
             # median showed it, must not move it.
             newest_admitted = (self._count[rows, None] - 1 - np.arange(k)) % cfg.own_window

@@ -19,7 +19,16 @@ from gradwatch.server.ring import FloatRing
 if TYPE_CHECKING:  # imported at run time where used: sorted_ring takes `median` from this module
     from gradwatch.server.detectors.sorted_ring import SortedRing
 
-__all__ = ["MAD_TO_SIGMA", "LossBaseline", "LossStart", "median", "median_rows", "median_sigma", "nanmedian_columns"]
+__all__ = [
+    "MAD_TO_SIGMA",
+    "LossBaseline",
+    "LossStart",
+    "median",
+    "median_rows",
+    "median_sigma",
+    "nanmedian_columns",
+    "peer_medians",
+]
 
 #: MAD × this estimates the standard deviation of a normal distribution.
 MAD_TO_SIGMA = 1.4826
@@ -66,6 +75,27 @@ def nanmedian_columns(matrix: np.ndarray) -> np.ndarray:
         out = (low + high) / 2  # also for one middle value, as numpy's masked median does (x + x overflows alike)
     out[count == 0] = np.nan
     return out
+
+
+def peer_medians(values: np.ndarray) -> np.ndarray:
+    """For each element, the median of all the *other* elements (vectorised; len(values) ≥ 2).
+
+    With the values sorted, removing the element at sorted position p shifts every later
+    element down by one, so the others' k-th smallest is sorted[k] for k < p, else sorted[k + 1].
+    """
+    n = values.size
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    m = n - 1
+
+    def kth(k: int) -> np.ndarray:
+        return np.where(k < position, ranked[k], ranked[min(k + 1, n - 1)])
+
+    if m % 2:
+        return kth(m // 2)
+    return (kth(m // 2 - 1) + kth(m // 2)) / 2.0
 
 
 def median_sigma(values: np.ndarray) -> tuple[float, float]:

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.robust import peer_medians
 from gradwatch.server.ranktable import TIMING_WINDOW, RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
 
-__all__ = ["SPEC", "StragglerConfig", "StragglerDetector", "peer_medians"]
+__all__ = ["SPEC", "StragglerConfig", "StragglerDetector"]
 
 
 @dataclass(frozen=True)
@@ -52,27 +53,6 @@ class StragglerConfig(DetectorConfig):
     )
     consecutive: int = setting(10, doc="Evaluations (one per server tick) in a row below the threshold.", ge=1)
     resolve_after: int = setting(10, doc="Evaluations in a row at or above the threshold before a rank clears.", ge=1)
-
-
-def peer_medians(values: np.ndarray) -> np.ndarray:
-    """For each element, the median of all the *other* elements (vectorised; len(values) ≥ 2).
-
-    With the values sorted, removing the element at sorted position p shifts every later
-    element down by one, so the others' k-th smallest is sorted[k] for k < p, else sorted[k + 1].
-    """
-    n = values.size
-    order = np.argsort(values, kind="stable")
-    ranked = values[order]
-    position = np.empty(n, dtype=np.int64)
-    position[order] = np.arange(n)
-    m = n - 1
-
-    def kth(k: int) -> np.ndarray:
-        return np.where(k < position, ranked[k], ranked[min(k + 1, n - 1)])
-
-    if m % 2:
-        return kth(m // 2)
-    return (kth(m // 2 - 1) + kth(m // 2)) / 2.0
 
 
 class StragglerDetector:

@@ -502,14 +502,14 @@ def run_matrix(run: MatrixRun) -> MatrixResult:
                 wall, *rest = f.read().split()
             onset_wall, effect = float(wall), (float(rest[0]) if rest else None)
         if run.fault == "corrupt_rank" and run.onset is not None:
-            effect = _rank_effect(onset_file, run)
+            effect = _rank_effect(onset_file, run, run.onset)
     return MatrixResult(run, alerts, onset_wall, time.perf_counter() - started, effect)
 
 
-def _rank_effect(onset_file: str, run: MatrixRun) -> float | None:
+def _rank_effect(onset_file: str, run: MatrixRun, onset: int) -> float | None:
     """corrupt_rank: the bad rank's median loss over the 20 steps from the onset / the other ranks' median over the
     same steps (how far its loss left theirs)."""
-    window = slice(run.onset - 1, run.onset + 19) if run.onset is not None else slice(0)
+    window = slice(onset - 1, onset + 19)
     per_rank = []
     for rank in range(run.world_size):
         try:
