@@ -14,6 +14,11 @@ here keeps a gradient alive) and have not been written since (their version coun
 scaling), and only for norm_type 2 and gradients in float32, float64 or bfloat16 (a float16 norm overflows at
 65504, which the agent's float32 accumulation avoids). Anything else falls back to the agent's own pass.
 
+`clip_one_mesh_` is the same for trainers that clip through Hugging Face `accelerate` (its default path: torch's
+`get_total_norm`, the norm of that one norm as the total over device meshes, `clip_grads_with_norm_` unless
+max_norm is inf): the Trainer measures its gradients every step that way, clipping or not, so the agent need
+not measure them again.
+
 Contract: training thread; `offered()` is read by the stats engine. The function never syncs with the device
 (no more than torch's does: with `error_if_nonfinite=True` torch reads the norm on the host).
 """
@@ -33,11 +38,11 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-__all__ = ["Offer", "clip_grad_norm_", "offered"]
+__all__ = ["Offer", "clip_grad_norm_", "clip_one_mesh_", "offered"]
 
-#: id(gradient) -> (its norm before clipping, the clip coefficient, a weak reference to it, its version after
-#: clipping).
-Offer = dict[int, tuple[torch.Tensor, torch.Tensor, "weakref.ref[torch.Tensor]", int]]
+#: id(gradient) -> (its norm before clipping, the clip coefficient (None: not scaled), a weak reference to it, its
+#: version after clipping).
+Offer = dict[int, tuple[torch.Tensor, torch.Tensor | None, "weakref.ref[torch.Tensor]", int]]
 _SHARED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _latest: list[Offer] = [{}]
 
@@ -75,6 +80,23 @@ def clip_grad_norm_(
         if grads and coefficient is not None:
             _latest[0] = _offer(grads, norms, coefficient) if norm_type == 2.0 else {}
         return total
+
+
+def clip_one_mesh_(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """accelerate's clip of gradients that share one device mesh (none is a DTensor), step for step: torch's
+    `get_total_norm` (2-norm, foreach chosen by torch), the 2-norm of the stack of that one norm (accelerate's total
+    over meshes), then torch's `clip_grads_with_norm_` with it unless `max_norm` is inf. Returns that total and
+    keeps the per-gradient norms for the agent. `parameters` must hold at least one gradient."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    with torch.no_grad():
+        norms, mesh_total = _total_norm(grads, 2.0, False, None)
+    total = torch.linalg.vector_norm(torch.stack([mesh_total]), 2.0)
+    coefficient = None
+    if max_norm != float("inf"):
+        with torch.no_grad():
+            coefficient = _clip(parameters, max_norm, total, None)
+    _latest[0] = _offer(grads, norms, coefficient)
+    return total
 
 
 def _total_norm(
@@ -133,7 +155,7 @@ def _clip(
     return coefficient
 
 
-def _offer(grads: list[torch.Tensor], norms: list[torch.Tensor | None], coefficient: torch.Tensor) -> Offer:
+def _offer(grads: list[torch.Tensor], norms: list[torch.Tensor | None], coefficient: torch.Tensor | None) -> Offer:
     offer: Offer = {}
     for g, norm in zip(grads, norms, strict=True):
         if norm is not None and g.dtype in _SHARED_DTYPES and type(g) is torch.Tensor and g.layout is torch.strided:

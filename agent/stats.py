@@ -256,23 +256,27 @@ def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch
 
 
 def _clipped_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """The norms of these gradients after `gradwatch.clip_grad_norm_` scaled them: its own per-gradient norms
-    times its coefficient (one multi-tensor multiply; clip.py), when every one of them is a gradient it measured,
-    unwritten since; else None: then the group is measured here."""
+    """The norms of these gradients after `gradwatch.clip_grad_norm_` (or `clip_one_mesh_`) scaled them: its own
+    per-gradient norms times its coefficient (one multi-tensor multiply; none when it did not scale them; clip.py),
+    when every one of them is a gradient it measured, unwritten since; else None: then the group is measured
+    here."""
     offer = clip.offered()
     if not offer:
         return None
     norms = []
-    coefficient = None
+    coefficients = set()
     for g in grads:
         entry = offer.get(id(g))
-        if entry is None or entry[2]() is not g or g._version != entry[3] or entry[1].device != g.device:
+        if entry is None or entry[2]() is not g or g._version != entry[3]:
+            return None
+        if entry[0].device != g.device or (entry[1] is not None and entry[1].device != g.device):
             return None
         norms.append(entry[0])
-        coefficient = entry[1]
-    if not norms or coefficient is None:
+        coefficients.add(entry[1])
+    if not norms or len(coefficients) != 1:
         return None
-    return list(torch._foreach_mul(norms, coefficient))
+    (coefficient,) = coefficients
+    return norms if coefficient is None else list(torch._foreach_mul(norms, coefficient))
 
 
 def _bit_sum(t: torch.Tensor) -> torch.Tensor:
