@@ -35,25 +35,16 @@ from typing import Any
 
 import torch
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradwatch.integrations.huggingface import GradwatchCallback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # shared process helpers
+from agent_ops import OpCounter  # bench/ is this script's directory
+
 from paging_support import gradwatch_serve
 
 VARIANTS = ("none", "trainer_norms", "own_pass")
 _RUNS = itertools.count()
-
-
-class _Counter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _Probe(transformers.TrainerCallback):  # type: ignore[misc]
@@ -63,7 +54,7 @@ class _Probe(transformers.TrainerCallback):  # type: ignore[misc]
         self.warm, self.count, self.agent = warm, count, agent
         self.cpu_s: list[float] = []
         self.ops: list[collections.Counter[str]] = []
-        self._mode: _Counter | None = None
+        self._mode: OpCounter | None = None
         self._t0 = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -75,7 +66,7 @@ class _Probe(transformers.TrainerCallback):  # type: ignore[misc]
         if state.global_step < self.warm:
             return
         if self.count:
-            self._mode = _Counter()
+            self._mode = OpCounter()
             self._mode.__enter__()
         self._t0 = time.thread_time()
 

@@ -17,51 +17,28 @@ from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
 from agent_support import ScriptableServer  # noqa: E402
+from clip_support import MAX_NORMS, PARAM_SPECS, POISON, SCALES, make_params  # noqa: E402
 from gradwatch.agent import clip  # noqa: E402
 from gradwatch.agent.schema import build_layout  # noqa: E402
 from gradwatch.agent.stats import StatsEngine  # noqa: E402
-
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _params(seed: int, shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], missing: list[bool],
-            scale: float, poison: int | None) -> list[nn.Parameter]:  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    params = []
-    for i, (shape, dtype, absent) in enumerate(zip(shapes, dtypes, missing, strict=True)):
-        p = nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
-        if not absent:
-            p.grad = (torch.randn(shape, generator=generator) * scale).to(dtype)
-            if poison == i and p.grad.numel():
-                p.grad.view(-1)[0] = float("nan")
-        params.append(p)
-    return params
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
-    specs=st.lists(
-        st.tuples(
-            st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), st.sampled_from(DTYPES), st.booleans()
-        ),
-        min_size=0,
-        max_size=6,
-    ),
-    max_norm=st.sampled_from((0.0, 1e-3, 0.5, 1.0, 1e6, math.inf)),
+    specs=PARAM_SPECS,
+    max_norm=MAX_NORMS,
     norm_type=st.sampled_from((2.0, 1.0, math.inf, 0.5, 3)),
     foreach=st.sampled_from((None, True, False)),
-    scale=st.sampled_from((1e-3, 1.0, 1e3)),
-    poison=st.none() | st.integers(0, 5),
+    scale=SCALES,
+    poison=POISON,
     as_generator=st.booleans(),
 )
 def test_clip_grad_norm_returns_and_clips_exactly_as_torch(
     seed: int, specs: list[tuple[tuple[int, ...], torch.dtype, bool]], max_norm: float, norm_type: float,
     foreach: bool | None, scale: float, poison: int | None, as_generator: bool,
 ) -> None:  # fmt: skip
-    shapes, dtypes, missing = [s[0] for s in specs], [s[1] for s in specs], [s[2] for s in specs]
-    ours = _params(seed, shapes, dtypes, missing, scale, poison)
-    theirs = _params(seed, shapes, dtypes, missing, scale, poison)
+    ours, theirs = make_params(seed, specs, scale, poison), make_params(seed, specs, scale, poison)
     grads_before = [None if p.grad is None else p.grad.clone() for p in ours]
 
     def call(function: object, params: list[nn.Parameter]) -> tuple[object, list[str]]:

@@ -23,13 +23,12 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from agent_support import ScriptableServer  # noqa: E402
+from clip_support import MAX_NORMS, PARAM_SPECS, POISON, SCALES, make_params  # noqa: E402
 from gradwatch.agent import clip, stats  # noqa: E402
 from gradwatch.agent.schema import build_layout  # noqa: E402
 from gradwatch.agent.stats import StatsEngine  # noqa: E402
 from gradwatch.integrations import huggingface  # noqa: E402
 from gradwatch.integrations.huggingface import GradwatchCallback  # noqa: E402
-
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +48,6 @@ def _routing() -> Iterator[None]:
     assert accelerate.Accelerator.clip_grad_norm_ is huggingface._replaced[0]
 
 
-def _params(seed: int, specs: list[tuple[tuple[int, ...], torch.dtype, bool]], scale: float,
-            poison: int | None) -> list[nn.Parameter]:  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    params = []
-    for i, (shape, dtype, absent) in enumerate(specs):
-        p = nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
-        if not absent:
-            p.grad = (torch.randn(shape, generator=generator) * scale).to(dtype)
-            if poison == i and p.grad.numel():
-                p.grad.view(-1)[0] = float("nan")
-        params.append(p)
-    return params
-
-
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(nan=7.0), b.nan_to_num(nan=7.0))
 
@@ -70,23 +55,17 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @settings(max_examples=150, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
-    specs=st.lists(
-        st.tuples(
-            st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple), st.sampled_from(DTYPES), st.booleans()
-        ),
-        min_size=0,
-        max_size=6,
-    ),
-    max_norm=st.sampled_from((0.0, 1e-3, 0.5, 1.0, 1e6, math.inf)),
+    specs=PARAM_SPECS,
+    max_norm=MAX_NORMS,
     norm_type=st.sampled_from((2, 2.0, 1.0, math.inf)),
-    scale=st.sampled_from((1e-3, 1.0, 1e3)),
-    poison=st.none() | st.integers(0, 5),
+    scale=SCALES,
+    poison=POISON,
 )
 def test_the_routed_clip_returns_and_clips_exactly_as_accelerate(
     accelerator: Any, seed: int, specs: list[tuple[tuple[int, ...], torch.dtype, bool]],
     max_norm: float, norm_type: float, scale: float, poison: int | None,
 ) -> None:  # fmt: skip
-    ours, theirs = _params(seed, specs, scale, poison), _params(seed, specs, scale, poison)
+    ours, theirs = make_params(seed, specs, scale, poison), make_params(seed, specs, scale, poison)
     before = [None if p.grad is None else p.grad.clone() for p in ours]
     clip._latest[0] = {}
 
