@@ -416,6 +416,11 @@ class Ingestor:
         return [run.run_id for run in expired]
 
     def _apply_report(self, session: Session, run: RunState, rank: RankState, msg: pb.StepReport) -> list[pb.Command]:
+        if rank.life_session != session.hello.session_id:
+            restarted = rank.life_session != "" and rank.last_step is not None and msg.step <= rank.last_step
+            rank.life_session = session.hello.session_id
+            if restarted and not session.relayed:  # a relayed rank restarted on its relay, which judged that
+                self._rank_restarted(run, rank, msg.step)
         report = build_report(run.run_id, rank.rank, msg, session.schema.names, self._clock(), session.modules,
                               session.local_param_counts)  # fmt: skip
         self._store.record_report(run, rank, report, session.schema)
@@ -448,6 +453,25 @@ class Ingestor:
                 autopsy, verdict = autopsy_of(spec.name, report, verdict)
                 commands.extend(self._verdict(run, rank, spec, rank.rank, verdict, autopsy))
         return commands
+
+    def _rank_restarted(self, run: RunState, rank: RankState, step: int) -> None:
+        """A new agent session of `rank` began again at or before the step the last one reached (a job restarted
+        from scratch or from a checkpoint under the same run id, a second fit in one process): its per-rank
+        detectors judge it afresh, and what they had fired for it is resolved (its alerts belonged to the life
+        that ended; a detector that forgot the rank would never clear them). Cross-rank detectors see the rank
+        join again through the rank table."""
+        detectors = self._detectors.get(run.run_id)
+        for spec, detector in detectors.pairs if detectors is not None else ():
+            if spec.scope != "rank":
+                continue
+            try:
+                detector.forget(rank.rank)  # type: ignore[union-attr]
+            except Exception:
+                self._detector_failed(spec)
+            alert = self._alerts.firing_alert(run.run_id, spec.name)
+            if alert is not None and rank.rank in alert.active:
+                self._verdict(run, rank, spec, rank.rank, Clear(step))
+        self._store.count_restart(run)
 
     def _apply_finding(self, run: RunState, sender: RankState | None, spec: DetectorSpec,
                        finding: Finding) -> list[pb.Command]:  # fmt: skip

@@ -175,6 +175,7 @@ class _RunFamilies:
     non_finite: CounterMetricFamily
     firing: GaugeMetricFamily
     triggers: CounterMetricFamily
+    restarts: CounterMetricFamily
     dropped_layers: CounterMetricFamily
     agent_dropped: CounterMetricFamily
     skipped_steps: CounterMetricFamily
@@ -233,6 +234,12 @@ class _RunFamilies:
                 "gradwatch_detector_triggers_total",
                 "Times a rank started firing the detector.",
                 labels=["run", "detector"],
+            ),
+            restarts=counter(
+                "gradwatch_rank_restarts_total",
+                "Ranks that restarted: a new agent session beginning again at or before the step its last one "
+                "reached (its per-rank detectors start afresh).",
+                labels=["run"],
             ),
             dropped_layers=counter(
                 "gradwatch_layer_series_dropped_total",
@@ -299,6 +306,7 @@ class _RunFamilies:
         for name in detector_names:
             self.firing.add_metric([rid, name], 1 if (rid, name) in firing else 0)
             self.triggers.add_metric([rid, name], run.detector_triggers.get(name, 0))
+        self.restarts.add_metric([rid], run.rank_restarts)
         self.dropped_layers.add_metric([rid], len(run.dropped_layers))
         dropped: dict[str, int] = {}
         for r in ranks:

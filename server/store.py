@@ -104,6 +104,9 @@ class RankState:
     over_budget: bool = False
     #: Agent session id -> highest seq applied; oldest sessions forgotten first.
     sessions: collections.OrderedDict[str, int] = field(default_factory=collections.OrderedDict)
+    #: The agent session whose reports the detectors judged last ("" before any): a report of another session
+    #: whose step is not past `last_step` is a restart (server/ingest.py).
+    life_session: str = ""
     last_step: int | None = None
     last_report_at: float | None = None
     last_loss: float | None = None  # latest finite loss
@@ -140,6 +143,8 @@ class RunState:
     schemas: dict[tuple[str, ...], SchemaEntry] = field(default_factory=dict)
     non_finite_counts: dict[str, int] = field(default_factory=dict)
     detector_triggers: dict[str, int] = field(default_factory=dict)
+    #: Ranks that restarted (a new agent session beginning again at or before its last step; server/ingest.py).
+    rank_restarts: int = 0
     events: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=EVENTS_PER_RUN))
     #: Server time when the run became finished (every rank said Goodbye), else None.
     finished_at: float | None = None
@@ -405,6 +410,10 @@ class RunStore:
                     "attributes": attributes,
                 }
             )
+
+    def count_restart(self, run: RunState) -> None:
+        with self.lock:
+            run.rank_restarts += 1
 
     def count_trigger(self, run: RunState, detector: str) -> None:
         with self.lock:

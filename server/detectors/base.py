@@ -6,7 +6,10 @@ Contract
   its own per-rank state and is dropped with the run.
 * `observe(report)` is called for every report of every rank, in order per rank,
   from one thread at a time. It must be cheap (O(1) or O(window) numpy work) and
-  must not raise on odd data.
+  must not raise on odd data. `forget(rank)` is called when a rank restarts (a new
+  agent session whose steps began again: a job restarted from scratch or from a
+  checkpoint under the same run id, a second `fit()` in one process): the rank is
+  then judged afresh.
 * It returns `Fire` while the rank is abnormal (every abnormal report, so the alert
   tracks the latest step and value), `Clear` once when the rank has recovered, and
   None otherwise. The alert book merges ranks into one alert per (run, detector).
@@ -46,7 +49,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
@@ -128,6 +131,24 @@ class Detector(Protocol):
     """A per-run detector instance (see module docstring for the contract)."""
 
     def observe(self, report: RankReport) -> Verdict | None: ...
+
+    def forget(self, rank: int) -> None:
+        """`rank` restarted (a new agent session whose steps began again): drop everything kept about it, so
+        that its next report is judged as a new rank's first. Other ranks are untouched."""
+        ...
+
+
+def forget_rank(rank: int, *holders: dict[int, Any] | Forgetting) -> None:
+    """Drop `rank` from per-rank state: dicts keyed by rank, and objects that forget ranks themselves."""
+    for holder in holders:
+        if isinstance(holder, dict):
+            holder.pop(rank, None)
+        else:
+            holder.forget(rank)
+
+
+class Forgetting(Protocol):
+    def forget(self, rank: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
 
@@ -56,6 +56,9 @@ class ClassImbalanceDetector:
     def __init__(self, config: ClassImbalanceConfig) -> None:
         self._config = config
         self._ranks: dict[int, _RankState] = {}
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         histogram = report.label_histogram

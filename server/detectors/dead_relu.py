@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, RELU_TYPES, Hysteresis, hidden_activation_mask
 from gradwatch.server.detectors.robust import nanmedian_columns
 from gradwatch.server.report import RankReport
@@ -82,6 +82,9 @@ class _Baselines:
             self._next[rank] = 0
         return nanmedian_columns(rows)  # NaN for a module without a normal reading yet
 
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._rows, self._next)
+
     def add(self, rank: int, values: np.ndarray, keep: np.ndarray) -> None:
         """Append one row: `values` where `keep`, NaN elsewhere."""
         at = self._next[rank]
@@ -96,6 +99,9 @@ class DeadReluDetector:
         self._config = config
         self._state = Hysteresis(consecutive=config.consecutive, resolve_after=config.resolve_after)
         self._baselines = _Baselines(config.window)
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._state, self._baselines)
 
     def observe(self, report: RankReport) -> Verdict | None:
         dead = report.activations.get("dead_fraction")

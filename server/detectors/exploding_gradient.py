@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA, median_sigma
 from gradwatch.server.detectors.robust import median as median_of
@@ -156,6 +156,9 @@ class ExplodingGradientDetector:
         self._ranks: defaultdict[int, _RankState] = defaultdict(
             lambda: _RankState(_NormBaseline(config.window), FloatRing(config.growth_window))
         )
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._latch, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         norm = report.grad_norm

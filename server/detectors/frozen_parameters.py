@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
 
@@ -50,6 +50,9 @@ class FrozenParametersDetector:
     def __init__(self, config: FrozenParametersConfig) -> None:
         self._config = config
         self._ranks: dict[int, _RankState] = {}
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         grads = report.columns.get("grad_norm")

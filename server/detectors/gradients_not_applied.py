@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
 
@@ -57,6 +57,9 @@ class GradientsNotAppliedDetector:
     def __init__(self, config: GradientsNotAppliedConfig) -> None:
         self._config = config
         self._ranks: dict[int, _RankState] = {}
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         updates, grads = report.update_ratio, report.columns.get("grad_norm")

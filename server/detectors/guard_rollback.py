@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
@@ -34,6 +34,9 @@ class GuardRollbackDetector:
 
     def __init__(self, config: GuardRollbackConfig) -> None:
         self._latch = Latch(resolve_after=config.resolve_after)
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._latch)
 
     def observe(self, report: RankReport) -> Verdict | None:
         restored = report.guard_rolled_back_to

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Hysteresis, Latch
 from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.report import RankReport
@@ -67,6 +67,9 @@ class InputNotNormalizedDetector:
         self._config = config
         self._state = Hysteresis(consecutive=config.consecutive, resolve_after=config.resolve_after)
         self._non_finite = Latch(resolve_after=config.resolve_after)
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._state, self._non_finite)
 
     def observe(self, report: RankReport) -> Verdict | None:
         mean, std = report.input_mean, report.input_std

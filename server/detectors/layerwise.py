@@ -112,6 +112,10 @@ class Latch:
         state = self._ranks.get(rank)
         return state is not None and state.firing
 
+    def forget(self, rank: int) -> None:
+        """`rank` starts again (Detector.forget)."""
+        self._ranks.pop(rank, None)
+
     def judge(self, rank: int, over: bool | None, *, still: bool | None = None, now: bool = False) -> str | None:
         """One report of `rank`: FIRE, CLEAR or None.
 
@@ -160,6 +164,11 @@ class Hysteresis:
 
     def firing(self, rank: int) -> bool:
         return self._latch.firing(rank)
+
+    def forget(self, rank: int) -> None:
+        """`rank` starts again (Detector.forget)."""
+        self._latch.forget(rank)
+        self._ranks.pop(rank, None)
 
     def judged(self, rank: int) -> int:
         """Reports of `rank` judged so far."""

@@ -35,7 +35,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossBaseline
 from gradwatch.server.detectors.robust import median as median_of
@@ -99,6 +99,9 @@ class LossDivergenceDetector:
                 SortedRing(span, slices, whole=False),
             )
         )
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._latch, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss

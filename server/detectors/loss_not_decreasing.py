@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.linalg import _umath_linalg
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA
 from gradwatch.server.detectors.robust import median as median_of
@@ -95,6 +95,9 @@ class LossNotDecreasingDetector:
             lambda: _RankState(SortedRing(config.window, halves, whole=False))
         )
         self._trend = _LineFit(config.window)
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._latch, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA, LossBaseline, median
 from gradwatch.server.report import RankReport
@@ -73,6 +73,9 @@ class LossSpikeDetector:
         self._baselines: defaultdict[int, LossBaseline] = defaultdict(
             lambda: LossBaseline(config.window, config.min_reports)
         )
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._latch, self._baselines)
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, Hysteresis
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
@@ -57,6 +57,9 @@ class OutputCollapseDetector:
         self._state = Hysteresis(
             consecutive=config.consecutive, resolve_after=config.resolve_after, min_reports=config.min_reports
         )
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._state)
 
     def observe(self, report: RankReport) -> Verdict | None:
         spread, rms = report.output_spread, report.output_rms

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, Hysteresis, hidden_activation_mask, output_module_mask
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
@@ -69,6 +69,9 @@ class PoorWeightInitDetector:
         self._state = Hysteresis(consecutive=config.consecutive, resolve_after=config.resolve_after)
         # Per rank: which conditions have held on every full report since the rank's first.
         self._since_start: dict[int, np.ndarray] = {}
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._state, self._since_start)
 
     def observe(self, report: RankReport) -> Verdict | None:
         acts, columns = report.activations, report.columns

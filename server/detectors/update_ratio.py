@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossStart, nanmedian_columns
 from gradwatch.server.report import RankReport
@@ -122,6 +122,9 @@ class UpdateRatioDetector:
         self._ranks: defaultdict[int, _RankState] = defaultdict(
             lambda: _RankState(np.full((config.window, 0), np.nan), LossStart(config.start_losses))
         )
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._latch, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         cfg = self._config

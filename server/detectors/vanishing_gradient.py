@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict
+from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Fire, Verdict, forget_rank
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.detectors.robust import LossStart
 from gradwatch.server.detectors.robust import median as median_of
@@ -73,6 +73,9 @@ class VanishingGradientDetector:
         self._config = config
         self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
         self._ranks: defaultdict[int, _RankState] = defaultdict(lambda: _RankState(LossStart(config.start_losses)))
+
+    def forget(self, rank: int) -> None:
+        forget_rank(rank, self._latch, self._ranks)
 
     def observe(self, report: RankReport) -> Verdict | None:
         cfg = self._config
