@@ -17,8 +17,8 @@ import pytest
 from gradwatch.server.config import ClusterConfig, HttpConfig, RelayConfig
 from gradwatch.server.detectors.stalled import StalledConfig
 from paging_support import released_port
-from relay_support import CLUSTER_YAML, Serve
-from server_support import AgentStream, hello_frame, report_frame, server_config, start_app
+from relay_support import serve_peers
+from server_support import AgentStream, hello_frame, report_frame, server_config, short_run, start_app
 from wait_support import wait_until
 
 CLI = [sys.executable, "-m", "gradwatch.cli"]
@@ -32,26 +32,12 @@ def _items(answer: Any, key: str) -> list[dict[str, Any]]:
     return answer[key] if isinstance(answer, dict) else answer
 
 
-def _nan_run(server: Serve, run: str) -> None:
-    """A one-rank run whose loss turns NaN: non_finite (critical) fires and opens an incident."""
-    stream = AgentStream(server.grpc_target)
-    stream.send(hello_frame(run=run, session=run))
-    for seq in range(1, 6):
-        stream.send(report_frame(seq, loss=float("nan") if seq == 5 else 0.5))
-    stream.recv_ack(5)
-    stream.close()
-
-
 @pytest.mark.timeout(300)
 def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_path: Path) -> None:
-    ports = [released_port(), released_port()]
-    listed = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
-    peers = f"cluster: {{peers: [{listed}]}}\n"
-    a, b = (Serve(tmp_path, name, "--http-port", str(port), config=CLUSTER_YAML + peers)
-            for name, port in zip("ab", ports, strict=True))  # fmt: skip
+    a, b = serve_peers(tmp_path, "ab")
     try:
-        _nan_run(a, "on-a")
-        _nan_run(b, "on-b")
+        short_run(a.grpc_target, "on-a", nan_at=5)
+        short_run(b.grpc_target, "on-b", nan_at=5)
 
         def listed() -> list[dict[str, Any]]:
             return _items(_cli("incidents", "--server", a.http_url), "incidents")
@@ -77,7 +63,7 @@ def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_pa
         assert b.stop() == 0
         answer = a.get("/api/v1/runs")
         assert [r["run"] for r in answer["runs"]] == ["on-a"]
-        assert answer["unreachable"] == [f"127.0.0.1:{ports[1]}"] and answer["replicas"] == 1
+        assert answer["unreachable"] == [b.http_address] and answer["replicas"] == 1
     finally:
         assert a.stop() == 0
         b.stop()
