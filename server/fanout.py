@@ -40,7 +40,7 @@ from typing import Any
 
 from gradwatch.routing import ReplicaRouter
 
-__all__ = ["FanOut"]
+__all__ = ["ORDER", "FanOut", "merge_page"]
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,16 @@ MAX_ANSWER_BYTES = 64 << 20
 #: Peers asked at once (a hung peer holds a thread for FANOUT_TIMEOUT_S; healthy ones answer in milliseconds).
 FANOUT_THREADS = 16
 _LISTS = {"/api/v1/runs": "runs", "/api/v1/alerts": "alerts", "/api/v1/incidents": "incidents"}
-#: How each list is ordered once merged (the replicas' own order, across replicas).
-_ORDER: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "runs": lambda r: r.get("last_seen") or 0.0,
-    "alerts": lambda a: (a.get("state") != "firing", -(a.get("started_at") or 0.0)),
-    "incidents": lambda i: -(i.get("opened_at") or 0.0),
-}
+#: How each list is ordered once merged: each replica's own order, across replicas (runs: least recently seen
+#: first, as the store keeps them; alerts: firing ones oldest first, then resolved ones most recently resolved
+#: first, as the AlertBook lists them; incidents: newest first, as the database lists them). A page of the merge
+#: is then a page of every replica's list taken together: each replica's first offset + limit items suffice.
+ORDER: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "runs": lambda r: (r.get("last_seen") or 0.0, r.get("run", "")),
+    "alerts": lambda a: (0, a.get("started_at") or 0.0) if a.get("state") == "firing" else
+                        (1, -(a.get("resolved_at") or 0.0)),
+    "incidents": lambda i: (-(i.get("opened_at") or 0.0), i.get("id", "")),
+}  # fmt: skip
 
 
 class FanOut:
@@ -93,7 +97,7 @@ class FanOut:
         wide = [(path, {**query, "limit": [str(min(offset + limit, 10_000))], "offset": ["0"]})
                 for (path, query), (limit, offset) in zip(questions, pages, strict=True)]  # fmt: skip
         answers, unreachable = self._all(wide)
-        return [_merge(_LISTS[path], got, len(answers), unreachable, limit, offset)
+        return [merge_page(_LISTS[path], got, len(answers), unreachable, limit, offset)
                 for (path, _), got, (limit, offset) in zip(questions, zip(*answers, strict=True), pages,
                                                            strict=True)]  # fmt: skip
 
@@ -210,7 +214,7 @@ def _decoded(answer: Response | None) -> Answer | None:
     return (answer[0], body) if isinstance(body, dict) else None
 
 
-def _merge(key: str, answers: Sequence[Answer], replicas: int, unreachable: list[str], limit: int,
+def merge_page(key: str, answers: Sequence[Answer], replicas: int, unreachable: list[str], limit: int,
            offset: int) -> Answer:  # fmt: skip
     """The replicas' answers to one list question as one page of the list route."""
     items: list[dict[str, Any]] = []
@@ -228,7 +232,7 @@ def _merge(key: str, answers: Sequence[Answer], replicas: int, unreachable: list
                 latest[run["run"]] = run
         total -= len(items) - len(latest)
         items = list(latest.values())
-    items.sort(key=_ORDER[key])
+    items.sort(key=ORDER[key])
     page = {key: items[offset : offset + limit], "total": total,
             "next_offset": offset + limit if offset + limit < total else None,
             "replicas": replicas, "unreachable": unreachable}  # fmt: skip

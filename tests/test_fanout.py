@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradwatch.server.config import ClusterConfig, HttpConfig, RelayConfig
 from gradwatch.server.detectors.stalled import StalledConfig
+from gradwatch.server.fanout import ORDER, merge_page
 from paging_support import released_port
 from relay_support import serve_peers
 from server_support import AgentStream, hello_frame, report_frame, server_config, short_run, start_app
@@ -101,3 +104,56 @@ def test_a_run_whose_agents_moved_to_another_replica_is_handed_over_not_stalled(
             moved.close()
         a.stop()
         b.stop()
+
+
+#: How one replica lists each (its store: least recently seen first; its AlertBook: firing oldest first, then
+#: resolved most recently resolved first; its database: incidents newest first, then by id).
+REPLICA_ORDER: dict[str, Any] = {
+    "runs": lambda r: (r["last_seen"], r["run"]),
+    "alerts": lambda a: (a["state"] != "firing", a["started_at"] if a["state"] == "firing" else -a["resolved_at"]),
+    "incidents": lambda i: (-i["opened_at"], i["id"]),
+}
+
+
+def _replica_lists(key: str) -> st.SearchStrategy[list[list[dict[str, Any]]]]:
+    """Each replica's whole list for `key`, in the replica's own order; times drawn from a few values (ties)."""
+    times = st.integers(0, 6).map(float)
+    if key == "runs":  # unique within a replica; the same run may be held by two (moving)
+        item = st.builds(lambda n, t: {"run": f"r{n}", "last_seen": t}, st.integers(0, 9), times)
+        one = st.lists(item, max_size=8, unique_by=lambda r: r["run"])
+    elif key == "alerts":
+        item = st.builds(lambda firing, t, r: {"state": "firing" if firing else "resolved", "started_at": t,
+                                               "resolved_at": None if firing else t + r}, st.booleans(), times, times)
+        one = st.lists(item, max_size=8)
+    else:
+        item = st.builds(lambda t, n: {"opened_at": t, "id": f"{n:04x}"}, times, st.integers(0, 1 << 16))
+        one = st.lists(item, max_size=8, unique_by=lambda i: i["id"])
+    return st.lists(one.map(lambda items: sorted(items, key=REPLICA_ORDER[key])), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), key=st.sampled_from(["runs", "alerts", "incidents"]), limit=st.integers(1, 6),
+       offset=st.integers(0, 8))  # fmt: skip
+def test_a_merged_page_is_that_page_of_every_replicas_list_together(data: Any, key: str, limit: int,
+                                                                   offset: int) -> None:  # fmt: skip
+    """What each replica answers the fan-out (its first offset + limit items, and its total) merges into the page
+    that paging all replicas' items together gives, with their total; a run held by two replicas counts once, as
+    the one seen last (exact when every copy is within the replicas' answers, as on the overview)."""
+    lists = data.draw(_replica_lists(key))
+    for replica, items in enumerate(lists):
+        for i, item in enumerate(items):
+            item.setdefault("id", f"{replica}-{i}")
+    if key == "runs":
+        limit = max(limit, max(len(items) for items in lists))
+    answers = [(200, {key: items[: offset + limit], "total": len(items)}) for items in lists]
+    status, page = merge_page(key, answers, len(lists), [], limit, offset)
+    everything = sorted((item for items in lists for item in items), key=ORDER[key])
+    if key == "runs":
+        latest = {r["run"]: r for r in sorted(everything, key=lambda r: r["last_seen"])}
+        everything = sorted(latest.values(), key=ORDER[key])
+        shown = [(r["run"], r["last_seen"]) for r in page["runs"]]
+        assert shown == [(r["run"], r["last_seen"]) for r in everything[offset : offset + limit]]
+    else:
+        assert page[key] == everything[offset : offset + limit]
+    assert status == 200 and page["total"] == len(everything)
+    assert page["next_offset"] == (offset + limit if offset + limit < len(everything) else None)

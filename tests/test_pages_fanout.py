@@ -66,6 +66,10 @@ def test_any_replicas_pages_show_every_replica_and_name_the_one_not_answering(tm
         for server in (a, b):  # each replica's incident written (window included) before the pages are read
             wait_until(lambda s=server: _incidents(s), 30, what="an incident", interval=0.1)  # type: ignore[misc]
         (incident_b,) = _incidents(b)
+        # What the overview asks each replica: every run, without its rank list, the connected count kept.
+        (run,) = a.get("/api/v1/runs?run=nan-b&ranks=0")["runs"]
+        assert (run["ranks"], run["ranks_total"], run["ranks_connected"]) == ([], 1, 0)  # its stream has closed
+        assert a.get("/api/v1/runs?limit=1")["total"] == 3  # counted on every replica, not just the page asked
         with Browser() as browser:
             page = browser.new_page()
             page.open(a.http_url + "/")
