@@ -9,12 +9,14 @@ good (scaled down) takes its history out of the view with it.
 
 Contract
 --------
-* With `cluster.peers` set, GET /api/v1/runs, /api/v1/alerts, /api/v1/incidents and /api/v1/incidents/<id>
-  (and its `/window`) on any replica answer for every replica: each peer is asked the same question with
-  `local=1` (answered from its own state only), in parallel, with a timeout; lists are merged and paged here
-  (`total` sums the replicas' totals; a run held by two replicas during a move is listed once: the one seen
-  last); an incident is taken from whichever replica holds it. This replica answers its own part in-process
-  (never an HTTP call to itself). The HTML pages (server/pages.py) read through `lists` and `first` too.
+* With `cluster.peers` set, GET /api/v1/runs, /api/v1/runs/<run> (and its `/ranks`, `/series`), /api/v1/alerts,
+  /api/v1/incidents and /api/v1/incidents/<id> (and its `/window`) on any replica answer for every replica: each
+  peer is asked the same question with `local=1` (answered from its own state only), in parallel, with a
+  timeout; lists are merged and paged here (`total` sums the replicas' totals; a run held by two replicas during
+  a move is listed once: the one seen last, and /runs/<run> is that one); an incident, and a run's ranks and
+  series, are taken from whichever replica holds them (this one first: during a move, the replica the run left
+  may answer with its last state). This replica answers its own part in-process (never an HTTP call to itself).
+  The HTML pages (server/pages.py) read through `lists` and `first` too.
 * A peer that does not answer within the deadline, answers anything but 200/400 JSON (a 401 for a wrong
   cluster token, a 500) or an answer cut at MAX_ANSWER_BYTES is named under `unreachable` and left out.
 * Bounded: at most MAX_PEERS peers; all the questions of one request are asked at once and waited for under
@@ -52,6 +54,7 @@ FANOUT_TIMEOUT_S = 5.0
 MAX_ANSWER_BYTES = 64 << 20
 #: Peers asked at once (a hung peer holds a thread for FANOUT_TIMEOUT_S; healthy ones answer in milliseconds).
 FANOUT_THREADS = 16
+_RUN = "/api/v1/runs/"
 _LISTS = {"/api/v1/runs": "runs", "/api/v1/alerts": "alerts", "/api/v1/incidents": "incidents"}
 #: How each list is ordered once merged: each replica's own order, across replicas (runs: least recently seen
 #: first, as the store keeps them; alerts: firing ones oldest first, then resolved ones most recently resolved
@@ -84,6 +87,9 @@ class FanOut:
         if path in _LISTS:
             ((status, page),) = self.lists([(path, query)])
             return status, "application/json", json.dumps(page, allow_nan=False).encode()
+        if path.startswith(_RUN):
+            run_id, _, what = path.removeprefix(_RUN).partition("/")
+            return self.first(path, query)[0] if what else self._run(urllib.parse.unquote(run_id))
         if path.startswith("/api/v1/incidents/"):
             return self.first(path, query)[0]
         return None
@@ -141,6 +147,15 @@ class FanOut:
         return False
 
     # ------------------------------------------------------------------ internals
+
+    def _run(self, run_id: str) -> Response:
+        """One run's view from the replica that saw it last: the runs list narrowed to it, merged."""
+        ((status, page),) = self.lists([("/api/v1/runs", {"run": [run_id], "limit": ["1"]})])
+        found = [run for run in page.get("runs", []) if run.get("run") == run_id]  # a peer may predate `run=`
+        if found:
+            return 200, "application/json", json.dumps({"run": found[0]}, allow_nan=False).encode()
+        error = {"error": f"no such run: {run_id!r}", **({"unreachable": page["unreachable"]} if status == 200 else {})}
+        return 404, "application/json", json.dumps(error).encode()
 
     def _local_answer(self, path: str, query: dict[str, list[str]]) -> Response | None:
         for route in self.local:

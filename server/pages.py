@@ -138,7 +138,8 @@ class Pages:
             ("/api/v1/alerts", {**narrow, "state": ["firing"], "limit": [ASKED]}),
             ("/api/v1/incidents", {**narrow, "limit": [str(INCIDENTS_SHOWN)]}),
         ])  # fmt: skip
-        listed = sorted(runs["runs"], key=lambda r: (not r["firing"], -(r["last_seen"] or 0)))
+        listed = [r for r in runs["runs"] if only_run in (None, r["run"])]  # a peer may predate `run=`
+        listed.sort(key=lambda r: (not r["firing"], -(r["last_seen"] or 0)))
         unreachable = sorted({p for page in (runs, firing, incidents) for p in page.get("unreachable", [])})
         replicas = f" · {runs['replicas']} replicas answered" if "replicas" in runs else ""
         e = html.escape
@@ -226,7 +227,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
             _run_link(r["run"]),
             e(r["job_name"] or "-"),
             e(r["state"]),
-            f"{r['ranks_connected']}/{r['world_size']}",
+            f"{_connected(r)}/{r['world_size']}",
             "-" if r["step"] is None else str(r["step"]),
             e(loss_text(r, long=True)),
             e(", ".join(r["firing"]) or "-"),
@@ -234,6 +235,13 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
         for r in runs
     ]
     return _table(["Run", "Job", "State", "Connected", "Step", "Loss", "Firing"], rows, "No runs yet.")
+
+
+def _connected(run: dict[str, Any]) -> int:
+    """The run's connected ranks (a peer that predates `ranks_connected` lists its ranks instead)."""
+    if "ranks_connected" in run:
+        return int(run["ranks_connected"])
+    return sum(1 for rank in run["ranks"] if rank.get("connected"))
 
 
 def _incidents_table(incidents: list[dict[str, Any]]) -> str:

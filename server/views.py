@@ -123,6 +123,8 @@ def loss_view(ranks: list[RankState]) -> dict[str, Any]:
 
 def rank_views(run: RunState, ranks: list[RankState]) -> list[dict[str, Any]]:
     """Views of `ranks` of `run` with what the cross-rank detectors see of each (replica group, pace)."""
+    if not ranks:  # the run's pace needs medians over its rank table: none for a view that lists no rank
+        return []
     timing = _rank_timing(run)
     return [rank_view(r) | timing(r.rank) for r in ranks]
 

@@ -21,7 +21,7 @@ from gradwatch.server.detectors.stalled import StalledConfig
 from gradwatch.server.fanout import ORDER, merge_page
 from paging_support import released_port
 from relay_support import serve_peers
-from server_support import AgentStream, hello_frame, report_frame, server_config, short_run, start_app
+from server_support import AgentStream, hello_frame, http_get, report_frame, server_config, short_run, start_app
 from wait_support import wait_until
 
 CLI = [sys.executable, "-m", "gradwatch.cli"]
@@ -52,6 +52,10 @@ def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_pa
             assert {r["run"] for r in _items(_cli("runs", "--server", url), "runs")} == {"on-a", "on-b"}
             alerts = _items(_cli("alerts", "--server", url), "alerts")
             assert sorted((x["run"], x["detector"]) for x in alerts) == [("on-a", "non_finite"), ("on-b", "non_finite")]
+        # One run of B, shown through A (the replica that saw it last answers), its ranks too.
+        shown_run = _cli("runs", "show", "on-b", "--server", a.http_url)
+        assert shown_run["run"] == "on-b" and [r["rank"] for r in shown_run["ranks"]] == [0]
+        assert [r["rank"] for r in a.get("/api/v1/runs/on-b/ranks")["ranks"]] == [0]
         # Each replica alone still holds only its own (local=1 is what the fan-out asks).
         assert [r["run"] for r in a.get("/api/v1/runs?local=1")["runs"]] == ["on-a"]
         # B's incident, shown and reported through A.
@@ -67,6 +71,8 @@ def test_any_replica_answers_for_every_replicas_runs_alerts_and_incidents(tmp_pa
         answer = a.get("/api/v1/runs")
         assert [r["run"] for r in answer["runs"]] == ["on-a"]
         assert answer["unreachable"] == [b.http_address] and answer["replicas"] == 1
+        status, _, body = http_get(a.http_url + "/api/v1/runs/on-b")
+        assert status == 404 and json.loads(body)["unreachable"] == [b.http_address]
     finally:
         assert a.stop() == 0
         b.stop()
