@@ -172,7 +172,8 @@ class FanOut:
 
     def _ask(self, peer: str, path: str, query: dict[str, list[str]]) -> Response:
         pairs = [(k, v) for k, values in query.items() for v in values] + [("local", "1")]
-        url = f"{self._scheme}://{peer}{path}?{urllib.parse.urlencode(pairs)}"
+        # Re-quoted: the HTTP layer hands routes decoded paths (a run id may hold spaces, '?' or '#').
+        url = f"{self._scheme}://{peer}{urllib.parse.quote(path, safe='/%')}?{urllib.parse.urlencode(pairs)}"
         request = urllib.request.Request(url)
         if self._token:
             request.add_header("Authorization", f"Bearer {self._token}")

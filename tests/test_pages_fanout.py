@@ -21,8 +21,9 @@ from relay_support import Serve, serve_peers
 from server_support import http_get, short_run
 from wait_support import wait_until
 
-#: A run name that would inject markup if a page did not escape what a peer answered.
-HOSTILE_RUN = "</td><b id=injected>calm-b"
+#: A run name that would inject markup if a page did not escape what a peer answered, and break a URL that
+#: was not quoted on its way to the peer.
+HOSTILE_RUN = "<b id=injected>calm b?#"
 INJECTED_JS = "JSON.stringify({scripts: document.scripts.length, injected: !!document.getElementById('injected')})"
 SECTIONS_JS = "[...document.querySelectorAll('section')].map(s => s.id).join(',')"
 #: Every link in a section: [text, href], hrefs resolved by the browser against the page's address.
@@ -70,6 +71,9 @@ def test_any_replicas_pages_show_every_replica_and_name_the_one_not_answering(tm
         (run,) = a.get("/api/v1/runs?run=nan-b&ranks=0")["runs"]
         assert (run["ranks"], run["ranks_total"], run["ranks_connected"]) == ([], 1, 0)  # its stream has closed
         assert a.get("/api/v1/runs?limit=1")["total"] == 3  # counted on every replica, not just the page asked
+        hostile = urllib.parse.quote(HOSTILE_RUN, safe="")
+        assert a.get(f"/api/v1/runs/{hostile}")["run"]["run"] == HOSTILE_RUN
+        assert [r["rank"] for r in a.get(f"/api/v1/runs/{hostile}/ranks")["ranks"]] == [0]
         with Browser() as browser:
             page = browser.new_page()
             page.open(a.http_url + "/")
