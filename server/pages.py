@@ -117,7 +117,8 @@ class Pages:
             if status != 200:
                 window = None
         if not isinstance(incident, dict) or window is None:
-            return 404, HTML, _missing(f"No incident {wanted!r}{_where(unreachable)}.").encode()
+            where = _where(unreachable, self._app.fanout is not None)
+            return 404, HTML, _missing(f"No incident {wanted!r}{where}.").encode()
         return 200, HTML, render_report(incident, window, home="../").encode()
 
     def _latest(self, run: str | None, detector: str | None) -> Response:
@@ -125,7 +126,7 @@ class Pages:
             return 400, HTML, _missing("/incidents/latest needs ?run=RUN&detector=DETECTOR.").encode()
         (found,) = self._lists([("/api/v1/incidents", {"run": [run], "detector": [detector], "limit": ["1"]})])
         if not found["incidents"]:
-            where = _where(found.get("unreachable", []))
+            where = _where(found.get("unreachable", []), self._app.fanout is not None)
             return 404, HTML, _missing(f"No incident of {detector} on run {run!r}{where}.").encode()
         return self._incident(found["incidents"][0]["id"])
 
@@ -154,7 +155,7 @@ class Pages:
             + "</p>",
             _unreachable(unreachable),
             _section("firing", "Firing alerts", _firing_table(firing["alerts"])),
-            _section("runs", "Runs", _runs_table(listed[:RUNS_SHOWN])),
+            _section("runs", "Runs", _runs_note(len(listed), runs["total"]) + _runs_table(listed[:RUNS_SHOWN])),
             _section("incidents", "Recent incidents", _incidents_table(incidents["incidents"])),
             '<p class="muted">JSON: <a href="api/v1/runs">runs</a> · <a href="api/v1/alerts">alerts</a> · '
             '<a href="api/v1/incidents">incidents</a>'
@@ -177,11 +178,21 @@ def _unreachable(peers: list[str]) -> str:
                     f"<p>{named}: their runs, alerts and incidents are missing from this page.</p>")  # fmt: skip
 
 
-def _where(unreachable: list[str]) -> str:
+def _runs_note(read: int, total: int) -> str:
+    """Says what the runs table leaves out: runs beyond RUNS_SHOWN, and runs a replica holding more than the
+    overview asks for did not send (it sends its least recently seen first)."""
+    notes = [f"{RUNS_SHOWN} of {read} shown, firing first, then most recently seen"] if read > RUNS_SHOWN else []
+    if total > read:
+        notes.append(f"{total - read} more not read (a replica holds more than {ASKED}; "
+                     "<code>gradwatch runs</code> lists every one)")  # fmt: skip
+    return f'<p class="muted">{"; ".join(notes)}.</p>' if notes else ""
+
+
+def _where(unreachable: list[str], fanned: bool) -> str:
     """Where a page looked for what it did not find."""
-    if not unreachable:
-        return " on this server"
-    return f" on the replicas that answered (not answering: {', '.join(unreachable)})"
+    if unreachable:
+        return f" on the replicas that answered (not answering: {', '.join(unreachable)})"
+    return " on any replica" if fanned else " on this server"
 
 
 def _section(anchor: str, title: str, body: str) -> str:

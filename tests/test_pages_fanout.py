@@ -1,6 +1,7 @@
 """The HTML pages over every replica, in headless Chromium: two `gradwatch serve` replicas with `cluster.peers` naming
 both; replica A's overview shows B's runs and firing alerts, its links to B's run and incident work through A, and
-with B stopped (paused, then gone) A's overview still renders within the fan-out's deadline and names B.
+with B stopped (paused, then gone) A's overview still renders within the fan-out's deadline and names B. And the
+overview's choice of runs when it holds more than it shows.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import pytest
 
 from browser_support import Browser, Page
 from gradwatch.server.fanout import FANOUT_TIMEOUT_S
+from gradwatch.server.pages import RUNS_SHOWN
 from relay_support import Serve, serve_peers
-from server_support import http_get, short_run
+from server_support import http_get, server_config, short_run, start_app
 from wait_support import wait_until
 
 #: A run name that would inject markup if a page did not escape what a peer answered, and break a URL that
@@ -143,3 +145,24 @@ def test_any_replicas_pages_show_every_replica_and_name_the_one_not_answering(tm
             os.kill(b.proc.pid, signal.SIGCONT)
         assert a.stop() == 0
         b.stop()
+
+
+def test_overview_lists_firing_runs_first_and_says_what_it_leaves_out() -> None:
+    """More runs than the overview shows: the firing one, seen longest ago, is still listed, and the page says how
+    many it shows of how many."""
+    app = start_app(server_config())
+    try:
+        short_run(app.grpc_target, "oldest-firing", nan_at=5)
+        for i in range(RUNS_SHOWN):
+            short_run(app.grpc_target, f"calm-{i:03d}")
+        with Browser() as browser:
+            page = browser.new_page()
+            page.open(app.http_url + "/")
+            _clean(page)
+            rows = _rows(page)
+            note = page.evaluate("document.querySelector('#runs p').textContent")
+    finally:
+        app.stop()
+    assert len(rows) == RUNS_SHOWN and rows[0] == "oldest-firing"
+    assert rows[1:] == [f"calm-{i:03d}" for i in reversed(range(1, RUNS_SHOWN))]  # most recently seen first
+    assert note == f"{RUNS_SHOWN} of {RUNS_SHOWN + 1} shown, firing first, then most recently seen."
