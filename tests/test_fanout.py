@@ -9,6 +9,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradwatch.server.config import ClusterConfig, HttpConfig, RelayConfig
+from gradwatch.server.config import AuthConfig, ClusterConfig, HttpConfig, RelayConfig
 from gradwatch.server.detectors.stalled import StalledConfig
 from gradwatch.server.fanout import ORDER, merge_page
 from paging_support import released_port
@@ -108,6 +109,32 @@ def test_a_run_whose_agents_moved_to_another_replica_is_handed_over_not_stalled(
     finally:
         if moved is not None:
             moved.close()
+        a.stop()
+        b.stop()
+
+
+def test_a_peer_that_refuses_the_cluster_token_is_named_not_silently_left_out(tmp_path: Path) -> None:
+    """Tokens on, and A's cluster.token_file holds a token B does not know: B answers A's questions 401, so A names
+    B under `unreachable` instead of answering as if B held nothing; B, with the right token, hears A."""
+    right, wrong = "cluster-secret-0123456789", "stale-secret-0123456789ab"
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f'tokens: [{{name: peers, token: "{right}", api: true}}]\n')
+    for name, token in (("a", wrong), ("b", right)):
+        (tmp_path / f"{name}.token").write_text(token + "\n")
+    ports = [released_port(), released_port()]
+    peers = tuple(f"127.0.0.1:{p}" for p in ports)
+    a, b = (start_app(dataclasses.replace(server_config(), http=HttpConfig(host="127.0.0.1", port=port),
+                                          auth=AuthConfig(tokens_file=str(tokens)),
+                                          cluster=ClusterConfig(peers=peers, token_file=str(tmp_path / f"{n}.token"))))
+            for n, port in zip("ab", ports, strict=True))  # fmt: skip
+    try:
+        for server, unreachable in ((a, [peers[1]]), (b, [])):
+            request = urllib.request.Request(f"{server.http_url}/api/v1/incidents",
+                                             headers={"Authorization": f"Bearer {right}"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer = json.loads(response.read())
+            assert (answer["replicas"], answer["unreachable"]) == (2 - len(unreachable), unreachable)
+    finally:
         a.stop()
         b.stop()
 
