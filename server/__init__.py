@@ -6,7 +6,7 @@ Module map (dependencies point down the list):
   relay         two tiers, relay side (`serve --upstream`): the forwarder of compact records, per-rank verdicts
                 and incidents with its bounded buffer; relay_link: one upstream link (stream, batches, acks)
   upstream      two tiers, aggregator side: the Ingest.Relay handler, relayed sessions, the relay limit
-  fanout        the read API answered for every replica (cluster.peers over the headless Service)
+  fanout        the read API and the pages answered for every replica (cluster.peers over the headless Service)
   logs          the console: timestamped, levelled log lines as text or JSON (`gradwatch serve`)
   http_api      /metrics, /healthz, /api/v1/{runs,alerts,notifications,silences} (aiohttp, on its own loop thread)
   pages         HTML: the overview (/) and incident reports (/incidents/ID), rendered by gradwatch.incident_report

@@ -64,7 +64,7 @@ from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunState, RunStore
 from gradwatch.server.tls import TlsCollector, load_server_tls
 from gradwatch.server.upstream import RelayServicer, relays_route
-from gradwatch.server.views import run_view
+from gradwatch.server.views import RANKS_IN_VIEW, run_view
 
 __all__ = ["ServerApp", "serve"]
 
@@ -212,7 +212,7 @@ class ServerApp:
     def _routes(self) -> tuple[Any, ...]:
         """The HTTP read routes; with cluster.peers, the read API fanned out over every replica first."""
         query = QueryApi(self).route
-        local = (query, Pages(self).route, relays_route(self.relays, self.relay))
+        local = (query, Pages(self, query).route, relays_route(self.relays, self.relay))
         if self.fanout is None:
             return local
         self.fanout.local = (query,)
@@ -322,12 +322,12 @@ class ServerApp:
 
     # ------------------------------------------------------------------ views
 
-    def runs(self) -> list[dict[str, Any]]:
-        """Every tracked run (least recently active first) as a JSON-safe dict."""
+    def runs(self, *, max_ranks: int = RANKS_IN_VIEW) -> list[dict[str, Any]]:
+        """Every tracked run (least recently active first) as a JSON-safe dict listing at most `max_ranks` ranks."""
         firing: dict[str, list[str]] = {}
         for run_id, detector in self.alert_book.firing_detectors():
             firing.setdefault(run_id, []).append(detector)
-        return [run_view(run, firing.get(run.run_id, [])) for run in self.store.snapshot()]
+        return [run_view(run, firing.get(run.run_id, []), max_ranks=max_ranks) for run in self.store.snapshot()]
 
     def alerts(self, run: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
         """Alerts in their JSON form (as /api/v1/alerts lists them), optionally for one run and/or state

@@ -490,7 +490,8 @@ class ClusterConfig(Settings):
     peers: tuple[str, ...] = setting(
         (),
         doc="Every replica's HTTP address: dns:///<headless Service>:<http port> (its ready pods) or host:port "
-        "entries. Set: /api/v1/runs, /alerts, /incidents and /incidents/<id> answer for all of them.",
+        "entries. Set: the read API (/api/v1/runs, /alerts, /incidents and their items) and the HTML pages "
+        "answer for all of them.",
     )
     token_file: str = setting("", doc="File holding the bearer token for the peers' API; empty: none.")
 

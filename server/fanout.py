@@ -9,12 +9,20 @@ good (scaled down) takes its history out of the view with it.
 
 Contract
 --------
-* With `cluster.peers` set, GET /api/v1/runs, /api/v1/alerts, /api/v1/incidents and /api/v1/incidents/<id>
-  (and its `/window`) on any replica answer for every replica: each peer is asked the same question with
-  `local=1` (answered from its own state only), in parallel, with a timeout; lists are merged and paged here
-  (a run held by two replicas during a move is listed once: the one seen last); an incident is taken from
-  whichever replica holds it. This replica answers its own part in-process (never an HTTP call to itself).
-* Bounded: at most MAX_PEERS peers, FANOUT_TIMEOUT_S per peer, each peer's answer read up to MAX_ANSWER_BYTES.
+* With `cluster.peers` set, GET /api/v1/runs, /api/v1/runs/<run> (and its `/ranks`, `/series`), /api/v1/alerts,
+  /api/v1/incidents and /api/v1/incidents/<id> (and its `/window`) on any replica answer for every replica: each
+  peer is asked the same question with `local=1` (answered from its own state only), in parallel, with a
+  timeout; lists are merged and paged here (`total` sums the replicas' totals; a run held by two replicas during
+  a move is listed once: the one seen last, and /runs/<run> is that one); an incident, and a run's ranks and
+  series, are taken from whichever replica holds them (this one first: during a move, the replica the run left
+  may answer with its last state). This replica answers its own part in-process (never an HTTP call to itself).
+  The HTML pages (server/pages.py) read through `lists` and `first` too.
+* A peer that does not answer within the deadline, answers anything but 200/400 JSON (a 401 for a wrong
+  cluster token, a 500) or an answer cut at MAX_ANSWER_BYTES is named under `unreachable` and left out.
+* Bounded: at most MAX_PEERS peers; all the questions of one request are asked at once and waited for under
+  one deadline (FANOUT_TIMEOUT_S + 1 s from the start, however many peers hang); each peer's answer is read
+  up to MAX_ANSWER_BYTES. Nothing here holds a lock while waiting: this replica's own part is computed (each
+  view taking the store's lock only as long as it needs) before the peers are waited for.
 * Every other route, and any request with `local=1`, is left to the local routes.
 """
 
@@ -25,6 +33,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,7 +42,7 @@ from typing import Any
 
 from gradwatch.routing import ReplicaRouter
 
-__all__ = ["FanOut"]
+__all__ = ["ORDER", "FanOut", "merge_page"]
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +52,24 @@ Route = Callable[[str, dict[str, list[str]]], Response | None]
 MAX_PEERS = 64
 FANOUT_TIMEOUT_S = 5.0
 MAX_ANSWER_BYTES = 64 << 20
+#: Peers asked at once (a hung peer holds a thread for FANOUT_TIMEOUT_S; healthy ones answer in milliseconds).
+FANOUT_THREADS = 16
+_RUN = "/api/v1/runs/"
 _LISTS = {"/api/v1/runs": "runs", "/api/v1/alerts": "alerts", "/api/v1/incidents": "incidents"}
-#: How each list is ordered once merged (the replicas' own order, across replicas).
-_ORDER: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "runs": lambda r: r.get("last_seen") or 0.0,
-    "alerts": lambda a: (a.get("state") != "firing", -(a.get("started_at") or 0.0)),
-    "incidents": lambda i: -(i.get("opened_at") or 0.0),
-}
+#: How each list is ordered once merged: each replica's own order, across replicas (runs: least recently seen
+#: first, as the store keeps them; alerts: firing ones oldest first, then resolved ones most recently resolved
+#: first, as the AlertBook lists them; incidents: newest first, as the database lists them). A page of the merge
+#: is then a page of every replica's list taken together: each replica's first offset + limit items suffice.
+ORDER: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "runs": lambda r: (r.get("last_seen") or 0.0, r.get("run", "")),
+    "alerts": lambda a: (0, a.get("started_at") or 0.0) if a.get("state") == "firing" else
+                        (1, -(a.get("resolved_at") or 0.0)),
+    "incidents": lambda i: (-(i.get("opened_at") or 0.0), i.get("id", "")),
+}  # fmt: skip
 
 
 class FanOut:
-    """The fanned-out read routes (see the module docstring)."""
+    """The fanned-out read routes (see the module docstring); `lists` and `first` serve the pages too."""
 
     def __init__(self, peers: Sequence[str], *, local: Sequence[Route], own_port: Callable[[], int],
                  token: str = "", scheme: str = "http") -> None:  # fmt: skip
@@ -63,17 +79,58 @@ class FanOut:
         self._own_port = own_port
         self._token = token
         self._scheme = scheme
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="gradwatch-fanout")
+        self._pool = concurrent.futures.ThreadPoolExecutor(FANOUT_THREADS, thread_name_prefix="gradwatch-fanout")
 
     def route(self, path: str, query: dict[str, list[str]]) -> Response | None:
         if query.get("local"):
             return None
-        key = _LISTS.get(path)
-        if key is not None:
-            return self._list(path, key, query)
+        if path in _LISTS:
+            ((status, page),) = self.lists([(path, query)])
+            return status, "application/json", json.dumps(page, allow_nan=False).encode()
+        if path.startswith(_RUN):
+            run_id, _, what = path.removeprefix(_RUN).partition("/")
+            return self.first(path, query)[0] if what else self._run(urllib.parse.unquote(run_id))
         if path.startswith("/api/v1/incidents/"):
-            return self._first(path, query)
+            return self.first(path, query)[0]
         return None
+
+    def lists(self, questions: Sequence[tuple[str, dict[str, list[str]]]]) -> list[tuple[int, dict[str, Any]]]:
+        """Each list question (a list route's path and its query) answered for every replica, as the route
+        answers it: (200, the merged page with `replicas` and `unreachable`) or (400, {"error"}). Every question
+        goes to every peer at once, under one deadline; a peer that fails any of them is left out of all."""
+        pages = [(_int(query.get("limit"), _DEFAULT_LIMIT[_LISTS[path]]), _int(query.get("offset"), 0))
+                 for path, query in questions]  # fmt: skip
+        wide = [(path, {**query, "limit": [str(min(offset + limit, 10_000))], "offset": ["0"]})
+                for (path, query), (limit, offset) in zip(questions, pages, strict=True)]  # fmt: skip
+        answers, unreachable = self._all(wide)
+        return [merge_page(_LISTS[path], got, len(answers), unreachable, limit, offset)
+                for (path, _), got, (limit, offset) in zip(questions, zip(*answers, strict=True), pages,
+                                                           strict=True)]  # fmt: skip
+
+    def first(self, path: str, query: dict[str, list[str]]) -> tuple[Response | None, list[str]]:
+        """What `path` names (one incident or its window), from the replica that holds it: this replica's own
+        answer unless it is 404, else the first peer to answer 200 (all asked at once, one deadline); with the
+        peers that did not answer (those known when the answer came). An id prefix that matches incidents on
+        two replicas gets whichever answers first: the pages and the CLI's listings give whole ids."""
+        mine = self._local_answer(path, {**query, "local": ["1"]})
+        if mine is None or mine[0] != 404:
+            return mine, []
+        peers = self._peers()
+        futures = {self._pool.submit(self._ask, peer, path, query): peer for peer in peers}
+        failed: set[str] = set()
+        try:
+            for future in concurrent.futures.as_completed(futures, timeout=FANOUT_TIMEOUT_S + 1):
+                answer = _answer(future)
+                if answer is not None and answer[0] == 200:
+                    return answer, [p for p in peers if p in failed]
+                if answer is None or answer[0] != 404:
+                    failed.add(futures[future])
+        except TimeoutError:  # the peers still silent did not answer
+            failed.update(peer for future, peer in futures.items() if not future.done())
+        finally:
+            for future in futures:
+                future.cancel()
+        return mine, [p for p in peers if p in failed]
 
     def newer_elsewhere(self, run_id: str, since: float) -> bool:
         """Whether another replica holds run `run_id` active and saw it after `since` (it moved there)."""
@@ -91,6 +148,15 @@ class FanOut:
 
     # ------------------------------------------------------------------ internals
 
+    def _run(self, run_id: str) -> Response:
+        """One run's view from the replica that saw it last: the runs list narrowed to it, merged."""
+        ((status, page),) = self.lists([("/api/v1/runs", {"run": [run_id], "limit": ["1"]})])
+        found = [run for run in page.get("runs", []) if run.get("run") == run_id]  # a peer may predate `run=`
+        if found:
+            return 200, "application/json", json.dumps({"run": found[0]}, allow_nan=False).encode()
+        error = {"error": f"no such run: {run_id!r}", **({"unreachable": page["unreachable"]} if status == 200 else {})}
+        return 404, "application/json", json.dumps(error).encode()
+
     def _local_answer(self, path: str, query: dict[str, list[str]]) -> Response | None:
         for route in self.local:
             answer = route(path, query)
@@ -106,7 +172,8 @@ class FanOut:
 
     def _ask(self, peer: str, path: str, query: dict[str, list[str]]) -> Response:
         pairs = [(k, v) for k, values in query.items() for v in values] + [("local", "1")]
-        url = f"{self._scheme}://{peer}{path}?{urllib.parse.urlencode(pairs)}"
+        # Re-quoted: the HTTP layer hands routes decoded paths (a run id may hold spaces, '?' or '#').
+        url = f"{self._scheme}://{peer}{urllib.parse.quote(path, safe='/%')}?{urllib.parse.urlencode(pairs)}"
         request = urllib.request.Request(url)
         if self._token:
             request.add_header("Authorization", f"Bearer {self._token}")
@@ -116,61 +183,76 @@ class FanOut:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers.get("Content-Type", ""), exc.read(MAX_ANSWER_BYTES)
 
-    def _all(self, path: str, query: dict[str, list[str]]) -> tuple[list[Response], list[str]]:
-        """Every replica's answer (this one first) and the peers that did not answer."""
+    def _all(self, questions: Sequence[tuple[str, dict[str, list[str]]]]) -> tuple[list[list[Answer]], list[str]]:
+        """Every replica's answers to `questions` (this one's first, one list per replica, in the questions'
+        order), and the peers that did not answer them all within the deadline with a readable 200 or 400."""
+        deadline = time.monotonic() + FANOUT_TIMEOUT_S + 1
         peers = self._peers()
-        futures = {peer: self._pool.submit(self._ask, peer, path, query) for peer in peers}
-        answers: list[Response] = []
-        mine = self._local_answer(path, {**query, "local": ["1"]})
-        if mine is not None:
-            answers.append(mine)
+        futures = [[self._pool.submit(self._ask, peer, path, query) for path, query in questions] for peer in peers]
+        mine = [self._local_answer(path, {**query, "local": ["1"]}) for path, query in questions]
+        concurrent.futures.wait([f for asked in futures for f in asked], timeout=max(0.0, deadline - time.monotonic()))
+        answers = [[_decoded(answer) for answer in mine]]
         unreachable = []
-        for peer, future in futures.items():
-            try:
-                answers.append(future.result(timeout=FANOUT_TIMEOUT_S + 1))
-            except Exception as exc:  # a replica down is part of the answer, not an error of it
-                log.debug("fan-out to %s failed: %s", peer, exc)
+        for peer, asked in zip(peers, futures, strict=True):
+            got = [_decoded(_answer(future)) for future in asked]
+            if all(answer is not None for answer in got):
+                answers.append(got)
+            else:  # a replica down, too slow, refusing our token or answering garbage: part of the answer
                 unreachable.append(peer)
-        return answers, unreachable
+            for future in asked:
+                future.cancel()
+        return answers, unreachable  # type: ignore[return-value]  # this replica's own answers are never None
 
-    def _list(self, path: str, key: str, query: dict[str, list[str]]) -> Response | None:
-        limit = _int(query.get("limit"), 1000 if key != "incidents" else 100)
-        offset = _int(query.get("offset"), 0)
-        wide = {**query, "limit": [str(min(offset + limit, 10_000))], "offset": ["0"]}
-        answers, unreachable = self._all(path, wide)
-        items: list[dict[str, Any]] = []
-        for status, _, body in answers:
-            if status == 400:
-                return status, "application/json", body  # the same bad query everywhere: say it once
-            if status == 200:
-                items.extend(json.loads(body).get(key, []))
-        if key == "runs":  # a run moving between replicas is listed by both for a while: keep the latest
-            latest: dict[str, dict[str, Any]] = {}
-            for run in items:
-                held = latest.get(run["run"])
-                if held is None or (run.get("last_seen") or 0) >= (held.get("last_seen") or 0):
-                    latest[run["run"]] = run
-            items = list(latest.values())
-        items.sort(key=_ORDER[key])
-        total = len(items)
-        page = {key: items[offset : offset + limit], "total": total,
-                "next_offset": offset + limit if offset + limit < total else None,
-                "replicas": len(answers), "unreachable": unreachable}  # fmt: skip
-        return 200, "application/json", json.dumps(page, allow_nan=False).encode()
 
-    def _first(self, path: str, query: dict[str, list[str]]) -> Response | None:
-        mine = self._local_answer(path, {**query, "local": ["1"]})
-        if mine is None or mine[0] != 404:
-            return mine
-        for peer in self._peers():
-            try:
-                answer = self._ask(peer, path, query)
-            except Exception as exc:
-                log.debug("fan-out to %s failed: %s", peer, exc)
-                continue
-            if answer[0] != 404:
-                return answer
-        return mine
+Answer = tuple[int, dict[str, Any]]
+_DEFAULT_LIMIT = {"runs": 1000, "alerts": 1000, "incidents": 100}
+
+
+def _answer(future: concurrent.futures.Future[Response]) -> Response | None:
+    """A finished ask's answer; None when it failed or has not finished."""
+    if not future.done() or future.cancelled():
+        return None
+    exc = future.exception()
+    if exc is not None:
+        log.debug("fan-out failed: %s", exc)
+        return None
+    return future.result()
+
+
+def _decoded(answer: Response | None) -> Answer | None:
+    """A list answer as (status, body): 200 or 400 with a JSON object; None for anything else."""
+    if answer is None or answer[0] not in (200, 400):
+        return None
+    try:
+        body = json.loads(answer[2])
+    except ValueError:  # cut at MAX_ANSWER_BYTES, or not JSON
+        return None
+    return (answer[0], body) if isinstance(body, dict) else None
+
+
+def merge_page(key: str, answers: Sequence[Answer], replicas: int, unreachable: list[str], limit: int,
+           offset: int) -> Answer:  # fmt: skip
+    """The replicas' answers to one list question as one page of the list route."""
+    items: list[dict[str, Any]] = []
+    total = 0
+    for status, body in answers:
+        if status == 400:
+            return status, body  # the same bad query everywhere: say it once
+        items.extend(body.get(key, []))
+        total += int(body.get("total", 0))
+    if key == "runs":  # a run moving between replicas is listed by both for a while: keep the latest
+        latest: dict[str, dict[str, Any]] = {}
+        for run in items:
+            held = latest.get(run["run"])
+            if held is None or (run.get("last_seen") or 0) >= (held.get("last_seen") or 0):
+                latest[run["run"]] = run
+        total -= len(items) - len(latest)
+        items = list(latest.values())
+    items.sort(key=ORDER[key])
+    page = {key: items[offset : offset + limit], "total": total,
+            "next_offset": offset + limit if offset + limit < total else None,
+            "replicas": replicas, "unreachable": unreachable}  # fmt: skip
+    return 200, page
 
 
 def _int(values: list[str] | None, default: int) -> int:

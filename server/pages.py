@@ -8,6 +8,11 @@ Routes (GET, same shape as the query API: (path, query) -> (status, content type
                                      (gradwatch.incident_report); an unambiguous id prefix works too
   /incidents/latest?run=R&detector=D the latest incident of that run and detector (the link Grafana's and
                                      Prometheus' alerts carry: they know the labels, not the incident id)
+The pages show what the JSON API answers (gradwatch.server.query_api), read in-process. With `cluster.peers`
+they read through the fan-out (gradwatch.server.fanout), so any replica's pages show every replica's runs,
+alerts and incidents and every link on them works from the replica that served them; replicas that did not
+answer are named on the page (their runs are missing from it), and a page waits for peers at most the
+fan-out's deadline.
 With tokens on, the pages take a bearer token or a login session (gradwatch.server.sessions).
 Pages are self-contained (inline CSS, no script; the HTTP layer adds a Content-Security-Policy that forbids
 scripts), every value from runs and agents is HTML-escaped, and links are relative so the pages work behind
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import datetime
 import html
+import json
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode
 
@@ -36,8 +43,12 @@ HTML = "text/html; charset=utf-8"
 INCIDENTS_SHOWN = 50
 #: Runs on the overview (firing first, then most recently seen).
 RUNS_SHOWN = 200
+#: Runs and firing alerts the overview asks for (the query API's largest page), to pick RUNS_SHOWN from.
+ASKED = "10000"
 
 Response = tuple[int, str, bytes]
+Route = Callable[[str, dict[str, list[str]]], Response | None]
+Question = tuple[str, dict[str, list[str]]]
 
 
 def incident_path(incident_id: str) -> str:
@@ -50,10 +61,12 @@ def latest_incident_path(run: str, detector: str) -> str:
 
 
 class Pages:
-    """`route(path, query)` answers the routes above (None for any other path)."""
+    """`route(path, query)` answers the routes above (None for any other path); `query` is this replica's query
+    API route (gradwatch.server.query_api.QueryApi.route)."""
 
-    def __init__(self, app: ServerApp) -> None:
+    def __init__(self, app: ServerApp, query: Route) -> None:
         self._app = app
+        self._query = query
 
     def route(self, path: str, query: dict[str, list[str]]) -> Response | None:
         if path == "/":
@@ -65,56 +78,121 @@ class Pages:
             return self._incident(wanted)
         return None
 
+    # ------------------------------------------------------------------ reading (the API's answers)
+
+    def _lists(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
+        """The list routes' pages for `questions`: every replica's through the fan-out, else this one's."""
+        fanout = self._app.fanout
+        if fanout is not None:
+            answers = fanout.lists(questions)
+        else:
+            answers = [(status, json.loads(body)) for status, _, body in map(self._local, questions)]
+        for status, page in answers:
+            if status != 200:  # the pages ask only what the API takes
+                raise RuntimeError(f"the query API refused the page's question: {page}")
+        return [page for _, page in answers]
+
+    def _first(self, path: str) -> tuple[Response, list[str]]:
+        """The API's answer for one incident (or its window) from whichever replica holds it, and the peers that
+        did not answer."""
+        fanout = self._app.fanout
+        answer, unreachable = fanout.first(path, {}) if fanout is not None else (self._local((path, {})), [])
+        assert answer is not None  # the query API answers every incident path
+        return answer, unreachable
+
+    def _local(self, question: Question) -> Response:
+        answer = self._query(*question)
+        assert answer is not None  # the query API answers every path the pages ask
+        return answer
+
     # ------------------------------------------------------------------ incident
 
-    def _incident(self, incident_id: str) -> Response:
-        db = self._app.database
-        body = db.incident(incident_id)
-        window = db.incident_window(body["id"]) if body is not None else None
-        if body is None or window is None:
-            return 404, HTML, _missing(f"No incident {incident_id!r} on this server.").encode()
-        return 200, HTML, render_report(body, window, home="../").encode()
+    def _incident(self, wanted: str) -> Response:
+        (status, _, body), unreachable = self._first(f"/api/v1/incidents/{quote(wanted, safe='')}")
+        incident = json.loads(body).get("incident") if status == 200 else None
+        window = None
+        if isinstance(incident, dict):
+            (status, _, window), more = self._first(f"/api/v1/incidents/{quote(incident['id'], safe='')}/window")
+            unreachable = sorted({*unreachable, *more})
+            if status != 200:
+                window = None
+        if not isinstance(incident, dict) or window is None:
+            where = _where(unreachable, self._app.fanout is not None)
+            return 404, HTML, _missing(f"No incident {wanted!r}{where}.").encode()
+        return 200, HTML, render_report(incident, window, home="../").encode()
 
     def _latest(self, run: str | None, detector: str | None) -> Response:
         if not run or not detector:
             return 400, HTML, _missing("/incidents/latest needs ?run=RUN&detector=DETECTOR.").encode()
-        found, _ = self._app.database.incidents(run=run, detector=detector, limit=1)
-        if not found:
-            return 404, HTML, _missing(f"No incident of {detector} on run {run!r} on this server.").encode()
-        return self._incident(found[0]["id"])
+        (found,) = self._lists([("/api/v1/incidents", {"run": [run], "detector": [detector], "limit": ["1"]})])
+        if not found["incidents"]:
+            where = _where(found.get("unreachable", []), self._app.fanout is not None)
+            return 404, HTML, _missing(f"No incident of {detector} on run {run!r}{where}.").encode()
+        return self._incident(found["incidents"][0]["id"])
 
     # ------------------------------------------------------------------ overview
 
     def _overview(self, only_run: str | None) -> str:
-        app = self._app
-        runs = [r for r in app.runs() if only_run in (None, r["run"])]
-        runs.sort(key=lambda r: (not r["firing"], -(r["last_seen"] or 0)))
-        firing = app.alerts(only_run, "firing")
-        incidents, total = app.database.incidents(run=only_run, limit=INCIDENTS_SHOWN)
+        narrow = {"run": [only_run]} if only_run else {}
+        runs, firing, incidents = self._lists([
+            ("/api/v1/runs", {**narrow, "ranks": ["0"], "limit": [ASKED]}),
+            ("/api/v1/alerts", {**narrow, "state": ["firing"], "limit": [ASKED]}),
+            ("/api/v1/incidents", {**narrow, "limit": [str(INCIDENTS_SHOWN)]}),
+        ])  # fmt: skip
+        listed = [r for r in runs["runs"] if only_run in (None, r["run"])]  # a peer may predate `run=`
+        listed.sort(key=lambda r: (not r["firing"], -(r["last_seen"] or 0)))
+        unreachable = sorted({p for page in (runs, firing, incidents) for p in page.get("unreachable", [])})
+        replicas = f" · {runs['replicas']} replicas answered" if "replicas" in runs else ""
         e = html.escape
         title = "gradwatch" + (f": run {only_run}" if only_run else "")
         parts = [
             '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
             '<meta http-equiv="refresh" content="15">',
             f"<title>{e(title)}</title><style>{PAGE_CSS}</style></head><body><main>",
-            f'<h1>{e(title)}</h1><p class="muted">{len(runs)} runs, {len(firing)} alerts firing, '
-            f"{total} incidents recorded · {_time(time.time())} · refreshes every 15 s"
+            f'<h1>{e(title)}</h1><p class="muted">{runs["total"]} runs, {firing["total"]} alerts firing, '
+            f"{incidents['total']} incidents recorded{replicas} · {_time(time.time())} · refreshes every 15 s"
             + (' · <a href="./">all runs</a>' if only_run else "")
             + "</p>",
-            _section("firing", "Firing alerts", _firing_table(firing)),
-            _section("runs", "Runs", _runs_table(runs[:RUNS_SHOWN])),
-            _section("incidents", "Recent incidents", _incidents_table(incidents)),
+            _unreachable(unreachable),
+            _section("firing", "Firing alerts", _firing_table(firing["alerts"])),
+            _section("runs", "Runs", _runs_note(len(listed), runs["total"]) + _runs_table(listed[:RUNS_SHOWN])),
+            _section("incidents", "Recent incidents", _incidents_table(incidents["incidents"])),
             '<p class="muted">JSON: <a href="api/v1/runs">runs</a> · <a href="api/v1/alerts">alerts</a> · '
             '<a href="api/v1/incidents">incidents</a>'
             + (
                 ' (with an <code>Authorization: Bearer</code> token) · <a href="logout">log out</a>'
-                if app.page_sessions is not None
+                if self._app.page_sessions is not None
                 else ""
             )
             + "</p>",
             "</main></body></html>",
         ]
-        return "\n".join(parts)
+        return "\n".join(part for part in parts if part)
+
+
+def _unreachable(peers: list[str]) -> str:
+    if not peers:
+        return ""
+    named = ", ".join(f"<code>{html.escape(p)}</code>" for p in peers)
+    return _section("unreachable", "Replicas not answering",
+                    f"<p>{named}: their runs, alerts and incidents are missing from this page.</p>")  # fmt: skip
+
+
+def _runs_note(read: int, total: int) -> str:
+    """Says what the runs table leaves out: runs beyond RUNS_SHOWN, and runs a replica holding more than the
+    overview asks for did not send (it sends its least recently seen first)."""
+    notes = [f"{RUNS_SHOWN} of {read} shown, firing first, then most recently seen"] if read > RUNS_SHOWN else []
+    if total > read:
+        notes.append(f"{total - read} more not read (a replica holds more than {ASKED}; "
+                     "<code>gradwatch runs</code> lists every one)")  # fmt: skip
+    return f'<p class="muted">{"; ".join(notes)}.</p>' if notes else ""
+
+
+def _where(unreachable: list[str], fanned: bool) -> str:
+    """Where a page looked for what it did not find."""
+    if unreachable:
+        return f" on the replicas that answered (not answering: {', '.join(unreachable)})"
+    return " on any replica" if fanned else " on this server"
 
 
 def _section(anchor: str, title: str, body: str) -> str:
@@ -160,7 +238,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
             _run_link(r["run"]),
             e(r["job_name"] or "-"),
             e(r["state"]),
-            f"{sum(1 for k in r['ranks'] if k.get('connected'))}/{r['world_size']}",
+            f"{_connected(r)}/{r['world_size']}",
             "-" if r["step"] is None else str(r["step"]),
             e(loss_text(r, long=True)),
             e(", ".join(r["firing"]) or "-"),
@@ -168,6 +246,13 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
         for r in runs
     ]
     return _table(["Run", "Job", "State", "Connected", "Step", "Loss", "Firing"], rows, "No runs yet.")
+
+
+def _connected(run: dict[str, Any]) -> int:
+    """The run's connected ranks (a peer that predates `ranks_connected` lists its ranks instead)."""
+    if "ranks_connected" in run:
+        return int(run["ranks_connected"])
+    return sum(1 for rank in run["ranks"] if rank.get("connected"))
 
 
 def _incidents_table(incidents: list[dict[str, Any]]) -> str:

@@ -2,14 +2,16 @@
 
 Routes (GET; list routes take `limit` (default 1000 runs/alerts, 100 incidents) and `offset`, and answer
 `{"<items>": [...], "total": N, "next_offset": M | null}`):
-  /api/v1/runs                       query `state=active|finished`, `job=NAME`
+  /api/v1/runs                       query `state=active|finished`, `job=NAME`, `run=ID` (that run only),
+                                     `ranks=N` (list at most N ranks per run, 0..64; the overview page asks 0)
   /api/v1/runs/<run>                 {"run": view} (404 if unknown)
   /api/v1/runs/<run>/ranks           {"ranks": [rank view, ...]}, paginated over ranks (default 1000)
   /api/v1/runs/<run>/series          {"run", "ranks": [{"rank", "step", "loss", "grad_norm", "step_duration"}],
                                      "grad_norm_global": [[step, norm], ...]}; query `last=N` (default 256, at
                                      most the ring), `rank=R` (repeatable); paginated over ranks (default 64)
-A run's view (in /api/v1/runs and /runs/<run>) lists its lowest RANKS_IN_VIEW (64) ranks and `ranks_total`;
-/ranks and /series page through all of them, for a run restored after a restart too (its saved ranks).
+A run's view (in /api/v1/runs and /runs/<run>) lists its lowest RANKS_IN_VIEW (64) ranks, with `ranks_total` and
+`ranks_connected` over all of them; /ranks and /series page through all of them, for a run restored after a
+restart too (its saved ranks).
   /api/v1/alerts                     query `run`, `state=firing|resolved`, `detector`, `severity`
   /api/v1/incidents                  summaries, newest first; query `run`, `detector`, `severity`, `since=UNIX_TIME`
   /api/v1/incidents/<id>             {"incident": body}; an unambiguous id prefix (≥ 4 characters) works too
@@ -27,7 +29,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from gradwatch.server.limits import BAD_QUERY
-from gradwatch.server.views import finite_or_none, rank_views, saved_rank_views
+from gradwatch.server.views import RANKS_IN_VIEW, finite_or_none, rank_views, saved_rank_views
 
 if TYPE_CHECKING:
     from gradwatch.server.app import ServerApp
@@ -81,10 +83,12 @@ class QueryApi:
 
     def _runs(self, query: dict[str, list[str]]) -> dict[str, Any]:
         state = _choice(query, "state", ("active", "finished"))
-        job = _one(query, "job")
+        job, run = _one(query, "job"), _one(query, "run")
+        ranks = _int(query, "ranks", RANKS_IN_VIEW, 0, RANKS_IN_VIEW)
         runs = [
-            r for r in self._app.runs() if (state is None or r["state"] == state) and (job in (None, r["job_name"]))
-        ]
+            r for r in self._app.runs(max_ranks=ranks)
+            if state in (None, r["state"]) and job in (None, r["job_name"]) and run in (None, r["run"])
+        ]  # fmt: skip
         return _page("runs", runs, query, 1000)
 
     def _alerts(self, query: dict[str, list[str]]) -> dict[str, Any]:

@@ -12,7 +12,16 @@ from typing import Any
 
 from gradwatch.server.store import RankState, RunState
 
-__all__ = ["EVENTS_IN_VIEW", "finite_or_none", "loss_view", "rank_view", "rank_views", "run_view", "saved_rank_views"]
+__all__ = [
+    "EVENTS_IN_VIEW",
+    "RANKS_IN_VIEW",
+    "finite_or_none",
+    "loss_view",
+    "rank_view",
+    "rank_views",
+    "run_view",
+    "saved_rank_views",
+]
 
 #: Most recent agent events included per run.
 EVENTS_IN_VIEW = 10
@@ -30,8 +39,10 @@ def run_view(run: RunState, firing: list[str], *, max_ranks: int = RANKS_IN_VIEW
     /api/v1/runs/<run>/ranks pages through every one). O(ranks): the rank table's per-rank medians are taken
     once for all ranks."""
     saved = run.restored_summary  # restored from the database, no agent back yet
+    connected = sum(1 for r in run.ranks.values() if r.open_streams > 0)
     if saved and "view" in saved:
-        return _restored_view(run, saved["view"], firing) | {"ranks": (saved_rank_views(run) or [])[:max_ranks]}
+        listed = (saved_rank_views(run) or [])[:max_ranks]
+        return _restored_view(run, saved["view"], firing) | {"ranks": listed, "ranks_connected": connected}
     ranks = [run.ranks[r] for r in sorted(run.ranks)]
     loss = loss_view(ranks)
     norms = [r.last_grad_norm for r in ranks if r.last_grad_norm is not None]
@@ -65,6 +76,7 @@ def run_view(run: RunState, firing: list[str], *, max_ranks: int = RANKS_IN_VIEW
         "firing": sorted(firing),
         "ranks": rank_views(run, ranks[:max_ranks]),
         "ranks_total": len(ranks),
+        "ranks_connected": connected,
         "restored": run.restored_summary is not None,
         "recent_events": [{**e, "wall_time": finite_or_none(e["wall_time"])} for e in events],
     }
@@ -111,6 +123,8 @@ def loss_view(ranks: list[RankState]) -> dict[str, Any]:
 
 def rank_views(run: RunState, ranks: list[RankState]) -> list[dict[str, Any]]:
     """Views of `ranks` of `run` with what the cross-rank detectors see of each (replica group, pace)."""
+    if not ranks:  # the run's pace needs medians over its rank table: none for a view that lists no rank
+        return []
     timing = _rank_timing(run)
     return [rank_view(r) | timing(r.rank) for r in ranks]
 

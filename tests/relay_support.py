@@ -66,6 +66,7 @@ class Serve:
                            detail=self.log.read_text)  # fmt: skip
         self.grpc_target = f"127.0.0.1:{found.group(1)}"
         self.http_url = f"{found.group(2)}://127.0.0.1:{found.group(3)}"
+        self.http_address = f"127.0.0.1:{found.group(3)}"
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.http_url + path, timeout=10) as response:
@@ -86,3 +87,30 @@ class Serve:
                 self.proc.wait()
         self._out.close()
         return self.proc.returncode
+
+
+#: CLUSTER_YAML for replicas whose tests leave runs quiet (streams ended without a goodbye) and read their alerts
+#: later: such a run is not called stalled within the test, whatever the load.
+QUIET_YAML = CLUSTER_YAML.replace(
+    "stalled: {floor_s: 8.0, factor: 20.0}", "stalled: {floor_s: 600.0, silent_after_s: 600.0}"
+)
+
+
+def serve_peers(tmp: Path, names: str, config: str = QUIET_YAML) -> list[Serve]:
+    """One `gradwatch serve` per letter of `names`, each with `cluster.peers` naming every one of them (one view
+    over all replicas, server/fanout.py); `Serve.http_address` is the address the others know it by."""
+    from paging_support import released_port  # the peer list must be known before any replica binds
+
+    assert "stalled: {floor_s: 600.0" in QUIET_YAML
+    ports = [released_port() for _ in names]
+    listed = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
+    config += f"cluster: {{peers: [{listed}]}}\n"
+    started: list[Serve] = []
+    try:
+        for name, port in zip(names, ports, strict=True):
+            started.append(Serve(tmp, name, "--http-port", str(port), config=config))
+    except BaseException:
+        for server in started:
+            server.stop()
+        raise
+    return started

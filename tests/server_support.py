@@ -164,6 +164,17 @@ class AgentStream:
             self._channel.close()
 
 
+def short_run(target: str, run: str, *, nan_at: int | None = None, reports: int = 5) -> None:
+    """A one-rank run: `reports` reports on one stream, acknowledged, then the stream closes (no goodbye). Its loss
+    turns NaN at report `nan_at`: non_finite fires (critical) and opens an incident."""
+    stream = AgentStream(target)
+    stream.send(hello_frame(run=run, session=run))
+    for seq in range(1, reports + 1):
+        stream.send(report_frame(seq, loss=float("nan") if seq == nan_at else 0.5))
+    stream.recv_ack(reports)
+    stream.close()
+
+
 def http_get(url: str) -> tuple[int, str, bytes]:
     """(status, content type, body), also for error statuses."""
     try:
