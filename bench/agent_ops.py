@@ -192,13 +192,14 @@ def _join_ops(segments: list[Any] | None) -> int:
 
 def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> dict[str, Any]:
     """Training-thread CPU per step: no agent, the agent's first `early` steps (mean, full steps included), the
-    `steps` after them (mean, and the median of the ordinary steps alone against the median step without agent)."""
+    `steps` after them (mean, and the medians of the ordinary steps and of the full-statistics steps alone against
+    the median step without agent)."""
     none_s: list[float] = []
     early_s: list[float] = []
     steady_s: list[float] = []
     none_steps: list[float] = []
     ordinary_steps: list[float] = []
-    fulls = 0
+    full_steps: list[float] = []
     for r in range(rounds):
         for variant in ("none", "agent") if r % 2 == 0 else ("agent", "none"):
             gc.collect()
@@ -223,10 +224,7 @@ def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> di
                     full = monitor._begin_step()
                     at = time.thread_time()
                     loop.step(monitor)
-                    if full:
-                        fulls += 1
-                    else:
-                        ordinary_steps.append(time.thread_time() - at)
+                    (full_steps if full else ordinary_steps).append(time.thread_time() - at)
                 ended = time.thread_time()
             finally:
                 monitor.close(timeout=10.0)
@@ -238,7 +236,8 @@ def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> di
         "early_added_us": [(s - base) * 1e6 for s in early_s],
         "steady_added_us": [(s - base) * 1e6 for s in steady_s],
         "ordinary_added_us": (statistics.median(ordinary_steps) - statistics.median(none_steps)) * 1e6,
-        "full_steps_after_early": fulls,
+        "full_steps_after_early": len(full_steps),
+        "full_added_us": (statistics.median(full_steps) - statistics.median(none_steps)) * 1e6 if full_steps else None,
     }
 
 
@@ -275,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"accelerator join +{ops['join_ops_max']}")  # fmt: skip
             print(line, flush=True)
             print(f"  ordinary-step ops added by kind: {ops['ordinary'].get('by_op')}", flush=True)
+            print(f"  full-step ops added by kind: {ops['full'].get('by_op')}", flush=True)
             if not args.no_cpu:
                 cpu = time_cpu(loop, server, args.rounds, args.early, args.steps)
                 result["cpu"] = cpu
@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{max(cpu['early_added_us']):.1f}), after {med(cpu['steady_added_us']):.1f} us (range "
                       f"{min(cpu['steady_added_us']):.1f}...{max(cpu['steady_added_us']):.1f}) with "
                       f"{cpu['full_steps_after_early']} full steps; an ordinary step alone (medians per step) "
-                      f"{cpu['ordinary_added_us']:.1f} us; target {target:.0f} us", flush=True)  # fmt: skip
+                      f"{cpu['ordinary_added_us']:.1f} us; target {target:.0f} us; a full-statistics step alone "
+                      f"{cpu['full_added_us'] or 0:.1f} us", flush=True)  # fmt: skip
             document["models"][str(modules)] = result
     if args.json is not None:
         args.json.write_text(json.dumps(document, indent=2) + "\n")
