@@ -1,0 +1,64 @@
+"""Same-shape stacks: many small tensors reduced by one launch per shape instead of one per tensor.
+
+A full-statistics step reads every parameter and gradient several times (extremes, sum, counts, histogram,
+checksum). For a model of many small tensors the cost is the number of launches, not the bytes: one
+`torch.stack` of the tensors of one (shape, dtype, device) and row-wise reductions over it (`amin(1)`,
+`sum(1)`, ...) replace a kernel per tensor by a kernel per shape. `stacks()` groups and chunks, the callers
+(stats.py, histogram.py) reduce.
+
+Exactness: a row of the stack holds the tensor's elements in its logical order, and the row-wise reduction of
+a contiguous tensor of at most STACK_ELEMENTS elements is bit for bit the whole-tensor reduction of it (the
+CPU kernels reduce the same contiguous run in the same order; above torch's parallel grain of 32768 elements
+a whole-tensor float sum is split between threads and would not be). So only contiguous tensors up to that
+size are stacked (`stackable`); larger ones cost a kernel each as before, which their own work outweighs.
+Extremes and counts are exact in any order; float sums are why the bound is torch's grain.
+
+Memory: a stack copies its tensors. A stack holds at most STACK_BYTES (chunks of one shape otherwise), and one
+stack is alive at a time per caller, with the temporaries of its reductions (at most two of its size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = ["STACK_BYTES", "STACK_ELEMENTS", "stackable", "stacks"]
+
+#: Largest tensor stacked, in elements: torch's intra-op parallel grain (at::internal::GRAIN_SIZE), below which
+#: a CPU reduction runs as one sequential pass whatever the number of threads (see the module docstring).
+STACK_ELEMENTS = 32768
+#: Bytes per stack at most: a group of one shape larger than this is stacked in several chunks.
+STACK_BYTES = 16 * 1024 * 1024
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def stackable(t: torch.Tensor) -> bool:
+    """Whether `t` joins a stack: a plain dense contiguous tensor (or parameter) of at most STACK_ELEMENTS
+    elements; a subclass (DTensor, ...) is reduced on its own."""
+    return type(t) in _PLAIN and t.layout is torch.strided and t.numel() <= STACK_ELEMENTS and t.is_contiguous()
+
+
+def stacks(
+    tensors: Sequence[torch.Tensor], fits: Callable[[torch.Tensor], bool] = stackable
+) -> tuple[Iterator[tuple[list[int], torch.Tensor]], list[int]]:
+    """The positions of `tensors` that do not fit, and an iterator of (positions, stack): each stack the
+    (k, numel) 2-D stack of k same-shape, same-dtype, same-device tensors that fit, at most STACK_BYTES (at
+    least one tensor), made when the iterator reaches it (one stack alive at a time)."""
+    groups: dict[tuple[torch.Size, torch.dtype, torch.device], list[int]] = {}
+    rest: list[int] = []
+    for i, t in enumerate(tensors):
+        if fits(t):
+            groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
+        else:
+            rest.append(i)
+
+    def chunks() -> Iterator[tuple[list[int], torch.Tensor]]:
+        for positions in groups.values():
+            first = tensors[positions[0]]
+            per = max(1, STACK_BYTES // max(1, first.numel() * first.element_size()))
+            for start in range(0, len(positions), per):
+                chunk = positions[start : start + per]
+                yield chunk, torch.stack([tensors[i] for i in chunk]).view(len(chunk), -1)
+
+    return chunks(), rest
