@@ -1,0 +1,126 @@
+"""Full-statistics activation values computed over same-shape stacks at the end of the forward
+(module_stats.stacked_module_stats, ActivationTap's deferred outputs) are exactly those of one output at a time
+when its module returns (module_stats.module_stats): generated output shapes, dtypes, bounds, NaN/Inf, zeros,
+saturated units and in-place writes after a module returned."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+from gradwatch.agent.activations import ActivationTap  # noqa: E402
+from gradwatch.agent.module_stats import module_stats, stacked_module_stats  # noqa: E402
+from gradwatch.agent.stacks import STACK_ELEMENTS  # noqa: E402
+
+BOUNDS = (None, (0.0, 1.0), (-1.0, 1.0), (0.0, 6.0))
+
+
+@st.composite
+def outputs(draw: st.DrawFn) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """k same-shape outputs (0-D to 4-D, at most STACK_ELEMENTS elements each) stacked, in their own dtype, with
+    zeros, NaN/Inf, saturated and huge values planted, and bounds to judge saturation against."""
+    dims = draw(st.integers(0, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 40), min_size=dims, max_size=dims)))
+    while math.prod(shape) > STACK_ELEMENTS:  # halve the largest dimension
+        largest = shape.index(max(shape))
+        shape = (*shape[:largest], shape[largest] // 2, *shape[largest + 1 :])
+    k = draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn((k, *shape), generator=generator) * 2.0 ** draw(st.integers(-20, 20))
+    bounds = draw(st.sampled_from(BOUNDS))
+    if bounds is not None and draw(st.booleans()):  # squash into the range, many at its ends
+        lo, hi = bounds
+        x = (torch.sigmoid(x * 4) * (hi - lo) + lo).clamp(lo, hi)
+    if draw(st.booleans()):
+        x = x.clamp(min=0.0)  # dead units
+    flat = x.view(-1)
+    for value in draw(st.lists(st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 3e38]), max_size=4)):
+        flat[int(torch.randint(flat.numel(), (), generator=generator))] = value
+    return x.to(dtype), bounds
+
+
+def _exact(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=outputs(), threads=st.sampled_from([1, 2]))
+def test_stacked_module_statistics_equal_one_output_at_a_time(
+    case: tuple[torch.Tensor, tuple[float, float] | None], threads: int
+) -> None:
+    x, bounds = case
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        totals = x.view(x.shape[0], -1).sum(1, dtype=torch.float32)
+        rows = stacked_module_stats(x.to(torch.float32), bounds, totals)
+        for i, a in enumerate(x.unbind()):
+            total = a.sum(dtype=torch.float32)
+            _exact(totals[i], total, f"sum of output {i}")
+            _exact(rows[i], module_stats(a.to(torch.float32), bounds, total, None), f"output {i}")
+    finally:
+        torch.set_num_threads(previous)
+
+
+class Blocks(nn.Module):
+    """Same-shape blocks: Linear, an in-place ReLU (written after the Linear returned), Tanh; then a 4-D part
+    (channels), a bfloat16 branch and an output written in place by functional code."""
+
+    def __init__(self, depth: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            self.layers.extend([nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, width), nn.Tanh()])
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.sig = nn.Sigmoid()
+        self.low = nn.Linear(width, width).to(torch.bfloat16)
+        self.last = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        image = self.sig(self.conv(x[:, : 2 * 16].reshape(-1, 2, 4, 4)))
+        x = x + image.mean()
+        x = x + self.low(x.to(torch.bfloat16)).float()
+        out = self.last(x)
+        out[:, 0] = 0.0  # written in place after `last` returned
+        return out
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_deferred_full_report_equals_the_report_computed_as_each_module_returns(depth: int) -> None:
+    torch.manual_seed(depth)
+    model = Blocks(depth, 32)
+    names = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    full = {"on": False}
+    tap = ActivationTap(model, names, is_full=lambda: full["on"], add_agent_time=lambda s: None)
+    tap.install()
+    x = torch.randn(6, 32)
+    if depth > 1:
+        x[0, 3] = math.nan  # a NaN in one sample that travels through every module
+    model(x).sum().backward()
+    assert tap.take() is not None  # the first report learns which outputs are written in place later
+    full["on"] = True
+    captures = []
+    for learning in (True, False):  # True: every output measured as its module returns (the reference)
+        tap._learning = learning
+        model(x).sum().backward()
+        capture = tap.take()
+        assert capture is not None and capture.full
+        captures.append(capture)
+    reference, deferred = captures
+    assert deferred.stats.keys() == reference.stats.keys() and len(reference.stats) == len(tap.names)
+    for index, values in reference.stats.items():
+        _exact(deferred.stats[index], values, tap.names[index])
+    assert deferred.sums.keys() == reference.sums.keys()
+    for index, value in reference.sums.items():
+        _exact(deferred.sums[index], value, f"provenance of {tap.names[index]}")
+    tap.remove()
