@@ -6,12 +6,14 @@ checksum). For a model of many small tensors the cost is the number of launches,
 `sum(1)`, ...) replace a kernel per tensor by a kernel per shape. `stacks()` groups and chunks, the callers
 (stats.py, histogram.py) reduce.
 
-Exactness: a row of the stack holds the tensor's elements in its logical order, and the row-wise reduction of
-a contiguous tensor of at most STACK_ELEMENTS elements is bit for bit the whole-tensor reduction of it (the
-CPU kernels reduce the same contiguous run in the same order; above torch's parallel grain of 32768 elements
-a whole-tensor float sum is split between threads and would not be). So only contiguous tensors up to that
-size are stacked (`stackable`); larger ones cost a kernel each as before, which their own work outweighs.
-Extremes and counts are exact in any order; float sums are why the bound is torch's grain.
+Exactness: a row of the stack holds the tensor's elements in its logical order. Extremes, counts, histograms
+and integer sums are exact in any order, so they are stacked on every device. Float sums are not: on the CPU
+the row-wise reduction of a contiguous tensor of at most STACK_ELEMENTS elements is bit for bit the whole-tensor
+reduction of it (the kernels reduce the same contiguous run in the same order; above torch's parallel grain of
+32768 elements a whole-tensor sum is split between threads and would not be), so only contiguous tensors up to
+that size are stacked (`stackable`). On CUDA the reduction's thread layout depends on the number of rows (a
+single row spreads more threads along it), so a row is not summed in the tensor's own order: the callers sum
+each tensor alone there. Larger tensors cost a kernel each as before, which their own work outweighs.
 
 Memory: a stack copies its tensors. A stack holds at most STACK_BYTES (chunks of one shape otherwise), and one
 stack is alive at a time per caller, with the temporaries of its reductions (at most two of its size).

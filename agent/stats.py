@@ -263,12 +263,18 @@ def _full_columns(
     one tensor at a time for the rest."""
     columns: list[list[torch.Tensor | None]] = [[None] * len(tensors) for _ in range(_NUM_FULL - 1)]
     chunks, rest = stacks(tensors)
+    # A row's float sum is the tensor's own sum on the CPU only (stacks.py); elsewhere each tensor is summed alone.
+    stacked_sum = device.type == "cpu"
     for positions, x in chunks:
         lows, highs = x.amin(1), x.amax(1)  # NaN propagates into both, an Inf into one
         peak = torch.maximum(lows.neg(), highs)
+        sums = (
+            x.sum(1, dtype=accumulate)
+            if stacked_sum
+            else torch.stack([tensors[i].sum(dtype=accumulate) for i in positions])
+        )
         # Every element read, so the count of x - x != 0 (NaN for NaN and Inf) is exact: no floor of 1 needed.
-        rows = torch.stack([peak, x.sum(1, dtype=accumulate), torch.count_nonzero(x - x, dim=1),
-                            torch.count_nonzero(x, dim=1), lows, highs])  # fmt: skip
+        rows = torch.stack([peak, sums, torch.count_nonzero(x - x, dim=1), torch.count_nonzero(x, dim=1), lows, highs])
         found, k = rows.view(-1).unbind(), len(positions)  # one unbind (not one per row): views, no kernel
         _place(columns, positions, [list(found[c * k : (c + 1) * k]) for c in range(len(columns))])
     if rest:

@@ -20,6 +20,7 @@ from gradwatch.agent.module_stats import module_stats, stacked_module_stats  # n
 from gradwatch.agent.stacks import STACK_ELEMENTS  # noqa: E402
 
 BOUNDS = (None, (0.0, 1.0), (-1.0, 1.0), (0.0, 6.0))
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 @st.composite
@@ -56,6 +57,7 @@ def _exact(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 def test_stacked_module_statistics_equal_one_output_at_a_time(
     case: tuple[torch.Tensor, tuple[float, float] | None], threads: int
 ) -> None:
+    # CPU only: the agent stacks outputs on the CPU alone (on CUDA a row's float sums take another order).
     x, bounds = case
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -95,15 +97,16 @@ class Blocks(nn.Module):
         return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("depth", [1, 3])
-def test_deferred_full_report_equals_the_report_computed_as_each_module_returns(depth: int) -> None:
+def test_deferred_full_report_equals_the_report_computed_as_each_module_returns(depth: int, device: str) -> None:
     torch.manual_seed(depth)
-    model = Blocks(depth, 32)
+    model = Blocks(depth, 32).to(device)
     names = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     full = {"on": False}
     tap = ActivationTap(model, names, is_full=lambda: full["on"], add_agent_time=lambda s: None)
     tap.install()
-    x = torch.randn(6, 32)
+    x = torch.randn(6, 32, device=device)
     if depth > 1:
         x[0, 3] = math.nan  # a NaN in one sample that travels through every module
     model(x).sum().backward()

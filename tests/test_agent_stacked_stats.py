@@ -25,6 +25,8 @@ from gradwatch.agent.stats import ZERO_SAMPLE_ELEMENTS, StatsEngine  # noqa: E40
 from gradwatch.agent.vector import CHECKSUM_PIECES, PARAM_COLUMNS  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# On CUDA: extremes, counts, histograms and the checksum are stacked there too (float sums are not: stacks.py).
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 # (rows, cols) of a layer's weight: small ones (stacked), one above the stack bound, one above the sample bound.
 SHAPES = st.one_of(
     st.tuples(st.integers(1, 12), st.integers(1, 12)),
@@ -92,27 +94,28 @@ def _disturb(t: torch.Tensor, draw: st.DrawFn, generator: torch.Generator) -> No
             t[tuple(int(i) for i in np.unravel_index(index, tuple(t.shape)))] = value
 
 
-def _columns(t: torch.Tensor | None) -> list[torch.Tensor]:
-    """PARAM_COLUMNS of one tensor, one at a time, the plain way (None or non-floating: zeros)."""
+def _columns(t: torch.Tensor | None, device: torch.device) -> list[torch.Tensor]:
+    """PARAM_COLUMNS of one tensor, one at a time, the plain way (None or non-floating: zeros). The norm is the
+    multi-tensor norm of that tensor alone, as every step computes it."""
     if t is None or not t.is_floating_point():
-        return [torch.zeros((), dtype=torch.float64)] * len(PARAM_COLUMNS)
+        return [torch.zeros((), dtype=torch.float64, device=device)] * len(PARAM_COLUMNS)
     accumulate = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if t.numel() > ZERO_SAMPLE_ELEMENTS:  # counted on the fixed block sample, extrapolated (sampling.py)
+    if t.numel() > ZERO_SAMPLE_ELEMENTS and t.device.type == "cpu":  # counted on a fixed block sample (sampling.py)
         sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
         non_finite = (~torch.isfinite(sample)).sum() * scale
         non_finite = non_finite if bool(torch.isfinite(t).all()) else non_finite.clamp(min=1.0)
         nonzero = torch.count_nonzero(sample) * scale
     else:
         non_finite, nonzero = (~torch.isfinite(t)).sum(), torch.count_nonzero(t)
-    values = [torch.linalg.vector_norm(t, dtype=accumulate), t.abs().amax(), t.sum(dtype=accumulate), non_finite,
+    values = [torch._foreach_norm([t], 2.0, dtype=accumulate)[0], t.abs().amax(), t.sum(dtype=accumulate), non_finite,
               nonzero, t.amin(), t.amax()]  # fmt: skip
     return [v.to(torch.float64) for v in values]
 
 
-def _histogram(t: torch.Tensor | None) -> torch.Tensor:
+def _histogram(t: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """LOG2_BINS counts of |x| in [2^(b-OFFSET-1), 2^(b-OFFSET)) by frexp (sampled above the bound, scaled)."""
     if t is None or not t.is_floating_point():
-        return torch.zeros(LOG2_BINS)
+        return torch.zeros(LOG2_BINS, device=device)
     values, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS) if t.numel() > ZERO_SAMPLE_ELEMENTS else (t.reshape(-1), 1.0)
     v = values.to(torch.float32)
     v = v[torch.isfinite(v) & (v != 0)]
@@ -126,7 +129,7 @@ def _checksum(params: list[torch.Tensor]) -> list[float]:
     16-bit pieces, computed on the host with numpy."""
     total = 0
     for p in params:
-        t = p.detach().contiguous()
+        t = p.detach().cpu().contiguous()
         if t.numel() == 0:
             continue
         bits = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy().reshape(-1)
@@ -142,10 +145,12 @@ def _exact(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
                                msg=lambda m: f"{what}: {m}")  # fmt: skip
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(model=models(), threads=st.sampled_from([1, 2]))
-def test_stacked_full_statistics_equal_the_per_tensor_computation(model: nn.Module, threads: int) -> None:
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(model=models(), threads=st.sampled_from([1, 2]), device=st.sampled_from(DEVICES))
+def test_stacked_full_statistics_equal_the_per_tensor_computation(model: nn.Module, threads: int, device: str) -> None:
+    model.to(device)  # gradients move with their parameters
     engine = StatsEngine(build_layout(model))
+    target = engine.layout.device
     params = engine.layout.params
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -153,11 +158,11 @@ def test_stacked_full_statistics_equal_the_per_tensor_computation(model: nn.Modu
         for source in ("grad", "weight"):
             got = torch.stack(engine.compute(source, full=True))
             tensors = [p.grad if source == "grad" else p.detach() for p in params]
-            per_tensor = [_columns(t) for t in tensors]
+            per_tensor = [_columns(t, target) for t in tensors]
             expected = torch.stack([per_tensor[i][c] for c in range(len(PARAM_COLUMNS)) for i in range(len(params))])
             _exact(got, expected, source)
-        _exact(engine.grad_histograms(), torch.cat([_histogram(p.grad) for p in params]), "histograms")
-        _exact(torch.stack(engine.checksum()), torch.tensor(_checksum(list(params))), "checksum")
+        _exact(engine.grad_histograms(), torch.cat([_histogram(p.grad, target) for p in params]), "histograms")
+        _exact(torch.stack(engine.checksum()), torch.tensor(_checksum(list(params)), device=target), "checksum")
     finally:
         torch.set_num_threads(previous)
 
