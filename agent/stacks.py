@@ -15,8 +15,12 @@ that size are stacked (`stackable`). On CUDA the reduction's thread layout depen
 single row spreads more threads along it), so a row is not summed in the tensor's own order: the callers sum
 each tensor alone there. Larger tensors cost a kernel each as before, which their own work outweighs.
 
-Memory: a stack copies its tensors. A stack holds at most STACK_BYTES (chunks of one shape otherwise), and one
-stack is alive at a time per caller, with the temporaries of its reductions (at most two of its size).
+Memory: a stack copies its tensors, at most STACK_BYTES of them (a larger group of one shape is stacked in
+chunks), made only when the caller's loop reaches it: at most two stacks are alive at a time, with the
+temporaries of their reductions (a float32 copy of a bfloat16 stack, differences, masks, exponent fields: up to
+about five times a stack's bytes for a bfloat16 activation stack, counted from the operations, not measured).
+So a full step's stacked reductions add at most about 8 × STACK_BYTES = 32 MiB on the device, whatever the
+model's size, beyond what they read.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ __all__ = ["STACK_BYTES", "STACK_ELEMENTS", "stackable", "stacks"]
 #: a CPU reduction runs as one sequential pass whatever the number of threads (see the module docstring).
 STACK_ELEMENTS = 32768
 #: Bytes per stack at most: a group of one shape larger than this is stacked in several chunks.
-STACK_BYTES = 16 * 1024 * 1024
+STACK_BYTES = 4 * 1024 * 1024
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

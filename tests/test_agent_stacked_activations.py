@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
+from gradwatch.agent import stacks  # noqa: E402
 from gradwatch.agent.activations import ActivationTap  # noqa: E402
 from gradwatch.agent.module_stats import module_stats, stacked_module_stats  # noqa: E402
 from gradwatch.agent.stacks import STACK_ELEMENTS  # noqa: E402
@@ -98,8 +99,11 @@ class Blocks(nn.Module):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("depth", [1, 3])
-def test_deferred_full_report_equals_the_report_computed_as_each_module_returns(depth: int, device: str) -> None:
+@pytest.mark.parametrize(("depth", "chunk"), [(1, stacks.STACK_BYTES), (3, stacks.STACK_BYTES), (3, 1000)])
+def test_deferred_full_report_equals_the_report_computed_as_each_module_returns(
+    depth: int, chunk: int, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stacks, "STACK_BYTES", chunk)  # 1000 bytes: one output per stack
     torch.manual_seed(depth)
     model = Blocks(depth, 32).to(device)
     names = {name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}

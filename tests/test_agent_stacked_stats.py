@@ -17,6 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from gradwatch.agent import stacks  # noqa: E402
 from gradwatch.agent.histogram import LOG2_BINS, LOG2_OFFSET  # noqa: E402
 from gradwatch.agent.sampling import block_sample  # noqa: E402
 from gradwatch.agent.schema import build_layout  # noqa: E402
@@ -146,14 +147,22 @@ def _exact(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(model=models(), threads=st.sampled_from([1, 2]), device=st.sampled_from(DEVICES))
-def test_stacked_full_statistics_equal_the_per_tensor_computation(model: nn.Module, threads: int, device: str) -> None:
+@given(
+    model=models(),
+    threads=st.sampled_from([1, 2]),
+    device=st.sampled_from(DEVICES),
+    chunk=st.sampled_from([stacks.STACK_BYTES, 300]),  # 300 bytes: groups split into many stacks
+)
+def test_stacked_full_statistics_equal_the_per_tensor_computation(
+    model: nn.Module, threads: int, device: str, chunk: int
+) -> None:
     model.to(device)  # gradients move with their parameters
     engine = StatsEngine(build_layout(model))
     target = engine.layout.device
     params = engine.layout.params
-    previous = torch.get_num_threads()
+    previous, bound = torch.get_num_threads(), stacks.STACK_BYTES
     torch.set_num_threads(threads)
+    stacks.STACK_BYTES = chunk
     try:
         for source in ("grad", "weight"):
             got = torch.stack(engine.compute(source, full=True))
@@ -165,6 +174,7 @@ def test_stacked_full_statistics_equal_the_per_tensor_computation(model: nn.Modu
         _exact(torch.stack(engine.checksum()), torch.tensor(_checksum(list(params)), device=target), "checksum")
     finally:
         torch.set_num_threads(previous)
+        stacks.STACK_BYTES = bound
 
 
 class _Count(TorchDispatchMode):
