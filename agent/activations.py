@@ -317,7 +317,7 @@ class ActivationTap:
             tensors.append(t)
             indexes.append(index)
         for bounds, (tensors, indexes) in by_bounds.items():
-            chunks, _ = stacks(tensors)  # every deferred output is stackable
+            chunks, rest = stacks(tensors)
             for positions, x in chunks:
                 totals = x.sum(1, dtype=_F32)
                 rows = stacked_module_stats(x.to(_F32).view(x.shape[0], *tensors[positions[0]].shape), bounds, totals)
@@ -325,6 +325,12 @@ class ActivationTap:
                 capture.values += totals.unbind()
                 for i, row in zip(positions, rows.unbind(), strict=True):
                     capture.stats[indexes[i]] = row
+            for i in rest:  # no longer stackable: made non-contiguous in place (t_(), as_strided_()) since it returned
+                a = tensors[i].detach()
+                total = a.sum(dtype=_F32)
+                capture.calls.append(indexes[i])
+                capture.values.append(total)
+                capture.stats[indexes[i]] = module_stats(a.to(_F32), bounds, total, self._positions(a))
 
     def _fold(self, capture: ActivationCapture) -> None:
         """Add the report's values into one vector indexed by call index + 1 (a stack and an index_add)."""

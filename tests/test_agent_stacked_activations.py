@@ -131,3 +131,46 @@ def test_deferred_full_report_equals_the_report_computed_as_each_module_returns(
     for index, value in reference.sums.items():
         _exact(deferred.sums[index], value, f"provenance of {tap.names[index]}")
     tap.remove()
+
+
+class LateWriter(nn.Module):
+    """Writes its first layer's output in place after it returned, from a chosen report on (`write`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 8)
+        self.write: str | None = None
+        self.kept: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        if self.write == "scale":
+            h.mul_(2.0)
+        elif self.write == "transpose":  # in place and no longer contiguous: not stackable any more
+            h.t_()
+        self.kept = h
+        return self.second(h.reshape(x.shape[0], 8))
+
+
+@pytest.mark.parametrize("write", ["scale", "transpose"])
+def test_an_output_first_written_in_place_on_a_full_report_is_measured_as_written_and_made_eager(write: str) -> None:
+    torch.manual_seed(0)
+    model = LateWriter()
+    full = {"on": False}
+    tap = ActivationTap(model, {"first", "second"}, is_full=lambda: full["on"], add_agent_time=lambda s: None)
+    tap.install()
+    x = torch.randn(8, 8)
+    model(x).sum().backward()
+    assert tap.take() is not None and not tap._eager  # learned: nothing written in place yet
+    full["on"], model.write = True, write
+    model(x).sum().backward()
+    capture = tap.take()
+    assert capture is not None and model.kept is not None
+    first = tap.names.index("first")
+    written = model.kept.detach()
+    total = written.sum(dtype=torch.float32)
+    _exact(capture.sums[first], total, "provenance")
+    _exact(capture.stats[first], module_stats(written.float(), None, total, None), "statistics")
+    assert first in tap._eager  # from now on measured as it returns
+    tap.remove()
