@@ -275,11 +275,16 @@ def _full_columns(
         )
         # Every element read, so the count of x - x != 0 (NaN for NaN and Inf) is exact: no floor of 1 needed.
         rows = torch.stack([peak, sums, torch.count_nonzero(x - x, dim=1), torch.count_nonzero(x, dim=1), lows, highs])
-        found, k = rows.view(-1).unbind(), len(positions)  # one unbind (not one per row): views, no kernel
-        _place(columns, positions, [list(found[c * k : (c + 1) * k]) for c in range(len(columns))])
+        _place_rows(columns, positions, rows)
     if rest:
         _place(columns, rest, _single_columns([tensors[i] for i in rest], device, accumulate))
     return columns  # type: ignore[return-value]  # every position filled above
+
+
+def _place_rows(columns: list[list[torch.Tensor | None]], positions: list[int], rows: torch.Tensor) -> None:
+    """Put row c of `rows` (one value per position) into column c."""
+    found, k = rows.view(-1).unbind(), len(positions)  # one unbind (not one per row): views, no kernel
+    _place(columns, positions, [list(found[c * k : (c + 1) * k]) for c in range(len(columns))])
 
 
 def _place(columns: list[list[torch.Tensor | None]], positions: list[int], values: list[list[torch.Tensor]]) -> None:
@@ -292,27 +297,49 @@ def _place(columns: list[list[torch.Tensor | None]], positions: list[int], value
 def _single_columns(
     present: list[torch.Tensor], device: torch.device, accumulate: torch.dtype
 ) -> list[list[torch.Tensor]]:
-    """PARAM_COLUMNS[1:] of tensors reduced one at a time (large, non-contiguous or subclassed ones)."""
-    if device.type == "cpu":
-        # On CPU, vector_norm(inf) and isfinite() are slow scalar loops: 18x and 5x slower than amax/amin and a
-        # subtraction (measured on 1M floats, torch 2.13, one thread); amax and amin are also cheaper than one
-        # aminmax. max |x| comes from the extremes (NaN propagates).
-        lows, highs = [t.amin() for t in present], [t.amax() for t in present]
-        peaks = [torch.maximum(lo.neg(), hi) for lo, hi in zip(lows, highs, strict=True)]
-        # One block sample per tensor for both counts (sampling.py); max |x| is exact.
-        samples = [block_sample(t, ZERO_SAMPLE_ELEMENTS) for t in present]
-        non_finite = [sampled_non_finite(sample, scale, peak.isfinite())
-                      for (sample, scale), peak in zip(samples, peaks, strict=True)]  # fmt: skip
-        nonzero = [torch.count_nonzero(sample) * scale for sample, scale in samples]
-    else:
+    """PARAM_COLUMNS[1:] of tensors not stacked whole (large, non-contiguous or subclassed ones): extremes and
+    sums one tensor at a time; on the CPU the counts from each tensor's block sample, the samples stacked by size
+    (`_sampled_counts`)."""
+    sums = [t.sum(dtype=accumulate) for t in present]
+    if device.type != "cpu":
         extremes = [torch.aminmax(t) for t in present]  # one pass per tensor for min and max
         lows, highs = [e.min for e in extremes], [e.max for e in extremes]
         peaks = list(torch._foreach_norm(present, math.inf, dtype=accumulate))
         # One bool mask at a time: the peak extra memory is 1 byte per element of the largest tensor.
         non_finite = [torch.isfinite(t).logical_not_().sum(dtype=_F32) for t in present]
         nonzero = list(torch._foreach_norm(present, 0.0, dtype=accumulate))
-    sums = [t.sum(dtype=accumulate) for t in present]
-    return [peaks, sums, non_finite, nonzero, lows, highs]
+        return [peaks, sums, non_finite, nonzero, lows, highs]
+    # On CPU, vector_norm(inf) and isfinite() are slow scalar loops: 18x and 5x slower than amax/amin and a
+    # subtraction (measured on 1M floats, torch 2.13, one thread); amax and amin are also cheaper than one aminmax.
+    # max |x| comes from the extremes (NaN propagates).
+    lows, highs = [t.amin() for t in present], [t.amax() for t in present]
+    return _sampled_counts(present, lows, highs, sums)
+
+
+def _sampled_counts(
+    present: list[torch.Tensor], lows: list[torch.Tensor], highs: list[torch.Tensor], sums: list[torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """The CPU columns of `_single_columns`: non-finite and non-zero counts from one block sample per tensor
+    (sampling.py; max |x| is exact and floors the non-finite count at 1), the samples of one size and scale
+    reduced as one stack (stacks.py: counts are exact in any order)."""
+    columns: list[list[torch.Tensor | None]] = [[None] * len(present) for _ in range(_NUM_FULL - 1)]
+    samples: list[torch.Tensor] = []
+    by_scale: dict[float, list[int]] = {}
+    for i, t in enumerate(present):
+        sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
+        samples.append(sample)
+        by_scale.setdefault(scale, []).append(i)
+    for scale, members in by_scale.items():
+        chunks, _ = stacks([samples[i] for i in members], _any)
+        for positions, x in chunks:
+            chosen = [members[p] for p in positions]
+            lo, hi = torch.stack([lows[i] for i in chosen]), torch.stack([highs[i] for i in chosen])
+            peak = torch.maximum(lo.neg(), hi)
+            non_finite = sampled_non_finite(x, scale, peak.isfinite(), dim=1)
+            nonzero = torch.count_nonzero(x, dim=1) * scale
+            rows = torch.stack([peak, torch.stack([sums[i] for i in chosen]), non_finite, nonzero, lo, hi])
+            _place_rows(columns, chosen, rows)
+    return columns  # type: ignore[return-value]  # every position filled above
 
 
 def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch.Tensor | None:
