@@ -47,16 +47,16 @@ symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in t
 (gradwatch.v1.vocabulary.ACTIVATION_STATISTICS), then a log2-magnitude histogram of the output (histogram.py).
 Outputs larger than SAMPLE_ELEMENTS values give their mean, std, zero fraction, non-finite count and histogram from
 a fixed sample of that many positions, and their spread across units from about SPREAD_ELEMENTS values; max |a|,
-dead and saturated units are always exact (module_stats.py). Launches: on full reports after the first, the CPU outputs
-of modules not known to be eager that stacks.stackable() accepts (contiguous, at most STACK_ELEMENTS values) are
-kept like an ordinary report's and measured at the flush, with their provenance sums, in same-shape stacks (per
-shape, dtype, output bounds and STACK_BYTES: a constant number of launches each; the values of one output at a
-time, module_stats.py); eager, larger and non-contiguous outputs, and every output on an accelerator (where a
-stack's float sums would not be those of the output alone, stacks.py), are measured as their module returns. Plus: the
-spread of the model's output across the batch (mean over units of the batch std) and its root mean square, the
-per-feature mean and std of the input (first `MAX_INPUT_FEATURES` features) and, when labels are given, a class
-histogram of `LABEL_BINS` bins (labels above the range count in the last bin; negative labels, e.g. an ignore_index
-of -100, are not counted).
+dead and saturated units are always exact (module_stats.py). Launches: on full reports after the first, the CPU
+outputs of modules not known to be eager that stacks.stackable() accepts (contiguous, at most STACK_ELEMENTS
+values) are kept like an ordinary report's and measured at the flush, with their provenance sums, in same-shape
+stacks (per shape, dtype, output bounds and STACK_BYTES: a constant number of launches each; the values of one
+output at a time, module_stats.py; on an accelerator each output's float sums are still taken alone, stacks.py);
+eager, larger and non-contiguous outputs are measured as their module returns. Plus: the spread of the model's
+output across the batch (mean over units of the batch std) and its root mean square, the per-feature mean and std
+of the input (first `MAX_INPUT_FEATURES` features) and, when labels are given, a class histogram of `LABEL_BINS`
+bins (labels above the range count in the last bin; negative labels, e.g. an ignore_index of -100, are not
+counted).
 
 Contract: `take()` returns the capture since the last call, or None when no training forward ran.
 """
@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from gradwatch.agent import dispatch, errors
+from gradwatch.agent import stacks as stacks_module
 from gradwatch.agent.histogram import LOG2_BINS
 from gradwatch.agent.module_stats import module_stats, reduce_dims, sample_positions, stacked_module_stats, unit_dim_of
 from gradwatch.agent.snapshot import Segment
@@ -319,8 +320,13 @@ class ActivationTap:
         for bounds, (tensors, indexes) in by_bounds.items():
             chunks, rest = stacks(tensors)
             for positions, x in chunks:
-                totals = x.sum(1, dtype=_F32)
-                rows = stacked_module_stats(x.to(_F32).view(x.shape[0], *tensors[positions[0]].shape), bounds, totals)
+                x32 = x.to(_F32).view(x.shape[0], *tensors[positions[0]].shape)
+                if stacks_module.rows_sum_alike(x.device):
+                    totals, alone = x.sum(1, dtype=_F32), None
+                else:  # float sums of each output alone (stacks.py); the order-free reductions stacked
+                    totals = torch.stack([tensors[i].sum(dtype=_F32) for i in positions])
+                    alone = [tensors[i].to(_F32) for i in positions]
+                rows = stacked_module_stats(x32, bounds, totals, alone)
                 capture.calls += [indexes[i] for i in positions]
                 capture.values += totals.unbind()
                 for i, row in zip(positions, rows.unbind(), strict=True):
@@ -415,7 +421,7 @@ class ActivationTap:
                     capture.seen.add(index)
                     capture.order.append(index)
                 if capture.eager and first and (capture.full or not implied):
-                    if capture.full and not self._learning and index not in eager and _stacked_here(out):
+                    if capture.full and not self._learning and index not in eager and stackable(out):
                         capture.deferred.append((out, out._version, index, bounds))  # see _flush_deferred
                         if not implied:
                             self._tick(capture, out)
@@ -436,13 +442,6 @@ class ActivationTap:
                     self._tick(capture, out)
 
         return hook
-
-
-def _stacked_here(t: torch.Tensor) -> bool:
-    """Whether a full report measures output `t` in a stack at the flush: a stackable CPU tensor. On an
-    accelerator a stack row's float sums (mean, std, spread, the provenance sum) would be reduced in another
-    order than the output alone (stacks.py), so outputs there are measured as their module returns."""
-    return t.device.type == "cpu" and stackable(t)
 
 
 def _deferrable(t: torch.Tensor) -> bool:

@@ -71,14 +71,27 @@ def module_stats(
     return _stats(a, bounds, total, positions, 0)
 
 
-def stacked_module_stats(x: torch.Tensor, bounds: tuple[float, float] | None, totals: torch.Tensor) -> torch.Tensor:
+def stacked_module_stats(
+    x: torch.Tensor,
+    bounds: tuple[float, float] | None,
+    totals: torch.Tensor,
+    alone: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(k, VALUES_PER_MODULE): `module_stats` of each of k same-shape float32 outputs stacked as x (k, *shape),
-    each read whole, given their k float32 sums `totals`; the same values, in launches independent of k."""
-    return _stats(x, bounds, totals, None, 1)
+    each read whole, given their k float32 sums `totals`; the same values, in launches independent of k. With
+    `alone` (the k float32 outputs themselves, where a stack row is not summed like its output:
+    stacks.rows_sum_alike), the float sums (mean, std, spread) are taken of each output alone, a few launches
+    each, and only the order-free reductions (extremes, counts, histogram) are stacked."""
+    return _stats(x, bounds, totals, None, 1, alone)
 
 
 def _stats(
-    a: torch.Tensor, bounds: tuple[float, float] | None, total: torch.Tensor, positions: torch.Tensor | None, lead: int
+    a: torch.Tensor,
+    bounds: tuple[float, float] | None,
+    total: torch.Tensor,
+    positions: torch.Tensor | None,
+    lead: int,
+    alone: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`module_stats` (lead 0) or `stacked_module_stats` (lead 1: dimension 0 indexes outputs, every reduction
     is row-wise: the same kernel over each output's contiguous elements as over that output alone)."""
@@ -90,8 +103,12 @@ def _stats(
     m = sample.shape[-1]
     scale = n / m
     wide = torch.float64 if a.device.type in ("cpu", "cuda") else _F32  # MPS has no float64
-    mean = sample.sum(whole, dtype=wide) / m
-    mean_square = torch.linalg.vector_norm(sample, dim=whole).to(wide).square() / m
+    if alone is None:
+        mean = sample.sum(whole, dtype=wide) / m
+        mean_square = torch.linalg.vector_norm(sample, dim=whole).to(wide).square() / m
+    else:  # as module_stats does for each output (read whole): its flat view's sum and norm
+        mean = torch.stack([o.reshape(-1).sum(dtype=wide) for o in alone]) / m
+        mean_square = torch.stack([torch.linalg.vector_norm(o.reshape(-1)).to(wide) for o in alone]).square() / m
     std = (mean_square - mean.square()).clamp_(min=0.0).sqrt()
     reduce = tuple(d + lead for d in reduce_dims(shape))
     per_unit_max = a.amax(dim=reduce) if reduce else a
@@ -111,7 +128,7 @@ def _stats(
         flat_end = (a - middle).abs_() >= half - _SATURATION_MARGIN * (hi - lo)
         share = flat_end.to(_F32).mean(dim=reduce) if reduce else flat_end.to(_F32)
         saturated = _over((share > 0.5).to(_F32), lead, torch.mean)
-    unit_spread = _unit_spread(a, lead)
+    unit_spread = _unit_spread(a, lead) if alone is None else torch.stack([_unit_spread(o, 0) for o in alone])
     histogram = log2_histograms(sample, 1.0, a.device) if lead else log2_histogram(sample, a.device)
     if positions is not None:
         histogram = histogram.mul_(scale)

@@ -6,14 +6,15 @@ checksum). For a model of many small tensors the cost is the number of launches,
 `sum(1)`, ...) replace a kernel per tensor by a kernel per shape. `stacks()` groups and chunks, the callers
 (stats.py, histogram.py) reduce.
 
-Exactness: a row of the stack holds the tensor's elements in its logical order. Extremes, counts, histograms
-and integer sums are exact in any order, so they are stacked on every device. Float sums are not: on the CPU
-the row-wise reduction of a contiguous tensor of at most STACK_ELEMENTS elements is bit for bit the whole-tensor
+Exactness: a row of the stack holds the tensor's elements in its logical order. Extremes, counts, histograms and
+integer sums are exact in any order, so they are stacked on every device. Float sums are not: on the CPU the
+row-wise reduction of a contiguous tensor of at most STACK_ELEMENTS elements is bit for bit the whole-tensor
 reduction of it (the kernels reduce the same contiguous run in the same order; above torch's parallel grain of
-32768 elements a whole-tensor sum is split between threads and would not be), so only contiguous tensors up to
-that size are stacked (`stackable`). On CUDA the reduction's thread layout depends on the number of rows (a
-single row spreads more threads along it), so a row is not summed in the tensor's own order: the callers sum
-each tensor alone there. Larger tensors cost a kernel each as before, which their own work outweighs.
+32768 elements a whole-tensor sum is split between threads and would not be), so only contiguous tensors up to that
+size are stacked (`stackable`). On CUDA the reduction's thread layout depends on the number of rows (a single row
+spreads more threads along it), so a row is not summed in the tensor's own order: the callers take float sums of
+each tensor alone there (`rows_sum_alike`) and stack the rest. Larger tensors cost a kernel each as before, which
+their own work outweighs.
 
 Memory: a stack copies its tensors, at most STACK_BYTES of them (a larger group of one shape is stacked in
 chunks), made only when the caller's loop reaches it: at most two stacks are alive at a time, with the
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["STACK_BYTES", "STACK_ELEMENTS", "stackable", "stacks"]
+__all__ = ["STACK_BYTES", "STACK_ELEMENTS", "rows_sum_alike", "stackable", "stacks"]
 
 #: Largest tensor stacked, in elements: torch's intra-op parallel grain (at::internal::GRAIN_SIZE), below which
 #: a CPU reduction runs as one sequential pass whatever the number of threads (see the module docstring).
@@ -37,6 +38,12 @@ STACK_ELEMENTS = 32768
 #: Bytes per stack at most: a group of one shape larger than this is stacked in several chunks.
 STACK_BYTES = 4 * 1024 * 1024
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def rows_sum_alike(device: torch.device) -> bool:
+    """Whether a stack row's float sums on `device` are bit for bit those of its tensor alone (the CPU only, see
+    the module docstring); elsewhere the callers take float sums of each tensor alone and stack the rest."""
+    return device.type == "cpu"
 
 
 def stackable(t: torch.Tensor) -> bool:

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 
 from gradwatch.agent import clip
+from gradwatch.agent import stacks as stacks_module
 from gradwatch.agent.histogram import LOG2_BINS, log2_histograms
 from gradwatch.agent.histogram import SAMPLE_ELEMENTS as HISTOGRAM_SAMPLE
 from gradwatch.agent.sampling import block_sample, sampled_non_finite
@@ -263,8 +264,7 @@ def _full_columns(
     one tensor at a time for the rest."""
     columns: list[list[torch.Tensor | None]] = [[None] * len(tensors) for _ in range(_NUM_FULL - 1)]
     chunks, rest = stacks(tensors)
-    # A row's float sum is the tensor's own sum on the CPU only (stacks.py); elsewhere each tensor is summed alone.
-    stacked_sum = device.type == "cpu"
+    stacked_sum = stacks_module.rows_sum_alike(device)  # else each tensor is summed alone (stacks.py)
     for positions, x in chunks:
         lows, highs = x.amin(1), x.amax(1)  # NaN propagates into both, an Inf into one
         peak = torch.maximum(lows.neg(), highs)

@@ -152,17 +152,20 @@ def _exact(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     threads=st.sampled_from([1, 2]),
     device=st.sampled_from(DEVICES),
     chunk=st.sampled_from([stacks.STACK_BYTES, 300]),  # 300 bytes: groups split into many stacks
+    alike=st.booleans(),  # False: float sums of each tensor alone, as on an accelerator (stacks.rows_sum_alike)
 )
 def test_stacked_full_statistics_equal_the_per_tensor_computation(
-    model: nn.Module, threads: int, device: str, chunk: int
+    model: nn.Module, threads: int, device: str, chunk: int, alike: bool
 ) -> None:
     model.to(device)  # gradients move with their parameters
     engine = StatsEngine(build_layout(model))
     target = engine.layout.device
     params = engine.layout.params
-    previous, bound = torch.get_num_threads(), stacks.STACK_BYTES
+    previous, bound, rule = torch.get_num_threads(), stacks.STACK_BYTES, stacks.rows_sum_alike
     torch.set_num_threads(threads)
     stacks.STACK_BYTES = chunk
+    if not alike:
+        stacks.rows_sum_alike = lambda device: False
     try:
         for source in ("grad", "weight"):
             got = torch.stack(engine.compute(source, full=True))
@@ -174,7 +177,7 @@ def test_stacked_full_statistics_equal_the_per_tensor_computation(
         _exact(torch.stack(engine.checksum()), torch.tensor(_checksum(list(params)), device=target), "checksum")
     finally:
         torch.set_num_threads(previous)
-        stacks.STACK_BYTES = bound
+        stacks.STACK_BYTES, stacks.rows_sum_alike = bound, rule
 
 
 class _Count(TorchDispatchMode):
