@@ -11,50 +11,52 @@ re-run inside a backward pass (activation checkpointing), the hooks step aside (
 compiled region reports gradients, weights and the loss as usual, without activation statistics or NaN
 provenance, and a checkpointed module is counted once per step.
 
-Every observed step: NaN provenance from a value per module call (and one for the input) that is non-finite
-exactly when some element of that output is NaN/Inf (or its magnitudes sum past float32's range, ~1e38: an
-explosion anyway), so the sender can name, on the step itself, the first module *in forward order* whose output
-went non-finite, or the input batch. Forward order is recorded on the host as the order of first calls. The
-outputs are not reduced one by one: the hooks keep references to them and, at the end of the model's forward
-(or when PENDING_BYTES or PENDING_CALLS are reached, or at `take()`), one multi-tensor L1 norm
-(`torch._foreach_norm`, float32 accumulation) per (device, dtype) reduces them all: a constant number of
-device operations per forward whatever the model's size. Exactness under in-place operations: each kept output
-carries its version counter (`Tensor._version`, bumped by every in-place write to it or a view of it); an
-output written in place after its module returned (`out += identity`, an in-place activation, `masked_fill_`)
-makes that module *eager*: from then on its output is reduced when it returns (its own float32 sum), so no
-later in-place write can add or hide a non-finite value. Which modules are eager is learned on the first
-report after `install()` and on every full-statistics report (there every output is reduced when it returns,
-and versions are still checked at each flush). The bounds count every observed call, kept or not, so a
-forward's early flushes fall at the same calls on every report of the same shapes: a write that comes after
-such a flush finds the output already reduced, on learning and ordinary reports alike (each forward counts from
-0, also when nothing was kept at its end: with gradient accumulation a learning report keeps less in its later
-forwards than an ordinary one). The one inexact case:
-an output first written in place (after its module returned, before the next flush) on an ordinary report is
-reduced as written on that one report (a NaN in it is still reported, possibly at that module rather than a
-later one), and when its module returns from then on. Extra memory: the outputs observed since the last flush,
-kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES (and PENDING_CALLS references).
-One output is not kept at all, without changing that answer: a *contracting* activation
-(`CONTRACTING_TYPES`: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so a finite input
-gives a finite output) whose input is the very tensor the previously observed module returned. Its output
-can only be non-finite if that input was, and then the previous module (or one before it) is the first
-anyway. NaN born in functional code between the two gives the activation another input tensor, so it is
-kept as usual.
+Every observed step: NaN provenance from a value per module call (and one for the input) that is non-finite exactly
+when some element of that output is NaN/Inf (or its magnitudes sum past float32's range, ~1e38: an explosion
+anyway), so the sender can name, on the step itself, the first module *in forward order* whose output went
+non-finite, or the input batch. Forward order is recorded on the host as the order of first calls. The outputs are
+not reduced one by one: the hooks keep references to them and, at the end of the model's forward (or when
+PENDING_BYTES or PENDING_CALLS are reached, or at `take()`), one multi-tensor L1 norm (`torch._foreach_norm`,
+float32 accumulation) per (device, dtype) reduces them all: a constant number of device operations per forward
+whatever the model's size. Exactness under in-place operations: each kept output carries its version counter
+(`Tensor._version`, bumped by every in-place write to it or a view of it); an output written in place after its
+module returned (`out += identity`, an in-place activation, `masked_fill_`) makes that module *eager*: from then on
+its output is reduced when it returns (its own float32 sum), so no later in-place write can add or hide a
+non-finite value. Which modules are eager is learned on the first report after `install()` (there every output is
+reduced when it returns, and versions are still checked at each flush), and on every report from each flush's
+version checks. The bounds count every observed call, kept or not, so a forward's early flushes fall at the same
+calls on every report of the same shapes: a write that comes after such a flush finds the output already reduced,
+on learning and ordinary reports alike (each forward counts from 0, also when nothing was kept at its end: with
+gradient accumulation a learning report keeps less in its later forwards than an ordinary one). The one inexact
+case: an output first written in place (after its module returned, before the next flush) on a report after the
+first is reduced (and, on a full report, measured) as written on that one report (a NaN in it is still reported,
+possibly at that module rather than a later one), and when its module returns from then on. Extra memory: the
+outputs observed since the last flush, kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES
+(and PENDING_CALLS references). One output is not kept at all, without changing that answer: a *contracting*
+activation (`CONTRACTING_TYPES`: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so a finite input
+gives a finite output) whose input is the very tensor the previously observed module returned. Its output can only
+be non-finite if that input was, and then the previous module (or one before it) is the first anyway. NaN born in
+functional code between the two gives the activation another input tensor, so it is kept as usual.
 
 Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
-(channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros,
-fraction of dead units (never positive across the batch), fraction of saturated units (for bounded
-activations: most outputs of the unit, over the batch, within 1 % of the range's ends; NaN for unbounded
-modules), the spread
-across units (mean over samples and positions of the std across units; near 0 when every unit computes the
-same value, i.e. symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order
-(gradwatch.v1.vocabulary.ACTIVATION_STATISTICS),
-then a log2-magnitude histogram of the output (histogram.py). Outputs larger than SAMPLE_ELEMENTS values
-give their mean, std, zero fraction, non-finite count and histogram from a fixed sample of that many
-positions, and their spread across units from about SPREAD_ELEMENTS values; max |a|, dead and saturated
-units are always exact (see `_module_stats`). Plus: the spread of the model's output across
-the batch (mean over units of the batch std) and its root mean square, the per-feature mean and std of the
-input (first `MAX_INPUT_FEATURES` features) and, when labels are given, a class histogram of `LABEL_BINS` bins
-(labels above the range count in the last bin; negative labels, e.g. an ignore_index of -100, are not counted).
+(channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros, fraction
+of dead units (never positive across the batch), fraction of saturated units (for bounded activations: most outputs
+of the unit, over the batch, within 1 % of the range's ends; NaN for unbounded modules), the spread across units
+(mean over samples and positions of the std across units; near 0 when every unit computes the same value, i.e.
+symmetric neurons; NaN for one-unit outputs): `STATS_PER_MODULE` = 8 values in that order
+(gradwatch.v1.vocabulary.ACTIVATION_STATISTICS), then a log2-magnitude histogram of the output (histogram.py).
+Outputs larger than SAMPLE_ELEMENTS values give their mean, std, zero fraction, non-finite count and histogram from
+a fixed sample of that many positions, and their spread across units from about SPREAD_ELEMENTS values; max |a|,
+dead and saturated units are always exact (module_stats.py). Launches: on full reports after the first, the CPU
+outputs of modules not known to be eager that stacks.stackable() accepts (contiguous, at most STACK_ELEMENTS
+values) are kept like an ordinary report's and measured at the flush, with their provenance sums, in same-shape
+stacks (per shape, dtype, output bounds and STACK_BYTES: a constant number of launches each; the values of one
+output at a time, module_stats.py; on an accelerator each output's float sums are still taken alone, stacks.py);
+eager, larger and non-contiguous outputs are measured as their module returns. Plus: the spread of the model's
+output across the batch (mean over units of the batch std) and its root mean square, the per-feature mean and std
+of the input (first `MAX_INPUT_FEATURES` features) and, when labels are given, a class histogram of `LABEL_BINS`
+bins (labels above the range count in the last bin; negative labels, e.g. an ignore_index of -100, are not
+counted).
 
 Contract: `take()` returns the capture since the last call, or None when no training forward ran.
 """
@@ -71,9 +73,11 @@ import torch
 from torch import nn
 
 from gradwatch.agent import dispatch, errors
-from gradwatch.agent.histogram import LOG2_BINS, SAMPLE_ELEMENTS, log2_histogram
-from gradwatch.agent.sampling import sampled_non_finite
+from gradwatch.agent import stacks as stacks_module
+from gradwatch.agent.histogram import LOG2_BINS
+from gradwatch.agent.module_stats import module_stats, reduce_dims, sample_positions, stacked_module_stats, unit_dim_of
 from gradwatch.agent.snapshot import Segment
+from gradwatch.agent.stacks import stackable, stacks
 from gradwatch.v1.vocabulary import ACTIVATION_MODULE_TYPES, ACTIVATION_STATISTICS
 
 __all__ = [
@@ -105,15 +109,11 @@ STATS_PER_MODULE = len(ACTIVATION_STATISTICS)
 VALUES_PER_MODULE = STATS_PER_MODULE + LOG2_BINS  # the statistics, then the log2-magnitude histogram
 MAX_INPUT_FEATURES = 1024
 LABEL_BINS = 1024
-_SATURATION_MARGIN = 0.01
 #: Output sizes whose sample positions are cached (variable-shape inputs beyond this start the cache over).
 _MAX_SAMPLE_SIZES = 256
 #: A report whose values outnumber this many per watched module (forwards without the model's own end, i.e.
 #: submodules called directly) folds them (`ActivationTap._fold`).
 _FOLD_VALUES = 4
-_GOLDEN = (5**0.5 - 1) / 2
-#: Values the spread across units is measured on (positions × units), per module and full-statistics step.
-SPREAD_ELEMENTS = 8192
 _F32 = torch.float32
 
 
@@ -159,6 +159,9 @@ class ActivationCapture:
     # Outputs kept until the next flush: the tensor, its version when its module returned, the call's index and,
     # for eager calls, the value already taken (then the tensor is kept only to learn of later in-place writes).
     pending: list[tuple[torch.Tensor, int, int, torch.Tensor | None]] = field(default_factory=list)
+    # Full reports: outputs whose statistics are computed at the next flush, in same-shape stacks (the tensor, its
+    # version when its module returned, the call's index, the module's output bounds).
+    deferred: list[tuple[torch.Tensor, int, int, tuple[float, float] | None]] = field(default_factory=list)
     pending_bytes: int = 0  # bytes and calls observed since the last flush (kept or not)
     pending_calls: int = 0
     forwards: int = 0  # forwards of the model that ended in this report
@@ -235,7 +238,7 @@ class ActivationTap:
         capture, self._capture = self._capture, None
         if capture is not None:
             self._learning = False
-            if capture.pending:
+            if capture.pending or capture.deferred:
                 self._flush(capture)
         return capture
 
@@ -298,6 +301,42 @@ class ActivationTap:
                 accumulate = torch.float64 if dtype == torch.float64 else _F32
                 capture.calls += indexes
                 capture.values += torch._foreach_norm(tensors, 1, dtype=accumulate)
+            if capture.deferred:
+                self._flush_deferred(capture)
+
+    def _flush_deferred(self, capture: ActivationCapture) -> None:
+        """A full report's deferred outputs: their provenance sums and statistics by same-shape stacks
+        (module_stats.py; per (shape, dtype, bounds) and STACK_BYTES, a constant number of launches each), the
+        values `module_stats` gives for each one alone. An output written in place since its module returned
+        (its version moved) makes the module eager, as in `_flush`, and is measured as written on this report."""
+        deferred, capture.deferred = capture.deferred, []
+        by_bounds: dict[tuple[float, float] | None, tuple[list[torch.Tensor], list[int]]] = {}
+        for t, version, index, bounds in deferred:
+            if t._version != version:
+                self._eager.add(index)
+            tensors, indexes = by_bounds.setdefault(bounds, ([], []))
+            tensors.append(t)
+            indexes.append(index)
+        for bounds, (tensors, indexes) in by_bounds.items():
+            chunks, rest = stacks(tensors)
+            for positions, x in chunks:
+                x32 = x.to(_F32).view(x.shape[0], *tensors[positions[0]].shape)
+                if stacks_module.rows_sum_alike(x.device):
+                    totals, alone = x.sum(1, dtype=_F32), None
+                else:  # float sums of each output alone (stacks.py); the order-free reductions stacked
+                    totals = torch.stack([tensors[i].sum(dtype=_F32) for i in positions])
+                    alone = [tensors[i].to(_F32) for i in positions]
+                rows = stacked_module_stats(x32, bounds, totals, alone)
+                capture.calls += [indexes[i] for i in positions]
+                capture.values += totals.unbind()
+                for i, row in zip(positions, rows.unbind(), strict=True):
+                    capture.stats[indexes[i]] = row
+            for i in rest:  # no longer stackable: made non-contiguous in place (t_(), as_strided_()) since it returned
+                a = tensors[i].detach()
+                total = a.sum(dtype=_F32)
+                capture.calls.append(indexes[i])
+                capture.values.append(total)
+                capture.stats[indexes[i]] = module_stats(a.to(_F32), bounds, total, self._positions(a))
 
     def _fold(self, capture: ActivationCapture) -> None:
         """Add the report's values into one vector indexed by call index + 1 (a stack and an index_add)."""
@@ -344,7 +383,7 @@ class ActivationTap:
         if capture is None or not torch.is_grad_enabled():
             return
         with errors.guarded("output_hook", self._add_agent_time):
-            if capture.pending:  # the end of a forward: one reduction for every output kept during it
+            if capture.pending or capture.deferred:  # the end of a forward: one reduction for the outputs kept
                 self._flush(capture)
             else:  # each forward counts its calls from 0 whatever was kept (the same flushes on every report)
                 capture.pending_bytes = capture.pending_calls = 0
@@ -382,11 +421,16 @@ class ActivationTap:
                     capture.seen.add(index)
                     capture.order.append(index)
                 if capture.eager and first and (capture.full or not implied):
+                    if capture.full and not self._learning and index not in eager and stackable(out):
+                        capture.deferred.append((out, out._version, index, bounds))  # see _flush_deferred
+                        if not implied:
+                            self._tick(capture, out)
+                        return
                     a = out.detach()
                     s = a.sum(dtype=_F32)
                     self._keep(capture, out, index, s)  # kept to learn of in-place writes after it
                     if capture.full:
-                        capture.stats[index] = _module_stats(a.to(_F32), bounds, s, self._positions(a))
+                        capture.stats[index] = module_stats(a.to(_F32), bounds, s, self._positions(a))
                 elif implied:
                     return
                 elif capture.eager or index in eager or not _deferrable(out):
@@ -419,13 +463,13 @@ def _feature_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     place over the other dimensions (NaN for an empty batch). Moments of the differences from the first
     sample's values: close to a two-pass std when that sample is typical (within a few standard deviations of
     the mean), e.g. for features far from zero, at one-tenth of a CPU's std_mean (a slow loop)."""
-    unit_dim = _unit_dim(x)
+    unit_dim = unit_dim_of(x.shape)
     assert unit_dim is not None
     x = x.narrow(unit_dim, 0, min(MAX_INPUT_FEATURES, x.shape[unit_dim])).to(_F32)
     if x.numel() == 0:
         missing = torch.full((x.shape[unit_dim],), float("nan"), device=x.device)
         return missing, missing
-    reduce = _reduce_dims(x)
+    reduce = reduce_dims(x.shape)
     first = x
     for d in reduce:
         first = first.narrow(d, 0, 1)
@@ -433,102 +477,6 @@ def _feature_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = shifted.mean(dim=reduce)
     variance = shifted.square().mean(dim=reduce) - mean.square()
     return mean + first.reshape(-1), variance.clamp_(min=0.0).sqrt_()
-
-
-def _unit_dim(a: torch.Tensor) -> int | None:
-    """The units' dimension: 1 (channels) for 4+-D tensors, else the last; None for 0-D and 1-D tensors."""
-    if a.dim() <= 1:
-        return None
-    return 1 if a.dim() >= 4 else a.dim() - 1
-
-
-def _reduce_dims(a: torch.Tensor) -> tuple[int, ...]:
-    """Every dimension but the units' (dim 1 for 4+-D tensors, else the last): reduced in place, no copy."""
-    unit_dim = _unit_dim(a)
-    return () if unit_dim is None else tuple(d for d in range(a.dim()) if d != unit_dim)
-
-
-def sample_positions(numel: int, device: torch.device) -> torch.Tensor | None:
-    """The fixed sample of a `numel`-element output: SAMPLE_ELEMENTS sorted flat positions spread by a Weyl
-    sequence (frac(i·φ)·numel, the same for every output of that size), computed on `device` (no transfer),
-    or None when the output is small enough to read whole. Not a plain stride, which would alias with a
-    channel or spatial period."""
-    if numel <= SAMPLE_ELEMENTS:
-        return None
-    wide = torch.float64 if device.type in ("cpu", "cuda") else _F32
-    steps = torch.arange(SAMPLE_ELEMENTS, dtype=wide, device=device)
-    positions = (steps * _GOLDEN).frac_().mul_(numel).floor_().to(torch.long).clamp_(max=numel - 1)
-    return positions.sort().values
-
-
-def _module_stats(
-    a: torch.Tensor, bounds: tuple[float, float] | None, total: torch.Tensor, positions: torch.Tensor | None
-) -> torch.Tensor:
-    """STATS_PER_MODULE values for one float32 output, then its log2 histogram (see the module docstring).
-
-    `total` is the output's exact float32 sum (the provenance sum), `positions` its fixed sample (or None:
-    read it whole). Exact, one pass each: max |a| (aminmax; NaN propagates), the units' maxima along the
-    reduced dimensions (dead units, no transposed copy) and, for bounded activations, the units' smallest
-    distance from the range's middle (saturation). From the sample: the mean, the std (from the float32 L2
-    norm, sqrt(E[a²] − mean²)), the zero fraction, the non-finite count (scaled by numel / sample, and at
-    least 1 when `total` is not finite, so a single NaN is never reported as none), the log2 histogram, and
-    the spread across units, from the first samples of the batch. Why: these passes over every element cost
-    more than the training step itself for a convolutional net on a CPU (10+ passes over millions of
-    values), while 65536 samples estimate a proportion to within about ±0.4 %."""
-    n = a.numel()
-    flat = a.reshape(-1)
-    sample = flat if positions is None else flat.index_select(0, positions)
-    m = sample.numel()
-    scale = n / m
-    wide = torch.float64 if a.device.type in ("cpu", "cuda") else _F32  # MPS has no float64
-    mean = sample.sum(dtype=wide) / m
-    mean_square = torch.linalg.vector_norm(sample).to(wide).square() / m
-    std = (mean_square - mean.square()).clamp_(min=0.0).sqrt()
-    reduce = _reduce_dims(a)
-    per_unit_max = a.amax(dim=reduce) if reduce else a
-    max_abs = torch.maximum(a.amin().neg(), per_unit_max.amax())  # two reductions beat aminmax on a CPU
-    non_finite = sampled_non_finite(sample, scale, torch.isfinite(total))
-    zero = (m - torch.count_nonzero(sample)).to(_F32) / m  # count_nonzero beats a bool sum on a CPU
-    dead = (per_unit_max <= 0).to(_F32).mean()
-    if bounds is None:
-        saturated = torch.full((), float("nan"), device=a.device)
-    else:
-        lo, hi = bounds
-        middle, half = (lo + hi) / 2, (hi - lo) / 2
-        # A unit is saturated when most of its outputs (more than half of the batch and positions) are within the
-        # margin of an end, |a − middle| ≥ half − margin: where the derivative is ~0 for most inputs. "Every
-        # output" missed a large initialisation, where each unit still has a few inputs near the middle.
-        flat_end = (a - middle).abs_() >= half - _SATURATION_MARGIN * (hi - lo)
-        share = flat_end.to(_F32).mean(dim=reduce) if reduce else flat_end.to(_F32)
-        saturated = (share > 0.5).to(_F32).mean()
-    unit_spread = _unit_spread(a)
-    histogram = log2_histogram(sample, a.device)
-    if positions is not None:
-        histogram = histogram.mul_(scale)
-    stats = torch.stack([mean.to(_F32), std.to(_F32), max_abs, non_finite, zero, dead, saturated, unit_spread])
-    return torch.cat([stats, histogram])
-
-
-def _unit_spread(a: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of the std across units: exact up to SPREAD_ELEMENTS values, else on about that
-    many: the first positions (rows of units) for outputs with units last, the first sample's evenly spaced
-    positions for channels (dim 1)."""
-    unit_dim = _unit_dim(a)
-    if unit_dim is None or a.shape[unit_dim] < 2:
-        return torch.full((), float("nan"), device=a.device)
-    units = a.shape[unit_dim]
-    if a.numel() > SPREAD_ELEMENTS:
-        wanted = max(1, SPREAD_ELEMENTS // units)
-        if unit_dim == 1 and a.dim() >= 3:  # channels: (1, C, positions) view of the first sample
-            a = a.narrow(0, 0, 1).flatten(2)
-            a = a[:, :, :: max(1, a.shape[2] // wanted)]
-        else:
-            a, unit_dim = a.reshape(-1, units)[:wanted], 1
-    # Differences from the first unit make identical units exact zeros (no cancellation), and two plain means
-    # avoid std's slow strided loop on a CPU.
-    d = a - a.narrow(unit_dim, 0, 1)
-    variance = d.square().mean(dim=unit_dim) - d.mean(dim=unit_dim).square()
-    return variance.clamp_(min=0.0).sqrt().mean()
 
 
 def label_histogram(labels: torch.Tensor, device: torch.device) -> torch.Tensor | None:

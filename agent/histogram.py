@@ -12,7 +12,8 @@ on the CPU, a scatter-add elsewhere: CUDA's bincount reads the maximum on the ho
 slice then fold the 256 counts into the LOG2_BINS bins (the field of NaN/Inf, 255, into none); zeros, which
 share bin 0's exponent field with subnormals, are subtracted. Other dtypes are converted to float32 first
 (float64 magnitudes beyond float32's range then count as Inf, i.e. not at all). Cost: a few integer passes
-over at most SAMPLE_ELEMENTS values, on full-statistics steps only.
+over at most SAMPLE_ELEMENTS values, on full-statistics steps only. `log2_histograms` counts k same-size rows
+(a stack of tensors or samples, stacks.py) in the same few launches: row r's fields are counted at r·256 + field.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from gradwatch.agent.sampling import block_sample
 from gradwatch.v1.vocabulary import LOG2_HISTOGRAM_BINS, LOG2_HISTOGRAM_OFFSET
 
-__all__ = ["LOG2_BINS", "LOG2_OFFSET", "SAMPLE_ELEMENTS", "log2_histogram"]
+__all__ = ["LOG2_BINS", "LOG2_OFFSET", "SAMPLE_ELEMENTS", "log2_histogram", "log2_histograms"]
 
 LOG2_BINS = LOG2_HISTOGRAM_BINS
 LOG2_OFFSET = LOG2_HISTOGRAM_OFFSET
@@ -34,23 +35,49 @@ def log2_histogram(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """LOG2_BINS float32 counts for floating tensor `t`, on `device` (see the module docstring)."""
     with torch.no_grad():
         flat, scale = block_sample(t.detach(), SAMPLE_ELEMENTS)
-        if flat.dtype != torch.float32:
-            flat = flat.to(torch.float32)
-        field = flat.view(torch.int32).bitwise_right_shift(23).bitwise_and_(0xFF)  # biased exponent
-        if flat.device.type == "cpu":
-            fields = torch.bincount(field, minlength=_FIELDS).to(torch.float32)
+        return log2_histograms(flat.unsqueeze(0), scale, device)[0]
+
+
+def log2_histograms(rows: torch.Tensor, scale: float, device: torch.device) -> torch.Tensor:
+    """(k, LOG2_BINS) float32 counts, one row per row of the 2-D floating tensor `rows` (k tensors' values or
+    samples of one size), each multiplied by `scale` (numel / sample size), on `device`: the same counts as k
+    single histograms, in a few launches whatever k (the fields of row r are counted at r·256 + field)."""
+    with torch.no_grad():
+        if rows.dtype != torch.float32:
+            rows = rows.to(torch.float32)
+        k, n = rows.shape
+        field = rows.view(torch.int32).bitwise_right_shift(23).bitwise_and_(0xFF)  # biased exponent
+        if k > 1:
+            field = field.add_(_row_offsets(k, rows.device))
+        field = field.view(-1)
+        if rows.device.type == "cpu":
+            fields = torch.bincount(field, minlength=_FIELDS * k).to(torch.float32)
         else:  # CUDA's bincount reads the maximum on the host: a sync
-            fields = torch.zeros(_FIELDS, dtype=torch.float32, device=flat.device)
-            fields = fields.index_add_(0, field, torch.ones_like(flat))
+            fields = torch.zeros(_FIELDS * k, dtype=torch.float32, device=rows.device)
+            fields = fields.index_add_(0, field, torch.ones_like(field, dtype=torch.float32))
+        fields = fields.view(k, _FIELDS)
         # Fields up to _LOW fall in bin 0 and from _HIGH in the last bin; 255 (NaN/Inf) in none. Slices and sums,
         # not a matrix product: autocast would run that in half precision (counts above 65504 overflow).
-        counts = torch.cat([fields[: _LOW + 1].sum(0, keepdim=True), fields[_LOW + 1 : _HIGH],
-                            fields[_HIGH : _FIELDS - 1].sum(0, keepdim=True)])  # fmt: skip
-        counts[0] -= flat.numel() - torch.count_nonzero(flat)  # zeros share the exponent field of subnormals
+        counts = torch.cat([fields[:, : _LOW + 1].sum(1, keepdim=True), fields[:, _LOW + 1 : _HIGH],
+                            fields[:, _HIGH : _FIELDS - 1].sum(1, keepdim=True)], dim=1)  # fmt: skip
+        counts[:, 0] -= n - torch.count_nonzero(rows, dim=1)  # zeros share the exponent field of subnormals
         counts = counts if scale == 1.0 else counts.mul_(scale)
         return counts if counts.device == device else counts.to(device, non_blocking=True)
 
 
+def _row_offsets(k: int, device: torch.device) -> torch.Tensor:
+    """(k, 1) int32 offsets r·256 (cached per count and device: made on the device once, no transfer)."""
+    key = (k, device)
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        if len(_OFFSETS) >= _MAX_CACHED:
+            _OFFSETS.clear()
+        offsets = _OFFSETS[key] = (torch.arange(k, dtype=torch.int32, device=device) * _FIELDS).view(k, 1)
+    return offsets
+
+
+_MAX_CACHED = 256
+_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
 _FIELDS = 256
 _LOW = _F32_EXPONENT_BIAS - LOG2_OFFSET  # the largest exponent field of bin 0
 _HIGH = _LOW + LOG2_BINS - 1  # the smallest exponent field of the last bin

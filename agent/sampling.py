@@ -39,12 +39,15 @@ def block_sample(t: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
     return sample.reshape(-1), n / (ids.numel() * BLOCK_ELEMENTS)
 
 
-def sampled_non_finite(sample: torch.Tensor, scale: float, finite: torch.Tensor) -> torch.Tensor:
+def sampled_non_finite(
+    sample: torch.Tensor, scale: float, finite: torch.Tensor, dim: int | None = None
+) -> torch.Tensor:
     """The NaN/Inf count of a tensor from its `sample` (float32), extrapolated by `scale`, and at least 1 where
     the exact 0-d flag `finite` (from a reduction over every element) says the tensor holds one: one NaN off
     the sample is never reported as none, and a finite tensor gives exactly 0. x - x is 0 for a finite x and
-    NaN otherwise, and count_nonzero counts NaN."""
-    counted = torch.count_nonzero(sample - sample).to(torch.float32) * scale
+    NaN otherwise, and count_nonzero counts NaN. `dim`: count along it (`finite` then holds one flag per
+    count), else over the whole sample."""
+    counted = torch.count_nonzero(sample - sample, dim=dim).to(torch.float32) * scale
     return torch.where(finite, counted, counted.clamp(min=1.0))
 
 

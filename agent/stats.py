@@ -5,9 +5,12 @@ Contract: `StatsEngine.compute(source, full)` returns the per-parameter statisti
 caller's stack promotes the few integer counts and half-precision maxima to that dtype), column
 after column in the order of vector.PARAM_COLUMNS (norm only, or all seven on full steps), parameters in
 layout order. The caller stacks the lists of one report into ONE tensor (a single kernel). Nothing here calls
-`.item()`, `.cpu()`, `.tolist()`, `bool()` or branches on a tensor value: it only queues kernels, one foreach
-launch per (device, dtype) group and column for norms, max |x| and non-zero counts. Folding parameters into
-layers happens later on the host (fold.py).
+`.item()`, `.cpu()`, `.tolist()`, `bool()` or branches on a tensor value: it only queues kernels. Norms are one
+foreach launch per (device, dtype) group. On full steps the other columns, the gradient histograms and the
+checksum reduce small tensors (up to stacks.STACK_ELEMENTS elements) by same-shape stacks: a few launches per
+distinct (shape, dtype) and per STACK_BYTES, the same values as one tensor at a time (stacks.py); larger tensors
+cost a few launches each, which their own memory traffic outweighs. Folding parameters into layers happens
+later on the host (fold.py).
 
 Semantics, per parameter:
 - A parameter without a gradient (or with an empty one) counts as all zeros, never as non-finite; so do
@@ -28,9 +31,12 @@ from typing import Literal
 import torch
 
 from gradwatch.agent import clip
-from gradwatch.agent.histogram import LOG2_BINS, log2_histogram
+from gradwatch.agent import stacks as stacks_module
+from gradwatch.agent.histogram import LOG2_BINS, log2_histograms
+from gradwatch.agent.histogram import SAMPLE_ELEMENTS as HISTOGRAM_SAMPLE
 from gradwatch.agent.sampling import block_sample, sampled_non_finite
 from gradwatch.agent.schema import ModelLayout, ParamGroup, is_stale, local_tensor, regroup
+from gradwatch.agent.stacks import STACK_ELEMENTS, stackable, stacks
 from gradwatch.agent.vector import CHECKSUM_PIECES, PARAM_COLUMNS
 
 __all__ = ["Source", "StatsEngine"]
@@ -61,6 +67,7 @@ class StatsEngine:
         self._layout = layout
         self._zeros: dict[torch.device, torch.Tensor] = {}
         self._shifts: dict[torch.device, torch.Tensor] = {}
+        self._empties: dict[torch.device, torch.Tensor] = {}
 
     @property
     def layout(self) -> ModelLayout:
@@ -102,20 +109,25 @@ class StatsEngine:
         exact and order-independent, so replicas holding the same values agree to the bit whatever the kernel's
         reduction order, and one flipped bit anywhere changes the sum. The bits are summed as 64-bit words where
         the tensor's bytes allow (a view, no widening copy), else element by element widened to int64. One
-        integer sum kernel per parameter (full-statistics steps only); nothing is read on the host."""
+        integer sum per same-shape stack of small tensors (stacks.py) and per larger tensor (full-statistics
+        steps and the checksum's cadence); nothing is read on the host."""
         layout = self._layout
         target = layout.device
-        sums: list[torch.Tensor] = []
         with torch.no_grad():
+            tensors = []
             for p in layout.params:
-                t = local_tensor(p.detach()) if layout.has_dtensor else p.detach()
+                t = local_tensor(p.detach()) if layout.has_dtensor else p
                 if t.numel() == 0 or t.is_sparse:
                     continue
                 if t.is_complex():
                     t = torch.view_as_real(t)
                 elif t.dtype == torch.bool:
                     t = t.to(torch.uint8)
-                sums.append(_bit_sum(t).to(target, non_blocking=True))
+                tensors.append(t)
+            # Small tensors of one shape summed as one stack (stacks.py; integer sums: any order, any layout).
+            chunks, rest = stacks(tensors, _small)
+            sums = [_bit_sum(x, x.shape[1]).to(target, non_blocking=True) for _, x in chunks]
+            sums += [_bit_sum(tensors[i]).to(target, non_blocking=True) for i in rest]
             total = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.int64, device=target)
             shifts = self._shifts.get(target)
             if shifts is None:  # made on the device (a kernel, not a host copy), once per device
@@ -127,12 +139,26 @@ class StatsEngine:
         """Per-parameter log2-magnitude histograms of the gradients, (P × LOG2_BINS) flattened, float32
         (an absent or non-floating gradient has an all-zero histogram). Full steps only."""
         target = self._layout.device
-        empty = torch.zeros(LOG2_BINS, dtype=_F32, device=target)
-        rows = []
-        for p in self._layout.params:
-            t = _observed(p, "grad", self._layout.has_dtensor) if p.is_floating_point() else None
-            rows.append(empty if t is None else log2_histogram(t, target))
-        return torch.cat(rows)
+        params = self._layout.params
+        rows: list[torch.Tensor | None] = [None] * len(params)
+        # Per scale (numel / sampled elements), the values histogrammed: small tensors whole, others' block
+        # samples (histogram.py); histogrammed by same-size stacks (stacks.py), a few launches per size.
+        by_scale: dict[float, tuple[list[int], list[torch.Tensor]]] = {}
+        with torch.no_grad():
+            for index, p in enumerate(params):
+                t = _observed(p, "grad", self._layout.has_dtensor) if p.is_floating_point() else None
+                if t is not None:
+                    values, scale = (t, 1.0) if stackable(t) else block_sample(t, HISTOGRAM_SAMPLE)
+                    indexes, samples = by_scale.setdefault(scale, ([], []))
+                    indexes.append(index)
+                    samples.append(values)
+            for scale, (indexes, samples) in by_scale.items():
+                chunks, _ = stacks(samples, _any)
+                for positions, x in chunks:
+                    for position, row in zip(positions, log2_histograms(x, scale, target).unbind(), strict=True):
+                        rows[indexes[position]] = row
+        empty = self._empty_histogram(target)
+        return torch.cat([empty if row is None else row for row in rows])
 
     def weight_sample(self, elements: int = UPDATE_SAMPLE_ELEMENTS) -> list[torch.Tensor | None]:
         """Copies of each parameter's update sample of about `elements` elements (before an optimizer step). A
@@ -180,9 +206,11 @@ class StatsEngine:
 
     def _sample(self, p: torch.nn.Parameter, elements: int) -> tuple[torch.Tensor, float] | None:
         """The parameter's update sample and elements / sampled elements (1.0: the tensor itself, a view)."""
-        t = local_tensor(p.detach()) if self._layout.has_dtensor else p.detach()
+        t = local_tensor(p.detach()) if self._layout.has_dtensor else p  # read under no_grad: no detach needed
         if not t.is_floating_point() or t.numel() == 0 or t.is_sparse:
             return None
+        if t.numel() <= elements and t.is_contiguous():  # the tensor itself: its flat view holds the same values
+            return t, 1.0
         return block_sample(t, elements)
 
     def _group_stats(self, group: ParamGroup, source: Source, full: bool) -> list[list[torch.Tensor]]:
@@ -206,27 +234,7 @@ class StatsEngine:
             clipped = _clipped_norms(present) if source == "grad" else None  # the loop's clip measured them
             stats[0] = clipped if clipped is not None else list(torch._foreach_norm(present, 2.0, dtype=accumulate))
             if full:
-                stats[2] = [t.sum(dtype=accumulate) for t in present]
-                if group.device.type == "cpu":
-                    # On CPU, vector_norm(inf) and isfinite() are slow scalar loops: 18x and 5x slower than
-                    # amax/amin and a subtraction (measured on 1M floats, torch 2.13, one thread); amax and amin
-                    # are also cheaper than one aminmax. max |x| comes from the extremes (NaN propagates).
-                    lows, highs = [t.amin() for t in present], [t.amax() for t in present]
-                    stats[5], stats[6] = lows, highs
-                    stats[1] = [torch.maximum(lo.neg(), hi) for lo, hi in zip(lows, highs, strict=True)]
-                    # One block sample per tensor for both counts (sampling.py); max |x| is exact.
-                    samples = [block_sample(t, ZERO_SAMPLE_ELEMENTS) for t in present]
-                    stats[3] = [sampled_non_finite(sample, scale, peak.isfinite())
-                                for (sample, scale), peak in zip(samples, stats[1], strict=True)]  # fmt: skip
-                    stats[4] = [torch.count_nonzero(sample) * scale for sample, scale in samples]
-                else:
-                    extremes = [torch.aminmax(t) for t in present]  # one pass per tensor for min and max
-                    stats[5] = [e.min for e in extremes]
-                    stats[6] = [e.max for e in extremes]
-                    stats[1] = list(torch._foreach_norm(present, math.inf, dtype=accumulate))
-                    # One bool mask at a time: the peak extra memory is 1 byte per element of the largest tensor.
-                    stats[3] = [torch.isfinite(t).logical_not_().sum(dtype=_F32) for t in present]
-                    stats[4] = list(torch._foreach_norm(present, 0.0, dtype=accumulate))
+                stats[1:] = _full_columns(present, group.device, accumulate)
         if len(present) != len(tensors):
             zero = self._zero(group.device)
             stats = [_fill(values, tensors, zero) for values in stats]
@@ -235,11 +243,103 @@ class StatsEngine:
             stats = [[v.to(target, non_blocking=True) for v in values] for values in stats]
         return stats
 
+    def _empty_histogram(self, device: torch.device) -> torch.Tensor:
+        empty = self._empties.get(device)
+        if empty is None:
+            empty = self._empties[device] = torch.zeros(LOG2_BINS, dtype=_F32, device=device)
+        return empty
+
     def _zero(self, device: torch.device) -> torch.Tensor:
         zero = self._zeros.get(device)
         if zero is None:
             zero = self._zeros[device] = torch.zeros((), dtype=_F32, device=device)
         return zero
+
+
+def _full_columns(
+    tensors: list[torch.Tensor], device: torch.device, accumulate: torch.dtype
+) -> list[list[torch.Tensor]]:
+    """The full-step columns after the norm (PARAM_COLUMNS[1:]) of these tensors of one (device, dtype) group:
+    row-wise over same-shape stacks of the small ones (stacks.py: a few launches per shape, the same values),
+    one tensor at a time for the rest."""
+    columns: list[list[torch.Tensor | None]] = [[None] * len(tensors) for _ in range(_NUM_FULL - 1)]
+    chunks, rest = stacks(tensors)
+    stacked_sum = stacks_module.rows_sum_alike(device)  # else each tensor is summed alone (stacks.py)
+    for positions, x in chunks:
+        lows, highs = x.amin(1), x.amax(1)  # NaN propagates into both, an Inf into one
+        peak = torch.maximum(lows.neg(), highs)
+        sums = (
+            x.sum(1, dtype=accumulate)
+            if stacked_sum
+            else torch.stack([tensors[i].sum(dtype=accumulate) for i in positions])
+        )
+        # Every element read, so the count of x - x != 0 (NaN for NaN and Inf) is exact: no floor of 1 needed.
+        rows = torch.stack([peak, sums, torch.count_nonzero(x - x, dim=1), torch.count_nonzero(x, dim=1), lows, highs])
+        _place_rows(columns, positions, rows)
+    if rest:
+        _place(columns, rest, _single_columns([tensors[i] for i in rest], device, accumulate))
+    return columns  # type: ignore[return-value]  # every position filled above
+
+
+def _place_rows(columns: list[list[torch.Tensor | None]], positions: list[int], rows: torch.Tensor) -> None:
+    """Put row c of `rows` (one value per position) into column c."""
+    found, k = rows.view(-1).unbind(), len(positions)  # one unbind (not one per row): views, no kernel
+    _place(columns, positions, [list(found[c * k : (c + 1) * k]) for c in range(len(columns))])
+
+
+def _place(columns: list[list[torch.Tensor | None]], positions: list[int], values: list[list[torch.Tensor]]) -> None:
+    """Put each column's values at `positions`."""
+    for column, found in zip(columns, values, strict=True):
+        for i, value in zip(positions, found, strict=True):
+            column[i] = value
+
+
+def _single_columns(
+    present: list[torch.Tensor], device: torch.device, accumulate: torch.dtype
+) -> list[list[torch.Tensor]]:
+    """PARAM_COLUMNS[1:] of tensors not stacked whole (large, non-contiguous or subclassed ones): extremes and
+    sums one tensor at a time; on the CPU the counts from each tensor's block sample, the samples stacked by size
+    (`_sampled_counts`)."""
+    sums = [t.sum(dtype=accumulate) for t in present]
+    if device.type != "cpu":
+        extremes = [torch.aminmax(t) for t in present]  # one pass per tensor for min and max
+        lows, highs = [e.min for e in extremes], [e.max for e in extremes]
+        peaks = list(torch._foreach_norm(present, math.inf, dtype=accumulate))
+        # One bool mask at a time: the peak extra memory is 1 byte per element of the largest tensor.
+        non_finite = [torch.isfinite(t).logical_not_().sum(dtype=_F32) for t in present]
+        nonzero = list(torch._foreach_norm(present, 0.0, dtype=accumulate))
+        return [peaks, sums, non_finite, nonzero, lows, highs]
+    # On CPU, vector_norm(inf) and isfinite() are slow scalar loops: 18x and 5x slower than amax/amin and a
+    # subtraction (measured on 1M floats, torch 2.13, one thread); amax and amin are also cheaper than one aminmax.
+    # max |x| comes from the extremes (NaN propagates).
+    lows, highs = [t.amin() for t in present], [t.amax() for t in present]
+    return _sampled_counts(present, lows, highs, sums)
+
+
+def _sampled_counts(
+    present: list[torch.Tensor], lows: list[torch.Tensor], highs: list[torch.Tensor], sums: list[torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """The CPU columns of `_single_columns`: non-finite and non-zero counts from one block sample per tensor
+    (sampling.py; max |x| is exact and floors the non-finite count at 1), the samples of one size and scale
+    reduced as one stack (stacks.py: counts are exact in any order)."""
+    columns: list[list[torch.Tensor | None]] = [[None] * len(present) for _ in range(_NUM_FULL - 1)]
+    samples: list[torch.Tensor] = []
+    by_scale: dict[float, list[int]] = {}
+    for i, t in enumerate(present):
+        sample, scale = block_sample(t, ZERO_SAMPLE_ELEMENTS)
+        samples.append(sample)
+        by_scale.setdefault(scale, []).append(i)
+    for scale, members in by_scale.items():
+        chunks, _ = stacks([samples[i] for i in members], _any)
+        for positions, x in chunks:
+            chosen = [members[p] for p in positions]
+            lo, hi = torch.stack([lows[i] for i in chosen]), torch.stack([highs[i] for i in chosen])
+            peak = torch.maximum(lo.neg(), hi)
+            non_finite = sampled_non_finite(x, scale, peak.isfinite(), dim=1)
+            nonzero = torch.count_nonzero(x, dim=1) * scale
+            rows = torch.stack([peak, torch.stack([sums[i] for i in chosen]), non_finite, nonzero, lo, hi])
+            _place_rows(columns, chosen, rows)
+    return columns  # type: ignore[return-value]  # every position filled above
 
 
 def _observed(p: torch.nn.Parameter, source: Source, has_dtensor: bool) -> torch.Tensor | None:
@@ -279,18 +379,29 @@ def _clipped_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
     return norms if coefficient is None else list(torch._foreach_mul(norms, coefficient))
 
 
-def _bit_sum(t: torch.Tensor) -> torch.Tensor:
-    """The wrapping int64 sum of `t`'s bit patterns: as 64-bit words when its bytes form whole words (a view,
-    no copy), else each element's bits widened to int64."""
+def _bit_sum(t: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+    """The wrapping int64 sum of `t`'s bit patterns: as 64-bit words when the bytes of each tensor summed form
+    whole words (a view, no copy), else each element's bits widened to int64. `numel`: the elements of each
+    tensor when `t` is a stack of several (stacks.py), whose rows then start on word boundaries alike."""
     flat = t.reshape(-1)
     if flat.is_floating_point():
         flat = flat.view(_BITS[flat.element_size()])
     size = flat.element_size()
-    if size == 8 or flat.numel() * size % 8:  # the choice depends on shape and dtype only: replicas agree
+    numel = flat.numel() if numel is None else numel
+    if size == 8 or numel * size % 8:  # the choice depends on shape and dtype only: replicas agree
         return flat.sum(dtype=torch.int64)
     if flat.stride(0) != 1 or flat.storage_offset() * size % 8:  # an int64 view needs dense, 8-byte-aligned bytes
         flat = flat.contiguous() if flat.stride(0) != 1 else flat.clone()
     return flat.view(torch.int64).sum()
+
+
+def _any(t: torch.Tensor) -> bool:
+    return True
+
+
+def _small(t: torch.Tensor) -> bool:
+    """Whether the checksum sums `t` in a stack: a plain tensor of at most STACK_ELEMENTS elements."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.numel() <= STACK_ELEMENTS
 
 
 def _fill(values: list[torch.Tensor], tensors: list[torch.Tensor | None], zero: torch.Tensor) -> list[torch.Tensor]:

@@ -190,15 +190,17 @@ def _join_ops(segments: list[Any] | None) -> int:
     return stacks + (1 if stacks + parts > 1 else 0)
 
 
-def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> dict[str, Any]:
+def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int, full_probe: int = 20) -> dict[str, Any]:
     """Training-thread CPU per step: no agent, the agent's first `early` steps (mean, full steps included), the
-    `steps` after them (mean, and the median of the ordinary steps alone against the median step without agent)."""
+    `steps` after them (mean, and the median of the ordinary steps alone against the median step without agent),
+    and the median of `full_probe` full-statistics steps asked for after them, against the same."""
     none_s: list[float] = []
     early_s: list[float] = []
     steady_s: list[float] = []
     none_steps: list[float] = []
     ordinary_steps: list[float] = []
-    fulls = 0
+    fulls: list[float] = []  # full steps at the agent's own cadence among the timed ones
+    full_steps: list[float] = []  # full steps asked for after them
     for r in range(rounds):
         for variant in ("none", "agent") if r % 2 == 0 else ("agent", "none"):
             gc.collect()
@@ -223,11 +225,16 @@ def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> di
                     full = monitor._begin_step()
                     at = time.thread_time()
                     loop.step(monitor)
-                    if full:
-                        fulls += 1
-                    else:
-                        ordinary_steps.append(time.thread_time() - at)
+                    (fulls if full else ordinary_steps).append(time.thread_time() - at)
                 ended = time.thread_time()
+                # Full-statistics steps alone, asked for as a server command would (the budget may have stretched
+                # the cadence past the timed steps): each timed like an ordinary one.
+                monitor._full_until = monitor._step_count + full_probe
+                for _ in range(full_probe):
+                    monitor._begin_step()
+                    at = time.thread_time()
+                    loop.step(monitor)
+                    full_steps.append(time.thread_time() - at)
             finally:
                 monitor.close(timeout=10.0)
             early_s.append((middle - started) / max(1, early))
@@ -238,7 +245,8 @@ def time_cpu(loop: Loop, server: str, rounds: int, early: int, steps: int) -> di
         "early_added_us": [(s - base) * 1e6 for s in early_s],
         "steady_added_us": [(s - base) * 1e6 for s in steady_s],
         "ordinary_added_us": (statistics.median(ordinary_steps) - statistics.median(none_steps)) * 1e6,
-        "full_steps_after_early": fulls,
+        "full_steps_after_early": len(fulls),
+        "full_added_us": (statistics.median(full_steps) - statistics.median(none_steps)) * 1e6 if full_steps else None,
     }
 
 
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"accelerator join +{ops['join_ops_max']}")  # fmt: skip
             print(line, flush=True)
             print(f"  ordinary-step ops added by kind: {ops['ordinary'].get('by_op')}", flush=True)
+            print(f"  full-step ops added by kind: {ops['full'].get('by_op')}", flush=True)
             if not args.no_cpu:
                 cpu = time_cpu(loop, server, args.rounds, args.early, args.steps)
                 result["cpu"] = cpu
@@ -285,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{max(cpu['early_added_us']):.1f}), after {med(cpu['steady_added_us']):.1f} us (range "
                       f"{min(cpu['steady_added_us']):.1f}...{max(cpu['steady_added_us']):.1f}) with "
                       f"{cpu['full_steps_after_early']} full steps; an ordinary step alone (medians per step) "
-                      f"{cpu['ordinary_added_us']:.1f} us; target {target:.0f} us", flush=True)  # fmt: skip
+                      f"{cpu['ordinary_added_us']:.1f} us; target {target:.0f} us; a full-statistics step alone "
+                      f"{cpu['full_added_us'] or 0:.1f} us", flush=True)  # fmt: skip
             document["models"][str(modules)] = result
     if args.json is not None:
         args.json.write_text(json.dumps(document, indent=2) + "\n")

@@ -6,11 +6,12 @@
 # batches), the overhead bench on CUDA (GPT-2-small-sized in bfloat16 and the MLP: defaults, guard="skip", full
 # statistics every step, wandb.watch(log="all") when wandb is installed; then the same with the loop clipping), and
 # the agent's device operations and launch-side CPU per step on MLPs of 10, 100 and 1,000 modules. Results go to
-# $OUT (default ./gpu-results): gpu.txt (the card), install.txt, gpu-tests.txt, overhead-cuda.txt/.json,
-# overhead-cuda-clip.txt/.json, agent-ops-cuda.txt/.json. Report the card's name (gpu.txt) with every figure.
+# $OUT (default ./gpu-results): gpu.txt (the card), install.txt, gpu-tests.txt, gpu-stacked-tests.txt,
+# overhead-cuda.txt/.json, overhead-cuda-clip.txt/.json, agent-ops-cuda.txt/.json. Report the card's name (gpu.txt)
+# with every figure.
 #
 # It uses the machine's own python3 with its torch; gradwatch's other needs (grpcio, protobuf, numpy,
-# prometheus-client, PyYAML, pytest) must be installed there already or carried as wheels.
+# prometheus-client, PyYAML, pytest, hypothesis) must be installed there already or carried as wheels.
 # ROUNDS (default 5) and MODELS (default gpt2s,mlp) size the bench to the time available.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +24,15 @@ export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     >> "$out/gpu.txt" 2>&1
-"$py" -m pip show grpcio protobuf numpy prometheus-client pyyaml pytest 2>&1 | grep -E "^(Name|Version|WARNING)" \
+"$py" -m pip show grpcio protobuf numpy prometheus-client pyyaml pytest hypothesis 2>&1 | grep -E "^(Name|Version|WARNING)" \
     >> "$out/gpu.txt"
 "$py" -m pip install --no-deps --no-build-isolation --no-index -e . > "$out/install.txt" 2>&1 \
     || { echo "install failed: see install.txt"; tail -20 "$out/install.txt"; exit 1; }
 status=0
 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_agent_gpu.py tests/test_guard_gpu.py 2>&1 | tee "$out/gpu-tests.txt" || status=1
+# Full-statistics values by same-shape stacks equal those of one tensor at a time, on CUDA too (agent/stacks.py).
+"$py" -m pytest -q -p no:cacheprovider tests/test_agent_stacked_stats.py tests/test_agent_stacked_activations.py 2>&1 \
+    | tee "$out/gpu-stacked-tests.txt" || status=1
 variants=none,gradwatch,gradwatch-guard,gradwatch-nohooks,gradwatch-full,gradwatch-fixed,anomaly
 "$py" -c "import wandb" 2>/dev/null && variants="$variants,wandb"
 "$py" bench/agent_overhead.py --device cuda --bf16 --models "${MODELS:-gpt2s,mlp}" --rounds "${ROUNDS:-5}" \

@@ -120,8 +120,9 @@ def test_large_outputs_use_a_fixed_sample_for_moments_but_exact_extremes_dead_an
 ) -> None:
     """Outputs above SAMPLE_ELEMENTS: sampled moments within a small tolerance of the truth, exact maxima,
     dead and saturated units, and a single NaN never reported as zero non-finite values."""
-    from gradwatch.agent.activations import _module_stats, sample_positions
     from gradwatch.agent.histogram import SAMPLE_ELEMENTS
+    from gradwatch.agent.module_stats import module_stats as _module_stats
+    from gradwatch.agent.module_stats import sample_positions
 
     torch.manual_seed(31)
     a = torch.relu(torch.randn(shape) + 0.3)
