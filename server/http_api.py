@@ -19,7 +19,9 @@ JSON is strict (no NaN): the app's views are JSON-safe by contract.
 
 Transport contract
 - Views run on a small thread pool (VIEW_THREADS), never on the event loop, so a slow view (a large run under
-  the store's lock) holds up no other connection, /healthz included. Bodies are written in WRITE_CHUNK_BYTES
+  the store's lock) holds up no other connection. /metrics and /healthz have threads of their own
+  (OWN_THREADS): views that wait on peers (server/fanout.py: up to its deadline while a replica hangs) can
+  take every view thread, and a scrape must not queue behind them. Bodies are written in WRITE_CHUNK_BYTES
   pieces, each awaited until the socket drains: a slow reader holds one body, not the server, and one that
   takes no piece within `request_timeout_s` is disconnected.
 - A connection gets `request_timeout_s` to send a request's headers, counted from when it opened or its
@@ -79,6 +81,9 @@ MAX_BODY_BYTES = 64 * 1024
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 #: Threads that run views (each holds the store's lock only as long as its view needs).
 VIEW_THREADS = 4
+#: Threads that answer only /metrics and /healthz (what Prometheus and probes read), apart from the views.
+OWN_THREADS = 2
+_OWN_PATHS = frozenset({"/metrics", "/healthz"})
 #: Bodies are written in pieces of this size, each drained before the next.
 WRITE_CHUNK_BYTES = 64 * 1024
 #: Content-Security-Policy of every HTML page: self-contained pages need nothing else.
@@ -134,6 +139,7 @@ class HttpApi:
         self._request_timeout_s = request_timeout_s
         self.stats = HttpStats()
         self._pool = concurrent.futures.ThreadPoolExecutor(VIEW_THREADS, thread_name_prefix="gradwatch-http-view")
+        self._own_pool = concurrent.futures.ThreadPoolExecutor(OWN_THREADS, thread_name_prefix="gradwatch-http-own")
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -168,6 +174,7 @@ class HttpApi:
         if not self._loop.is_running() and not self._loop.is_closed():
             self._loop.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._own_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ serving
 
@@ -231,7 +238,8 @@ class HttpApi:
                 return await self._send(request, status, _json_bytes({"error": message}), "application/json", headers)
         try:
             if request.method == hdrs.METH_GET:
-                status, content_type, body = await self._view(self._get, request.path, request.query_string)
+                own = request.path in _OWN_PATHS
+                status, content_type, body = await self._view(self._get, request.path, request.query_string, own)
             elif request.method == hdrs.METH_POST and request.path == SILENCES:
                 status, content_type, body = await self._post_silence(request)
             elif request.method == hdrs.METH_DELETE and request.path.startswith(SILENCES + "/"):
@@ -254,8 +262,9 @@ class HttpApi:
             answer = form(body or b"", cookies)
         return answer
 
-    async def _view(self, view: Callable[[str, str], tuple[int, str, bytes]], path: str, query: str) -> Any:
-        return await self._loop.run_in_executor(self._pool, view, path, query)
+    async def _view(self, view: Callable[[str, str], tuple[int, str, bytes]], path: str, query: str,
+                    own: bool = False) -> Any:  # fmt: skip
+        return await self._loop.run_in_executor(self._own_pool if own else self._pool, view, path, query)
 
     async def _send(
         self,

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,46 @@ def test_overview_lists_firing_runs_first_and_says_what_it_leaves_out() -> None:
     assert len(rows) == RUNS_SHOWN and rows[0] == "oldest-firing"
     assert rows[1:] == [f"calm-{i:03d}" for i in reversed(range(1, RUNS_SHOWN))]  # most recently seen first
     assert note == f"{RUNS_SHOWN} of {RUNS_SHOWN + 1} shown, firing first, then most recently seen."
+
+
+def _accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the socket listening on `port` (Linux: a listening socket's
+    rx_queue in /proc/net/tcp*)."""
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    waiting += int(fields[4].split(":")[1], 16)
+    return waiting
+
+
+def _slow_get(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=OVERVIEW_BOUND_S) as response:
+        return int(response.status)
+
+
+@pytest.mark.timeout(120)
+def test_a_scrape_is_answered_while_every_view_thread_waits_on_a_hung_replica(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    from gradwatch.server.http_api import VIEW_THREADS
+
+    a, b = serve_peers(tmp_path, "ab")
+    os.kill(b.proc.pid, signal.SIGSTOP)  # B accepts connections (the kernel does) and never answers
+    try:
+        with concurrent.futures.ThreadPoolExecutor(VIEW_THREADS) as pool:
+            pages = [pool.submit(_slow_get, a.http_url + "/") for _ in range(VIEW_THREADS)]
+            # Every view thread of A is waiting on B: at least one of its connections per thread sits in B's queue.
+            b_port = int(b.http_address.rsplit(":", 1)[1])
+            wait_until(lambda: _accept_queue(b_port) >= VIEW_THREADS, 30, what="A's views waiting on B")
+            status, _, body = http_get(a.http_url + "/metrics")
+            pending = sum(not page.done() for page in pages)
+            assert status == 200 and b"gradwatch_alert_firing" in body
+            assert pending == VIEW_THREADS  # answered while every page still waited for B
+            assert [page.result() for page in pages] == [200] * VIEW_THREADS  # rendered once B's deadline passed
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+        assert a.stop() == 0
+        b.stop()
