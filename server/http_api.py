@@ -239,7 +239,10 @@ class HttpApi:
         try:
             if request.method == hdrs.METH_GET:
                 own = request.path in _OWN_PATHS
-                status, content_type, body = await self._view(self._get, request.path, request.query_string, own)
+                # Routes split the path still encoded and decode each segment (a run id may hold "/" or "%"), and
+                # parse the query once from its raw form (aiohttp's query_string is already decoded).
+                url = request.rel_url
+                status, content_type, body = await self._view(self._get, url.raw_path, url.raw_query_string, own)
             elif request.method == hdrs.METH_POST and request.path == SILENCES:
                 status, content_type, body = await self._post_silence(request)
             elif request.method == hdrs.METH_DELETE and request.path.startswith(SILENCES + "/"):
