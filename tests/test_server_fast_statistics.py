@@ -1,6 +1,6 @@
 """The detectors' fast statistics equal the numpy computations they replace, bit for bit (property-based):
 SortedRing's medians and MADs, a sorted LossBaseline's threshold, exploding_gradient's log bound,
-loss_not_decreasing's line fit."""
+loss_not_decreasing's line fit, loss_spike's level and noise from plain Python floats."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from hypothesis.extra import numpy as hnp
 from gradwatch.server.detectors import loss_not_decreasing
 from gradwatch.server.detectors.exploding_gradient import _log_bound, _NormBaseline
 from gradwatch.server.detectors.loss_not_decreasing import _LineFit
-from gradwatch.server.detectors.robust import LossBaseline, median
+from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
+from gradwatch.server.detectors.robust import MAD_TO_SIGMA, LossBaseline, median
 from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
 
 # Few distinct values (ties, signed zeros) as well as arbitrary ones, and now and then a non-finite one.
@@ -132,3 +133,35 @@ def test_sorted_loss_baseline_threshold_equals_the_partition_one(window: int, wa
             with np.errstate(over="ignore", invalid="ignore"):
                 got, expected = kept.threshold(3.0, 10.0, 0.2), plain.threshold(3.0, 10.0, 0.2)
             assert [_bits(v) for v in got] == [_bits(v) for v in expected]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(10, 60),
+    st.integers(1, 40),
+    st.integers(3, 70),
+    st.lists(st.one_of(_VALUES, st.sampled_from([0.0, -0.0])), min_size=5, max_size=150),
+)
+def test_loss_spike_threshold_equals_numpy_on_the_whole_window(
+    window: int, level_window: int, noise_window: int, losses: list[float]
+) -> None:
+    """loss_spike keeps only the losses it reads and takes their level and noise in plain Python: the same
+    (level, threshold) as numpy's median and diff over the last losses of the whole admitted window."""
+    config = LossSpikeConfig(window=window, min_reports=5, level_window=level_window, noise_window=noise_window)
+    detector = LossSpikeDetector(config)
+    baseline, admitted = detector._baselines[0], []
+    for loss in losses:
+        admitted = [*admitted, loss][-window:]
+        if not baseline.warm(loss):
+            continue
+        if len(admitted) > 5:  # warm-up's losses are in the window; later ones are admitted by observe
+            baseline.window.append(loss)
+        held = np.array(admitted)
+        with np.errstate(over="ignore", invalid="ignore"):
+            level = median(held[-level_window:])
+            steps = np.abs(np.diff(held[-noise_window:]))
+            sigma = MAD_TO_SIGMA * median(steps) / np.sqrt(2.0) if steps.size else 0.0
+            margin = max((config.factor - 1.0) * abs(level), config.mad_k * sigma, config.min_rise * baseline.scale)
+            expected = (level, level + margin if np.isfinite(margin) else np.inf)
+            got = detector._threshold(baseline)
+        assert [_bits(v) for v in got] == [_bits(v) for v in expected]
