@@ -18,6 +18,7 @@ from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA, LossBaseline, median
 from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
+from gradwatch.server.report import RankReport
 
 # Few distinct values (ties, signed zeros) as well as arbitrary ones, and now and then a non-finite one.
 _VALUES = st.one_of(
@@ -165,3 +166,38 @@ def test_loss_spike_threshold_equals_numpy_on_the_whole_window(
             expected = (level, level + margin if np.isfinite(margin) else np.inf)
             got = detector._threshold(baseline)
         assert [_bits(v) for v in got] == [_bits(v) for v in expected]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.floats(0.0, 0.004),
+    st.sampled_from([0.0, 0.01, 0.05, 0.2]),
+    st.integers(30, 160),
+    st.integers(1, 3),
+)
+def test_loss_not_decreasing_skips_only_fits_that_cannot_change_a_verdict(
+    seed: int, fall: float, noise: float, length: int, consecutive: int
+) -> None:
+    """The trend fit is skipped between no progress and clear progress while the rank's latch is at rest: the
+    same verdicts and summaries as a detector that fits there every time."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(3 * length)
+    losses = 2.0 * (1.0 - fall * steps).clip(0.05) * (1.0 + noise * rng.standard_normal(steps.size))
+    config = loss_not_decreasing.LossNotDecreasingConfig(
+        window=length, smooth=length // 2, consecutive=consecutive, resolve_after=3
+    )
+    skipping, fitting = (loss_not_decreasing.LossNotDecreasingDetector(config) for _ in range(2))
+    fitting._latch.at_rest = lambda rank: False  # type: ignore[method-assign]
+    verdicts = [[], []]  # type: ignore[var-annotated]
+    for step, loss in enumerate(losses.tolist()):
+        report = _report(step, loss)
+        for detector, out in zip((skipping, fitting), verdicts, strict=True):
+            out.append(repr(detector.observe(report)))
+    assert verdicts[0] == verdicts[1]
+
+
+def _report(step: int, loss: float) -> RankReport:
+    return RankReport(run="r", rank=0, step=step, wall_time=0.0, step_duration_s=0.1, loss=loss, grad_norm=1.0,
+                      non_finite_flags=0, columns={}, layer_names=(), non_finite_kinds=(), non_finite_layer=None,
+                      received_at=0.0)  # fmt: skip

@@ -112,6 +112,12 @@ class Latch:
         state = self._ranks.get(rank)
         return state is not None and state.firing
 
+    def at_rest(self, rank: int) -> bool:
+        """`judge(rank, False)` would change nothing, as `judge(rank, None)` does: `rank` is not firing and has no
+        streak. A caller may then skip a costly test that only decides between those two."""
+        state = self._ranks.get(rank)
+        return state is None or not (state.firing or state.over)
+
     def judge(self, rank: int, over: bool | None, *, still: bool | None = None, now: bool = False) -> str | None:
         """One report of `rank`: FIRE, CLEAR or None.
 
