@@ -1,6 +1,7 @@
 """The detectors' fast statistics equal the numpy computations they replace, bit for bit (property-based):
 SortedRing's medians and MADs, a sorted LossBaseline's threshold, exploding_gradient's log bound,
-loss_not_decreasing's line fit, loss_spike's level and noise from plain Python floats."""
+loss_not_decreasing's line fit, loss_spike's level and noise from plain Python floats; and where a detector
+skips a statistic, the same verdicts as without the skip."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gradwatch.server.detectors import loss_not_decreasing
-from gradwatch.server.detectors.exploding_gradient import _log_bound, _NormBaseline
+from gradwatch.server.detectors.exploding_gradient import (
+    ExplodingGradientConfig,
+    ExplodingGradientDetector,
+    _log_bound,
+    _NormBaseline,
+    _Recent,
+)
 from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA, LossBaseline, median
@@ -197,7 +204,47 @@ def test_loss_not_decreasing_skips_only_fits_that_cannot_change_a_verdict(
     assert verdicts[0] == verdicts[1]
 
 
-def _report(step: int, loss: float) -> RankReport:
-    return RankReport(run="r", rank=0, step=step, wall_time=0.0, step_duration_s=0.1, loss=loss, grad_norm=1.0,
+def _report(step: int, loss: float, grad_norm: float = 1.0) -> RankReport:
+    return RankReport(run="r", rank=0, step=step, wall_time=0.0, step_duration_s=0.1, loss=loss, grad_norm=grad_norm,
                       non_finite_flags=0, columns={}, layer_names=(), non_finite_kinds=(), non_finite_layer=None,
                       received_at=0.0)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(3, 20), st.lists(_NORMS, min_size=1, max_size=80))
+def test_exploding_gradient_counts_rises_as_numpy_does_after_every_append(window: int, norms: list[float]) -> None:
+    recent = _Recent(window)
+    for norm in norms:
+        recent.append(norm)
+        assert recent.rises == np.count_nonzero(np.diff(recent.ring.values()) > 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["noise", "rise", "blowup", "spikes", "steps", "dip"]),
+    st.sampled_from([0.0, 0.05, 0.5]),
+    st.integers(3, 8),
+)
+def test_exploding_gradient_skips_only_statistics_that_cannot_change_a_verdict(
+    seed: int, shape: str, noise: float, growth_window: int
+) -> None:
+    """A report under factor × median with too few rises skips the MAD, the log bound and the growth fit: the
+    same verdicts and summaries as a detector that takes them on every report."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(200, dtype=np.float64)
+    norms = {
+        "noise": np.ones_like(t),
+        "rise": 1.0 + 0.05 * t,
+        "blowup": np.exp(np.minimum(np.maximum(t - 120, 0) * 0.5, 600)),
+        "spikes": np.where(rng.random(t.size) < 0.05, 30.0, 1.0),
+        "steps": np.where(t > 100, 12.0, 1.0),
+        # fast growth from far below the baseline to just under factor × its median: only the growth rule sees it
+        "dip": np.where((t >= 100) & (t < 130), np.minimum(1e-4 * 4.0 ** np.maximum(t - 100, 0), 9.0), 1.0),
+    }[shape] * (1.0 + noise * rng.random(t.size))
+    config = ExplodingGradientConfig(growth_window=growth_window, min_reports=10, consecutive=2, resolve_after=5)
+    skipping, full = ExplodingGradientDetector(config), ExplodingGradientDetector(config)
+    full._quiet = lambda state, norm, median: False  # type: ignore[method-assign]
+    for step, norm in enumerate(norms.tolist()):
+        report = _report(step, 1.0, grad_norm=norm)
+        assert repr(skipping.observe(report)) == repr(full.observe(report))
