@@ -21,6 +21,7 @@ from gradwatch.server.detectors.exploding_gradient import (
     _NormBaseline,
     _Recent,
 )
+from gradwatch.server.detectors.loss_divergence import LossDivergenceConfig, LossDivergenceDetector
 from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA, LossBaseline, median
@@ -248,3 +249,51 @@ def test_exploding_gradient_skips_only_statistics_that_cannot_change_a_verdict(
     for step, norm in enumerate(norms.tolist()):
         report = _report(step, 1.0, grad_norm=norm)
         assert repr(skipping.observe(report)) == repr(full.observe(report))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 10), st.lists(_VALUES, min_size=1, max_size=80), st.floats(0.0, 50.0))
+def test_least_threshold_is_never_above_the_threshold(
+    window: int, warmup: int, losses: list[float], mad_k: float
+) -> None:
+    warmup = min(warmup, window)
+    for sorted_window in (True, False):
+        baseline = LossBaseline(window, warmup, sorted_window=sorted_window)
+        for loss in losses:
+            if baseline.warm(loss):
+                baseline.window.append(loss)
+            if baseline.ready:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    centre, least = baseline.least_threshold(3.0, 0.2)
+                    median, threshold = baseline.threshold(3.0, mad_k, 0.2)
+                assert _bits(centre) == _bits(median)
+                assert not least > threshold
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["fall", "rise", "jump", "spikes", "plateau"]),
+    st.sampled_from([0.0, 0.01, 0.3]),
+)
+def test_loss_divergence_skips_only_statistics_that_cannot_change_a_verdict(
+    seed: int, shape: str, noise: float
+) -> None:
+    """A level and a loss under the least threshold skip the MAD: the same verdicts and summaries as a detector
+    that takes the whole threshold on every report."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(300, dtype=np.float64)
+    losses = {
+        "fall": 2.0 / np.sqrt(t + 1.0),
+        "rise": 1.0 + 0.01 * t,
+        "jump": np.where(t > 150, 4.0, 1.0),
+        "spikes": np.where(rng.random(t.size) < 0.05, 5.0, 1.0),
+        "plateau": np.ones_like(t),
+    }[shape] * (1.0 + noise * rng.standard_normal(t.size))
+    config = LossDivergenceConfig(window=40, min_reports=10)
+    reports = [_report(step, loss) for step, loss in enumerate(losses.tolist())]
+    skipping = [repr(v) for v in map(LossDivergenceDetector(config).observe, reports)]
+    with pytest.MonkeyPatch.context() as patch:  # no bound below the threshold: the whole threshold every time
+        patch.setattr(LossBaseline, "least_threshold", lambda self, factor, min_rise: (0.0, -np.inf))
+        full = [repr(v) for v in map(LossDivergenceDetector(config).observe, reports)]
+    assert skipping == full

@@ -159,6 +159,13 @@ class LossBaseline:
         margin = max((factor - 1.0) * abs(centre), mad_k * sigma, min_rise * self.scale)
         return centre, centre + margin if math.isfinite(margin) else math.inf
 
+    def least_threshold(self, factor: float, min_rise: float) -> tuple[float, float]:
+        """(median of the window, a level `threshold(factor, any mad_k, min_rise)` is never below): its margin
+        without the MAD term, so without taking the MAD. A value at or under it is under the threshold too."""
+        centre = self._sorted.median() if self._sorted is not None else median(self.window.unordered())
+        margin = max((factor - 1.0) * abs(centre), min_rise * self.scale)
+        return centre, centre + margin if math.isfinite(margin) else math.inf
+
 
 class LossStart:
     """A rank's starting loss level (median of its first `count` finite losses) and whether a loss has

@@ -75,7 +75,8 @@ class UpdateRatioConfig(DetectorConfig):
         16, doc="A layer that started at zero is left out of the high rule for this many reports.", ge=0
     )
     jump_factor: float = setting(
-        10.0, doc="Jump rule: a layer's ratio at least this × its own recent level (median of baseline_reports) ...",
+        10.0,
+        doc="Jump rule: a layer's ratio at least this × its own recent level (median of baseline_reports) ...",
         gt=1.0,
     )
     jump_floor: float = setting(0.05, doc="... and above this where it starts ...", ge=0.0)
