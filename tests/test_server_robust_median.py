@@ -29,11 +29,39 @@ def test_median_equals_numpy(values: np.ndarray) -> None:
 
 
 @settings(max_examples=80, deadline=None)
-@given(hnp.arrays(np.float64, st.tuples(st.sampled_from([1, 2, 5, 40, 599, 600, 601]), st.integers(1, 8)),
-                  elements=_FLOATS))
+@given(
+    hnp.arrays(
+        np.float64, st.tuples(st.sampled_from([1, 2, 5, 40, 599, 600, 601]), st.integers(1, 8)), elements=_FLOATS
+    )
+)
 def test_median_rows_and_nanmedian_columns_equal_numpy(matrix: np.ndarray) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         rows, columns = np.median(matrix, axis=1), np.nanmedian(matrix, axis=0)
     np.testing.assert_array_equal(median_rows(matrix), rows)
     np.testing.assert_array_equal(nanmedian_columns(matrix), columns)
+
+
+_NO_NAN = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 1e308]), st.floats(allow_nan=False))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    hnp.arrays(np.float64, st.tuples(st.integers(1, 12), st.integers(1, 40)), elements=_NO_NAN),
+    st.sampled_from([None, "some", "column"]),
+)
+def test_nanmedian_columns_equals_numpy_with_and_without_missing_values(
+    matrix: np.ndarray, missing: str | None
+) -> None:
+    """Windows with no NaN (one pair of middle rows for every column), with some, and with an empty column."""
+    if missing == "some":
+        matrix[::3, ::2] = np.nan
+    elif missing == "column":
+        matrix[:, -1] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmedian(matrix, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and quietly, as numpy is under its own filter above
+        got = nanmedian_columns(matrix)
+    np.testing.assert_array_equal(got, expected)

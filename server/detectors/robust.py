@@ -67,14 +67,24 @@ def nanmedian_columns(matrix: np.ndarray) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, as below
             return np.nanmedian(matrix, axis=0)
     ordered = np.sort(matrix, axis=0)  # NaN last in every column
-    count = np.count_nonzero(~np.isnan(matrix), axis=0)
-    lo, hi = np.maximum(count - 1, 0) // 2, count // 2
+    rows = matrix.shape[0]
+    missing = np.isnan(ordered[rows - 1])  # a column holding a NaN has one in its last sorted row
+    if not missing.any():  # (most windows) every column holds `rows` values: the same two rows for all
+        return _middle_mean(ordered[(rows - 1) // 2], ordered[rows // 2])
+    count = rows - np.isnan(ordered).sum(axis=0)
     columns = np.arange(matrix.shape[1])
-    low, high = ordered[lo, columns], ordered[np.minimum(hi, matrix.shape[0] - 1), columns]
-    with np.errstate(invalid="ignore", over="ignore"):
-        out = (low + high) / 2  # also for one middle value, as numpy's masked median does (x + x overflows alike)
-    out[count == 0] = np.nan
+    # count − 1 is −1 for a column of NaN only: its last row, a NaN, like its row 0 (set to np.nan below).
+    out = _middle_mean(ordered[(count - 1) // 2, columns], ordered[count // 2, columns])
+    empty = count == 0
+    if empty.any():
+        out[empty] = np.nan
     return out
+
+
+@np.errstate(invalid="ignore", over="ignore")
+def _middle_mean(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """(low + high) / 2, also for one middle value, as numpy's masked median does (x + x overflows alike)."""
+    return (low + high) / 2
 
 
 def peer_medians(values: np.ndarray) -> np.ndarray:
