@@ -5,6 +5,7 @@ skips a statistic, the same verdicts as without the skip."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -26,6 +27,7 @@ from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA, LossBaseline, median
 from gradwatch.server.detectors.sorted_ring import SortedRing, mad_of_sorted
+from gradwatch.server.detectors.update_ratio import UpdateRatioConfig, UpdateRatioDetector
 from gradwatch.server.report import RankReport
 
 # Few distinct values (ties, signed zeros) as well as arbitrary ones, and now and then a non-finite one.
@@ -297,3 +299,42 @@ def test_loss_divergence_skips_only_statistics_that_cannot_change_a_verdict(
         patch.setattr(LossBaseline, "least_threshold", lambda self, factor, min_rise: (0.0, -np.inf))
         full = [repr(v) for v in map(LossDivergenceDetector(config).observe, reports)]
     assert skipping == full
+
+
+_SHORT_UPDATE_RATIO = {"window": 3, "min_reports": 2, "first_reports": 1, "baseline_reports": 2, "jump_reports": 1}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 12),
+    st.sampled_from(["healthy", "jump", "high", "low", "slow jump"]),
+    st.sampled_from([{}, _SHORT_UPDATE_RATIO]),
+)
+def test_update_ratio_skips_only_medians_that_cannot_change_a_verdict(
+    seed: int, layers: int, shape: str, settings_: dict[str, int]
+) -> None:
+    """Layers whose ratios cannot put a median out of range, and reports where no layer can start or go on
+    with a jump, skip those medians: the same verdicts and summaries as a detector that takes them always."""
+    rng = np.random.default_rng(seed)
+    config = UpdateRatioConfig(**settings_)
+    skipping, full = UpdateRatioDetector(config), UpdateRatioDetector(config)
+    full._may_leave_range = lambda held, judge_high, judge_low: True  # type: ignore[method-assign]
+    full._may_jump = lambda state, ratio: True  # type: ignore[method-assign]
+    odd = rng.random(layers) < 0.4
+    for step in range(60):
+        ratio = 10 ** rng.uniform(-5, -2, layers)
+        if shape == "jump" and step > 30:
+            ratio = np.where(odd, ratio * 300, ratio)
+        elif shape == "high":
+            ratio = np.where(odd, rng.choice([0.29, 0.31, 0.6]), ratio)
+        elif shape == "low":
+            ratio = np.where(odd, rng.choice([0.0, 1e-9, 2e-8]), ratio)
+        elif shape == "slow jump" and step > 30:
+            ratio = np.where(odd, np.minimum(ratio * 1000, 0.04), ratio)
+        if rng.random() < 0.1:
+            ratio[rng.integers(0, layers)] = rng.choice([np.nan, np.inf, 0.0])
+        report = dataclasses.replace(_report(step, 2.0), update_ratio=ratio.astype(np.float32),
+                                     layer_names=tuple(f"layer{i}" for i in range(layers)))  # fmt: skip
+        with np.errstate(invalid="ignore"):
+            assert repr(skipping.observe(report)) == repr(full.observe(report))
