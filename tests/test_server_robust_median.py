@@ -5,11 +5,13 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gradwatch.server.detectors.robust import median, median_rows, median_sigma, nanmedian_columns
+from gradwatch.server.detectors import robust
+from gradwatch.server.detectors.robust import median, median_rows, median_sigma, nanmedian_columns, peer_medians
 
 _FLOATS = st.floats(allow_nan=True, allow_infinity=True, width=64)
 _DTYPES = st.sampled_from([np.float64, np.float32])
@@ -65,3 +67,14 @@ def test_nanmedian_columns_equals_numpy_with_and_without_missing_values(
         warnings.simplefilter("error")  # and quietly, as numpy is under its own filter above
         got = nanmedian_columns(matrix)
     np.testing.assert_array_equal(got, expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(np.float64, st.integers(1, robust.PEER_MEDIANS_PLAIN), elements=st.one_of(_NO_NAN, _FLOATS)))
+def test_peer_medians_of_a_few_values_in_plain_python_equal_the_numpy_selection(values: np.ndarray) -> None:
+    got = peer_medians(values)
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        patch.setattr(robust, "PEER_MEDIANS_PLAIN", 0)
+        warnings.simplefilter("ignore", RuntimeWarning)  # inf - inf in numpy's mean of two middle values
+        expected = peer_medians(values)
+    assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()  # zeros' signs included

@@ -34,6 +34,8 @@ __all__ = [
 MAD_TO_SIGMA = 1.4826
 #: numpy's nanmedian sorts windows shorter than this along the axis (a masked median); longer ones per column.
 NANMEDIAN_SORT_ROWS = 600
+#: peer_medians of this many values or fewer are taken in plain Python (faster than numpy's calls there).
+PEER_MEDIANS_PLAIN = 8
 
 
 def median(values: np.ndarray) -> float:
@@ -94,6 +96,10 @@ def peer_medians(values: np.ndarray) -> np.ndarray:
     element down by one, so the others' k-th smallest is sorted[k] for k < p, else sorted[k + 1].
     """
     n = values.size
+    if n <= PEER_MEDIANS_PLAIN:
+        plain = _peer_medians_plain(values.tolist())
+        if plain is not None:
+            return np.array(plain)
     order = np.argsort(values, kind="stable")
     ranked = values[order]
     position = np.empty(n, dtype=np.int64)
@@ -106,6 +112,28 @@ def peer_medians(values: np.ndarray) -> np.ndarray:
     if m % 2:
         return kth(m // 2)
     return (kth(m // 2 - 1) + kth(m // 2)) / 2.0
+
+
+def _peer_medians_plain(values: list[float]) -> list[float] | None:
+    """`peer_medians` of a few Python floats, the same selection in plain Python (numpy's per-call cost is most of
+    it for a handful of ranks): sorted() is stable like the stable argsort, so equal values (0.0 and -0.0
+    included) keep their order. None when a value is NaN (ordered last by numpy; sorted() cannot order it)."""
+    if any(v != v for v in values):
+        return None
+    n = len(values)
+    order = sorted(range(n), key=values.__getitem__)
+    ranked = [values[i] for i in order]
+    position = [0] * n
+    for at, i in enumerate(order):
+        position[i] = at
+    m = n - 1
+
+    def kth(k: int, p: int) -> float:
+        return ranked[k] if k < p else ranked[min(k + 1, n - 1)]
+
+    if m % 2:
+        return [kth(m // 2, p) for p in position]
+    return [(kth(m // 2 - 1, p) + kth(m // 2, p)) / 2.0 for p in position]
 
 
 def median_sigma(values: np.ndarray) -> tuple[float, float]:
