@@ -22,6 +22,7 @@ from gradwatch.server.detectors.exploding_gradient import (
     _NormBaseline,
     _Recent,
 )
+from gradwatch.server.detectors.layerwise import Hysteresis
 from gradwatch.server.detectors.loss_divergence import LossDivergenceConfig, LossDivergenceDetector
 from gradwatch.server.detectors.loss_not_decreasing import _LineFit
 from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
@@ -338,3 +339,38 @@ def test_update_ratio_skips_only_medians_that_cannot_change_a_verdict(
                                      layer_names=tuple(f"layer{i}" for i in range(layers)))  # fmt: skip
         with np.errstate(invalid="ignore"):
             assert repr(skipping.observe(report)) == repr(full.observe(report))
+
+
+class _AlwaysCounting(Hysteresis):
+    def _quiet(self, streak: np.ndarray, over: np.ndarray) -> bool:
+        return False
+
+
+_MODULE = st.tuples(st.booleans(), st.booleans(), _VALUES)  # over, still, score
+
+
+@st.composite
+def _module_reports(draw: st.DrawFn) -> list[tuple[int, list[tuple[bool, bool, float]]]]:
+    """Reports of two ranks over one schema of a few modules, now and then another (a restarted agent)."""
+    width = draw(st.integers(1, 4))
+    reports = []
+    for _ in range(draw(st.integers(0, 60))):
+        n = width if draw(st.integers(0, 9)) else draw(st.integers(1, 4))
+        reports.append((draw(st.integers(0, 1)), draw(st.lists(_MODULE, min_size=n, max_size=n))))
+    return reports
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 3), _module_reports())
+def test_hysteresis_skips_only_streak_updates_that_change_nothing(
+    consecutive: int, resolve_after: int, min_reports: int, reports: list[tuple[int, list[tuple[bool, bool, float]]]]
+) -> None:
+    """Reports with no module over and no streak running leave the streaks alone: the same outcomes as a
+    Hysteresis that recomputes them on every report (ranks, schema changes and warm-up included)."""
+    quick = Hysteresis(consecutive=consecutive, resolve_after=resolve_after, min_reports=min_reports)
+    counting = _AlwaysCounting(consecutive=consecutive, resolve_after=resolve_after, min_reports=min_reports)
+    for rank, modules in reports:
+        over, still, score = (np.array(column) for column in zip(*modules, strict=True))
+        still = still | over  # what the detectors pass: over implies still abnormal
+        assert quick.judge(rank, over, still, score) == counting.judge(rank, over, still, score)
+        assert quick.firing(rank) == counting.firing(rank)
