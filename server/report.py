@@ -77,7 +77,7 @@ class ModuleSchema:
         return cls(names, types if len(types) == len(names) else ("",) * len(names))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RankReport:
     """A decoded StepReport of one rank.
 
@@ -86,6 +86,10 @@ class RankReport:
     present only on full-statistics steps. `non_finite_kinds` is the subset of
     NON_FINITE_KINDS observed; `non_finite_layer` the schema index of the first
     layer with a non-finite gradient (else weight), when known.
+
+    Read-only by contract: the store, the flight recorder and every detector share one report, and none
+    assigns to it (tests/test_server_detector_needs.py checks every detector). Not a frozen dataclass only
+    because its __init__ would cost three times as much (one object.__setattr__ per field, on every report).
     """
 
     run: str
@@ -291,4 +295,3 @@ def _decode_columns(msg: pb.StepReport) -> dict[str, np.ndarray]:
             width = COLUMN_WIDTHS.get(name, 1)
             out[name] = values if width == 1 else values.reshape(-1, width)
     return out
-

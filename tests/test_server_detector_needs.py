@@ -21,6 +21,7 @@ from gradwatch.server.detectors import REGISTRY
 from gradwatch.server.detectors.base import REPORT_PARTS, report_parts
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
+from gradwatch.settings import SettingError
 
 LAYERS = ("a.weight", "b.weight", "c.weight")
 MODULES = ("net.0", "net.1", "net.2", "net.3")
@@ -111,6 +112,51 @@ def test_a_detector_shown_only_the_reports_it_needs_says_the_same(spec: Any, rep
             assert _outcome(needed, report, tables[1]) == seen
         else:
             assert seen in (None, []), f"{spec.name} judged a report without {spec.needs}: {seen}"
+
+
+def _shortest(spec: Any) -> Any:
+    """The detector's settings with each streak and warm-up as short as it accepts (judged within the reports)."""
+    values: dict[str, int] = {}
+    names = {field.name for field in dataclasses.fields(spec.config_type)}
+    for key in ("consecutive", "reports", "resolve_after", "min_reports", "window", "min_steps"):
+        for value in range(0, 12) if key in names else ():
+            try:
+                spec.config_type(**values, **{key: value})
+            except SettingError:
+                continue
+            values[key] = value
+            break
+    return spec.config_type(**values)
+
+
+def _contents(report: RankReport) -> list[Any]:
+    """Each field of `report` and, for its arrays (also inside mappings), their bytes."""
+    out: list[Any] = []
+    for field in dataclasses.fields(report):
+        value = getattr(report, field.name)
+        out.append(value)
+        for item in value.values() if isinstance(value, dict) else [value]:
+            if isinstance(item, np.ndarray):
+                out.append(item.tobytes())
+    return out
+
+
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda spec: spec.name)
+@settings(max_examples=5, deadline=None)
+@given(reports=_reports())
+def test_no_detector_changes_a_report(spec: Any, reports: list[RankReport]) -> None:
+    """Reports are shared by the store, the recorder and every detector, and are not frozen (RankReport): no
+    detector may assign to one or write into its arrays."""
+    detector, table = spec.create(_shortest(spec)), _table() if spec.scope == "run" else None
+    for report in reports:
+        before = _contents(report)
+        if table is not None:
+            table.report(report.rank, report.step, 0.1, None, now=report.received_at)
+        _outcome(detector, report, table)
+        after = _contents(report)
+        assert len(after) == len(before)
+        for old, new in zip(before, after, strict=True):
+            assert new is old or (isinstance(old, bytes) and new == old), f"{spec.name} changed a report"
 
 
 @pytest.mark.parametrize("spec", TICK_ONLY, ids=lambda spec: spec.name)

@@ -75,12 +75,15 @@ class _Baselines:
         self._rows: dict[int, np.ndarray] = {}
         self._next: dict[int, int] = {}
 
-    def median(self, rank: int, modules: int) -> np.ndarray:
+    def fit(self, rank: int, modules: int) -> None:
+        """Start the rank's rows (again, for a new schema: a restarted agent)."""
         rows = self._rows.get(rank)
         if rows is None or rows.shape[1] != modules:
-            rows = self._rows[rank] = np.full((self._window, modules), np.nan)
+            self._rows[rank] = np.full((self._window, modules), np.nan)
             self._next[rank] = 0
-        return nanmedian_columns(rows)  # NaN for a module without a normal reading yet
+
+    def median(self, rank: int) -> np.ndarray:
+        return nanmedian_columns(self._rows[rank])  # NaN for a module without a normal reading yet
 
     def forget(self, rank: int) -> None:
         forget_rank(rank, self._rows, self._next)
@@ -113,14 +116,17 @@ class DeadReluDetector:
             return None
         finite = judged & np.isfinite(dead)
         rank = report.rank
-        baseline = self._baselines.median(rank, dead.size)
+        self._baselines.fit(rank, dead.size)
         if self._state.judged(rank) < cfg.min_reports:
             self._baselines.add(rank, dead, finite)
             self._state.judge(rank, np.zeros(dead.size, dtype=bool), np.zeros(dead.size, dtype=bool), dead)
             return None
-        with np.errstate(invalid="ignore"):
-            risen = (dead - baseline >= cfg.min_rise) | (dead >= cfg.all_dead_fraction)
-        over = finite & (dead > cfg.dead_fraction) & risen
+        # The baselines are read only for modules over dead_fraction (most reports have none) and for a summary;
+        # a firing rank adds nothing to them, so the summary's are the ones this report was judged against.
+        over = finite & (dead > cfg.dead_fraction)
+        if over.any():
+            with np.errstate(invalid="ignore"):
+                over &= (dead - self._baselines.median(rank) >= cfg.min_rise) | (dead >= cfg.all_dead_fraction)
         outcome = self._state.judge(rank, over, finite & (dead > cfg.clear_fraction), dead)
         if not self._state.firing(rank):
             self._baselines.add(rank, dead, finite & ~over)
@@ -128,6 +134,7 @@ class DeadReluDetector:
             return None
         if outcome.kind == CLEAR:
             return Clear(step=report.step)
+        baseline = self._baselines.median(rank)
         index = outcome.index
         name, fraction = report.modules[index], float(dead[index])
         usual = f", usually {float(baseline[index]):.0%}" if np.isfinite(baseline[index]) else ""

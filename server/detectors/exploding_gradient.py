@@ -40,6 +40,7 @@ Resolves after `resolve_after` consecutive normal reports.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -138,10 +139,38 @@ class _NormBaseline:
         return np.log(held[held > 0.0])
 
 
+class _Recent:
+    """The last `growth_window` norms (`ring`) and how many of their consecutive differences are rises, counted
+    as the window slides (`np.count_nonzero(np.diff(ring.values()) > 0)` without a numpy call per report)."""
+
+    __slots__ = ("_newest", "_steps", "ring", "rises")
+
+    def __init__(self, window: int) -> None:
+        self.ring = FloatRing(window)
+        self._steps: collections.deque[bool] = collections.deque(maxlen=window - 1)  # rise of each pair, oldest first
+        self._newest = 0.0
+        self.rises = 0
+
+    def append(self, norm: float) -> None:
+        if self.ring.count:
+            steps = self._steps
+            if len(steps) == steps.maxlen:  # the oldest pair leaves with the oldest norm
+                self.rises -= steps[0]
+            rise = norm > self._newest
+            steps.append(rise)
+            self.rises += rise
+        self._newest = norm
+        self.ring.append(norm)
+
+    def may_grow(self, fraction: float) -> bool:
+        """The window is full and at least `fraction` of its differences rise: the growth rule's first test."""
+        return self.ring.full and float(self.rises) / (self.ring.capacity - 1) >= fraction
+
+
 @dataclass
 class _RankState:
     baseline: _NormBaseline
-    recent: FloatRing
+    recent: _Recent
     start: float = 0.0
     #: The rank's first positive finite norm (taken before any update): the runaway rule's reference.
     first: float = 0.0
@@ -154,7 +183,7 @@ class ExplodingGradientDetector:
         self._config = config
         self._latch = Latch(consecutive=config.consecutive, resolve_after=config.resolve_after)
         self._ranks: defaultdict[int, _RankState] = defaultdict(
-            lambda: _RankState(_NormBaseline(config.window), FloatRing(config.growth_window))
+            lambda: _RankState(_NormBaseline(config.window), _Recent(config.growth_window))
         )
 
     def forget(self, rank: int) -> None:
@@ -178,25 +207,37 @@ class ExplodingGradientDetector:
             return self._warming(report, norm, runaway)
 
         median = baseline.ring.median()
-        mad = baseline.ring.mad(median)
         if median <= 0.0:
             # A baseline of zero gradients (frozen or not yet training) gives no scale to judge by.
             baseline.append(norm)
             return None
-        floor = max(cfg.min_norm, cfg.start_fraction * state.start, baseline.log_bound(cfg.log_k))
-        threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
-        over = norm > threshold or runaway
-        growth = self._growth(state.recent) if norm > floor else None
-        kind = self._latch.judge(report.rank, over, still=over or growth is not None, now=growth is not None)
-        if kind == FIRE:
-            if runaway and norm <= threshold:
+        if self._quiet(state, norm, median):
+            kind = self._latch.judge(report.rank, runaway, still=runaway)
+            if kind == FIRE:  # (only a runaway fires here, and it is under the threshold)
                 return self._fire_runaway(report, norm, state.first)
-            return self._fire(report, norm, median, mad, threshold, growth)
+            over = runaway
+        else:
+            mad = baseline.ring.mad(median)
+            floor = max(cfg.min_norm, cfg.start_fraction * state.start, baseline.log_bound(cfg.log_k))
+            threshold = max(cfg.factor * median, median + cfg.mad_k * MAD_TO_SIGMA * mad, floor)
+            over = norm > threshold or runaway
+            growth = self._growth(state.recent) if norm > floor else None
+            kind = self._latch.judge(report.rank, over, still=over or growth is not None, now=growth is not None)
+            if kind == FIRE:
+                if runaway and norm <= threshold:
+                    return self._fire_runaway(report, norm, state.first)
+                return self._fire(report, norm, median, mad, threshold, growth)
         if kind == CLEAR:
             return Clear(step=report.step)
         if not self._latch.firing(report.rank) and not over:
             baseline.append(norm)  # a lone spike stays out of the baseline
         return None
+
+    def _quiet(self, state: _RankState, norm: float, median: float) -> bool:
+        """Most reports: under the threshold (at least factor × median) and too few rises for the growth rule, so
+        only the runaway rule can judge; the MAD and the log bound are not needed."""
+        cfg = self._config
+        return norm <= cfg.factor * median and not state.recent.may_grow(cfg.growth_rise_fraction)
 
     def _warming(self, report: RankReport, norm: float, runaway: bool) -> Verdict | None:
         """A warm-up report: only the runaway rule judges it (the baseline is not ready)."""
@@ -215,14 +256,13 @@ class ExplodingGradientDetector:
         )
         return Fire(step=report.step, value=norm, summary=summary)
 
-    def _growth(self, recent: FloatRing) -> float | None:
+    def _growth(self, recent: _Recent) -> float | None:
         """Trend growth across the window when the sustained-growth rule holds, else None."""
         cfg = self._config
-        if not recent.full:
+        if not recent.may_grow(cfg.growth_rise_fraction):
             return None
-        values = recent.values()
-        rises = float(np.count_nonzero(np.diff(values) > 0)) / (values.size - 1)
-        if rises < cfg.growth_rise_fraction or values.min() <= 0.0:
+        values = recent.ring.values()
+        if values.min() <= 0.0:
             return None
         # Least-squares slope of log(norm) over the window: growth = exp(slope × span).
         logs = np.log(values)

@@ -116,6 +116,12 @@ class Latch:
         """`rank` starts again (Detector.forget)."""
         self._ranks.pop(rank, None)
 
+    def at_rest(self, rank: int) -> bool:
+        """`judge(rank, False)` would change nothing, as `judge(rank, None)` does: `rank` is not firing and has no
+        streak. A caller may then skip a costly test that only decides between those two."""
+        state = self._ranks.get(rank)
+        return state is None or not (state.firing or state.over)
+
     def judge(self, rank: int, over: bool | None, *, still: bool | None = None, now: bool = False) -> str | None:
         """One report of `rank`: FIRE, CLEAR or None.
 
@@ -186,13 +192,22 @@ class Hysteresis:
         firing = self._latch.firing(rank)
         if state.judged <= self._min_reports and not firing:
             return None
-        state.streak = np.where(over, state.streak + 1, 0)
-        ready = state.streak >= self._consecutive
-        kind = self._latch.judge(rank, bool(ready.any()), still=bool(still.any()))
+        ready = None
+        if not self._quiet(state.streak, over):
+            state.streak = np.where(over, state.streak + 1, 0)
+            ready = state.streak >= self._consecutive
+        kind = self._latch.judge(rank, ready is not None and bool(ready.any()), still=bool(still.any()))
         if kind == CLEAR:
             state.streak[:] = 0
             return Outcome(CLEAR)
         if kind == FIRE:  # the worst module still past the clear threshold, or ready to fire
+            chosen = still if firing else ready
+            assert chosen is not None  # (not firing before: it fired because a module was ready)
             worst = np.where(np.isfinite(score), score, np.inf)
-            return Outcome(FIRE, int(np.argmax(np.where(still if firing else ready, worst, -np.inf))))
+            return Outcome(FIRE, int(np.argmax(np.where(chosen, worst, -np.inf))))
         return None
+
+    def _quiet(self, streak: np.ndarray, over: np.ndarray) -> bool:
+        """No module is over now and none was on a streak (most reports): the streaks stay zero and no module is
+        ready, so they need not be recomputed."""
+        return self._consecutive > 0 and not over.any() and not streak.any()

@@ -122,8 +122,13 @@ class LossDivergenceDetector:
             if kind == FIRE and runaway is not None and state.first is not None:
                 return self._fire_runaway(report, runaway, state.first)
             return Clear(step=report.step) if kind == CLEAR else None
-        median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
         level = tail if tail is not None and recent.count >= cfg.duration else -math.inf
+        # A level and a loss at or under the least the threshold can be are under it: every use of the threshold
+        # below (level above it, the loss admitted under it; the summary names it only for a level above it)
+        # then answers the same with that bound, and the MAD is not taken (most reports).
+        median, threshold = state.baseline.least_threshold(cfg.factor, cfg.min_rise)
+        if not (level <= threshold and loss <= threshold):
+            median, threshold = state.baseline.threshold(cfg.factor, cfg.mad_k, cfg.min_rise)
         growth = self._trend(recent, median, state.baseline.scale)
         kind = self._latch.judge(report.rank, level > threshold or growth is not None or runaway is not None)
         if kind == FIRE:
@@ -162,9 +167,19 @@ class LossDivergenceDetector:
         cfg = self._config
         if not recent.full:
             return None
-        b0, b1, b2, b3 = (recent.slice_median(block) for block in range(4))
-        # Finite losses: b1 > b0 exactly when b1 − b0 > 0 (the difference of two floats never rounds to 0).
-        if not (b0 < b1 < b2 < b3) or b0 <= 0.0:
+        # Finite losses: b1 > b0 exactly when b1 − b0 > 0 (the difference of two floats never rounds to 0). Each
+        # block's median is taken only while the blocks before it rise (a falling loss stops at the second).
+        b0 = recent.slice_median(0)
+        if b0 <= 0.0:
+            return None
+        b1 = recent.slice_median(1)
+        if not b0 < b1:
+            return None
+        b2 = recent.slice_median(2)
+        if not b1 < b2:
+            return None
+        b3 = recent.slice_median(3)
+        if not b2 < b3:
             return None
         growth = b3 / b0
         if growth < cfg.trend_factor or b3 - median < cfg.min_rise * abs(initial):

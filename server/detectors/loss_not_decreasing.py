@@ -115,8 +115,12 @@ class LossNotDecreasingDetector:
         improvement = (start - level) / max(abs(start), _TINY)
         progress = (state.initial - level) / max(abs(state.initial), _TINY)
         settled = progress >= 1.0 - cfg.settled
-        # The trend fit only where it can change the verdict (no clear progress yet): not a fit per report.
+        # The trend fit only where it can change the verdict (no clear progress yet): not a fit per report. Between
+        # no progress and clear progress it decides only between "progress" (over = False) and "in between"
+        # (None), which a rank neither firing nor on a streak takes alike: no fit there either.
         unclear = not settled and improvement < 2.0 * cfg.min_improvement
+        if unclear and improvement >= cfg.min_improvement and self._latch.at_rest(report.rank):
+            unclear = False
         steady = unclear and self._significant_drop(state.recent.values(), start - level)
         stalled = improvement < cfg.min_improvement and not settled and not steady
         over: bool | None = None  # between no progress and clear progress: the streaks stay as they are

@@ -31,6 +31,7 @@ losses only build the baseline. Non-finite losses belong to non_finite.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -70,9 +71,9 @@ class LossSpikeDetector:
     def __init__(self, config: LossSpikeConfig) -> None:
         self._config = config
         self._latch = Latch(resolve_after=config.resolve_after)
-        self._baselines: defaultdict[int, LossBaseline] = defaultdict(
-            lambda: LossBaseline(config.window, config.min_reports)
-        )
+        # Only the newest `level_window` and `noise_window` admitted losses are ever read: the ring holds no more.
+        held = min(config.window, max(config.level_window, config.noise_window))
+        self._baselines: defaultdict[int, LossBaseline] = defaultdict(lambda: LossBaseline(held, config.min_reports))
 
     def forget(self, rank: int) -> None:
         forget_rank(rank, self._latch, self._baselines)
@@ -100,12 +101,26 @@ class LossSpikeDetector:
     def _threshold(self, baseline: LossBaseline) -> tuple[float, float]:
         """(the current level, the loss above which a report is a spike); see the module docstring."""
         cfg = self._config
-        held = baseline.window.values()
-        level = median(held[-cfg.level_window :])
-        steps = np.abs(np.diff(held[-cfg.noise_window :]))
-        sigma = MAD_TO_SIGMA * median(steps) / math.sqrt(2.0) if steps.size else 0.0
+        held = baseline.window.values().tolist()  # a few dozen Python floats: cheaper than numpy calls on them
+        level = _median(held[-cfg.level_window :])
+        recent = held[-cfg.noise_window :]
+        steps = [abs(b - a) for a, b in itertools.pairwise(recent)]  # np.abs(np.diff(recent)), bit for bit
+        sigma = MAD_TO_SIGMA * _median(steps) / math.sqrt(2.0) if steps else 0.0
         margin = max((cfg.factor - 1.0) * abs(level), cfg.mad_k * sigma, cfg.min_rise * baseline.scale)
         return level, level + margin if math.isfinite(margin) else math.inf
+
+
+def _median(values: list[float]) -> float:
+    """`robust.median` of finite values (a non-empty list), bit for bit: the same middle value or the same mean
+    of the two middle ones. A zero there is taken by the partition itself: which of 0.0 and -0.0 numpy picks
+    is its partition's, not sorted()'s (the sign shows in a summary)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    lo, hi = (n - 1) // 2, n // 2
+    a, b = ordered[lo], ordered[hi]
+    if a == 0.0 or b == 0.0:
+        return median(np.array(values))
+    return a if lo == hi else (a + b) / 2
 
 
 SPEC = DetectorSpec(

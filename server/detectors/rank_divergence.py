@@ -179,6 +179,8 @@ class RankDivergenceDetector:
         self._recent_loss = np.full((0, self._span), np.nan)
         self._noise = np.zeros(0)
         self._steps = 0
+        #: Row i: the slots of the last `_span` complete steps, newest first, when the newest is in slot i.
+        self._by_age = (np.arange(self._span)[:, None] - np.arange(self._span)) % self._span
 
     def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
         size = ranks.size
@@ -205,10 +207,11 @@ class RankDivergenceDetector:
         cfg = self._config
         self._fit(losses.size)
         judged = np.isfinite(losses)
+        count = int(np.count_nonzero(judged))
         far = np.zeros(losses.size, dtype=bool)
         z = np.zeros(losses.size)
         median = mad = math.nan
-        if judged.sum() >= cfg.min_ranks:
+        if count >= cfg.min_ranks:
             z[judged], median, mad = robust_z(losses[judged], cfg.rel_floor, cfg.abs_floor)
             far = judged & (np.abs(z) > cfg.z_threshold)
         contrast = self._contrast_rule(losses, judged)
@@ -217,7 +220,7 @@ class RankDivergenceDetector:
         odd = far | ((self._firing | starting) & contrast.above)
         # A step that cannot be judged (no loss, or too few recent contrasts) neither counts toward clearing nor
         # resets the count; a starting rank's count starts again.
-        seen = judged & (contrast.judged | (cfg.min_ranks <= judged.sum()))
+        seen = judged & (contrast.judged | (cfg.min_ranks <= count))
         self._near_streak = np.where(odd | starting, 0, np.where(seen, self._near_streak + 1, self._near_streak))
         ending = self._firing & (self._near_streak >= cfg.resolve_after)
         self._firing = (self._firing | starting) & ~ending
@@ -227,7 +230,7 @@ class RankDivergenceDetector:
             if self._far_streak[rank] >= cfg.consecutive or (far[rank] and not contrast.above[rank]):
                 summary = (
                     f"loss on {where} is {z[rank]:+.1f} robust z-scores from the other ranks at step {step}: "
-                    f"{losses[rank]:.4g} vs median {median:.4g} (MAD {mad:.3g}) over {int(judged.sum())} ranks, "
+                    f"{losses[rank]:.4g} vs median {median:.4g} (MAD {mad:.3g}) over {count} ranks, "
                     f"for {int(self._far_streak[rank])} steps in a row"
                 )
                 value = float(z[rank])
@@ -257,7 +260,7 @@ class RankDivergenceDetector:
         self._recent[:, newest] = contrast
         self._recent_loss[:, newest] = np.where(judged, losses, np.nan)
         self._steps += 1
-        by_age = (newest - np.arange(self._span)) % self._span  # this step first
+        by_age = self._by_age[newest]  # this step first
         last, before = by_age[:k], by_age[k : k + LEVEL_STEPS]
         out = _Contrast.empty(n)
         recent = self._recent[:, last]
@@ -310,7 +313,9 @@ class RankDivergenceDetector:
         # partner's loss fell, a fixed rank came back, the ranks' shards changed): its baseline starts again.
         held = np.isfinite(contrast) & ~admit & ~self._firing & ~out.departed
         self._held = np.where(held, self._held + 1, np.where(admit, 0, self._held))
-        self._restart(np.flatnonzero(self._held >= cfg.own_min_steps))
+        restart = self._held >= cfg.own_min_steps
+        if restart.any():
+            self._restart(np.flatnonzero(restart))
         return out
 
     def _noise_now(self, judged: np.ndarray, rows: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -387,8 +392,7 @@ class _Contrast:
 
     @classmethod
     def empty(cls, n: int) -> _Contrast:
-        zeros = [np.zeros(n) for _ in range(5)]
-        return cls(*zeros, *(np.zeros(n, dtype=bool) for _ in range(3)))
+        return cls(*np.zeros((5, n)), *np.zeros((3, n), dtype=bool))  # rows of two arrays: two allocations
 
 
 SPEC = DetectorSpec(

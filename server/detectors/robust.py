@@ -34,6 +34,8 @@ __all__ = [
 MAD_TO_SIGMA = 1.4826
 #: numpy's nanmedian sorts windows shorter than this along the axis (a masked median); longer ones per column.
 NANMEDIAN_SORT_ROWS = 600
+#: peer_medians of this many values or fewer are taken in plain Python (faster than numpy's calls there).
+PEER_MEDIANS_PLAIN = 8
 
 
 def median(values: np.ndarray) -> float:
@@ -67,14 +69,24 @@ def nanmedian_columns(matrix: np.ndarray) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, as below
             return np.nanmedian(matrix, axis=0)
     ordered = np.sort(matrix, axis=0)  # NaN last in every column
-    count = np.count_nonzero(~np.isnan(matrix), axis=0)
-    lo, hi = np.maximum(count - 1, 0) // 2, count // 2
+    rows = matrix.shape[0]
+    missing = np.isnan(ordered[rows - 1])  # a column holding a NaN has one in its last sorted row
+    if not missing.any():  # (most windows) every column holds `rows` values: the same two rows for all
+        return _middle_mean(ordered[(rows - 1) // 2], ordered[rows // 2])
+    count = rows - np.isnan(ordered).sum(axis=0)
     columns = np.arange(matrix.shape[1])
-    low, high = ordered[lo, columns], ordered[np.minimum(hi, matrix.shape[0] - 1), columns]
-    with np.errstate(invalid="ignore", over="ignore"):
-        out = (low + high) / 2  # also for one middle value, as numpy's masked median does (x + x overflows alike)
-    out[count == 0] = np.nan
+    # count − 1 is −1 for a column of NaN only: its last row, a NaN, like its row 0 (set to np.nan below).
+    out = _middle_mean(ordered[(count - 1) // 2, columns], ordered[count // 2, columns])
+    empty = count == 0
+    if empty.any():
+        out[empty] = np.nan
     return out
+
+
+@np.errstate(invalid="ignore", over="ignore")
+def _middle_mean(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """(low + high) / 2, also for one middle value, as numpy's masked median does (x + x overflows alike)."""
+    return (low + high) / 2
 
 
 def peer_medians(values: np.ndarray) -> np.ndarray:
@@ -84,6 +96,10 @@ def peer_medians(values: np.ndarray) -> np.ndarray:
     element down by one, so the others' k-th smallest is sorted[k] for k < p, else sorted[k + 1].
     """
     n = values.size
+    if n <= PEER_MEDIANS_PLAIN:
+        plain = _peer_medians_plain(values.tolist())
+        if plain is not None:
+            return np.array(plain)
     order = np.argsort(values, kind="stable")
     ranked = values[order]
     position = np.empty(n, dtype=np.int64)
@@ -96,6 +112,28 @@ def peer_medians(values: np.ndarray) -> np.ndarray:
     if m % 2:
         return kth(m // 2)
     return (kth(m // 2 - 1) + kth(m // 2)) / 2.0
+
+
+def _peer_medians_plain(values: list[float]) -> list[float] | None:
+    """`peer_medians` of a few Python floats, the same selection in plain Python (numpy's per-call cost is most of
+    it for a handful of ranks): sorted() is stable like the stable argsort, so equal values (0.0 and -0.0
+    included) keep their order. None when a value is NaN (ordered last by numpy; sorted() cannot order it)."""
+    if any(v != v for v in values):
+        return None
+    n = len(values)
+    order = sorted(range(n), key=values.__getitem__)
+    ranked = [values[i] for i in order]
+    position = [0] * n
+    for at, i in enumerate(order):
+        position[i] = at
+    m = n - 1
+
+    def kth(k: int, p: int) -> float:
+        return ranked[k] if k < p else ranked[min(k + 1, n - 1)]
+
+    if m % 2:
+        return [kth(m // 2, p) for p in position]
+    return [(kth(m // 2 - 1, p) + kth(m // 2, p)) / 2.0 for p in position]
 
 
 def median_sigma(values: np.ndarray) -> tuple[float, float]:
@@ -157,6 +195,13 @@ class LossBaseline:
         else:
             centre, sigma = median_sigma(self.window.unordered())
         margin = max((factor - 1.0) * abs(centre), mad_k * sigma, min_rise * self.scale)
+        return centre, centre + margin if math.isfinite(margin) else math.inf
+
+    def least_threshold(self, factor: float, min_rise: float) -> tuple[float, float]:
+        """(median of the window, a level `threshold(factor, any mad_k, min_rise)` is never below): its margin
+        without the MAD term, so without taking the MAD. A value at or under it is under the threshold too."""
+        centre = self._sorted.median() if self._sorted is not None else median(self.window.unordered())
+        margin = max((factor - 1.0) * abs(centre), min_rise * self.scale)
         return centre, centre + margin if math.isfinite(margin) else math.inf
 
 

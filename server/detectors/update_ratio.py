@@ -61,6 +61,9 @@ from gradwatch.server.settings import SettingError, setting
 
 __all__ = ["SPEC", "UpdateRatioConfig", "UpdateRatioDetector"]
 
+#: Values under this cannot overflow in a median's (a + b) / 2.
+MEDIAN_BOUND = 8e307
+
 
 @dataclass(frozen=True)
 class UpdateRatioConfig(DetectorConfig):
@@ -75,7 +78,8 @@ class UpdateRatioConfig(DetectorConfig):
         16, doc="A layer that started at zero is left out of the high rule for this many reports.", ge=0
     )
     jump_factor: float = setting(
-        10.0, doc="Jump rule: a layer's ratio at least this × its own recent level (median of baseline_reports) ...",
+        10.0,
+        doc="Jump rule: a layer's ratio at least this × its own recent level (median of baseline_reports) ...",
         gt=1.0,
     )
     jump_floor: float = setting(0.05, doc="... and above this where it starts ...", ge=0.0)
@@ -148,28 +152,54 @@ class UpdateRatioDetector:
             return None
         with np.errstate(all="ignore"):
             held = np.where(np.isfinite(state.ratios), state.ratios, np.nan)
-            known = np.sum(np.isfinite(held), axis=0) > 0
-            median = np.full(ratio.size, np.nan)
-            median[known] = nanmedian_columns(held[:, known])
-            too_high = known & (median > cfg.high) & judge_high
-            too_low = known & (median > 0.0) & (median < cfg.low) & judge_low
+            median = None  # (most reports) not taken where no layer's median can be out of range
+            too_high, too_low = np.zeros(ratio.size, dtype=bool), np.zeros(ratio.size, dtype=bool)
+            if self._may_leave_range(held, judge_high, judge_low):
+                known = np.sum(np.isfinite(held), axis=0) > 0
+                median = np.full(ratio.size, np.nan)
+                median[known] = nanmedian_columns(held[:, known])
+                too_high = known & (median > cfg.high) & judge_high
+                too_low = known & (median > 0.0) & (median < cfg.low) & judge_low
         if state.seen <= cfg.zero_start_reports:
             too_high &= ~state.zero_start
         if state.start.solved(report.loss, cfg.solved_fraction):
             too_low[:] = False
         kind = self._latch.judge(report.rank, bool(too_high.any() or too_low.any() or jumped.any()))
         if kind == FIRE:
-            if not (too_high.any() or too_low.any()):
+            if median is None or not (too_high.any() or too_low.any()):
                 return self._fire_jump(report, ratio, level, jumped)
             return self._fire(report, median, too_high, too_low)
         return Clear(step=report.step) if kind == CLEAR else None
 
-    def _jump(self, state: _RankState, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _may_leave_range(self, held: np.ndarray, judge_high: bool, judge_low: bool) -> bool:
+        """Whether some layer's median of `held` (finite or NaN) could be judged too high or too low. A median lies
+        between its column's least and largest value ((a + b) / 2 rounds within [a, b]; with `high` under
+        MEDIAN_BOUND nothing can overflow there), so a median above `high` needs a largest value above it, and a
+        positive one under `low` a least value under `low` and a positive largest one."""
+        cfg = self._config
+        if judge_high and not cfg.high < MEDIAN_BOUND:
+            return True
+        largest = np.fmax.reduce(held, axis=0)  # NaN for a layer without a value: no candidate
+        if judge_high and (largest > cfg.high).any():
+            return True
+        return judge_low and ((largest > 0.0) & (np.fmin.reduce(held, axis=0) < cfg.low)).any()
+
+    def _may_jump(self, state: _RankState, ratio: np.ndarray) -> bool:
+        """Some layer can start a jump (a ratio above jump_floor) or go on with one (a streak)."""
+        return bool((state.streak > 0).any() or (ratio > self._config.jump_floor).any())
+
+    def _jump(self, state: _RankState, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(layers whose ratio jumped jump_factor× above their own level for jump_reports reports in a row, the
-        levels); a layer's ratio enters its level unless it is over the jump threshold."""
+        levels); a layer's ratio enters its level unless it is over the jump threshold. The levels are None where
+        no layer can start or continue a jump (no ratio above jump_floor, no streak): nothing jumped then."""
         cfg = self._config
         with np.errstate(all="ignore"):
             finite = np.isfinite(ratio)
+            if not self._may_jump(state, ratio):
+                state.streak = np.zeros(ratio.size, dtype=np.int64)  # (over is False for every layer)
+                state.level[state.admitted % cfg.baseline_reports] = np.where(finite, ratio, np.nan)
+                state.admitted += 1
+                return state.streak >= cfg.jump_reports, None
             if state.admitted >= cfg.baseline_reports // 2:
                 level = nanmedian_columns(state.level)
                 starts = (ratio >= cfg.jump_factor * level) & (ratio > cfg.jump_floor)
@@ -181,7 +211,8 @@ class UpdateRatioDetector:
         state.admitted += 1
         return state.streak >= cfg.jump_reports, level
 
-    def _fire_jump(self, report: RankReport, ratio: np.ndarray, level: np.ndarray, jumped: np.ndarray) -> Fire:
+    def _fire_jump(self, report: RankReport, ratio: np.ndarray, level: np.ndarray | None, jumped: np.ndarray) -> Fire:
+        assert level is not None  # (something jumped: its levels were taken)
         with np.errstate(all="ignore"):
             worst = int(np.argmax(np.where(jumped, ratio / level, -np.inf)))
         name = report.layer_names[worst] if worst < len(report.layer_names) else None
