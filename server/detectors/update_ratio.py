@@ -228,7 +228,7 @@ class UpdateRatioDetector:
     def _fire(self, report: RankReport, median: np.ndarray, too_high: np.ndarray, too_low: np.ndarray) -> Fire:
         cfg = self._config
         # The worst layer: furthest (in log terms) outside its bound.
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # log of the layers not picked (NaN, ≤ 0)
             distance = np.where(too_high, np.log(median / cfg.high), 0.0)
             distance = np.where(too_low, np.log(cfg.low / median), distance)
         worst = int(np.argmax(distance))
