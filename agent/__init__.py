@@ -27,6 +27,8 @@ Module map (each module's docstring states its contract):
     config.py    AgentConfig, RetryPolicy: every option, its GRADWATCH_* variable and default
     schema.py    the layer schema and the (device, dtype) parameter groups
     stats.py     on-device statistics with foreach kernels, no host sync; sampling.py: fixed block samples
+    stacks.py    full-step reductions of same-shape tensors in stacks (a constant op count per shape)
+    module_stats.py  statistics of one module output, or of a stack of same-shape outputs
     vector.py    where each value sits in the one tensor a report moves to the host
     snapshot.py  the only device→host transfer (pinned copy + event; waited on by the sender)
     items.py     plain data handed from the training thread to the sender
