@@ -14,6 +14,7 @@ Module map (dependencies point down the list):
   notify        Notifier: alert transitions -> notifications (resend, resolve, inhibition, silences)
   render        labels, annotations and links of an alert as a pager shows them
   silences      SilenceBook: per-run (optionally per-detector) silences from the JSON API
+  silences_api  the silences routes; with peers, each silence kept, ended and listed on every replica
   sinks/        AlertSink implementations (Alertmanager, webhook, log, in-memory) and SinkWorker
   rules         Prometheus/Grafana rules as data (rendered into deploy/ by scripts/gen_deploy.py)
   views         JSON-safe dicts of runs for the API

@@ -254,6 +254,7 @@ class ServerApp:
                 guard=self._guard,
                 sessions=self.page_sessions,
                 routes=self._routes(),
+                fanout=self.fanout,
                 rejections=self.http_rejections,
                 max_connections=http.max_connections,
                 request_timeout_s=http.request_timeout_s,

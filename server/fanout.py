@@ -23,7 +23,8 @@ Contract
   one deadline (FANOUT_TIMEOUT_S + 1 s from the start, however many peers hang); each peer's answer is read
   up to MAX_ANSWER_BYTES. Nothing here holds a lock while waiting: this replica's own part is computed (each
   view taking the store's lock only as long as it needs) before the peers are waited for.
-* Every other route, and any request with `local=1`, is left to the local routes.
+* Every other route, and any request with `local=1`, is left to the local routes. Writes that every replica must
+  see (silences, server/silences_api.py) go to each peer through `broadcast`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 
 from gradwatch.routing import ReplicaRouter
 
-__all__ = ["ORDER", "FanOut", "merge_page"]
+__all__ = ["ORDER", "Answer", "FanOut", "merge_page"]
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,42 @@ class FanOut:
 
     def _ask(self, peer: str, path: str, query: dict[str, list[str]]) -> Response:
         pairs = [(k, v) for k, values in query.items() for v in values] + [("local", "1")]
-        # Re-quoted: the HTTP layer hands routes decoded paths (a run id may hold spaces, '?' or '#').
+        # The routes get the path as it came (still quoted); quoting again keeps it so and guards the pages' own.
         url = f"{self._scheme}://{peer}{urllib.parse.quote(path, safe='/%')}?{urllib.parse.urlencode(pairs)}"
         request = urllib.request.Request(url)
         if self._token:
             request.add_header("Authorization", f"Bearer {self._token}")
+        return self._open(request)
+
+    def broadcast(self, method: str, path: str, body: bytes | None,
+                  authorization: str | None) -> tuple[list[tuple[str, Answer]], list[str]]:  # fmt: skip
+        """`method path?local=1` (with `body`) sent to every peer at once under one deadline, with `authorization`
+        (the caller's header, passed on as it came) or else the cluster token: (peer, (status, JSON object)) for
+        each peer that answered one below 500 other than 401/403, and the peers that did not (down, too slow,
+        refusing the token, garbage). Used to write to every replica (server/silences_api.py)."""
+        peers = self._peers()
+        futures = {self._pool.submit(self._send, peer, method, path, body, authorization): peer for peer in peers}
+        concurrent.futures.wait(futures, timeout=FANOUT_TIMEOUT_S + 1)
+        answered, unreachable = [], []
+        for future, peer in futures.items():
+            got = _decoded_any(_answer(future))
+            if got is None:
+                unreachable.append(peer)
+            else:
+                answered.append((peer, got))
+            future.cancel()
+        return answered, unreachable
+
+    def _send(self, peer: str, method: str, path: str, body: bytes | None, authorization: str | None) -> Response:
+        url = f"{self._scheme}://{peer}{urllib.parse.quote(path, safe='/%')}?local=1"
+        request = urllib.request.Request(url, data=body, method=method)
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        if authorization or self._token:
+            request.add_header("Authorization", authorization or f"Bearer {self._token}")
+        return self._open(request)
+
+    def _open(self, request: urllib.request.Request) -> Response:
         try:
             with urllib.request.urlopen(request, timeout=FANOUT_TIMEOUT_S) as response:
                 return response.status, response.headers.get("Content-Type", ""), response.read(MAX_ANSWER_BYTES)
@@ -226,6 +258,17 @@ def _decoded(answer: Response | None) -> Answer | None:
     try:
         body = json.loads(answer[2])
     except ValueError:  # cut at MAX_ANSWER_BYTES, or not JSON
+        return None
+    return (answer[0], body) if isinstance(body, dict) else None
+
+
+def _decoded_any(answer: Response | None) -> Answer | None:
+    """A write's answer as (status, body): a JSON object under a status below 500 other than 401/403; else None."""
+    if answer is None or answer[0] >= 500 or answer[0] in (401, 403):
+        return None
+    try:
+        body = json.loads(answer[2])
+    except ValueError:
         return None
     return (answer[0], body) if isinstance(body, dict) else None
 

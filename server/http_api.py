@@ -60,9 +60,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gradwatch.server.auth import HttpGuard
-from gradwatch.server.limits import BAD_BODY, BadRequest, HttpRejections, parse_json_body
+from gradwatch.server.fanout import FanOut
+from gradwatch.server.limits import HttpRejections
 from gradwatch.server.sessions import ALLOWED, HTML, LOGIN, LOGOUT, MAX_FORM_BYTES, Answer, PageSessions
 from gradwatch.server.silences import SilenceBook
+from gradwatch.server.silences_api import SILENCES, SilencesApi
 
 __all__ = ["CSP", "HttpApi", "HttpCollector", "HttpStats"]
 
@@ -74,7 +76,6 @@ NotificationsView = Callable[[], list[dict[str, Any]]]
 #: (path, query) -> (status, content type, body), or None when the path is not one of its routes.
 Routes = Callable[[str, dict[str, list[str]]], tuple[int, str, bytes] | None]
 
-SILENCES = "/api/v1/silences"
 #: Largest request body accepted (silences are a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 #: Seconds a client gets to complete the TLS handshake.
@@ -122,6 +123,7 @@ class HttpApi:
         guard: HttpGuard | None = None,
         sessions: PageSessions | None = None,
         routes: Sequence[Routes] = (),
+        fanout: FanOut | None = None,
         rejections: HttpRejections | None = None,
         max_connections: int = 512,
         request_timeout_s: float = 10.0,
@@ -129,7 +131,7 @@ class HttpApi:
         self._host, self._requested_port = host, port
         self._registry = registry
         self._runs, self._alerts, self._notifications = runs, alerts, notifications
-        self._silences = silences
+        self._silences_api = SilencesApi(silences, fanout, rejections)
         self._tls_context = tls_context
         self._guard = guard
         self._sessions = sessions
@@ -246,7 +248,12 @@ class HttpApi:
             elif request.method == hdrs.METH_POST and request.path == SILENCES:
                 status, content_type, body = await self._post_silence(request)
             elif request.method == hdrs.METH_DELETE and request.path.startswith(SILENCES + "/"):
-                status, content_type, body = await self._view(self._delete_silence, request.path, "")
+                local = "local" in request.rel_url.query
+                authorization = request.headers.get(hdrs.AUTHORIZATION)
+                status, reply = await self._loop.run_in_executor(
+                    self._pool, self._silences_api.expire, request.path[len(SILENCES) + 1 :], local, authorization
+                )
+                status, content_type, body = _json(status, reply)
             else:
                 status, content_type, body = _json(405, {"error": "method not allowed"})
         except Exception:  # a bug in a view must not kill the connection silently; report 500
@@ -326,7 +333,7 @@ class HttpApi:
         if path == "/api/v1/notifications":
             return _json(200, {"notifications": self._notifications()})
         if path == SILENCES:
-            return _json(200, {"silences": self._silences.view()})
+            return _json(*self._silences_api.list(bool(query.get("local"))))
         return _json(404, {"error": f"no such path: {path}"})
 
     async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes | None:
@@ -352,34 +359,10 @@ class HttpApi:
             return _json(408, {"error": f"the body did not arrive within {self._request_timeout_s:g} s"})
         if not 0 < len(raw) <= MAX_BODY_BYTES:
             return _json(400, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes of JSON"})
-        return await self._loop.run_in_executor(self._pool, self._add_silence, bytes(raw))
-
-    def _add_silence(self, raw: bytes) -> tuple[int, str, bytes]:
-        try:
-            body = parse_json_body(raw)
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
-            unknown = set(body) - {"run", "detector", "duration_s", "comment", "created_by"}
-            if unknown:
-                raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-            silence = self._silences.add(
-                body.get("run"),  # type: ignore[arg-type]  # checked by add()
-                body.get("detector"),
-                body.get("duration_s"),  # type: ignore[arg-type]
-                body.get("comment", ""),
-                body.get("created_by", ""),
-            )
-        except ValueError as exc:
-            if self._rejections is not None:
-                self._rejections.count(exc.reason if isinstance(exc, BadRequest) else BAD_BODY)
-            return _json(400, {"error": str(exc)})
-        return _json(201, {"silence": silence})
-
-    def _delete_silence(self, path: str, _: str) -> tuple[int, str, bytes]:
-        silence = self._silences.expire(path[len(SILENCES) + 1 :])
-        if silence is None:
-            return _json(404, {"error": "no such active silence"})
-        return _json(200, {"silence": silence})
+        local, authorization = "local" in request.rel_url.query, request.headers.get(hdrs.AUTHORIZATION)
+        status, answer = await self._loop.run_in_executor(self._pool, self._silences_api.add, bytes(raw), local,
+                                                          authorization)  # fmt: skip
+        return _json(status, answer)
 
 
 class _CountedHandler(RequestHandler):

@@ -11,6 +11,7 @@ Contract
   gradwatch.server.notify); the alerts themselves still fire, in /metrics and the API.
 * Bounded: at most `max_active` active silences (ValueError beyond) and the last
   `history` expired ones.
+* `adopt(record)` keeps a silence another replica created under its id and times (server/silences_api.py).
 * Durable: with `persist`, every add and expire hands the active silences (as dicts) to it before
   returning, and `restore(dicts)` brings them back at start-up, so a restart does not unmute anything.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Collection
@@ -86,21 +88,13 @@ class SilenceBook:
         self, run: str, detector: str | None, duration_s: float, comment: str = "", created_by: str = ""
     ) -> dict[str, Any]:
         """Create a silence; see the module docstring for what is rejected."""
-        if not isinstance(run, str) or not run:
-            raise ValueError("run must be a non-empty string")
-        if detector is not None and detector not in self._detectors:
-            raise ValueError(f"unknown detector {detector!r} (known: {', '.join(sorted(self._detectors))})")
+        self._check(run, detector, comment, created_by)
         if isinstance(duration_s, bool) or not isinstance(duration_s, int | float):
             raise ValueError(f"duration_s must be a number, got {duration_s!r}")
         if not 0 < duration_s <= MAX_DURATION_S:
             raise ValueError(f"duration_s must be in (0, {MAX_DURATION_S:.0f}], got {duration_s!r}")
-        if not isinstance(comment, str) or not isinstance(created_by, str):
-            raise ValueError("comment and created_by must be strings")
         with self._lock:
-            now = self._clock()
-            self._expire_locked(now)
-            if len(self._active) >= self._max_active:
-                raise ValueError(f"too many active silences ({self._max_active})")
+            now = self._room_locked()
             silence = _Silence(
                 id=f"{next(self._ids)}-{uuid.uuid4().hex[:8]}",
                 run=run,
@@ -113,6 +107,50 @@ class SilenceBook:
             self._active[silence.id] = silence
             self._save_locked(now)
             return silence.as_dict(now)
+
+    def adopt(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Keep a silence another replica created (its `add` answer: id, run, detector, comment, created_by,
+        created_at, ends_at) as it is, so that it mutes the run here too and an expiry by id reaches it. Checked
+        like `add`; a known id changes nothing (returns it as held)."""
+        sid, run, detector = record.get("id"), record.get("run"), record.get("detector")
+        created_at, ends_at = record.get("created_at"), record.get("ends_at")
+        comment, created_by = record.get("comment", ""), record.get("created_by", "")
+        if not isinstance(sid, str) or not 0 < len(sid) <= 64 or not sid.isprintable() or "/" in sid:
+            raise ValueError("id must be 1..64 printable characters without '/'")
+        self._check(run, detector, comment, created_by)
+        times = (created_at, ends_at)
+        if any(isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) for t in times):
+            raise ValueError("created_at and ends_at must be finite numbers")
+        if not 0 < ends_at - created_at <= MAX_DURATION_S:  # type: ignore[operator]  # numbers, checked above
+            raise ValueError(f"ends_at - created_at must be in (0, {MAX_DURATION_S:.0f}]")
+        with self._lock:
+            held = self._active.get(sid)
+            if held is not None:
+                return held.as_dict(self._clock())
+            now = self._room_locked()
+            silence = _Silence(id=sid, run=str(run), detector=detector, comment=comment[:TEXT_CHARS],
+                               created_by=created_by[:TEXT_CHARS], created_at=float(created_at),  # type: ignore[arg-type]
+                               ends_at=float(ends_at))  # type: ignore[arg-type]  # fmt: skip
+            if silence.active(now):
+                self._active[silence.id] = silence
+                self._save_locked(now)
+            return silence.as_dict(now)
+
+    def _check(self, run: Any, detector: Any, comment: Any, created_by: Any) -> None:
+        if not isinstance(run, str) or not run:
+            raise ValueError("run must be a non-empty string")
+        if detector is not None and detector not in self._detectors:
+            raise ValueError(f"unknown detector {detector!r} (known: {', '.join(sorted(self._detectors))})")
+        if not isinstance(comment, str) or not isinstance(created_by, str):
+            raise ValueError("comment and created_by must be strings")
+
+    def _room_locked(self) -> float:
+        """Now, after expiring what ended; ValueError when no other silence fits."""
+        now = self._clock()
+        self._expire_locked(now)
+        if len(self._active) >= self._max_active:
+            raise ValueError(f"too many active silences ({self._max_active})")
+        return now
 
     def expire(self, silence_id: str) -> dict[str, Any] | None:
         """End an active silence now; returns it, or None if there is no such active silence."""

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from gradwatch.server.config import AuthConfig, ClusterConfig, HttpConfig, Relay
 from gradwatch.server.detectors.stalled import StalledConfig
 from gradwatch.server.fanout import ORDER, merge_page
 from paging_support import released_port
-from relay_support import serve_peers
+from relay_support import Serve, serve_peers
 from server_support import AgentStream, hello_frame, http_get, report_frame, server_config, short_run, start_app
 from wait_support import wait_until
 
@@ -190,3 +191,53 @@ def test_a_merged_page_is_that_page_of_every_replicas_list_together(data: Any, k
         assert page[key] == everything[offset : offset + limit]
     assert status == 200 and page["total"] == len(everything)
     assert page["next_offset"] == (offset + limit if offset + limit < len(everything) else None)
+
+
+def _write(server: Serve, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.http_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.timeout(180)
+def test_a_silence_asked_of_any_replica_mutes_the_run_on_the_replica_that_holds_it(tmp_path: Path) -> None:
+    a, b, c = serve_peers(tmp_path, "abc")
+    try:
+        # Through A, for a run that lives on B.
+        status, created = _write(a, "POST", "/api/v1/silences",
+                                 {"run": "nan-b", "duration_s": 600, "comment": "known bad data"})  # fmt: skip
+        assert status == 201 and created["replicas"] == 3 and created["unreachable"] == []
+        silence = created["silence"]
+        for server in (a, b, c):  # the same record everywhere: one id to expire, one end time
+            (held,) = server.get("/api/v1/silences?local=1")["silences"]
+            assert held == silence
+        short_run(b.grpc_target, "nan-b", nan_at=3)
+        (tracked,) = wait_until(lambda: b.get("/api/v1/notifications")["notifications"], 30, interval=0.1)
+        assert tracked["run"] == "nan-b" and tracked["silenced_by"] == [silence["id"]]
+        assert not tracked["notified"]  # muted where the alert fired
+        listed = a.get("/api/v1/silences")
+        assert [s["id"] for s in listed["silences"]] == [silence["id"]] and listed["replicas"] == 3
+        # C stopped: a new silence says so, and is kept by A and B.
+        assert c.stop() == 0
+        status, second = _write(b, "POST", "/api/v1/silences", {"run": "other", "detector": "non_finite",
+                                                                "duration_s": 60})  # fmt: skip
+        assert status == 201 and second["replicas"] == 2 and second["unreachable"] == [c.http_address]
+        assert second["silence"]["id"] in [s["id"] for s in a.get("/api/v1/silences?local=1")["silences"]]
+        # Expired through A: gone on B too, so B's alert is no longer muted.
+        status, ended = _write(a, "DELETE", f"/api/v1/silences/{silence['id']}")
+        assert status == 200 and ended["replicas"] == 2 and ended["unreachable"] == [c.http_address]
+        assert [s["state"] for s in b.get("/api/v1/silences?local=1")["silences"] if s["id"] == silence["id"]] == [
+            "expired"
+        ]
+        assert _write(a, "DELETE", f"/api/v1/silences/{silence['id']}")[0] == 404  # no replica holds it active
+        # A peer's record is checked like a new silence.
+        assert _write(a, "POST", "/api/v1/silences?local=1", {**silence, "detector": "nope"})[0] == 400
+    finally:
+        assert a.stop() == 0
+        b.stop()
+        c.stop()
