@@ -363,19 +363,18 @@ def _clipped_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
     offer = clip.offered()
     if not offer:
         return None
+    first = offer.get(id(grads[0])) if grads else None
+    if first is None:
+        return None
+    coefficient = first[1]  # one clip call's: the same tensor (or None) for every gradient it measured
     norms = []
-    coefficients = set()
     for g in grads:
         entry = offer.get(id(g))
-        if entry is None or entry[2]() is not g or g._version != entry[3]:
+        if entry is None or entry[2]() is not g or g._version != entry[3] or entry[1] is not coefficient:
             return None
-        if entry[0].device != g.device or (entry[1] is not None and entry[1].device != g.device):
+        if entry[0].device != g.device or (coefficient is not None and coefficient.device != g.device):
             return None
         norms.append(entry[0])
-        coefficients.add(entry[1])
-    if not norms or len(coefficients) != 1:
-        return None
-    (coefficient,) = coefficients
     return norms if coefficient is None else list(torch._foreach_mul(norms, coefficient))
 
 

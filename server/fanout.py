@@ -253,13 +253,8 @@ def _answer(future: concurrent.futures.Future[Response]) -> Response | None:
 
 def _decoded(answer: Response | None) -> Answer | None:
     """A list answer as (status, body): 200 or 400 with a JSON object; None for anything else."""
-    if answer is None or answer[0] not in (200, 400):
-        return None
-    try:
-        body = json.loads(answer[2])
-    except ValueError:  # cut at MAX_ANSWER_BYTES, or not JSON
-        return None
-    return (answer[0], body) if isinstance(body, dict) else None
+    decoded = _decoded_any(answer)
+    return decoded if decoded is not None and decoded[0] in (200, 400) else None
 
 
 def _decoded_any(answer: Response | None) -> Answer | None:

@@ -248,10 +248,8 @@ class HttpApi:
             elif request.method == hdrs.METH_POST and request.path == SILENCES:
                 status, content_type, body = await self._post_silence(request)
             elif request.method == hdrs.METH_DELETE and request.path.startswith(SILENCES + "/"):
-                local = "local" in request.rel_url.query
-                authorization = request.headers.get(hdrs.AUTHORIZATION)
                 status, reply = await self._loop.run_in_executor(
-                    self._pool, self._silences_api.expire, request.path[len(SILENCES) + 1 :], local, authorization
+                    self._pool, self._silences_api.expire, request.path[len(SILENCES) + 1 :], *_writer(request)
                 )
                 status, content_type, body = _json(status, reply)
             else:
@@ -359,10 +357,14 @@ class HttpApi:
             return _json(408, {"error": f"the body did not arrive within {self._request_timeout_s:g} s"})
         if not 0 < len(raw) <= MAX_BODY_BYTES:
             return _json(400, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes of JSON"})
-        local, authorization = "local" in request.rel_url.query, request.headers.get(hdrs.AUTHORIZATION)
-        status, answer = await self._loop.run_in_executor(self._pool, self._silences_api.add, bytes(raw), local,
-                                                          authorization)  # fmt: skip
+        status, answer = await self._loop.run_in_executor(self._pool, self._silences_api.add, bytes(raw),
+                                                          *_writer(request))  # fmt: skip
         return _json(status, answer)
+
+
+def _writer(request: web.BaseRequest) -> tuple[bool, str | None]:
+    """A silence write's `local=1` (this replica only) and the caller's Authorization (passed on to peers)."""
+    return "local" in request.rel_url.query, request.headers.get(hdrs.AUTHORIZATION)
 
 
 class _CountedHandler(RequestHandler):

@@ -39,7 +39,7 @@ from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
 from gradwatch.agent import dispatch
-from gradwatch.agent.clip import clip_grad_norm_, clip_one_mesh_
+from gradwatch.agent.clip import clip_one_mesh_
 from gradwatch.agent.monitor import Monitor, attach
 
 __all__ = ["GradwatchCallback"]
@@ -105,7 +105,8 @@ class GradwatchCallback(TrainerCallback):  # type: ignore[misc]
 
 # Accelerate's own clip for these: FSDP (its modules clip their shards), DeepSpeed (the engine clips), XLA.
 _OWN_CLIP = frozenset({DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA})
-_MESH_AWARE = hasattr(Accelerator, "_clip_grad_norm_dtensor_aware")  # accelerate >= 1.x's default path
+#: The default path `clip_one_mesh_` follows step for step; an accelerate without it keeps its own method.
+_MESH_AWARE = hasattr(Accelerator, "_clip_grad_norm_dtensor_aware")
 _training: weakref.WeakSet[GradwatchCallback] = weakref.WeakSet()  # callbacks between train begin and end
 _replaced: list[Callable[..., Any]] = [Accelerator.clip_grad_norm_]  # the method ours stands in for
 
@@ -128,13 +129,11 @@ def _clip_grad_norm_(self: Accelerator, parameters: Iterable[torch.Tensor], max_
     """`Accelerator.clip_grad_norm_` (same arguments, same result) keeping the per-gradient norms of its default
     path for the agent (see the module docstring)."""
     original = _replaced[0]
-    if not _training or self.distributed_type in _OWN_CLIP or norm_type != 2:
+    if not _training or not _MESH_AWARE or self.distributed_type in _OWN_CLIP or norm_type != 2:
         return original(self, parameters, max_norm, norm_type)
     parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads or any(type(g) is not torch.Tensor for g in grads):  # DTensor or another subclass: accelerate's
         return original(self, parameters, max_norm, norm_type)
     self.unscale_gradients()
-    if not _MESH_AWARE:  # accelerate before its mesh-aware path called torch's clip_grad_norm_ here
-        return clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
     return clip_one_mesh_(parameters, max_norm)
