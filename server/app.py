@@ -59,6 +59,7 @@ from gradwatch.server.relay import IncidentTap, Relay, RelayCollector
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.sessions import PageSessions
 from gradwatch.server.silences import SilenceBook
+from gradwatch.server.silences_api import SilencesApi, SilenceSync
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.store import RunState, RunStore
@@ -184,6 +185,11 @@ class ServerApp:
             self.fanout = FanOut(self.config.cluster.peers, local=(), own_port=lambda: self.http_port, token=token,
                                  scheme="https" if self._tls is not None else "http")  # fmt: skip
         self._quiet_checked: dict[str, float] = {}
+        #: With cluster.peers: this replica's silences reconciled with the peers' (server/silences_api.py).
+        self._silence_sync: SilenceSync | None = None
+        if self.fanout is not None:
+            api = SilencesApi(self.silences, self.fanout)
+            self._silence_sync = SilenceSync(api, self.config.cluster.silence_sync_s)
         #: HTTP requests answered 400, by reason (server/limits.py).
         self.http_rejections = HttpRejections()
         self.registry.register(self.http_rejections)
@@ -263,6 +269,8 @@ class ServerApp:
             self.registry.register(HttpCollector(self._http.stats))
             self.renderer.server_url = self.config.alerting.external_url.rstrip("/") or self._default_url()
             self.notifier.start()
+            if self._silence_sync is not None:
+                self._silence_sync.start()
         except BaseException:
             self.stop(grace=0)
             raise
@@ -279,6 +287,8 @@ class ServerApp:
             thread.join(timeout=10)
         if self.relay is not None:  # after the streams ended: their last frames and goodbyes go upstream
             self.relay.stop(timeout_s=grace)
+        if self._silence_sync is not None:
+            self._silence_sync.stop()
         if self._http is not None:
             self._http.stop()
             self._http = None

@@ -80,6 +80,7 @@ YAML shape (every key optional; these are the defaults)::
     cluster:                          # one view over all replicas (docs/deployment.md)
       peers: []                       # every replica's HTTP address (dns:///headless:9400 or host:port entries)
       token_file: ""                  # bearer token for the peers' API (replicas with auth.tokens_file)
+      silence_sync_s: 15.0            # seconds between two resyncs of the silences with the peers
     detectors:
       non_finite: {enabled: true, resolve_after: 20}
       exploding_gradient: {enabled: true, window: 100, min_reports: 20, factor: 10.0,
@@ -494,6 +495,13 @@ class ClusterConfig(Settings):
         "answer for all of them.",
     )
     token_file: str = setting("", doc="File holding the bearer token for the peers' API; empty: none.")
+    silence_sync_s: float = setting(
+        15.0,
+        doc="Seconds between two resyncs of this replica's silences with the peers' (at start-up, then at this "
+        "interval): a replica that was down when a silence was made or ended catches up.",
+        gt=0.0,
+        le=3600.0,
+    )
 
     def _check(self) -> None:
         for entry in self.peers:

@@ -229,3 +229,11 @@ class NotifierCollector(Collector):
             muted.add_metric([reason], n)
         yield from (sent, pending, up, muted)
         yield GaugeMetricFamily("gradwatch_silences_active", "Active silences.", value=self._silences.active_count())
+        synced = CounterMetricFamily(
+            "gradwatch_silences_synced_total",
+            "Silences changed here by the resync with the other replicas, by action (adopted, expired, refused).",
+            labels=["action"],
+        )
+        for action in ("adopted", "expired", "refused"):
+            synced.add_metric([action], self._silences.synced[action])
+        yield synced

@@ -12,8 +12,14 @@ Contract
 * Bounded: at most `max_active` active silences (ValueError beyond) and the last
   `history` expired ones.
 * `adopt(record)` keeps a silence another replica created under its id and times (server/silences_api.py).
-* Durable: with `persist`, every add and expire hands the active silences (as dicts) to it before
-  returning, and `restore(dicts)` brings them back at start-up, so a restart does not unmute anything.
+* `reconcile(records)` brings this book in line with another replica's listing (the resync of
+  server/silences_api.py): an active silence unknown here is adopted, one expired there early (before its
+  `ends_at`) that is active here is expired here at the same time. An id expired early here is remembered until
+  its own `ends_at` (at most `max_active` such ids), so a stale active copy elsewhere never brings it back:
+  the expiry, a deliberate act, wins over the creation.
+* Durable: with `persist`, every add and expire hands the active silences and the remembered early expiries (as
+  dicts) to it before returning, and `restore(dicts)` brings them back at start-up, so a restart neither unmutes
+  anything nor forgets an expiry.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ class _Silence:
     created_at: float
     ends_at: float
     expired_at: float | None = None
+
+    def ended_early(self, now: float) -> bool:
+        """Expired by someone before its own end, which has not come yet (remembered so it stays expired)."""
+        return self.expired_at is not None and self.expired_at < self.ends_at and now < self.ends_at
 
     def active(self, now: float) -> bool:
         return self.expired_at is None and now < self.ends_at
@@ -82,7 +92,11 @@ class SilenceBook:
         self._lock = threading.Lock()
         self._active: dict[str, _Silence] = {}
         self._expired: collections.deque[_Silence] = collections.deque(maxlen=history)
+        #: Silences expired early whose own end has not come: id -> silence (oldest expiry first).
+        self._ended: dict[str, _Silence] = {}
         self._ids = itertools.count(1)
+        #: What reconcile changed here: {"adopted": n, "expired": n, "refused": n}.
+        self.synced: collections.Counter[str] = collections.Counter()
 
     def add(
         self, run: str, detector: str | None, duration_s: float, comment: str = "", created_by: str = ""
@@ -124,7 +138,7 @@ class SilenceBook:
         if not 0 < ends_at - created_at <= MAX_DURATION_S:  # type: ignore[operator]  # numbers, checked above
             raise ValueError(f"ends_at - created_at must be in (0, {MAX_DURATION_S:.0f}]")
         with self._lock:
-            held = self._active.get(sid)
+            held = self._active.get(sid) or self._ended.get(sid)
             if held is not None:
                 return held.as_dict(self._clock())
             now = self._room_locked()
@@ -156,40 +170,98 @@ class SilenceBook:
         """End an active silence now; returns it, or None if there is no such active silence."""
         with self._lock:
             now = self._clock()
-            silence = self._active.pop(silence_id, None)
-            if silence is None:
+            if silence_id not in self._active:
                 return None
-            silence.expired_at = now
-            self._expired.append(silence)
+            silence = self._end_locked(silence_id, now)
             self._save_locked(now)
             return silence.as_dict(now)
 
+    def _end_locked(self, silence_id: str, at: float) -> _Silence:
+        silence = self._active.pop(silence_id)
+        silence.expired_at = at
+        self._expired.append(silence)
+        if silence.ended_early(at):
+            self._ended[silence_id] = silence
+            while len(self._ended) > self._max_active:  # the oldest expiry goes first
+                del self._ended[next(iter(self._ended))]
+        return silence
+
+    def reconcile(self, records: list[dict[str, Any]]) -> dict[str, int]:
+        """Bring this book in line with another replica's listing (see the module docstring); returns what it
+        changed here: {"adopted": n, "expired": n, "refused": n} (refused: records `adopt` would not take)."""
+        changed = {"adopted": 0, "expired": 0, "refused": 0}
+        # Creations first: a silence adopted from one replica's listing and expired early in another's ends
+        # expired here, whatever order the listings came in.
+        for record in sorted(records, key=lambda r: r.get("state") != "active"):
+            sid, state, end = record.get("id"), record.get("state"), record.get("ends_at")
+            if state == "active" and isinstance(sid, str):
+                with self._lock:
+                    known = sid in self._active or sid in self._ended or any(s.id == sid for s in self._expired)
+                if known:
+                    continue
+                try:
+                    self.adopt({key: record[key] for key in _RECORD if key in record})
+                except ValueError as exc:
+                    log.warning("a peer's silence %r was refused: %s", sid, exc)
+                    changed["refused"] += 1
+                    continue
+                changed["adopted"] += 1
+            elif state == "expired" and isinstance(sid, str) and isinstance(end, int | float) and math.isfinite(end):
+                with self._lock:
+                    now = self._clock()
+                    held = self._active.get(sid)
+                    if held is None or not end < held.ends_at:  # not held, or it ended on time there too
+                        continue
+                    self._end_locked(sid, min(float(end), now))
+                    self._save_locked(now)
+                changed["expired"] += 1
+        self.synced.update(changed)
+        return changed
+
     def restore(self, saved: list[dict[str, Any]]) -> int:
-        """Re-activate silences saved by `persist` that have not ended; returns how many."""
+        """Re-activate silences saved by `persist` that have not ended, and remember the early expiries saved
+        with them; returns how many are active."""
         with self._lock:
             now = self._clock()
-            for item in saved[: self._max_active]:
+            for item in saved[: 2 * self._max_active]:
                 silence = _Silence(id=str(item["id"]), run=str(item["run"]), detector=item.get("detector"),
                                    comment=str(item.get("comment", "")), created_by=str(item.get("created_by", "")),
-                                   created_at=float(item["created_at"]), ends_at=float(item["ends_at"]))  # fmt: skip
-                if silence.active(now) and (silence.detector is None or silence.detector in self._detectors):
+                                   created_at=float(item["created_at"]), ends_at=float(item["ends_at"]),
+                                   expired_at=_number_or_none(item.get("expired_at")))  # fmt: skip
+                if silence.detector is not None and silence.detector not in self._detectors:
+                    continue
+                if silence.active(now) and len(self._active) < self._max_active:
                     self._active[silence.id] = silence
+                elif silence.ended_early(now) and len(self._ended) < self._max_active:
+                    self._ended[silence.id] = silence
+                    self._expired.append(silence)
             return len(self._active)
 
     def _save_locked(self, now: float) -> None:
         if self._persist is None:
             return
+        self._forget_ended_locked(now)
+        ended = [{**s.as_dict(now), "ends_at": s.ends_at, "expired_at": s.expired_at} for s in self._ended.values()]
         try:
-            self._persist([s.as_dict(now) for s in self._active.values()])
+            self._persist([s.as_dict(now) for s in self._active.values()] + ended)
         except Exception:  # a full disk must not lose the silence in memory; the next change retries
             log.exception("could not store the silences")
 
+    def _forget_ended_locked(self, now: float) -> None:
+        for sid in [sid for sid, s in self._ended.items() if not s.ended_early(now)]:
+            del self._ended[sid]
+
     def view(self) -> list[dict[str, Any]]:
-        """Active silences (oldest first), then expired ones (most recent first)."""
+        """Active silences (oldest first), then expired ones (most recent first; the early expiries whose own
+        end has not come are all listed, even beyond `history`, so that every replica learns of them)."""
         with self._lock:
             now = self._clock()
             self._expire_locked(now)
-            return [s.as_dict(now) for s in self._active.values()] + [s.as_dict(now) for s in reversed(self._expired)]
+            self._forget_ended_locked(now)
+            recent = list(reversed(self._expired))
+            listed = {s.id for s in recent}
+            older = [s for s in reversed(self._ended.values()) if s.id not in listed]
+            return [s.as_dict(now) for s in [*self._active.values(), *recent, *older]]
 
     def matching(self, run: str, detector: str) -> list[str]:
         """Ids of active silences that cover (run, detector)."""
@@ -208,3 +280,10 @@ class SilenceBook:
     def _expire_locked(self, now: float) -> None:
         for sid in [sid for sid, s in self._active.items() if not s.active(now)]:
             self._expired.append(self._active.pop(sid))
+
+
+_RECORD = ("id", "run", "detector", "comment", "created_by", "created_at", "ends_at")
+
+
+def _number_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

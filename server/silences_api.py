@@ -13,12 +13,18 @@ wherever it moves), so it is kept by every replica:
 * GET lists every replica's silences, each once (by id; an active copy wins over an expired one), with
   `replicas` and `unreachable`.
 * `local=1` (what the peers are sent) acts on this replica only; a POST with `local=1` takes a whole record.
+* Resync (`sync`, called at start-up and every SYNC_INTERVAL_S by the app's "gradwatch-silence-sync" thread):
+  this replica reads every peer's own silences (GET with `local=1`, the cluster token) and reconciles its book
+  with them (SilenceBook.reconcile): a replica that was down or unreachable when a silence was created or
+  expired, or that starts empty, catches up within one interval; an early expiry wins over a stale copy.
 Without peers every request acts on this replica only, as before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,9 +32,13 @@ from gradwatch.server.fanout import Answer, FanOut
 from gradwatch.server.limits import BAD_BODY, BadRequest, HttpRejections, parse_json_body
 from gradwatch.server.silences import SilenceBook
 
-__all__ = ["SILENCES", "SilencesApi"]
+__all__ = ["SILENCES", "SYNC_INTERVAL_S", "SilenceSync", "SilencesApi"]
+
+log = logging.getLogger(__name__)
 
 SILENCES = "/api/v1/silences"
+#: Seconds between two resyncs with the peers (one GET per peer each).
+SYNC_INTERVAL_S = 15.0
 _FIELDS = frozenset({"run", "detector", "duration_s", "comment", "created_by"})
 _RECORD_FIELDS = frozenset({"id", "run", "detector", "comment", "created_by", "created_at", "ends_at"})
 Reply = tuple[int, dict[str, Any]]
@@ -98,6 +108,44 @@ class SilencesApi:
         if found is None:
             return 404, {"error": "no such active silence", "unreachable": unreachable}
         return 200, {"silence": found, "replicas": (mine is not None) + len(theirs), "unreachable": unreachable}
+
+    def sync(self) -> tuple[dict[str, int], Sequence[str]]:
+        """Reconcile this replica's silences with every peer's own (see the module docstring): what changed here
+        and the peers that did not answer."""
+        if self._fanout is None:
+            return {"adopted": 0, "expired": 0, "refused": 0}, []
+        answers, unreachable = self._fanout.broadcast("GET", SILENCES, None, None)
+        unreachable += _refusals(answers, 200)
+        records = [s for _, (status, body) in answers if status == 200 for s in _silences(body)]
+        return self._book.reconcile(records), unreachable
+
+
+class SilenceSync:
+    """The "gradwatch-silence-sync" thread: `SilencesApi.sync` at start and every `interval_s` until `stop`."""
+
+    def __init__(self, api: SilencesApi, interval_s: float = SYNC_INTERVAL_S) -> None:
+        self._api = api
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradwatch-silence-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                changed, unreachable = self._api.sync()
+                if any(changed.values()):
+                    log.info("silences resynced with the peers: %s (unreachable: %s)", changed, unreachable or "none")
+            except Exception:  # the next round retries; a resync must never end the thread
+                log.exception("resyncing the silences failed")
+            self._stopped.wait(self._interval_s)
 
 
 def _silences(body: dict[str, Any]) -> list[dict[str, Any]]:

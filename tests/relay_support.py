@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class Serve:
         home = tmp / name
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.yaml").write_text(config)
+        self.config = config
         self.log = home / "serve.log"
         command = [
             sys.executable,
@@ -72,6 +74,17 @@ class Serve:
         with urllib.request.urlopen(self.http_url + path, timeout=10) as response:
             return json.loads(response.read())
 
+    def write(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """`method path` with a JSON body: (status, JSON answer), errors included."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.http_url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
     def ticks(self) -> int:
         """Completed passes of the server's cross-rank detectors (gradwatch_detector_ticks_total on /metrics)."""
         with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as response:
@@ -96,15 +109,17 @@ QUIET_YAML = CLUSTER_YAML.replace(
 )
 
 
-def serve_peers(tmp: Path, names: str, config: str = QUIET_YAML) -> list[Serve]:
+def serve_peers(tmp: Path, names: str, config: str = QUIET_YAML, cluster: str = "") -> list[Serve]:
     """One `gradwatch serve` per letter of `names`, each with `cluster.peers` naming every one of them (one view
-    over all replicas, server/fanout.py); `Serve.http_address` is the address the others know it by."""
+    over all replicas, server/fanout.py) and the other `cluster` settings given (YAML flow entries, e.g.
+    "silence_sync_s: 0.5"); `Serve.http_address` is the address the others know it by. A replica stopped can be
+    started again as `Serve(tmp, name, "--http-port", port, config=started.config)` (same data directory)."""
     from paging_support import released_port  # the peer list must be known before any replica binds
 
     assert "stalled: {floor_s: 600.0" in QUIET_YAML
     ports = [released_port() for _ in names]
     listed = ", ".join(f"'127.0.0.1:{p}'" for p in ports)
-    config += f"cluster: {{peers: [{listed}]}}\n"
+    config += f"cluster: {{peers: [{listed}]{', ' + cluster if cluster else ''}}}\n"
     started: list[Serve] = []
     try:
         for name, port in zip(names, ports, strict=True):

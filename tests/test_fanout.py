@@ -194,14 +194,7 @@ def test_a_merged_page_is_that_page_of_every_replicas_list_together(data: Any, k
 
 
 def _write(server: Serve, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.http_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return server.write(method, path, body)
 
 
 @pytest.mark.timeout(180)
