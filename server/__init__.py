@@ -28,7 +28,8 @@ Module map (dependencies point down the list):
   autopsy       the batch a spike or NaN alert names (batch ids, top samples by loss)
   limits        run bindings, per-stream byte budgets, HTTP request bounds
   auth          bearer-token grants and the HTTP guard; tls: TLS material, reloaded when the files change;
-                sessions: the pages' login sessions (cookie, CSRF) when tokens are on
+                sessions: the pages' login sessions (cookie, CSRF) when tokens are on; sessions_api: a
+                session opened on one replica honoured and ended on the others
   alerts        AlertBook: one alert per (run, detector), ranks merged, bounded history, listeners
   store         RunStore: bounded runs and ranks, numpy rings, latest per-layer columns
   ranktable     RankTable: every rank's latest state as numpy arrays, what cross-rank detectors read;

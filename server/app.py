@@ -58,6 +58,7 @@ from gradwatch.server.recorder import FlightRecorder
 from gradwatch.server.relay import IncidentTap, Relay, RelayCollector
 from gradwatch.server.render import AlertRenderer
 from gradwatch.server.sessions import PageSessions
+from gradwatch.server.sessions_api import FanOutPeers, SessionsApi
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.silences_api import SilencesApi, SilenceSync
 from gradwatch.server.sinks import AlertmanagerSink, AlertSink, DeliveryPolicy, LogSink, SinkWorker, WebhookSink
@@ -187,6 +188,8 @@ class ServerApp:
         self._quiet_checked: dict[str, float] = {}
         #: With cluster.peers: this replica's silences reconciled with the peers' (server/silences_api.py).
         self._silence_sync: SilenceSync | None = None
+        if self.fanout is not None and self.page_sessions is not None:
+            self.page_sessions.peers = FanOutPeers(self.fanout)
         if self.fanout is not None:
             api = SilencesApi(self.silences, self.fanout)
             self._silence_sync = SilenceSync(api, self.config.cluster.silence_sync_s)
@@ -218,7 +221,9 @@ class ServerApp:
     def _routes(self) -> tuple[Any, ...]:
         """The HTTP read routes; with cluster.peers, the read API fanned out over every replica first."""
         query = QueryApi(self).route
-        local = (query, Pages(self, query).route, relays_route(self.relays, self.relay))
+        local: tuple[Any, ...] = (query, Pages(self, query).route, relays_route(self.relays, self.relay))
+        if self.page_sessions is not None:
+            local = (*local, SessionsApi(self.page_sessions).route)
         if self.fanout is None:
             return local
         self.fanout.local = (query,)

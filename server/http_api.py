@@ -63,6 +63,7 @@ from gradwatch.server.auth import HttpGuard
 from gradwatch.server.fanout import FanOut
 from gradwatch.server.limits import HttpRejections
 from gradwatch.server.sessions import ALLOWED, HTML, LOGIN, LOGOUT, MAX_FORM_BYTES, Answer, PageSessions
+from gradwatch.server.sessions_api import SESSIONS, SessionsApi
 from gradwatch.server.silences import SilenceBook
 from gradwatch.server.silences_api import SILENCES, SilencesApi
 
@@ -247,6 +248,11 @@ class HttpApi:
                 status, content_type, body = await self._view(self._get, url.raw_path, url.raw_query_string, own)
             elif request.method == hdrs.METH_POST and request.path == SILENCES:
                 status, content_type, body = await self._post_silence(request)
+            elif request.method == hdrs.METH_DELETE and request.path.startswith(SESSIONS + "/") and self._sessions:
+                digest = request.path[len(SESSIONS) + 1 :]
+                status, content_type, body = await self._loop.run_in_executor(
+                    self._pool, SessionsApi(self._sessions).delete, digest
+                )
             elif request.method == hdrs.METH_DELETE and request.path.startswith(SILENCES + "/"):
                 status, reply = await self._loop.run_in_executor(
                     self._pool, self._silences_api.expire, request.path[len(SILENCES) + 1 :], *_writer(request)
@@ -263,11 +269,17 @@ class HttpApi:
         """The page sessions' answer (gradwatch.server.sessions): login and logout, or a page's verdict."""
         assert self._sessions is not None
         cookies, authorization = request.cookies, request.headers.get(hdrs.AUTHORIZATION)
-        answer = self._sessions.gate(request.method, request.raw_path, request.path, cookies, authorization)
+        gate = self._sessions.gate
+        args = (request.method, request.raw_path, request.path, cookies, authorization)
+        # With peers a session may be another replica's: asking them blocks, so it runs on the view threads.
+        if self._sessions.peers is None:
+            answer = gate(*args)
+        else:
+            answer = await self._loop.run_in_executor(self._pool, gate, *args)
         if answer is None and request.method == hdrs.METH_POST and request.path in (LOGIN, LOGOUT):
             body = await self._read_body(request, MAX_FORM_BYTES)
             form = self._sessions.login if request.path == LOGIN else self._sessions.logout
-            answer = form(body or b"", cookies)
+            answer = await self._loop.run_in_executor(self._pool, form, body or b"", cookies)
         return answer
 
     async def _view(self, view: Callable[[str, str], tuple[int, str, bytes]], path: str, query: str,

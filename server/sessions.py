@@ -23,6 +23,11 @@ Flow
   query), as a path relative to the server's root: never another host, so the login is no open redirect.
 - Nothing changes state on GET: `GET /logout` shows a form, `POST /logout` (with its CSRF pair) ends the
   session. Silences are written with a bearer token only, never with the cookie.
+- Several replicas (`cluster.peers`, with `peers` set): a session stays held by the replica that opened it, and
+  any other replica behind the same Service honours it by asking the peers (`SessionPeers.ask`, by the SHA-256
+  of the session id: a digest opens nothing) and keeps the answer BORROW_TTL_S at most; the grant it names
+  must be in force in this replica's tokens file too. A logout through any replica ends it on every replica
+  (`SessionPeers.revoke`). Sessions opened by a replica end when that replica stops, as on one replica.
 """
 
 from __future__ import annotations
@@ -39,19 +44,23 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
+from typing import Protocol
 from urllib.parse import parse_qs, quote
 
 from gradwatch.incident_report import PAGE_CSS
 from gradwatch.server.auth import HttpGuard, TokenSource
 
-__all__ = ["MAX_SESSIONS", "SESSION_TTL_S", "Answer", "PageSessions", "is_page"]
+__all__ = ["BORROW_TTL_S", "MAX_SESSIONS", "SESSION_TTL_S", "Answer", "PageSessions", "SessionPeers", "is_page"]
 
 log = logging.getLogger(__name__)
 
 #: How long a session lasts from login.
 SESSION_TTL_S = 12 * 3600.0
-#: Sessions held at once (the oldest is dropped first).
+#: Sessions held at once (the oldest is dropped first); as many borrowed from peers.
 MAX_SESSIONS = 10000
+#: Longest a session another replica holds is honoured here before that replica is asked again (so a logout
+#: that could not reach this replica ends the session here within this time).
+BORROW_TTL_S = 30.0
 #: Largest login or logout form body accepted.
 MAX_FORM_BYTES = 8192
 #: Longest `next` kept through a login.
@@ -61,6 +70,8 @@ HTML = "text/html; charset=utf-8"
 #: A page path relative to the server's root, with its query: the overview or one incident.
 _NEXT = re.compile(r"(incidents/[^/?#\\]+)?(\?[^#\\]*)?")
 _NO_STORE = {"Cache-Control": "no-store"}
+#: A session id as `login` makes them (secrets.token_urlsafe(32)).
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,16 @@ class _Session:
     expires_at: float
 
 
+class SessionPeers(Protocol):
+    """The other replicas' sessions (server/sessions_api.py), by the SHA-256 of a session id, in hex."""
+
+    def ask(self, digest: str) -> tuple[str, float] | None:
+        """(grant name, expiry) of the session some peer holds, or None."""
+
+    def revoke(self, digest: str) -> None:
+        """End the session on every peer that holds or honours it."""
+
+
 def is_page(path: str) -> bool:
     """The HTML pages (gradwatch.server.pages): the overview and the incident reports."""
     return path == "/" or (path.startswith("/incidents/") and path.count("/") == 2)
@@ -104,7 +125,11 @@ class PageSessions:
         prefix = "__Host-" if secure else ""
         self.cookie, self.csrf_cookie = f"{prefix}gradwatch_session", f"{prefix}gradwatch_login_csrf"
         self._sessions: collections.OrderedDict[bytes, _Session] = collections.OrderedDict()
+        #: Sessions other replicas hold, honoured here: digest -> (grant name, session expiry, asked at).
+        self._borrowed: collections.OrderedDict[bytes, tuple[str, float, float]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        #: The other replicas, when there are any (set by the app with `cluster.peers`).
+        self.peers: SessionPeers | None = None
 
     def __len__(self) -> int:
         with self._lock:
@@ -136,12 +161,57 @@ class PageSessions:
         now = self._clock()
         with self._lock:
             found = self._sessions.get(key)
-            if found is None:
+            if found is not None:
+                if found.expires_at <= now or not self._grant_in_force(found.digest):
+                    del self._sessions[key]
+                    return None
+                return found.grant
+        # Only what a replica could have issued is asked about (a garbage cookie costs no question to the peers).
+        return self._borrow(key, now) if _SESSION_ID.fullmatch(sid) else None
+
+    def _borrow(self, key: bytes, now: float) -> str | None:
+        """A session another replica holds (see the module docstring), or None."""
+        if self.peers is None:
+            return None
+        with self._lock:
+            held = self._borrowed.get(key)
+        if held is None or now - held[2] >= BORROW_TTL_S:
+            answer = self.peers.ask(key.hex())  # blocking: the gate runs on the HTTP view threads
+            with self._lock:
+                self._borrowed.pop(key, None)
+                if answer is None:
+                    return None
+                held = (answer[0], answer[1], now)
+                self._borrowed[key] = held
+                while len(self._borrowed) > MAX_SESSIONS:
+                    self._borrowed.popitem(last=False)
+        grant, expires_at, _ = held
+        if expires_at <= now or not any(g.name == grant and g.api for g in self._source.book().grants):
+            with self._lock:
+                self._borrowed.pop(key, None)
+            return None
+        return grant
+
+    def lookup(self, digest: str) -> tuple[str, float] | None:
+        """(grant name, expiry) of a session this replica opened and still holds valid, by its digest in hex
+        (what a peer asks); never one borrowed from a peer."""
+        key = _key(digest)
+        if key is None:
+            return None
+        now = self._clock()
+        with self._lock:
+            found = self._sessions.get(key)
+            if found is None or found.expires_at <= now or not self._grant_in_force(found.digest):
                 return None
-            if found.expires_at <= now or not self._grant_in_force(found.digest):
-                del self._sessions[key]
-                return None
-            return found.grant
+            return found.grant, found.expires_at
+
+    def drop(self, digest: str) -> bool:
+        """End the session with this digest (hex) here, held or borrowed; whether there was one."""
+        key = _key(digest)
+        if key is None:
+            return False
+        with self._lock:
+            return (self._sessions.pop(key, None) is not None) | (self._borrowed.pop(key, None) is not None)
 
     def _grant_in_force(self, digest: bytes) -> bool:
         return any(hmac.compare_digest(g.digest, digest) and g.api for g in self._source.book().grants)
@@ -187,8 +257,10 @@ class PageSessions:
             return self._logout_form(403, "The form expired or came from another site: log out again.")
         sid = cookies.get(self.cookie)
         if sid:
-            with self._lock:
-                self._sessions.pop(hashlib.sha256(sid.encode("utf-8", "replace")).digest(), None)
+            digest = hashlib.sha256(sid.encode("utf-8", "replace")).hexdigest()
+            self.drop(digest)
+            if self.peers is not None:
+                self.peers.revoke(digest)
         return _redirect("login", self._cookie(self.cookie, "", 0), self._cookie(self.csrf_cookie, "", 0))
 
     def _csrf_ok(self, form: Mapping[str, str], cookies: Mapping[str, str]) -> bool:
@@ -232,6 +304,16 @@ class PageSessions:
         if self._secure:
             morsel["secure"] = True
         return morsel.OutputString()
+
+
+def _key(digest: str) -> bytes | None:
+    """A session key from its hex digest, or None when it is not one."""
+    if len(digest) != 64:
+        return None
+    try:
+        return bytes.fromhex(digest)
+    except ValueError:
+        return None
 
 
 def safe_next(value: str) -> str:
