@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import queue
 import time
 from collections.abc import Iterator
 
@@ -268,3 +269,25 @@ def test_app_stop_ends_open_streams_after_grace_with_unavailable() -> None:
     finally:
         stream.close()
         app.stop(grace=0)
+
+
+def test_acks_wait_for_the_timer_but_a_goodbye_is_acknowledged_at_once(
+    app: ServerApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks are coalesced over ACK_DELAY_S; an agent closing waits for the Ack of everything before it half-closes,
+    so the Goodbye's burst is acknowledged without waiting for the timer (here ten minutes)."""
+    import gradwatch.server.grpc_service as grpc_service
+
+    monkeypatch.setattr(grpc_service, "ACK_DELAY_S", 600.0)
+    stream = AgentStream(app.grpc_target)
+    try:
+        stream.send(hello_frame(run="farewell"))
+        assert stream.recv().WhichOneof("body") == "welcome"
+        for seq in (1, 2, 3):
+            stream.send(report_frame(seq))
+        with pytest.raises(queue.Empty):  # applied, not yet acknowledged: the timer has ten minutes to go
+            stream.recv(timeout=1.0)
+        stream.send(pb.AgentFrame(goodbye=pb.Goodbye(final_step=3, reason="done")))
+        stream.recv_ack(3, timeout=10.0)
+    finally:
+        stream.close()
