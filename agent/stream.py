@@ -20,7 +20,10 @@ import grpc
 from gradwatch.v1 import gradwatch_pb2 as pb
 from gradwatch.v1 import gradwatch_pb2_grpc as pb_grpc
 
-__all__ = ["FLUSH_MAX_BYTES", "ChannelFactory", "OpenStream", "Response", "StreamEnded", "flush", "insecure_channel"]
+__all__ = [
+    "CHANNEL_OPTIONS", "FLUSH_MAX_BYTES", "ChannelFactory", "OpenStream", "Response", "StreamEnded", "flush",
+    "insecure_channel",
+]  # fmt: skip
 
 ChannelFactory = Callable[[str], grpc.Channel]
 
@@ -28,10 +31,17 @@ ChannelFactory = Callable[[str], grpc.Channel]
 FLUSH_MAX_BYTES = 3 * 1024 * 1024
 
 
+#: Every agent channel has its own connection: gRPC otherwise shares one per target between the channels of a
+#: process, with its reconnect backoff (up to 120 s), so a fresh channel to a server that just came back failed at
+#: once while an older channel to it was still backing off (the final Flush after a server restart did). The
+#: sender's own retry policy decides when to try again.
+CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+
+
 def insecure_channel(target: str) -> grpc.Channel:
     """The default channel: plaintext, no keepalive pings (servers reject frequent pings by default; the
-    agent's heartbeats on the stream keep it alive)."""
-    return grpc.insecure_channel(target)
+    agent's heartbeats on the stream keep it alive), its own connection (CHANNEL_OPTIONS)."""
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ from gradwatch.agent.config import (
     ENV_TOKEN_FILE,
     AgentConfig,
 )
+from gradwatch.agent.stream import CHANNEL_OPTIONS, insecure_channel
 from gradwatch.routing import ReplicaRouter, Resolver
 
 __all__ = ["Metadata", "Transport"]
@@ -100,9 +101,9 @@ class Transport:
     def channel(self, target: str) -> grpc.Channel:
         """A fresh channel to `target`: plaintext, or TLS with the configured CAs and client certificate."""
         if self._credentials is None:
-            return grpc.insecure_channel(target)
+            return insecure_channel(target)
         name = self._server_names.get(target)
-        options = [("grpc.ssl_target_name_override", name)] if name else []
+        options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", name)] if name else [])]
         return grpc.secure_channel(target, self._credentials, options=options)
 
     def metadata(self) -> Metadata:

@@ -19,6 +19,7 @@ from gradwatch.agent.counters import DROP_REASONS  # noqa: E402
 from gradwatch.agent.monitor import AgentMonitor, Monitor, attach  # noqa: E402
 from gradwatch.agent.replay import ReplayBuffer  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
+from gradwatch.v1 import gradwatch_pb2_grpc as pb_grpc  # noqa: E402
 from paging_support import refused_port  # noqa: E402
 
 # A step that waited on the network would take a connect or Welcome timeout (seconds); the bound leaves room
@@ -343,3 +344,30 @@ def test_agent_reports_the_loss_of_its_step_even_if_the_caller_changes_the_tenso
         assert monitor.close(timeout=5)
     got = [r.loss for r in server.servicer.reports()]
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_fresh_agent_channel_connects_at_once_while_another_to_the_same_server_backs_off() -> None:
+    """The final Flush after a server came back: an older channel of the process to that server is still in gRPC's
+    reconnect backoff (it failed while the server was down). The agent's channels have connections of their own,
+    so the Flush's channel tries at once instead of failing with the older one's last error."""
+    from gradwatch.agent.stream import flush, insecure_channel
+    from paging_support import released_port
+
+    port = released_port()
+    target = f"127.0.0.1:{port}"
+    backing_off = insecure_channel(target)
+    try:
+        stub = pb_grpc.IngestStub(backing_off)
+        for _ in range(6):  # the server is down: each attempt fails and the connection backs off further
+            with pytest.raises(grpc.RpcError):
+                stub.Flush(pb.FlushRequest(), timeout=0.3)
+            time.sleep(0.2)
+        server = ScriptableServer(port=port).start()
+        try:
+            hello = pb.Hello(run_id="back", session_id="s", protocol_version=1, world_size=1)
+            frames = [pb.AgentFrame(seq=1, report=pb.StepReport(step=1))]
+            assert flush(insecure_channel, target, hello, frames, timeout_s=5.0) == 1
+        finally:
+            server.stop()
+    finally:
+        backing_off.close()
