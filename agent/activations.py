@@ -129,8 +129,11 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
 
 
 def _contracting(module: nn.Module) -> bool:
-    """Whether `module` maps finite inputs to finite outputs (CONTRACTING_TYPES, slopes checked)."""
+    """Whether `module` maps finite inputs to finite outputs (CONTRACTING_TYPES with torch's own forward, slopes
+    checked): a subclass that overrides `forward` may compute anything."""
     if not isinstance(module, CONTRACTING_TYPES) or any(True for _ in module.parameters(recurse=False)):
+        return False
+    if not any(type(module).forward is kind.forward for kind in CONTRACTING_TYPES):
         return False
     if isinstance(module, nn.LeakyReLU):
         return abs(module.negative_slope) <= 1.0
@@ -153,7 +156,7 @@ class ActivationCapture:
     calls: list[int] = field(default_factory=list)  # module index (INPUT: the input) of each value, in call order
     values: list[torch.Tensor] = field(default_factory=list)  # 0-d float32: non-finite iff that output was
     order: list[int] = field(default_factory=list)  # module indexes in order of first call
-    seen: set[int] = field(default_factory=set)  # the same indexes, for lookups
+    seen: dict[int, int] = field(default_factory=dict)  # the same indexes -> their position in `order`
     full: bool = False
     eager: bool = False  # every output reduced when its module returns (full and learning reports)
     # Outputs kept until the next flush: the tensor, its version when its module returned, the call's index and,
@@ -173,7 +176,9 @@ class ActivationCapture:
     output_rms: torch.Tensor | None = None
     input_mean: torch.Tensor | None = None  # per feature, at most MAX_INPUT_FEATURES
     input_std: torch.Tensor | None = None
-    last_output: weakref.ref[torch.Tensor] | None = None  # what the previously observed module returned
+    # What the previously observed module returned, its version then, and the position in `order` of the module
+    # whose counted value vouches for it (its own, or for an implied output the one that implied it): `_implied`.
+    last_output: tuple[weakref.ref[torch.Tensor], int, int] | None = None
 
     @property
     def sums(self) -> dict[int, torch.Tensor]:
@@ -411,15 +416,14 @@ class ActivationTap:
                 return
             with errors.guarded("forward_hook", self._add_agent_time):
                 capture = self._current()
-                last = capture.last_output
-                capture.last_output = weakref.ref(out)
-                # See the module docstring: a contracting activation applied to the previous module's output
-                # is finite whenever that output is.
-                implied = contracting and last is not None and bool(args) and args[0] is last()
-                first = index not in capture.seen
-                if first:
-                    capture.seen.add(index)
+                position = capture.seen.get(index)
+                first = position is None
+                if position is None:
+                    position = capture.seen[index] = len(capture.order)
                     capture.order.append(index)
+                anchor = _implied(capture.last_output, position, out, args, contracting)
+                implied = anchor is not None
+                capture.last_output = (weakref.ref(out), out._version, position if anchor is None else anchor)
                 if capture.eager and first and (capture.full or not implied):
                     if capture.full and not self._learning and index not in eager and stackable(out):
                         capture.deferred.append((out, out._version, index, bounds))  # see _flush_deferred
@@ -442,6 +446,52 @@ class ActivationTap:
                     self._tick(capture, out)
 
         return hook
+
+
+def _implied(
+    last: tuple[weakref.ref[torch.Tensor], int, int] | None, position: int, out: torch.Tensor, args: Any,
+    contracting: bool,
+) -> int | None:  # fmt: skip
+    """The position of the module that vouches for `out` (the output of the call at `position` in forward order),
+    or None when `out` needs its own value (module docstring). `last`: the previously observed output, its version
+    when it returned and the position of the module vouching for it. `out` is implied when it can only be
+    non-finite if that module's counted value is, and that module comes no later in forward order:
+    - its elements are elements of the last output, unwritten since (a container returning its last child's
+      output, a view or slice of it, the same tensor handed on), or
+    - the module is contracting and its input is such a part of the last output, unwritten since it returned
+      (out of place), or written once since, by this module itself (in place: `out` is its input, one version on).
+    """
+    if last is None or position < last[2]:
+        return None
+    kept = last[0]()
+    if kept is None:
+        return None
+    if out._version == last[1] and _within(out, kept):
+        return last[2]
+    if contracting and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+        if (x._version == last[1] or (x is out and x._version == last[1] + 1)) and _within(x, kept):
+            return last[2]
+    return None
+
+
+def _within(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether every element of `x` is an element of `t`, read as the same dtype, with one version counter
+    shared by both (so equal versions mean no in-place write to either in between): `x` is `t`, or both are
+    views of one base and `x`'s elements lie in `t`'s (contiguous `t`: its address range; otherwise the very
+    same geometry)."""
+    if x is t:
+        return True
+    xb, tb = x._base, t._base
+    if (x if xb is None else xb) is not (t if tb is None else tb) or x.dtype != t.dtype:
+        return False
+    if not t.is_contiguous():
+        return x.data_ptr() == t.data_ptr() and x.shape == t.shape and x.stride() == t.stride()
+    size = t.element_size()
+    start, misaligned = divmod(x.data_ptr() - t.data_ptr(), size)
+    if start < 0 or misaligned or any(s < 0 for s in x.stride()):
+        return False
+    return start + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) < t.numel()
 
 
 def _deferrable(t: torch.Tensor) -> bool:
