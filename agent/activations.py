@@ -32,11 +32,14 @@ case: an output first written in place (after its module returned, before the ne
 first is reduced (and, on a full report, measured) as written on that one report (a NaN in it is still reported,
 possibly at that module rather than a later one), and when its module returns from then on. Extra memory: the
 outputs observed since the last flush, kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES
-(and PENDING_CALLS references). One output is not kept at all, without changing that answer: a *contracting*
-activation (`CONTRACTING_TYPES`: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so a finite input
-gives a finite output) whose input is the very tensor the previously observed module returned. Its output can only
-be non-finite if that input was, and then the previous module (or one before it) is the first anyway. NaN born in
-functional code between the two gives the activation another input tensor, so it is kept as usual.
+(and PENDING_CALLS references). Outputs not kept at all, without changing that answer (`_implied`): an output
+whose elements are elements of the previously observed module's output, unwritten since (version counters; a
+container handing on its last child's output, a view or slice of it), and the output of a *contracting* activation
+(`CONTRACTING_TYPES` with torch's own forward: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so
+a finite input gives a finite output) whose input is such a part of it, unwritten since, or written once by the
+activation itself in place. Either can only be non-finite if that previous output was, and the module vouching for
+it must come no later in forward order (a reused activation first called earlier keeps its own value). NaN born
+in functional code between the two gives the module another tensor, or moves the version, so it is kept as usual.
 
 Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
 (channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros, fraction
