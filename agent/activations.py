@@ -12,34 +12,36 @@ compiled region reports gradients, weights and the loss as usual, without activa
 provenance, and a checkpointed module is counted once per step.
 
 Every observed step: NaN provenance from a value per module call (and one for the input) that is non-finite exactly
-when some element of that output is NaN/Inf (or its magnitudes sum past float32's range, ~1e38: an explosion
-anyway), so the sender can name, on the step itself, the first module *in forward order* whose output went
-non-finite, or the input batch. Forward order is recorded on the host as the order of first calls. The outputs are
-not reduced one by one: the hooks keep references to them and, at the end of the model's forward (or when
-PENDING_BYTES or PENDING_CALLS are reached, or at `take()`), one multi-tensor L1 norm (`torch._foreach_norm`,
+when some element of that output is NaN/Inf (or its sum, of magnitudes in the multi-tensor norm, runs past float32's
+range, ~1e38: an explosion anyway), so the sender can name, on the step itself, the first module *in forward order*
+whose output went non-finite, or the input batch. Forward order is recorded on the host as the order of first calls.
+The outputs are not reduced one by one: the hooks keep references to them and, at the end of the model's forward (or
+when PENDING_BYTES or PENDING_CALLS are reached, or at `take()`), one multi-tensor L1 norm (`torch._foreach_norm`,
 float32 accumulation) per (device, dtype) reduces them all: a constant number of device operations per forward
-whatever the model's size. Exactness under in-place operations: each kept output carries its version counter
-(`Tensor._version`, bumped by every in-place write to it or a view of it); an output written in place after its
-module returned (`out += identity`, an in-place activation, `masked_fill_`) makes that module *eager*: from then on
-its output is reduced when it returns (its own float32 sum), so no later in-place write can add or hide a
-non-finite value. Which modules are eager is learned on the first report after `install()` (there every output is
-reduced when it returns, and versions are still checked at each flush), and on every report from each flush's
-version checks. The bounds count every observed call, kept or not, so a forward's early flushes fall at the same
-calls on every report of the same shapes: a write that comes after such a flush finds the output already reduced,
-on learning and ordinary reports alike (each forward counts from 0, also when nothing was kept at its end: with
-gradient accumulation a learning report keeps less in its later forwards than an ordinary one). The one inexact
-case: an output first written in place (after its module returned, before the next flush) on a report after the
-first is reduced (and, on a full report, measured) as written on that one report (a NaN in it is still reported,
-possibly at that module rather than a later one), and when its module returns from then on. Extra memory: the
-outputs observed since the last flush, kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES
-(and PENDING_CALLS references). Outputs not kept at all, without changing that answer (`_implied`): an output
-whose elements are elements of the previously observed module's output, unwritten since (version counters; a
-container handing on its last child's output, a view or slice of it), and the output of a *contracting* activation
-(`CONTRACTING_TYPES` with torch's own forward: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so
-a finite input gives a finite output) whose input is such a part of it, unwritten since, or written once by the
-activation itself in place. Either can only be non-finite if that previous output was, and the module vouching for
-it must come no later in forward order (a reused activation first called earlier keeps its own value). NaN born
-in functional code between the two gives the module another tensor, or moves the version, so it is kept as usual.
+whatever the model's size. On a CPU, kept outputs of SUM_ALONE_BYTES or more are each summed alone instead (torch's
+CPU `_foreach_norm` reads at a quarter to half a sum's speed; an operation per such output costs less than the time
+saved), so there the count grows with the number of large outputs. Exactness under in-place operations: each kept
+output carries its version counter (`Tensor._version`, bumped by every in-place write to it or a view of it); an
+output written in place after its module returned (`out += identity`, an in-place activation, `masked_fill_`) makes
+that module *eager*: from then on its output is reduced when it returns (its own float32 sum), so no later in-place
+write can add or hide a non-finite value. Which modules are eager is learned on the first report after `install()`
+(there every output is reduced when it returns, and versions are still checked at each flush), and on every report
+from each flush's version checks. The bounds count every observed call, kept or not, so a forward's early flushes fall
+at the same calls on every report of the same shapes: a write that comes after such a flush finds the output already
+reduced, on learning and ordinary reports alike (each forward counts from 0, also when nothing was kept at its end:
+with gradient accumulation a learning report keeps less in its later forwards than an ordinary one). The one inexact
+case: an output first written in place (after its module returned, before the next flush) on a report after the first
+is reduced (and, on a full report, measured) as written on that one report (a NaN in it is still reported, possibly at
+that module rather than a later one), and when its module returns from then on. Extra memory: the outputs observed
+since the last flush, kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES (and PENDING_CALLS
+references). Outputs not kept at all, without changing that answer (`_implied`): an output whose elements are elements
+of the previously observed module's output, unwritten since (version counters; a container handing on its last child's
+output, a view or slice of it), and the output of a *contracting* activation (`CONTRACTING_TYPES` with torch's own
+forward: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so a finite input gives a finite output)
+whose input is such a part of it, unwritten since, or written once by the activation itself in place. Either can only
+be non-finite if that previous output was, and the module vouching for it must come no later in forward order (a
+reused activation first called earlier keeps its own value). NaN born in functional code between the two gives the
+module another tensor, or moves the version, so it is kept as usual.
 
 Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
 (channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros, fraction
@@ -92,6 +94,7 @@ __all__ = [
     "PENDING_BYTES",
     "PENDING_CALLS",
     "STATS_PER_MODULE",
+    "SUM_ALONE_BYTES",
     "VALUES_PER_MODULE",
     "ActivationCapture",
     "ActivationItem",
@@ -150,6 +153,11 @@ INPUT = -1
 #: Bytes of module outputs kept for one multi-tensor reduction at most (then they are reduced early), and calls.
 PENDING_BYTES = 256 * 1024 * 1024
 PENDING_CALLS = 4096
+#: Kept CPU outputs of at least this many bytes are reduced one by one with a float sum instead of joining the
+#: multi-tensor L1 norm: on a CPU torch's `_foreach_norm` loops over a vector norm that reads about 4 GB/s on one
+#: thread, a sum about 17-21 GB/s (bench/provenance_pass.py), so from here on the saving exceeds an operation's
+#: dispatch (a few µs). Either value is non-finite when the output holds a NaN or an infinity.
+SUM_ALONE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -288,16 +296,20 @@ class ActivationTap:
             self._fold(capture)
 
     def _flush(self, capture: ActivationCapture) -> None:
-        """Reduce the kept outputs (one multi-tensor norm per device and dtype) and learn which modules' outputs
-        were written in place since they returned (they are reduced eagerly from now on)."""
+        """Reduce the kept outputs (one multi-tensor norm per device and dtype; large CPU outputs a sum each) and
+        learn which modules' outputs were written in place since they returned (reduced eagerly from now on)."""
         pending, capture.pending, capture.pending_bytes, capture.pending_calls = capture.pending, [], 0, 0
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
+        alone: list[tuple[torch.Tensor, int]] = []
         for t, version, index, value in pending:
             if t._version != version:
                 self._eager.add(index)
             if value is not None:
                 capture.calls.append(index)
                 capture.values.append(value)
+                continue
+            if t.is_cpu and t.numel() * t.element_size() >= SUM_ALONE_BYTES:
+                alone.append((t, index))
                 continue
             group = groups.get((t.device, t.dtype))
             if group is None:
@@ -309,6 +321,9 @@ class ActivationTap:
                 accumulate = torch.float64 if dtype == torch.float64 else _F32
                 capture.calls += indexes
                 capture.values += torch._foreach_norm(tensors, 1, dtype=accumulate)
+            for t, index in alone:
+                capture.calls.append(index)
+                capture.values.append(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else _F32))
             if capture.deferred:
                 self._flush_deferred(capture)
 

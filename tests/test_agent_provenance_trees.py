@@ -169,27 +169,29 @@ def programs(draw: st.DrawFn) -> tuple[list[tuple[Any, ...]], list[int]]:
     interval=st.sampled_from((1, 3, 100)),
     calls_bound=st.sampled_from((2, 3, activations.PENDING_CALLS)),
     forwards=st.sampled_from(((1,), (0, 1), (1, 0))),
+    sum_alone=st.sampled_from((0, activations.SUM_ALONE_BYTES)),
 )
 # A reused activation called first before the poisoned layer: the activation comes first in forward order.
-@example(program=([("emit",), ("act", 0), ("emit",), ("act", 0)], [0]), poison_step=1, poison_at=1,
-         value=float("nan"), interval=100, calls_bound=activations.PENDING_CALLS, forwards=(1,))  # fmt: skip
+@example(program=([("emit",), ("act", 0), ("emit",), ("act", 0)], [0]), poison_step=1, poison_at=1, value=float("nan"),
+         interval=100, calls_bound=activations.PENDING_CALLS, forwards=(1,), sum_alone=0)  # fmt: skip
 # A residual add brings the value between a layer and the activation applied to its (same) output tensor.
-@example(program=([("emit",), ("between", "add_"), ("act", 0)], [0]), poison_step=2, poison_at=1,
-         value=float("inf"), interval=100, calls_bound=activations.PENDING_CALLS, forwards=(1,))  # fmt: skip
+@example(program=([("emit",), ("between", "add_"), ("act", 0)], [0]), poison_step=2, poison_at=1, value=float("inf"),
+         interval=100, calls_bound=activations.PENDING_CALLS, forwards=(1,), sum_alone=0)  # fmt: skip
 def test_named_module_equals_a_from_scratch_check_on_generated_trees(
     program: tuple[list[tuple[Any, ...]], list[int]], poison_step: int, poison_at: int, value: float, interval: int,
-    calls_bound: int, forwards: tuple[int, ...],
+    calls_bound: int, forwards: tuple[int, ...], sum_alone: int,
 ) -> None:  # fmt: skip
     """`poison_at` picks an emitter or an add among the program's ops; `forwards`: 1 where the poisoned step
-    poisons that forward (two forwards: gradient accumulation)."""
+    poisons that forward (two forwards: gradient accumulation); `sum_alone` 0: every kept output summed alone."""
     model = Program(*program)
     emitters = _emitters(model)
     adds = [p for p, op in enumerate(model.ops) if op[0] == "between" and op[1] in ("add_", "add")]
     targets: list[Any] = [*emitters, *adds]
     target = targets[poison_at % len(targets)]
     expected: list[str | None] = []
-    saved_bound = activations.PENDING_CALLS
+    saved = activations.PENDING_CALLS, activations.SUM_ALONE_BYTES
     activations.PENDING_CALLS = calls_bound  # early flushes, several per forward
+    activations.SUM_ALONE_BYTES = sum_alone
     handles, seen = _reference(model)
     try:
         with ScriptableServer() as server:
@@ -212,7 +214,7 @@ def test_named_module_equals_a_from_scratch_check_on_generated_trees(
             got = [names[r.first_non_finite_module] if r.non_finite & pb.NON_FINITE_FLAG_ACTIVATION else None
                    for r in server.servicer.reports()]  # fmt: skip
     finally:
-        activations.PENDING_CALLS = saved_bound
+        activations.PENDING_CALLS, activations.SUM_ALONE_BYTES = saved
         for handle in handles:
             handle.remove()
     assert got == expected
