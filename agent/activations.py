@@ -187,9 +187,10 @@ class ActivationCapture:
     output_rms: torch.Tensor | None = None
     input_mean: torch.Tensor | None = None  # per feature, at most MAX_INPUT_FEATURES
     input_std: torch.Tensor | None = None
-    # What the previously observed module returned, its version then, and the position in `order` of the module
-    # whose counted value vouches for it (its own, or for an implied output the one that implied it): `_implied`.
-    last_output: tuple[weakref.ref[torch.Tensor], int, int] | None = None
+    # What the previously observed module returned (one tensor held until the next observed call or `take()`), its
+    # version then, and the position in `order` of the module whose counted value vouches for it (its own, or for
+    # an implied output the one that implied it): `_implied`.
+    last_output: tuple[torch.Tensor, int, int] | None = None
 
     @property
     def sums(self) -> dict[int, torch.Tensor]:
@@ -308,7 +309,7 @@ class ActivationTap:
                 capture.calls.append(index)
                 capture.values.append(value)
                 continue
-            if t.is_cpu and t.numel() * t.element_size() >= SUM_ALONE_BYTES:
+            if t.is_cpu and t.nbytes >= SUM_ALONE_BYTES:
                 alone.append((t, index))
                 continue
             group = groups.get((t.device, t.dtype))
@@ -439,9 +440,12 @@ class ActivationTap:
                 if position is None:
                     position = capture.seen[index] = len(capture.order)
                     capture.order.append(index)
-                anchor = _implied(capture.last_output, position, out, args, contracting)
+                last = capture.last_output
+                anchor = None  # below: the common fresh output of a non-contracting module skips the call
+                if last is not None and (contracting or out is last[0] or out._base is not None):
+                    anchor = _implied(last, position, out, args, contracting)
                 implied = anchor is not None
-                capture.last_output = (weakref.ref(out), out._version, position if anchor is None else anchor)
+                capture.last_output = (out, out._version, position if anchor is None else anchor)
                 if capture.eager and first and (capture.full or not implied):
                     if capture.full and not self._learning and index not in eager and stackable(out):
                         capture.deferred.append((out, out._version, index, bounds))  # see _flush_deferred
@@ -467,7 +471,7 @@ class ActivationTap:
 
 
 def _implied(
-    last: tuple[weakref.ref[torch.Tensor], int, int] | None, position: int, out: torch.Tensor, args: Any,
+    last: tuple[torch.Tensor, int, int], position: int, out: torch.Tensor, args: Any,
     contracting: bool,
 ) -> int | None:  # fmt: skip
     """The position of the module that vouches for `out` (the output of the call at `position` in forward order),
@@ -479,17 +483,17 @@ def _implied(
     - the module is contracting and its input is such a part of the last output, unwritten since it returned
       (out of place), or written once since, by this module itself (in place: `out` is its input, one version on).
     """
-    if last is None or position < last[2]:
+    kept, version, anchor = last
+    if position < anchor:
         return None
-    kept = last[0]()
-    if kept is None:
-        return None
-    if out._version == last[1] and _within(out, kept):
-        return last[2]
-    if contracting and args and isinstance(args[0], torch.Tensor):
+    if (out is kept or (out._base is not None and _within(out, kept))) and out._version == version:
+        return anchor
+    if contracting and args:
         x = args[0]
-        if (x._version == last[1] or (x is out and x._version == last[1] + 1)) and _within(x, kept):
-            return last[2]
+        if (x is kept or (isinstance(x, torch.Tensor) and x._base is not None and _within(x, kept))) and (
+            x._version == version or (x is out and x._version == version + 1)
+        ):
+            return anchor
     return None
 
 
