@@ -254,6 +254,7 @@ class ActivationTap:
         """The capture since the last call (its kept outputs reduced now), or None when no forward ran."""
         capture, self._capture = self._capture, None
         if capture is not None:
+            capture.last_output = None  # the one output held for `_implied`: not beyond its report
             self._learning = False
             if capture.pending or capture.deferred:
                 self._flush(capture)
