@@ -7,7 +7,8 @@ of it or their own input, in-place writes between modules (a residual add that c
 clean-up that removes one, a masked write), views and functional copies between modules, one or two forwards per
 step, early flushes, full-statistics reports. The reference: hooks stored on the modules (test only) that record,
 as each call returns, whether its output is all finite; the expected name is the first module, in order of first
-call over the step, with a non-finite output in any call.
+call over the step, with a non-finite output in any call. And the view check behind "an output made of elements of
+the last output": sound on generated view chains of one base.
 """
 
 from __future__ import annotations
@@ -218,3 +219,51 @@ def test_named_module_equals_a_from_scratch_check_on_generated_trees(
         for handle in handles:
             handle.remove()
     assert got == expected
+
+
+def _apply(t: torch.Tensor, ops: list[tuple[str, int]]) -> torch.Tensor:
+    """A chain of view operations (each skipped where it does not apply to the tensor's shape)."""
+    for name, k in ops:
+        if t.dim() == 0:
+            break
+        d = k % t.dim()
+        n = t.shape[d]
+        if name == "slice" and n > 1:
+            t = t.narrow(d, k % n, max(1, n - k % n - 1))
+        elif name == "step" and n > 1:
+            t = t.select(d, 0).unsqueeze(d) if k % 3 == 0 else t[(slice(None),) * d + (slice(None, None, 2),)]
+        elif name == "t" and t.dim() >= 2:
+            t = t.transpose(d, (d + 1) % t.dim())
+        elif name == "flat" and t.is_contiguous():
+            t = t.view(-1)
+        elif name == "split" and t.dim() == 1 and n % 2 == 0:
+            t = t.view(2, n // 2)
+        elif name == "expand":
+            t = t.unsqueeze(0).expand(2, *t.shape)
+        elif name == "strided" and t.numel() > 2:
+            t = t.as_strided((2,), (k % 3,), t.storage_offset() + k % 2)
+    return t
+
+
+VIEW_OPS = st.lists(st.tuples(st.sampled_from(("slice", "step", "t", "flat", "split", "expand", "strided")),
+                              st.integers(0, 7)), max_size=4)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), kept_ops=VIEW_OPS, out_ops=VIEW_OPS,
+       from_kept=st.booleans(), reinterpret=st.booleans())  # fmt: skip
+def test_an_output_taken_as_part_of_the_last_one_has_only_its_elements(
+    shape: list[int], kept_ops: list[tuple[str, int]], out_ops: list[tuple[str, int]], from_kept: bool,
+    reinterpret: bool,
+) -> None:  # fmt: skip
+    """`_within(x, t)` (an output implied by the last one) only where every element of `x` is an element of `t`:
+    the base holds each storage slot's own index, so the values are the slots. Views of the base or of `t`,
+    slices, steps, transposes, expands, `as_strided` (reaching slots outside `t`), a dtype reinterpretation."""
+    base = torch.arange(float(torch.Size(shape).numel()), dtype=torch.float64).reshape(shape)
+    t = _apply(base, kept_ops)
+    x = _apply(t if from_kept else base, out_ops)
+    if reinterpret and x.is_contiguous() and x.numel():
+        x = x.view(torch.int64)
+    if activations._within(x, t):
+        assert x.dtype == t.dtype
+        assert set(x.flatten().tolist()) <= set(t.flatten().tolist())
