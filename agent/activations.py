@@ -460,7 +460,9 @@ class ActivationTap:
                         capture.stats[index] = module_stats(a.to(_F32), bounds, s, self._positions(a))
                 elif implied:
                     return
-                elif capture.eager or index in eager or not _deferrable(out):
+                elif capture.eager:  # a later call on a learning or full report: kept to learn of writes after it
+                    self._keep(capture, out, index, out.detach().sum(dtype=_F32))
+                elif index in eager or not _deferrable(out):
                     capture.calls.append(index)
                     capture.values.append(out.detach().sum(dtype=_F32))
                 else:
