@@ -12,31 +12,36 @@ compiled region reports gradients, weights and the loss as usual, without activa
 provenance, and a checkpointed module is counted once per step.
 
 Every observed step: NaN provenance from a value per module call (and one for the input) that is non-finite exactly
-when some element of that output is NaN/Inf (or its magnitudes sum past float32's range, ~1e38: an explosion
-anyway), so the sender can name, on the step itself, the first module *in forward order* whose output went
-non-finite, or the input batch. Forward order is recorded on the host as the order of first calls. The outputs are
-not reduced one by one: the hooks keep references to them and, at the end of the model's forward (or when
-PENDING_BYTES or PENDING_CALLS are reached, or at `take()`), one multi-tensor L1 norm (`torch._foreach_norm`,
+when some element of that output is NaN/Inf (or its sum, of magnitudes in the multi-tensor norm, runs past float32's
+range, ~1e38: an explosion anyway), so the sender can name, on the step itself, the first module *in forward order*
+whose output went non-finite, or the input batch. Forward order is recorded on the host as the order of first calls.
+The outputs are not reduced one by one: the hooks keep references to them and, at the end of the model's forward (or
+when PENDING_BYTES or PENDING_CALLS are reached, or at `take()`), one multi-tensor L1 norm (`torch._foreach_norm`,
 float32 accumulation) per (device, dtype) reduces them all: a constant number of device operations per forward
-whatever the model's size. Exactness under in-place operations: each kept output carries its version counter
-(`Tensor._version`, bumped by every in-place write to it or a view of it); an output written in place after its
-module returned (`out += identity`, an in-place activation, `masked_fill_`) makes that module *eager*: from then on
-its output is reduced when it returns (its own float32 sum), so no later in-place write can add or hide a
-non-finite value. Which modules are eager is learned on the first report after `install()` (there every output is
-reduced when it returns, and versions are still checked at each flush), and on every report from each flush's
-version checks. The bounds count every observed call, kept or not, so a forward's early flushes fall at the same
-calls on every report of the same shapes: a write that comes after such a flush finds the output already reduced,
-on learning and ordinary reports alike (each forward counts from 0, also when nothing was kept at its end: with
-gradient accumulation a learning report keeps less in its later forwards than an ordinary one). The one inexact
-case: an output first written in place (after its module returned, before the next flush) on a report after the
-first is reduced (and, on a full report, measured) as written on that one report (a NaN in it is still reported,
-possibly at that module rather than a later one), and when its module returns from then on. Extra memory: the
-outputs observed since the last flush, kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES
-(and PENDING_CALLS references). One output is not kept at all, without changing that answer: a *contracting*
-activation (`CONTRACTING_TYPES`: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so a finite input
-gives a finite output) whose input is the very tensor the previously observed module returned. Its output can only
-be non-finite if that input was, and then the previous module (or one before it) is the first anyway. NaN born in
-functional code between the two gives the activation another input tensor, so it is kept as usual.
+whatever the model's size. On a CPU, kept outputs of SUM_ALONE_BYTES or more are each summed alone instead (torch's
+CPU `_foreach_norm` reads at a quarter to half a sum's speed; an operation per such output costs less than the time
+saved), so there the count grows with the number of large outputs. Exactness under in-place operations: each kept
+output carries its version counter (`Tensor._version`, bumped by every in-place write to it or a view of it); an
+output written in place after its module returned (`out += identity`, an in-place activation, `masked_fill_`) makes
+that module *eager*: from then on its output is reduced when it returns (its own float32 sum), so no later in-place
+write can add or hide a non-finite value. Which modules are eager is learned on the first report after `install()`
+(there every output is reduced when it returns, and versions are still checked at each flush), and on every report
+from each flush's version checks. The bounds count every observed call, kept or not, so a forward's early flushes fall
+at the same calls on every report of the same shapes: a write that comes after such a flush finds the output already
+reduced, on learning and ordinary reports alike (each forward counts from 0, also when nothing was kept at its end:
+with gradient accumulation a learning report keeps less in its later forwards than an ordinary one). The one inexact
+case: an output first written in place (after its module returned, before the next flush) on a report after the first
+is reduced (and, on a full report, measured) as written on that one report (a NaN in it is still reported, possibly at
+that module rather than a later one), and when its module returns from then on. Extra memory: the outputs observed
+since the last flush, kept alive until it beyond what autograd keeps anyway, at most PENDING_BYTES (and PENDING_CALLS
+references). Outputs not kept at all, without changing that answer (`_implied`): an output whose elements are elements
+of the previously observed module's output, unwritten since (version counters; a container handing on its last child's
+output, a view or slice of it), and the output of a *contracting* activation (`CONTRACTING_TYPES` with torch's own
+forward: elementwise, no parameters, |f(x)| ≤ max(|x|, c) for a finite c, so a finite input gives a finite output)
+whose input is such a part of it, unwritten since, or written once by the activation itself in place. Either can only
+be non-finite if that previous output was, and the module vouching for it must come no later in forward order (a
+reused activation first called earlier keeps its own value). NaN born in functional code between the two gives the
+module another tensor, or moves the version, so it is kept as usual.
 
 Full-statistics steps add, per module (first call of the step; units are the last dimension, or dimension 1
 (channels) for tensors of 4 or more dimensions): mean, std, max |a|, non-finite count, fraction of zeros, fraction
@@ -89,6 +94,7 @@ __all__ = [
     "PENDING_BYTES",
     "PENDING_CALLS",
     "STATS_PER_MODULE",
+    "SUM_ALONE_BYTES",
     "VALUES_PER_MODULE",
     "ActivationCapture",
     "ActivationItem",
@@ -129,8 +135,11 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
 
 
 def _contracting(module: nn.Module) -> bool:
-    """Whether `module` maps finite inputs to finite outputs (CONTRACTING_TYPES, slopes checked)."""
+    """Whether `module` maps finite inputs to finite outputs (CONTRACTING_TYPES with torch's own forward, slopes
+    checked): a subclass that overrides `forward` may compute anything."""
     if not isinstance(module, CONTRACTING_TYPES) or any(True for _ in module.parameters(recurse=False)):
+        return False
+    if not any(type(module).forward is kind.forward for kind in CONTRACTING_TYPES):
         return False
     if isinstance(module, nn.LeakyReLU):
         return abs(module.negative_slope) <= 1.0
@@ -144,6 +153,11 @@ INPUT = -1
 #: Bytes of module outputs kept for one multi-tensor reduction at most (then they are reduced early), and calls.
 PENDING_BYTES = 256 * 1024 * 1024
 PENDING_CALLS = 4096
+#: Kept CPU outputs of at least this many bytes are reduced one by one with a float sum instead of joining the
+#: multi-tensor L1 norm: on a CPU torch's `_foreach_norm` loops over a vector norm that reads about 4 GB/s on one
+#: thread, a sum about 17-21 GB/s (bench/provenance_pass.py), so from here on the saving exceeds an operation's
+#: dispatch (a few µs). Either value is non-finite when the output holds a NaN or an infinity.
+SUM_ALONE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -153,7 +167,7 @@ class ActivationCapture:
     calls: list[int] = field(default_factory=list)  # module index (INPUT: the input) of each value, in call order
     values: list[torch.Tensor] = field(default_factory=list)  # 0-d float32: non-finite iff that output was
     order: list[int] = field(default_factory=list)  # module indexes in order of first call
-    seen: set[int] = field(default_factory=set)  # the same indexes, for lookups
+    seen: dict[int, int] = field(default_factory=dict)  # the same indexes -> their position in `order`
     full: bool = False
     eager: bool = False  # every output reduced when its module returns (full and learning reports)
     # Outputs kept until the next flush: the tensor, its version when its module returned, the call's index and,
@@ -173,7 +187,10 @@ class ActivationCapture:
     output_rms: torch.Tensor | None = None
     input_mean: torch.Tensor | None = None  # per feature, at most MAX_INPUT_FEATURES
     input_std: torch.Tensor | None = None
-    last_output: weakref.ref[torch.Tensor] | None = None  # what the previously observed module returned
+    # What the previously observed module returned (one tensor held until the next observed call or `take()`), its
+    # version then, and the position in `order` of the module whose counted value vouches for it (its own, or for
+    # an implied output the one that implied it): `_implied`.
+    last_output: tuple[torch.Tensor, int, int] | None = None
 
     @property
     def sums(self) -> dict[int, torch.Tensor]:
@@ -237,6 +254,7 @@ class ActivationTap:
         """The capture since the last call (its kept outputs reduced now), or None when no forward ran."""
         capture, self._capture = self._capture, None
         if capture is not None:
+            capture.last_output = None  # the one output held for `_implied`: not beyond its report
             self._learning = False
             if capture.pending or capture.deferred:
                 self._flush(capture)
@@ -280,16 +298,20 @@ class ActivationTap:
             self._fold(capture)
 
     def _flush(self, capture: ActivationCapture) -> None:
-        """Reduce the kept outputs (one multi-tensor norm per device and dtype) and learn which modules' outputs
-        were written in place since they returned (they are reduced eagerly from now on)."""
+        """Reduce the kept outputs (one multi-tensor norm per device and dtype; large CPU outputs a sum each) and
+        learn which modules' outputs were written in place since they returned (reduced eagerly from now on)."""
         pending, capture.pending, capture.pending_bytes, capture.pending_calls = capture.pending, [], 0, 0
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[int]]] = {}
+        alone: list[tuple[torch.Tensor, int]] = []
         for t, version, index, value in pending:
             if t._version != version:
                 self._eager.add(index)
             if value is not None:
                 capture.calls.append(index)
                 capture.values.append(value)
+                continue
+            if t.is_cpu and t.nbytes >= SUM_ALONE_BYTES:
+                alone.append((t, index))
                 continue
             group = groups.get((t.device, t.dtype))
             if group is None:
@@ -301,6 +323,9 @@ class ActivationTap:
                 accumulate = torch.float64 if dtype == torch.float64 else _F32
                 capture.calls += indexes
                 capture.values += torch._foreach_norm(tensors, 1, dtype=accumulate)
+            for t, index in alone:
+                capture.calls.append(index)
+                capture.values.append(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else _F32))
             if capture.deferred:
                 self._flush_deferred(capture)
 
@@ -411,15 +436,17 @@ class ActivationTap:
                 return
             with errors.guarded("forward_hook", self._add_agent_time):
                 capture = self._current()
-                last = capture.last_output
-                capture.last_output = weakref.ref(out)
-                # See the module docstring: a contracting activation applied to the previous module's output
-                # is finite whenever that output is.
-                implied = contracting and last is not None and bool(args) and args[0] is last()
-                first = index not in capture.seen
-                if first:
-                    capture.seen.add(index)
+                position = capture.seen.get(index)
+                first = position is None
+                if position is None:
+                    position = capture.seen[index] = len(capture.order)
                     capture.order.append(index)
+                last = capture.last_output
+                anchor = None  # below: the common fresh output of a non-contracting module skips the call
+                if last is not None and (contracting or out is last[0] or out._base is not None):
+                    anchor = _implied(last, position, out, args, contracting)
+                implied = anchor is not None
+                capture.last_output = (out, out._version, position if anchor is None else anchor)
                 if capture.eager and first and (capture.full or not implied):
                     if capture.full and not self._learning and index not in eager and stackable(out):
                         capture.deferred.append((out, out._version, index, bounds))  # see _flush_deferred
@@ -433,7 +460,9 @@ class ActivationTap:
                         capture.stats[index] = module_stats(a.to(_F32), bounds, s, self._positions(a))
                 elif implied:
                     return
-                elif capture.eager or index in eager or not _deferrable(out):
+                elif capture.eager:  # a later call on a learning or full report: kept to learn of writes after it
+                    self._keep(capture, out, index, out.detach().sum(dtype=_F32))
+                elif index in eager or not _deferrable(out):
                     capture.calls.append(index)
                     capture.values.append(out.detach().sum(dtype=_F32))
                 else:
@@ -442,6 +471,52 @@ class ActivationTap:
                     self._tick(capture, out)
 
         return hook
+
+
+def _implied(
+    last: tuple[torch.Tensor, int, int], position: int, out: torch.Tensor, args: Any,
+    contracting: bool,
+) -> int | None:  # fmt: skip
+    """The position of the module that vouches for `out` (the output of the call at `position` in forward order),
+    or None when `out` needs its own value (module docstring). `last`: the previously observed output, its version
+    when it returned and the position of the module vouching for it. `out` is implied when it can only be
+    non-finite if that module's counted value is, and that module comes no later in forward order:
+    - its elements are elements of the last output, unwritten since (a container returning its last child's
+      output, a view or slice of it, the same tensor handed on), or
+    - the module is contracting and its input is such a part of the last output, unwritten since it returned
+      (out of place), or written once since, by this module itself (in place: `out` is its input, one version on).
+    """
+    kept, version, anchor = last
+    if position < anchor:
+        return None
+    if (out is kept or (out._base is not None and _within(out, kept))) and out._version == version:
+        return anchor
+    if contracting and args:
+        x = args[0]
+        if (x is kept or (isinstance(x, torch.Tensor) and x._base is not None and _within(x, kept))) and (
+            x._version == version or (x is out and x._version == version + 1)
+        ):
+            return anchor
+    return None
+
+
+def _within(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether every element of `x` is an element of `t`, read as the same dtype, with one version counter
+    shared by both (so equal versions mean no in-place write to either in between): `x` is `t`, or both are
+    views of one base and `x`'s elements lie in `t`'s (contiguous `t`: its address range; otherwise the very
+    same geometry)."""
+    if x is t:
+        return True
+    xb, tb = x._base, t._base
+    if (x if xb is None else xb) is not (t if tb is None else tb) or x.dtype != t.dtype:
+        return False
+    if not t.is_contiguous():
+        return x.data_ptr() == t.data_ptr() and x.shape == t.shape and x.stride() == t.stride()
+    size = t.element_size()
+    start, misaligned = divmod(x.data_ptr() - t.data_ptr(), size)
+    if start < 0 or misaligned or any(s < 0 for s in x.stride()):
+        return False
+    return start + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True)) < t.numel()
 
 
 def _deferrable(t: torch.Tensor) -> bool:
