@@ -40,8 +40,9 @@ Tuned on seeds 7000–7199 of the matrix's extra bad-batch draws at world size 1
 without the agent and judged offline: bench/loss_spike_tuning.py), and on simulated series; never on the held-out
 seeds. There: visible bad batches caught 131/142 (mad_k alone: 119/142), healthy twins firing 0/200 (and 0/200
 runs before their onset); on 1,000 simulated 1,500-step healthy series (trend time constants 20–2,000,
-lognormal noise up to 0.3 or batch means of 16–64 gamma losses) 0 fired with either rule. tail_k 2–2.5 or
-floor_k 4–5 caught 1–4 more bad batches but fired on a healthy twin or on simulated series.
+lognormal noise up to 0.3 or batch means of 16–64 gamma losses) 0 fired with either rule. tail_k 2.5 caught 3
+more bad batches but fired on 2 of 300 simulated series (both before 120 steps); floor_k 4 fired on a healthy
+twin; floor_k 7–8 lost 4–5 bad batches (bench/results/loss_spike_tuning_7000-7199.md).
 
 Resolves after `resolve_after` consecutive reports back under the threshold. The first `min_reports`
 losses only build the baseline. Non-finite losses belong to non_finite.
