@@ -12,6 +12,7 @@ This is how loss_spike's numbers are tuned on seeds apart from the held-out matr
     python bench/loss_spike_tuning.py --trace 7000 7199 --out traces.jsonl
     python bench/loss_spike_tuning.py --judge traces.jsonl [--set mad_k=8 ...]
     python bench/loss_spike_tuning.py --simulate 300 0 [--set ...]   # simulated healthy series (seeds 0-299)
+    python bench/loss_spike_tuning.py --compare 8219 [--extra]   # a matrix run with and without the record
 """
 
 from __future__ import annotations
@@ -102,12 +103,35 @@ def simulate(count: int, first: int, overrides: dict[str, float]) -> None:
     print(f"settings {overrides or 'defaults'}: simulated healthy series firing {len(noisy)}/{count} {noisy}")
 
 
+def compare(seeds: list[int], extra: bool) -> None:
+    """Each seed's matrix run (its extra bad-batch draw with `extra`), through the agent and a real server, once
+    at the defaults and once with loss_spike's record of excesses off (tail_k=0): the warning and critical alerts
+    of each."""
+    import torch
+
+    from gradwatch.scenarios.matrix import draw, run_matrix
+    from gradwatch.server.config import ServerConfig
+    from gradwatch.server.detectors.loss_spike import LossSpikeConfig
+
+    torch.set_num_threads(1)
+    base = ServerConfig.local()
+    sigma_only = dataclasses.replace(base, detectors={**base.detectors, "loss_spike": LossSpikeConfig(tail_k=0.0)})
+    for seed in seeds:
+        run = draw(seed, max_world=4, extra_bad_batch=extra)
+        for label, config in (("defaults", base), ("tail_k=0", sigma_only)):
+            alerts = [a for a in run_matrix(run, config).alerts if a["severity"] != "info"]
+            shown = "; ".join(f"{a['detector']}/{a['severity']}@{a['step']}: {a['summary']}" for a in alerts)
+            print(f"{run.name} {label}: {shown or 'no warning or critical'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", nargs=2, type=int, metavar=("FIRST", "LAST"), help="trace these seeds")
     parser.add_argument("--out", default="loss_spike_traces.jsonl", help="append traces here")
     parser.add_argument("--judge", nargs="*", default=None, help="judge recorded traces")
     parser.add_argument("--simulate", nargs=2, type=int, metavar=("COUNT", "FIRST"), help="simulated series")
+    parser.add_argument("--compare", nargs="*", type=int, default=None, help="seeds: run with and without tail_k")
+    parser.add_argument("--extra", action="store_true", help="--compare the seeds' extra bad-batch draws")
     parser.add_argument("--set", nargs="*", default=[], help="LossSpikeConfig overrides, name=value")
     args = parser.parse_args(argv)
     if args.trace:
@@ -117,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         judge(args.judge, overrides)
     if args.simulate:
         simulate(args.simulate[0], args.simulate[1], overrides)
+    if args.compare:
+        compare(args.compare, args.extra)
     return 0
 
 

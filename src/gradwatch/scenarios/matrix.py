@@ -537,15 +537,16 @@ def _nan_after(module: nn.Module, name: str, state: dict[str, int], step: int) -
     return target
 
 
-def run_matrix(run: MatrixRun) -> MatrixResult:
-    """Train `run` (spawned ranks when its world size is above 1) against a fresh embedded server."""
+def run_matrix(run: MatrixRun, config: Any = None) -> MatrixResult:
+    """Train `run` (spawned ranks when its world size is above 1) against a fresh embedded server (`config`, a
+    ServerConfig; default: ServerConfig.local(), every detector at its defaults)."""
     import torch.multiprocessing as mp
 
     from gradwatch.server.app import ServerApp
     from gradwatch.server.config import ServerConfig
 
     started = time.perf_counter()
-    app = ServerApp(ServerConfig.local())
+    app = ServerApp(config or ServerConfig.local())
     app.start()
     with tempfile.TemporaryDirectory() as tmp:
         onset_file = os.path.join(tmp, "onset")
