@@ -42,7 +42,10 @@ seeds. There: visible bad batches caught 131/142 (mad_k alone: 119/142), healthy
 runs before their onset); on 1,000 simulated 1,500-step healthy series (trend time constants 20–2,000,
 lognormal noise up to 0.3 or batch means of 16–64 gamma losses) 0 fired with either rule. tail_k 2.5 caught 3
 more bad batches but fired on 2 of 300 simulated series (both before 120 steps); floor_k 4 fired on a healthy
-twin; floor_k 7–8 lost 4–5 bad batches (bench/results/loss_spike_tuning_7000-7199.md).
+twin; floor_k 7–8 lost 4–5 bad batches (bench/results/loss_spike_tuning_7000-7199.md). Held out afterwards
+(bench/results/matrix_heldout8000_2026-12-07.md): 106/117 visible bad batches caught; 1 of 114 healthy runs
+warned (a GRU on two ranks, a batch at 3.5× its level after about 70 quiet ones: 12 sigmas alone stay quiet
+there). The record trades that for recall: tail_k = 0 restores the 12 sigmas everywhere.
 
 Resolves after `resolve_after` consecutive reports back under the threshold. The first `min_reports`
 losses only build the baseline. Non-finite losses belong to non_finite.
