@@ -25,7 +25,11 @@ localisation ≥ 95 %.
     python bench/detection_quality.py --report runs.jsonl [more.jsonl ...]   # the tables of recorded runs
 
 `--record` appends each run as it ends, so the matrix can run in chunks (on a shared machine) and be reported
-whole with `--report`.
+whole with `--report`. `--extra-bad-batch` runs each seed's extra bad-batch draw instead of its own run (the seed's
+model, optimizer, batch and world size, a bad batch at a late onset; gradwatch.scenarios.matrix's docstring): the
+stream that gives loss_spike's recall enough visible bad batches to be measured.
+
+    python bench/detection_quality.py --matrix 120 --start 8000 --extra-bad-batch --record extra.jsonl
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrix", type=int, default=0, help="run this many generated matrix runs instead")
     parser.add_argument("--start", type=int, default=0, help="first matrix seed (default 0)")
     parser.add_argument("--max-world", type=int, default=4, help="largest world size of matrix runs (default 4)")
+    parser.add_argument(
+        "--extra-bad-batch",
+        action="store_true",
+        help="matrix: run each seed's extra bad-batch draw (a late onset) instead of its own run",
+    )
     parser.add_argument("--record", default=None, help="append each matrix run to this file as a JSON line")
     parser.add_argument("--report", nargs="*", default=None, help="report matrix runs recorded with --record")
     args = parser.parse_args(argv)
@@ -72,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.matrix:
         from matrix_report import report_matrix
 
-        return report_matrix(range(args.start, args.start + args.matrix), args.max_world, args.record)
+        return report_matrix(
+            range(args.start, args.start + args.matrix),
+            args.max_world,
+            args.record,
+            extra_bad_batch=args.extra_bad_batch,
+        )
     chosen: list[Scenario] = [s for s in SCENARIOS if args.only is None or s.name in args.only]
     results: dict[str, list[RunResult]] = {}
     started = time.perf_counter()

@@ -28,16 +28,19 @@ def _miss(r: MatrixResult) -> str:
         effect = f" ({r.effect:.2f}× the other ranks' loss)"
     else:
         effect = f" ({r.effect:.2f}× the clean loss)"
-    return f"{r.run.seed}:{r.run.family}/{r.run.fault}/w{r.run.world_size}{effect}"
+    extra = "x" if r.run.extra else ""
+    return f"{r.run.seed}{extra}:{r.run.family}/{r.run.fault}/w{r.run.world_size}{effect}"
 
 
-def report_matrix(seeds: Iterable[int], max_world: int, record: str | None = None) -> int:
-    """Run every seed's matrix run and print Markdown tables; returns 0. With `record`, each run is also appended
-    to that file as one JSON line as soon as it ends (so a matrix run in chunks can be reported whole)."""
+def report_matrix(seeds: Iterable[int], max_world: int, record: str | None = None, *,
+                  extra_bad_batch: bool = False) -> int:  # fmt: skip
+    """Run every seed's matrix run (its extra bad-batch draw with `extra_bad_batch`) and print Markdown tables;
+    returns 0. With `record`, each run is also appended to that file as one JSON line as soon as it ends (so a
+    matrix run in chunks can be reported whole)."""
     results: list[MatrixResult] = []
     started = time.perf_counter()
     for seed in seeds:
-        run = draw(seed, max_world=max_world)
+        run = draw(seed, max_world=max_world, extra_bad_batch=extra_bad_batch)
         result = run_matrix(run)
         results.append(result)
         caught = "healthy" if run.healthy else ("caught" if result.caught() else "MISSED")
@@ -97,17 +100,25 @@ def print_report(results: list[MatrixResult], elapsed: float) -> None:
         )
     spiked = [r for r in faulty if r.run.fault == "bad_batch" and r.effect is not None]
     if spiked:
-        for label, chosen, note in ((f"≥ {VISIBLE}×", [r for r in spiked if r.visible], "loss_spike's row"),
-                                    (f"< {VISIBLE}×", [r for r in spiked if not r.visible], "not in its recall")):
+        for label, chosen, note in (
+            (f"≥ {VISIBLE}×", [r for r in spiked if r.visible], "loss_spike's row"),
+            (f"< {VISIBLE}×", [r for r in spiked if not r.visible], "not in its recall"),
+        ):
             hits = sum(r.caught() for r in chosen)
             print(f"\nbad batches whose loss was {label} the clean batch's at the same weights ({note}): "
                   f"{hits}/{len(chosen)} caught by loss_spike", end="")  # fmt: skip
         print()
+        for label, extra in (("the seeds' own draws (onset 45–70)", False), ("the extra bad-batch draws", True)):
+            chosen = [r for r in spiked if r.visible and r.run.extra == extra]
+            if chosen:
+                print(f"- of those ≥ {VISIBLE}×, {label}: {sum(r.caught() for r in chosen)}/{len(chosen)}")
     pairs = [r for r in by_detector.get("replica_mismatch", []) if r.run.world_size == 2 and r.caught()]
     if pairs:  # two replicas whose checksums differ: no majority says which one changed, so both are named
         both = sum(1 for r in pairs if sorted((r.first("replica_mismatch") or {}).get("ranks") or []) == [0, 1])
-        print(f"\nreplica_mismatch with two replicas (no majority: the rule names both): {both}/{len(pairs)} named "
-              f"both ranks; their top-1 localisation counts rank 0, named first, as wrong")
+        print(
+            f"\nreplica_mismatch with two replicas (no majority: the rule names both): {both}/{len(pairs)} named "
+            f"both ranks; their top-1 localisation counts rank 0, named first, as wrong"
+        )
     loud = [(r, r.loud()) for r in healthy]
     noisy = [(r, alerts) for r, alerts in loud if alerts]
     warned = sum(1 for _, alerts in noisy)

@@ -175,7 +175,7 @@ def test_loss_spike_threshold_equals_numpy_on_the_whole_window(
             sigma = MAD_TO_SIGMA * median(steps) / np.sqrt(2.0) if steps.size else 0.0
             margin = max((config.factor - 1.0) * abs(level), config.mad_k * sigma, config.min_rise * baseline.scale)
             expected = (level, level + margin if np.isfinite(margin) else np.inf)
-            got = detector._threshold(baseline)
+            got = detector._threshold(baseline, detector._excess[0])  # no excess on record: the sigma margin
         assert [_bits(v) for v in got] == [_bits(v) for v in expected]
 
 

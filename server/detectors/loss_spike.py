@@ -25,6 +25,28 @@ loss noise is mostly proportional to the loss: over the whole window, a loss tha
 noise of its first steps (12 sigma measured 0.50 over 55 losses, 0.35 over the last 30, and a batch at 4.5×
 the current level stayed under the threshold).
 
+Why the sigma margin shrinks on runs without a heavy upper tail: mad_k = 12 is set for heavy-tailed batch
+losses (small batches, hard examples: healthy matrix runs reach 8–29 sigmas), and on a run whose batches are
+close to Gaussian it hides bad batches at 5–11 sigmas that double the loss (a GRU at a level of 1.0 whose bad
+batch read 1.68, 7 sigmas). The run's own admitted losses say which case it is: each one's excess over the level
+at its time is kept (the last `tail_window`), and once `tail_min` of them were seen the sigma margin is
+min(mad_k × sigma, max(floor_k × sigma, tail_k × the largest excess)). A heavy-tailed run has a large excess on
+record and keeps the 12 sigmas; a light-tailed one needs a jump tail_k times beyond anything it did, and never
+under floor_k sigmas (sigma from 30 differences is itself uncertain by about a fifth). Exceeding k times the
+maximum of n draws has a probability of about n^-k for exponential tails (1.6e-5 per report at n = 40, k = 3),
+which is why it waits for `tail_min` excesses. The factor and min_rise margins still apply.
+
+Tuned on seeds 7000–7199 of the matrix's extra bad-batch draws at world size 1 and their healthy twins (traced
+without the agent and judged offline: bench/loss_spike_tuning.py), and on simulated series; never on the held-out
+seeds. There: visible bad batches caught 131/142 (mad_k alone: 119/142), healthy twins firing 0/200 (and 0/200
+runs before their onset); on 1,000 simulated 1,500-step healthy series (trend time constants 20–2,000,
+lognormal noise up to 0.3 or batch means of 16–64 gamma losses) 0 fired with either rule. tail_k 2.5 caught 3
+more bad batches but fired on 2 of 300 simulated series (both before 120 steps); floor_k 4 fired on a healthy
+twin; floor_k 7–8 lost 4–5 bad batches (bench/results/loss_spike_tuning_7000-7199.md). Held out afterwards
+(bench/results/matrix_heldout8000_2026-12-07.md): 106/117 visible bad batches caught; 1 of 114 healthy runs
+warned (a GRU on two ranks, a batch at 3.5× its level after about 70 quiet ones: 12 sigmas alone stay quiet
+there). The record trades that for recall: tail_k = 0 restores the 12 sigmas everywhere.
+
 Resolves after `resolve_after` consecutive reports back under the threshold. The first `min_reports`
 losses only build the baseline. Non-finite losses belong to non_finite.
 """
@@ -33,7 +55,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +80,15 @@ class LossSpikeConfig(DetectorConfig):
     factor: float = setting(1.5, doc="Fire above factor × the current level ...", gt=1.0)
     mad_k: float = setting(12.0, doc="... and above level + mad_k × sigma (from consecutive differences) ...", ge=0.0)
     min_rise: float = setting(0.25, doc="... and at least min_rise × the starting loss level above the level.", ge=0.0)
+    tail_k: float = setting(
+        3.0,
+        doc="The sigma margin shrinks to tail_k × the largest excess over its level of the last tail_window "
+        "admitted losses (0: off) ...",
+        ge=0.0,
+    )
+    tail_window: int = setting(200, doc="... admitted losses whose excess over their level is kept ...", ge=2)
+    tail_min: int = setting(40, doc="... once at least tail_min of them were seen ...", ge=2)
+    floor_k: float = setting(6.0, doc="... but never under floor_k × sigma.", ge=0.0)
     resolve_after: int = setting(10, doc="Consecutive reports under the threshold before a rank clears.", ge=1)
 
     def _check(self) -> None:
@@ -74,9 +105,10 @@ class LossSpikeDetector:
         # Only the newest `level_window` and `noise_window` admitted losses are ever read: the ring holds no more.
         held = min(config.window, max(config.level_window, config.noise_window))
         self._baselines: defaultdict[int, LossBaseline] = defaultdict(lambda: LossBaseline(held, config.min_reports))
+        self._excess: defaultdict[int, deque[float]] = defaultdict(lambda: deque(maxlen=config.tail_window))
 
     def forget(self, rank: int) -> None:
-        forget_rank(rank, self._latch, self._baselines)
+        forget_rank(rank, self._latch, self._baselines, self._excess)
 
     def observe(self, report: RankReport) -> Verdict | None:
         loss = report.loss
@@ -86,7 +118,8 @@ class LossSpikeDetector:
         if not baseline.ready:
             baseline.warm(loss)
             return None
-        level, threshold = self._threshold(baseline)
+        excess = self._excess[report.rank]
+        level, threshold = self._threshold(baseline, excess)
         kind = self._latch.judge(report.rank, loss > threshold)
         if kind == FIRE:
             ratio = f", {loss / level:.1f}× the current level" if level > 0 else ", above the current level"
@@ -96,9 +129,10 @@ class LossSpikeDetector:
             )
             return Fire(step=report.step, value=loss, summary=summary)
         baseline.window.append(loss)
+        excess.append(loss - level)
         return Clear(step=report.step) if kind == CLEAR else None
 
-    def _threshold(self, baseline: LossBaseline) -> tuple[float, float]:
+    def _threshold(self, baseline: LossBaseline, excess: deque[float]) -> tuple[float, float]:
         """(the current level, the loss above which a report is a spike); see the module docstring."""
         cfg = self._config
         held = baseline.window.values().tolist()  # a few dozen Python floats: cheaper than numpy calls on them
@@ -106,7 +140,10 @@ class LossSpikeDetector:
         recent = held[-cfg.noise_window :]
         steps = [abs(b - a) for a, b in itertools.pairwise(recent)]  # np.abs(np.diff(recent)), bit for bit
         sigma = MAD_TO_SIGMA * _median(steps) / math.sqrt(2.0) if steps else 0.0
-        margin = max((cfg.factor - 1.0) * abs(level), cfg.mad_k * sigma, cfg.min_rise * baseline.scale)
+        noise = cfg.mad_k * sigma
+        if cfg.tail_k > 0.0 and len(excess) >= cfg.tail_min:
+            noise = min(noise, max(cfg.floor_k * sigma, cfg.tail_k * max(excess)))
+        margin = max((cfg.factor - 1.0) * abs(level), noise, cfg.min_rise * baseline.scale)
         return level, level + margin if math.isfinite(margin) else math.inf
 
 

@@ -14,6 +14,16 @@ spike only on a model that has learned something: `MatrixResult.effect` says how
 batch's at the same weights, and one under `VISIBLE` is reported apart from loss_spike's recall. A corrupt rank's
 effect is how far its loss left the other ranks' over the next 20 steps.
 
+Too few bad batches are visible among a seed's own draws to measure loss_spike's recall (about one run in 14 is a
+bad batch, and at an onset of 45–70 most land on models that learned little: 9 of 24 visible over 320 seeds). So
+`draw(seed, extra_bad_batch=True)` gives each seed a second, extra run: the seed's own model, normalisation,
+optimizer, schedule, batch size and world size (the same draws), its fault replaced by a bad batch of the same
+kind and size (nothing is made larger), at an onset drawn apart from the seed's other draws in `EXTRA_ONSET`
+(steps 75–105 of 120: after the fast descent, where most of a real run's steps are, so that wrong labels cost
+the model something). About 70 % of those are visible (142 of the 200 tuning seeds 7000–7199 at world size 1).
+A matrix report counts them in loss_spike's row and says how many came from each stream; the seeds' own runs,
+healthy ones included, are unchanged.
+
 `MatrixRun.expect` / `rank` / `layer` are the ground truth: the detector the fault must
 raise at or after the onset, the rank it must name first (rank faults) and the layer or module it must name
 (layer faults). `run_matrix(run)` trains it with the real agent against a real embedded server and returns a
@@ -39,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FAULTS", "SPLIT", "VISIBLE", "MatrixResult", "MatrixRun", "draw", "run_matrix"]
+__all__ = ["EXTRA_ONSET", "FAULTS", "SPLIT", "VISIBLE", "MatrixResult", "MatrixRun", "draw", "run_matrix", "trace"]
 
 FAMILIES = ("mlp", "cnn", "rnn", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -48,6 +58,9 @@ STEPS = 120
 #: A bad batch is a spike when its loss is at least this × the clean batch's at the same weights (loss_spike's
 #: documented factor): below it, it is reported apart from loss_spike's recall (MatrixResult.visible).
 VISIBLE = 1.5
+#: The extra bad-batch stream's onsets (first, last step): after the warm-up's fast descent, so the model has
+#: learned enough for wrong labels to cost it something (see the module docstring).
+EXTRA_ONSET = (75, 105)
 #: The loss_scale fault's factor on the loss before backward (the loss the monitor sees is the true one).
 LOSS_SCALE = 1e4
 #: fault kind -> (where in the step it is injected, the smallest world size it needs)
@@ -103,6 +116,8 @@ class MatrixRun:
     rank: int | None
     layer: str | None
     steps: int = STEPS
+    #: Drawn by `draw(extra_bad_batch=True)`: the extra bad-batch stream, not the seed's own fault.
+    extra: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -110,7 +125,7 @@ class MatrixRun:
 
     @property
     def name(self) -> str:
-        return f"m{self.seed}-{self.family}-{self.fault}-w{self.world_size}"
+        return f"m{self.seed}{'x' if self.extra else ''}-{self.family}-{self.fault}-w{self.world_size}"
 
 
 @dataclass
@@ -166,8 +181,11 @@ class MatrixResult:
         return ok
 
 
-def draw(seed: int, max_world: int = 4) -> MatrixRun:
-    """The run of `seed` (deterministic); world sizes above `max_world` are drawn down to it."""
+def draw(seed: int, max_world: int = 4, *, extra_bad_batch: bool = False) -> MatrixRun:
+    """The run of `seed` (deterministic); world sizes above `max_world` are drawn down to it.
+
+    `extra_bad_batch`: the seed's run with its fault replaced by a bad batch at a late onset (EXTRA_ONSET), for
+    an extra stream of loss_spike runs (module docstring); every other draw is the seed's own."""
     rng = random.Random(seed)
     family = rng.choice(FAMILIES)
     norm = family == "transformer" or rng.random() < 0.5
@@ -178,11 +196,15 @@ def draw(seed: int, max_world: int = 4) -> MatrixRun:
     for kind, (parent, share) in SPLIT.items():
         if fault == parent and random.Random(seed * 7919 + 17).random() < share:
             fault = kind
+    if extra_bad_batch:
+        fault = "bad_batch"
     optimizer = rng.choice(OPTIMIZERS)
     schedule = rng.choice(SCHEDULES)
     batch = rng.choice((16, 32, 64))
     where = FAULTS[fault][0]
     onset: int | None = None if fault == "healthy" else rng.randint(45, 70)
+    if extra_bad_batch:  # drawn apart, so that the seed's other draws stay its own
+        onset = random.Random(seed * 7919 + 29).randint(*EXTRA_ONSET)
     rank: int | None = None
     layer: str | None = None
     expect: str | None = None
@@ -203,7 +225,7 @@ def draw(seed: int, max_world: int = 4) -> MatrixRun:
     elif fault == "corrupt_rank":
         expect = "rank_divergence"
     run = MatrixRun(seed, family, norm, residual, optimizer, schedule, batch, world, fault, onset, where, expect,
-                    rank, None)  # fmt: skip
+                    rank, None, extra=extra_bad_batch)  # fmt: skip
     if fault in ("nan_forward", "not_in_optimizer"):
         names = _layer_names(run)
         layer = names[rng.randrange(len(names))] if fault == "nan_forward" else names[0]
@@ -382,7 +404,9 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
 
             hook = _nan_after(module, run.layer, state, run.onset)
         losses: list[float] = []
-        with gradwatch.attach(model, optimizer, run=run.name, server=target) as monitor:
+        norms: list[float] = []
+        watch = gradwatch.attach(model, optimizer, run=run.name, server=target) if target else _Unwatched()
+        with watch as monitor:
             for step in range(1, run.steps + 1):
                 if hook is not None:
                     state["step"] = step
@@ -420,6 +444,9 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
                 optimizer.zero_grad(set_to_none=True)
                 scaled = run.fault == "loss_scale" and run.onset is not None and step >= run.onset
                 (loss * LOSS_SCALE if scaled else loss).backward()
+                if not target:  # traced without the agent: the gradient norm the agent would report
+                    grads = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
+                    norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -430,14 +457,53 @@ def _train_rank(rank: int, run: MatrixRun, target: str, port: int, onset_file: s
                 monitor.step(loss)
                 losses.append(float(loss.detach()))
             monitor.close(timeout=60)
-        if run.fault == "corrupt_rank":
+        if run.fault == "corrupt_rank" or not target:
             with open(f"{onset_file}.{rank}", "w") as f:
                 f.write(" ".join(repr(v) for v in losses))
+        if not target:
+            with open(f"{onset_file}.{rank}.norms", "w") as f:
+                f.write(" ".join(repr(v) for v in norms))
     finally:
         if distributed:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+class _Unwatched:
+    """The monitor's place in a run traced without the agent (`trace`)."""
+
+    def __enter__(self) -> _Unwatched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def step(self, loss: torch.Tensor) -> None:
+        return None
+
+    def close(self, timeout: float) -> None:
+        return None
+
+
+def trace(run: MatrixRun) -> tuple[list[float], list[float], float | None]:
+    """Train a world-size-1 `run` without the agent or a server: (its loss and its gradient norm at every step,
+    the bad batch's effect). For tuning loss detectors offline on the same runs the matrix draws."""
+    if run.world_size != 1:
+        raise ValueError(f"trace runs one process; {run.name} has world size {run.world_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        onset_file = os.path.join(tmp, "onset")
+        _train_rank(0, run, "", 0, onset_file)
+        with open(f"{onset_file}.0") as f:
+            losses = [float(v) for v in f.read().split()]
+        with open(f"{onset_file}.0.norms") as f:
+            norms = [float(v) for v in f.read().split()]
+        effect = None
+        if os.path.exists(onset_file):
+            with open(onset_file) as f:
+                _, *rest = f.read().split()
+            effect = float(rest[0]) if rest else None
+    return losses, norms, effect
 
 
 def _clean_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -471,15 +537,16 @@ def _nan_after(module: nn.Module, name: str, state: dict[str, int], step: int) -
     return target
 
 
-def run_matrix(run: MatrixRun) -> MatrixResult:
-    """Train `run` (spawned ranks when its world size is above 1) against a fresh embedded server."""
+def run_matrix(run: MatrixRun, config: Any = None) -> MatrixResult:
+    """Train `run` (spawned ranks when its world size is above 1) against a fresh embedded server (`config`, a
+    ServerConfig; default: ServerConfig.local(), every detector at its defaults)."""
     import torch.multiprocessing as mp
 
     from gradwatch.server.app import ServerApp
     from gradwatch.server.config import ServerConfig
 
     started = time.perf_counter()
-    app = ServerApp(ServerConfig.local())
+    app = ServerApp(config or ServerConfig.local())
     app.start()
     with tempfile.TemporaryDirectory() as tmp:
         onset_file = os.path.join(tmp, "onset")
