@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +22,13 @@ import grpc
 
 from gradwatch.routing import Replica
 from gradwatch.server.grpc_service import INGEST_SERVICE, REASON_METADATA_KEY
+from gradwatch.server.relay_columns import columnar, pack
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 if TYPE_CHECKING:
     from gradwatch.server.relay import Relay
 
-__all__ = ["BUFFER_FULL", "DEFAULT_BATCH_ENTRIES", "Entry", "Link"]
+__all__ = ["BUFFER_FULL", "DEFAULT_BATCH_ENTRIES", "Entry", "Link", "pack_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,30 @@ class Entry:
     frame: pb.RelayedFrame | None = None
     alert: pb.RelayedAlert | None = None
     incident: pb.RelayedIncident | None = None
+    #: The session's RelayedFrame.ref (its reports may travel as columns); 0: none.
+    ref: int = 0
+
+
+def pack_entries(entries: Sequence[Entry], *, columns: bool) -> pb.RelayBatch:
+    """Frames and alerts of `entries` (no incident), in order, as one batch whose seq is the last entry's. With
+    `columns` (the aggregator takes them) every report that can travel as columns does (server/relay_columns.py)."""
+    batch = pb.RelayBatch(seq=entries[-1].seq if entries else 0)
+    reports = []
+    frames = []
+    for entry in entries:
+        if entry.frame is not None:
+            relayed = entry.frame
+            inner = relayed.frame
+            if columns and entry.ref and relayed.HasField("frame") and inner.HasField("report") and columnar(inner):
+                reports.append((entry.ref, len(frames), inner))
+            else:
+                frames.append(relayed)
+        if entry.alert is not None:
+            batch.alerts.append(entry.alert)
+    batch.frames.extend(frames)
+    if reports:
+        batch.columns.CopyFrom(pack(reports))
+    return batch
 
 
 class Link:
@@ -72,6 +97,7 @@ class Link:
         self.refusals: collections.Counter[str] = collections.Counter()
         self.last_error = ""
         self._max_batch = DEFAULT_BATCH_ENTRIES
+        self._columns = False  # the aggregator takes RelayBatch.columns (its RelayWelcome said)
         self._call: Any = None
         self._active = False  # a stream is open (its request generator runs while this holds)
         self._thread = threading.Thread(target=self._run, name=f"gradwatch-relay-{number}", daemon=True)
@@ -179,6 +205,7 @@ class Link:
                 if body == "welcome":
                     with relay._lock:
                         self._max_batch = reply.welcome.max_batch_entries or DEFAULT_BATCH_ENTRIES
+                        self._columns = reply.welcome.columns
                         self.connected, self.last_error, self.resync_needed = True, "", True
                         relay._lock.notify_all()
                 elif body == "ack":
@@ -237,28 +264,25 @@ class Link:
 
     def _next_batch(self) -> pb.RelayBatch | None:
         """The next unsent entries (under the relay's lock), at most the aggregator's batch size."""
-        batch = pb.RelayBatch()
-        count = 0
+        taken: list[Entry] = []
         for entry in self.entries:
             if entry.seq <= self.sent_upto:
                 continue
             if entry.incident is not None:  # megabytes: an incident travels alone
-                if count:
-                    break
-                batch.incidents.append(entry.incident)
-                batch.seq = self.sent_upto = entry.seq
-                count = 1
+                if not taken:
+                    self.sent_upto = entry.seq
+                    batch = pb.RelayBatch(seq=entry.seq, incidents=[entry.incident])
+                    return self._with_drops(batch)
                 break
-            if entry.frame is not None:
-                batch.frames.append(entry.frame)
-            if entry.alert is not None:
-                batch.alerts.append(entry.alert)
-            batch.seq = self.sent_upto = entry.seq
-            count += 1
-            if count >= self._max_batch:
+            taken.append(entry)
+            if len(taken) >= self._max_batch:
                 break
-        if count == 0:
+        if not taken:
             return None
+        self.sent_upto = taken[-1].seq
+        return self._with_drops(pack_entries(taken, columns=self._columns))
+
+    def _with_drops(self, batch: pb.RelayBatch) -> pb.RelayBatch:
         for reason, value in self.relay.dropped.items():
             batch.dropped[reason] = value
         return batch

@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from gradwatch.server.auth import Grant, TokenSource, authorize
 from gradwatch.server.config import LimitsConfig, RelayConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.relay import verdict_of
+from gradwatch.server.relay_columns import Columns
 from gradwatch.server.relay_link import DEFAULT_BATCH_ENTRIES
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
@@ -54,7 +56,7 @@ from gradwatch.server.validate import (
 )
 from gradwatch.v1 import gradwatch_pb2 as pb
 
-__all__ = ["RELAY_LIMIT_REACHED", "RELAY_UNKNOWN_SESSION", "RelayServicer", "relays_route"]
+__all__ = ["RELAY_LIMIT_REACHED", "RELAY_UNKNOWN_SESSION", "RelayServicer", "RelayStream", "relays_route"]
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,15 @@ class _Held:
 
 
 @dataclass
-class _RelayStream:
+class RelayStream:
     relay_id: str
     peer: str
     connected_at: float
     sessions: dict[tuple[str, int, str], _Held] = field(default_factory=dict)
     batches: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    #: RelayedFrame.ref -> the session it names (RelayedColumns name sessions by it).
+    refs: dict[int, tuple[str, int, str]] = field(default_factory=dict)
 
 
 class RelayServicer:
@@ -108,7 +112,7 @@ class RelayServicer:
         self._tokens = tokens
         self._clock = clock
         self._ids = itertools.count(1)
-        self._streams: dict[int, _RelayStream] = {}
+        self._streams: dict[int, RelayStream] = {}
         #: run -> when its last relayed rank left (candidates for a hand-over).
         self._left: dict[str, float] = {}
 
@@ -179,7 +183,7 @@ class RelayServicer:
                 ),
             )
         key = next(self._ids)
-        stream = self._streams[key] = _RelayStream(hello.hello.relay_id[:256], context.peer(), self._clock())
+        stream = self._streams[key] = RelayStream(hello.hello.relay_id[:256], context.peer(), self._clock())
         log.info("relay %r connected from %s", stream.relay_id, stream.peer)
         try:
             await context.write(
@@ -188,6 +192,7 @@ class RelayServicer:
                         protocol_version=hello.hello.protocol_version,
                         server_version=self._version,
                         max_batch_entries=DEFAULT_BATCH_ENTRIES,
+                        columns=True,
                     )
                 )
             )
@@ -197,7 +202,7 @@ class RelayServicer:
                     return
                 if frame.WhichOneof("body") != "batch":
                     continue
-                commands = self._apply(stream, frame.batch, grant)
+                commands = self.apply_batch(stream, frame.batch, grant)
                 for incident in frame.batch.incidents:
                     await self._incident(stream, incident)
                 await context.write(pb.RelayReply(ack=pb.Ack(seq=frame.batch.seq)))
@@ -214,7 +219,7 @@ class RelayServicer:
                 self._left.setdefault(run_id, now)
             log.info("relay %r disconnected (%d ranks leave their runs)", stream.relay_id, len(stream.sessions))
 
-    async def _incident(self, stream: _RelayStream, incident: pb.RelayedIncident) -> None:
+    async def _incident(self, stream: RelayStream, incident: pb.RelayedIncident) -> None:
         """Store a relay's incident (checked, marked with the relay) on a worker thread."""
         try:
             body = json.loads(incident.body_json)
@@ -239,34 +244,24 @@ class RelayServicer:
                 log.info("run %r handed over: every rank left with its relay (it moved to another replica)", run_id)
         return handed
 
-    def _apply(
-        self, stream: _RelayStream, batch: pb.RelayBatch, grant: Grant | None
+    def apply_batch(
+        self, stream: RelayStream, batch: pb.RelayBatch, grant: Grant | None
     ) -> list[tuple[str, int, pb.Command]]:
+        """Apply one RelayBatch of `stream` in the relay's order (reports packed as columns go between the frames
+        their positions say); returns the commands for the relay's ranks."""
         stream.batches += 1
         stream.dropped = dict(batch.dropped)
         commands: list[tuple[str, int, pb.Command]] = []
-        for relayed in batch.frames:
-            key = (relayed.run_id, relayed.rank, relayed.session_id)
-            try:
-                if relayed.HasField("hello"):
-                    self._open(stream, key, relayed.hello, grant)
-                held = stream.sessions.get(key)
-                if held is None:
-                    if relayed.HasField("frame") or relayed.closed:
-                        self._stats.rejected(RELAY_UNKNOWN_SESSION)
-                    continue
-                if relayed.closed:
-                    del stream.sessions[key]
-                    self._ingestor.close(held.session)
-                    continue
-                if relayed.HasField("frame"):
-                    kind = held.validator.check(relayed.frame)
-                    if kind != "hello":
-                        found = self._ingestor.apply(held.session, relayed.frame, kind)
-                        commands.extend((relayed.run_id, relayed.rank, c) for c in found)
-            except FrameRejected as exc:
-                self._stats.rejected(exc.reason)
-                log.debug("relay %r: rank %d of %r: %s", stream.relay_id, relayed.rank, relayed.run_id, exc.message)
+        columns = self._columns(batch)
+        done = 0
+        for index, relayed in enumerate(batch.frames):
+            if columns is not None and done < len(columns) and columns.position[done] <= index:
+                end = int(np.searchsorted(columns.position, index, side="right"))
+                self._apply_columns(stream, columns.take(slice(done, end)), commands)
+                done = end
+            self._apply_frame(stream, relayed, grant, commands)
+        if columns is not None and done < len(columns):
+            self._apply_columns(stream, columns.take(slice(done, None)), commands)
         for alert in batch.alerts:
             verdict, autopsy = verdict_of(alert)
             for rank, command in self._ingestor.relayed_verdict(
@@ -275,7 +270,73 @@ class RelayServicer:
                 commands.append((alert.run_id, rank, command))
         return commands
 
-    def _open(self, stream: _RelayStream, key: tuple[str, int, str], hello: pb.Hello, grant: Grant | None) -> None:
+    def _columns(self, batch: pb.RelayBatch) -> Columns | None:
+        """The batch's reports packed as columns; None without (or when malformed: counted, dropped)."""
+        if not batch.HasField("columns"):
+            return None
+        try:
+            columns = Columns.of(batch.columns)
+        except ValueError:
+            self._stats.rejected(MALFORMED)
+            return None
+        if columns.position.size and (np.diff(columns.position.astype(np.int64)) < 0).any():
+            self._stats.rejected(MALFORMED)
+            return None
+        return columns
+
+    def _apply_columns(self, stream: RelayStream, columns: Columns, commands: list[tuple[str, int, pb.Command]]
+                       ) -> None:  # fmt: skip
+        """Reports packed as columns, one session's after another's as the relay ordered them."""
+        for i in range(len(columns)):
+            key = stream.refs.get(int(columns.ref[i]))
+            if key is None:
+                self._stats.rejected(RELAY_UNKNOWN_SESSION)
+                continue
+            self._apply_report(stream, key, columns.frame(i), commands)
+
+    def _apply_frame(self, stream: RelayStream, relayed: pb.RelayedFrame, grant: Grant | None,
+                     commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip
+        key = (relayed.run_id, relayed.rank, relayed.session_id)
+        try:
+            if relayed.HasField("hello"):
+                self._open(stream, key, relayed.hello, grant)
+                if relayed.ref:
+                    stream.refs[relayed.ref] = key
+            held = stream.sessions.get(key)
+            if held is None:
+                if relayed.HasField("frame") or relayed.closed:
+                    self._stats.rejected(RELAY_UNKNOWN_SESSION)
+                return
+            if relayed.closed:
+                del stream.sessions[key]
+                if relayed.ref:
+                    stream.refs.pop(relayed.ref, None)
+                self._ingestor.close(held.session)
+                return
+        except FrameRejected as exc:
+            self._stats.rejected(exc.reason)
+            log.debug("relay %r: rank %d of %r: %s", stream.relay_id, relayed.rank, relayed.run_id, exc.message)
+            return
+        if relayed.HasField("frame"):
+            self._apply_report(stream, key, relayed.frame, commands)
+
+    def _apply_report(self, stream: RelayStream, key: tuple[str, int, str], frame: pb.AgentFrame,
+                      commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip
+        """One frame of a held session, through the same checks and Ingestor.apply as an agent's."""
+        held = stream.sessions.get(key)
+        if held is None:
+            self._stats.rejected(RELAY_UNKNOWN_SESSION)
+            return
+        try:
+            kind = held.validator.check(frame)
+            if kind != "hello":
+                found = self._ingestor.apply(held.session, frame, kind)
+                commands.extend((key[0], key[1], c) for c in found)
+        except FrameRejected as exc:
+            self._stats.rejected(exc.reason)
+            log.debug("relay %r: rank %d of %r: %s", stream.relay_id, key[1], key[0], exc.message)
+
+    def _open(self, stream: RelayStream, key: tuple[str, int, str], hello: pb.Hello, grant: Grant | None) -> None:
         if key in stream.sessions:
             return  # a re-sent Hello of a rank this stream holds already
         validator = StreamValidator(self._limits)
