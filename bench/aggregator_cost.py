@@ -15,8 +15,10 @@ fresh App. With `--wire` the batches are also serialised and parsed (what the gR
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import pathlib
+import pstats
 import statistics
 import sys
 import time
@@ -40,8 +42,8 @@ def _entries(ranks: int, steps: range, layers: int, factory: FrameFactory, first
     for step in steps:
         for rank in range(ranks):
             frame = compact_frame(pb.AgentFrame.FromString(factory.report(step, step)), "report")
-            out.append(Entry(seq, "bench", pb.RelayedFrame(run_id="bench", rank=rank, session_id=f"s{rank}",
-                                                           frame=frame)))  # fmt: skip
+            relayed = pb.RelayedFrame(run_id="bench", rank=rank, session_id=f"s{rank}", frame=frame)
+            out.append(Entry(seq, "bench", relayed, ref=rank + 1))
             seq += 1
     return out
 
@@ -51,7 +53,8 @@ def _batches(entries: list[Entry], columns: bool) -> list[pb.RelayBatch]:
             for i in range(0, len(entries), DEFAULT_BATCH_ENTRIES)]  # fmt: skip
 
 
-def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: bool) -> dict[str, Any]:
+def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: bool, profile: bool = False
+        ) -> dict[str, Any]:  # fmt: skip
     app = ServerApp()
     servicer = app.relays
     assert servicer is not None
@@ -69,6 +72,9 @@ def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: b
     measured = _batches(_entries(ranks, range(warmup + 1, warmup + steps + 1), layers, factory,
                                  ranks * (warmup + 1) + 1), columns)  # fmt: skip
     raw = [b.SerializeToString() for b in measured] if wire else None
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
     started = time.thread_time()
     if raw is not None:
         for data in raw:
@@ -77,6 +83,9 @@ def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: b
         for batch in measured:
             servicer.apply_batch(stream, batch, None)
     cpu = time.thread_time() - started
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     records = ranks * steps
     firing = sorted(d for _, d in app.alert_book.firing_detectors())
     return {"ranks": ranks, "records": records, "us_per_record": cpu / records * 1e6, "firing": firing}
@@ -96,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         help="records: one RelayedFrame per record; columns: packed columns per batch",
     )
     parser.add_argument("--wire", action="store_true", help="serialise and parse every batch as the link does")
+    parser.add_argument("--profile", action="store_true", help="cProfile the measured batches (stderr)")
     args = parser.parse_args(argv)
     paths = ("records", "columns") if args.path == "both" else (args.path,)
     results = []
     for ranks in (int(r) for r in args.ranks.split(",")):
         for path in paths:
-            runs = [one(ranks, args.steps, args.warmup, args.layers, path == "columns", args.wire)
+            runs = [one(ranks, args.steps, args.warmup, args.layers, path == "columns", args.wire, args.profile)
                     for _ in range(args.repeat)]  # fmt: skip
             us = [r["us_per_record"] for r in runs]
             row = {"ranks": ranks, "path": path, "median_us": statistics.median(us), "min_us": min(us),

@@ -42,7 +42,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,21 +161,55 @@ class FlightRecorder:
             if self.dropped["observe_failed"] == 1:
                 log.exception("flight recorder failed on a report; further failures are counted")
 
+    def observe_rows(self, run: RunState, states: Sequence[RankState], sessions: Sequence[Any],
+                     rows: Sequence[tuple[Any, ...]]) -> None:  # fmt: skip
+        """`observe` for compact reports without columns (the aggregator's batch path for relayed reports):
+        `rows[i]` (step, wall time, received at, loss, gradient norm, step duration, flags) of rank `states[i]`,
+        whose ingest Session is `sessions[i]`, in arrival order. Never raises (counted like `observe`)."""
+        try:
+            for state, session, row in zip(states, sessions, rows, strict=True):
+                self._observe_row(run, state, session.hello, session.schema.names, row)
+        except Exception:
+            self.dropped["observe_failed"] += 1
+            if self.dropped["observe_failed"] == 1:
+                log.exception("flight recorder failed on a report; further failures are counted")
+
+    def _observe_row(self, run: RunState, rank: RankState, hello: pb.Hello, layer_names: tuple[str, ...],
+                     row: tuple[Any, ...]) -> None:  # fmt: skip
+        with self._lock:
+            window = self._window(run, rank, hello, layer_names)
+            window.rows.append((window.count, *row[:7]))
+            window.count += 1
+            if self._recording:
+                self._closing(run, rank, window)
+
+    def _window(self, run: RunState, rank: RankState, hello: pb.Hello, layer_names: tuple[str, ...]) -> _RankWindow:
+        cfg = self._config
+        windows = self._windows.setdefault(run.run_id, {})
+        window = windows.get(rank.rank)
+        if window is None:
+            length = cfg.window_reports + cfg.after_reports
+            self._ranks_total += 1
+            window = windows[rank.rank] = _RankWindow(RecordRing(ROW_DTYPE, length), collections.deque(maxlen=length))
+        if window.session_id != hello.session_id:  # names are re-read once per agent session, not per report
+            window.session_id = hello.session_id
+            window.layer_names = layer_names[: cfg.max_layers]
+            window.module_names = tuple(hello.activation_schema.names[: cfg.max_layers])
+        return window
+
+    def _closing(self, run: RunState, rank: RankState, window: _RankWindow) -> None:
+        """Close the recordings whose fired rank has sent its `after_reports` reports since."""
+        for recording in [r for r in self._recording.values() if r.alert.run == run.run_id]:
+            if (
+                rank.rank == recording.fired_rank
+                and window.count - recording.start[rank.rank] >= self._config.after_reports
+            ):
+                self._close(recording)
+
     def _observe(self, run: RunState, rank: RankState, report: RankReport, hello: pb.Hello) -> None:
         cfg = self._config
         with self._lock:
-            windows = self._windows.setdefault(run.run_id, {})
-            window = windows.get(rank.rank)
-            if window is None:
-                length = cfg.window_reports + cfg.after_reports
-                self._ranks_total += 1
-                window = windows[rank.rank] = _RankWindow(
-                    RecordRing(ROW_DTYPE, length), collections.deque(maxlen=length)
-                )
-            if window.session_id != hello.session_id:  # names are re-read once per agent session, not per report
-                window.session_id = hello.session_id
-                window.layer_names = report.layer_names[: cfg.max_layers]
-                window.module_names = tuple(hello.activation_schema.names[: cfg.max_layers])
+            window = self._window(run, rank, hello, report.layer_names)
             loss = math.nan if report.loss is None else report.loss
             window.rows.append(
                 (
@@ -199,11 +233,8 @@ class FlightRecorder:
                 self._bytes += _entry_bytes(layers, modules)
                 self._trim(run.run_id, rank.rank, window)
             window.count += 1
-            if not self._recording:  # the common case: no incident is being recorded
-                return
-            for recording in [r for r in self._recording.values() if r.alert.run == run.run_id]:
-                if rank.rank == recording.fired_rank and window.count - recording.start[rank.rank] >= cfg.after_reports:
-                    self._close(recording)
+            if self._recording:  # the common case has no incident being recorded
+                self._closing(run, rank, window)
 
     def _trim(self, run_id: str, rank: int, window: _RankWindow) -> None:
         """Keep what incidents use, within the rank's share of `max_bytes` (see the module docstring)."""

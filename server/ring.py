@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FloatRing", "RecordRing"]
+__all__ = ["FloatRing", "RecordRing", "occurrences"]
 
 
 class FloatRing:
@@ -115,3 +115,17 @@ class RecordRing:
         self._data[:] = rows
         self._next = rows.size
         self.count = max(count, int(rows.size))
+
+
+def occurrences(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each element of `ranks`: how many equal elements precede it, and how many there are in all."""
+    order = np.argsort(ranks, kind="stable")
+    ordered = ranks[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, ordered.size])
+    group = np.repeat(np.arange(starts.size), sizes)
+    occurrence = np.empty(ranks.size, dtype=np.int64)
+    occurrence[order] = np.arange(ranks.size) - starts[group]
+    counts = np.empty(ranks.size, dtype=np.int64)
+    counts[order] = sizes[group]
+    return occurrence, counts

@@ -27,7 +27,7 @@ import collections
 import itertools
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import NON_FINITE_KINDS, RankReport
 from gradwatch.server.ring import RecordRing
+from gradwatch.server.step_pending import StepPlan, plan
 from gradwatch.server.validate import rank_limit_reached, run_limit_reached
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -206,6 +207,27 @@ class RunState:
         self.global_grad_norms.append((step, norm))
         if math.isfinite(norm) and (self.global_grad_norm_step is None or step >= self.global_grad_norm_step):
             self.global_grad_norm, self.global_grad_norm_step = norm, step
+
+    def plan_grad_shares(self, steps: np.ndarray, ranks: np.ndarray) -> StepPlan | None:
+        """How `add_grad_share` for each (step, rank) in order would go (server/detectors/step_pending.py); None
+        when only one at a time can tell."""
+        return plan(self.pending_shares, steps, ranks, self.world_size, GLOBAL_PENDING_STEPS,  # type: ignore[arg-type]
+                    lambda held, r: np.fromiter((x in held for x in r.tolist()), dtype=bool, count=r.size),  # type: ignore[operator]
+                    first_wins=False)  # fmt: skip
+
+    def add_grad_shares(self, steps: StepPlan, ranks: np.ndarray, shares: np.ndarray) -> None:
+        """`add_grad_share` for every share, as planned by `plan_grad_shares`."""
+        for key in steps.dropped:
+            del self.pending_shares[key]  # type: ignore[arg-type]
+        for key, taken, new in zip(steps.keys, steps.taken, steps.new, strict=True):
+            held = self.pending_shares[key] = {} if new else self.pending_shares[key]  # type: ignore[index]
+            held.update(zip(ranks[taken].tolist(), shares[taken].tolist(), strict=True))
+        for i in steps.completions():
+            step = int(steps.keys[i])  # type: ignore[call-overload]
+            norm = math.sqrt(math.fsum(self.pending_shares.pop(step).values()))
+            self.global_grad_norms.append((step, norm))
+            if math.isfinite(norm) and (self.global_grad_norm_step is None or step >= self.global_grad_norm_step):
+                self.global_grad_norm, self.global_grad_norm_step = norm, step
 
     def intern_schema(self, names: tuple[str, ...]) -> SchemaEntry:
         """The shared SchemaEntry for `names`, extending the exported layer set if room is left."""
@@ -394,6 +416,33 @@ class RunStore:
             state.over_budget = report.over_budget
             if report.grad_global_share is not None and report.rank < run.world_size:
                 run.add_grad_share(report.step, report.rank, report.grad_global_share)
+
+    def record_rows(self, states: Sequence[RankState], rows: Sequence[tuple[Any, ...]]) -> None:
+        """`record_report`'s per-rank part for compact reports without columns (the relayed batch path, under
+        the store's lock): each row is a RING_DTYPE tuple plus the full-statistics interval and over_budget,
+        `states[i]` the rank of `rows[i]`, in arrival order."""
+        for state, row in zip(states, rows, strict=True):
+            state.ring.append(row[:7])
+            state.last_step, state.last_report_at = row[0], row[2]
+            loss, grad_norm, duration = row[3], row[4], row[5]
+            if math.isfinite(loss):
+                state.last_loss, state.last_finite_loss_step, state.loss_non_finite = loss, row[0], None
+            if math.isfinite(grad_norm):
+                state.last_grad_norm = grad_norm
+            if math.isfinite(duration) and duration >= 0:
+                state.last_step_duration = duration
+            if row[7]:
+                state.full_stats_interval_in_force = row[7]
+            state.over_budget = row[8]
+
+    def touch(self, run: RunState) -> bool:
+        """`locate()` for a batch of reports of `run`: False when the run is no longer the one held (evicted)."""
+        with self.lock:
+            if self._runs.get(run.run_id) is not run:
+                return False
+            run.last_seen = self._clock()
+            self._runs.move_to_end(run.run_id)
+            return True
 
     def record_event(self, run: RunState, rank: int, event: pb.Event) -> None:
         """Keep the event in the run's bounded log, truncated (events are for humans, not bulk data)."""

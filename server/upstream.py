@@ -46,6 +46,7 @@ from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.relay import verdict_of
 from gradwatch.server.relay_columns import Columns
 from gradwatch.server.relay_link import DEFAULT_BATCH_ENTRIES
+from gradwatch.server.relay_sessions import HeldSessions
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
     ACCEPTED_PROTOCOL_VERSIONS,
@@ -74,6 +75,8 @@ REASON_METADATA_KEY = "gradwatch-reason"
 class _Held:
     session: Session
     validator: StreamValidator
+    #: Its row in the stream's HeldSessions while its reports may come as columns (-1: none).
+    row: int = -1
 
 
 @dataclass
@@ -84,8 +87,8 @@ class RelayStream:
     sessions: dict[tuple[str, int, str], _Held] = field(default_factory=dict)
     batches: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    #: RelayedFrame.ref -> the session it names (RelayedColumns name sessions by it).
-    refs: dict[int, tuple[str, int, str]] = field(default_factory=dict)
+    #: The sessions RelayedColumns name by their RelayedFrame.ref, as arrays.
+    table: HeldSessions = field(default_factory=HeldSessions)
 
 
 class RelayServicer:
@@ -212,6 +215,7 @@ class RelayServicer:
                     )
         finally:
             del self._streams[key]
+            stream.table.push_all()
             for held in stream.sessions.values():
                 self._ingestor.close(held.session, left=True)
             now = self._clock()
@@ -286,13 +290,45 @@ class RelayServicer:
 
     def _apply_columns(self, stream: RelayStream, columns: Columns, commands: list[tuple[str, int, pb.Command]]
                        ) -> None:  # fmt: skip
-        """Reports packed as columns, one session's after another's as the relay ordered them."""
-        for i in range(len(columns)):
-            key = stream.refs.get(int(columns.ref[i]))
-            if key is None:
-                self._stats.rejected(RELAY_UNKNOWN_SESSION)
+        """Reports packed as columns: per run as one batch (server/ingest_batch.py) when it can take them, else
+        one at a time through the per-record path, with the same outcome."""
+        table = stream.table
+        rows = table.rows(columns.ref)
+        known = rows >= 0
+        if not known.all():
+            self._stats.rejected(RELAY_UNKNOWN_SESSION, int((~known).sum()))
+            rows, columns = rows[known], columns.take(known)
+        if not rows.size:
+            return
+        if not table.check(rows, columns):
+            self._one_by_one(stream, rows, columns, commands)
+            return
+        codes = table.run_code[rows]
+        runs = np.unique(codes)
+        for code in runs.tolist():
+            mine = np.flatnonzero(codes == code)
+            group_rows, group = (rows, columns) if runs.size == 1 else (rows[mine], columns.take(mine))
+            fresh = table.fresh(group_rows, group.seq)
+            found: list[tuple[int, pb.Command]] | None = []
+            if fresh.any():
+                sessions, states = table.sessions[group_rows[fresh]], table.states[group_rows[fresh]]
+                found = self._ingestor.apply_columns(sessions[0].run, table.rank[group_rows[fresh]], sessions, states,
+                                                     group.take(fresh))  # fmt: skip
+            if found is None:
+                self._one_by_one(stream, group_rows, group, commands)
                 continue
-            self._apply_report(stream, key, columns.frame(i), commands)
+            table.advance(group_rows, group)
+            table.applied_upto(group_rows[fresh], group.seq[fresh])
+            if not fresh.all():
+                self._stats.duplicate(int((~fresh).sum()))
+            run_id = table.sessions[group_rows[0]].hello.run_id
+            commands += [(run_id, rank, command) for rank, command in found]
+
+    def _one_by_one(self, stream: RelayStream, rows: np.ndarray, columns: Columns,
+                    commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip
+        for i, row in enumerate(rows.tolist()):
+            hello = stream.table.held[row].session.hello
+            self._apply_report(stream, (hello.run_id, hello.rank, hello.session_id), columns.frame(i), commands)
 
     def _apply_frame(self, stream: RelayStream, relayed: pb.RelayedFrame, grant: Grant | None,
                      commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip
@@ -300,17 +336,17 @@ class RelayServicer:
         try:
             if relayed.HasField("hello"):
                 self._open(stream, key, relayed.hello, grant)
-                if relayed.ref:
-                    stream.refs[relayed.ref] = key
+                if relayed.ref and key in stream.sessions:
+                    stream.table.bind(relayed.ref, stream.sessions[key])
             held = stream.sessions.get(key)
             if held is None:
                 if relayed.HasField("frame") or relayed.closed:
                     self._stats.rejected(RELAY_UNKNOWN_SESSION)
                 return
             if relayed.closed:
-                del stream.sessions[key]
                 if relayed.ref:
-                    stream.refs.pop(relayed.ref, None)
+                    stream.table.unbind(relayed.ref)
+                del stream.sessions[key]
                 self._ingestor.close(held.session)
                 return
         except FrameRejected as exc:
@@ -327,6 +363,8 @@ class RelayServicer:
         if held is None:
             self._stats.rejected(RELAY_UNKNOWN_SESSION)
             return
+        if held.row >= 0:
+            stream.table.push(held.row)
         try:
             kind = held.validator.check(frame)
             if kind != "hello":
@@ -335,10 +373,17 @@ class RelayServicer:
         except FrameRejected as exc:
             self._stats.rejected(exc.reason)
             log.debug("relay %r: rank %d of %r: %s", stream.relay_id, key[1], key[0], exc.message)
+        finally:
+            if held.row >= 0:
+                stream.table.pull(held.row)
 
     def _open(self, stream: RelayStream, key: tuple[str, int, str], hello: pb.Hello, grant: Grant | None) -> None:
         if key in stream.sessions:
             return  # a re-sent Hello of a rank this stream holds already
+        for other in list(self._streams.values()):  # another stream's columns may be ahead of the rank's objects
+            held = other.sessions.get(key)
+            if held is not None and held.row >= 0:
+                other.table.push(held.row)
         validator = StreamValidator(self._limits)
         validator.accept_hello(hello)
         if grant is not None:
