@@ -189,6 +189,8 @@ class Ingestor:
         self._lock = threading.Lock()
         #: Completed `tick()` calls (what a caller waits on to know the cross-rank detectors judged again).
         self.ticks = 0
+        #: Relayed reports applied as batches (server/ingest_batch.py) rather than one at a time.
+        self.batched = 0
 
     def open(self, hello: pb.Hello, *, streaming: bool = True, relayed: bool = False) -> Session:
         """Register a validated Hello; `streaming` counts the rank's open streams. `relayed`: a rank held by a

@@ -103,6 +103,7 @@ def apply_columns(ingestor: Ingestor, run: RunState, rank: np.ndarray, sessions:
         if ingestor._pending:
             for r in np.unique(rank).tolist():
                 commands += [(r, c) for c in ingestor._pending.pop((run.run_id, r), ())]
+        ingestor.batched += len(step)
     ingestor._stats.applied_many("report", len(step), time.perf_counter() - started)
     return commands
 
