@@ -231,7 +231,7 @@ def _state(app: ServerApp) -> dict[str, Any]:
             "firing": sorted(app.alert_book.firing_detectors()),
             "rejected": app.stats.snapshot().errors,
             "duplicates": app.stats.snapshot().duplicates,
-            "reports": app.stats.snapshot().frames.get("report", 0),
+            "applied": app.stats.snapshot().frames.get("report", 0),
         }
     )
 
@@ -257,7 +257,7 @@ def test_a_clean_stream_is_applied_as_batches_and_names_the_slow_silent_and_dive
     plan = Plan(world=6, steps=30, seed=1, nan=None, divergent=(2, 5), slow=4, silent=(5, 12), checksum_every=5,
                 mismatch=1, restart=None, gaps=frozenset(), swaps=frozenset(), dups=frozenset(), reconnect=None,
                 sizes=[16])  # fmt: skip
-    one, one_events = feed(plan, columns=False)
+    _, one_events = feed(plan, columns=False)
     batch, batch_events = feed(plan, columns=True)
     assert batch.ingestor.batched > 0.8 * sum(batch.store.get(RUN).table.reports)
     assert sorted(batch_events) == sorted(one_events)
