@@ -73,13 +73,13 @@ def apply_columns(ingestor: Ingestor, run: RunState, rank: np.ndarray, sessions:
             return None
         with np.errstate(invalid="ignore"):
             grad_norm = np.where(skipped | ~(gss >= 0), np.nan, np.sqrt(np.abs(gss)))
-        over_budget = ((flags & OVER_BUDGET) != 0).tolist()
         rows = list(zip(step.tolist(), columns.wall_time.tolist(), [now] * len(step), batch.loss.tolist(),
                         grad_norm.tolist(), columns.step_duration_s.tolist(), columns.non_finite.tolist(),
-                        columns.full_stats_interval.tolist(), over_budget, strict=True))  # fmt: skip
+                        strict=True))  # fmt: skip
+        extras = list(zip(columns.full_stats_interval.tolist(), ((flags & OVER_BUDGET) != 0).tolist(), strict=True))
         pre_forward = np.where((flags & HAS_PRE_FORWARD) != 0, columns.pre_forward_s, np.nan)
         with store.lock:
-            store.record_rows(states, rows)
+            store.record_rows(states, rows, extras)
             run.table.report_many(rank, step, columns.step_duration_s, pre_forward, now)
             run.skipped_steps += int(skipped.sum())
             run.guard_skipped_steps += int((columns.guard_skip_reasons != 0).sum())

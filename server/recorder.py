@@ -167,21 +167,21 @@ class FlightRecorder:
         `rows[i]` (step, wall time, received at, loss, gradient norm, step duration, flags) of rank `states[i]`,
         whose ingest Session is `sessions[i]`, in arrival order. Never raises (counted like `observe`)."""
         try:
-            for state, session, row in zip(states, sessions, rows, strict=True):
-                self._observe_row(run, state, session.hello, session.schema.names, row)
+            with self._lock:
+                windows = self._windows.get(run.run_id, {})
+                for state, session, row in zip(states, sessions, rows, strict=True):
+                    window = windows.get(state.rank)
+                    if window is None or window.session_id != session.hello.session_id:
+                        window = self._window(run, state, session.hello, session.schema.names)
+                        windows = self._windows[run.run_id]
+                    window.rows.append((window.count, *row))
+                    window.count += 1
+                    if self._recording:
+                        self._closing(run, state, window)
         except Exception:
             self.dropped["observe_failed"] += 1
             if self.dropped["observe_failed"] == 1:
                 log.exception("flight recorder failed on a report; further failures are counted")
-
-    def _observe_row(self, run: RunState, rank: RankState, hello: pb.Hello, layer_names: tuple[str, ...],
-                     row: tuple[Any, ...]) -> None:  # fmt: skip
-        with self._lock:
-            window = self._window(run, rank, hello, layer_names)
-            window.rows.append((window.count, *row[:7]))
-            window.count += 1
-            if self._recording:
-                self._closing(run, rank, window)
 
     def _window(self, run: RunState, rank: RankState, hello: pb.Hello, layer_names: tuple[str, ...]) -> _RankWindow:
         cfg = self._config

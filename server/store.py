@@ -417,23 +417,23 @@ class RunStore:
             if report.grad_global_share is not None and report.rank < run.world_size:
                 run.add_grad_share(report.step, report.rank, report.grad_global_share)
 
-    def record_rows(self, states: Sequence[RankState], rows: Sequence[tuple[Any, ...]]) -> None:
-        """`record_report`'s per-rank part for compact reports without columns (the relayed batch path, under
-        the store's lock): each row is a RING_DTYPE tuple plus the full-statistics interval and over_budget,
-        `states[i]` the rank of `rows[i]`, in arrival order."""
-        for state, row in zip(states, rows, strict=True):
-            state.ring.append(row[:7])
-            state.last_step, state.last_report_at = row[0], row[2]
-            loss, grad_norm, duration = row[3], row[4], row[5]
-            if math.isfinite(loss):
-                state.last_loss, state.last_finite_loss_step, state.loss_non_finite = loss, row[0], None
-            if math.isfinite(grad_norm):
+    def record_rows(self, states: Sequence[RankState], rows: Sequence[tuple[Any, ...]],
+                    extras: Sequence[tuple[int, bool]]) -> None:  # fmt: skip
+        """`record_report`'s per-rank part for compact reports without columns (the relayed batch path, under the
+        store's lock): `rows[i]` is a RING_DTYPE row of rank `states[i]`, `extras[i]` its report's full-statistics
+        interval and over_budget, in arrival order; losses are finite or NaN (no loss)."""
+        for state, row, (interval, over_budget) in zip(states, rows, extras, strict=True):
+            state.ring.append(row)
+            step, _, received_at, loss, grad_norm, duration, _ = row
+            state.last_step, state.last_report_at, state.over_budget = step, received_at, over_budget
+            if loss == loss:  # not NaN: finite (the batch path takes no other)
+                state.last_loss, state.last_finite_loss_step, state.loss_non_finite = loss, step, None
+            if grad_norm == grad_norm:
                 state.last_grad_norm = grad_norm
-            if math.isfinite(duration) and duration >= 0:
+            if duration >= 0 and math.isfinite(duration):
                 state.last_step_duration = duration
-            if row[7]:
-                state.full_stats_interval_in_force = row[7]
-            state.over_budget = row[8]
+            if interval:
+                state.full_stats_interval_in_force = interval
 
     def touch(self, run: RunState) -> bool:
         """`locate()` for a batch of reports of `run`: False when the run is no longer the one held (evicted)."""
