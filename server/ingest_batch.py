@@ -33,6 +33,7 @@ from gradwatch.server.relay_columns import (
     SKIPPED_STEP,
     Columns,
 )
+from gradwatch.server.store import RING_DTYPE
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 if TYPE_CHECKING:
@@ -73,13 +74,13 @@ def apply_columns(ingestor: Ingestor, run: RunState, rank: np.ndarray, sessions:
             return None
         with np.errstate(invalid="ignore"):
             grad_norm = np.where(skipped | ~(gss >= 0), np.nan, np.sqrt(np.abs(gss)))
-        rows = list(zip(step.tolist(), columns.wall_time.tolist(), [now] * len(step), batch.loss.tolist(),
-                        grad_norm.tolist(), columns.step_duration_s.tolist(), columns.non_finite.tolist(),
-                        strict=True))  # fmt: skip
+        rows = np.empty(len(step), dtype=RING_DTYPE)
+        rows["step"], rows["wall_time"], rows["received_at"], rows["loss"] = step, columns.wall_time, now, batch.loss
+        rows["grad_norm"], rows["step_duration"], rows["flags"] = grad_norm, columns.step_duration_s, columns.non_finite
         extras = list(zip(columns.full_stats_interval.tolist(), ((flags & OVER_BUDGET) != 0).tolist(), strict=True))
         pre_forward = np.where((flags & HAS_PRE_FORWARD) != 0, columns.pre_forward_s, np.nan)
         with store.lock:
-            store.record_rows(states, rows, extras)
+            store.record_rows(run, rank, rows, states, extras)
             run.table.report_many(rank, step, columns.step_duration_s, pre_forward, now)
             run.skipped_steps += int(skipped.sum())
             run.guard_skipped_steps += int((columns.guard_skip_reasons != 0).sum())
@@ -89,7 +90,7 @@ def apply_columns(ingestor: Ingestor, run: RunState, rank: np.ndarray, sessions:
             if between.any():
                 run.table.collectives.between_many(rank[between], columns.between_collectives_s[between])
         if ingestor._on_rows is not None:
-            ingestor._on_rows(run, states, sessions, rows)
+            ingestor._on_rows(run, rank, states, sessions, rows)
         for spec, detector, plan in plans:
             try:
                 with store.lock:

@@ -36,7 +36,7 @@ import numpy as np
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import NON_FINITE_KINDS, RankReport
-from gradwatch.server.ring import RecordRing
+from gradwatch.server.ring import RecordRing, RingTable, TableRing
 from gradwatch.server.step_pending import StepPlan, plan
 from gradwatch.server.validate import rank_limit_reached, run_limit_reached
 from gradwatch.v1 import gradwatch_pb2 as pb
@@ -90,7 +90,7 @@ class RankState:
     """One rank of a run: identity from its latest Hello, history ring and latest columns."""
 
     rank: int
-    ring: RecordRing
+    ring: RecordRing | TableRing
     schema: SchemaEntry
     session_id: str = ""
     host: str = ""
@@ -164,6 +164,8 @@ class RunState:
     )
     #: step -> {rank: share} for steps not yet reported by every rank.
     pending_shares: collections.OrderedDict[int, dict[int, float]] = field(default_factory=collections.OrderedDict)
+    #: The ranks' report rings (RankState.ring is its row of it), so a batch of rows is one scatter.
+    rings: RingTable | None = None
     #: Set when the run was loaded from the database at start-up: its last saved summary (step, loss, ranks),
     #: shown until the first agent reconnects (then None).
     restored_summary: dict[str, Any] | None = None
@@ -417,14 +419,18 @@ class RunStore:
             if report.grad_global_share is not None and report.rank < run.world_size:
                 run.add_grad_share(report.step, report.rank, report.grad_global_share)
 
-    def record_rows(self, states: Sequence[RankState], rows: Sequence[tuple[Any, ...]],
+    def record_rows(self, run: RunState, ranks: np.ndarray, rows: np.ndarray, states: Sequence[RankState],
                     extras: Sequence[tuple[int, bool]]) -> None:  # fmt: skip
         """`record_report`'s per-rank part for compact reports without columns (the relayed batch path, under the
-        store's lock): `rows[i]` is a RING_DTYPE row of rank `states[i]`, `extras[i]` its report's full-statistics
-        interval and over_budget, in arrival order; losses are finite or NaN (no loss)."""
-        for state, row, (interval, over_budget) in zip(states, rows, extras, strict=True):
-            state.ring.append(row)
-            step, _, received_at, loss, grad_norm, duration, _ = row
+        store's lock): `rows[i]` (RING_DTYPE) is a report of rank `ranks[i]` (`states[i]`), `extras[i]` its
+        full-statistics interval and over_budget, in arrival order; losses are finite or NaN (no loss)."""
+        assert run.rings is not None  # every rank of the run joined through _rank_for
+        run.rings.append_many(ranks, rows)
+        columns = (rows["step"].tolist(), rows["received_at"].tolist(), rows["loss"].tolist(),
+                   rows["grad_norm"].tolist(), rows["step_duration"].tolist())  # fmt: skip
+        for state, step, received_at, loss, grad_norm, duration, (interval, over_budget) in zip(
+            states, *columns, extras, strict=True
+        ):
             state.last_step, state.last_report_at, state.over_budget = step, received_at, over_budget
             if loss == loss:  # not NaN: finite (the batch path takes no other)
                 state.last_loss, state.last_finite_loss_step, state.loss_non_finite = loss, step, None
@@ -568,11 +574,12 @@ class RunStore:
         if state is None:
             saved = run.restored_ranks.pop(hello.rank, None)  # back after a restart: its series continue
             self.ranks_total += saved is None
-            state = RankState(
-                rank=hello.rank,
-                ring=saved.ring if saved is not None else RecordRing(RING_DTYPE, self._limits.ring_length),
-                schema=run.intern_schema(tuple(hello.schema.names)),
-            )
+            if run.rings is None:
+                run.rings = RingTable(RING_DTYPE, self._limits.ring_length)
+            ring = run.rings.ring(hello.rank)
+            if saved is not None:
+                ring.refill(saved.ring.rows(), saved.ring.count)
+            state = RankState(rank=hello.rank, ring=ring, schema=run.intern_schema(tuple(hello.schema.names)))
             if saved is not None:
                 state.sessions = saved.sessions  # what was applied before the restart is not applied again
             run.ranks[hello.rank] = state
