@@ -7,7 +7,10 @@ compacts them: no per-layer columns), step after step, in batches of the relay l
 handler's batch path (`RelayServicer.apply_batch`). The batches are packed by the relay's own code
 (`server.relay_link.pack_entries`). Measured: thread CPU time per record over the measured steps (the warm-up
 steps, which fill the detectors' windows, excluded); median and range over `--repeat` invocations, each in a
-fresh App. With `--wire` the batches are also serialised and parsed (what the gRPC link adds besides HTTP/2).
+fresh App. `--path records` sends every report as a RelayedFrame (sessions without refs): the per-record path, as
+before relayed columns; `--path columns` packs them as RelayedColumns; `both` (the default) measures the two side
+by side, alternating per size. With `--wire` the batches are also serialised and parsed (what the gRPC link adds
+besides HTTP/2).
 
     python bench/aggregator_cost.py --ranks 512,2048,16384 --steps 8 --warmup 24 --repeat 3
 """
@@ -43,7 +46,7 @@ def _entries(ranks: int, steps: range, layers: int, factory: FrameFactory, first
         for rank in range(ranks):
             frame = compact_frame(pb.AgentFrame.FromString(factory.report(step, step)), "report")
             relayed = pb.RelayedFrame(run_id="bench", rank=rank, session_id=f"s{rank}", frame=frame)
-            out.append(Entry(seq, "bench", relayed, ref=rank + 1))
+            out.append(Entry(seq, "bench", relayed, ref=rank + 1))  # packed as columns only with --path columns
             seq += 1
     return out
 
@@ -60,7 +63,7 @@ def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: b
     assert servicer is not None
     factory = FrameFactory(layers, 10)
     stream = RelayStream("bench-relay", "in-process", time.time())
-    hellos = [Entry(r + 1, "bench", pb.RelayedFrame(run_id="bench", rank=r, session_id=f"s{r}", ref=r + 1,
+    hellos = [Entry(r + 1, "bench", pb.RelayedFrame(run_id="bench", rank=r, session_id=f"s{r}", ref=(r + 1) * columns,
                                                     hello=pb.AgentFrame.FromString(
                                                         hello_bytes("bench", r, ranks, layers, 10)).hello))
               for r in range(ranks)]  # fmt: skip
