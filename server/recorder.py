@@ -167,8 +167,8 @@ class FlightRecorder:
             if self.dropped["observe_failed"] == 1:
                 log.exception("flight recorder failed on a report; further failures are counted")
 
-    def observe_rows(self, run: RunState, ranks: np.ndarray, states: Sequence[RankState], sessions: Sequence[Any],
-                     rows: np.ndarray) -> None:  # fmt: skip
+    def observe_rows(self, run: RunState, ranks: np.ndarray, states: Sequence[RankState] | np.ndarray,
+                     sessions: Sequence[Any] | np.ndarray, rows: np.ndarray) -> None:  # fmt: skip
         """`observe` for compact reports without columns (the aggregator's batch path for relayed reports):
         `rows[i]` (RING_DTYPE) of rank `ranks[i]` (`states[i]`), whose ingest Session is `sessions[i]`, in arrival
         order, appended to the rank windows with one scatter. Never raises (counted like `observe`)."""
@@ -182,7 +182,7 @@ class FlightRecorder:
                 table = self._tables[run.run_id]
                 out = np.empty(len(rows), dtype=ROW_DTYPE)
                 out["index"] = table.count[ranks] + occurrences(ranks)[0]
-                for name in RING_DTYPE.names:
+                for name in rows.dtype.names or ():
                     out[name] = rows[name]
                 table.append_many(ranks, out)
                 if self._recording:

@@ -64,8 +64,8 @@ def pack_entries(entries: Sequence[Entry], *, columns: bool) -> pb.RelayBatch:
     """Frames and alerts of `entries` (no incident), in order, as one batch whose seq is the last entry's. With
     `columns` (the aggregator takes them) every report that can travel as columns does (server/relay_columns.py)."""
     batch = pb.RelayBatch(seq=entries[-1].seq if entries else 0)
-    reports = []
-    frames = []
+    reports: list[tuple[int, int, pb.AgentFrame]] = []
+    frames: list[pb.RelayedFrame] = []
     for entry in entries:
         if entry.frame is not None:
             relayed = entry.frame

@@ -419,7 +419,7 @@ class RunStore:
             if report.grad_global_share is not None and report.rank < run.world_size:
                 run.add_grad_share(report.step, report.rank, report.grad_global_share)
 
-    def record_rows(self, run: RunState, ranks: np.ndarray, rows: np.ndarray, states: Sequence[RankState],
+    def record_rows(self, run: RunState, ranks: np.ndarray, rows: np.ndarray, states: Sequence[RankState] | np.ndarray,
                     extras: Sequence[tuple[int, bool]]) -> None:  # fmt: skip
         """`record_report`'s per-rank part for compact reports without columns (the relayed batch path, under the
         store's lock): `rows[i]` (RING_DTYPE) is a report of rank `ranks[i]` (`states[i]`), `extras[i]` its

@@ -214,7 +214,7 @@ class RankDivergenceDetector:
         """`observe` for every report of the batch (see server/detectors/batch.py)."""
         size = ranks.size
         for key in steps.dropped:
-            del self._pending[key]
+            del self._pending[key]  # type: ignore[arg-type]
         with np.errstate(invalid="ignore"):
             losses = np.where(batch.has_loss & np.isfinite(batch.loss), batch.loss, -math.inf)
         for key, taken, new in zip(steps.keys, steps.taken, steps.new, strict=True):
