@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import pathlib
 import pstats
@@ -38,8 +39,11 @@ from gradwatch.server.upstream import RelayStream
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 
-def _entries(ranks: int, steps: range, layers: int, factory: FrameFactory, first_seq: int) -> list[Entry]:
-    """The relay's entries for `steps` of every rank (rank order within a step, as a relay forwards a step)."""
+@functools.lru_cache(maxsize=4)
+def _entries(ranks: int, steps: range, layers: int, first_seq: int) -> list[Entry]:
+    """The relay's entries for `steps` of every rank (rank order within a step, as a relay forwards a step); kept
+    for the next invocation of the same size (they are only read)."""
+    factory = _factory(layers)
     out = []
     seq = first_seq
     for step in steps:
@@ -56,12 +60,16 @@ def _batches(entries: list[Entry], columns: bool) -> list[pb.RelayBatch]:
             for i in range(0, len(entries), DEFAULT_BATCH_ENTRIES)]  # fmt: skip
 
 
+@functools.lru_cache(maxsize=2)
+def _factory(layers: int) -> FrameFactory:
+    return FrameFactory(layers, 10)
+
+
 def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: bool, profile: bool = False
         ) -> dict[str, Any]:  # fmt: skip
     app = ServerApp()
     servicer = app.relays
     assert servicer is not None
-    factory = FrameFactory(layers, 10)
     stream = RelayStream("bench-relay", "in-process", time.time())
     hellos = [Entry(r + 1, "bench", pb.RelayedFrame(run_id="bench", rank=r, session_id=f"s{r}", ref=(r + 1) * columns,
                                                     hello=pb.AgentFrame.FromString(
@@ -69,11 +77,11 @@ def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: b
               for r in range(ranks)]  # fmt: skip
     for batch in _batches(hellos, columns):
         servicer.apply_batch(stream, batch, None)
-    warm = _batches(_entries(ranks, range(1, warmup + 1), layers, factory, ranks + 1), columns)
+    warm = _batches(_entries(ranks, range(1, warmup + 1), layers, ranks + 1), columns)
     for batch in warm:
         servicer.apply_batch(stream, batch, None)
-    measured = _batches(_entries(ranks, range(warmup + 1, warmup + steps + 1), layers, factory,
-                                 ranks * (warmup + 1) + 1), columns)  # fmt: skip
+    measured = _batches(_entries(ranks, range(warmup + 1, warmup + steps + 1), layers, ranks * (warmup + 1) + 1),
+                        columns)  # fmt: skip
     raw = [b.SerializeToString() for b in measured] if wire else None
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
