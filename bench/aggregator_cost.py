@@ -55,9 +55,14 @@ def _entries(ranks: int, steps: range, layers: int, first_seq: int) -> list[Entr
     return out
 
 
+#: Entries per batch (--batch-entries): a link sends at most the aggregator's DEFAULT_BATCH_ENTRIES, fewer when
+#: fewer arrive within its BATCH_DELAY_S (a relay of 8 ranks at 1 step/s sends 1-8 records per batch).
+BATCH = [DEFAULT_BATCH_ENTRIES]
+
+
 def _batches(entries: list[Entry], columns: bool) -> list[pb.RelayBatch]:
-    return [pack_entries(entries[i : i + DEFAULT_BATCH_ENTRIES], columns=columns)
-            for i in range(0, len(entries), DEFAULT_BATCH_ENTRIES)]  # fmt: skip
+    size = BATCH[0]
+    return [pack_entries(entries[i : i + size], columns=columns) for i in range(0, len(entries), size)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -117,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--wire", action="store_true", help="serialise and parse every batch as the link does")
     parser.add_argument("--profile", action="store_true", help="cProfile the measured batches (stderr)")
+    parser.add_argument("--batch-entries", type=int, default=DEFAULT_BATCH_ENTRIES, help="entries per batch")
     args = parser.parse_args(argv)
+    BATCH[0] = args.batch_entries
     paths = ("records", "columns") if args.path == "both" else (args.path,)
     results = []
     for ranks in (int(r) for r in args.ranks.split(",")):
