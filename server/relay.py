@@ -134,9 +134,11 @@ class Relay:
         relayed = pb.RelayedFrame(
             run_id=hello.run_id, rank=hello.rank, session_id=hello.session_id, frame=compact_frame(frame, kind)
         )
+        report = frame.report if kind == "report" else None
+        urgent = report is not None and (report.non_finite != 0 or (report.has_loss and not math.isfinite(report.loss)))
         with self._lock:
             ref = self._refs.get((hello.run_id, hello.rank, hello.session_id), 0)
-            self._add(hello.run_id, frame=relayed, ref=ref)
+            self._add(hello.run_id, frame=relayed, ref=ref, urgent=urgent)
 
     def closed(self, hello: pb.Hello) -> None:
         with self._lock:
@@ -151,7 +153,7 @@ class Relay:
 
     def verdict(self, run_id: str, detector: str, rank: int, verdict: Verdict, autopsy: dict[str, Any] | None) -> None:
         with self._lock:
-            self._add(run_id, alert=_relayed_alert(run_id, detector, rank, verdict, autopsy))
+            self._add(run_id, alert=_relayed_alert(run_id, detector, rank, verdict, autopsy), urgent=True)
 
     def incident(self, body: dict[str, Any], window: bytes) -> None:
         """An incident the relay's recorder stored (on its writer thread): forwarded once its window is final."""
@@ -199,7 +201,7 @@ class Relay:
     # ------------------------------------------------------------------ internals (under self._lock)
 
     def _add(self, run_id: str, *, frame: pb.RelayedFrame | None = None, alert: pb.RelayedAlert | None = None,
-             incident: pb.RelayedIncident | None = None, ref: int = 0) -> None:  # fmt: skip
+             incident: pb.RelayedIncident | None = None, ref: int = 0, urgent: bool = False) -> None:  # fmt: skip
         link = self._run_link.get(run_id)
         if link is None:
             link = self._link_for(self._router.pick(run_id))
@@ -208,7 +210,8 @@ class Relay:
         if self.buffered >= self._capacity and not any(other.drop_oldest() for other in (link, *self._links.values())):
             self.dropped[BUFFER_FULL] += 1
             return
-        link.entries.append(Entry(next(self._seq), run_id, frame, alert, incident, ref))
+        link.entries.append(Entry(next(self._seq), run_id, frame, alert, incident, ref, urgent))
+        link.urgent |= urgent
         self.buffered += 1
         self._lock.notify_all()
 

@@ -82,7 +82,7 @@ def plans(draw: Any) -> Plan:
         swaps=draw(st.frozensets(pair, max_size=3)),
         dups=draw(st.frozensets(pair, max_size=3)),
         reconnect=draw(st.none() | st.integers(1, 12)),
-        sizes=draw(st.lists(st.integers(1, 48), min_size=1, max_size=4)),
+        sizes=draw(st.lists(st.integers(1, 64), min_size=1, max_size=4)),
     )
 
 
@@ -256,7 +256,7 @@ def test_columns_give_the_verdicts_of_one_report_at_a_time(plan: Plan) -> None:
 def test_a_clean_stream_is_applied_as_batches_and_names_the_slow_silent_and_divergent_ranks() -> None:
     plan = Plan(world=6, steps=30, seed=1, nan=None, divergent=(2, 5), slow=4, silent=(5, 12), checksum_every=5,
                 mismatch=1, restart=None, gaps=frozenset(), swaps=frozenset(), dups=frozenset(), reconnect=None,
-                sizes=[16])  # fmt: skip
+                sizes=[40])  # fmt: skip
     _, one_events = feed(plan, columns=False)
     batch, batch_events = feed(plan, columns=True)
     assert batch.ingestor.batched > 0.8 * sum(batch.store.get(RUN).table.reports)
