@@ -20,6 +20,12 @@ and gradient (a run pages once, so each injection goes to a fresh run). Measured
 * whether the offered rate was sustained: reports acknowledged per second and the acknowledgement lag;
 * server CPU per report (utime + stime from /proc over the measured window) and RSS (VmRSS, VmHWM).
 
+With `--slow-rank K`, rank K of every run works `--slow-factor` times longer between collectives and before its
+forward pass (every rank reports `pre_forward_s` and `between_collectives_s`; step durations stay equal, as in
+synchronous training); with `--silent-rank K`, rank K of every run stops sending at `--silent-at` seconds and
+keeps its stream open. The server's `stalled` floor is then `--stalled-floor-s` (a config file passed with
+`--config`), and the result names the ranks `straggler` and `stalled` fire for, by run.
+
 With `--read-loop`, a thread reads /metrics and /api/v1/runs in a loop the whole time (readers must not stall
 ingest). Prints one JSON document (and a human summary on stderr).
 
@@ -57,6 +63,11 @@ from paging_support import WebhookReceiver, alertmanager, gradwatch_process, rou
 
 STREAM_METHOD = "/gradwatch.v1.Ingest/Stream"
 TEMPLATES = 8  # distinct encodings of each report kind (values vary a little, as a healthy run's do)
+#: Seconds a rank works before its forward pass and between collectives per step (a slow rank: times its factor).
+PRE_FORWARD_S = 0.05
+BETWEEN_S = 0.3
+_PRE_FORWARD = bytes([27 << 3 | 1, 1])  # StepReport.pre_forward_s (field 27, fixed64): tag 217 as a varint
+_BETWEEN = bytes([(81 << 3 | 1) & 0x7F | 0x80, (81 << 3 | 1) >> 7])  # between_collectives_s (field 81)
 STREAMS_PER_CHANNEL = 64  # HTTP/2 connections carry this many rank streams each
 WIDE_RUN_LAYERS = 4  # layers of the --wide-run-ranks run: it is there for its rank count
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -149,14 +160,17 @@ class FrameFactory:
                             first_non_finite_layer=self.layers // 2, full_stats_interval=self.full_every)  # fmt: skip
         self.nan_body = nan.SerializeToString()
 
-    def report(self, seq: int, step: int, *, nan: bool = False) -> bytes:
-        """An encoded report: fields later in the message override the template's (protobuf merge rules)."""
+    def report(self, seq: int, step: int, *, nan: bool = False, slow: float = 1.0) -> bytes:
+        """An encoded report: fields later in the message override the template's (protobuf merge rules). `slow`:
+        the rank's work before its forward pass and between collectives, relative to its peers'."""
         if nan:
             body, loss = self.nan_body, float("nan")
         else:
             pool = self.full if step % self.full_every == 0 else self.ordinary
             body, loss = pool[step % TEMPLATES], 2.0 / (1.0 + 0.001 * step) + 0.01 * ((step * 7919) % 13) / 13
         body += b"\x08" + _varint(step) + b"\x11" + struct.pack("<d", time.time()) + b"\x21" + struct.pack("<d", loss)
+        body += _PRE_FORWARD + struct.pack("<d", PRE_FORWARD_S * slow)
+        body += _BETWEEN + struct.pack("<d", BETWEEN_S * slow)
         return b"\x08" + _varint(seq) + b"\x1a" + _varint(len(body)) + body
 
 
@@ -182,6 +196,8 @@ class Rank:
     ack_lags: list[float] = field(default_factory=list)
     error: str | None = None
     reconnects: int = 0  # Hello attempts that failed before one got its Welcome
+    slow: float = 1.0  # --slow-factor for the slow rank
+    silent_at: float | None = None  # when the silent rank stops sending (time.time())
 
 
 class Load:
@@ -196,6 +212,9 @@ class Load:
                       for r in range(args.runs) for k in range(args.world_size)]  # fmt: skip
         wide = args.wide_run_ranks
         self.ranks += [Rank("load-wide", k, wide, WIDE_RUN_LAYERS, args.wide_run_period_s) for k in range(wide)]
+        for rank in self.ranks[: args.runs * args.world_size]:
+            if rank.rank == args.slow_rank:
+                rank.slow = args.slow_factor
         self.stop_at = 0.0
         self.nan_sent: dict[str, float] = {}  # run -> time its NaN frame was written
         self.nan_due: list[tuple[float, Rank]] = []
@@ -203,6 +222,9 @@ class Load:
     async def run(self, started: float) -> None:
         args = self.args
         self.stop_at = started + args.duration
+        for rank in self.ranks[: args.runs * args.world_size]:
+            if rank.rank == args.silent_rank:
+                rank.silent_at = started + args.silent_at
         runs = [self.ranks[i * args.world_size] for i in range(args.runs)]
         if args.nan_at >= 0:
             times = started + args.nan_at + args.nan_every * np.arange(len(runs))
@@ -256,12 +278,15 @@ class Load:
             step = 0
             while next_at < self.stop_at:
                 await asyncio.sleep(max(0.0, next_at - time.time()))
+                if rank.silent_at is not None and time.time() >= rank.silent_at:
+                    await asyncio.sleep(max(0.0, self.stop_at - time.time()))  # silent, its stream still open
+                    break
                 nan = self._take_nan(rank)
                 frames = []
                 for _ in range(args.group):
                     step += 1
                     rank.sent += 1
-                    frames.append(factory.report(rank.sent, step, nan=nan and not frames))
+                    frames.append(factory.report(rank.sent, step, nan=nan and not frames, slow=rank.slow))
                 now = time.time()
                 for offset in range(len(frames)):
                     rank.sent_at[rank.sent - len(frames) + 1 + offset] = now
@@ -380,7 +405,8 @@ def _applied_reports(http_url: str) -> dict[tuple[str, int], int]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, WebhookReceiver() as receiver, \
             alertmanager(routing_config(receiver.url), pathlib.Path(tmp) / "am") as am_url, \
-            gradwatch_process(pathlib.Path(tmp), "--alertmanager-url", am_url, *args.serve_arg) as server:  # fmt: skip
+            gradwatch_process(pathlib.Path(tmp), "--alertmanager-url", am_url, *args.serve_arg,
+                              *detector_config(args, pathlib.Path(tmp))) as server:  # fmt: skip
         load = Load(args, server.target)
         readers = Readers(server.http_url) if args.read_loop else contextlib.nullcontext()
         before = process_usage(server.pid)
@@ -410,6 +436,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 pages[run] = hit[0].received_at - sent_at
         firing = json.loads(_get(server.http_url + "/api/v1/alerts?state=firing"))["alerts"]
         other = sorted({a["detector"] for a in firing if a["detector"] != "non_finite"})
+        named = named_ranks(firing)
         applied = _applied_reports(server.http_url)
         log_tail = (pathlib.Path(tmp) / "gradwatch.log").read_text()[-2000:]
         metrics = _get(server.http_url + "/metrics").decode()
@@ -421,7 +448,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     lags = [lag for r in load.ranks for lag in r.ack_lags]
     window_s = window["t1"] - window["t0"]
     window_reports = window["acked1"] - window["acked0"]
-    offered = sum(args.group / r.period_s for r in load.ranks)
+    offered = offered_rate(load, args)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "serve_arg"},
         "ranks": len(load.ranks), "offered_reports_per_s": offered,
@@ -439,6 +466,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "nan_injected": len(load.nan_sent), "nan_paged": len(pages),
         "nan_to_alertmanager_s": _percentiles(list(pages.values())),
         "other_detectors_firing": other,
+        "named": named, "only_slow_and_silent_named": only_expected(args, named),
     }  # fmt: skip
     if result["ranks_failed"]:
         result["server_log_tail"] = log_tail
@@ -473,12 +501,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wide-run-period-s", type=float, default=10.0)
     parser.add_argument("--connect-spread-s", type=float, default=10.0, help="ranks connect over this many seconds")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `gradwatch serve` argument")
+    parser.add_argument("--slow-rank", type=int, default=-1, help="this rank of every run is a straggler")
+    parser.add_argument("--slow-factor", type=float, default=1.6, help="how much longer the slow rank works")
+    parser.add_argument("--silent-rank", type=int, default=-1, help="this rank of every run falls silent")
+    parser.add_argument("--silent-at", type=float, default=15.0, help="seconds after the start")
+    parser.add_argument(
+        "--stalled-floor-s",
+        type=float,
+        default=10.0,
+        help="the server's stalled.floor_s with --silent-rank (its default, 300 s, outlasts a bench)",
+    )
     args = parser.parse_args(argv)
     if min(args.runs, args.world_size, args.layers, args.full_every, args.group) < 1 or args.steps_per_s <= 0:
         parser.error("--runs, --world-size, --layers, --full-every, --group must be >= 1, --steps-per-s > 0")
     if args.warmup_s >= args.duration:
         parser.error("--warmup-s must be shorter than --duration")
+    if args.slow_rank >= 0 and args.slow_rank == args.silent_rank:
+        parser.error("--slow-rank and --silent-rank must differ")
     return args
+
+
+def detector_config(args: argparse.Namespace, directory: pathlib.Path) -> list[str]:
+    """`gradwatch serve` arguments for a run with a silent rank: a config whose stalled floor fits the bench."""
+    if args.silent_rank < 0:
+        return []
+    path = directory / "detectors.yaml"
+    path.write_text(f"detectors:\n  stalled: {{floor_s: {args.stalled_floor_s}}}\n")
+    return ["--config", str(path)]
+
+
+def offered_rate(load: Load, args: argparse.Namespace) -> float:
+    """Reports per second offered over the measured window (a silent rank offers none once silent)."""
+    span = args.duration - args.warmup_s
+    speaking = max(0.0, min(args.silent_at, args.duration) - args.warmup_s) / span
+    return sum(args.group / r.period_s * (1.0 if r.silent_at is None else speaking) for r in load.ranks)
+
+
+def named_ranks(alerts: list[dict[str, Any]]) -> dict[str, dict[str, list[int]]]:
+    """detector -> run -> ranks, for the firing `straggler`, `stalled` and `collective_hang` alerts."""
+    out: dict[str, dict[str, list[int]]] = {"straggler": {}, "stalled": {}, "collective_hang": {}}
+    for alert in alerts:
+        if alert["detector"] in out:
+            out[alert["detector"]][alert["run"]] = sorted(alert["ranks"])
+    return out
+
+
+def only_expected(args: argparse.Namespace, named: dict[str, dict[str, list[int]]]) -> bool | None:
+    """Whether straggler names exactly the slow rank and stalled exactly the silent rank, in every run (None: no
+    slow or silent rank asked for)."""
+    checks = [(d, r) for d, r in (("straggler", args.slow_rank), ("stalled", args.silent_rank)) if r >= 0]
+    if not checks:
+        return None
+    runs = [f"load-{r:04d}" for r in range(args.runs)]
+    return all(named[d].get(run) == [rank] for d, rank in checks for run in runs) and all(
+        not named[d] for d in ("straggler", "stalled") if d not in dict(checks)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

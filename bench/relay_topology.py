@@ -29,7 +29,18 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
-from loadgen import Load, _applied_reports, _get, _percentiles, parse_args, process_usage
+from loadgen import (
+    Load,
+    _applied_reports,
+    _get,
+    _percentiles,
+    detector_config,
+    named_ranks,
+    offered_rate,
+    only_expected,
+    parse_args,
+    process_usage,
+)
 
 from paging_support import WebhookReceiver, alertmanager, gradwatch_process, routing_config
 
@@ -46,7 +57,8 @@ def measure(args: argparse.Namespace, relays: int) -> dict[str, Any]:
         receiver = stack.enter_context(WebhookReceiver())
         am_url = stack.enter_context(alertmanager(routing_config(receiver.url), tmp / "am"))
         (tmp / "agg").mkdir()
-        agg = stack.enter_context(gradwatch_process(tmp / "agg", "--alertmanager-url", am_url, *args.serve_arg))
+        agg = stack.enter_context(gradwatch_process(tmp / "agg", "--alertmanager-url", am_url, *args.serve_arg,
+                                                    *detector_config(args, tmp)))  # fmt: skip
         tier = []
         for n in range(relays):
             (tmp / f"relay-{n}").mkdir()
@@ -89,7 +101,7 @@ def measure(args: argparse.Namespace, relays: int) -> dict[str, Any]:
     lost = sum(max(0, r.acked - applied.get((r.run, r.rank), 0)) for r in load.ranks)
     window_s = window["t1"] - window["t0"]
     reports = window["acked1"] - window["acked0"]
-    offered = sum(args.group / r.period_s for r in load.ranks)
+    offered = offered_rate(load, args)
     per_report = {name: (window["cpu1"][name] - window["cpu0"][name]) / max(1, reports) * 1e6 for name in pids}
     return {
         "config": {**{k: v for k, v in vars(args).items() if k != "serve_arg"}, "relays": relays},
@@ -105,6 +117,7 @@ def measure(args: argparse.Namespace, relays: int) -> dict[str, Any]:
         "nan_injected": len(load.nan_sent), "nan_paged": len(pages),
         "nan_to_alertmanager_s": _percentiles(list(pages.values())),
         "other_detectors_firing": sorted({a["detector"] for a in firing if a["detector"] != "non_finite"}),
+        "named": named_ranks(firing), "only_slow_and_silent_named": only_expected(args, named_ranks(firing)),
     }  # fmt: skip
 
 

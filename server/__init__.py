@@ -6,6 +6,9 @@ Module map (dependencies point down the list):
   relay         two tiers, relay side (`serve --upstream`): the forwarder of compact records, per-rank verdicts
                 and incidents with its bounded buffer; relay_link: one upstream link (stream, batches, acks)
   upstream      two tiers, aggregator side: the Ingest.Relay handler, relayed sessions, the relay limit
+  relay_columns relayed reports as packed columns (RelayedColumns): packed by a link, read with numpy;
+                relay_sessions: an aggregator stream's sessions as arrays (checks, duplicates); ingest_batch:
+                relayed columns of a run applied as one batch; step_pending: per-step bookkeeping for batches
   fanout        the read API and the pages answered for every replica (cluster.peers over the headless Service)
   logs          the console: timestamped, levelled log lines as text or JSON (`gradwatch serve`)
   http_api      /metrics, /healthz, /api/v1/{runs,alerts,notifications,silences} (aiohttp, on its own loop thread)

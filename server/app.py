@@ -143,6 +143,7 @@ class ServerApp:
             detectors=detectors,
             on_join=self.keeper.on_join,
             on_report=self.recorder.observe if self.config.recorder.enabled else None,
+            on_rows=self.recorder.observe_rows if self.config.recorder.enabled else None,
             registry=self.database.run,
             scopes=("rank",) if self.relay is not None else ("rank", "run"),
             forwarder=self.relay,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradwatch.server.ring import occurrences
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 __all__ = [
@@ -171,6 +172,20 @@ class CollectiveBoard:
         self.fit(rank + 1)
         self._between[rank, self._between_count[rank] % BETWEEN_WINDOW] = seconds
         self._between_count[rank] += 1
+
+    def between_many(self, ranks: np.ndarray, seconds: np.ndarray) -> None:
+        """Reports' between_collectives_s (in arrival order, a rank possibly more than once): `between()` each."""
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(seconds) & (seconds >= 0)
+        ranks, seconds = ranks[ok], seconds[ok]
+        if ranks.size == 0:
+            return
+        self.fit(int(ranks.max()) + 1)
+        occurrence, counts = occurrences(ranks)
+        keep = occurrence >= counts - BETWEEN_WINDOW
+        slots = (self._between_count[ranks] + occurrence) % BETWEEN_WINDOW
+        self._between[ranks[keep], slots[keep]] = seconds[keep]
+        np.add.at(self._between_count, ranks, 1)
 
     def goodbye(self, rank: int, reason: str) -> None:
         self.fit(rank + 1)

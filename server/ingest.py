@@ -56,7 +56,9 @@ from gradwatch.server.detectors import (
     Verdict,
 )
 from gradwatch.server.detectors.base import report_parts
+from gradwatch.server.ingest_batch import apply_columns
 from gradwatch.server.limits import RunBinding, check_settings
+from gradwatch.server.relay_columns import Columns
 from gradwatch.server.report import ModuleSchema, RankReport, build_report
 from gradwatch.server.settings import SettingError
 from gradwatch.server.stats import IngestStats
@@ -158,12 +160,15 @@ class Ingestor:
         registry: Callable[[str], Mapping[str, Any] | None] | None = None,
         scopes: tuple[str, ...] = ("rank", "run"),
         forwarder: Forwarder | None = None,
+        on_rows: Callable[..., None] | None = None,
     ) -> None:
         """`on_join(run)` is called after a Hello registered its run; `on_report(run, rank, report, msg, hello)`
         after a report was stored and before the detectors judge it (both on the ingest thread, under its lock).
         `registry(run_id)` reads a run's registry row (gradwatch.server.database) for runs the store no longer
-        holds, so their job binding and settings outlive eviction and restarts."""
+        holds, so their job binding and settings outlive eviction and restarts. `on_rows(run, states, sessions,
+        rows)`: `on_report` for relayed reports applied as a batch (server/ingest_batch.py)."""
         self._registry = registry
+        self._on_rows = on_rows
         self._on_join = on_join
         self._on_report = on_report
         self._config = config
@@ -184,6 +189,8 @@ class Ingestor:
         self._lock = threading.Lock()
         #: Completed `tick()` calls (what a caller waits on to know the cross-rank detectors judged again).
         self.ticks = 0
+        #: Relayed reports applied as batches (server/ingest_batch.py) rather than one at a time.
+        self.batched = 0
 
     def open(self, hello: pb.Hello, *, streaming: bool = True, relayed: bool = False) -> Session:
         """Register a validated Hello; `streaming` counts the rank's open streams. `relayed`: a rank held by a
@@ -374,6 +381,11 @@ class Ingestor:
                 self._forwarder.applied(session.hello, frame, kind)
         self._stats.applied(kind, time.perf_counter() - started)
         return commands
+
+    def apply_columns(self, run: RunState, rank: np.ndarray, sessions: np.ndarray, states: np.ndarray,
+                      columns: Columns) -> list[tuple[int, pb.Command]] | None:  # fmt: skip
+        """Relayed reports of `run` as a batch, or None (nothing applied): see server/ingest_batch.py."""
+        return apply_columns(self, run, rank, sessions, states, columns, self._clock())
 
     def tick(self) -> None:
         """Let every cross-rank detector of every run judge it now, reports or not (a hang shows as silence).

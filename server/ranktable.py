@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from gradwatch.server.collectives import CollectiveBoard
+from gradwatch.server.ring import occurrences
 
 __all__ = ["TIMING_WINDOW", "RankTable"]
 
@@ -81,6 +82,29 @@ class RankTable:
         self._durations[rank, slot] = duration_s if math.isfinite(duration_s) and duration_s > 0 else np.nan
         ok = pre_forward_s is not None and math.isfinite(pre_forward_s) and pre_forward_s >= 0
         self._pre_forward[rank, slot] = pre_forward_s if ok else np.nan
+
+    def report_many(self, ranks: np.ndarray, steps: np.ndarray, durations: np.ndarray, pre_forward: np.ndarray,
+                    now: float) -> None:  # fmt: skip
+        """Reports of `ranks` (in arrival order, a rank possibly more than once), received at `now`: the same
+        tables as `report()` once per report, with array operations. `pre_forward`: NaN where a report had none."""
+        if ranks.size == 0:
+            return
+        self._grow(int(ranks.max()) + 1)
+        self.heard_at[ranks] = now
+        highest = np.full(self.size, -1, dtype=np.int64)
+        np.maximum.at(highest, ranks, steps)
+        moved = highest > self.last_step
+        self.last_step[moved] = highest[moved]
+        self.progress_at[moved] = now
+        occurrence, counts = occurrences(ranks)
+        keep = occurrence >= counts - TIMING_WINDOW  # a rank's last TIMING_WINDOW reports reach its ring
+        slots = (self.reports[ranks] + occurrence) % TIMING_WINDOW
+        with np.errstate(invalid="ignore"):
+            duration_ok = np.isfinite(durations) & (durations > 0)
+            pre_ok = np.isfinite(pre_forward) & (pre_forward >= 0)
+        self._durations[ranks[keep], slots[keep]] = np.where(duration_ok, durations, np.nan)[keep]
+        self._pre_forward[ranks[keep], slots[keep]] = np.where(pre_ok, pre_forward, np.nan)[keep]
+        np.add.at(self.reports, ranks, 1)
 
     def heard(self, rank: int, step: int, now: float) -> None:
         """A heartbeat saying the training thread is at `step`."""

@@ -42,7 +42,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ from gradwatch.server.detectors import DetectorSpec
 from gradwatch.server.incident_window import FULL_REPORTS_BEFORE, RankPart, pack_window, window_entries
 from gradwatch.server.provenance import layer_onset, provenance_chain
 from gradwatch.server.report import RankReport
-from gradwatch.server.ring import RecordRing
+from gradwatch.server.ring import RingTable, TableRing, occurrences
 from gradwatch.server.store import RING_DTYPE, RankState, RunState, RunStore
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -91,15 +91,19 @@ def incident_id(alert_id: str, started_at: float) -> str:
 
 @dataclass(slots=True)
 class _RankWindow:
-    rows: RecordRing
+    #: The rank's row of its run's RingTable; `count` (rows appended in all) is its count.
+    rows: TableRing
     # The layer dict is the entry's own (histograms are stripped from it in place); the module dict may be shared.
     columns: collections.deque[tuple[int, int, dict[str, np.ndarray], Mapping[str, np.ndarray]]]
-    count: int = 0
     layer_names: tuple[str, ...] = ()
     session_id: str = ""
     module_names: tuple[str, ...] = ()
     #: Bytes of the arrays in `columns` (each owns its memory).
     bytes: int = 0
+
+    @property
+    def count(self) -> int:
+        return self.rows.count
 
 
 @dataclass
@@ -137,6 +141,8 @@ class FlightRecorder:
         self._clock = clock
         self._lock = threading.RLock()
         self._windows: dict[str, dict[int, _RankWindow]] = {}
+        #: run -> its ranks' window rows (one RingTable per run, so a batch of rows is one scatter).
+        self._tables: dict[str, RingTable] = {}
         self._ranks_total = 0  # ranks with a window, all runs
         self._bytes = 0  # column bytes kept, all windows (see kept_bytes)
         self._since_scan = 0  # full reports since every window was last trimmed to its share
@@ -161,49 +167,76 @@ class FlightRecorder:
             if self.dropped["observe_failed"] == 1:
                 log.exception("flight recorder failed on a report; further failures are counted")
 
+    def observe_rows(self, run: RunState, ranks: np.ndarray, states: Sequence[RankState] | np.ndarray,
+                     sessions: Sequence[Any] | np.ndarray, rows: np.ndarray) -> None:  # fmt: skip
+        """`observe` for compact reports without columns (the aggregator's batch path for relayed reports):
+        `rows[i]` (RING_DTYPE) of rank `ranks[i]` (`states[i]`), whose ingest Session is `sessions[i]`, in arrival
+        order, appended to the rank windows with one scatter. Never raises (counted like `observe`)."""
+        try:
+            with self._lock:
+                windows = self._windows.setdefault(run.run_id, {})
+                for state, session in zip(states, sessions, strict=True):
+                    window = windows.get(state.rank)
+                    if window is None or window.session_id != session.hello.session_id:
+                        self._window(run, state, session.hello, session.schema.names)
+                table = self._tables[run.run_id]
+                out = np.empty(len(rows), dtype=ROW_DTYPE)
+                out["index"] = table.count[ranks] + occurrences(ranks)[0]
+                for name in rows.dtype.names or ():
+                    out[name] = rows[name]
+                table.append_many(ranks, out)
+                if self._recording:
+                    for state in states:
+                        self._closing(run, state, windows[state.rank])
+        except Exception:
+            self.dropped["observe_failed"] += 1
+            if self.dropped["observe_failed"] == 1:
+                log.exception("flight recorder failed on a report; further failures are counted")
+
+    def _window(self, run: RunState, rank: RankState, hello: pb.Hello, layer_names: tuple[str, ...]) -> _RankWindow:
+        cfg = self._config
+        windows = self._windows.setdefault(run.run_id, {})
+        window = windows.get(rank.rank)
+        if window is None:
+            length = cfg.window_reports + cfg.after_reports
+            self._ranks_total += 1
+            table = self._tables.setdefault(run.run_id, RingTable(ROW_DTYPE, length))
+            window = windows[rank.rank] = _RankWindow(table.ring(rank.rank), collections.deque(maxlen=length))
+        if window.session_id != hello.session_id:  # names are re-read once per agent session, not per report
+            window.session_id = hello.session_id
+            window.layer_names = layer_names[: cfg.max_layers]
+            window.module_names = tuple(hello.activation_schema.names[: cfg.max_layers])
+        return window
+
+    def _closing(self, run: RunState, rank: RankState, window: _RankWindow) -> None:
+        """Close the recordings whose fired rank has sent its `after_reports` reports since."""
+        for recording in [r for r in self._recording.values() if r.alert.run == run.run_id]:
+            if (
+                rank.rank == recording.fired_rank
+                and window.count - recording.start[rank.rank] >= self._config.after_reports
+            ):
+                self._close(recording)
+
     def _observe(self, run: RunState, rank: RankState, report: RankReport, hello: pb.Hello) -> None:
         cfg = self._config
         with self._lock:
-            windows = self._windows.setdefault(run.run_id, {})
-            window = windows.get(rank.rank)
-            if window is None:
-                length = cfg.window_reports + cfg.after_reports
-                self._ranks_total += 1
-                window = windows[rank.rank] = _RankWindow(
-                    RecordRing(ROW_DTYPE, length), collections.deque(maxlen=length)
-                )
-            if window.session_id != hello.session_id:  # names are re-read once per agent session, not per report
-                window.session_id = hello.session_id
-                window.layer_names = report.layer_names[: cfg.max_layers]
-                window.module_names = tuple(hello.activation_schema.names[: cfg.max_layers])
+            window = self._window(run, rank, hello, report.layer_names)
             loss = math.nan if report.loss is None else report.loss
-            window.rows.append(
-                (
-                    window.count,
-                    report.step,
-                    report.wall_time,
-                    report.received_at,
-                    loss,
-                    report.grad_norm,
-                    report.step_duration_s,
-                    report.non_finite_flags,
-                )
-            )
+            index = window.count
             # Copies: a slice would keep the frame's whole column (up to 65,536 layers) alive.
             columns, acts = report.columns, report.activations  # decoded once, by build_report
             layers = {n: columns[n][: cfg.max_layers].copy() for n in LAYER_COLUMNS if n in columns} if columns else {}
             modules = {n: acts[n][: cfg.max_layers].copy() for n in ACTIVATION_COLUMNS if n in acts} if acts else {}
             if layers or modules:
-                window.columns.append((window.count, report.step, layers, modules))
+                window.columns.append((index, report.step, layers, modules))
                 window.bytes += _entry_bytes(layers, modules)
                 self._bytes += _entry_bytes(layers, modules)
                 self._trim(run.run_id, rank.rank, window)
-            window.count += 1
-            if not self._recording:  # the common case: no incident is being recorded
-                return
-            for recording in [r for r in self._recording.values() if r.alert.run == run.run_id]:
-                if rank.rank == recording.fired_rank and window.count - recording.start[rank.rank] >= cfg.after_reports:
-                    self._close(recording)
+            # Appended last: its count (the window's) still names this report while the entries are trimmed.
+            window.rows.append((index, report.step, report.wall_time, report.received_at, loss, report.grad_norm,
+                                report.step_duration_s, report.non_finite_flags))  # fmt: skip
+            if self._recording:  # the common case has no incident being recorded
+                self._closing(run, rank, window)
 
     def _trim(self, run_id: str, rank: int, window: _RankWindow) -> None:
         """Keep what incidents use, within the rank's share of `max_bytes` (see the module docstring)."""
@@ -294,6 +327,7 @@ class FlightRecorder:
                     self._close(recording)
             for run_id in [r for r in self._windows if r not in live]:
                 gone = self._windows.pop(run_id)
+                self._tables.pop(run_id, None)
                 self._ranks_total -= len(gone)
                 self._bytes -= sum(window.bytes for window in gone.values())
 

@@ -106,6 +106,9 @@ class Relay:
         self._run_link: dict[str, Link] = {}
         #: (run, rank, session) -> the Hello of every rank streaming to this relay, re-sent after a reconnect.
         self._open: dict[tuple[str, int, str], pb.Hello] = {}
+        #: (run, rank, session) -> its RelayedFrame.ref while open (columns name sessions by it); never reused.
+        self._refs: dict[tuple[str, int, str], int] = {}
+        self._next_ref = itertools.count(1)
         self.buffered = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.sent = 0
@@ -114,32 +117,43 @@ class Relay:
     # ------------------------------------------------------------------ Forwarder (ingest thread)
 
     def opened(self, hello: pb.Hello, streaming: bool) -> None:
+        key = (hello.run_id, hello.rank, hello.session_id)
         with self._lock:
+            ref = self._refs.get(key, 0)
             if streaming:  # a Flush call's Hello is forwarded once, never re-sent
-                self._open[(hello.run_id, hello.rank, hello.session_id)] = hello
+                self._open[key] = hello
+                ref = ref or self._refs.setdefault(key, next(self._next_ref))
             self._add(
                 hello.run_id,
-                frame=pb.RelayedFrame(run_id=hello.run_id, rank=hello.rank, session_id=hello.session_id, hello=hello),
+                frame=pb.RelayedFrame(
+                    run_id=hello.run_id, rank=hello.rank, session_id=hello.session_id, hello=hello, ref=ref
+                ),
             )
 
     def applied(self, hello: pb.Hello, frame: pb.AgentFrame, kind: str) -> None:
         relayed = pb.RelayedFrame(
             run_id=hello.run_id, rank=hello.rank, session_id=hello.session_id, frame=compact_frame(frame, kind)
         )
+        report = frame.report if kind == "report" else None
+        urgent = report is not None and (report.non_finite != 0 or (report.has_loss and not math.isfinite(report.loss)))
         with self._lock:
-            self._add(hello.run_id, frame=relayed)
+            ref = self._refs.get((hello.run_id, hello.rank, hello.session_id), 0)
+            self._add(hello.run_id, frame=relayed, ref=ref, urgent=urgent)
 
     def closed(self, hello: pb.Hello) -> None:
         with self._lock:
             self._open.pop((hello.run_id, hello.rank, hello.session_id), None)
+            ref = self._refs.pop((hello.run_id, hello.rank, hello.session_id), 0)
             self._add(
                 hello.run_id,
-                frame=pb.RelayedFrame(run_id=hello.run_id, rank=hello.rank, session_id=hello.session_id, closed=True),
+                frame=pb.RelayedFrame(
+                    run_id=hello.run_id, rank=hello.rank, session_id=hello.session_id, closed=True, ref=ref
+                ),
             )
 
     def verdict(self, run_id: str, detector: str, rank: int, verdict: Verdict, autopsy: dict[str, Any] | None) -> None:
         with self._lock:
-            self._add(run_id, alert=_relayed_alert(run_id, detector, rank, verdict, autopsy))
+            self._add(run_id, alert=_relayed_alert(run_id, detector, rank, verdict, autopsy), urgent=True)
 
     def incident(self, body: dict[str, Any], window: bytes) -> None:
         """An incident the relay's recorder stored (on its writer thread): forwarded once its window is final."""
@@ -187,7 +201,7 @@ class Relay:
     # ------------------------------------------------------------------ internals (under self._lock)
 
     def _add(self, run_id: str, *, frame: pb.RelayedFrame | None = None, alert: pb.RelayedAlert | None = None,
-             incident: pb.RelayedIncident | None = None) -> None:  # fmt: skip
+             incident: pb.RelayedIncident | None = None, ref: int = 0, urgent: bool = False) -> None:  # fmt: skip
         link = self._run_link.get(run_id)
         if link is None:
             link = self._link_for(self._router.pick(run_id))
@@ -196,7 +210,8 @@ class Relay:
         if self.buffered >= self._capacity and not any(other.drop_oldest() for other in (link, *self._links.values())):
             self.dropped[BUFFER_FULL] += 1
             return
-        link.entries.append(Entry(next(self._seq), run_id, frame, alert, incident))
+        link.entries.append(Entry(next(self._seq), run_id, frame, alert, incident, ref, urgent))
+        link.urgent |= urgent
         self.buffered += 1
         self._lock.notify_all()
 
@@ -211,7 +226,9 @@ class Relay:
         """After `link` connected: its open ranks' Hellos and its runs' firing per-rank alerts, to send first."""
         runs = {run for run, held in self._run_link.items() if held is link}
         frames = [
-            pb.RelayedFrame(run_id=run, rank=rank, session_id=session, hello=hello)
+            pb.RelayedFrame(
+                run_id=run, rank=rank, session_id=session, hello=hello, ref=self._refs.get((run, rank, session), 0)
+            )
             for (run, rank, session), hello in self._open.items()
             if run in runs
         ]

@@ -2,7 +2,9 @@
 `Ingest.Relay` stream to one aggregator replica, and the entries waiting for that replica's acknowledgement.
 
 Contract: entries leave in order, in batches of at most the aggregator's `max_batch_entries` (an incident alone),
-after waiting up to BATCH_DELAY_S for a fuller batch; an idle link sends an empty batch every HEARTBEAT_S; acknowledged
+after waiting up to BATCH_DELAY_S for a fuller batch (not while an urgent entry waits: a per-rank verdict or a
+non-finite report); reports travel as columns when the aggregator takes them and a batch holds at least
+MIN_COLUMN_REPORTS of them; an idle link sends an empty batch every HEARTBEAT_S; acknowledged
 entries are dropped; after every (re)connection the relay's resync (open ranks' Hellos, firing per-rank alerts)
 goes first, then every unacknowledged entry again. Every field is guarded by the relay's lock (`relay._lock`).
 """
@@ -14,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +24,13 @@ import grpc
 
 from gradwatch.routing import Replica
 from gradwatch.server.grpc_service import INGEST_SERVICE, REASON_METADATA_KEY
+from gradwatch.server.relay_columns import columnar, pack
 from gradwatch.v1 import gradwatch_pb2 as pb
 
 if TYPE_CHECKING:
     from gradwatch.server.relay import Relay
 
-__all__ = ["BUFFER_FULL", "DEFAULT_BATCH_ENTRIES", "Entry", "Link"]
+__all__ = ["BUFFER_FULL", "DEFAULT_BATCH_ENTRIES", "Entry", "Link", "pack_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,13 @@ RECONNECT_MAX_S = 5.0
 #: (a link cut without a TCP reset) within relay.link_timeout_s.
 HEARTBEAT_S = 1.0
 #: A link waits this long for more entries before it sends a batch that is not full: one message, one parse and
-#: one Ack per batch instead of per record (the agents' own push interval is 0.25 s).
-BATCH_DELAY_S = 0.05
+#: one Ack per batch instead of per record (the agents' own push interval is 0.25 s), and batches full enough to
+#: be applied as columns. An urgent entry (a per-rank verdict, a non-finite report) ends the wait at once.
+BATCH_DELAY_S = 0.25
+#: Fewer reports than this in a batch travel as frames: the aggregator's fixed cost of applying a batch as
+#: columns (some hundred microseconds of numpy calls) outweighs its saving below (bench/aggregator_cost.py
+#: --batch-entries).
+MIN_COLUMN_REPORTS = 16
 #: Entries per batch when the aggregator's Welcome does not say.
 DEFAULT_BATCH_ENTRIES = 256
 BUFFER_FULL = "buffer_full"
@@ -55,6 +63,38 @@ class Entry:
     frame: pb.RelayedFrame | None = None
     alert: pb.RelayedAlert | None = None
     incident: pb.RelayedIncident | None = None
+    #: The session's RelayedFrame.ref (its reports may travel as columns); 0: none.
+    ref: int = 0
+    #: Send without waiting for a fuller batch (a verdict, a non-finite report).
+    urgent: bool = False
+
+
+def pack_entries(entries: Sequence[Entry], *, columns: bool) -> pb.RelayBatch:
+    """Frames and alerts of `entries` (no incident), in order, as one batch whose seq is the last entry's. With
+    `columns` (the aggregator takes them) every report that can travel as columns does (server/relay_columns.py)."""
+    batch = pb.RelayBatch(seq=entries[-1].seq if entries else 0)
+    reports: list[tuple[int, int, pb.AgentFrame]] = []
+    frames: list[pb.RelayedFrame] = []
+    for entry in entries:
+        if entry.frame is not None:
+            relayed = entry.frame
+            inner = relayed.frame
+            if columns and entry.ref and relayed.HasField("frame") and inner.HasField("report") and columnar(inner):
+                reports.append((entry.ref, len(frames), inner))
+            else:
+                frames.append(relayed)
+        if entry.alert is not None:
+            batch.alerts.append(entry.alert)
+    if len(reports) < MIN_COLUMN_REPORTS:  # too few to pay for a batch: frames, in their places
+        return pack_entries(entries, columns=False) if reports else _with_frames(batch, frames)
+    batch.frames.extend(frames)
+    batch.columns.CopyFrom(pack(reports))
+    return batch
+
+
+def _with_frames(batch: pb.RelayBatch, frames: list[pb.RelayedFrame]) -> pb.RelayBatch:
+    batch.frames.extend(frames)
+    return batch
 
 
 class Link:
@@ -72,6 +112,9 @@ class Link:
         self.refusals: collections.Counter[str] = collections.Counter()
         self.last_error = ""
         self._max_batch = DEFAULT_BATCH_ENTRIES
+        self._columns = False  # the aggregator takes RelayBatch.columns (its RelayWelcome said)
+        #: An urgent entry waits to be sent (Entry.urgent): the link sends what it has without waiting.
+        self.urgent = False
         self._call: Any = None
         self._active = False  # a stream is open (its request generator runs while this holds)
         self._thread = threading.Thread(target=self._run, name=f"gradwatch-relay-{number}", daemon=True)
@@ -179,6 +222,7 @@ class Link:
                 if body == "welcome":
                     with relay._lock:
                         self._max_batch = reply.welcome.max_batch_entries or DEFAULT_BATCH_ENTRIES
+                        self._columns = reply.welcome.columns
                         self.connected, self.last_error, self.resync_needed = True, "", True
                         relay._lock.notify_all()
                 elif body == "ack":
@@ -212,7 +256,8 @@ class Link:
                 if relay._stopping or not self._active:
                     return
                 deadline = time.monotonic() + BATCH_DELAY_S
-                while ready and not self.resync_needed and self._unsent_count() < self._max_batch:
+                while (ready and not self.resync_needed and not self.urgent
+                       and self._unsent_count() < self._max_batch):  # fmt: skip
                     left = deadline - time.monotonic()
                     if left <= 0 or relay._stopping or not self._active:
                         break
@@ -237,28 +282,26 @@ class Link:
 
     def _next_batch(self) -> pb.RelayBatch | None:
         """The next unsent entries (under the relay's lock), at most the aggregator's batch size."""
-        batch = pb.RelayBatch()
-        count = 0
+        taken: list[Entry] = []
         for entry in self.entries:
             if entry.seq <= self.sent_upto:
                 continue
             if entry.incident is not None:  # megabytes: an incident travels alone
-                if count:
-                    break
-                batch.incidents.append(entry.incident)
-                batch.seq = self.sent_upto = entry.seq
-                count = 1
+                if not taken:
+                    self.sent_upto = entry.seq
+                    batch = pb.RelayBatch(seq=entry.seq, incidents=[entry.incident])
+                    return self._with_drops(batch)
                 break
-            if entry.frame is not None:
-                batch.frames.append(entry.frame)
-            if entry.alert is not None:
-                batch.alerts.append(entry.alert)
-            batch.seq = self.sent_upto = entry.seq
-            count += 1
-            if count >= self._max_batch:
+            taken.append(entry)
+            if len(taken) >= self._max_batch:
                 break
-        if count == 0:
+        if not taken:
             return None
+        self.sent_upto = taken[-1].seq
+        self.urgent = self._unsent() and any(e.urgent for e in self.entries if e.seq > self.sent_upto)
+        return self._with_drops(pack_entries(taken, columns=self._columns))
+
+    def _with_drops(self, batch: pb.RelayBatch) -> pb.RelayBatch:
         for reason, value in self.relay.dropped.items():
             batch.dropped[reason] = value
         return batch

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FloatRing", "RecordRing"]
+__all__ = ["FloatRing", "RecordRing", "RingTable", "TableRing", "occurrences"]
 
 
 class FloatRing:
@@ -115,3 +115,130 @@ class RecordRing:
         self._data[:] = rows
         self._next = rows.size
         self.count = max(count, int(rows.size))
+
+
+def occurrences(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each element of `ranks`: how many equal elements precede it, and how many there are in all."""
+    order = np.argsort(ranks, kind="stable")
+    ordered = ranks[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, ordered.size])
+    group = np.repeat(np.arange(starts.size), sizes)
+    occurrence = np.empty(ranks.size, dtype=np.int64)
+    occurrence[order] = np.arange(ranks.size) - starts[group]
+    counts = np.empty(ranks.size, dtype=np.int64)
+    counts[order] = sizes[group]
+    return occurrence, counts
+
+
+class RingTable:
+    """The RecordRings of many ranks as one 2-D array (row r: rank r's ring), so rows of many ranks are appended
+    with one scatter (`append_many`). Per rank it behaves as a RecordRing (`ring(rank)` is one, a view): the last
+    `capacity` rows, oldest first on read; the width starts at RecordRing.INITIAL_ROWS and doubles up to
+    `capacity` as the fullest ring needs it."""
+
+    def __init__(self, dtype: np.dtype[Any], capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be ≥ 1")
+        self.capacity = capacity
+        self.data = np.zeros((0, min(capacity, RecordRing.INITIAL_ROWS)), dtype=dtype)
+        #: Rows appended per rank in all; `base`: of those, the ones a refilled ring had before its saved rows.
+        self.count = np.zeros(0, dtype=np.int64)
+        self.base = np.zeros(0, dtype=np.int64)
+
+    def ring(self, rank: int) -> TableRing:
+        self._fit(rank + 1, 0)
+        return TableRing(self, rank)
+
+    def append_many(self, ranks: np.ndarray, rows: np.ndarray) -> None:
+        """`rows[i]` (a structured array of the table's dtype) appended to rank `ranks[i]`'s ring, in order."""
+        if ranks.size == 0:
+            return
+        occurrence, counts = occurrences(ranks)
+        self._fit(int(ranks.max()) + 1, 0)
+        position = self.count[ranks] - self.base[ranks] + occurrence
+        self._fit(0, int(position.max()) + 1)
+        width = self.data.shape[1]
+        keep = occurrence >= counts - width  # a rank's last `width` rows of the batch
+        self.data[ranks[keep], position[keep] % width] = rows[keep]
+        np.add.at(self.count, ranks, 1)
+
+    def append(self, rank: int, row: tuple[Any, ...]) -> None:
+        position = int(self.count[rank] - self.base[rank])
+        self._fit(rank + 1, position + 1)
+        self.data[rank, position % self.data.shape[1]] = row
+        self.count[rank] += 1
+
+    def _fit(self, ranks: int, rows: int) -> None:
+        """Room for `ranks` rings and, below capacity, `rows` rows each (no ring has wrapped before that)."""
+        extra = ranks - self.data.shape[0]
+        if extra > 0:
+            self.data = np.concatenate([self.data, np.zeros((extra, self.data.shape[1]), dtype=self.data.dtype)])
+            self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
+            self.base = np.concatenate([self.base, np.zeros(extra, dtype=np.int64)])
+        width = self.data.shape[1]
+        if rows > width and width < self.capacity:
+            wider = width
+            while wider < rows and wider < self.capacity:
+                wider *= 2
+            grown = np.zeros((self.data.shape[0], min(wider, self.capacity)), dtype=self.data.dtype)
+            grown[:, :width] = self.data
+            self.data = grown
+
+
+class TableRing:
+    """One rank's ring of a RingTable, with RecordRing's interface."""
+
+    __slots__ = ("_rank", "_table")
+
+    def __init__(self, table: RingTable, rank: int) -> None:
+        self._table, self._rank = table, rank
+
+    @property
+    def capacity(self) -> int:
+        return self._table.capacity
+
+    @property
+    def count(self) -> int:
+        return int(self._table.count[self._rank])
+
+    def _position(self) -> tuple[int, int]:
+        table = self._table
+        return int(table.count[self._rank] - table.base[self._rank]), table.data.shape[1]
+
+    def __len__(self) -> int:
+        position, width = self._position()
+        return min(position, width)
+
+    def append(self, row: tuple[Any, ...]) -> None:
+        self._table.append(self._rank, row)
+
+    def rows(self) -> np.ndarray:
+        """A chronological copy of the held rows."""
+        position, width = self._position()
+        data = self._table.data[self._rank]
+        if position <= width:
+            return data[:position].copy()
+        start = position % width
+        return np.concatenate((data[start:], data[:start]))
+
+    def last(self, n: int) -> np.ndarray:
+        """A chronological copy of the latest `n` held rows (fewer if fewer are held)."""
+        position, width = self._position()
+        n = max(0, min(n, position, width))
+        data = self._table.data[self._rank]
+        end = position if position <= width else position % width
+        if n <= end:
+            return data[end - n : end].copy()
+        return np.concatenate((data[width - (n - end) :], data[:end]))
+
+    def refill(self, rows: np.ndarray, count: int) -> None:
+        """Start from saved state, as RecordRing.refill."""
+        table, rank = self._table, self._rank
+        rows = rows[-table.capacity :]
+        if rows.size == 0:
+            return
+        table._fit(rank + 1, int(rows.size))
+        table.data[rank, : rows.size] = rows
+        table.count[rank] = max(count, int(rows.size))
+        table.base[rank] = table.count[rank] - rows.size

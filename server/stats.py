@@ -70,13 +70,13 @@ class IngestStats:
         with self._lock:
             self._frames[kind] = self._frames.get(kind, 0) + 1
 
-    def rejected(self, reason: str) -> None:
+    def rejected(self, reason: str, count: int = 1) -> None:
         with self._lock:
-            self._errors[reason] = self._errors.get(reason, 0) + 1
+            self._errors[reason] = self._errors.get(reason, 0) + count
 
-    def duplicate(self) -> None:
+    def duplicate(self, count: int = 1) -> None:
         with self._lock:
-            self._duplicates += 1
+            self._duplicates += count
 
     def stream_opened(self) -> None:
         with self._lock:
@@ -85,6 +85,16 @@ class IngestStats:
     def stream_closed(self) -> None:
         with self._lock:
             self._active_streams -= 1
+
+    def applied_many(self, kind: str, count: int, seconds: float) -> None:
+        """`count` frames of `kind` applied together in `seconds` (each counted at its share of the time)."""
+        if count <= 0:
+            return
+        i = bisect.bisect_left(LATENCY_BUCKETS_S, seconds / count)
+        with self._lock:
+            self._frames[kind] = self._frames.get(kind, 0) + count
+            self._buckets[i] += count
+            self._latency_sum += seconds
 
     def applied(self, kind: str, seconds: float) -> None:
         """One frame of `kind` applied in `seconds` (one lock for the count and the latency)."""

@@ -27,7 +27,7 @@ import collections
 import itertools
 import math
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,8 @@ import numpy as np
 from gradwatch.server.config import LimitsConfig
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import NON_FINITE_KINDS, RankReport
-from gradwatch.server.ring import RecordRing
+from gradwatch.server.ring import RecordRing, RingTable, TableRing
+from gradwatch.server.step_pending import StepPlan, plan
 from gradwatch.server.validate import rank_limit_reached, run_limit_reached
 from gradwatch.v1 import gradwatch_pb2 as pb
 
@@ -89,7 +90,7 @@ class RankState:
     """One rank of a run: identity from its latest Hello, history ring and latest columns."""
 
     rank: int
-    ring: RecordRing
+    ring: RecordRing | TableRing
     schema: SchemaEntry
     session_id: str = ""
     host: str = ""
@@ -163,6 +164,8 @@ class RunState:
     )
     #: step -> {rank: share} for steps not yet reported by every rank.
     pending_shares: collections.OrderedDict[int, dict[int, float]] = field(default_factory=collections.OrderedDict)
+    #: The ranks' report rings (RankState.ring is its row of it), so a batch of rows is one scatter.
+    rings: RingTable | None = None
     #: Set when the run was loaded from the database at start-up: its last saved summary (step, loss, ranks),
     #: shown until the first agent reconnects (then None).
     restored_summary: dict[str, Any] | None = None
@@ -206,6 +209,27 @@ class RunState:
         self.global_grad_norms.append((step, norm))
         if math.isfinite(norm) and (self.global_grad_norm_step is None or step >= self.global_grad_norm_step):
             self.global_grad_norm, self.global_grad_norm_step = norm, step
+
+    def plan_grad_shares(self, steps: np.ndarray, ranks: np.ndarray) -> StepPlan | None:
+        """How `add_grad_share` for each (step, rank) in order would go (server/detectors/step_pending.py); None
+        when only one at a time can tell."""
+        return plan(self.pending_shares, steps, ranks, self.world_size, GLOBAL_PENDING_STEPS,  # type: ignore[arg-type]
+                    lambda held, r: np.fromiter((x in held for x in r.tolist()), dtype=bool, count=r.size),  # type: ignore[operator]
+                    first_wins=False)  # fmt: skip
+
+    def add_grad_shares(self, steps: StepPlan, ranks: np.ndarray, shares: np.ndarray) -> None:
+        """`add_grad_share` for every share, as planned by `plan_grad_shares`."""
+        for key in steps.dropped:
+            del self.pending_shares[key]  # type: ignore[arg-type]
+        for key, taken, new in zip(steps.keys, steps.taken, steps.new, strict=True):
+            held = self.pending_shares[key] = {} if new else self.pending_shares[key]  # type: ignore[index]
+            held.update(zip(ranks[taken].tolist(), shares[taken].tolist(), strict=True))
+        for i in steps.completions():
+            step = int(steps.keys[i])  # type: ignore[call-overload]
+            norm = math.sqrt(math.fsum(self.pending_shares.pop(step).values()))
+            self.global_grad_norms.append((step, norm))
+            if math.isfinite(norm) and (self.global_grad_norm_step is None or step >= self.global_grad_norm_step):
+                self.global_grad_norm, self.global_grad_norm_step = norm, step
 
     def intern_schema(self, names: tuple[str, ...]) -> SchemaEntry:
         """The shared SchemaEntry for `names`, extending the exported layer set if room is left."""
@@ -395,6 +419,37 @@ class RunStore:
             if report.grad_global_share is not None and report.rank < run.world_size:
                 run.add_grad_share(report.step, report.rank, report.grad_global_share)
 
+    def record_rows(self, run: RunState, ranks: np.ndarray, rows: np.ndarray, states: Sequence[RankState] | np.ndarray,
+                    extras: Sequence[tuple[int, bool]]) -> None:  # fmt: skip
+        """`record_report`'s per-rank part for compact reports without columns (the relayed batch path, under the
+        store's lock): `rows[i]` (RING_DTYPE) is a report of rank `ranks[i]` (`states[i]`), `extras[i]` its
+        full-statistics interval and over_budget, in arrival order; losses are finite or NaN (no loss)."""
+        assert run.rings is not None  # every rank of the run joined through _rank_for
+        run.rings.append_many(ranks, rows)
+        columns = (rows["step"].tolist(), rows["received_at"].tolist(), rows["loss"].tolist(),
+                   rows["grad_norm"].tolist(), rows["step_duration"].tolist())  # fmt: skip
+        for state, step, received_at, loss, grad_norm, duration, (interval, over_budget) in zip(
+            states, *columns, extras, strict=True
+        ):
+            state.last_step, state.last_report_at, state.over_budget = step, received_at, over_budget
+            if loss == loss:  # not NaN: finite (the batch path takes no other)
+                state.last_loss, state.last_finite_loss_step, state.loss_non_finite = loss, step, None
+            if grad_norm == grad_norm:
+                state.last_grad_norm = grad_norm
+            if duration >= 0 and math.isfinite(duration):
+                state.last_step_duration = duration
+            if interval:
+                state.full_stats_interval_in_force = interval
+
+    def touch(self, run: RunState) -> bool:
+        """`locate()` for a batch of reports of `run`: False when the run is no longer the one held (evicted)."""
+        with self.lock:
+            if self._runs.get(run.run_id) is not run:
+                return False
+            run.last_seen = self._clock()
+            self._runs.move_to_end(run.run_id)
+            return True
+
     def record_event(self, run: RunState, rank: int, event: pb.Event) -> None:
         """Keep the event in the run's bounded log, truncated (events are for humans, not bulk data)."""
         cut = EVENT_ATTRIBUTE_CHARS
@@ -519,11 +574,12 @@ class RunStore:
         if state is None:
             saved = run.restored_ranks.pop(hello.rank, None)  # back after a restart: its series continue
             self.ranks_total += saved is None
-            state = RankState(
-                rank=hello.rank,
-                ring=saved.ring if saved is not None else RecordRing(RING_DTYPE, self._limits.ring_length),
-                schema=run.intern_schema(tuple(hello.schema.names)),
-            )
+            if run.rings is None:
+                run.rings = RingTable(RING_DTYPE, self._limits.ring_length)
+            ring = run.rings.ring(hello.rank)
+            if saved is not None:
+                ring.refill(saved.ring.rows(), saved.ring.count)
+            state = RankState(rank=hello.rank, ring=ring, schema=run.intern_schema(tuple(hello.schema.names)))
             if saved is not None:
                 state.sessions = saved.sessions  # what was applied before the restart is not applied again
             run.ranks[hello.rank] = state

@@ -37,13 +37,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from gradwatch.server.auth import Grant, TokenSource, authorize
 from gradwatch.server.config import LimitsConfig, RelayConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.relay import verdict_of
+from gradwatch.server.relay_columns import Columns
 from gradwatch.server.relay_link import DEFAULT_BATCH_ENTRIES
+from gradwatch.server.relay_sessions import HeldSessions
 from gradwatch.server.stats import IngestStats
 from gradwatch.server.validate import (
     ACCEPTED_PROTOCOL_VERSIONS,
@@ -54,7 +57,7 @@ from gradwatch.server.validate import (
 )
 from gradwatch.v1 import gradwatch_pb2 as pb
 
-__all__ = ["RELAY_LIMIT_REACHED", "RELAY_UNKNOWN_SESSION", "RelayServicer", "relays_route"]
+__all__ = ["RELAY_LIMIT_REACHED", "RELAY_UNKNOWN_SESSION", "RelayServicer", "RelayStream", "relays_route"]
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +75,20 @@ REASON_METADATA_KEY = "gradwatch-reason"
 class _Held:
     session: Session
     validator: StreamValidator
+    #: Its row in the stream's HeldSessions while its reports may come as columns (-1: none).
+    row: int = -1
 
 
 @dataclass
-class _RelayStream:
+class RelayStream:
     relay_id: str
     peer: str
     connected_at: float
     sessions: dict[tuple[str, int, str], _Held] = field(default_factory=dict)
     batches: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    #: The sessions RelayedColumns name by their RelayedFrame.ref, as arrays.
+    table: HeldSessions = field(default_factory=HeldSessions)
 
 
 class RelayServicer:
@@ -108,7 +115,7 @@ class RelayServicer:
         self._tokens = tokens
         self._clock = clock
         self._ids = itertools.count(1)
-        self._streams: dict[int, _RelayStream] = {}
+        self._streams: dict[int, RelayStream] = {}
         #: run -> when its last relayed rank left (candidates for a hand-over).
         self._left: dict[str, float] = {}
 
@@ -179,7 +186,7 @@ class RelayServicer:
                 ),
             )
         key = next(self._ids)
-        stream = self._streams[key] = _RelayStream(hello.hello.relay_id[:256], context.peer(), self._clock())
+        stream = self._streams[key] = RelayStream(hello.hello.relay_id[:256], context.peer(), self._clock())
         log.info("relay %r connected from %s", stream.relay_id, stream.peer)
         try:
             await context.write(
@@ -188,6 +195,7 @@ class RelayServicer:
                         protocol_version=hello.hello.protocol_version,
                         server_version=self._version,
                         max_batch_entries=DEFAULT_BATCH_ENTRIES,
+                        columns=True,
                     )
                 )
             )
@@ -197,7 +205,7 @@ class RelayServicer:
                     return
                 if frame.WhichOneof("body") != "batch":
                     continue
-                commands = self._apply(stream, frame.batch, grant)
+                commands = self.apply_batch(stream, frame.batch, grant)
                 for incident in frame.batch.incidents:
                     await self._incident(stream, incident)
                 await context.write(pb.RelayReply(ack=pb.Ack(seq=frame.batch.seq)))
@@ -207,6 +215,7 @@ class RelayServicer:
                     )
         finally:
             del self._streams[key]
+            stream.table.push_all()
             for held in stream.sessions.values():
                 self._ingestor.close(held.session, left=True)
             now = self._clock()
@@ -214,7 +223,7 @@ class RelayServicer:
                 self._left.setdefault(run_id, now)
             log.info("relay %r disconnected (%d ranks leave their runs)", stream.relay_id, len(stream.sessions))
 
-    async def _incident(self, stream: _RelayStream, incident: pb.RelayedIncident) -> None:
+    async def _incident(self, stream: RelayStream, incident: pb.RelayedIncident) -> None:
         """Store a relay's incident (checked, marked with the relay) on a worker thread."""
         try:
             body = json.loads(incident.body_json)
@@ -239,34 +248,24 @@ class RelayServicer:
                 log.info("run %r handed over: every rank left with its relay (it moved to another replica)", run_id)
         return handed
 
-    def _apply(
-        self, stream: _RelayStream, batch: pb.RelayBatch, grant: Grant | None
+    def apply_batch(
+        self, stream: RelayStream, batch: pb.RelayBatch, grant: Grant | None
     ) -> list[tuple[str, int, pb.Command]]:
+        """Apply one RelayBatch of `stream` in the relay's order (reports packed as columns go between the frames
+        their positions say); returns the commands for the relay's ranks."""
         stream.batches += 1
         stream.dropped = dict(batch.dropped)
         commands: list[tuple[str, int, pb.Command]] = []
-        for relayed in batch.frames:
-            key = (relayed.run_id, relayed.rank, relayed.session_id)
-            try:
-                if relayed.HasField("hello"):
-                    self._open(stream, key, relayed.hello, grant)
-                held = stream.sessions.get(key)
-                if held is None:
-                    if relayed.HasField("frame") or relayed.closed:
-                        self._stats.rejected(RELAY_UNKNOWN_SESSION)
-                    continue
-                if relayed.closed:
-                    del stream.sessions[key]
-                    self._ingestor.close(held.session)
-                    continue
-                if relayed.HasField("frame"):
-                    kind = held.validator.check(relayed.frame)
-                    if kind != "hello":
-                        found = self._ingestor.apply(held.session, relayed.frame, kind)
-                        commands.extend((relayed.run_id, relayed.rank, c) for c in found)
-            except FrameRejected as exc:
-                self._stats.rejected(exc.reason)
-                log.debug("relay %r: rank %d of %r: %s", stream.relay_id, relayed.rank, relayed.run_id, exc.message)
+        columns = self._columns(batch)
+        done = 0
+        for index, relayed in enumerate(batch.frames):
+            if columns is not None and done < len(columns) and columns.position[done] <= index:
+                end = int(np.searchsorted(columns.position, index, side="right"))
+                self._apply_columns(stream, columns.take(slice(done, end)), commands)
+                done = end
+            self._apply_frame(stream, relayed, grant, commands)
+        if columns is not None and done < len(columns):
+            self._apply_columns(stream, columns.take(slice(done, None)), commands)
         for alert in batch.alerts:
             verdict, autopsy = verdict_of(alert)
             for rank, command in self._ingestor.relayed_verdict(
@@ -275,9 +274,116 @@ class RelayServicer:
                 commands.append((alert.run_id, rank, command))
         return commands
 
-    def _open(self, stream: _RelayStream, key: tuple[str, int, str], hello: pb.Hello, grant: Grant | None) -> None:
+    def _columns(self, batch: pb.RelayBatch) -> Columns | None:
+        """The batch's reports packed as columns; None without (or when malformed: counted, dropped)."""
+        if not batch.HasField("columns"):
+            return None
+        try:
+            columns = Columns.of(batch.columns)
+        except ValueError:
+            self._stats.rejected(MALFORMED)
+            return None
+        if columns.position.size and (np.diff(columns.position.astype(np.int64)) < 0).any():
+            self._stats.rejected(MALFORMED)
+            return None
+        return columns
+
+    def _apply_columns(self, stream: RelayStream, columns: Columns, commands: list[tuple[str, int, pb.Command]]
+                       ) -> None:  # fmt: skip
+        """Reports packed as columns: per run as one batch (server/ingest_batch.py) when it can take them, else
+        one at a time through the per-record path, with the same outcome."""
+        table = stream.table
+        rows = table.rows(columns.ref)
+        known = rows >= 0
+        if not known.all():
+            self._stats.rejected(RELAY_UNKNOWN_SESSION, int((~known).sum()))
+            rows, columns = rows[known], columns.take(known)
+        if not rows.size:
+            return
+        if not table.check(rows, columns):
+            self._one_by_one(stream, rows, columns, commands)
+            return
+        codes = table.run_code[rows]
+        runs = np.unique(codes)
+        for code in runs.tolist():
+            mine = np.flatnonzero(codes == code)
+            group_rows, group = (rows, columns) if runs.size == 1 else (rows[mine], columns.take(mine))
+            fresh = table.fresh(group_rows, group.seq)
+            found: list[tuple[int, pb.Command]] | None = []
+            if fresh.any():
+                sessions, states = table.sessions[group_rows[fresh]], table.states[group_rows[fresh]]
+                found = self._ingestor.apply_columns(sessions[0].run, table.rank[group_rows[fresh]], sessions, states,
+                                                     group.take(fresh))  # fmt: skip
+            if found is None:
+                self._one_by_one(stream, group_rows, group, commands)
+                continue
+            table.advance(group_rows, group)
+            table.applied_upto(group_rows[fresh], group.seq[fresh])
+            if not fresh.all():
+                self._stats.duplicate(int((~fresh).sum()))
+            run_id = table.sessions[group_rows[0]].hello.run_id
+            commands += [(run_id, rank, command) for rank, command in found]
+
+    def _one_by_one(self, stream: RelayStream, rows: np.ndarray, columns: Columns,
+                    commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip
+        for i, row in enumerate(rows.tolist()):
+            hello = stream.table.held[row].session.hello
+            self._apply_report(stream, (hello.run_id, hello.rank, hello.session_id), columns.frame(i), commands)
+
+    def _apply_frame(self, stream: RelayStream, relayed: pb.RelayedFrame, grant: Grant | None,
+                     commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip
+        key = (relayed.run_id, relayed.rank, relayed.session_id)
+        try:
+            if relayed.HasField("hello"):
+                self._open(stream, key, relayed.hello, grant)
+                if relayed.ref and key in stream.sessions:
+                    stream.table.bind(relayed.ref, stream.sessions[key])
+            held = stream.sessions.get(key)
+            if held is None:
+                if relayed.HasField("frame") or relayed.closed:
+                    self._stats.rejected(RELAY_UNKNOWN_SESSION)
+                return
+            if relayed.closed:
+                if relayed.ref:
+                    stream.table.unbind(relayed.ref)
+                del stream.sessions[key]
+                self._ingestor.close(held.session)
+                return
+        except FrameRejected as exc:
+            self._stats.rejected(exc.reason)
+            log.debug("relay %r: rank %d of %r: %s", stream.relay_id, relayed.rank, relayed.run_id, exc.message)
+            return
+        if relayed.HasField("frame"):
+            self._apply_report(stream, key, relayed.frame, commands)
+
+    def _apply_report(self, stream: RelayStream, key: tuple[str, int, str], frame: pb.AgentFrame,
+                      commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip
+        """One frame of a held session, through the same checks and Ingestor.apply as an agent's."""
+        held = stream.sessions.get(key)
+        if held is None:
+            self._stats.rejected(RELAY_UNKNOWN_SESSION)
+            return
+        if held.row >= 0:
+            stream.table.push(held.row)
+        try:
+            kind = held.validator.check(frame)
+            if kind != "hello":
+                found = self._ingestor.apply(held.session, frame, kind)
+                commands.extend((key[0], key[1], c) for c in found)
+        except FrameRejected as exc:
+            self._stats.rejected(exc.reason)
+            log.debug("relay %r: rank %d of %r: %s", stream.relay_id, key[1], key[0], exc.message)
+        finally:
+            if held.row >= 0:
+                stream.table.pull(held.row)
+
+    def _open(self, stream: RelayStream, key: tuple[str, int, str], hello: pb.Hello, grant: Grant | None) -> None:
         if key in stream.sessions:
             return  # a re-sent Hello of a rank this stream holds already
+        for other in list(self._streams.values()):  # another stream's columns may be ahead of the rank's objects
+            held = other.sessions.get(key)
+            if held is not None and held.row >= 0:
+                other.table.push(held.row)
         validator = StreamValidator(self._limits)
         validator.accept_hello(hello)
         if grant is not None:

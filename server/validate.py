@@ -417,6 +417,14 @@ class StreamValidator:
     def hello(self) -> pb.Hello | None:
         return self._hello
 
+    def position(self) -> tuple[int, int]:
+        """The last sequenced frame's seq and the last report's step checked so far."""
+        return self._last_seq, self._last_step
+
+    def resume(self, last_seq: int, last_step: int) -> None:
+        """Go on after frames checked elsewhere (the aggregator's relayed columns, server/relay_sessions.py)."""
+        self._last_seq, self._last_step = last_seq, last_step
+
     def check(self, frame: pb.AgentFrame) -> str:
         """Validate `frame` given the frames before it; returns its kind (the oneof name)."""
         kind = frame.WhichOneof("body")

@@ -305,3 +305,29 @@ def test_a_relay_says_so_when_its_upstream_is_not_an_aggregator() -> None:
     finally:
         relay.stop()
         other.stop()
+
+
+def test_a_relays_reports_reach_the_aggregator_as_columns_and_are_applied_per_batch() -> None:
+    aggregator = _aggregator()
+    relay = _relay(aggregator.grpc_target)
+    streams = []
+    try:
+        for rank in range(4):
+            stream = AgentStream(relay.grpc_target)
+            stream.send(hello_frame(run="cols", rank=rank, world_size=4, session=f"cols-{rank}"))
+            streams.append(stream)
+        for seq in range(1, 31):
+            for stream in streams:
+                stream.send(report_frame(seq, loss=1.0 + 0.01 * (seq % 3)))
+        for stream in streams:
+            stream.recv_ack(30)
+        _until(lambda: relay.relay.state()["buffered"] == 0, "the relay to deliver its records")
+        run = aggregator.store.get("cols")
+        assert run is not None and run.table.reports.tolist() == [30] * 4 and run.table.last_step.tolist() == [30] * 4
+        assert aggregator.ingestor.batched > 0  # the link packed them as columns, the aggregator took them as batches
+        assert [int(r.ring.count) for _, r in sorted(run.ranks.items())] == [30] * 4
+    finally:
+        for stream in streams:
+            stream.close()
+        relay.stop()
+        aggregator.stop()

@@ -35,7 +35,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.batch import ReportBatch
 from gradwatch.server.detectors.layerwise import CLEAR, FIRE, Latch
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import KIND_LOSS, RankReport
@@ -68,6 +71,7 @@ class NonFiniteDetector:
         self._latch = Latch(resolve_after=config.resolve_after)
         # step -> rank -> its first non-finite report of that step, waiting for the other ranks' reports.
         self._pending: dict[int, dict[int, RankReport]] = {}
+        self._restless: set[int] = set()
 
     def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
         rank = report.rank
@@ -80,8 +84,26 @@ class NonFiniteDetector:
             findings.append(Finding(rank, self._fire(report, (), ()), report))
         else:
             self._pending.setdefault(report.step, {}).setdefault(rank, report)
+        self._note(rank)
         findings += self._flush(ranks, now=None)
         return findings
+
+    def plan_batch(self, batch: ReportBatch, ranks: RankTable) -> bool | None:
+        """A batch (all finite, see server/detectors/batch.py) changes nothing while no step is held and none of
+        its ranks is firing or counting towards a clear; otherwise it is fed one report at a time."""
+        if self._pending or (self._restless and bool(np.isin(batch.rank, list(self._restless)).any())):
+            return None
+        return True
+
+    def observe_batch(self, batch: ReportBatch, ranks: RankTable, plan: bool) -> list[tuple[int, Finding]]:
+        return []  # judge(rank, False) of a rank at rest changes nothing (Latch.at_rest)
+
+    def _note(self, rank: int) -> None:
+        """Keep `_restless`, the ranks whose latch is not at rest (firing, or a streak running)."""
+        if self._latch.at_rest(rank):
+            self._restless.discard(rank)
+        else:
+            self._restless.add(rank)
 
     def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
         return self._flush(ranks, now=now)
@@ -109,6 +131,7 @@ class NonFiniteDetector:
         for rank in (*origins, *received):  # origins first: the alert opens with the rank it started on
             if self._latch.judge(rank, True) == FIRE:
                 findings.append(Finding(rank, self._fire(held[rank], origins, received), held[rank]))
+            self._note(rank)
         return findings
 
     def _fire(self, report: RankReport, origins: tuple[int, ...], received: tuple[int, ...]) -> Fire:

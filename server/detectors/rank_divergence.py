@@ -90,11 +90,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.batch import ReportBatch
 from gradwatch.server.detectors.robust import MAD_TO_SIGMA, nanmedian_columns, peer_medians
 from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import SettingError, setting
+from gradwatch.server.step_pending import StepPlan, plan
 
 __all__ = ["MAD_TO_SIGMA", "PENDING_STEPS", "SPEC", "RankDivergenceConfig", "RankDivergenceDetector", "robust_z"]
 
@@ -199,6 +201,35 @@ class RankDivergenceDetector:
             return ()  # O(1) per report; the O(ranks) judgement runs once per complete step
         del self._pending[report.step]
         return self._judge(losses, report.step, ranks)
+
+    def plan_batch(self, batch: ReportBatch, ranks: RankTable) -> StepPlan | None:
+        size = ranks.size
+        if len(batch) and int(batch.rank.max()) >= size:
+            return None
+        return plan(self._pending, batch.step, batch.rank, size, PENDING_STEPS,  # type: ignore[arg-type]
+                    lambda state, r: ~np.isnan(state[0][r]), first_wins=True,  # type: ignore[index]
+                    fits=lambda state: state[0].size == size)  # type: ignore[index]  # fmt: skip
+
+    def observe_batch(self, batch: ReportBatch, ranks: RankTable, steps: StepPlan) -> list[tuple[int, Finding]]:
+        """`observe` for every report of the batch (see server/detectors/batch.py)."""
+        size = ranks.size
+        for key in steps.dropped:
+            del self._pending[key]  # type: ignore[arg-type]
+        with np.errstate(invalid="ignore"):
+            losses = np.where(batch.has_loss & np.isfinite(batch.loss), batch.loss, -math.inf)
+        for key, taken, new in zip(steps.keys, steps.taken, steps.new, strict=True):
+            if new:
+                self._pending[key] = (np.full(size, np.nan), [0])  # type: ignore[index]
+            held, reported = self._pending[key]  # type: ignore[index]
+            held[batch.rank[taken]] = losses[taken]
+            reported[0] += taken.size
+        findings: list[tuple[int, Finding]] = []
+        for i in steps.completions():
+            key = steps.keys[i]
+            held, _ = self._pending.pop(key)  # type: ignore[call-overload]
+            at = steps.completed_at[i]
+            findings += [(at, f) for f in self._judge(held, int(key), ranks)]  # type: ignore[call-overload]
+        return findings
 
     def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
         return ()  # judged per complete step

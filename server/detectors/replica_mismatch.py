@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.batch import ReportBatch
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.settings import setting
@@ -66,21 +67,35 @@ class ReplicaMismatchDetector:
     def observe(self, report: RankReport, ranks: RankTable) -> Sequence[Finding]:
         if report.param_checksum is None or report.rank >= ranks.size:
             return ()
-        size = int(ranks.replica_group_size[report.rank])
+        return self._checksum(report.rank, report.step, report.param_checksum, ranks)
+
+    def plan_batch(self, batch: ReportBatch, ranks: RankTable) -> bool:
+        return True  # a report with a checksum is fed one at a time (they come every 50 steps or so)
+
+    def observe_batch(self, batch: ReportBatch, ranks: RankTable, plan: bool) -> list[tuple[int, Finding]]:
+        """`observe` for every report of the batch (see server/detectors/batch.py)."""
+        findings: list[tuple[int, Finding]] = []
+        for i in np.flatnonzero(batch.has_checksum & (batch.rank < ranks.size)).tolist():
+            found = self._checksum(int(batch.rank[i]), int(batch.step[i]), int(batch.param_checksum[i]), ranks)
+            findings += [(i, f) for f in found]
+        return findings
+
+    def _checksum(self, rank: int, step: int, checksum: int, ranks: RankTable) -> Sequence[Finding]:
+        size = int(ranks.replica_group_size[rank])
         if size < 2:
             return ()
-        group = int(ranks.replica_group[report.rank])
-        key = (group, report.step)
+        group = int(ranks.replica_group[rank])
+        key = (group, step)
         sums = self._pending.get(key)
         if sums is None:
             sums = self._pending[key] = {}
             while len(self._pending) > PENDING_COMPARISONS:
                 self._pending.popitem(last=False)
-        sums[report.rank] = report.param_checksum
+        sums[rank] = checksum
         if len(sums) < size:
             return ()
         del self._pending[key]
-        return self._compare(group, report.step, sums, ranks)
+        return self._compare(group, step, sums, ranks)
 
     def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
         return ()  # judged when a group's comparison is complete

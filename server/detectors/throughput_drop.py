@@ -30,11 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradwatch.server.detectors.base import Clear, DetectorConfig, DetectorSpec, Finding, Fire
+from gradwatch.server.detectors.batch import ReportBatch
 from gradwatch.server.detectors.robust import median as median_of
 from gradwatch.server.ranktable import RankTable
 from gradwatch.server.report import RankReport
 from gradwatch.server.ring import FloatRing
 from gradwatch.server.settings import SettingError, setting
+from gradwatch.server.step_pending import StepPlan, plan
 
 __all__ = ["PENDING_STEPS", "SPEC", "ThroughputDropConfig", "ThroughputDropDetector"]
 
@@ -88,6 +90,31 @@ class ThroughputDropDetector:
         step_time = median_of(np.fromiter(durations.values(), dtype=np.float64))
         return self._judge(step_time, report.step, report.received_at, ranks)
 
+    def plan_batch(self, batch: ReportBatch, ranks: RankTable) -> tuple[np.ndarray, StepPlan] | None:
+        with np.errstate(invalid="ignore"):
+            timed = np.flatnonzero((batch.step > 1) & np.isfinite(batch.step_duration_s) & (batch.step_duration_s > 0))
+        steps = plan(self._pending, batch.step[timed], batch.rank[timed], ranks.size, PENDING_STEPS,  # type: ignore[arg-type]
+                     _has_ranks, first_wins=False)  # fmt: skip
+        return None if steps is None else (timed, steps)
+
+    def observe_batch(self, batch: ReportBatch, ranks: RankTable, planned: tuple[np.ndarray, StepPlan]
+                      ) -> list[tuple[int, Finding]]:  # fmt: skip
+        """`observe` for every report of the batch (see server/detectors/batch.py)."""
+        timed, steps = planned
+        for key in steps.dropped:
+            del self._pending[key]  # type: ignore[arg-type]
+        ranks_of, durations = batch.rank[timed], batch.step_duration_s[timed]
+        for key, taken, new in zip(steps.keys, steps.taken, steps.new, strict=True):
+            held = self._pending[key] = {} if new else self._pending[key]  # type: ignore[index]
+            held.update(zip(ranks_of[taken].tolist(), durations[taken].tolist(), strict=True))
+        findings: list[tuple[int, Finding]] = []
+        for i in steps.completions():
+            held = self._pending.pop(steps.keys[i])  # type: ignore[call-overload]
+            step_time = median_of(np.fromiter(held.values(), dtype=np.float64))
+            at = int(timed[steps.completed_at[i]])
+            findings += [(at, f) for f in self._judge(step_time, int(steps.keys[i]), batch.received_at, ranks)]  # type: ignore[call-overload]
+        return findings
+
     def tick(self, ranks: RankTable, now: float) -> Sequence[Finding]:
         return ()  # judged per completed step; a run completing no steps at all is the stalled detector's
 
@@ -125,6 +152,11 @@ class ThroughputDropDetector:
             f"{ranks.describe(self._fired, limit=4)}"
         )
         return [Finding(int(r), Fire(step, ratio, summary)) for r in self._fired]
+
+
+def _has_ranks(held: object, ranks: np.ndarray) -> np.ndarray:
+    """Which of `ranks` a held step's durations have."""
+    return np.fromiter((r in held for r in ranks.tolist()), dtype=bool, count=ranks.size)  # type: ignore[operator]
 
 
 SPEC = DetectorSpec(

@@ -35,6 +35,20 @@ class CommandKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMMAND_KIND_UNSPECIFIED: _ClassVar[CommandKind]
     COMMAND_KIND_FULL_STATS: _ClassVar[CommandKind]
     COMMAND_KIND_ALERT: _ClassVar[CommandKind]
+
+class RelayedColumnFlag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELAYED_COLUMN_FLAG_UNSPECIFIED: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_LOSS: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_SHARE: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_CHECKSUM: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_PRE_FORWARD: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_BETWEEN: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_SKIPPED_STEP: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_OVER_BUDGET: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_LOSS_SCALE: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_OUTPUT_SPREAD: _ClassVar[RelayedColumnFlag]
+    RELAYED_COLUMN_FLAG_HAS_OUTPUT_RMS: _ClassVar[RelayedColumnFlag]
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_CURRENT: ProtocolVersion
 NON_FINITE_FLAG_UNSPECIFIED: NonFiniteFlag
@@ -52,6 +66,17 @@ GUARD_SKIP_REASON_ROLLED_BACK: GuardSkipReason
 COMMAND_KIND_UNSPECIFIED: CommandKind
 COMMAND_KIND_FULL_STATS: CommandKind
 COMMAND_KIND_ALERT: CommandKind
+RELAYED_COLUMN_FLAG_UNSPECIFIED: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_LOSS: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_SHARE: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_CHECKSUM: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_PRE_FORWARD: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_BETWEEN: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_SKIPPED_STEP: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_OVER_BUDGET: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_LOSS_SCALE: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_OUTPUT_SPREAD: RelayedColumnFlag
+RELAYED_COLUMN_FLAG_HAS_OUTPUT_RMS: RelayedColumnFlag
 
 class AgentFrame(_message.Message):
     __slots__ = ("seq", "hello", "report", "event", "heartbeat", "goodbye", "batch")
@@ -451,7 +476,7 @@ class RelayHello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., relay_id: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class RelayBatch(_message.Message):
-    __slots__ = ("seq", "frames", "alerts", "dropped", "incidents")
+    __slots__ = ("seq", "frames", "alerts", "dropped", "incidents", "columns")
     class DroppedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -464,12 +489,62 @@ class RelayBatch(_message.Message):
     ALERTS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     INCIDENTS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     frames: _containers.RepeatedCompositeFieldContainer[RelayedFrame]
     alerts: _containers.RepeatedCompositeFieldContainer[RelayedAlert]
     dropped: _containers.ScalarMap[str, int]
     incidents: _containers.RepeatedCompositeFieldContainer[RelayedIncident]
-    def __init__(self, seq: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[RelayedFrame, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[RelayedAlert, _Mapping]]] = ..., dropped: _Optional[_Mapping[str, int]] = ..., incidents: _Optional[_Iterable[_Union[RelayedIncident, _Mapping]]] = ...) -> None: ...
+    columns: RelayedColumns
+    def __init__(self, seq: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[RelayedFrame, _Mapping]]] = ..., alerts: _Optional[_Iterable[_Union[RelayedAlert, _Mapping]]] = ..., dropped: _Optional[_Mapping[str, int]] = ..., incidents: _Optional[_Iterable[_Union[RelayedIncident, _Mapping]]] = ..., columns: _Optional[_Union[RelayedColumns, _Mapping]] = ...) -> None: ...
+
+class RelayedColumns(_message.Message):
+    __slots__ = ("ref", "position", "seq", "step", "wall_time", "step_duration_s", "loss", "grad_sum_squares", "grad_global_share", "param_checksum", "pre_forward_s", "between_collectives_s", "non_finite", "flags", "optimizer_step", "agent_time_s", "full_stats_interval", "guard_skip_reasons", "micro_steps", "loss_scale", "output_spread", "output_rms")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    STEP_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SUM_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_GLOBAL_SHARE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    PRE_FORWARD_S_FIELD_NUMBER: _ClassVar[int]
+    BETWEEN_COLLECTIVES_S_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEP_FIELD_NUMBER: _ClassVar[int]
+    AGENT_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    FULL_STATS_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    GUARD_SKIP_REASONS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_RMS_FIELD_NUMBER: _ClassVar[int]
+    ref: bytes
+    position: bytes
+    seq: bytes
+    step: bytes
+    wall_time: bytes
+    step_duration_s: bytes
+    loss: bytes
+    grad_sum_squares: bytes
+    grad_global_share: bytes
+    param_checksum: bytes
+    pre_forward_s: bytes
+    between_collectives_s: bytes
+    non_finite: bytes
+    flags: bytes
+    optimizer_step: bytes
+    agent_time_s: bytes
+    full_stats_interval: bytes
+    guard_skip_reasons: bytes
+    micro_steps: bytes
+    loss_scale: bytes
+    output_spread: bytes
+    output_rms: bytes
+    def __init__(self, ref: _Optional[bytes] = ..., position: _Optional[bytes] = ..., seq: _Optional[bytes] = ..., step: _Optional[bytes] = ..., wall_time: _Optional[bytes] = ..., step_duration_s: _Optional[bytes] = ..., loss: _Optional[bytes] = ..., grad_sum_squares: _Optional[bytes] = ..., grad_global_share: _Optional[bytes] = ..., param_checksum: _Optional[bytes] = ..., pre_forward_s: _Optional[bytes] = ..., between_collectives_s: _Optional[bytes] = ..., non_finite: _Optional[bytes] = ..., flags: _Optional[bytes] = ..., optimizer_step: _Optional[bytes] = ..., agent_time_s: _Optional[bytes] = ..., full_stats_interval: _Optional[bytes] = ..., guard_skip_reasons: _Optional[bytes] = ..., micro_steps: _Optional[bytes] = ..., loss_scale: _Optional[bytes] = ..., output_spread: _Optional[bytes] = ..., output_rms: _Optional[bytes] = ...) -> None: ...
 
 class RelayedIncident(_message.Message):
     __slots__ = ("body_json", "window")
@@ -480,20 +555,22 @@ class RelayedIncident(_message.Message):
     def __init__(self, body_json: _Optional[str] = ..., window: _Optional[bytes] = ...) -> None: ...
 
 class RelayedFrame(_message.Message):
-    __slots__ = ("run_id", "rank", "session_id", "hello", "frame", "closed")
+    __slots__ = ("run_id", "rank", "session_id", "hello", "frame", "closed", "ref")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     session_id: str
     hello: Hello
     frame: AgentFrame
     closed: bool
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., session_id: _Optional[str] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., frame: _Optional[_Union[AgentFrame, _Mapping]] = ..., closed: bool = ...) -> None: ...
+    ref: int
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., session_id: _Optional[str] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., frame: _Optional[_Union[AgentFrame, _Mapping]] = ..., closed: bool = ..., ref: _Optional[int] = ...) -> None: ...
 
 class RelayedAlert(_message.Message):
     __slots__ = ("run_id", "detector", "rank", "firing", "step", "value", "summary", "layer", "autopsy_json")
@@ -528,14 +605,16 @@ class RelayReply(_message.Message):
     def __init__(self, welcome: _Optional[_Union[RelayWelcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., command: _Optional[_Union[RelayedCommand, _Mapping]] = ...) -> None: ...
 
 class RelayWelcome(_message.Message):
-    __slots__ = ("protocol_version", "server_version", "max_batch_entries")
+    __slots__ = ("protocol_version", "server_version", "max_batch_entries", "columns")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     server_version: str
     max_batch_entries: int
-    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_entries: _Optional[int] = ...) -> None: ...
+    columns: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_entries: _Optional[int] = ..., columns: bool = ...) -> None: ...
 
 class RelayedCommand(_message.Message):
     __slots__ = ("run_id", "rank", "command")
