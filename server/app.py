@@ -13,7 +13,8 @@ holding a lock while it builds an answer; the per-second persistence runs on a w
 thread. Alert listeners are called on the gRPC thread: they must be quick and must not
 block. The notifier is such a
 listener: it hands notifications to one delivery thread per sink
-("gradwatch-sink-<name>") and resends from its "gradwatch-notify" ticker thread.
+("gradwatch-sink-<name>") and resends from its "gradwatch-notify" ticker thread. With
+cluster.peers, "gradwatch-silence-sync" reconciles the silences with the peers'.
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ class HttpApi:
         self._tls_context = tls_context
         self._guard = guard
         self._sessions = sessions
+        self._sessions_api = SessionsApi(sessions) if sessions is not None else None
         self._routes = tuple(routes)
         self._rejections = rejections
         self._max_connections = max_connections
@@ -248,11 +249,10 @@ class HttpApi:
                 status, content_type, body = await self._view(self._get, url.raw_path, url.raw_query_string, own)
             elif request.method == hdrs.METH_POST and request.path == SILENCES:
                 status, content_type, body = await self._post_silence(request)
-            elif request.method == hdrs.METH_DELETE and request.path.startswith(SESSIONS + "/") and self._sessions:
+            elif request.method == hdrs.METH_DELETE and request.path.startswith(SESSIONS + "/") and self._sessions_api:
                 digest = request.path[len(SESSIONS) + 1 :]
-                status, content_type, body = await self._loop.run_in_executor(
-                    self._pool, SessionsApi(self._sessions).delete, digest
-                )
+                end_session = self._sessions_api.delete
+                status, content_type, body = await self._loop.run_in_executor(self._pool, end_session, digest)
             elif request.method == hdrs.METH_DELETE and request.path.startswith(SILENCES + "/"):
                 status, reply = await self._loop.run_in_executor(
                     self._pool, self._silences_api.expire, request.path[len(SILENCES) + 1 :], *_writer(request)

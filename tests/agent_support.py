@@ -245,3 +245,19 @@ def train(
         monitor.step(loss)  # type: ignore[attr-defined]
         losses.append(loss.detach())
     return [float(loss) for loss in losses]
+
+
+class Emitter(nn.Linear):
+    """A square Linear whose own forward can put a non-finite value into its output (`poison`, at [0, 1]), so the
+    module itself emits it: what the NaN provenance tests inject."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, width)
+        self.poison: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.poison is not None:
+            out = out.clone()
+            out[0, 1] = self.poison
+        return out

@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from agent_support import ScriptableServer  # noqa: E402
+from agent_support import Emitter, ScriptableServer  # noqa: E402
 from gradwatch.agent import activations  # noqa: E402
 from gradwatch.agent.monitor import attach  # noqa: E402
 from gradwatch.agent.update_cadence import WARM_STEPS, update_due  # noqa: E402
@@ -29,26 +29,11 @@ WIDTH = 8
 AFTER = ("none", "add_", "relu_", "clean_", "masked_")
 
 
-class _Emitter(nn.Linear):
-    """A Linear whose own forward can put a non-finite value into its output (so the module emits it)."""
-
-    def __init__(self) -> None:
-        super().__init__(WIDTH, WIDTH)
-        self.poison: float | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.poison is not None:
-            out = out.clone()
-            out[0, 1] = self.poison
-        return out
-
-
 class _Chain(nn.Module):
     def __init__(self, after: list[str]) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.blocks = nn.ModuleList(_Emitter() for _ in after)
+        self.blocks = nn.ModuleList(Emitter(WIDTH) for _ in after)
         self.relus = nn.ModuleList(nn.ReLU(inplace=True) for _ in after)
         self.after = after
         self.added: dict[int, float] = {}  # block -> value written in place after it, this step
@@ -73,7 +58,7 @@ def _reference(model: _Chain) -> tuple[list[Any], list[tuple[str, bool]]]:
     seen: list[tuple[str, bool]] = []
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, _Emitter | nn.ReLU):
+        if isinstance(module, Emitter | nn.ReLU):
 
             def hook(m: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
                 if torch.is_grad_enabled():

@@ -24,7 +24,7 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from agent_support import ScriptableServer  # noqa: E402
+from agent_support import Emitter, ScriptableServer  # noqa: E402
 from gradwatch.agent import activations  # noqa: E402
 from gradwatch.agent.monitor import attach  # noqa: E402
 from gradwatch.v1 import gradwatch_pb2 as pb  # noqa: E402
@@ -43,21 +43,6 @@ WRAP_MODES = ("same", "view", "rows", "reshape", "input")
 #: Functional code between modules: in-place add (a residual; the poisoned step adds the poison), in-place
 #: clean-up, in-place masked write, a same-shape view, a transposed-twice view, an out-of-place add.
 BETWEEN = ("add_", "clean_", "masked_", "view", "tt", "add")
-
-
-class Emit(nn.Linear):
-    """A Linear that can put a non-finite value into its own output."""
-
-    def __init__(self) -> None:
-        super().__init__(WIDTH, WIDTH)
-        self.poison: float | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.poison is not None:
-            out = out.clone()
-            out[0, 1] = self.poison
-        return out
 
 
 class Wrap(nn.Module):
@@ -93,10 +78,10 @@ class Program(nn.Module):
         self.ops: list[tuple[Any, ...]] = []
         for op in ops:
             if op[0] == "emit":
-                self.layers.append(Emit())
+                self.layers.append(Emitter(WIDTH))
                 self.ops.append(("layer", len(self.layers) - 1))
             elif op[0] == "wrap":
-                inner: nn.Module = Emit() if op[2] is None else self.acts[op[2] % len(self.acts)]
+                inner: nn.Module = Emitter(WIDTH) if op[2] is None else self.acts[op[2] % len(self.acts)]
                 self.layers.append(Wrap(inner, op[1]))
                 self.ops.append(("layer", len(self.layers) - 1))
             else:
@@ -125,8 +110,8 @@ class Program(nn.Module):
         return h
 
 
-def _emitters(model: Program) -> list[Emit]:
-    return [m for m in model.modules() if isinstance(m, Emit)]
+def _emitters(model: Program) -> list[Emitter]:
+    return [m for m in model.modules() if isinstance(m, Emitter)]
 
 
 def _reference(model: Program) -> tuple[list[Any], list[tuple[str, bool]]]:
