@@ -105,8 +105,8 @@ def simulate(count: int, first: int, overrides: dict[str, float]) -> None:
 
 def compare(seeds: list[int], extra: bool) -> None:
     """Each seed's matrix run (its extra bad-batch draw with `extra`), through the agent and a real server, once
-    at the defaults and once with loss_spike's record of excesses off (tail_k=0): the warning and critical alerts
-    of each."""
+    with loss_spike's record of excesses on (tail_k=3) and once at the defaults (off): the warning and critical
+    alerts of each."""
     import torch
 
     from gradwatch.scenarios.matrix import draw, run_matrix
@@ -115,10 +115,10 @@ def compare(seeds: list[int], extra: bool) -> None:
 
     torch.set_num_threads(1)
     base = ServerConfig.local()
-    sigma_only = dataclasses.replace(base, detectors={**base.detectors, "loss_spike": LossSpikeConfig(tail_k=0.0)})
+    with_tail = dataclasses.replace(base, detectors={**base.detectors, "loss_spike": LossSpikeConfig(tail_k=3.0)})
     for seed in seeds:
         run = draw(seed, max_world=4, extra_bad_batch=extra)
-        for label, config in (("defaults", base), ("tail_k=0", sigma_only)):
+        for label, config in (("tail_k=3", with_tail), ("defaults", base)):
             alerts = [a for a in run_matrix(run, config).alerts if a["severity"] != "info"]
             shown = "; ".join(f"{a['detector']}/{a['severity']}@{a['step']}: {a['summary']}" for a in alerts)
             print(f"{run.name} {label}: {shown or 'no warning or critical'}")

@@ -1,6 +1,6 @@
-"""loss_spike's sigma margin against the run's own record of excesses (server/detectors/loss_spike.py): generated
-healthy series of many shapes stay quiet, a jump far beyond a light-tailed run's record fires where 12 sigma
-alone would not, and a run with a heavy tail on record keeps the 12 sigmas."""
+"""loss_spike's sigma margin against the run's own record of excesses (server/detectors/loss_spike.py, opt-in with
+`tail_k`): generated healthy series of many shapes stay quiet with it, a jump far beyond a light-tailed run's
+record fires where 12 sigma alone would not, and a run with a heavy tail on record keeps the 12 sigmas."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from hypothesis import strategies as st
 from gradwatch.server.detectors import Fire
 from gradwatch.server.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
 
-#: loss_spike as it was before the record of excesses: the 12-sigma margin on every run.
-SIGMA_ONLY = LossSpikeConfig(tail_k=0.0)
+#: loss_spike at its defaults: the 12-sigma margin on every run.
+SIGMA_ONLY = LossSpikeConfig()
+#: The record of excesses on, at the tuned factor.
+TAIL = LossSpikeConfig(tail_k=3.0)
 
 
 def fired(losses: np.ndarray | list[float], config: LossSpikeConfig | None = None) -> list[int]:
     """The steps at which loss_spike fires on `losses` (steps from 1). The detector reads a report's rank, step
     and loss only."""
-    detector = LossSpikeDetector(config or LossSpikeConfig())
+    detector = LossSpikeDetector(config or TAIL)
     steps = []
     for step, loss in enumerate(losses, start=1):
         if isinstance(detector.observe(SimpleNamespace(rank=0, step=step, loss=float(loss))), Fire):  # type: ignore[arg-type]
@@ -95,7 +97,7 @@ def test_the_sigma_margin_alone_misses_a_jump_the_record_shows() -> None:
     jump = 1.0 + 9.0 * SIGMA
     assert fired([*alternating(100), jump], SIGMA_ONLY) == []
     assert fired([*alternating(100), jump]) == [101]
-    early = LossSpikeConfig().min_reports + LossSpikeConfig().tail_min - 1  # one excess short
+    early = TAIL.min_reports + TAIL.tail_min - 1  # one excess short
     assert fired([*alternating(early), jump]) == []
 
 
@@ -103,7 +105,7 @@ def test_a_heavy_tail_on_record_keeps_the_twelve_sigmas_until_it_ages_out() -> N
     """The same run with one hard batch of 5 sigmas (under every margin: admitted) on record: the 9-sigma jump is
     within three times that excess, so the 12 sigmas hold; once the hard batch left the last `tail_window`
     admitted losses, the same jump fires."""
-    config = LossSpikeConfig()
+    config = TAIL
     jump = 1.0 + 9.0 * SIGMA
     hard = [*alternating(60), 1.0 + 5.0 * SIGMA, *alternating(20)]
     assert fired(hard) == []

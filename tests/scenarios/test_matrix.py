@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradwatch.scenarios.matrix import ALLOW, EXTRA_ONSET, FAULTS, MatrixRun, draw, run_matrix
+from gradwatch.server.config import ServerConfig
+from gradwatch.server.detectors.loss_spike import LossSpikeConfig
 
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "bench" / "results"
 
@@ -74,15 +76,22 @@ def test_the_seeds_own_draws_are_those_recorded_before_the_extra_stream() -> Non
 
 # Bad batches late in light-tailed runs (a GRU at batch 32, a transformer at batch 16; tuning seeds, extra draws
 # at world size 1): 2.25× and 1.84× the clean batch's loss, 9.4 and 6.9 noise sigmas, missed by 12 sigmas alone
-# and caught against the run's record of excesses (server/detectors/loss_spike.py). Their healthy twins (the same
-# run without the bad batch) stay quiet.
+# and caught against the run's record of excesses (server/detectors/loss_spike.py, opt-in: `tail_k: 3`). Their
+# healthy twins (the same run without the bad batch) stay quiet.
 @pytest.mark.parametrize("seed", [7018, 7024])
 def test_a_late_bad_batch_on_a_light_tailed_run_is_caught_and_its_twin_is_quiet(seed: int) -> None:
     run = draw(seed, max_world=1, extra_bad_batch=True)
-    result = run_matrix(run)
+    config = _with_tail_record()
+    result = run_matrix(run, config)
     assert result.effect is not None and result.effect >= 1.5, result.effect  # a bad batch that shows
     assert result.caught(), (run, result.alerts)
     assert result.localised() is True and (result.first("loss_spike") or {})["step"] == run.onset
     assert result.loud((*ALLOW[run.fault], "loss_spike")) == [], result.alerts
     twin = dataclasses.replace(run, fault="healthy", where="none", onset=None, expect=None, rank=None)
-    assert run_matrix(twin).loud() == []
+    assert run_matrix(twin, config).loud() == []
+
+
+def _with_tail_record() -> ServerConfig:
+    """Every detector at its defaults but loss_spike with its record of excesses on (tail_k 3, opt-in)."""
+    base = ServerConfig.local()
+    return dataclasses.replace(base, detectors={**base.detectors, "loss_spike": LossSpikeConfig(tail_k=3.0)})
