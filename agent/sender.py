@@ -399,8 +399,7 @@ class Sender:
                 "protocol", "server speaks protocol %d, agent %d", welcome.protocol_version, pb.PROTOCOL_VERSION_CURRENT
             )
         self._set_state("ready")
-        if self._had_welcome:
-            self._counters.reconnects += 1
+        reconnected = self._had_welcome
         self._had_welcome = True
         self._attempt = 0
         self._batch_frames = welcome.max_batch_frames
@@ -415,6 +414,8 @@ class Sender:
                 len(self._replay),
                 level=logging.INFO,
             )
+        if reconnected:  # counted after the line above, so a waiter on the counter sees the log
+            self._counters.reconnects += 1
         self._last_pushed = 0  # resend everything the server does not hold yet
         self._next_heartbeat = self._clock() + self._heartbeat_s
         self._push()
@@ -439,7 +440,7 @@ class Sender:
         code = error.code() if isinstance(error, grpc.Call) else None
         name = getattr(code, "name", None)
         if name in self._config.retry.rejected_codes:
-            self._counters.rejections += 1
+            # Said before counted: whoever sees the counter move can rely on the warning being out.
             self._log_once(
                 f"rejected-{name}",
                 "gradwatch server %s rejected the stream (%s: %s); retrying rarely",
@@ -447,6 +448,7 @@ class Sender:
                 name,
                 error.details() if isinstance(error, grpc.Call) else error,  # type: ignore[union-attr]
             )
+            self._counters.rejections += 1
             delay = self._config.retry.rejected_delay_s(self._rng)
         else:
             if error is not None and not isinstance(error, grpc.RpcError):

@@ -247,6 +247,56 @@ def test_agent_rejected_stream_is_logged_once_backs_off_and_recovers(
     assert [r.step for r in server.servicer.reports()] == [1, 2, 3, 4, 5]
 
 
+class _CounterAtLog(logging.Handler):
+    """Reads a monitor counter at the moment a matching line is emitted (on the sender's thread)."""
+
+    def __init__(self, needle: str, counter: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.needle, self.counter, self.seen = needle, counter, []
+        self.monitor: Monitor | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage() and self.monitor is not None:
+            time.sleep(0.05)  # widen the window a counter-first ordering would lose in
+            self.seen.append(self.monitor.counters()[self.counter])
+
+
+@pytest.mark.parametrize(
+    ("needle", "counter"), [("rejected the stream", "rejections"), ("reachable again", "reconnects")]
+)
+def test_agent_says_a_rejection_or_a_reconnection_before_it_counts_it(
+    server: ScriptableServer, needle: str, counter: str
+) -> None:
+    """Whoever waits on the counter (a test, a supervisor reading counters()) can rely on the line being out."""
+    handler = _CounterAtLog(needle, counter)
+    agent_logger = logging.getLogger("gradwatch.agent")
+    agent_logger.addHandler(handler)
+    previous = agent_logger.level
+    agent_logger.setLevel(logging.DEBUG)
+    try:
+        model, opt = _model_and_optimizer()
+        monitor = attach(model, opt, server=server.address, run="said-then-counted", retry=FAST_RETRY)
+        handler.monitor = monitor
+        if counter == "reconnects":
+            train(model, opt, monitor, 2)
+            assert wait_until(lambda: monitor.counters()["acked"] == 2, timeout=5)
+            server.stop()  # the outage is reported ("unavailable"), so its end is said too
+            train(model, opt, monitor, 3)
+            assert wait_until(lambda: monitor.counters()["stream_failures"] >= 1, timeout=5)
+            server.start()
+        else:
+            server.servicer.reject_streams_with = grpc.StatusCode.FAILED_PRECONDITION
+            train(model, opt, monitor, 3)
+            assert wait_until(lambda: monitor.counters()["stream_failures"] >= 1, timeout=5)
+            server.servicer.reject_streams_with = None
+        assert wait_until(lambda: monitor.counters()[counter] >= 1, timeout=5)
+        assert handler.seen == [0], handler.seen  # the line came first, while the counter still read 0
+        assert monitor.close(timeout=5)
+    finally:
+        agent_logger.removeHandler(handler)
+        agent_logger.setLevel(previous)
+
+
 def test_agent_close_uses_unary_flush_when_the_stream_is_down(server: ScriptableServer) -> None:
     server.servicer.reject_streams_with = grpc.StatusCode.UNAVAILABLE  # streams fail, Flush works
     model, opt = _model_and_optimizer()
