@@ -38,7 +38,7 @@ from typing import Any
 from gradwatch.server.alerts import Alert
 from gradwatch.server.config import StorageConfig
 
-__all__ = ["DB_FILE", "SCHEMA_VERSION", "Checkpoint", "Database"]
+__all__ = ["DB_FILE", "MAX_CANDIDATES", "SCHEMA_VERSION", "AmbiguousIncident", "Checkpoint", "Database"]
 
 DB_FILE = "gradwatch.db"
 SCHEMA_VERSION = 1
@@ -78,6 +78,19 @@ _RUN_KEYS = ("run_id", "job_name", "world_size", "first_seen", "last_seen", "fin
 _RUN_COLUMNS = ", ".join((*_RUN_KEYS, "summary"))
 #: Columns of an incident summary (list views); the body holds everything else.
 _SUMMARY = "id, run_id, detector, severity, alert_id, step, opened_at, status, window_bytes, body"
+
+
+#: Incident ids an ambiguous prefix lists (enough to choose from; the list of incidents has the rest).
+MAX_CANDIDATES = 10
+
+
+class AmbiguousIncident(LookupError):
+    """An id prefix that matches more than one incident: `candidates` are (up to MAX_CANDIDATES of) their ids."""
+
+    def __init__(self, prefix: str, candidates: list[str]) -> None:
+        super().__init__(prefix, candidates)
+        self.prefix = prefix
+        self.candidates = candidates
 
 
 @dataclass
@@ -285,7 +298,8 @@ class Database:
         return [_summary(row) for row in rows], int(total)
 
     def incident(self, incident_id: str) -> dict[str, Any] | None:
-        """The full incident body, by id or by an unambiguous id prefix (≥ 4 characters)."""
+        """The full incident body, by id or by an unambiguous id prefix (≥ 4 characters); AmbiguousIncident when
+        the prefix matches several."""
         row = self._incident_row(incident_id, "body")
         return None if row is None else json.loads(row[0])
 
@@ -297,9 +311,13 @@ class Database:
         rows = self._read(f"SELECT {column} FROM incidents WHERE id = ?", (incident_id,))
         if not rows and len(incident_id) >= 4:
             pattern = incident_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            rows = self._read(f"SELECT {column} FROM incidents WHERE id LIKE ? ESCAPE '\\' LIMIT 2", (pattern,))
-            if len(rows) != 1:
-                return None
+            rows = self._read(
+                f"SELECT id, {column} FROM incidents WHERE id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+                (pattern, MAX_CANDIDATES + 1),
+            )
+            if len(rows) > 1:
+                raise AmbiguousIncident(incident_id, [row[0] for row in rows[:MAX_CANDIDATES]])
+            return rows[0][1:] if rows else None
         return rows[0] if rows else None
 
     # ------------------------------------------------------------------ retention

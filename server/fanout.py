@@ -15,7 +15,9 @@ Contract
   timeout; lists are merged and paged here (`total` sums the replicas' totals; a run held by two replicas during
   a move is listed once: the one seen last, and /runs/<run> is that one); an incident, and a run's ranks and
   series, are taken from whichever replica holds them (this one first: during a move, the replica the run left
-  may answer with its last state). This replica answers its own part in-process (never an HTTP call to itself).
+  may answer with its last state). An incident id prefix is resolved over every replica: one that matches
+  several incidents, on one replica or across replicas, answers 409 with the candidates, never one of them.
+  This replica answers its own part in-process (never an HTTP call to itself).
   The HTML pages (server/pages.py) read through `lists` and `first` too.
 * A peer that does not answer within the deadline, answers anything but 200/400 JSON (a 401 for a wrong
   cluster token, a 500) or an answer cut at MAX_ANSWER_BYTES is named under `unreachable` and left out.
@@ -42,6 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gradwatch.routing import ReplicaRouter
+from gradwatch.server.query_api import ambiguous_answer
 
 __all__ = ["ORDER", "Answer", "FanOut", "merge_page"]
 
@@ -56,6 +59,7 @@ MAX_ANSWER_BYTES = 64 << 20
 #: Peers asked at once (a hung peer holds a thread for FANOUT_TIMEOUT_S; healthy ones answer in milliseconds).
 FANOUT_THREADS = 16
 _RUN = "/api/v1/runs/"
+_INCIDENT = "/api/v1/incidents/"
 _LISTS = {"/api/v1/runs": "runs", "/api/v1/alerts": "alerts", "/api/v1/incidents": "incidents"}
 #: How each list is ordered once merged: each replica's own order, across replicas (runs: least recently seen
 #: first, as the store keeps them; alerts: firing ones oldest first, then resolved ones most recently resolved
@@ -91,8 +95,8 @@ class FanOut:
         if path.startswith(_RUN):
             run_id, _, what = path.removeprefix(_RUN).partition("/")
             return self.first(path, query)[0] if what else self._run(urllib.parse.unquote(run_id))
-        if path.startswith("/api/v1/incidents/"):
-            return self.first(path, query)[0]
+        if path.startswith(_INCIDENT):
+            return self.incident(path, query)[0]
         return None
 
     def lists(self, questions: Sequence[tuple[str, dict[str, list[str]]]]) -> list[tuple[int, dict[str, Any]]]:
@@ -109,10 +113,78 @@ class FanOut:
                                                            strict=True)]  # fmt: skip
 
     def first(self, path: str, query: dict[str, list[str]]) -> tuple[Response | None, list[str]]:
-        """What `path` names (one incident or its window), from the replica that holds it: this replica's own
-        answer unless it is 404, else the first peer to answer 200 (all asked at once, one deadline); with the
-        peers that did not answer (those known when the answer came). An id prefix that matches incidents on
-        two replicas gets whichever answers first: the pages and the CLI's listings give whole ids."""
+        """What `path` names (one incident or its window, a run's ranks or series), from the replica that holds
+        it, with the peers that did not answer (those known when the answer came). An incident is looked up by
+        id or prefix over every replica (`incident`); the rest: this replica's own answer unless it is 404, else
+        the first peer to answer 200 (all asked at once, one deadline)."""
+        if path.startswith(_INCIDENT):
+            return self.incident(path, query)
+        return self._holder(path, query)
+
+    def incident(self, path: str, query: dict[str, list[str]]) -> tuple[Response | None, list[str]]:
+        """/api/v1/incidents/<id>[/window] over every replica. A whole id is taken from the first replica that
+        holds it (this one first). A prefix is resolved over all of them: the one incident it matches anywhere,
+        or 409 with the candidates when it matches several (on one replica or across replicas: a prefix never
+        picks one silently); a window is then read by the whole id."""
+        quoted, _, what = path.removeprefix(_INCIDENT).partition("/")
+        wanted = urllib.parse.unquote(quoted)
+        if what not in ("", "window"):
+            return self._holder(path, query)
+        body_path = _INCIDENT + quoted
+        mine = self._local_answer(body_path, {**query, "local": ["1"]})
+        found, unreachable = (mine, []) if _incident_id(mine) == wanted else self._resolve(body_path, query, mine)
+        if not what or found is None or found[0] != 200:
+            return found, unreachable
+        whole = _incident_id(found) or wanted
+        window, more = self._holder(f"{_INCIDENT}{urllib.parse.quote(whole, safe='')}/{what}", query)
+        return window, sorted({*unreachable, *more})
+
+    def _resolve(self, path: str, query: dict[str, list[str]],
+                 mine: Response | None) -> tuple[Response | None, list[str]]:  # fmt: skip
+        """An incident id or prefix that this replica does not hold whole: every peer asked at once; the first
+        whole-id match returns at once, else all answers (one deadline) are merged: one incident, several (409),
+        or none (this replica's 404)."""
+        wanted = urllib.parse.unquote(path.removeprefix(_INCIDENT))
+        peers = self._peers()
+        futures = {self._pool.submit(self._ask, peer, path, query): peer for peer in peers}
+        found: dict[str, Response] = {}
+        candidates: set[str] = set()
+
+        def take(answer: Response | None) -> bool:  # False: not a readable 200/404/409 JSON answer
+            decoded = _decoded_any(answer)
+            if answer is None or decoded is None or decoded[0] not in (200, 404, 409):
+                return False
+            status, body = decoded
+            if status == 200 and isinstance(body.get("incident"), dict):
+                found.setdefault(str(body["incident"].get("id")), answer)
+            elif status == 409:
+                candidates.update(str(c) for c in body.get("candidates", []) if isinstance(c, str))
+            return True
+
+        take(mine)
+        failed: set[str] = set()
+        try:
+            for future in concurrent.futures.as_completed(futures, timeout=FANOUT_TIMEOUT_S + 1):
+                answer = _answer(future)
+                if not take(answer):
+                    failed.add(futures[future])
+                elif answer is not None and _incident_id(answer) == wanted:
+                    return answer, sorted(failed)  # a whole id: no other replica can hold another
+        except TimeoutError:
+            failed.update(peer for future, peer in futures.items() if not future.done())
+        finally:
+            for future in futures:
+                future.cancel()
+        unreachable = [p for p in peers if p in failed]
+        matches = candidates | set(found)
+        if len(matches) > 1:
+            return ambiguous_answer(wanted, sorted(matches), unreachable=unreachable), unreachable
+        if found:
+            return next(iter(found.values())), unreachable
+        return mine, unreachable
+
+    def _holder(self, path: str, query: dict[str, list[str]]) -> tuple[Response | None, list[str]]:
+        """This replica's answer for `path` unless it is 404, else the first peer to answer 200."""
         mine = self._local_answer(path, {**query, "local": ["1"]})
         if mine is None or mine[0] != 404:
             return mine, []
@@ -249,6 +321,15 @@ def _answer(future: concurrent.futures.Future[Response]) -> Response | None:
         log.debug("fan-out failed: %s", exc)
         return None
     return future.result()
+
+
+def _incident_id(answer: Response | None) -> str | None:
+    """The id of the incident a 200 answer of /api/v1/incidents/<id> carries; None for any other answer."""
+    decoded = _decoded_any(answer)
+    if decoded is None or decoded[0] != 200 or not isinstance(decoded[1].get("incident"), dict):
+        return None
+    ident = decoded[1]["incident"].get("id")
+    return ident if isinstance(ident, str) else None
 
 
 def _decoded(answer: Response | None) -> Answer | None:

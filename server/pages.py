@@ -5,7 +5,8 @@ Routes (GET, same shape as the query API: (path, query) -> (status, content type
                                      firing alerts (each linked to its incident), recent incidents; query
                                      `run=ID` narrows it to one run
   /incidents/<id>                    the incident's HTML report, rendered by the same code as `gradwatch report`
-                                     (gradwatch.incident_report); an unambiguous id prefix works too
+                                     (gradwatch.incident_report); an unambiguous id prefix works too, one
+                                     that matches several incidents (on any replica) is a 409 page linking each
   /incidents/latest?run=R&detector=D the latest incident of that run and detector (the link Grafana's and
                                      Prometheus' alerts carry: they know the labels, not the incident id)
 The pages show what the JSON API answers (gradwatch.server.query_api), read in-process. With `cluster.peers`
@@ -109,6 +110,8 @@ class Pages:
 
     def _incident(self, wanted: str) -> Response:
         (status, _, body), unreachable = self._first(f"/api/v1/incidents/{quote(wanted, safe='')}")
+        if status == 409:  # a prefix of several incidents: each a link to its whole id
+            return 409, HTML, _choices(wanted, json.loads(body).get("candidates", [])).encode()
         incident = json.loads(body).get("incident") if status == 200 else None
         window = None
         if isinstance(incident, dict):
@@ -278,6 +281,16 @@ def _missing(message: str) -> str:
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradwatch: not found</title>'
         f"<style>{PAGE_CSS}</style></head><body><main><h1>Not found</h1><p>{html.escape(message)}</p>"
+        '<p><a href="../">Overview</a></p></main></body></html>'
+    )
+
+
+def _choices(prefix: str, candidates: list[str]) -> str:
+    links = "".join(f'<li><a href="{quote(c, safe="")}">{html.escape(c)}</a></li>' for c in candidates)
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>gradwatch: which incident?</title>'
+        f"<style>{PAGE_CSS}</style></head><body><main><h1>Which incident?</h1><p>"
+        f"{html.escape(repr(prefix))} is the start of several incident ids:</p><ul>{links}</ul>"
         '<p><a href="../">Overview</a></p></main></body></html>'
     )
 

@@ -14,7 +14,8 @@ A run's view (in /api/v1/runs and /runs/<run>) lists its lowest RANKS_IN_VIEW (6
 restart too (its saved ranks).
   /api/v1/alerts                     query `run`, `state=firing|resolved`, `detector`, `severity`
   /api/v1/incidents                  summaries, newest first; query `run`, `detector`, `severity`, `since=UNIX_TIME`
-  /api/v1/incidents/<id>             {"incident": body}; an unambiguous id prefix (≥ 4 characters) works too
+  /api/v1/incidents/<id>             {"incident": body}; an unambiguous id prefix (≥ 4 characters) works too; a
+                                     prefix that matches several answers 409 {"error", "candidates": [ids]}
   /api/v1/incidents/<id>/window      the incident's window: a numpy .npz archive (see gradwatch.server.recorder)
 Bad query values answer 400 {"error"} naming the parameter. Run ids are URL-path-encoded by clients.
 """
@@ -28,13 +29,14 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from gradwatch.server.database import MAX_CANDIDATES, AmbiguousIncident
 from gradwatch.server.limits import BAD_QUERY
 from gradwatch.server.views import RANKS_IN_VIEW, finite_or_none, rank_views, saved_rank_views
 
 if TYPE_CHECKING:
     from gradwatch.server.app import ServerApp
 
-__all__ = ["QueryApi"]
+__all__ = ["QueryApi", "ambiguous_answer"]
 
 PREFIX = "/api/v1/"
 MAX_LIMIT = 10000
@@ -160,15 +162,23 @@ class QueryApi:
 
     def _incident(self, incident_id: str, what: str | None) -> Response | None:
         db = self._app.database
-        if what is None:
-            body = db.incident(incident_id)
-            return _json(200, {"incident": body}) if body else _json(404, {"error": f"no incident {incident_id!r}"})
-        if what != "window":
+        if what not in (None, "window"):
             return None
-        window = db.incident_window(incident_id)
-        if window is None:
+        try:
+            found: Any = db.incident(incident_id) if what is None else db.incident_window(incident_id)
+        except AmbiguousIncident as ambiguous:
+            return ambiguous_answer(incident_id, ambiguous.candidates)
+        if found is None:
             return _json(404, {"error": f"no incident {incident_id!r}"})
-        return 200, "application/octet-stream", window
+        return _json(200, {"incident": found}) if what is None else (200, "application/octet-stream", found)
+
+
+def ambiguous_answer(prefix: str, candidates: list[str], **extra: Any) -> Response:
+    """409: an id prefix that matches several incidents, with (up to MAX_CANDIDATES of) their ids."""
+    shown = sorted(candidates)[:MAX_CANDIDATES]
+    more = " and more" if len(candidates) > MAX_CANDIDATES else ""
+    error = f"incident id prefix {prefix!r} matches several incidents ({', '.join(shown)}{more}); give more of the id"
+    return _json(409, {"error": error, "candidates": shown, **extra})
 
 
 def _json(status: int, body: Any) -> Response:
