@@ -308,6 +308,20 @@ def test_poor_weight_init_fires_on_zero_layers_and_only_at_the_start() -> None:
     assert run(late, reports) == []  # the start window (5 full reports) is over
 
 
+@pytest.mark.parametrize("first_full", [1, 4])
+def test_poor_weight_init_blames_no_initialisation_after_training_ran_away(first_full: int) -> None:
+    """Reports that arrive after the rank's gradient norm ran 1000x beyond its first (a learning rate that wrecked
+    the weights in its first updates) say nothing of the initialisation, whenever the full ones come (the agent's
+    interval, or a server command after another alert). The same full reports without the runaway fire."""
+    exploding = [0.5, 3.0, 40.0, 700.0, 9e3]  # explodes with depth: 1.8e4x
+    ordinary = [dataclasses.replace(init_report(s, []), activations={}, grad_norm=norm)
+                for s, norm in ((1, 0.9), (2, 1.5), (3, 7.7e4))]  # fmt: skip
+    full = [init_report(s, exploding) for s in range(first_full + 3, first_full + 6)]
+    assert run(PoorWeightInitDetector(PoorWeightInitConfig()), ordinary + full) == []
+    calm = [dataclasses.replace(r, grad_norm=1.0) for r in ordinary]
+    assert fires(run(PoorWeightInitDetector(PoorWeightInitConfig()), calm + full))[:1] == [first_full + 4]
+
+
 def test_poor_weight_init_ignores_layers_this_rank_holds_nothing_of() -> None:
     """An FSDP2 rank's empty shard reads as all-zero weights and gradients: not a zero initialisation."""
     stds = [0.5, 0.4, 0.3, 0.3, 0.2]

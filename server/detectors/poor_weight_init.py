@@ -25,7 +25,11 @@ looks at the first 10 steps); a condition must hold on `consecutive` of them in 
 rank's first full report. An initialisation fault is there before the first update: a condition that
 appears only on a later report was made by training (a learning rate that wrecked good weights within the
 first steps makes activations explode with depth too), and blaming the initialisation would send the
-on-call engineer to the wrong place (exploding_gradient and loss_divergence judge that run).
+on-call engineer to the wrong place (exploding_gradient and loss_divergence judge that run). The agent's first
+full report comes at its interval (step 10 by default) or earlier when a server command asks for full
+statistics after another alert, so "the first full report" is not always before the damage: a rank whose
+gradient norm has already run beyond `runaway_factor` × its first (exploding_gradient's rule for a run broken
+from its first steps) starts no alert, whenever its full reports come.
 Once firing, later reports keep being judged, and the rank clears after
 `resolve_after` full reports with no condition left (training fixed the symmetry, or
 the restarted run was initialised well).
@@ -33,6 +37,7 @@ the restarted run was initialised well).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +63,13 @@ class PoorWeightInitConfig(DetectorConfig):
     max_symmetry: float = setting(
         1e-3, doc="A module's spread across units below this × its std means symmetric units.", gt=0.0, lt=1.0
     )
+    runaway_factor: float = setting(
+        1000.0,
+        doc="A rank whose gradient norm has grown beyond this × its first (a run wrecked by its first updates, as "
+        "exploding_gradient's start rule says) starts no alert: its later reports no longer show the "
+        "initialisation.",
+        gt=1.0,
+    )
     resolve_after: int = setting(5, doc="Full reports in a row with no condition before clearing.", ge=1)
 
 
@@ -69,11 +81,16 @@ class PoorWeightInitDetector:
         self._state = Hysteresis(consecutive=config.consecutive, resolve_after=config.resolve_after)
         # Per rank: which conditions have held on every full report since the rank's first.
         self._since_start: dict[int, np.ndarray] = {}
+        # Per rank: its first finite gradient norm, and whether a later one ran beyond runaway_factor × it.
+        self._first_norm: dict[int, float] = {}
+        self._ran_away: set[int] = set()
 
     def forget(self, rank: int) -> None:
-        forget_rank(rank, self._state, self._since_start)
+        forget_rank(rank, self._state, self._since_start, self._first_norm)
+        self._ran_away.discard(rank)
 
     def observe(self, report: RankReport) -> Verdict | None:
+        self._watch_runaway(report)
         acts, columns = report.activations, report.columns
         std = acts.get("std")
         grad_norm, weight_norm = columns.get("grad_norm"), columns.get("weight_norm")
@@ -82,6 +99,8 @@ class PoorWeightInitDetector:
         rank = report.rank
         if self._state.judged(rank) >= self._config.start_reports and not self._state.firing(rank):
             return None  # past the start of training: nothing new is judged
+        if rank in self._ran_away and not self._state.firing(rank):
+            return None  # training wrecked the weights before this report: it says nothing of the initialisation
         depth, depth_detail = self._depth(report)
         symmetric, spread = self._symmetric(report)
         zero = (
@@ -118,6 +137,15 @@ class PoorWeightInitDetector:
         name = report.layer_names[index - symmetric.size]
         summary = f"layer {name!r} has all-zero weights and an exactly zero gradient {at}: it cannot learn"
         return Fire(step=report.step, value=0.0, summary=summary, layer=name)
+
+    def _watch_runaway(self, report: RankReport) -> None:
+        """Every report (ordinary ones too): the rank's first gradient norm, and whether one ran away from it."""
+        norm = report.grad_norm
+        if not math.isfinite(norm) or norm <= 0.0 or report.rank in self._ran_away:
+            return
+        first = self._first_norm.setdefault(report.rank, norm)
+        if norm > self._config.runaway_factor * first:
+            self._ran_away.add(report.rank)
 
     def _depth(self, report: RankReport) -> tuple[bool, tuple[str | None, str]]:
         """Whether the hidden activations' std spans more than max_std_ratio, and what to say about it."""
@@ -160,5 +188,6 @@ SPEC = DetectorSpec(
     "units, or all-zero layers that cannot learn.",
     config_type=PoorWeightInitConfig,
     factory=lambda config: PoorWeightInitDetector(config),
-    needs=("activations", "columns"),
+    # Every report (not only full ones): the gradient norm of the rank's first steps is what a runaway is
+    # measured against, and the first full report may come after the damage.
 )
