@@ -7,12 +7,15 @@ text with structure to learn: nothing is downloaded), run it unpatched, then pat
 steps, against a `gradwatch serve` spawned for the run; report each exit code, the reports and alerts the
 server got for the patched run, and the patched run's wall time and CPU time (the program's threads, the
 agent's sender thread included) over the unpatched one's (medians over `--repeats` alternating pairs; CPU
-time is the steadier on a shared machine). Skipped: pytorch/examples mnist, mnist_hogwild and dcgan need
+time is the steadier on a shared machine). Where a program cannot run on a CPU as it stands, the few lines that
+keep it from starting are adapted in both runs alike (`Program.adapt`, e.g. distributed/FSDP2's GPU-count check).
+Skipped: pytorch/examples mnist, mnist_hogwild and dcgan need
 torchvision, which has no build for a CPU-only torch on PyPI. The programs' code is never copied into this
 repository: pass the checkouts.
 
     python bench/real_programs.py --examples PATH/pytorch-examples --nanogpt PATH/nanoGPT
-                                  [--programs wlm_lstm,wlm_transformer,nanogpt,nanogpt_compile,hf_trainer]
+                                  [--programs wlm_lstm,wlm_transformer,nanogpt,nanogpt_compile,time_sequence,
+                                   regression,fsdp2,hf_trainer]
                                   [--repeats 1] [--json out.json]
 
 `hf_trainer` needs no checkout: a Transformers `Trainer` on a tiny randomly initialised GPT-2 (its program is
@@ -66,6 +69,8 @@ class Program:
     prepare: Callable[[pathlib.Path], None]
     notes: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    #: Changes both runs need to run here at all (CPU only), applied to the plain and the patched copy alike.
+    adapt: tuple[Patch, ...] = ()
 
 
 def _sentences(count: int, seed: int) -> list[str]:
@@ -157,6 +162,23 @@ _NANOGPT_PATCHES = (
     Patch("train.py", r"^\s+scaler\.update\(\)", "_gw.step(loss.detach() * gradient_accumulation_steps)"),
 )  # fmt: skip
 
+_REGRESSION_PATCHES = (
+    Patch("main.py", r"^fc = torch\.nn\.Linear\(", "import gradwatch; _gw = gradwatch.attach(fc)"),
+    Patch("main.py", r"^\s+# Stop criterion", "_gw.step(loss)"),
+)
+#: distributed/FSDP2 on two CPU processes (gloo): its GPU-count check is bypassed and `device_id` (which must name
+#: an accelerator) is dropped from init_process_group; nothing else changes.
+_FSDP2_ADAPT = (
+    Patch("example.py", r"^\s+_min_gpu_count = 2", "verify_min_gpu_count = lambda min_gpus=2: True  # noqa"),
+    Patch("example.py", r"^\s+backend = torch\.distributed\.get_default_backend_for_device\(",
+          "_init_pg = torch.distributed.init_process_group; "
+          "torch.distributed.init_process_group = lambda backend, device_id=None: _init_pg(backend=backend)"),
+)
+_FSDP2_PATCHES = (
+    Patch("example.py", r"^\s+optim = torch\.optim\.Adam\(", "import gradwatch; _gw = gradwatch.attach(model, optim)"),
+    Patch("example.py", r"^\s+optim\.step\(\)", "_gw.step(loss.detach())"),
+)
+
 PROGRAMS: dict[str, Program] = {
     "wlm_lstm": Program("wlm_lstm", "examples", "word_language_model", ["main.py", "--model", "LSTM", *_WLM_ARGS],
                         _WLM_PATCHES, _prepare_wikitext,
@@ -177,6 +199,17 @@ PROGRAMS: dict[str, Program] = {
                               Patch("train.py", r"^\s+optimizer\.step\(closure\)", "_gw.step()")),
                              _prepare_sine, "pytorch/examples time_sequence_prediction: LSTMCells, LBFGS, closure",
                              {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}),
+    # No optimizer: the loop updates `param.data` by hand until the loss is under 1e-3; `monitor.step(loss)` gets
+    # the float of `output.item()`. Its batch losses are heavy-tailed (features up to x^4).
+    "regression": Program("regression", "examples", "regression", ["main.py"], _REGRESSION_PATCHES, lambda _: None,
+                          "pytorch/examples regression: Linear on x..x^4, manual SGD, no optimizer"),
+    # FSDP2 (fully_shard per block and root, meta-device init, clip_grad_norm_ on DTensors, DCP checkpoint) on two
+    # gloo processes under torchrun. On a CPU its loss is NaN from the first step without gradwatch too:
+    # Transformer.reset_parameters does not reset the blocks, which to_empty left uninitialised.
+    "fsdp2": Program("fsdp2", "examples", "distributed/FSDP2",
+                     ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "example.py"],
+                     _FSDP2_PATCHES, lambda _: None, "pytorch/examples distributed/FSDP2, 2 ranks, gloo",
+                     adapt=_FSDP2_ADAPT),
     "hf_trainer": Program("hf_trainer", None, ".", ["train_hf.py"],
                           (Patch("train_hf.py", r"^trainer = transformers\.Trainer\(",
                                  "from gradwatch.integrations.huggingface import GradwatchCallback; "
@@ -256,6 +289,7 @@ def run_once(program: Program, source: pathlib.Path | None, patched: bool, targe
     else:
         shutil.copytree(source / program.folder, folder)
     program.prepare(folder)
+    apply_patches(folder, program.adapt)
     if patched:
         apply_patches(folder, program.patches)
     env = {**os.environ, "GRADWATCH_SERVER": target, "GRADWATCH_RUN": run, "CUDA_VISIBLE_DEVICES": "",
