@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradwatch.server.relay_columns import Columns
+from gradwatch.server.validate import MALFORMED
 
 if TYPE_CHECKING:
     from gradwatch.server.ingest import Ingestor
     from gradwatch.server.stats import IngestStats
     from gradwatch.v1 import gradwatch_pb2 as pb
 
-__all__ = ["COALESCE_S", "MAX_RECORDS", "Coalescer"]
+__all__ = ["COALESCE_S", "MAX_RECORDS", "Coalescer", "batch_columns", "finite"]
 
 #: How long columns wait for other relays' reports of their runs (the relays' own wait is 0.25 s).
 COALESCE_S = 0.25
@@ -65,6 +66,28 @@ class _Kept:
     stream: Any
     chunks: list[Columns] = field(default_factory=list)
     seq: int = 0
+
+
+def batch_columns(batch: pb.RelayBatch, stats: IngestStats) -> Columns | None:
+    """A RelayBatch's reports packed as columns; None without (or when malformed: counted, dropped)."""
+    if not batch.HasField("columns"):
+        return None
+    try:
+        columns = Columns.of(batch.columns)
+    except ValueError:
+        stats.rejected(MALFORMED)
+        return None
+    if columns.position.size and (np.diff(columns.position.astype(np.int64)) < 0).any():
+        stats.rejected(MALFORMED)
+        return None
+    return columns
+
+
+def finite(columns: Columns) -> bool:
+    """No report of `columns` carries a non-finite value (a batch that has one is applied at once, in order)."""
+    with np.errstate(invalid="ignore"):
+        return not ((columns.non_finite != 0).any() or not np.isfinite(columns.loss).all()
+                    or not np.isfinite(columns.grad_sum_squares).all())  # fmt: skip
 
 
 def concat(chunks: list[Columns]) -> Columns:

@@ -14,7 +14,10 @@ Contract
 * RelayedIncidents (a relay's incidents, full per-layer windows) are stored as they are, marked with the relay's
   id, off the loop (a worker thread); one whose body lacks an incident's fields is dropped and counted
   (`relay_bad_incident`).
-* Each batch is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks.
+* A batch of finite columns only is kept up to COALESCE_S, so that each run's reports of every relay are applied
+  as one batch (server/relay_coalesce.py); anything else flushes what is kept and is applied at once. Each batch
+  is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks (one writer task per
+  stream writes them in order).
 * A relay stream silent for `relay.link_timeout_s` ends (`relay_link_timeout`): relays send a heartbeat
   batch every second, so only a vanished relay or a cut link is that quiet.
 * When the stream ends, every rank it held *leaves* the run (`Ingestor.close(left=True)`): a relay that moved
@@ -45,7 +48,7 @@ from gradwatch.server.auth import Grant, TokenSource, authorize
 from gradwatch.server.config import LimitsConfig, RelayConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.relay import verdict_of
-from gradwatch.server.relay_coalesce import COALESCE_S, Coalescer
+from gradwatch.server.relay_coalesce import COALESCE_S, Coalescer, batch_columns, finite
 from gradwatch.server.relay_columns import Columns
 from gradwatch.server.relay_link import DEFAULT_BATCH_ENTRIES
 from gradwatch.server.relay_sessions import HeldSessions
@@ -260,8 +263,8 @@ class RelayServicer:
     def receive_batch(self, stream: RelayStream, batch: pb.RelayBatch, grant: Grant | None) -> None:
         """Apply one RelayBatch of `stream`, or keep its columns for the next flush (server/relay_coalesce.py) when
         the batch is columns only; its Ack and Commands go to the stream's outbox once it is applied."""
-        columns = self._columns(batch) if not batch.frames and not batch.alerts else None
-        if columns is not None and len(columns) and _finite(columns):
+        columns = batch_columns(batch, self._stats) if not batch.frames and not batch.alerts else None
+        if columns is not None and len(columns) and finite(columns):
             stream.batches += 1
             stream.dropped = dict(batch.dropped)
             self._coalescer.add(stream, columns, batch.seq)
@@ -305,7 +308,7 @@ class RelayServicer:
         stream.batches += 1
         stream.dropped = dict(batch.dropped)
         commands: list[tuple[str, int, pb.Command]] = []
-        columns = self._columns(batch)
+        columns = batch_columns(batch, self._stats)
         done = 0
         for index, relayed in enumerate(batch.frames):
             if columns is not None and done < len(columns) and columns.position[done] <= index:
@@ -322,20 +325,6 @@ class RelayServicer:
             ):
                 commands.append((alert.run_id, rank, command))
         return commands
-
-    def _columns(self, batch: pb.RelayBatch) -> Columns | None:
-        """The batch's reports packed as columns; None without (or when malformed: counted, dropped)."""
-        if not batch.HasField("columns"):
-            return None
-        try:
-            columns = Columns.of(batch.columns)
-        except ValueError:
-            self._stats.rejected(MALFORMED)
-            return None
-        if columns.position.size and (np.diff(columns.position.astype(np.int64)) < 0).any():
-            self._stats.rejected(MALFORMED)
-            return None
-        return columns
 
     def _apply_columns(self, stream: RelayStream, columns: Columns, commands: list[tuple[str, int, pb.Command]]
                        ) -> None:  # fmt: skip
@@ -430,13 +419,6 @@ class RelayServicer:
     async def _reject(self, context: grpc.aio.ServicerContext, exc: FrameRejected) -> None:
         self._stats.rejected(exc.reason)
         await context.abort(exc.code, exc.message, trailing_metadata=((REASON_METADATA_KEY, exc.reason),))
-
-
-def _finite(columns: Columns) -> bool:
-    """No report of `columns` carries a non-finite value (one that does goes at once, with what came before)."""
-    with np.errstate(invalid="ignore"):
-        return not ((columns.non_finite != 0).any() or not np.isfinite(columns.loss).all()
-                    or not np.isfinite(columns.grad_sum_squares).all())  # fmt: skip
 
 
 def _incident_ok(body: Any) -> bool:
