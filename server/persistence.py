@@ -58,6 +58,7 @@ class _Saved:
     counts: dict[int, int] = field(default_factory=dict)  # rank -> ring rows saved (its report count)
     parts: dict[str, Any] = field(default_factory=dict)  # part -> key of its saved body
     restored: bool = False  # its rank rows are those saved before the restart
+    registry: tuple[Any, ...] = ()  # _registry() of the run as last written
 
 
 @dataclass
@@ -127,11 +128,19 @@ class StateKeeper:
         self._saved[run_id] = _Saved(counts=counts, parts=keys, restored=True)
 
     def on_join(self, run: RunState) -> None:
+        """Write the run's row when the Hello made it new or changed what the registry holds of it (job, world
+        size, protocol, finish); another rank's Hello of a saved run is progress, written by the next checkpoint
+        (a run of many ranks would otherwise write its whole view once per rank joining)."""
+        saved = self._saved.get(run.run_id)
         with self._store.lock:
+            registry = _registry(run)
+            if saved is not None and saved.registry == registry:
+                return
             record = _record(run)
             progress = _progress(run)
-        self._guard(self._db.put_run, record)
-        self._saved.setdefault(run.run_id, _Saved()).progress = progress
+        if self._guard(self._db.put_run, record):
+            saved = self._saved.setdefault(run.run_id, _Saved())
+            saved.progress, saved.registry = progress, registry
 
     def on_alert(self, alert: Alert) -> None:
         self._guard(self._db.put_alert, alert)
@@ -150,6 +159,7 @@ class StateKeeper:
                 if saved.restored and m.run.restored_summary is None:
                     saved.restored, saved.ranks = False, {}
                 saved.progress = m.progress
+                saved.registry = _registry(m.run)
                 saved.ranks.update(m.ranks)
                 saved.counts.update((rank, stop) for rank, _, stop, _ in m.series)
                 saved.parts.update(m.parts)
@@ -206,6 +216,11 @@ class StateKeeper:
                 log.exception("could not write to the database %s; further failures are counted", self._db.path)
             return False
         return True
+
+
+def _registry(run: RunState) -> tuple[Any, ...]:
+    """What a Hello can change of a run's row besides its progress."""
+    return (run.job_name, run.world_size, run.protocol_version, run.finished_at, run.detector_settings is not None)
 
 
 def _progress(run: RunState) -> tuple[Any, ...]:
