@@ -340,3 +340,17 @@ def test_a_run_over_three_relays_is_applied_as_one_batch_per_flush() -> None:
     assert sorted(kept_events) == sorted(one_events)
     fired = {(d, r) for d, state, ranks, _, _ in kept_events if state == "firing" for r in ranks}
     assert {("rank_divergence", 2), ("replica_mismatch", 1), ("straggler", 4), ("stalled", 5)} <= fired
+
+
+def test_after_a_nan_the_run_stays_on_the_batch_path_and_the_rank_clears_as_one_report_at_a_time() -> None:
+    """A rank that fired non_finite counts finite reports towards its clear inside batches (it used to send its
+    whole run one report at a time until it cleared)."""
+    plan = Plan(world=5, steps=40, seed=7, nan=(1, 4), divergent=None, slow=None, silent=None, checksum_every=0,
+                mismatch=None, restart=None, gaps=frozenset(), swaps=frozenset(), dups=frozenset(), reconnect=None,
+                sizes=[20])  # fmt: skip
+    _, one_events = feed_streams(plan, coalesce=False, relays=2)
+    kept, kept_events = feed_streams(plan, coalesce=True, relays=2)
+    assert kept_events == one_events
+    assert [(d, s) for d, s, *_ in kept_events if d == "non_finite"] == [("non_finite", "firing"),
+                                                                         ("non_finite", "resolved")]  # fmt: skip
+    assert kept.ingestor.batched > 0.7 * sum(kept.store.get(RUN).table.reports)
