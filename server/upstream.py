@@ -286,12 +286,16 @@ class RelayServicer:
         stream.wake.set()
 
     async def _write_forever(self, stream: RelayStream, context: grpc.aio.ServicerContext) -> None:
-        """The stream's only writer after its Welcome: replies in the order they were queued."""
-        while True:
-            while stream.outbox:
-                await context.write(stream.outbox.popleft())
-            stream.wake.clear()
-            await stream.wake.wait()
+        """The stream's only writer after its Welcome: replies in the order they were queued. A write that fails
+        (the relay went away) ends it; the reader sees the stream end."""
+        try:
+            while True:
+                while stream.outbox:
+                    await context.write(stream.outbox.popleft())
+                stream.wake.clear()
+                await stream.wake.wait()
+        except (grpc.RpcError, RuntimeError, ConnectionError) as exc:
+            log.debug("relay %r: reply not written: %s", stream.relay_id, exc)
 
     async def _flush_forever(self) -> None:
         """Flush kept columns once they are COALESCE_S old, while relays are connected."""
