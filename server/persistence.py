@@ -9,8 +9,9 @@ after a restart, so every /api/v1 answer and every run-state gauge of /metrics r
   array (the `latest` part: step, loss, times, report count, pace, the session's applied seq), the report rows
   each rank appended since the last checkpoint, and, when they changed, its per-layer aggregates and global
   gradient norms; then every firing alert (ranks that joined it). A rank reporting every step costs its new
-  rows and one row of the `latest` array, not a JSON view per checkpoint. The store's lock is held only to take reader copies and the new ring rows
-  (O(ranks + new rows)); views and JSON are built after it is released, and everything is one transaction.
+  rows and one row of the `latest` array, not a JSON view per checkpoint. The store's lock is held only to
+  take reader copies and the new ring rows (O(ranks + new rows)); views and JSON are built after it is
+  released, and everything is one transaction.
   Bounded: a rank's series keep its ring's length (limits.ring_length; older chunks pruned), ranks and
   parts live and die with their run's registry row.
 * `restore()`: at start-up, before the server listens: incidents left `recording` become `interrupted`
