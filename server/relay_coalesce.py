@@ -202,5 +202,5 @@ class Coalescer:
         if found:
             first = group[0]
             run_id = first.stream.table.sessions[first.rows[0]].hello.run_id
-            for rank, command in found:
-                out[id(by_rank.get(rank, first.stream))].append((run_id, rank, command))
+            for number, command in found:
+                out[id(by_rank.get(number, first.stream))].append((run_id, number, command))
