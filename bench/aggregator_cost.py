@@ -7,10 +7,12 @@ compacts them: no per-layer columns), step after step, in batches of the relay l
 handler's batch path (`RelayServicer.apply_batch`). The batches are packed by the relay's own code
 (`server.relay_link.pack_entries`). Measured: thread CPU time per record over the measured steps (the warm-up
 steps, which fill the detectors' windows, excluded); median and range over `--repeat` invocations, each in a
-fresh App. `--path records` sends every report as a RelayedFrame (sessions without refs): the per-record path, as
-before relayed columns; `--path columns` packs them as RelayedColumns; `both` (the default) measures the two side
-by side, alternating per size. With `--wire` the batches are also serialised and parsed (what the gRPC link adds
-besides HTTP/2).
+fresh App. `--path records` sends every report as a RelayedFrame (sessions without refs): the per-record path,
+as before relayed columns; `--path columns` packs them as RelayedColumns; `both` (the default) measures the two
+side by side, alternating per size. With `--wire` the batches are also serialised and parsed (what the gRPC link
+adds besides HTTP/2). `--upkeep` adds, after each step of every rank, what the server does once a second besides
+applying records (a tick of the cross-rank detectors; the persist pass: the checkpoint of every run into the
+app's in-memory SQLite), timed apart, per record.
 
     python bench/aggregator_cost.py --ranks 512,2048,16384 --steps 8 --warmup 24 --repeat 3
 """
@@ -70,8 +72,8 @@ def _factory(layers: int) -> FrameFactory:
     return FrameFactory(layers, 10)
 
 
-def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: bool, profile: bool = False
-        ) -> dict[str, Any]:  # fmt: skip
+def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: bool, profile: bool = False,
+        with_upkeep: bool = False) -> dict[str, Any]:  # fmt: skip
     app = ServerApp()
     servicer = app.relays
     assert servicer is not None
@@ -91,20 +93,30 @@ def one(ranks: int, steps: int, warmup: int, layers: int, columns: bool, wire: b
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
+    upkeep = {"tick": 0.0, "persist": 0.0}
+    sent = 0
     started = time.thread_time()
-    if raw is not None:
-        for data in raw:
-            servicer.apply_batch(stream, pb.RelayFrame(batch=pb.RelayBatch.FromString(data)).batch, None)
-    else:
-        for batch in measured:
-            servicer.apply_batch(stream, batch, None)
-    cpu = time.thread_time() - started
+    for i, batch in enumerate(measured):
+        if raw is not None:
+            batch = pb.RelayFrame(batch=pb.RelayBatch.FromString(raw[i])).batch
+        servicer.apply_batch(stream, batch, None)
+        sent += len(batch.frames) + len(batch.columns.seq) // 8
+        if with_upkeep and sent >= ranks:  # a step of every rank: what the server does once a second besides
+            sent -= ranks
+            at = time.thread_time()
+            app.ingestor.tick()
+            upkeep["tick"] += time.thread_time() - at
+            at = time.thread_time()
+            app.persist()  # the checkpoint of every run, incident closing, pruning when due
+            upkeep["persist"] += time.thread_time() - at
+    cpu = time.thread_time() - started - sum(upkeep.values())
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     records = ranks * steps
     firing = sorted(d for _, d in app.alert_book.firing_detectors())
-    return {"ranks": ranks, "records": records, "us_per_record": cpu / records * 1e6, "firing": firing}
+    return {"ranks": ranks, "records": records, "us_per_record": cpu / records * 1e6, "firing": firing,
+            **{f"{part}_us_per_record": spent / records * 1e6 for part, spent in upkeep.items()}}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--wire", action="store_true", help="serialise and parse every batch as the link does")
     parser.add_argument("--profile", action="store_true", help="cProfile the measured batches (stderr)")
+    parser.add_argument("--upkeep", action="store_true",
+                        help="after each step of every rank, a tick and a checkpoint (the server's per-second work), "
+                             "timed apart")  # fmt: skip
     parser.add_argument("--batch-entries", type=int, default=DEFAULT_BATCH_ENTRIES, help="entries per batch")
     args = parser.parse_args(argv)
     BATCH[0] = args.batch_entries
@@ -129,15 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for ranks in (int(r) for r in args.ranks.split(",")):
         for path in paths:
-            runs = [one(ranks, args.steps, args.warmup, args.layers, path == "columns", args.wire, args.profile)
-                    for _ in range(args.repeat)]  # fmt: skip
+            runs = [one(ranks, args.steps, args.warmup, args.layers, path == "columns", args.wire, args.profile,
+                        args.upkeep) for _ in range(args.repeat)]  # fmt: skip
             us = [r["us_per_record"] for r in runs]
             row = {"ranks": ranks, "path": path, "median_us": statistics.median(us), "min_us": min(us),
                    "max_us": max(us), "runs_us": us, "firing": runs[0]["firing"]}  # fmt: skip
+            for part in ("tick", "persist"):
+                if args.upkeep:
+                    row[f"{part}_us"] = [r[f"{part}_us_per_record"] for r in runs]
             results.append(row)
             print(
                 f"{ranks:>6} ranks  {path:<7}  {row['median_us']:8.1f} µs/record (range {min(us):.1f}–"
-                f"{max(us):.1f}, {args.repeat} runs)  firing: {row['firing']}",
+                f"{max(us):.1f}, {args.repeat} runs)  firing: {row['firing']}"
+                + "".join(f"  {p} {statistics.median(row[p + '_us']):.1f} µs/record" for p in ("tick", "persist")
+                          if p + "_us" in row),
                 file=sys.stderr,
                 flush=True,
             )

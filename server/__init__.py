@@ -5,7 +5,8 @@ Module map (dependencies point down the list):
   grpc_service  gradwatch.v1.Ingest on grpc.aio (raw-bytes handlers), health, reflection
   relay         two tiers, relay side (`serve --upstream`): the forwarder of compact records, per-rank verdicts
                 and incidents with its bounded buffer; relay_link: one upstream link (stream, batches, acks)
-  upstream      two tiers, aggregator side: the Ingest.Relay handler, relayed sessions, the relay limit
+  upstream      two tiers, aggregator side: the Ingest.Relay handler, relayed sessions, the relay limit;
+                relay_coalesce: every relay's columns kept briefly and applied per run as one batch
   relay_columns relayed reports as packed columns (RelayedColumns): packed by a link, read with numpy;
                 relay_sessions: an aggregator stream's sessions as arrays (checks, duplicates); ingest_batch:
                 relayed columns of a run applied as one batch; step_pending: per-step bookkeeping for batches

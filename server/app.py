@@ -443,6 +443,8 @@ class ServerApp:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
+            if self.relays is not None:
+                self.relays.flush()  # relayed columns kept for their runs' batches (server/relay_coalesce.py)
             self.ingestor.sweep()
             if self.relays is not None:
                 self.relays.sweep()
@@ -457,6 +459,8 @@ class ServerApp:
         """Cross-rank detectors judge every run each TICK_INTERVAL_S, so a hang is seen while nothing arrives."""
         while True:
             await asyncio.sleep(TICK_INTERVAL_S)
+            if self.relays is not None:
+                self.relays.flush()  # ticks judge every report that arrived
             self.ingestor.tick()
 
     async def _stop_grpc(self, grace: float) -> None:

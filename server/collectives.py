@@ -200,13 +200,12 @@ class CollectiveBoard:
     # ------------------------------------------------------------------ readers
 
     def between_time(self) -> np.ndarray:
-        """Median recent between-collective time per rank (NaN where the rank never sent one)."""
-        out = np.full(self.size, np.nan)
-        has = self._between_count > 0
-        if has.any():
-            rows = np.where(np.arange(BETWEEN_WINDOW) < self._between_count[:, None], self._between, np.nan)
-            out[has] = np.nanmedian(rows[has], axis=1)
-        return out
+        """Median recent between-collective time per rank (NaN where the rank never sent one): np.nanmedian's
+        values, from one sort (server/detectors/robust.py) rather than its masked-array path for short rows."""
+        from gradwatch.server.detectors.robust import nanmedian_columns  # here: the detectors import this module
+
+        rows = np.where(np.arange(BETWEEN_WINDOW) < self._between_count[:, None], self._between, np.nan)
+        return nanmedian_columns(rows.T)
 
     # ------------------------------------------------------------------ internals
 

@@ -9,7 +9,8 @@ Contract
   a run's Hello, an alert's fire and resolve transitions, an incident opening and
   closing. Progress (a run's latest step, the ranks of a firing alert) is checkpointed
   by the app every sweep.
-* A run's ranks (their API views, one row each), each rank's report ring (the rows appended since the
+* A run's ranks (their API views, one row each, rewritten when more than their moving fields changed; those are
+  the run's `latest` part), each rank's report ring (the rows appended since the
   previous checkpoint, one chunk per rank and checkpoint, numbered by the rank's report count) and its
   per-layer aggregates and global gradient norms (`run_parts`) are written by `checkpoint()`, so a restored
   run answers /api/v1 and /metrics as before the restart (gradwatch.server.persistence).

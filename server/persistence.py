@@ -4,15 +4,20 @@ after a restart, so every /api/v1 answer and every run-state gauge of /metrics r
 * `on_join(run)`: a Hello registered (or refreshed) a run: written at once.
 * `on_alert(alert)`: an AlertBook listener; every fire and resolve transition is written at once.
 * `checkpoint()`: every sweep, on the persist thread: for each run whose state moved, its record (the run's
-  API view), the views of the ranks that moved, the report rows each rank appended since the last
-  checkpoint, and, when they changed, its per-layer aggregates and global gradient norms; then every firing
-  alert (ranks that joined it). The store's lock is held only to take reader copies and the new ring rows
-  (O(ranks + new rows)); views and JSON are built after it is released, and everything is one transaction.
+  API view), the views of the ranks whose view changed beyond what moves with every report (a session, a
+  goodbye, a connection, drops, a non-finite loss, the agent's cadence), the moving fields of every rank as one
+  array (the `latest` part: step, loss, times, report count, pace, the session's applied seq), the report rows
+  each rank appended since the last checkpoint, and, when they changed, its per-layer aggregates and global
+  gradient norms; then every firing alert (ranks that joined it). A rank reporting every step costs its new
+  rows and one row of the `latest` array, not a JSON view per checkpoint. The store's lock is held only to
+  take reader copies and the new ring rows (O(ranks + new rows)); views and JSON are built after it is
+  released, and everything is one transaction.
   Bounded: a rank's series keep its ring's length (limits.ring_length; older chunks pruned), ranks and
   parts live and die with their run's registry row.
 * `restore()`: at start-up, before the server listens: incidents left `recording` become `interrupted`
   (they keep the window before their alert); the most recently seen runs (up to limits.max_runs)
-  re-enter the store without live ranks: their saved rank views (every rank, paginated like a live run's),
+  re-enter the store without live ranks: their saved rank views (every rank, paginated like a live run's;
+  brought up to the `latest` part),
   each rank's latest values and report ring (RunState.restored_ranks, up to limits.max_ranks_total ranks)
   and layer aggregates answer until an agent is back; a rank that comes back continues its ring. The alerts
   that were firing re-open in the AlertBook with their original start time and provenance; resolved ones
@@ -28,6 +33,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +52,13 @@ log = logging.getLogger(__name__)
 
 #: The dtype of a global gradient norm row in the `global` part.
 GLOBAL_DTYPE = np.dtype([("step", "<i8"), ("norm", "<f8")])
+#: What moves in a rank's view with each report or heartbeat, saved for every rank of a run as one array (the
+#: `latest` part; NaN: None) rather than in the rank's row, which is rewritten only when the rest of its view
+#: changes (a session, a goodbye, a connection, drops...). `seq`: the highest applied seq of its session.
+_MOVING = ("step", "last_report_at", "last_heartbeat_at", "last_finite_loss", "last_finite_loss_step", "grad_norm",
+           "step_duration", "step_time_s", "pre_forward_s")  # fmt: skip
+LATEST_DTYPE = np.dtype([("rank", "<i8"), ("seq", "<i8"), ("reports", "<i8"), *((f, "<f8") for f in _MOVING)])
+_INTEGRAL = frozenset({"step", "last_finite_loss_step"})
 _NO_SCHEMA = SchemaEntry((), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
@@ -58,6 +71,7 @@ class _Saved:
     counts: dict[int, int] = field(default_factory=dict)  # rank -> ring rows saved (its report count)
     parts: dict[str, Any] = field(default_factory=dict)  # part -> key of its saved body
     restored: bool = False  # its rank rows are those saved before the restart
+    registry: tuple[Any, ...] = ()  # _registry() of the run as last written
 
 
 @dataclass
@@ -97,6 +111,9 @@ class StateKeeper:
     def _restore_run(self, row: dict[str, Any]) -> None:
         run_id = row["run_id"]
         saved_ranks = self._db.run_ranks(run_id)
+        parts = self._db.run_parts(run_id)
+        if "latest" in parts:
+            _with_latest(saved_ranks, parts["latest"])
         views = [r["view"] for r in saved_ranks]
         if views:
             row["summary"]["ranks"] = views
@@ -110,7 +127,6 @@ class StateKeeper:
                 log.warning("run %r: a saved rank is unreadable; its gauges and series are left out", run_id)
                 continue
             ranks[rank.rank] = rank
-        parts = self._db.run_parts(run_id)
         run = self._store.restore(row, ranks)
         with self._store.lock:
             latest = row["summary"].get("global_grad_norm")
@@ -127,11 +143,19 @@ class StateKeeper:
         self._saved[run_id] = _Saved(counts=counts, parts=keys, restored=True)
 
     def on_join(self, run: RunState) -> None:
+        """Write the run's row when the Hello made it new or changed what the registry holds of it (job, world
+        size, protocol, finish); another rank's Hello of a saved run is progress, written by the next checkpoint
+        (a run of many ranks would otherwise write its whole view once per rank joining)."""
+        saved = self._saved.get(run.run_id)
         with self._store.lock:
+            registry = _registry(run)
+            if saved is not None and saved.registry == registry:
+                return
             record = _record(run)
             progress = _progress(run)
-        self._guard(self._db.put_run, record)
-        self._saved.setdefault(run.run_id, _Saved()).progress = progress
+        if self._guard(self._db.put_run, record):
+            saved = self._saved.setdefault(run.run_id, _Saved())
+            saved.progress, saved.registry = progress, registry
 
     def on_alert(self, alert: Alert) -> None:
         self._guard(self._db.put_alert, alert)
@@ -150,6 +174,7 @@ class StateKeeper:
                 if saved.restored and m.run.restored_summary is None:
                     saved.restored, saved.ranks = False, {}
                 saved.progress = m.progress
+                saved.registry = _registry(m.run)
                 saved.ranks.update(m.ranks)
                 saved.counts.update((rank, stop) for rank, _, stop, _ in m.series)
                 saved.parts.update(m.parts)
@@ -163,17 +188,22 @@ class StateKeeper:
         """What moved in `run` since the last checkpoint (store lock held): keys, new ring rows, a reader copy."""
         saved = self._saved.get(run.run_id) or _Saved()
         progress = _progress(run)
-        keys = {n: _rank_key(s) for n, s in run.ranks.items()}
+        table = run.table
+        groups, sizes = table.replica_group.tolist(), table.replica_group_size.tolist()
+        keys = {n: _view_key(s, (groups[n], sizes[n]) if n < table.size else None) for n, s in run.ranks.items()}
         ranks = {n: k for n, k in keys.items() if saved.ranks.get(n) != k or saved.restored}
         sessions = {n: list(run.ranks[n].sessions.items()) for n in ranks}
         series = []
+        counts = {n: state.ring.count for n, state in run.ranks.items()}
         for n, state in run.ranks.items():
-            new = state.ring.count - saved.counts.get(n, 0)
+            new = counts[n] - saved.counts.get(n, 0)
             if new > 0:
                 rows = state.ring.last(new)
-                series.append((n, state.ring.count - len(rows), state.ring.count, rows))
-        parts = {"layers": tuple(s.columns_step for s in run.ranks.values()), "global": _global_key(run)}
-        parts = {p: k for p, k in parts.items() if saved.parts.get(p) != k and not (p == "layers" and not run.ranks)}
+                series.append((n, counts[n] - len(rows), counts[n], rows))
+        parts = {"layers": tuple(s.columns_step for s in run.ranks.values()), "global": _global_key(run),
+                 "latest": (len(counts), sum(counts.values()),
+                            sum(s.last_heartbeat_at or 0.0 for s in run.ranks.values()))}  # fmt: skip
+        parts = {p: k for p, k in parts.items() if saved.parts.get(p) != k and not (p != "global" and not run.ranks)}
         if progress == saved.progress and not ranks and not series and not parts:
             return None
         return _Moved(run.reader_copy(), progress, ranks, sessions, series, parts)
@@ -195,6 +225,8 @@ class StateKeeper:
         if "global" in m.parts:
             rows = np.array(list(run.global_grad_norms), dtype=GLOBAL_DTYPE)
             batch.parts.append((run_id, "global", rows.tobytes()))
+        if "latest" in m.parts:
+            batch.parts.append((run_id, "latest", _latest(run).tobytes()))
 
     def _guard(self, write: Any, value: Any) -> bool:
         try:
@@ -208,16 +240,71 @@ class StateKeeper:
         return True
 
 
+def _registry(run: RunState) -> tuple[Any, ...]:
+    """What a Hello can change of a run's row besides its progress."""
+    return (run.job_name, run.world_size, run.protocol_version, run.finished_at, run.detector_settings is not None)
+
+
 def _progress(run: RunState) -> tuple[Any, ...]:
     steps = tuple(sorted((r, s.last_step) for r, s in run.ranks.items()))
     triggers = sum(run.detector_triggers.values())  # a tick's finding (stalled) moves no step
     return (run.last_seen, run.finished_at, run.world_size, steps, triggers, len(run.events), run.global_grad_norm_step)
 
 
-def _rank_key(state: RankState) -> tuple[Any, ...]:
-    """Changes whenever the rank's view can (a report, a heartbeat, a Hello, a Goodbye, a disconnect)."""
-    return (state.ring.count, state.last_heartbeat_at, state.session_id, state.said_goodbye, state.open_streams > 0,
-            len(state.dropped))  # fmt: skip
+def _view_key(state: RankState, group: tuple[int, int] | None) -> tuple[Any, ...]:
+    """Changes whenever the rank's view can, but for its moving fields (the `latest` part): a Hello, a Goodbye, a
+    disconnect, drops, a non-finite loss, the agent's cadence. `group`: its replica group and size."""
+    return (state.session_id, state.said_goodbye, state.open_streams > 0, tuple(state.dropped.items()),
+            state.loss_non_finite, state.full_stats_interval, state.full_stats_interval_in_force, state.over_budget,
+            len(state.schema.names), group)  # fmt: skip
+
+
+def _latest(run: RunState) -> np.ndarray:
+    """The moving fields of every rank of `run` (a reader copy), as LATEST_DTYPE rows by rank."""
+    numbers = sorted(run.ranks)
+    rows = np.zeros(len(numbers), dtype=LATEST_DTYPE)
+    states = [run.ranks[n] for n in numbers]
+    rows["rank"] = numbers
+    rows["seq"] = [s.sessions.get(s.session_id, 0) for s in states]
+    rows["reports"] = [s.ring.count for s in states]
+    nan = float("nan")
+    for field_name, attribute in (("step", "last_step"), ("last_report_at", "last_report_at"),
+                                  ("last_heartbeat_at", "last_heartbeat_at"), ("last_finite_loss", "last_loss"),
+                                  ("last_finite_loss_step", "last_finite_loss_step"), ("grad_norm", "last_grad_norm"),
+                                  ("step_duration", "last_step_duration")):  # fmt: skip
+        rows[field_name] = [nan if (v := getattr(s, attribute)) is None else v for s in states]
+    table = run.table
+    inside = rows["rank"] < table.size
+    for field_name, medians in (("step_time_s", table.step_time()), ("pre_forward_s", table.pre_forward_time())):
+        rows[field_name] = nan
+        rows[field_name][inside] = medians[rows["rank"][inside]]
+    return rows
+
+
+def _with_latest(views: list[dict[str, Any]], latest: bytes) -> None:
+    """Saved rank rows ({"view", "sessions"}) brought up to the `latest` part's moving fields (in place)."""
+    rows = np.frombuffer(latest, dtype=LATEST_DTYPE) if len(latest) % LATEST_DTYPE.itemsize == 0 else None
+    if rows is None:  # written by a server of another version
+        return
+    by_rank = {int(r): i for i, r in enumerate(rows["rank"].tolist())}
+    for saved in views:
+        view = saved["view"]
+        at = by_rank.get(view.get("rank"))
+        if at is None:
+            continue
+        row = rows[at]
+        for name in _MOVING:
+            if name in ("step_time_s", "pre_forward_s") and name not in view:
+                continue  # a rank beyond the rank table has no timing
+            value = float(row[name])
+            view[name] = None if not math.isfinite(value) else int(value) if name in _INTEGRAL else value
+        view["loss"] = view["last_finite_loss"] if view.get("loss_non_finite") is None else None
+        view["reports"] = int(row["reports"])
+        sessions = dict(saved.get("sessions", []))
+        sid = view.get("session_id")
+        if sid is not None and int(row["seq"]) > sessions.get(sid, 0):
+            sessions[sid] = int(row["seq"])
+            saved["sessions"] = [[k, v] for k, v in sessions.items()]
 
 
 def _global_key(run: RunState) -> tuple[Any, ...]:

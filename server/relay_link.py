@@ -69,9 +69,10 @@ class Entry:
     urgent: bool = False
 
 
-def pack_entries(entries: Sequence[Entry], *, columns: bool) -> pb.RelayBatch:
+def pack_entries(entries: Sequence[Entry], *, columns: bool, min_columns: int = MIN_COLUMN_REPORTS) -> pb.RelayBatch:
     """Frames and alerts of `entries` (no incident), in order, as one batch whose seq is the last entry's. With
-    `columns` (the aggregator takes them) every report that can travel as columns does (server/relay_columns.py)."""
+    `columns` (the aggregator takes them) every report that can travel as columns does (server/relay_columns.py),
+    when at least `min_columns` can."""
     batch = pb.RelayBatch(seq=entries[-1].seq if entries else 0)
     reports: list[tuple[int, int, pb.AgentFrame]] = []
     frames: list[pb.RelayedFrame] = []
@@ -85,7 +86,7 @@ def pack_entries(entries: Sequence[Entry], *, columns: bool) -> pb.RelayBatch:
                 frames.append(relayed)
         if entry.alert is not None:
             batch.alerts.append(entry.alert)
-    if len(reports) < MIN_COLUMN_REPORTS:  # too few to pay for a batch: frames, in their places
+    if len(reports) < min_columns:  # too few to pay for a batch: frames, in their places
         return pack_entries(entries, columns=False) if reports else _with_frames(batch, frames)
     batch.frames.extend(frames)
     batch.columns.CopyFrom(pack(reports))

@@ -172,7 +172,8 @@ class RingTable:
     def _fit(self, ranks: int, rows: int) -> None:
         """Room for `ranks` rings and, below capacity, `rows` rows each (no ring has wrapped before that)."""
         extra = ranks - self.data.shape[0]
-        if extra > 0:
+        if extra > 0:  # room for twice the ranks: ranks joining one by one cost O(ranks) in all, not O(ranks²)
+            extra = max(extra, self.data.shape[0])
             self.data = np.concatenate([self.data, np.zeros((extra, self.data.shape[1]), dtype=self.data.dtype)])
             self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
             self.base = np.concatenate([self.base, np.zeros(extra, dtype=np.int64)])

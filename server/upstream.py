@@ -14,7 +14,10 @@ Contract
 * RelayedIncidents (a relay's incidents, full per-layer windows) are stored as they are, marked with the relay's
   id, off the loop (a worker thread); one whose body lacks an incident's fields is dropped and counted
   (`relay_bad_incident`).
-* Each batch is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks.
+* A batch of finite columns only is kept up to COALESCE_S, so that each run's reports of every relay are applied
+  as one batch (server/relay_coalesce.py); anything else flushes what is kept and is applied at once. Each batch
+  is acknowledged by its `seq` once applied, followed by the Commands for the relay's ranks (one writer task per
+  stream writes them in order).
 * A relay stream silent for `relay.link_timeout_s` ends (`relay_link_timeout`): relays send a heartbeat
   batch every second, so only a vanished relay or a cut link is that quiet.
 * When the stream ends, every rank it held *leaves* the run (`Ingestor.close(left=True)`): a relay that moved
@@ -28,6 +31,7 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -44,6 +48,7 @@ from gradwatch.server.auth import Grant, TokenSource, authorize
 from gradwatch.server.config import LimitsConfig, RelayConfig
 from gradwatch.server.ingest import Ingestor, Session
 from gradwatch.server.relay import verdict_of
+from gradwatch.server.relay_coalesce import COALESCE_S, Coalescer, batch_columns, finite
 from gradwatch.server.relay_columns import Columns
 from gradwatch.server.relay_link import DEFAULT_BATCH_ENTRIES
 from gradwatch.server.relay_sessions import HeldSessions
@@ -89,6 +94,9 @@ class RelayStream:
     dropped: dict[str, int] = field(default_factory=dict)
     #: The sessions RelayedColumns name by their RelayedFrame.ref, as arrays.
     table: HeldSessions = field(default_factory=HeldSessions)
+    #: Replies (Acks, Commands) waiting for the stream's writer, in order; `wake` is set when one is added.
+    outbox: collections.deque[pb.RelayReply] = field(default_factory=collections.deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class RelayServicer:
@@ -116,6 +124,8 @@ class RelayServicer:
         self._clock = clock
         self._ids = itertools.count(1)
         self._streams: dict[int, RelayStream] = {}
+        self._coalescer = Coalescer(ingestor, stats, RELAY_UNKNOWN_SESSION, self._one_by_one)
+        self._flusher: asyncio.Future[None] | None = None
         #: run -> when its last relayed rank left (candidates for a hand-over).
         self._left: dict[str, float] = {}
 
@@ -188,6 +198,9 @@ class RelayServicer:
         key = next(self._ids)
         stream = self._streams[key] = RelayStream(hello.hello.relay_id[:256], context.peer(), self._clock())
         log.info("relay %r connected from %s", stream.relay_id, stream.peer)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_forever())
+        writer = None
         try:
             await context.write(
                 pb.RelayReply(
@@ -199,21 +212,20 @@ class RelayServicer:
                     )
                 )
             )
+            writer = asyncio.ensure_future(self._write_forever(stream, context))
             while True:
                 frame = await self._read(context)
                 if frame is None:
                     return
                 if frame.WhichOneof("body") != "batch":
                     continue
-                commands = self.apply_batch(stream, frame.batch, grant)
                 for incident in frame.batch.incidents:
                     await self._incident(stream, incident)
-                await context.write(pb.RelayReply(ack=pb.Ack(seq=frame.batch.seq)))
-                for run_id, rank, command in commands:
-                    await context.write(
-                        pb.RelayReply(command=pb.RelayedCommand(run_id=run_id, rank=rank, command=command))
-                    )
+                self.receive_batch(stream, frame.batch, grant)
         finally:
+            if writer is not None:
+                writer.cancel()
+            self.flush()  # what the stream brought is applied before its ranks leave
             del self._streams[key]
             stream.table.push_all()
             for held in stream.sessions.values():
@@ -248,6 +260,50 @@ class RelayServicer:
                 log.info("run %r handed over: every rank left with its relay (it moved to another replica)", run_id)
         return handed
 
+    def receive_batch(self, stream: RelayStream, batch: pb.RelayBatch, grant: Grant | None) -> None:
+        """Apply one RelayBatch of `stream`, or keep its columns for the next flush (server/relay_coalesce.py) when
+        the batch is columns only; its Ack and Commands go to the stream's outbox once it is applied."""
+        columns = batch_columns(batch, self._stats) if not batch.frames and not batch.alerts else None
+        if columns is not None and len(columns) and finite(columns):
+            stream.batches += 1
+            stream.dropped = dict(batch.dropped)
+            self._coalescer.add(stream, columns, batch.seq)
+            if self._coalescer.due():
+                self.flush()
+            return
+        self.flush()  # kept columns first: every rank's reports in its relay's order
+        self._reply(stream, batch.seq, self.apply_batch(stream, batch, grant))
+
+    def flush(self) -> None:
+        """Apply every relay's kept columns and acknowledge their batches (before ticks, sweeps, other frames)."""
+        for stream, seq, commands in self._coalescer.flush():
+            self._reply(stream, seq, commands)
+
+    def _reply(self, stream: RelayStream, seq: int, commands: list[tuple[str, int, pb.Command]]) -> None:
+        stream.outbox.append(pb.RelayReply(ack=pb.Ack(seq=seq)))
+        stream.outbox.extend(pb.RelayReply(command=pb.RelayedCommand(run_id=run_id, rank=rank, command=command))
+                             for run_id, rank, command in commands)  # fmt: skip
+        stream.wake.set()
+
+    async def _write_forever(self, stream: RelayStream, context: grpc.aio.ServicerContext) -> None:
+        """The stream's only writer after its Welcome: replies in the order they were queued. A write that fails
+        (the relay went away) ends it; the reader sees the stream end."""
+        try:
+            while True:
+                while stream.outbox:
+                    await context.write(stream.outbox.popleft())
+                stream.wake.clear()
+                await stream.wake.wait()
+        except Exception as exc:  # grpc.aio's errors for a finished call vary by version
+            log.debug("relay %r: reply not written: %s", stream.relay_id, exc)
+
+    async def _flush_forever(self) -> None:
+        """Flush kept columns once they are COALESCE_S old, while relays are connected."""
+        while self._streams or len(self._coalescer):
+            await asyncio.sleep(COALESCE_S / 4)
+            if self._coalescer.due():
+                self.flush()
+
     def apply_batch(
         self, stream: RelayStream, batch: pb.RelayBatch, grant: Grant | None
     ) -> list[tuple[str, int, pb.Command]]:
@@ -256,7 +312,7 @@ class RelayServicer:
         stream.batches += 1
         stream.dropped = dict(batch.dropped)
         commands: list[tuple[str, int, pb.Command]] = []
-        columns = self._columns(batch)
+        columns = batch_columns(batch, self._stats)
         done = 0
         for index, relayed in enumerate(batch.frames):
             if columns is not None and done < len(columns) and columns.position[done] <= index:
@@ -274,55 +330,11 @@ class RelayServicer:
                 commands.append((alert.run_id, rank, command))
         return commands
 
-    def _columns(self, batch: pb.RelayBatch) -> Columns | None:
-        """The batch's reports packed as columns; None without (or when malformed: counted, dropped)."""
-        if not batch.HasField("columns"):
-            return None
-        try:
-            columns = Columns.of(batch.columns)
-        except ValueError:
-            self._stats.rejected(MALFORMED)
-            return None
-        if columns.position.size and (np.diff(columns.position.astype(np.int64)) < 0).any():
-            self._stats.rejected(MALFORMED)
-            return None
-        return columns
-
     def _apply_columns(self, stream: RelayStream, columns: Columns, commands: list[tuple[str, int, pb.Command]]
                        ) -> None:  # fmt: skip
-        """Reports packed as columns: per run as one batch (server/ingest_batch.py) when it can take them, else
-        one at a time through the per-record path, with the same outcome."""
-        table = stream.table
-        rows = table.rows(columns.ref)
-        known = rows >= 0
-        if not known.all():
-            self._stats.rejected(RELAY_UNKNOWN_SESSION, int((~known).sum()))
-            rows, columns = rows[known], columns.take(known)
-        if not rows.size:
-            return
-        if not table.check(rows, columns):
-            self._one_by_one(stream, rows, columns, commands)
-            return
-        codes = table.run_code[rows]
-        runs = np.unique(codes)
-        for code in runs.tolist():
-            mine = np.flatnonzero(codes == code)
-            group_rows, group = (rows, columns) if runs.size == 1 else (rows[mine], columns.take(mine))
-            fresh = table.fresh(group_rows, group.seq)
-            found: list[tuple[int, pb.Command]] | None = []
-            if fresh.any():
-                sessions, states = table.sessions[group_rows[fresh]], table.states[group_rows[fresh]]
-                found = self._ingestor.apply_columns(sessions[0].run, table.rank[group_rows[fresh]], sessions, states,
-                                                     group.take(fresh))  # fmt: skip
-            if found is None:
-                self._one_by_one(stream, group_rows, group, commands)
-                continue
-            table.advance(group_rows, group)
-            table.applied_upto(group_rows[fresh], group.seq[fresh])
-            if not fresh.all():
-                self._stats.duplicate(int((~fresh).sum()))
-            run_id = table.sessions[group_rows[0]].hello.run_id
-            commands += [(run_id, rank, command) for rank, command in found]
+        """Reports packed as columns, at once: per run as one batch (server/relay_coalesce.py, server/ingest_batch.py)
+        when it can take them, else one at a time through the per-record path, with the same outcome."""
+        commands += self._coalescer.apply([(stream, columns)])[id(stream)]
 
     def _one_by_one(self, stream: RelayStream, rows: np.ndarray, columns: Columns,
                     commands: list[tuple[str, int, pb.Command]]) -> None:  # fmt: skip

@@ -236,6 +236,13 @@ def _state(app: ServerApp) -> dict[str, Any]:
     )
 
 
+def _by_detector(events: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for event in events:
+        out.setdefault(event[0], []).append(event)
+    return out
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plans())
 def test_columns_give_the_verdicts_of_one_report_at_a_time(plan: Plan) -> None:
@@ -243,13 +250,7 @@ def test_columns_give_the_verdicts_of_one_report_at_a_time(plan: Plan) -> None:
     batch, batch_events = feed(plan, columns=True)
     assert one.ingestor.batched == 0
 
-    def by_detector(events: list[tuple[Any, ...]]) -> dict[str, list[tuple[Any, ...]]]:
-        out: dict[str, list[tuple[Any, ...]]] = {}
-        for event in events:
-            out.setdefault(event[0], []).append(event)
-        return out
-
-    assert by_detector(batch_events) == by_detector(one_events)
+    assert _by_detector(batch_events) == _by_detector(one_events)
     assert _state(batch) == _state(one)
 
 
@@ -265,3 +266,93 @@ def test_a_clean_stream_is_applied_as_batches_and_names_the_slow_silent_and_dive
     assert {("rank_divergence", 2), ("replica_mismatch", 1), ("straggler", 4), ("stalled", 5)} <= fired
     assert not {(d, r) for d, r in fired if d == "stalled" and r != 5}
     assert not {(d, r) for d, r in fired if d == "straggler" and r != 4}
+
+
+def feed_streams(plan: Plan, coalesce: bool, relays: int) -> tuple[ServerApp, list[tuple[Any, ...]]]:
+    """`plan`'s batches split over `relays` relay streams by rank. Without `coalesce` each stream's part is applied
+    at once one report at a time (frames, `apply_batch`); with it, its reports travel as columns and the aggregator
+    keeps them (`receive_batch`) until a flush, which comes before the clock moves and before each tick, as the
+    server's timer and ticks do (kept reports are received when they are flushed)."""
+    now = [1000.0]
+    app = ServerApp(_config(), clock=lambda: now[0])
+    events: list[tuple[Any, ...]] = []
+    app.alert_book.add_listener(lambda a: events.append((a.detector, a.state, a.ranks, a.step, a.summary)))
+    servicer = app.relays
+    assert servicer is not None
+
+    def connect() -> list[RelayStream]:
+        return [RelayStream(f"relay-{n}", "test", now[0]) for n in range(relays)]
+
+    streams = connect()
+    last_tick = now[0]
+    for batch in entries(plan):
+        if not batch:  # every link broke: what they sent is applied, their ranks leave, new streams
+            servicer.flush()
+            for stream in streams:
+                stream.table.push_all()
+                for held in stream.sessions.values():
+                    app.ingestor.close(held.session, left=True)
+            streams = connect()
+            continue
+        steps = [e.frame.frame.report.step for e in batch if e.frame.HasField("frame")]
+        at = max(now[0], 1000.0 + max(steps, default=0) * 1.0)
+        if at != now[0]:
+            servicer.flush()
+            now[0] = at
+        for n, stream in enumerate(streams):
+            part = [e for e in batch if e.frame.rank % relays == n]
+            if part and coalesce:
+                servicer.receive_batch(stream, pack_entries(part, columns=True, min_columns=1), None)
+            elif part:
+                servicer.apply_batch(stream, pack_entries(part, columns=False), None)
+        while now[0] - last_tick >= 1.0:
+            last_tick += 1.0
+            servicer.flush()
+            app.ingestor.tick()
+    servicer.flush()
+    for _ in range(12):
+        now[0] += 1.0
+        app.ingestor.tick()
+    if coalesce:  # every batch acknowledged, in order, on its own stream
+        for stream in streams:
+            acks = [r.ack.seq for r in stream.outbox if r.HasField("ack")]
+            assert acks == sorted(acks)
+    return app, events
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plans(), st.integers(1, 3))
+def test_columns_kept_across_relays_give_the_verdicts_of_one_report_at_a_time(plan: Plan, relays: int) -> None:
+    one, one_events = feed_streams(plan, coalesce=False, relays=relays)
+    kept, kept_events = feed_streams(plan, coalesce=True, relays=relays)
+    assert one.ingestor.batched == 0
+    # Per detector in order (a batch applies one detector's findings over the batch before the next detector's).
+    assert _by_detector(kept_events) == _by_detector(one_events)
+    assert _state(kept) == _state(one)
+
+
+def test_a_run_over_three_relays_is_applied_as_one_batch_per_flush() -> None:
+    plan = Plan(world=6, steps=30, seed=3, nan=None, divergent=(2, 5), slow=4, silent=(5, 12), checksum_every=5,
+                mismatch=1, restart=None, gaps=frozenset(), swaps=frozenset(), dups=frozenset(), reconnect=None,
+                sizes=[12])  # fmt: skip
+    _, one_events = feed_streams(plan, coalesce=False, relays=3)
+    kept, kept_events = feed_streams(plan, coalesce=True, relays=3)
+    assert kept.ingestor.batched > 0.8 * sum(kept.store.get(RUN).table.reports)
+    assert kept.stats.snapshot().frames.get("report", 0) == sum(kept.store.get(RUN).table.reports)
+    assert sorted(kept_events) == sorted(one_events)
+    fired = {(d, r) for d, state, ranks, _, _ in kept_events if state == "firing" for r in ranks}
+    assert {("rank_divergence", 2), ("replica_mismatch", 1), ("straggler", 4), ("stalled", 5)} <= fired
+
+
+def test_after_a_nan_the_run_stays_on_the_batch_path_and_the_rank_clears_as_one_report_at_a_time() -> None:
+    """A rank that fired non_finite counts finite reports towards its clear inside batches (it used to send its
+    whole run one report at a time until it cleared)."""
+    plan = Plan(world=5, steps=40, seed=7, nan=(1, 4), divergent=None, slow=None, silent=None, checksum_every=0,
+                mismatch=None, restart=None, gaps=frozenset(), swaps=frozenset(), dups=frozenset(), reconnect=None,
+                sizes=[20])  # fmt: skip
+    _, one_events = feed_streams(plan, coalesce=False, relays=2)
+    kept, kept_events = feed_streams(plan, coalesce=True, relays=2)
+    assert _by_detector(kept_events) == _by_detector(one_events)
+    assert [(d, s) for d, s, *_ in kept_events if d == "non_finite"] == [("non_finite", "firing"),
+                                                                         ("non_finite", "resolved")]  # fmt: skip
+    assert kept.ingestor.batched > 0.7 * sum(kept.store.get(RUN).table.reports)

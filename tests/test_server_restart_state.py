@@ -245,3 +245,25 @@ def test_prune_keeps_each_ranks_latest_series_rows_and_drops_what_a_pruned_run_h
     db.prune(series_rows=keep)
     assert (db.run_ranks("a"), db.run_series("a"), db.run_parts("a")) == ([], {}, {})
     db.close()
+
+
+def test_reports_after_a_checkpoint_reach_the_restored_views_through_the_latest_part(tmp_path: pathlib.Path) -> None:
+    """A rank's row is rewritten only when its view changes beyond what moves with every report (the `latest`
+    part carries steps, losses, times, report counts and the session's applied seq): reports and heartbeats after
+    a checkpoint still read back after a restart, and the agent is acknowledged the last seq applied."""
+    ranks = 5
+    with served(tmp_path) as app:
+        feed(app.grpc_target, "moving", range(ranks), ranks, range(1, 11))
+        wait_until(lambda: saved(tmp_path, "moving") == (ranks, ranks * 10), what="first checkpoint")
+        feed(app.grpc_target, "moving", range(ranks), ranks, range(11, 26))
+        wait_until(lambda: saved(tmp_path, "moving") == (ranks, ranks * 25), what="second checkpoint")
+        before = state(app, "moving")
+    assert [r["step"] for r in before["ranks"]] == [25] * ranks
+    with served(tmp_path) as again:
+        assert state(again, "moving") == before
+        stream = AgentStream(again.grpc_target)
+        try:
+            stream.send(hello_frame(run="moving", layers=LAYERS))
+            assert stream.recv().welcome.acked_seq == 25
+        finally:
+            stream.close()

@@ -89,14 +89,23 @@ class NonFiniteDetector:
         return findings
 
     def plan_batch(self, batch: ReportBatch, ranks: RankTable) -> bool | None:
-        """A batch (all finite, see server/detectors/batch.py) changes nothing while no step is held and none of
-        its ranks is firing or counting towards a clear; otherwise it is fed one report at a time."""
-        if self._pending or (self._restless and bool(np.isin(batch.rank, list(self._restless)).any())):
-            return None
-        return True
+        """A batch (all finite, see server/detectors/batch.py) while no step is held: only its reports of ranks
+        firing or counting towards a clear change anything (`observe_batch` judges those in order); with a step
+        held it is fed one report at a time."""
+        return None if self._pending else True
 
     def observe_batch(self, batch: ReportBatch, ranks: RankTable, plan: bool) -> list[tuple[int, Finding]]:
-        return []  # judge(rank, False) of a rank at rest changes nothing (Latch.at_rest)
+        """`observe` of each finite report, nothing held: judge(rank, False) of a rank at rest changes nothing
+        (Latch.at_rest), so only the restless ranks' reports are judged, in the batch's order."""
+        if not self._restless:
+            return []
+        found: list[tuple[int, Finding]] = []
+        for index in np.flatnonzero(np.isin(batch.rank, list(self._restless))).tolist():
+            rank = int(batch.rank[index])
+            if self._latch.judge(rank, False) == CLEAR:
+                found.append((index, Finding(rank, Clear(step=int(batch.step[index])))))
+            self._note(rank)
+        return found
 
     def _note(self, rank: int) -> None:
         """Keep `_restless`, the ranks whose latch is not at rest (firing, or a streak running)."""
