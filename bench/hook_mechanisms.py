@@ -75,7 +75,12 @@ def _dispatch_pre_always(watched: list[nn.Module]) -> Callable[[], None]:
             _noop(module, args)
 
     handle = module_hooks.register_module_forward_pre_hook(pre)
-    return lambda: (handle.remove(), remove()) and None
+
+    def remove_both() -> None:
+        handle.remove()
+        remove()
+
+    return remove_both
 
 
 def _global_post_only(watched: list[nn.Module]) -> Callable[[], None]:
