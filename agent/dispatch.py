@@ -158,7 +158,11 @@ def _module_hook(module: Any, args: Any, kwargs: Any, output: Any = _RAISED) -> 
         _arm(id(module), entry)
     if output is _RAISED or not (entry.post or entry.post_kwargs) or _other_than_compiling():
         return
-    _run(entry.post, module, args, output)
+    for callback in entry.post:  # _run written out: this runs on every watched module call
+        try:
+            callback(module, args, output)
+        except Exception as exc:
+            errors.report(exc, "dispatch")
     if entry.post_kwargs:
         _run(entry.post_kwargs, module, args, kwargs, output)
 
