@@ -11,7 +11,7 @@ callbacks of the watched objects, found by `id()` and confirmed through a weak r
 the user's modules, parameters or optimizers, so their copies carry no agent.
 
 Armed pre-hooks: a pre callback is for a model's root (its input, the step clock), and a process-wide pre-hook
-costs every module call in the process about a microsecond (bench/hook_mechanisms.py). So a watched module with
+costs every module call in the process about 0.7 µs (bench/hook_mechanisms.py). So a watched module with
 pre callbacks is *armed* until its pre callbacks run, *disarmed* from then until its own call returns (the global
 forward hook re-arms it, also when the forward raised: it is registered `always_call`), and the global pre-hook
 is in torch's table only while some such module is armed: the module calls inside the model's forward, the
