@@ -69,6 +69,7 @@ Contract: `take()` returns the capture since the last call, or None when no trai
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ _MAX_SAMPLE_SIZES = 256
 #: submodules called directly) folds them (`ActivationTap._fold`).
 _FOLD_VALUES = 4
 _F32 = torch.float32
+_clock = time.perf_counter
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -426,15 +428,22 @@ class ActivationTap:
         # Runs for every watched module on every training step: on ordinary steps a few attribute reads and a
         # list append (the output is reduced with the others at the end of the forward, see the module
         # docstring). No grad-mode context: every value derives from a detached tensor, so autograd records nothing.
+        # errors.guarded's work written out (a try and two clock reads, no context-manager object): this runs on
+        # every watched module call.
         eager = self._eager
+        add_time = self._add_agent_time
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
-            out = _first_tensor(output)
+            if isinstance(output, torch.Tensor):
+                out = output if output.is_floating_point() and output.numel() else None
+            else:
+                out = _first_tensor(output)
             if out is None:
                 return
-            with errors.guarded("forward_hook", self._add_agent_time):
+            started = _clock()
+            try:
                 capture = self._current()
                 position = capture.seen.get(index)
                 first = position is None
@@ -469,6 +478,10 @@ class ActivationTap:
                     self._keep(capture, out, index, None)
                 if not implied:
                     self._tick(capture, out)
+            except Exception as exc:
+                errors.report(exc, "forward_hook")
+            finally:
+                add_time(_clock() - started)
 
         return hook
 

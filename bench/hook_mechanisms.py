@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Nanoseconds per module call of the ways a forward callback can be attached, on a chain of no-op modules.
 
-The chain's modules return their input, so a call is torch's `Module.__call__` plus the mechanism. Two cases per
-mechanism: every module of the chain watched (a no-op callback after each call), and one other module watched
-(what an unwatched module pays once anything is watched: process-wide hooks run for every module in the process).
-Mechanisms: none; agent/dispatch.py as the agent uses it (one process-wide pre-hook and one process-wide
-forward hook, filtered by a table lookup); the same with the process-wide forward hook only (no pre-hook: what
-dropping the pre-hook would save); per-module `register_forward_hook` (stored on the modules); a per-instance
-forward wrapper (`module.forward = wrapper` in the instance's __dict__, which keeps torch's fast path for
-unwatched modules). Thread CPU time (time.thread_time) per block of calls, variants interleaved; fastest block and
-median, per call.
+The chain's modules return their input, so a call is torch's `Module.__call__` plus the mechanism; the chain runs
+inside a root module's forward (the attached model), one root call per pass. Two cases per mechanism: every module
+of the chain watched (a no-op callback after each call), and only the root watched (what an unwatched module
+inside the attached model pays: process-wide hooks run for every module call in the process).
+Mechanisms: none; agent/dispatch.py as the agent uses it (a process-wide forward hook filtered by a table
+lookup, and a process-wide pre-hook armed for the root's input and step clock only outside the root's forward);
+the same with the pre-hook registered throughout (how dispatch.py worked before); a process-wide forward hook
+alone with a bare filter; per-module `register_forward_hook` (stored on the modules); a per-instance forward
+wrapper (`module.forward = wrapper` in the instance's __dict__, which keeps torch's fast path for unwatched
+modules). Thread CPU time (time.thread_time) per block of calls, variants interleaved; fastest block and median,
+per call.
 
     python bench/hook_mechanisms.py [--modules 200] [--rounds 7] [--passes 200]
 """
@@ -41,10 +43,44 @@ def _noop(*args: Any) -> None:
 Install = Callable[[list[nn.Module]], Callable[[], None]]
 
 
+class Root(nn.Module):
+    """The attached model: runs the chain once per call."""
+
+    def __init__(self, chain: list[nn.Module]) -> None:
+        super().__init__()
+        self.chain = nn.ModuleList(chain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.chain:
+            x = m(x)
+        return x
+
+
 def _dispatch(watched: list[nn.Module]) -> Callable[[], None]:
-    watches = [dispatch.watch_module(m, post=_noop) for m in watched]
-    watches.append(dispatch.watch_module(watched[0], pre=_noop))  # the root's input and step clock use a pre
+    root, modules = watched[0], watched[1:]
+    watches = [dispatch.watch_module(m, post=_noop) for m in modules]
+    watches.append(dispatch.watch_module(root, pre=_noop, post=_noop))  # the root's input and step clock use a pre
     return lambda: [w.remove() for w in watches] and None
+
+
+def _dispatch_pre_always(watched: list[nn.Module]) -> Callable[[], None]:
+    """dispatch.py with its pre-hook in torch's table on every call (before arming): the same lookup, no disarm."""
+    remove = _dispatch(watched)
+    table = {id(watched[0]): watched[0]}
+
+    def pre(module: Any, args: Any) -> None:
+        if dispatch._is_compiling():
+            return
+        if table.get(id(module)) is module and not dispatch._other_than_compiling():
+            _noop(module, args)
+
+    handle = module_hooks.register_module_forward_pre_hook(pre)
+
+    def remove_both() -> None:
+        handle.remove()
+        remove()
+
+    return remove_both
 
 
 def _global_post_only(watched: list[nn.Module]) -> Callable[[], None]:
@@ -86,7 +122,8 @@ def _wrapper(watched: list[nn.Module]) -> Callable[[], None]:
 
 VARIANTS: dict[str, Install | None] = {
     "no hooks": None,
-    "dispatch.py (pre + post, today)": _dispatch,
+    "dispatch.py (post, pre armed at root)": _dispatch,
+    "dispatch.py, pre always (before)": _dispatch_pre_always,
     "process-wide post only": _global_post_only,
     "per-module register_forward_hook": _per_module,
     "per-instance forward wrapper": _wrapper,
@@ -101,17 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     torch.set_num_threads(1)
     chain = [Nothing() for _ in range(opts.modules)]
-    other = Nothing()
+    root = Root(chain)
     x = torch.ones(1)
 
     def run_chain() -> None:
         for _ in range(opts.passes):
-            h = x
-            for m in chain:
-                h = m(h)
+            root(x)
 
-    calls = opts.modules * opts.passes
-    cases = {"all watched": chain, "one other watched": [other]}
+    calls = opts.modules * opts.passes  # the root's own call adds 1 / modules to each, in every variant alike
+    cases = {"all watched": [root, *chain], "only the root watched": [root]}
     samples: dict[tuple[str, str], list[float]] = {}
     run_chain()
     for r in range(opts.rounds):
@@ -128,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                     remove()
     print(f"{opts.modules} no-op modules x {opts.passes} passes, {opts.rounds} rounds; ns per module call: "
           "fastest round (median)")  # fmt: skip
-    print(f"{'mechanism':<36}" + "".join(f"{case:>28}" for case in cases))
+    print(f"{'mechanism':<40}" + "".join(f"{case:>28}" for case in cases))
     for variant in VARIANTS:
         row = [samples[(variant, case)] for case in cases]
-        print(f"{variant:<36}" + "".join(f"{min(v):>18.0f} ({statistics.median(v):>5.0f})" for v in row))
+        print(f"{variant:<40}" + "".join(f"{min(v):>18.0f} ({statistics.median(v):>5.0f})" for v in row))
     return 0
 
 
