@@ -72,7 +72,25 @@ over 10 steps (a model leaving chance), 100 runs each of 5 shapes of 2–4 ranks
 once healthy and once with one rank's data corrupted from a step between 45 and 70) the
 rule found 66 of the 72 corrupted ranks and named no healthy rank; a noise estimate that
 follows every draw at once found 67 but fired on 4 of those 500 growing-noise runs, one
-held at 90 % a step found 62.
+held at 90 % a step found 62. (These figures are the 8-step rule's, with `own_window` 50.)
+
+A departure that lasts but is small per step needs more steps than `contrast_steps` to
+show: 5.5 standard errors of an 8-step median are 2.4 sigmas of a contrast, and its rise
+(against the 10 steps before the 8) fades once those hold departed losses. Corrupted
+GRU/LSTM ranks on held-out matrix seeds (8144, 8238, 8241: 4 and 2 ranks) sat 1.27–1.33×
+the others' loss, 1.5–2.5 contrast sigmas, and were missed. So the same test also runs
+over the last `long_steps` (40) contrasts, with three differences: its baseline leaves
+out those 40 admissions, so the usual's own error is as large as the window's and is
+counted (standard error × √(1 + 40 / baseline size)); its sigma is the larger of the
+baseline's MAD and the other ranks' noise from the consecutive differences of their last
+40 losses (steady; the 8-step estimate is held high against a draw low by chance, which
+would hide these shifts); its rise compares the last 40 losses with the 10 before them.
+Offline on those three runs' traces: named 21–37 steps after the onset (8-step rule: none).
+Tried and dropped: a 24-step window with the 8-step sigma fired on a healthy 4-rank
+property case (the usual's error not counted); with it counted, 24 steps found 1 of 3.
+With 40 steps (`own_window` 100, so the baseline keeps 60): 0 of 150 simulated healthy
+200-step runs of 2–6 ranks (shared rises up to 2.0, noise growing fourfold), none over
+2 × 30,000, 4 × 15,000 and 3 × 15,000 stationary steps, 0 of 200 growing-noise runs.
 
 What is compared: the loss only. The gradient statistics a rank reports are taken
 after the data-parallel all-reduce (identical on every DDP rank) or of its own shard

@@ -43,7 +43,11 @@ measured 15× its level at the first report and 4.7× at the next (a held-out ma
 factor held for every report): lasting means staying several times the level, not staying at the jump. The
 level is recent (4 reports): Adam's ratios fall tenfold over a run's first 50 steps, and the agent's dense
 first reports kept a longer window's median far above the layer's ratio before
-the jump. Ratios over the jump threshold never enter the level.
+the jump. It is the lower of that median and the newest admitted ratio: a converging model's SGD updates
+shrink with its gradients, 2.5× a report (8 steps) on a held-out 4-rank MLP, where the median of the last 4
+reports sat 4× above the newest; its 30× jump then read 2.7×, missed. A ratio that falls between reports is
+where the layer is now; a single low report would need a 10× jump over the floor and a next report 3× over
+it to fire. Ratios over the jump threshold never enter the level.
 """
 
 from __future__ import annotations
