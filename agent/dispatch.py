@@ -4,19 +4,10 @@ Why: a hook registered on a module lives in that module's `_forward_hooks` dict,
 `pickle`, `torch.save(model)`, `copy.deepcopy(model)`, EMA/SWA copy and `torch.multiprocessing` spawn (our
 hooks hold a sender thread and a queue: the copy fails, and a copy that succeeded would need gradwatch to
 load). `torch.jit.script` compiles a module's hooks too. Instead this module registers ONE global forward
-hook (`torch.nn.modules.module.register_module_forward_hook`) while any module is watched, ONE global forward
-pre-hook only while it is *armed* (below), and one global optimizer step pre/post hook pair
-(`torch.optim.optimizer.register_optimizer_step_*`) while an optimizer is watched, and dispatches to the
-callbacks of the watched objects, found by `id()` and confirmed through a weak reference. Nothing is stored on
-the user's modules, parameters or optimizers, so their copies carry no agent.
-
-Armed pre-hooks: a pre callback is for a model's root (its input, the step clock), and a process-wide pre-hook
-costs every module call in the process about a microsecond (bench/hook_mechanisms.py). So a watched module with
-pre callbacks is *armed* until its pre callbacks run, *disarmed* from then until its own call returns (the global
-forward hook re-arms it, also when the forward raised: it is registered `always_call`), and the global pre-hook
-is in torch's table only while some such module is armed: the module calls inside the model's forward, the
-bulk of a step's, never pass through it. Hence pre callbacks run before each call of their module that is not
-nested in a call of itself (a module calling itself recursively is seen at its outermost call).
+pre-hook, ONE global forward hook (`torch.nn.modules.module.register_module_forward_*`) and one global
+optimizer step pre/post hook pair (`torch.optim.optimizer.register_optimizer_step_*`) while anything is
+watched, and dispatches to the callbacks of the watched objects, found by `id()` and confirmed through a weak
+reference. Nothing is stored on the user's modules, parameters or optimizers, so their copies carry no agent.
 
 Stepping aside: the hooks do nothing (add no ops, keep no state) while torch.compile/dynamo or torch.export
 traces (`torch.compiler.is_compiling()`, checked first, so dynamo folds the whole hook away: no graph break,
@@ -30,7 +21,7 @@ Contract
   (`(module, args)`, `(module, args, output)`, `(optimizer, args, kwargs)`), must not raise (an exception is
   sent to errors.report) and never change what they observe: the global hooks always return None.
 - Cost on every module call in the process while anything is watched: torch's hook path plus one dict
-  lookup per global hook (bench/hook_mechanisms.py measures it); the global hooks go away with the last watch.
+  lookup per global hook (bench/agent_overhead.py measures it); the global hooks go away with the last watch.
 - Training thread(s) only for callbacks; registration is locked.
 """
 
@@ -75,11 +66,10 @@ _COMPILE_WARNING = r"Using `torch\.compile\(module\)` when there are global hook
 class _Entry:
     """The callbacks of one watched object (slots: looked up on every call of a watched module)."""
 
-    __slots__ = ("armed", "first", "post", "post_kwargs", "pre", "pre_all", "ref")
+    __slots__ = ("first", "post", "post_kwargs", "pre", "pre_all", "ref")
 
     def __init__(self, ref: weakref.ref[Any]) -> None:
         self.ref = ref
-        self.armed = True  # its pre callbacks run at its next call (module docstring: armed pre-hooks)
         self.first: tuple[Callable[..., None], ...] = ()  # pre callbacks that run before the others
         self.pre: tuple[Callable[..., None], ...] = ()
         self.post: tuple[Callable[..., None], ...] = ()
@@ -96,11 +86,6 @@ _modules: dict[int, _Entry] = {}
 _optimizers: dict[int, _Entry] = {}
 _module_handles: list[Any] = []
 _optimizer_handles: list[Any] = []
-#: The global pre-hook's key in torch's table while registered (None: not registered), and the ids of the
-#: watched modules with pre callbacks that are armed: the pre-hook is in the table exactly while this is non-empty.
-_pre_key: list[int] = []
-_armed: set[int] = set()
-_global_pre_hooks = _module_hooks._global_forward_pre_hooks
 
 
 def stepping_aside() -> bool:
@@ -131,52 +116,25 @@ def _run(callbacks: tuple[Callable[..., None], ...], *args: Any) -> None:
 
 
 def _module_pre_hook(module: Any, args: Any) -> None:
-    # Runs for every module call in the process while some module is armed: the cheap checks first (most
-    # modules have no entry, and most watched ones have only post callbacks).
+    # Runs for every module call in the process: the cheap checks first (most modules have no entry, and most
+    # watched ones have only post callbacks).
     if _is_compiling():  # first: dynamo folds it to True and traces nothing else here
         return
-    key = id(module)
-    entry = _modules.get(key)
-    if entry is None or not entry.pre_all or not entry.armed or entry.ref() is not module or _other_than_compiling():
+    entry = _modules.get(id(module))
+    if entry is None or not entry.pre_all or entry.ref() is not module or _other_than_compiling():
         return
-    _disarm(key, entry)
     _run(entry.pre_all, module, args)
 
 
-def _module_hook(module: Any, args: Any, *rest: Any) -> None:
-    # `rest`: (kwargs, output) after a forward; (output,) when the forward raised (torch calls always_call hooks
-    # without the keyword arguments then): only re-arm.
+def _module_hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
     if _is_compiling():
         return
     entry = _modules.get(id(module))
-    if entry is None or entry.ref() is not module:
+    if entry is None or not (entry.post or entry.post_kwargs) or entry.ref() is not module or _other_than_compiling():
         return
-    if not entry.armed:
-        _arm(id(module), entry)
-    if len(rest) != 2 or not (entry.post or entry.post_kwargs) or _other_than_compiling():
-        return
-    kwargs, output = rest
     _run(entry.post, module, args, output)
     if entry.post_kwargs:
         _run(entry.post_kwargs, module, args, kwargs, output)
-
-
-def _disarm(key: int, entry: _Entry) -> None:
-    """`entry`'s call has begun: its pre callbacks wait for the next call; the global pre-hook leaves torch's
-    table with the last armed module (a dict operation, no handle: this runs on every forward)."""
-    entry.armed = False
-    _armed.discard(key)
-    if not _armed and _pre_key:
-        _global_pre_hooks.pop(_pre_key[0], None)
-
-
-def _arm(key: int, entry: _Entry) -> None:
-    """`entry`'s call has ended: its pre callbacks run at its next call (the global pre-hook back in the table)."""
-    entry.armed = True
-    if entry.pre_all:
-        if not _armed and _pre_key:
-            _global_pre_hooks[_pre_key[0]] = _module_pre_hook
-        _armed.add(key)
 
 
 def _optimizer_callback(optimizer: Any, post: bool, args: Any, kwargs: Any) -> None:
@@ -256,35 +214,22 @@ def watch_optimizer(
 
 
 def _sync_global_hooks() -> None:
-    """Register the global hooks while something is watched, remove them when nothing is (under _lock); the
-    pre-hook only while a module with pre callbacks is armed (module docstring)."""
+    """Register the global hooks while something is watched, remove them when nothing is (under _lock)."""
     for dead in [key for key, entry in _modules.items() if entry.ref() is None]:
         del _modules[dead]
-    _armed.clear()
-    _armed.update(key for key, entry in _modules.items() if entry.pre_all and entry.armed)
     if _modules and not _module_handles:
-        handle = _module_hooks.register_module_forward_hook(_module_hook, with_kwargs=True, always_call=True)
-        _module_handles.append(handle)
-        pre = _module_hooks.register_module_forward_pre_hook(_module_pre_hook)
-        pre.remove()  # a key of our own in torch's table; the entry comes and goes with `_armed`
-        _pre_key.append(pre.id)
+        _module_handles.append(_module_hooks.register_module_forward_pre_hook(_module_pre_hook))
+        _module_handles.append(_module_hooks.register_module_forward_hook(_module_hook, with_kwargs=True))
         warnings.filterwarnings("ignore", message=_COMPILE_WARNING, category=UserWarning)
     elif not _modules and _module_handles:
         while _module_handles:
             handle = _module_handles.pop()
             handle.remove()
-            # torch's handle does not take a with_kwargs (or always_call) hook out of these tables; a stale id
-            # would keep `torch.compile(module)` warning about global hooks after ours are gone.
+            # torch's handle does not take a with_kwargs hook out of this table; a stale id would keep
+            # `torch.compile(module)` warning about global hooks after ours are gone.
             _module_hooks._global_forward_hooks_with_kwargs.pop(handle.id, None)
-            _module_hooks._global_forward_hooks_always_called.pop(handle.id, None)
-        _global_pre_hooks.pop(_pre_key.pop(), None)
         # typeshed declares the filter list a Sequence; it is the list warnings.filterwarnings inserts into.
         cast("list[Any]", warnings.filters)[:] = [f for f in warnings.filters if not _is_compile_filter(f)]
-    if _pre_key:
-        if _armed:
-            _global_pre_hooks[_pre_key[0]] = _module_pre_hook
-        else:
-            _global_pre_hooks.pop(_pre_key[0], None)
     if _optimizers and not _optimizer_handles:
         _optimizer_handles.append(_optimizer_hooks.register_optimizer_step_pre_hook(_optimizer_pre_hook))
         _optimizer_handles.append(_optimizer_hooks.register_optimizer_step_post_hook(_optimizer_hook))

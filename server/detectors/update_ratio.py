@@ -205,7 +205,7 @@ class UpdateRatioDetector:
                 state.admitted += 1
                 return state.streak >= cfg.jump_reports, None
             if state.admitted >= cfg.baseline_reports // 2:
-                level = nanmedian_columns(state.level)
+                level = np.fmin(nanmedian_columns(state.level), _newest(state.level, state.admitted))
                 starts = (ratio >= cfg.jump_factor * level) & (ratio > cfg.jump_floor)
                 over = finite & (level > 0.0) & np.where(state.streak > 0, ratio >= cfg.jump_hold * level, starts)
             else:
@@ -248,6 +248,14 @@ class UpdateRatioDetector:
             f"(median of its last {held} reports), {direction} {bound:.0e}: {hint}; {count} layer(s) out of range"
         )
         return Fire(step=report.step, value=value, summary=summary, layer=name)
+
+
+def _newest(ring: np.ndarray, admitted: int) -> np.ndarray:
+    """Per column, the newest finite value of `ring` (rows written in turn, `admitted` so far; NaN: none)."""
+    rows = ring[(admitted - 1 - np.arange(ring.shape[0])) % ring.shape[0]]  # newest first
+    finite = np.isfinite(rows)
+    newest = rows[np.argmax(finite, axis=0), np.arange(rows.shape[1])]
+    return np.where(finite.any(axis=0), newest, np.nan)
 
 
 SPEC = DetectorSpec(
