@@ -51,7 +51,8 @@ two short epochs on CPU, `python bench/real_programs.py --programs wlm_lstm`), q
 program's loss at step 121 (the first batch of its second epoch, whose LSTM state starts again at zero) is
 3.19× its level and 11.5 sigmas: every setting that caught more of the matrix's bad batches offline (tail_k
 3–6, tail_k 3 with floor_k 8, mad_k 9 or 10) fired there, and 12 sigmas clears it by 4 %; only tail_min 120 kept
-it quiet, and caught no more bad batches than the default (bench/results/matrix_heldout9000_2026-12-08.md). A loss alone cannot tell a bad batch from that one.
+it quiet, and caught no more bad batches than the default
+(bench/results/matrix_heldout9000_2026-12-08.md). A loss alone cannot tell a bad batch from that one.
 
 Resolves after `resolve_after` consecutive reports back under the threshold. The first `min_reports`
 losses only build the baseline. Non-finite losses belong to non_finite.
