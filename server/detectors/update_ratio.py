@@ -92,7 +92,10 @@ class UpdateRatioConfig(DetectorConfig):
     )
     jump_reports: int = setting(2, doc="Reports in a row a jump must last (its first included).", ge=1)
     baseline_reports: int = setting(
-        4, doc="A layer's recent admitted ratios forming its level (judged once half of them are in).", ge=2
+        4,
+        doc="A layer's recent admitted ratios forming its level: their median, or the newest if lower (judged once "
+        "half of them are in).",
+        ge=2,
     )
     resolve_after: int = setting(3, doc="Reports in a row with all layers in range before a rank clears.", ge=1)
     solved_fraction: float = setting(
