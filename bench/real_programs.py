@@ -272,6 +272,14 @@ def _reports(url: str, run: str) -> int:
     return sum(int(rank.get("reports", 0)) for r in runs for rank in r.get("ranks", []))
 
 
+def _losses(url: str, run: str) -> dict[str, list[list[float]]]:
+    """Each rank's recent [step, loss] pairs the server holds for `run` (its ring: the last 1,024 reports), for
+    judging detector settings offline on a real program's losses."""
+    with urllib.request.urlopen(f"{url}/api/v1/runs/{run}/series?last=1024", timeout=10) as response:
+        ranks = json.load(response)["ranks"]
+    return {str(r["rank"]): [[s, v] for s, v in zip(r["step"], r["loss"], strict=True)] for r in ranks}
+
+
 def _alerts(url: str, run: str) -> list[dict[str, Any]]:
     with urllib.request.urlopen(f"{url}/api/v1/alerts?run={run}", timeout=10) as response:
         return list(json.load(response)["alerts"])
@@ -309,7 +317,7 @@ def measure(program: Program, source: pathlib.Path | None, repeats: int) -> dict
         workdir = pathlib.Path(tmp)
         with gradwatch_serve(workdir) as (target, url):
             plain_walls, patched_walls, codes, tails, alerts, reports = [], [], [], [], [], []
-            plain_cpu, patched_cpu = [], []
+            plain_cpu, patched_cpu, losses = [], [], {}
             for repeat in range(repeats):
                 run = f"real-{program.name}-{repeat}"
                 for patched in (False, True) if repeat % 2 == 0 else (True, False):
@@ -321,6 +329,8 @@ def measure(program: Program, source: pathlib.Path | None, repeats: int) -> dict
                         tails.append(f"{'patched' if patched else 'plain'} exit {code}: {tail}")
                 time.sleep(2.0)  # the server judges the last reports
                 reports.append(_reports(url, run))
+                with contextlib.suppress(OSError, KeyError, ValueError):  # the series is for offline study only
+                    losses[run] = _losses(url, run)
                 alerts += [{"detector": a.get("detector"), "severity": a.get("severity"), "state": a.get("state"),
                             "summary": str(a.get("summary", ""))[:160]} for a in _alerts(url, run)]  # fmt: skip
     ratio = statistics.median(patched_walls) / statistics.median(plain_walls)
@@ -340,6 +350,7 @@ def measure(program: Program, source: pathlib.Path | None, repeats: int) -> dict
         "alerts": alerts,
         "above_info": [a for a in alerts if a["severity"] in ("warning", "critical")],
         "failures": tails,
+        "losses": losses,
     }
 
 

@@ -383,6 +383,30 @@ def test_update_ratio_jump_lasts_while_it_stays_several_times_the_level(first: f
     assert isinstance(second, Fire) == (after >= UpdateRatioConfig().jump_hold), second
 
 
+@settings(max_examples=80, deadline=None)
+@given(decay=st.floats(1.5, 3.0), jump=st.floats(12.0, 60.0), landing=st.floats(0.06, 0.25), lasting=st.booleans())
+def test_update_ratio_jump_on_a_falling_ratio_is_judged_against_where_the_layer_is_now(
+    decay: float, jump: float, landing: float, lasting: bool
+) -> None:
+    """A converging model's ratio falls `decay`× a report (SGD's updates shrink with its gradients); a rate raised
+    30× then lands `jump`× above the last report and keeps falling at the same pace. The median of the last
+    reports is still decay^1.5× above the last one, so judged against it a 12–60× jump read 3–10×: a held-out
+    4-rank MLP's SGD jump was missed. It fires exactly when the next report is still jump_hold× the last report
+    before the jump; a single outsized update (back on the trend at once) does not."""
+    assume(abs(jump / decay - UpdateRatioConfig().jump_hold) > 0.05)
+    last = landing / jump  # the last ratio before the jump
+    before = min(12, int(math.log(0.1 / last) / math.log(decay)))  # falling from at most 0.1 (healthy)
+    assume(before >= 4)
+    ratios = [last * decay ** (before - i) for i in range(before + 1)]
+    ratios += [landing, landing / decay if lasting else last / decay]
+    det = UpdateRatioDetector(UpdateRatioConfig())
+    out = [det.observe(ratio_report(8 * i, r)) for i, r in enumerate(ratios, 1)]
+    fired = [v for v in out if isinstance(v, Fire)]
+    assert out[: before + 2] == [None] * (before + 2), out
+    assert bool(fired) == (lasting and jump / decay >= UpdateRatioConfig().jump_hold), (out, ratios)
+    assert all("jumped" in v.summary for v in fired)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     start=st.floats(1e-5, 1e-2),

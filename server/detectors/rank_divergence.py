@@ -72,7 +72,25 @@ over 10 steps (a model leaving chance), 100 runs each of 5 shapes of 2–4 ranks
 once healthy and once with one rank's data corrupted from a step between 45 and 70) the
 rule found 66 of the 72 corrupted ranks and named no healthy rank; a noise estimate that
 follows every draw at once found 67 but fired on 4 of those 500 growing-noise runs, one
-held at 90 % a step found 62.
+held at 90 % a step found 62. (These figures are the 8-step rule's, with `own_window` 50.)
+
+A departure that lasts but is small per step needs more steps than `contrast_steps` to
+show: 5.5 standard errors of an 8-step median are 2.4 sigmas of a contrast, and its rise
+(against the 10 steps before the 8) fades once those hold departed losses. Corrupted
+GRU/LSTM ranks on held-out matrix seeds (8144, 8238, 8241: 4 and 2 ranks) sat 1.27–1.33×
+the others' loss, 1.5–2.5 contrast sigmas, and were missed. So the same test also runs
+over the last `long_steps` (40) contrasts, with three differences: its baseline leaves
+out those 40 admissions, so the usual's own error is as large as the window's and is
+counted (standard error × √(1 + 40 / baseline size)); its sigma is the larger of the
+baseline's MAD and the other ranks' noise from the consecutive differences of their last
+40 losses (steady; the 8-step estimate is held high against a draw low by chance, which
+would hide these shifts); its rise compares the last 40 losses with the 10 before them.
+Offline on those three runs' traces: named 21–37 steps after the onset (8-step rule: none).
+Tried and dropped: a 24-step window with the 8-step sigma fired on a healthy 4-rank
+property case (the usual's error not counted); with it counted, 24 steps found 1 of 3.
+With 40 steps (`own_window` 100, so the baseline keeps 60): 0 of 150 simulated healthy
+200-step runs of 2–6 ranks (shared rises up to 2.0, noise growing fourfold), none over
+2 × 30,000, 4 × 15,000 and 3 × 15,000 stationary steps, 0 of 200 growing-noise runs.
 
 What is compared: the loss only. The gradient statistics a rank reports are taken
 after the data-parallel all-reduce (identical on every DDP rank) or of its own shard
@@ -114,7 +132,7 @@ class RankDivergenceConfig(DetectorConfig):
     consecutive: int = setting(5, doc="Complete steps in a row beyond the threshold before firing.", ge=1)
     resolve_after: int = setting(20, doc="Complete steps in a row inside before a rank clears.", ge=1)
     min_ranks: int = setting(3, doc="Ranks with a finite loss needed to judge a step.", ge=3)
-    own_window: int = setting(50, doc="Contrast rule: each rank's recent admitted contrasts (complete steps).", ge=5)
+    own_window: int = setting(100, doc="Contrast rule: each rank's recent admitted contrasts (complete steps).", ge=5)
     own_min_steps: int = setting(20, doc="Complete steps that only build each rank's contrast baseline.", ge=3)
     contrast_steps: int = setting(8, doc="Contrast rule: recent complete steps whose median contrast is judged.", ge=3)
     contrast_threshold: float = setting(
@@ -126,10 +144,24 @@ class RankDivergenceConfig(DetectorConfig):
     min_shift: float = setting(
         0.05, doc="... and by at least this × its starting loss level (median of its first admitted losses).", ge=0.0
     )
+    long_steps: int = setting(
+        40,
+        doc="Contrast rule: a longer window judged the same way (its own standard error, its own rise), for "
+        "departures too small per step for `contrast_steps` that last.",
+        ge=3,
+    )
 
     def _check(self) -> None:
         if self.own_min_steps > self.own_window:
             raise SettingError("own_min_steps", f"must be ≤ own_window ({self.own_window}), got {self.own_min_steps}")
+        if self.long_steps < self.contrast_steps:
+            raise SettingError("long_steps", f"must be ≥ contrast_steps ({self.contrast_steps}), got {self.long_steps}")
+        if self.own_window < self.long_steps + self.contrast_steps:
+            raise SettingError(
+                "own_window",
+                f"must be ≥ long_steps + contrast_steps ({self.long_steps + self.contrast_steps}: the long window's "
+                f"baseline leaves out its own steps), got {self.own_window}",
+            )
         if self.own_min_steps < self.contrast_steps + 3:
             raise SettingError(
                 "own_min_steps", f"must be ≥ contrast_steps + 3 ({self.contrast_steps + 3}), got {self.own_min_steps}"
@@ -171,7 +203,7 @@ class RankDivergenceDetector:
         # many were admitted, complete steps in a row it was held out of its baseline while not firing, its
         # starting loss level (0 until warm); and the contrasts and losses of the last `_span` complete steps (NaN
         # where the rank had no finite loss), the newest at `(self._steps - 1) % self._span`.
-        self._span = max(config.contrast_steps + LEVEL_STEPS, NOISE_STEPS)
+        self._span = max(config.long_steps + LEVEL_STEPS, NOISE_STEPS)
         self._contrast = np.full((0, config.own_window), np.nan)
         self._admitted = np.full((0, config.own_window), np.nan)
         self._count = np.zeros(0, dtype=np.int64)
@@ -270,9 +302,9 @@ class RankDivergenceDetector:
                 theirs = f" while theirs ({', '.join(f'{losses[o]:.4g}' for o in calm)}) did not follow" if calm else ""
                 summary = (
                     f"loss on {where} rose away from the other ranks' at step {step}: {losses[rank]:.4g}; over "
-                    f"its last {cfg.contrast_steps} steps it sat {contrast.shift[rank]:+.3g} further above the others' "
-                    f"than usual (usually {contrast.usual[rank]:+.3g} ± {contrast.sigma[rank]:.2g}), its own loss "
-                    f"{contrast.rise[rank]:+.3g} against its level before{theirs}"
+                    f"its last {int(contrast.steps[rank])} steps it sat {contrast.shift[rank]:+.3g} further above the "
+                    f"others' than usual (usually {contrast.usual[rank]:+.3g} ± {contrast.sigma[rank]:.2g}), its own "
+                    f"loss {contrast.rise[rank]:+.3g} against its level before{theirs}"
                 )
                 value = float(contrast.score[rank])
             findings.append(Finding(int(rank), Fire(step=step, value=value, summary=summary)))
@@ -292,45 +324,82 @@ class RankDivergenceDetector:
         self._recent_loss[:, newest] = np.where(judged, losses, np.nan)
         self._steps += 1
         by_age = self._by_age[newest]  # this step first
-        last, before = by_age[:k], by_age[k : k + LEVEL_STEPS]
         out = _Contrast.empty(n)
-        recent = self._recent[:, last]
         # Judged: warm, a contrast now, and most of the last k (a missing loss here and there does not blind it).
         out.judged = (self._count >= cfg.own_min_steps) & np.isfinite(contrast)
-        out.judged &= np.count_nonzero(np.isfinite(recent), axis=1) >= k // 2 + 1
+        out.judged &= np.count_nonzero(np.isfinite(self._recent[:, by_age[:k]]), axis=1) >= k // 2 + 1
         rows = np.flatnonzero(out.judged)
         if rows.size:  # (nothing to judge while every rank warms up)
-            # The per-rank medians of this step, in one call: its last k losses and the LEVEL_STEPS before them
-            # (its own rise), its last k contrasts (its shift), the differences of its recent losses (its noise).
             diffs = np.abs(np.diff(self._recent_loss[:, by_age[:NOISE_STEPS][::-1]]))  # oldest first
-            blocks = [self._recent_loss[:, last], self._recent_loss[:, before], recent]
-            blocks += [diffs[:, 1 - steps :] for steps in NOISE_WINDOWS]
-            mine_last, mine_before, recent_median, *noise = _row_medians(blocks)
-            rise = mine_last - mine_before
-            # The baseline leaves out the last k admissions: a departure's first steps, admitted before their
-            # median showed it, must not move it.
-            newest_admitted = (self._count[rows, None] - 1 - np.arange(k)) % cfg.own_window
-            base = self._contrast[rows].copy()
-            base[np.arange(rows.size)[:, None], newest_admitted] = np.nan
-            usual = nanmedian_columns(base.T)
-            sigma = np.maximum(MAD_TO_SIGMA * nanmedian_columns(np.abs(base - usual[:, None]).T), cfg.abs_floor)
-            sigma = np.fmax(sigma, self._noise_now(judged, rows, MAD_TO_SIGMA / math.sqrt(2.0) * np.fmax.reduce(noise)))
-            shift = recent_median[rows] - usual
-            peers = np.flatnonzero(np.isfinite(rise) & judged)
-            others = np.zeros(n)  # the other ranks' median rise (0 when no other rank has one)
-            if peers.size >= 2:
-                others[peers] = peer_medians(rise[peers])
-            error = MEDIAN_ERROR * sigma / math.sqrt(k)
-            above = (shift > cfg.contrast_threshold * error) & (shift >= cfg.min_shift * self._start[rows])
-            mine = rise[rows]
-            # Departed: above, and this rank's own loss rose by half the shift, and by half the shift more than the
-            # others' (a partner whose loss fell, or every rank rising against a stale baseline, blames nobody).
-            departed = above & (mine >= 0.5 * shift) & (mine - others[rows] >= 0.5 * shift)
-            out.usual[rows], out.sigma[rows], out.shift[rows], out.rise[rows] = usual, sigma, shift, mine
-            out.score[rows], out.above[rows], out.departed[rows] = shift / error, above, departed
+            noise = np.fmax.reduce(_row_medians([diffs[:, 1 - steps :] for steps in NOISE_WINDOWS]))
+            self._window(
+                out, rows, k, by_age, judged, self._noise_now(judged, rows, MAD_TO_SIGMA / math.sqrt(2.0) * noise)
+            )
+            if cfg.long_steps > k:
+                # The long window, for ranks with enough admissions to leave its steps out of their baseline and
+                # most of its steps present. Its noise is the other ranks' over the window's own steps: a median
+                # of that many differences is steady (the short window's estimate is held high against a draw
+                # low by chance), and noise growing within the window counts in it.
+                steps = cfg.long_steps
+                long = self._count[rows] >= cfg.own_min_steps + steps - k
+                long &= np.count_nonzero(np.isfinite(self._recent[rows][:, by_age[:steps]]), axis=1) > steps // 2
+                if long.any():
+                    diffs = np.abs(np.diff(self._recent_loss[:, by_age[:steps][::-1]]))
+                    window_noise = MAD_TO_SIGMA / math.sqrt(2.0) * _row_medians([diffs])[0]
+                    self._window(out, rows[long], steps, by_age, judged, _peer_noise(judged, rows[long],
+                                                                                     window_noise))  # fmt: skip
+        return self._admit(out, contrast, losses)
+
+    def _window(self, out: _Contrast, rows: np.ndarray, steps: int, by_age: np.ndarray, judged: np.ndarray,
+                sigma: np.ndarray) -> None:  # fmt: skip
+        """Judge the median of the last `steps` contrasts of `rows` against each one's baseline without its newest
+        `steps` admissions; a window that scores higher than one judged before replaces its figures in `out`
+        (`above` and `departed` are either window's). `sigma`: each row's noise now, the floor under its
+        baseline's MAD sigma."""
+        cfg = self._config
+        last, before = by_age[:steps], by_age[steps : steps + LEVEL_STEPS]
+        # The per-rank medians in one call: its last `steps` losses and the LEVEL_STEPS before them (its own rise),
+        # its last `steps` contrasts (its shift).
+        blocks = [self._recent_loss[:, last], self._recent_loss[:, before], self._recent[:, last]]
+        mine_last, mine_before, recent_median = _row_medians(blocks)
+        rise = mine_last - mine_before
+        # The baseline leaves out the newest admissions of the window: a departure's first steps, admitted before
+        # their median showed it, must not move it.
+        newest_admitted = (self._count[rows, None] - 1 - np.arange(steps)) % cfg.own_window
+        base = self._contrast[rows].copy()
+        base[np.arange(rows.size)[:, None], newest_admitted] = np.nan
+        usual = nanmedian_columns(base.T)
+        mad = np.maximum(MAD_TO_SIGMA * nanmedian_columns(np.abs(base - usual[:, None]).T), cfg.abs_floor)
+        sigma = np.fmax(mad, sigma)
+        if steps == cfg.contrast_steps:
+            out.anchor[rows] = usual
+        shift = recent_median[rows] - usual
+        peers = np.flatnonzero(np.isfinite(rise) & judged)
+        others = np.zeros(rise.size)  # the other ranks' median rise (0 when no other rank has one)
+        if peers.size >= 2:
+            others[peers] = peer_medians(rise[peers])
+        error = MEDIAN_ERROR * sigma / math.sqrt(steps)
+        if steps > cfg.contrast_steps:  # the usual's own error, as large as the window's here, counts too
+            error = error * np.sqrt(1.0 + steps / np.count_nonzero(np.isfinite(base), axis=1))
+        above = (shift > cfg.contrast_threshold * error) & (shift >= cfg.min_shift * self._start[rows])
+        mine = rise[rows]
+        # Departed: above, and this rank's own loss rose by half the shift, and by half the shift more than the
+        # others' (a partner whose loss fell, or every rank rising against a stale baseline, blames nobody).
+        departed = above & (mine >= 0.5 * shift) & (mine - others[rows] >= 0.5 * shift)
+        score = shift / error
+        better = (score > out.score[rows]) | (steps == cfg.contrast_steps)
+        at = rows[better]
+        out.usual[at], out.sigma[at], out.shift[at] = usual[better], sigma[better], shift[better]
+        out.rise[at], out.score[at], out.steps[at] = mine[better], score[better], steps
+        out.above[rows] |= above
+        out.departed[rows] |= departed
+
+    def _admit(self, out: _Contrast, contrast: np.ndarray, losses: np.ndarray) -> _Contrast:
+        """Admit this step's contrasts into the baselines (module docstring); restart baselines held out."""
+        cfg = self._config
         # Admit this step's contrast unless the rank departed, fires, or this one contrast alone is out (the first
         # steps of a departure, before their median shows it, must not move the baseline toward it).
-        one = np.where(out.judged, contrast - out.usual, 0.0) > ADMIT_SIGMAS * out.sigma
+        one = np.where(out.judged, contrast - out.anchor, 0.0) > ADMIT_SIGMAS * out.sigma
         admit = np.isfinite(contrast) & ~out.above & ~self._firing & ~one
         rows = np.flatnonzero(admit)
         slots = self._count[rows] % cfg.own_window
@@ -360,14 +429,7 @@ class RankDivergenceDetector:
         # differences scatters widely, and a low draw just after the noise grew must not stand for the noise.
         held = np.where(np.isfinite(self._noise), self._noise * NOISE_DECAY, np.nan)
         self._noise = noise = np.where(np.isfinite(noise), np.fmax(noise, held), held)
-        peers = np.flatnonzero(judged & np.isfinite(noise))
-        if peers.size < 2:
-            return np.zeros(rows.size)
-        others = np.zeros(judged.size)
-        others[peers] = peer_medians(noise[peers])
-        known = np.zeros(judged.size, dtype=bool)
-        known[peers] = True
-        return np.where(known[rows], others[rows], 0.0) * math.sqrt(1.0 + 1.0 / (peers.size - 1))
+        return _peer_noise(judged, rows, noise)
 
     def _restart(self, rows: np.ndarray) -> None:
         """Forget the contrast baselines of `rows` (they warm up again; the starting loss level stays)."""
@@ -397,6 +459,19 @@ class RankDivergenceDetector:
             self._recent[:] = np.nan
 
 
+def _peer_noise(judged: np.ndarray, rows: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """For each rank of `rows`, the median of the other judged ranks' `noise` (NaN: unknown) × √(1 + 1/others),
+    the sigma of its contrast if it were like them; 0 where fewer than two ranks have one."""
+    peers = np.flatnonzero(judged & np.isfinite(noise))
+    if peers.size < 2:
+        return np.zeros(rows.size)
+    others = np.zeros(judged.size)
+    others[peers] = peer_medians(noise[peers])
+    known = np.zeros(judged.size, dtype=bool)
+    known[peers] = True
+    return np.where(known[rows], others[rows], 0.0) * math.sqrt(1.0 + 1.0 / (peers.size - 1))
+
+
 def _row_medians(blocks: list[np.ndarray]) -> list[np.ndarray]:
     """Each block's per-row median ignoring NaN (`np.nanmedian(block, axis=1)`, bit for bit), through one
     `nanmedian_columns` call: blocks of equal row counts side by side, padded with NaN to the widest."""
@@ -413,6 +488,8 @@ class _Contrast:
     """The contrast rule's figures for one complete step, per rank (0 / False where a rank is not judged)."""
 
     usual: np.ndarray
+    #: The short window's usual contrast (single contrasts far above it are not admitted).
+    anchor: np.ndarray
     sigma: np.ndarray
     shift: np.ndarray
     rise: np.ndarray
@@ -420,10 +497,12 @@ class _Contrast:
     above: np.ndarray
     departed: np.ndarray
     judged: np.ndarray
+    #: The window (complete steps) whose figures these are.
+    steps: np.ndarray
 
     @classmethod
     def empty(cls, n: int) -> _Contrast:
-        return cls(*np.zeros((5, n)), *np.zeros((3, n), dtype=bool))  # rows of two arrays: two allocations
+        return cls(*np.zeros((6, n)), *np.zeros((3, n), dtype=bool), np.zeros(n, dtype=np.int64))
 
 
 SPEC = DetectorSpec(
