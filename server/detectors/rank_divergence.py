@@ -502,7 +502,9 @@ class _Contrast:
 
     @classmethod
     def empty(cls, n: int) -> _Contrast:
-        return cls(*np.zeros((6, n)), *np.zeros((3, n), dtype=bool), np.zeros(n, dtype=np.int64))
+        usual, anchor, sigma, shift, rise, score = np.zeros((6, n))
+        above, departed, judged = np.zeros((3, n), dtype=bool)
+        return cls(usual, anchor, sigma, shift, rise, score, above, departed, judged, np.zeros(n, dtype=np.int64))
 
 
 SPEC = DetectorSpec(
