@@ -96,7 +96,7 @@ class FanOut:
             run_id, _, what = path.removeprefix(_RUN).partition("/")
             return self.first(path, query)[0] if what else self._run(urllib.parse.unquote(run_id))
         if path.startswith(_INCIDENT):
-            return self.incident(path, query)[0]
+            return self.first(path, query)[0]
         return None
 
     def lists(self, questions: Sequence[tuple[str, dict[str, list[str]]]]) -> list[tuple[int, dict[str, Any]]]:
@@ -132,19 +132,22 @@ class FanOut:
             return self._holder(path, query)
         body_path = _INCIDENT + quoted
         mine = self._local_answer(body_path, {**query, "local": ["1"]})
-        found, unreachable = (mine, []) if _incident_id(mine) == wanted else self._resolve(body_path, query, mine)
+        unreachable: list[str] = []
+        if _incident_id(mine) == wanted:
+            found = mine
+        else:
+            found, unreachable = self._resolve(body_path, query, mine, wanted)
         if not what or found is None or found[0] != 200:
             return found, unreachable
         whole = _incident_id(found) or wanted
         window, more = self._holder(f"{_INCIDENT}{urllib.parse.quote(whole, safe='')}/{what}", query)
         return window, sorted({*unreachable, *more})
 
-    def _resolve(self, path: str, query: dict[str, list[str]],
-                 mine: Response | None) -> tuple[Response | None, list[str]]:  # fmt: skip
+    def _resolve(self, path: str, query: dict[str, list[str]], mine: Response | None,
+                 wanted: str) -> tuple[Response | None, list[str]]:  # fmt: skip
         """An incident id or prefix that this replica does not hold whole: every peer asked at once; the first
         whole-id match returns at once, else all answers (one deadline) are merged: one incident, several (409),
         or none (this replica's 404)."""
-        wanted = urllib.parse.unquote(path.removeprefix(_INCIDENT))
         peers = self._peers()
         futures = {self._pool.submit(self._ask, peer, path, query): peer for peer in peers}
         found: dict[str, Response] = {}
